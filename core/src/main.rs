@@ -1,0 +1,80 @@
+//! `rhizosd`: the RhizOS daemons. `rhizosd orchestrator` and `rhizosd agent` run one role each;
+//! both read `rhizos.toml` (or `--config`) and `RHIZOS_<SECTION>__<KEY>` variables.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use rhizos_broker::{Bus, Settings};
+use rhizos_core::{Agent, Orchestrator, telemetry};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "rhizosd", version, about = "RhizOS daemons: the orchestrator and the node agent")]
+struct Cli {
+    /// Config file (default: ./rhizos.toml when present). Environment variables
+    /// RHIZOS_<SECTION>__<KEY> override it, e.g. RHIZOS_NATS__URL.
+    #[arg(long, global = true, env = "RHIZOS_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS server URL (overrides [nats] url).
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    /// Subject namespace (overrides [nats] namespace).
+    #[arg(long, global = true)]
+    namespace: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Serve job, account and node requests; match jobs to nodes; keep the escrow ledger.
+    Orchestrator {
+        /// Directory for ledger.db (overrides [orchestrator] data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Run jobs on this machine through the backend plugins in the plugin directory.
+    Agent {
+        /// Plugin directory (overrides [agent] plugin_dir).
+        #[arg(long)]
+        plugin_dir: Option<PathBuf>,
+        /// Node id (overrides [agent] node_id).
+        #[arg(long)]
+        node_id: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init("info", cli.log_json);
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    if let Some(url) = cli.nats_url {
+        settings.nats.url = url;
+    }
+    if let Some(namespace) = cli.namespace {
+        settings.nats.namespace = namespace;
+    }
+    let bus = Bus::connect(&settings.nats).await?;
+    match cli.role {
+        Role::Orchestrator { data_dir } => {
+            if let Some(dir) = data_dir {
+                settings.orchestrator.data_dir = dir;
+            }
+            let orchestrator = Orchestrator::open(bus, settings.orchestrator).await.context("failed to start the orchestrator")?;
+            orchestrator.run(telemetry::shutdown_signal()).await
+        }
+        Role::Agent { plugin_dir, node_id } => {
+            if let Some(dir) = plugin_dir {
+                settings.agent.plugin_dir = dir;
+            }
+            if node_id.is_some() {
+                settings.agent.node_id = node_id;
+            }
+            let agent = Agent::new(bus, settings.agent, settings.pricing).context("failed to start the agent")?;
+            agent.run(telemetry::shutdown_signal()).await
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! `rhizosd orchestrator`: serves the `ctl` subjects on the `orchestrator` queue group, keeps the
+//! node registry, matches pending jobs to nodes, and owns the escrow ledger (see [`store`]).
+//!
+//! Requests are validated before anything is stored; a bad request gets an error reply with a
+//! stable code and the service keeps serving. Events are written to the outbox in the same
+//! transaction as the change they describe and published to JetStream afterwards by
+//! [`publish_outbox`], so a crash between commit and publish loses no event.
+
+pub mod matching;
+pub mod store;
+
+use crate::ledger;
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use matching::{NodeEntry, Registry};
+use rhizos_broker::config::OrchestratorSettings;
+use rhizos_broker::subjects::ORCHESTRATOR_QUEUE;
+use rhizos_broker::wire::{
+    self, AccountRef, Ack, AssignJob, Deposit, ErrorCode, Heartbeat, JobList, JobRef, JobReport, JobSpec, JobState,
+    ListJobs, RegisterNode, Reply, ReportPhase, StopJob, SubmitJob, SubmitJobReply, WIRE_VERSION, WireError, Workload,
+};
+use rhizos_broker::{Bus, validate_token};
+use serde::Serialize;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use store::{ReportEffect, Store};
+use tokio::sync::Notify;
+
+/// Largest WASM module accepted inline in a submit.
+pub const MAX_INLINE_MODULE_BYTES: usize = 768 * 1024;
+/// Longest execution deadline a job may ask for.
+pub const MAX_TIMEOUT_MS: u64 = 24 * 3_600_000;
+/// Largest `max_cost` accepted: $1,000,000.
+pub const MAX_COST_MICROS: i64 = 1_000_000 * wire::MICROS_PER_USD;
+/// Jobs no node picks up within this time are ended (`timed_out`) and refunded.
+pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 5 * 60_000;
+
+/// The orchestrator service. Cheap to clone (all state behind `Arc`).
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bus: Bus,
+    settings: OrchestratorSettings,
+    store: Arc<Mutex<Store>>,
+    registry: Mutex<Registry>,
+    dispatch_wake: Notify,
+    outbox_wake: Notify,
+    queue_timeout_ms: u64,
+}
+
+impl Orchestrator {
+    /// Opens the ledger in `settings.data_dir` and prepares the event stream.
+    pub async fn open(bus: Bus, settings: OrchestratorSettings) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("failed to create data dir {}", settings.data_dir.display()))?;
+        anyhow::ensure!(settings.fee_bps <= 10_000, "fee_bps must be at most 10000, got {}", settings.fee_bps);
+        let path = settings.data_dir.join("ledger.db");
+        let store = Store::open(&path, settings.fee_bps, bus.subjects.clone())
+            .with_context(|| format!("failed to open ledger at {}", path.display()))?;
+        let mut registry = Registry::default();
+        for (registration, _) in store.nodes().map_err(|e| anyhow::anyhow!("{e}"))? {
+            registry.upsert(registration);
+        }
+        bus.ensure_event_stream().await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                bus,
+                settings,
+                store: Arc::new(Mutex::new(store)),
+                registry: Mutex::new(registry),
+                dispatch_wake: Notify::new(),
+                outbox_wake: Notify::new(),
+                queue_timeout_ms: DEFAULT_QUEUE_TIMEOUT_MS,
+            }),
+        })
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let bus = &self.inner.bus;
+        let mut requests = bus
+            .client
+            .queue_subscribe(bus.subjects.orchestrator_wildcard(), ORCHESTRATOR_QUEUE.to_owned())
+            .await
+            .context("failed to subscribe to ctl subjects")?;
+        let mut heartbeats = bus
+            .client
+            .subscribe(bus.subjects.node_heartbeat_wildcard())
+            .await
+            .context("failed to subscribe to heartbeats")?;
+        tracing::info!(namespace = bus.subjects.namespace(), data_dir = %self.inner.settings.data_dir.display(), "orchestrator serving");
+        let background = [
+            tokio::spawn(self.clone().dispatch_loop()),
+            tokio::spawn(self.clone().outbox_loop()),
+            tokio::spawn(self.clone().sweep_loop()),
+        ];
+        self.inner.outbox_wake.notify_one();
+        self.inner.dispatch_wake.notify_one();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(message) = requests.next() => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.handle_request(message).await });
+                }
+                Some(message) = heartbeats.next() => self.handle_heartbeat(&message.payload),
+                else => break,
+            }
+        }
+        for task in background {
+            task.abort();
+        }
+        // Publish what is already committed before going away.
+        let _ = self.publish_outbox().await;
+        tracing::info!("orchestrator stopped");
+        Ok(())
+    }
+
+    async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, WireError> + Send + 'static,
+    ) -> Result<T, WireError> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || f(&mut store.lock().unwrap_or_else(PoisonError::into_inner)))
+            .await
+            .map_err(|e| WireError::new(ErrorCode::Internal, format!("storage task failed: {e}")))?
+    }
+
+    async fn handle_request(&self, message: async_nats::Message) {
+        let Some(reply_to) = message.reply.clone() else {
+            tracing::debug!(subject = %message.subject, "request without reply subject ignored");
+            return;
+        };
+        let subjects = &self.inner.bus.subjects;
+        let operation = subjects.ctl_operation(&message.subject).unwrap_or("").to_owned();
+        let payload = &message.payload;
+        let reply = match operation.as_str() {
+            "job.submit" => encode_reply(self.submit(payload).await),
+            "job.get" => encode_reply(self.get_job(payload).await),
+            "job.list" => encode_reply(self.list_jobs(payload).await),
+            "job.cancel" => encode_reply(self.cancel_job(payload).await),
+            "job.report" => encode_reply(self.report(payload).await),
+            "account.create" => encode_reply(self.account_create(payload).await),
+            "account.deposit" => encode_reply(self.account_deposit(payload).await),
+            "account.balance" => encode_reply(self.account_balance(payload).await),
+            "node.register" => encode_reply(self.register_node(payload).await),
+            other => encode_reply::<()>(Err(WireError::new(
+                ErrorCode::UnsupportedSubject,
+                format!("unsupported subject {} (operation {other:?})", message.subject),
+            ))),
+        };
+        if let Err(e) = self.inner.bus.client.publish(reply_to, reply).await {
+            tracing::warn!(error = %e, %operation, "failed to send reply");
+        }
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, payload: &[u8]) -> Result<T, WireError> {
+        wire::decode(payload, self.inner.settings.max_request_bytes)
+    }
+
+    async fn submit(&self, payload: &[u8]) -> Result<SubmitJobReply, WireError> {
+        let request: SubmitJob = self.decode(payload)?;
+        let job_id = match request.job_id.clone() {
+            Some(id) => id,
+            None => format!("job-{}", uuid::Uuid::now_v7().simple()),
+        };
+        validate_submit(&request, &job_id)?;
+        // Refuse at once what no known node could ever run.
+        self.registry().feasibility(&request.spec, request.max_cost_micros)?;
+        let account = request.account.clone();
+        let spec = request.spec.clone();
+        let id = job_id.clone();
+        let (job, created) =
+            self.db(move |store| store.submit(&id, &account, &spec, request.max_cost_micros)).await?;
+        if created {
+            tracing::info!(job_id = %job.job_id, account = %job.account, max_cost_micros = job.max_cost_micros, "job accepted");
+        }
+        self.inner.outbox_wake.notify_one();
+        self.inner.dispatch_wake.notify_one();
+        Ok(SubmitJobReply { job_id: job.job_id, state: job.state })
+    }
+
+    async fn get_job(&self, payload: &[u8]) -> Result<wire::JobView, WireError> {
+        let request: JobRef = self.decode(payload)?;
+        validate(validate_token("job id", &request.job_id))?;
+        self.db(move |store| store.get_job(&request.job_id)).await
+    }
+
+    async fn list_jobs(&self, payload: &[u8]) -> Result<JobList, WireError> {
+        let request: ListJobs = self.decode(payload)?;
+        if let Some(account) = &request.account {
+            validate(validate_token("account", account))?;
+        }
+        let jobs = self.db(move |store| store.list_jobs(&request)).await?;
+        Ok(JobList { jobs })
+    }
+
+    async fn cancel_job(&self, payload: &[u8]) -> Result<wire::JobView, WireError> {
+        let request: JobRef = self.decode(payload)?;
+        validate(validate_token("job id", &request.job_id))?;
+        let effect = self.db(move |store| store.cancel(&request.job_id)).await?;
+        self.inner.outbox_wake.notify_one();
+        if let Some((node_id, attempt)) = effect.stop {
+            let stop = StopJob { v: WIRE_VERSION, job_id: effect.job.job_id.clone(), attempt };
+            match self.inner.bus.subjects.job_stop(&node_id) {
+                Ok(subject) => {
+                    if let Err(e) = self.inner.bus.request::<_, Ack>(subject, &stop).await {
+                        tracing::warn!(job_id = %stop.job_id, %node_id, error = %e, "node did not confirm the stop");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot address node"),
+            }
+        }
+        Ok(effect.job)
+    }
+
+    async fn report(&self, payload: &[u8]) -> Result<Ack, WireError> {
+        let report: JobReport = self.decode(payload)?;
+        validate(validate_token("job id", &report.job_id))?;
+        validate(validate_token("node id", &report.node_id))?;
+        let max_output = self.inner.settings.max_output_bytes;
+        let JobReport { node_id, job_id, attempt, phase, .. } = report;
+        let (log_job, log_node) = (job_id.clone(), node_id.clone());
+        let effect = self
+            .db(move |store| match &phase {
+                ReportPhase::Running => store.mark_running(&job_id, &node_id, attempt),
+                ReportPhase::Finished { outcome } => store.finish(&job_id, &node_id, attempt, outcome, max_output),
+            })
+            .await?;
+        self.inner.outbox_wake.notify_one();
+        self.inner.dispatch_wake.notify_one();
+        Ok(match effect {
+            ReportEffect::Applied => Ack { accepted: true, note: None },
+            ReportEffect::Duplicate => Ack { accepted: true, note: Some("already recorded".into()) },
+            ReportEffect::Stale(why) => {
+                tracing::warn!(job_id = %log_job, node_id = %log_node, attempt, "{why}");
+                Ack { accepted: false, note: Some(why) }
+            }
+        })
+    }
+
+    async fn account_create(&self, payload: &[u8]) -> Result<wire::AccountView, WireError> {
+        let request: AccountRef = self.decode(payload)?;
+        validate(validate_token("account", &request.account))?;
+        self.db(move |store| store.create_account(&request.account)).await
+    }
+
+    async fn account_deposit(&self, payload: &[u8]) -> Result<wire::AccountView, WireError> {
+        let request: Deposit = self.decode(payload)?;
+        validate(validate_token("account", &request.account))?;
+        if let Some(key) = &request.idempotency_key {
+            validate(validate_token("idempotency key", key))?;
+        }
+        if request.amount_micros <= 0 || request.amount_micros > MAX_COST_MICROS {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("deposit must be between 1 and {MAX_COST_MICROS} micro-USD, got {}", request.amount_micros),
+            ));
+        }
+        self.db(move |store| store.deposit(&request.account, request.amount_micros, request.idempotency_key.as_deref()))
+            .await
+    }
+
+    async fn account_balance(&self, payload: &[u8]) -> Result<wire::AccountView, WireError> {
+        let request: AccountRef = self.decode(payload)?;
+        validate(validate_token("account", &request.account))?;
+        self.db(move |store| store.account(&request.account)).await
+    }
+
+    async fn register_node(&self, payload: &[u8]) -> Result<Ack, WireError> {
+        let registration: RegisterNode = self.decode(payload)?;
+        validate(validate_token("node id", &registration.node_id))?;
+        validate(validate_token("provider account", &registration.provider_account))?;
+        for backend in &registration.backends {
+            validate(validate_token("backend", backend))?;
+        }
+        if registration.heartbeat_interval_ms == 0 || registration.max_concurrent == 0 {
+            return Err(WireError::new(ErrorCode::BadRequest, "heartbeat_interval_ms and max_concurrent must be > 0"));
+        }
+        let stored = registration.clone();
+        self.db(move |store| store.upsert_node(&stored)).await?;
+        // Attempts the orchestrator believes run there but the node does not report are lost.
+        let node_id = registration.node_id.clone();
+        let running = registration.running.clone();
+        let active = self.db(move |store| store.active_on_node(&node_id)).await?;
+        for (job_id, attempt) in active {
+            if !running.iter().any(|r| r.job_id == job_id && r.attempt == attempt) {
+                let reason = format!("node {} restarted and no longer runs attempt {attempt}", registration.node_id);
+                let id = job_id.clone();
+                self.db(move |store| store.end_with_refund(&id, JobState::Failed, &reason)).await?;
+            }
+        }
+        tracing::info!(node_id = %registration.node_id, backends = ?registration.backends, "node registered");
+        self.registry().upsert(registration);
+        self.inner.outbox_wake.notify_one();
+        self.inner.dispatch_wake.notify_one();
+        Ok(Ack { accepted: true, note: None })
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn handle_heartbeat(&self, payload: &[u8]) {
+        match wire::decode::<Heartbeat>(payload, self.inner.settings.max_request_bytes) {
+            Ok(heartbeat) => {
+                if !self.registry().heartbeat(&heartbeat.node_id) {
+                    tracing::debug!(node_id = %heartbeat.node_id, "heartbeat from an unregistered node");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "malformed heartbeat ignored"),
+        }
+    }
+
+    // ----- background work -----
+
+    async fn dispatch_loop(self) {
+        loop {
+            tokio::select! {
+                () = self.inner.dispatch_wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            if let Err(e) = self.dispatch_pending().await {
+                tracing::error!(error = %e, "dispatch failed");
+            }
+        }
+    }
+
+    /// Matches pending jobs to nodes and sends the assignments.
+    async fn dispatch_pending(&self) -> Result<(), WireError> {
+        let pending = self.db(|store| store.pending_jobs(256)).await?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let active = self.db(|store| store.active_per_node()).await?;
+        for job in pending {
+            let choice = {
+                let mut registry = self.registry();
+                registry.set_active(&active);
+                registry.pick(&job.spec, job.max_cost_micros)
+            };
+            let Some(NodeEntry { registration, .. }) = choice else { continue };
+            let node_id = registration.node_id.clone();
+            let pricing = registration.pricing;
+            let (id, node) = (job.job_id.clone(), node_id.clone());
+            let Some(attempt) = self.db(move |store| store.assign(&id, &node, &pricing)).await? else { continue };
+            self.registry().add_active(&node_id);
+            self.inner.outbox_wake.notify_one();
+            let this = self.clone();
+            tokio::spawn(async move { this.send_assignment(job.job_id, attempt, job.spec, node_id).await });
+        }
+        Ok(())
+    }
+
+    async fn send_assignment(&self, job_id: String, attempt: u32, spec: JobSpec, node_id: String) {
+        let assign = AssignJob { v: WIRE_VERSION, job_id: job_id.clone(), attempt, spec };
+        let subject = match self.inner.bus.subjects.job_assign(&node_id) {
+            Ok(subject) => subject,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot address node");
+                return;
+            }
+        };
+        let timeout = Duration::from_millis(self.inner.settings.assign_timeout_ms);
+        let result = tokio::time::timeout(timeout, self.inner.bus.request::<_, Ack>(subject, &assign)).await;
+        let refused = match result {
+            Ok(Ok(Ack { accepted: true, .. })) => {
+                tracing::debug!(%job_id, %node_id, attempt, "assignment acknowledged");
+                return;
+            }
+            Ok(Ok(Ack { note, .. })) => format!("node {node_id} refused the job: {}", note.unwrap_or_default()),
+            Ok(Err(e)) => format!("node {node_id} did not take the job: {e}"),
+            Err(_) => format!("node {node_id} did not acknowledge within {} ms", timeout.as_millis()),
+        };
+        tracing::warn!(%job_id, attempt, "{refused}; back to pending");
+        self.registry().remove_active(&node_id);
+        let id = job_id.clone();
+        if let Err(e) = self.db(move |store| store.unassign(&id, attempt, &refused)).await {
+            tracing::error!(%job_id, error = %e, "failed to return job to pending");
+        }
+        self.inner.outbox_wake.notify_one();
+        self.inner.dispatch_wake.notify_one();
+    }
+
+    async fn outbox_loop(self) {
+        loop {
+            tokio::select! {
+                () = self.inner.outbox_wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if let Err(e) = self.publish_outbox().await {
+                tracing::warn!(error = %e, "publishing events failed; will retry");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    /// Publishes committed events in order, removing each batch once JetStream acked it.
+    pub async fn publish_outbox(&self) -> anyhow::Result<()> {
+        loop {
+            let rows = self.db(|store| store.outbox_batch(256)).await?;
+            let Some(last) = rows.last().map(|r| r.id) else { return Ok(()) };
+            let mut acks = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let message_id = self.inner.store.lock().unwrap_or_else(PoisonError::into_inner).message_id(row.id);
+                let publish = async_nats::jetstream::message::PublishMessage::build()
+                    .payload(row.payload.clone().into())
+                    .message_id(message_id);
+                acks.push(self.inner.bus.jetstream.send_publish(row.subject.clone(), publish).await?);
+            }
+            for ack in acks {
+                ack.await?;
+            }
+            self.db(move |store| store.outbox_done(last)).await?;
+        }
+    }
+
+    async fn sweep_loop(self) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(e) = self.sweep().await {
+                tracing::error!(error = %e, "sweep failed");
+            }
+        }
+    }
+
+    /// Ends jobs on lost nodes and jobs that waited too long for one; both are refunded.
+    async fn sweep(&self) -> Result<(), WireError> {
+        let lost = self.registry().take_newly_lost(self.inner.settings.missed_heartbeats);
+        for node_id in lost {
+            tracing::warn!(%node_id, "node lost: no heartbeat");
+            let node = node_id.clone();
+            let active = self.db(move |store| store.active_on_node(&node)).await?;
+            for (job_id, _) in active {
+                let reason = format!("node {node_id} was lost (missed heartbeats)");
+                self.db(move |store| store.end_with_refund(&job_id, JobState::Failed, &reason)).await?;
+            }
+        }
+        let queue_timeout_ms = self.inner.queue_timeout_ms;
+        let now = store::now_ms();
+        let pending = self.db(|store| store.pending_jobs(1024)).await?;
+        for job in pending.into_iter().filter(|j| now.saturating_sub(j.created_ms) > queue_timeout_ms) {
+            let reason = format!("no node took the job within the queue timeout of {queue_timeout_ms} ms");
+            self.db(move |store| store.end_with_refund(&job.job_id, JobState::TimedOut, &reason)).await?;
+        }
+        self.inner.outbox_wake.notify_one();
+        Ok(())
+    }
+
+    /// Checks the ledger invariants (for `rhizos ledger verify` and tests).
+    pub async fn verify_ledger(&self) -> Result<ledger::VerifyReport, WireError> {
+        self.db(|store| ledger::verify(store.connection()).map_err(WireError::from)).await
+    }
+}
+
+fn encode_reply<T: Serialize>(result: Result<T, WireError>) -> bytes::Bytes {
+    match result {
+        Ok(data) => wire::encode(&Reply::ok(data)),
+        Err(error) => wire::encode(&Reply::<T>::err(error)),
+    }
+}
+
+fn validate(result: Result<(), rhizos_broker::TokenError>) -> Result<(), WireError> {
+    result.map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+fn bad(message: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::BadRequest, message)
+}
+
+/// Checks every field of a submit before anything is stored.
+fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
+    validate(validate_token("account", &request.account))?;
+    validate(validate_token("job id", job_id))?;
+    if request.max_cost_micros <= 0 || request.max_cost_micros > MAX_COST_MICROS {
+        return Err(bad(format!(
+            "max_cost_micros must be between 1 and {MAX_COST_MICROS}, got {}",
+            request.max_cost_micros
+        )));
+    }
+    let spec = &request.spec;
+    if spec.timeout_ms == 0 || spec.timeout_ms > MAX_TIMEOUT_MS {
+        return Err(bad(format!("timeout_ms must be between 1 and {MAX_TIMEOUT_MS}, got {}", spec.timeout_ms)));
+    }
+    if spec.memory_mib == 0 || spec.memory_mib > 1024 * 1024 {
+        return Err(bad(format!("memory_mib must be between 1 and 1048576, got {}", spec.memory_mib)));
+    }
+    if spec.cpu_cores == 0 || spec.cpu_cores > 1024 {
+        return Err(bad(format!("cpu_cores must be between 1 and 1024, got {}", spec.cpu_cores)));
+    }
+    if spec.args.len() > 1024 || spec.args.iter().any(|a| a.len() > 4096) {
+        return Err(bad("at most 1024 args of at most 4096 bytes each"));
+    }
+    if spec.env.len() > 1024 || spec.env.keys().any(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
+        return Err(bad("env: at most 1024 variables; names must be non-empty without '=' or NUL"));
+    }
+    if let Some(stdin) = &spec.stdin_b64 {
+        wire::b64_decode("stdin_b64", stdin)?;
+    }
+    match &spec.workload {
+        Workload::Wasm { module_b64 } => {
+            let module = wire::b64_decode("workload.module_b64", module_b64)?;
+            if module.is_empty() {
+                return Err(bad("workload.module_b64 is empty"));
+            }
+            if module.len() > MAX_INLINE_MODULE_BYTES {
+                return Err(WireError::new(
+                    ErrorCode::TooLarge,
+                    format!("WASM module is {} bytes, the inline limit is {MAX_INLINE_MODULE_BYTES}", module.len()),
+                ));
+            }
+            let is_binary = module.starts_with(b"\0asm");
+            let is_text = std::str::from_utf8(&module).is_ok_and(|t| t.trim_start().starts_with('('));
+            if !is_binary && !is_text {
+                return Err(bad("workload.module_b64 is neither a WASM binary (\\0asm) nor WAT text"));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,771 @@
+//! Durable orchestrator state in one SQLite file (WAL): jobs, nodes, the escrow ledger and the
+//! event outbox. Every state change of a job, its money movement and the events describing both
+//! are written in one transaction, so they can never disagree.
+
+use crate::ledger::{self, AccountKind, Applied, LedgerError, escrow_account};
+use rhizos_broker::Subjects;
+use rhizos_broker::subjects::EscrowEventKind;
+use rhizos_broker::wire::{
+    AccountView, ErrorCode, EscrowKind, Event, EventBody, ExecutionOutcome, ExitKind, JobSpec, JobState, JobView,
+    ListJobs, Pricing, RegisterNode, WIRE_VERSION, WireError,
+};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use std::path::Path;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    node_id TEXT,
+    pricing TEXT,
+    max_cost_micros INTEGER NOT NULL,
+    cost_micros INTEGER,
+    provider_micros INTEGER,
+    fee_micros INTEGER,
+    refund_micros INTEGER,
+    exit_code INTEGER,
+    stdout TEXT,
+    stderr TEXT,
+    reason TEXT,
+    elapsed_ms INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, created_ms);
+CREATE INDEX IF NOT EXISTS jobs_by_account ON jobs(account_id, created_ms);
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    registration TEXT NOT NULL,
+    registered_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+
+/// A job waiting for a node.
+#[derive(Debug, Clone)]
+pub struct PendingJob {
+    pub job_id: String,
+    pub spec: JobSpec,
+    pub max_cost_micros: i64,
+    pub attempt: u32,
+    pub created_ms: u64,
+}
+
+/// What an agent's report did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportEffect {
+    /// The report moved the job on.
+    Applied,
+    /// Already known (a retried report): nothing changed.
+    Duplicate,
+    /// The report is for an attempt or node the job no longer has: ignored, nothing paid.
+    Stale(String),
+}
+
+/// What a cancel request did.
+#[derive(Debug, Clone)]
+pub struct CancelEffect {
+    pub job: JobView,
+    /// The node must be told to stop this attempt (the job was running there).
+    pub stop: Option<(String, u32)>,
+}
+
+/// An outbox row waiting to be published.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub subject: String,
+    pub payload: Vec<u8>,
+}
+
+pub struct Store {
+    conn: Connection,
+    ctx: Ctx,
+    /// Random id of this database, part of every event's dedupe id.
+    instance: String,
+}
+
+/// What the writers need besides the connection (borrowed beside an open transaction).
+struct Ctx {
+    fee_bps: u32,
+    subjects: Subjects,
+}
+
+fn internal(e: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::Internal, format!("orchestrator storage error: {e}"))
+}
+
+impl From<LedgerError> for WireError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::InsufficientFunds { .. } => WireError::new(ErrorCode::InsufficientFunds, e.to_string()),
+            LedgerError::NoAccount(_) => WireError::new(ErrorCode::NotFound, e.to_string()),
+            LedgerError::NonPositive(_) => WireError::new(ErrorCode::BadRequest, e.to_string()),
+            other => internal(other),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path, fee_bps: u32, subjects: Subjects) -> Result<Self, rusqlite::Error> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a committed movement survives power loss, not only a process crash.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(ledger::SCHEMA)?;
+        conn.execute_batch(SCHEMA)?;
+        let instance: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| r.get(0)).optional()?;
+        let instance = match instance {
+            Some(id) => id,
+            None => {
+                let id = uuid::Uuid::now_v7().simple().to_string();
+                conn.execute("INSERT INTO meta (key, value) VALUES ('instance', ?1)", [&id])?;
+                id
+            }
+        };
+        let mut store = Self { conn, ctx: Ctx { fee_bps, subjects }, instance };
+        let tx = store.tx().map_err(|_| rusqlite::Error::InvalidQuery)?;
+        let now = now_ms();
+        for (id, kind) in [(ledger::EXTERNAL, AccountKind::External), (ledger::PLATFORM_FEES, AccountKind::Platform)] {
+            ledger::ensure_account(&tx, id, kind, now).map_err(|_| rusqlite::Error::InvalidQuery)?;
+        }
+        tx.commit()?;
+        Ok(store)
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Dedupe id of an outbox row for JetStream (`Nats-Msg-Id`).
+    pub fn message_id(&self, outbox_id: i64) -> String {
+        format!("{}-{outbox_id}", self.instance)
+    }
+
+    fn tx(&mut self) -> Result<Transaction<'_>, WireError> {
+        self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(internal)
+    }
+
+    /// An immediate (write-locking) transaction plus the writer context.
+    fn begin(&mut self) -> Result<(Transaction<'_>, &Ctx), WireError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(internal)?;
+        Ok((tx, &self.ctx))
+    }
+
+    // ----- accounts -----
+
+    pub fn create_account(&mut self, account: &str) -> Result<AccountView, WireError> {
+        let tx = self.tx()?;
+        if !ledger::ensure_account(&tx, account, AccountKind::User, now_ms())? {
+            return Err(WireError::new(ErrorCode::AlreadyExists, format!("account {account} already exists")));
+        }
+        tx.commit().map_err(internal)?;
+        self.account(account)
+    }
+
+    pub fn deposit(&mut self, account: &str, amount_micros: i64, key: Option<&str>) -> Result<AccountView, WireError> {
+        if amount_micros <= 0 {
+            return Err(LedgerError::NonPositive(amount_micros).into());
+        }
+        let tx = self.tx()?;
+        if ledger::balance(&tx, account)?.is_none() {
+            return Err(no_account(account));
+        }
+        let key = match key {
+            Some(k) => format!("deposit:{account}:{k}"),
+            None => format!("deposit:{account}:{}", uuid::Uuid::now_v7().simple()),
+        };
+        ledger::post(&tx, &key, "deposit", None, &[(ledger::EXTERNAL, -amount_micros), (account, amount_micros)], now_ms())?;
+        tx.commit().map_err(internal)?;
+        self.account(account)
+    }
+
+    pub fn account(&self, account: &str) -> Result<AccountView, WireError> {
+        let balance = ledger::balance(&self.conn, account)?.ok_or_else(|| no_account(account))?;
+        let held_micros: i64 = self
+            .conn
+            .query_row(
+                "SELECT COALESCE(SUM(max_cost_micros), 0) FROM jobs WHERE account_id = ?1
+                 AND state IN ('pending', 'assigned', 'running')",
+                [account],
+                |r| r.get(0),
+            )
+            .map_err(internal)?;
+        Ok(AccountView { account: account.to_owned(), balance_micros: balance, held_micros })
+    }
+
+    // ----- jobs -----
+
+    /// Accepts a job: records it pending and holds `max_cost` in its escrow account. Submitting
+    /// the same `job_id` again for the same account returns the existing job (`false`).
+    pub fn submit(
+        &mut self,
+        job_id: &str,
+        account: &str,
+        spec: &JobSpec,
+        max_cost_micros: i64,
+    ) -> Result<(JobView, bool), WireError> {
+        if let Some(existing) = self.find_job(job_id)? {
+            if existing.account != account {
+                return Err(WireError::new(ErrorCode::AlreadyExists, format!("job id {job_id} is taken")));
+            }
+            return Ok((existing, false));
+        }
+        let spec_json = serde_json::to_string(spec).map_err(internal)?;
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        match tx
+            .query_row("SELECT kind FROM accounts WHERE id = ?1", [account], |r| r.get::<_, String>(0))
+            .optional()
+            .map_err(internal)?
+        {
+            Some(kind) if kind == "user" || kind == "provider" => {}
+            _ => return Err(no_account(account)),
+        }
+        tx.execute(
+            "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6)",
+            params![job_id, account, spec.workload.backend(), spec_json, max_cost_micros, now as i64],
+        )
+        .map_err(internal)?;
+        let escrow = escrow_account(job_id);
+        ledger::ensure_account(&tx, &escrow, AccountKind::Escrow, now)?;
+        ledger::post(&tx, &format!("hold:{job_id}"), "hold", Some(job_id), &[(account, -max_cost_micros), (&escrow, max_cost_micros)], now)
+            .map_err(|e| match e {
+                LedgerError::InsufficientFunds { balance_micros, .. } => WireError::new(
+                    ErrorCode::InsufficientFunds,
+                    format!(
+                        "account {account} has {} but the job's max cost is {}; deposit more or lower --max-cost",
+                        format_usd(balance_micros),
+                        format_usd(max_cost_micros)
+                    ),
+                ),
+                other => other.into(),
+            })?;
+        ctx.emit_job(&tx, job_id, JobState::Pending, 0, None, None, now)?;
+        ctx.emit(&tx, ctx.subjects.escrow_event(EscrowEventKind::Held, job_id).map_err(internal)?, EventBody::Escrow {
+            job_id: job_id.to_owned(),
+            kind: EscrowKind::Held,
+            account: account.to_owned(),
+            amount_micros: max_cost_micros,
+            provider_account: None,
+            provider_micros: None,
+            fee_micros: None,
+            refund_micros: None,
+        }, now)?;
+        tx.commit().map_err(internal)?;
+        Ok((self.get_job(job_id)?, true))
+    }
+
+    pub fn find_job(&self, job_id: &str) -> Result<Option<JobView>, WireError> {
+        self.conn
+            .query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), [job_id], job_from_row)
+            .optional()
+            .map_err(internal)
+    }
+
+    pub fn get_job(&self, job_id: &str) -> Result<JobView, WireError> {
+        self.find_job(job_id)?
+            .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("no job {job_id}")))
+    }
+
+    pub fn list_jobs(&self, filter: &ListJobs) -> Result<Vec<JobView>, WireError> {
+        let limit = filter.limit.unwrap_or(50).min(1000);
+        let mut statement = self
+            .conn
+            .prepare(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR state = ?2)
+                 ORDER BY created_ms DESC, id DESC LIMIT ?3"
+            ))
+            .map_err(internal)?;
+        let rows = statement
+            .query_map(params![filter.account, filter.state.map(JobState::as_str), limit], job_from_row)
+            .map_err(internal)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(internal)
+    }
+
+    /// Pending jobs, oldest first.
+    pub fn pending_jobs(&self, limit: usize) -> Result<Vec<PendingJob>, WireError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT id, spec, max_cost_micros, attempt, created_ms FROM jobs WHERE state = 'pending'
+                 ORDER BY created_ms, id LIMIT ?1",
+            )
+            .map_err(internal)?;
+        let rows = statement
+            .query_map([limit as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get::<_, i64>(4)?))
+            })
+            .map_err(internal)?;
+        let mut jobs = Vec::new();
+        for row in rows {
+            let (job_id, spec, max_cost_micros, attempt, created_ms) = row.map_err(internal)?;
+            let spec: JobSpec = serde_json::from_str(&spec).map_err(internal)?;
+            jobs.push(PendingJob { job_id, spec, max_cost_micros, attempt, created_ms: created_ms as u64 });
+        }
+        Ok(jobs)
+    }
+
+    /// Number of assigned or running executions per node.
+    pub fn active_per_node(&self) -> Result<Vec<(String, u32)>, WireError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT node_id, COUNT(*) FROM jobs WHERE state IN ('assigned', 'running') GROUP BY node_id")
+            .map_err(internal)?;
+        let rows = statement.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?))).map_err(internal)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(internal)
+    }
+
+    /// Assigned or running attempts on one node.
+    pub fn active_on_node(&self, node_id: &str) -> Result<Vec<(String, u32)>, WireError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT id, attempt FROM jobs WHERE node_id = ?1 AND state IN ('assigned', 'running')")
+            .map_err(internal)?;
+        let rows = statement.query_map([node_id], |r| Ok((r.get(0)?, r.get(1)?))).map_err(internal)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(internal)
+    }
+
+    /// pending → assigned to `node_id` with a new attempt number, at the node's `pricing`.
+    /// Returns the attempt, or `None` if the job is no longer pending.
+    pub fn assign(&mut self, job_id: &str, node_id: &str, pricing: &Pricing) -> Result<Option<u32>, WireError> {
+        let now = now_ms();
+        let pricing = serde_json::to_string(pricing).map_err(internal)?;
+        let (tx, ctx) = self.begin()?;
+        let changed = tx
+            .execute(
+                "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, node_id = ?2, pricing = ?3, updated_ms = ?4
+                 WHERE id = ?1 AND state = 'pending'",
+                params![job_id, node_id, pricing, now as i64],
+            )
+            .map_err(internal)?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        let attempt: u32 = tx.query_row("SELECT attempt FROM jobs WHERE id = ?1", [job_id], |r| r.get(0)).map_err(internal)?;
+        ctx.emit_job(&tx, job_id, JobState::Assigned, attempt, Some(node_id), None, now)?;
+        tx.commit().map_err(internal)?;
+        Ok(Some(attempt))
+    }
+
+    /// assigned → pending again, when the node did not take the assignment.
+    pub fn unassign(&mut self, job_id: &str, attempt: u32, reason: &str) -> Result<(), WireError> {
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let changed = tx
+            .execute(
+                "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, updated_ms = ?3
+                 WHERE id = ?1 AND attempt = ?2 AND state = 'assigned'",
+                params![job_id, attempt, now as i64],
+            )
+            .map_err(internal)?;
+        if changed == 1 {
+            ctx.emit_job(&tx, job_id, JobState::Pending, attempt, None, Some(reason), now)?;
+        }
+        tx.commit().map_err(internal)
+    }
+
+    /// Loads `(state, node_id, attempt)` of a job for report checks.
+    fn attempt_of(tx: &Transaction<'_>, job_id: &str) -> Result<Option<(JobState, Option<String>, u32)>, WireError> {
+        tx.query_row("SELECT state, node_id, attempt FROM jobs WHERE id = ?1", [job_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, u32>(2)?))
+        })
+        .optional()
+        .map_err(internal)?
+        .map(|(state, node, attempt)| {
+            JobState::parse(&state).map(|s| (s, node, attempt)).ok_or_else(|| internal(format!("bad state {state}")))
+        })
+        .transpose()
+    }
+
+    fn check_attempt(
+        tx: &Transaction<'_>,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+    ) -> Result<Result<JobState, ReportEffect>, WireError> {
+        let Some((state, node, current)) = Self::attempt_of(tx, job_id)? else {
+            return Err(WireError::new(ErrorCode::NotFound, format!("no job {job_id}")));
+        };
+        if current != attempt || node.as_deref() != Some(node_id) {
+            return Ok(Err(ReportEffect::Stale(format!(
+                "job {job_id} attempt {attempt} on {node_id} is not current (attempt {current} on {})",
+                node.as_deref().unwrap_or("no node")
+            ))));
+        }
+        Ok(Ok(state))
+    }
+
+    /// assigned → running.
+    pub fn mark_running(&mut self, job_id: &str, node_id: &str, attempt: u32) -> Result<ReportEffect, WireError> {
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let state = match Self::check_attempt(&tx, job_id, node_id, attempt)? {
+            Ok(state) => state,
+            Err(effect) => return Ok(effect),
+        };
+        if state != JobState::Assigned {
+            return Ok(ReportEffect::Duplicate);
+        }
+        tx.execute("UPDATE jobs SET state = 'running', updated_ms = ?2 WHERE id = ?1", params![job_id, now as i64])
+            .map_err(internal)?;
+        ctx.emit_job(&tx, job_id, JobState::Running, attempt, Some(node_id), None, now)?;
+        tx.commit().map_err(internal)?;
+        Ok(ReportEffect::Applied)
+    }
+
+    /// Records the end of the current attempt and settles or refunds its escrow, exactly once.
+    pub fn finish(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+        outcome: &ExecutionOutcome,
+        max_output_bytes: usize,
+    ) -> Result<ReportEffect, WireError> {
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let state = match Self::check_attempt(&tx, job_id, node_id, attempt)? {
+            Ok(state) => state,
+            Err(effect) => return Ok(effect),
+        };
+        if state.is_terminal() {
+            return Ok(ReportEffect::Duplicate);
+        }
+        let (spec, pricing, cancel_requested): (String, Option<String>, bool) = tx
+            .query_row("SELECT spec, pricing, cancel_requested FROM jobs WHERE id = ?1", [job_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(internal)?;
+        let spec: JobSpec = serde_json::from_str(&spec).map_err(internal)?;
+        let pricing: Pricing = pricing
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(internal)?
+            .ok_or_else(|| internal(format!("job {job_id} has no agreed pricing")))?;
+        let (final_state, charge, reason) = match (outcome.kind, outcome.exit_code) {
+            (ExitKind::Exited, Some(0)) => (JobState::Succeeded, true, None),
+            (ExitKind::Exited, code) => {
+                (JobState::Failed, false, Some(format!("exited with code {}", code.unwrap_or(-1))))
+            }
+            // The user asked to stop a running job: the provider is paid for the time used.
+            (ExitKind::Cancelled, _) if cancel_requested => {
+                (JobState::Cancelled, true, Some("cancelled by the user while running".to_owned()))
+            }
+            (kind, _) => (
+                JobState::Failed,
+                false,
+                Some(outcome.message.clone().unwrap_or_else(|| format!("execution ended: {kind:?}"))),
+            ),
+        };
+        let measured = ledger::cost_micros(outcome.elapsed_ms, spec.cpu_cores, spec.memory_mib, 0, &pricing);
+        let stdout = truncate_tail(&outcome.stdout, max_output_bytes);
+        let stderr = truncate_tail(&outcome.stderr, max_output_bytes);
+        tx.execute(
+            "UPDATE jobs SET state = ?2, exit_code = ?3, stdout = ?4, stderr = ?5, reason = ?6, elapsed_ms = ?7,
+             updated_ms = ?8 WHERE id = ?1",
+            params![
+                job_id,
+                final_state.as_str(),
+                outcome.exit_code,
+                stdout,
+                stderr,
+                reason,
+                outcome.elapsed_ms as i64,
+                now as i64
+            ],
+        )
+        .map_err(internal)?;
+        ctx.emit_job(&tx, job_id, final_state, attempt, Some(node_id), reason.as_deref(), now)?;
+        if charge {
+            ctx.settle(&tx, job_id, measured, now)?;
+        } else {
+            ctx.refund(&tx, job_id, now)?;
+        }
+        tx.commit().map_err(internal)?;
+        Ok(ReportEffect::Applied)
+    }
+
+    /// Ends a job that is not running anywhere any more (queue timeout, lost node, cancel before
+    /// start) with a full refund.
+    pub fn end_with_refund(&mut self, job_id: &str, state: JobState, reason: &str) -> Result<bool, WireError> {
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let Some((current, node, attempt)) = Self::attempt_of(&tx, job_id)? else {
+            return Err(WireError::new(ErrorCode::NotFound, format!("no job {job_id}")));
+        };
+        if current.is_terminal() {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
+            params![job_id, state.as_str(), reason, now as i64],
+        )
+        .map_err(internal)?;
+        ctx.emit_job(&tx, job_id, state, attempt, node.as_deref(), Some(reason), now)?;
+        ctx.refund(&tx, job_id, now)?;
+        tx.commit().map_err(internal)?;
+        Ok(true)
+    }
+
+    /// Cancel: before start → cancelled with a full refund; while running → flagged, and the node
+    /// is asked to stop (the job ends when the node reports).
+    pub fn cancel(&mut self, job_id: &str) -> Result<CancelEffect, WireError> {
+        let job = self.get_job(job_id)?;
+        match job.state {
+            JobState::Pending | JobState::Assigned => {
+                let stop = job.node_id.clone().map(|node| (node, job.attempt));
+                self.end_with_refund(job_id, JobState::Cancelled, "cancelled by the user before it started")?;
+                Ok(CancelEffect { job: self.get_job(job_id)?, stop })
+            }
+            JobState::Running => {
+                self.conn
+                    .execute("UPDATE jobs SET cancel_requested = 1, updated_ms = ?2 WHERE id = ?1", params![
+                        job_id,
+                        now_ms() as i64
+                    ])
+                    .map_err(internal)?;
+                let stop = job.node_id.clone().map(|node| (node, job.attempt));
+                Ok(CancelEffect { job: self.get_job(job_id)?, stop })
+            }
+            terminal => Err(WireError::new(
+                ErrorCode::InvalidState,
+                format!("job {job_id} already ended ({})", terminal.as_str()),
+            )),
+        }
+    }
+
+    // ----- nodes -----
+
+    pub fn upsert_node(&mut self, registration: &RegisterNode) -> Result<(), WireError> {
+        let now = now_ms();
+        let json = serde_json::to_string(registration).map_err(internal)?;
+        let tx = self.tx()?;
+        tx.execute(
+            "INSERT INTO nodes (id, registration, registered_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET registration = excluded.registration, registered_ms = excluded.registered_ms",
+            params![registration.node_id, json, now as i64],
+        )
+        .map_err(internal)?;
+        ledger::ensure_account(&tx, &registration.provider_account, AccountKind::Provider, now)?;
+        tx.commit().map_err(internal)
+    }
+
+    pub fn nodes(&self) -> Result<Vec<(RegisterNode, u64)>, WireError> {
+        let mut statement = self.conn.prepare("SELECT registration, registered_ms FROM nodes").map_err(internal)?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(internal)?;
+        let mut nodes = Vec::new();
+        for row in rows {
+            let (json, registered_ms) = row.map_err(internal)?;
+            nodes.push((serde_json::from_str(&json).map_err(internal)?, registered_ms as u64));
+        }
+        Ok(nodes)
+    }
+
+    // ----- outbox -----
+
+    pub fn outbox_batch(&self, limit: usize) -> Result<Vec<OutboxRow>, WireError> {
+        let mut statement =
+            self.conn.prepare("SELECT id, subject, payload FROM outbox ORDER BY id LIMIT ?1").map_err(internal)?;
+        let rows = statement
+            .query_map([limit as i64], |r| Ok(OutboxRow { id: r.get(0)?, subject: r.get(1)?, payload: r.get(2)? }))
+            .map_err(internal)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(internal)
+    }
+
+    pub fn outbox_done(&mut self, up_to_id: i64) -> Result<(), WireError> {
+        self.conn.execute("DELETE FROM outbox WHERE id <= ?1", [up_to_id]).map_err(internal)?;
+        Ok(())
+    }
+}
+
+
+impl Ctx {
+    fn job_account_and_hold(tx: &Transaction<'_>, job_id: &str) -> Result<(String, i64), WireError> {
+        tx.query_row("SELECT account_id, max_cost_micros FROM jobs WHERE id = ?1", [job_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map_err(internal)
+    }
+
+    fn settle(&self, tx: &Transaction<'_>, job_id: &str, measured_micros: i64, now: u64) -> Result<(), WireError> {
+        let (account, hold) = Self::job_account_and_hold(tx, job_id)?;
+        let node_id: String =
+            tx.query_row("SELECT node_id FROM jobs WHERE id = ?1", [job_id], |r| r.get(0)).map_err(internal)?;
+        let registration: String = tx
+            .query_row("SELECT registration FROM nodes WHERE id = ?1", [&node_id], |r| r.get(0))
+            .map_err(internal)?;
+        let registration: RegisterNode = serde_json::from_str(&registration).map_err(internal)?;
+        let provider = registration.provider_account;
+        ledger::ensure_account(tx, &provider, AccountKind::Provider, now)?;
+        let split = ledger::split(measured_micros, hold, self.fee_bps);
+        let escrow = escrow_account(job_id);
+        let applied = ledger::post(
+            tx,
+            &format!("close:{job_id}"),
+            "settle",
+            Some(job_id),
+            &[
+                (&escrow, -hold),
+                (&provider, split.provider_micros),
+                (ledger::PLATFORM_FEES, split.fee_micros),
+                (&account, split.refund_micros),
+            ],
+            now,
+        )?;
+        if applied == Applied::Duplicate {
+            return Ok(());
+        }
+        tx.execute(
+            "UPDATE jobs SET cost_micros = ?2, provider_micros = ?3, fee_micros = ?4, refund_micros = ?5 WHERE id = ?1",
+            params![job_id, split.cost_micros, split.provider_micros, split.fee_micros, split.refund_micros],
+        )
+        .map_err(internal)?;
+        self.emit(tx, self.subjects.escrow_event(EscrowEventKind::Settled, job_id).map_err(internal)?, EventBody::Escrow {
+            job_id: job_id.to_owned(),
+            kind: EscrowKind::Settled,
+            account,
+            amount_micros: split.cost_micros,
+            provider_account: Some(provider),
+            provider_micros: Some(split.provider_micros),
+            fee_micros: Some(split.fee_micros),
+            refund_micros: Some(split.refund_micros),
+        }, now)
+    }
+
+    fn refund(&self, tx: &Transaction<'_>, job_id: &str, now: u64) -> Result<(), WireError> {
+        let (account, hold) = Self::job_account_and_hold(tx, job_id)?;
+        let escrow = escrow_account(job_id);
+        let applied =
+            ledger::post(tx, &format!("close:{job_id}"), "refund", Some(job_id), &[(&escrow, -hold), (&account, hold)], now)?;
+        if applied == Applied::Duplicate {
+            return Ok(());
+        }
+        tx.execute(
+            "UPDATE jobs SET cost_micros = 0, provider_micros = 0, fee_micros = 0, refund_micros = ?2 WHERE id = ?1",
+            params![job_id, hold],
+        )
+        .map_err(internal)?;
+        self.emit(tx, self.subjects.escrow_event(EscrowEventKind::Refunded, job_id).map_err(internal)?, EventBody::Escrow {
+            job_id: job_id.to_owned(),
+            kind: EscrowKind::Refunded,
+            account,
+            amount_micros: hold,
+            provider_account: None,
+            provider_micros: None,
+            fee_micros: None,
+            refund_micros: Some(hold),
+        }, now)
+    }
+
+
+    fn emit(&self, tx: &Transaction<'_>, subject: String, body: EventBody, now: u64) -> Result<(), WireError> {
+        let event = Event { v: WIRE_VERSION, ts_ms: now, body };
+        let payload = serde_json::to_vec(&event).map_err(internal)?;
+        tx.execute("INSERT INTO outbox (subject, payload, created_ms) VALUES (?1, ?2, ?3)", params![
+            subject,
+            payload,
+            now as i64
+        ])
+        .map_err(internal)?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit_job(
+        &self,
+        tx: &Transaction<'_>,
+        job_id: &str,
+        state: JobState,
+        attempt: u32,
+        node_id: Option<&str>,
+        reason: Option<&str>,
+        now: u64,
+    ) -> Result<(), WireError> {
+        let subject = self.subjects.job_event(state.as_str(), job_id).map_err(internal)?;
+        self.emit(tx, subject, EventBody::Job {
+            job_id: job_id.to_owned(),
+            state,
+            attempt,
+            node_id: node_id.map(str::to_owned),
+            reason: reason.map(str::to_owned),
+        }, now)
+    }
+
+}
+
+fn no_account(account: &str) -> WireError {
+    WireError::new(ErrorCode::NotFound, format!("no account {account}: create it with `rhizos account create {account}`"))
+}
+
+/// The last `max_bytes` of `text`, cut at a character boundary.
+fn truncate_tail(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_owned();
+    }
+    let mut start = text.len() - max_bytes;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_owned()
+}
+
+/// `1234567` → `$1.234567`.
+pub fn format_usd(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let abs = micros.unsigned_abs();
+    format!("{sign}${}.{:06}", abs / 1_000_000, abs % 1_000_000)
+}
+
+const JOB_COLUMNS: &str = "id, account_id, backend, state, attempt, node_id, max_cost_micros, cost_micros, provider_micros,
+    fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms";
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobView> {
+    let state: String = r.get(3)?;
+    Ok(JobView {
+        job_id: r.get(0)?,
+        account: r.get(1)?,
+        backend: r.get(2)?,
+        state: JobState::parse(&state).unwrap_or(JobState::Failed),
+        attempt: r.get(4)?,
+        node_id: r.get(5)?,
+        max_cost_micros: r.get(6)?,
+        cost_micros: r.get(7)?,
+        provider_micros: r.get(8)?,
+        fee_micros: r.get(9)?,
+        refund_micros: r.get(10)?,
+        exit_code: r.get(11)?,
+        stdout: r.get(12)?,
+        stderr: r.get(13)?,
+        reason: r.get(14)?,
+        elapsed_ms: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
+        created_ms: r.get::<_, i64>(16)? as u64,
+        updated_ms: r.get::<_, i64>(17)? as u64,
+    })
+}

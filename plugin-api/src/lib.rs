@@ -1,0 +1,176 @@
+//! The stable-ABI contract between the RhizOS node agent (the host) and its plugins.
+//!
+//! A plugin is a `cdylib` that exports one [`BackendPluginRef`] root module through
+//! `#[abi_stable::export_root_module]`. The host loads it with `abi_stable`, which refuses a
+//! library whose root module was built against an incompatible version of this crate
+//! ([`BackendPluginRef::VERSION_STRINGS`], taken from this crate's package version) or whose types
+//! have a different layout, before any of the plugin's code is called.
+//!
+//! Everything that crosses the boundary is `#[repr(C)]` + [`StableAbi`]. No tokio, no NATS, no I/O
+//! here: a plugin that needs async runs its own runtime, and the host calls the blocking methods of
+//! [`Execution`] on its blocking pool. Log lines flow back through a host-implemented
+//! [`EventSink`], which the plugin may call from any thread.
+//!
+//! **API Boundary:** adding a field to [`BackendPlugin`] after the `last_prefix_field` stays
+//! compatible with plugins built earlier; any other change to a type here needs a minor version
+//! bump of this crate (while it is 0.x), which makes the host refuse older plugins.
+#![allow(non_local_definitions, non_camel_case_types)]
+// `sabi_trait` and `StableAbi` derive expand to unsafe code; that is this crate's whole purpose.
+#![allow(unsafe_code)]
+
+use abi_stable::{
+    StableAbi, declare_root_module_statics,
+    library::RootModule,
+    package_version_strings, sabi_trait,
+    sabi_types::VersionStrings,
+    std_types::{RBox, RResult, RStr, RString, RVec, Tuple2},
+};
+
+pub mod sdk;
+
+/// The version of this contract, as plugins see it (the package version of this crate).
+pub const PLUGIN_API_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What a plugin is for.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    /// Runs jobs (WASM, Docker, CUDA, ...).
+    Backend,
+    /// Resolves `chain://` module ids to manifests.
+    Resolver,
+}
+
+/// Self-description of a plugin, returned by [`BackendPlugin::describe`].
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct PluginInfo {
+    /// Unique plugin name, e.g. `wasm`.
+    pub name: RString,
+    /// The plugin's own version (its crate version).
+    pub version: RString,
+    pub kind: PluginKind,
+    /// Job backends this plugin executes (e.g. `["wasm"]`); fed into the node's registration.
+    pub backends: RVec<RString>,
+}
+
+/// Which output stream a log line came from.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// Resource limits the host imposes on one execution.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct ExecLimits {
+    /// Wall-clock deadline, counted from the start of the execution.
+    pub wall_timeout_ms: u64,
+    /// Maximum memory the workload may use, in bytes.
+    pub memory_limit_bytes: u64,
+}
+
+/// One execution of a job, as handed to a backend.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct ExecRequest {
+    /// Host-chosen id (`<job_id>-<attempt>`), for the plugin's logs.
+    pub execution_id: RString,
+    /// The workload itself, in the backend's format (for `wasm`: the module bytes, binary or WAT).
+    pub workload: RVec<u8>,
+    /// Arguments after the program name.
+    pub args: RVec<RString>,
+    pub env: RVec<Tuple2<RString, RString>>,
+    pub stdin: RVec<u8>,
+    pub limits: ExecLimits,
+}
+
+/// How an execution ended.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// The workload ran to its end; see `exit_code`.
+    Exited,
+    /// The wall-clock deadline passed and the workload was stopped.
+    TimedOut,
+    /// The workload tried to use more memory than its limit.
+    MemoryExceeded,
+    /// The workload crashed (a WASM trap, a signal).
+    Crashed,
+    /// The host cancelled the execution.
+    Cancelled,
+    /// The backend could not run the workload at all (invalid module, missing image...).
+    Rejected,
+}
+
+/// The end of an execution.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct ExecOutcome {
+    pub kind: ExitKind,
+    /// The process exit code when `kind` is `Exited`, otherwise -1.
+    pub exit_code: i32,
+    /// Human-readable reason when the workload did not exit on its own, empty otherwise.
+    pub message: RString,
+    /// Measured execution time (what the node bills for).
+    pub elapsed_ms: u64,
+}
+
+/// Receives the output of an execution, line by line, in order. Implemented by the host.
+#[sabi_trait]
+pub trait EventSink: Send + Sync {
+    /// One complete line (without its newline) written by the workload. Invalid UTF-8 is replaced.
+    #[sabi(last_prefix_field)]
+    fn log(&self, stream: LogStream, line: RStr<'_>);
+}
+
+/// Host handle on the sink, as passed to [`Backend::start`].
+pub type EventSinkBox = EventSink_TO<'static, RBox<()>>;
+
+/// A running execution. Implemented by the plugin.
+#[sabi_trait]
+pub trait Execution: Send + Sync {
+    /// Asks the execution to stop; `wait` then returns `Cancelled` (or the natural end if it won
+    /// the race). Must not block.
+    fn cancel(&self);
+
+    /// Blocks until the execution has ended and every log line has been given to the sink.
+    #[sabi(last_prefix_field)]
+    fn wait(&self) -> ExecOutcome;
+}
+
+pub type ExecutionBox = Execution_TO<'static, RBox<()>>;
+
+/// An execution backend. Implemented by the plugin.
+#[sabi_trait]
+pub trait Backend: Send + Sync {
+    /// Starts one execution and returns at once. `Err` means the request was refused before
+    /// anything ran (the host fails the job with that message).
+    #[sabi(last_prefix_field)]
+    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> RResult<ExecutionBox, RString>;
+}
+
+pub type BackendBox = Backend_TO<'static, RBox<()>>;
+
+/// The root module every backend plugin exports.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = BackendPluginRef)))]
+#[sabi(missing_field(panic))]
+pub struct BackendPlugin {
+    /// Name, version, kind and offered backends. Must not fail.
+    pub describe: extern "C" fn() -> PluginInfo,
+    /// Creates the backend. `config` is a JSON object from the agent's configuration
+    /// (`[plugins.<name>]`), `{}` when there is none.
+    #[sabi(last_prefix_field)]
+    pub new_backend: extern "C" fn(config: RStr<'_>) -> RResult<BackendBox, RString>,
+}
+
+impl RootModule for BackendPluginRef {
+    declare_root_module_statics! {BackendPluginRef}
+    const BASE_NAME: &'static str = "rhizos_backend";
+    const NAME: &'static str = "rhizos_backend";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}

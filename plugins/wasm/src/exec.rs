@@ -1,0 +1,341 @@
+//! Executions: compile (cached), instantiate with WASI preview1, run `_start` under limits.
+
+use abi_stable::{sabi_trait::TD_Opaque, std_types::Tuple2};
+use rhizos_plugin_api::{
+    EventSinkBox, ExecOutcome, ExecRequest, Execution, ExecutionBox, Execution_TO, ExitKind, LogStream,
+    sdk::{LineSplitter, OutcomeSlot, panic_message},
+};
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWrite;
+use tokio::sync::Notify;
+use wasmtime::{Engine, Linker, Module, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
+
+/// How often the epoch advances: the granularity of the wall-clock deadline for guest code.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Compiled modules kept for reuse.
+const MODULE_CACHE_ENTRIES: usize = 32;
+
+pub struct WasmBackend {
+    engine: Engine,
+    linker: Arc<Linker<StoreData>>,
+    runtime: tokio::runtime::Runtime,
+    cache: Arc<Mutex<ModuleCache>>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl WasmBackend {
+    pub fn new() -> wasmtime::Result<Self> {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |data: &mut StoreData| &mut data.wasi)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("rhizos-wasm")
+            .enable_all()
+            .build()?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.clone();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new().name("rhizos-wasm-epoch".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                ticker_engine.increment_epoch();
+            }
+        })?;
+        Ok(Self { engine, linker: Arc::new(linker), runtime, cache: Arc::default(), ticker_stop })
+    }
+
+    /// Starts an execution on the plugin's runtime and returns its handle at once.
+    pub fn spawn(&self, request: ExecRequest, sink: EventSinkBox) -> ExecutionBox {
+        let shared = Arc::new(Shared { slot: OutcomeSlot::default(), cancel: Notify::new() });
+        let job = Job {
+            engine: self.engine.clone(),
+            linker: self.linker.clone(),
+            cache: self.cache.clone(),
+            shared: shared.clone(),
+        };
+        let supervisor_shared = shared.clone();
+        let started = Instant::now();
+        let task = self.runtime.spawn(job.run(request, Arc::new(sink)));
+        // A panic in the execution task must end this execution, not the agent.
+        self.runtime.spawn(async move {
+            if let Err(join_error) = task.await {
+                let message = match join_error.try_into_panic() {
+                    Ok(payload) => format!("wasm backend panicked: {}", panic_message(&*payload)),
+                    Err(e) => format!("wasm execution task ended abnormally: {e}"),
+                };
+                supervisor_shared.slot.set(ExecOutcome::abnormal(ExitKind::Crashed, message, elapsed_ms(started)));
+            }
+        });
+        Execution_TO::from_value(Handle { shared }, TD_Opaque)
+    }
+}
+
+impl Drop for WasmBackend {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Shared {
+    slot: OutcomeSlot,
+    cancel: Notify,
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Execution for Handle {
+    fn cancel(&self) {
+        // `notify_one` keeps a permit when nobody waits yet, so an early cancel is not lost.
+        self.shared.cancel.notify_one();
+    }
+
+    fn wait(&self) -> ExecOutcome {
+        self.shared.slot.wait()
+    }
+}
+
+/// Per-store state: the WASI context and the memory limiter.
+struct StoreData {
+    wasi: WasiP1Ctx,
+    limiter: MemoryLimiter,
+}
+
+struct MemoryLimiter {
+    limit_bytes: usize,
+    /// The size a refused growth asked for, if any.
+    refused_bytes: Option<usize>,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.limit_bytes {
+            self.refused_bytes = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // Tables hold references; cap them so a guest cannot use them to dodge the memory limit.
+        Ok(desired <= 1_000_000)
+    }
+}
+
+struct Job {
+    engine: Engine,
+    linker: Arc<Linker<StoreData>>,
+    cache: Arc<Mutex<ModuleCache>>,
+    shared: Arc<Shared>,
+}
+
+enum Ending {
+    Finished(wasmtime::Result<()>),
+    Deadline,
+    Cancelled,
+}
+
+impl Job {
+    async fn run(self, request: ExecRequest, sink: Arc<EventSinkBox>) {
+        let started = Instant::now();
+        let outcome = self.execute(request, &sink, started).await;
+        self.shared.slot.set(outcome);
+    }
+
+    async fn execute(&self, request: ExecRequest, sink: &Arc<EventSinkBox>, started: Instant) -> ExecOutcome {
+        let module = match self.module(&request.workload) {
+            Ok(module) => module,
+            Err(e) => {
+                return ExecOutcome::abnormal(ExitKind::Rejected, format!("invalid WASM module: {e:#}"), elapsed_ms(started));
+            }
+        };
+        let limit_bytes = usize::try_from(request.limits.memory_limit_bytes).unwrap_or(usize::MAX);
+        let timeout = Duration::from_millis(request.limits.wall_timeout_ms);
+
+        let stdout = LineWriter::new(sink.clone(), LogStream::Stdout);
+        let stderr = LineWriter::new(sink.clone(), LogStream::Stderr);
+        let mut argv: Vec<String> = vec!["main.wasm".to_owned()];
+        argv.extend(request.args.iter().map(|a| a.to_string()));
+        let env: Vec<(String, String)> =
+            request.env.iter().map(|Tuple2(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut builder = WasiCtxBuilder::new();
+        builder
+            .args(&argv)
+            .envs(&env)
+            .stdin(MemoryInputPipe::new(request.stdin.to_vec()))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone());
+        let data = StoreData { wasi: builder.build_p1(), limiter: MemoryLimiter { limit_bytes, refused_bytes: None } };
+        let mut store = Store::new(&self.engine, data);
+        store.limiter(|data| &mut data.limiter);
+        let ticks = request.limits.wall_timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1);
+        store.set_epoch_deadline(ticks);
+
+        let ending = {
+            let linker = self.linker.clone();
+            let run = async {
+                let instance = linker.instantiate_async(&mut store, &module).await?;
+                let entry = instance.get_typed_func::<(), ()>(&mut store, "_start").map_err(|e| {
+                    e.context("the module exports no `_start` function: build it as a WASI command (a binary)")
+                })?;
+                entry.call_async(&mut store, ()).await
+            };
+            tokio::select! {
+                result = run => Ending::Finished(result),
+                () = tokio::time::sleep(timeout) => Ending::Deadline,
+                () = self.shared.cancel.notified() => Ending::Cancelled,
+            }
+        };
+        let elapsed = elapsed_ms(started);
+        stdout.finish();
+        stderr.finish();
+
+        let refused = store.data().limiter.refused_bytes;
+        let memory_message = |desired: usize| {
+            format!(
+                "memory limit exceeded: the module tried to grow its memory to {} MiB, the limit is {} MiB",
+                desired.div_ceil(1 << 20),
+                limit_bytes >> 20
+            )
+        };
+        let deadline_message = || format!("wall-clock deadline of {} ms exceeded", timeout.as_millis());
+        match ending {
+            Ending::Deadline => ExecOutcome::abnormal(ExitKind::TimedOut, deadline_message(), elapsed),
+            Ending::Cancelled => ExecOutcome::abnormal(ExitKind::Cancelled, "cancelled by the host", elapsed),
+            Ending::Finished(Ok(())) => ExecOutcome::exited(0, elapsed),
+            Ending::Finished(Err(error)) => {
+                if let Some(exit) = error.downcast_ref::<I32Exit>() {
+                    match refused {
+                        Some(desired) if exit.0 != 0 => {
+                            ExecOutcome::abnormal(ExitKind::MemoryExceeded, memory_message(desired), elapsed)
+                        }
+                        _ => ExecOutcome::exited(exit.0, elapsed),
+                    }
+                } else if let Some(desired) = refused {
+                    ExecOutcome::abnormal(ExitKind::MemoryExceeded, memory_message(desired), elapsed)
+                } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                    ExecOutcome::abnormal(ExitKind::TimedOut, deadline_message(), elapsed)
+                } else if error.downcast_ref::<Trap>().is_some() {
+                    ExecOutcome::abnormal(ExitKind::Crashed, format!("wasm trap: {}", root_message(&error)), elapsed)
+                } else {
+                    ExecOutcome::abnormal(ExitKind::Rejected, format!("{error:#}"), elapsed)
+                }
+            }
+        }
+    }
+
+    /// Compiles `bytes` (binary or WAT), reusing an earlier compilation of identical bytes.
+    fn module(&self, bytes: &[u8]) -> wasmtime::Result<Module> {
+        let mut hasher = DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        let key = hasher.finish();
+        if let Some(module) = self.cache.lock().unwrap_or_else(PoisonError::into_inner).get(key, bytes) {
+            return Ok(module);
+        }
+        let module = Module::new(&self.engine, bytes)?;
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner).insert(key, bytes, module.clone());
+        Ok(module)
+    }
+}
+
+/// The trap description plus the guest's wasm backtrace headline, without the long frame list.
+fn root_message(error: &wasmtime::Error) -> String {
+    let trap = error.downcast_ref::<Trap>().map(|t| t.to_string()).unwrap_or_default();
+    if trap.is_empty() { format!("{error}") } else { trap }
+}
+
+fn elapsed_ms(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Small content-addressed cache: the hash picks the bucket, full byte equality decides.
+#[derive(Default)]
+struct ModuleCache {
+    entries: HashMap<u64, (Vec<u8>, Module, u64)>,
+    clock: u64,
+}
+
+impl ModuleCache {
+    fn get(&mut self, key: u64, bytes: &[u8]) -> Option<Module> {
+        self.clock += 1;
+        let clock = self.clock;
+        let (stored, module, used) = self.entries.get_mut(&key)?;
+        if stored.as_slice() != bytes {
+            return None;
+        }
+        *used = clock;
+        Some(module.clone())
+    }
+
+    fn insert(&mut self, key: u64, bytes: &[u8], module: Module) {
+        if self.entries.len() >= MODULE_CACHE_ENTRIES
+            && let Some(oldest) = self.entries.iter().min_by_key(|(_, (_, _, used))| *used).map(|(k, _)| *k)
+        {
+            self.entries.remove(&oldest);
+        }
+        self.clock += 1;
+        self.entries.insert(key, (bytes.to_vec(), module, self.clock));
+    }
+}
+
+/// A guest output stream that cuts what is written into lines for the host's sink.
+#[derive(Clone)]
+struct LineWriter {
+    sink: Arc<EventSinkBox>,
+    splitter: Arc<Mutex<LineSplitter>>,
+}
+
+impl LineWriter {
+    fn new(sink: Arc<EventSinkBox>, stream: LogStream) -> Self {
+        Self { sink, splitter: Arc::new(Mutex::new(LineSplitter::new(stream))) }
+    }
+
+    fn write(&self, bytes: &[u8]) {
+        self.splitter.lock().unwrap_or_else(PoisonError::into_inner).push(&self.sink, bytes);
+    }
+
+    fn finish(&self) {
+        self.splitter.lock().unwrap_or_else(PoisonError::into_inner).finish(&self.sink);
+    }
+}
+
+impl IsTerminal for LineWriter {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LineWriter {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl AsyncWrite for LineWriter {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.write(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
