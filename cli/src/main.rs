@@ -1,1 +1,232 @@
-fn main(){}
+//! `rhizos`: the RhizOS command line. Talks to the network only over NATS (the subjects in the
+//! README), so everything it does can be done by any NATS client.
+
+mod job;
+mod money;
+mod up;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use rhizos_broker::wire::{AccountRef, AccountView, Deposit, EscrowKind, Event, EventBody, WIRE_VERSION};
+use rhizos_broker::{Bus, Settings};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "rhizos",
+    version,
+    about = "RhizOS: run compute jobs on a peer-to-peer network, paid through escrow",
+    long_about = "RhizOS: run compute jobs on a peer-to-peer network, paid through escrow.\n\n\
+        Start a local network with `rhizos up`, then in another terminal:\n  \
+        rhizos account create alice && rhizos account deposit alice 5\n  \
+        rhizos job submit --account alice --wasm demo.wasm --max-cost 0.01 --wait\n\n\
+        Settings come from ./rhizos.toml (or --config) and RHIZOS_<SECTION>__<KEY> variables."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct GlobalArgs {
+    /// Config file (default: ./rhizos.toml when present).
+    #[arg(long, global = true, env = "RHIZOS_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS server URL (overrides [nats] url).
+    #[arg(long, global = true, env = "RHIZOS_NATS_URL")]
+    nats_url: Option<String>,
+    /// Subject namespace (overrides [nats] namespace).
+    #[arg(long, global = true, env = "RHIZOS_NAMESPACE")]
+    namespace: Option<String>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl GlobalArgs {
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let mut settings = Settings::load(self.config.as_deref())?;
+        if let Some(url) = &self.nats_url {
+            settings.nats.url.clone_from(url);
+        }
+        if let Some(namespace) = &self.namespace {
+            settings.nats.namespace.clone_from(namespace);
+        }
+        Ok(settings)
+    }
+
+    pub async fn bus(&self) -> anyhow::Result<Bus> {
+        let settings = self.settings()?;
+        Ok(Bus::connect(&settings.nats).await?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bring up a whole local network: nats-server (if none answers), the orchestrator, and one
+    /// agent with the built plugins. Ctrl-C stops everything.
+    Up(up::UpArgs),
+    /// Create accounts, deposit money, show balances.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Submit, watch, list and cancel jobs.
+    #[command(subcommand)]
+    Job(job::JobCommand),
+    /// Print events (job state changes, escrow movements) as they happen.
+    Events(EventsArgs),
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Create a user account (name: a-z, 0-9, '_' and '-').
+    Create { account: String },
+    /// Add money to an account (from outside the network).
+    Deposit {
+        account: String,
+        /// Amount in USD, e.g. 5 or 0.25 (6 decimals at most).
+        amount_usd: String,
+        /// Makes retries safe: a second deposit with the same key changes nothing.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Show the balance and the money held in escrow for running jobs.
+    Balance { account: String },
+}
+
+#[derive(Args)]
+struct EventsArgs {
+    /// Only events of this job.
+    #[arg(long)]
+    job: Option<String>,
+    /// Include node heartbeats.
+    #[arg(long)]
+    heartbeats: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Up(_)) { "info" } else { "warn" };
+    rhizos_core::telemetry::init(default_level, false);
+    let json = cli.global.json;
+    if let Err(error) = run(cli).await {
+        if json {
+            println!("{}", serde_json::json!({ "ok": false, "error": format!("{error:#}") }));
+        } else {
+            eprintln!("error: {error:#}");
+        }
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let global = cli.global;
+    match cli.command {
+        Command::Up(args) => up::run(&global, args).await,
+        Command::Account(command) => account(&global, command).await,
+        Command::Job(command) => job::run(&global, command).await,
+        Command::Events(args) => events(&global, args).await,
+    }
+}
+
+async fn account(global: &GlobalArgs, command: AccountCommand) -> anyhow::Result<()> {
+    let bus = global.bus().await?;
+    let subjects = &bus.subjects;
+    let view: AccountView = match command {
+        AccountCommand::Create { account } => {
+            bus.request(subjects.account_create(), &AccountRef { v: WIRE_VERSION, account }).await?
+        }
+        AccountCommand::Deposit { account, amount_usd, idempotency_key } => {
+            let amount_micros = money::parse_usd(&amount_usd).map_err(anyhow::Error::msg)?;
+            let request = Deposit { v: WIRE_VERSION, account, amount_micros, idempotency_key };
+            bus.request(subjects.account_deposit(), &request).await?
+        }
+        AccountCommand::Balance { account } => {
+            bus.request(subjects.account_balance(), &AccountRef { v: WIRE_VERSION, account }).await?
+        }
+    };
+    if global.json {
+        println!("{}", serde_json::to_string(&view)?);
+    } else {
+        println!(
+            "{}: balance {} (held in escrow: {})",
+            view.account,
+            money::format_usd(view.balance_micros),
+            money::format_usd(view.held_micros)
+        );
+    }
+    Ok(())
+}
+
+async fn events(global: &GlobalArgs, args: EventsArgs) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let bus = global.bus().await?;
+    let subjects = match &args.job {
+        Some(job_id) => bus.subjects.job_events_of(job_id)?,
+        None => vec![bus.subjects.events_wildcard()],
+    };
+    let mut streams = Vec::new();
+    for subject in subjects {
+        streams.push(bus.client.subscribe(subject.clone()).await.with_context(|| format!("cannot subscribe to {subject}"))?);
+    }
+    let mut messages = futures::stream::select_all(streams);
+    if !global.json {
+        eprintln!("listening for events in namespace {} (Ctrl-C to stop)", bus.subjects.namespace());
+    }
+    let heartbeat_prefix = bus.subjects.node_heartbeat_wildcard().trim_end_matches('*').to_owned();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            message = messages.next() => {
+                let Some(message) = message else { return Ok(()) };
+                let is_heartbeat = message.subject.starts_with(heartbeat_prefix.as_str());
+                if is_heartbeat && !args.heartbeats {
+                    continue;
+                }
+                if global.json {
+                    let body: serde_json::Value = serde_json::from_slice(&message.payload)
+                        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&message.payload).into_owned()));
+                    println!("{}", serde_json::json!({ "subject": message.subject.as_str(), "event": body }));
+                } else {
+                    println!("{}", describe_event(&message.subject, &message.payload));
+                }
+            }
+        }
+    }
+}
+
+fn describe_event(subject: &str, payload: &[u8]) -> String {
+    match serde_json::from_slice::<Event>(payload) {
+        Ok(Event { body: EventBody::Job { job_id, state, attempt, node_id, reason }, .. }) => {
+            let mut line = format!("job {job_id} {} (attempt {attempt}", state.as_str());
+            if let Some(node) = node_id {
+                line.push_str(&format!(", node {node}"));
+            }
+            line.push(')');
+            if let Some(reason) = reason {
+                line.push_str(&format!(": {reason}"));
+            }
+            line
+        }
+        Ok(Event { body: EventBody::Escrow { job_id, kind, account, amount_micros, provider_micros, fee_micros, refund_micros, .. }, .. }) => {
+            let kind = match kind {
+                EscrowKind::Held => "held",
+                EscrowKind::Settled => "settled",
+                EscrowKind::Refunded => "refunded",
+            };
+            let mut line = format!("escrow {kind} for job {job_id}: {} ({account})", money::format_usd(amount_micros));
+            if let (Some(p), Some(f), Some(r)) = (provider_micros, fee_micros, refund_micros) {
+                line.push_str(&format!(
+                    ", provider {}, fee {}, refund {}",
+                    money::format_usd(p),
+                    money::format_usd(f),
+                    money::format_usd(r)
+                ));
+            }
+            line
+        }
+        Err(_) => format!("{subject}: {}", String::from_utf8_lossy(payload)),
+    }
+}

@@ -1,0 +1,260 @@
+//! `rhizos job ...`: submit (and watch), get, list, cancel.
+
+use crate::{GlobalArgs, money};
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use futures::StreamExt as _;
+use rhizos_broker::Bus;
+use rhizos_broker::wire::{
+    self, Event, EventBody, JobList, JobRef, JobSpec, JobState, JobView, ListJobs, LogLine, LogStream, SubmitJob,
+    SubmitJobReply, WIRE_VERSION, Workload,
+};
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// Submit a job; with --wait, stream its logs and print the result and the money.
+    Submit(SubmitArgs),
+    /// Show one job.
+    Get { job_id: String },
+    /// List jobs, newest first.
+    List {
+        #[arg(long)]
+        account: Option<String>,
+        /// pending, assigned, running, succeeded, failed, cancelled or timed_out.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Cancel a job: before it starts, everything is refunded; while it runs, it is stopped and
+    /// the time used is paid.
+    Cancel { job_id: String },
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// Paying account.
+    #[arg(long, env = "RHIZOS_ACCOUNT")]
+    account: String,
+    /// WASI preview1 command module to run (.wasm binary or .wat text).
+    #[arg(long)]
+    wasm: PathBuf,
+    /// Argument passed to the program (repeat for several).
+    #[arg(long = "arg", allow_hyphen_values = true)]
+    args: Vec<String>,
+    /// Environment variable NAME=VALUE (repeat for several).
+    #[arg(long = "env")]
+    env: Vec<String>,
+    /// File given to the program as stdin.
+    #[arg(long)]
+    stdin: Option<PathBuf>,
+    /// The most you will pay, in USD (held in escrow until the job ends).
+    #[arg(long)]
+    max_cost: String,
+    /// Execution deadline in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+    /// Memory limit in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    /// CPU cores to allocate.
+    #[arg(long, default_value_t = 1)]
+    cpu_cores: u32,
+    /// Job id to use (default: generated). Resubmitting an id returns the existing job.
+    #[arg(long)]
+    job_id: Option<String>,
+    /// Stream the job's logs and wait for its end; print the result and the money.
+    #[arg(long)]
+    wait: bool,
+}
+
+pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()> {
+    let bus = global.bus().await?;
+    match command {
+        JobCommand::Submit(args) => submit(global, &bus, args).await,
+        JobCommand::Get { job_id } => {
+            let job: JobView = bus.request(bus.subjects.job_get(), &JobRef { v: WIRE_VERSION, job_id }).await?;
+            print_job(global.json, &job)
+        }
+        JobCommand::List { account, state, limit } => {
+            let state = match state {
+                Some(text) => Some(JobState::parse(&text).with_context(|| format!("unknown state {text:?}"))?),
+                None => None,
+            };
+            let list: JobList =
+                bus.request(bus.subjects.job_list(), &ListJobs { v: WIRE_VERSION, account, state, limit: Some(limit) }).await?;
+            if global.json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else if list.jobs.is_empty() {
+                println!("no jobs");
+            } else {
+                println!("{:<40} {:<10} {:<10} {:>14} {:>14}", "JOB", "ACCOUNT", "STATE", "MAX COST", "COST");
+                for job in list.jobs {
+                    println!(
+                        "{:<40} {:<10} {:<10} {:>14} {:>14}",
+                        job.job_id,
+                        job.account,
+                        job.state.as_str(),
+                        money::format_usd(job.max_cost_micros),
+                        job.cost_micros.map(money::format_usd).unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+            Ok(())
+        }
+        JobCommand::Cancel { job_id } => {
+            let job: JobView = bus.request(bus.subjects.job_cancel(), &JobRef { v: WIRE_VERSION, job_id }).await?;
+            if !global.json && job.state == JobState::Running {
+                eprintln!("stop requested; the job ends when its node confirms (rhizos job get {})", job.job_id);
+            }
+            print_job(global.json, &job)
+        }
+    }
+}
+
+fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
+    let module = std::fs::read(&args.wasm).with_context(|| format!("cannot read --wasm {}", args.wasm.display()))?;
+    let mut env = BTreeMap::new();
+    for pair in &args.env {
+        let (key, value) = pair.split_once('=').with_context(|| format!("--env {pair:?} is not NAME=VALUE"))?;
+        env.insert(key.to_owned(), value.to_owned());
+    }
+    let stdin_b64 = match &args.stdin {
+        Some(path) => Some(wire::b64_encode(
+            &std::fs::read(path).with_context(|| format!("cannot read --stdin {}", path.display()))?,
+        )),
+        None => None,
+    };
+    Ok(JobSpec {
+        workload: Workload::Wasm { module_b64: wire::b64_encode(&module) },
+        args: args.args.clone(),
+        env,
+        stdin_b64,
+        timeout_ms: args.timeout_secs.saturating_mul(1000),
+        memory_mib: args.memory_mib,
+        cpu_cores: args.cpu_cores,
+    })
+}
+
+async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Result<()> {
+    let max_cost_micros = money::parse_usd(&args.max_cost).map_err(anyhow::Error::msg).context("invalid --max-cost")?;
+    let spec = build_spec(&args)?;
+    let job_id = args.job_id.clone().unwrap_or_else(|| format!("job-{}", uuid::Uuid::now_v7().simple()));
+    let request = SubmitJob { v: WIRE_VERSION, job_id: Some(job_id.clone()), account: args.account.clone(), spec, max_cost_micros };
+
+    // Subscribe before submitting so no log line or event can be missed.
+    let (mut logs, mut events) = if args.wait {
+        let logs = bus.client.subscribe(bus.subjects.job_log(&job_id)?).await?;
+        let mut event_streams = Vec::new();
+        for subject in bus.subjects.job_events_of(&job_id)? {
+            event_streams.push(bus.client.subscribe(subject).await?);
+        }
+        bus.client.flush().await.context("cannot reach NATS")?;
+        (Some(logs), Some(futures::stream::select_all(event_streams)))
+    } else {
+        (None, None)
+    };
+
+    let reply: SubmitJobReply = bus.request(bus.subjects.job_submit(), &request).await?;
+    if !args.wait {
+        if global.json {
+            println!("{}", serde_json::to_string(&reply)?);
+        } else {
+            println!("submitted {} ({}); follow it with: rhizos job get {}", reply.job_id, reply.state.as_str(), reply.job_id);
+        }
+        return Ok(());
+    }
+    if !global.json {
+        eprintln!("submitted {} with max cost {} — waiting for a node…", reply.job_id, money::format_usd(max_cost_micros));
+    }
+    let (Some(logs), Some(events)) = (logs.as_mut(), events.as_mut()) else { unreachable!("subscribed above") };
+    let mut next_seq = 0u64;
+    let mut poll = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("\nstopped watching; the job goes on: rhizos job get {job_id}");
+                return Ok(());
+            }
+            Some(message) = logs.next() => {
+                let Ok(line) = serde_json::from_slice::<LogLine>(&message.payload) else { continue };
+                if line.seq != next_seq && !global.json {
+                    eprintln!("[{} log line(s) missed]", line.seq.saturating_sub(next_seq));
+                }
+                next_seq = line.seq + 1;
+                if !global.json {
+                    match line.stream {
+                        LogStream::Stdout => println!("{}", line.line),
+                        LogStream::Stderr => eprintln!("{}", line.line),
+                    }
+                }
+            }
+            Some(message) = events.next() => {
+                let Ok(Event { body, .. }) = serde_json::from_slice::<Event>(&message.payload) else { continue };
+                if let EventBody::Job { state, node_id, .. } = body {
+                    if !global.json && !state.is_terminal() {
+                        let node = node_id.map(|n| format!(" on {n}")).unwrap_or_default();
+                        eprintln!("· {}{node}", state.as_str());
+                    }
+                    if state.is_terminal() && finish(global, bus, &job_id).await? {
+                        return Ok(());
+                    }
+                }
+            }
+            _ = poll.tick() => {
+                // Safety net if an event was missed (e.g. JetStream briefly unavailable).
+                if finish(global, bus, &job_id).await? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Prints the result if the job has ended and its money is settled; `true` when done.
+async fn finish(global: &GlobalArgs, bus: &Bus, job_id: &str) -> anyhow::Result<bool> {
+    let job: JobView = bus.request(bus.subjects.job_get(), &JobRef { v: WIRE_VERSION, job_id: job_id.to_owned() }).await?;
+    if !job.state.is_terminal() || job.cost_micros.is_none() {
+        return Ok(false);
+    }
+    print_job(global.json, &job)?;
+    if job.state != JobState::Succeeded {
+        std::process::exit(3);
+    }
+    Ok(true)
+}
+
+fn print_job(json: bool, job: &JobView) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(job)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "job {}: {}", job.job_id, job.state.as_str())?;
+    if let Some(node) = &job.node_id {
+        writeln!(out, "  node:      {node} (attempt {})", job.attempt)?;
+    }
+    if let Some(code) = job.exit_code {
+        writeln!(out, "  exit code: {code}")?;
+    }
+    if let Some(reason) = &job.reason {
+        writeln!(out, "  reason:    {reason}")?;
+    }
+    if let Some(ms) = job.elapsed_ms {
+        writeln!(out, "  run time:  {ms} ms")?;
+    }
+    writeln!(out, "  max cost:  {}", money::format_usd(job.max_cost_micros))?;
+    if let (Some(cost), Some(provider), Some(fee), Some(refund)) =
+        (job.cost_micros, job.provider_micros, job.fee_micros, job.refund_micros)
+    {
+        writeln!(out, "  cost:      {}", money::format_usd(cost))?;
+        writeln!(out, "  provider:  {}", money::format_usd(provider))?;
+        writeln!(out, "  fee:       {}", money::format_usd(fee))?;
+        writeln!(out, "  refund:    {}", money::format_usd(refund))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! `rhizos up`: a whole local network in one process — nats-server (started only if none answers
+//! at the configured URL), the orchestrator and one agent — until Ctrl-C.
+
+use crate::GlobalArgs;
+use anyhow::Context as _;
+use clap::Args;
+use rhizos_broker::Bus;
+use rhizos_broker::server::{LaunchOptions, NatsServer, is_reachable};
+use rhizos_core::{Agent, Orchestrator};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Where the network keeps its state: ledger.db, nats/ (JetStream) and plugins/.
+    #[arg(long, default_value = ".rhizos")]
+    data_dir: PathBuf,
+    /// Directory to load backend plugins from. Default: the librhizos_plugin_*.so files built
+    /// next to this executable, linked into <data-dir>/plugins.
+    #[arg(long)]
+    plugin_dir: Option<PathBuf>,
+    /// Node id of the local agent.
+    #[arg(long, default_value = "local")]
+    node_id: String,
+    /// Exit once everything is up (for scripts that only check it starts).
+    #[arg(long, hide = true)]
+    check: bool,
+}
+
+pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
+    let mut settings = global.settings()?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("failed to create {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+
+    let _nats = if is_reachable(&settings.nats.url) {
+        eprintln!("✓ using the NATS server at {}", settings.nats.url);
+        None
+    } else {
+        let port = port_of(&settings.nats.url);
+        eprintln!("… starting nats-server on 127.0.0.1:{port}");
+        let server = NatsServer::start(LaunchOptions { port: Some(port), data_dir: Some(data_dir.join("nats")) })
+            .context("failed to start nats-server")?;
+        settings.nats.url = server.url();
+        eprintln!("✓ nats-server {} (JetStream in {})", server.url(), data_dir.join("nats").display());
+        Some(server)
+    };
+
+    let plugin_dir = match args.plugin_dir {
+        Some(dir) => dir,
+        None => link_built_plugins(&data_dir.join("plugins"))?,
+    };
+    settings.orchestrator.data_dir = data_dir.clone();
+    settings.agent.plugin_dir = plugin_dir.clone();
+    settings.agent.node_id = Some(args.node_id.clone());
+
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = receiver.wait_for(|stop| *stop).await;
+    };
+
+    let orchestrator = Orchestrator::open(Bus::connect(&settings.nats).await?, settings.orchestrator.clone())
+        .await
+        .context("failed to start the orchestrator")?;
+    let orchestrator_task = tokio::spawn(orchestrator.run(stopped(stop.clone())));
+    eprintln!("✓ orchestrator (ledger {})", data_dir.join("ledger.db").display());
+
+    let agent = Agent::new(Bus::connect(&settings.nats).await?, settings.agent.clone(), settings.pricing)
+        .context("failed to start the agent")?;
+    for plugin in agent.plugin_views() {
+        match (&plugin.name, &plugin.refused) {
+            (Some(name), None) => eprintln!("✓ plugin {name} {} ({})", plugin.version.unwrap_or_default(), plugin.file),
+            (_, Some(reason)) => eprintln!("✗ plugin {} refused: {reason}", plugin.file),
+            _ => {}
+        }
+    }
+    let agent_task = tokio::spawn(agent.run(stopped(stop.clone())));
+    eprintln!("✓ agent {} (plugins from {})", args.node_id, plugin_dir.display());
+    eprintln!(
+        "\nRhizOS is up: NATS {} namespace {}.\nIn another terminal:\n  \
+         rhizos account create alice && rhizos account deposit alice 1\n  \
+         rhizos job submit --account alice --wasm <module.wasm> --max-cost 0.01 --wait\n  \
+         rhizos events\nCtrl-C stops everything.",
+        settings.nats.url, settings.nats.namespace
+    );
+    if !args.check {
+        rhizos_core::telemetry::shutdown_signal().await;
+    }
+    let _ = stop_sender.send(true);
+    agent_task.await.context("agent task failed")??;
+    orchestrator_task.await.context("orchestrator task failed")??;
+    eprintln!("stopped");
+    Ok(())
+}
+
+/// The port of a `nats://host:port` URL (4222 when absent).
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).unwrap_or(4222)
+}
+
+/// Links the plugins built beside this executable into `dir` and returns it.
+fn link_built_plugins(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let exe = std::env::current_exe().context("cannot locate the rhizos executable")?;
+    let build_dir = exe.parent().context("executable has no directory")?;
+    let mut found = 0;
+    for entry in std::fs::read_dir(build_dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        if name.starts_with("librhizos_plugin_") && name.ends_with(".so") {
+            let link = dir.join(&name);
+            let _ = std::fs::remove_file(&link);
+            #[cfg(unix)]
+            std::os::unix::fs::symlink(&path, &link).with_context(|| format!("cannot link {}", link.display()))?;
+            #[cfg(not(unix))]
+            std::fs::copy(&path, &link).with_context(|| format!("cannot copy {}", path.display()))?;
+            found += 1;
+        }
+    }
+    if found == 0 {
+        eprintln!(
+            "! no plugins found next to {}: build them with `cargo build --workspace` or pass --plugin-dir",
+            exe.display()
+        );
+    }
+    Ok(dir.to_path_buf())
+}
