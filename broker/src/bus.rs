@@ -16,8 +16,13 @@ const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
 pub enum ConnectError {
     #[error(transparent)]
     Namespace(#[from] crate::subjects::TokenError),
-    #[error("cannot connect to NATS at {url}: {source} (is nats-server running? `rhizos up` starts one)")]
-    Connect { url: String, source: async_nats::ConnectError },
+    #[error(
+        "cannot connect to NATS at {url}: {source} (is nats-server running? `rhizos up` starts one)"
+    )]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
     #[error("cannot create the JetStream event stream {stream}: {message}")]
     Stream { stream: String, message: String },
 }
@@ -26,7 +31,9 @@ pub enum ConnectError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RequestError {
-    #[error("nothing is serving {subject}: is the orchestrator (or the node) running in this namespace?")]
+    #[error(
+        "nothing is serving {subject}: is the orchestrator (or the node) running in this namespace?"
+    )]
     NoResponders { subject: String },
     #[error("no reply on {subject} within {timeout_ms} ms")]
     TimedOut { subject: String, timeout_ms: u64 },
@@ -71,9 +78,17 @@ impl Bus {
         let client = options
             .connect(settings.url.as_str())
             .await
-            .map_err(|source| ConnectError::Connect { url: settings.url.clone(), source })?;
+            .map_err(|source| ConnectError::Connect {
+                url: settings.url.clone(),
+                source,
+            })?;
         let jetstream = jetstream::new(client.clone());
-        Ok(Self { client, jetstream, subjects, request_timeout })
+        Ok(Self {
+            client,
+            jetstream,
+            subjects,
+            request_timeout,
+        })
     }
 
     /// Sends `request` to `subject` and decodes the [`Reply`] envelope.
@@ -92,22 +107,37 @@ impl Bus {
         payload: bytes::Bytes,
     ) -> Result<Resp, RequestError> {
         use async_nats::RequestErrorKind;
-        let message = self.client.request(subject.clone(), payload).await.map_err(|e| match e.kind() {
-            RequestErrorKind::NoResponders => RequestError::NoResponders { subject: subject.clone() },
-            RequestErrorKind::TimedOut => RequestError::TimedOut {
-                subject: subject.clone(),
-                timeout_ms: u64::try_from(self.request_timeout.as_millis()).unwrap_or(u64::MAX),
-            },
-            _ => RequestError::Transport { subject: subject.clone(), message: e.to_string() },
-        })?;
+        let message = self
+            .client
+            .request(subject.clone(), payload)
+            .await
+            .map_err(|e| match e.kind() {
+                RequestErrorKind::NoResponders => RequestError::NoResponders {
+                    subject: subject.clone(),
+                },
+                RequestErrorKind::TimedOut => RequestError::TimedOut {
+                    subject: subject.clone(),
+                    timeout_ms: u64::try_from(self.request_timeout.as_millis()).unwrap_or(u64::MAX),
+                },
+                _ => RequestError::Transport {
+                    subject: subject.clone(),
+                    message: e.to_string(),
+                },
+            })?;
         if message.payload.len() > MAX_REPLY_BYTES {
             return Err(RequestError::BadReply {
                 subject,
-                message: format!("reply of {} bytes exceeds {MAX_REPLY_BYTES}", message.payload.len()),
+                message: format!(
+                    "reply of {} bytes exceeds {MAX_REPLY_BYTES}",
+                    message.payload.len()
+                ),
             });
         }
-        let reply: Reply<Resp> = serde_json::from_slice(&message.payload)
-            .map_err(|e| RequestError::BadReply { subject: subject.clone(), message: e.to_string() })?;
+        let reply: Reply<Resp> =
+            serde_json::from_slice(&message.payload).map_err(|e| RequestError::BadReply {
+                subject: subject.clone(),
+                message: e.to_string(),
+            })?;
         reply.into_result().map_err(RequestError::Remote)
     }
 
@@ -129,6 +159,9 @@ impl Bus {
         self.jetstream
             .get_or_create_stream(config)
             .await
-            .map_err(|e| ConnectError::Stream { stream: name, message: e.to_string() })
+            .map_err(|e| ConnectError::Stream {
+                stream: name,
+                message: e.to_string(),
+            })
     }
 }

@@ -71,7 +71,9 @@ impl Default for OrchestratorSettings {
         Self {
             data_dir: PathBuf::from(".rhizos"),
             fee_bps: 500,
-            max_request_bytes: 1024 * 1024,
+            // Under the NATS default max_payload (1 MiB), so an oversized request reaches us and gets
+            // a `too_large` reply instead of being dropped by the client.
+            max_request_bytes: 900 * 1024,
             assign_timeout_ms: 3_000,
             missed_heartbeats: 3,
             max_output_bytes: 64 * 1024,
@@ -116,7 +118,11 @@ impl Default for AgentSettings {
 
 impl Default for Pricing {
     fn default() -> Self {
-        Self { gpu_hour_cents: 90, cpu_hour_cents: 4, memory_gb_hour_cents: 1 }
+        Self {
+            gpu_hour_cents: 90,
+            cpu_hour_cents: 4,
+            memory_gb_hour_cents: 1,
+        }
     }
 }
 
@@ -144,13 +150,20 @@ impl Settings {
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let env = Env::prefixed("RHIZOS_").filter(|key| key.as_str().contains("__")).split("__");
-        figment.merge(env).extract().map_err(|e| ConfigError(Box::new(e)))
+        let env = Env::prefixed("RHIZOS_")
+            .filter(|key| key.as_str().contains("__"))
+            .split("__");
+        figment
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError(Box::new(e)))
     }
 
     /// Loads from TOML text (tests, embedded configs), then the environment.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Self::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(text)))
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(text)),
+        )
     }
 }
 
@@ -160,7 +173,9 @@ mod tests {
 
     #[test]
     fn toml_overrides_defaults_and_rejects_typos() {
-        let s = Settings::from_toml("[pricing]\ncpu_hour_cents = 12\n[nats]\nnamespace = \"lab\"\n").unwrap();
+        let s =
+            Settings::from_toml("[pricing]\ncpu_hour_cents = 12\n[nats]\nnamespace = \"lab\"\n")
+                .unwrap();
         assert_eq!(s.pricing.cpu_hour_cents, 12);
         assert_eq!(s.pricing.gpu_hour_cents, Pricing::default().gpu_hour_cents);
         assert_eq!(s.nats.namespace, "lab");
@@ -171,6 +186,9 @@ mod tests {
     #[test]
     fn missing_explicit_file_is_an_error() {
         let err = Settings::load(Some(Path::new("/nonexistent/rhizos.toml"))).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/rhizos.toml"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/rhizos.toml"),
+            "{err}"
+        );
     }
 }

@@ -22,10 +22,18 @@ pub enum LaunchError {
     )]
     NotFound,
     #[error("cannot start {binary}: {source}")]
-    Spawn { binary: PathBuf, source: std::io::Error },
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot prepare {what}: {source}")]
-    Io { what: String, source: std::io::Error },
-    #[error("nats-server did not become ready within {waited_ms} ms; its log ends with:\n{log_tail}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "nats-server did not become ready within {waited_ms} ms; its log ends with:\n{log_tail}"
+    )]
     NotReady { waited_ms: u128, log_tail: String },
 }
 
@@ -33,7 +41,11 @@ pub enum LaunchError {
 pub fn find_binary() -> Result<PathBuf, LaunchError> {
     if let Some(path) = std::env::var_os(NATS_SERVER_ENV) {
         let path = PathBuf::from(path);
-        return if path.is_file() { Ok(path) } else { Err(LaunchError::NotFound) };
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(LaunchError::NotFound)
+        };
     }
     let path_var = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path_var)
@@ -70,20 +82,33 @@ impl NatsServer {
                 let temp = tempfile::Builder::new()
                     .prefix("rhizos-nats-")
                     .tempdir()
-                    .map_err(|source| LaunchError::Io { what: "a temp dir".into(), source })?;
+                    .map_err(|source| LaunchError::Io {
+                        what: "a temp dir".into(),
+                        source,
+                    })?;
                 (temp.path().to_path_buf(), Some(temp))
             }
         };
-        std::fs::create_dir_all(&data_dir)
-            .map_err(|source| LaunchError::Io { what: data_dir.display().to_string(), source })?;
+        std::fs::create_dir_all(&data_dir).map_err(|source| LaunchError::Io {
+            what: data_dir.display().to_string(),
+            source,
+        })?;
         let port = match options.port {
             Some(port) => port,
-            None => free_port().map_err(|source| LaunchError::Io { what: "a free port".into(), source })?,
+            None => free_port().map_err(|source| LaunchError::Io {
+                what: "a free port".into(),
+                source,
+            })?,
         };
         let log_path = data_dir.join("nats-server.log");
-        let log = std::fs::File::create(&log_path)
-            .map_err(|source| LaunchError::Io { what: log_path.display().to_string(), source })?;
-        let log_err = log.try_clone().map_err(|source| LaunchError::Io { what: "log file".into(), source })?;
+        let log = std::fs::File::create(&log_path).map_err(|source| LaunchError::Io {
+            what: log_path.display().to_string(),
+            source,
+        })?;
+        let log_err = log.try_clone().map_err(|source| LaunchError::Io {
+            what: "log file".into(),
+            source,
+        })?;
         let child = Command::new(&binary)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(data_dir.join("jetstream"))
@@ -91,8 +116,16 @@ impl NatsServer {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .map_err(|source| LaunchError::Spawn { binary: binary.clone(), source })?;
-        let mut server = Self { child, port, data_dir, _temp: temp };
+            .map_err(|source| LaunchError::Spawn {
+                binary: binary.clone(),
+                source,
+            })?;
+        let mut server = Self {
+            child,
+            port,
+            data_dir,
+            _temp: temp,
+        };
         server.wait_ready(Duration::from_secs(15), &log_path)?;
         tracing::info!(port, data_dir = %server.data_dir.display(), "nats-server started");
         Ok(server)
@@ -106,9 +139,12 @@ impl NatsServer {
             }
             if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
                 // A server that is up greets every client with an INFO line.
-                stream.set_read_timeout(Some(Duration::from_millis(500))).ok();
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(500)))
+                    .ok();
                 let mut line = String::new();
-                if BufReader::new(&stream).read_line(&mut line).is_ok() && line.starts_with("INFO") {
+                if BufReader::new(&stream).read_line(&mut line).is_ok() && line.starts_with("INFO")
+                {
                     let _ = (&stream).write_all(b"CONNECT {}\r\n");
                     return Ok(());
                 }
@@ -121,7 +157,10 @@ impl NatsServer {
         }
         let tail: Vec<&str> = log.lines().rev().take(20).collect();
         let log_tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
-        Err(LaunchError::NotReady { waited_ms: started.elapsed().as_millis(), log_tail })
+        Err(LaunchError::NotReady {
+            waited_ms: started.elapsed().as_millis(),
+            log_tail,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -161,7 +200,9 @@ pub fn is_reachable(url: &str) -> bool {
     let host_port = host_port.rsplit('@').next().unwrap_or(host_port);
     use std::net::ToSocketAddrs;
     match host_port.to_socket_addrs() {
-        Ok(mut addrs) => addrs.any(|addr| TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()),
+        Ok(mut addrs) => {
+            addrs.any(|addr| TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok())
+        }
         Err(_) => false,
     }
 }

@@ -18,8 +18,17 @@ pub struct TokenError {
 pub fn validate_token(what: &'static str, value: &str) -> Result<(), TokenError> {
     let ok = !value.is_empty()
         && value.len() <= 64
-        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if ok { Ok(()) } else { Err(TokenError { what, value: value.to_owned() }) }
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(TokenError {
+            what,
+            value: value.to_owned(),
+        })
+    }
 }
 
 /// The `<kind>` token of escrow events.
@@ -58,7 +67,9 @@ pub const ORCHESTRATOR_QUEUE: &str = "orchestrator";
 impl Subjects {
     pub fn new(namespace: &str) -> Result<Self, TokenError> {
         validate_token("namespace", namespace)?;
-        Ok(Self { ns: namespace.to_owned() })
+        Ok(Self {
+            ns: namespace.to_owned(),
+        })
     }
 
     pub fn namespace(&self) -> &str {
@@ -152,7 +163,10 @@ impl Subjects {
     /// Events of one job (state changes and escrow), for `--wait` style watchers.
     pub fn job_events_of(&self, job_id: &str) -> Result<Vec<String>, TokenError> {
         validate_token("job id", job_id)?;
-        Ok(vec![self.evt(&format!("job.*.{job_id}")), self.evt(&format!("escrow.*.{job_id}"))])
+        Ok(vec![
+            self.evt(&format!("job.*.{job_id}")),
+            self.evt(&format!("escrow.*.{job_id}")),
+        ])
     }
 
     /// Name of the JetStream stream holding this namespace's events.
@@ -175,7 +189,10 @@ impl Subjects {
 
     /// The `<noun>.<verb>` part of a `ctl` subject of this namespace, if it is one.
     pub fn ctl_operation<'a>(&self, subject: &'a str) -> Option<&'a str> {
-        subject.strip_prefix("rhizos.ctl.v1.")?.strip_prefix(self.ns.as_str())?.strip_prefix('.')
+        subject
+            .strip_prefix("rhizos.ctl.v1.")?
+            .strip_prefix(self.ns.as_str())?
+            .strip_prefix('.')
     }
 }
 
@@ -186,10 +203,16 @@ mod tests {
     #[test]
     fn tokens_reject_wildcards_dots_and_uppercase() {
         for bad in ["", "a.b", "*", ">", "A", "a b", &"x".repeat(65)] {
-            assert!(validate_token("id", bad).is_err(), "{bad:?} must be refused");
+            assert!(
+                validate_token("id", bad).is_err(),
+                "{bad:?} must be refused"
+            );
         }
         for good in ["a", "job_1-x", &"x".repeat(64)] {
-            assert!(validate_token("id", good).is_ok(), "{good:?} must be accepted");
+            assert!(
+                validate_token("id", good).is_ok(),
+                "{good:?} must be accepted"
+            );
         }
     }
 
@@ -197,14 +220,29 @@ mod tests {
     fn subjects_follow_the_v1_scheme() {
         let s = Subjects::new("dev").unwrap();
         assert_eq!(s.job_submit(), "rhizos.ctl.v1.dev.job.submit");
-        assert_eq!(s.job_assign("n1").unwrap(), "rhizos.ctl.v1.dev.job.assign.n1");
-        assert_eq!(s.node_heartbeat("n1").unwrap(), "rhizos.evt.v1.dev.node.heartbeat.n1");
-        assert_eq!(s.job_event("running", "j1").unwrap(), "rhizos.evt.v1.dev.job.running.j1");
-        assert_eq!(s.escrow_event(EscrowEventKind::Settled, "j1").unwrap(), "rhizos.evt.v1.dev.escrow.settled.j1");
+        assert_eq!(
+            s.job_assign("n1").unwrap(),
+            "rhizos.ctl.v1.dev.job.assign.n1"
+        );
+        assert_eq!(
+            s.node_heartbeat("n1").unwrap(),
+            "rhizos.evt.v1.dev.node.heartbeat.n1"
+        );
+        assert_eq!(
+            s.job_event("running", "j1").unwrap(),
+            "rhizos.evt.v1.dev.job.running.j1"
+        );
+        assert_eq!(
+            s.escrow_event(EscrowEventKind::Settled, "j1").unwrap(),
+            "rhizos.evt.v1.dev.escrow.settled.j1"
+        );
         assert_eq!(s.job_log("j1").unwrap(), "rhizos.out.v1.dev.job.log.j1");
         assert_eq!(s.events_wildcard(), "rhizos.evt.v1.dev.>");
         assert_eq!(s.event_stream(), "RHIZOS_EVT_DEV");
-        assert_eq!(s.ctl_operation("rhizos.ctl.v1.dev.job.get"), Some("job.get"));
+        assert_eq!(
+            s.ctl_operation("rhizos.ctl.v1.dev.job.get"),
+            Some("job.get")
+        );
         assert_eq!(s.ctl_operation("rhizos.ctl.v1.other.job.get"), None);
         assert!(s.job_assign("bad.id").is_err());
     }

@@ -70,7 +70,10 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -87,16 +90,29 @@ pub struct Reply<T> {
 
 impl<T> Reply<T> {
     pub fn ok(data: T) -> Self {
-        Self { v: WIRE_VERSION, ok: true, data: Some(data), error: None }
+        Self {
+            v: WIRE_VERSION,
+            ok: true,
+            data: Some(data),
+            error: None,
+        }
     }
     pub fn err(error: WireError) -> Self {
-        Self { v: WIRE_VERSION, ok: false, data: None, error: Some(error) }
+        Self {
+            v: WIRE_VERSION,
+            ok: false,
+            data: None,
+            error: Some(error),
+        }
     }
     pub fn into_result(self) -> Result<T, WireError> {
         match (self.ok, self.data, self.error) {
             (true, Some(data), _) => Ok(data),
             (_, _, Some(error)) => Err(error),
-            _ => Err(WireError::new(ErrorCode::BadRequest, "reply has neither data nor error")),
+            _ => Err(WireError::new(
+                ErrorCode::BadRequest,
+                "reply has neither data nor error",
+            )),
         }
     }
 }
@@ -112,21 +128,30 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8], max_bytes: usize) -> Result<T
     if payload.len() > max_bytes {
         return Err(WireError::new(
             ErrorCode::TooLarge,
-            format!("message is {} bytes, the limit is {max_bytes} bytes", payload.len()),
+            format!(
+                "message is {} bytes, the limit is {max_bytes} bytes",
+                payload.len()
+            ),
         ));
     }
     #[derive(Deserialize)]
     struct VersionProbe {
         v: Option<serde_json::Value>,
     }
-    let probe: VersionProbe = serde_json::from_slice(payload)
-        .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("message is not a JSON object: {e}")))?;
+    let probe: VersionProbe = serde_json::from_slice(payload).map_err(|e| {
+        WireError::new(
+            ErrorCode::BadRequest,
+            format!("message is not a JSON object: {e}"),
+        )
+    })?;
     match probe.v {
         Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(WIRE_VERSION)) => {}
         Some(other) => {
             return Err(WireError::new(
                 ErrorCode::UnsupportedVersion,
-                format!("message schema version {other} is not supported; this receiver speaks v{WIRE_VERSION}"),
+                format!(
+                    "message schema version {other} is not supported; this receiver speaks v{WIRE_VERSION}"
+                ),
             ));
         }
         None => {
@@ -136,7 +161,8 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8], max_bytes: usize) -> Result<T
             ));
         }
     }
-    serde_json::from_slice(payload).map_err(|e| WireError::new(ErrorCode::BadRequest, format!("invalid message: {e}")))
+    serde_json::from_slice(payload)
+        .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("invalid message: {e}")))
 }
 
 /// Base64 (standard alphabet) for binary fields.
@@ -147,7 +173,12 @@ pub fn b64_encode(bytes: &[u8]) -> String {
 pub fn b64_decode(field: &str, text: &str) -> Result<Vec<u8>, WireError> {
     base64::engine::general_purpose::STANDARD
         .decode(text)
-        .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("{field} is not valid base64: {e}")))
+        .map_err(|e| {
+            WireError::new(
+                ErrorCode::BadRequest,
+                format!("{field} is not valid base64: {e}"),
+            )
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,7 +301,10 @@ impl JobState {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled | Self::TimedOut)
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Cancelled | Self::TimedOut
+        )
     }
 }
 
@@ -541,9 +575,14 @@ mod tests {
     fn reply_envelope_round_trips_and_keeps_unknown_codes() {
         let reply: Reply<u32> = Reply::err(WireError::new(ErrorCode::NotFound, "no job j1"));
         let text = String::from_utf8(encode(&reply).to_vec()).unwrap();
-        assert_eq!(text, r#"{"v":1,"ok":false,"error":{"code":"not_found","message":"no job j1"}}"#);
-        let future: Reply<u32> =
-            serde_json::from_str(r#"{"v":1,"ok":false,"error":{"code":"quota_exceeded","message":"m"}}"#).unwrap();
+        assert_eq!(
+            text,
+            r#"{"v":1,"ok":false,"error":{"code":"not_found","message":"no job j1"}}"#
+        );
+        let future: Reply<u32> = serde_json::from_str(
+            r#"{"v":1,"ok":false,"error":{"code":"quota_exceeded","message":"m"}}"#,
+        )
+        .unwrap();
         assert_eq!(future.into_result().unwrap_err().code, ErrorCode::Unknown);
     }
 

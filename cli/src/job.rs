@@ -6,8 +6,8 @@ use clap::{Args, Subcommand};
 use futures::StreamExt as _;
 use rhizos_broker::Bus;
 use rhizos_broker::wire::{
-    self, Event, EventBody, JobList, JobRef, JobSpec, JobState, JobView, ListJobs, LogLine, LogStream, SubmitJob,
-    SubmitJobReply, WIRE_VERSION, Workload,
+    self, Event, EventBody, JobList, JobRef, JobSpec, JobState, JobView, ListJobs, LogLine,
+    LogStream, SubmitJob, SubmitJobReply, WIRE_VERSION, Workload,
 };
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -77,22 +77,48 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
     match command {
         JobCommand::Submit(args) => submit(global, &bus, args).await,
         JobCommand::Get { job_id } => {
-            let job: JobView = bus.request(bus.subjects.job_get(), &JobRef { v: WIRE_VERSION, job_id }).await?;
+            let job: JobView = bus
+                .request(
+                    bus.subjects.job_get(),
+                    &JobRef {
+                        v: WIRE_VERSION,
+                        job_id,
+                    },
+                )
+                .await?;
             print_job(global.json, &job)
         }
-        JobCommand::List { account, state, limit } => {
+        JobCommand::List {
+            account,
+            state,
+            limit,
+        } => {
             let state = match state {
-                Some(text) => Some(JobState::parse(&text).with_context(|| format!("unknown state {text:?}"))?),
+                Some(text) => Some(
+                    JobState::parse(&text).with_context(|| format!("unknown state {text:?}"))?,
+                ),
                 None => None,
             };
-            let list: JobList =
-                bus.request(bus.subjects.job_list(), &ListJobs { v: WIRE_VERSION, account, state, limit: Some(limit) }).await?;
+            let list: JobList = bus
+                .request(
+                    bus.subjects.job_list(),
+                    &ListJobs {
+                        v: WIRE_VERSION,
+                        account,
+                        state,
+                        limit: Some(limit),
+                    },
+                )
+                .await?;
             if global.json {
                 println!("{}", serde_json::to_string(&list)?);
             } else if list.jobs.is_empty() {
                 println!("no jobs");
             } else {
-                println!("{:<40} {:<10} {:<10} {:>14} {:>14}", "JOB", "ACCOUNT", "STATE", "MAX COST", "COST");
+                println!(
+                    "{:<40} {:<10} {:<10} {:>14} {:>14}",
+                    "JOB", "ACCOUNT", "STATE", "MAX COST", "COST"
+                );
                 for job in list.jobs {
                     println!(
                         "{:<40} {:<10} {:<10} {:>14} {:>14}",
@@ -100,16 +126,29 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
                         job.account,
                         job.state.as_str(),
                         money::format_usd(job.max_cost_micros),
-                        job.cost_micros.map(money::format_usd).unwrap_or_else(|| "-".into())
+                        job.cost_micros
+                            .map(money::format_usd)
+                            .unwrap_or_else(|| "-".into())
                     );
                 }
             }
             Ok(())
         }
         JobCommand::Cancel { job_id } => {
-            let job: JobView = bus.request(bus.subjects.job_cancel(), &JobRef { v: WIRE_VERSION, job_id }).await?;
+            let job: JobView = bus
+                .request(
+                    bus.subjects.job_cancel(),
+                    &JobRef {
+                        v: WIRE_VERSION,
+                        job_id,
+                    },
+                )
+                .await?;
             if !global.json && job.state == JobState::Running {
-                eprintln!("stop requested; the job ends when its node confirms (rhizos job get {})", job.job_id);
+                eprintln!(
+                    "stop requested; the job ends when its node confirms (rhizos job get {})",
+                    job.job_id
+                );
             }
             print_job(global.json, &job)
         }
@@ -117,20 +156,26 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
 }
 
 fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
-    let module = std::fs::read(&args.wasm).with_context(|| format!("cannot read --wasm {}", args.wasm.display()))?;
+    let module = std::fs::read(&args.wasm)
+        .with_context(|| format!("cannot read --wasm {}", args.wasm.display()))?;
     let mut env = BTreeMap::new();
     for pair in &args.env {
-        let (key, value) = pair.split_once('=').with_context(|| format!("--env {pair:?} is not NAME=VALUE"))?;
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--env {pair:?} is not NAME=VALUE"))?;
         env.insert(key.to_owned(), value.to_owned());
     }
     let stdin_b64 = match &args.stdin {
         Some(path) => Some(wire::b64_encode(
-            &std::fs::read(path).with_context(|| format!("cannot read --stdin {}", path.display()))?,
+            &std::fs::read(path)
+                .with_context(|| format!("cannot read --stdin {}", path.display()))?,
         )),
         None => None,
     };
     Ok(JobSpec {
-        workload: Workload::Wasm { module_b64: wire::b64_encode(&module) },
+        workload: Workload::Wasm {
+            module_b64: wire::b64_encode(&module),
+        },
         args: args.args.clone(),
         env,
         stdin_b64,
@@ -141,10 +186,21 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
 }
 
 async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Result<()> {
-    let max_cost_micros = money::parse_usd(&args.max_cost).map_err(anyhow::Error::msg).context("invalid --max-cost")?;
+    let max_cost_micros = money::parse_usd(&args.max_cost)
+        .map_err(anyhow::Error::msg)
+        .context("invalid --max-cost")?;
     let spec = build_spec(&args)?;
-    let job_id = args.job_id.clone().unwrap_or_else(|| format!("job-{}", uuid::Uuid::now_v7().simple()));
-    let request = SubmitJob { v: WIRE_VERSION, job_id: Some(job_id.clone()), account: args.account.clone(), spec, max_cost_micros };
+    let job_id = args
+        .job_id
+        .clone()
+        .unwrap_or_else(|| format!("job-{}", uuid::Uuid::now_v7().simple()));
+    let request = SubmitJob {
+        v: WIRE_VERSION,
+        job_id: Some(job_id.clone()),
+        account: args.account.clone(),
+        spec,
+        max_cost_micros,
+    };
 
     // Subscribe before submitting so no log line or event can be missed.
     let (mut logs, mut events) = if args.wait {
@@ -164,14 +220,25 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
         if global.json {
             println!("{}", serde_json::to_string(&reply)?);
         } else {
-            println!("submitted {} ({}); follow it with: rhizos job get {}", reply.job_id, reply.state.as_str(), reply.job_id);
+            println!(
+                "submitted {} ({}); follow it with: rhizos job get {}",
+                reply.job_id,
+                reply.state.as_str(),
+                reply.job_id
+            );
         }
         return Ok(());
     }
     if !global.json {
-        eprintln!("submitted {} with max cost {} — waiting for a node…", reply.job_id, money::format_usd(max_cost_micros));
+        eprintln!(
+            "submitted {} with max cost {} — waiting for a node…",
+            reply.job_id,
+            money::format_usd(max_cost_micros)
+        );
     }
-    let (Some(logs), Some(events)) = (logs.as_mut(), events.as_mut()) else { unreachable!("subscribed above") };
+    let (Some(logs), Some(events)) = (logs.as_mut(), events.as_mut()) else {
+        unreachable!("subscribed above")
+    };
     let mut next_seq = 0u64;
     let mut poll = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -217,7 +284,15 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
 
 /// Prints the result if the job has ended and its money is settled; `true` when done.
 async fn finish(global: &GlobalArgs, bus: &Bus, job_id: &str) -> anyhow::Result<bool> {
-    let job: JobView = bus.request(bus.subjects.job_get(), &JobRef { v: WIRE_VERSION, job_id: job_id.to_owned() }).await?;
+    let job: JobView = bus
+        .request(
+            bus.subjects.job_get(),
+            &JobRef {
+                v: WIRE_VERSION,
+                job_id: job_id.to_owned(),
+            },
+        )
+        .await?;
     if !job.state.is_terminal() || job.cost_micros.is_none() {
         return Ok(false);
     }
@@ -247,10 +322,17 @@ fn print_job(json: bool, job: &JobView) -> anyhow::Result<()> {
     if let Some(ms) = job.elapsed_ms {
         writeln!(out, "  run time:  {ms} ms")?;
     }
-    writeln!(out, "  max cost:  {}", money::format_usd(job.max_cost_micros))?;
-    if let (Some(cost), Some(provider), Some(fee), Some(refund)) =
-        (job.cost_micros, job.provider_micros, job.fee_micros, job.refund_micros)
-    {
+    writeln!(
+        out,
+        "  max cost:  {}",
+        money::format_usd(job.max_cost_micros)
+    )?;
+    if let (Some(cost), Some(provider), Some(fee), Some(refund)) = (
+        job.cost_micros,
+        job.provider_micros,
+        job.fee_micros,
+        job.refund_micros,
+    ) {
         writeln!(out, "  cost:      {}", money::format_usd(cost))?;
         writeln!(out, "  provider:  {}", money::format_usd(provider))?;
         writeln!(out, "  fee:       {}", money::format_usd(fee))?;

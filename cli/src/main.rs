@@ -7,7 +7,9 @@ mod up;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use rhizos_broker::wire::{AccountRef, AccountView, Deposit, EscrowKind, Event, EventBody, WIRE_VERSION};
+use rhizos_broker::wire::{
+    AccountRef, AccountView, Deposit, EscrowKind, Event, EventBody, WIRE_VERSION,
+};
 use rhizos_broker::{Bus, Settings};
 use std::path::PathBuf;
 
@@ -108,12 +110,19 @@ struct EventsArgs {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Up(_)) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Up(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     rhizos_core::telemetry::init(default_level, false);
     let json = cli.global.json;
     if let Err(error) = run(cli).await {
         if json {
-            println!("{}", serde_json::json!({ "ok": false, "error": format!("{error:#}") }));
+            println!(
+                "{}",
+                serde_json::json!({ "ok": false, "error": format!("{error:#}") })
+            );
         } else {
             eprintln!("error: {error:#}");
         }
@@ -136,15 +145,38 @@ async fn account(global: &GlobalArgs, command: AccountCommand) -> anyhow::Result
     let subjects = &bus.subjects;
     let view: AccountView = match command {
         AccountCommand::Create { account } => {
-            bus.request(subjects.account_create(), &AccountRef { v: WIRE_VERSION, account }).await?
+            bus.request(
+                subjects.account_create(),
+                &AccountRef {
+                    v: WIRE_VERSION,
+                    account,
+                },
+            )
+            .await?
         }
-        AccountCommand::Deposit { account, amount_usd, idempotency_key } => {
+        AccountCommand::Deposit {
+            account,
+            amount_usd,
+            idempotency_key,
+        } => {
             let amount_micros = money::parse_usd(&amount_usd).map_err(anyhow::Error::msg)?;
-            let request = Deposit { v: WIRE_VERSION, account, amount_micros, idempotency_key };
+            let request = Deposit {
+                v: WIRE_VERSION,
+                account,
+                amount_micros,
+                idempotency_key,
+            };
             bus.request(subjects.account_deposit(), &request).await?
         }
         AccountCommand::Balance { account } => {
-            bus.request(subjects.account_balance(), &AccountRef { v: WIRE_VERSION, account }).await?
+            bus.request(
+                subjects.account_balance(),
+                &AccountRef {
+                    v: WIRE_VERSION,
+                    account,
+                },
+            )
+            .await?
         }
     };
     if global.json {
@@ -169,13 +201,25 @@ async fn events(global: &GlobalArgs, args: EventsArgs) -> anyhow::Result<()> {
     };
     let mut streams = Vec::new();
     for subject in subjects {
-        streams.push(bus.client.subscribe(subject.clone()).await.with_context(|| format!("cannot subscribe to {subject}"))?);
+        streams.push(
+            bus.client
+                .subscribe(subject.clone())
+                .await
+                .with_context(|| format!("cannot subscribe to {subject}"))?,
+        );
     }
     let mut messages = futures::stream::select_all(streams);
     if !global.json {
-        eprintln!("listening for events in namespace {} (Ctrl-C to stop)", bus.subjects.namespace());
+        eprintln!(
+            "listening for events in namespace {} (Ctrl-C to stop)",
+            bus.subjects.namespace()
+        );
     }
-    let heartbeat_prefix = bus.subjects.node_heartbeat_wildcard().trim_end_matches('*').to_owned();
+    let heartbeat_prefix = bus
+        .subjects
+        .node_heartbeat_wildcard()
+        .trim_end_matches('*')
+        .to_owned();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -199,7 +243,17 @@ async fn events(global: &GlobalArgs, args: EventsArgs) -> anyhow::Result<()> {
 
 fn describe_event(subject: &str, payload: &[u8]) -> String {
     match serde_json::from_slice::<Event>(payload) {
-        Ok(Event { body: EventBody::Job { job_id, state, attempt, node_id, reason }, .. }) => {
+        Ok(Event {
+            body:
+                EventBody::Job {
+                    job_id,
+                    state,
+                    attempt,
+                    node_id,
+                    reason,
+                },
+            ..
+        }) => {
             let mut line = format!("job {job_id} {} (attempt {attempt}", state.as_str());
             if let Some(node) = node_id {
                 line.push_str(&format!(", node {node}"));
@@ -210,13 +264,29 @@ fn describe_event(subject: &str, payload: &[u8]) -> String {
             }
             line
         }
-        Ok(Event { body: EventBody::Escrow { job_id, kind, account, amount_micros, provider_micros, fee_micros, refund_micros, .. }, .. }) => {
+        Ok(Event {
+            body:
+                EventBody::Escrow {
+                    job_id,
+                    kind,
+                    account,
+                    amount_micros,
+                    provider_micros,
+                    fee_micros,
+                    refund_micros,
+                    ..
+                },
+            ..
+        }) => {
             let kind = match kind {
                 EscrowKind::Held => "held",
                 EscrowKind::Settled => "settled",
                 EscrowKind::Refunded => "refunded",
             };
-            let mut line = format!("escrow {kind} for job {job_id}: {} ({account})", money::format_usd(amount_micros));
+            let mut line = format!(
+                "escrow {kind} for job {job_id}: {} ({account})",
+                money::format_usd(amount_micros)
+            );
             if let (Some(p), Some(f), Some(r)) = (provider_micros, fee_micros, refund_micros) {
                 line.push_str(&format!(
                     ", provider {}, fee {}, refund {}",

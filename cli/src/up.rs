@@ -28,7 +28,8 @@ pub struct UpArgs {
 
 pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     let mut settings = global.settings()?;
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("failed to create {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("failed to create {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
 
     let _nats = if is_reachable(&settings.nats.url) {
@@ -37,10 +38,17 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     } else {
         let port = port_of(&settings.nats.url);
         eprintln!("… starting nats-server on 127.0.0.1:{port}");
-        let server = NatsServer::start(LaunchOptions { port: Some(port), data_dir: Some(data_dir.join("nats")) })
-            .context("failed to start nats-server")?;
+        let server = NatsServer::start(LaunchOptions {
+            port: Some(port),
+            data_dir: Some(data_dir.join("nats")),
+        })
+        .context("failed to start nats-server")?;
         settings.nats.url = server.url();
-        eprintln!("✓ nats-server {} (JetStream in {})", server.url(), data_dir.join("nats").display());
+        eprintln!(
+            "✓ nats-server {} (JetStream in {})",
+            server.url(),
+            data_dir.join("nats").display()
+        );
         Some(server)
     };
 
@@ -57,23 +65,41 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         let _ = receiver.wait_for(|stop| *stop).await;
     };
 
-    let orchestrator = Orchestrator::open(Bus::connect(&settings.nats).await?, settings.orchestrator.clone())
-        .await
-        .context("failed to start the orchestrator")?;
+    let orchestrator = Orchestrator::open(
+        Bus::connect(&settings.nats).await?,
+        settings.orchestrator.clone(),
+    )
+    .await
+    .context("failed to start the orchestrator")?;
     let orchestrator_task = tokio::spawn(orchestrator.run(stopped(stop.clone())));
-    eprintln!("✓ orchestrator (ledger {})", data_dir.join("ledger.db").display());
+    eprintln!(
+        "✓ orchestrator (ledger {})",
+        data_dir.join("ledger.db").display()
+    );
 
-    let agent = Agent::new(Bus::connect(&settings.nats).await?, settings.agent.clone(), settings.pricing)
-        .context("failed to start the agent")?;
+    let agent = Agent::new(
+        Bus::connect(&settings.nats).await?,
+        settings.agent.clone(),
+        settings.pricing,
+    )
+    .context("failed to start the agent")?;
     for plugin in agent.plugin_views() {
         match (&plugin.name, &plugin.refused) {
-            (Some(name), None) => eprintln!("✓ plugin {name} {} ({})", plugin.version.unwrap_or_default(), plugin.file),
+            (Some(name), None) => eprintln!(
+                "✓ plugin {name} {} ({})",
+                plugin.version.unwrap_or_default(),
+                plugin.file
+            ),
             (_, Some(reason)) => eprintln!("✗ plugin {} refused: {reason}", plugin.file),
             _ => {}
         }
     }
     let agent_task = tokio::spawn(agent.run(stopped(stop.clone())));
-    eprintln!("✓ agent {} (plugins from {})", args.node_id, plugin_dir.display());
+    eprintln!(
+        "✓ agent {} (plugins from {})",
+        args.node_id,
+        plugin_dir.display()
+    );
     eprintln!(
         "\nRhizOS is up: NATS {} namespace {}.\nIn another terminal:\n  \
          rhizos account create alice && rhizos account deposit alice 1\n  \
@@ -86,14 +112,19 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     }
     let _ = stop_sender.send(true);
     agent_task.await.context("agent task failed")??;
-    orchestrator_task.await.context("orchestrator task failed")??;
+    orchestrator_task
+        .await
+        .context("orchestrator task failed")??;
     eprintln!("stopped");
     Ok(())
 }
 
 /// The port of a `nats://host:port` URL (4222 when absent).
 fn port_of(url: &str) -> u16 {
-    url.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).unwrap_or(4222)
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or(4222)
 }
 
 /// Links the plugins built beside this executable into `dir` and returns it.
@@ -104,14 +135,20 @@ fn link_built_plugins(dir: &Path) -> anyhow::Result<PathBuf> {
     let mut found = 0;
     for entry in std::fs::read_dir(build_dir)? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
         if name.starts_with("librhizos_plugin_") && name.ends_with(".so") {
             let link = dir.join(&name);
             let _ = std::fs::remove_file(&link);
             #[cfg(unix)]
-            std::os::unix::fs::symlink(&path, &link).with_context(|| format!("cannot link {}", link.display()))?;
+            std::os::unix::fs::symlink(&path, &link)
+                .with_context(|| format!("cannot link {}", link.display()))?;
             #[cfg(not(unix))]
-            std::fs::copy(&path, &link).with_context(|| format!("cannot copy {}", path.display()))?;
+            std::fs::copy(&path, &link)
+                .with_context(|| format!("cannot copy {}", path.display()))?;
             found += 1;
         }
     }

@@ -46,13 +46,22 @@ impl AccountKind {
 
     /// Accounts that belong to a person and may never go below zero.
     fn must_stay_non_negative(self) -> bool {
-        matches!(self, Self::User | Self::Provider | Self::Escrow | Self::Platform)
+        matches!(
+            self,
+            Self::User | Self::Provider | Self::Escrow | Self::Platform
+        )
     }
 
     fn parse(text: &str) -> Option<Self> {
-        [Self::User, Self::Provider, Self::Escrow, Self::Platform, Self::External]
-            .into_iter()
-            .find(|k| k.as_str() == text)
+        [
+            Self::User,
+            Self::Provider,
+            Self::Escrow,
+            Self::Platform,
+            Self::External,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == text)
     }
 }
 
@@ -62,7 +71,11 @@ pub enum LedgerError {
     #[error("postings of {key} do not sum to zero (sum {sum})")]
     Unbalanced { key: String, sum: i64 },
     #[error("account {account} has {balance_micros} micro-USD, {needed_micros} needed")]
-    InsufficientFunds { account: String, balance_micros: i64, needed_micros: i64 },
+    InsufficientFunds {
+        account: String,
+        balance_micros: i64,
+        needed_micros: i64,
+    },
     #[error("no account {0}")]
     NoAccount(String),
     #[error("amount must be positive, got {0}")]
@@ -102,7 +115,12 @@ CREATE INDEX IF NOT EXISTS postings_by_account ON postings(account_id);
 ";
 
 /// Creates an account if it does not exist; returns whether it was created.
-pub fn ensure_account(tx: &Transaction<'_>, id: &str, kind: AccountKind, now_ms: u64) -> Result<bool, LedgerError> {
+pub fn ensure_account(
+    tx: &Transaction<'_>,
+    id: &str,
+    kind: AccountKind,
+    now_ms: u64,
+) -> Result<bool, LedgerError> {
     let inserted = tx.execute(
         "INSERT INTO accounts (id, kind, balance_micros, created_ms) VALUES (?1, ?2, 0, ?3) ON CONFLICT(id) DO NOTHING",
         params![id, kind.as_str(), now_ms as i64],
@@ -112,7 +130,11 @@ pub fn ensure_account(tx: &Transaction<'_>, id: &str, kind: AccountKind, now_ms:
 
 pub fn balance(tx: &rusqlite::Connection, id: &str) -> Result<Option<i64>, LedgerError> {
     Ok(tx
-        .query_row("SELECT balance_micros FROM accounts WHERE id = ?1", [id], |row| row.get(0))
+        .query_row(
+            "SELECT balance_micros FROM accounts WHERE id = ?1",
+            [id],
+            |row| row.get(0),
+        )
         .optional()?)
 }
 
@@ -128,7 +150,10 @@ pub fn post(
 ) -> Result<Applied, LedgerError> {
     let sum: i64 = postings.iter().map(|(_, amount)| *amount).sum();
     if sum != 0 {
-        return Err(LedgerError::Unbalanced { key: idem_key.to_owned(), sum });
+        return Err(LedgerError::Unbalanced {
+            key: idem_key.to_owned(),
+            sum,
+        });
     }
     let inserted = tx.execute(
         "INSERT INTO ledger_tx (idem_key, kind, job_id, created_ms) VALUES (?1, ?2, ?3, ?4)
@@ -144,9 +169,11 @@ pub fn post(
             continue;
         }
         let row: Option<(i64, String)> = tx
-            .query_row("SELECT balance_micros, kind FROM accounts WHERE id = ?1", [account], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
+            .query_row(
+                "SELECT balance_micros, kind FROM accounts WHERE id = ?1",
+                [account],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
             .optional()?;
         let Some((balance, kind)) = row else {
             return Err(LedgerError::NoAccount((*account).to_owned()));
@@ -160,10 +187,14 @@ pub fn post(
                 needed_micros: -amount,
             });
         }
-        tx.execute("INSERT INTO postings (tx_id, account_id, amount_micros) VALUES (?1, ?2, ?3)", params![
-            tx_id, account, amount
-        ])?;
-        tx.execute("UPDATE accounts SET balance_micros = ?2 WHERE id = ?1", params![account, new_balance])?;
+        tx.execute(
+            "INSERT INTO postings (tx_id, account_id, amount_micros) VALUES (?1, ?2, ?3)",
+            params![tx_id, account, amount],
+        )?;
+        tx.execute(
+            "UPDATE accounts SET balance_micros = ?2 WHERE id = ?1",
+            params![account, new_balance],
+        )?;
     }
     Ok(Applied::New)
 }
@@ -184,10 +215,16 @@ pub struct Split {
 /// Divides a job's hold: see [`Split`] for the rounding rules.
 pub fn split(measured_cost_micros: i64, hold_micros: i64, fee_bps: u32) -> Split {
     let cost = measured_cost_micros.clamp(0, hold_micros.max(0));
-    let fee = (i128::from(cost) * i128::from(fee_bps) + i128::from(BPS_DENOMINATOR / 2)) / i128::from(BPS_DENOMINATOR);
+    let fee = (i128::from(cost) * i128::from(fee_bps) + i128::from(BPS_DENOMINATOR / 2))
+        / i128::from(BPS_DENOMINATOR);
     // fee ≤ cost because fee_bps ≤ 10 000 is enforced by configuration checks; clamp anyway.
     let fee = i64::try_from(fee).unwrap_or(cost).min(cost);
-    Split { cost_micros: cost, fee_micros: fee, provider_micros: cost - fee, refund_micros: hold_micros - cost }
+    Split {
+        cost_micros: cost,
+        fee_micros: fee,
+        provider_micros: cost - fee,
+        refund_micros: hold_micros - cost,
+    }
 }
 
 /// Cost of running for `elapsed_ms` with the given allocation at a node's prices, rounded up to
@@ -203,9 +240,10 @@ pub fn cost_micros(
     const MS_PER_HOUR: i128 = 3_600_000;
     const MIB_PER_GIB: i128 = 1024;
     // Work in (cents per hour) × MiB-units so memory priced per GiB stays exact.
-    let rate_cents_mib_per_hour = i128::from(cpu_cores) * i128::from(pricing.cpu_hour_cents) * MIB_PER_GIB
-        + i128::from(memory_mib) * i128::from(pricing.memory_gb_hour_cents)
-        + i128::from(gpus) * i128::from(pricing.gpu_hour_cents) * MIB_PER_GIB;
+    let rate_cents_mib_per_hour =
+        i128::from(cpu_cores) * i128::from(pricing.cpu_hour_cents) * MIB_PER_GIB
+            + i128::from(memory_mib) * i128::from(pricing.memory_gb_hour_cents)
+            + i128::from(gpus) * i128::from(pricing.gpu_hour_cents) * MIB_PER_GIB;
     let numerator = i128::from(elapsed_ms) * rate_cents_mib_per_hour * MICROS_PER_CENT;
     let denominator = MS_PER_HOUR * MIB_PER_GIB;
     let micros = (numerator + denominator - 1) / denominator;
@@ -231,13 +269,23 @@ impl VerifyReport {
 /// balance equal to its postings, no negative user/provider/escrow balance.
 pub fn verify(conn: &rusqlite::Connection) -> Result<VerifyReport, LedgerError> {
     let mut report = VerifyReport {
-        accounts: conn.query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get::<_, i64>(0))? as u64,
-        transactions: conn.query_row("SELECT COUNT(*) FROM ledger_tx", [], |r| r.get::<_, i64>(0))? as u64,
-        postings_sum_micros: conn.query_row("SELECT COALESCE(SUM(amount_micros), 0) FROM postings", [], |r| r.get(0))?,
+        accounts: conn.query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get::<_, i64>(0))?
+            as u64,
+        transactions: conn
+            .query_row("SELECT COUNT(*) FROM ledger_tx", [], |r| r.get::<_, i64>(0))?
+            as u64,
+        postings_sum_micros: conn.query_row(
+            "SELECT COALESCE(SUM(amount_micros), 0) FROM postings",
+            [],
+            |r| r.get(0),
+        )?,
         problems: Vec::new(),
     };
     if report.postings_sum_micros != 0 {
-        report.problems.push(format!("postings sum to {} instead of 0", report.postings_sum_micros));
+        report.problems.push(format!(
+            "postings sum to {} instead of 0",
+            report.postings_sum_micros
+        ));
     }
     let mut unbalanced = conn.prepare(
         "SELECT t.idem_key, SUM(p.amount_micros) FROM ledger_tx t JOIN postings p ON p.tx_id = t.id
@@ -245,22 +293,33 @@ pub fn verify(conn: &rusqlite::Connection) -> Result<VerifyReport, LedgerError> 
     )?;
     for row in unbalanced.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
         let (key, sum) = row?;
-        report.problems.push(format!("transaction {key} sums to {sum}"));
+        report
+            .problems
+            .push(format!("transaction {key} sums to {sum}"));
     }
     let mut drift = conn.prepare(
         "SELECT a.id, a.kind, a.balance_micros, COALESCE((SELECT SUM(amount_micros) FROM postings p WHERE p.account_id = a.id), 0)
          FROM accounts a",
     )?;
     for row in drift.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
     })? {
         let (id, kind, cached, summed) = row?;
         if cached != summed {
-            report.problems.push(format!("account {id}: balance {cached} but postings sum to {summed}"));
+            report.problems.push(format!(
+                "account {id}: balance {cached} but postings sum to {summed}"
+            ));
         }
         let kind = AccountKind::parse(&kind).unwrap_or(AccountKind::User);
         if summed < 0 && kind.must_stay_non_negative() {
-            report.problems.push(format!("account {id} is negative: {summed}"));
+            report
+                .problems
+                .push(format!("account {id} is negative: {summed}"));
         }
     }
     Ok(report)
@@ -282,13 +341,24 @@ mod tests {
             ((7_000, 5_000, 500), (5_000, 250, 4_750, 0)), // capped at the hold
             ((0, 5_000, 500), (0, 0, 0, 5_000)),
             ((-3, 5_000, 500), (0, 0, 0, 5_000)),
-            ((1_234_567, 2_000_000, 0), (1_234_567, 0, 1_234_567, 765_433)),
-            ((1_234_567, 2_000_000, 10_000), (1_234_567, 1_234_567, 0, 765_433)),
+            (
+                (1_234_567, 2_000_000, 0),
+                (1_234_567, 0, 1_234_567, 765_433),
+            ),
+            (
+                (1_234_567, 2_000_000, 10_000),
+                (1_234_567, 1_234_567, 0, 765_433),
+            ),
         ];
         for ((cost, hold, bps), (want_cost, want_fee, want_provider, want_refund)) in table {
             let s = split(cost, hold, bps);
             assert_eq!(
-                (s.cost_micros, s.fee_micros, s.provider_micros, s.refund_micros),
+                (
+                    s.cost_micros,
+                    s.fee_micros,
+                    s.provider_micros,
+                    s.refund_micros
+                ),
                 (want_cost, want_fee, want_provider, want_refund),
                 "split({cost}, {hold}, {bps})"
             );
@@ -298,7 +368,11 @@ mod tests {
 
     #[test]
     fn cost_is_time_times_allocation_times_price_rounded_up() {
-        let p = Pricing { gpu_hour_cents: 90, cpu_hour_cents: 4, memory_gb_hour_cents: 1 };
+        let p = Pricing {
+            gpu_hour_cents: 90,
+            cpu_hour_cents: 4,
+            memory_gb_hour_cents: 1,
+        };
         // 1 h, 1 core, 1024 MiB: 4 + 1 cents = 50 000 micros.
         assert_eq!(cost_micros(3_600_000, 1, 1024, 0, &p), 50_000);
         // 1 h, 2 cores, 512 MiB, 1 GPU: 8 + 0.5 + 90 cents = 985 000 micros.
@@ -307,7 +381,11 @@ mod tests {
         assert_eq!(cost_micros(1, 1, 0, 0, &p), 1);
         assert_eq!(cost_micros(0, 1, 1024, 0, &p), 0);
         // $36/h CPU = 10 micros per ms, exactly.
-        let p36 = Pricing { gpu_hour_cents: 0, cpu_hour_cents: 3_600, memory_gb_hour_cents: 0 };
+        let p36 = Pricing {
+            gpu_hour_cents: 0,
+            cpu_hour_cents: 3_600,
+            memory_gb_hour_cents: 0,
+        };
         assert_eq!(cost_micros(123, 1, 4096, 0, &p36), 1_230);
     }
 }

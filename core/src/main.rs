@@ -8,7 +8,11 @@ use rhizos_core::{Agent, Orchestrator, telemetry};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "rhizosd", version, about = "RhizOS daemons: the orchestrator and the node agent")]
+#[command(
+    name = "rhizosd",
+    version,
+    about = "RhizOS daemons: the orchestrator and the node agent"
+)]
 struct Cli {
     /// Config file (default: ./rhizos.toml when present). Environment variables
     /// RHIZOS_<SECTION>__<KEY> override it, e.g. RHIZOS_NATS__URL.
@@ -63,17 +67,23 @@ async fn main() -> anyhow::Result<()> {
             if let Some(dir) = data_dir {
                 settings.orchestrator.data_dir = dir;
             }
-            let orchestrator = Orchestrator::open(bus, settings.orchestrator).await.context("failed to start the orchestrator")?;
+            let orchestrator = Orchestrator::open(bus, settings.orchestrator)
+                .await
+                .context("failed to start the orchestrator")?;
             orchestrator.run(telemetry::shutdown_signal()).await
         }
-        Role::Agent { plugin_dir, node_id } => {
+        Role::Agent {
+            plugin_dir,
+            node_id,
+        } => {
             if let Some(dir) = plugin_dir {
                 settings.agent.plugin_dir = dir;
             }
             if node_id.is_some() {
                 settings.agent.node_id = node_id;
             }
-            let agent = Agent::new(bus, settings.agent, settings.pricing).context("failed to start the agent")?;
+            let agent = Agent::new(bus, settings.agent, settings.pricing)
+                .context("failed to start the agent")?;
             agent.run(telemetry::shutdown_signal()).await
         }
     }

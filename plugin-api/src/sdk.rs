@@ -8,10 +8,16 @@ use std::sync::{Condvar, Mutex, PoisonError};
 
 /// Runs `body`, turning a panic into `Err` instead of letting it unwind across `extern "C"`
 /// (which would abort the whole agent).
-pub fn catch_panic<T>(what: &str, body: impl FnOnce() -> RResult<T, RString>) -> RResult<T, RString> {
+pub fn catch_panic<T>(
+    what: &str,
+    body: impl FnOnce() -> RResult<T, RString>,
+) -> RResult<T, RString> {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(result) => result,
-        Err(payload) => RErr(RString::from(format!("plugin panicked in {what}: {}", panic_message(&payload)))),
+        Err(payload) => RErr(RString::from(format!(
+            "plugin panicked in {what}: {}",
+            panic_message(&payload)
+        ))),
     }
 }
 
@@ -38,7 +44,10 @@ pub struct LineSplitter {
 
 impl LineSplitter {
     pub fn new(stream: LogStream) -> Self {
-        Self { stream, pending: Vec::new() }
+        Self {
+            stream,
+            pending: Vec::new(),
+        }
     }
 
     /// Feeds bytes; emits every line they complete.
@@ -95,17 +104,30 @@ impl OutcomeSlot {
             if let Some(outcome) = slot.as_ref() {
                 return outcome.clone();
             }
-            slot = self.ready.wait(slot).unwrap_or_else(PoisonError::into_inner);
+            slot = self
+                .ready
+                .wait(slot)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 }
 
 impl ExecOutcome {
     pub fn exited(exit_code: i32, elapsed_ms: u64) -> Self {
-        Self { kind: ExitKind::Exited, exit_code, message: RString::new(), elapsed_ms }
+        Self {
+            kind: ExitKind::Exited,
+            exit_code,
+            message: RString::new(),
+            elapsed_ms,
+        }
     }
 
     pub fn abnormal(kind: ExitKind, message: impl Into<String>, elapsed_ms: u64) -> Self {
-        Self { kind, exit_code: -1, message: RString::from(message.into()), elapsed_ms }
+        Self {
+            kind,
+            exit_code: -1,
+            message: RString::from(message.into()),
+            elapsed_ms,
+        }
     }
 }

@@ -8,9 +8,17 @@ pub struct Hardware {
 }
 
 pub fn detect() -> Hardware {
-    let cpu_threads = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
-    let memory_mib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| parse_mem_total_mib(&text)).unwrap_or(0);
-    Hardware { cpu_threads, memory_mib }
+    let cpu_threads = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let memory_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| parse_mem_total_mib(&text))
+        .unwrap_or(0);
+    Hardware {
+        cpu_threads,
+        memory_mib,
+    }
 }
 
 /// `MemTotal:  24576000 kB` → MiB.
@@ -30,10 +38,23 @@ pub fn default_node_id() -> String {
         .trim()
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(58)
         .collect();
-    format!("node-{}", if clean.is_empty() { "local".into() } else { clean })
+    format!(
+        "node-{}",
+        if clean.is_empty() {
+            "local".into()
+        } else {
+            clean
+        }
+    )
 }
 
 #[cfg(test)]
@@ -42,7 +63,10 @@ mod tests {
 
     #[test]
     fn meminfo_total_is_read_in_mib() {
-        assert_eq!(parse_mem_total_mib("MemTotal:       24576000 kB\nMemFree: 1 kB\n"), Some(24_000));
+        assert_eq!(
+            parse_mem_total_mib("MemTotal:       24576000 kB\nMemFree: 1 kB\n"),
+            Some(24_000)
+        );
         assert_eq!(parse_mem_total_mib("nothing"), None);
     }
 

@@ -16,8 +16,9 @@ use futures::StreamExt as _;
 use plugins::PluginSet;
 use rhizos_broker::config::AgentSettings;
 use rhizos_broker::wire::{
-    self, Ack, AssignJob, ErrorCode, ExecutionOutcome, ExecutionRef, ExitKind, Heartbeat, JobReport, LogLine,
-    LogStream, PluginView, Pricing, RegisterNode, Reply, ReportPhase, StopJob, WIRE_VERSION, WireError, Workload,
+    self, Ack, AssignJob, ErrorCode, ExecutionOutcome, ExecutionRef, ExitKind, Heartbeat,
+    JobReport, LogLine, LogStream, PluginView, Pricing, RegisterNode, Reply, ReportPhase, StopJob,
+    WIRE_VERSION, WireError, Workload,
 };
 use rhizos_broker::{Bus, RequestError, validate_token};
 use rhizos_plugin_api::{EventSink, EventSink_TO, ExecLimits, ExecRequest, ExecutionBox};
@@ -55,9 +56,16 @@ impl Agent {
             None => hardware::default_node_id(),
         };
         validate_token("node id", &node_id).context("invalid [agent] node_id")?;
-        validate_token("provider account", &settings.provider_account).context("invalid [agent] provider_account")?;
-        anyhow::ensure!(settings.max_concurrent > 0, "[agent] max_concurrent must be at least 1");
-        anyhow::ensure!(settings.heartbeat_interval_ms > 0, "[agent] heartbeat_interval_ms must be > 0");
+        validate_token("provider account", &settings.provider_account)
+            .context("invalid [agent] provider_account")?;
+        anyhow::ensure!(
+            settings.max_concurrent > 0,
+            "[agent] max_concurrent must be at least 1"
+        );
+        anyhow::ensure!(
+            settings.heartbeat_interval_ms > 0,
+            "[agent] heartbeat_interval_ms must be > 0"
+        );
         let plugins = plugins::load_dir(&settings.plugin_dir);
         if plugins.loaded.is_empty() {
             tracing::warn!(dir = %settings.plugin_dir.display(), "no backend plugin loaded: this node can run nothing");
@@ -107,8 +115,12 @@ impl Agent {
             provider_account: settings.provider_account.clone(),
             backends: self.inner.plugins.backends(),
             pricing: self.inner.pricing,
-            cpu_cores: settings.cpu_cores.unwrap_or(self.inner.hardware.cpu_threads),
-            memory_mib: settings.memory_mib.unwrap_or(self.inner.hardware.memory_mib),
+            cpu_cores: settings
+                .cpu_cores
+                .unwrap_or(self.inner.hardware.cpu_threads),
+            memory_mib: settings
+                .memory_mib
+                .unwrap_or(self.inner.hardware.memory_mib),
             max_concurrent: settings.max_concurrent,
             heartbeat_interval_ms: settings.heartbeat_interval_ms,
             plugins: self.plugin_views(),
@@ -119,12 +131,20 @@ impl Agent {
     fn running(&self) -> Vec<ExecutionRef> {
         self.executions()
             .keys()
-            .map(|(job_id, attempt)| ExecutionRef { job_id: job_id.clone(), attempt: *attempt })
+            .map(|(job_id, attempt)| ExecutionRef {
+                job_id: job_id.clone(),
+                attempt: *attempt,
+            })
             .collect()
     }
 
-    fn executions(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Option<Arc<ExecutionBox>>>> {
-        self.inner.executions.lock().unwrap_or_else(PoisonError::into_inner)
+    fn executions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Option<Arc<ExecutionBox>>>> {
+        self.inner
+            .executions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Registers, then serves assignments until `shutdown` resolves. Running executions are
@@ -132,8 +152,14 @@ impl Agent {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let bus = &self.inner.bus;
         let node_id = self.inner.node_id.clone();
-        let mut assignments = bus.client.subscribe(bus.subjects.job_assign(&node_id)?).await?;
-        let mut stops = bus.client.subscribe(bus.subjects.job_stop(&node_id)?).await?;
+        let mut assignments = bus
+            .client
+            .subscribe(bus.subjects.job_assign(&node_id)?)
+            .await?;
+        let mut stops = bus
+            .client
+            .subscribe(bus.subjects.job_stop(&node_id)?)
+            .await?;
         tokio::pin!(shutdown);
         tokio::select! {
             () = &mut shutdown => return Ok(()),
@@ -164,14 +190,18 @@ impl Agent {
             }
         }
         heartbeat.abort();
-        let running: Vec<Arc<ExecutionBox>> = self.executions().values().flatten().cloned().collect();
+        let running: Vec<Arc<ExecutionBox>> =
+            self.executions().values().flatten().cloned().collect();
         if !running.is_empty() {
             tracing::info!(count = running.len(), "stopping running executions");
         }
         for execution in running {
             execution.cancel();
         }
-        let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
         tracing::info!(%node_id, "agent stopped");
         Ok(())
     }
@@ -180,7 +210,12 @@ impl Agent {
         let subject = self.inner.bus.subjects.node_register();
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.inner.bus.request::<_, Ack>(subject.clone(), &self.registration()).await {
+            match self
+                .inner
+                .bus
+                .request::<_, Ack>(subject.clone(), &self.registration())
+                .await
+            {
                 Ok(_) => {
                     tracing::info!(node_id = %self.inner.node_id, "registered with the orchestrator");
                     return;
@@ -196,13 +231,30 @@ impl Agent {
 
     async fn heartbeat_loop(self) {
         let interval = Duration::from_millis(self.inner.settings.heartbeat_interval_ms);
-        let Ok(subject) = self.inner.bus.subjects.node_heartbeat(&self.inner.node_id) else { return };
+        let Ok(subject) = self.inner.bus.subjects.node_heartbeat(&self.inner.node_id) else {
+            return;
+        };
         loop {
             let running = self.running();
-            let free_slots = self.inner.settings.max_concurrent.saturating_sub(running.len() as u32);
-            let heartbeat =
-                Heartbeat { v: WIRE_VERSION, node_id: self.inner.node_id.clone(), running, free_slots, ts_ms: now_ms() };
-            if let Err(e) = self.inner.bus.client.publish(subject.clone(), wire::encode(&heartbeat)).await {
+            let free_slots = self
+                .inner
+                .settings
+                .max_concurrent
+                .saturating_sub(running.len() as u32);
+            let heartbeat = Heartbeat {
+                v: WIRE_VERSION,
+                node_id: self.inner.node_id.clone(),
+                running,
+                free_slots,
+                ts_ms: now_ms(),
+            };
+            if let Err(e) = self
+                .inner
+                .bus
+                .client
+                .publish(subject.clone(), wire::encode(&heartbeat))
+                .await
+            {
                 tracing::warn!(error = %e, "heartbeat not sent");
             }
             tokio::time::sleep(interval).await;
@@ -222,19 +274,37 @@ impl Agent {
         }
         let backend = assign.spec.workload.backend();
         if self.inner.plugins.backend(backend).is_none() {
-            return refuse(WireError::new(ErrorCode::InvalidState, format!("no {backend} backend on this node")));
+            return refuse(WireError::new(
+                ErrorCode::InvalidState,
+                format!("no {backend} backend on this node"),
+            ));
         }
         let mut executions = self.executions();
         let key = (assign.job_id.clone(), assign.attempt);
         if executions.contains_key(&key) {
-            return (wire::encode(&Reply::ok(Ack { accepted: true, note: Some("already running".into()) })), None);
+            return (
+                wire::encode(&Reply::ok(Ack {
+                    accepted: true,
+                    note: Some("already running".into()),
+                })),
+                None,
+            );
         }
         if executions.len() >= self.inner.settings.max_concurrent as usize {
-            return refuse(WireError::new(ErrorCode::NoCapacity, "all execution slots are busy"));
+            return refuse(WireError::new(
+                ErrorCode::NoCapacity,
+                "all execution slots are busy",
+            ));
         }
         executions.insert(key, None);
         tracing::info!(job_id = %assign.job_id, attempt = assign.attempt, "assignment accepted");
-        (wire::encode(&Reply::ok(Ack { accepted: true, note: None })), Some(assign))
+        (
+            wire::encode(&Reply::ok(Ack {
+                accepted: true,
+                note: None,
+            })),
+            Some(assign),
+        )
     }
 
     fn stop(&self, payload: &[u8]) -> bytes::Bytes {
@@ -242,15 +312,27 @@ impl Agent {
             Ok(stop) => stop,
             Err(e) => return wire::encode(&Reply::<Ack>::err(e)),
         };
-        let execution = self.executions().get(&(stop.job_id.clone(), stop.attempt)).cloned();
+        let execution = self
+            .executions()
+            .get(&(stop.job_id.clone(), stop.attempt))
+            .cloned();
         let ack = match execution {
             Some(Some(execution)) => {
                 tracing::info!(job_id = %stop.job_id, attempt = stop.attempt, "stopping execution");
                 execution.cancel();
-                Ack { accepted: true, note: None }
+                Ack {
+                    accepted: true,
+                    note: None,
+                }
             }
-            Some(None) => Ack { accepted: false, note: Some("execution is still starting; retry".into()) },
-            None => Ack { accepted: true, note: Some("not running here".into()) },
+            Some(None) => Ack {
+                accepted: false,
+                note: Some("execution is still starting; retry".into()),
+            },
+            None => Ack {
+                accepted: true,
+                note: Some("not running here".into()),
+            },
         };
         wire::encode(&Reply::ok(ack))
     }
@@ -285,12 +367,21 @@ impl Agent {
             Err(e) => return rejected(e.message),
         };
         let (sender, receiver) = mpsc::unbounded_channel();
-        let sink = EventSink_TO::from_value(ChannelSink { sender: sender.clone() }, TD_Opaque);
+        let sink = EventSink_TO::from_value(
+            ChannelSink {
+                sender: sender.clone(),
+            },
+            TD_Opaque,
+        );
         let backend_name = assign.spec.workload.backend().to_owned();
         let this = self.clone();
         let started = tokio::task::spawn_blocking(move || {
             // Checked in take_assignment; plugins are never unloaded.
-            let plugin = this.inner.plugins.backend(&backend_name).ok_or_else(|| format!("no {backend_name} backend"))?;
+            let plugin = this
+                .inner
+                .plugins
+                .backend(&backend_name)
+                .ok_or_else(|| format!("no {backend_name} backend"))?;
             match plugin.backend.start(request, sink) {
                 RResult::ROk(execution) => Ok(execution),
                 RResult::RErr(message) => Err(message.into_string()),
@@ -302,7 +393,10 @@ impl Agent {
             Ok(Err(message)) => return rejected(message),
             Err(e) => return rejected(format!("backend start failed: {e}")),
         };
-        self.executions().insert((assign.job_id.clone(), assign.attempt), Some(execution.clone()));
+        self.executions().insert(
+            (assign.job_id.clone(), assign.attempt),
+            Some(execution.clone()),
+        );
 
         let running = JobReport {
             v: WIRE_VERSION,
@@ -315,7 +409,11 @@ impl Agent {
             let this = self.clone();
             async move { this.send_report(running).await }
         });
-        let forwarder = tokio::spawn(self.clone().forward_logs(assign.job_id.clone(), assign.attempt, receiver));
+        let forwarder = tokio::spawn(self.clone().forward_logs(
+            assign.job_id.clone(),
+            assign.attempt,
+            receiver,
+        ));
         let waited = tokio::task::spawn_blocking(move || execution.wait()).await;
         // Every line reached the sink before `wait` returned; this marker follows them.
         let _ = sender.send(SinkMessage::Done);
@@ -331,7 +429,8 @@ impl Agent {
                     rhizos_plugin_api::ExitKind::Cancelled => ExitKind::Cancelled,
                     rhizos_plugin_api::ExitKind::Rejected => ExitKind::Rejected,
                 },
-                exit_code: (outcome.kind == rhizos_plugin_api::ExitKind::Exited).then_some(outcome.exit_code),
+                exit_code: (outcome.kind == rhizos_plugin_api::ExitKind::Exited)
+                    .then_some(outcome.exit_code),
                 message: (!outcome.message.is_empty()).then(|| outcome.message.into_string()),
                 elapsed_ms: outcome.elapsed_ms,
                 stdout,
@@ -363,9 +462,23 @@ impl Agent {
         };
         let mut seq = 0;
         while let Some(SinkMessage::Line(stream, line)) = receiver.recv().await {
-            let message = LogLine { v: WIRE_VERSION, job_id: job_id.clone(), attempt, seq, stream, line, ts_ms: now_ms() };
+            let message = LogLine {
+                v: WIRE_VERSION,
+                job_id: job_id.clone(),
+                attempt,
+                seq,
+                stream,
+                line,
+                ts_ms: now_ms(),
+            };
             seq += 1;
-            if let Err(e) = self.inner.bus.client.publish(subject.clone(), wire::encode(&message)).await {
+            if let Err(e) = self
+                .inner
+                .bus
+                .client
+                .publish(subject.clone(), wire::encode(&message))
+                .await
+            {
                 tracing::debug!(error = %e, "log line not published");
             }
             match stream {
@@ -381,7 +494,12 @@ impl Agent {
         let subject = self.inner.bus.subjects.job_report();
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.inner.bus.request::<_, Ack>(subject.clone(), &report).await {
+            match self
+                .inner
+                .bus
+                .request::<_, Ack>(subject.clone(), &report)
+                .await
+            {
                 Ok(Ack { accepted: true, .. }) => return,
                 Ok(Ack { note, .. }) => {
                     tracing::warn!(job_id = %report.job_id, attempt = report.attempt, note = ?note, "report not accepted");
@@ -412,8 +530,18 @@ fn exec_request(assign: &AssignJob) -> Result<ExecRequest, WireError> {
     Ok(ExecRequest {
         execution_id: RString::from(format!("{}-{}", assign.job_id, assign.attempt)),
         workload: RVec::from(workload),
-        args: assign.spec.args.iter().map(|a| RString::from(a.as_str())).collect(),
-        env: assign.spec.env.iter().map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str()))).collect(),
+        args: assign
+            .spec
+            .args
+            .iter()
+            .map(|a| RString::from(a.as_str()))
+            .collect(),
+        env: assign
+            .spec
+            .env
+            .iter()
+            .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
+            .collect(),
         stdin: RVec::from(stdin),
         limits: ExecLimits {
             wall_timeout_ms: assign.spec.timeout_ms,
@@ -438,7 +566,9 @@ impl EventSink for ChannelSink {
             rhizos_plugin_api::LogStream::Stdout => LogStream::Stdout,
             rhizos_plugin_api::LogStream::Stderr => LogStream::Stderr,
         };
-        let _ = self.sender.send(SinkMessage::Line(stream, line.to_string()));
+        let _ = self
+            .sender
+            .send(SinkMessage::Line(stream, line.to_string()));
     }
 }
 
@@ -451,7 +581,11 @@ struct Tail {
 
 impl Tail {
     fn new(max_bytes: usize) -> Self {
-        Self { lines: VecDeque::new(), bytes: 0, max_bytes }
+        Self {
+            lines: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+        }
     }
 
     fn push(&mut self, line: &str) {

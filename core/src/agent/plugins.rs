@@ -36,12 +36,18 @@ pub struct PluginSet {
 impl PluginSet {
     /// The plugin that runs `backend`, if one is loaded.
     pub fn backend(&self, backend: &str) -> Option<&LoadedPlugin> {
-        self.loaded.iter().find(|p| p.backends.iter().any(|b| b == backend))
+        self.loaded
+            .iter()
+            .find(|p| p.backends.iter().any(|b| b == backend))
     }
 
     /// Every backend offered by the loaded plugins.
     pub fn backends(&self) -> Vec<String> {
-        let mut all: Vec<String> = self.loaded.iter().flat_map(|p| p.backends.iter().cloned()).collect();
+        let mut all: Vec<String> = self
+            .loaded
+            .iter()
+            .flat_map(|p| p.backends.iter().cloned())
+            .collect();
         all.sort();
         all.dedup();
         all
@@ -50,7 +56,10 @@ impl PluginSet {
 
 /// Whether a file name looks like a shared library.
 fn is_shared_library(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("so" | "dylib" | "dll"))
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("so" | "dylib" | "dll")
+    )
 }
 
 /// Loads every shared library in `dir` (sorted by name, so duplicates resolve the same way on
@@ -58,7 +67,10 @@ fn is_shared_library(path: &Path) -> bool {
 pub fn load_dir(dir: &Path) -> PluginSet {
     let mut set = PluginSet::default();
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_shared_library(p)).collect(),
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_shared_library(p))
+            .collect(),
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot read the plugin directory; no plugins loaded");
             return set;
@@ -93,14 +105,21 @@ pub fn load_dir(dir: &Path) -> PluginSet {
 /// Loads one backend plugin, or says why not.
 pub fn load_file(path: &Path) -> Result<LoadedPlugin, String> {
     let header = lib_header_from_path(path).map_err(|e| describe_library_error(&e))?;
-    let module = header.init_root_module::<BackendPluginRef>().map_err(|e| describe_library_error(&e))?;
+    let module = header
+        .init_root_module::<BackendPluginRef>()
+        .map_err(|e| describe_library_error(&e))?;
     let info = (module.describe())();
     if info.kind != PluginKind::Backend {
-        return Err(format!("plugin {} is a {:?} plugin, not an execution backend", info.name, info.kind));
+        return Err(format!(
+            "plugin {} is a {:?} plugin, not an execution backend",
+            info.name, info.kind
+        ));
     }
     let backend = match (module.new_backend())("{}".into()) {
         RResult::ROk(backend) => backend,
-        RResult::RErr(message) => return Err(format!("plugin {} failed to start: {message}", info.name)),
+        RResult::RErr(message) => {
+            return Err(format!("plugin {} failed to start: {message}", info.name));
+        }
     };
     Ok(LoadedPlugin {
         file: path.to_path_buf(),
@@ -120,15 +139,26 @@ fn describe_library_error(error: &LibraryError) -> String {
              #[export_root_module])",
             BackendPluginRef::NAME
         ),
-        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(
+        LibraryError::IncompatibleVersionNumber {
+            expected_version,
+            actual_version,
+            ..
+        } => format!(
             "built against rhizos-plugin-api {actual_version}, but this agent speaks {expected_version} \
              ({PLUGIN_API_VERSION}): rebuild the plugin against rhizos-plugin-api {PLUGIN_API_VERSION}"
         ),
         other => {
             let text = other.to_string();
-            let summary: Vec<&str> =
-                text.lines().map(str::trim).filter(|l| !l.is_empty()).take(3).collect();
-            format!("incompatible plugin (ABI check failed): {}", summary.join(" / "))
+            let summary: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .take(3)
+                .collect();
+            format!(
+                "incompatible plugin (ABI check failed): {}",
+                summary.join(" / ")
+            )
         }
     }
 }

@@ -27,7 +27,13 @@ pub struct Registry {
 
 /// The most a job can cost on a node: its whole timeout at the node's prices.
 pub fn estimate_micros(spec: &JobSpec, registration: &RegisterNode) -> i64 {
-    ledger::cost_micros(spec.timeout_ms, spec.cpu_cores, spec.memory_mib, 0, &registration.pricing)
+    ledger::cost_micros(
+        spec.timeout_ms,
+        spec.cpu_cores,
+        spec.memory_mib,
+        0,
+        &registration.pricing,
+    )
 }
 
 /// Why `node` can never run `spec` within `max_cost`, or `None` if it can (load aside).
@@ -37,10 +43,16 @@ fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Op
         return Some(format!("{}: no {backend} backend", node.node_id));
     }
     if node.cpu_cores < spec.cpu_cores {
-        return Some(format!("{}: {} cores < {} asked", node.node_id, node.cpu_cores, spec.cpu_cores));
+        return Some(format!(
+            "{}: {} cores < {} asked",
+            node.node_id, node.cpu_cores, spec.cpu_cores
+        ));
     }
     if node.memory_mib < spec.memory_mib {
-        return Some(format!("{}: {} MiB < {} MiB asked", node.node_id, node.memory_mib, spec.memory_mib));
+        return Some(format!(
+            "{}: {} MiB < {} MiB asked",
+            node.node_id, node.memory_mib, spec.memory_mib
+        ));
     }
     let estimate = estimate_micros(spec, node);
     if estimate > max_cost_micros {
@@ -54,13 +66,23 @@ fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Op
 
 impl Registry {
     pub fn upsert(&mut self, registration: RegisterNode) {
-        let active = self.nodes.get(&registration.node_id).map_or(0, |n| n.active);
-        self.nodes.insert(registration.node_id.clone(), NodeEntry {
-            registration,
-            last_seen: Instant::now(),
-            lost: false,
-            active,
-        });
+        let active = self
+            .nodes
+            .get(&registration.node_id)
+            .map_or(0, |n| n.active);
+        self.nodes.insert(
+            registration.node_id.clone(),
+            NodeEntry {
+                registration,
+                last_seen: Instant::now(),
+                lost: false,
+                active,
+            },
+        );
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.nodes.values().filter(|n| !n.lost).count()
     }
 
     /// Records a heartbeat; `false` if the node is unknown.
@@ -107,8 +129,18 @@ impl Registry {
                 Some(reason) => reasons.push(reason),
             }
         }
-        let detail = if reasons.is_empty() { "no node is registered".to_owned() } else { reasons.join("; ") };
-        Err(WireError::new(ErrorCode::NoCapacity, format!("no node can run this {} job: {detail}", spec.workload.backend())))
+        let detail = if reasons.is_empty() {
+            "no node is registered".to_owned()
+        } else {
+            reasons.join("; ")
+        };
+        Err(WireError::new(
+            ErrorCode::NoCapacity,
+            format!(
+                "no node can run this {} job: {detail}",
+                spec.workload.backend()
+            ),
+        ))
     }
 
     /// The best node with a free slot for the job, if any.
@@ -136,7 +168,11 @@ impl Registry {
         let now = Instant::now();
         let mut lost = Vec::new();
         for node in self.nodes.values_mut().filter(|n| !n.lost) {
-            let limit = Duration::from_millis(node.registration.heartbeat_interval_ms.saturating_mul(u64::from(missed.max(1))));
+            let limit = Duration::from_millis(
+                node.registration
+                    .heartbeat_interval_ms
+                    .saturating_mul(u64::from(missed.max(1))),
+            );
             if now.duration_since(node.last_seen) > limit {
                 node.lost = true;
                 lost.push(node.registration.node_id.clone());
@@ -161,7 +197,11 @@ mod tests {
             node_id: id.into(),
             provider_account: "p".into(),
             backends: vec!["wasm".into()],
-            pricing: Pricing { gpu_hour_cents: 0, cpu_hour_cents, memory_gb_hour_cents: 0 },
+            pricing: Pricing {
+                gpu_hour_cents: 0,
+                cpu_hour_cents,
+                memory_gb_hour_cents: 0,
+            },
             cpu_cores: 4,
             memory_mib: 4096,
             max_concurrent,
@@ -173,7 +213,9 @@ mod tests {
 
     fn spec() -> JobSpec {
         JobSpec {
-            workload: Workload::Wasm { module_b64: "AGFzbQ==".into() },
+            workload: Workload::Wasm {
+                module_b64: "AGFzbQ==".into(),
+            },
             args: vec![],
             env: Default::default(),
             stdin_b64: None,
@@ -189,13 +231,30 @@ mod tests {
         registry.upsert(node("cheap", 1, 1));
         registry.upsert(node("dear", 5, 1));
         // 1 h at 1 cent = 10 000 micros; at 5 cents = 50 000.
-        assert_eq!(registry.pick(&spec(), 100_000).unwrap().registration.node_id, "cheap");
+        assert_eq!(
+            registry
+                .pick(&spec(), 100_000)
+                .unwrap()
+                .registration
+                .node_id,
+            "cheap"
+        );
         registry.add_active("cheap");
-        assert_eq!(registry.pick(&spec(), 100_000).unwrap().registration.node_id, "dear");
+        assert_eq!(
+            registry
+                .pick(&spec(), 100_000)
+                .unwrap()
+                .registration
+                .node_id,
+            "dear"
+        );
         // Only the cheap one fits 20 000, and it is full.
         assert!(registry.pick(&spec(), 20_000).is_none());
         registry.remove_active("cheap");
-        assert_eq!(registry.pick(&spec(), 20_000).unwrap().registration.node_id, "cheap");
+        assert_eq!(
+            registry.pick(&spec(), 20_000).unwrap().registration.node_id,
+            "cheap"
+        );
     }
 
     #[test]
@@ -203,21 +262,45 @@ mod tests {
         let mut registry = Registry::default();
         registry.upsert(node("a", 1, 4));
         registry.upsert(node("b", 1, 4));
-        let picks: Vec<String> = (0..4).map(|_| registry.pick(&spec(), 100_000).unwrap().registration.node_id).collect();
+        let picks: Vec<String> = (0..4)
+            .map(|_| {
+                registry
+                    .pick(&spec(), 100_000)
+                    .unwrap()
+                    .registration
+                    .node_id
+            })
+            .collect();
         assert_eq!(picks.iter().filter(|p| *p == "a").count(), 2, "{picks:?}");
     }
 
     #[test]
     fn infeasible_jobs_are_refused_with_every_reason() {
         let mut registry = Registry::default();
-        assert!(registry.feasibility(&spec(), 1).unwrap_err().message.contains("no node is registered"));
+        assert!(
+            registry
+                .feasibility(&spec(), 1)
+                .unwrap_err()
+                .message
+                .contains("no node is registered")
+        );
         registry.upsert(node("a", 5, 1));
         let err = registry.feasibility(&spec(), 10).unwrap_err();
         assert_eq!(err.code, ErrorCode::NoCapacity);
-        assert!(err.message.contains("50000 micro-USD > max cost 10"), "{}", err.message);
+        assert!(
+            err.message.contains("50000 micro-USD > max cost 10"),
+            "{}",
+            err.message
+        );
         let mut big = spec();
         big.memory_mib = 1 << 20;
-        assert!(registry.feasibility(&big, 1_000_000).unwrap_err().message.contains("MiB asked"));
+        assert!(
+            registry
+                .feasibility(&big, 1_000_000)
+                .unwrap_err()
+                .message
+                .contains("MiB asked")
+        );
         assert!(registry.feasibility(&spec(), 50_000).is_ok());
     }
 }

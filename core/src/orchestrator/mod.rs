@@ -16,8 +16,9 @@ use matching::{NodeEntry, Registry};
 use rhizos_broker::config::OrchestratorSettings;
 use rhizos_broker::subjects::ORCHESTRATOR_QUEUE;
 use rhizos_broker::wire::{
-    self, AccountRef, Ack, AssignJob, Deposit, ErrorCode, Heartbeat, JobList, JobRef, JobReport, JobSpec, JobState,
-    ListJobs, RegisterNode, Reply, ReportPhase, StopJob, SubmitJob, SubmitJobReply, WIRE_VERSION, WireError, Workload,
+    self, AccountRef, Ack, AssignJob, Deposit, ErrorCode, Heartbeat, JobList, JobRef, JobReport,
+    JobSpec, JobState, ListJobs, RegisterNode, Reply, ReportPhase, StopJob, SubmitJob,
+    SubmitJobReply, WIRE_VERSION, WireError, Workload,
 };
 use rhizos_broker::{Bus, validate_token};
 use serde::Serialize;
@@ -27,7 +28,7 @@ use store::{ReportEffect, Store};
 use tokio::sync::Notify;
 
 /// Largest WASM module accepted inline in a submit.
-pub const MAX_INLINE_MODULE_BYTES: usize = 768 * 1024;
+pub const MAX_INLINE_MODULE_BYTES: usize = 512 * 1024;
 /// Longest execution deadline a job may ask for.
 pub const MAX_TIMEOUT_MS: u64 = 24 * 3_600_000;
 /// Largest `max_cost` accepted: $1,000,000.
@@ -54,9 +55,14 @@ struct Inner {
 impl Orchestrator {
     /// Opens the ledger in `settings.data_dir` and prepares the event stream.
     pub async fn open(bus: Bus, settings: OrchestratorSettings) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&settings.data_dir)
-            .with_context(|| format!("failed to create data dir {}", settings.data_dir.display()))?;
-        anyhow::ensure!(settings.fee_bps <= 10_000, "fee_bps must be at most 10000, got {}", settings.fee_bps);
+        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+            format!("failed to create data dir {}", settings.data_dir.display())
+        })?;
+        anyhow::ensure!(
+            settings.fee_bps <= 10_000,
+            "fee_bps must be at most 10000, got {}",
+            settings.fee_bps
+        );
         let path = settings.data_dir.join("ledger.db");
         let store = Store::open(&path, settings.fee_bps, bus.subjects.clone())
             .with_context(|| format!("failed to open ledger at {}", path.display()))?;
@@ -83,7 +89,10 @@ impl Orchestrator {
         let bus = &self.inner.bus;
         let mut requests = bus
             .client
-            .queue_subscribe(bus.subjects.orchestrator_wildcard(), ORCHESTRATOR_QUEUE.to_owned())
+            .queue_subscribe(
+                bus.subjects.orchestrator_wildcard(),
+                ORCHESTRATOR_QUEUE.to_owned(),
+            )
             .await
             .context("failed to subscribe to ctl subjects")?;
         let mut heartbeats = bus
@@ -125,9 +134,11 @@ impl Orchestrator {
         f: impl FnOnce(&mut Store) -> Result<T, WireError> + Send + 'static,
     ) -> Result<T, WireError> {
         let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || f(&mut store.lock().unwrap_or_else(PoisonError::into_inner)))
-            .await
-            .map_err(|e| WireError::new(ErrorCode::Internal, format!("storage task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            f(&mut store.lock().unwrap_or_else(PoisonError::into_inner))
+        })
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("storage task failed: {e}")))?
     }
 
     async fn handle_request(&self, message: async_nats::Message) {
@@ -136,7 +147,10 @@ impl Orchestrator {
             return;
         };
         let subjects = &self.inner.bus.subjects;
-        let operation = subjects.ctl_operation(&message.subject).unwrap_or("").to_owned();
+        let operation = subjects
+            .ctl_operation(&message.subject)
+            .unwrap_or("")
+            .to_owned();
         let payload = &message.payload;
         let reply = match operation.as_str() {
             "job.submit" => encode_reply(self.submit(payload).await),
@@ -150,7 +164,10 @@ impl Orchestrator {
             "node.register" => encode_reply(self.register_node(payload).await),
             other => encode_reply::<()>(Err(WireError::new(
                 ErrorCode::UnsupportedSubject,
-                format!("unsupported subject {} (operation {other:?})", message.subject),
+                format!(
+                    "unsupported subject {} (operation {other:?})",
+                    message.subject
+                ),
             ))),
         };
         if let Err(e) = self.inner.bus.client.publish(reply_to, reply).await {
@@ -170,18 +187,23 @@ impl Orchestrator {
         };
         validate_submit(&request, &job_id)?;
         // Refuse at once what no known node could ever run.
-        self.registry().feasibility(&request.spec, request.max_cost_micros)?;
+        self.registry()
+            .feasibility(&request.spec, request.max_cost_micros)?;
         let account = request.account.clone();
         let spec = request.spec.clone();
         let id = job_id.clone();
-        let (job, created) =
-            self.db(move |store| store.submit(&id, &account, &spec, request.max_cost_micros)).await?;
+        let (job, created) = self
+            .db(move |store| store.submit(&id, &account, &spec, request.max_cost_micros))
+            .await?;
         if created {
             tracing::info!(job_id = %job.job_id, account = %job.account, max_cost_micros = job.max_cost_micros, "job accepted");
         }
         self.inner.outbox_wake.notify_one();
         self.inner.dispatch_wake.notify_one();
-        Ok(SubmitJobReply { job_id: job.job_id, state: job.state })
+        Ok(SubmitJobReply {
+            job_id: job.job_id,
+            state: job.state,
+        })
     }
 
     async fn get_job(&self, payload: &[u8]) -> Result<wire::JobView, WireError> {
@@ -205,7 +227,11 @@ impl Orchestrator {
         let effect = self.db(move |store| store.cancel(&request.job_id)).await?;
         self.inner.outbox_wake.notify_one();
         if let Some((node_id, attempt)) = effect.stop {
-            let stop = StopJob { v: WIRE_VERSION, job_id: effect.job.job_id.clone(), attempt };
+            let stop = StopJob {
+                v: WIRE_VERSION,
+                job_id: effect.job.job_id.clone(),
+                attempt,
+            };
             match self.inner.bus.subjects.job_stop(&node_id) {
                 Ok(subject) => {
                     if let Err(e) = self.inner.bus.request::<_, Ack>(subject, &stop).await {
@@ -223,22 +249,39 @@ impl Orchestrator {
         validate(validate_token("job id", &report.job_id))?;
         validate(validate_token("node id", &report.node_id))?;
         let max_output = self.inner.settings.max_output_bytes;
-        let JobReport { node_id, job_id, attempt, phase, .. } = report;
+        let JobReport {
+            node_id,
+            job_id,
+            attempt,
+            phase,
+            ..
+        } = report;
         let (log_job, log_node) = (job_id.clone(), node_id.clone());
         let effect = self
             .db(move |store| match &phase {
                 ReportPhase::Running => store.mark_running(&job_id, &node_id, attempt),
-                ReportPhase::Finished { outcome } => store.finish(&job_id, &node_id, attempt, outcome, max_output),
+                ReportPhase::Finished { outcome } => {
+                    store.finish(&job_id, &node_id, attempt, outcome, max_output)
+                }
             })
             .await?;
         self.inner.outbox_wake.notify_one();
         self.inner.dispatch_wake.notify_one();
         Ok(match effect {
-            ReportEffect::Applied => Ack { accepted: true, note: None },
-            ReportEffect::Duplicate => Ack { accepted: true, note: Some("already recorded".into()) },
+            ReportEffect::Applied => Ack {
+                accepted: true,
+                note: None,
+            },
+            ReportEffect::Duplicate => Ack {
+                accepted: true,
+                note: Some("already recorded".into()),
+            },
             ReportEffect::Stale(why) => {
                 tracing::warn!(job_id = %log_job, node_id = %log_node, attempt, "{why}");
-                Ack { accepted: false, note: Some(why) }
+                Ack {
+                    accepted: false,
+                    note: Some(why),
+                }
             }
         })
     }
@@ -246,7 +289,8 @@ impl Orchestrator {
     async fn account_create(&self, payload: &[u8]) -> Result<wire::AccountView, WireError> {
         let request: AccountRef = self.decode(payload)?;
         validate(validate_token("account", &request.account))?;
-        self.db(move |store| store.create_account(&request.account)).await
+        self.db(move |store| store.create_account(&request.account))
+            .await
     }
 
     async fn account_deposit(&self, payload: &[u8]) -> Result<wire::AccountView, WireError> {
@@ -258,11 +302,20 @@ impl Orchestrator {
         if request.amount_micros <= 0 || request.amount_micros > MAX_COST_MICROS {
             return Err(WireError::new(
                 ErrorCode::BadRequest,
-                format!("deposit must be between 1 and {MAX_COST_MICROS} micro-USD, got {}", request.amount_micros),
+                format!(
+                    "deposit must be between 1 and {MAX_COST_MICROS} micro-USD, got {}",
+                    request.amount_micros
+                ),
             ));
         }
-        self.db(move |store| store.deposit(&request.account, request.amount_micros, request.idempotency_key.as_deref()))
-            .await
+        self.db(move |store| {
+            store.deposit(
+                &request.account,
+                request.amount_micros,
+                request.idempotency_key.as_deref(),
+            )
+        })
+        .await
     }
 
     async fn account_balance(&self, payload: &[u8]) -> Result<wire::AccountView, WireError> {
@@ -274,12 +327,18 @@ impl Orchestrator {
     async fn register_node(&self, payload: &[u8]) -> Result<Ack, WireError> {
         let registration: RegisterNode = self.decode(payload)?;
         validate(validate_token("node id", &registration.node_id))?;
-        validate(validate_token("provider account", &registration.provider_account))?;
+        validate(validate_token(
+            "provider account",
+            &registration.provider_account,
+        ))?;
         for backend in &registration.backends {
             validate(validate_token("backend", backend))?;
         }
         if registration.heartbeat_interval_ms == 0 || registration.max_concurrent == 0 {
-            return Err(WireError::new(ErrorCode::BadRequest, "heartbeat_interval_ms and max_concurrent must be > 0"));
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "heartbeat_interval_ms and max_concurrent must be > 0",
+            ));
         }
         let stored = registration.clone();
         self.db(move |store| store.upsert_node(&stored)).await?;
@@ -288,21 +347,39 @@ impl Orchestrator {
         let running = registration.running.clone();
         let active = self.db(move |store| store.active_on_node(&node_id)).await?;
         for (job_id, attempt) in active {
-            if !running.iter().any(|r| r.job_id == job_id && r.attempt == attempt) {
-                let reason = format!("node {} restarted and no longer runs attempt {attempt}", registration.node_id);
+            if !running
+                .iter()
+                .any(|r| r.job_id == job_id && r.attempt == attempt)
+            {
+                let reason = format!(
+                    "node {} restarted and no longer runs attempt {attempt}",
+                    registration.node_id
+                );
                 let id = job_id.clone();
-                self.db(move |store| store.end_with_refund(&id, JobState::Failed, &reason)).await?;
+                self.db(move |store| store.end_with_refund(&id, JobState::Failed, &reason))
+                    .await?;
             }
         }
         tracing::info!(node_id = %registration.node_id, backends = ?registration.backends, "node registered");
         self.registry().upsert(registration);
         self.inner.outbox_wake.notify_one();
         self.inner.dispatch_wake.notify_one();
-        Ok(Ack { accepted: true, note: None })
+        Ok(Ack {
+            accepted: true,
+            note: None,
+        })
+    }
+
+    /// Nodes currently registered and not lost.
+    pub fn live_nodes(&self) -> usize {
+        self.registry().live_count()
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn handle_heartbeat(&self, payload: &[u8]) {
@@ -343,21 +420,36 @@ impl Orchestrator {
                 registry.set_active(&active);
                 registry.pick(&job.spec, job.max_cost_micros)
             };
-            let Some(NodeEntry { registration, .. }) = choice else { continue };
+            let Some(NodeEntry { registration, .. }) = choice else {
+                continue;
+            };
             let node_id = registration.node_id.clone();
             let pricing = registration.pricing;
             let (id, node) = (job.job_id.clone(), node_id.clone());
-            let Some(attempt) = self.db(move |store| store.assign(&id, &node, &pricing)).await? else { continue };
+            let Some(attempt) = self
+                .db(move |store| store.assign(&id, &node, &pricing))
+                .await?
+            else {
+                continue;
+            };
             self.registry().add_active(&node_id);
             self.inner.outbox_wake.notify_one();
             let this = self.clone();
-            tokio::spawn(async move { this.send_assignment(job.job_id, attempt, job.spec, node_id).await });
+            tokio::spawn(async move {
+                this.send_assignment(job.job_id, attempt, job.spec, node_id)
+                    .await
+            });
         }
         Ok(())
     }
 
     async fn send_assignment(&self, job_id: String, attempt: u32, spec: JobSpec, node_id: String) {
-        let assign = AssignJob { v: WIRE_VERSION, job_id: job_id.clone(), attempt, spec };
+        let assign = AssignJob {
+            v: WIRE_VERSION,
+            job_id: job_id.clone(),
+            attempt,
+            spec,
+        };
         let subject = match self.inner.bus.subjects.job_assign(&node_id) {
             Ok(subject) => subject,
             Err(e) => {
@@ -366,20 +458,30 @@ impl Orchestrator {
             }
         };
         let timeout = Duration::from_millis(self.inner.settings.assign_timeout_ms);
-        let result = tokio::time::timeout(timeout, self.inner.bus.request::<_, Ack>(subject, &assign)).await;
+        let result =
+            tokio::time::timeout(timeout, self.inner.bus.request::<_, Ack>(subject, &assign)).await;
         let refused = match result {
             Ok(Ok(Ack { accepted: true, .. })) => {
                 tracing::debug!(%job_id, %node_id, attempt, "assignment acknowledged");
                 return;
             }
-            Ok(Ok(Ack { note, .. })) => format!("node {node_id} refused the job: {}", note.unwrap_or_default()),
+            Ok(Ok(Ack { note, .. })) => format!(
+                "node {node_id} refused the job: {}",
+                note.unwrap_or_default()
+            ),
             Ok(Err(e)) => format!("node {node_id} did not take the job: {e}"),
-            Err(_) => format!("node {node_id} did not acknowledge within {} ms", timeout.as_millis()),
+            Err(_) => format!(
+                "node {node_id} did not acknowledge within {} ms",
+                timeout.as_millis()
+            ),
         };
         tracing::warn!(%job_id, attempt, "{refused}; back to pending");
         self.registry().remove_active(&node_id);
         let id = job_id.clone();
-        if let Err(e) = self.db(move |store| store.unassign(&id, attempt, &refused)).await {
+        if let Err(e) = self
+            .db(move |store| store.unassign(&id, attempt, &refused))
+            .await
+        {
             tracing::error!(%job_id, error = %e, "failed to return job to pending");
         }
         self.inner.outbox_wake.notify_one();
@@ -403,14 +505,27 @@ impl Orchestrator {
     pub async fn publish_outbox(&self) -> anyhow::Result<()> {
         loop {
             let rows = self.db(|store| store.outbox_batch(256)).await?;
-            let Some(last) = rows.last().map(|r| r.id) else { return Ok(()) };
+            let Some(last) = rows.last().map(|r| r.id) else {
+                return Ok(());
+            };
             let mut acks = Vec::with_capacity(rows.len());
             for row in &rows {
-                let message_id = self.inner.store.lock().unwrap_or_else(PoisonError::into_inner).message_id(row.id);
+                let message_id = self
+                    .inner
+                    .store
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .message_id(row.id);
                 let publish = async_nats::jetstream::message::PublishMessage::build()
                     .payload(row.payload.clone().into())
                     .message_id(message_id);
-                acks.push(self.inner.bus.jetstream.send_publish(row.subject.clone(), publish).await?);
+                acks.push(
+                    self.inner
+                        .bus
+                        .jetstream
+                        .send_publish(row.subject.clone(), publish)
+                        .await?,
+                );
             }
             for ack in acks {
                 ack.await?;
@@ -430,22 +545,30 @@ impl Orchestrator {
 
     /// Ends jobs on lost nodes and jobs that waited too long for one; both are refunded.
     async fn sweep(&self) -> Result<(), WireError> {
-        let lost = self.registry().take_newly_lost(self.inner.settings.missed_heartbeats);
+        let lost = self
+            .registry()
+            .take_newly_lost(self.inner.settings.missed_heartbeats);
         for node_id in lost {
             tracing::warn!(%node_id, "node lost: no heartbeat");
             let node = node_id.clone();
             let active = self.db(move |store| store.active_on_node(&node)).await?;
             for (job_id, _) in active {
                 let reason = format!("node {node_id} was lost (missed heartbeats)");
-                self.db(move |store| store.end_with_refund(&job_id, JobState::Failed, &reason)).await?;
+                self.db(move |store| store.end_with_refund(&job_id, JobState::Failed, &reason))
+                    .await?;
             }
         }
         let queue_timeout_ms = self.inner.queue_timeout_ms;
         let now = store::now_ms();
         let pending = self.db(|store| store.pending_jobs(1024)).await?;
-        for job in pending.into_iter().filter(|j| now.saturating_sub(j.created_ms) > queue_timeout_ms) {
-            let reason = format!("no node took the job within the queue timeout of {queue_timeout_ms} ms");
-            self.db(move |store| store.end_with_refund(&job.job_id, JobState::TimedOut, &reason)).await?;
+        for job in pending
+            .into_iter()
+            .filter(|j| now.saturating_sub(j.created_ms) > queue_timeout_ms)
+        {
+            let reason =
+                format!("no node took the job within the queue timeout of {queue_timeout_ms} ms");
+            self.db(move |store| store.end_with_refund(&job.job_id, JobState::TimedOut, &reason))
+                .await?;
         }
         self.inner.outbox_wake.notify_one();
         Ok(())
@@ -453,7 +576,8 @@ impl Orchestrator {
 
     /// Checks the ledger invariants (for `rhizos ledger verify` and tests).
     pub async fn verify_ledger(&self) -> Result<ledger::VerifyReport, WireError> {
-        self.db(|store| ledger::verify(store.connection()).map_err(WireError::from)).await
+        self.db(|store| ledger::verify(store.connection()).map_err(WireError::from))
+            .await
     }
 }
 
@@ -484,19 +608,35 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
     }
     let spec = &request.spec;
     if spec.timeout_ms == 0 || spec.timeout_ms > MAX_TIMEOUT_MS {
-        return Err(bad(format!("timeout_ms must be between 1 and {MAX_TIMEOUT_MS}, got {}", spec.timeout_ms)));
+        return Err(bad(format!(
+            "timeout_ms must be between 1 and {MAX_TIMEOUT_MS}, got {}",
+            spec.timeout_ms
+        )));
     }
     if spec.memory_mib == 0 || spec.memory_mib > 1024 * 1024 {
-        return Err(bad(format!("memory_mib must be between 1 and 1048576, got {}", spec.memory_mib)));
+        return Err(bad(format!(
+            "memory_mib must be between 1 and 1048576, got {}",
+            spec.memory_mib
+        )));
     }
     if spec.cpu_cores == 0 || spec.cpu_cores > 1024 {
-        return Err(bad(format!("cpu_cores must be between 1 and 1024, got {}", spec.cpu_cores)));
+        return Err(bad(format!(
+            "cpu_cores must be between 1 and 1024, got {}",
+            spec.cpu_cores
+        )));
     }
     if spec.args.len() > 1024 || spec.args.iter().any(|a| a.len() > 4096) {
         return Err(bad("at most 1024 args of at most 4096 bytes each"));
     }
-    if spec.env.len() > 1024 || spec.env.keys().any(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
-        return Err(bad("env: at most 1024 variables; names must be non-empty without '=' or NUL"));
+    if spec.env.len() > 1024
+        || spec
+            .env
+            .keys()
+            .any(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        return Err(bad(
+            "env: at most 1024 variables; names must be non-empty without '=' or NUL",
+        ));
     }
     if let Some(stdin) = &spec.stdin_b64 {
         wire::b64_decode("stdin_b64", stdin)?;
@@ -510,13 +650,19 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
             if module.len() > MAX_INLINE_MODULE_BYTES {
                 return Err(WireError::new(
                     ErrorCode::TooLarge,
-                    format!("WASM module is {} bytes, the inline limit is {MAX_INLINE_MODULE_BYTES}", module.len()),
+                    format!(
+                        "WASM module is {} bytes, the inline limit is {MAX_INLINE_MODULE_BYTES}",
+                        module.len()
+                    ),
                 ));
             }
             let is_binary = module.starts_with(b"\0asm");
-            let is_text = std::str::from_utf8(&module).is_ok_and(|t| t.trim_start().starts_with('('));
+            let is_text =
+                std::str::from_utf8(&module).is_ok_and(|t| t.trim_start().starts_with('('));
             if !is_binary && !is_text {
-                return Err(bad("workload.module_b64 is neither a WASM binary (\\0asm) nor WAT text"));
+                return Err(bad(
+                    "workload.module_b64 is neither a WASM binary (\\0asm) nor WAT text",
+                ));
             }
         }
     }

@@ -6,8 +6,8 @@ use crate::ledger::{self, AccountKind, Applied, LedgerError, escrow_account};
 use rhizos_broker::Subjects;
 use rhizos_broker::subjects::EscrowEventKind;
 use rhizos_broker::wire::{
-    AccountView, ErrorCode, EscrowKind, Event, EventBody, ExecutionOutcome, ExitKind, JobSpec, JobState, JobView,
-    ListJobs, Pricing, RegisterNode, WIRE_VERSION, WireError,
+    AccountView, ErrorCode, EscrowKind, Event, EventBody, ExecutionOutcome, ExitKind, JobSpec,
+    JobState, JobView, ListJobs, Pricing, RegisterNode, WIRE_VERSION, WireError,
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use std::path::Path;
@@ -103,13 +103,18 @@ struct Ctx {
 }
 
 fn internal(e: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::Internal, format!("orchestrator storage error: {e}"))
+    WireError::new(
+        ErrorCode::Internal,
+        format!("orchestrator storage error: {e}"),
+    )
 }
 
 impl From<LedgerError> for WireError {
     fn from(e: LedgerError) -> Self {
         match e {
-            LedgerError::InsufficientFunds { .. } => WireError::new(ErrorCode::InsufficientFunds, e.to_string()),
+            LedgerError::InsufficientFunds { .. } => {
+                WireError::new(ErrorCode::InsufficientFunds, e.to_string())
+            }
             LedgerError::NoAccount(_) => WireError::new(ErrorCode::NotFound, e.to_string()),
             LedgerError::NonPositive(_) => WireError::new(ErrorCode::BadRequest, e.to_string()),
             other => internal(other),
@@ -135,21 +140,35 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(ledger::SCHEMA)?;
         conn.execute_batch(SCHEMA)?;
-        let instance: Option<String> =
-            conn.query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| r.get(0)).optional()?;
+        let instance: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
         let instance = match instance {
             Some(id) => id,
             None => {
                 let id = uuid::Uuid::now_v7().simple().to_string();
-                conn.execute("INSERT INTO meta (key, value) VALUES ('instance', ?1)", [&id])?;
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('instance', ?1)",
+                    [&id],
+                )?;
                 id
             }
         };
-        let mut store = Self { conn, ctx: Ctx { fee_bps, subjects }, instance };
+        let mut store = Self {
+            conn,
+            ctx: Ctx { fee_bps, subjects },
+            instance,
+        };
         let tx = store.tx().map_err(|_| rusqlite::Error::InvalidQuery)?;
         let now = now_ms();
-        for (id, kind) in [(ledger::EXTERNAL, AccountKind::External), (ledger::PLATFORM_FEES, AccountKind::Platform)] {
-            ledger::ensure_account(&tx, id, kind, now).map_err(|_| rusqlite::Error::InvalidQuery)?;
+        for (id, kind) in [
+            (ledger::EXTERNAL, AccountKind::External),
+            (ledger::PLATFORM_FEES, AccountKind::Platform),
+        ] {
+            ledger::ensure_account(&tx, id, kind, now)
+                .map_err(|_| rusqlite::Error::InvalidQuery)?;
         }
         tx.commit()?;
         Ok(store)
@@ -165,12 +184,17 @@ impl Store {
     }
 
     fn tx(&mut self) -> Result<Transaction<'_>, WireError> {
-        self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(internal)
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(internal)
     }
 
     /// An immediate (write-locking) transaction plus the writer context.
     fn begin(&mut self) -> Result<(Transaction<'_>, &Ctx), WireError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(internal)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(internal)?;
         Ok((tx, &self.ctx))
     }
 
@@ -179,13 +203,21 @@ impl Store {
     pub fn create_account(&mut self, account: &str) -> Result<AccountView, WireError> {
         let tx = self.tx()?;
         if !ledger::ensure_account(&tx, account, AccountKind::User, now_ms())? {
-            return Err(WireError::new(ErrorCode::AlreadyExists, format!("account {account} already exists")));
+            return Err(WireError::new(
+                ErrorCode::AlreadyExists,
+                format!("account {account} already exists"),
+            ));
         }
         tx.commit().map_err(internal)?;
         self.account(account)
     }
 
-    pub fn deposit(&mut self, account: &str, amount_micros: i64, key: Option<&str>) -> Result<AccountView, WireError> {
+    pub fn deposit(
+        &mut self,
+        account: &str,
+        amount_micros: i64,
+        key: Option<&str>,
+    ) -> Result<AccountView, WireError> {
         if amount_micros <= 0 {
             return Err(LedgerError::NonPositive(amount_micros).into());
         }
@@ -197,7 +229,14 @@ impl Store {
             Some(k) => format!("deposit:{account}:{k}"),
             None => format!("deposit:{account}:{}", uuid::Uuid::now_v7().simple()),
         };
-        ledger::post(&tx, &key, "deposit", None, &[(ledger::EXTERNAL, -amount_micros), (account, amount_micros)], now_ms())?;
+        ledger::post(
+            &tx,
+            &key,
+            "deposit",
+            None,
+            &[(ledger::EXTERNAL, -amount_micros), (account, amount_micros)],
+            now_ms(),
+        )?;
         tx.commit().map_err(internal)?;
         self.account(account)
     }
@@ -213,7 +252,11 @@ impl Store {
                 |r| r.get(0),
             )
             .map_err(internal)?;
-        Ok(AccountView { account: account.to_owned(), balance_micros: balance, held_micros })
+        Ok(AccountView {
+            account: account.to_owned(),
+            balance_micros: balance,
+            held_micros,
+        })
     }
 
     // ----- jobs -----
@@ -229,7 +272,10 @@ impl Store {
     ) -> Result<(JobView, bool), WireError> {
         if let Some(existing) = self.find_job(job_id)? {
             if existing.account != account {
-                return Err(WireError::new(ErrorCode::AlreadyExists, format!("job id {job_id} is taken")));
+                return Err(WireError::new(
+                    ErrorCode::AlreadyExists,
+                    format!("job id {job_id} is taken"),
+                ));
             }
             return Ok((existing, false));
         }
@@ -237,7 +283,9 @@ impl Store {
         let now = now_ms();
         let (tx, ctx) = self.begin()?;
         match tx
-            .query_row("SELECT kind FROM accounts WHERE id = ?1", [account], |r| r.get::<_, String>(0))
+            .query_row("SELECT kind FROM accounts WHERE id = ?1", [account], |r| {
+                r.get::<_, String>(0)
+            })
             .optional()
             .map_err(internal)?
         {
@@ -265,23 +313,34 @@ impl Store {
                 other => other.into(),
             })?;
         ctx.emit_job(&tx, job_id, JobState::Pending, 0, None, None, now)?;
-        ctx.emit(&tx, ctx.subjects.escrow_event(EscrowEventKind::Held, job_id).map_err(internal)?, EventBody::Escrow {
-            job_id: job_id.to_owned(),
-            kind: EscrowKind::Held,
-            account: account.to_owned(),
-            amount_micros: max_cost_micros,
-            provider_account: None,
-            provider_micros: None,
-            fee_micros: None,
-            refund_micros: None,
-        }, now)?;
+        ctx.emit(
+            &tx,
+            ctx.subjects
+                .escrow_event(EscrowEventKind::Held, job_id)
+                .map_err(internal)?,
+            EventBody::Escrow {
+                job_id: job_id.to_owned(),
+                kind: EscrowKind::Held,
+                account: account.to_owned(),
+                amount_micros: max_cost_micros,
+                provider_account: None,
+                provider_micros: None,
+                fee_micros: None,
+                refund_micros: None,
+            },
+            now,
+        )?;
         tx.commit().map_err(internal)?;
         Ok((self.get_job(job_id)?, true))
     }
 
     pub fn find_job(&self, job_id: &str) -> Result<Option<JobView>, WireError> {
         self.conn
-            .query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), [job_id], job_from_row)
+            .query_row(
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
+                [job_id],
+                job_from_row,
+            )
             .optional()
             .map_err(internal)
     }
@@ -301,7 +360,10 @@ impl Store {
             ))
             .map_err(internal)?;
         let rows = statement
-            .query_map(params![filter.account, filter.state.map(JobState::as_str), limit], job_from_row)
+            .query_map(
+                params![filter.account, filter.state.map(JobState::as_str), limit],
+                job_from_row,
+            )
             .map_err(internal)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(internal)
     }
@@ -317,14 +379,26 @@ impl Store {
             .map_err(internal)?;
         let rows = statement
             .query_map([limit as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get::<_, i64>(4)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
             })
             .map_err(internal)?;
         let mut jobs = Vec::new();
         for row in rows {
             let (job_id, spec, max_cost_micros, attempt, created_ms) = row.map_err(internal)?;
             let spec: JobSpec = serde_json::from_str(&spec).map_err(internal)?;
-            jobs.push(PendingJob { job_id, spec, max_cost_micros, attempt, created_ms: created_ms as u64 });
+            jobs.push(PendingJob {
+                job_id,
+                spec,
+                max_cost_micros,
+                attempt,
+                created_ms: created_ms as u64,
+            });
         }
         Ok(jobs)
     }
@@ -335,7 +409,9 @@ impl Store {
             .conn
             .prepare("SELECT node_id, COUNT(*) FROM jobs WHERE state IN ('assigned', 'running') GROUP BY node_id")
             .map_err(internal)?;
-        let rows = statement.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?))).map_err(internal)?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))
+            .map_err(internal)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(internal)
     }
 
@@ -345,13 +421,20 @@ impl Store {
             .conn
             .prepare("SELECT id, attempt FROM jobs WHERE node_id = ?1 AND state IN ('assigned', 'running')")
             .map_err(internal)?;
-        let rows = statement.query_map([node_id], |r| Ok((r.get(0)?, r.get(1)?))).map_err(internal)?;
+        let rows = statement
+            .query_map([node_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(internal)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(internal)
     }
 
     /// pending → assigned to `node_id` with a new attempt number, at the node's `pricing`.
     /// Returns the attempt, or `None` if the job is no longer pending.
-    pub fn assign(&mut self, job_id: &str, node_id: &str, pricing: &Pricing) -> Result<Option<u32>, WireError> {
+    pub fn assign(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        pricing: &Pricing,
+    ) -> Result<Option<u32>, WireError> {
         let now = now_ms();
         let pricing = serde_json::to_string(pricing).map_err(internal)?;
         let (tx, ctx) = self.begin()?;
@@ -365,8 +448,20 @@ impl Store {
         if changed == 0 {
             return Ok(None);
         }
-        let attempt: u32 = tx.query_row("SELECT attempt FROM jobs WHERE id = ?1", [job_id], |r| r.get(0)).map_err(internal)?;
-        ctx.emit_job(&tx, job_id, JobState::Assigned, attempt, Some(node_id), None, now)?;
+        let attempt: u32 = tx
+            .query_row("SELECT attempt FROM jobs WHERE id = ?1", [job_id], |r| {
+                r.get(0)
+            })
+            .map_err(internal)?;
+        ctx.emit_job(
+            &tx,
+            job_id,
+            JobState::Assigned,
+            attempt,
+            Some(node_id),
+            None,
+            now,
+        )?;
         tx.commit().map_err(internal)?;
         Ok(Some(attempt))
     }
@@ -383,20 +478,41 @@ impl Store {
             )
             .map_err(internal)?;
         if changed == 1 {
-            ctx.emit_job(&tx, job_id, JobState::Pending, attempt, None, Some(reason), now)?;
+            ctx.emit_job(
+                &tx,
+                job_id,
+                JobState::Pending,
+                attempt,
+                None,
+                Some(reason),
+                now,
+            )?;
         }
         tx.commit().map_err(internal)
     }
 
     /// Loads `(state, node_id, attempt)` of a job for report checks.
-    fn attempt_of(tx: &Transaction<'_>, job_id: &str) -> Result<Option<(JobState, Option<String>, u32)>, WireError> {
-        tx.query_row("SELECT state, node_id, attempt FROM jobs WHERE id = ?1", [job_id], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, u32>(2)?))
-        })
+    fn attempt_of(
+        tx: &Transaction<'_>,
+        job_id: &str,
+    ) -> Result<Option<(JobState, Option<String>, u32)>, WireError> {
+        tx.query_row(
+            "SELECT state, node_id, attempt FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, u32>(2)?,
+                ))
+            },
+        )
         .optional()
         .map_err(internal)?
         .map(|(state, node, attempt)| {
-            JobState::parse(&state).map(|s| (s, node, attempt)).ok_or_else(|| internal(format!("bad state {state}")))
+            JobState::parse(&state)
+                .map(|s| (s, node, attempt))
+                .ok_or_else(|| internal(format!("bad state {state}")))
         })
         .transpose()
     }
@@ -408,7 +524,10 @@ impl Store {
         attempt: u32,
     ) -> Result<Result<JobState, ReportEffect>, WireError> {
         let Some((state, node, current)) = Self::attempt_of(tx, job_id)? else {
-            return Err(WireError::new(ErrorCode::NotFound, format!("no job {job_id}")));
+            return Err(WireError::new(
+                ErrorCode::NotFound,
+                format!("no job {job_id}"),
+            ));
         };
         if current != attempt || node.as_deref() != Some(node_id) {
             return Ok(Err(ReportEffect::Stale(format!(
@@ -420,7 +539,12 @@ impl Store {
     }
 
     /// assigned → running.
-    pub fn mark_running(&mut self, job_id: &str, node_id: &str, attempt: u32) -> Result<ReportEffect, WireError> {
+    pub fn mark_running(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+    ) -> Result<ReportEffect, WireError> {
         let now = now_ms();
         let (tx, ctx) = self.begin()?;
         let state = match Self::check_attempt(&tx, job_id, node_id, attempt)? {
@@ -430,9 +554,20 @@ impl Store {
         if state != JobState::Assigned {
             return Ok(ReportEffect::Duplicate);
         }
-        tx.execute("UPDATE jobs SET state = 'running', updated_ms = ?2 WHERE id = ?1", params![job_id, now as i64])
-            .map_err(internal)?;
-        ctx.emit_job(&tx, job_id, JobState::Running, attempt, Some(node_id), None, now)?;
+        tx.execute(
+            "UPDATE jobs SET state = 'running', updated_ms = ?2 WHERE id = ?1",
+            params![job_id, now as i64],
+        )
+        .map_err(internal)?;
+        ctx.emit_job(
+            &tx,
+            job_id,
+            JobState::Running,
+            attempt,
+            Some(node_id),
+            None,
+            now,
+        )?;
         tx.commit().map_err(internal)?;
         Ok(ReportEffect::Applied)
     }
@@ -456,9 +591,11 @@ impl Store {
             return Ok(ReportEffect::Duplicate);
         }
         let (spec, pricing, cancel_requested): (String, Option<String>, bool) = tx
-            .query_row("SELECT spec, pricing, cancel_requested FROM jobs WHERE id = ?1", [job_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+            .query_row(
+                "SELECT spec, pricing, cancel_requested FROM jobs WHERE id = ?1",
+                [job_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .map_err(internal)?;
         let spec: JobSpec = serde_json::from_str(&spec).map_err(internal)?;
         let pricing: Pricing = pricing
@@ -469,20 +606,35 @@ impl Store {
             .ok_or_else(|| internal(format!("job {job_id} has no agreed pricing")))?;
         let (final_state, charge, reason) = match (outcome.kind, outcome.exit_code) {
             (ExitKind::Exited, Some(0)) => (JobState::Succeeded, true, None),
-            (ExitKind::Exited, code) => {
-                (JobState::Failed, false, Some(format!("exited with code {}", code.unwrap_or(-1))))
-            }
+            (ExitKind::Exited, code) => (
+                JobState::Failed,
+                false,
+                Some(format!("exited with code {}", code.unwrap_or(-1))),
+            ),
             // The user asked to stop a running job: the provider is paid for the time used.
-            (ExitKind::Cancelled, _) if cancel_requested => {
-                (JobState::Cancelled, true, Some("cancelled by the user while running".to_owned()))
-            }
+            (ExitKind::Cancelled, _) if cancel_requested => (
+                JobState::Cancelled,
+                true,
+                Some("cancelled by the user while running".to_owned()),
+            ),
             (kind, _) => (
                 JobState::Failed,
                 false,
-                Some(outcome.message.clone().unwrap_or_else(|| format!("execution ended: {kind:?}"))),
+                Some(
+                    outcome
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| format!("execution ended: {kind:?}")),
+                ),
             ),
         };
-        let measured = ledger::cost_micros(outcome.elapsed_ms, spec.cpu_cores, spec.memory_mib, 0, &pricing);
+        let measured = ledger::cost_micros(
+            outcome.elapsed_ms,
+            spec.cpu_cores,
+            spec.memory_mib,
+            0,
+            &pricing,
+        );
         let stdout = truncate_tail(&outcome.stdout, max_output_bytes);
         let stderr = truncate_tail(&outcome.stderr, max_output_bytes);
         tx.execute(
@@ -500,7 +652,15 @@ impl Store {
             ],
         )
         .map_err(internal)?;
-        ctx.emit_job(&tx, job_id, final_state, attempt, Some(node_id), reason.as_deref(), now)?;
+        ctx.emit_job(
+            &tx,
+            job_id,
+            final_state,
+            attempt,
+            Some(node_id),
+            reason.as_deref(),
+            now,
+        )?;
         if charge {
             ctx.settle(&tx, job_id, measured, now)?;
         } else {
@@ -512,11 +672,19 @@ impl Store {
 
     /// Ends a job that is not running anywhere any more (queue timeout, lost node, cancel before
     /// start) with a full refund.
-    pub fn end_with_refund(&mut self, job_id: &str, state: JobState, reason: &str) -> Result<bool, WireError> {
+    pub fn end_with_refund(
+        &mut self,
+        job_id: &str,
+        state: JobState,
+        reason: &str,
+    ) -> Result<bool, WireError> {
         let now = now_ms();
         let (tx, ctx) = self.begin()?;
         let Some((current, node, attempt)) = Self::attempt_of(&tx, job_id)? else {
-            return Err(WireError::new(ErrorCode::NotFound, format!("no job {job_id}")));
+            return Err(WireError::new(
+                ErrorCode::NotFound,
+                format!("no job {job_id}"),
+            ));
         };
         if current.is_terminal() {
             return Ok(false);
@@ -526,7 +694,15 @@ impl Store {
             params![job_id, state.as_str(), reason, now as i64],
         )
         .map_err(internal)?;
-        ctx.emit_job(&tx, job_id, state, attempt, node.as_deref(), Some(reason), now)?;
+        ctx.emit_job(
+            &tx,
+            job_id,
+            state,
+            attempt,
+            node.as_deref(),
+            Some(reason),
+            now,
+        )?;
         ctx.refund(&tx, job_id, now)?;
         tx.commit().map_err(internal)?;
         Ok(true)
@@ -539,18 +715,28 @@ impl Store {
         match job.state {
             JobState::Pending | JobState::Assigned => {
                 let stop = job.node_id.clone().map(|node| (node, job.attempt));
-                self.end_with_refund(job_id, JobState::Cancelled, "cancelled by the user before it started")?;
-                Ok(CancelEffect { job: self.get_job(job_id)?, stop })
+                self.end_with_refund(
+                    job_id,
+                    JobState::Cancelled,
+                    "cancelled by the user before it started",
+                )?;
+                Ok(CancelEffect {
+                    job: self.get_job(job_id)?,
+                    stop,
+                })
             }
             JobState::Running => {
                 self.conn
-                    .execute("UPDATE jobs SET cancel_requested = 1, updated_ms = ?2 WHERE id = ?1", params![
-                        job_id,
-                        now_ms() as i64
-                    ])
+                    .execute(
+                        "UPDATE jobs SET cancel_requested = 1, updated_ms = ?2 WHERE id = ?1",
+                        params![job_id, now_ms() as i64],
+                    )
                     .map_err(internal)?;
                 let stop = job.node_id.clone().map(|node| (node, job.attempt));
-                Ok(CancelEffect { job: self.get_job(job_id)?, stop })
+                Ok(CancelEffect {
+                    job: self.get_job(job_id)?,
+                    stop,
+                })
             }
             terminal => Err(WireError::new(
                 ErrorCode::InvalidState,
@@ -571,19 +757,30 @@ impl Store {
             params![registration.node_id, json, now as i64],
         )
         .map_err(internal)?;
-        ledger::ensure_account(&tx, &registration.provider_account, AccountKind::Provider, now)?;
+        ledger::ensure_account(
+            &tx,
+            &registration.provider_account,
+            AccountKind::Provider,
+            now,
+        )?;
         tx.commit().map_err(internal)
     }
 
     pub fn nodes(&self) -> Result<Vec<(RegisterNode, u64)>, WireError> {
-        let mut statement = self.conn.prepare("SELECT registration, registered_ms FROM nodes").map_err(internal)?;
+        let mut statement = self
+            .conn
+            .prepare("SELECT registration, registered_ms FROM nodes")
+            .map_err(internal)?;
         let rows = statement
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
             .map_err(internal)?;
         let mut nodes = Vec::new();
         for row in rows {
             let (json, registered_ms) = row.map_err(internal)?;
-            nodes.push((serde_json::from_str(&json).map_err(internal)?, registered_ms as u64));
+            nodes.push((
+                serde_json::from_str(&json).map_err(internal)?,
+                registered_ms as u64,
+            ));
         }
         Ok(nodes)
     }
@@ -591,35 +788,62 @@ impl Store {
     // ----- outbox -----
 
     pub fn outbox_batch(&self, limit: usize) -> Result<Vec<OutboxRow>, WireError> {
-        let mut statement =
-            self.conn.prepare("SELECT id, subject, payload FROM outbox ORDER BY id LIMIT ?1").map_err(internal)?;
+        let mut statement = self
+            .conn
+            .prepare("SELECT id, subject, payload FROM outbox ORDER BY id LIMIT ?1")
+            .map_err(internal)?;
         let rows = statement
-            .query_map([limit as i64], |r| Ok(OutboxRow { id: r.get(0)?, subject: r.get(1)?, payload: r.get(2)? }))
+            .query_map([limit as i64], |r| {
+                Ok(OutboxRow {
+                    id: r.get(0)?,
+                    subject: r.get(1)?,
+                    payload: r.get(2)?,
+                })
+            })
             .map_err(internal)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(internal)
     }
 
     pub fn outbox_done(&mut self, up_to_id: i64) -> Result<(), WireError> {
-        self.conn.execute("DELETE FROM outbox WHERE id <= ?1", [up_to_id]).map_err(internal)?;
+        self.conn
+            .execute("DELETE FROM outbox WHERE id <= ?1", [up_to_id])
+            .map_err(internal)?;
         Ok(())
     }
 }
 
-
 impl Ctx {
-    fn job_account_and_hold(tx: &Transaction<'_>, job_id: &str) -> Result<(String, i64), WireError> {
-        tx.query_row("SELECT account_id, max_cost_micros FROM jobs WHERE id = ?1", [job_id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+    fn job_account_and_hold(
+        tx: &Transaction<'_>,
+        job_id: &str,
+    ) -> Result<(String, i64), WireError> {
+        tx.query_row(
+            "SELECT account_id, max_cost_micros FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .map_err(internal)
     }
 
-    fn settle(&self, tx: &Transaction<'_>, job_id: &str, measured_micros: i64, now: u64) -> Result<(), WireError> {
+    fn settle(
+        &self,
+        tx: &Transaction<'_>,
+        job_id: &str,
+        measured_micros: i64,
+        now: u64,
+    ) -> Result<(), WireError> {
         let (account, hold) = Self::job_account_and_hold(tx, job_id)?;
-        let node_id: String =
-            tx.query_row("SELECT node_id FROM jobs WHERE id = ?1", [job_id], |r| r.get(0)).map_err(internal)?;
+        let node_id: String = tx
+            .query_row("SELECT node_id FROM jobs WHERE id = ?1", [job_id], |r| {
+                r.get(0)
+            })
+            .map_err(internal)?;
         let registration: String = tx
-            .query_row("SELECT registration FROM nodes WHERE id = ?1", [&node_id], |r| r.get(0))
+            .query_row(
+                "SELECT registration FROM nodes WHERE id = ?1",
+                [&node_id],
+                |r| r.get(0),
+            )
             .map_err(internal)?;
         let registration: RegisterNode = serde_json::from_str(&registration).map_err(internal)?;
         let provider = registration.provider_account;
@@ -647,23 +871,36 @@ impl Ctx {
             params![job_id, split.cost_micros, split.provider_micros, split.fee_micros, split.refund_micros],
         )
         .map_err(internal)?;
-        self.emit(tx, self.subjects.escrow_event(EscrowEventKind::Settled, job_id).map_err(internal)?, EventBody::Escrow {
-            job_id: job_id.to_owned(),
-            kind: EscrowKind::Settled,
-            account,
-            amount_micros: split.cost_micros,
-            provider_account: Some(provider),
-            provider_micros: Some(split.provider_micros),
-            fee_micros: Some(split.fee_micros),
-            refund_micros: Some(split.refund_micros),
-        }, now)
+        self.emit(
+            tx,
+            self.subjects
+                .escrow_event(EscrowEventKind::Settled, job_id)
+                .map_err(internal)?,
+            EventBody::Escrow {
+                job_id: job_id.to_owned(),
+                kind: EscrowKind::Settled,
+                account,
+                amount_micros: split.cost_micros,
+                provider_account: Some(provider),
+                provider_micros: Some(split.provider_micros),
+                fee_micros: Some(split.fee_micros),
+                refund_micros: Some(split.refund_micros),
+            },
+            now,
+        )
     }
 
     fn refund(&self, tx: &Transaction<'_>, job_id: &str, now: u64) -> Result<(), WireError> {
         let (account, hold) = Self::job_account_and_hold(tx, job_id)?;
         let escrow = escrow_account(job_id);
-        let applied =
-            ledger::post(tx, &format!("close:{job_id}"), "refund", Some(job_id), &[(&escrow, -hold), (&account, hold)], now)?;
+        let applied = ledger::post(
+            tx,
+            &format!("close:{job_id}"),
+            "refund",
+            Some(job_id),
+            &[(&escrow, -hold), (&account, hold)],
+            now,
+        )?;
         if applied == Applied::Duplicate {
             return Ok(());
         }
@@ -672,27 +909,42 @@ impl Ctx {
             params![job_id, hold],
         )
         .map_err(internal)?;
-        self.emit(tx, self.subjects.escrow_event(EscrowEventKind::Refunded, job_id).map_err(internal)?, EventBody::Escrow {
-            job_id: job_id.to_owned(),
-            kind: EscrowKind::Refunded,
-            account,
-            amount_micros: hold,
-            provider_account: None,
-            provider_micros: None,
-            fee_micros: None,
-            refund_micros: Some(hold),
-        }, now)
+        self.emit(
+            tx,
+            self.subjects
+                .escrow_event(EscrowEventKind::Refunded, job_id)
+                .map_err(internal)?,
+            EventBody::Escrow {
+                job_id: job_id.to_owned(),
+                kind: EscrowKind::Refunded,
+                account,
+                amount_micros: hold,
+                provider_account: None,
+                provider_micros: None,
+                fee_micros: None,
+                refund_micros: Some(hold),
+            },
+            now,
+        )
     }
 
-
-    fn emit(&self, tx: &Transaction<'_>, subject: String, body: EventBody, now: u64) -> Result<(), WireError> {
-        let event = Event { v: WIRE_VERSION, ts_ms: now, body };
+    fn emit(
+        &self,
+        tx: &Transaction<'_>,
+        subject: String,
+        body: EventBody,
+        now: u64,
+    ) -> Result<(), WireError> {
+        let event = Event {
+            v: WIRE_VERSION,
+            ts_ms: now,
+            body,
+        };
         let payload = serde_json::to_vec(&event).map_err(internal)?;
-        tx.execute("INSERT INTO outbox (subject, payload, created_ms) VALUES (?1, ?2, ?3)", params![
-            subject,
-            payload,
-            now as i64
-        ])
+        tx.execute(
+            "INSERT INTO outbox (subject, payload, created_ms) VALUES (?1, ?2, ?3)",
+            params![subject, payload, now as i64],
+        )
         .map_err(internal)?;
         Ok(())
     }
@@ -708,20 +960,30 @@ impl Ctx {
         reason: Option<&str>,
         now: u64,
     ) -> Result<(), WireError> {
-        let subject = self.subjects.job_event(state.as_str(), job_id).map_err(internal)?;
-        self.emit(tx, subject, EventBody::Job {
-            job_id: job_id.to_owned(),
-            state,
-            attempt,
-            node_id: node_id.map(str::to_owned),
-            reason: reason.map(str::to_owned),
-        }, now)
+        let subject = self
+            .subjects
+            .job_event(state.as_str(), job_id)
+            .map_err(internal)?;
+        self.emit(
+            tx,
+            subject,
+            EventBody::Job {
+                job_id: job_id.to_owned(),
+                state,
+                attempt,
+                node_id: node_id.map(str::to_owned),
+                reason: reason.map(str::to_owned),
+            },
+            now,
+        )
     }
-
 }
 
 fn no_account(account: &str) -> WireError {
-    WireError::new(ErrorCode::NotFound, format!("no account {account}: create it with `rhizos account create {account}`"))
+    WireError::new(
+        ErrorCode::NotFound,
+        format!("no account {account}: create it with `rhizos account create {account}`"),
+    )
 }
 
 /// The last `max_bytes` of `text`, cut at a character boundary.

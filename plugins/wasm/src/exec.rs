@@ -2,7 +2,8 @@
 
 use abi_stable::{sabi_trait::TD_Opaque, std_types::Tuple2};
 use rhizos_plugin_api::{
-    EventSinkBox, ExecOutcome, ExecRequest, Execution, ExecutionBox, Execution_TO, ExitKind, LogStream,
+    EventSinkBox, ExecOutcome, ExecRequest, Execution, Execution_TO, ExecutionBox, ExitKind,
+    LogStream,
     sdk::{LineSplitter, OutcomeSlot, panic_message},
 };
 use std::collections::HashMap;
@@ -48,18 +49,29 @@ impl WasmBackend {
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.clone();
         let stop = ticker_stop.clone();
-        std::thread::Builder::new().name("rhizos-wasm-epoch".into()).spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(EPOCH_TICK);
-                ticker_engine.increment_epoch();
-            }
-        })?;
-        Ok(Self { engine, linker: Arc::new(linker), runtime, cache: Arc::default(), ticker_stop })
+        std::thread::Builder::new()
+            .name("rhizos-wasm-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })?;
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            runtime,
+            cache: Arc::default(),
+            ticker_stop,
+        })
     }
 
     /// Starts an execution on the plugin's runtime and returns its handle at once.
     pub fn spawn(&self, request: ExecRequest, sink: EventSinkBox) -> ExecutionBox {
-        let shared = Arc::new(Shared { slot: OutcomeSlot::default(), cancel: Notify::new() });
+        let shared = Arc::new(Shared {
+            slot: OutcomeSlot::default(),
+            cancel: Notify::new(),
+        });
         let job = Job {
             engine: self.engine.clone(),
             linker: self.linker.clone(),
@@ -76,7 +88,11 @@ impl WasmBackend {
                     Ok(payload) => format!("wasm backend panicked: {}", panic_message(&*payload)),
                     Err(e) => format!("wasm execution task ended abnormally: {e}"),
                 };
-                supervisor_shared.slot.set(ExecOutcome::abnormal(ExitKind::Crashed, message, elapsed_ms(started)));
+                supervisor_shared.slot.set(ExecOutcome::abnormal(
+                    ExitKind::Crashed,
+                    message,
+                    elapsed_ms(started),
+                ));
             }
         });
         Execution_TO::from_value(Handle { shared }, TD_Opaque)
@@ -109,6 +125,24 @@ impl Execution for Handle {
     }
 }
 
+/// Ends an execution as `Crashed` when its task is dropped before it finished; a no-op after a
+/// normal end (the slot keeps its first outcome).
+struct EndOnDrop {
+    shared: Arc<Shared>,
+    started: Instant,
+}
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        let message = "the wasm backend shut down before the execution finished";
+        self.shared.slot.set(ExecOutcome::abnormal(
+            ExitKind::Crashed,
+            message,
+            elapsed_ms(self.started),
+        ));
+    }
+}
+
 /// Per-store state: the WASI context and the memory limiter.
 struct StoreData {
     wasi: WasiP1Ctx,
@@ -122,7 +156,12 @@ struct MemoryLimiter {
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.limit_bytes {
             self.refused_bytes = Some(desired);
             return Ok(false);
@@ -130,7 +169,12 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         // Tables hold references; cap them so a guest cannot use them to dodge the memory limit.
         Ok(desired <= 1_000_000)
     }
@@ -152,15 +196,30 @@ enum Ending {
 impl Job {
     async fn run(self, request: ExecRequest, sink: Arc<EventSinkBox>) {
         let started = Instant::now();
+        // If this future is dropped unfinished (the backend's runtime is shutting down), `wait`
+        // must still return.
+        let _guard = EndOnDrop {
+            shared: self.shared.clone(),
+            started,
+        };
         let outcome = self.execute(request, &sink, started).await;
         self.shared.slot.set(outcome);
     }
 
-    async fn execute(&self, request: ExecRequest, sink: &Arc<EventSinkBox>, started: Instant) -> ExecOutcome {
+    async fn execute(
+        &self,
+        request: ExecRequest,
+        sink: &Arc<EventSinkBox>,
+        started: Instant,
+    ) -> ExecOutcome {
         let module = match self.module(&request.workload) {
             Ok(module) => module,
             Err(e) => {
-                return ExecOutcome::abnormal(ExitKind::Rejected, format!("invalid WASM module: {e:#}"), elapsed_ms(started));
+                return ExecOutcome::abnormal(
+                    ExitKind::Rejected,
+                    format!("invalid WASM module: {e:#}"),
+                    elapsed_ms(started),
+                );
             }
         };
         let limit_bytes = usize::try_from(request.limits.memory_limit_bytes).unwrap_or(usize::MAX);
@@ -170,8 +229,11 @@ impl Job {
         let stderr = LineWriter::new(sink.clone(), LogStream::Stderr);
         let mut argv: Vec<String> = vec!["main.wasm".to_owned()];
         argv.extend(request.args.iter().map(|a| a.to_string()));
-        let env: Vec<(String, String)> =
-            request.env.iter().map(|Tuple2(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = request
+            .env
+            .iter()
+            .map(|Tuple2(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut builder = WasiCtxBuilder::new();
         builder
             .args(&argv)
@@ -179,10 +241,20 @@ impl Job {
             .stdin(MemoryInputPipe::new(request.stdin.to_vec()))
             .stdout(stdout.clone())
             .stderr(stderr.clone());
-        let data = StoreData { wasi: builder.build_p1(), limiter: MemoryLimiter { limit_bytes, refused_bytes: None } };
+        let data = StoreData {
+            wasi: builder.build_p1(),
+            limiter: MemoryLimiter {
+                limit_bytes,
+                refused_bytes: None,
+            },
+        };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|data| &mut data.limiter);
-        let ticks = request.limits.wall_timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1);
+        let ticks = request
+            .limits
+            .wall_timeout_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64)
+            .max(1);
         store.set_epoch_deadline(ticks);
 
         let ending = {
@@ -212,25 +284,40 @@ impl Job {
                 limit_bytes >> 20
             )
         };
-        let deadline_message = || format!("wall-clock deadline of {} ms exceeded", timeout.as_millis());
+        let deadline_message =
+            || format!("wall-clock deadline of {} ms exceeded", timeout.as_millis());
         match ending {
-            Ending::Deadline => ExecOutcome::abnormal(ExitKind::TimedOut, deadline_message(), elapsed),
-            Ending::Cancelled => ExecOutcome::abnormal(ExitKind::Cancelled, "cancelled by the host", elapsed),
+            Ending::Deadline => {
+                ExecOutcome::abnormal(ExitKind::TimedOut, deadline_message(), elapsed)
+            }
+            Ending::Cancelled => {
+                ExecOutcome::abnormal(ExitKind::Cancelled, "cancelled by the host", elapsed)
+            }
             Ending::Finished(Ok(())) => ExecOutcome::exited(0, elapsed),
             Ending::Finished(Err(error)) => {
                 if let Some(exit) = error.downcast_ref::<I32Exit>() {
                     match refused {
-                        Some(desired) if exit.0 != 0 => {
-                            ExecOutcome::abnormal(ExitKind::MemoryExceeded, memory_message(desired), elapsed)
-                        }
+                        Some(desired) if exit.0 != 0 => ExecOutcome::abnormal(
+                            ExitKind::MemoryExceeded,
+                            memory_message(desired),
+                            elapsed,
+                        ),
                         _ => ExecOutcome::exited(exit.0, elapsed),
                     }
                 } else if let Some(desired) = refused {
-                    ExecOutcome::abnormal(ExitKind::MemoryExceeded, memory_message(desired), elapsed)
+                    ExecOutcome::abnormal(
+                        ExitKind::MemoryExceeded,
+                        memory_message(desired),
+                        elapsed,
+                    )
                 } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                     ExecOutcome::abnormal(ExitKind::TimedOut, deadline_message(), elapsed)
                 } else if error.downcast_ref::<Trap>().is_some() {
-                    ExecOutcome::abnormal(ExitKind::Crashed, format!("wasm trap: {}", root_message(&error)), elapsed)
+                    ExecOutcome::abnormal(
+                        ExitKind::Crashed,
+                        format!("wasm trap: {}", root_message(&error)),
+                        elapsed,
+                    )
                 } else {
                     ExecOutcome::abnormal(ExitKind::Rejected, format!("{error:#}"), elapsed)
                 }
@@ -243,19 +330,34 @@ impl Job {
         let mut hasher = DefaultHasher::new();
         bytes.hash(&mut hasher);
         let key = hasher.finish();
-        if let Some(module) = self.cache.lock().unwrap_or_else(PoisonError::into_inner).get(key, bytes) {
+        if let Some(module) = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key, bytes)
+        {
             return Ok(module);
         }
         let module = Module::new(&self.engine, bytes)?;
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner).insert(key, bytes, module.clone());
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, bytes, module.clone());
         Ok(module)
     }
 }
 
 /// The trap description plus the guest's wasm backtrace headline, without the long frame list.
 fn root_message(error: &wasmtime::Error) -> String {
-    let trap = error.downcast_ref::<Trap>().map(|t| t.to_string()).unwrap_or_default();
-    if trap.is_empty() { format!("{error}") } else { trap }
+    let trap = error
+        .downcast_ref::<Trap>()
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    if trap.is_empty() {
+        format!("{error}")
+    } else {
+        trap
+    }
 }
 
 fn elapsed_ms(started: Instant) -> u64 {
@@ -283,12 +385,17 @@ impl ModuleCache {
 
     fn insert(&mut self, key: u64, bytes: &[u8], module: Module) {
         if self.entries.len() >= MODULE_CACHE_ENTRIES
-            && let Some(oldest) = self.entries.iter().min_by_key(|(_, (_, _, used))| *used).map(|(k, _)| *k)
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, _, used))| *used)
+                .map(|(k, _)| *k)
         {
             self.entries.remove(&oldest);
         }
         self.clock += 1;
-        self.entries.insert(key, (bytes.to_vec(), module, self.clock));
+        self.entries
+            .insert(key, (bytes.to_vec(), module, self.clock));
     }
 }
 
@@ -301,15 +408,24 @@ struct LineWriter {
 
 impl LineWriter {
     fn new(sink: Arc<EventSinkBox>, stream: LogStream) -> Self {
-        Self { sink, splitter: Arc::new(Mutex::new(LineSplitter::new(stream))) }
+        Self {
+            sink,
+            splitter: Arc::new(Mutex::new(LineSplitter::new(stream))),
+        }
     }
 
     fn write(&self, bytes: &[u8]) {
-        self.splitter.lock().unwrap_or_else(PoisonError::into_inner).push(&self.sink, bytes);
+        self.splitter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(&self.sink, bytes);
     }
 
     fn finish(&self) {
-        self.splitter.lock().unwrap_or_else(PoisonError::into_inner).finish(&self.sink);
+        self.splitter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .finish(&self.sink);
     }
 }
 
@@ -326,7 +442,11 @@ impl StdoutStream for LineWriter {
 }
 
 impl AsyncWrite for LineWriter {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.write(buf);
         Poll::Ready(Ok(buf.len()))
     }

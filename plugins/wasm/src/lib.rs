@@ -19,14 +19,18 @@ use abi_stable::{
     std_types::{RErr, ROk, RResult, RStr, RString, RVec},
 };
 use rhizos_plugin_api::{
-    Backend, BackendBox, BackendPlugin, BackendPluginRef, Backend_TO, EventSinkBox, ExecRequest, ExecutionBox,
-    PluginInfo, PluginKind, sdk::catch_panic,
+    Backend, Backend_TO, BackendBox, BackendPlugin, BackendPluginRef, EventSinkBox, ExecRequest,
+    ExecutionBox, PluginInfo, PluginKind, sdk::catch_panic,
 };
 
 /// Exported root module: what the agent finds when it loads this library.
 #[export_root_module]
 pub fn get_library() -> BackendPluginRef {
-    BackendPlugin { describe, new_backend }.leak_into_prefix()
+    BackendPlugin {
+        describe,
+        new_backend,
+    }
+    .leak_into_prefix()
 }
 
 #[sabi_extern_fn]
@@ -50,7 +54,9 @@ fn new_backend(config: RStr<'_>) -> RResult<BackendBox, RString> {
         }
         match exec::WasmBackend::new() {
             Ok(backend) => ROk(Backend_TO::from_value(backend, TD_Opaque)),
-            Err(e) => RErr(RString::from(format!("cannot start the wasm backend: {e:#}"))),
+            Err(e) => RErr(RString::from(format!(
+                "cannot start the wasm backend: {e:#}"
+            ))),
         }
     })
 }

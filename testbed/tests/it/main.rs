@@ -1,1 +1,7 @@
-mod x{}
+//! End-to-end tests: a real nats-server, the orchestrator with a real SQLite ledger, agents
+//! loading the real wasm plugin (`cargo build --workspace` first), and guests built from source.
+
+mod common;
+mod jobs;
+mod plugins;
+mod protocol;

@@ -1,0 +1,258 @@
+//! A whole RhizOS network in one process, for tests and benchmarks: a real `nats-server`, the
+//! orchestrator with its SQLite ledger in a temp dir, and N agents loading real plugin files.
+
+use anyhow::Context as _;
+use rhizos_broker::server::{LaunchOptions, NatsServer};
+use rhizos_broker::wire::{
+    AccountRef, AccountView, Deposit, JobRef, JobSpec, JobView, Pricing, SubmitJob, SubmitJobReply,
+    WIRE_VERSION, Workload, b64_encode,
+};
+use rhizos_broker::{Bus, Settings};
+use rhizos_core::{Agent, Orchestrator};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub agents: usize,
+    pub pricing: Pricing,
+    /// Plugin files put in every agent's plugin dir (default: the wasm backend).
+    pub plugin_files: Vec<PathBuf>,
+    pub heartbeat_interval_ms: u64,
+    pub max_concurrent: u32,
+    pub fee_bps: u32,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            agents: 1,
+            // $36 per CPU-hour = 10 micro-USD per ms: costs big enough to show every rounding.
+            pricing: Pricing {
+                gpu_hour_cents: 0,
+                cpu_hour_cents: 3_600,
+                memory_gb_hour_cents: 0,
+            },
+            plugin_files: Vec::new(),
+            heartbeat_interval_ms: 1_000,
+            max_concurrent: 4,
+            fee_bps: 500,
+        }
+    }
+}
+
+pub struct Cluster {
+    pub nats: NatsServer,
+    pub settings: Settings,
+    pub bus: Bus,
+    pub orchestrator: Orchestrator,
+    pub agents: Vec<Agent>,
+    pub data_dir: tempfile::TempDir,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+fn stopped(mut receiver: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> {
+    async move {
+        let _ = receiver.wait_for(|stop| *stop).await;
+    }
+}
+
+impl Cluster {
+    pub async fn start(options: ClusterOptions) -> anyhow::Result<Self> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("rhizos-cluster-")
+            .tempdir()?;
+        let nats = NatsServer::start(LaunchOptions {
+            port: None,
+            data_dir: Some(data_dir.path().join("nats")),
+        })?;
+        let mut settings = Settings::default();
+        settings.nats.url = nats.url();
+        settings.nats.namespace = format!("t{}", &uuid_like()[..12]);
+        settings.orchestrator.data_dir = data_dir.path().join("orchestrator");
+        settings.orchestrator.fee_bps = options.fee_bps;
+        settings.pricing = options.pricing;
+        let bus = Bus::connect(&settings.nats).await?;
+        let (stop, receiver) = watch::channel(false);
+
+        let orchestrator = Orchestrator::open(
+            Bus::connect(&settings.nats).await?,
+            settings.orchestrator.clone(),
+        )
+        .await?;
+        let mut tasks = vec![tokio::spawn(
+            orchestrator.clone().run(stopped(receiver.clone())),
+        )];
+
+        let plugin_files = if options.plugin_files.is_empty() {
+            vec![crate::plugin_file("rhizos_plugin_wasm")?]
+        } else {
+            options.plugin_files.clone()
+        };
+        let mut agents = Vec::new();
+        for index in 0..options.agents {
+            let plugin_dir = data_dir.path().join(format!("plugins-{index}"));
+            std::fs::create_dir_all(&plugin_dir)?;
+            for file in &plugin_files {
+                let name = file.file_name().context("plugin path has no file name")?;
+                std::fs::copy(file, plugin_dir.join(name))
+                    .with_context(|| format!("copying {}", file.display()))?;
+            }
+            let mut agent_settings = settings.agent.clone();
+            agent_settings.node_id = Some(format!("node-{index}"));
+            agent_settings.provider_account = format!("provider-{index}");
+            agent_settings.plugin_dir = plugin_dir;
+            agent_settings.heartbeat_interval_ms = options.heartbeat_interval_ms;
+            agent_settings.max_concurrent = options.max_concurrent;
+            let agent = Agent::new(
+                Bus::connect(&settings.nats).await?,
+                agent_settings,
+                options.pricing,
+            )?;
+            tasks.push(tokio::spawn(agent.clone().run(stopped(receiver.clone()))));
+            agents.push(agent);
+        }
+        let cluster = Self {
+            nats,
+            settings,
+            bus,
+            orchestrator,
+            agents,
+            data_dir,
+            stop,
+            tasks,
+        };
+        cluster.wait_for_nodes(options.agents).await?;
+        Ok(cluster)
+    }
+
+    /// Waits until `count` nodes are registered and live in the orchestrator.
+    async fn wait_for_nodes(&self, count: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let registered = self.orchestrator.live_nodes();
+            if registered >= count {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {registered} of {count} nodes registered within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn ledger_path(&self) -> PathBuf {
+        self.settings.orchestrator.data_dir.join("ledger.db")
+    }
+
+    /// Creates `account` and deposits `micros` into it.
+    pub async fn funded_account(&self, account: &str, micros: i64) -> anyhow::Result<AccountView> {
+        let subjects = &self.bus.subjects;
+        let _: AccountView = self
+            .bus
+            .request(
+                subjects.account_create(),
+                &AccountRef {
+                    v: WIRE_VERSION,
+                    account: account.into(),
+                },
+            )
+            .await?;
+        let deposit = Deposit {
+            v: WIRE_VERSION,
+            account: account.into(),
+            amount_micros: micros,
+            idempotency_key: None,
+        };
+        Ok(self
+            .bus
+            .request(subjects.account_deposit(), &deposit)
+            .await?)
+    }
+
+    pub async fn balance(&self, account: &str) -> anyhow::Result<AccountView> {
+        let request = AccountRef {
+            v: WIRE_VERSION,
+            account: account.into(),
+        };
+        Ok(self
+            .bus
+            .request(self.bus.subjects.account_balance(), &request)
+            .await?)
+    }
+
+    pub async fn submit(
+        &self,
+        request: &SubmitJob,
+    ) -> Result<SubmitJobReply, rhizos_broker::RequestError> {
+        self.bus
+            .request(self.bus.subjects.job_submit(), request)
+            .await
+    }
+
+    pub async fn job(&self, job_id: &str) -> anyhow::Result<JobView> {
+        Ok(self
+            .bus
+            .request(
+                self.bus.subjects.job_get(),
+                &JobRef {
+                    v: WIRE_VERSION,
+                    job_id: job_id.into(),
+                },
+            )
+            .await?)
+    }
+
+    /// Polls until the job has ended and its money is settled or refunded.
+    pub async fn wait_for_end(&self, job_id: &str, limit: Duration) -> anyhow::Result<JobView> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let job = self.job(job_id).await?;
+            if job.state.is_terminal() && job.cost_micros.is_some() {
+                return Ok(job);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "job {job_id} still {:?} after {limit:?}",
+                job.state
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops every daemon and waits for them.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+/// A job spec running `module` with `args`, 1 core, 64 MiB, `timeout_ms`.
+pub fn wasm_spec(module: &[u8], args: &[&str], timeout_ms: u64) -> JobSpec {
+    JobSpec {
+        workload: Workload::Wasm {
+            module_b64: b64_encode(module),
+        },
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        env: Default::default(),
+        stdin_b64: None,
+        timeout_ms,
+        memory_mib: 64,
+        cpu_cores: 1,
+    }
+}
+
+/// A fresh id usable as a subject token.
+pub fn uuid_like() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let a = RandomState::new().hash_one(std::time::SystemTime::now());
+    let b = RandomState::new().hash_one(std::process::id());
+    format!("{a:016x}{b:016x}")
+}

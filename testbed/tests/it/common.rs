@@ -1,0 +1,71 @@
+//! Helpers shared by the end-to-end tests.
+
+use rhizos_broker::wire::{JobSpec, SubmitJob, WIRE_VERSION};
+use rhizos_testbed::{Cluster, ClusterOptions};
+use std::collections::HashMap;
+
+pub async fn cluster() -> Cluster {
+    Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster starts")
+}
+
+pub fn demo() -> Vec<u8> {
+    std::fs::read(rhizos_testbed::guests::demo_wasm().expect("demo guest builds"))
+        .expect("demo guest readable")
+}
+
+pub fn submit_request(
+    account: &str,
+    job_id: &str,
+    spec: JobSpec,
+    max_cost_micros: i64,
+) -> SubmitJob {
+    SubmitJob {
+        v: WIRE_VERSION,
+        job_id: Some(job_id.into()),
+        account: account.into(),
+        spec,
+        max_cost_micros,
+    }
+}
+
+/// Every account balance, read straight from the ledger file.
+pub fn balances(cluster: &Cluster) -> HashMap<String, i64> {
+    let conn = rusqlite::Connection::open(cluster.ledger_path()).expect("ledger opens");
+    let mut statement = conn
+        .prepare("SELECT id, balance_micros FROM accounts")
+        .expect("query");
+    statement
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("rows")
+        .map(|r| r.expect("row"))
+        .collect()
+}
+
+/// Ledger transactions recorded for a job, by kind.
+pub fn ledger_kinds(cluster: &Cluster, job_id: &str) -> Vec<String> {
+    let conn = rusqlite::Connection::open(cluster.ledger_path()).expect("ledger opens");
+    let mut statement = conn
+        .prepare("SELECT kind FROM ledger_tx WHERE job_id = ?1 ORDER BY id")
+        .expect("query");
+    statement
+        .query_map([job_id], |r| r.get(0))
+        .expect("rows")
+        .map(|r| r.expect("row"))
+        .collect()
+}
+
+pub async fn assert_ledger_consistent(cluster: &Cluster) {
+    let report = cluster
+        .orchestrator
+        .verify_ledger()
+        .await
+        .expect("verify runs");
+    assert!(
+        report.is_ok(),
+        "ledger invariants broken: {:?}",
+        report.problems
+    );
+    assert_eq!(report.postings_sum_micros, 0);
+}

@@ -1,0 +1,261 @@
+//! Jobs end to end: success with exact money, failures with full refunds, insufficient funds.
+
+use crate::common::*;
+use futures::StreamExt as _;
+use rhizos_broker::wire::{ErrorCode, JobState, LogLine, LogStream, Pricing};
+use rhizos_core::ledger;
+use rhizos_testbed::cluster::wasm_spec;
+use std::time::Duration;
+
+const USD: i64 = 1_000_000;
+
+#[tokio::test]
+async fn demo_job_succeeds_streams_logs_in_order_and_settles_to_the_micro() {
+    let cluster = cluster().await;
+    cluster.funded_account("alice", 2 * USD).await.unwrap();
+    let mut logs = cluster
+        .bus
+        .client
+        .subscribe(cluster.bus.subjects.job_log("demo-1").unwrap())
+        .await
+        .unwrap();
+    cluster.bus.client.flush().await.unwrap();
+
+    let request = submit_request(
+        "alice",
+        "demo-1",
+        wasm_spec(&demo(), &["hello", "tester"], 30_000),
+        USD,
+    );
+    let reply = cluster.submit(&request).await.unwrap();
+    assert_eq!(reply.job_id, "demo-1");
+    assert_eq!(reply.state, JobState::Pending);
+    let job = cluster
+        .wait_for_end("demo-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert_eq!(job.exit_code, Some(0));
+    let expected: Vec<String> = std::iter::once("Hello from RhizOS, tester!".to_owned())
+        .chain((1..=5).map(|i| format!("working... step {i}/5")))
+        .chain(std::iter::once("done".to_owned()))
+        .collect();
+    assert_eq!(
+        job.stdout.as_deref(),
+        Some(format!("{}\n", expected.join("\n")).as_str())
+    );
+
+    // Every line arrived, in order, with gapless sequence numbers.
+    let mut received = Vec::new();
+    while received.len() < expected.len() {
+        let message = tokio::time::timeout(Duration::from_secs(5), logs.next())
+            .await
+            .expect("log line")
+            .unwrap();
+        received.push(serde_json::from_slice::<LogLine>(&message.payload).unwrap());
+    }
+    assert_eq!(
+        received.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        (0..expected.len() as u64).collect::<Vec<_>>()
+    );
+    assert!(
+        received
+            .iter()
+            .all(|l| l.stream == LogStream::Stdout && l.attempt == 1)
+    );
+    assert_eq!(
+        received.iter().map(|l| l.line.clone()).collect::<Vec<_>>(),
+        expected
+    );
+
+    // The money, to the micro: cost = run time × 1 core × $36/h = 10 micro-USD per ms.
+    let elapsed_ms = job.elapsed_ms.expect("run time recorded");
+    assert!(
+        elapsed_ms >= 500,
+        "the demo sleeps 5 × 100 ms, ran {elapsed_ms} ms"
+    );
+    let pricing = Pricing {
+        gpu_hour_cents: 0,
+        cpu_hour_cents: 3_600,
+        memory_gb_hour_cents: 0,
+    };
+    let cost = ledger::cost_micros(elapsed_ms, 1, 64, 0, &pricing);
+    assert_eq!(cost, elapsed_ms as i64 * 10);
+    let fee = (cost * 500 + 5_000) / 10_000;
+    assert_eq!(job.cost_micros, Some(cost));
+    assert_eq!(job.fee_micros, Some(fee));
+    assert_eq!(job.provider_micros, Some(cost - fee));
+    assert_eq!(job.refund_micros, Some(USD - cost));
+
+    let balances = balances(&cluster);
+    assert_eq!(balances["alice"], 2 * USD - cost);
+    assert_eq!(balances["provider-0"], cost - fee);
+    assert_eq!(balances[ledger::PLATFORM_FEES], fee);
+    assert_eq!(balances["escrow:demo-1"], 0);
+    assert_eq!(balances[ledger::EXTERNAL], -2 * USD);
+    assert_eq!(ledger_kinds(&cluster, "demo-1"), ["hold", "settle"]);
+    assert_eq!(cluster.balance("alice").await.unwrap().held_micros, 0);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn failing_jobs_fail_with_their_reason_and_are_refunded_in_full() {
+    let cluster = cluster().await;
+    cluster.funded_account("bob", 5 * USD).await.unwrap();
+    let module = demo();
+    let mut big = wasm_spec(&module, &["alloc", "256"], 30_000);
+    big.memory_mib = 32;
+    let cases = [
+        ("trap", wasm_spec(&module, &["trap"], 30_000), "wasm trap"),
+        (
+            "exit",
+            wasm_spec(&module, &["exit", "3"], 30_000),
+            "exited with code 3",
+        ),
+        (
+            "spin",
+            wasm_spec(&module, &["spin"], 500),
+            "wall-clock deadline of 500 ms exceeded",
+        ),
+        (
+            "sleep",
+            wasm_spec(&module, &["sleep", "60000"], 500),
+            "wall-clock deadline of 500 ms exceeded",
+        ),
+        ("alloc", big, "memory limit exceeded"),
+        (
+            "garbage",
+            wasm_spec(b"(module (func (i32.bogus)))", &[], 1_000),
+            "invalid WASM module",
+        ),
+        (
+            "nostart",
+            wasm_spec(b"(module)", &[], 1_000),
+            "exports no `_start`",
+        ),
+    ];
+    for (name, spec, _) in &cases {
+        cluster
+            .submit(&submit_request("bob", name, spec.clone(), 400_000))
+            .await
+            .unwrap();
+    }
+    for (name, _, reason) in &cases {
+        let job = cluster
+            .wait_for_end(name, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(job.state, JobState::Failed, "{name}: {job:?}");
+        let got = job.reason.clone().unwrap_or_default();
+        assert!(
+            got.contains(reason),
+            "{name}: reason {got:?} should contain {reason:?}"
+        );
+        assert_eq!(
+            (job.cost_micros, job.fee_micros, job.refund_micros),
+            (Some(0), Some(0), Some(400_000)),
+            "{name}"
+        );
+        assert_eq!(ledger_kinds(&cluster, name), ["hold", "refund"], "{name}");
+    }
+    let exit_job = cluster.job("exit").await.unwrap();
+    assert_eq!(exit_job.exit_code, Some(3));
+    assert_eq!(
+        exit_job.stderr.as_deref(),
+        Some("exiting with code 3 as asked\n")
+    );
+
+    let balances = balances(&cluster);
+    assert_eq!(balances["bob"], 5 * USD, "every failure refunded in full");
+    assert_eq!(balances.get("provider-0").copied().unwrap_or(0), 0);
+    assert_eq!(balances[ledger::PLATFORM_FEES], 0);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn insufficient_balance_is_rejected_and_nothing_is_held() {
+    let cluster = cluster().await;
+    cluster.funded_account("carol", 1_000).await.unwrap();
+    let request = submit_request("carol", "too-dear", wasm_spec(&demo(), &[], 100), 5_000);
+    let error = cluster.submit(&request).await.unwrap_err();
+    let remote = error.remote().expect("an error reply");
+    assert_eq!(remote.code, ErrorCode::InsufficientFunds);
+    assert!(
+        remote.message.contains("carol has $0.001000"),
+        "{}",
+        remote.message
+    );
+
+    let account = cluster.balance("carol").await.unwrap();
+    assert_eq!((account.balance_micros, account.held_micros), (1_000, 0));
+    let not_found = cluster.job("too-dear").await.unwrap_err().to_string();
+    assert!(not_found.contains("no job too-dear"), "{not_found}");
+    assert!(ledger_kinds(&cluster, "too-dear").is_empty());
+    assert!(!balances(&cluster).contains_key("escrow:too-dear"));
+
+    // Unknown accounts are refused the same way.
+    let error = cluster
+        .submit(&submit_request(
+            "nobody",
+            "j2",
+            wasm_spec(&demo(), &[], 100),
+            5_000,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error.remote().unwrap().code, ErrorCode::NotFound);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn cancelling_a_running_job_stops_it_and_charges_the_time_used() {
+    let cluster = cluster().await;
+    cluster.funded_account("dan", USD).await.unwrap();
+    cluster
+        .submit(&submit_request(
+            "dan",
+            "long",
+            wasm_spec(&demo(), &["sleep", "60000"], 60_000),
+            USD,
+        ))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.job("long").await.unwrap().state != JobState::Running {
+        assert!(std::time::Instant::now() < deadline, "job never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let request = rhizos_broker::wire::JobRef {
+        v: 1,
+        job_id: "long".into(),
+    };
+    let _: rhizos_broker::wire::JobView = cluster
+        .bus
+        .request(cluster.bus.subjects.job_cancel(), &request)
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("long", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Cancelled, "{job:?}");
+    let cost = job.cost_micros.unwrap();
+    assert_eq!(cost, job.elapsed_ms.unwrap() as i64 * 10);
+    assert!(cost >= 3_000, "ran at least 300 ms: {cost}");
+    assert_eq!(balances(&cluster)["dan"], USD - cost);
+
+    // Cancelling before start refunds everything; cancelling an ended job is an error.
+    let error = cluster
+        .bus
+        .request::<_, rhizos_broker::wire::JobView>(cluster.bus.subjects.job_cancel(), &request)
+        .await
+        .unwrap_err();
+    assert_eq!(error.remote().unwrap().code, ErrorCode::InvalidState);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}

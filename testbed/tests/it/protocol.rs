@@ -1,0 +1,193 @@
+//! Bad input on the bus gets clear error replies, and results are settled exactly once.
+
+use crate::common::*;
+use bytes::Bytes;
+use rhizos_broker::wire::{
+    Ack, ErrorCode, ExecutionOutcome, ExitKind, JobReport, JobState, ReportPhase, SubmitJobReply,
+    WIRE_VERSION,
+};
+use rhizos_testbed::cluster::wasm_spec;
+use std::time::Duration;
+
+#[tokio::test]
+async fn malformed_oversized_and_wrong_version_requests_get_errors_and_serving_continues() {
+    let cluster = cluster().await;
+    cluster.funded_account("erin", 1_000_000).await.unwrap();
+    let bus = &cluster.bus;
+    let submit = bus.subjects.job_submit();
+    let valid = serde_json::to_value(submit_request(
+        "erin",
+        "ok-1",
+        wasm_spec(&demo(), &["count", "2"], 30_000),
+        500_000,
+    ))
+    .unwrap();
+
+    let mut wrong_version = valid.clone();
+    wrong_version["v"] = 2.into();
+    let mut missing_field = valid.clone();
+    missing_field.as_object_mut().unwrap().remove("spec");
+    let mut bad_account = valid.clone();
+    bad_account["account"] = "Erin.*".into();
+    let mut negative_cost = valid.clone();
+    negative_cost["max_cost_micros"] = (-5).into();
+    let mut bad_base64 = valid.clone();
+    bad_base64["spec"]["workload"]["module_b64"] = "%%%".into();
+    let cases: Vec<(&str, Bytes, ErrorCode, &str)> = vec![
+        (
+            "not json",
+            Bytes::from_static(b"{{{ nope"),
+            ErrorCode::BadRequest,
+            "not a JSON object",
+        ),
+        (
+            "empty",
+            Bytes::new(),
+            ErrorCode::BadRequest,
+            "not a JSON object",
+        ),
+        (
+            "oversized",
+            Bytes::from(vec![b' '; 1_000_000]),
+            ErrorCode::TooLarge,
+            "the limit is 921600 bytes",
+        ),
+        (
+            "wrong version",
+            serde_json::to_vec(&wrong_version).unwrap().into(),
+            ErrorCode::UnsupportedVersion,
+            "version 2",
+        ),
+        (
+            "missing spec",
+            serde_json::to_vec(&missing_field).unwrap().into(),
+            ErrorCode::BadRequest,
+            "spec",
+        ),
+        (
+            "bad account",
+            serde_json::to_vec(&bad_account).unwrap().into(),
+            ErrorCode::BadRequest,
+            "invalid account",
+        ),
+        (
+            "negative cost",
+            serde_json::to_vec(&negative_cost).unwrap().into(),
+            ErrorCode::BadRequest,
+            "max_cost_micros",
+        ),
+        (
+            "bad base64",
+            serde_json::to_vec(&bad_base64).unwrap().into(),
+            ErrorCode::BadRequest,
+            "base64",
+        ),
+    ];
+    for (name, payload, code, text) in cases {
+        let error = bus
+            .request_raw::<SubmitJobReply>(submit.clone(), payload)
+            .await
+            .unwrap_err();
+        let remote = error
+            .remote()
+            .unwrap_or_else(|| panic!("{name}: expected an error reply, got {error}"));
+        assert_eq!(remote.code, code, "{name}: {}", remote.message);
+        assert!(
+            remote.message.contains(text),
+            "{name}: {:?} should mention {text:?}",
+            remote.message
+        );
+    }
+    let unknown = format!("{}frobnicate", submit.trim_end_matches("submit"));
+    let error = bus
+        .request_raw::<SubmitJobReply>(unknown, Bytes::from_static(b"{}"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.remote().unwrap().code, ErrorCode::UnsupportedSubject);
+
+    // Nothing was held by the refused requests, and the next valid one is served.
+    assert_eq!(
+        cluster.balance("erin").await.unwrap().balance_micros,
+        1_000_000
+    );
+    let reply: SubmitJobReply = bus
+        .request_raw(submit, serde_json::to_vec(&valid).unwrap().into())
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end(&reply.job_id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(job.stdout.as_deref(), Some("line 1\nline 2\n"));
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_same_result_reported_twice_is_settled_once() {
+    let cluster = cluster().await;
+    cluster.funded_account("finn", 1_000_000).await.unwrap();
+    cluster
+        .submit(&submit_request(
+            "finn",
+            "twice",
+            wasm_spec(&demo(), &["count", "1"], 30_000),
+            500_000,
+        ))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("twice", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    let before = balances(&cluster);
+
+    // A replayed report (a retry after a lost ack), even one claiming a longer run, pays nothing.
+    let replay = JobReport {
+        v: WIRE_VERSION,
+        node_id: "node-0".into(),
+        job_id: "twice".into(),
+        attempt: 1,
+        phase: ReportPhase::Finished {
+            outcome: ExecutionOutcome {
+                kind: ExitKind::Exited,
+                exit_code: Some(0),
+                message: None,
+                elapsed_ms: 40_000,
+                stdout: String::new(),
+                stderr: String::new(),
+            },
+        },
+    };
+    let subject = cluster.bus.subjects.job_report();
+    let ack: Ack = cluster.bus.request(subject.clone(), &replay).await.unwrap();
+    assert_eq!(
+        ack,
+        Ack {
+            accepted: true,
+            note: Some("already recorded".into())
+        }
+    );
+    // A report for an attempt the job never had is refused, and pays nothing either.
+    let stale = JobReport {
+        attempt: 7,
+        ..replay.clone()
+    };
+    let ack: Ack = cluster.bus.request(subject.clone(), &stale).await.unwrap();
+    assert!(!ack.accepted);
+    assert!(ack.note.unwrap().contains("not current"));
+    let wrong_node = JobReport {
+        node_id: "node-9".into(),
+        ..replay
+    };
+    let ack: Ack = cluster.bus.request(subject, &wrong_node).await.unwrap();
+    assert!(!ack.accepted);
+
+    assert_eq!(balances(&cluster), before);
+    assert_eq!(ledger_kinds(&cluster, "twice"), ["hold", "settle"]);
+    assert_eq!(cluster.job("twice").await.unwrap(), job);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
