@@ -54,10 +54,8 @@ pub struct Cluster {
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
-fn stopped(mut receiver: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> {
-    async move {
-        let _ = receiver.wait_for(|stop| *stop).await;
-    }
+async fn stopped(mut receiver: watch::Receiver<bool>) {
+    let _ = receiver.wait_for(|stop| *stop).await;
 }
 
 impl Cluster {

@@ -30,6 +30,9 @@ use tokio::sync::mpsc;
 /// Largest assignment accepted (inline WASM modules are base64 in it).
 const MAX_ASSIGN_BYTES: usize = 2 * 1024 * 1024;
 
+/// Executions by (job, attempt); `None` while the plugin is still starting one.
+type Executions = HashMap<(String, u32), Option<Arc<ExecutionBox>>>;
+
 /// The node agent. Cheap to clone.
 #[derive(Clone)]
 pub struct Agent {
@@ -43,8 +46,7 @@ struct Inner {
     pricing: Pricing,
     plugins: PluginSet,
     hardware: hardware::Hardware,
-    /// Executions by (job, attempt); `None` while the plugin is still starting it.
-    executions: Mutex<HashMap<(String, u32), Option<Arc<ExecutionBox>>>>,
+    executions: Mutex<Executions>,
 }
 
 impl Agent {
@@ -138,9 +140,7 @@ impl Agent {
             .collect()
     }
 
-    fn executions(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Option<Arc<ExecutionBox>>>> {
+    fn executions(&self) -> std::sync::MutexGuard<'_, Executions> {
         self.inner
             .executions
             .lock()

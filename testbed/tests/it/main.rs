@@ -1,5 +1,6 @@
 //! End-to-end tests: a real nats-server, the orchestrator with a real SQLite ledger, agents
 //! loading the real wasm plugin (`cargo build --workspace` first), and guests built from source.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 mod jobs;
