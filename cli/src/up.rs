@@ -71,7 +71,7 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     )
     .await
     .context("failed to start the orchestrator")?;
-    let orchestrator_task = tokio::spawn(orchestrator.run(stopped(stop.clone())));
+    let orchestrator_task = tokio::spawn(orchestrator.clone().run(stopped(stop.clone())));
     eprintln!(
         "✓ orchestrator (ledger {})",
         data_dir.join("ledger.db").display()
@@ -95,8 +95,17 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         }
     }
     let agent_task = tokio::spawn(agent.run(stopped(stop.clone())));
+    // Ready means ready: the agent has registered and can be given jobs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while orchestrator.live_nodes() == 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent did not register within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     eprintln!(
-        "✓ agent {} (plugins from {})",
+        "✓ agent {} registered (plugins from {})",
         args.node_id,
         plugin_dir.display()
     );

@@ -57,8 +57,12 @@ fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Op
     let estimate = estimate_micros(spec, node);
     if estimate > max_cost_micros {
         return Some(format!(
-            "{}: the full timeout would cost up to {} micro-USD > max cost {max_cost_micros}",
-            node.node_id, estimate
+            "{}: running for the whole timeout ({} ms) could cost up to {} at its prices, above the max cost \
+             of {} (raise the max cost or lower the timeout)",
+            node.node_id,
+            spec.timeout_ms,
+            crate::orchestrator::store::format_usd(estimate),
+            crate::orchestrator::store::format_usd(max_cost_micros)
         ));
     }
     None
@@ -288,7 +292,9 @@ mod tests {
         let err = registry.feasibility(&spec(), 10).unwrap_err();
         assert_eq!(err.code, ErrorCode::NoCapacity);
         assert!(
-            err.message.contains("50000 micro-USD > max cost 10"),
+            err.message.contains(
+                "could cost up to $0.050000 at its prices, above the max cost of $0.000010"
+            ),
             "{}",
             err.message
         );

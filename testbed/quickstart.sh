@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The README's first command: builds RhizOS, brings up a local network (`rhizos up`: nats-server,
+# orchestrator, one agent with the wasm plugin), runs the demo job end to end — logs streamed, result,
+# escrow settled with the 5% fee — then stops the network. `--keep` leaves it running.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+cd "$RHIZOS_ROOT"
+keep=false
+[ "${1:-}" = "--keep" ] && keep=true
+
+echo "» building RhizOS (first build takes a few minutes)"
+cargo build --workspace --quiet
+cargo build --release --quiet --target wasm32-wasip1 \
+  --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
+demo_wasm=target/guests/wasm32-wasip1/release/rhizos-demo.wasm
+rhizos=target/debug/rhizos
+
+# A demo price of $36 per CPU-hour makes the sub-second demo cost visible to the micro-dollar.
+export RHIZOS_PRICING__CPU_HOUR_CENTS="${RHIZOS_PRICING__CPU_HOUR_CENTS:-3600}"
+export RHIZOS_NATS__NAMESPACE="${RHIZOS_NATS__NAMESPACE:-demo}"
+# A fresh network each time, so the demo's numbers read the same on every run.
+rm -rf .rhizos/network
+mkdir -p .rhizos
+log=.rhizos/up.log
+echo "» rhizos up (log: $log)"
+"$rhizos" up --data-dir .rhizos/network >"$log" 2>&1 &
+up_pid=$!
+stop() { kill -INT "$up_pid" 2>/dev/null && wait "$up_pid" 2>/dev/null || true; }
+$keep || trap stop EXIT
+for _ in $(seq 1 150); do
+  grep -q "RhizOS is up" "$log" && break
+  kill -0 "$up_pid" 2>/dev/null || { cat "$log"; echo "error: rhizos up exited" >&2; exit 1; }
+  sleep 0.2
+done
+grep -q "RhizOS is up" "$log" || { cat "$log"; echo "error: the network did not come up in 30 s" >&2; exit 1; }
+grep -E "^(✓|✗|!)" "$log"
+
+echo
+echo "» rhizos account create demo-user && rhizos account deposit demo-user 1"
+"$rhizos" account create demo-user 2>/dev/null || true
+"$rhizos" account deposit demo-user 1
+echo
+echo "» rhizos job submit --account demo-user --wasm $demo_wasm --arg hello --arg RhizOS --timeout-secs 5 --max-cost 0.10 --wait"
+"$rhizos" job submit --account demo-user --wasm "$demo_wasm" --arg hello --arg RhizOS --timeout-secs 5 --max-cost 0.10 --wait
+echo
+"$rhizos" account balance demo-user
+if $keep; then
+  echo
+  echo "The network keeps running (pid $up_pid; stop it with: kill -INT $up_pid)."
+  echo "Try: RHIZOS_NATS__NAMESPACE=$RHIZOS_NATS__NAMESPACE $rhizos events"
+fi

