@@ -1031,3 +1031,251 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobView> {
         updated_ms: r.get::<_, i64>(17)? as u64,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rhizos_broker::wire::{ExecutionRef, Workload};
+
+    const PRICING: Pricing = Pricing {
+        gpu_hour_cents: 0,
+        cpu_hour_cents: 3_600,
+        memory_gb_hour_cents: 0,
+    };
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &dir.path().join("ledger.db"),
+            500,
+            Subjects::new("t").unwrap(),
+        )
+        .unwrap();
+        (dir, store)
+    }
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            workload: Workload::Wasm {
+                module_b64: "AGFzbQ==".into(),
+            },
+            args: vec![],
+            env: Default::default(),
+            stdin_b64: None,
+            timeout_ms: 10_000,
+            memory_mib: 64,
+            cpu_cores: 1,
+        }
+    }
+
+    fn node(store: &mut Store) {
+        store
+            .upsert_node(&RegisterNode {
+                v: WIRE_VERSION,
+                node_id: "n1".into(),
+                provider_account: "prov".into(),
+                backends: vec!["wasm".into()],
+                pricing: PRICING,
+                cpu_cores: 2,
+                memory_mib: 1024,
+                max_concurrent: 2,
+                heartbeat_interval_ms: 1000,
+                plugins: vec![],
+                running: Vec::<ExecutionRef>::new(),
+            })
+            .unwrap();
+    }
+
+    fn exited(code: i32, elapsed_ms: u64) -> ExecutionOutcome {
+        ExecutionOutcome {
+            kind: ExitKind::Exited,
+            exit_code: Some(code),
+            message: None,
+            elapsed_ms,
+            stdout: "out\n".into(),
+            stderr: String::new(),
+        }
+    }
+
+    fn balance(store: &Store, account: &str) -> i64 {
+        ledger::balance(store.connection(), account)
+            .unwrap()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn hold_settle_and_replays_move_money_exactly_once() {
+        let (_dir, mut store) = store();
+        node(&mut store);
+        store.create_account("u").unwrap();
+        store.deposit("u", 1_000_000, Some("d1")).unwrap();
+        store.deposit("u", 1_000_000, Some("d1")).unwrap(); // replayed deposit: no change
+        assert_eq!(balance(&store, "u"), 1_000_000);
+
+        let (job, created) = store.submit("j1", "u", &spec(), 200_000).unwrap();
+        assert!(created);
+        assert_eq!(job.state, JobState::Pending);
+        let (_, created_again) = store.submit("j1", "u", &spec(), 200_000).unwrap();
+        assert!(!created_again, "resubmitting the same id returns the job");
+        assert_eq!(balance(&store, "u"), 800_000);
+        assert_eq!(balance(&store, "escrow:j1"), 200_000);
+
+        let attempt = store.assign("j1", "n1", &PRICING).unwrap().unwrap();
+        assert_eq!(attempt, 1);
+        assert_eq!(
+            store.assign("j1", "n1", &PRICING).unwrap(),
+            None,
+            "only pending jobs are assigned"
+        );
+        assert_eq!(
+            store.mark_running("j1", "n1", 1).unwrap(),
+            ReportEffect::Applied
+        );
+        assert_eq!(
+            store.mark_running("j1", "n1", 1).unwrap(),
+            ReportEffect::Duplicate
+        );
+
+        // 1 234 ms at 10 micro-USD/ms = 12 340; fee 5% = 617; provider 11 723; refund 187 660.
+        assert_eq!(
+            store
+                .finish("j1", "n1", 1, &exited(0, 1_234), 1024)
+                .unwrap(),
+            ReportEffect::Applied
+        );
+        let job = store.get_job("j1").unwrap();
+        assert_eq!(
+            (
+                job.state,
+                job.cost_micros,
+                job.fee_micros,
+                job.provider_micros,
+                job.refund_micros
+            ),
+            (
+                JobState::Succeeded,
+                Some(12_340),
+                Some(617),
+                Some(11_723),
+                Some(187_660)
+            )
+        );
+        assert_eq!(
+            store
+                .finish("j1", "n1", 1, &exited(0, 99_999), 1024)
+                .unwrap(),
+            ReportEffect::Duplicate
+        );
+        assert!(matches!(
+            store.finish("j1", "n1", 2, &exited(0, 1), 1024).unwrap(),
+            ReportEffect::Stale(_)
+        ));
+        assert!(matches!(
+            store.finish("j1", "n2", 1, &exited(0, 1), 1024).unwrap(),
+            ReportEffect::Stale(_)
+        ));
+
+        assert_eq!(balance(&store, "u"), 1_000_000 - 12_340);
+        assert_eq!(balance(&store, "prov"), 11_723);
+        assert_eq!(balance(&store, ledger::PLATFORM_FEES), 617);
+        assert_eq!(balance(&store, "escrow:j1"), 0);
+        assert_eq!(balance(&store, ledger::EXTERNAL), -1_000_000);
+        assert!(ledger::verify(store.connection()).unwrap().is_ok());
+        // Events: pending, held, assigned, running, succeeded, settled — in that order.
+        let subjects: Vec<String> = store
+            .outbox_batch(100)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.subject)
+            .collect();
+        assert_eq!(
+            subjects,
+            [
+                "rhizos.evt.v1.t.job.pending.j1",
+                "rhizos.evt.v1.t.escrow.held.j1",
+                "rhizos.evt.v1.t.job.assigned.j1",
+                "rhizos.evt.v1.t.job.running.j1",
+                "rhizos.evt.v1.t.job.succeeded.j1",
+                "rhizos.evt.v1.t.escrow.settled.j1",
+            ]
+        );
+    }
+
+    #[test]
+    fn failures_and_early_cancels_refund_in_full_and_late_cancels_pay_for_time() {
+        let (_dir, mut store) = store();
+        node(&mut store);
+        store.create_account("u").unwrap();
+        store.deposit("u", 1_000_000, None).unwrap();
+        for id in ["fail", "early", "late"] {
+            store.submit(id, "u", &spec(), 100_000).unwrap();
+        }
+        store.assign("fail", "n1", &PRICING).unwrap();
+        store
+            .finish("fail", "n1", 1, &exited(7, 5_000), 1024)
+            .unwrap();
+        let failed = store.get_job("fail").unwrap();
+        assert_eq!(
+            (failed.state, failed.refund_micros, failed.cost_micros),
+            (JobState::Failed, Some(100_000), Some(0))
+        );
+        assert_eq!(failed.reason.as_deref(), Some("exited with code 7"));
+
+        let cancelled = store.cancel("early").unwrap();
+        assert_eq!(cancelled.job.state, JobState::Cancelled);
+        assert_eq!(cancelled.stop, None);
+
+        store.assign("late", "n1", &PRICING).unwrap();
+        store.mark_running("late", "n1", 1).unwrap();
+        let effect = store.cancel("late").unwrap();
+        assert_eq!(effect.stop, Some(("n1".to_owned(), 1)));
+        assert_eq!(
+            effect.job.state,
+            JobState::Running,
+            "ends when the node confirms"
+        );
+        let stopped = ExecutionOutcome {
+            kind: ExitKind::Cancelled,
+            exit_code: None,
+            message: None,
+            ..exited(0, 300)
+        };
+        store.finish("late", "n1", 1, &stopped, 1024).unwrap();
+        let late = store.get_job("late").unwrap();
+        assert_eq!(
+            (late.state, late.cost_micros, late.fee_micros),
+            (JobState::Cancelled, Some(3_000), Some(150))
+        );
+        assert_eq!(
+            store.cancel("late").unwrap_err().code,
+            ErrorCode::InvalidState
+        );
+
+        assert_eq!(balance(&store, "u"), 1_000_000 - 3_000);
+        assert_eq!(store.account("u").unwrap().held_micros, 0);
+        assert!(ledger::verify(store.connection()).unwrap().is_ok());
+    }
+
+    #[test]
+    fn insufficient_funds_leave_no_trace() {
+        let (_dir, mut store) = store();
+        store.create_account("u").unwrap();
+        store.deposit("u", 10, None).unwrap();
+        let error = store.submit("j", "u", &spec(), 11).unwrap_err();
+        assert_eq!(error.code, ErrorCode::InsufficientFunds);
+        assert!(store.find_job("j").unwrap().is_none());
+        assert_eq!(
+            ledger::balance(store.connection(), "escrow:j").unwrap(),
+            None
+        );
+        assert!(store.outbox_batch(10).unwrap().is_empty());
+        assert_eq!(
+            store.create_account("u").unwrap_err().code,
+            ErrorCode::AlreadyExists
+        );
+        assert_eq!(
+            store.deposit("nobody", 5, None).unwrap_err().code,
+            ErrorCode::NotFound
+        );
+    }
+}
