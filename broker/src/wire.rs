@@ -217,10 +217,21 @@ pub struct JobSpec {
     /// CPU cores allocated (billing and, later, matching).
     #[serde(default = "default_cpu_cores")]
     pub cpu_cores: u32,
+    /// How many times the job is retried after an infrastructure failure (its node was lost or
+    /// restarted). Never for the job's own failure.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
 }
 
 fn default_cpu_cores() -> u32 {
     1
+}
+
+/// Retries after infrastructure failures when a submit does not say.
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+
+fn default_max_retries() -> u32 {
+    DEFAULT_MAX_RETRIES
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -64,6 +64,10 @@ pub struct SubmitArgs {
     /// CPU cores to allocate.
     #[arg(long, default_value_t = 1)]
     cpu_cores: u32,
+    /// Retries after an infrastructure failure (node lost or restarted), never after the job's
+    /// own failure.
+    #[arg(long, default_value_t = rhizos_broker::wire::DEFAULT_MAX_RETRIES)]
+    max_retries: u32,
     /// Job id to use (default: generated). Resubmitting an id returns the existing job.
     #[arg(long)]
     job_id: Option<String>,
@@ -182,6 +186,7 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         timeout_ms: args.timeout_secs.saturating_mul(1000),
         memory_mib: args.memory_mib,
         cpu_cores: args.cpu_cores,
+        max_retries: args.max_retries,
     })
 }
 

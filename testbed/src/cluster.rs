@@ -23,6 +23,8 @@ pub struct ClusterOptions {
     pub heartbeat_interval_ms: u64,
     pub max_concurrent: u32,
     pub fee_bps: u32,
+    /// Missed heartbeats before the orchestrator declares a node lost.
+    pub missed_heartbeats: u32,
 }
 
 impl Default for ClusterOptions {
@@ -39,6 +41,7 @@ impl Default for ClusterOptions {
             heartbeat_interval_ms: 1_000,
             max_concurrent: 4,
             fee_bps: 500,
+            missed_heartbeats: 3,
         }
     }
 }
@@ -52,6 +55,8 @@ pub struct Cluster {
     pub data_dir: tempfile::TempDir,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// One per agent, `None` once killed.
+    agent_tasks: Vec<Option<JoinHandle<anyhow::Result<()>>>>,
 }
 
 async fn stopped(mut receiver: watch::Receiver<bool>) {
@@ -72,6 +77,7 @@ impl Cluster {
         settings.nats.namespace = format!("t{}", &uuid_like()[..12]);
         settings.orchestrator.data_dir = data_dir.path().join("orchestrator");
         settings.orchestrator.fee_bps = options.fee_bps;
+        settings.orchestrator.missed_heartbeats = options.missed_heartbeats;
         settings.pricing = options.pricing;
         let bus = Bus::connect(&settings.nats).await?;
         let (stop, receiver) = watch::channel(false);
@@ -81,7 +87,7 @@ impl Cluster {
             settings.orchestrator.clone(),
         )
         .await?;
-        let mut tasks = vec![tokio::spawn(
+        let tasks = vec![tokio::spawn(
             orchestrator.clone().run(stopped(receiver.clone())),
         )];
 
@@ -91,6 +97,7 @@ impl Cluster {
             options.plugin_files.clone()
         };
         let mut agents = Vec::new();
+        let mut agent_tasks = Vec::new();
         for index in 0..options.agents {
             let plugin_dir = data_dir.path().join(format!("plugins-{index}"));
             std::fs::create_dir_all(&plugin_dir)?;
@@ -110,7 +117,9 @@ impl Cluster {
                 agent_settings,
                 options.pricing,
             )?;
-            tasks.push(tokio::spawn(agent.clone().run(stopped(receiver.clone()))));
+            agent_tasks.push(Some(tokio::spawn(
+                agent.clone().run(stopped(receiver.clone())),
+            )));
             agents.push(agent);
         }
         let cluster = Self {
@@ -122,6 +131,7 @@ impl Cluster {
             data_dir,
             stop,
             tasks,
+            agent_tasks,
         };
         cluster.wait_for_nodes(options.agents).await?;
         Ok(cluster)
@@ -222,9 +232,20 @@ impl Cluster {
         }
     }
 
+    /// Kills agent `index` the way a crash or a pulled cable would: no goodbye, no reports, no
+    /// more heartbeats. Executions already inside its plugin run on unobserved.
+    pub fn kill_agent(&mut self, index: usize) {
+        if let Some(Some(task)) = self.agent_tasks.get_mut(index).map(Option::take) {
+            task.abort();
+        }
+    }
+
     /// Stops every daemon and waits for them.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        for task in self.agent_tasks.drain(..).flatten() {
+            task.await??;
+        }
         for task in self.tasks.drain(..) {
             task.await??;
         }
@@ -244,6 +265,7 @@ pub fn wasm_spec(module: &[u8], args: &[&str], timeout_ms: u64) -> JobSpec {
         timeout_ms,
         memory_mib: 64,
         cpu_cores: 1,
+        max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
     }
 }
 

@@ -165,7 +165,8 @@ impl Agent {
             () = &mut shutdown => return Ok(()),
             () = self.register() => {}
         }
-        let heartbeat = tokio::spawn(self.clone().heartbeat_loop());
+        // Aborted when `run` ends or is dropped: a dead agent must stop heartbeating.
+        let heartbeat = AbortOnDrop(tokio::spawn(self.clone().heartbeat_loop()));
         let mut tasks = tokio::task::JoinSet::new();
         tracing::info!(%node_id, backends = ?self.inner.plugins.backends(), "agent ready");
         loop {
@@ -189,7 +190,7 @@ impl Agent {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
-        heartbeat.abort();
+        drop(heartbeat);
         let running: Vec<Arc<ExecutionBox>> =
             self.executions().values().flatten().cloned().collect();
         if !running.is_empty() {
@@ -548,6 +549,14 @@ fn exec_request(assign: &AssignJob) -> Result<ExecRequest, WireError> {
             memory_limit_bytes: assign.spec.memory_mib.saturating_mul(1024 * 1024),
         },
     })
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 enum SinkMessage {

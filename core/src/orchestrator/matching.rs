@@ -226,6 +226,7 @@ mod tests {
             timeout_ms: 3_600_000,
             memory_mib: 128,
             cpu_cores: 1,
+            max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
         }
     }
 

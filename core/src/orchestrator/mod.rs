@@ -33,6 +33,8 @@ pub const MAX_INLINE_MODULE_BYTES: usize = 512 * 1024;
 pub const MAX_TIMEOUT_MS: u64 = 24 * 3_600_000;
 /// Largest `max_cost` accepted: $1,000,000.
 pub const MAX_COST_MICROS: i64 = 1_000_000 * wire::MICROS_PER_USD;
+/// Most retries a job may ask for.
+pub const MAX_RETRIES: u32 = 10;
 /// Jobs no node picks up within this time are ended (`timed_out`) and refunded.
 pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 5 * 60_000;
 
@@ -342,24 +344,25 @@ impl Orchestrator {
         }
         let stored = registration.clone();
         self.db(move |store| store.upsert_node(&stored)).await?;
-        // Attempts the orchestrator believes run there but the node does not report are lost.
+        // Attempts the orchestrator believes run there but the node does not report were lost
+        // with its restart: requeue them. Executions it reports that were moved elsewhere: stop.
         let node_id = registration.node_id.clone();
-        let running = registration.running.clone();
         let active = self.db(move |store| store.active_on_node(&node_id)).await?;
         for (job_id, attempt) in active {
-            if !running
+            if !registration
+                .running
                 .iter()
                 .any(|r| r.job_id == job_id && r.attempt == attempt)
             {
                 let reason = format!(
-                    "node {} restarted and no longer runs attempt {attempt}",
+                    "node {} restarted without attempt {attempt}",
                     registration.node_id
                 );
-                let id = job_id.clone();
-                self.db(move |store| store.end_with_refund(&id, JobState::Failed, &reason))
-                    .await?;
+                self.requeue_or_fail(job_id, attempt, reason).await?;
             }
         }
+        self.stop_moved_executions(&registration.node_id, &registration.running)
+            .await;
         tracing::info!(node_id = %registration.node_id, backends = ?registration.backends, "node registered");
         self.registry().upsert(registration);
         self.inner.outbox_wake.notify_one();
@@ -387,10 +390,68 @@ impl Orchestrator {
             Ok(heartbeat) => {
                 if !self.registry().heartbeat(&heartbeat.node_id) {
                     tracing::debug!(node_id = %heartbeat.node_id, "heartbeat from an unregistered node");
+                    return;
+                }
+                if !heartbeat.running.is_empty() {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.stop_moved_executions(&heartbeat.node_id, &heartbeat.running)
+                            .await
+                    });
                 }
             }
             Err(e) => tracing::warn!(error = %e, "malformed heartbeat ignored"),
         }
+    }
+
+    /// Tells `node_id` to stop executions it runs that are no longer the job's current attempt
+    /// there (the job was requeued elsewhere after the node was thought lost, or ended).
+    async fn stop_moved_executions(&self, node_id: &str, running: &[wire::ExecutionRef]) {
+        for execution in running {
+            let job_id = execution.job_id.clone();
+            let current = match self.db(move |store| store.current_execution(&job_id)).await {
+                Ok(current) => current,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check an execution");
+                    continue;
+                }
+            };
+            if current
+                .as_ref()
+                .is_some_and(|(node, attempt)| node == node_id && *attempt == execution.attempt)
+            {
+                continue;
+            }
+            tracing::info!(job_id = %execution.job_id, attempt = execution.attempt, %node_id, "stopping an execution that was moved or ended");
+            let stop = StopJob {
+                v: WIRE_VERSION,
+                job_id: execution.job_id.clone(),
+                attempt: execution.attempt,
+            };
+            if let Ok(subject) = self.inner.bus.subjects.job_stop(node_id)
+                && let Err(e) = self.inner.bus.request::<_, Ack>(subject, &stop).await
+            {
+                tracing::warn!(%node_id, error = %e, "node did not confirm the stop");
+            }
+        }
+    }
+
+    async fn requeue_or_fail(
+        &self,
+        job_id: String,
+        attempt: u32,
+        reason: String,
+    ) -> Result<(), WireError> {
+        let id = job_id.clone();
+        let outcome = self
+            .db(move |store| store.requeue_or_fail(&id, attempt, &reason))
+            .await?;
+        if let Some(state) = outcome {
+            tracing::warn!(%job_id, attempt, state = state.as_str(), "attempt lost");
+        }
+        self.inner.outbox_wake.notify_one();
+        self.inner.dispatch_wake.notify_one();
+        Ok(())
     }
 
     // ----- background work -----
@@ -552,10 +613,9 @@ impl Orchestrator {
             tracing::warn!(%node_id, "node lost: no heartbeat");
             let node = node_id.clone();
             let active = self.db(move |store| store.active_on_node(&node)).await?;
-            for (job_id, _) in active {
+            for (job_id, attempt) in active {
                 let reason = format!("node {node_id} was lost (missed heartbeats)");
-                self.db(move |store| store.end_with_refund(&job_id, JobState::Failed, &reason))
-                    .await?;
+                self.requeue_or_fail(job_id, attempt, reason).await?;
             }
         }
         let queue_timeout_ms = self.inner.queue_timeout_ms;
@@ -563,7 +623,7 @@ impl Orchestrator {
         let pending = self.db(|store| store.pending_jobs(1024)).await?;
         for job in pending
             .into_iter()
-            .filter(|j| now.saturating_sub(j.created_ms) > queue_timeout_ms)
+            .filter(|j| now.saturating_sub(j.pending_since_ms) > queue_timeout_ms)
         {
             let reason =
                 format!("no node took the job within the queue timeout of {queue_timeout_ms} ms");
@@ -617,6 +677,12 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
         return Err(bad(format!(
             "memory_mib must be between 1 and 1048576, got {}",
             spec.memory_mib
+        )));
+    }
+    if spec.max_retries > MAX_RETRIES {
+        return Err(bad(format!(
+            "max_retries must be at most {MAX_RETRIES}, got {}",
+            spec.max_retries
         )));
     }
     if spec.cpu_cores == 0 || spec.cpu_cores > 1024 {

@@ -59,7 +59,8 @@ pub struct PendingJob {
     pub spec: JobSpec,
     pub max_cost_micros: i64,
     pub attempt: u32,
-    pub created_ms: u64,
+    /// When the job (last) became pending: at submit, or when it was requeued.
+    pub pending_since_ms: u64,
 }
 
 /// What an agent's report did.
@@ -373,7 +374,7 @@ impl Store {
         let mut statement = self
             .conn
             .prepare(
-                "SELECT id, spec, max_cost_micros, attempt, created_ms FROM jobs WHERE state = 'pending'
+                "SELECT id, spec, max_cost_micros, attempt, updated_ms FROM jobs WHERE state = 'pending'
                  ORDER BY created_ms, id LIMIT ?1",
             )
             .map_err(internal)?;
@@ -390,14 +391,15 @@ impl Store {
             .map_err(internal)?;
         let mut jobs = Vec::new();
         for row in rows {
-            let (job_id, spec, max_cost_micros, attempt, created_ms) = row.map_err(internal)?;
+            let (job_id, spec, max_cost_micros, attempt, pending_since_ms) =
+                row.map_err(internal)?;
             let spec: JobSpec = serde_json::from_str(&spec).map_err(internal)?;
             jobs.push(PendingJob {
                 job_id,
                 spec,
                 max_cost_micros,
                 attempt,
-                created_ms: created_ms as u64,
+                pending_since_ms: pending_since_ms as u64,
             });
         }
         Ok(jobs)
@@ -706,6 +708,106 @@ impl Store {
         ctx.refund(&tx, job_id, now)?;
         tx.commit().map_err(internal)?;
         Ok(true)
+    }
+
+    /// The node lost (or restarted without) attempt `attempt`: back to pending for another node,
+    /// with the escrow hold intact, while retries remain; otherwise failed and refunded.
+    /// Returns `None` if that attempt is no longer the job's current one.
+    pub fn requeue_or_fail(
+        &mut self,
+        job_id: &str,
+        attempt: u32,
+        reason: &str,
+    ) -> Result<Option<JobState>, WireError> {
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let Some((state, node, current)) = Self::attempt_of(&tx, job_id)? else {
+            return Err(WireError::new(
+                ErrorCode::NotFound,
+                format!("no job {job_id}"),
+            ));
+        };
+        if current != attempt || !matches!(state, JobState::Assigned | JobState::Running) {
+            return Ok(None);
+        }
+        let spec: String = tx
+            .query_row("SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| {
+                r.get(0)
+            })
+            .map_err(internal)?;
+        let spec: JobSpec = serde_json::from_str(&spec).map_err(internal)?;
+        let retries_used = attempt.saturating_sub(1);
+        let cancel_requested: bool = tx
+            .query_row(
+                "SELECT cancel_requested FROM jobs WHERE id = ?1",
+                [job_id],
+                |r| r.get(0),
+            )
+            .map_err(internal)?;
+        if retries_used < spec.max_retries && !cancel_requested {
+            let reason = format!(
+                "{reason}; requeued (retry {} of {})",
+                retries_used + 1,
+                spec.max_retries
+            );
+            tx.execute(
+                "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, reason = ?2, updated_ms = ?3
+                 WHERE id = ?1",
+                params![job_id, reason, now as i64],
+            )
+            .map_err(internal)?;
+            ctx.emit_job(
+                &tx,
+                job_id,
+                JobState::Pending,
+                attempt,
+                None,
+                Some(&reason),
+                now,
+            )?;
+            tx.commit().map_err(internal)?;
+            return Ok(Some(JobState::Pending));
+        }
+        let (final_state, reason) = if cancel_requested {
+            (
+                JobState::Cancelled,
+                format!("{reason}; the job was being cancelled"),
+            )
+        } else {
+            (
+                JobState::Failed,
+                format!("{reason}; no retries left ({} allowed)", spec.max_retries),
+            )
+        };
+        tx.execute(
+            "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
+            params![job_id, final_state.as_str(), reason, now as i64],
+        )
+        .map_err(internal)?;
+        ctx.emit_job(
+            &tx,
+            job_id,
+            final_state,
+            attempt,
+            node.as_deref(),
+            Some(&reason),
+            now,
+        )?;
+        ctx.refund(&tx, job_id, now)?;
+        tx.commit().map_err(internal)?;
+        Ok(Some(final_state))
+    }
+
+    /// The node and attempt a job currently runs on, if it is assigned or running.
+    pub fn current_execution(&self, job_id: &str) -> Result<Option<(String, u32)>, WireError> {
+        self.conn
+            .query_row(
+                "SELECT node_id, attempt FROM jobs WHERE id = ?1 AND state IN ('assigned', 'running')",
+                [job_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(internal)
     }
 
     /// Cancel: before start → cancelled with a full refund; while running → flagged, and the node
@@ -1065,6 +1167,7 @@ mod tests {
             timeout_ms: 10_000,
             memory_mib: 64,
             cpu_cores: 1,
+            max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
         }
     }
 
@@ -1253,6 +1356,32 @@ mod tests {
 
         assert_eq!(balance(&store, "u"), 1_000_000 - 3_000);
         assert_eq!(store.account("u").unwrap().held_micros, 0);
+        assert!(ledger::verify(store.connection()).unwrap().is_ok());
+    }
+
+    #[test]
+    fn lost_attempts_are_requeued_with_the_hold_intact_until_retries_run_out() {
+        let (_dir, mut store) = store();
+        node(&mut store);
+        store.create_account("u").unwrap();
+        store.deposit("u", 1_000_000, None).unwrap();
+        let mut spec = spec();
+        spec.max_retries = 2;
+        store.submit("j", "u", &spec, 100_000).unwrap();
+        for attempt in 1..=2 {
+            assert_eq!(store.assign("j", "n1", &PRICING).unwrap(), Some(attempt));
+            assert_eq!(store.requeue_or_fail("j", attempt, "node n1 was lost").unwrap(), Some(JobState::Pending));
+            assert_eq!(balance(&store, "escrow:j"), 100_000, "the hold stays while the job moves");
+            assert_eq!(store.requeue_or_fail("j", attempt, "again").unwrap(), None, "stale attempt ignored");
+        }
+        let job = store.get_job("j").unwrap();
+        assert_eq!(job.reason.as_deref(), Some("node n1 was lost; requeued (retry 2 of 2)"));
+        assert_eq!(store.assign("j", "n1", &PRICING).unwrap(), Some(3));
+        assert_eq!(store.requeue_or_fail("j", 3, "node n1 was lost").unwrap(), Some(JobState::Failed));
+        let job = store.get_job("j").unwrap();
+        assert_eq!((job.state, job.refund_micros), (JobState::Failed, Some(100_000)));
+        assert_eq!(job.reason.as_deref(), Some("node n1 was lost; no retries left (2 allowed)"));
+        assert_eq!(balance(&store, "u"), 1_000_000);
         assert!(ledger::verify(store.connection()).unwrap().is_ok());
     }
 

@@ -2,6 +2,7 @@
 //! loading the real wasm plugin (`cargo build --workspace` first), and guests built from source.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod chaos;
 mod common;
 mod events;
 mod jobs;

@@ -1,0 +1,92 @@
+//! Node loss: the job moves to another node with its escrow intact and is settled exactly once.
+
+use crate::common::*;
+use rhizos_broker::wire::{
+    Ack, ExecutionOutcome, ExitKind, JobReport, JobState, ReportPhase, WIRE_VERSION,
+};
+use rhizos_testbed::cluster::wasm_spec;
+use rhizos_testbed::{Cluster, ClusterOptions};
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
+    let options = ClusterOptions {
+        agents: 2,
+        heartbeat_interval_ms: 200,
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::start(options).await.unwrap();
+    cluster.funded_account("ivy", 1_000_000).await.unwrap();
+    let spec = wasm_spec(&demo(), &["count", "8", "100"], 20_000);
+    cluster
+        .submit(&submit_request("ivy", "moved", spec, 500_000))
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let job = cluster.job("moved").await.unwrap();
+        if job.state == JobState::Running {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "never ran: {job:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let lost_node = first.node_id.clone().unwrap();
+    let lost_index: usize = lost_node.trim_start_matches("node-").parse().unwrap();
+    cluster.kill_agent(lost_index);
+
+    let job = cluster
+        .wait_for_end("moved", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert_eq!(job.attempt, 2);
+    let survivor = job.node_id.clone().unwrap();
+    assert_ne!(survivor, lost_node);
+    assert_eq!(
+        job.stdout.as_deref(),
+        Some("line 1\nline 2\nline 3\nline 4\nline 5\nline 6\nline 7\nline 8\n")
+    );
+    assert_eq!(
+        ledger_kinds(&cluster, "moved"),
+        ["hold", "settle"],
+        "held once, settled once"
+    );
+
+    // The lost node's late result (its execution ran on, unobserved) is not paid.
+    let before = balances(&cluster);
+    let late = JobReport {
+        v: WIRE_VERSION,
+        node_id: lost_node.clone(),
+        job_id: "moved".into(),
+        attempt: 1,
+        phase: ReportPhase::Finished {
+            outcome: ExecutionOutcome {
+                kind: ExitKind::Exited,
+                exit_code: Some(0),
+                message: None,
+                elapsed_ms: 900,
+                stdout: String::new(),
+                stderr: String::new(),
+            },
+        },
+    };
+    let ack: Ack = cluster
+        .bus
+        .request(cluster.bus.subjects.job_report(), &late)
+        .await
+        .unwrap();
+    assert!(!ack.accepted, "{ack:?}");
+    assert_eq!(balances(&cluster), before);
+
+    let cost = job.cost_micros.unwrap();
+    let balances = balances(&cluster);
+    assert_eq!(balances["ivy"], 1_000_000 - cost);
+    let survivor_account = format!("provider-{}", survivor.trim_start_matches("node-"));
+    assert_eq!(balances[&survivor_account], job.provider_micros.unwrap());
+    let lost_account = format!("provider-{lost_index}");
+    assert_eq!(balances.get(&lost_account).copied().unwrap_or(0), 0);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
