@@ -118,6 +118,18 @@ impl Subjects {
     pub fn node_register(&self) -> String {
         self.ctl("node.register")
     }
+    pub fn node_list(&self) -> String {
+        self.ctl("node.list")
+    }
+    pub fn node_info(&self) -> String {
+        self.ctl("node.info")
+    }
+    pub fn account_statement(&self) -> String {
+        self.ctl("account.statement")
+    }
+    pub fn ledger_verify(&self) -> String {
+        self.ctl("ledger.verify")
+    }
     /// Wildcard over every orchestrator-served `ctl` subject: `rhizos.ctl.v1.<ns>.*.*`.
     pub fn orchestrator_wildcard(&self) -> String {
         self.ctl("*.*")

@@ -415,6 +415,114 @@ pub struct RegisterNode {
     /// Executions the node is running right now (after an agent restart: none).
     #[serde(default)]
     pub running: Vec<ExecutionRef>,
+    /// GPUs the node offers (empty without an NVIDIA driver).
+    #[serde(default)]
+    pub gpus: Vec<GpuInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub name: String,
+    pub vram_mib: u64,
+    /// APIs it supports, e.g. `cuda`.
+    #[serde(default)]
+    pub apis: Vec<String>,
+}
+
+/// Provider tier by the largest GPU's VRAM (the Cxmpute tiers): 0 below 1 GiB (or no GPU),
+/// 1 for 1–4 GiB, 2 for 4–8 GiB, 3 for 8–22 GiB, 4 from 22 GiB.
+pub fn provider_tier(gpus: &[GpuInfo]) -> u8 {
+    let largest_mib = gpus.iter().map(|g| g.vram_mib).max().unwrap_or(0);
+    match largest_mib {
+        m if m >= 22 * 1024 => 4,
+        m if m >= 8 * 1024 => 3,
+        m if m >= 4 * 1024 => 2,
+        m if m >= 1024 => 1,
+        _ => 0,
+    }
+}
+
+/// `node.info` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRef {
+    pub v: u32,
+    pub node_id: String,
+}
+
+/// A node as the orchestrator sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub node_id: String,
+    pub provider_account: String,
+    pub tier: u8,
+    pub backends: Vec<String>,
+    pub pricing: Pricing,
+    pub cpu_cores: u32,
+    pub memory_mib: u64,
+    pub gpus: Vec<GpuInfo>,
+    pub max_concurrent: u32,
+    /// Assigned + running executions now.
+    pub active: u32,
+    /// `live` or `lost`.
+    pub status: String,
+    pub last_heartbeat_ms_ago: u64,
+    /// Jobs that ended on this node, and how many of them succeeded.
+    pub jobs_run: u64,
+    pub jobs_succeeded: u64,
+    /// Success ratio over the node's last 100 ended jobs (1.0 with no history).
+    pub reputation: f64,
+    pub plugins: Vec<PluginView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeList {
+    pub nodes: Vec<NodeView>,
+}
+
+/// `ledger.verify` request (no parameters besides the version).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyLedger {
+    pub v: u32,
+}
+
+/// What `ledger.verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerReport {
+    pub ok: bool,
+    pub accounts: u64,
+    pub transactions: u64,
+    pub postings_sum_micros: i64,
+    pub jobs_checked: u64,
+    pub problems: Vec<String>,
+}
+
+/// `account.statement` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatementRequest {
+    pub v: u32,
+    pub account: String,
+    /// At most this many postings, newest first (default 100, at most 10 000).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementLine {
+    pub tx_id: i64,
+    /// `deposit`, `hold`, `settle`, `refund`.
+    pub kind: String,
+    pub job_id: Option<String>,
+    pub amount_micros: i64,
+    /// Balance right after this posting.
+    pub balance_after_micros: i64,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statement {
+    pub account: String,
+    pub balance_micros: i64,
+    pub lines: Vec<StatementLine>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

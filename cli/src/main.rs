@@ -3,6 +3,7 @@
 
 mod job;
 mod money;
+mod node;
 mod up;
 
 use anyhow::Context as _;
@@ -76,8 +77,14 @@ enum Command {
     /// Submit, watch, list and cancel jobs.
     #[command(subcommand)]
     Job(job::JobCommand),
-    /// Print events (job state changes, escrow movements) as they happen.
+    /// Print events (job state changes, escrow movements) as they happen, or replay history.
     Events(EventsArgs),
+    /// List nodes and show one node's capacity, prices, tier and record.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+    /// Check the ledger: postings sum to zero, no negative balances, every escrow consistent.
+    #[command(subcommand)]
+    Ledger(node::LedgerCommand),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +102,12 @@ enum AccountCommand {
     },
     /// Show the balance and the money held in escrow for running jobs.
     Balance { account: String },
+    /// Show an account's postings, newest first, with the balance after each.
+    Statement {
+        account: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 #[derive(Args)]
@@ -105,6 +118,10 @@ struct EventsArgs {
     /// Include node heartbeats.
     #[arg(long)]
     heartbeats: bool,
+    /// Replay history from the event stream first: a stream sequence number (e.g. 1), a time
+    /// (RFC 3339, e.g. 2026-11-21T10:00:00Z) or an age (e.g. 90s, 10m, 2h, 1d).
+    #[arg(long)]
+    since: Option<String>,
 }
 
 #[tokio::main]
@@ -136,7 +153,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => up::run(&global, args).await,
         Command::Account(command) => account(&global, command).await,
         Command::Job(command) => job::run(&global, command).await,
-        Command::Events(args) => events(&global, args).await,
+        Command::Events(args) => match args.since.clone() {
+            Some(since) => {
+                node::replay_events(&global, &since, args.job.as_deref(), args.heartbeats).await
+            }
+            None => events(&global, args).await,
+        },
+        Command::Node(command) => node::run_node(&global, command).await,
+        Command::Ledger(command) => node::run_ledger(&global, command).await,
     }
 }
 
@@ -144,6 +168,9 @@ async fn account(global: &GlobalArgs, command: AccountCommand) -> anyhow::Result
     let bus = global.bus().await?;
     let subjects = &bus.subjects;
     let view: AccountView = match command {
+        AccountCommand::Statement { account, limit } => {
+            return node::statement(global, &bus, &account, limit).await;
+        }
         AccountCommand::Create { account } => {
             bus.request(
                 subjects.account_create(),
@@ -241,7 +268,7 @@ async fn events(global: &GlobalArgs, args: EventsArgs) -> anyhow::Result<()> {
     }
 }
 
-fn describe_event(subject: &str, payload: &[u8]) -> String {
+pub fn describe_event(subject: &str, payload: &[u8]) -> String {
     match serde_json::from_slice::<Event>(payload) {
         Ok(Event {
             body:

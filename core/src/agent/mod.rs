@@ -127,6 +127,8 @@ impl Agent {
             heartbeat_interval_ms: settings.heartbeat_interval_ms,
             plugins: self.plugin_views(),
             running: self.running(),
+            // GPU detection (NVML) comes with the CUDA backend.
+            gpus: Vec::new(),
         }
     }
 

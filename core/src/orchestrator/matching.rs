@@ -85,6 +85,10 @@ impl Registry {
         );
     }
 
+    pub fn entries(&self) -> Vec<NodeEntry> {
+        self.nodes.values().cloned().collect()
+    }
+
     pub fn live_count(&self) -> usize {
         self.nodes.values().filter(|n| !n.lost).count()
     }
@@ -212,6 +216,7 @@ mod tests {
             heartbeat_interval_ms: 1000,
             plugins: vec![],
             running: vec![],
+            gpus: vec![],
         }
     }
 

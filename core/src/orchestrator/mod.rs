@@ -9,7 +9,6 @@
 pub mod matching;
 pub mod store;
 
-use crate::ledger;
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use matching::{NodeEntry, Registry};
@@ -164,6 +163,10 @@ impl Orchestrator {
             "account.deposit" => encode_reply(self.account_deposit(payload).await),
             "account.balance" => encode_reply(self.account_balance(payload).await),
             "node.register" => encode_reply(self.register_node(payload).await),
+            "node.list" => encode_reply(self.node_list(payload).await),
+            "node.info" => encode_reply(self.node_info(payload).await),
+            "account.statement" => encode_reply(self.account_statement(payload).await),
+            "ledger.verify" => encode_reply(self.ledger_verify(payload).await),
             other => encode_reply::<()>(Err(WireError::new(
                 ErrorCode::UnsupportedSubject,
                 format!(
@@ -371,6 +374,73 @@ impl Orchestrator {
             accepted: true,
             note: None,
         })
+    }
+
+    async fn node_views(&self) -> Result<Vec<wire::NodeView>, WireError> {
+        let stats = self.db(|store| store.node_stats()).await?;
+        let active = self.db(|store| store.active_per_node()).await?;
+        let mut registry = self.registry();
+        registry.set_active(&active);
+        Ok(registry
+            .entries()
+            .into_iter()
+            .map(|entry| {
+                let r = entry.registration;
+                let (jobs_run, jobs_succeeded, reputation) =
+                    stats.get(&r.node_id).copied().unwrap_or((0, 0, 1.0));
+                wire::NodeView {
+                    tier: wire::provider_tier(&r.gpus),
+                    status: if entry.lost { "lost" } else { "live" }.to_owned(),
+                    last_heartbeat_ms_ago: u64::try_from(entry.last_seen.elapsed().as_millis())
+                        .unwrap_or(u64::MAX),
+                    active: entry.active,
+                    jobs_run,
+                    jobs_succeeded,
+                    reputation,
+                    node_id: r.node_id,
+                    provider_account: r.provider_account,
+                    backends: r.backends,
+                    pricing: r.pricing,
+                    cpu_cores: r.cpu_cores,
+                    memory_mib: r.memory_mib,
+                    gpus: r.gpus,
+                    max_concurrent: r.max_concurrent,
+                    plugins: r.plugins,
+                }
+            })
+            .collect())
+    }
+
+    async fn node_list(&self, payload: &[u8]) -> Result<wire::NodeList, WireError> {
+        let _: wire::VerifyLedger = self.decode(payload)?;
+        Ok(wire::NodeList {
+            nodes: self.node_views().await?,
+        })
+    }
+
+    async fn node_info(&self, payload: &[u8]) -> Result<wire::NodeView, WireError> {
+        let request: wire::NodeRef = self.decode(payload)?;
+        validate(validate_token("node id", &request.node_id))?;
+        self.node_views()
+            .await?
+            .into_iter()
+            .find(|n| n.node_id == request.node_id)
+            .ok_or_else(|| {
+                WireError::new(ErrorCode::NotFound, format!("no node {}", request.node_id))
+            })
+    }
+
+    async fn account_statement(&self, payload: &[u8]) -> Result<wire::Statement, WireError> {
+        let request: wire::StatementRequest = self.decode(payload)?;
+        validate(validate_token("account", &request.account))?;
+        let limit = request.limit.unwrap_or(100);
+        self.db(move |store| store.statement(&request.account, limit))
+            .await
+    }
+
+    async fn ledger_verify(&self, payload: &[u8]) -> Result<wire::LedgerReport, WireError> {
+        let _: wire::VerifyLedger = self.decode(payload)?;
+        self.verify_ledger().await
     }
 
     /// Nodes currently registered and not lost.
@@ -635,9 +705,8 @@ impl Orchestrator {
     }
 
     /// Checks the ledger invariants (for `rhizos ledger verify` and tests).
-    pub async fn verify_ledger(&self) -> Result<ledger::VerifyReport, WireError> {
-        self.db(|store| ledger::verify(store.connection()).map_err(WireError::from))
-            .await
+    pub async fn verify_ledger(&self) -> Result<wire::LedgerReport, WireError> {
+        self.db(|store| store.verify()).await
     }
 }
 

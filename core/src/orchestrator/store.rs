@@ -887,6 +887,204 @@ impl Store {
         Ok(nodes)
     }
 
+    /// Per node: (jobs ended there, of which succeeded, success ratio over its last 100).
+    pub fn node_stats(
+        &self,
+    ) -> Result<std::collections::HashMap<String, (u64, u64, f64)>, WireError> {
+        let mut totals = self
+            .conn
+            .prepare(
+                "SELECT node_id, COUNT(*), SUM(state = 'succeeded') FROM jobs
+                 WHERE node_id IS NOT NULL AND state IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+                 GROUP BY node_id",
+            )
+            .map_err(internal)?;
+        let mut stats = std::collections::HashMap::new();
+        for row in totals
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(internal)?
+        {
+            let (node, run, succeeded) = row.map_err(internal)?;
+            stats.insert(node, (run as u64, succeeded as u64, 1.0));
+        }
+        // Reputation counts what the node controls: successes against failures, not cancels.
+        let mut recent = self
+            .conn
+            .prepare(
+                "WITH ranked AS (
+                     SELECT node_id, state,
+                            ROW_NUMBER() OVER (PARTITION BY node_id ORDER BY updated_ms DESC, id) AS n
+                     FROM jobs WHERE node_id IS NOT NULL AND state IN ('succeeded', 'failed'))
+                 SELECT node_id, COUNT(*), SUM(state = 'succeeded') FROM ranked WHERE n <= 100 GROUP BY node_id",
+            )
+            .map_err(internal)?;
+        for row in recent
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(internal)?
+        {
+            let (node, ended, succeeded) = row.map_err(internal)?;
+            if let Some(entry) = stats.get_mut(&node) {
+                entry.2 = if ended == 0 {
+                    1.0
+                } else {
+                    succeeded as f64 / ended as f64
+                };
+            }
+        }
+        Ok(stats)
+    }
+
+    /// An account's postings, newest first, with the balance after each.
+    pub fn statement(
+        &self,
+        account: &str,
+        limit: u32,
+    ) -> Result<rhizos_broker::wire::Statement, WireError> {
+        let balance = ledger::balance(&self.conn, account)?.ok_or_else(|| no_account(account))?;
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT t.id, t.kind, t.job_id, p.amount_micros, t.created_ms FROM postings p
+                 JOIN ledger_tx t ON t.id = p.tx_id WHERE p.account_id = ?1 ORDER BY p.id DESC LIMIT ?2",
+            )
+            .map_err(internal)?;
+        let rows = statement
+            .query_map(params![account, limit.min(10_000)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })
+            .map_err(internal)?;
+        let mut lines = Vec::new();
+        let mut after = balance;
+        for row in rows {
+            let (tx_id, kind, job_id, amount_micros, created_ms) = row.map_err(internal)?;
+            lines.push(rhizos_broker::wire::StatementLine {
+                tx_id,
+                kind,
+                job_id,
+                amount_micros,
+                balance_after_micros: after,
+                created_ms: created_ms as u64,
+            });
+            after -= amount_micros;
+        }
+        Ok(rhizos_broker::wire::Statement {
+            account: account.to_owned(),
+            balance_micros: balance,
+            lines,
+        })
+    }
+
+    /// The ledger invariants plus, per job: an open job's escrow holds exactly its `max_cost` and
+    /// has no closing movement; an ended job's escrow is empty, closed exactly once, and its
+    /// recorded split adds up (cost + refund = hold, provider + fee = cost).
+    pub fn verify(&self) -> Result<rhizos_broker::wire::LedgerReport, WireError> {
+        let base = ledger::verify(&self.conn)?;
+        let mut problems = base.problems;
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT j.id, j.state, j.max_cost_micros, j.cost_micros, j.provider_micros, j.fee_micros,
+                        j.refund_micros, a.balance_micros,
+                        (SELECT COUNT(*) FROM ledger_tx t WHERE t.idem_key = 'close:' || j.id),
+                        (SELECT COUNT(*) FROM ledger_tx t WHERE t.idem_key = 'hold:' || j.id)
+                 FROM jobs j LEFT JOIN accounts a ON a.id = 'escrow:' || j.id",
+            )
+            .map_err(internal)?;
+        type Row = (
+            String,
+            String,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            i64,
+            i64,
+        );
+        let rows = statement
+            .query_map([], |r| {
+                Ok::<Row, rusqlite::Error>((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                    r.get(9)?,
+                ))
+            })
+            .map_err(internal)?;
+        let mut jobs_checked = 0;
+        for row in rows {
+            let (id, state, hold, cost, provider, fee, refund, escrow, closes, holds) =
+                row.map_err(internal)?;
+            jobs_checked += 1;
+            if holds != 1 {
+                problems.push(format!("job {id}: {holds} holds instead of 1"));
+            }
+            let terminal = JobState::parse(&state).is_some_and(JobState::is_terminal);
+            if terminal {
+                if escrow != Some(0) {
+                    problems.push(format!(
+                        "job {id} ended ({state}) but its escrow holds {escrow:?}"
+                    ));
+                }
+                if closes != 1 {
+                    problems.push(format!(
+                        "job {id} ended with {closes} settlements/refunds instead of 1"
+                    ));
+                }
+                match (cost, provider, fee, refund) {
+                    (Some(c), Some(p), Some(f), Some(r)) if c + r == hold && p + f == c => {}
+                    other => problems.push(format!(
+                        "job {id}: split {other:?} does not add up to hold {hold}"
+                    )),
+                }
+            } else {
+                if escrow != Some(hold) {
+                    problems.push(format!(
+                        "job {id} is {state} but its escrow holds {escrow:?}, not {hold}"
+                    ));
+                }
+                if closes != 0 {
+                    problems.push(format!(
+                        "job {id} is {state} but was already settled or refunded"
+                    ));
+                }
+            }
+        }
+        Ok(rhizos_broker::wire::LedgerReport {
+            ok: problems.is_empty(),
+            accounts: base.accounts,
+            transactions: base.transactions,
+            postings_sum_micros: base.postings_sum_micros,
+            jobs_checked,
+            problems,
+        })
+    }
+
     // ----- outbox -----
 
     pub fn outbox_batch(&self, limit: usize) -> Result<Vec<OutboxRow>, WireError> {
@@ -1185,6 +1383,7 @@ mod tests {
                 heartbeat_interval_ms: 1000,
                 plugins: vec![],
                 running: Vec::<ExecutionRef>::new(),
+                gpus: vec![],
             })
             .unwrap();
     }
@@ -1370,17 +1569,42 @@ mod tests {
         store.submit("j", "u", &spec, 100_000).unwrap();
         for attempt in 1..=2 {
             assert_eq!(store.assign("j", "n1", &PRICING).unwrap(), Some(attempt));
-            assert_eq!(store.requeue_or_fail("j", attempt, "node n1 was lost").unwrap(), Some(JobState::Pending));
-            assert_eq!(balance(&store, "escrow:j"), 100_000, "the hold stays while the job moves");
-            assert_eq!(store.requeue_or_fail("j", attempt, "again").unwrap(), None, "stale attempt ignored");
+            assert_eq!(
+                store
+                    .requeue_or_fail("j", attempt, "node n1 was lost")
+                    .unwrap(),
+                Some(JobState::Pending)
+            );
+            assert_eq!(
+                balance(&store, "escrow:j"),
+                100_000,
+                "the hold stays while the job moves"
+            );
+            assert_eq!(
+                store.requeue_or_fail("j", attempt, "again").unwrap(),
+                None,
+                "stale attempt ignored"
+            );
         }
         let job = store.get_job("j").unwrap();
-        assert_eq!(job.reason.as_deref(), Some("node n1 was lost; requeued (retry 2 of 2)"));
+        assert_eq!(
+            job.reason.as_deref(),
+            Some("node n1 was lost; requeued (retry 2 of 2)")
+        );
         assert_eq!(store.assign("j", "n1", &PRICING).unwrap(), Some(3));
-        assert_eq!(store.requeue_or_fail("j", 3, "node n1 was lost").unwrap(), Some(JobState::Failed));
+        assert_eq!(
+            store.requeue_or_fail("j", 3, "node n1 was lost").unwrap(),
+            Some(JobState::Failed)
+        );
         let job = store.get_job("j").unwrap();
-        assert_eq!((job.state, job.refund_micros), (JobState::Failed, Some(100_000)));
-        assert_eq!(job.reason.as_deref(), Some("node n1 was lost; no retries left (2 allowed)"));
+        assert_eq!(
+            (job.state, job.refund_micros),
+            (JobState::Failed, Some(100_000))
+        );
+        assert_eq!(
+            job.reason.as_deref(),
+            Some("node n1 was lost; no retries left (2 allowed)")
+        );
         assert_eq!(balance(&store, "u"), 1_000_000);
         assert!(ledger::verify(store.connection()).unwrap().is_ok());
     }

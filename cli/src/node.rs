@@ -1,0 +1,330 @@
+//! `rhizos node list|info`, `rhizos ledger verify`, `rhizos account statement`, and
+//! `rhizos events --since` (replay from the JetStream event stream).
+
+use crate::{GlobalArgs, money};
+use anyhow::Context as _;
+use clap::Subcommand;
+use futures::StreamExt as _;
+use rhizos_broker::Bus;
+use rhizos_broker::wire::{
+    LedgerReport, NodeList, NodeRef, NodeView, Statement, StatementRequest, VerifyLedger,
+    WIRE_VERSION,
+};
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// Every registered node: status, tier, capacity, load, prices, record.
+    List,
+    /// One node in full, with its plugins.
+    Info { node_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum LedgerCommand {
+    /// Check every invariant; exits 4 if one is broken.
+    Verify,
+}
+
+pub async fn run_node(global: &GlobalArgs, command: NodeCommand) -> anyhow::Result<()> {
+    let bus = global.bus().await?;
+    match command {
+        NodeCommand::List => {
+            let list: NodeList = bus
+                .request(bus.subjects.node_list(), &VerifyLedger { v: WIRE_VERSION })
+                .await?;
+            if global.json {
+                println!("{}", serde_json::to_string(&list)?);
+                return Ok(());
+            }
+            if list.nodes.is_empty() {
+                println!("no nodes registered");
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<6} {:<4} {:<14} {:>5} {:>9} {:>6} {:>10} {:>6} {:>5}",
+                "NODE",
+                "STATUS",
+                "TIER",
+                "BACKENDS",
+                "CORES",
+                "MEM MIB",
+                "LOAD",
+                "CPU $/H",
+                "JOBS",
+                "REP"
+            );
+            for n in &list.nodes {
+                println!(
+                    "{:<20} {:<6} {:<4} {:<14} {:>5} {:>9} {:>6} {:>10} {:>6} {:>5.2}",
+                    n.node_id,
+                    n.status,
+                    n.tier,
+                    n.backends.join(","),
+                    n.cpu_cores,
+                    n.memory_mib,
+                    format!("{}/{}", n.active, n.max_concurrent),
+                    money::format_usd(n.pricing.cpu_hour_cents as i64 * 10_000),
+                    n.jobs_run,
+                    n.reputation
+                );
+            }
+        }
+        NodeCommand::Info { node_id } => {
+            let node: NodeView = bus
+                .request(
+                    bus.subjects.node_info(),
+                    &NodeRef {
+                        v: WIRE_VERSION,
+                        node_id,
+                    },
+                )
+                .await?;
+            if global.json {
+                println!("{}", serde_json::to_string(&node)?);
+                return Ok(());
+            }
+            println!(
+                "node {} ({}, tier {})",
+                node.node_id, node.status, node.tier
+            );
+            println!("  provider account: {}", node.provider_account);
+            println!("  last heartbeat:   {} ms ago", node.last_heartbeat_ms_ago);
+            println!("  backends:         {}", node.backends.join(", "));
+            println!(
+                "  capacity:         {} cores, {} MiB, {} slots ({} busy)",
+                node.cpu_cores, node.memory_mib, node.max_concurrent, node.active
+            );
+            if node.gpus.is_empty() {
+                println!("  gpus:             none");
+            }
+            for gpu in &node.gpus {
+                println!(
+                    "  gpu:              {} ({} MiB; {})",
+                    gpu.name,
+                    gpu.vram_mib,
+                    gpu.apis.join(", ")
+                );
+            }
+            println!(
+                "  prices per hour:  cpu {}, memory/GiB {}, gpu {}",
+                money::format_usd(node.pricing.cpu_hour_cents as i64 * 10_000),
+                money::format_usd(node.pricing.memory_gb_hour_cents as i64 * 10_000),
+                money::format_usd(node.pricing.gpu_hour_cents as i64 * 10_000)
+            );
+            println!(
+                "  record:           {} jobs ended, {} succeeded, reputation {:.2}",
+                node.jobs_run, node.jobs_succeeded, node.reputation
+            );
+            for plugin in &node.plugins {
+                match &plugin.refused {
+                    None => println!(
+                        "  plugin:           {} {} ({})",
+                        plugin.name.as_deref().unwrap_or("?"),
+                        plugin.version.as_deref().unwrap_or("?"),
+                        plugin.file
+                    ),
+                    Some(reason) => println!("  refused plugin:   {}: {reason}", plugin.file),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_ledger(global: &GlobalArgs, command: LedgerCommand) -> anyhow::Result<()> {
+    let bus = global.bus().await?;
+    match command {
+        LedgerCommand::Verify => {
+            let report: LedgerReport = bus
+                .request(
+                    bus.subjects.ledger_verify(),
+                    &VerifyLedger { v: WIRE_VERSION },
+                )
+                .await?;
+            if global.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "{}: {} accounts, {} transactions, {} jobs; postings sum to {}",
+                    if report.ok {
+                        "ledger OK"
+                    } else {
+                        "LEDGER BROKEN"
+                    },
+                    report.accounts,
+                    report.transactions,
+                    report.jobs_checked,
+                    report.postings_sum_micros
+                );
+                for problem in &report.problems {
+                    println!("  ✗ {problem}");
+                }
+            }
+            if !report.ok {
+                std::process::exit(4);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn statement(
+    global: &GlobalArgs,
+    bus: &Bus,
+    account: &str,
+    limit: u32,
+) -> anyhow::Result<()> {
+    let request = StatementRequest {
+        v: WIRE_VERSION,
+        account: account.to_owned(),
+        limit: Some(limit),
+    };
+    let statement: Statement = bus
+        .request(bus.subjects.account_statement(), &request)
+        .await?;
+    if global.json {
+        println!("{}", serde_json::to_string(&statement)?);
+        return Ok(());
+    }
+    println!(
+        "{}: balance {}",
+        statement.account,
+        money::format_usd(statement.balance_micros)
+    );
+    println!(
+        "{:>8} {:<9} {:<40} {:>14} {:>14}",
+        "TX", "KIND", "JOB", "AMOUNT", "BALANCE"
+    );
+    for line in &statement.lines {
+        println!(
+            "{:>8} {:<9} {:<40} {:>14} {:>14}",
+            line.tx_id,
+            line.kind,
+            line.job_id.as_deref().unwrap_or("-"),
+            money::format_usd(line.amount_micros),
+            money::format_usd(line.balance_after_micros)
+        );
+    }
+    Ok(())
+}
+
+/// Where a replay starts.
+#[derive(Debug, PartialEq)]
+enum Since {
+    Sequence(u64),
+    Time(time::OffsetDateTime),
+}
+
+fn parse_since(text: &str, now: time::OffsetDateTime) -> anyhow::Result<Since> {
+    if let Ok(sequence) = text.parse::<u64>() {
+        return Ok(Since::Sequence(sequence.max(1)));
+    }
+    if let Ok(at) =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    {
+        return Ok(Since::Time(at));
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().with_context(|| {
+        format!("--since {text:?}: use a sequence (42), an RFC 3339 time (2026-11-21T10:00:00Z) or an age (90s, 10m, 2h, 1d)")
+    })?;
+    let seconds = match unit {
+        "s" => number,
+        "m" => number * 60,
+        "h" => number * 3_600,
+        "d" => number * 86_400,
+        other => anyhow::bail!("--since {text:?}: unknown unit {other:?} (s, m, h or d)"),
+    };
+    Ok(Since::Time(now - Duration::from_secs(seconds)))
+}
+
+/// Replays the event stream from `since`, then keeps following it.
+pub async fn replay_events(
+    global: &GlobalArgs,
+    since: &str,
+    job: Option<&str>,
+    heartbeats: bool,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let bus = global.bus().await?;
+    let deliver_policy = match parse_since(since, time::OffsetDateTime::now_utc())? {
+        Since::Sequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+        Since::Time(start_time) => DeliverPolicy::ByStartTime { start_time },
+    };
+    let filter_subjects = match job {
+        Some(job_id) => bus.subjects.job_events_of(job_id)?,
+        None => vec![bus.subjects.events_wildcard()],
+    };
+    let stream = bus.ensure_event_stream().await?;
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            deliver_policy,
+            filter_subjects,
+            ..Default::default()
+        })
+        .await
+        .context("cannot read the event stream")?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .context("cannot read the event stream")?;
+    let heartbeat_prefix = bus
+        .subjects
+        .node_heartbeat_wildcard()
+        .trim_end_matches('*')
+        .to_owned();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            message = messages.next() => {
+                let Some(message) = message else { return Ok(()) };
+                let message = message.context("event stream failed")?;
+                if message.subject.starts_with(heartbeat_prefix.as_str()) && !heartbeats {
+                    continue;
+                }
+                let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                if global.json {
+                    let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap_or_default();
+                    println!("{}", serde_json::json!({ "seq": sequence, "subject": message.subject.as_str(), "event": body }));
+                } else {
+                    println!("[{sequence}] {}", crate::describe_event(&message.subject, &message.payload));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_sequences_times_and_ages() {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_000_000).unwrap();
+        assert_eq!(parse_since("42", now).unwrap(), Since::Sequence(42));
+        assert_eq!(parse_since("0", now).unwrap(), Since::Sequence(1));
+        assert_eq!(
+            parse_since("10m", now).unwrap(),
+            Since::Time(now - Duration::from_secs(600))
+        );
+        assert_eq!(
+            parse_since("1d", now).unwrap(),
+            Since::Time(now - Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            parse_since("1970-01-12T13:46:40Z", now).unwrap(),
+            Since::Time(time::OffsetDateTime::from_unix_timestamp(1_000_000).unwrap())
+        );
+        assert!(parse_since("yesterday", now).is_err());
+        assert!(
+            parse_since("5w", now)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown unit")
+        );
+    }
+}
