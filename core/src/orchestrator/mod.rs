@@ -608,9 +608,9 @@ impl Orchestrator {
         };
         tracing::warn!(%job_id, attempt, "{refused}; back to pending");
         self.registry().remove_active(&node_id);
-        let id = job_id.clone();
+        let (id, node) = (job_id.clone(), node_id.clone());
         if let Err(e) = self
-            .db(move |store| store.unassign(&id, attempt, &refused))
+            .db(move |store| store.unassign(&id, &node, attempt, &refused))
             .await
         {
             tracing::error!(%job_id, error = %e, "failed to return job to pending");

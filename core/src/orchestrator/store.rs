@@ -50,6 +50,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- How each attempt ended on its node: the provider's record (reputation) is built from this.
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    outcome TEXT NOT NULL, -- succeeded | job_failed | node_failed | cancelled
+    ended_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS attempts_by_node ON attempts(node_id, ended_ms);
 ";
 
 /// A job waiting for a node.
@@ -469,7 +479,13 @@ impl Store {
     }
 
     /// assigned → pending again, when the node did not take the assignment.
-    pub fn unassign(&mut self, job_id: &str, attempt: u32, reason: &str) -> Result<(), WireError> {
+    pub fn unassign(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+        reason: &str,
+    ) -> Result<(), WireError> {
         let now = now_ms();
         let (tx, ctx) = self.begin()?;
         let changed = tx
@@ -480,6 +496,7 @@ impl Store {
             )
             .map_err(internal)?;
         if changed == 1 {
+            record_attempt(&tx, job_id, attempt, node_id, "node_failed", now)?;
             ctx.emit_job(
                 &tx,
                 job_id,
@@ -663,6 +680,13 @@ impl Store {
             reason.as_deref(),
             now,
         )?;
+        let attempt_outcome = match final_state {
+            JobState::Succeeded => "succeeded",
+            JobState::Cancelled => "cancelled",
+            // The workload's own failure (exit code, trap, its limits, an invalid module).
+            _ => "job_failed",
+        };
+        record_attempt(&tx, job_id, attempt, node_id, attempt_outcome, now)?;
         if charge {
             ctx.settle(&tx, job_id, measured, now)?;
         } else {
@@ -729,6 +753,9 @@ impl Store {
         };
         if current != attempt || !matches!(state, JobState::Assigned | JobState::Running) {
             return Ok(None);
+        }
+        if let Some(node) = &node {
+            record_attempt(&tx, job_id, attempt, node, "node_failed", now)?;
         }
         let spec: String = tx
             .query_row("SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| {
@@ -887,61 +914,46 @@ impl Store {
         Ok(nodes)
     }
 
-    /// Per node: (jobs ended there, of which succeeded, success ratio over its last 100).
+    /// Per node: (attempts ended there, of which succeeded, reputation). Reputation is the success
+    /// ratio over the node's last 100 attempts that succeeded or failed through the node (lost,
+    /// restarted, assignment not taken); the workload's own failures and cancels do not count.
     pub fn node_stats(
         &self,
     ) -> Result<std::collections::HashMap<String, (u64, u64, f64)>, WireError> {
-        let mut totals = self
-            .conn
-            .prepare(
-                "SELECT node_id, COUNT(*), SUM(state = 'succeeded') FROM jobs
-                 WHERE node_id IS NOT NULL AND state IN ('succeeded', 'failed', 'cancelled', 'timed_out')
-                 GROUP BY node_id",
-            )
-            .map_err(internal)?;
-        let mut stats = std::collections::HashMap::new();
-        for row in totals
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .map_err(internal)?
-        {
-            let (node, run, succeeded) = row.map_err(internal)?;
-            stats.insert(node, (run as u64, succeeded as u64, 1.0));
-        }
-        // Reputation counts what the node controls: successes against failures, not cancels.
-        let mut recent = self
+        let mut statement = self
             .conn
             .prepare(
                 "WITH ranked AS (
-                     SELECT node_id, state,
-                            ROW_NUMBER() OVER (PARTITION BY node_id ORDER BY updated_ms DESC, id) AS n
-                     FROM jobs WHERE node_id IS NOT NULL AND state IN ('succeeded', 'failed'))
-                 SELECT node_id, COUNT(*), SUM(state = 'succeeded') FROM ranked WHERE n <= 100 GROUP BY node_id",
+                     SELECT node_id, outcome,
+                            ROW_NUMBER() OVER (PARTITION BY node_id ORDER BY ended_ms DESC, job_id) AS n
+                     FROM attempts WHERE outcome IN ('succeeded', 'node_failed'))
+                 SELECT a.node_id, COUNT(*), SUM(a.outcome = 'succeeded'),
+                        (SELECT COUNT(*) FROM ranked r WHERE r.node_id = a.node_id AND r.n <= 100),
+                        (SELECT COUNT(*) FROM ranked r WHERE r.node_id = a.node_id AND r.n <= 100
+                                                          AND r.outcome = 'succeeded')
+                 FROM attempts a GROUP BY a.node_id",
             )
             .map_err(internal)?;
-        for row in recent
+        let rows = statement
             .query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             })
-            .map_err(internal)?
-        {
-            let (node, ended, succeeded) = row.map_err(internal)?;
-            if let Some(entry) = stats.get_mut(&node) {
-                entry.2 = if ended == 0 {
-                    1.0
-                } else {
-                    succeeded as f64 / ended as f64
-                };
-            }
+            .map_err(internal)?;
+        let mut stats = std::collections::HashMap::new();
+        for row in rows {
+            let (node, ended, succeeded, recent, recent_ok) = row.map_err(internal)?;
+            let reputation = if recent == 0 {
+                1.0
+            } else {
+                recent_ok as f64 / recent as f64
+            };
+            stats.insert(node, (ended as u64, succeeded as u64, reputation));
         }
         Ok(stats)
     }
@@ -1277,6 +1289,24 @@ impl Ctx {
             now,
         )
     }
+}
+
+/// Records how an attempt ended on its node (once; a replay changes nothing).
+fn record_attempt(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    attempt: u32,
+    node_id: &str,
+    outcome: &str,
+    now: u64,
+) -> Result<(), WireError> {
+    tx.execute(
+        "INSERT INTO attempts (job_id, attempt, node_id, outcome, ended_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(job_id, attempt) DO NOTHING",
+        params![job_id, attempt, node_id, outcome, now as i64],
+    )
+    .map_err(internal)?;
+    Ok(())
 }
 
 fn no_account(account: &str) -> WireError {

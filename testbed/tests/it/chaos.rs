@@ -2,7 +2,8 @@
 
 use crate::common::*;
 use rhizos_broker::wire::{
-    Ack, ExecutionOutcome, ExitKind, JobReport, JobState, ReportPhase, WIRE_VERSION,
+    Ack, ExecutionOutcome, ExitKind, JobReport, JobState, NodeList, ReportPhase, VerifyLedger,
+    WIRE_VERSION,
 };
 use rhizos_testbed::cluster::wasm_spec;
 use rhizos_testbed::{Cluster, ClusterOptions};
@@ -87,6 +88,36 @@ async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
     assert_eq!(balances[&survivor_account], job.provider_micros.unwrap());
     let lost_account = format!("provider-{lost_index}");
     assert_eq!(balances.get(&lost_account).copied().unwrap_or(0), 0);
+    // The provider record: the lost attempt counts against the lost node only.
+    let list: NodeList = cluster
+        .bus
+        .request(
+            cluster.bus.subjects.node_list(),
+            &VerifyLedger { v: WIRE_VERSION },
+        )
+        .await
+        .unwrap();
+    let view = |id: &str| list.nodes.iter().find(|n| n.node_id == id).unwrap().clone();
+    let (lost, kept) = (view(&lost_node), view(&survivor));
+    assert_eq!(
+        (
+            lost.status.as_str(),
+            lost.jobs_run,
+            lost.jobs_succeeded,
+            lost.reputation
+        ),
+        ("lost", 1, 0, 0.0)
+    );
+    assert_eq!(
+        (
+            kept.status.as_str(),
+            kept.jobs_run,
+            kept.jobs_succeeded,
+            kept.reputation
+        ),
+        ("live", 1, 1, 1.0)
+    );
+    assert_eq!(kept.tier, 0, "no GPU");
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }

@@ -62,10 +62,6 @@ pub async fn assert_ledger_consistent(cluster: &Cluster) {
         .verify_ledger()
         .await
         .expect("verify runs");
-    assert!(
-        report.is_ok(),
-        "ledger invariants broken: {:?}",
-        report.problems
-    );
+    assert!(report.ok, "ledger invariants broken: {:?}", report.problems);
     assert_eq!(report.postings_sum_micros, 0);
 }
