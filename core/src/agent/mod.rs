@@ -344,7 +344,6 @@ impl Agent {
     async fn execute(self, assign: AssignJob) {
         let key = (assign.job_id.clone(), assign.attempt);
         let outcome = self.run_plugin(&assign).await;
-        self.executions().remove(&key);
         tracing::info!(job_id = %assign.job_id, attempt = assign.attempt, kind = ?outcome.kind, exit_code = ?outcome.exit_code, elapsed_ms = outcome.elapsed_ms, "execution ended");
         let report = JobReport {
             v: WIRE_VERSION,
@@ -354,6 +353,9 @@ impl Agent {
             phase: ReportPhase::Finished { outcome },
         };
         self.send_report(report).await;
+        // Only now: until the orchestrator has the result, heartbeats keep listing the attempt,
+        // so it is never mistaken for one the node lost.
+        self.executions().remove(&key);
     }
 
     async fn run_plugin(&self, assign: &AssignJob) -> ExecutionOutcome {

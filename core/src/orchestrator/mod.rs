@@ -462,15 +462,44 @@ impl Orchestrator {
                     tracing::debug!(node_id = %heartbeat.node_id, "heartbeat from an unregistered node");
                     return;
                 }
-                if !heartbeat.running.is_empty() {
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        this.stop_moved_executions(&heartbeat.node_id, &heartbeat.running)
-                            .await
-                    });
-                }
+                let this = self.clone();
+                tokio::spawn(async move { this.reconcile(heartbeat).await });
             }
             Err(e) => tracing::warn!(error = %e, "malformed heartbeat ignored"),
+        }
+    }
+
+    /// Compares a heartbeat with the database: executions the node runs that were moved are
+    /// stopped; attempts the node should run but does not list (an assignment lost in a crash
+    /// between commit and send) are requeued.
+    async fn reconcile(&self, heartbeat: Heartbeat) {
+        if !heartbeat.running.is_empty() {
+            self.stop_moved_executions(&heartbeat.node_id, &heartbeat.running)
+                .await;
+        }
+        let interval_ms = self
+            .registry()
+            .entries()
+            .iter()
+            .find(|n| n.registration.node_id == heartbeat.node_id)
+            .map_or(5_000, |n| n.registration.heartbeat_interval_ms);
+        let grace_ms = self.inner.settings.assign_timeout_ms + 2 * interval_ms;
+        let (node_id, running) = (heartbeat.node_id.clone(), heartbeat.running);
+        let missing = match self
+            .db(move |store| store.unreported_on_node(&node_id, &running, grace_ms))
+            .await
+        {
+            Ok(missing) => missing,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reconcile a heartbeat");
+                return;
+            }
+        };
+        for (job_id, attempt) in missing {
+            let reason = format!("node {} does not run attempt {attempt}", heartbeat.node_id);
+            if let Err(e) = self.requeue_or_fail(job_id, attempt, reason).await {
+                tracing::warn!(error = %e, "cannot requeue");
+            }
         }
     }
 

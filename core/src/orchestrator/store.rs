@@ -825,6 +825,40 @@ impl Store {
         Ok(Some(final_state))
     }
 
+    /// Attempts the database places on `node_id` that the node does not list as running, and
+    /// that changed state more than `grace_ms` ago (younger ones may be in flight).
+    pub fn unreported_on_node(
+        &self,
+        node_id: &str,
+        running: &[rhizos_broker::wire::ExecutionRef],
+        grace_ms: u64,
+    ) -> Result<Vec<(String, u32)>, WireError> {
+        let cutoff = now_ms().saturating_sub(grace_ms) as i64;
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT id, attempt FROM jobs WHERE node_id = ?1 AND state IN ('assigned', 'running')
+                 AND updated_ms < ?2",
+            )
+            .map_err(internal)?;
+        let rows = statement
+            .query_map(params![node_id, cutoff], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?))
+            })
+            .map_err(internal)?;
+        let mut missing = Vec::new();
+        for row in rows {
+            let (job_id, attempt) = row.map_err(internal)?;
+            if !running
+                .iter()
+                .any(|r| r.job_id == job_id && r.attempt == attempt)
+            {
+                missing.push((job_id, attempt));
+            }
+        }
+        Ok(missing)
+    }
+
     /// The node and attempt a job currently runs on, if it is assigned or running.
     pub fn current_execution(&self, job_id: &str) -> Result<Option<(String, u32)>, WireError> {
         self.conn

@@ -8,3 +8,4 @@ mod events;
 mod jobs;
 mod plugins;
 mod protocol;
+mod restart;

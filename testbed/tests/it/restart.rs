@@ -1,0 +1,252 @@
+//! `kill -9` of the orchestrator: pending and running jobs go on after a restart, nothing is
+//! settled twice, and the event history has every event exactly once.
+
+use crate::common::*;
+use futures::StreamExt as _;
+use rhizos_broker::server::{LaunchOptions, NatsServer};
+use rhizos_broker::wire::{
+    AccountRef, AccountView, Deposit, Event, EventBody, JobRef, JobState, JobView, LedgerReport,
+    NodeList, VerifyLedger, WIRE_VERSION,
+};
+use rhizos_broker::{Bus, Settings};
+use rhizos_core::Agent;
+use rhizos_testbed::cluster::{uuid_like, wasm_spec};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn start_orchestrator(settings: &Settings, data_dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data_dir.join("orchestrator.log"))
+        .unwrap();
+    Command::new(rhizos_testbed::build_dir().join("rhizosd"))
+        .args([
+            "--nats-url",
+            &settings.nats.url,
+            "--namespace",
+            &settings.nats.namespace,
+            "orchestrator",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("rhizosd is built (cargo build --workspace)")
+}
+
+/// Retries a request while the orchestrator is (re)starting.
+async fn request<T: serde::de::DeserializeOwned>(
+    bus: &Bus,
+    subject: String,
+    body: &impl serde::Serialize,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match bus.request(subject.clone(), body).await {
+            Ok(reply) => return reply,
+            Err(e) if e.remote().is_none() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{subject}: {e}"),
+        }
+    }
+}
+
+async fn wait_for(bus: &Bus, job_id: &str, done: impl Fn(&JobView) -> bool) -> JobView {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job: JobView = request(
+            bus,
+            bus.subjects.job_get(),
+            &JobRef {
+                v: WIRE_VERSION,
+                job_id: job_id.into(),
+            },
+        )
+        .await;
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "{job_id} stuck: {job:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(LaunchOptions {
+        port: None,
+        data_dir: Some(dir.path().join("nats")),
+    })
+    .unwrap();
+    let mut settings = Settings::default();
+    settings.nats.url = nats.url();
+    settings.nats.namespace = format!("r{}", &uuid_like()[..12]);
+    let orchestrator_dir = dir.path().join("orchestrator");
+    std::fs::create_dir_all(&orchestrator_dir).unwrap();
+    let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
+
+    let plugin_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
+        plugin_dir.join("librhizos_plugin_wasm.so"),
+    )
+    .unwrap();
+    let mut agent_settings = settings.agent.clone();
+    agent_settings.node_id = Some("survivor".into());
+    agent_settings.plugin_dir = plugin_dir;
+    agent_settings.heartbeat_interval_ms = 300;
+    agent_settings.max_concurrent = 1; // the second job has to wait, pending, through the crash
+    let pricing = rhizos_testbed::ClusterOptions::default().pricing;
+    let agent = Agent::new(
+        Bus::connect(&settings.nats).await.unwrap(),
+        agent_settings,
+        pricing,
+    )
+    .unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent_task = tokio::spawn(agent.run(async move {
+        let mut stopped = stopped;
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+
+    let bus = Bus::connect(&settings.nats).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list: NodeList = request(
+            &bus,
+            bus.subjects.node_list(),
+            &VerifyLedger { v: WIRE_VERSION },
+        )
+        .await;
+        if !list.nodes.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent never registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _: AccountView = request(
+        &bus,
+        bus.subjects.account_create(),
+        &AccountRef {
+            v: WIRE_VERSION,
+            account: "kim".into(),
+        },
+    )
+    .await;
+    let deposit = Deposit {
+        v: WIRE_VERSION,
+        account: "kim".into(),
+        amount_micros: 2_000_000,
+        idempotency_key: Some("d1".into()),
+    };
+    let _: AccountView = request(&bus, bus.subjects.account_deposit(), &deposit).await;
+    let module = demo();
+    for (job_id, args) in [
+        ("first", ["count", "15", "100"]),
+        ("second", ["count", "2", "0"]),
+    ] {
+        let submit = submit_request("kim", job_id, wasm_spec(&module, &args, 20_000), 500_000);
+        let _: rhizos_broker::wire::SubmitJobReply =
+            request(&bus, bus.subjects.job_submit(), &submit).await;
+    }
+    wait_for(&bus, "first", |j| j.state == JobState::Running).await;
+    assert_eq!(
+        wait_for(&bus, "second", |_| true).await.state,
+        JobState::Pending
+    );
+
+    // kill -9 while one job runs and one waits; restart after the running one has finished.
+    orchestrator.kill().unwrap();
+    orchestrator.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
+
+    let first = wait_for(&bus, "first", |j| {
+        j.state.is_terminal() && j.cost_micros.is_some()
+    })
+    .await;
+    let second = wait_for(&bus, "second", |j| {
+        j.state.is_terminal() && j.cost_micros.is_some()
+    })
+    .await;
+    assert_eq!(
+        (first.state, first.attempt),
+        (JobState::Succeeded, 1),
+        "{first:?}"
+    );
+    assert_eq!(first.stdout.as_deref().map(|s| s.lines().count()), Some(15));
+    assert_eq!(
+        (second.state, second.attempt),
+        (JobState::Succeeded, 1),
+        "{second:?}"
+    );
+
+    let report: LedgerReport = request(
+        &bus,
+        bus.subjects.ledger_verify(),
+        &VerifyLedger { v: WIRE_VERSION },
+    )
+    .await;
+    assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(report.jobs_checked, 2);
+    let account: AccountView = request(
+        &bus,
+        bus.subjects.account_balance(),
+        &AccountRef {
+            v: WIRE_VERSION,
+            account: "kim".into(),
+        },
+    )
+    .await;
+    assert_eq!(
+        account.balance_micros,
+        2_000_000 - first.cost_micros.unwrap() - second.cost_micros.unwrap()
+    );
+
+    // Every event once, in order, across the crash.
+    let stream = bus.ensure_event_stream().await.unwrap();
+    for job in [&first, &second] {
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subjects: bus.subjects.job_events_of(&job.job_id).unwrap(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut history = Vec::new();
+        while let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_millis(1_000), messages.next()).await
+        {
+            let event: Event = serde_json::from_slice(&message.payload).unwrap();
+            history.push(match event.body {
+                EventBody::Job { state, .. } => state.as_str().to_owned(),
+                EventBody::Escrow { kind, .. } => format!("{kind:?}").to_lowercase(),
+            });
+        }
+        assert_eq!(
+            history,
+            [
+                "pending",
+                "held",
+                "assigned",
+                "running",
+                "succeeded",
+                "settled"
+            ],
+            "{}",
+            job.job_id
+        );
+    }
+
+    let _ = stop.send(true);
+    agent_task.await.unwrap().unwrap();
+    orchestrator.kill().unwrap();
+    orchestrator.wait().unwrap();
+}
