@@ -91,7 +91,7 @@ impl Cluster {
             orchestrator.clone().run(stopped(receiver.clone())),
         )];
 
-        let plugin_files = if options.plugin_files.is_empty() {
+        let plugin_files = if options.plugin_files.is_empty() && options.agents > 0 {
             vec![crate::plugin_file("rhizos_plugin_wasm")?]
         } else {
             options.plugin_files.clone()

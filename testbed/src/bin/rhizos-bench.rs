@@ -32,6 +32,17 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         jobs: usize,
     },
+    /// Jobs offered to many simulated nodes (they ack and report at once): jobs settled per
+    /// second through the orchestrator and its ledger, and submit → running latency.
+    Marketplace {
+        #[arg(long, default_value_t = 1_000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 5_000)]
+        jobs: usize,
+        /// Submits in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
 }
 
 #[tokio::main]
@@ -40,6 +51,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.bench {
         Bench::SubmitLatency { jobs } => submit_latency(jobs, cli.json).await,
+        Bench::Marketplace {
+            nodes,
+            jobs,
+            concurrency,
+        } => marketplace(nodes, jobs, concurrency, cli.json).await,
     }
 }
 
@@ -126,6 +142,164 @@ async fn submit_latency(jobs: usize, json: bool) -> anyhow::Result<()> {
             );
         }
     }
+    cluster.shutdown().await
+}
+
+async fn marketplace(
+    nodes: usize,
+    jobs: usize,
+    concurrency: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    anyhow::ensure!(
+        jobs > 0 && nodes > 0 && concurrency > 0,
+        "--nodes, --jobs and --concurrency must be > 0"
+    );
+    let options = ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    };
+    let pricing = options.pricing;
+    let cluster = Cluster::start(options).await?;
+    let setup = Instant::now();
+    let fleet = rhizos_testbed::sim::SimFleet::start(
+        rhizos_broker::Bus::connect(&cluster.settings.nats).await?,
+        nodes,
+        pricing,
+        10,
+    )
+    .await?;
+    let registration_s = setup.elapsed().as_secs_f64();
+    cluster.funded_account("load", 1_000_000_000_000).await?;
+
+    // Watch every job's events: running (latency) and settled (throughput).
+    let subjects = &cluster.bus.subjects;
+    let running_wildcard = subjects
+        .job_event("running", "x")?
+        .trim_end_matches('x')
+        .to_owned()
+        + "*";
+    let settled_wildcard = subjects
+        .escrow_event(rhizos_broker::subjects::EscrowEventKind::Settled, "x")?
+        .trim_end_matches('x')
+        .to_owned()
+        + "*";
+    let mut running_events = cluster.bus.client.subscribe(running_wildcard).await?;
+    let mut settled_events = cluster.bus.client.subscribe(settled_wildcard).await?;
+    cluster.bus.client.flush().await?;
+    let submitted_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let watcher = {
+        let (submitted_at, latencies) = (submitted_at.clone(), latencies.clone());
+        tokio::spawn(async move {
+            while let Some(message) = running_events.next().await {
+                let job_id = rhizos_broker::Subjects::last_token(&message.subject).to_owned();
+                let started = submitted_at
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&job_id).copied());
+                if let (Some(started), Ok(mut l)) = (started, latencies.lock()) {
+                    l.push(started.elapsed());
+                }
+            }
+        })
+    };
+    let module = rhizos_broker::wire::b64_encode(b"(module (func (export \"_start\")))");
+    let started = Instant::now();
+    let bus = cluster.bus.clone();
+    let mut submits = futures::stream::iter((0..jobs).map(|index| {
+        let (bus, module, submitted_at) = (bus.clone(), module.clone(), submitted_at.clone());
+        async move {
+            let job_id = format!("load-{index}");
+            let spec = rhizos_broker::wire::JobSpec {
+                workload: rhizos_broker::wire::Workload::Wasm { module_b64: module },
+                args: vec![],
+                env: Default::default(),
+                stdin_b64: None,
+                timeout_ms: 1_000,
+                memory_mib: 64,
+                cpu_cores: 1,
+                max_retries: 0,
+            };
+            let request = rhizos_broker::wire::SubmitJob {
+                v: rhizos_broker::wire::WIRE_VERSION,
+                job_id: Some(job_id.clone()),
+                account: "load".into(),
+                spec,
+                max_cost_micros: 1_000_000,
+            };
+            if let Ok(mut map) = submitted_at.lock() {
+                map.insert(job_id, Instant::now());
+            }
+            bus.request::<_, rhizos_broker::wire::SubmitJobReply>(
+                bus.subjects.job_submit(),
+                &request,
+            )
+            .await
+        }
+    }))
+    .buffer_unordered(concurrency);
+    let mut rejected = 0usize;
+    while let Some(result) = submits.next().await {
+        if result.is_err() {
+            rejected += 1;
+        }
+    }
+    let submit_s = started.elapsed().as_secs_f64();
+    let mut settled = 0usize;
+    while settled < jobs - rejected {
+        match tokio::time::timeout(Duration::from_secs(60), settled_events.next()).await {
+            Ok(Some(_)) => settled += 1,
+            _ => break,
+        }
+    }
+    let total_s = started.elapsed().as_secs_f64();
+    watcher.abort();
+    let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    latencies.sort();
+    let pick = |q: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * q).round() as usize)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    let report = serde_json::json!({
+        "bench": "marketplace",
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "nodes": nodes,
+        "jobs": jobs,
+        "concurrency": concurrency,
+        "registration_s": registration_s,
+        "rejected": rejected,
+        "settled": settled,
+        "submit_phase_s": submit_s,
+        "total_s": total_s,
+        "jobs_settled_per_s": settled as f64 / total_s,
+        "submit_to_running_ms": { "p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0), "samples": latencies.len() },
+    });
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "{} jobs over {} simulated nodes ({} build, concurrency {concurrency}):",
+            jobs,
+            nodes,
+            report["build"].as_str().unwrap_or("?")
+        );
+        println!("  registered {nodes} nodes in {registration_s:.2} s");
+        println!(
+            "  settled {settled} (rejected {rejected}) in {total_s:.2} s = {:.0} jobs/s",
+            settled as f64 / total_s
+        );
+        println!(
+            "  submit → running: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            pick(0.5),
+            pick(0.99),
+            pick(1.0)
+        );
+    }
+    drop(fleet);
     cluster.shutdown().await
 }
 
