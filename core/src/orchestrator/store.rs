@@ -1696,3 +1696,249 @@ mod tests {
         );
     }
 }
+
+/// Property test: whatever happens, in whatever order, the money adds up.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use rhizos_broker::wire::{ExecutionRef, Workload};
+
+    const PRICING: Pricing = Pricing {
+        gpu_hour_cents: 0,
+        cpu_hour_cents: 3_600,
+        memory_gb_hour_cents: 0,
+    };
+    const NODES: [&str; 2] = ["n0", "n1"];
+    const INITIAL_DEPOSIT: i64 = 300_000;
+    const USERS: [&str; 2] = ["u0", "u1"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Deposit {
+            user: usize,
+            amount: i64,
+        },
+        Submit {
+            user: usize,
+            max_cost: i64,
+            retries: u32,
+        },
+        Assign {
+            job: usize,
+            node: usize,
+        },
+        Running {
+            job: usize,
+        },
+        Finish {
+            job: usize,
+            exit_code: i32,
+            elapsed_ms: u64,
+            replay: bool,
+        },
+        Cancelled {
+            job: usize,
+        },
+        NodeLost {
+            job: usize,
+        },
+        Cancel {
+            job: usize,
+        },
+        StaleReport {
+            job: usize,
+            elapsed_ms: u64,
+        },
+        QueueTimeout {
+            job: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            1 => (0..2usize, 1..500_000i64).prop_map(|(user, amount)| Op::Deposit { user, amount }),
+            3 => (0..2usize, 1..200_000i64, 0..3u32).prop_map(|(user, max_cost, retries)| Op::Submit {
+                user,
+                max_cost,
+                retries
+            }),
+            3 => (0..3usize, 0..2usize).prop_map(|(job, node)| Op::Assign { job, node }),
+            2 => (0..3usize).prop_map(|job| Op::Running { job }),
+            3 => (
+                0..3usize,
+                prop_oneof![Just(0), Just(0), Just(1), Just(137)],
+                0..50_000u64,
+                any::<bool>()
+            )
+                .prop_map(|(job, exit_code, elapsed_ms, replay)| Op::Finish {
+                    job,
+                    exit_code,
+                    elapsed_ms,
+                    replay
+                }),
+            1 => (0..3usize).prop_map(|job| Op::Cancelled { job }),
+            1 => (0..3usize).prop_map(|job| Op::NodeLost { job }),
+            1 => (0..3usize).prop_map(|job| Op::Cancel { job }),
+            1 => (0..3usize, 0..50_000u64)
+                .prop_map(|(job, elapsed_ms)| Op::StaleReport { job, elapsed_ms }),
+            1 => (0..3usize).prop_map(|job| Op::QueueTimeout { job }),
+        ]
+    }
+
+    fn outcome(kind: ExitKind, exit_code: Option<i32>, elapsed_ms: u64) -> ExecutionOutcome {
+        ExecutionOutcome {
+            kind,
+            exit_code,
+            message: None,
+            elapsed_ms,
+            stdout: String::new(),
+            stderr: String::new(),
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(
+            &dir.path().join("ledger.db"),
+            500,
+            Subjects::new("p").unwrap(),
+        )
+        .unwrap();
+        for (index, node) in NODES.iter().enumerate() {
+            store
+                .upsert_node(&RegisterNode {
+                    v: WIRE_VERSION,
+                    node_id: (*node).into(),
+                    provider_account: format!("prov{index}"),
+                    backends: vec!["wasm".into()],
+                    pricing: PRICING,
+                    cpu_cores: 4,
+                    memory_mib: 4096,
+                    max_concurrent: 8,
+                    heartbeat_interval_ms: 1000,
+                    plugins: vec![],
+                    running: Vec::<ExecutionRef>::new(),
+                    gpus: vec![],
+                })
+                .unwrap();
+        }
+        for user in USERS {
+            store.create_account(user).unwrap();
+            store.deposit(user, INITIAL_DEPOSIT, None).unwrap();
+        }
+        (dir, store)
+    }
+
+    /// The node and attempt the job currently has, if any.
+    fn current(store: &Store, job_id: &str) -> Option<(String, u32)> {
+        store.current_execution(job_id).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_sequence_keeps_the_ledger_invariants(ops in proptest::collection::vec(op(), 10..80)) {
+            let (_dir, mut store) = setup();
+            let mut jobs: Vec<String> = Vec::new();
+            let mut deposited = INITIAL_DEPOSIT * USERS.len() as i64;
+            for op in ops {
+                match op {
+                    Op::Deposit { user, amount } => {
+                        store.deposit(USERS[user], amount, None).unwrap();
+                        deposited += amount;
+                    }
+                    Op::Submit { user, max_cost, retries } => {
+                        let id = format!("j{}", jobs.len());
+                        let spec = JobSpec {
+                            workload: Workload::Wasm { module_b64: "AGFzbQ==".into() },
+                            args: vec![],
+                            env: Default::default(),
+                            stdin_b64: None,
+                            timeout_ms: 10_000,
+                            memory_mib: 64,
+                            cpu_cores: 1,
+                            max_retries: retries,
+                        };
+                        match store.submit(&id, USERS[user], &spec, max_cost) {
+                            Ok(_) => jobs.push(id),
+                            Err(e) => prop_assert_eq!(e.code, ErrorCode::InsufficientFunds),
+                        }
+                    }
+                    Op::Assign { job, node } => {
+                        if let Some(id) = jobs.get(job) {
+                            store.assign(id, NODES[node], &PRICING).unwrap();
+                        }
+                    }
+                    Op::Running { job } => {
+                        if let Some(id) = jobs.get(job) && let Some((node, attempt)) = current(&store, id) {
+                            store.mark_running(id, &node, attempt).unwrap();
+                        }
+                    }
+                    Op::Finish { job, exit_code, elapsed_ms, replay } => {
+                        if let Some(id) = jobs.get(job) && let Some((node, attempt)) = current(&store, id) {
+                            let report = outcome(ExitKind::Exited, Some(exit_code), elapsed_ms);
+                            prop_assert_eq!(store.finish(id, &node, attempt, &report, 1024).unwrap(), ReportEffect::Applied);
+                            let after = store.get_job(id).unwrap();
+                            if replay {
+                                let replayed = store.finish(id, &node, attempt, &report, 1024).unwrap();
+                                prop_assert_eq!(replayed, ReportEffect::Duplicate);
+                                prop_assert_eq!(store.get_job(id).unwrap(), after);
+                            }
+                        }
+                    }
+                    Op::Cancelled { job } => {
+                        if let Some(id) = jobs.get(job) && let Some((node, attempt)) = current(&store, id) {
+                            store.finish(id, &node, attempt, &outcome(ExitKind::Cancelled, None, 700), 1024).unwrap();
+                        }
+                    }
+                    Op::NodeLost { job } => {
+                        if let Some(id) = jobs.get(job) && let Some((_, attempt)) = current(&store, id) {
+                            store.requeue_or_fail(id, attempt, "node lost").unwrap();
+                        }
+                    }
+                    Op::Cancel { job } => {
+                        if let Some(id) = jobs.get(job) {
+                            let _ = store.cancel(id);
+                        }
+                    }
+                    Op::StaleReport { job, elapsed_ms } => {
+                        if let Some(id) = jobs.get(job) {
+                            let before = store.get_job(id).unwrap();
+                            let attempt = before.attempt + 5;
+                            let report = outcome(ExitKind::Exited, Some(0), elapsed_ms);
+                            prop_assert!(matches!(store.finish(id, "n0", attempt, &report, 1024).unwrap(), ReportEffect::Stale(_)));
+                            prop_assert_eq!(store.get_job(id).unwrap(), before);
+                        }
+                    }
+                    Op::QueueTimeout { job } => {
+                        if let Some(id) = jobs.get(job) && store.get_job(id).unwrap().state == JobState::Pending {
+                            store.end_with_refund(id, JobState::TimedOut, "queue timeout").unwrap();
+                        }
+                    }
+                }
+                let report = store.verify().unwrap();
+                prop_assert!(report.ok, "{:?}", report.problems);
+            }
+            // Conservation: what came in is exactly what the users, escrows, providers and the
+            // platform hold now.
+            let held: i64 = jobs.iter().map(|id| ledger::balance(store.connection(), &escrow_account(id)).unwrap().unwrap_or(0)).sum();
+            let users: i64 = USERS.iter().map(|u| ledger::balance(store.connection(), u).unwrap().unwrap_or(0)).sum();
+            let providers: i64 = (0..2).map(|i| ledger::balance(store.connection(), &format!("prov{i}")).unwrap().unwrap_or(0)).sum();
+            let fees = ledger::balance(store.connection(), ledger::PLATFORM_FEES).unwrap().unwrap_or(0);
+            prop_assert_eq!(users + held + providers + fees, deposited);
+            prop_assert_eq!(ledger::balance(store.connection(), ledger::EXTERNAL).unwrap(), Some(-deposited));
+            // Every ended job: its split matches the postings it made.
+            for id in &jobs {
+                let job = store.get_job(id).unwrap();
+                if job.state.is_terminal() {
+                    let (cost, fee, provider, refund) = (job.cost_micros.unwrap(), job.fee_micros.unwrap(), job.provider_micros.unwrap(), job.refund_micros.unwrap());
+                    prop_assert_eq!(cost + refund, job.max_cost_micros);
+                    prop_assert_eq!(provider + fee, cost);
+                    prop_assert_eq!(fee, (cost * 500 + 5_000) / 10_000);
+                }
+            }
+        }
+    }
+}
