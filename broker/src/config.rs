@@ -64,6 +64,8 @@ pub struct OrchestratorSettings {
     pub missed_heartbeats: u32,
     /// Largest stdout/stderr tail stored with a job result.
     pub max_output_bytes: usize,
+    /// How long a job waits for a node unless it says otherwise.
+    pub queue_timeout_ms: u64,
 }
 
 impl Default for OrchestratorSettings {
@@ -77,6 +79,7 @@ impl Default for OrchestratorSettings {
             assign_timeout_ms: 3_000,
             missed_heartbeats: 3,
             max_output_bytes: 64 * 1024,
+            queue_timeout_ms: 5 * 60_000,
         }
     }
 }

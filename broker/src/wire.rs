@@ -221,6 +221,14 @@ pub struct JobSpec {
     /// restarted). Never for the job's own failure.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
+    /// How long the job may wait for a node (default: the orchestrator's `queue_timeout_ms`);
+    /// then it ends `timed_out`, fully refunded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout_ms: Option<u64>,
+    /// Limit on the job's whole life from submit; when it passes the job is stopped and ends
+    /// `timed_out` (refunded if it never ran, paying the time used if it was running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_timeout_ms: Option<u64>,
 }
 
 fn default_cpu_cores() -> u32 {

@@ -68,6 +68,13 @@ pub struct SubmitArgs {
     /// own failure.
     #[arg(long, default_value_t = rhizos_broker::wire::DEFAULT_MAX_RETRIES)]
     max_retries: u32,
+    /// How long to wait for a node before giving up (refunded); default: the orchestrator's.
+    #[arg(long)]
+    queue_timeout_secs: Option<u64>,
+    /// Limit on the job's whole life from submit: it is stopped then (refunded if it never
+    /// ran, paying the time used if it ran).
+    #[arg(long)]
+    total_timeout_secs: Option<u64>,
     /// Job id to use (default: generated). Resubmitting an id returns the existing job.
     #[arg(long)]
     job_id: Option<String>,
@@ -187,6 +194,8 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         memory_mib: args.memory_mib,
         cpu_cores: args.cpu_cores,
         max_retries: args.max_retries,
+        queue_timeout_ms: args.queue_timeout_secs.map(|s| s.saturating_mul(1000)),
+        total_timeout_ms: args.total_timeout_secs.map(|s| s.saturating_mul(1000)),
     })
 }
 

@@ -266,6 +266,8 @@ pub fn wasm_spec(module: &[u8], args: &[&str], timeout_ms: u64) -> JobSpec {
         memory_mib: 64,
         cpu_cores: 1,
         max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
+        queue_timeout_ms: None,
+        total_timeout_ms: None,
     }
 }
 

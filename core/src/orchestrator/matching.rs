@@ -232,6 +232,8 @@ mod tests {
             memory_mib: 128,
             cpu_cores: 1,
             max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
+            queue_timeout_ms: None,
+            total_timeout_ms: None,
         }
     }
 

@@ -34,8 +34,8 @@ pub const MAX_TIMEOUT_MS: u64 = 24 * 3_600_000;
 pub const MAX_COST_MICROS: i64 = 1_000_000 * wire::MICROS_PER_USD;
 /// Most retries a job may ask for.
 pub const MAX_RETRIES: u32 = 10;
-/// Jobs no node picks up within this time are ended (`timed_out`) and refunded.
-pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 5 * 60_000;
+/// Longest queue or total timeout a job may ask for: 30 days.
+pub const MAX_JOB_LIFETIME_MS: u64 = 30 * 24 * 3_600_000;
 
 /// The orchestrator service. Cheap to clone (all state behind `Arc`).
 #[derive(Clone)]
@@ -50,7 +50,6 @@ struct Inner {
     registry: Mutex<Registry>,
     dispatch_wake: Notify,
     outbox_wake: Notify,
-    queue_timeout_ms: u64,
 }
 
 impl Orchestrator {
@@ -80,7 +79,6 @@ impl Orchestrator {
                 registry: Mutex::new(registry),
                 dispatch_wake: Notify::new(),
                 outbox_wake: Notify::new(),
-                queue_timeout_ms: DEFAULT_QUEUE_TIMEOUT_MS,
             }),
         })
     }
@@ -232,21 +230,27 @@ impl Orchestrator {
         let effect = self.db(move |store| store.cancel(&request.job_id)).await?;
         self.inner.outbox_wake.notify_one();
         if let Some((node_id, attempt)) = effect.stop {
-            let stop = StopJob {
-                v: WIRE_VERSION,
-                job_id: effect.job.job_id.clone(),
-                attempt,
-            };
-            match self.inner.bus.subjects.job_stop(&node_id) {
-                Ok(subject) => {
-                    if let Err(e) = self.inner.bus.request::<_, Ack>(subject, &stop).await {
-                        tracing::warn!(job_id = %stop.job_id, %node_id, error = %e, "node did not confirm the stop");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot address node"),
-            }
+            self.send_stop(&node_id, &effect.job.job_id, attempt).await;
         }
         Ok(effect.job)
+    }
+
+    /// Asks `node_id` to stop an attempt (best effort: a node that is gone is found by the
+    /// sweeper, and its attempts requeued or ended).
+    async fn send_stop(&self, node_id: &str, job_id: &str, attempt: u32) {
+        let stop = StopJob {
+            v: WIRE_VERSION,
+            job_id: job_id.to_owned(),
+            attempt,
+        };
+        match self.inner.bus.subjects.job_stop(node_id) {
+            Ok(subject) => {
+                if let Err(e) = self.inner.bus.request::<_, Ack>(subject, &stop).await {
+                    tracing::warn!(%job_id, %node_id, error = %e, "node did not confirm the stop");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot address node"),
+        }
     }
 
     async fn report(&self, payload: &[u8]) -> Result<Ack, WireError> {
@@ -522,16 +526,8 @@ impl Orchestrator {
                 continue;
             }
             tracing::info!(job_id = %execution.job_id, attempt = execution.attempt, %node_id, "stopping an execution that was moved or ended");
-            let stop = StopJob {
-                v: WIRE_VERSION,
-                job_id: execution.job_id.clone(),
-                attempt: execution.attempt,
-            };
-            if let Ok(subject) = self.inner.bus.subjects.job_stop(node_id)
-                && let Err(e) = self.inner.bus.request::<_, Ack>(subject, &stop).await
-            {
-                tracing::warn!(%node_id, error = %e, "node did not confirm the stop");
-            }
+            self.send_stop(node_id, &execution.job_id, execution.attempt)
+                .await;
         }
     }
 
@@ -717,17 +713,29 @@ impl Orchestrator {
                 self.requeue_or_fail(job_id, attempt, reason).await?;
             }
         }
-        let queue_timeout_ms = self.inner.queue_timeout_ms;
+        let default_queue_timeout_ms = self.inner.settings.queue_timeout_ms;
         let now = store::now_ms();
-        let pending = self.db(|store| store.pending_jobs(1024)).await?;
-        for job in pending
-            .into_iter()
-            .filter(|j| now.saturating_sub(j.pending_since_ms) > queue_timeout_ms)
-        {
+        let pending = self.db(|store| store.pending_jobs(100_000)).await?;
+        for job in pending {
+            let queue_timeout_ms = job
+                .spec
+                .queue_timeout_ms
+                .unwrap_or(default_queue_timeout_ms);
+            if now.saturating_sub(job.pending_since_ms) <= queue_timeout_ms {
+                continue;
+            }
             let reason =
-                format!("no node took the job within the queue timeout of {queue_timeout_ms} ms");
+                format!("no node took the job within its queue timeout of {queue_timeout_ms} ms");
             self.db(move |store| store.end_with_refund(&job.job_id, JobState::TimedOut, &reason))
                 .await?;
+        }
+        for job_id in self.db(move |store| store.overdue(now)).await? {
+            let id = job_id.clone();
+            if let Some((node_id, attempt)) = self.db(move |store| store.time_out(&id)).await? {
+                tracing::info!(%job_id, %node_id, "total timeout passed; stopping the job");
+                let this = self.clone();
+                tokio::spawn(async move { this.send_stop(&node_id, &job_id, attempt).await });
+            }
         }
         self.inner.outbox_wake.notify_one();
         Ok(())
@@ -776,6 +784,18 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
             "memory_mib must be between 1 and 1048576, got {}",
             spec.memory_mib
         )));
+    }
+    for (name, value) in [
+        ("queue_timeout_ms", spec.queue_timeout_ms),
+        ("total_timeout_ms", spec.total_timeout_ms),
+    ] {
+        if let Some(ms) = value
+            && (ms == 0 || ms > MAX_JOB_LIFETIME_MS)
+        {
+            return Err(bad(format!(
+                "{name} must be between 1 and {MAX_JOB_LIFETIME_MS}, got {ms}"
+            )));
+        }
     }
     if spec.max_retries > MAX_RETRIES {
         return Err(bad(format!(

@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT,
     elapsed_ms INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    -- Why a running job is being stopped: 'user' (cancel) or 'total_timeout'.
+    stop_reason TEXT,
+    -- created_ms + total_timeout_ms, when the job has one.
+    deadline_ms INTEGER,
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL
 );
@@ -304,9 +308,17 @@ impl Store {
             _ => return Err(no_account(account)),
         }
         tx.execute(
-            "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6)",
-            params![job_id, account, spec.workload.backend(), spec_json, max_cost_micros, now as i64],
+            "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7)",
+            params![
+                job_id,
+                account,
+                spec.workload.backend(),
+                spec_json,
+                max_cost_micros,
+                now as i64,
+                spec.total_timeout_ms.map(|t| now.saturating_add(t) as i64)
+            ],
         )
         .map_err(internal)?;
         let escrow = escrow_account(job_id);
@@ -609,13 +621,19 @@ impl Store {
         if state.is_terminal() {
             return Ok(ReportEffect::Duplicate);
         }
-        let (spec, pricing, cancel_requested): (String, Option<String>, bool) = tx
+        let (spec, pricing, cancel_requested, stop_reason): (
+            String,
+            Option<String>,
+            bool,
+            Option<String>,
+        ) = tx
             .query_row(
-                "SELECT spec, pricing, cancel_requested FROM jobs WHERE id = ?1",
+                "SELECT spec, pricing, cancel_requested, stop_reason FROM jobs WHERE id = ?1",
                 [job_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .map_err(internal)?;
+        let timed_out = stop_reason.as_deref() == Some("total_timeout");
         let spec: JobSpec = serde_json::from_str(&spec).map_err(internal)?;
         let pricing: Pricing = pricing
             .as_deref()
@@ -631,6 +649,11 @@ impl Store {
                 Some(format!("exited with code {}", code.unwrap_or(-1))),
             ),
             // The user asked to stop a running job: the provider is paid for the time used.
+            (ExitKind::Cancelled, _) if cancel_requested && timed_out => (
+                JobState::TimedOut,
+                true,
+                Some("stopped at the job's total timeout".to_owned()),
+            ),
             (ExitKind::Cancelled, _) if cancel_requested => (
                 JobState::Cancelled,
                 true,
@@ -795,17 +818,30 @@ impl Store {
             tx.commit().map_err(internal)?;
             return Ok(Some(JobState::Pending));
         }
-        let (final_state, reason) = if cancel_requested {
-            (
-                JobState::Cancelled,
-                format!("{reason}; the job was being cancelled"),
+        let stop_reason: Option<String> = tx
+            .query_row(
+                "SELECT stop_reason FROM jobs WHERE id = ?1",
+                [job_id],
+                |r| r.get(0),
             )
-        } else {
-            (
-                JobState::Failed,
-                format!("{reason}; no retries left ({} allowed)", spec.max_retries),
-            )
-        };
+            .map_err(internal)?;
+        let (final_state, reason) =
+            if cancel_requested && stop_reason.as_deref() == Some("total_timeout") {
+                (
+                    JobState::TimedOut,
+                    format!("{reason}; the job had reached its total timeout"),
+                )
+            } else if cancel_requested {
+                (
+                    JobState::Cancelled,
+                    format!("{reason}; the job was being cancelled"),
+                )
+            } else {
+                (
+                    JobState::Failed,
+                    format!("{reason}; no retries left ({} allowed)", spec.max_retries),
+                )
+            };
         tx.execute(
             "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
             params![job_id, final_state.as_str(), reason, now as i64],
@@ -859,6 +895,46 @@ impl Store {
         Ok(missing)
     }
 
+    /// Jobs past their total-timeout deadline that have not ended (nor been asked to stop).
+    pub fn overdue(&self, now_ms: u64) -> Result<Vec<String>, WireError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT id FROM jobs WHERE deadline_ms IS NOT NULL AND deadline_ms < ?1
+                 AND state IN ('pending', 'assigned', 'running') AND cancel_requested = 0",
+            )
+            .map_err(internal)?;
+        let rows = statement
+            .query_map([now_ms as i64], |r| r.get(0))
+            .map_err(internal)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(internal)
+    }
+
+    /// The total timeout passed: a job that never started ends `timed_out` with a full refund;
+    /// a running one is flagged and its node must be told to stop it (returned), after which
+    /// it ends `timed_out`, paying the time used.
+    pub fn time_out(&mut self, job_id: &str) -> Result<Option<(String, u32)>, WireError> {
+        let job = self.get_job(job_id)?;
+        let reason = "the job's total timeout passed";
+        match job.state {
+            JobState::Pending | JobState::Assigned => {
+                self.end_with_refund(job_id, JobState::TimedOut, reason)?;
+                Ok(job.node_id.map(|node| (node, job.attempt)))
+            }
+            JobState::Running => {
+                self.conn
+                    .execute(
+                        "UPDATE jobs SET cancel_requested = 1, stop_reason = 'total_timeout', updated_ms = ?2
+                         WHERE id = ?1",
+                        params![job_id, now_ms() as i64],
+                    )
+                    .map_err(internal)?;
+                Ok(job.node_id.map(|node| (node, job.attempt)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The node and attempt a job currently runs on, if it is assigned or running.
     pub fn current_execution(&self, job_id: &str) -> Result<Option<(String, u32)>, WireError> {
         self.conn
@@ -891,7 +967,7 @@ impl Store {
             JobState::Running => {
                 self.conn
                     .execute(
-                        "UPDATE jobs SET cancel_requested = 1, updated_ms = ?2 WHERE id = ?1",
+                        "UPDATE jobs SET cancel_requested = 1, stop_reason = 'user', updated_ms = ?2 WHERE id = ?1",
                         params![job_id, now_ms() as i64],
                     )
                     .map_err(internal)?;
@@ -1430,6 +1506,8 @@ mod tests {
             memory_mib: 64,
             cpu_cores: 1,
             max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
+            queue_timeout_ms: None,
+            total_timeout_ms: None,
         }
     }
 
@@ -1860,6 +1938,8 @@ mod properties {
                             memory_mib: 64,
                             cpu_cores: 1,
                             max_retries: retries,
+                            queue_timeout_ms: None,
+                            total_timeout_ms: None,
                         };
                         match store.submit(&id, USERS[user], &spec, max_cost) {
                             Ok(_) => jobs.push(id),

@@ -222,6 +222,8 @@ async fn marketplace(
                 memory_mib: 64,
                 cpu_cores: 1,
                 max_retries: 0,
+                queue_timeout_ms: None,
+                total_timeout_ms: None,
             };
             let request = rhizos_broker::wire::SubmitJob {
                 v: rhizos_broker::wire::WIRE_VERSION,

@@ -259,3 +259,59 @@ async fn cancelling_a_running_job_stops_it_and_charges_the_time_used() {
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn queue_and_total_timeouts_end_jobs_as_timed_out_with_the_right_money() {
+    let options = rhizos_testbed::ClusterOptions {
+        max_concurrent: 1,
+        ..Default::default()
+    };
+    let cluster = rhizos_testbed::Cluster::start(options).await.unwrap();
+    cluster.funded_account("lee", USD).await.unwrap();
+    // Runs until its total timeout stops it: it pays for the time it used.
+    let mut long = wasm_spec(&demo(), &["sleep", "60000"], 30_000);
+    long.total_timeout_ms = Some(1_500);
+    cluster
+        .submit(&submit_request("lee", "overdue", long, 400_000))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.job("overdue").await.unwrap().state != JobState::Running {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The only slot is busy: this one waits, and gives up after its queue timeout, refunded.
+    let mut waiting = wasm_spec(&demo(), &["count", "1"], 1_000);
+    waiting.queue_timeout_ms = Some(300);
+    cluster
+        .submit(&submit_request("lee", "starved", waiting, 50_000))
+        .await
+        .unwrap();
+
+    let starved = cluster
+        .wait_for_end("starved", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(starved.state, JobState::TimedOut, "{starved:?}");
+    assert!(starved.reason.unwrap().contains("queue timeout of 300 ms"));
+    assert_eq!(
+        (starved.cost_micros, starved.refund_micros),
+        (Some(0), Some(50_000))
+    );
+
+    let overdue = cluster
+        .wait_for_end("overdue", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(overdue.state, JobState::TimedOut, "{overdue:?}");
+    assert_eq!(
+        overdue.reason.as_deref(),
+        Some("stopped at the job's total timeout")
+    );
+    let cost = overdue.cost_micros.unwrap();
+    assert_eq!(cost, overdue.elapsed_ms.unwrap() as i64 * 10);
+    assert!(cost > 0 && cost < 400_000, "paid for the time used: {cost}");
+    assert_eq!(balances(&cluster)["lee"], USD - cost);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
