@@ -66,6 +66,31 @@ pub struct OrchestratorSettings {
     pub max_output_bytes: usize,
     /// How long a job waits for a node unless it says otherwise.
     pub queue_timeout_ms: u64,
+    /// How fitting nodes are ranked.
+    pub matching: MatchingWeights,
+}
+
+/// Weights of the ranking among nodes that can run a job (lower score wins): the node's price
+/// relative to the cheapest fitting one, its load, its unreliability (1 − reputation) and its
+/// tier (higher tiers score worse, so big GPUs stay free for the jobs that need them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MatchingWeights {
+    pub price: u32,
+    pub load: u32,
+    pub reputation: u32,
+    pub tier: u32,
+}
+
+impl Default for MatchingWeights {
+    fn default() -> Self {
+        Self {
+            price: 100,
+            load: 50,
+            reputation: 50,
+            tier: 10,
+        }
+    }
 }
 
 impl Default for OrchestratorSettings {
@@ -80,6 +105,7 @@ impl Default for OrchestratorSettings {
             missed_heartbeats: 3,
             max_output_bytes: 64 * 1024,
             queue_timeout_ms: 5 * 60_000,
+            matching: MatchingWeights::default(),
         }
     }
 }

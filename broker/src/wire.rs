@@ -221,6 +221,16 @@ pub struct JobSpec {
     /// restarted). Never for the job's own failure.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
+    /// GPUs needed (whole GPUs), each with at least `min_vram_mib` and every API in `gpu_apis`.
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default)]
+    pub min_vram_mib: u64,
+    #[serde(default)]
+    pub gpu_apis: Vec<String>,
+    /// Scratch disk needed.
+    #[serde(default)]
+    pub disk_mib: u64,
     /// How long the job may wait for a node (default: the orchestrator's `queue_timeout_ms`);
     /// then it ends `timed_out`, fully refunded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -426,6 +436,9 @@ pub struct RegisterNode {
     /// GPUs the node offers (empty without an NVIDIA driver).
     #[serde(default)]
     pub gpus: Vec<GpuInfo>,
+    /// Free disk offered for job scratch space.
+    #[serde(default)]
+    pub disk_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -196,6 +196,10 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         max_retries: args.max_retries,
         queue_timeout_ms: args.queue_timeout_secs.map(|s| s.saturating_mul(1000)),
         total_timeout_ms: args.total_timeout_secs.map(|s| s.saturating_mul(1000)),
+        gpus: 0,
+        min_vram_mib: 0,
+        gpu_apis: vec![],
+        disk_mib: 0,
     })
 }
 

@@ -268,6 +268,10 @@ pub fn wasm_spec(module: &[u8], args: &[&str], timeout_ms: u64) -> JobSpec {
         max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
         queue_timeout_ms: None,
         total_timeout_ms: None,
+        gpus: 0,
+        min_vram_mib: 0,
+        gpu_apis: vec![],
+        disk_mib: 0,
     }
 }
 

@@ -44,6 +44,7 @@ impl SimFleet {
                     plugins: vec![],
                     running: vec![],
                     gpus: vec![],
+                    disk_mib: 100_000,
                 };
                 bus.request::<_, Ack>(bus.subjects.node_register(), &registration)
                     .await

@@ -5,6 +5,8 @@
 pub struct Hardware {
     pub cpu_threads: u32,
     pub memory_mib: u64,
+    /// Free space where the agent runs (job scratch space lives there).
+    pub disk_free_mib: u64,
 }
 
 pub fn detect() -> Hardware {
@@ -18,7 +20,26 @@ pub fn detect() -> Hardware {
     Hardware {
         cpu_threads,
         memory_mib,
+        disk_free_mib: disk_free_mib(std::path::Path::new(".")).unwrap_or(0),
     }
+}
+
+/// Free space of the filesystem holding `path`, from `df` (POSIX output format).
+fn disk_free_mib(path: &std::path::Path) -> Option<u64> {
+    let output = std::process::Command::new("df")
+        .arg("-Pk")
+        .arg(path)
+        .output()
+        .ok()?;
+    let text = String::from_utf8(output.stdout).ok()?;
+    let kib: u64 = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
 }
 
 /// `MemTotal:  24576000 kB` → MiB.

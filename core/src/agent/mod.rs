@@ -129,6 +129,7 @@ impl Agent {
             running: self.running(),
             // GPU detection (NVML) comes with the CUDA backend.
             gpus: Vec::new(),
+            disk_mib: self.inner.hardware.disk_free_mib,
         }
     }
 

@@ -1,28 +1,64 @@
 //! The in-memory node registry and job-to-node matching.
 //!
-//! Hard filters: the node is alive, offers the job's backend, has the cores and memory, has a free
-//! slot, and its price for the job's whole timeout fits the job's `max_cost`. Among the nodes that
-//! pass, the cheapest estimate wins, then the least loaded; remaining ties rotate so no node is
-//! systematically favoured.
+//! **Hard filters** (a node that fails one is never chosen): alive; offers the job's backend;
+//! enough cores, memory and disk; at least `gpus` GPUs with `min_vram_mib` and every required API;
+//! enough *free* capacity right now (slots, cores, memory and GPUs not already committed to its
+//! assigned and running executions — a node is never over-committed); and its price for the job's
+//! whole execution timeout fits the job's `max_cost`.
+//!
+//! **Ranking** among the nodes that pass (lower score wins), with weights from
+//! `[orchestrator.matching]`:
+//! `price × estimate / cheapest estimate + load × busy slots / slots + reputation × (1 − reputation)
+//!  + tier × tier / 4`, scaled by 1/100. Scores equal to 1e-9 are ties, broken by rotation so no
+//! node is systematically favoured.
 
 use crate::ledger;
-use rhizos_broker::wire::{ErrorCode, JobSpec, RegisterNode, WireError};
-use std::collections::BTreeMap;
+use rhizos_broker::config::MatchingWeights;
+use rhizos_broker::wire::{ErrorCode, JobSpec, RegisterNode, WireError, provider_tier};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
+
+/// What a node has committed to its assigned and running executions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allocation {
+    pub jobs: u32,
+    pub cpu_cores: u32,
+    pub memory_mib: u64,
+    pub gpus: u32,
+}
+
+impl Allocation {
+    pub fn of(spec: &JobSpec) -> Self {
+        Self {
+            jobs: 1,
+            cpu_cores: spec.cpu_cores,
+            memory_mib: spec.memory_mib,
+            gpus: spec.gpus,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct NodeEntry {
     pub registration: RegisterNode,
     pub last_seen: Instant,
     pub lost: bool,
-    /// Assigned + running executions.
-    pub active: u32,
+    pub allocated: Allocation,
+    /// Success ratio over recent attempts (1.0 without history).
+    pub reputation: f64,
+}
+
+impl NodeEntry {
+    pub fn active(&self) -> u32 {
+        self.allocated.jobs
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct Registry {
     nodes: BTreeMap<String, NodeEntry>,
     rotation: usize,
+    weights: MatchingWeights,
 }
 
 /// The most a job can cost on a node: its whole timeout at the node's prices.
@@ -31,35 +67,69 @@ pub fn estimate_micros(spec: &JobSpec, registration: &RegisterNode) -> i64 {
         spec.timeout_ms,
         spec.cpu_cores,
         spec.memory_mib,
-        0,
+        spec.gpus,
         &registration.pricing,
     )
+}
+
+/// GPUs of `node` that meet the job's per-GPU VRAM and API requirements.
+fn fitting_gpus(spec: &JobSpec, node: &RegisterNode) -> u32 {
+    let count = node
+        .gpus
+        .iter()
+        .filter(|g| g.vram_mib >= spec.min_vram_mib)
+        .filter(|g| {
+            spec.gpu_apis
+                .iter()
+                .all(|api| g.apis.iter().any(|a| a == api))
+        })
+        .count();
+    u32::try_from(count).unwrap_or(u32::MAX)
 }
 
 /// Why `node` can never run `spec` within `max_cost`, or `None` if it can (load aside).
 fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Option<String> {
     let backend = spec.workload.backend();
+    let id = &node.node_id;
     if !node.backends.iter().any(|b| b == backend) {
-        return Some(format!("{}: no {backend} backend", node.node_id));
+        return Some(format!("{id}: no {backend} backend"));
     }
     if node.cpu_cores < spec.cpu_cores {
         return Some(format!(
-            "{}: {} cores < {} asked",
-            node.node_id, node.cpu_cores, spec.cpu_cores
+            "{id}: {} cores < {} asked",
+            node.cpu_cores, spec.cpu_cores
         ));
     }
     if node.memory_mib < spec.memory_mib {
         return Some(format!(
-            "{}: {} MiB < {} MiB asked",
-            node.node_id, node.memory_mib, spec.memory_mib
+            "{id}: {} MiB < {} MiB asked",
+            node.memory_mib, spec.memory_mib
+        ));
+    }
+    if node.disk_mib < spec.disk_mib {
+        return Some(format!(
+            "{id}: {} MiB of disk < {} MiB asked",
+            node.disk_mib, spec.disk_mib
+        ));
+    }
+    if spec.gpus > 0 && fitting_gpus(spec, node) < spec.gpus {
+        return Some(format!(
+            "{id}: {} GPU(s) with ≥ {} MiB VRAM{} < {} asked",
+            fitting_gpus(spec, node),
+            spec.min_vram_mib,
+            if spec.gpu_apis.is_empty() {
+                String::new()
+            } else {
+                format!(" and {}", spec.gpu_apis.join(", "))
+            },
+            spec.gpus
         ));
     }
     let estimate = estimate_micros(spec, node);
     if estimate > max_cost_micros {
         return Some(format!(
-            "{}: running for the whole timeout ({} ms) could cost up to {} at its prices, above the max cost \
+            "{id}: running for the whole timeout ({} ms) could cost up to {} at its prices, above the max cost \
              of {} (raise the max cost or lower the timeout)",
-            node.node_id,
             spec.timeout_ms,
             crate::orchestrator::store::format_usd(estimate),
             crate::orchestrator::store::format_usd(max_cost_micros)
@@ -68,19 +138,36 @@ fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Op
     None
 }
 
+/// Whether the node has the job's resources free right now.
+fn has_room(spec: &JobSpec, node: &NodeEntry) -> bool {
+    let r = &node.registration;
+    let a = &node.allocated;
+    a.jobs < r.max_concurrent
+        && a.cpu_cores.saturating_add(spec.cpu_cores) <= r.cpu_cores
+        && a.memory_mib.saturating_add(spec.memory_mib) <= r.memory_mib
+        && (spec.gpus == 0 || a.gpus.saturating_add(spec.gpus) <= fitting_gpus(spec, r))
+}
+
 impl Registry {
+    pub fn new(weights: MatchingWeights) -> Self {
+        Self {
+            weights,
+            ..Self::default()
+        }
+    }
+
     pub fn upsert(&mut self, registration: RegisterNode) {
-        let active = self
-            .nodes
-            .get(&registration.node_id)
-            .map_or(0, |n| n.active);
+        let previous = self.nodes.get(&registration.node_id);
+        let allocated = previous.map(|n| n.allocated).unwrap_or_default();
+        let reputation = previous.map_or(1.0, |n| n.reputation);
         self.nodes.insert(
             registration.node_id.clone(),
             NodeEntry {
                 registration,
                 last_seen: Instant::now(),
                 lost: false,
-                active,
+                allocated,
+                reputation,
             },
         );
     }
@@ -105,26 +192,43 @@ impl Registry {
         }
     }
 
-    pub fn set_active(&mut self, counts: &[(String, u32)]) {
+    /// Replaces every node's committed resources with the database's view.
+    pub fn set_allocations(&mut self, allocations: &[(String, Allocation)]) {
         for node in self.nodes.values_mut() {
-            node.active = 0;
+            node.allocated = Allocation::default();
         }
-        for (node_id, count) in counts {
+        for (node_id, allocation) in allocations {
             if let Some(node) = self.nodes.get_mut(node_id) {
-                node.active = *count;
+                node.allocated = *allocation;
             }
         }
     }
 
-    pub fn add_active(&mut self, node_id: &str) {
-        if let Some(node) = self.nodes.get_mut(node_id) {
-            node.active += 1;
+    pub fn set_reputations(&mut self, reputations: &HashMap<String, f64>) {
+        for (node_id, node) in &mut self.nodes {
+            node.reputation = reputations.get(node_id).copied().unwrap_or(1.0);
         }
     }
 
-    pub fn remove_active(&mut self, node_id: &str) {
+    /// Commits `spec`'s resources on `node_id` (between two database refreshes).
+    pub fn allocate(&mut self, node_id: &str, spec: &JobSpec) {
         if let Some(node) = self.nodes.get_mut(node_id) {
-            node.active = node.active.saturating_sub(1);
+            let add = Allocation::of(spec);
+            let a = &mut node.allocated;
+            a.jobs += add.jobs;
+            a.cpu_cores = a.cpu_cores.saturating_add(add.cpu_cores);
+            a.memory_mib = a.memory_mib.saturating_add(add.memory_mib);
+            a.gpus = a.gpus.saturating_add(add.gpus);
+        }
+    }
+
+    pub fn release(&mut self, node_id: &str, spec: &JobSpec) {
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            let a = &mut node.allocated;
+            a.jobs = a.jobs.saturating_sub(1);
+            a.cpu_cores = a.cpu_cores.saturating_sub(spec.cpu_cores);
+            a.memory_mib = a.memory_mib.saturating_sub(spec.memory_mib);
+            a.gpus = a.gpus.saturating_sub(spec.gpus);
         }
     }
 
@@ -151,24 +255,43 @@ impl Registry {
         ))
     }
 
-    /// The best node with a free slot for the job, if any.
+    /// The best node with room for the job now, if any.
     pub fn pick(&mut self, spec: &JobSpec, max_cost_micros: i64) -> Option<NodeEntry> {
-        let candidates: Vec<&NodeEntry> = self
+        let candidates: Vec<(&NodeEntry, i64)> = self
             .nodes
             .values()
-            .filter(|n| !n.lost && n.active < n.registration.max_concurrent)
+            .filter(|n| !n.lost && has_room(spec, n))
             .filter(|n| unfit_reason(spec, max_cost_micros, &n.registration).is_none())
+            .map(|n| (n, estimate_micros(spec, &n.registration)))
             .collect();
-        let best_key = candidates
+        let cheapest = candidates.iter().map(|(_, estimate)| *estimate).min()?;
+        let w = self.weights;
+        let score = |node: &NodeEntry, estimate: i64| -> f64 {
+            let price = if cheapest <= 0 {
+                1.0
+            } else {
+                estimate as f64 / cheapest as f64
+            };
+            let load =
+                f64::from(node.active()) / f64::from(node.registration.max_concurrent.max(1));
+            let unreliability = 1.0 - node.reputation.clamp(0.0, 1.0);
+            let tier = f64::from(provider_tier(&node.registration.gpus)) / 4.0;
+            (f64::from(w.price) * price
+                + f64::from(w.load) * load
+                + f64::from(w.reputation) * unreliability
+                + f64::from(w.tier) * tier)
+                / 100.0
+        };
+        let scored: Vec<(&NodeEntry, f64)> =
+            candidates.iter().map(|(n, e)| (*n, score(n, *e))).collect();
+        let best = scored.iter().map(|(_, s)| *s).fold(f64::INFINITY, f64::min);
+        let tied: Vec<&NodeEntry> = scored
             .iter()
-            .map(|n| (estimate_micros(spec, &n.registration), load_permille(n)))
-            .min()?;
-        let best: Vec<&NodeEntry> = candidates
-            .into_iter()
-            .filter(|n| (estimate_micros(spec, &n.registration), load_permille(n)) == best_key)
+            .filter(|(_, s)| (s - best).abs() < 1e-9)
+            .map(|(n, _)| *n)
             .collect();
         self.rotation = self.rotation.wrapping_add(1);
-        Some(best[self.rotation % best.len()].clone())
+        Some(tied[self.rotation % tied.len()].clone())
     }
 
     /// Nodes whose last heartbeat is older than `missed` intervals, marked lost (once).
@@ -190,37 +313,54 @@ impl Registry {
     }
 }
 
-fn load_permille(node: &NodeEntry) -> u32 {
-    node.active * 1000 / node.registration.max_concurrent.max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rhizos_broker::wire::{Pricing, WIRE_VERSION, Workload};
+    use rhizos_broker::wire::{GpuInfo, Pricing, WIRE_VERSION, Workload};
 
-    fn node(id: &str, cpu_hour_cents: u64, max_concurrent: u32) -> RegisterNode {
+    /// A node: id, CPU ¢/h, GPU ¢/h, cores, memory MiB, slots, GPUs as (VRAM MiB, APIs).
+    fn node(
+        id: &str,
+        cpu_cents: u64,
+        gpu_cents: u64,
+        cores: u32,
+        memory_mib: u64,
+        slots: u32,
+        gpus: &[(u64, &str)],
+    ) -> RegisterNode {
         RegisterNode {
             v: WIRE_VERSION,
             node_id: id.into(),
             provider_account: "p".into(),
             backends: vec!["wasm".into()],
             pricing: Pricing {
-                gpu_hour_cents: 0,
-                cpu_hour_cents,
+                gpu_hour_cents: gpu_cents,
+                cpu_hour_cents: cpu_cents,
                 memory_gb_hour_cents: 0,
             },
-            cpu_cores: 4,
-            memory_mib: 4096,
-            max_concurrent,
+            cpu_cores: cores,
+            memory_mib,
+            max_concurrent: slots,
             heartbeat_interval_ms: 1000,
             plugins: vec![],
             running: vec![],
-            gpus: vec![],
+            gpus: gpus
+                .iter()
+                .map(|(vram_mib, apis)| GpuInfo {
+                    name: "gpu".into(),
+                    vram_mib: *vram_mib,
+                    apis: apis
+                        .split(',')
+                        .filter(|a| !a.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                })
+                .collect(),
+            disk_mib: 10_000,
         }
     }
 
-    fn spec() -> JobSpec {
+    fn spec(cores: u32, memory_mib: u64, gpus: u32, min_vram_mib: u64, apis: &[&str]) -> JobSpec {
         JobSpec {
             workload: Workload::Wasm {
                 module_b64: "AGFzbQ==".into(),
@@ -229,75 +369,228 @@ mod tests {
             env: Default::default(),
             stdin_b64: None,
             timeout_ms: 3_600_000,
-            memory_mib: 128,
-            cpu_cores: 1,
+            memory_mib,
+            cpu_cores: cores,
             max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
             queue_timeout_ms: None,
             total_timeout_ms: None,
+            gpus,
+            min_vram_mib,
+            gpu_apis: apis.iter().map(|a| (*a).to_owned()).collect(),
+            disk_mib: 0,
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        nodes: Vec<RegisterNode>,
+        /// Committed resources per node before the pick: (node, jobs, cores, MiB, GPUs).
+        busy: Vec<(&'static str, u32, u32, u64, u32)>,
+        reputations: Vec<(&'static str, f64)>,
+        spec: JobSpec,
+        max_cost: i64,
+        expected: Option<&'static str>,
+    }
+
+    #[test]
+    fn matching_table() {
+        let a100 = (40 * 1024, "cuda");
+        let t4 = (16 * 1024, "cuda");
+        let small = (2 * 1024, "cuda");
+        let cases = vec![
+            Case {
+                name: "cheapest wins",
+                nodes: vec![
+                    node("dear", 5, 0, 4, 4096, 4, &[]),
+                    node("cheap", 1, 0, 4, 4096, 4, &[]),
+                ],
+                busy: vec![],
+                reputations: vec![],
+                spec: spec(1, 128, 0, 0, &[]),
+                max_cost: 100_000,
+                expected: Some("cheap"),
+            },
+            Case {
+                name: "price cap filters the cheap node out when it is too small, none left",
+                nodes: vec![
+                    node("dear", 5, 0, 4, 4096, 4, &[]),
+                    node("cheap", 1, 0, 1, 4096, 4, &[]),
+                ],
+                busy: vec![],
+                reputations: vec![],
+                spec: spec(2, 128, 0, 0, &[]),
+                max_cost: 50_000, // 2 cores × 5 ¢ = 100 000 micros > 50 000
+                expected: None,
+            },
+            Case {
+                name: "a node is never over-committed on cores",
+                nodes: vec![
+                    node("cheap", 1, 0, 4, 4096, 8, &[]),
+                    node("dear", 2, 0, 4, 4096, 8, &[]),
+                ],
+                busy: vec![("cheap", 2, 3, 256, 0)],
+                reputations: vec![],
+                spec: spec(2, 128, 0, 0, &[]),
+                max_cost: 1_000_000,
+                expected: Some("dear"),
+            },
+            Case {
+                name: "a node is never over-committed on memory",
+                nodes: vec![
+                    node("cheap", 1, 0, 8, 1024, 8, &[]),
+                    node("dear", 2, 0, 8, 4096, 8, &[]),
+                ],
+                busy: vec![("cheap", 1, 1, 900, 0)],
+                reputations: vec![],
+                spec: spec(1, 256, 0, 0, &[]),
+                max_cost: 1_000_000,
+                expected: Some("dear"),
+            },
+            Case {
+                name: "GPU count, VRAM and API are hard filters",
+                nodes: vec![
+                    node("small-gpu", 1, 10, 8, 8192, 4, &[small, small]),
+                    node("t4", 1, 30, 8, 8192, 4, &[t4]),
+                    node("rocm", 1, 5, 8, 8192, 4, &[(80 * 1024, "rocm")]),
+                ],
+                busy: vec![],
+                reputations: vec![],
+                spec: spec(1, 1024, 1, 8 * 1024, &["cuda"]),
+                max_cost: 10_000_000,
+                expected: Some("t4"),
+            },
+            Case {
+                name: "committed GPUs are not offered twice",
+                nodes: vec![
+                    node("one-a100", 1, 100, 8, 8192, 4, &[a100]),
+                    node("two-t4", 1, 150, 8, 8192, 4, &[t4, t4]),
+                ],
+                busy: vec![("one-a100", 1, 1, 1024, 1)],
+                reputations: vec![],
+                spec: spec(1, 1024, 1, 8 * 1024, &["cuda"]),
+                max_cost: 10_000_000,
+                expected: Some("two-t4"),
+            },
+            Case {
+                name: "equal price: the less loaded node wins",
+                nodes: vec![
+                    node("busy", 1, 0, 8, 8192, 4, &[]),
+                    node("idle", 1, 0, 8, 8192, 4, &[]),
+                ],
+                busy: vec![("busy", 3, 3, 384, 0)],
+                reputations: vec![],
+                spec: spec(1, 128, 0, 0, &[]),
+                max_cost: 1_000_000,
+                expected: Some("idle"),
+            },
+            Case {
+                name: "equal price and load: the more reliable node wins",
+                nodes: vec![
+                    node("flaky", 1, 0, 8, 8192, 4, &[]),
+                    node("solid", 1, 0, 8, 8192, 4, &[]),
+                ],
+                busy: vec![],
+                reputations: vec![("flaky", 0.5), ("solid", 0.99)],
+                spec: spec(1, 128, 0, 0, &[]),
+                max_cost: 1_000_000,
+                expected: Some("solid"),
+            },
+            Case {
+                name: "a CPU job leaves the big GPU node free",
+                nodes: vec![
+                    node("gpu-box", 1, 100, 8, 8192, 4, &[a100]),
+                    node("cpu-box", 1, 0, 8, 8192, 4, &[]),
+                ],
+                busy: vec![],
+                reputations: vec![],
+                spec: spec(1, 128, 0, 0, &[]),
+                max_cost: 1_000_000,
+                expected: Some("cpu-box"),
+            },
+            Case {
+                name: "price dominates a small reputation gap",
+                nodes: vec![
+                    node("cheap-ok", 1, 0, 8, 8192, 4, &[]),
+                    node("dear-perfect", 3, 0, 8, 8192, 4, &[]),
+                ],
+                busy: vec![],
+                reputations: vec![("cheap-ok", 0.9), ("dear-perfect", 1.0)],
+                spec: spec(1, 128, 0, 0, &[]),
+                max_cost: 1_000_000,
+                expected: Some("cheap-ok"),
+            },
+        ];
+        for case in cases {
+            let mut registry = Registry::new(MatchingWeights::default());
+            for node in case.nodes {
+                registry.upsert(node);
+            }
+            let allocations: Vec<(String, Allocation)> = case
+                .busy
+                .iter()
+                .map(|(id, jobs, cores, mib, gpus)| {
+                    (
+                        (*id).to_owned(),
+                        Allocation {
+                            jobs: *jobs,
+                            cpu_cores: *cores,
+                            memory_mib: *mib,
+                            gpus: *gpus,
+                        },
+                    )
+                })
+                .collect();
+            registry.set_allocations(&allocations);
+            registry.set_reputations(
+                &case
+                    .reputations
+                    .iter()
+                    .map(|(id, r)| ((*id).to_owned(), *r))
+                    .collect(),
+            );
+            let picked = registry
+                .pick(&case.spec, case.max_cost)
+                .map(|n| n.registration.node_id);
+            assert_eq!(picked.as_deref(), case.expected, "case: {}", case.name);
         }
     }
 
     #[test]
-    fn cheapest_fitting_node_wins_and_full_nodes_are_skipped() {
-        let mut registry = Registry::default();
-        registry.upsert(node("cheap", 1, 1));
-        registry.upsert(node("dear", 5, 1));
-        // 1 h at 1 cent = 10 000 micros; at 5 cents = 50 000.
-        assert_eq!(
-            registry
-                .pick(&spec(), 100_000)
-                .unwrap()
-                .registration
-                .node_id,
-            "cheap"
-        );
-        registry.add_active("cheap");
-        assert_eq!(
-            registry
-                .pick(&spec(), 100_000)
-                .unwrap()
-                .registration
-                .node_id,
-            "dear"
-        );
-        // Only the cheap one fits 20 000, and it is full.
-        assert!(registry.pick(&spec(), 20_000).is_none());
-        registry.remove_active("cheap");
-        assert_eq!(
-            registry.pick(&spec(), 20_000).unwrap().registration.node_id,
-            "cheap"
-        );
-    }
-
-    #[test]
     fn ties_rotate_between_equal_nodes() {
-        let mut registry = Registry::default();
-        registry.upsert(node("a", 1, 4));
-        registry.upsert(node("b", 1, 4));
-        let picks: Vec<String> = (0..4)
-            .map(|_| {
-                registry
-                    .pick(&spec(), 100_000)
-                    .unwrap()
-                    .registration
-                    .node_id
-            })
-            .collect();
-        assert_eq!(picks.iter().filter(|p| *p == "a").count(), 2, "{picks:?}");
+        let mut registry = Registry::new(MatchingWeights::default());
+        for id in ["a", "b", "c"] {
+            registry.upsert(node(id, 1, 0, 8, 8192, 100, &[]));
+        }
+        let mut counts: HashMap<String, u32> = HashMap::new();
+        for _ in 0..300 {
+            *counts
+                .entry(
+                    registry
+                        .pick(&spec(1, 128, 0, 0, &[]), 100_000)
+                        .unwrap()
+                        .registration
+                        .node_id,
+                )
+                .or_default() += 1;
+        }
+        assert_eq!(
+            counts.values().copied().collect::<Vec<_>>(),
+            [100, 100, 100],
+            "{counts:?}"
+        );
     }
 
     #[test]
     fn infeasible_jobs_are_refused_with_every_reason() {
-        let mut registry = Registry::default();
-        assert!(
-            registry
-                .feasibility(&spec(), 1)
-                .unwrap_err()
-                .message
-                .contains("no node is registered")
-        );
-        registry.upsert(node("a", 5, 1));
-        let err = registry.feasibility(&spec(), 10).unwrap_err();
+        let mut registry = Registry::new(MatchingWeights::default());
+        let err = registry
+            .feasibility(&spec(1, 128, 0, 0, &[]), 1)
+            .unwrap_err();
+        assert!(err.message.contains("no node is registered"));
+        registry.upsert(node("a", 5, 0, 4, 4096, 1, &[]));
+        let err = registry
+            .feasibility(&spec(1, 128, 0, 0, &[]), 10)
+            .unwrap_err();
         assert_eq!(err.code, ErrorCode::NoCapacity);
         assert!(
             err.message.contains(
@@ -306,15 +599,26 @@ mod tests {
             "{}",
             err.message
         );
-        let mut big = spec();
-        big.memory_mib = 1 << 20;
         assert!(
             registry
-                .feasibility(&big, 1_000_000)
+                .feasibility(&spec(1, 1 << 20, 0, 0, &[]), 1_000_000)
                 .unwrap_err()
                 .message
                 .contains("MiB asked")
         );
-        assert!(registry.feasibility(&spec(), 50_000).is_ok());
+        let gpu = registry
+            .feasibility(&spec(1, 128, 1, 1024, &["cuda"]), 1_000_000)
+            .unwrap_err();
+        assert!(
+            gpu.message
+                .contains("a: 0 GPU(s) with ≥ 1024 MiB VRAM and cuda < 1 asked"),
+            "{}",
+            gpu.message
+        );
+        assert!(
+            registry
+                .feasibility(&spec(1, 128, 0, 0, &[]), 50_000)
+                .is_ok()
+        );
     }
 }

@@ -66,7 +66,7 @@ impl Orchestrator {
         let path = settings.data_dir.join("ledger.db");
         let store = Store::open(&path, settings.fee_bps, bus.subjects.clone())
             .with_context(|| format!("failed to open ledger at {}", path.display()))?;
-        let mut registry = Registry::default();
+        let mut registry = Registry::new(settings.matching);
         for (registration, _) in store.nodes().map_err(|e| anyhow::anyhow!("{e}"))? {
             registry.upsert(registration);
         }
@@ -384,7 +384,7 @@ impl Orchestrator {
         let stats = self.db(|store| store.node_stats()).await?;
         let active = self.db(|store| store.active_per_node()).await?;
         let mut registry = self.registry();
-        registry.set_active(&active);
+        registry.set_allocations(&active);
         Ok(registry
             .entries()
             .into_iter()
@@ -397,7 +397,7 @@ impl Orchestrator {
                     status: if entry.lost { "lost" } else { "live" }.to_owned(),
                     last_heartbeat_ms_ago: u64::try_from(entry.last_seen.elapsed().as_millis())
                         .unwrap_or(u64::MAX),
-                    active: entry.active,
+                    active: entry.allocated.jobs,
                     jobs_run,
                     jobs_succeeded,
                     reputation,
@@ -569,13 +569,11 @@ impl Orchestrator {
         if pending.is_empty() {
             return Ok(());
         }
-        let active = self.db(|store| store.active_per_node()).await?;
+        // The database's view once per pass; assignments made in this pass are added as we go.
+        let allocations = self.db(|store| store.active_per_node()).await?;
+        self.registry().set_allocations(&allocations);
         for job in pending {
-            let choice = {
-                let mut registry = self.registry();
-                registry.set_active(&active);
-                registry.pick(&job.spec, job.max_cost_micros)
-            };
+            let choice = self.registry().pick(&job.spec, job.max_cost_micros);
             let Some(NodeEntry { registration, .. }) = choice else {
                 continue;
             };
@@ -588,7 +586,7 @@ impl Orchestrator {
             else {
                 continue;
             };
-            self.registry().add_active(&node_id);
+            self.registry().allocate(&node_id, &job.spec);
             self.inner.outbox_wake.notify_one();
             let this = self.clone();
             tokio::spawn(async move {
@@ -632,7 +630,7 @@ impl Orchestrator {
             ),
         };
         tracing::warn!(%job_id, attempt, "{refused}; back to pending");
-        self.registry().remove_active(&node_id);
+        self.registry().release(&node_id, &assign.spec);
         let (id, node) = (job_id.clone(), node_id.clone());
         if let Err(e) = self
             .db(move |store| store.unassign(&id, &node, attempt, &refused))
@@ -701,6 +699,12 @@ impl Orchestrator {
 
     /// Ends jobs on lost nodes and jobs that waited too long for one; both are refunded.
     async fn sweep(&self) -> Result<(), WireError> {
+        let stats = self.db(|store| store.node_stats()).await?;
+        let reputations = stats
+            .into_iter()
+            .map(|(node, (_, _, reputation))| (node, reputation))
+            .collect();
+        self.registry().set_reputations(&reputations);
         let lost = self
             .registry()
             .take_newly_lost(self.inner.settings.missed_heartbeats);
@@ -796,6 +800,12 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
                 "{name} must be between 1 and {MAX_JOB_LIFETIME_MS}, got {ms}"
             )));
         }
+    }
+    if spec.gpus > 64 || spec.gpu_apis.len() > 16 {
+        return Err(bad("at most 64 GPUs and 16 GPU APIs per job"));
+    }
+    for api in &spec.gpu_apis {
+        validate(validate_token("GPU API", api))?;
     }
     if spec.max_retries > MAX_RETRIES {
         return Err(bad(format!(

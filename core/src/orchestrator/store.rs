@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     stop_reason TEXT,
     -- created_ms + total_timeout_ms, when the job has one.
     deadline_ms INTEGER,
+    -- The allocation, so a node's committed resources are one query away.
+    cpu_cores INTEGER NOT NULL DEFAULT 1,
+    memory_mib INTEGER NOT NULL DEFAULT 0,
+    gpus INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL
 );
@@ -308,8 +312,9 @@ impl Store {
             _ => return Err(no_account(account)),
         }
         tx.execute(
-            "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7)",
+            "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms,
+                               cpu_cores, memory_mib, gpus)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
             params![
                 job_id,
                 account,
@@ -317,7 +322,10 @@ impl Store {
                 spec_json,
                 max_cost_micros,
                 now as i64,
-                spec.total_timeout_ms.map(|t| now.saturating_add(t) as i64)
+                spec.total_timeout_ms.map(|t| now.saturating_add(t) as i64),
+                spec.cpu_cores,
+                spec.memory_mib as i64,
+                spec.gpus
             ],
         )
         .map_err(internal)?;
@@ -427,14 +435,27 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Number of assigned or running executions per node.
-    pub fn active_per_node(&self) -> Result<Vec<(String, u32)>, WireError> {
+    /// What each node has committed to assigned or running executions.
+    pub fn active_per_node(&self) -> Result<Vec<(String, super::matching::Allocation)>, WireError> {
         let mut statement = self
             .conn
-            .prepare("SELECT node_id, COUNT(*) FROM jobs WHERE state IN ('assigned', 'running') GROUP BY node_id")
+            .prepare(
+                "SELECT node_id, COUNT(*), SUM(cpu_cores), SUM(memory_mib), SUM(gpus) FROM jobs
+                 WHERE state IN ('assigned', 'running') GROUP BY node_id",
+            )
             .map_err(internal)?;
         let rows = statement
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    super::matching::Allocation {
+                        jobs: r.get(1)?,
+                        cpu_cores: r.get(2)?,
+                        memory_mib: r.get::<_, i64>(3)? as u64,
+                        gpus: r.get(4)?,
+                    },
+                ))
+            })
             .map_err(internal)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(internal)
     }
@@ -674,7 +695,7 @@ impl Store {
             outcome.elapsed_ms,
             spec.cpu_cores,
             spec.memory_mib,
-            0,
+            spec.gpus,
             &pricing,
         );
         let stdout = truncate_tail(&outcome.stdout, max_output_bytes);
@@ -1508,6 +1529,10 @@ mod tests {
             max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
             queue_timeout_ms: None,
             total_timeout_ms: None,
+            gpus: 0,
+            min_vram_mib: 0,
+            gpu_apis: vec![],
+            disk_mib: 0,
         }
     }
 
@@ -1526,6 +1551,7 @@ mod tests {
                 plugins: vec![],
                 running: Vec::<ExecutionRef>::new(),
                 gpus: vec![],
+                disk_mib: 0,
             })
             .unwrap();
     }
@@ -1898,6 +1924,7 @@ mod properties {
                     plugins: vec![],
                     running: Vec::<ExecutionRef>::new(),
                     gpus: vec![],
+                    disk_mib: 0,
                 })
                 .unwrap();
         }
@@ -1940,6 +1967,10 @@ mod properties {
                             max_retries: retries,
                             queue_timeout_ms: None,
                             total_timeout_ms: None,
+                            gpus: 0,
+                            min_vram_mib: 0,
+                            gpu_apis: vec![],
+                            disk_mib: 0,
                         };
                         match store.submit(&id, USERS[user], &spec, max_cost) {
                             Ok(_) => jobs.push(id),

@@ -224,6 +224,10 @@ async fn marketplace(
                 max_retries: 0,
                 queue_timeout_ms: None,
                 total_timeout_ms: None,
+                gpus: 0,
+                min_vram_mib: 0,
+                gpu_apis: vec![],
+                disk_mib: 0,
             };
             let request = rhizos_broker::wire::SubmitJob {
                 v: rhizos_broker::wire::WIRE_VERSION,
