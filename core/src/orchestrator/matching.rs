@@ -8,9 +8,13 @@
 //!
 //! **Ranking** among the nodes that pass (lower score wins), with weights from
 //! `[orchestrator.matching]`:
-//! `price × estimate / cheapest estimate + load × busy slots / slots + reputation × (1 − reputation)
-//!  + tier × tier / 4`, scaled by 1/100. Scores equal to 1e-9 are ties, broken by rotation so no
-//! node is systematically favoured.
+//!
+//! ```text
+//! (price × estimate / cheapest estimate + load × busy slots / slots
+//!  + reputation × (1 − reputation) + tier × tier / 4) / 100
+//! ```
+//!
+//! Scores equal to 1e-9 are ties, broken by rotation so no node is systematically favoured.
 
 use crate::ledger;
 use rhizos_broker::config::MatchingWeights;
