@@ -9,7 +9,7 @@
 //! **Architecture Invariant:** balances are only changed by [`post`], which checks Σ = 0 and the
 //! no-negative rule for user/provider accounts in the same transaction as the postings.
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 /// The outside world (deposits, later withdrawals).
 pub const EXTERNAL: &str = "external";
@@ -116,7 +116,7 @@ CREATE INDEX IF NOT EXISTS postings_by_account ON postings(account_id);
 
 /// Creates an account if it does not exist; returns whether it was created.
 pub fn ensure_account(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     id: &str,
     kind: AccountKind,
     now_ms: u64,
@@ -141,7 +141,7 @@ pub fn balance(tx: &rusqlite::Connection, id: &str) -> Result<Option<i64>, Ledge
 /// Writes one balanced movement under `idem_key`. Accounts must exist. Nothing is written (and
 /// `Duplicate` returned) if the key was used before.
 pub fn post(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     idem_key: &str,
     kind: &str,
     job_id: Option<&str>,

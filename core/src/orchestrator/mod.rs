@@ -46,7 +46,10 @@ pub struct Orchestrator {
 struct Inner {
     bus: Bus,
     settings: OrchestratorSettings,
-    store: Arc<Mutex<Store>>,
+    /// Operations for the ledger writer thread, which owns the [`Store`].
+    writer: std::sync::mpsc::Sender<Op>,
+    /// The database's instance id, for event dedupe ids.
+    instance: String,
     registry: Mutex<Registry>,
     dispatch_wake: Notify,
     outbox_wake: Notify,
@@ -75,7 +78,8 @@ impl Orchestrator {
             inner: Arc::new(Inner {
                 bus,
                 settings,
-                store: Arc::new(Mutex::new(store)),
+                instance: store.instance().to_owned(),
+                writer: spawn_writer(store)?,
                 registry: Mutex::new(registry),
                 dispatch_wake: Notify::new(),
                 outbox_wake: Notify::new(),
@@ -128,16 +132,32 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Runs `f` on the ledger writer thread; its result arrives once the batch it ran in has
+    /// been committed (or as an `internal` error if that commit failed).
     async fn db<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Store) -> Result<T, WireError> + Send + 'static,
     ) -> Result<T, WireError> {
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || {
-            f(&mut store.lock().unwrap_or_else(PoisonError::into_inner))
-        })
-        .await
-        .map_err(|e| WireError::new(ErrorCode::Internal, format!("storage task failed: {e}")))?
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let op: Op = Box::new(move |store: &mut Store| {
+            let result = f(store);
+            Box::new(move |commit: &Result<(), String>| {
+                let _ = sender.send(match commit {
+                    Ok(()) => result,
+                    Err(e) => Err(WireError::new(ErrorCode::Internal, format!("ledger {e}"))),
+                });
+            }) as Completion
+        });
+        self.inner
+            .writer
+            .send(op)
+            .map_err(|_| WireError::new(ErrorCode::Internal, "the ledger writer has stopped"))?;
+        receiver.await.map_err(|_| {
+            WireError::new(
+                ErrorCode::Internal,
+                "the ledger writer dropped an operation",
+            )
+        })?
     }
 
     async fn handle_request(&self, message: async_nats::Message) {
@@ -664,12 +684,7 @@ impl Orchestrator {
             };
             let mut acks = Vec::with_capacity(rows.len());
             for row in &rows {
-                let message_id = self
-                    .inner
-                    .store
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .message_id(row.id);
+                let message_id = format!("{}-{}", self.inner.instance, row.id);
                 let publish = async_nats::jetstream::message::PublishMessage::build()
                     .payload(row.payload.clone().into())
                     .message_id(message_id);
@@ -749,6 +764,55 @@ impl Orchestrator {
     pub async fn verify_ledger(&self) -> Result<wire::LedgerReport, WireError> {
         self.db(|store| store.verify()).await
     }
+}
+
+/// Delivers an operation's result once its batch's commit outcome is known.
+type Completion = Box<dyn FnOnce(&Result<(), String>) + Send>;
+/// An operation for the ledger writer.
+type Op = Box<dyn FnOnce(&mut Store) -> Completion + Send>;
+
+/// Most operations committed together.
+const MAX_GROUP_COMMIT: usize = 512;
+
+/// Starts the thread that owns the database. It takes every operation queued when it wakes (up to
+/// [`MAX_GROUP_COMMIT`]), runs them in one transaction, commits once, then answers them all: under
+/// load many operations share one fsync (group commit), while each still commits or rolls back on
+/// its own through its savepoint, and nobody hears of a change before it is durable.
+fn spawn_writer(mut store: Store) -> anyhow::Result<std::sync::mpsc::Sender<Op>> {
+    let (sender, receiver) = std::sync::mpsc::channel::<Op>();
+    std::thread::Builder::new()
+        .name("rhizos-ledger".into())
+        .spawn(move || {
+            while let Ok(first) = receiver.recv() {
+                let mut batch = vec![first];
+                while batch.len() < MAX_GROUP_COMMIT {
+                    match receiver.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    }
+                }
+                let (completions, commit) = store.group_commit(|store| {
+                    batch
+                        .into_iter()
+                        .map(|op| {
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(store))).unwrap_or_else(|_| {
+                                Box::new(|_: &Result<(), String>| {
+                                    tracing::error!("a ledger operation panicked; its savepoint was rolled back");
+                                }) as Completion
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                });
+                if let Err(e) = &commit {
+                    tracing::error!(error = %e, "ledger batch not committed");
+                }
+                for completion in completions {
+                    completion(&commit);
+                }
+            }
+        })
+        .context("cannot start the ledger writer thread")?;
+    Ok(sender)
 }
 
 fn encode_reply<T: Serialize>(result: Result<T, WireError>) -> bytes::Bytes {

@@ -9,7 +9,7 @@ use rhizos_broker::wire::{
     AccountView, ErrorCode, EscrowKind, Event, EventBody, ExecutionOutcome, ExitKind, JobSpec,
     JobState, JobView, ListJobs, Pricing, RegisterNode, WIRE_VERSION, WireError,
 };
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Savepoint, params};
 use std::path::Path;
 
 const SCHEMA: &str = "
@@ -197,24 +197,45 @@ impl Store {
         &self.conn
     }
 
-    /// Dedupe id of an outbox row for JetStream (`Nats-Msg-Id`).
-    pub fn message_id(&self, outbox_id: i64) -> String {
-        format!("{}-{outbox_id}", self.instance)
+    /// One operation's unit of work: a savepoint, so it commits or rolls back as a whole — on
+    /// its own, or nested inside a group commit (see [`Store::group_commit`]).
+    fn tx(&mut self) -> Result<Savepoint<'_>, WireError> {
+        self.conn.savepoint().map_err(internal)
     }
 
-    fn tx(&mut self) -> Result<Transaction<'_>, WireError> {
-        self.conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(internal)
-    }
-
-    /// An immediate (write-locking) transaction plus the writer context.
-    fn begin(&mut self) -> Result<(Transaction<'_>, &Ctx), WireError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(internal)?;
+    /// [`Store::tx`] plus the writer context.
+    fn begin(&mut self) -> Result<(Savepoint<'_>, &Ctx), WireError> {
+        let tx = self.conn.savepoint().map_err(internal)?;
         Ok((tx, &self.ctx))
+    }
+
+    /// Runs `ops` inside one SQLite transaction and commits once (one fsync for the batch). Each
+    /// op still has its own savepoint, so a failed op undoes only itself. Returns the commit's
+    /// outcome; callers must not act on any op's result before it.
+    pub fn group_commit<R>(
+        &mut self,
+        ops: impl FnOnce(&mut Store) -> R,
+    ) -> (R, Result<(), String>) {
+        let grouped = self.conn.execute_batch("BEGIN IMMEDIATE").is_ok()
+            || (self.conn.execute_batch("ROLLBACK").is_ok()
+                && self.conn.execute_batch("BEGIN IMMEDIATE").is_ok());
+        let results = ops(self);
+        if !grouped {
+            // No outer transaction: each op's savepoint committed it on its own.
+            return (results, Ok(()));
+        }
+        match self.conn.execute_batch("COMMIT") {
+            Ok(()) => (results, Ok(())),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                (results, Err(format!("commit failed: {e}")))
+            }
+        }
+    }
+
+    /// The database's random instance id (part of event dedupe ids).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     // ----- accounts -----
@@ -545,7 +566,7 @@ impl Store {
 
     /// Loads `(state, node_id, attempt)` of a job for report checks.
     fn attempt_of(
-        tx: &Transaction<'_>,
+        tx: &Connection,
         job_id: &str,
     ) -> Result<Option<(JobState, Option<String>, u32)>, WireError> {
         tx.query_row(
@@ -570,7 +591,7 @@ impl Store {
     }
 
     fn check_attempt(
-        tx: &Transaction<'_>,
+        tx: &Connection,
         job_id: &str,
         node_id: &str,
         attempt: u32,
@@ -1256,10 +1277,7 @@ impl Store {
 }
 
 impl Ctx {
-    fn job_account_and_hold(
-        tx: &Transaction<'_>,
-        job_id: &str,
-    ) -> Result<(String, i64), WireError> {
+    fn job_account_and_hold(tx: &Connection, job_id: &str) -> Result<(String, i64), WireError> {
         tx.query_row(
             "SELECT account_id, max_cost_micros FROM jobs WHERE id = ?1",
             [job_id],
@@ -1270,7 +1288,7 @@ impl Ctx {
 
     fn settle(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Connection,
         job_id: &str,
         measured_micros: i64,
         now: u64,
@@ -1333,7 +1351,7 @@ impl Ctx {
         )
     }
 
-    fn refund(&self, tx: &Transaction<'_>, job_id: &str, now: u64) -> Result<(), WireError> {
+    fn refund(&self, tx: &Connection, job_id: &str, now: u64) -> Result<(), WireError> {
         let (account, hold) = Self::job_account_and_hold(tx, job_id)?;
         let escrow = escrow_account(job_id);
         let applied = ledger::post(
@@ -1373,7 +1391,7 @@ impl Ctx {
 
     fn emit(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Connection,
         subject: String,
         body: EventBody,
         now: u64,
@@ -1395,7 +1413,7 @@ impl Ctx {
     #[allow(clippy::too_many_arguments)]
     fn emit_job(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Connection,
         job_id: &str,
         state: JobState,
         attempt: u32,
@@ -1424,7 +1442,7 @@ impl Ctx {
 
 /// Records how an attempt ended on its node (once; a replay changes nothing).
 fn record_attempt(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     attempt: u32,
     node_id: &str,
@@ -1775,6 +1793,30 @@ mod tests {
         );
         assert_eq!(balance(&store, "u"), 1_000_000);
         assert!(ledger::verify(store.connection()).unwrap().is_ok());
+    }
+
+    #[test]
+    fn a_group_commit_keeps_each_operation_all_or_nothing() {
+        let (_dir, mut store) = store();
+        node(&mut store);
+        let (results, commit) = store.group_commit(|store| {
+            (
+                store.create_account("g").map(|_| ()),
+                store.deposit("g", 50, Some("once")).map(|_| ()),
+                store.submit("too-dear", "g", &spec(), 51).map(|_| ()),
+                store.submit("fits", "g", &spec(), 40).map(|_| ()),
+            )
+        });
+        assert_eq!(commit, Ok(()));
+        assert!(results.0.is_ok() && results.1.is_ok() && results.3.is_ok());
+        assert_eq!(results.2.unwrap_err().code, ErrorCode::InsufficientFunds);
+        assert!(store.find_job("too-dear").unwrap().is_none(), "the failed op left nothing");
+        assert_eq!(store.get_job("fits").unwrap().state, JobState::Pending);
+        assert_eq!(balance(&store, "g"), 10);
+        assert!(store.verify().unwrap().ok);
+        // Outside a batch, each op commits on its own.
+        store.deposit("g", 5, None).unwrap();
+        assert_eq!(balance(&store, "g"), 15);
     }
 
     #[test]
