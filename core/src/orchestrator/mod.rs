@@ -592,27 +592,53 @@ impl Orchestrator {
         // The database's view once per pass; assignments made in this pass are added as we go.
         let allocations = self.db(|store| store.active_per_node()).await?;
         self.registry().set_allocations(&allocations);
-        for job in pending {
-            let choice = self.registry().pick(&job.spec, job.max_cost_micros);
-            let Some(NodeEntry { registration, .. }) = choice else {
-                continue;
-            };
-            let node_id = registration.node_id.clone();
-            let pricing = registration.pricing;
-            let (id, node) = (job.job_id.clone(), node_id.clone());
-            let Some(attempt) = self
-                .db(move |store| store.assign(&id, &node, &pricing))
-                .await?
-            else {
-                continue;
-            };
-            self.registry().allocate(&node_id, &job.spec);
-            self.inner.outbox_wake.notify_one();
-            let this = self.clone();
-            tokio::spawn(async move {
-                this.send_assignment(job.job_id, attempt, job.spec, node_id)
-                    .await
-            });
+        // Choose nodes for the whole pass, then record every assignment in one storage
+        // operation (one commit), then send them.
+        let mut chosen = Vec::new();
+        {
+            let mut registry = self.registry();
+            for job in pending {
+                let Some(NodeEntry { registration, .. }) =
+                    registry.pick(&job.spec, job.max_cost_micros)
+                else {
+                    continue;
+                };
+                registry.allocate(&registration.node_id, &job.spec);
+                chosen.push((job, registration.node_id, registration.pricing));
+            }
+        }
+        if chosen.is_empty() {
+            return Ok(());
+        }
+        let plan: Vec<(String, String, rhizos_broker::wire::Pricing)> = chosen
+            .iter()
+            .map(|(job, node, pricing)| (job.job_id.clone(), node.clone(), *pricing))
+            .collect();
+        let attempts = self
+            .db(move |store| {
+                // Each assignment has its own savepoint inside `assign`: one failing leaves the rest.
+                Ok(plan
+                    .iter()
+                    .map(|(job_id, node_id, pricing)| store.assign(job_id, node_id, pricing))
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        self.inner.outbox_wake.notify_one();
+        for ((job, node_id, _), attempt) in chosen.into_iter().zip(attempts) {
+            match attempt {
+                Ok(Some(attempt)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.send_assignment(job.job_id, attempt, job.spec, node_id)
+                            .await
+                    });
+                }
+                Ok(None) => self.registry().release(&node_id, &job.spec),
+                Err(e) => {
+                    self.registry().release(&node_id, &job.spec);
+                    tracing::error!(job_id = %job.job_id, error = %e, "cannot record the assignment");
+                }
+            }
         }
         Ok(())
     }

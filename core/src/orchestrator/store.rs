@@ -1810,7 +1810,10 @@ mod tests {
         assert_eq!(commit, Ok(()));
         assert!(results.0.is_ok() && results.1.is_ok() && results.3.is_ok());
         assert_eq!(results.2.unwrap_err().code, ErrorCode::InsufficientFunds);
-        assert!(store.find_job("too-dear").unwrap().is_none(), "the failed op left nothing");
+        assert!(
+            store.find_job("too-dear").unwrap().is_none(),
+            "the failed op left nothing"
+        );
         assert_eq!(store.get_job("fits").unwrap().state, JobState::Pending);
         assert_eq!(balance(&store, "g"), 10);
         assert!(store.verify().unwrap().ok);
