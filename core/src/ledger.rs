@@ -11,6 +11,26 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+/// `execute` through the connection's prepared-statement cache (the hot paths run the same SQL
+/// thousands of times per second; parsing it each time shows in profiles).
+pub(crate) fn exec(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+/// `query_row` through the prepared-statement cache.
+pub(crate) fn query_row<T>(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
 /// The outside world (deposits, later withdrawals).
 pub const EXTERNAL: &str = "external";
 /// Where platform fees go.
@@ -121,7 +141,8 @@ pub fn ensure_account(
     kind: AccountKind,
     now_ms: u64,
 ) -> Result<bool, LedgerError> {
-    let inserted = tx.execute(
+    let inserted = exec(
+        tx,
         "INSERT INTO accounts (id, kind, balance_micros, created_ms) VALUES (?1, ?2, 0, ?3) ON CONFLICT(id) DO NOTHING",
         params![id, kind.as_str(), now_ms as i64],
     )?;
@@ -155,7 +176,8 @@ pub fn post(
             sum,
         });
     }
-    let inserted = tx.execute(
+    let inserted = exec(
+        tx,
         "INSERT INTO ledger_tx (idem_key, kind, job_id, created_ms) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(idem_key) DO NOTHING",
         params![idem_key, kind, job_id, now_ms as i64],
@@ -187,11 +209,13 @@ pub fn post(
                 needed_micros: -amount,
             });
         }
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO postings (tx_id, account_id, amount_micros) VALUES (?1, ?2, ?3)",
             params![tx_id, account, amount],
         )?;
-        tx.execute(
+        exec(
+            tx,
             "UPDATE accounts SET balance_micros = ?2 WHERE id = ?1",
             params![account, new_balance],
         )?;
@@ -269,12 +293,14 @@ impl VerifyReport {
 /// balance equal to its postings, no negative user/provider/escrow balance.
 pub fn verify(conn: &rusqlite::Connection) -> Result<VerifyReport, LedgerError> {
     let mut report = VerifyReport {
-        accounts: conn.query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get::<_, i64>(0))?
-            as u64,
+        accounts: query_row(conn, "SELECT COUNT(*) FROM accounts", [], |r| {
+            r.get::<_, i64>(0)
+        })? as u64,
         transactions: conn
             .query_row("SELECT COUNT(*) FROM ledger_tx", [], |r| r.get::<_, i64>(0))?
             as u64,
-        postings_sum_micros: conn.query_row(
+        postings_sum_micros: query_row(
+            conn,
             "SELECT COALESCE(SUM(amount_micros), 0) FROM postings",
             [],
             |r| r.get(0),

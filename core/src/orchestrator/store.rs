@@ -2,7 +2,7 @@
 //! event outbox. Every state change of a job, its money movement and the events describing both
 //! are written in one transaction, so they can never disagree.
 
-use crate::ledger::{self, AccountKind, Applied, LedgerError, escrow_account};
+use crate::ledger::{self, AccountKind, Applied, LedgerError, escrow_account, exec, query_row};
 use rhizos_broker::Subjects;
 use rhizos_broker::subjects::EscrowEventKind;
 use rhizos_broker::wire::{
@@ -283,15 +283,14 @@ impl Store {
 
     pub fn account(&self, account: &str) -> Result<AccountView, WireError> {
         let balance = ledger::balance(&self.conn, account)?.ok_or_else(|| no_account(account))?;
-        let held_micros: i64 = self
-            .conn
-            .query_row(
-                "SELECT COALESCE(SUM(max_cost_micros), 0) FROM jobs WHERE account_id = ?1
+        let held_micros: i64 = query_row(
+            &self.conn,
+            "SELECT COALESCE(SUM(max_cost_micros), 0) FROM jobs WHERE account_id = ?1
                  AND state IN ('pending', 'assigned', 'running')",
-                [account],
-                |r| r.get(0),
-            )
-            .map_err(internal)?;
+            [account],
+            |r| r.get(0),
+        )
+        .map_err(internal)?;
         Ok(AccountView {
             account: account.to_owned(),
             balance_micros: balance,
@@ -332,7 +331,7 @@ impl Store {
             Some(kind) if kind == "user" || kind == "provider" => {}
             _ => return Err(no_account(account)),
         }
-        tx.execute(
+        exec(&tx,
             "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms,
                                cpu_cores, memory_mib, gpus)
              VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
@@ -406,7 +405,7 @@ impl Store {
         let limit = filter.limit.unwrap_or(50).min(1000);
         let mut statement = self
             .conn
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR state = ?2)
                  ORDER BY created_ms DESC, id DESC LIMIT ?3"
             ))
@@ -424,7 +423,7 @@ impl Store {
     pub fn pending_jobs(&self, limit: usize) -> Result<Vec<PendingJob>, WireError> {
         let mut statement = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "SELECT id, spec, max_cost_micros, attempt, updated_ms FROM jobs WHERE state = 'pending'
                  ORDER BY created_ms, id LIMIT ?1",
             )
@@ -460,7 +459,7 @@ impl Store {
     pub fn active_per_node(&self) -> Result<Vec<(String, super::matching::Allocation)>, WireError> {
         let mut statement = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "SELECT node_id, COUNT(*), SUM(cpu_cores), SUM(memory_mib), SUM(gpus) FROM jobs
                  WHERE state IN ('assigned', 'running') GROUP BY node_id",
             )
@@ -485,7 +484,7 @@ impl Store {
     pub fn active_on_node(&self, node_id: &str) -> Result<Vec<(String, u32)>, WireError> {
         let mut statement = self
             .conn
-            .prepare("SELECT id, attempt FROM jobs WHERE node_id = ?1 AND state IN ('assigned', 'running')")
+            .prepare_cached("SELECT id, attempt FROM jobs WHERE node_id = ?1 AND state IN ('assigned', 'running')")
             .map_err(internal)?;
         let rows = statement
             .query_map([node_id], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -569,7 +568,8 @@ impl Store {
         tx: &Connection,
         job_id: &str,
     ) -> Result<Option<(JobState, Option<String>, u32)>, WireError> {
-        tx.query_row(
+        query_row(
+            tx,
             "SELECT state, node_id, attempt FROM jobs WHERE id = ?1",
             [job_id],
             |r| {
@@ -627,7 +627,8 @@ impl Store {
         if state != JobState::Assigned {
             return Ok(ReportEffect::Duplicate);
         }
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE jobs SET state = 'running', updated_ms = ?2 WHERE id = ?1",
             params![job_id, now as i64],
         )
@@ -721,7 +722,7 @@ impl Store {
         );
         let stdout = truncate_tail(&outcome.stdout, max_output_bytes);
         let stderr = truncate_tail(&outcome.stderr, max_output_bytes);
-        tx.execute(
+        exec(&tx,
             "UPDATE jobs SET state = ?2, exit_code = ?3, stdout = ?4, stderr = ?5, reason = ?6, elapsed_ms = ?7,
              updated_ms = ?8 WHERE id = ?1",
             params![
@@ -780,7 +781,8 @@ impl Store {
         if current.is_terminal() {
             return Ok(false);
         }
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
             params![job_id, state.as_str(), reason, now as i64],
         )
@@ -842,7 +844,7 @@ impl Store {
                 retries_used + 1,
                 spec.max_retries
             );
-            tx.execute(
+            exec(&tx,
                 "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, reason = ?2, updated_ms = ?3
                  WHERE id = ?1",
                 params![job_id, reason, now as i64],
@@ -884,7 +886,8 @@ impl Store {
                     format!("{reason}; no retries left ({} allowed)", spec.max_retries),
                 )
             };
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
             params![job_id, final_state.as_str(), reason, now as i64],
         )
@@ -914,7 +917,7 @@ impl Store {
         let cutoff = now_ms().saturating_sub(grace_ms) as i64;
         let mut statement = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "SELECT id, attempt FROM jobs WHERE node_id = ?1 AND state IN ('assigned', 'running')
                  AND updated_ms < ?2",
             )
@@ -941,7 +944,7 @@ impl Store {
     pub fn overdue(&self, now_ms: u64) -> Result<Vec<String>, WireError> {
         let mut statement = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "SELECT id FROM jobs WHERE deadline_ms IS NOT NULL AND deadline_ms < ?1
                  AND state IN ('pending', 'assigned', 'running') AND cancel_requested = 0",
             )
@@ -1032,7 +1035,7 @@ impl Store {
         let now = now_ms();
         let json = serde_json::to_string(registration).map_err(internal)?;
         let tx = self.tx()?;
-        tx.execute(
+        exec(&tx,
             "INSERT INTO nodes (id, registration, registered_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT(id) DO UPDATE SET registration = excluded.registration, registered_ms = excluded.registered_ms",
             params![registration.node_id, json, now as i64],
@@ -1050,7 +1053,7 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<(RegisterNode, u64)>, WireError> {
         let mut statement = self
             .conn
-            .prepare("SELECT registration, registered_ms FROM nodes")
+            .prepare_cached("SELECT registration, registered_ms FROM nodes")
             .map_err(internal)?;
         let rows = statement
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
@@ -1074,7 +1077,7 @@ impl Store {
     ) -> Result<std::collections::HashMap<String, (u64, u64, f64)>, WireError> {
         let mut statement = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "WITH ranked AS (
                      SELECT node_id, outcome,
                             ROW_NUMBER() OVER (PARTITION BY node_id ORDER BY ended_ms DESC, job_id) AS n
@@ -1119,7 +1122,7 @@ impl Store {
         let balance = ledger::balance(&self.conn, account)?.ok_or_else(|| no_account(account))?;
         let mut statement = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "SELECT t.id, t.kind, t.job_id, p.amount_micros, t.created_ms FROM postings p
                  JOIN ledger_tx t ON t.id = p.tx_id WHERE p.account_id = ?1 ORDER BY p.id DESC LIMIT ?2",
             )
@@ -1164,7 +1167,7 @@ impl Store {
         let mut problems = base.problems;
         let mut statement = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "SELECT j.id, j.state, j.max_cost_micros, j.cost_micros, j.provider_micros, j.fee_micros,
                         j.refund_micros, a.balance_micros,
                         (SELECT COUNT(*) FROM ledger_tx t WHERE t.idem_key = 'close:' || j.id),
@@ -1254,7 +1257,7 @@ impl Store {
     pub fn outbox_batch(&self, limit: usize) -> Result<Vec<OutboxRow>, WireError> {
         let mut statement = self
             .conn
-            .prepare("SELECT id, subject, payload FROM outbox ORDER BY id LIMIT ?1")
+            .prepare_cached("SELECT id, subject, payload FROM outbox ORDER BY id LIMIT ?1")
             .map_err(internal)?;
         let rows = statement
             .query_map([limit as i64], |r| {
@@ -1269,16 +1272,15 @@ impl Store {
     }
 
     pub fn outbox_done(&mut self, up_to_id: i64) -> Result<(), WireError> {
-        self.conn
-            .execute("DELETE FROM outbox WHERE id <= ?1", [up_to_id])
-            .map_err(internal)?;
+        exec(&self.conn, "DELETE FROM outbox WHERE id <= ?1", [up_to_id]).map_err(internal)?;
         Ok(())
     }
 }
 
 impl Ctx {
     fn job_account_and_hold(tx: &Connection, job_id: &str) -> Result<(String, i64), WireError> {
-        tx.query_row(
+        query_row(
+            tx,
             "SELECT account_id, max_cost_micros FROM jobs WHERE id = ?1",
             [job_id],
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -1327,7 +1329,7 @@ impl Ctx {
         if applied == Applied::Duplicate {
             return Ok(());
         }
-        tx.execute(
+        exec(tx,
             "UPDATE jobs SET cost_micros = ?2, provider_micros = ?3, fee_micros = ?4, refund_micros = ?5 WHERE id = ?1",
             params![job_id, split.cost_micros, split.provider_micros, split.fee_micros, split.refund_micros],
         )
@@ -1365,7 +1367,7 @@ impl Ctx {
         if applied == Applied::Duplicate {
             return Ok(());
         }
-        tx.execute(
+        exec(tx,
             "UPDATE jobs SET cost_micros = 0, provider_micros = 0, fee_micros = 0, refund_micros = ?2 WHERE id = ?1",
             params![job_id, hold],
         )
@@ -1402,7 +1404,8 @@ impl Ctx {
             body,
         };
         let payload = serde_json::to_vec(&event).map_err(internal)?;
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO outbox (subject, payload, created_ms) VALUES (?1, ?2, ?3)",
             params![subject, payload, now as i64],
         )
@@ -1449,7 +1452,7 @@ fn record_attempt(
     outcome: &str,
     now: u64,
 ) -> Result<(), WireError> {
-    tx.execute(
+    exec(tx,
         "INSERT INTO attempts (job_id, attempt, node_id, outcome, ended_ms) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(job_id, attempt) DO NOTHING",
         params![job_id, attempt, node_id, outcome, now as i64],
