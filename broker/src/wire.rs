@@ -241,6 +241,29 @@ pub struct JobSpec {
     pub total_timeout_ms: Option<u64>,
 }
 
+impl JobSpec {
+    /// A spec with every optional field at its default: no args, env or stdin, 1 core, no GPU,
+    /// [`DEFAULT_MAX_RETRIES`], the orchestrator's queue timeout, no total timeout.
+    pub fn new(workload: Workload, timeout_ms: u64, memory_mib: u64) -> Self {
+        Self {
+            workload,
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            stdin_b64: None,
+            timeout_ms,
+            memory_mib,
+            cpu_cores: default_cpu_cores(),
+            max_retries: DEFAULT_MAX_RETRIES,
+            queue_timeout_ms: None,
+            total_timeout_ms: None,
+            gpus: 0,
+            min_vram_mib: 0,
+            gpu_apis: Vec::new(),
+            disk_mib: 0,
+        }
+    }
+}
+
 fn default_cpu_cores() -> u32 {
     1
 }

@@ -256,22 +256,14 @@ impl Cluster {
 /// A job spec running `module` with `args`, 1 core, 64 MiB, `timeout_ms`.
 pub fn wasm_spec(module: &[u8], args: &[&str], timeout_ms: u64) -> JobSpec {
     JobSpec {
-        workload: Workload::Wasm {
-            module_b64: b64_encode(module),
-        },
         args: args.iter().map(|a| (*a).to_owned()).collect(),
-        env: Default::default(),
-        stdin_b64: None,
-        timeout_ms,
-        memory_mib: 64,
-        cpu_cores: 1,
-        max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
-        queue_timeout_ms: None,
-        total_timeout_ms: None,
-        gpus: 0,
-        min_vram_mib: 0,
-        gpu_apis: vec![],
-        disk_mib: 0,
+        ..JobSpec::new(
+            Workload::Wasm {
+                module_b64: b64_encode(module),
+            },
+            timeout_ms,
+            64,
+        )
     }
 }
 

@@ -366,22 +366,17 @@ mod tests {
 
     fn spec(cores: u32, memory_mib: u64, gpus: u32, min_vram_mib: u64, apis: &[&str]) -> JobSpec {
         JobSpec {
-            workload: Workload::Wasm {
-                module_b64: "AGFzbQ==".into(),
-            },
-            args: vec![],
-            env: Default::default(),
-            stdin_b64: None,
-            timeout_ms: 3_600_000,
-            memory_mib,
             cpu_cores: cores,
-            max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
-            queue_timeout_ms: None,
-            total_timeout_ms: None,
             gpus,
             min_vram_mib,
             gpu_apis: apis.iter().map(|a| (*a).to_owned()).collect(),
-            disk_mib: 0,
+            ..JobSpec::new(
+                Workload::Wasm {
+                    module_b64: "AGFzbQ==".into(),
+                },
+                3_600_000,
+                memory_mib,
+            )
         }
     }
 

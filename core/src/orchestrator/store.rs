@@ -1537,24 +1537,13 @@ mod tests {
     }
 
     fn spec() -> JobSpec {
-        JobSpec {
-            workload: Workload::Wasm {
+        JobSpec::new(
+            Workload::Wasm {
                 module_b64: "AGFzbQ==".into(),
             },
-            args: vec![],
-            env: Default::default(),
-            stdin_b64: None,
-            timeout_ms: 10_000,
-            memory_mib: 64,
-            cpu_cores: 1,
-            max_retries: rhizos_broker::wire::DEFAULT_MAX_RETRIES,
-            queue_timeout_ms: None,
-            total_timeout_ms: None,
-            gpus: 0,
-            min_vram_mib: 0,
-            gpu_apis: vec![],
-            disk_mib: 0,
-        }
+            10_000,
+            64,
+        )
     }
 
     fn node(store: &mut Store) {
@@ -2004,22 +1993,7 @@ mod properties {
                     }
                     Op::Submit { user, max_cost, retries } => {
                         let id = format!("j{}", jobs.len());
-                        let spec = JobSpec {
-                            workload: Workload::Wasm { module_b64: "AGFzbQ==".into() },
-                            args: vec![],
-                            env: Default::default(),
-                            stdin_b64: None,
-                            timeout_ms: 10_000,
-                            memory_mib: 64,
-                            cpu_cores: 1,
-                            max_retries: retries,
-                            queue_timeout_ms: None,
-                            total_timeout_ms: None,
-                            gpus: 0,
-                            min_vram_mib: 0,
-                            gpu_apis: vec![],
-                            disk_mib: 0,
-                        };
+                        let spec = JobSpec { max_retries: retries, ..JobSpec::new(Workload::Wasm { module_b64: "AGFzbQ==".into() }, 10_000, 64) };
                         match store.submit(&id, USERS[user], &spec, max_cost) {
                             Ok(_) => jobs.push(id),
                             Err(e) => prop_assert_eq!(e.code, ErrorCode::InsufficientFunds),

@@ -214,20 +214,12 @@ async fn marketplace(
         async move {
             let job_id = format!("load-{index}");
             let spec = rhizos_broker::wire::JobSpec {
-                workload: rhizos_broker::wire::Workload::Wasm { module_b64: module },
-                args: vec![],
-                env: Default::default(),
-                stdin_b64: None,
-                timeout_ms: 1_000,
-                memory_mib: 64,
-                cpu_cores: 1,
                 max_retries: 0,
-                queue_timeout_ms: None,
-                total_timeout_ms: None,
-                gpus: 0,
-                min_vram_mib: 0,
-                gpu_apis: vec![],
-                disk_mib: 0,
+                ..rhizos_broker::wire::JobSpec::new(
+                    rhizos_broker::wire::Workload::Wasm { module_b64: module },
+                    1_000,
+                    64,
+                )
             };
             let request = rhizos_broker::wire::SubmitJob {
                 v: rhizos_broker::wire::WIRE_VERSION,
