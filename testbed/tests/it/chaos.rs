@@ -14,6 +14,8 @@ async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
     let options = ClusterOptions {
         agents: 2,
         heartbeat_interval_ms: 200,
+        // 1 s of silence: quick to detect, yet no false loss when CI runs tests side by side.
+        missed_heartbeats: 5,
         ..ClusterOptions::default()
     };
     let mut cluster = Cluster::start(options).await.unwrap();

@@ -100,7 +100,7 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     let mut agent_settings = settings.agent.clone();
     agent_settings.node_id = Some("survivor".into());
     agent_settings.plugin_dir = plugin_dir;
-    agent_settings.heartbeat_interval_ms = 300;
+    agent_settings.heartbeat_interval_ms = 1_000;
     agent_settings.max_concurrent = 1; // the second job has to wait, pending, through the crash
     let pricing = rhizos_testbed::ClusterOptions::default().pricing;
     let agent = Agent::new(
