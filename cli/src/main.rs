@@ -242,27 +242,70 @@ async fn events(global: &GlobalArgs, args: EventsArgs) -> anyhow::Result<()> {
             bus.subjects.namespace()
         );
     }
-    let heartbeat_prefix = bus
-        .subjects
-        .node_heartbeat_wildcard()
-        .trim_end_matches('*')
-        .to_owned();
+    let printer = EventPrinter::new(&bus, global.json, args.heartbeats);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             message = messages.next() => {
                 let Some(message) = message else { return Ok(()) };
-                let is_heartbeat = message.subject.starts_with(heartbeat_prefix.as_str());
-                if is_heartbeat && !args.heartbeats {
-                    continue;
+                if printer.print(&message.subject, &message.payload, None).is_err() {
+                    return Ok(());
                 }
-                if global.json {
-                    let body: serde_json::Value = serde_json::from_slice(&message.payload)
-                        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&message.payload).into_owned()));
-                    println!("{}", serde_json::json!({ "subject": message.subject.as_str(), "event": body }));
-                } else {
-                    println!("{}", describe_event(&message.subject, &message.payload));
+            }
+        }
+    }
+}
+
+/// Prints events for `rhizos events`, live or replayed: heartbeats skipped unless asked for,
+/// one JSON object per line with `--json`, else one readable line (prefixed by the stream
+/// sequence when replaying, so a later `--since` can resume there).
+pub struct EventPrinter {
+    json: bool,
+    heartbeats: bool,
+    heartbeat_prefix: String,
+}
+
+impl EventPrinter {
+    pub fn new(bus: &Bus, json: bool, heartbeats: bool) -> Self {
+        let heartbeat_prefix = bus
+            .subjects
+            .node_heartbeat_wildcard()
+            .trim_end_matches('*')
+            .to_owned();
+        Self {
+            json,
+            heartbeats,
+            heartbeat_prefix,
+        }
+    }
+
+    /// Prints one event. An error means stdout is gone (e.g. piped into `head`): stop quietly.
+    pub fn print(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        sequence: Option<u64>,
+    ) -> std::io::Result<()> {
+        use std::io::Write as _;
+        if subject.starts_with(self.heartbeat_prefix.as_str()) && !self.heartbeats {
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        if self.json {
+            let body: serde_json::Value = serde_json::from_slice(payload).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
+            });
+            let mut line = serde_json::json!({ "subject": subject, "event": body });
+            if let Some(sequence) = sequence {
+                line["seq"] = sequence.into();
+            }
+            writeln!(out, "{line}")
+        } else {
+            match sequence {
+                Some(sequence) => {
+                    writeln!(out, "[{sequence}] {}", describe_event(subject, payload))
                 }
+                None => writeln!(out, "{}", describe_event(subject, payload)),
             }
         }
     }

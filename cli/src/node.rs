@@ -272,26 +272,16 @@ pub async fn replay_events(
         .messages()
         .await
         .context("cannot read the event stream")?;
-    let heartbeat_prefix = bus
-        .subjects
-        .node_heartbeat_wildcard()
-        .trim_end_matches('*')
-        .to_owned();
+    let printer = crate::EventPrinter::new(&bus, global.json, heartbeats);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             message = messages.next() => {
                 let Some(message) = message else { return Ok(()) };
                 let message = message.context("event stream failed")?;
-                if message.subject.starts_with(heartbeat_prefix.as_str()) && !heartbeats {
-                    continue;
-                }
                 let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-                if global.json {
-                    let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap_or_default();
-                    println!("{}", serde_json::json!({ "seq": sequence, "subject": message.subject.as_str(), "event": body }));
-                } else {
-                    println!("[{sequence}] {}", crate::describe_event(&message.subject, &message.payload));
+                if printer.print(&message.subject, &message.payload, Some(sequence)).is_err() {
+                    return Ok(());
                 }
             }
         }
