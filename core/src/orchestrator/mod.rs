@@ -760,18 +760,13 @@ impl Orchestrator {
         }
         let default_queue_timeout_ms = self.inner.settings.queue_timeout_ms;
         let now = store::now_ms();
-        let pending = self.db(|store| store.pending_jobs(100_000)).await?;
-        for job in pending {
-            let queue_timeout_ms = job
-                .spec
-                .queue_timeout_ms
-                .unwrap_or(default_queue_timeout_ms);
-            if now.saturating_sub(job.pending_since_ms) <= queue_timeout_ms {
-                continue;
-            }
+        let expired = self
+            .db(move |store| store.queue_expired(now, default_queue_timeout_ms))
+            .await?;
+        for (job_id, queue_timeout_ms) in expired {
             let reason =
                 format!("no node took the job within its queue timeout of {queue_timeout_ms} ms");
-            self.db(move |store| store.end_with_refund(&job.job_id, JobState::TimedOut, &reason))
+            self.db(move |store| store.end_with_refund(&job_id, JobState::TimedOut, &reason))
                 .await?;
         }
         for job_id in self.db(move |store| store.overdue(now)).await? {

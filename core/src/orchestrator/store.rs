@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     stop_reason TEXT,
     -- created_ms + total_timeout_ms, when the job has one.
     deadline_ms INTEGER,
+    -- The job's own queue timeout (NULL: the orchestrator's default).
+    queue_timeout_ms INTEGER,
     -- The allocation, so a node's committed resources are one query away.
     cpu_cores INTEGER NOT NULL DEFAULT 1,
     memory_mib INTEGER NOT NULL DEFAULT 0,
@@ -68,7 +70,22 @@ CREATE TABLE IF NOT EXISTS attempts (
     PRIMARY KEY (job_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS attempts_by_node ON attempts(node_id, ended_ms);
+-- Per node, kept up to date in the transaction that records each attempt's end: attempts ended,
+-- of which succeeded, and `recent`, one letter per attempt that counts for reputation ('s'
+-- succeeded, 'f' failed through the node), newest last, at most REPUTATION_WINDOW letters.
+CREATE TABLE IF NOT EXISTS node_stats (
+    node_id TEXT PRIMARY KEY,
+    ended INTEGER NOT NULL,
+    succeeded INTEGER NOT NULL,
+    recent TEXT NOT NULL
+);
 ";
+
+/// How many of a node's latest attempts its reputation is computed over.
+pub const REPUTATION_WINDOW: usize = 100;
+
+/// Columns added after a table was first released: (table, column, declaration).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("jobs", "queue_timeout_ms", "INTEGER")];
 
 /// A job waiting for a node.
 #[derive(Debug, Clone)]
@@ -159,6 +176,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(ledger::SCHEMA)?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         let instance: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| {
                 r.get(0)
@@ -333,8 +351,8 @@ impl Store {
         }
         exec(&tx,
             "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms,
-                               cpu_cores, memory_mib, gpus)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
+                               cpu_cores, memory_mib, gpus, queue_timeout_ms)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 job_id,
                 account,
@@ -345,7 +363,8 @@ impl Store {
                 spec.total_timeout_ms.map(|t| now.saturating_add(t) as i64),
                 spec.cpu_cores,
                 spec.memory_mib as i64,
-                spec.gpus
+                spec.gpus,
+                spec.queue_timeout_ms.map(|t| t as i64)
             ],
         )
         .map_err(internal)?;
@@ -1077,17 +1096,7 @@ impl Store {
     ) -> Result<std::collections::HashMap<String, (u64, u64, f64)>, WireError> {
         let mut statement = self
             .conn
-            .prepare_cached(
-                "WITH ranked AS (
-                     SELECT node_id, outcome,
-                            ROW_NUMBER() OVER (PARTITION BY node_id ORDER BY ended_ms DESC, job_id) AS n
-                     FROM attempts WHERE outcome IN ('succeeded', 'node_failed'))
-                 SELECT a.node_id, COUNT(*), SUM(a.outcome = 'succeeded'),
-                        (SELECT COUNT(*) FROM ranked r WHERE r.node_id = a.node_id AND r.n <= 100),
-                        (SELECT COUNT(*) FROM ranked r WHERE r.node_id = a.node_id AND r.n <= 100
-                                                          AND r.outcome = 'succeeded')
-                 FROM attempts a GROUP BY a.node_id",
-            )
+            .prepare_cached("SELECT node_id, ended, succeeded, recent FROM node_stats")
             .map_err(internal)?;
         let rows = statement
             .query_map([], |r| {
@@ -1095,22 +1104,35 @@ impl Store {
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(3)?,
                 ))
             })
             .map_err(internal)?;
         let mut stats = std::collections::HashMap::new();
         for row in rows {
-            let (node, ended, succeeded, recent, recent_ok) = row.map_err(internal)?;
-            let reputation = if recent == 0 {
-                1.0
-            } else {
-                recent_ok as f64 / recent as f64
-            };
-            stats.insert(node, (ended as u64, succeeded as u64, reputation));
+            let (node, ended, succeeded, recent) = row.map_err(internal)?;
+            stats.insert(node, (ended as u64, succeeded as u64, reputation(&recent)));
         }
         Ok(stats)
+    }
+
+    /// Pending jobs that have waited longer than their queue timeout (`default_ms` where the job
+    /// set none) at `now`.
+    pub fn queue_expired(&self, now: u64, default_ms: u64) -> Result<Vec<(String, u64)>, WireError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT id, COALESCE(queue_timeout_ms, ?1) FROM jobs
+                 WHERE state = 'pending' AND updated_ms + COALESCE(queue_timeout_ms, ?1) < ?2
+                 ORDER BY created_ms, id",
+            )
+            .map_err(internal)?;
+        let rows = statement
+            .query_map(params![default_ms as i64, now as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(internal)?;
+        rows.collect::<Result<_, _>>().map_err(internal)
     }
 
     /// An account's postings, newest first, with the balance after each.
@@ -1452,12 +1474,86 @@ fn record_attempt(
     outcome: &str,
     now: u64,
 ) -> Result<(), WireError> {
-    exec(tx,
+    let inserted = exec(tx,
         "INSERT INTO attempts (job_id, attempt, node_id, outcome, ended_ms) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(job_id, attempt) DO NOTHING",
         params![job_id, attempt, node_id, outcome, now as i64],
     )
     .map_err(internal)?;
+    if inserted == 1 {
+        count_attempt(tx, node_id, outcome).map_err(internal)?;
+    }
+    Ok(())
+}
+
+/// Adds one ended attempt to its node's running totals.
+fn count_attempt(tx: &Connection, node_id: &str, outcome: &str) -> rusqlite::Result<()> {
+    let recent: Option<String> = query_row(
+        tx,
+        "SELECT recent FROM node_stats WHERE node_id = ?1",
+        [node_id],
+        |r| r.get(0),
+    )
+    .optional()?;
+    let mut recent = recent.unwrap_or_default();
+    match outcome {
+        "succeeded" => recent.push('s'),
+        "node_failed" => recent.push('f'),
+        _ => {}
+    }
+    if recent.len() > REPUTATION_WINDOW {
+        recent.drain(..recent.len() - REPUTATION_WINDOW);
+    }
+    exec(
+        tx,
+        "INSERT INTO node_stats (node_id, ended, succeeded, recent) VALUES (?1, 1, ?2, ?3)
+         ON CONFLICT(node_id) DO UPDATE SET ended = ended + 1, succeeded = succeeded + ?2, recent = ?3",
+        params![node_id, i64::from(outcome == "succeeded"), recent],
+    )?;
+    Ok(())
+}
+
+/// Success ratio of a node's recent attempts (`recent` as kept in `node_stats`); 1.0 with none.
+fn reputation(recent: &str) -> f64 {
+    if recent.is_empty() {
+        return 1.0;
+    }
+    recent.bytes().filter(|b| *b == b's').count() as f64 / recent.len() as f64
+}
+
+/// Brings a database written by an earlier release up to this schema: adds missing columns and
+/// fills `node_stats` from the attempts table when it predates it.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, declaration) in ADDED_COLUMNS {
+        let exists: bool = conn.query_row(
+            &format!("SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+            [column],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+            ))?;
+        }
+    }
+    let (stats, attempts): (i64, i64) = conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM node_stats), (SELECT COUNT(*) FROM attempts)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if stats == 0 && attempts > 0 {
+        let tx = conn.unchecked_transaction()?;
+        let mut statement =
+            tx.prepare("SELECT node_id, outcome FROM attempts ORDER BY node_id, ended_ms, job_id, attempt")?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(statement);
+        for (node_id, outcome) in rows {
+            count_attempt(&tx, &node_id, &outcome)?;
+        }
+        tx.commit()?;
+    }
     Ok(())
 }
 
@@ -1734,6 +1830,117 @@ mod tests {
         assert_eq!(balance(&store, "u"), 1_000_000 - 3_000);
         assert_eq!(store.account("u").unwrap().held_micros, 0);
         assert!(ledger::verify(store.connection()).unwrap().is_ok());
+    }
+
+    #[test]
+    fn node_stats_count_every_attempt_and_rate_the_last_hundred() {
+        let (_dir, mut store) = store();
+        node(&mut store);
+        store.create_account("u").unwrap();
+        store.deposit("u", 100_000_000, None).unwrap();
+        // 20 attempts lost with the node, then 100 successes: the window has only successes.
+        let mut spec = spec();
+        spec.max_retries = 0;
+        for index in 0..20 {
+            let id = format!("lost-{index}");
+            store.submit(&id, "u", &spec, 100_000).unwrap();
+            assert_eq!(store.assign(&id, "n1", &PRICING).unwrap(), Some(1));
+            store.requeue_or_fail(&id, 1, "node n1 was lost").unwrap();
+        }
+        let stats = store.node_stats().unwrap();
+        assert_eq!(stats["n1"], (20, 0, 0.0));
+        for index in 0..100 {
+            let id = format!("ok-{index}");
+            store.submit(&id, "u", &spec, 100_000).unwrap();
+            assert_eq!(store.assign(&id, "n1", &PRICING).unwrap(), Some(1));
+            store.mark_running(&id, "n1", 1).unwrap();
+            store.finish(&id, "n1", 1, &exited(0, 10), 1024).unwrap();
+            if index == 49 {
+                // 20 failed + 50 succeeded in the window.
+                let (ended, succeeded, reputation) = store.node_stats().unwrap()["n1"];
+                assert_eq!((ended, succeeded), (70, 50));
+                assert!((reputation - 50.0 / 70.0).abs() < 1e-12, "{reputation}");
+            }
+        }
+        // A replayed result counts once.
+        store.finish("ok-99", "n1", 1, &exited(0, 10), 1024).unwrap();
+        assert_eq!(store.node_stats().unwrap()["n1"], (120, 100, 1.0));
+        // A job's own non-zero exit is not the node's fault: counted as ended, rating unchanged.
+        store.submit("bad", "u", &spec, 100_000).unwrap();
+        store.assign("bad", "n1", &PRICING).unwrap();
+        store.mark_running("bad", "n1", 1).unwrap();
+        store.finish("bad", "n1", 1, &exited(3, 10), 1024).unwrap();
+        assert_eq!(store.node_stats().unwrap()["n1"], (121, 100, 1.0));
+    }
+
+    #[test]
+    fn an_older_database_is_migrated_with_its_node_stats_filled_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        {
+            // The schema as first released: no queue_timeout_ms column, no node_stats table.
+            let conn = Connection::open(&path).unwrap();
+            let old = SCHEMA
+                .replace("    queue_timeout_ms INTEGER,\n", "")
+                .split("CREATE TABLE IF NOT EXISTS node_stats")
+                .next()
+                .unwrap()
+                .to_owned();
+            assert!(!old.contains("queue_timeout_ms"));
+            conn.execute_batch(&old).unwrap();
+            conn.execute_batch(
+                "INSERT INTO attempts VALUES ('a', 1, 'n1', 'node_failed', 1),
+                                             ('b', 1, 'n1', 'succeeded', 2),
+                                             ('c', 1, 'n1', 'succeeded', 3),
+                                             ('d', 1, 'n1', 'job_failed', 4),
+                                             ('e', 1, 'n2', 'succeeded', 5)",
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(&path, 500, Subjects::new("t").unwrap()).unwrap();
+        let stats = store.node_stats().unwrap();
+        let (ended, succeeded, reputation) = stats["n1"];
+        assert_eq!((ended, succeeded), (4, 2));
+        assert!((reputation - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(stats["n2"], (1, 1, 1.0));
+        // The new column works, and opening again changes nothing.
+        store.create_account("u").unwrap();
+        store.deposit("u", 1_000_000, None).unwrap();
+        let mut spec = spec();
+        spec.queue_timeout_ms = Some(5);
+        store.submit("j", "u", &spec, 100_000).unwrap();
+        drop(store);
+        let store = Store::open(&path, 500, Subjects::new("t").unwrap()).unwrap();
+        assert_eq!(store.node_stats().unwrap()["n1"].0, 4);
+        assert_eq!(store.queue_expired(now_ms() + 10, 60_000).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn queue_expiry_uses_the_jobs_own_timeout_or_the_default() {
+        let (_dir, mut store) = store();
+        store.create_account("u").unwrap();
+        store.deposit("u", 1_000_000, None).unwrap();
+        let mut own = spec();
+        own.queue_timeout_ms = Some(1_000);
+        store.submit("own", "u", &own, 100_000).unwrap();
+        store.submit("default", "u", &spec(), 100_000).unwrap();
+        let since = store.get_job("own").unwrap().created_ms;
+        assert!(store.queue_expired(since + 1_000, 5_000).unwrap().is_empty(), "not past it yet");
+        assert_eq!(
+            store.queue_expired(since + 1_001, 5_000).unwrap(),
+            vec![("own".to_owned(), 1_000)]
+        );
+        let expired: Vec<String> = store
+            .queue_expired(since + 5_001 + 100, 5_000)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(expired, ["own", "default"]);
+        // A job no longer pending never expires.
+        node(&mut store);
+        store.assign("own", "n1", &PRICING).unwrap();
+        assert_eq!(store.queue_expired(u64::MAX / 2, 5_000).unwrap().len(), 1);
     }
 
     #[test]
@@ -2071,6 +2278,23 @@ mod properties {
                     prop_assert_eq!(provider + fee, cost);
                     prop_assert_eq!(fee, (cost * 500 + 5_000) / 10_000);
                 }
+            }
+            // The running node totals agree with the attempts they summarise.
+            let mut expected = std::collections::HashMap::<String, (u64, u64, String)>::new();
+            let mut rows = store.connection().prepare("SELECT node_id, outcome FROM attempts ORDER BY rowid").unwrap();
+            for row in rows.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).unwrap() {
+                let (node, outcome) = row.unwrap();
+                let entry = expected.entry(node).or_default();
+                entry.0 += 1;
+                entry.1 += u64::from(outcome == "succeeded");
+                match outcome.as_str() { "succeeded" => entry.2.push('s'), "node_failed" => entry.2.push('f'), _ => {} }
+            }
+            drop(rows);
+            let stats = store.node_stats().unwrap();
+            prop_assert_eq!(stats.len(), expected.len());
+            for (node, (ended, succeeded, recent)) in expected {
+                let recent = &recent[recent.len().saturating_sub(REPUTATION_WINDOW)..];
+                prop_assert_eq!(stats[&node], (ended, succeeded, reputation(recent)));
             }
         }
     }
