@@ -91,33 +91,61 @@ fn fitting_gpus(spec: &JobSpec, node: &RegisterNode) -> u32 {
     u32::try_from(count).unwrap_or(u32::MAX)
 }
 
-/// Why `node` can never run `spec` within `max_cost`, or `None` if it can (load aside).
-fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Option<String> {
+/// The first requirement a node misses (found without allocating; [`unfit_reason`] words it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unfit {
+    Backend,
+    Cores,
+    Memory,
+    Disk,
+    Gpus,
+    /// The whole timeout at the node's prices: this many micro-USD, above the max cost.
+    Price(i64),
+}
+
+/// What keeps `node` from ever running `spec` within `max_cost` (load aside); with the
+/// estimated cost for the whole timeout when it fits.
+fn check(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Result<i64, Unfit> {
     let backend = spec.workload.backend();
-    let id = &node.node_id;
     if !node.backends.iter().any(|b| b == backend) {
-        return Some(format!("{id}: no {backend} backend"));
+        return Err(Unfit::Backend);
     }
     if node.cpu_cores < spec.cpu_cores {
-        return Some(format!(
-            "{id}: {} cores < {} asked",
-            node.cpu_cores, spec.cpu_cores
-        ));
+        return Err(Unfit::Cores);
     }
     if node.memory_mib < spec.memory_mib {
-        return Some(format!(
-            "{id}: {} MiB < {} MiB asked",
-            node.memory_mib, spec.memory_mib
-        ));
+        return Err(Unfit::Memory);
     }
     if node.disk_mib < spec.disk_mib {
-        return Some(format!(
-            "{id}: {} MiB of disk < {} MiB asked",
-            node.disk_mib, spec.disk_mib
-        ));
+        return Err(Unfit::Disk);
     }
     if spec.gpus > 0 && fitting_gpus(spec, node) < spec.gpus {
-        return Some(format!(
+        return Err(Unfit::Gpus);
+    }
+    let estimate = estimate_micros(spec, node);
+    if estimate > max_cost_micros {
+        return Err(Unfit::Price(estimate));
+    }
+    Ok(estimate)
+}
+
+/// Why `node` can never run `spec` within `max_cost`, or `None` if it can (load aside).
+fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Option<String> {
+    let unfit = check(spec, max_cost_micros, node).err()?;
+    let backend = spec.workload.backend();
+    let id = &node.node_id;
+    Some(match unfit {
+        Unfit::Backend => format!("{id}: no {backend} backend"),
+        Unfit::Cores => format!("{id}: {} cores < {} asked", node.cpu_cores, spec.cpu_cores),
+        Unfit::Memory => format!(
+            "{id}: {} MiB < {} MiB asked",
+            node.memory_mib, spec.memory_mib
+        ),
+        Unfit::Disk => format!(
+            "{id}: {} MiB of disk < {} MiB asked",
+            node.disk_mib, spec.disk_mib
+        ),
+        Unfit::Gpus => format!(
             "{id}: {} GPU(s) with ≥ {} MiB VRAM{} < {} asked",
             fitting_gpus(spec, node),
             spec.min_vram_mib,
@@ -127,19 +155,15 @@ fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Op
                 format!(" and {}", spec.gpu_apis.join(", "))
             },
             spec.gpus
-        ));
-    }
-    let estimate = estimate_micros(spec, node);
-    if estimate > max_cost_micros {
-        return Some(format!(
+        ),
+        Unfit::Price(estimate) => format!(
             "{id}: running for the whole timeout ({} ms) could cost up to {} at its prices, above the max cost \
              of {} (raise the max cost or lower the timeout)",
             spec.timeout_ms,
             crate::orchestrator::store::format_usd(estimate),
             crate::orchestrator::store::format_usd(max_cost_micros)
-        ));
-    }
-    None
+        ),
+    })
 }
 
 /// Whether the node has the job's resources free right now.
@@ -174,6 +198,11 @@ impl Registry {
                 reputation,
             },
         );
+    }
+
+    /// One node's entry.
+    pub fn get(&self, node_id: &str) -> Option<&NodeEntry> {
+        self.nodes.get(node_id)
     }
 
     pub fn entries(&self) -> Vec<NodeEntry> {
@@ -260,13 +289,12 @@ impl Registry {
     }
 
     /// The best node with room for the job now, if any.
-    pub fn pick(&mut self, spec: &JobSpec, max_cost_micros: i64) -> Option<NodeEntry> {
+    pub fn pick(&mut self, spec: &JobSpec, max_cost_micros: i64) -> Option<&NodeEntry> {
         let candidates: Vec<(&NodeEntry, i64)> = self
             .nodes
             .values()
             .filter(|n| !n.lost && has_room(spec, n))
-            .filter(|n| unfit_reason(spec, max_cost_micros, &n.registration).is_none())
-            .map(|n| (n, estimate_micros(spec, &n.registration)))
+            .filter_map(|n| Some((n, check(spec, max_cost_micros, &n.registration).ok()?)))
             .collect();
         let cheapest = candidates.iter().map(|(_, estimate)| *estimate).min()?;
         let w = self.weights;
@@ -286,16 +314,21 @@ impl Registry {
                 + f64::from(w.tier) * tier)
                 / 100.0
         };
-        let scored: Vec<(&NodeEntry, f64)> =
-            candidates.iter().map(|(n, e)| (*n, score(n, *e))).collect();
-        let best = scored.iter().map(|(_, s)| *s).fold(f64::INFINITY, f64::min);
-        let tied: Vec<&NodeEntry> = scored
+        // The best score and how many nodes share it, then the rotation's turn among those.
+        let best = candidates
             .iter()
-            .filter(|(_, s)| (s - best).abs() < 1e-9)
-            .map(|(n, _)| *n)
-            .collect();
+            .map(|(node, estimate)| score(node, *estimate))
+            .fold(f64::INFINITY, f64::min);
+        let is_best =
+            |(node, estimate): &&(&NodeEntry, i64)| (score(node, *estimate) - best).abs() < 1e-9;
+        let tied = candidates.iter().filter(is_best).count();
         self.rotation = self.rotation.wrapping_add(1);
-        Some(tied[self.rotation % tied.len()].clone())
+        let turn = self.rotation % tied.max(1);
+        candidates
+            .iter()
+            .filter(is_best)
+            .nth(turn)
+            .map(|(node, _)| *node)
     }
 
     /// Nodes whose last heartbeat is older than `missed` intervals, marked lost (once).
@@ -549,7 +582,7 @@ mod tests {
             );
             let picked = registry
                 .pick(&case.spec, case.max_cost)
-                .map(|n| n.registration.node_id);
+                .map(|n| n.registration.node_id.clone());
             assert_eq!(picked.as_deref(), case.expected, "case: {}", case.name);
         }
     }
@@ -568,7 +601,8 @@ mod tests {
                         .pick(&spec(1, 128, 0, 0, &[]), 100_000)
                         .unwrap()
                         .registration
-                        .node_id,
+                        .node_id
+                        .clone(),
                 )
                 .or_default() += 1;
         }

@@ -11,7 +11,7 @@ pub mod store;
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use matching::{NodeEntry, Registry};
+use matching::Registry;
 use rhizos_broker::config::OrchestratorSettings;
 use rhizos_broker::subjects::ORCHESTRATOR_QUEUE;
 use rhizos_broker::wire::{
@@ -67,8 +67,11 @@ impl Orchestrator {
             settings.fee_bps
         );
         let path = settings.data_dir.join("ledger.db");
-        let store = Store::open(&path, settings.fee_bps, bus.subjects.clone())
+        let mut store = Store::open(&path, settings.fee_bps, bus.subjects.clone())
             .with_context(|| format!("failed to open ledger at {}", path.display()))?;
+        store
+            .checkpoint_in_background(&path, Duration::from_millis(200))
+            .context("failed to start the WAL checkpointer")?;
         let mut registry = Registry::new(settings.matching);
         for (registration, _) in store.nodes().map_err(|e| anyhow::anyhow!("{e}"))? {
             registry.upsert(registration);
@@ -501,12 +504,15 @@ impl Orchestrator {
             self.stop_moved_executions(&heartbeat.node_id, &heartbeat.running)
                 .await;
         }
-        let interval_ms = self
-            .registry()
-            .entries()
-            .iter()
-            .find(|n| n.registration.node_id == heartbeat.node_id)
-            .map_or(5_000, |n| n.registration.heartbeat_interval_ms);
+        let (interval_ms, committed) = match self.registry().get(&heartbeat.node_id) {
+            Some(node) => (node.registration.heartbeat_interval_ms, node.allocated.jobs),
+            None => return,
+        };
+        if committed == 0 && heartbeat.running.is_empty() {
+            // Nothing assigned there (the registry counts every assignment as it is recorded
+            // and only forgets one at the next dispatch pass's recount) and nothing running.
+            return;
+        }
         let grace_ms = self.inner.settings.assign_timeout_ms + 2 * interval_ms;
         let (node_id, running) = (heartbeat.node_id.clone(), heartbeat.running);
         let missing = match self
@@ -583,62 +589,52 @@ impl Orchestrator {
         }
     }
 
-    /// Matches pending jobs to nodes and sends the assignments.
+    /// Matches pending jobs to nodes and sends the assignments. A pass is one operation on the
+    /// ledger thread: read the oldest pending jobs and what every node has committed, choose a
+    /// node for each, record the assignments — all against one consistent view, in one commit.
     async fn dispatch_pending(&self) -> Result<(), WireError> {
-        let pending = self.db(|store| store.pending_jobs(256)).await?;
-        if pending.is_empty() {
-            return Ok(());
-        }
-        // The database's view once per pass; assignments made in this pass are added as we go.
-        let allocations = self.db(|store| store.active_per_node()).await?;
-        self.registry().set_allocations(&allocations);
-        // Choose nodes for the whole pass, then record every assignment in one storage
-        // operation (one commit), then send them.
-        let mut chosen = Vec::new();
-        {
-            let mut registry = self.registry();
-            for job in pending {
-                let Some(NodeEntry { registration, .. }) =
-                    registry.pick(&job.spec, job.max_cost_micros)
-                else {
-                    continue;
-                };
-                registry.allocate(&registration.node_id, &job.spec);
-                chosen.push((job, registration.node_id, registration.pricing));
-            }
-        }
+        let this = self.clone();
+        let chosen = self
+            .db(move |store| {
+                let pending = store.pending_jobs(DISPATCH_BATCH)?;
+                if pending.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let allocations = store.active_per_node()?;
+                let mut registry = this.registry();
+                registry.set_allocations(&allocations);
+                let mut chosen = Vec::new();
+                for job in pending {
+                    let Some(node) = registry.pick(&job.spec, job.max_cost_micros) else {
+                        continue;
+                    };
+                    let (node_id, pricing) =
+                        (node.registration.node_id.clone(), node.registration.pricing);
+                    // Each assignment has its own savepoint: one failing leaves the rest.
+                    match store.assign(&job.job_id, &node_id, &pricing) {
+                        Ok(Some(attempt)) => {
+                            registry.allocate(&node_id, &job.spec);
+                            chosen.push((job, node_id, attempt));
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(job_id = %job.job_id, error = %e, "cannot record the assignment");
+                        }
+                    }
+                }
+                Ok(chosen)
+            })
+            .await?;
         if chosen.is_empty() {
             return Ok(());
         }
-        let plan: Vec<(String, String, rhizos_broker::wire::Pricing)> = chosen
-            .iter()
-            .map(|(job, node, pricing)| (job.job_id.clone(), node.clone(), *pricing))
-            .collect();
-        let attempts = self
-            .db(move |store| {
-                // Each assignment has its own savepoint inside `assign`: one failing leaves the rest.
-                Ok(plan
-                    .iter()
-                    .map(|(job_id, node_id, pricing)| store.assign(job_id, node_id, pricing))
-                    .collect::<Vec<_>>())
-            })
-            .await?;
         self.inner.outbox_wake.notify_one();
-        for ((job, node_id, _), attempt) in chosen.into_iter().zip(attempts) {
-            match attempt {
-                Ok(Some(attempt)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        this.send_assignment(job.job_id, attempt, job.spec, node_id)
-                            .await
-                    });
-                }
-                Ok(None) => self.registry().release(&node_id, &job.spec),
-                Err(e) => {
-                    self.registry().release(&node_id, &job.spec);
-                    tracing::error!(job_id = %job.job_id, error = %e, "cannot record the assignment");
-                }
-            }
+        for (job, node_id, attempt) in chosen {
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.send_assignment(job.job_id, attempt, job.spec, node_id)
+                    .await
+            });
         }
         Ok(())
     }
@@ -791,6 +787,9 @@ impl Orchestrator {
 type Completion = Box<dyn FnOnce(&Result<(), String>) + Send>;
 /// An operation for the ledger writer.
 type Op = Box<dyn FnOnce(&mut Store) -> Completion + Send>;
+
+/// Most pending jobs matched in one dispatch pass.
+const DISPATCH_BATCH: usize = 256;
 
 /// Most operations committed together.
 const MAX_GROUP_COMMIT: usize = 512;
