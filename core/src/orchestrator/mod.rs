@@ -215,21 +215,70 @@ impl Orchestrator {
         // Refuse at once what no known node could ever run.
         self.registry()
             .feasibility(&request.spec, request.max_cost_micros)?;
-        let account = request.account.clone();
-        let spec = request.spec.clone();
-        let id = job_id.clone();
-        let (job, created) = self
-            .db(move |store| store.submit(&id, &account, &spec, request.max_cost_micros))
+        let (account, spec, id, max_cost) = (
+            request.account.clone(),
+            request.spec.clone(),
+            job_id.clone(),
+            request.max_cost_micros,
+        );
+        let this = self.clone();
+        let (mut job, created, placed) = self
+            .db(move |store| {
+                let (job, created) = store.submit(&id, &account, &spec, max_cost)?;
+                // Fast path: with nobody queued ahead, place the job in the same operation (and
+                // commit) that accepted it, instead of waiting for a dispatch pass.
+                let placed = if created && !store.pending_other_than(&id)? {
+                    this.place(store, &id, &spec, max_cost)
+                } else {
+                    None
+                };
+                Ok((job, created, placed))
+            })
             .await?;
         if created {
             tracing::info!(job_id = %job.job_id, account = %job.account, max_cost_micros = job.max_cost_micros, "job accepted");
         }
         self.inner.outbox_wake.notify_one();
-        self.inner.dispatch_wake.notify_one();
+        match placed {
+            Some((node_id, attempt)) => {
+                job.state = JobState::Assigned;
+                let this = self.clone();
+                let (id, spec) = (job.job_id.clone(), request.spec);
+                tokio::spawn(async move { this.send_assignment(id, attempt, spec, node_id).await });
+            }
+            None => self.inner.dispatch_wake.notify_one(),
+        }
         Ok(SubmitJobReply {
             job_id: job.job_id,
             state: job.state,
         })
+    }
+
+    /// On the ledger thread: chooses a node for a pending job and records the assignment;
+    /// returns the node and attempt to send, or `None` when no node has room now (or the job
+    /// is no longer pending).
+    fn place(
+        &self,
+        store: &mut Store,
+        job_id: &str,
+        spec: &JobSpec,
+        max_cost_micros: i64,
+    ) -> Option<(String, u32)> {
+        let mut registry = self.registry();
+        let node = registry.pick(spec, max_cost_micros)?;
+        let (node_id, pricing) = (node.registration.node_id.clone(), node.registration.pricing);
+        // The assignment has its own savepoint: failing leaves the rest of the batch.
+        match store.assign(job_id, &node_id, &pricing) {
+            Ok(Some(attempt)) => {
+                registry.allocate(&node_id, spec);
+                Some((node_id, attempt))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(%job_id, error = %e, "cannot record the assignment");
+                None
+            }
+        }
     }
 
     async fn get_job(&self, payload: &[u8]) -> Result<wire::JobView, WireError> {
@@ -404,10 +453,17 @@ impl Orchestrator {
     }
 
     async fn node_views(&self) -> Result<Vec<wire::NodeView>, WireError> {
-        let stats = self.db(|store| store.node_stats()).await?;
-        let active = self.db(|store| store.active_per_node()).await?;
-        let mut registry = self.registry();
-        registry.set_allocations(&active);
+        let this = self.clone();
+        let stats = self
+            .db(move |store| {
+                // Forget allocations of attempts that ended since the last recount. On the
+                // ledger thread, so no assignment can slip between the count and its use.
+                let allocations = store.active_per_node()?;
+                this.registry().set_allocations(&allocations);
+                store.node_stats()
+            })
+            .await?;
+        let registry = self.registry();
         Ok(registry
             .entries()
             .into_iter()
@@ -601,25 +657,13 @@ impl Orchestrator {
                     return Ok(Vec::new());
                 }
                 let allocations = store.active_per_node()?;
-                let mut registry = this.registry();
-                registry.set_allocations(&allocations);
+                this.registry().set_allocations(&allocations);
                 let mut chosen = Vec::new();
                 for job in pending {
-                    let Some(node) = registry.pick(&job.spec, job.max_cost_micros) else {
-                        continue;
-                    };
-                    let (node_id, pricing) =
-                        (node.registration.node_id.clone(), node.registration.pricing);
-                    // Each assignment has its own savepoint: one failing leaves the rest.
-                    match store.assign(&job.job_id, &node_id, &pricing) {
-                        Ok(Some(attempt)) => {
-                            registry.allocate(&node_id, &job.spec);
-                            chosen.push((job, node_id, attempt));
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::error!(job_id = %job.job_id, error = %e, "cannot record the assignment");
-                        }
+                    if let Some((node_id, attempt)) =
+                        this.place(store, &job.job_id, &job.spec, job.max_cost_micros)
+                    {
+                        chosen.push((job, node_id, attempt));
                     }
                 }
                 Ok(chosen)
@@ -736,7 +780,16 @@ impl Orchestrator {
 
     /// Ends jobs on lost nodes and jobs that waited too long for one; both are refunded.
     async fn sweep(&self) -> Result<(), WireError> {
-        let stats = self.db(|store| store.node_stats()).await?;
+        let this = self.clone();
+        let stats = self
+            .db(move |store| {
+                // Forget allocations of attempts that ended since the last recount. On the
+                // ledger thread, so no assignment can slip between the count and its use.
+                let allocations = store.active_per_node()?;
+                this.registry().set_allocations(&allocations);
+                store.node_stats()
+            })
+            .await?;
         let reputations = stats
             .into_iter()
             .map(|(node, (_, _, reputation))| (node, reputation))

@@ -520,6 +520,17 @@ impl Store {
         Ok(jobs)
     }
 
+    /// Whether a job other than `job_id` is pending (one indexed probe).
+    pub fn pending_other_than(&self, job_id: &str) -> Result<bool, WireError> {
+        query_row(
+            &self.conn,
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'pending' AND id != ?1)",
+            [job_id],
+            |r| r.get(0),
+        )
+        .map_err(internal)
+    }
+
     /// What each node has committed to assigned or running executions.
     pub fn active_per_node(&self) -> Result<Vec<(String, super::matching::Allocation)>, WireError> {
         let mut statement = self
