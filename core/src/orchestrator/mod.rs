@@ -53,7 +53,26 @@ struct Inner {
     registry: Mutex<Registry>,
     dispatch_wake: Notify,
     outbox_wake: Notify,
+    /// The event publisher's view of the outbox (one publisher at a time).
+    outbox: tokio::sync::Mutex<OutboxState>,
+    /// A delete of published outbox rows is on its way to the ledger thread.
+    outbox_deleting: std::sync::atomic::AtomicBool,
 }
+
+struct OutboxState {
+    reader: store::OutboxReader,
+    /// Highest outbox id JetStream has acknowledged (0 after a start: rows still in the table
+    /// are published again; JetStream drops the repeats by their message id).
+    published: i64,
+    /// Highest outbox id a delete was sent for, and when.
+    deleted: i64,
+    deleted_at: std::time::Instant,
+}
+
+/// Published outbox rows are deleted once this many wait, or [`DELETE_AFTER`] after the last
+/// delete (the outbox loop ticks every second, so leftovers go within about a second).
+const DELETE_BATCH: i64 = 512;
+const DELETE_AFTER: Duration = Duration::from_millis(500);
 
 impl Orchestrator {
     /// Opens the ledger in `settings.data_dir` and prepares the event stream.
@@ -86,6 +105,14 @@ impl Orchestrator {
                 registry: Mutex::new(registry),
                 dispatch_wake: Notify::new(),
                 outbox_wake: Notify::new(),
+                outbox: tokio::sync::Mutex::new(OutboxState {
+                    reader: store::OutboxReader::open(&path)
+                        .context("failed to open the outbox reader")?,
+                    published: 0,
+                    deleted: 0,
+                    deleted_at: std::time::Instant::now(),
+                }),
+                outbox_deleting: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -130,7 +157,9 @@ impl Orchestrator {
             task.abort();
         }
         // Publish what is already committed before going away.
-        let _ = self.publish_outbox().await;
+        if let Err(e) = self.flush_outbox().await {
+            tracing::warn!(error = %e, "events left unpublished are sent at the next start");
+        }
         tracing::info!("orchestrator stopped");
         Ok(())
     }
@@ -338,6 +367,7 @@ impl Orchestrator {
             ..
         } = report;
         let (log_job, log_node) = (job_id.clone(), node_id.clone());
+        let finished = matches!(phase, ReportPhase::Finished { .. });
         let effect = self
             .db(move |store| match &phase {
                 ReportPhase::Running => store.mark_running(&job_id, &node_id, attempt),
@@ -347,7 +377,10 @@ impl Orchestrator {
             })
             .await?;
         self.inner.outbox_wake.notify_one();
-        self.inner.dispatch_wake.notify_one();
+        if finished {
+            // Capacity came free: waiting jobs may fit now.
+            self.inner.dispatch_wake.notify_one();
+        }
         Ok(match effect {
             ReportEffect::Applied => Ack {
                 accepted: true,
@@ -741,32 +774,78 @@ impl Orchestrator {
         }
     }
 
-    /// Publishes committed events in order, removing each batch once JetStream acked it.
+    /// Publishes committed events in order. Rows are read through the publisher's own
+    /// connection and sent without waiting for each acknowledgement (up to a window in flight,
+    /// acks taken in order); rows are deleted (off this path, one delete in flight at a time)
+    /// once JetStream acknowledged them. After an error the next call resends from the last
+    /// acknowledged row; JetStream drops the repeats by their message id.
     pub async fn publish_outbox(&self) -> anyhow::Result<()> {
+        const WINDOW: usize = 1024;
+        let mut state = self.inner.outbox.lock().await;
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        let mut sent = state.published;
         loop {
-            let rows = self.db(|store| store.outbox_batch(256)).await?;
-            let Some(last) = rows.last().map(|r| r.id) else {
-                return Ok(());
-            };
-            let mut acks = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let message_id = format!("{}-{}", self.inner.instance, row.id);
-                let publish = async_nats::jetstream::message::PublishMessage::build()
-                    .payload(row.payload.clone().into())
-                    .message_id(message_id);
-                acks.push(
-                    self.inner
-                        .bus
-                        .jetstream
-                        .send_publish(row.subject.clone(), publish)
-                        .await?,
-                );
+            if in_flight.len() < WINDOW / 2 {
+                let rows = state.reader.after(sent, WINDOW - in_flight.len())?;
+                if !rows.is_empty() {
+                    for row in rows {
+                        let message_id = format!("{}-{}", self.inner.instance, row.id);
+                        let publish = async_nats::jetstream::message::PublishMessage::build()
+                            .payload(row.payload.into())
+                            .message_id(message_id);
+                        let ack = self
+                            .inner
+                            .bus
+                            .jetstream
+                            .send_publish(row.subject, publish)
+                            .await?;
+                        let id = row.id;
+                        in_flight.push_back(async move { (id, ack.await) });
+                        sent = id;
+                    }
+                    continue;
+                }
             }
-            for ack in acks {
-                ack.await?;
+            match in_flight.next().await {
+                Some((id, Ok(_))) => state.published = id,
+                Some((_, Err(e))) => return Err(e.into()),
+                None => break,
             }
-            self.db(move |store| store.outbox_done(last)).await?;
         }
+        let published = state.published;
+        // Deleting costs a commit: gather published rows until enough are waiting or a while
+        // passed (repeats after a crash are dropped by JetStream's duplicate window).
+        let due = published - state.deleted >= DELETE_BATCH
+            || (published > state.deleted && state.deleted_at.elapsed() >= DELETE_AFTER);
+        if due
+            && !self
+                .inner
+                .outbox_deleting
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            state.deleted = published;
+            state.deleted_at = std::time::Instant::now();
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.db(move |store| store.outbox_done(published)).await {
+                    tracing::warn!(error = %e, "cannot delete published events; the next delete covers them");
+                }
+                this.inner
+                    .outbox_deleting
+                    .store(false, std::sync::atomic::Ordering::Release);
+            });
+        }
+        Ok(())
+    }
+
+    /// Publishes what is committed and deletes it before returning (at shutdown).
+    async fn flush_outbox(&self) -> anyhow::Result<()> {
+        self.publish_outbox().await?;
+        let published = self.inner.outbox.lock().await.published;
+        if published > 0 {
+            self.db(move |store| store.outbox_done(published)).await?;
+        }
+        Ok(())
     }
 
     async fn sweep_loop(self) {

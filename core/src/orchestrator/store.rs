@@ -1358,6 +1358,45 @@ impl Store {
     }
 }
 
+/// A read-only connection for the event publisher: it reads committed outbox rows beside the
+/// writer (WAL readers never wait for it), so publishing an event costs the ledger thread
+/// nothing but the eventual delete.
+pub struct OutboxReader {
+    conn: Connection,
+}
+
+impl OutboxReader {
+    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Self { conn })
+    }
+
+    /// Committed rows with an id above `after_id`, oldest first. One writer commits rows in id
+    /// order, so nothing below the last row seen can still appear.
+    pub fn after(&self, after_id: i64, limit: usize) -> Result<Vec<OutboxRow>, WireError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT id, subject, payload FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(internal)?;
+        let rows = statement
+            .query_map(params![after_id, limit as i64], |r| {
+                Ok(OutboxRow {
+                    id: r.get(0)?,
+                    subject: r.get(1)?,
+                    payload: r.get(2)?,
+                })
+            })
+            .map_err(internal)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(internal)
+    }
+}
+
 impl Ctx {
     fn job_account_and_hold(tx: &Connection, job_id: &str) -> Result<(String, i64), WireError> {
         query_row(
@@ -1376,23 +1415,16 @@ impl Ctx {
         measured_micros: i64,
         now: u64,
     ) -> Result<(), WireError> {
-        let (account, hold) = Self::job_account_and_hold(tx, job_id)?;
-        let node_id: String = query_row(
+        // The job's payer and hold, and the provider account of the node it ran on (read from
+        // the stored registration without parsing all of it).
+        let (account, hold, provider): (String, i64, String) = query_row(
             tx,
-            "SELECT node_id FROM jobs WHERE id = ?1",
+            "SELECT j.account_id, j.max_cost_micros, json_extract(n.registration, '$.provider_account')
+             FROM jobs j JOIN nodes n ON n.id = j.node_id WHERE j.id = ?1",
             [job_id],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .map_err(internal)?;
-        let registration: String = query_row(
-            tx,
-            "SELECT registration FROM nodes WHERE id = ?1",
-            [&node_id],
-            |r| r.get(0),
-        )
-        .map_err(internal)?;
-        let registration: RegisterNode = serde_json::from_str(&registration).map_err(internal)?;
-        let provider = registration.provider_account;
         ledger::ensure_account(tx, &provider, AccountKind::Provider, now)?;
         let split = ledger::split(measured_micros, hold, self.fee_bps);
         let escrow = escrow_account(job_id);

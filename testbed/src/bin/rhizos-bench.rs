@@ -32,6 +32,13 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         jobs: usize,
     },
+    /// Request round trip through the orchestrator without a write (`account.balance`: bus +
+    /// ledger thread, no commit) and with one (`account.deposit`: plus a durable commit), N
+    /// sequential requests each.
+    RoundTrip {
+        #[arg(long, default_value_t = 1_000)]
+        requests: usize,
+    },
     /// Jobs offered to many simulated nodes (they ack and report at once): jobs settled per
     /// second through the orchestrator and its ledger, and submit → running latency.
     Marketplace {
@@ -51,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.bench {
         Bench::SubmitLatency { jobs } => submit_latency(jobs, cli.json).await,
+        Bench::RoundTrip { requests } => round_trip(requests, cli.json).await,
         Bench::Marketplace {
             nodes,
             jobs,
@@ -65,6 +73,7 @@ async fn submit_latency(jobs: usize, json: bool) -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterOptions::default()).await?;
     cluster.funded_account("bench", 1_000_000_000).await?;
     // One warm-up job: the first execution compiles the module, later ones hit the cache.
+    let mut accepted = Vec::new();
     let mut assigned = Vec::new();
     let mut running = Vec::new();
     let mut finished = Vec::new();
@@ -85,6 +94,7 @@ async fn submit_latency(jobs: usize, json: bool) -> anyhow::Result<()> {
         };
         let started = Instant::now();
         cluster.submit(&request).await?;
+        let to_accepted = started.elapsed();
         let (mut to_assigned, mut to_running) = (None, None);
         loop {
             let message = tokio::time::timeout(Duration::from_secs(30), events.next())
@@ -106,6 +116,7 @@ async fn submit_latency(jobs: usize, json: bool) -> anyhow::Result<()> {
             }
         }
         if index > 0 {
+            accepted.push(to_accepted);
             assigned.push(to_assigned.context("no assigned event")?);
             running.push(to_running.context("no running event")?);
             finished.push(started.elapsed());
@@ -115,6 +126,7 @@ async fn submit_latency(jobs: usize, json: bool) -> anyhow::Result<()> {
         "bench": "submit-latency",
         "jobs": jobs,
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "submit_reply_ms": summary(&mut accepted),
         "submit_to_assigned_ms": summary(&mut assigned),
         "submit_to_running_ms": summary(&mut running),
         "submit_to_finished_ms": summary(&mut finished),
@@ -127,6 +139,7 @@ async fn submit_latency(jobs: usize, json: bool) -> anyhow::Result<()> {
             report["build"].as_str().unwrap_or("?")
         );
         for key in [
+            "submit_reply_ms",
             "submit_to_assigned_ms",
             "submit_to_running_ms",
             "submit_to_finished_ms",
@@ -135,6 +148,72 @@ async fn submit_latency(jobs: usize, json: bool) -> anyhow::Result<()> {
             let v = |name: &str| s[name].as_f64().unwrap_or(f64::NAN);
             println!(
                 "  {key:<24} median {:>8.3}  min {:>8.3}  p90 {:>8.3}  max {:>8.3}",
+                v("median"),
+                v("min"),
+                v("p90"),
+                v("max")
+            );
+        }
+    }
+    cluster.shutdown().await
+}
+
+async fn round_trip(requests: usize, json: bool) -> anyhow::Result<()> {
+    use rhizos_broker::wire::{AccountRef, AccountView, Deposit, WIRE_VERSION};
+    anyhow::ensure!(requests > 0, "--requests must be at least 1");
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    cluster.funded_account("rt", 1).await?;
+    let bus = &cluster.bus;
+    let (mut reads, mut writes) = (Vec::new(), Vec::new());
+    for index in 0..requests {
+        let started = Instant::now();
+        let _: AccountView = bus
+            .request(
+                bus.subjects.account_balance(),
+                &AccountRef {
+                    v: WIRE_VERSION,
+                    account: "rt".into(),
+                },
+            )
+            .await?;
+        reads.push(started.elapsed());
+        let started = Instant::now();
+        let _: AccountView = bus
+            .request(
+                bus.subjects.account_deposit(),
+                &Deposit {
+                    v: WIRE_VERSION,
+                    account: "rt".into(),
+                    amount_micros: 1,
+                    idempotency_key: Some(format!("rt-{index}")),
+                },
+            )
+            .await?;
+        writes.push(started.elapsed());
+    }
+    let report = serde_json::json!({
+        "bench": "round-trip",
+        "requests": requests,
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "read_ms": summary(&mut reads),
+        "write_ms": summary(&mut writes),
+    });
+    if json {
+        println!("{report}");
+    } else {
+        println!("request round trips through the orchestrator ({requests} each, sequential):");
+        for (key, label) in [
+            ("read_ms", "balance (no commit)"),
+            ("write_ms", "deposit (commit)"),
+        ] {
+            let s = &report[key];
+            let v = |name: &str| s[name].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "  {label:<22} median {:>7.3} ms  min {:>7.3}  p90 {:>7.3}  max {:>7.3}",
                 v("median"),
                 v("min"),
                 v("p90"),
