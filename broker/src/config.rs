@@ -119,6 +119,9 @@ pub struct AgentSettings {
     pub provider_account: String,
     /// Directory scanned for backend plugins (`*.so`).
     pub plugin_dir: PathBuf,
+    /// How often the plugin directory is checked for added, replaced and removed plugins, in
+    /// ms; 0 turns watching off (plugins are loaded once at start).
+    pub plugin_scan_ms: u64,
     pub heartbeat_interval_ms: u64,
     /// Executions run at the same time.
     pub max_concurrent: u32,
@@ -136,6 +139,7 @@ impl Default for AgentSettings {
             node_id: None,
             provider_account: "provider".into(),
             plugin_dir: PathBuf::from("plugins"),
+            plugin_scan_ms: 1_000,
             heartbeat_interval_ms: 5_000,
             max_concurrent: 4,
             cpu_cores: None,

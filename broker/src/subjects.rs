@@ -148,6 +148,12 @@ impl Subjects {
         Ok(self.ctl(&format!("job.stop.{node_id}")))
     }
 
+    /// Anyone → agent: the plugins this node has loaded and refused, live.
+    pub fn node_plugins(&self, node_id: &str) -> Result<String, TokenError> {
+        validate_token("node id", node_id)?;
+        Ok(self.ctl(&format!("node.plugins.{node_id}")))
+    }
+
     // --- evt: captured by the JetStream stream ---
 
     pub fn node_heartbeat(&self, node_id: &str) -> Result<String, TokenError> {

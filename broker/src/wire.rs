@@ -434,9 +434,28 @@ pub struct PluginView {
     pub file: String,
     pub name: Option<String>,
     pub version: Option<String>,
+    /// `backend` or `resolver`, for a loaded plugin.
+    #[serde(default)]
+    pub kind: Option<String>,
     pub backends: Vec<String>,
     /// Why the file was refused, when it was.
     pub refused: Option<String>,
+}
+
+/// Request on `node.plugins.<node>` (answered by that node's agent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListPlugins {
+    pub v: u32,
+}
+
+/// A node's plugins as its agent sees them now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PluginList {
+    pub node_id: String,
+    /// The directory the agent follows.
+    pub plugin_dir: String,
+    pub plugins: Vec<PluginView>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

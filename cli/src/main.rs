@@ -4,6 +4,7 @@
 mod job;
 mod money;
 mod node;
+mod plugins;
 mod up;
 
 use anyhow::Context as _;
@@ -85,6 +86,10 @@ enum Command {
     /// Check the ledger: postings sum to zero, no negative balances, every escrow consistent.
     #[command(subcommand)]
     Ledger(node::LedgerCommand),
+    /// Show the plugins nodes have loaded (kind, version, backends) and the files they refused,
+    /// with the reason.
+    #[command(subcommand)]
+    Plugins(plugins::PluginsCommand),
 }
 
 #[derive(Subcommand)]
@@ -161,6 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Node(command) => node::run_node(&global, command).await,
         Command::Ledger(command) => node::run_ledger(&global, command).await,
+        Command::Plugins(command) => plugins::run(&global, command).await,
     }
 }
 

@@ -31,7 +31,14 @@ use tokio::sync::mpsc;
 const MAX_ASSIGN_BYTES: usize = 2 * 1024 * 1024;
 
 /// Executions by (job, attempt); `None` while the plugin is still starting one.
-type Executions = HashMap<(String, u32), Option<Arc<ExecutionBox>>>;
+type Executions = HashMap<(String, u32), Option<Arc<Running>>>;
+
+/// An execution and the plugin it runs on. Fields drop in order: the execution goes before the
+/// plugin, and the plugin (even if replaced or removed since) lives as long as the execution.
+struct Running {
+    execution: ExecutionBox,
+    _plugin: Arc<plugins::LoadedPlugin>,
+}
 
 /// The node agent. Cheap to clone.
 #[derive(Clone)]
@@ -44,7 +51,10 @@ struct Inner {
     node_id: String,
     settings: AgentSettings,
     pricing: Pricing,
-    plugins: PluginSet,
+    /// The plugins in force (swapped whole when the directory changes).
+    plugins: std::sync::RwLock<PluginSet>,
+    /// The directory as last scanned; owned by the watcher.
+    plugin_dir: Mutex<plugins::PluginDir>,
     hardware: hardware::Hardware,
     executions: Mutex<Executions>,
 }
@@ -68,7 +78,8 @@ impl Agent {
             settings.heartbeat_interval_ms > 0,
             "[agent] heartbeat_interval_ms must be > 0"
         );
-        let plugins = plugins::load_dir(&settings.plugin_dir);
+        let (plugin_dir, plugins) = plugins::load_dir(&settings.plugin_dir)
+            .context("cannot create the directory for plugin copies")?;
         if plugins.loaded.is_empty() {
             tracing::warn!(dir = %settings.plugin_dir.display(), "no backend plugin loaded: this node can run nothing");
         }
@@ -78,7 +89,8 @@ impl Agent {
                 node_id,
                 settings,
                 pricing,
-                plugins,
+                plugins: std::sync::RwLock::new(plugins),
+                plugin_dir: Mutex::new(plugin_dir),
                 hardware,
                 executions: Mutex::new(HashMap::new()),
             }),
@@ -91,11 +103,12 @@ impl Agent {
 
     /// What was loaded and refused, for registration and `plugins list`.
     pub fn plugin_views(&self) -> Vec<PluginView> {
-        let plugins = &self.inner.plugins;
+        let plugins = self.plugins();
         let loaded = plugins.loaded.iter().map(|p| PluginView {
             file: p.file.display().to_string(),
             name: Some(p.name.clone()),
             version: Some(p.version.clone()),
+            kind: Some("backend".into()),
             backends: p.backends.clone(),
             refused: None,
         });
@@ -103,10 +116,68 @@ impl Agent {
             file: r.file.display().to_string(),
             name: None,
             version: None,
+            kind: None,
             backends: vec![],
             refused: Some(r.reason.clone()),
         });
         loaded.chain(refused).collect()
+    }
+
+    /// The answer to `rhizos plugins list --node <this node>`.
+    pub fn plugin_list(&self) -> wire::PluginList {
+        wire::PluginList {
+            node_id: self.inner.node_id.clone(),
+            plugin_dir: self.inner.settings.plugin_dir.display().to_string(),
+            plugins: self.plugin_views(),
+        }
+    }
+
+    /// The plugins in force now.
+    pub fn plugins(&self) -> PluginSet {
+        self.inner
+            .plugins
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Scans the plugin directory once (see [`plugins::PluginDir::scan`]); when anything
+    /// changed, the new set takes effect for new executions and is returned.
+    pub fn rescan_plugins(&self, settle: bool) -> Option<plugins::ScanChanges> {
+        let mut dir = self
+            .inner
+            .plugin_dir
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let changes = dir.scan(settle);
+        if changes.is_empty() {
+            return None;
+        }
+        let set = dir.set();
+        *self
+            .inner
+            .plugins
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = set;
+        Some(changes)
+    }
+
+    /// Follows the plugin directory; after a change, registers again so the orchestrator
+    /// matches jobs against what this node offers now.
+    async fn watch_plugins(self) {
+        let every = Duration::from_millis(self.inner.settings.plugin_scan_ms);
+        loop {
+            tokio::time::sleep(every).await;
+            let this = self.clone();
+            let changes = tokio::task::spawn_blocking(move || this.rescan_plugins(true))
+                .await
+                .ok()
+                .flatten();
+            if let Some(changes) = changes {
+                tracing::info!(added = changes.added.len(), replaced = changes.replaced.len(), removed = changes.removed.len(), backends = ?self.plugins().backends(), "plugins changed; registering again");
+                self.register().await;
+            }
+        }
     }
 
     fn registration(&self) -> RegisterNode {
@@ -115,7 +186,7 @@ impl Agent {
             v: WIRE_VERSION,
             node_id: self.inner.node_id.clone(),
             provider_account: settings.provider_account.clone(),
-            backends: self.inner.plugins.backends(),
+            backends: self.plugins().backends(),
             pricing: self.inner.pricing,
             cpu_cores: settings
                 .cpu_cores
@@ -163,6 +234,10 @@ impl Agent {
             .client
             .subscribe(bus.subjects.job_stop(&node_id)?)
             .await?;
+        let mut plugin_queries = bus
+            .client
+            .subscribe(bus.subjects.node_plugins(&node_id)?)
+            .await?;
         tokio::pin!(shutdown);
         tokio::select! {
             () = &mut shutdown => return Ok(()),
@@ -171,7 +246,9 @@ impl Agent {
         // Aborted when `run` ends or is dropped: a dead agent must stop heartbeating.
         let heartbeat = AbortOnDrop(tokio::spawn(self.clone().heartbeat_loop()));
         let mut tasks = tokio::task::JoinSet::new();
-        tracing::info!(%node_id, backends = ?self.inner.plugins.backends(), "agent ready");
+        let _watcher = (self.inner.settings.plugin_scan_ms > 0)
+            .then(|| AbortOnDrop(tokio::spawn(self.clone().watch_plugins())));
+        tracing::info!(%node_id, backends = ?self.plugins().backends(), "agent ready");
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -190,17 +267,26 @@ impl Agent {
                         let _ = bus.client.publish(reply_to, reply).await;
                     }
                 }
+                Some(message) = plugin_queries.next() => {
+                    let reply = match wire::decode::<wire::ListPlugins>(&message.payload, 64 * 1024) {
+                        Ok(_) => wire::encode(&Reply::ok(self.plugin_list())),
+                        Err(e) => wire::encode(&Reply::<wire::PluginList>::err(e)),
+                    };
+                    if let Some(reply_to) = message.reply {
+                        let _ = bus.client.publish(reply_to, reply).await;
+                    }
+                }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
         drop(heartbeat);
-        let running: Vec<Arc<ExecutionBox>> =
+        let running: Vec<Arc<Running>> =
             self.executions().values().flatten().cloned().collect();
         if !running.is_empty() {
             tracing::info!(count = running.len(), "stopping running executions");
         }
-        for execution in running {
-            execution.cancel();
+        for running in running {
+            running.execution.cancel();
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), async {
             while tasks.join_next().await.is_some() {}
@@ -277,7 +363,7 @@ impl Agent {
             return refuse(WireError::new(ErrorCode::BadRequest, e.to_string()));
         }
         let backend = assign.spec.workload.backend();
-        if self.inner.plugins.backend(backend).is_none() {
+        if self.plugins().backend(backend).is_none() {
             return refuse(WireError::new(
                 ErrorCode::InvalidState,
                 format!("no {backend} backend on this node"),
@@ -323,7 +409,7 @@ impl Agent {
         let ack = match execution {
             Some(Some(execution)) => {
                 tracing::info!(job_id = %stop.job_id, attempt = stop.attempt, "stopping execution");
-                execution.cancel();
+                execution.execution.cancel();
                 Ack {
                     accepted: true,
                     note: None,
@@ -379,23 +465,26 @@ impl Agent {
             },
             TD_Opaque,
         );
-        let backend_name = assign.spec.workload.backend().to_owned();
-        let this = self.clone();
+        let backend_name = assign.spec.workload.backend();
+        // Held until the execution ends: a plugin replaced or removed meanwhile stays alive for it.
+        let Some(plugin) = self.plugins().backend(backend_name).cloned() else {
+            return rejected(format!(
+                "no {backend_name} backend on this node any more (its plugin was removed)"
+            ));
+        };
+        let starter = plugin.clone();
         let started = tokio::task::spawn_blocking(move || {
-            // Checked in take_assignment; plugins are never unloaded.
-            let plugin = this
-                .inner
-                .plugins
-                .backend(&backend_name)
-                .ok_or_else(|| format!("no {backend_name} backend"))?;
-            match plugin.backend.start(request, sink) {
+            match starter.backend.start(request, sink) {
                 RResult::ROk(execution) => Ok(execution),
                 RResult::RErr(message) => Err(message.into_string()),
             }
         })
         .await;
         let execution = match started {
-            Ok(Ok(execution)) => Arc::new(execution),
+            Ok(Ok(execution)) => Arc::new(Running {
+                execution,
+                _plugin: plugin,
+            }),
             Ok(Err(message)) => return rejected(message),
             Err(e) => return rejected(format!("backend start failed: {e}")),
         };
@@ -420,7 +509,7 @@ impl Agent {
             assign.attempt,
             receiver,
         ));
-        let waited = tokio::task::spawn_blocking(move || execution.wait()).await;
+        let waited = tokio::task::spawn_blocking(move || execution.execution.wait()).await;
         // Every line reached the sink before `wait` returned; this marker follows them.
         let _ = sender.send(SinkMessage::Done);
         let (stdout, stderr) = forwarder.await.unwrap_or_default();

@@ -1,23 +1,40 @@
-//! Loads backend plugins (`*.so`) from the plugin directory through `abi_stable`.
+//! Loads backend plugins (`*.so`) from the plugin directory through `abi_stable`, and follows
+//! the directory while the agent runs.
 //!
 //! Each file is loaded on its own (`lib_header_from_path` + `init_root_module`, not
 //! `RootModule::load_from_directory`, which caches one module per interface type for the whole
 //! process). A file that is not a plugin, was built against an incompatible `plugin-api`, is of
 //! the wrong kind, duplicates a loaded name, or fails to start is refused with a reason; the
 //! others load normally.
+//!
+//! **Hot reload.** [`PluginDir::scan`] compares the directory with what it saw last: a new file
+//! is loaded, a changed one loaded again, a removed one dropped. A file is loaded from a private
+//! copy named by its SHA-256 (the dynamic loader caches libraries by path and inode, and a
+//! library overwritten in place while mapped would crash the process), and only once its size
+//! and mtime held still for one scan (a copy in progress is not loaded half-written). Plugins
+//! are shared as `Arc`s: an execution keeps the plugin it started on, so executions running on
+//! a replaced or removed plugin finish on it. `abi_stable` never unloads a library, so each
+//! distinct version loaded stays mapped until the agent exits.
 
 use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
 use abi_stable::std_types::RResult;
 use rhizos_plugin_api::{BackendBox, BackendPluginRef, PLUGIN_API_VERSION, PluginKind};
+use sha2::Digest as _;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 /// A backend plugin that loaded and started.
 pub struct LoadedPlugin {
+    /// The file in the plugin directory it came from.
     pub file: PathBuf,
     pub name: String,
     pub version: String,
     pub backends: Vec<String>,
     pub backend: BackendBox,
+    /// SHA-256 of the file (hex), which names its private copy.
+    pub digest: String,
 }
 
 /// A file in the plugin directory that was not loaded, and why.
@@ -27,15 +44,16 @@ pub struct RefusedPlugin {
     pub reason: String,
 }
 
-#[derive(Default)]
+/// The plugins in force: what executions start on and what the node advertises.
+#[derive(Default, Clone)]
 pub struct PluginSet {
-    pub loaded: Vec<LoadedPlugin>,
+    pub loaded: Vec<Arc<LoadedPlugin>>,
     pub refused: Vec<RefusedPlugin>,
 }
 
 impl PluginSet {
     /// The plugin that runs `backend`, if one is loaded.
-    pub fn backend(&self, backend: &str) -> Option<&LoadedPlugin> {
+    pub fn backend(&self, backend: &str) -> Option<&Arc<LoadedPlugin>> {
         self.loaded
             .iter()
             .find(|p| p.backends.iter().any(|b| b == backend))
@@ -62,44 +80,218 @@ fn is_shared_library(path: &Path) -> bool {
     )
 }
 
-/// Loads every shared library in `dir` (sorted by name, so duplicates resolve the same way on
-/// every start). A missing directory is an empty set, with a warning.
-pub fn load_dir(dir: &Path) -> PluginSet {
-    let mut set = PluginSet::default();
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| is_shared_library(p))
-            .collect(),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot read the plugin directory; no plugins loaded");
-            return set;
-        }
-    };
-    files.sort();
-    for file in files {
-        match load_file(&file) {
-            Ok(plugin) => {
-                if let Some(existing) = set.loaded.iter().find(|p| p.name == plugin.name) {
-                    let reason = format!(
-                        "duplicate plugin name {:?}: already loaded from {}",
-                        plugin.name,
-                        existing.file.display()
-                    );
-                    tracing::warn!(file = %file.display(), "plugin refused: {reason}");
-                    set.refused.push(RefusedPlugin { file, reason });
-                    continue;
-                }
-                tracing::info!(file = %file.display(), name = %plugin.name, version = %plugin.version, backends = ?plugin.backends, "plugin loaded");
-                set.loaded.push(plugin);
-            }
-            Err(reason) => {
-                tracing::warn!(file = %file.display(), "plugin refused: {reason}");
-                set.refused.push(RefusedPlugin { file, reason });
-            }
-        }
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
+    let meta = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Ok(Fingerprint {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        inode,
+    })
+}
+
+enum Entry {
+    Loaded(Arc<LoadedPlugin>),
+    Refused(String),
+}
+
+/// A plugin directory as the agent last saw it.
+pub struct PluginDir {
+    dir: PathBuf,
+    /// Private copies the plugins are loaded from (removed when this is dropped; mapped copies
+    /// stay valid after removal).
+    shadow: PathBuf,
+    files: BTreeMap<PathBuf, (Fingerprint, Entry)>,
+    /// Files seen changed at the last scan, with how they looked then: loaded once unchanged.
+    settling: HashMap<PathBuf, Fingerprint>,
+    /// Why the directory itself could not be read, once (not repeated every scan).
+    unreadable: Option<String>,
+}
+
+/// What one scan changed, for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ScanChanges {
+    pub added: Vec<PathBuf>,
+    pub replaced: Vec<PathBuf>,
+    pub removed: Vec<PathBuf>,
+}
+
+impl ScanChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.replaced.is_empty() && self.removed.is_empty()
     }
-    set
+}
+
+impl PluginDir {
+    /// Follows `dir`; private copies go to a fresh directory under the system temp dir.
+    pub fn new(dir: &Path) -> std::io::Result<Self> {
+        let shadow = std::env::temp_dir().join(format!(
+            "rhizos-plugins-{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        ));
+        std::fs::create_dir_all(&shadow)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shadow,
+            files: BTreeMap::new(),
+            settling: HashMap::new(),
+            unreadable: None,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Brings the loaded plugins in line with the directory. With `settle`, a new or changed
+    /// file is loaded only once it looked the same at two scans in a row (at start, pass
+    /// `false`: everything present is loaded at once).
+    pub fn scan(&mut self, settle: bool) -> ScanChanges {
+        let mut changes = ScanChanges::default();
+        let present: Vec<(PathBuf, Fingerprint)> = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => {
+                self.unreadable = None;
+                let mut files: Vec<(PathBuf, Fingerprint)> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| is_shared_library(p))
+                    .filter_map(|p| fingerprint(&p).ok().map(|f| (p, f)))
+                    .collect();
+                files.sort_by(|a, b| a.0.cmp(&b.0));
+                files
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if self.unreadable.as_ref() != Some(&why) {
+                    tracing::warn!(dir = %self.dir.display(), error = %why, "cannot read the plugin directory");
+                    self.unreadable = Some(why);
+                }
+                Vec::new()
+            }
+        };
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|f| !present.iter().any(|(p, _)| p == *f))
+            .cloned()
+            .collect();
+        for file in gone {
+            self.files.remove(&file);
+            tracing::info!(file = %file.display(), "plugin file removed; its plugin is unloaded (running executions finish on it)");
+            changes.removed.push(file);
+        }
+        self.settling.retain(|f, _| present.iter().any(|(p, _)| p == f));
+        for (file, print) in present {
+            let known = self.files.get(&file).map(|(f, _)| *f);
+            if known == Some(print) {
+                self.settling.remove(&file);
+                continue;
+            }
+            if settle && self.settling.get(&file) != Some(&print) {
+                // New or still changing: look again at the next scan.
+                self.settling.insert(file.clone(), print);
+                continue;
+            }
+            self.settling.remove(&file);
+            let entry = match self.load_copy(&file) {
+                Ok(plugin) => Entry::Loaded(Arc::new(plugin)),
+                Err(reason) => Entry::Refused(reason),
+            };
+            match &entry {
+                Entry::Loaded(p) => tracing::info!(file = %file.display(), name = %p.name, version = %p.version, backends = ?p.backends, "plugin loaded"),
+                Entry::Refused(reason) => tracing::warn!(file = %file.display(), "plugin refused: {reason}"),
+            }
+            if known.is_some() {
+                changes.replaced.push(file.clone());
+            } else {
+                changes.added.push(file.clone());
+            }
+            self.files.insert(file, (print, entry));
+        }
+        changes
+    }
+
+    /// The plugins in force: loaded ones by file name order, a later file whose plugin name is
+    /// already taken refused as a duplicate (it takes over if the earlier file goes away).
+    pub fn set(&self) -> PluginSet {
+        let mut set = PluginSet::default();
+        for (file, (_, entry)) in &self.files {
+            match entry {
+                Entry::Loaded(plugin) => {
+                    if let Some(existing) = set.loaded.iter().find(|p| p.name == plugin.name) {
+                        set.refused.push(RefusedPlugin {
+                            file: file.clone(),
+                            reason: format!(
+                                "duplicate plugin name {:?}: already loaded from {}",
+                                plugin.name,
+                                existing.file.display()
+                            ),
+                        });
+                    } else {
+                        set.loaded.push(plugin.clone());
+                    }
+                }
+                Entry::Refused(reason) => set.refused.push(RefusedPlugin {
+                    file: file.clone(),
+                    reason: reason.clone(),
+                }),
+            }
+        }
+        set
+    }
+
+    /// Copies `file` to its private, content-named path and loads it from there.
+    fn load_copy(&self, file: &Path) -> Result<LoadedPlugin, String> {
+        let bytes = std::fs::read(file).map_err(|e| format!("cannot read the file: {e}"))?;
+        let digest = hex(&sha2::Sha256::digest(&bytes));
+        let stem = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("plugin");
+        let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("so");
+        let copy = self
+            .shadow
+            .join(format!("{stem}-{}.{extension}", &digest[..16]));
+        if !copy.exists() {
+            let partial = copy.with_extension("partial");
+            std::fs::write(&partial, &bytes)
+                .and_then(|()| std::fs::rename(&partial, &copy))
+                .map_err(|e| format!("cannot copy the plugin to {}: {e}", copy.display()))?;
+        }
+        let mut plugin = load_file(&copy)?;
+        plugin.file = file.to_path_buf();
+        plugin.digest = digest;
+        Ok(plugin)
+    }
+}
+
+impl Drop for PluginDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.shadow);
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Loads every shared library in `dir` once (no watching).
+pub fn load_dir(dir: &Path) -> std::io::Result<(PluginDir, PluginSet)> {
+    let mut plugins = PluginDir::new(dir)?;
+    plugins.scan(false);
+    let set = plugins.set();
+    Ok((plugins, set))
 }
 
 /// Loads one backend plugin, or says why not.
@@ -127,6 +319,7 @@ pub fn load_file(path: &Path) -> Result<LoadedPlugin, String> {
         version: info.version.into_string(),
         backends: info.backends.into_iter().map(|b| b.into_string()).collect(),
         backend,
+        digest: String::new(),
     })
 }
 
