@@ -6,7 +6,9 @@
 
 use crate::GlobalArgs;
 use clap::Subcommand;
-use rhizos_broker::wire::{ListPlugins, NodeList, PluginList, PluginView, VerifyLedger, WIRE_VERSION};
+use rhizos_broker::wire::{
+    ListPlugins, NodeList, PluginList, PluginView, VerifyLedger, WIRE_VERSION,
+};
 use std::time::Duration;
 
 #[derive(Subcommand)]

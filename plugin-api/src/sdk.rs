@@ -1,8 +1,50 @@
-//! Helpers that keep a plugin short and safe: panic containment at the FFI boundary, splitting
-//! raw output into log lines, and a completion slot for [`crate::Execution::wait`].
+//! Helpers that keep a plugin short and safe: plain-Rust traits ([`PluginBackend`],
+//! [`PluginExecution`]) with an export macro ([`crate::export_backend_plugin!`]) that contains
+//! every panic at the FFI boundary, splitting raw output into log lines, and a completion slot
+//! for [`crate::Execution::wait`].
+//!
+//! A whole backend plugin with the SDK (this compiles as a `cdylib`):
+//!
+//! ```
+//! use rhizos_plugin_api::sdk::{PluginBackend, PluginExecution};
+//! use rhizos_plugin_api::{EventSinkBox, ExecOutcome, ExecRequest, LogStream};
+//!
+//! struct Echo;
+//! struct Done(ExecOutcome);
+//!
+//! impl PluginBackend for Echo {
+//!     type Execution = Done;
+//!     fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<Done, String> {
+//!         let text = String::from_utf8(request.workload.to_vec()).map_err(|e| e.to_string())?;
+//!         sink.log(LogStream::Stdout, text.as_str().into());
+//!         Ok(Done(ExecOutcome::exited(0, 0)))
+//!     }
+//! }
+//!
+//! impl PluginExecution for Done {
+//!     fn cancel(&self) {}
+//!     fn wait(&self) -> ExecOutcome {
+//!         self.0.clone()
+//!     }
+//! }
+//!
+//! fn new_echo(_config: &str) -> Result<Echo, String> {
+//!     Ok(Echo)
+//! }
+//!
+//! rhizos_plugin_api::export_backend_plugin! {
+//!     name: "echo",
+//!     backends: ["echo"],
+//!     new: new_echo,
+//! }
+//! ```
 
-use crate::{EventSinkBox, ExecOutcome, ExitKind, LogStream};
-use abi_stable::std_types::{RErr, RResult, RString};
+use crate::{
+    Backend, Backend_TO, BackendBox, EventSinkBox, ExecOutcome, ExecRequest, Execution,
+    Execution_TO, ExecutionBox, ExitKind, LogStream,
+};
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RErr, ROk, RResult, RString};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Condvar, Mutex, PoisonError};
 
@@ -16,9 +58,112 @@ pub fn catch_panic<T>(
         Ok(result) => result,
         Err(payload) => RErr(RString::from(format!(
             "plugin panicked in {what}: {}",
-            panic_message(&payload)
+            panic_message(&*payload)
         ))),
     }
+}
+
+/// Runs `body`; a panic becomes a `Crashed` outcome saying so (for [`crate::Execution::wait`]).
+pub fn catch_panic_outcome(what: &str, body: impl FnOnce() -> ExecOutcome) -> ExecOutcome {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(outcome) => outcome,
+        Err(payload) => ExecOutcome::abnormal(
+            ExitKind::Crashed,
+            format!("plugin panicked in {what}: {}", panic_message(&*payload)),
+            0,
+        ),
+    }
+}
+
+/// An execution backend in plain Rust. [`crate::export_backend_plugin!`] exports it with every
+/// call made panic-safe: a panic in `start` refuses that execution, one in `wait` ends it as
+/// `Crashed`, one in `cancel` is logged and ignored — the agent keeps running.
+pub trait PluginBackend: Send + Sync + 'static {
+    type Execution: PluginExecution;
+    /// Starts one execution and returns at once; `Err` refuses it (nothing ran).
+    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<Self::Execution, String>;
+}
+
+/// One running execution of a [`PluginBackend`].
+pub trait PluginExecution: Send + Sync + 'static {
+    /// Asks the execution to stop; must not block.
+    fn cancel(&self);
+    /// Blocks until the end; every log line has reached the sink before this returns.
+    fn wait(&self) -> ExecOutcome;
+}
+
+/// Wraps a [`PluginBackend`] as the stable-ABI [`BackendBox`] (used by the export macro).
+pub fn backend_box<B: PluginBackend>(backend: B) -> BackendBox {
+    Backend_TO::from_value(Contained(backend), TD_Opaque)
+}
+
+struct Contained<T>(T);
+
+impl<B: PluginBackend> Backend for Contained<B> {
+    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> RResult<ExecutionBox, RString> {
+        catch_panic("start", || match self.0.start(request, sink) {
+            Ok(execution) => ROk(Execution_TO::from_value(Contained(execution), TD_Opaque)),
+            Err(message) => RErr(RString::from(message)),
+        })
+    }
+}
+
+impl<E: PluginExecution> Execution for Contained<E> {
+    fn cancel(&self) {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.0.cancel())) {
+            eprintln!(
+                "rhizos plugin: panic in cancel ignored: {}",
+                panic_message(&*payload)
+            );
+        }
+    }
+
+    fn wait(&self) -> ExecOutcome {
+        catch_panic_outcome("wait", || self.0.wait())
+    }
+}
+
+/// Exports a [`PluginBackend`] as this library's RhizOS root module.
+///
+/// `name` is the plugin's unique name, `backends` the job backends it runs, `new` a
+/// `fn(&str) -> Result<impl PluginBackend, impl Display>` that gets the plugin's JSON config
+/// (`{}` when none). The plugin's version is its crate version.
+#[macro_export]
+macro_rules! export_backend_plugin {
+    (name: $name:expr, backends: [$($backend:expr),* $(,)?], new: $new:path $(,)?) => {
+        /// The RhizOS root module of this plugin.
+        #[::abi_stable::export_root_module]
+        pub fn get_library() -> $crate::BackendPluginRef {
+            use ::abi_stable::prefix_type::PrefixTypeTrait as _;
+            $crate::BackendPlugin {
+                describe: __rhizos_describe,
+                new_backend: __rhizos_new_backend,
+            }
+            .leak_into_prefix()
+        }
+
+        #[::abi_stable::sabi_extern_fn]
+        fn __rhizos_describe() -> $crate::PluginInfo {
+            $crate::PluginInfo {
+                name: ::abi_stable::std_types::RString::from($name),
+                version: ::abi_stable::std_types::RString::from(env!("CARGO_PKG_VERSION")),
+                kind: $crate::PluginKind::Backend,
+                backends: ::abi_stable::std_types::RVec::from(vec![
+                    $(::abi_stable::std_types::RString::from($backend)),*
+                ]),
+            }
+        }
+
+        #[::abi_stable::sabi_extern_fn]
+        fn __rhizos_new_backend(
+            config: ::abi_stable::std_types::RStr<'_>,
+        ) -> ::abi_stable::std_types::RResult<$crate::BackendBox, ::abi_stable::std_types::RString> {
+            $crate::sdk::catch_panic("new_backend", || match $new(config.as_str()) {
+                Ok(backend) => ::abi_stable::std_types::ROk($crate::sdk::backend_box(backend)),
+                Err(e) => ::abi_stable::std_types::RErr(::abi_stable::std_types::RString::from(e.to_string())),
+            })
+        }
+    };
 }
 
 /// The text of a panic payload, when it has one.

@@ -25,6 +25,8 @@ pub struct ClusterOptions {
     pub fee_bps: u32,
     /// Missed heartbeats before the orchestrator declares a node lost.
     pub missed_heartbeats: u32,
+    /// How often agents look at their plugin directory for changes (0: never).
+    pub plugin_scan_ms: u64,
 }
 
 impl Default for ClusterOptions {
@@ -41,6 +43,7 @@ impl Default for ClusterOptions {
             heartbeat_interval_ms: 1_000,
             max_concurrent: 4,
             fee_bps: 500,
+            plugin_scan_ms: 200,
             missed_heartbeats: 3,
         }
     }
@@ -112,6 +115,7 @@ impl Cluster {
             agent_settings.plugin_dir = plugin_dir;
             agent_settings.heartbeat_interval_ms = options.heartbeat_interval_ms;
             agent_settings.max_concurrent = options.max_concurrent;
+            agent_settings.plugin_scan_ms = options.plugin_scan_ms;
             let agent = Agent::new(
                 Bus::connect(&settings.nats).await?,
                 agent_settings,
@@ -151,6 +155,11 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The plugin directory agent `index` follows.
+    pub fn plugin_dir(&self, index: usize) -> PathBuf {
+        self.data_dir.path().join(format!("plugins-{index}"))
     }
 
     pub fn ledger_path(&self) -> PathBuf {

@@ -280,8 +280,7 @@ impl Agent {
             }
         }
         drop(heartbeat);
-        let running: Vec<Arc<Running>> =
-            self.executions().values().flatten().cloned().collect();
+        let running: Vec<Arc<Running>> = self.executions().values().flatten().cloned().collect();
         if !running.is_empty() {
             tracing::info!(count = running.len(), "stopping running executions");
         }
@@ -473,13 +472,12 @@ impl Agent {
             ));
         };
         let starter = plugin.clone();
-        let started = tokio::task::spawn_blocking(move || {
-            match starter.backend.start(request, sink) {
+        let started =
+            tokio::task::spawn_blocking(move || match starter.backend.start(request, sink) {
                 RResult::ROk(execution) => Ok(execution),
                 RResult::RErr(message) => Err(message.into_string()),
-            }
-        })
-        .await;
+            })
+            .await;
         let execution = match started {
             Ok(Ok(execution)) => Arc::new(Running {
                 execution,

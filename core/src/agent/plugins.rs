@@ -191,7 +191,8 @@ impl PluginDir {
             tracing::info!(file = %file.display(), "plugin file removed; its plugin is unloaded (running executions finish on it)");
             changes.removed.push(file);
         }
-        self.settling.retain(|f, _| present.iter().any(|(p, _)| p == f));
+        self.settling
+            .retain(|f, _| present.iter().any(|(p, _)| p == f));
         for (file, print) in present {
             let known = self.files.get(&file).map(|(f, _)| *f);
             if known == Some(print) {
@@ -209,8 +210,12 @@ impl PluginDir {
                 Err(reason) => Entry::Refused(reason),
             };
             match &entry {
-                Entry::Loaded(p) => tracing::info!(file = %file.display(), name = %p.name, version = %p.version, backends = ?p.backends, "plugin loaded"),
-                Entry::Refused(reason) => tracing::warn!(file = %file.display(), "plugin refused: {reason}"),
+                Entry::Loaded(p) => {
+                    tracing::info!(file = %file.display(), name = %p.name, version = %p.version, backends = ?p.backends, "plugin loaded")
+                }
+                Entry::Refused(reason) => {
+                    tracing::warn!(file = %file.display(), "plugin refused: {reason}")
+                }
             }
             if known.is_some() {
                 changes.replaced.push(file.clone());
