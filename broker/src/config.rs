@@ -155,6 +155,7 @@ impl Default for Pricing {
             gpu_hour_cents: 90,
             cpu_hour_cents: 4,
             memory_gb_hour_cents: 1,
+            fuel_million_micros: 0,
         }
     }
 }

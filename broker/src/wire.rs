@@ -239,6 +239,11 @@ pub struct JobSpec {
     /// `timed_out` (refunded if it never ran, paying the time used if it was running).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_timeout_ms: Option<u64>,
+    /// Most WASM fuel (deterministic work units) the job may burn; it ends `failed` with
+    /// "fuel limit … exhausted" past it. On a node that prices fuel, the orchestrator also caps
+    /// it at what `max_cost` can pay for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel_limit: Option<u64>,
 }
 
 impl JobSpec {
@@ -260,6 +265,7 @@ impl JobSpec {
             min_vram_mib: 0,
             gpu_apis: Vec::new(),
             disk_mib: 0,
+            fuel_limit: None,
         }
     }
 }
@@ -381,6 +387,9 @@ pub struct JobView {
     /// Why the job failed, timed out or was cancelled.
     pub reason: Option<String>,
     pub elapsed_ms: Option<u64>,
+    /// WASM fuel the execution burned (when the backend meters it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel_consumed: Option<u64>,
     pub created_ms: u64,
     pub updated_ms: u64,
 }
@@ -427,6 +436,11 @@ pub struct Pricing {
     pub gpu_hour_cents: u64,
     pub cpu_hour_cents: u64,
     pub memory_gb_hour_cents: u64,
+    /// Micro-USD per million units of WASM fuel, billed on top of the time prices for jobs
+    /// whose backend meters fuel (deterministic billing: set the hourly prices to 0 to bill by
+    /// fuel alone). 0: fuel is free.
+    #[serde(default)]
+    pub fuel_million_micros: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -637,6 +651,7 @@ pub enum ExitKind {
     Crashed,
     Cancelled,
     Rejected,
+    FuelExhausted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -645,6 +660,9 @@ pub struct ExecutionOutcome {
     pub exit_code: Option<i32>,
     pub message: Option<String>,
     pub elapsed_ms: u64,
+    /// Fuel burned, when the backend meters it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel_consumed: Option<u64>,
     /// Tail of stdout/stderr (bounded, see the agent's `max_output_bytes`).
     pub stdout: String,
     pub stderr: String,

@@ -75,6 +75,10 @@ pub struct SubmitArgs {
     /// ran, paying the time used if it ran).
     #[arg(long)]
     total_timeout_secs: Option<u64>,
+    /// Most WASM fuel (deterministic work units) the job may burn; past it the job fails with
+    /// "fuel limit … exhausted". Nodes may price fuel; `job get` shows what was burned.
+    #[arg(long)]
+    fuel_limit: Option<u64>,
     /// Job id to use (default: generated). Resubmitting an id returns the existing job.
     #[arg(long)]
     job_id: Option<String>,
@@ -200,6 +204,7 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         min_vram_mib: 0,
         gpu_apis: vec![],
         disk_mib: 0,
+        fuel_limit: args.fuel_limit,
     })
 }
 
@@ -339,6 +344,9 @@ fn print_job(json: bool, job: &JobView) -> anyhow::Result<()> {
     }
     if let Some(ms) = job.elapsed_ms {
         writeln!(out, "  run time:  {ms} ms")?;
+    }
+    if let Some(fuel) = job.fuel_consumed {
+        writeln!(out, "  fuel:      {fuel} units")?;
     }
     writeln!(
         out,

@@ -274,6 +274,13 @@ pub fn cost_micros(
     i64::try_from(micros).unwrap_or(i64::MAX)
 }
 
+/// What `fuel` units of WASM fuel cost at `pricing` (micro-USD per million units), rounded up
+/// to the micro.
+pub fn fuel_cost_micros(fuel: u64, pricing: &rhizos_broker::wire::Pricing) -> i64 {
+    let numerator = i128::from(fuel) * i128::from(pricing.fuel_million_micros);
+    i64::try_from((numerator + 999_999) / 1_000_000).unwrap_or(i64::MAX)
+}
+
 /// What `ledger verify` found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct VerifyReport {
@@ -393,11 +400,37 @@ mod tests {
     }
 
     #[test]
+    fn fuel_cost_is_rounded_up_to_the_micro() {
+        let pricing = rhizos_broker::wire::Pricing {
+            gpu_hour_cents: 0,
+            cpu_hour_cents: 0,
+            memory_gb_hour_cents: 0,
+            fuel_million_micros: 250,
+        };
+        assert_eq!(fuel_cost_micros(0, &pricing), 0);
+        assert_eq!(
+            fuel_cost_micros(1, &pricing),
+            1,
+            "any fuel costs at least a micro"
+        );
+        assert_eq!(fuel_cost_micros(4_000, &pricing), 1);
+        assert_eq!(fuel_cost_micros(4_001, &pricing), 2);
+        assert_eq!(fuel_cost_micros(1_000_000, &pricing), 250);
+        assert_eq!(fuel_cost_micros(u64::MAX, &pricing), 4_611_686_018_427_388);
+        let free = rhizos_broker::wire::Pricing {
+            fuel_million_micros: 0,
+            ..pricing
+        };
+        assert_eq!(fuel_cost_micros(u64::MAX, &free), 0);
+    }
+
+    #[test]
     fn cost_is_time_times_allocation_times_price_rounded_up() {
         let p = Pricing {
             gpu_hour_cents: 90,
             cpu_hour_cents: 4,
             memory_gb_hour_cents: 1,
+            fuel_million_micros: 0,
         };
         // 1 h, 1 core, 1024 MiB: 4 + 1 cents = 50 000 micros.
         assert_eq!(cost_micros(3_600_000, 1, 1024, 0, &p), 50_000);
@@ -411,6 +444,7 @@ mod tests {
             gpu_hour_cents: 0,
             cpu_hour_cents: 3_600,
             memory_gb_hour_cents: 0,
+            fuel_million_micros: 0,
         };
         assert_eq!(cost_micros(123, 1, 4096, 0, &p36), 1_230);
     }

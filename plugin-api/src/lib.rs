@@ -70,6 +70,9 @@ pub struct ExecLimits {
     pub wall_timeout_ms: u64,
     /// Maximum memory the workload may use, in bytes.
     pub memory_limit_bytes: u64,
+    /// Most units of deterministic work (WASM fuel) the workload may use; 0: no limit.
+    /// Backends that cannot meter fuel ignore it.
+    pub fuel_limit: u64,
 }
 
 /// One execution of a job, as handed to a backend.
@@ -103,6 +106,8 @@ pub enum ExitKind {
     Cancelled,
     /// The backend could not run the workload at all (invalid module, missing image...).
     Rejected,
+    /// The workload used up its fuel limit and was stopped.
+    FuelExhausted,
 }
 
 /// The end of an execution.
@@ -116,6 +121,9 @@ pub struct ExecOutcome {
     pub message: RString,
     /// Measured execution time (what the node bills for).
     pub elapsed_ms: u64,
+    /// Units of fuel the workload consumed (deterministic, the same on every machine); 0 when
+    /// the backend does not meter fuel.
+    pub fuel_consumed: u64,
 }
 
 /// Receives the output of an execution, line by line, in order. Implemented by the host.

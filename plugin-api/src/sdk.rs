@@ -258,12 +258,19 @@ impl OutcomeSlot {
 }
 
 impl ExecOutcome {
+    /// The same outcome with the fuel it consumed.
+    pub fn with_fuel(mut self, fuel_consumed: u64) -> Self {
+        self.fuel_consumed = fuel_consumed;
+        self
+    }
+
     pub fn exited(exit_code: i32, elapsed_ms: u64) -> Self {
         Self {
             kind: ExitKind::Exited,
             exit_code,
             message: RString::new(),
             elapsed_ms,
+            fuel_consumed: 0,
         }
     }
 
@@ -273,6 +280,7 @@ impl ExecOutcome {
             exit_code: -1,
             message: RString::from(message.into()),
             elapsed_ms,
+            fuel_consumed: 0,
         }
     }
 }

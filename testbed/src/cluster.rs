@@ -38,6 +38,7 @@ impl Default for ClusterOptions {
                 gpu_hour_cents: 0,
                 cpu_hour_cents: 3_600,
                 memory_gb_hour_cents: 0,
+                fuel_million_micros: 0,
             },
             plugin_files: Vec::new(),
             heartbeat_interval_ms: 1_000,

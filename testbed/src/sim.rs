@@ -91,6 +91,7 @@ impl SimFleet {
                                 exit_code: Some(0),
                                 message: None,
                                 elapsed_ms: claimed_elapsed_ms,
+                                fuel_consumed: None,
                                 stdout: String::new(),
                                 stderr: String::new(),
                             },

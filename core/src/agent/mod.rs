@@ -450,6 +450,7 @@ impl Agent {
             exit_code: None,
             message: Some(message),
             elapsed_ms: 0,
+            fuel_consumed: None,
             stdout: String::new(),
             stderr: String::new(),
         };
@@ -521,11 +522,13 @@ impl Agent {
                     rhizos_plugin_api::ExitKind::Crashed => ExitKind::Crashed,
                     rhizos_plugin_api::ExitKind::Cancelled => ExitKind::Cancelled,
                     rhizos_plugin_api::ExitKind::Rejected => ExitKind::Rejected,
+                    rhizos_plugin_api::ExitKind::FuelExhausted => ExitKind::FuelExhausted,
                 },
                 exit_code: (outcome.kind == rhizos_plugin_api::ExitKind::Exited)
                     .then_some(outcome.exit_code),
                 message: (!outcome.message.is_empty()).then(|| outcome.message.into_string()),
                 elapsed_ms: outcome.elapsed_ms,
+                fuel_consumed: (outcome.fuel_consumed > 0).then_some(outcome.fuel_consumed),
                 stdout,
                 stderr,
             },
@@ -534,6 +537,7 @@ impl Agent {
                 exit_code: None,
                 message: Some(format!("waiting for the execution failed: {e}")),
                 elapsed_ms: 0,
+                fuel_consumed: None,
                 stdout,
                 stderr,
             },
@@ -639,6 +643,7 @@ fn exec_request(assign: &AssignJob) -> Result<ExecRequest, WireError> {
         limits: ExecLimits {
             wall_timeout_ms: assign.spec.timeout_ms,
             memory_limit_bytes: assign.spec.memory_mib.saturating_mul(1024 * 1024),
+            fuel_limit: assign.spec.fuel_limit.unwrap_or(0),
         },
     })
 }

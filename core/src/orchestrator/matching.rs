@@ -76,6 +76,40 @@ pub fn estimate_micros(spec: &JobSpec, registration: &RegisterNode) -> i64 {
     )
 }
 
+/// The most `spec` can cost on a node for its fuel: nothing unless the node prices fuel and
+/// the job set a fuel limit (without one, [`fuel_budget`] derives it from what is left).
+fn fuel_estimate_micros(spec: &JobSpec, registration: &RegisterNode) -> i64 {
+    match spec.fuel_limit {
+        Some(fuel) if registration.pricing.fuel_million_micros > 0 => {
+            ledger::fuel_cost_micros(fuel, &registration.pricing)
+        }
+        _ => 0,
+    }
+}
+
+/// The fuel limit to run `spec` with on `registration`'s node: on a node that prices fuel,
+/// at most what `max_cost` can still pay for once the whole timeout is paid, so a job never
+/// burns fuel nobody pays for; elsewhere the job's own limit.
+pub fn fuel_budget(
+    spec: &JobSpec,
+    max_cost_micros: i64,
+    registration: &RegisterNode,
+) -> Option<u64> {
+    let price = registration.pricing.fuel_million_micros;
+    if price == 0 {
+        return spec.fuel_limit;
+    }
+    let left = max_cost_micros
+        .saturating_sub(estimate_micros(spec, registration))
+        .max(0);
+    let affordable =
+        u64::try_from(i128::from(left) * 1_000_000 / i128::from(price)).unwrap_or(u64::MAX);
+    Some(
+        spec.fuel_limit
+            .map_or(affordable, |limit| limit.min(affordable)),
+    )
+}
+
 /// GPUs of `node` that meet the job's per-GPU VRAM and API requirements.
 fn fitting_gpus(spec: &JobSpec, node: &RegisterNode) -> u32 {
     let count = node
@@ -122,7 +156,7 @@ fn check(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Result<i6
     if spec.gpus > 0 && fitting_gpus(spec, node) < spec.gpus {
         return Err(Unfit::Gpus);
     }
-    let estimate = estimate_micros(spec, node);
+    let estimate = estimate_micros(spec, node).saturating_add(fuel_estimate_micros(spec, node));
     if estimate > max_cost_micros {
         return Err(Unfit::Price(estimate));
     }
@@ -374,6 +408,7 @@ mod tests {
                 gpu_hour_cents: gpu_cents,
                 cpu_hour_cents: cpu_cents,
                 memory_gb_hour_cents: 0,
+                fuel_million_micros: 0,
             },
             cpu_cores: cores,
             memory_mib,
@@ -411,6 +446,30 @@ mod tests {
                 memory_mib,
             )
         }
+    }
+
+    #[test]
+    fn fuel_budgets_never_exceed_what_the_max_cost_pays_for() {
+        // spec(): a 1-hour timeout. At 1 cent/h per core the time part is 10,000 micro-USD.
+        let mut fuel_node = node("f", 1, 0, 4, 4096, 4, &[]);
+        fuel_node.pricing.fuel_million_micros = 500;
+        let free_fuel = node("t", 1, 0, 4, 4096, 4, &[]);
+        let mut job = spec(1, 128, 0, 0, &[]);
+        // No fuel price: the job's own limit, untouched.
+        assert_eq!(fuel_budget(&job, 20_000, &free_fuel), None);
+        // Priced fuel, no limit: (20,000 − 10,000) micro-USD ÷ 500 per million = 20,000,000.
+        assert_eq!(fuel_budget(&job, 20_000, &fuel_node), Some(20_000_000));
+        // A smaller own limit wins; a larger one is cut down.
+        job.fuel_limit = Some(1_000_000);
+        assert_eq!(fuel_budget(&job, 20_000, &fuel_node), Some(1_000_000));
+        job.fuel_limit = Some(50_000_000);
+        assert_eq!(fuel_budget(&job, 20_000, &fuel_node), Some(20_000_000));
+        // With a limit, the estimate counts the fuel: 10,000 + 50,000,000 × 500 / 10^6 = 35,000.
+        assert_eq!(check(&job, 35_000, &fuel_node), Ok(35_000));
+        assert_eq!(check(&job, 34_999, &fuel_node), Err(Unfit::Price(35_000)));
+        // Nothing left after the time part: no fuel at all.
+        job.fuel_limit = None;
+        assert_eq!(fuel_budget(&job, 10_000, &fuel_node), Some(0));
     }
 
     struct Case {

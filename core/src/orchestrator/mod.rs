@@ -269,10 +269,11 @@ impl Orchestrator {
         }
         self.inner.outbox_wake.notify_one();
         match placed {
-            Some((node_id, attempt)) => {
+            Some((node_id, attempt, fuel_limit)) => {
                 job.state = JobState::Assigned;
                 let this = self.clone();
-                let (id, spec) = (job.job_id.clone(), request.spec);
+                let (id, mut spec) = (job.job_id.clone(), request.spec);
+                spec.fuel_limit = fuel_limit;
                 tokio::spawn(async move { this.send_assignment(id, attempt, spec, node_id).await });
             }
             None => self.inner.dispatch_wake.notify_one(),
@@ -292,15 +293,16 @@ impl Orchestrator {
         job_id: &str,
         spec: &JobSpec,
         max_cost_micros: i64,
-    ) -> Option<(String, u32)> {
+    ) -> Option<(String, u32, Option<u64>)> {
         let mut registry = self.registry();
         let node = registry.pick(spec, max_cost_micros)?;
         let (node_id, pricing) = (node.registration.node_id.clone(), node.registration.pricing);
+        let fuel_limit = matching::fuel_budget(spec, max_cost_micros, &node.registration);
         // The assignment has its own savepoint: failing leaves the rest of the batch.
         match store.assign(job_id, &node_id, &pricing) {
             Ok(Some(attempt)) => {
                 registry.allocate(&node_id, spec);
-                Some((node_id, attempt))
+                Some((node_id, attempt, fuel_limit))
             }
             Ok(None) => None,
             Err(e) => {
@@ -693,9 +695,11 @@ impl Orchestrator {
                 this.registry().set_allocations(&allocations);
                 let mut chosen = Vec::new();
                 for job in pending {
-                    if let Some((node_id, attempt)) =
+                    if let Some((node_id, attempt, fuel_limit)) =
                         this.place(store, &job.job_id, &job.spec, job.max_cost_micros)
                     {
+                        let mut job = job;
+                        job.spec.fuel_limit = fuel_limit;
                         chosen.push((job, node_id, attempt));
                     }
                 }

@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     deadline_ms INTEGER,
     -- The job's own queue timeout (NULL: the orchestrator's default).
     queue_timeout_ms INTEGER,
+    -- WASM fuel the last execution burned, when its backend meters it.
+    fuel_consumed INTEGER,
     -- The allocation, so a node's committed resources are one query away.
     cpu_cores INTEGER NOT NULL DEFAULT 1,
     memory_mib INTEGER NOT NULL DEFAULT 0,
@@ -85,7 +87,10 @@ CREATE TABLE IF NOT EXISTS node_stats (
 pub const REPUTATION_WINDOW: usize = 100;
 
 /// Columns added after a table was first released: (table, column, declaration).
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("jobs", "queue_timeout_ms", "INTEGER")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("jobs", "queue_timeout_ms", "INTEGER"),
+    ("jobs", "fuel_consumed", "INTEGER"),
+];
 
 /// A job waiting for a node.
 #[derive(Debug, Clone)]
@@ -796,12 +801,16 @@ impl Store {
             spec.memory_mib,
             spec.gpus,
             &pricing,
-        );
+        )
+        .saturating_add(ledger::fuel_cost_micros(
+            outcome.fuel_consumed.unwrap_or(0),
+            &pricing,
+        ));
         let stdout = truncate_tail(&outcome.stdout, max_output_bytes);
         let stderr = truncate_tail(&outcome.stderr, max_output_bytes);
         exec(&tx,
             "UPDATE jobs SET state = ?2, exit_code = ?3, stdout = ?4, stderr = ?5, reason = ?6, elapsed_ms = ?7,
-             updated_ms = ?8 WHERE id = ?1",
+             updated_ms = ?8, fuel_consumed = ?9 WHERE id = ?1",
             params![
                 job_id,
                 final_state.as_str(),
@@ -810,7 +819,8 @@ impl Store {
                 stderr,
                 reason,
                 outcome.elapsed_ms as i64,
-                now as i64
+                now as i64,
+                outcome.fuel_consumed.map(|f| f as i64)
             ],
         )
         .map_err(internal)?;
@@ -1678,7 +1688,7 @@ pub fn format_usd(micros: i64) -> String {
 }
 
 const JOB_COLUMNS: &str = "id, account_id, backend, state, attempt, node_id, max_cost_micros, cost_micros, provider_micros,
-    fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms";
+    fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms, fuel_consumed";
 
 fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobView> {
     let state: String = r.get(3)?;
@@ -1701,6 +1711,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobView> {
         elapsed_ms: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
         created_ms: r.get::<_, i64>(16)? as u64,
         updated_ms: r.get::<_, i64>(17)? as u64,
+        fuel_consumed: r.get::<_, Option<i64>>(18)?.map(|v| v as u64),
     })
 }
 
@@ -1713,6 +1724,7 @@ mod tests {
         gpu_hour_cents: 0,
         cpu_hour_cents: 3_600,
         memory_gb_hour_cents: 0,
+        fuel_million_micros: 0,
     };
 
     fn store() -> (tempfile::TempDir, Store) {
@@ -1758,6 +1770,7 @@ mod tests {
 
     fn exited(code: i32, elapsed_ms: u64) -> ExecutionOutcome {
         ExecutionOutcome {
+            fuel_consumed: None,
             kind: ExitKind::Exited,
             exit_code: Some(code),
             message: None,
@@ -1905,6 +1918,7 @@ mod tests {
             "ends when the node confirms"
         );
         let stopped = ExecutionOutcome {
+            fuel_consumed: None,
             kind: ExitKind::Cancelled,
             exit_code: None,
             message: None,
@@ -1978,11 +1992,12 @@ mod tests {
             let conn = Connection::open(&path).unwrap();
             let old = SCHEMA
                 .replace("    queue_timeout_ms INTEGER,\n", "")
+                .replace("    fuel_consumed INTEGER,\n", "")
                 .split("CREATE TABLE IF NOT EXISTS node_stats")
                 .next()
                 .unwrap()
                 .to_owned();
-            assert!(!old.contains("queue_timeout_ms"));
+            assert!(!old.contains("queue_timeout_ms") && !old.contains("fuel_consumed INTEGER"));
             conn.execute_batch(&old).unwrap();
             conn.execute_batch(
                 "INSERT INTO attempts VALUES ('a', 1, 'n1', 'node_failed', 1),
@@ -2158,6 +2173,7 @@ mod properties {
         gpu_hour_cents: 0,
         cpu_hour_cents: 3_600,
         memory_gb_hour_cents: 0,
+        fuel_million_micros: 0,
     };
     const NODES: [&str; 2] = ["n0", "n1"];
     const INITIAL_DEPOSIT: i64 = 300_000;
@@ -2242,6 +2258,7 @@ mod properties {
             exit_code,
             message: None,
             elapsed_ms,
+            fuel_consumed: None,
             stdout: String::new(),
             stderr: String::new(),
         }

@@ -26,6 +26,11 @@ use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Compiled modules kept for reuse.
 const MODULE_CACHE_ENTRIES: usize = 32;
+/// Instances (and their memories, tables and async stacks) the pooling allocator keeps ready:
+/// more executions than this at once on one node wait for a slot's error to retry.
+const POOL_SLOTS: u32 = 64;
+/// Fuel given to a guest without a fuel limit (never runs out in practice; still counted).
+const UNLIMITED_FUEL: u64 = u64::MAX / 2;
 
 pub struct WasmBackend {
     engine: Engine,
@@ -39,6 +44,18 @@ impl WasmBackend {
     pub fn new() -> wasmtime::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
+        // Fuel: deterministic metering (billing per million units, and a hard limit per job).
+        config.consume_fuel(true);
+        // Instances come from pre-reserved slots (no mmap per job), memories start from a
+        // copy-on-write image of the module's data.
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_core_instances(POOL_SLOTS)
+            .total_memories(POOL_SLOTS)
+            .total_tables(POOL_SLOTS)
+            .total_stacks(POOL_SLOTS)
+            .max_memory_size(4 << 30);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        config.memory_init_cow(true);
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |data: &mut StoreData| &mut data.wasi)?;
@@ -250,6 +267,19 @@ impl Job {
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|data| &mut data.limiter);
+        let fuel_limit = request.limits.fuel_limit;
+        let fuel_given = if fuel_limit == 0 {
+            UNLIMITED_FUEL
+        } else {
+            fuel_limit
+        };
+        if let Err(e) = store.set_fuel(fuel_given) {
+            return ExecOutcome::abnormal(
+                ExitKind::Rejected,
+                format!("cannot set the fuel limit: {e:#}"),
+                elapsed_ms(started),
+            );
+        }
         let ticks = request
             .limits
             .wall_timeout_ms
@@ -276,6 +306,7 @@ impl Job {
         stdout.finish();
         stderr.finish();
 
+        let fuel_consumed = fuel_given.saturating_sub(store.get_fuel().unwrap_or(fuel_given));
         let refused = store.data().limiter.refused_bytes;
         let memory_message = |desired: usize| {
             format!(
@@ -286,7 +317,7 @@ impl Job {
         };
         let deadline_message =
             || format!("wall-clock deadline of {} ms exceeded", timeout.as_millis());
-        match ending {
+        let outcome = match ending {
             Ending::Deadline => {
                 ExecOutcome::abnormal(ExitKind::TimedOut, deadline_message(), elapsed)
             }
@@ -312,6 +343,12 @@ impl Job {
                     )
                 } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                     ExecOutcome::abnormal(ExitKind::TimedOut, deadline_message(), elapsed)
+                } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) {
+                    ExecOutcome::abnormal(
+                        ExitKind::FuelExhausted,
+                        format!("fuel limit of {fuel_limit} units exhausted"),
+                        elapsed,
+                    )
                 } else if error.downcast_ref::<Trap>().is_some() {
                     ExecOutcome::abnormal(
                         ExitKind::Crashed,
@@ -322,7 +359,8 @@ impl Job {
                     ExecOutcome::abnormal(ExitKind::Rejected, format!("{error:#}"), elapsed)
                 }
             }
-        }
+        };
+        outcome.with_fuel(fuel_consumed)
     }
 
     /// Compiles `bytes` (binary or WAT), reusing an earlier compilation of identical bytes.

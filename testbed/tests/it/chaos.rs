@@ -66,6 +66,7 @@ async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
         attempt: 1,
         phase: ReportPhase::Finished {
             outcome: ExecutionOutcome {
+                fuel_consumed: None,
                 kind: ExitKind::Exited,
                 exit_code: Some(0),
                 message: None,

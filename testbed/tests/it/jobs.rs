@@ -80,6 +80,7 @@ async fn demo_job_succeeds_streams_logs_in_order_and_settles_to_the_micro() {
         gpu_hour_cents: 0,
         cpu_hour_cents: 3_600,
         memory_gb_hour_cents: 0,
+        fuel_million_micros: 0,
     };
     let cost = ledger::cost_micros(elapsed_ms, 1, 64, 0, &pricing);
     assert_eq!(cost, elapsed_ms as i64 * 10);
@@ -127,6 +128,14 @@ async fn failing_jobs_fail_with_their_reason_and_are_refunded_in_full() {
         ),
         ("alloc", big, "memory limit exceeded"),
         (
+            "fuel",
+            rhizos_broker::wire::JobSpec {
+                fuel_limit: Some(2_000_000),
+                ..wasm_spec(&module, &["spin"], 30_000)
+            },
+            "fuel limit of 2000000 units exhausted",
+        ),
+        (
             "garbage",
             wasm_spec(b"(module (func (i32.bogus)))", &[], 1_000),
             "invalid WASM module",
@@ -161,6 +170,12 @@ async fn failing_jobs_fail_with_their_reason_and_are_refunded_in_full() {
         );
         assert_eq!(ledger_kinds(&cluster, name), ["hold", "refund"], "{name}");
     }
+    let fuel_job = cluster.job("fuel").await.unwrap();
+    assert_eq!(
+        fuel_job.fuel_consumed,
+        Some(2_000_000),
+        "burned exactly its limit"
+    );
     let exit_job = cluster.job("exit").await.unwrap();
     assert_eq!(exit_job.exit_code, Some(3));
     assert_eq!(
@@ -313,6 +328,96 @@ async fn queue_and_total_timeouts_end_jobs_as_timed_out_with_the_right_money() {
     assert_eq!(cost, overdue.elapsed_ms.unwrap() as i64 * 10);
     assert!(cost > 0 && cost < 400_000, "paid for the time used: {cost}");
     assert_eq!(balances(&cluster)["lee"], USD - cost);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_pricing_fuel_bills_the_exact_deterministic_fuel_burned() {
+    // Fuel only: 250 micro-USD per million units, nothing per hour.
+    let pricing = Pricing {
+        gpu_hour_cents: 0,
+        cpu_hour_cents: 0,
+        memory_gb_hour_cents: 0,
+        fuel_million_micros: 250,
+    };
+    let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
+        pricing,
+        ..rhizos_testbed::ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("fay", USD).await.unwrap();
+    let module = demo();
+    let mut burned = Vec::new();
+    for name in ["fuel-a", "fuel-b"] {
+        cluster
+            .submit(&submit_request(
+                "fay",
+                name,
+                wasm_spec(&module, &["count", "3"], 30_000),
+                100_000,
+            ))
+            .await
+            .unwrap();
+        let job = cluster
+            .wait_for_end(name, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        let fuel = job.fuel_consumed.expect("the wasm backend meters fuel");
+        assert!(fuel > 1_000, "{fuel}");
+        let cost = ledger::fuel_cost_micros(fuel, &pricing);
+        assert_eq!(cost, (fuel * 250).div_ceil(1_000_000) as i64);
+        let fee = (cost * 500 + 5_000) / 10_000;
+        assert_eq!(
+            (
+                job.cost_micros,
+                job.fee_micros,
+                job.provider_micros,
+                job.refund_micros
+            ),
+            (
+                Some(cost),
+                Some(fee),
+                Some(cost - fee),
+                Some(100_000 - cost)
+            ),
+            "{name}"
+        );
+        burned.push(fuel);
+    }
+    assert_eq!(
+        burned[0], burned[1],
+        "the same job burns the same fuel: deterministic billing"
+    );
+
+    // Without a fuel limit, the job may burn only what its max cost pays for: 20 micro-USD at
+    // 250 per million = 80,000 units.
+    cluster
+        .submit(&submit_request(
+            "fay",
+            "capped",
+            wasm_spec(&module, &["spin"], 30_000),
+            20,
+        ))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("capped", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Failed, "{job:?}");
+    assert_eq!(
+        job.reason.as_deref(),
+        Some("fuel limit of 80000 units exhausted")
+    );
+    assert_eq!(job.fuel_consumed, Some(80_000));
+    assert_eq!(
+        job.refund_micros,
+        Some(20),
+        "a failed job is refunded in full"
+    );
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }

@@ -152,6 +152,7 @@ async fn the_same_result_reported_twice_is_settled_once() {
         attempt: 1,
         phase: ReportPhase::Finished {
             outcome: ExecutionOutcome {
+                fuel_consumed: None,
                 kind: ExitKind::Exited,
                 exit_code: Some(0),
                 message: None,
