@@ -241,51 +241,20 @@ impl Job {
         };
         let limit_bytes = usize::try_from(request.limits.memory_limit_bytes).unwrap_or(usize::MAX);
         let timeout = Duration::from_millis(request.limits.wall_timeout_ms);
-
+        let fuel_limit = request.limits.fuel_limit;
         let stdout = LineWriter::new(sink.clone(), LogStream::Stdout);
         let stderr = LineWriter::new(sink.clone(), LogStream::Stderr);
-        let mut argv: Vec<String> = vec!["main.wasm".to_owned()];
-        argv.extend(request.args.iter().map(|a| a.to_string()));
-        let env: Vec<(String, String)> = request
-            .env
-            .iter()
-            .map(|Tuple2(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let mut builder = WasiCtxBuilder::new();
-        builder
-            .args(&argv)
-            .envs(&env)
-            .stdin(MemoryInputPipe::new(request.stdin.to_vec()))
-            .stdout(stdout.clone())
-            .stderr(stderr.clone());
-        let data = StoreData {
-            wasi: builder.build_p1(),
-            limiter: MemoryLimiter {
-                limit_bytes,
-                refused_bytes: None,
-            },
-        };
-        let mut store = Store::new(&self.engine, data);
-        store.limiter(|data| &mut data.limiter);
-        let fuel_limit = request.limits.fuel_limit;
-        let fuel_given = if fuel_limit == 0 {
-            UNLIMITED_FUEL
-        } else {
-            fuel_limit
-        };
-        if let Err(e) = store.set_fuel(fuel_given) {
-            return ExecOutcome::abnormal(
-                ExitKind::Rejected,
-                format!("cannot set the fuel limit: {e:#}"),
-                elapsed_ms(started),
-            );
-        }
-        let ticks = request
-            .limits
-            .wall_timeout_ms
-            .div_ceil(EPOCH_TICK.as_millis() as u64)
-            .max(1);
-        store.set_epoch_deadline(ticks);
+        let (mut store, fuel_given) =
+            match new_store(&self.engine, &request, stdout.clone(), stderr.clone()) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    return ExecOutcome::abnormal(
+                        ExitKind::Rejected,
+                        format!("cannot set up the execution: {e:#}"),
+                        elapsed_ms(started),
+                    );
+                }
+            };
 
         let ending = {
             let linker = self.linker.clone();
@@ -382,6 +351,101 @@ impl Job {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, bytes, module.clone());
         Ok(module)
+    }
+}
+
+/// A store for one execution: WASI p1 context (args, env, stdin, line-cut stdout/stderr),
+/// memory limiter, fuel and epoch deadline. Returns it with the fuel it was given.
+fn new_store(
+    engine: &Engine,
+    request: &ExecRequest,
+    stdout: LineWriter,
+    stderr: LineWriter,
+) -> wasmtime::Result<(Store<StoreData>, u64)> {
+    let mut argv: Vec<String> = vec!["main.wasm".to_owned()];
+    argv.extend(request.args.iter().map(|a| a.to_string()));
+    let env: Vec<(String, String)> = request
+        .env
+        .iter()
+        .map(|Tuple2(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .args(&argv)
+        .envs(&env)
+        .stdin(MemoryInputPipe::new(request.stdin.to_vec()))
+        .stdout(stdout)
+        .stderr(stderr);
+    let data = StoreData {
+        wasi: builder.build_p1(),
+        limiter: MemoryLimiter {
+            limit_bytes: usize::try_from(request.limits.memory_limit_bytes).unwrap_or(usize::MAX),
+            refused_bytes: None,
+        },
+    };
+    let mut store = Store::new(engine, data);
+    store.limiter(|data| &mut data.limiter);
+    let fuel_given = match request.limits.fuel_limit {
+        0 => UNLIMITED_FUEL,
+        limit => limit,
+    };
+    store.set_fuel(fuel_given)?;
+    let ticks = request
+        .limits
+        .wall_timeout_ms
+        .div_ceil(EPOCH_TICK.as_millis() as u64)
+        .max(1);
+    store.set_epoch_deadline(ticks);
+    Ok((store, fuel_given))
+}
+
+impl WasmBackend {
+    /// For benchmarks: prepares a store and instantiates `module` `iterations` times the way an
+    /// execution does (module from the cache, pooled instance slot), without running it.
+    /// Returns the time each instantiation took (store setup included).
+    #[doc(hidden)]
+    pub fn time_instantiations(
+        &self,
+        module: &[u8],
+        iterations: usize,
+        sink: EventSinkBox,
+    ) -> wasmtime::Result<Vec<Duration>> {
+        let job = Job {
+            engine: self.engine.clone(),
+            linker: self.linker.clone(),
+            cache: self.cache.clone(),
+            shared: Arc::new(Shared {
+                slot: OutcomeSlot::default(),
+                cancel: Notify::new(),
+            }),
+        };
+        let sink = Arc::new(sink);
+        let request = ExecRequest {
+            execution_id: "bench".into(),
+            workload: module.to_vec().into(),
+            args: Default::default(),
+            env: Default::default(),
+            stdin: Default::default(),
+            limits: rhizos_plugin_api::ExecLimits {
+                wall_timeout_ms: 10_000,
+                memory_limit_bytes: 64 << 20,
+                fuel_limit: 0,
+            },
+        };
+        self.runtime.block_on(async {
+            let mut times = Vec::with_capacity(iterations);
+            for _ in 0..iterations {
+                let started = Instant::now();
+                let module = job.module(&request.workload)?;
+                let stdout = LineWriter::new(sink.clone(), LogStream::Stdout);
+                let stderr = LineWriter::new(sink.clone(), LogStream::Stderr);
+                let (mut store, _) = new_store(&job.engine, &request, stdout, stderr)?;
+                let instance = job.linker.instantiate_async(&mut store, &module).await?;
+                std::hint::black_box(instance);
+                times.push(started.elapsed());
+            }
+            Ok(times)
+        })
     }
 }
 

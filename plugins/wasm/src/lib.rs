@@ -9,7 +9,8 @@
 //! thread; compiled modules are cached by content so a repeated job does not compile again.
 #![allow(unsafe_code)] // `export_root_module` expands to the exported `extern "C"` symbol.
 
-mod exec;
+#[doc(hidden)]
+pub mod exec;
 
 use abi_stable::{
     export_root_module,

@@ -39,6 +39,30 @@ enum Bench {
         #[arg(long, default_value_t = 1_000)]
         requests: usize,
     },
+    /// Cost of a call across the stable-ABI plugin boundary: `cancel` on an execution of the
+    /// testkit plugin (a dynamic call through abi_stable's trait object, a mutex inside), and a
+    /// whole `start` + `wait` of an execution that ends at once.
+    PluginCall {
+        #[arg(long, default_value_t = 1_000_000)]
+        calls: usize,
+    },
+    /// Instantiating a cached WASM module the way an execution does (store with WASI context,
+    /// limits and fuel; pooled instance slot), without running it.
+    WasmInstantiate {
+        #[arg(long, default_value_t = 10_000)]
+        iterations: usize,
+    },
+    /// Small WASM jobs through the whole network: real nats-server, orchestrator with its
+    /// ledger, agents running the wasm plugin. Prints jobs/s and submit → finished latency.
+    WasmJobs {
+        #[arg(long, default_value_t = 1_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 2)]
+        agents: usize,
+        /// Submits in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// Jobs offered to many simulated nodes (they ack and report at once): jobs settled per
     /// second through the orchestrator and its ledger, and submit → running latency.
     Marketplace {
@@ -59,6 +83,17 @@ async fn main() -> anyhow::Result<()> {
     match cli.bench {
         Bench::SubmitLatency { jobs } => submit_latency(jobs, cli.json).await,
         Bench::RoundTrip { requests } => round_trip(requests, cli.json).await,
+        Bench::PluginCall { calls } => plugin_call(calls, cli.json),
+        // Runs its own runtime inside the backend: off this one's worker threads.
+        Bench::WasmInstantiate { iterations } => {
+            let json = cli.json;
+            tokio::task::spawn_blocking(move || wasm_instantiate(iterations, json)).await?
+        }
+        Bench::WasmJobs {
+            jobs,
+            agents,
+            concurrency,
+        } => wasm_jobs(jobs, agents, concurrency, cli.json).await,
         Bench::Marketplace {
             nodes,
             jobs,
@@ -154,6 +189,237 @@ async fn submit_latency(jobs: usize, json: bool) -> anyhow::Result<()> {
                 v("max")
             );
         }
+    }
+    cluster.shutdown().await
+}
+
+/// An event sink that drops every line.
+struct NullSink;
+
+impl rhizos_plugin_api::EventSink for NullSink {
+    fn log(&self, _stream: rhizos_plugin_api::LogStream, _line: abi_stable::std_types::RStr<'_>) {}
+}
+
+fn null_sink() -> rhizos_plugin_api::EventSinkBox {
+    rhizos_plugin_api::EventSink_TO::from_value(NullSink, abi_stable::sabi_trait::TD_Opaque)
+}
+
+fn per_call_ns(total: Duration, calls: usize) -> f64 {
+    total.as_secs_f64() * 1e9 / calls.max(1) as f64
+}
+
+fn plugin_call(calls: usize, json: bool) -> anyhow::Result<()> {
+    use abi_stable::std_types::RResult;
+    anyhow::ensure!(calls > 0, "--calls must be at least 1");
+    let file = rhizos_testbed::plugin_file("rhizos_fixture_plugin_testkit")?;
+    let plugin = rhizos_core::agent::plugins::load_file(&file).map_err(anyhow::Error::msg)?;
+    let request = || rhizos_plugin_api::ExecRequest {
+        execution_id: "bench".into(),
+        workload: b"(testkit exit 0)".to_vec().into(),
+        args: Default::default(),
+        env: Default::default(),
+        stdin: Default::default(),
+        limits: rhizos_plugin_api::ExecLimits {
+            wall_timeout_ms: 1_000,
+            memory_limit_bytes: 1 << 20,
+            fuel_limit: 0,
+        },
+    };
+    let execution = match plugin.backend.start(request(), null_sink()) {
+        RResult::ROk(execution) => execution,
+        RResult::RErr(e) => anyhow::bail!("testkit refused: {e}"),
+    };
+    let started = Instant::now();
+    for _ in 0..calls {
+        execution.cancel();
+    }
+    let cancel_ns = per_call_ns(started.elapsed(), calls);
+    let cycles = (calls / 10).max(1);
+    let started = Instant::now();
+    for _ in 0..cycles {
+        let RResult::ROk(execution) = plugin.backend.start(request(), null_sink()) else {
+            anyhow::bail!("testkit refused");
+        };
+        std::hint::black_box(execution.wait());
+    }
+    let start_wait_ns = per_call_ns(started.elapsed(), cycles);
+    let report = serde_json::json!({
+        "bench": "plugin-call",
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "abi_stable_call_ns": cancel_ns,
+        "abi_stable_start_wait_ns": start_wait_ns,
+        "calls": calls,
+    });
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "stable-ABI plugin calls (testkit plugin, {} build):",
+            report["build"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  one call (Execution::cancel)          {cancel_ns:>10.1} ns  over {calls} calls"
+        );
+        println!(
+            "  start + wait of an ended execution    {start_wait_ns:>10.1} ns  over {cycles} cycles"
+        );
+    }
+    Ok(())
+}
+
+fn wasm_instantiate(iterations: usize, json: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(iterations > 0, "--iterations must be at least 1");
+    let backend =
+        rhizos_plugin_wasm::exec::WasmBackend::new().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let module = std::fs::read(rhizos_testbed::guests::demo_wasm()?)?;
+    // The first instantiation compiles and caches the module; it is not counted.
+    backend
+        .time_instantiations(&module, 1, null_sink())
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let mut times = backend
+        .time_instantiations(&module, iterations, null_sink())
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    times.sort();
+    let us = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    let report = serde_json::json!({
+        "bench": "wasm-instantiate",
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "module_bytes": module.len(),
+        "iterations": iterations,
+        "instantiate_us": { "p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "min": us(0.0) },
+    });
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "instantiating the cached demo module ({} bytes; pooling allocator; {} build):",
+            module.len(),
+            report["build"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  p50 {:.1} µs  p90 {:.1} µs  p99 {:.1} µs  min {:.1} µs  over {iterations}",
+            us(0.5),
+            us(0.9),
+            us(0.99),
+            us(0.0)
+        );
+    }
+    Ok(())
+}
+
+async fn wasm_jobs(
+    jobs: usize,
+    agents: usize,
+    concurrency: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        jobs > 0 && agents > 0 && concurrency > 0,
+        "--jobs, --agents and --concurrency must be > 0"
+    );
+    let cluster = Cluster::start(ClusterOptions {
+        agents,
+        max_concurrent: 16,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    cluster.funded_account("wasm", 1_000_000_000_000).await?;
+    let module = std::fs::read(rhizos_testbed::guests::demo_wasm()?)?;
+    let spec = wasm_spec(&module, &["count", "1"], 30_000);
+    let bus = cluster.bus.clone();
+    let subjects = &cluster.bus.subjects;
+    let ended_wildcard = subjects
+        .escrow_event(rhizos_broker::subjects::EscrowEventKind::Settled, "x")?
+        .trim_end_matches('x')
+        .to_owned()
+        + "*";
+    let mut settled = cluster.bus.client.subscribe(ended_wildcard).await?;
+    cluster.bus.client.flush().await?;
+    let started = Instant::now();
+    let submitted_at: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> =
+        Default::default();
+    let mut submits = futures::stream::iter((0..jobs).map(|index| {
+        let (bus, spec, submitted_at) = (bus.clone(), spec.clone(), submitted_at.clone());
+        async move {
+            let job_id = format!("wasm-{index}");
+            if let Ok(mut map) = submitted_at.lock() {
+                map.insert(job_id.clone(), Instant::now());
+            }
+            bus.request::<_, rhizos_broker::wire::SubmitJobReply>(
+                bus.subjects.job_submit(),
+                &rhizos_broker::wire::SubmitJob {
+                    v: rhizos_broker::wire::WIRE_VERSION,
+                    job_id: Some(job_id),
+                    account: "wasm".into(),
+                    spec,
+                    max_cost_micros: 10_000_000,
+                },
+            )
+            .await
+        }
+    }))
+    .buffer_unordered(concurrency);
+    let mut rejected = 0usize;
+    let collector = tokio::spawn({
+        let submitted_at = submitted_at.clone();
+        async move {
+            let mut latencies = Vec::new();
+            while latencies.len() < jobs {
+                match tokio::time::timeout(Duration::from_secs(120), settled.next()).await {
+                    Ok(Some(message)) => {
+                        let job_id =
+                            rhizos_broker::Subjects::last_token(&message.subject).to_owned();
+                        if let Some(at) = submitted_at
+                            .lock()
+                            .ok()
+                            .and_then(|m| m.get(&job_id).copied())
+                        {
+                            latencies.push(at.elapsed());
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            latencies
+        }
+    });
+    while let Some(result) = submits.next().await {
+        if result.is_err() {
+            rejected += 1;
+        }
+    }
+    anyhow::ensure!(rejected == 0, "{rejected} submits were refused");
+    let mut latencies = collector.await?;
+    let total_s = started.elapsed().as_secs_f64();
+    let done = latencies.len();
+    let report = serde_json::json!({
+        "bench": "wasm-jobs",
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "jobs": jobs,
+        "agents": agents,
+        "concurrency": concurrency,
+        "settled": done,
+        "total_s": total_s,
+        "jobs_per_s": done as f64 / total_s,
+        "submit_to_settled_ms": summary(&mut latencies),
+    });
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "{done} of {jobs} WASM jobs (demo `count 1`) through the network in {total_s:.2} s = {:.0} jobs/s ({} agents, {} build)",
+            done as f64 / total_s,
+            agents,
+            report["build"].as_str().unwrap_or("?")
+        );
+        let s = &report["submit_to_settled_ms"];
+        let v = |name: &str| s[name].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  submit → settled: median {:.2} ms  p90 {:.2} ms  max {:.2} ms",
+            v("median"),
+            v("p90"),
+            v("max")
+        );
     }
     cluster.shutdown().await
 }
@@ -381,6 +647,9 @@ async fn marketplace(
 }
 
 fn summary(samples: &mut [Duration]) -> serde_json::Value {
+    if samples.is_empty() {
+        return serde_json::Value::Null;
+    }
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let at = |q: f64| ms(samples[((samples.len() - 1) as f64 * q).round() as usize]);
