@@ -698,9 +698,8 @@ impl Orchestrator {
                     if let Some((node_id, attempt, fuel_limit)) =
                         this.place(store, &job.job_id, &job.spec, job.max_cost_micros)
                     {
-                        let mut job = job;
-                        job.spec.fuel_limit = fuel_limit;
-                        chosen.push((job, node_id, attempt));
+                        store.forget_spec(&job.job_id);
+                        chosen.push((job, node_id, attempt, fuel_limit));
                     }
                 }
                 Ok(chosen)
@@ -710,10 +709,12 @@ impl Orchestrator {
             return Ok(());
         }
         self.inner.outbox_wake.notify_one();
-        for (job, node_id, attempt) in chosen {
+        for (job, node_id, attempt, fuel_limit) in chosen {
             let this = self.clone();
             tokio::spawn(async move {
-                this.send_assignment(job.job_id, attempt, job.spec, node_id)
+                let mut spec = std::sync::Arc::unwrap_or_clone(job.spec);
+                spec.fuel_limit = fuel_limit;
+                this.send_assignment(job.job_id, attempt, spec, node_id)
                     .await
             });
         }

@@ -96,7 +96,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 #[derive(Debug, Clone)]
 pub struct PendingJob {
     pub job_id: String,
-    pub spec: JobSpec,
+    pub spec: std::sync::Arc<JobSpec>,
     pub max_cost_micros: i64,
     pub attempt: u32,
     /// When the job (last) became pending: at submit, or when it was requeued.
@@ -137,7 +137,14 @@ pub struct Store {
     instance: String,
     /// Set once checkpoints run on their own thread; dropping it stops that thread.
     checkpointer: Option<std::sync::mpsc::Sender<()>>,
+    /// Parsed specs of pending jobs (a spec carries its workload, e.g. a whole WASM module:
+    /// dispatch passes must not parse it again each time). Filled at submit and on a miss,
+    /// emptied when the job leaves pending; at most [`SPEC_CACHE_ENTRIES`].
+    spec_cache: std::collections::HashMap<String, std::sync::Arc<JobSpec>>,
 }
+
+/// Most parsed specs kept (dispatch looks at the oldest 256 pending jobs at a time).
+const SPEC_CACHE_ENTRIES: usize = 4096;
 
 /// What the writers need besides the connection (borrowed beside an open transaction).
 struct Ctx {
@@ -209,6 +216,7 @@ impl Store {
             ctx: Ctx { fee_bps, subjects },
             instance,
             checkpointer: None,
+            spec_cache: std::collections::HashMap::new(),
         };
         let tx = store.tx().map_err(|_| rusqlite::Error::InvalidQuery)?;
         let now = now_ms();
@@ -490,11 +498,11 @@ impl Store {
     }
 
     /// Pending jobs, oldest first.
-    pub fn pending_jobs(&self, limit: usize) -> Result<Vec<PendingJob>, WireError> {
+    pub fn pending_jobs(&mut self, limit: usize) -> Result<Vec<PendingJob>, WireError> {
         let mut statement = self
             .conn
             .prepare_cached(
-                "SELECT id, spec, max_cost_micros, attempt, updated_ms FROM jobs WHERE state = 'pending'
+                "SELECT id, max_cost_micros, attempt, updated_ms FROM jobs WHERE state = 'pending'
                  ORDER BY created_ms, id LIMIT ?1",
             )
             .map_err(internal)?;
@@ -502,18 +510,18 @@ impl Store {
             .query_map([limit as i64], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
+                    r.get(1)?,
                     r.get(2)?,
-                    r.get(3)?,
-                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(3)?,
                 ))
             })
+            .map_err(internal)?
+            .collect::<Result<Vec<_>, _>>()
             .map_err(internal)?;
-        let mut jobs = Vec::new();
-        for row in rows {
-            let (job_id, spec, max_cost_micros, attempt, pending_since_ms) =
-                row.map_err(internal)?;
-            let spec: JobSpec = serde_json::from_str(&spec).map_err(internal)?;
+        drop(statement);
+        let mut jobs = Vec::with_capacity(rows.len());
+        for (job_id, max_cost_micros, attempt, pending_since_ms) in rows {
+            let spec = self.pending_spec(&job_id)?;
             jobs.push(PendingJob {
                 job_id,
                 spec,
@@ -523,6 +531,25 @@ impl Store {
             });
         }
         Ok(jobs)
+    }
+
+    /// Drops a job's cached spec (it left pending).
+    pub fn forget_spec(&mut self, job_id: &str) {
+        self.spec_cache.remove(job_id);
+    }
+
+    /// A pending job's parsed spec, from the cache or (parsed once) from the database.
+    fn pending_spec(&mut self, job_id: &str) -> Result<std::sync::Arc<JobSpec>, WireError> {
+        if let Some(spec) = self.spec_cache.get(job_id) {
+            return Ok(spec.clone());
+        }
+        let text: String = query_row(&self.conn, "SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| r.get(0))
+            .map_err(internal)?;
+        let spec = std::sync::Arc::new(serde_json::from_str::<JobSpec>(&text).map_err(internal)?);
+        if self.spec_cache.len() < SPEC_CACHE_ENTRIES {
+            self.spec_cache.insert(job_id.to_owned(), spec.clone());
+        }
+        Ok(spec)
     }
 
     /// Whether a job other than `job_id` is pending (one indexed probe).
@@ -746,20 +773,22 @@ impl Store {
         if state.is_terminal() {
             return Ok(ReportEffect::Duplicate);
         }
-        let (spec, pricing, cancel_requested, stop_reason): (
-            String,
+        // The allocation from its own columns: the spec (with its workload) is not parsed here.
+        let (cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason): (
+            u32,
+            i64,
+            u32,
             Option<String>,
             bool,
             Option<String>,
         ) = query_row(
             &tx,
-            "SELECT spec, pricing, cancel_requested, stop_reason FROM jobs WHERE id = ?1",
+            "SELECT cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason FROM jobs WHERE id = ?1",
             [job_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )
         .map_err(internal)?;
         let timed_out = stop_reason.as_deref() == Some("total_timeout");
-        let spec: JobSpec = serde_json::from_str(&spec).map_err(internal)?;
         let pricing: Pricing = pricing
             .as_deref()
             .map(serde_json::from_str)
@@ -797,9 +826,9 @@ impl Store {
         };
         let measured = ledger::cost_micros(
             outcome.elapsed_ms,
-            spec.cpu_cores,
-            spec.memory_mib,
-            spec.gpus,
+            cpu_cores,
+            memory_mib as u64,
+            gpus,
             &pricing,
         )
         .saturating_add(ledger::fuel_cost_micros(
@@ -857,6 +886,7 @@ impl Store {
         state: JobState,
         reason: &str,
     ) -> Result<bool, WireError> {
+        self.spec_cache.remove(job_id);
         let now = now_ms();
         let (tx, ctx) = self.begin()?;
         let Some((current, node, attempt)) = Self::attempt_of(&tx, job_id)? else {
@@ -1080,6 +1110,7 @@ impl Store {
     /// Cancel: before start → cancelled with a full refund; while running → flagged, and the node
     /// is asked to stop (the job ends when the node reports).
     pub fn cancel(&mut self, job_id: &str) -> Result<CancelEffect, WireError> {
+        self.spec_cache.remove(job_id);
         let job = self.get_job(job_id)?;
         match job.state {
             JobState::Pending | JobState::Assigned => {
