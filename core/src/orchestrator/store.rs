@@ -192,6 +192,9 @@ impl Store {
         conn.set_prepared_statement_cache_capacity(256);
         // Savepoint sub-journals (one per operation inside a group commit) stay in memory.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
+        // 64 MiB of page cache (negative: KiB): job rows carry their workload, so the working
+        // set of a busy orchestrator is far above SQLite's default 2 MiB.
+        conn.pragma_update(None, "cache_size", -65_536)?;
         conn.execute_batch(ledger::SCHEMA)?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
