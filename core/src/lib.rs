@@ -3,6 +3,7 @@
 //! shutdown future as arguments, so they run as daemons, inside `rhizos up`, or inside a test.
 
 pub mod agent;
+pub mod component;
 pub mod ledger;
 pub mod orchestrator;
 pub mod telemetry;

@@ -26,10 +26,33 @@ pub fn demo_wasm() -> anyhow::Result<PathBuf> {
         .map_err(anyhow::Error::msg)
 }
 
+/// Builds (if needed) and returns the `index` resolver component,
+/// `rhizos_resolver_index.wasm` (a WebAssembly component for `rhizos:plugin` `resolver`,
+/// built for wasm32-wasip2 with wit-bindgen).
+pub fn resolver_index_wasm() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            build_guest(
+                "resolver-index",
+                "wasm32-wasip2",
+                "rhizos_resolver_index.wasm",
+            )
+            .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 fn build_demo() -> anyhow::Result<PathBuf> {
+    build_guest("demo", "wasm32-wasip1", "rhizos-demo.wasm")
+}
+
+/// `cargo build --release --target <target>` of `testbed/guests/<name>` into `target/guests`.
+fn build_guest(name: &str, target: &str, artifact: &str) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let target_dir = root.join("target").join("guests");
-    let manifest = root.join("testbed/guests/demo/Cargo.toml");
+    let manifest = root.join(format!("testbed/guests/{name}/Cargo.toml"));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
         .args([
@@ -37,7 +60,7 @@ fn build_demo() -> anyhow::Result<PathBuf> {
             "--release",
             "--quiet",
             "--target",
-            "wasm32-wasip1",
+            target,
             "--manifest-path",
         ])
         .arg(&manifest)
@@ -47,13 +70,13 @@ fn build_demo() -> anyhow::Result<PathBuf> {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .output()
-        .context("failed to run cargo to build the demo guest")?;
+        .with_context(|| format!("failed to run cargo to build the {name} guest"))?;
     anyhow::ensure!(
         output.status.success(),
-        "building the demo guest failed (is the target installed? `rustup target add wasm32-wasip1`):\n{}",
+        "building the {name} guest failed (is the target installed? `rustup target add {target}`):\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let wasm = target_dir.join("wasm32-wasip1/release/rhizos-demo.wasm");
+    let wasm = target_dir.join(format!("{target}/release/{artifact}"));
     anyhow::ensure!(wasm.is_file(), "{} was not produced", wasm.display());
     Ok(wasm)
 }

@@ -112,6 +112,14 @@ impl Agent {
             backends: p.backends.clone(),
             refused: None,
         });
+        let components = plugins.resolvers.iter().map(|c| PluginView {
+            file: c.file.display().to_string(),
+            name: Some(c.name.clone()),
+            version: Some(c.version.clone()),
+            kind: Some("resolver".into()),
+            backends: vec![],
+            refused: None,
+        });
         let refused = plugins.refused.iter().map(|r| PluginView {
             file: r.file.display().to_string(),
             name: None,
@@ -120,7 +128,7 @@ impl Agent {
             backends: vec![],
             refused: Some(r.reason.clone()),
         });
-        loaded.chain(refused).collect()
+        loaded.chain(components).chain(refused).collect()
     }
 
     /// The answer to `rhizos plugins list --node <this node>`.
@@ -130,6 +138,30 @@ impl Agent {
             plugin_dir: self.inner.settings.plugin_dir.display().to_string(),
             plugins: self.plugin_views(),
         }
+    }
+
+    /// Resolves a module through this node's resolver components, in file name order: the
+    /// first that knows `id` answers; `Ok(None)` when none does. Each call runs in a fresh
+    /// instance under its manifest's limits.
+    pub async fn resolve_module(
+        &self,
+        id: &str,
+        version: Option<&str>,
+    ) -> Result<Option<(String, String)>, String> {
+        let resolvers = self.plugins().resolvers;
+        let (id, version) = (id.to_owned(), version.map(str::to_owned));
+        tokio::task::spawn_blocking(move || {
+            for resolver in resolvers {
+                match resolver.resolve(&id, version.as_deref()) {
+                    Ok(Some(manifest)) => return Ok(Some((resolver.name.clone(), manifest))),
+                    Ok(None) => continue,
+                    Err(e) => return Err(format!("resolver {}: {e}", resolver.name)),
+                }
+            }
+            Ok(None)
+        })
+        .await
+        .map_err(|e| format!("resolver task failed: {e}"))?
     }
 
     /// The plugins in force now.

@@ -47,7 +47,10 @@ pub struct RefusedPlugin {
 /// The plugins in force: what executions start on and what the node advertises.
 #[derive(Default, Clone)]
 pub struct PluginSet {
+    /// Stable-ABI backend plugins.
     pub loaded: Vec<Arc<LoadedPlugin>>,
+    /// Resolver components (`.wasm`), in file name order: the node's resolver chain.
+    pub resolvers: Vec<Arc<crate::component::ResolverComponent>>,
     pub refused: Vec<RefusedPlugin>,
 }
 
@@ -80,12 +83,19 @@ fn is_shared_library(path: &Path) -> bool {
     )
 }
 
+/// Whether a file name looks like a WebAssembly component.
+fn is_component(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()) == Some("wasm")
+}
+
 /// What identifies one version of a file without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fingerprint {
     len: u64,
     modified: Option<SystemTime>,
     inode: u64,
+    /// For a component: its manifest's length and mtime (a manifest change reloads it).
+    manifest: Option<(u64, Option<SystemTime>)>,
 }
 
 fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
@@ -94,15 +104,21 @@ fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
     let inode = std::os::unix::fs::MetadataExt::ino(&meta);
     #[cfg(not(unix))]
     let inode = 0;
+    let manifest = is_component(path)
+        .then(|| std::fs::metadata(crate::component::manifest_path(path)).ok())
+        .flatten()
+        .map(|m| (m.len(), m.modified().ok()));
     Ok(Fingerprint {
         len: meta.len(),
         modified: meta.modified().ok(),
         inode,
+        manifest,
     })
 }
 
 enum Entry {
     Loaded(Arc<LoadedPlugin>),
+    Component(Arc<crate::component::ResolverComponent>),
     Refused(String),
 }
 
@@ -117,6 +133,8 @@ pub struct PluginDir {
     settling: HashMap<PathBuf, Fingerprint>,
     /// Why the directory itself could not be read, once (not repeated every scan).
     unreadable: Option<String>,
+    /// The engine for component plugins, started with the first `.wasm` file.
+    components: Option<crate::component::ComponentHost>,
 }
 
 /// What one scan changed, for logs and tests.
@@ -148,6 +166,7 @@ impl PluginDir {
             files: BTreeMap::new(),
             settling: HashMap::new(),
             unreadable: None,
+            components: None,
         })
     }
 
@@ -165,7 +184,7 @@ impl PluginDir {
                 self.unreadable = None;
                 let mut files: Vec<(PathBuf, Fingerprint)> = entries
                     .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| is_shared_library(p))
+                    .filter(|p| is_shared_library(p) || is_component(p))
                     .filter_map(|p| fingerprint(&p).ok().map(|f| (p, f)))
                     .collect();
                 files.sort_by(|a, b| a.0.cmp(&b.0));
@@ -205,13 +224,23 @@ impl PluginDir {
                 continue;
             }
             self.settling.remove(&file);
-            let entry = match self.load_copy(&file) {
-                Ok(plugin) => Entry::Loaded(Arc::new(plugin)),
-                Err(reason) => Entry::Refused(reason),
+            let entry = if is_component(&file) {
+                match self.load_component(&file) {
+                    Ok(component) => Entry::Component(Arc::new(component)),
+                    Err(reason) => Entry::Refused(reason),
+                }
+            } else {
+                match self.load_copy(&file) {
+                    Ok(plugin) => Entry::Loaded(Arc::new(plugin)),
+                    Err(reason) => Entry::Refused(reason),
+                }
             };
             match &entry {
                 Entry::Loaded(p) => {
                     tracing::info!(file = %file.display(), name = %p.name, version = %p.version, backends = ?p.backends, "plugin loaded")
+                }
+                Entry::Component(c) => {
+                    tracing::info!(file = %file.display(), name = %c.name, version = %c.version, kind = "resolver", "component plugin loaded")
                 }
                 Entry::Refused(reason) => {
                     tracing::warn!(file = %file.display(), "plugin refused: {reason}")
@@ -231,22 +260,29 @@ impl PluginDir {
     /// already taken refused as a duplicate (it takes over if the earlier file goes away).
     pub fn set(&self) -> PluginSet {
         let mut set = PluginSet::default();
+        let mut names: Vec<(String, PathBuf)> = Vec::new();
         for (file, (_, entry)) in &self.files {
-            match entry {
-                Entry::Loaded(plugin) => {
-                    if let Some(existing) = set.loaded.iter().find(|p| p.name == plugin.name) {
-                        set.refused.push(RefusedPlugin {
-                            file: file.clone(),
-                            reason: format!(
-                                "duplicate plugin name {:?}: already loaded from {}",
-                                plugin.name,
-                                existing.file.display()
-                            ),
-                        });
-                    } else {
-                        set.loaded.push(plugin.clone());
-                    }
+            let name = match entry {
+                Entry::Loaded(plugin) => Some(plugin.name.clone()),
+                Entry::Component(component) => Some(component.name.clone()),
+                Entry::Refused(_) => None,
+            };
+            if let Some(name) = name {
+                if let Some((_, first)) = names.iter().find(|(n, _)| *n == name) {
+                    set.refused.push(RefusedPlugin {
+                        file: file.clone(),
+                        reason: format!(
+                            "duplicate plugin name {name:?}: already loaded from {}",
+                            first.display()
+                        ),
+                    });
+                    continue;
                 }
+                names.push((name, file.clone()));
+            }
+            match entry {
+                Entry::Component(component) => set.resolvers.push(component.clone()),
+                Entry::Loaded(plugin) => set.loaded.push(plugin.clone()),
                 Entry::Refused(reason) => set.refused.push(RefusedPlugin {
                     file: file.clone(),
                     reason: reason.clone(),
@@ -254,6 +290,25 @@ impl PluginDir {
             }
         }
         set
+    }
+
+    /// Loads a component plugin with the manifest beside it.
+    fn load_component(
+        &mut self,
+        file: &Path,
+    ) -> Result<crate::component::ResolverComponent, String> {
+        let manifest =
+            crate::component::read_manifest(&crate::component::manifest_path(file), &self.dir)?;
+        let host = match &self.components {
+            Some(host) => host.clone(),
+            None => {
+                let host = crate::component::ComponentHost::new()
+                    .map_err(|e| format!("cannot start the component engine: {e:#}"))?;
+                self.components = Some(host.clone());
+                host
+            }
+        };
+        host.load_resolver(file, manifest)
     }
 
     /// Copies `file` to its private, content-named path and loads it from there.

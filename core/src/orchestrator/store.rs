@@ -546,8 +546,13 @@ impl Store {
         if let Some(spec) = self.spec_cache.get(job_id) {
             return Ok(spec.clone());
         }
-        let text: String = query_row(&self.conn, "SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| r.get(0))
-            .map_err(internal)?;
+        let text: String = query_row(
+            &self.conn,
+            "SELECT spec FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| r.get(0),
+        )
+        .map_err(internal)?;
         let spec = std::sync::Arc::new(serde_json::from_str::<JobSpec>(&text).map_err(internal)?);
         if self.spec_cache.len() < SPEC_CACHE_ENTRIES {
             self.spec_cache.insert(job_id.to_owned(), spec.clone());

@@ -4,6 +4,7 @@
 
 mod chaos;
 mod common;
+mod components;
 mod events;
 mod jobs;
 mod plugins;
