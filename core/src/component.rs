@@ -31,6 +31,9 @@ use bindings::rhizos::plugin::types::PluginKind as WitKind;
 /// The WIT package version components are checked against.
 pub const WIT_VERSION: &str = "rhizos:plugin@0.1.0";
 
+/// Largest memory a component call may be granted (the size of a pooled memory slot).
+pub const MAX_MEMORY_MIB: u64 = 1024;
+
 /// How often the epoch advances: the granularity of per-call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -97,6 +100,13 @@ pub fn read_manifest(path: &Path, base: &Path) -> Result<Manifest, String> {
             path.display()
         ));
     }
+    if manifest.memory_mib > MAX_MEMORY_MIB {
+        return Err(format!(
+            "manifest {}: memory_mib is at most {MAX_MEMORY_MIB}, got {}",
+            path.display(),
+            manifest.memory_mib
+        ));
+    }
     for grant in &mut manifest.read_dirs {
         if grant.host.is_relative() {
             grant.host = base.join(&grant.host);
@@ -140,6 +150,15 @@ impl ComponentHost {
         let mut config = Config::new();
         config.consume_fuel(true);
         config.epoch_interruption(true);
+        // Calls instantiate afresh: pre-reserved slots and copy-on-write images make that cheap.
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_component_instances(64)
+            .total_core_instances(256)
+            .total_memories(256)
+            .total_tables(256)
+            .max_memory_size((MAX_MEMORY_MIB << 20) as usize);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        config.memory_init_cow(true);
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
@@ -269,6 +288,13 @@ impl ResolverComponent {
             }
             bindings.call_resolve(store, id, version)
         })?
+    }
+
+    /// For benchmarks: one `describe` call, on a fresh instance like every call.
+    #[doc(hidden)]
+    pub fn describe_call(&self) -> Result<String, String> {
+        self.call(|bindings, store| bindings.call_describe(store))
+            .map(|info| info.name)
     }
 
     /// Runs `f` on a fresh instance under the manifest's grants and limits.

@@ -243,11 +243,33 @@ fn plugin_call(calls: usize, json: bool) -> anyhow::Result<()> {
         std::hint::black_box(execution.wait());
     }
     let start_wait_ns = per_call_ns(started.elapsed(), cycles);
+    // The component path: every call gets a fresh instance (isolation by design), so a call
+    // costs instantiation + the call itself.
+    let host = rhizos_core::component::ComponentHost::new()?;
+    let resolver = host
+        .load_resolver(
+            &rhizos_testbed::guests::resolver_index_wasm()?,
+            rhizos_core::component::Manifest {
+                read_dirs: vec![],
+                fuel_per_call: 10_000_000,
+                memory_mib: 16,
+                timeout_ms: 1_000,
+                config: serde_json::json!({}),
+            },
+        )
+        .map_err(anyhow::Error::msg)?;
+    let component_calls = (calls / 100).max(1);
+    let started = Instant::now();
+    for _ in 0..component_calls {
+        std::hint::black_box(resolver.describe_call().map_err(anyhow::Error::msg)?);
+    }
+    let component_ns = per_call_ns(started.elapsed(), component_calls);
     let report = serde_json::json!({
         "bench": "plugin-call",
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "abi_stable_call_ns": cancel_ns,
         "abi_stable_start_wait_ns": start_wait_ns,
+        "component_call_ns": component_ns,
         "calls": calls,
     });
     if json {
@@ -262,6 +284,9 @@ fn plugin_call(calls: usize, json: bool) -> anyhow::Result<()> {
         );
         println!(
             "  start + wait of an ended execution    {start_wait_ns:>10.1} ns  over {cycles} cycles"
+        );
+        println!(
+            "  component call (new instance + call)  {component_ns:>10.1} ns  over {component_calls} calls"
         );
     }
     Ok(())

@@ -242,6 +242,12 @@ fn components_and_manifests_that_cannot_be_trusted_are_refused_with_reasons() {
     std::fs::write(&bad, r#"{"memory_mib": 0}"#).unwrap();
     let error = read_manifest(&bad, scratch.path()).unwrap_err();
     assert!(error.contains("must be > 0"), "{error}");
+    std::fs::write(&bad, r#"{"memory_mib": 4096}"#).unwrap();
+    let error = read_manifest(&bad, scratch.path()).unwrap_err();
+    assert!(
+        error.contains("memory_mib is at most 1024, got 4096"),
+        "{error}"
+    );
     // Configured without the index setting: the component's own error comes back.
     let unconfigured = Manifest {
         config: serde_json::json!({}),
