@@ -11,8 +11,10 @@ echo "» cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "» cargo build (binaries and plugins the tests load)"
 cargo build --workspace --quiet
-echo "» demo guest (wasm32-wasip1) and resolver component (wasm32-wasip2)"
+echo "» demo guest (wasm32-wasip1 module and wasm32-wasip2 component), resolver component"
 cargo build --release --quiet --target wasm32-wasip1 \
+  --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
+cargo build --release --quiet --target wasm32-wasip2 \
   --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
 cargo build --release --quiet --target wasm32-wasip2 \
   --manifest-path testbed/guests/resolver-index/Cargo.toml --target-dir target/guests

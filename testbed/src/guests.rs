@@ -26,6 +26,18 @@ pub fn demo_wasm() -> anyhow::Result<PathBuf> {
         .map_err(anyhow::Error::msg)
 }
 
+/// Builds (if needed) and returns the demo guest as a WASI preview2 command component
+/// (the same source built for `wasm32-wasip2`).
+pub fn demo_component() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            build_guest("demo", "wasm32-wasip2", "rhizos-demo.wasm").map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 /// Builds (if needed) and returns the `index` resolver component,
 /// `rhizos_resolver_index.wasm` (a WebAssembly component for `rhizos:plugin` `resolver`,
 /// built for wasm32-wasip2 with wit-bindgen).

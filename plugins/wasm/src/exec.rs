@@ -16,11 +16,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWrite;
 use tokio::sync::Notify;
+use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{Engine, Linker, Module, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
-use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
+use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// How often the epoch advances: the granularity of the wall-clock deadline for guest code.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -35,6 +36,8 @@ const UNLIMITED_FUEL: u64 = u64::MAX / 2;
 pub struct WasmBackend {
     engine: Engine,
     linker: Arc<Linker<StoreData>>,
+    /// WASI preview2 for command components.
+    component_linker: Arc<wasmtime::component::Linker<StoreData<P2>>>,
     runtime: tokio::runtime::Runtime,
     cache: Arc<Mutex<ModuleCache>>,
     ticker_stop: Arc<AtomicBool>,
@@ -59,6 +62,8 @@ impl WasmBackend {
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |data: &mut StoreData| &mut data.wasi)?;
+        let mut component_linker = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .thread_name("rhizos-wasm")
             .enable_all()
@@ -77,6 +82,7 @@ impl WasmBackend {
         Ok(Self {
             engine,
             linker: Arc::new(linker),
+            component_linker: Arc::new(component_linker),
             runtime,
             cache: Arc::default(),
             ticker_stop,
@@ -92,6 +98,7 @@ impl WasmBackend {
         let job = Job {
             engine: self.engine.clone(),
             linker: self.linker.clone(),
+            component_linker: self.component_linker.clone(),
             cache: self.cache.clone(),
             shared: shared.clone(),
         };
@@ -160,10 +167,39 @@ impl Drop for EndOnDrop {
     }
 }
 
-/// Per-store state: the WASI context and the memory limiter.
-struct StoreData {
-    wasi: WasiP1Ctx,
+/// Per-store state: the WASI context (preview1 for modules, [`P2`] for components) and the
+/// memory limiter.
+struct StoreData<W = WasiP1Ctx> {
+    wasi: W,
     limiter: MemoryLimiter,
+}
+
+/// WASI preview2 state of a command component.
+struct P2 {
+    ctx: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for StoreData<P2> {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi.ctx,
+            table: &mut self.wasi.table,
+        }
+    }
+}
+
+/// A compiled workload: a core module (WASI preview1 command) or a component (WASI preview2
+/// command, e.g. a Rust `wasm32-wasip2` binary).
+#[derive(Clone)]
+enum Compiled {
+    Module(Module),
+    Component(Component),
+}
+
+/// Whether `bytes` is a component binary (version 0x0d, layer 1) rather than a core module.
+fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [0x0d, 0x00, 0x01, 0x00]
 }
 
 struct MemoryLimiter {
@@ -200,6 +236,7 @@ impl ResourceLimiter for MemoryLimiter {
 struct Job {
     engine: Engine,
     linker: Arc<Linker<StoreData>>,
+    component_linker: Arc<wasmtime::component::Linker<StoreData<P2>>>,
     cache: Arc<Mutex<ModuleCache>>,
     shared: Arc<Shared>,
 }
@@ -244,39 +281,29 @@ impl Job {
         let fuel_limit = request.limits.fuel_limit;
         let stdout = LineWriter::new(sink.clone(), LogStream::Stdout);
         let stderr = LineWriter::new(sink.clone(), LogStream::Stderr);
-        let (mut store, fuel_given) =
-            match new_store(&self.engine, &request, stdout.clone(), stderr.clone()) {
-                Ok(ready) => ready,
-                Err(e) => {
-                    return ExecOutcome::abnormal(
-                        ExitKind::Rejected,
-                        format!("cannot set up the execution: {e:#}"),
-                        elapsed_ms(started),
-                    );
-                }
-            };
-
-        let ending = {
-            let linker = self.linker.clone();
-            let run = async {
-                let instance = linker.instantiate_async(&mut store, &module).await?;
-                let entry = instance.get_typed_func::<(), ()>(&mut store, "_start").map_err(|e| {
-                    e.context("the module exports no `_start` function: build it as a WASI command (a binary)")
-                })?;
-                entry.call_async(&mut store, ()).await
-            };
-            tokio::select! {
-                result = run => Ending::Finished(result),
-                () = tokio::time::sleep(timeout) => Ending::Deadline,
-                () = self.shared.cancel.notified() => Ending::Cancelled,
+        let ran = match module {
+            Compiled::Module(module) => {
+                self.run_module(&module, &request, &stdout, &stderr, timeout)
+                    .await
+            }
+            Compiled::Component(component) => {
+                self.run_component(&component, &request, &stdout, &stderr, timeout)
+                    .await
             }
         };
         let elapsed = elapsed_ms(started);
         stdout.finish();
         stderr.finish();
-
-        let fuel_consumed = fuel_given.saturating_sub(store.get_fuel().unwrap_or(fuel_given));
-        let refused = store.data().limiter.refused_bytes;
+        let (ending, fuel_consumed, refused) = match ran {
+            Ok(ran) => ran,
+            Err(e) => {
+                return ExecOutcome::abnormal(
+                    ExitKind::Rejected,
+                    format!("cannot set up the execution: {e:#}"),
+                    elapsed,
+                );
+            }
+        };
         let memory_message = |desired: usize| {
             format!(
                 "memory limit exceeded: the module tried to grow its memory to {} MiB, the limit is {} MiB",
@@ -332,8 +359,83 @@ impl Job {
         outcome.with_fuel(fuel_consumed)
     }
 
+    /// Runs a core module's `_start` (WASI preview1). Returns how it ended, the fuel burned
+    /// and the memory growth refused, if any.
+    async fn run_module(
+        &self,
+        module: &Module,
+        request: &ExecRequest,
+        stdout: &LineWriter,
+        stderr: &LineWriter,
+        timeout: Duration,
+    ) -> wasmtime::Result<(Ending, u64, Option<usize>)> {
+        let (mut store, fuel_given) =
+            new_store(&self.engine, request, stdout.clone(), stderr.clone(), |b| {
+                b.build_p1()
+            })?;
+        let ending = {
+            let linker = self.linker.clone();
+            let run = async {
+                let instance = linker.instantiate_async(&mut store, module).await?;
+                let entry = instance.get_typed_func::<(), ()>(&mut store, "_start").map_err(|e| {
+                    e.context("the module exports no `_start` function: build it as a WASI command (a binary)")
+                })?;
+                entry.call_async(&mut store, ()).await
+            };
+            tokio::select! {
+                result = run => Ending::Finished(result),
+                () = tokio::time::sleep(timeout) => Ending::Deadline,
+                () = self.shared.cancel.notified() => Ending::Cancelled,
+            }
+        };
+        let fuel = fuel_given.saturating_sub(store.get_fuel().unwrap_or(fuel_given));
+        Ok((ending, fuel, store.data().limiter.refused_bytes))
+    }
+
+    /// Runs a command component's `wasi:cli/run` (WASI preview2).
+    async fn run_component(
+        &self,
+        component: &Component,
+        request: &ExecRequest,
+        stdout: &LineWriter,
+        stderr: &LineWriter,
+        timeout: Duration,
+    ) -> wasmtime::Result<(Ending, u64, Option<usize>)> {
+        let (mut store, fuel_given) =
+            new_store(&self.engine, request, stdout.clone(), stderr.clone(), |b| {
+                P2 {
+                    ctx: b.build(),
+                    table: ResourceTable::new(),
+                }
+            })?;
+        let ending = {
+            let linker = self.component_linker.clone();
+            let run = async {
+                let command = wasmtime_wasi::p2::bindings::Command::instantiate_async(
+                    &mut store, component, &linker,
+                )
+                .await
+                .map_err(|e| {
+                    e.context("the component is not a WASI command (it must export wasi:cli/run)")
+                })?;
+                match command.wasi_cli_run().call_run(&mut store).await? {
+                    Ok(()) => Ok(()),
+                    // `run` returned its error variant: the command failed without a code.
+                    Err(()) => Err(wasmtime::Error::new(I32Exit(1))),
+                }
+            };
+            tokio::select! {
+                result = run => Ending::Finished(result),
+                () = tokio::time::sleep(timeout) => Ending::Deadline,
+                () = self.shared.cancel.notified() => Ending::Cancelled,
+            }
+        };
+        let fuel = fuel_given.saturating_sub(store.get_fuel().unwrap_or(fuel_given));
+        Ok((ending, fuel, store.data().limiter.refused_bytes))
+    }
+
     /// Compiles `bytes` (binary or WAT), reusing an earlier compilation of identical bytes.
-    fn module(&self, bytes: &[u8]) -> wasmtime::Result<Module> {
+    fn module(&self, bytes: &[u8]) -> wasmtime::Result<Compiled> {
         let mut hasher = DefaultHasher::new();
         bytes.hash(&mut hasher);
         let key = hasher.finish();
@@ -345,7 +447,11 @@ impl Job {
         {
             return Ok(module);
         }
-        let module = Module::new(&self.engine, bytes)?;
+        let module = if is_component(bytes) {
+            Compiled::Component(Component::from_binary(&self.engine, bytes)?)
+        } else {
+            Compiled::Module(Module::new(&self.engine, bytes)?)
+        };
         self.cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -356,12 +462,13 @@ impl Job {
 
 /// A store for one execution: WASI p1 context (args, env, stdin, line-cut stdout/stderr),
 /// memory limiter, fuel and epoch deadline. Returns it with the fuel it was given.
-fn new_store(
+fn new_store<W: 'static>(
     engine: &Engine,
     request: &ExecRequest,
     stdout: LineWriter,
     stderr: LineWriter,
-) -> wasmtime::Result<(Store<StoreData>, u64)> {
+    build: impl FnOnce(&mut WasiCtxBuilder) -> W,
+) -> wasmtime::Result<(Store<StoreData<W>>, u64)> {
     let mut argv: Vec<String> = vec!["main.wasm".to_owned()];
     argv.extend(request.args.iter().map(|a| a.to_string()));
     let env: Vec<(String, String)> = request
@@ -377,7 +484,7 @@ fn new_store(
         .stdout(stdout)
         .stderr(stderr);
     let data = StoreData {
-        wasi: builder.build_p1(),
+        wasi: build(&mut builder),
         limiter: MemoryLimiter {
             limit_bytes: usize::try_from(request.limits.memory_limit_bytes).unwrap_or(usize::MAX),
             refused_bytes: None,
@@ -413,6 +520,7 @@ impl WasmBackend {
         let job = Job {
             engine: self.engine.clone(),
             linker: self.linker.clone(),
+            component_linker: self.component_linker.clone(),
             cache: self.cache.clone(),
             shared: Arc::new(Shared {
                 slot: OutcomeSlot::default(),
@@ -439,7 +547,11 @@ impl WasmBackend {
                 let module = job.module(&request.workload)?;
                 let stdout = LineWriter::new(sink.clone(), LogStream::Stdout);
                 let stderr = LineWriter::new(sink.clone(), LogStream::Stderr);
-                let (mut store, _) = new_store(&job.engine, &request, stdout, stderr)?;
+                let Compiled::Module(module) = module else {
+                    return Err(wasmtime::Error::msg("benchmark expects a core module"));
+                };
+                let (mut store, _) =
+                    new_store(&job.engine, &request, stdout, stderr, |b| b.build_p1())?;
                 let instance = job.linker.instantiate_async(&mut store, &module).await?;
                 std::hint::black_box(instance);
                 times.push(started.elapsed());
@@ -469,12 +581,12 @@ fn elapsed_ms(started: Instant) -> u64 {
 /// Small content-addressed cache: the hash picks the bucket, full byte equality decides.
 #[derive(Default)]
 struct ModuleCache {
-    entries: HashMap<u64, (Vec<u8>, Module, u64)>,
+    entries: HashMap<u64, (Vec<u8>, Compiled, u64)>,
     clock: u64,
 }
 
 impl ModuleCache {
-    fn get(&mut self, key: u64, bytes: &[u8]) -> Option<Module> {
+    fn get(&mut self, key: u64, bytes: &[u8]) -> Option<Compiled> {
         self.clock += 1;
         let clock = self.clock;
         let (stored, module, used) = self.entries.get_mut(&key)?;
@@ -485,7 +597,7 @@ impl ModuleCache {
         Some(module.clone())
     }
 
-    fn insert(&mut self, key: u64, bytes: &[u8], module: Module) {
+    fn insert(&mut self, key: u64, bytes: &[u8], module: Compiled) {
         if self.entries.len() >= MODULE_CACHE_ENTRIES
             && let Some(oldest) = self
                 .entries

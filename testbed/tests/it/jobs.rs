@@ -421,3 +421,79 @@ async fn a_node_pricing_fuel_bills_the_exact_deterministic_fuel_burned() {
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn wasi_preview2_command_components_run_as_jobs_with_the_same_limits() {
+    let cluster = cluster().await;
+    cluster.funded_account("gus", 5 * USD).await.unwrap();
+    let component = std::fs::read(
+        rhizos_testbed::guests::demo_component().expect("the demo builds for wasm32-wasip2"),
+    )
+    .unwrap();
+    assert_eq!(
+        &component[4..8],
+        &[0x0d, 0, 1, 0],
+        "a component, not a core module"
+    );
+    let cases = [
+        ("p2-hello", wasm_spec(&component, &["hello", "p2"], 30_000)),
+        ("p2-exit", wasm_spec(&component, &["exit", "3"], 30_000)),
+        (
+            "p2-fuel",
+            rhizos_broker::wire::JobSpec {
+                fuel_limit: Some(3_000_000),
+                ..wasm_spec(&component, &["spin"], 30_000)
+            },
+        ),
+    ];
+    for (name, spec) in &cases {
+        cluster
+            .submit(&submit_request("gus", name, spec.clone(), 400_000))
+            .await
+            .unwrap();
+    }
+    let hello = cluster
+        .wait_for_end("p2-hello", Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(hello.state, JobState::Succeeded, "{hello:?}");
+    assert!(
+        hello
+            .stdout
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("Hello from RhizOS, p2!\n"),
+        "{hello:?}"
+    );
+    assert!(
+        hello.fuel_consumed.unwrap_or(0) > 0,
+        "fuel is metered for components too"
+    );
+    let exit = cluster
+        .wait_for_end("p2-exit", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // WASI 0.2's `exit` carries success or failure only (exit codes are an unstable extension
+    // the Rust toolchain does not emit): `exit(3)` reaches the host as failure, code 1.
+    assert_eq!(
+        (exit.state, exit.exit_code),
+        (JobState::Failed, Some(1)),
+        "{exit:?}"
+    );
+    assert_eq!(
+        exit.stderr.as_deref(),
+        Some("exiting with code 3 as asked\n")
+    );
+    let fuel = cluster
+        .wait_for_end("p2-fuel", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(fuel.state, JobState::Failed, "{fuel:?}");
+    assert_eq!(
+        fuel.reason.as_deref(),
+        Some("fuel limit of 3000000 units exhausted")
+    );
+    assert_eq!(fuel.refund_micros, Some(400_000));
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
