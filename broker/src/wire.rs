@@ -210,6 +210,9 @@ pub struct JobSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin_b64: Option<String>,
+    /// Input files (relative path → base64 content), readable by the workload under `/input`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input_files: BTreeMap<String, String>,
     /// Execution deadline; the backend stops the workload after it.
     pub timeout_ms: u64,
     /// Memory limit of the workload.
@@ -255,6 +258,7 @@ impl JobSpec {
             args: Vec::new(),
             env: BTreeMap::new(),
             stdin_b64: None,
+            input_files: BTreeMap::new(),
             timeout_ms,
             memory_mib,
             cpu_cores: default_cpu_cores(),
@@ -390,6 +394,9 @@ pub struct JobView {
     /// WASM fuel the execution burned (when the backend meters it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuel_consumed: Option<u64>,
+    /// Files the workload wrote under `/output` (relative path → base64), when it ended.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub output_files: BTreeMap<String, String>,
     pub created_ms: u64,
     pub updated_ms: u64,
 }
@@ -663,6 +670,9 @@ pub struct ExecutionOutcome {
     /// Fuel burned, when the backend meters it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuel_consumed: Option<u64>,
+    /// Files the workload left under `/output` (relative path → base64).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub output_files: BTreeMap<String, String>,
     /// Tail of stdout/stderr (bounded, see the agent's `max_output_bytes`).
     pub stdout: String,
     pub stderr: String,
@@ -750,8 +760,33 @@ pub enum EscrowKind {
     Refunded,
 }
 
+/// Whether `path` is an acceptable input/output file name: relative, `/`-separated, without
+/// `.`/`..`/empty segments or NUL, at most 255 bytes.
+pub fn valid_file_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.len() <= 255
+        && !path.contains('\0')
+        && !path.contains('\\')
+        && path
+            .split('/')
+            .all(|segment| !segment.is_empty() && segment != "." && segment != "..")
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn file_paths_stay_inside_their_directory() {
+        for good in ["a", "a/b.txt", "data/in.txt", "x..y"] {
+            assert!(super::valid_file_path(good), "{good}");
+        }
+        for bad in [
+            "", "/a", "a/", "../a", "a/../b", "./a", "a//b", "a\\b", "a\0b",
+        ] {
+            assert!(!super::valid_file_path(bad), "{bad:?}");
+        }
+        assert!(!super::valid_file_path(&"x".repeat(256)));
+    }
+
     use super::*;
 
     #[test]

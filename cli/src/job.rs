@@ -17,7 +17,7 @@ use std::time::Duration;
 #[derive(Subcommand)]
 pub enum JobCommand {
     /// Submit a job; with --wait, stream its logs and print the result and the money.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Show one job.
     Get { job_id: String },
     /// List jobs, newest first.
@@ -52,6 +52,12 @@ pub struct SubmitArgs {
     /// File given to the program as stdin.
     #[arg(long)]
     stdin: Option<PathBuf>,
+    /// Input file NAME=PATH (repeat for several): the program reads it at /input/NAME.
+    #[arg(long = "input")]
+    inputs: Vec<String>,
+    /// With --wait: save the files the program wrote under /output into this directory.
+    #[arg(long, requires = "wait")]
+    output_dir: Option<PathBuf>,
     /// The most you will pay, in USD (held in escrow until the job ends).
     #[arg(long)]
     max_cost: String,
@@ -90,7 +96,7 @@ pub struct SubmitArgs {
 pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()> {
     let bus = global.bus().await?;
     match command {
-        JobCommand::Submit(args) => submit(global, &bus, args).await,
+        JobCommand::Submit(args) => submit(global, &bus, *args).await,
         JobCommand::Get { job_id } => {
             let job: JobView = bus
                 .request(
@@ -180,6 +186,19 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             .with_context(|| format!("--env {pair:?} is not NAME=VALUE"))?;
         env.insert(key.to_owned(), value.to_owned());
     }
+    let mut input_files = std::collections::BTreeMap::new();
+    for pair in &args.inputs {
+        let (name, path) = pair
+            .split_once('=')
+            .with_context(|| format!("--input {pair:?} is not NAME=PATH"))?;
+        anyhow::ensure!(
+            wire::valid_file_path(name),
+            "--input {name:?}: the name must be a plain relative path (no leading '/', no '..')"
+        );
+        let content =
+            std::fs::read(path).with_context(|| format!("cannot read --input {name}={path}"))?;
+        input_files.insert(name.to_owned(), wire::b64_encode(&content));
+    }
     let stdin_b64 = match &args.stdin {
         Some(path) => Some(wire::b64_encode(
             &std::fs::read(path)
@@ -205,6 +224,7 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         gpu_apis: vec![],
         disk_mib: 0,
         fuel_limit: args.fuel_limit,
+        input_files,
     })
 }
 
@@ -239,6 +259,7 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
     };
 
     let reply: SubmitJobReply = bus.request(bus.subjects.job_submit(), &request).await?;
+    let output_dir = args.output_dir.as_deref();
     if !args.wait {
         if global.json {
             println!("{}", serde_json::to_string(&reply)?);
@@ -290,14 +311,14 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
                         let node = node_id.map(|n| format!(" on {n}")).unwrap_or_default();
                         eprintln!("· {}{node}", state.as_str());
                     }
-                    if state.is_terminal() && finish(global, bus, &job_id).await? {
+                    if state.is_terminal() && finish(global, bus, &job_id, output_dir).await? {
                         return Ok(());
                     }
                 }
             }
             _ = poll.tick() => {
                 // Safety net if an event was missed (e.g. JetStream briefly unavailable).
-                if finish(global, bus, &job_id).await? {
+                if finish(global, bus, &job_id, output_dir).await? {
                     return Ok(());
                 }
             }
@@ -306,7 +327,12 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
 }
 
 /// Prints the result if the job has ended and its money is settled; `true` when done.
-async fn finish(global: &GlobalArgs, bus: &Bus, job_id: &str) -> anyhow::Result<bool> {
+async fn finish(
+    global: &GlobalArgs,
+    bus: &Bus,
+    job_id: &str,
+    output_dir: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
     let job: JobView = bus
         .request(
             bus.subjects.job_get(),
@@ -320,6 +346,24 @@ async fn finish(global: &GlobalArgs, bus: &Bus, job_id: &str) -> anyhow::Result<
         return Ok(false);
     }
     print_job(global.json, &job)?;
+    if let Some(dir) = output_dir {
+        for (name, content) in &job.output_files {
+            anyhow::ensure!(
+                wire::valid_file_path(name),
+                "the job returned an output file with an unsafe name {name:?}; not saved"
+            );
+            let path = dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            std::fs::write(&path, wire::b64_decode("output_files", content)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            if !global.json {
+                eprintln!("· saved {}", path.display());
+            }
+        }
+    }
     if job.state != JobState::Succeeded {
         std::process::exit(3);
     }
@@ -347,6 +391,15 @@ fn print_job(json: bool, job: &JobView) -> anyhow::Result<()> {
     }
     if let Some(fuel) = job.fuel_consumed {
         writeln!(out, "  fuel:      {fuel} units")?;
+    }
+    for (name, content) in &job.output_files {
+        writeln!(
+            out,
+            "  output:    {name} ({} bytes)",
+            wire::b64_decode("output_files", content)
+                .map(|c| c.len())
+                .unwrap_or(0)
+        )?;
     }
     writeln!(
         out,

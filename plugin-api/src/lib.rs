@@ -88,6 +88,9 @@ pub struct ExecRequest {
     pub env: RVec<Tuple2<RString, RString>>,
     pub stdin: RVec<u8>,
     pub limits: ExecLimits,
+    /// Files for the workload to read (relative path, content); a backend that supports files
+    /// shows them read-only under `/input`.
+    pub input_files: RVec<Tuple2<RString, RVec<u8>>>,
 }
 
 /// How an execution ended.
@@ -124,6 +127,8 @@ pub struct ExecOutcome {
     /// Units of fuel the workload consumed (deterministic, the same on every machine); 0 when
     /// the backend does not meter fuel.
     pub fuel_consumed: u64,
+    /// Files the workload wrote under `/output` (relative path, content).
+    pub output_files: RVec<Tuple2<RString, RVec<u8>>>,
 }
 
 /// Receives the output of an execution, line by line, in order. Implemented by the host.

@@ -271,6 +271,7 @@ impl ExecOutcome {
             message: RString::new(),
             elapsed_ms,
             fuel_consumed: 0,
+            output_files: abi_stable::std_types::RVec::new(),
         }
     }
 
@@ -281,6 +282,7 @@ impl ExecOutcome {
             message: RString::from(message.into()),
             elapsed_ms,
             fuel_consumed: 0,
+            output_files: abi_stable::std_types::RVec::new(),
         }
     }
 }

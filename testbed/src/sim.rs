@@ -92,6 +92,7 @@ impl SimFleet {
                                 message: None,
                                 elapsed_ms: claimed_elapsed_ms,
                                 fuel_consumed: None,
+                                output_files: Default::default(),
                                 stdout: String::new(),
                                 stderr: String::new(),
                             },

@@ -483,6 +483,7 @@ impl Agent {
             message: Some(message),
             elapsed_ms: 0,
             fuel_consumed: None,
+            output_files: Default::default(),
             stdout: String::new(),
             stderr: String::new(),
         };
@@ -561,6 +562,11 @@ impl Agent {
                 message: (!outcome.message.is_empty()).then(|| outcome.message.into_string()),
                 elapsed_ms: outcome.elapsed_ms,
                 fuel_consumed: (outcome.fuel_consumed > 0).then_some(outcome.fuel_consumed),
+                output_files: outcome
+                    .output_files
+                    .iter()
+                    .map(|Tuple2(name, content)| (name.to_string(), wire::b64_encode(content)))
+                    .collect(),
                 stdout,
                 stderr,
             },
@@ -570,6 +576,7 @@ impl Agent {
                 message: Some(format!("waiting for the execution failed: {e}")),
                 elapsed_ms: 0,
                 fuel_consumed: None,
+                output_files: Default::default(),
                 stdout,
                 stderr,
             },
@@ -656,7 +663,19 @@ fn exec_request(assign: &AssignJob) -> Result<ExecRequest, WireError> {
         Some(text) => wire::b64_decode("stdin_b64", text)?,
         None => Vec::new(),
     };
+    let mut input_files = RVec::new();
+    for (name, content) in &assign.spec.input_files {
+        if !wire::valid_file_path(name) {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("input file name {name:?} is not a plain relative path"),
+            ));
+        }
+        let content = wire::b64_decode("input_files", content)?;
+        input_files.push(Tuple2(RString::from(name.as_str()), RVec::from(content)));
+    }
     Ok(ExecRequest {
+        input_files,
         execution_id: RString::from(format!("{}-{}", assign.job_id, assign.attempt)),
         workload: RVec::from(workload),
         args: assign

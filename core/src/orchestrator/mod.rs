@@ -1056,6 +1056,17 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
     if let Some(stdin) = &spec.stdin_b64 {
         wire::b64_decode("stdin_b64", stdin)?;
     }
+    if spec.input_files.len() > 256 {
+        return Err(bad("input_files: at most 256 files"));
+    }
+    for (name, content) in &spec.input_files {
+        if !wire::valid_file_path(name) {
+            return Err(bad(format!(
+                "input_files: {name:?} is not a plain relative path (no leading '/', no '.' or '..' segments, at most 255 bytes)"
+            )));
+        }
+        wire::b64_decode(&format!("input_files[{name}]"), content)?;
+    }
     match &spec.workload {
         Workload::Wasm { module_b64 } => {
             let module = wire::b64_decode("workload.module_b64", module_b64)?;

@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     queue_timeout_ms INTEGER,
     -- WASM fuel the last execution burned, when its backend meters it.
     fuel_consumed INTEGER,
+    -- Files the workload left in /output: JSON object, relative path → base64.
+    output_files TEXT,
     -- The allocation, so a node's committed resources are one query away.
     cpu_cores INTEGER NOT NULL DEFAULT 1,
     memory_mib INTEGER NOT NULL DEFAULT 0,
@@ -90,6 +92,7 @@ pub const REPUTATION_WINDOW: usize = 100;
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "queue_timeout_ms", "INTEGER"),
     ("jobs", "fuel_consumed", "INTEGER"),
+    ("jobs", "output_files", "TEXT"),
 ];
 
 /// A job waiting for a node.
@@ -847,7 +850,7 @@ impl Store {
         let stderr = truncate_tail(&outcome.stderr, max_output_bytes);
         exec(&tx,
             "UPDATE jobs SET state = ?2, exit_code = ?3, stdout = ?4, stderr = ?5, reason = ?6, elapsed_ms = ?7,
-             updated_ms = ?8, fuel_consumed = ?9 WHERE id = ?1",
+             updated_ms = ?8, fuel_consumed = ?9, output_files = ?10 WHERE id = ?1",
             params![
                 job_id,
                 final_state.as_str(),
@@ -857,7 +860,9 @@ impl Store {
                 reason,
                 outcome.elapsed_ms as i64,
                 now as i64,
-                outcome.fuel_consumed.map(|f| f as i64)
+                outcome.fuel_consumed.map(|f| f as i64),
+                (!outcome.output_files.is_empty())
+                    .then(|| serde_json::to_string(&outcome.output_files).unwrap_or_default())
             ],
         )
         .map_err(internal)?;
@@ -1727,7 +1732,7 @@ pub fn format_usd(micros: i64) -> String {
 }
 
 const JOB_COLUMNS: &str = "id, account_id, backend, state, attempt, node_id, max_cost_micros, cost_micros, provider_micros,
-    fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms, fuel_consumed";
+    fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms, fuel_consumed, output_files";
 
 fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobView> {
     let state: String = r.get(3)?;
@@ -1751,6 +1756,10 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobView> {
         created_ms: r.get::<_, i64>(16)? as u64,
         updated_ms: r.get::<_, i64>(17)? as u64,
         fuel_consumed: r.get::<_, Option<i64>>(18)?.map(|v| v as u64),
+        output_files: r
+            .get::<_, Option<String>>(19)?
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -1810,6 +1819,7 @@ mod tests {
     fn exited(code: i32, elapsed_ms: u64) -> ExecutionOutcome {
         ExecutionOutcome {
             fuel_consumed: None,
+            output_files: Default::default(),
             kind: ExitKind::Exited,
             exit_code: Some(code),
             message: None,
@@ -1958,6 +1968,7 @@ mod tests {
         );
         let stopped = ExecutionOutcome {
             fuel_consumed: None,
+            output_files: Default::default(),
             kind: ExitKind::Cancelled,
             exit_code: None,
             message: None,
@@ -2032,6 +2043,7 @@ mod tests {
             let old = SCHEMA
                 .replace("    queue_timeout_ms INTEGER,\n", "")
                 .replace("    fuel_consumed INTEGER,\n", "")
+                .replace("    output_files TEXT,\n", "")
                 .split("CREATE TABLE IF NOT EXISTS node_stats")
                 .next()
                 .unwrap()
@@ -2298,6 +2310,7 @@ mod properties {
             message: None,
             elapsed_ms,
             fuel_consumed: None,
+            output_files: Default::default(),
             stdout: String::new(),
             stderr: String::new(),
         }

@@ -30,6 +30,11 @@ const MODULE_CACHE_ENTRIES: usize = 32;
 /// Instances (and their memories, tables and async stacks) the pooling allocator keeps ready:
 /// more executions than this at once on one node wait for a slot's error to retry.
 const POOL_SLOTS: u32 = 64;
+/// Most bytes of output files collected from `/output` (beyond: dropped, and said on stderr);
+/// they travel base64 in the result report, within a NATS message.
+const MAX_OUTPUT_FILES_BYTES: u64 = 512 << 10;
+/// Most output files collected.
+const MAX_OUTPUT_FILES: usize = 256;
 /// Fuel given to a guest without a fuel limit (never runs out in practice; still counted).
 const UNLIMITED_FUEL: u64 = u64::MAX / 2;
 
@@ -281,17 +286,38 @@ impl Job {
         let fuel_limit = request.limits.fuel_limit;
         let stdout = LineWriter::new(sink.clone(), LogStream::Stdout);
         let stderr = LineWriter::new(sink.clone(), LogStream::Stderr);
+        let dirs = match ExecDirs::create(&request) {
+            Ok(dirs) => dirs,
+            Err(e) => {
+                return ExecOutcome::abnormal(
+                    ExitKind::Rejected,
+                    format!("cannot prepare the input files: {e}"),
+                    elapsed_ms(started),
+                );
+            }
+        };
         let ran = match module {
             Compiled::Module(module) => {
-                self.run_module(&module, &request, &stdout, &stderr, timeout)
+                self.run_module(&module, &request, &dirs, &stdout, &stderr, timeout)
                     .await
             }
             Compiled::Component(component) => {
-                self.run_component(&component, &request, &stdout, &stderr, timeout)
+                self.run_component(&component, &request, &dirs, &stdout, &stderr, timeout)
                     .await
             }
         };
         let elapsed = elapsed_ms(started);
+        let (output_files, dropped) = dirs.collect_outputs();
+        if dropped > 0 {
+            stderr.write(
+                format!(
+                    "\nrhizos: {dropped} output file(s) dropped: outputs are limited to {MAX_OUTPUT_FILES} files and {} KiB\n",
+                    MAX_OUTPUT_FILES_BYTES >> 10
+                )
+                .as_bytes(),
+            );
+        }
+        drop(dirs);
         stdout.finish();
         stderr.finish();
         let (ending, fuel_consumed, refused) = match ran {
@@ -356,7 +382,9 @@ impl Job {
                 }
             }
         };
-        outcome.with_fuel(fuel_consumed)
+        let mut outcome = outcome.with_fuel(fuel_consumed);
+        outcome.output_files = output_files;
+        outcome
     }
 
     /// Runs a core module's `_start` (WASI preview1). Returns how it ended, the fuel burned
@@ -365,14 +393,19 @@ impl Job {
         &self,
         module: &Module,
         request: &ExecRequest,
+        dirs: &ExecDirs,
         stdout: &LineWriter,
         stderr: &LineWriter,
         timeout: Duration,
     ) -> wasmtime::Result<(Ending, u64, Option<usize>)> {
-        let (mut store, fuel_given) =
-            new_store(&self.engine, request, stdout.clone(), stderr.clone(), |b| {
-                b.build_p1()
-            })?;
+        let (mut store, fuel_given) = new_store(
+            &self.engine,
+            request,
+            stdout.clone(),
+            stderr.clone(),
+            Some(dirs),
+            |b| b.build_p1(),
+        )?;
         let ending = {
             let linker = self.linker.clone();
             let run = async {
@@ -397,17 +430,22 @@ impl Job {
         &self,
         component: &Component,
         request: &ExecRequest,
+        dirs: &ExecDirs,
         stdout: &LineWriter,
         stderr: &LineWriter,
         timeout: Duration,
     ) -> wasmtime::Result<(Ending, u64, Option<usize>)> {
-        let (mut store, fuel_given) =
-            new_store(&self.engine, request, stdout.clone(), stderr.clone(), |b| {
-                P2 {
-                    ctx: b.build(),
-                    table: ResourceTable::new(),
-                }
-            })?;
+        let (mut store, fuel_given) = new_store(
+            &self.engine,
+            request,
+            stdout.clone(),
+            stderr.clone(),
+            Some(dirs),
+            |b| P2 {
+                ctx: b.build(),
+                table: ResourceTable::new(),
+            },
+        )?;
         let ending = {
             let linker = self.component_linker.clone();
             let run = async {
@@ -460,6 +498,124 @@ impl Job {
     }
 }
 
+/// An execution's private directories: `input/` (the job's files, mapped read-only at
+/// `/input`) and `output/` (writable at `/output`, collected at the end). Removed on drop.
+struct ExecDirs {
+    root: std::path::PathBuf,
+    input: std::path::PathBuf,
+    output: std::path::PathBuf,
+}
+
+impl ExecDirs {
+    fn create(request: &ExecRequest) -> io::Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let unique = NEXT.fetch_add(1, Ordering::Relaxed);
+        let safe_id: String = request
+            .execution_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(64)
+            .collect();
+        let root = std::env::temp_dir().join(format!(
+            "rhizos-wasm-{}-{unique}-{safe_id}",
+            std::process::id()
+        ));
+        let dirs = Self {
+            input: root.join("input"),
+            output: root.join("output"),
+            root,
+        };
+        std::fs::create_dir_all(&dirs.input)?;
+        std::fs::create_dir_all(&dirs.output)?;
+        for Tuple2(name, content) in request.input_files.iter() {
+            let name = name.as_str();
+            // Checked by the orchestrator too; a path must stay inside input/.
+            if name.is_empty()
+                || name.starts_with('/')
+                || name
+                    .split('/')
+                    .any(|s| s.is_empty() || s == "." || s == "..")
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("bad input file name {name:?}"),
+                ));
+            }
+            let path = dirs.input.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, content.as_slice())?;
+        }
+        Ok(dirs)
+    }
+
+    /// Regular files under output/ (relative path, content), in path order, within the
+    /// limits; and how many were dropped for them. Symlinks are not followed.
+    fn collect_outputs(
+        &self,
+    ) -> (
+        abi_stable::std_types::RVec<
+            Tuple2<abi_stable::std_types::RString, abi_stable::std_types::RVec<u8>>,
+        >,
+        usize,
+    ) {
+        let mut files = Vec::new();
+        let mut pending = vec![self.output.clone()];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
+                if kind.is_dir() {
+                    pending.push(entry.path());
+                } else if kind.is_file() {
+                    files.push(entry.path());
+                }
+            }
+        }
+        files.sort();
+        let (mut kept, mut dropped, mut total) = (abi_stable::std_types::RVec::new(), 0usize, 0u64);
+        for path in files {
+            let Ok(relative) = path.strip_prefix(&self.output) else {
+                continue;
+            };
+            let name = relative.to_string_lossy().replace('\\', "/");
+            let size = std::fs::metadata(&path)
+                .map(|m| m.len())
+                .unwrap_or(u64::MAX);
+            if kept.len() >= MAX_OUTPUT_FILES || total.saturating_add(size) > MAX_OUTPUT_FILES_BYTES
+            {
+                dropped += 1;
+                continue;
+            }
+            match std::fs::read(&path) {
+                Ok(content) => {
+                    total += content.len() as u64;
+                    kept.push(Tuple2(name.as_str().into(), content.into()));
+                }
+                Err(_) => dropped += 1,
+            }
+        }
+        (kept, dropped)
+    }
+}
+
+impl Drop for ExecDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
 /// A store for one execution: WASI p1 context (args, env, stdin, line-cut stdout/stderr),
 /// memory limiter, fuel and epoch deadline. Returns it with the fuel it was given.
 fn new_store<W: 'static>(
@@ -467,6 +623,7 @@ fn new_store<W: 'static>(
     request: &ExecRequest,
     stdout: LineWriter,
     stderr: LineWriter,
+    dirs: Option<&ExecDirs>,
     build: impl FnOnce(&mut WasiCtxBuilder) -> W,
 ) -> wasmtime::Result<(Store<StoreData<W>>, u64)> {
     let mut argv: Vec<String> = vec!["main.wasm".to_owned()];
@@ -483,6 +640,10 @@ fn new_store<W: 'static>(
         .stdin(MemoryInputPipe::new(request.stdin.to_vec()))
         .stdout(stdout)
         .stderr(stderr);
+    if let Some(dirs) = dirs {
+        builder.preopened_dir(&dirs.input, "/input", wasmtime_wasi::FsPerms::ReadOnly)?;
+        builder.preopened_dir(&dirs.output, "/output", wasmtime_wasi::FsPerms::ReadWrite)?;
+    }
     let data = StoreData {
         wasi: build(&mut builder),
         limiter: MemoryLimiter {
@@ -539,6 +700,7 @@ impl WasmBackend {
                 memory_limit_bytes: 64 << 20,
                 fuel_limit: 0,
             },
+            input_files: Default::default(),
         };
         self.runtime.block_on(async {
             let mut times = Vec::with_capacity(iterations);
@@ -550,8 +712,9 @@ impl WasmBackend {
                 let Compiled::Module(module) = module else {
                     return Err(wasmtime::Error::msg("benchmark expects a core module"));
                 };
-                let (mut store, _) =
-                    new_store(&job.engine, &request, stdout, stderr, |b| b.build_p1())?;
+                let (mut store, _) = new_store(&job.engine, &request, stdout, stderr, None, |b| {
+                    b.build_p1()
+                })?;
                 let instance = job.linker.instantiate_async(&mut store, &module).await?;
                 std::hint::black_box(instance);
                 times.push(started.elapsed());

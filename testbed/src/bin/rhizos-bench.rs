@@ -224,6 +224,7 @@ fn plugin_call(calls: usize, json: bool) -> anyhow::Result<()> {
             memory_limit_bytes: 1 << 20,
             fuel_limit: 0,
         },
+        input_files: Default::default(),
     };
     let execution = match plugin.backend.start(request(), null_sink()) {
         RResult::ROk(execution) => execution,

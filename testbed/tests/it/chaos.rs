@@ -67,6 +67,7 @@ async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
         phase: ReportPhase::Finished {
             outcome: ExecutionOutcome {
                 fuel_consumed: None,
+                output_files: Default::default(),
                 kind: ExitKind::Exited,
                 exit_code: Some(0),
                 message: None,

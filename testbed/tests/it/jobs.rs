@@ -497,3 +497,92 @@ async fn wasi_preview2_command_components_run_as_jobs_with_the_same_limits() {
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn input_files_are_read_only_and_output_files_come_back_with_the_result() {
+    let cluster = cluster().await;
+    cluster.funded_account("hana", 5 * USD).await.unwrap();
+    let module = demo();
+    let component = std::fs::read(rhizos_testbed::guests::demo_component().unwrap()).unwrap();
+    let text = "first line\nsecond line\nthird\n";
+    for (name, bytes) in [("files-p1", &module), ("files-p2", &component)] {
+        let spec = rhizos_broker::wire::JobSpec {
+            input_files: [(
+                "data/in.txt".to_owned(),
+                rhizos_broker::wire::b64_encode(text.as_bytes()),
+            )]
+            .into(),
+            ..wasm_spec(bytes, &["upper", "data/in.txt", "result/out.txt"], 30_000)
+        };
+        cluster
+            .submit(&submit_request("hana", name, spec, 400_000))
+            .await
+            .unwrap();
+        let job = cluster
+            .wait_for_end(name, Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{name}: {job:?}");
+        let outputs: Vec<(String, String)> = job
+            .output_files
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    String::from_utf8(rhizos_broker::wire::b64_decode("f", v).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            outputs,
+            [
+                ("result/out.txt".to_owned(), text.to_uppercase()),
+                ("result/out.txt.lines".to_owned(), "3".to_owned()),
+            ],
+            "{name}"
+        );
+    }
+    // /input is read-only.
+    let spec = rhizos_broker::wire::JobSpec {
+        input_files: [("a.txt".to_owned(), rhizos_broker::wire::b64_encode(b"x"))].into(),
+        ..wasm_spec(&module, &["write-input", "a.txt"], 30_000)
+    };
+    cluster
+        .submit(&submit_request("hana", "ro", spec, 400_000))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("ro", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        (job.state, job.exit_code),
+        (JobState::Failed, Some(5)),
+        "{job:?}"
+    );
+    assert!(
+        job.stdout
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("refused: ")
+    );
+    assert!(job.output_files.is_empty());
+    // Names that could escape the input directory are refused at submit.
+    for bad in ["../x", "/etc/passwd", "a//b", "./a"] {
+        let spec = rhizos_broker::wire::JobSpec {
+            input_files: [(bad.to_owned(), rhizos_broker::wire::b64_encode(b"x"))].into(),
+            ..wasm_spec(&module, &["hello"], 30_000)
+        };
+        let error = cluster
+            .submit(&submit_request("hana", "escape", spec, 400_000))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("not a plain relative path"),
+            "{bad}: {error}"
+        );
+    }
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}

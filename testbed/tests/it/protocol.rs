@@ -153,6 +153,7 @@ async fn the_same_result_reported_twice_is_settled_once() {
         phase: ReportPhase::Finished {
             outcome: ExecutionOutcome {
                 fuel_consumed: None,
+                output_files: Default::default(),
                 kind: ExitKind::Exited,
                 exit_code: Some(0),
                 message: None,

@@ -11,6 +11,8 @@
 //! rhizos-demo alloc MIB             allocates and touches MIB MiB
 //! rhizos-demo env NAME              prints the variable NAME
 //! rhizos-demo cat                   copies stdin to stdout
+//! rhizos-demo upper IN OUT          /input/IN upper-cased into /output/OUT (+ OUT.lines: its count)
+//! rhizos-demo write-input NAME      tries to write /input/NAME (read-only: reports the error)
 //! ```
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -60,6 +62,30 @@ fn main() {
             println!("allocated {} bytes", std::hint::black_box(&block).len());
         }
         "env" => println!("{}", std::env::var(arg(1).unwrap_or("NAME")).unwrap_or_default()),
+        "upper" => {
+            let (from, to) = (arg(1).unwrap_or("in.txt"), arg(2).unwrap_or("out.txt"));
+            let text = match std::fs::read_to_string(format!("/input/{from}")) {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!("cannot read /input/{from}: {e}");
+                    std::process::exit(4);
+                }
+            };
+            let out = format!("/output/{to}");
+            if let Some(parent) = std::path::Path::new(&out).parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            std::fs::write(&out, text.to_uppercase()).expect("/output is writable");
+            std::fs::write(format!("{out}.lines"), text.lines().count().to_string()).expect("/output is writable");
+            println!("wrote {out}");
+        }
+        "write-input" => match std::fs::write(format!("/input/{}", arg(1).unwrap_or("x")), "no") {
+            Ok(()) => println!("wrote into /input"),
+            Err(e) => {
+                println!("refused: {e}");
+                std::process::exit(5);
+            }
+        },
         "cat" => {
             let mut input = Vec::new();
             let _ = std::io::stdin().read_to_end(&mut input);
