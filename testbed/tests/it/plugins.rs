@@ -31,6 +31,7 @@ async fn incompatible_and_foreign_libraries_are_refused_and_the_good_plugin_stil
         plugin_files: vec![
             rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
             rhizos_testbed::plugin_file("rhizos_fixture_plugin_abi_mismatch").unwrap(),
+            rhizos_testbed::plugin_file("rhizos_fixture_plugin_wrong_kind").unwrap(),
             foreign_library(scratch.path()),
             garbage,
         ],
@@ -60,6 +61,14 @@ async fn incompatible_and_foreign_libraries_are_refused_and_the_good_plugin_stil
         "{mismatch}"
     );
     assert!(mismatch.contains("rebuild the plugin"), "{mismatch}");
+    let wrong_kind = find("librhizos_fixture_plugin_wrong_kind.so")
+        .refused
+        .clone()
+        .expect("refused");
+    assert_eq!(
+        wrong_kind,
+        "plugin confused is a Resolver plugin, not an execution backend"
+    );
     let foreign = find("libforeign.so").refused.clone().expect("refused");
     assert!(foreign.contains("not a RhizOS plugin"), "{foreign}");
     let garbage = find("libgarbage.so").refused.clone().expect("refused");
