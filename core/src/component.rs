@@ -297,6 +297,18 @@ impl ResolverComponent {
             .map(|info| info.name)
     }
 
+    /// For benchmarks: `calls` `describe` calls on one instance (the raw cost of crossing into
+    /// the component, without the per-call instantiation the host normally does).
+    #[doc(hidden)]
+    pub fn describe_calls_on_one_instance(&self, calls: usize) -> Result<(), String> {
+        self.call(|bindings, store| {
+            for _ in 0..calls {
+                std::hint::black_box(bindings.call_describe(&mut *store)?);
+            }
+            Ok(())
+        })
+    }
+
     /// Runs `f` on a fresh instance under the manifest's grants and limits.
     fn call<T>(
         &self,
