@@ -150,13 +150,13 @@ pub fn ensure_account(
 }
 
 pub fn balance(tx: &rusqlite::Connection, id: &str) -> Result<Option<i64>, LedgerError> {
-    Ok(tx
-        .query_row(
-            "SELECT balance_micros FROM accounts WHERE id = ?1",
-            [id],
-            |row| row.get(0),
-        )
-        .optional()?)
+    Ok(query_row(
+        tx,
+        "SELECT balance_micros FROM accounts WHERE id = ?1",
+        [id],
+        |row| row.get(0),
+    )
+    .optional()?)
 }
 
 /// Writes one balanced movement under `idem_key`. Accounts must exist. Nothing is written (and
@@ -190,13 +190,13 @@ pub fn post(
         if *amount == 0 {
             continue;
         }
-        let row: Option<(i64, String)> = tx
-            .query_row(
-                "SELECT balance_micros, kind FROM accounts WHERE id = ?1",
-                [account],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()?;
+        let row: Option<(i64, String)> = query_row(
+            tx,
+            "SELECT balance_micros, kind FROM accounts WHERE id = ?1",
+            [account],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
         let Some((balance, kind)) = row else {
             return Err(LedgerError::NoAccount((*account).to_owned()));
         };

@@ -14,7 +14,25 @@ use rhizos_testbed::cluster::{uuid_like, wasm_spec};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn start_orchestrator(settings: &Settings, data_dir: &std::path::Path) -> Child {
+/// The `rhizosd` child; killed when dropped, so a failing test leaves no daemon behind.
+struct Daemon(Child);
+
+impl Daemon {
+    /// `kill -9` and reap.
+    fn kill(&mut self) -> std::io::Result<()> {
+        self.0.kill()?;
+        self.0.wait().map(|_| ())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_orchestrator(settings: &Settings, data_dir: &std::path::Path) -> Daemon {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -34,6 +52,7 @@ fn start_orchestrator(settings: &Settings, data_dir: &std::path::Path) -> Child 
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+        .map(Daemon)
         .expect("rhizosd is built (cargo build --workspace)")
 }
 
@@ -163,7 +182,6 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
 
     // kill -9 while one job runs and one waits; restart after the running one has finished.
     orchestrator.kill().unwrap();
-    orchestrator.wait().unwrap();
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
 
@@ -248,5 +266,4 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     let _ = stop.send(true);
     agent_task.await.unwrap().unwrap();
     orchestrator.kill().unwrap();
-    orchestrator.wait().unwrap();
 }
