@@ -789,8 +789,12 @@ impl Orchestrator {
         let mut state = self.inner.outbox.lock().await;
         let mut in_flight = futures::stream::FuturesOrdered::new();
         let mut sent = state.published;
+        // Look for new rows when the pipeline is empty, or half empty after a good number of
+        // acks: not after every ack (each look is a read transaction on the database).
+        let mut acked_since_read = usize::MAX;
         loop {
-            if in_flight.len() < WINDOW / 2 {
+            if in_flight.is_empty() || (in_flight.len() < WINDOW / 2 && acked_since_read >= 64) {
+                acked_since_read = 0;
                 let rows = state.reader.after(sent, WINDOW - in_flight.len())?;
                 if !rows.is_empty() {
                     for row in rows {
@@ -811,8 +815,24 @@ impl Orchestrator {
                     continue;
                 }
             }
-            match in_flight.next().await {
-                Some((id, Ok(_))) => state.published = id,
+            if in_flight.is_empty() {
+                break;
+            }
+            let next = tokio::select! {
+                biased;
+                next = in_flight.next() => next,
+                // Something new was committed and the pipeline is short (light load): look at
+                // once. Under load the pipeline is long and acks pace the reads.
+                () = self.inner.outbox_wake.notified(), if in_flight.len() < 64 => {
+                    acked_since_read = usize::MAX;
+                    continue;
+                }
+            };
+            match next {
+                Some((id, Ok(_))) => {
+                    state.published = id;
+                    acked_since_read += 1;
+                }
                 Some((_, Err(e))) => return Err(e.into()),
                 None => break,
             }
