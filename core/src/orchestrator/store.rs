@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, created_ms);
 CREATE INDEX IF NOT EXISTS jobs_by_account ON jobs(account_id, created_ms);
+-- A node's active attempts (heartbeat reconciliation, lost nodes).
+CREATE INDEX IF NOT EXISTS jobs_by_node ON jobs(node_id, state);
 CREATE TABLE IF NOT EXISTS nodes (
     id TEXT PRIMARY KEY,
     registration TEXT NOT NULL,

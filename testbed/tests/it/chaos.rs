@@ -125,3 +125,77 @@ async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_assignment_committed_but_never_sent_is_requeued_and_runs_once() {
+    let cluster = Cluster::start(ClusterOptions {
+        heartbeat_interval_ms: 200,
+        max_concurrent: 1,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("jo", 1_000_000).await.unwrap();
+    let module = demo();
+    cluster
+        .submit(&submit_request(
+            "jo",
+            "busy",
+            wasm_spec(&module, &["count", "15", "100"], 20_000),
+            500_000,
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.job("busy").await.unwrap().state != JobState::Running {
+        assert!(Instant::now() < deadline, "busy never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster
+        .submit(&submit_request(
+            "jo",
+            "lost-send",
+            wasm_spec(&module, &["count", "2"], 20_000),
+            200_000,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        cluster.job("lost-send").await.unwrap().state,
+        JobState::Pending,
+        "the only slot is busy"
+    );
+    // What a crash between the assignment's commit and its delivery leaves behind: the
+    // orchestrator's own storage code commits the assignment, and nothing sends it.
+    let mut store = rhizos_core::orchestrator::store::Store::open(
+        &cluster.ledger_path(),
+        500,
+        cluster.bus.subjects.clone(),
+    )
+    .unwrap();
+    assert_eq!(
+        store
+            .assign("lost-send", "node-0", &ClusterOptions::default().pricing)
+            .unwrap(),
+        Some(1)
+    );
+    drop(store);
+
+    // The node's heartbeats never list attempt 1: after the grace period it is requeued, and
+    // runs as attempt 2 once the slot frees.
+    let job = cluster
+        .wait_for_end("lost-send", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert_eq!(job.attempt, 2);
+    assert_eq!(job.stdout.as_deref(), Some("line 1\nline 2\n"));
+    assert_eq!(ledger_kinds(&cluster, "lost-send"), ["hold", "settle"]);
+    let busy = cluster
+        .wait_for_end("busy", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(busy.state, JobState::Succeeded);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
