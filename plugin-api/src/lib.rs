@@ -23,7 +23,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
-    std_types::{RBox, RResult, RStr, RString, RVec, Tuple2},
+    std_types::{RBox, ROption, RResult, RStr, RString, RVec, Tuple2},
 };
 
 pub mod sdk;
@@ -185,5 +185,43 @@ impl RootModule for BackendPluginRef {
     declare_root_module_statics! {BackendPluginRef}
     const BASE_NAME: &'static str = "rhizos_backend";
     const NAME: &'static str = "rhizos_backend";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+/// A module resolver: turns a `chain://<id>[@<version>]` name into the module's manifest.
+/// Implemented by the plugin.
+#[sabi_trait]
+pub trait Resolver: Send + Sync {
+    /// The manifest (JSON text) of `id` at `version` (the latest when `RNone`); `RNone` when
+    /// this resolver does not know the module (the next one in the chain is asked); `RErr`
+    /// when it knows it but cannot answer.
+    #[sabi(last_prefix_field)]
+    fn resolve(
+        &self,
+        id: RStr<'_>,
+        version: ROption<RStr<'_>>,
+    ) -> RResult<ROption<RString>, RString>;
+}
+
+pub type ResolverBox = Resolver_TO<'static, RBox<()>>;
+
+/// The root module every resolver plugin exports (a library exports one root module: a
+/// backend or a resolver).
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = ResolverPluginRef)))]
+#[sabi(missing_field(panic))]
+pub struct ResolverPlugin {
+    /// Name, version and kind (`Resolver`). Must not fail.
+    pub describe: extern "C" fn() -> PluginInfo,
+    /// Creates the resolver from its JSON config (`{}` when none).
+    #[sabi(last_prefix_field)]
+    pub new_resolver: extern "C" fn(config: RStr<'_>) -> RResult<ResolverBox, RString>,
+}
+
+impl RootModule for ResolverPluginRef {
+    declare_root_module_statics! {ResolverPluginRef}
+    const BASE_NAME: &'static str = "rhizos_resolver";
+    const NAME: &'static str = "rhizos_resolver";
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
 }

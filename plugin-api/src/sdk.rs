@@ -41,10 +41,10 @@
 
 use crate::{
     Backend, Backend_TO, BackendBox, EventSinkBox, ExecOutcome, ExecRequest, Execution,
-    Execution_TO, ExecutionBox, ExitKind, LogStream,
+    Execution_TO, ExecutionBox, ExitKind, LogStream, Resolver, Resolver_TO, ResolverBox,
 };
 use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RErr, ROk, RResult, RString};
+use abi_stable::std_types::{RErr, ROk, ROption, RResult, RStr, RString};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Condvar, Mutex, PoisonError};
 
@@ -121,6 +121,78 @@ impl<E: PluginExecution> Execution for Contained<E> {
     fn wait(&self) -> ExecOutcome {
         catch_panic_outcome("wait", || self.0.wait())
     }
+}
+
+/// A module resolver in plain Rust; [`crate::export_resolver_plugin!`] exports it with
+/// panics contained (a panic becomes that resolution's error).
+pub trait PluginResolver: Send + Sync + 'static {
+    /// The manifest (JSON text) of `id` at `version` (latest when `None`); `Ok(None)` when
+    /// unknown here.
+    fn resolve(&self, id: &str, version: Option<&str>) -> Result<Option<String>, String>;
+}
+
+/// Wraps a [`PluginResolver`] as the stable-ABI [`ResolverBox`] (used by the export macro).
+pub fn resolver_box<R: PluginResolver>(resolver: R) -> ResolverBox {
+    Resolver_TO::from_value(Contained(resolver), TD_Opaque)
+}
+
+impl<R: PluginResolver> Resolver for Contained<R> {
+    fn resolve(
+        &self,
+        id: RStr<'_>,
+        version: ROption<RStr<'_>>,
+    ) -> RResult<ROption<RString>, RString> {
+        catch_panic("resolve", || {
+            match self
+                .0
+                .resolve(id.as_str(), version.map(|v| v.as_str()).into_option())
+            {
+                Ok(found) => ROk(found.map(RString::from).into()),
+                Err(message) => RErr(RString::from(message)),
+            }
+        })
+    }
+}
+
+/// Exports a [`PluginResolver`] as this library's RhizOS root module: `name`, and `new`, a
+/// `fn(&str) -> Result<impl PluginResolver, impl Display>` given the plugin's JSON config.
+#[macro_export]
+macro_rules! export_resolver_plugin {
+    (name: $name:expr, new: $new:path $(,)?) => {
+        /// The RhizOS root module of this plugin.
+        #[::abi_stable::export_root_module]
+        pub fn get_library() -> $crate::ResolverPluginRef {
+            use ::abi_stable::prefix_type::PrefixTypeTrait as _;
+            $crate::ResolverPlugin {
+                describe: __rhizos_describe,
+                new_resolver: __rhizos_new_resolver,
+            }
+            .leak_into_prefix()
+        }
+
+        #[::abi_stable::sabi_extern_fn]
+        fn __rhizos_describe() -> $crate::PluginInfo {
+            $crate::PluginInfo {
+                name: ::abi_stable::std_types::RString::from($name),
+                version: ::abi_stable::std_types::RString::from(env!("CARGO_PKG_VERSION")),
+                kind: $crate::PluginKind::Resolver,
+                backends: ::abi_stable::std_types::RVec::new(),
+            }
+        }
+
+        #[::abi_stable::sabi_extern_fn]
+        fn __rhizos_new_resolver(
+            config: ::abi_stable::std_types::RStr<'_>,
+        ) -> ::abi_stable::std_types::RResult<$crate::ResolverBox, ::abi_stable::std_types::RString>
+        {
+            $crate::sdk::catch_panic("new_resolver", || match $new(config.as_str()) {
+                Ok(resolver) => ::abi_stable::std_types::ROk($crate::sdk::resolver_box(resolver)),
+                Err(e) => ::abi_stable::std_types::RErr(::abi_stable::std_types::RString::from(
+                    e.to_string(),
+                )),
+            })
+        }
+    };
 }
 
 /// Exports a [`PluginBackend`] as this library's RhizOS root module.

@@ -113,9 +113,9 @@ impl Agent {
             refused: None,
         });
         let components = plugins.resolvers.iter().map(|c| PluginView {
-            file: c.file.display().to_string(),
-            name: Some(c.name.clone()),
-            version: Some(c.version.clone()),
+            file: c.file().display().to_string(),
+            name: Some(c.name().to_owned()),
+            version: Some(c.version().to_owned()),
             kind: Some("resolver".into()),
             backends: vec![],
             refused: None,
@@ -153,9 +153,11 @@ impl Agent {
         tokio::task::spawn_blocking(move || {
             for resolver in resolvers {
                 match resolver.resolve(&id, version.as_deref()) {
-                    Ok(Some(manifest)) => return Ok(Some((resolver.name.clone(), manifest))),
+                    Ok(Some(manifest)) => {
+                        return Ok(Some((resolver.name().to_owned(), manifest)));
+                    }
                     Ok(None) => continue,
-                    Err(e) => return Err(format!("resolver {}: {e}", resolver.name)),
+                    Err(e) => return Err(format!("resolver {}: {e}", resolver.name())),
                 }
             }
             Ok(None)

@@ -18,7 +18,9 @@
 
 use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
 use abi_stable::std_types::RResult;
-use rhizos_plugin_api::{BackendBox, BackendPluginRef, PLUGIN_API_VERSION, PluginKind};
+use rhizos_plugin_api::{
+    BackendBox, BackendPluginRef, PLUGIN_API_VERSION, PluginKind, ResolverBox, ResolverPluginRef,
+};
 use sha2::Digest as _;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -37,6 +39,67 @@ pub struct LoadedPlugin {
     pub digest: String,
 }
 
+/// A stable-ABI resolver plugin that loaded.
+pub struct LoadedResolver {
+    pub file: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub resolver: ResolverBox,
+    pub digest: String,
+}
+
+/// What a stable-ABI library turned out to be.
+pub enum Native {
+    Backend(LoadedPlugin),
+    Resolver(LoadedResolver),
+}
+
+/// One resolver of the node's chain, of either plugin kind.
+#[derive(Clone)]
+pub enum ChainResolver {
+    Native(Arc<LoadedResolver>),
+    Component(Arc<crate::component::ResolverComponent>),
+}
+
+impl ChainResolver {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Native(r) => &r.name,
+            Self::Component(c) => &c.name,
+        }
+    }
+
+    pub fn version(&self) -> &str {
+        match self {
+            Self::Native(r) => &r.version,
+            Self::Component(c) => &c.version,
+        }
+    }
+
+    pub fn file(&self) -> &Path {
+        match self {
+            Self::Native(r) => &r.file,
+            Self::Component(c) => &c.file,
+        }
+    }
+
+    /// The module's manifest (JSON text), `None` when unknown here. Blocking.
+    pub fn resolve(&self, id: &str, version: Option<&str>) -> Result<Option<String>, String> {
+        match self {
+            Self::Native(r) => {
+                match r
+                    .resolver
+                    .resolve(id.into(), version.map(Into::into).into())
+                {
+                    RResult::ROk(found) => Ok(found.into_option().map(|m| m.into_string())),
+                    RResult::RErr(message) => Err(message.into_string()),
+                }
+            }
+            Self::Component(c) => c.resolve(id, version),
+        }
+    }
+}
+
 /// A file in the plugin directory that was not loaded, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefusedPlugin {
@@ -49,8 +112,8 @@ pub struct RefusedPlugin {
 pub struct PluginSet {
     /// Stable-ABI backend plugins.
     pub loaded: Vec<Arc<LoadedPlugin>>,
-    /// Resolver components (`.wasm`), in file name order: the node's resolver chain.
-    pub resolvers: Vec<Arc<crate::component::ResolverComponent>>,
+    /// Resolvers (stable-ABI and components), in file name order: the node's resolver chain.
+    pub resolvers: Vec<ChainResolver>,
     pub refused: Vec<RefusedPlugin>,
 }
 
@@ -118,6 +181,7 @@ fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
 
 enum Entry {
     Loaded(Arc<LoadedPlugin>),
+    Resolver(Arc<LoadedResolver>),
     Component(Arc<crate::component::ResolverComponent>),
     Refused(String),
 }
@@ -231,7 +295,8 @@ impl PluginDir {
                 }
             } else {
                 match self.load_copy(&file) {
-                    Ok(plugin) => Entry::Loaded(Arc::new(plugin)),
+                    Ok(Native::Backend(plugin)) => Entry::Loaded(Arc::new(plugin)),
+                    Ok(Native::Resolver(resolver)) => Entry::Resolver(Arc::new(resolver)),
                     Err(reason) => Entry::Refused(reason),
                 }
             };
@@ -241,6 +306,9 @@ impl PluginDir {
                 }
                 Entry::Component(c) => {
                     tracing::info!(file = %file.display(), name = %c.name, version = %c.version, kind = "resolver", "component plugin loaded")
+                }
+                Entry::Resolver(r) => {
+                    tracing::info!(file = %file.display(), name = %r.name, version = %r.version, kind = "resolver", "plugin loaded")
                 }
                 Entry::Refused(reason) => {
                     tracing::warn!(file = %file.display(), "plugin refused: {reason}")
@@ -265,6 +333,7 @@ impl PluginDir {
             let name = match entry {
                 Entry::Loaded(plugin) => Some(plugin.name.clone()),
                 Entry::Component(component) => Some(component.name.clone()),
+                Entry::Resolver(resolver) => Some(resolver.name.clone()),
                 Entry::Refused(_) => None,
             };
             if let Some(name) = name {
@@ -281,7 +350,12 @@ impl PluginDir {
                 names.push((name, file.clone()));
             }
             match entry {
-                Entry::Component(component) => set.resolvers.push(component.clone()),
+                Entry::Component(component) => set
+                    .resolvers
+                    .push(ChainResolver::Component(component.clone())),
+                Entry::Resolver(resolver) => {
+                    set.resolvers.push(ChainResolver::Native(resolver.clone()))
+                }
                 Entry::Loaded(plugin) => set.loaded.push(plugin.clone()),
                 Entry::Refused(reason) => set.refused.push(RefusedPlugin {
                     file: file.clone(),
@@ -312,7 +386,7 @@ impl PluginDir {
     }
 
     /// Copies `file` to its private, content-named path and loads it from there.
-    fn load_copy(&self, file: &Path) -> Result<LoadedPlugin, String> {
+    fn load_copy(&self, file: &Path) -> Result<Native, String> {
         let bytes = std::fs::read(file).map_err(|e| format!("cannot read the file: {e}"))?;
         let digest = hex(&sha2::Sha256::digest(&bytes));
         let stem = file
@@ -329,10 +403,18 @@ impl PluginDir {
                 .and_then(|()| std::fs::rename(&partial, &copy))
                 .map_err(|e| format!("cannot copy the plugin to {}: {e}", copy.display()))?;
         }
-        let mut plugin = load_file(&copy)?;
-        plugin.file = file.to_path_buf();
-        plugin.digest = digest;
-        Ok(plugin)
+        Ok(match load_library(&copy)? {
+            Native::Backend(mut plugin) => {
+                plugin.file = file.to_path_buf();
+                plugin.digest = digest;
+                Native::Backend(plugin)
+            }
+            Native::Resolver(mut resolver) => {
+                resolver.file = file.to_path_buf();
+                resolver.digest = digest;
+                Native::Resolver(resolver)
+            }
+        })
     }
 }
 
@@ -356,7 +438,44 @@ pub fn load_dir(dir: &Path) -> std::io::Result<(PluginDir, PluginSet)> {
 
 /// Loads one backend plugin, or says why not.
 pub fn load_file(path: &Path) -> Result<LoadedPlugin, String> {
+    match load_library(path)? {
+        Native::Backend(plugin) => Ok(plugin),
+        Native::Resolver(resolver) => Err(format!(
+            "plugin {} is a resolver, not an execution backend",
+            resolver.name
+        )),
+    }
+}
+
+/// Loads one stable-ABI plugin of either kind: the root module's name in the library header
+/// says which (`rhizos_backend` or `rhizos_resolver`), then abi_stable checks its layout.
+pub fn load_library(path: &Path) -> Result<Native, String> {
     let header = lib_header_from_path(path).map_err(|e| describe_library_error(&e))?;
+    if header.root_mod_consts().name().as_str() == ResolverPluginRef::NAME {
+        let module = header
+            .init_root_module::<ResolverPluginRef>()
+            .map_err(|e| describe_library_error(&e))?;
+        let info = (module.describe())();
+        if info.kind != PluginKind::Resolver {
+            return Err(format!(
+                "plugin {} exports a resolver root module but says it is a {:?} plugin",
+                info.name, info.kind
+            ));
+        }
+        let resolver = match (module.new_resolver())("{}".into()) {
+            RResult::ROk(resolver) => resolver,
+            RResult::RErr(message) => {
+                return Err(format!("plugin {} failed to start: {message}", info.name));
+            }
+        };
+        return Ok(Native::Resolver(LoadedResolver {
+            file: path.to_path_buf(),
+            name: info.name.into_string(),
+            version: info.version.into_string(),
+            resolver,
+            digest: String::new(),
+        }));
+    }
     let module = header
         .init_root_module::<BackendPluginRef>()
         .map_err(|e| describe_library_error(&e))?;
@@ -373,14 +492,14 @@ pub fn load_file(path: &Path) -> Result<LoadedPlugin, String> {
             return Err(format!("plugin {} failed to start: {message}", info.name));
         }
     };
-    Ok(LoadedPlugin {
+    Ok(Native::Backend(LoadedPlugin {
         file: path.to_path_buf(),
         name: info.name.into_string(),
         version: info.version.into_string(),
         backends: info.backends.into_iter().map(|b| b.into_string()).collect(),
         backend,
         digest: String::new(),
-    })
+    }))
 }
 
 /// Short, actionable text for a load failure (abi_stable's own can be tens of KB).

@@ -263,3 +263,98 @@ fn components_and_manifests_that_cannot_be_trusted_are_refused_with_reasons() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn the_resolver_chain_spans_stable_abi_and_component_plugins_in_file_order() {
+    let cluster = Cluster::start(ClusterOptions {
+        plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap()],
+        plugin_scan_ms: 100,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = cluster.plugin_dir(0);
+    // Stable-ABI resolver first in file order ("aa-…"), the component after ("zz-…").
+    std::fs::create_dir_all(dir.join("registry")).unwrap();
+    std::fs::write(dir.join("registry/index.json"), INDEX).unwrap();
+    std::fs::write(
+        dir.join("zz-index.json"),
+        r#"{"read_dirs": [{"host": "registry", "guest": "/registry"}],
+            "config": {"index": "/registry/index.json"}}"#,
+    )
+    .unwrap();
+    std::fs::copy(component(), dir.join("zz-index.wasm")).unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_fixture_plugin_resolver_testkit").unwrap(),
+        dir.join("libaa-resolver.so"),
+    )
+    .unwrap();
+    let agent = &cluster.agents[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let resolvers: Vec<(String, Option<String>)> = agent
+            .plugin_views()
+            .into_iter()
+            .filter(|v| v.kind.as_deref() == Some("resolver"))
+            .map(|v| (v.file.rsplit('/').next().unwrap_or("").to_owned(), v.name))
+            .collect();
+        if resolvers.len() == 2 {
+            assert_eq!(
+                resolvers,
+                [
+                    (
+                        "libaa-resolver.so".to_owned(),
+                        Some("resolver-testkit".to_owned())
+                    ),
+                    ("zz-index.wasm".to_owned(), Some("index".to_owned())),
+                ]
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{resolvers:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Known to the first: answered there. Unknown to it: the component answers.
+    let (by, native) = agent
+        .resolve_module("mod-native", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (by.as_str(), field(&native, "version").as_str()),
+        ("resolver-testkit", "2.0.0")
+    );
+    let (by, hello) = agent
+        .resolve_module("mod-hello", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (by.as_str(), field(&hello, "version").as_str()),
+        ("index", "1.10.0")
+    );
+    assert_eq!(agent.resolve_module("mod-none", None).await.unwrap(), None);
+    // An error stops the chain with the resolver's reason; a panic is contained as one.
+    let error = agent
+        .resolve_module("mod-native", Some("3.0.0"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error,
+        "resolver resolver-testkit: mod-native has no version 3.0.0"
+    );
+    let error = agent.resolve_module("mod-panic", None).await.unwrap_err();
+    assert_eq!(
+        error,
+        "resolver resolver-testkit: plugin panicked in resolve: resolver-testkit was asked to panic"
+    );
+    let (_, again) = agent
+        .resolve_module("mod-native", Some("1.0.0"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(field(&again, "version"), "1.0.0", "the agent keeps serving");
+    // A resolver is not a backend: the node still offers only wasm.
+    assert_eq!(agent.plugins().backends(), ["wasm"]);
+    cluster.shutdown().await.unwrap();
+}
