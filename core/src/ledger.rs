@@ -160,7 +160,9 @@ pub fn balance(tx: &rusqlite::Connection, id: &str) -> Result<Option<i64>, Ledge
 }
 
 /// Writes one balanced movement under `idem_key`. Accounts must exist. Nothing is written (and
-/// `Duplicate` returned) if the key was used before.
+/// `Duplicate` returned) if the key was used before. On an error some legs may already be
+/// applied: call it inside a savepoint or transaction that rolls back on error (every `Store`
+/// operation does).
 pub fn post(
     tx: &Connection,
     idem_key: &str,
@@ -190,22 +192,24 @@ pub fn post(
         if *amount == 0 {
             continue;
         }
+        // One statement per leg: apply the amount and read the result back; a balance that
+        // must not go negative makes the caller's savepoint roll the whole movement back.
         let row: Option<(i64, String)> = query_row(
             tx,
-            "SELECT balance_micros, kind FROM accounts WHERE id = ?1",
-            [account],
+            "UPDATE accounts SET balance_micros = balance_micros + ?2 WHERE id = ?1
+             RETURNING balance_micros, kind",
+            params![account, amount],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()?;
-        let Some((balance, kind)) = row else {
+        let Some((new_balance, kind)) = row else {
             return Err(LedgerError::NoAccount((*account).to_owned()));
         };
-        let new_balance = balance + amount;
         let kind = AccountKind::parse(&kind).unwrap_or(AccountKind::User);
         if new_balance < 0 && kind.must_stay_non_negative() {
             return Err(LedgerError::InsufficientFunds {
                 account: (*account).to_owned(),
-                balance_micros: balance,
+                balance_micros: new_balance - amount,
                 needed_micros: -amount,
             });
         }
@@ -213,11 +217,6 @@ pub fn post(
             tx,
             "INSERT INTO postings (tx_id, account_id, amount_micros) VALUES (?1, ?2, ?3)",
             params![tx_id, account, amount],
-        )?;
-        exec(
-            tx,
-            "UPDATE accounts SET balance_micros = ?2 WHERE id = ?1",
-            params![account, new_balance],
         )?;
     }
     Ok(Applied::New)

@@ -2198,7 +2198,9 @@ mod tests {
         store.deposit("u", 10, None).unwrap();
         let error = store.submit("j", "u", &spec(), 11).unwrap_err();
         assert_eq!(error.code, ErrorCode::InsufficientFunds);
+        assert!(error.message.contains("10"), "{}", error.message);
         assert!(store.find_job("j").unwrap().is_none());
+        assert_eq!(ledger::balance(store.connection(), "u").unwrap(), Some(10));
         assert_eq!(
             ledger::balance(store.connection(), "escrow:j").unwrap(),
             None
@@ -2212,6 +2214,16 @@ mod tests {
             store.deposit("nobody", 5, None).unwrap_err().code,
             ErrorCode::NotFound
         );
+        // Also inside a group commit: the failed operation's savepoint undoes it alone.
+        let (results, commit) = store.group_commit(|store| {
+            (
+                store.submit("g1", "u", &spec(), 11).is_err(),
+                store.submit("g2", "u", &spec(), 4).is_ok(),
+            )
+        });
+        assert_eq!((results, commit), ((true, true), Ok(())));
+        assert_eq!(ledger::balance(store.connection(), "u").unwrap(), Some(6));
+        assert!(store.find_job("g1").unwrap().is_none());
     }
 }
 
