@@ -502,6 +502,26 @@ pub struct RegisterNode {
     /// Free disk offered for job scratch space.
     #[serde(default)]
     pub disk_mib: u64,
+    /// What the machine is (for operators and listings; matching uses the fields above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<HardwareView>,
+}
+
+/// A node's machine, as its agent detected it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardwareView {
+    pub cpu_model: String,
+    pub cpu_cores: u32,
+    pub cpu_threads: u32,
+    /// Instruction-set features workloads test for (avx2, avx512f, …).
+    pub cpu_features: Vec<String>,
+    pub os: String,
+    pub kernel: String,
+    /// Container runtimes present (`docker`, `podman`).
+    pub runtimes: Vec<String>,
+    /// Why the node offers no GPU, when it offers none (e.g. "no NVIDIA driver (NVML: …)").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_note: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -556,6 +576,8 @@ pub struct NodeView {
     /// Success ratio over the node's last 100 ended jobs (1.0 with no history).
     pub reputation: f64,
     pub plugins: Vec<PluginView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<HardwareView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

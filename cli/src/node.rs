@@ -95,8 +95,35 @@ pub async fn run_node(global: &GlobalArgs, command: NodeCommand) -> anyhow::Resu
                 "  capacity:         {} cores, {} MiB, {} slots ({} busy)",
                 node.cpu_cores, node.memory_mib, node.max_concurrent, node.active
             );
+            if let Some(hw) = &node.hardware {
+                println!(
+                    "  cpu:              {} ({} cores, {} threads; {})",
+                    hw.cpu_model,
+                    hw.cpu_cores,
+                    hw.cpu_threads,
+                    if hw.cpu_features.is_empty() {
+                        "no extended features".to_owned()
+                    } else {
+                        hw.cpu_features.join(" ")
+                    }
+                );
+                println!("  os:               {} (kernel {})", hw.os, hw.kernel);
+                println!(
+                    "  runtimes:         {}",
+                    if hw.runtimes.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        hw.runtimes.join(", ")
+                    }
+                );
+            }
             if node.gpus.is_empty() {
-                println!("  gpus:             none");
+                let why = node
+                    .hardware
+                    .as_ref()
+                    .and_then(|hw| hw.gpu_note.clone())
+                    .unwrap_or_else(|| "none".to_owned());
+                println!("  gpus:             {why}");
             }
             for gpu in &node.gpus {
                 println!(

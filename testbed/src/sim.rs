@@ -45,6 +45,7 @@ impl SimFleet {
                     running: vec![],
                     gpus: vec![],
                     disk_mib: 100_000,
+                    hardware: None,
                 };
                 bus.request::<_, Ack>(bus.subjects.node_register(), &registration)
                     .await

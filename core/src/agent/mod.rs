@@ -232,9 +232,9 @@ impl Agent {
             heartbeat_interval_ms: settings.heartbeat_interval_ms,
             plugins: self.plugin_views(),
             running: self.running(),
-            // GPU detection (NVML) comes with the CUDA backend.
-            gpus: Vec::new(),
+            gpus: self.inner.hardware.gpus.clone(),
             disk_mib: self.inner.hardware.disk_free_mib,
+            hardware: Some(self.inner.hardware.view()),
         }
     }
 

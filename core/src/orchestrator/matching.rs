@@ -429,6 +429,7 @@ mod tests {
                 })
                 .collect(),
             disk_mib: 10_000,
+            hardware: None,
         }
     }
 

@@ -524,6 +524,7 @@ impl Orchestrator {
                     gpus: r.gpus,
                     max_concurrent: r.max_concurrent,
                     plugins: r.plugins,
+                    hardware: r.hardware,
                 }
             })
             .collect())

@@ -1814,6 +1814,7 @@ mod tests {
                 running: Vec::<ExecutionRef>::new(),
                 gpus: vec![],
                 disk_mib: 0,
+                hardware: None,
             })
             .unwrap();
     }
@@ -2354,6 +2355,7 @@ mod properties {
                     running: Vec::<ExecutionRef>::new(),
                     gpus: vec![],
                     disk_mib: 0,
+                    hardware: None,
                 })
                 .unwrap();
         }
