@@ -624,22 +624,18 @@ impl Store {
         let now = now_ms();
         let pricing = serde_json::to_string(pricing).map_err(internal)?;
         let (tx, ctx) = self.begin()?;
-        let changed = exec(&tx,
-                "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, node_id = ?2, pricing = ?3, updated_ms = ?4
-                 WHERE id = ?1 AND state = 'pending'",
-                params![job_id, node_id, pricing, now as i64],
-            )
-            .map_err(internal)?;
-        if changed == 0 {
-            return Ok(None);
-        }
-        let attempt: u32 = query_row(
+        let attempt: Option<u32> = query_row(
             &tx,
-            "SELECT attempt FROM jobs WHERE id = ?1",
-            [job_id],
+            "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, node_id = ?2, pricing = ?3, updated_ms = ?4
+             WHERE id = ?1 AND state = 'pending' RETURNING attempt",
+            params![job_id, node_id, pricing, now as i64],
             |r| r.get(0),
         )
+        .optional()
         .map_err(internal)?;
+        let Some(attempt) = attempt else {
+            return Ok(None);
+        };
         ctx.emit_job(
             &tx,
             job_id,
@@ -1635,29 +1631,25 @@ fn record_attempt(
     Ok(())
 }
 
-/// Adds one ended attempt to its node's running totals.
+/// Adds one ended attempt to its node's running totals (one statement: the window of recent
+/// outcomes is cut to its last [`REPUTATION_WINDOW`] letters in SQL).
 fn count_attempt(tx: &Connection, node_id: &str, outcome: &str) -> rusqlite::Result<()> {
-    let recent: Option<String> = query_row(
-        tx,
-        "SELECT recent FROM node_stats WHERE node_id = ?1",
-        [node_id],
-        |r| r.get(0),
-    )
-    .optional()?;
-    let mut recent = recent.unwrap_or_default();
-    match outcome {
-        "succeeded" => recent.push('s'),
-        "node_failed" => recent.push('f'),
-        _ => {}
-    }
-    if recent.len() > REPUTATION_WINDOW {
-        recent.drain(..recent.len() - REPUTATION_WINDOW);
-    }
+    let letter = match outcome {
+        "succeeded" => "s",
+        "node_failed" => "f",
+        _ => "",
+    };
     exec(
         tx,
         "INSERT INTO node_stats (node_id, ended, succeeded, recent) VALUES (?1, 1, ?2, ?3)
-         ON CONFLICT(node_id) DO UPDATE SET ended = ended + 1, succeeded = succeeded + ?2, recent = ?3",
-        params![node_id, i64::from(outcome == "succeeded"), recent],
+         ON CONFLICT(node_id) DO UPDATE SET ended = ended + 1, succeeded = succeeded + ?2,
+             recent = substr(recent || ?3, -?4)",
+        params![
+            node_id,
+            i64::from(outcome == "succeeded"),
+            letter,
+            REPUTATION_WINDOW as i64
+        ],
     )?;
     Ok(())
 }
