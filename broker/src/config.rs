@@ -131,6 +131,9 @@ pub struct AgentSettings {
     pub memory_mib: Option<u64>,
     /// Largest stdout/stderr tail kept per execution for the result.
     pub max_output_bytes: usize,
+    /// Configuration handed to each stable-ABI plugin when it starts, by plugin name
+    /// (`[agent.plugins.<name>]`); a plugin without an entry gets `{}`.
+    pub plugins: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for AgentSettings {
@@ -145,6 +148,7 @@ impl Default for AgentSettings {
             cpu_cores: None,
             memory_mib: None,
             max_output_bytes: 64 * 1024,
+            plugins: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -215,6 +219,23 @@ mod tests {
         assert_eq!(s.nats.namespace, "lab");
         let err = Settings::from_toml("[pricing]\ncpu_hour_cent = 12\n").unwrap_err();
         assert!(err.to_string().contains("cpu_hour_cent"), "{err}");
+    }
+
+    #[test]
+    fn plugin_sections_reach_the_agent_settings_as_json() {
+        let s = Settings::from_toml(
+            "[agent.plugins.testkit]\nprefix = \"lab\"\n[agent.plugins.docker]\nnetwork = false\nmemory_mib = 512\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.agent.plugins["testkit"],
+            serde_json::json!({"prefix": "lab"})
+        );
+        assert_eq!(
+            s.agent.plugins["docker"],
+            serde_json::json!({"network": false, "memory_mib": 512})
+        );
+        assert!(Settings::default().agent.plugins.is_empty());
     }
 
     #[test]

@@ -176,7 +176,7 @@ pub struct BackendPlugin {
     /// Name, version, kind and offered backends. Must not fail.
     pub describe: extern "C" fn() -> PluginInfo,
     /// Creates the backend. `config` is a JSON object from the agent's configuration
-    /// (`[plugins.<name>]`), `{}` when there is none.
+    /// (`[agent.plugins.<name>]`), `{}` when there is none.
     #[sabi(last_prefix_field)]
     pub new_backend: extern "C" fn(config: RStr<'_>) -> RResult<BackendBox, RString>,
 }

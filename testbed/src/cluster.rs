@@ -27,6 +27,8 @@ pub struct ClusterOptions {
     pub missed_heartbeats: u32,
     /// How often agents look at their plugin directory for changes (0: never).
     pub plugin_scan_ms: u64,
+    /// `[agent.plugins.<name>]` for every agent.
+    pub plugin_config: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for ClusterOptions {
@@ -45,6 +47,7 @@ impl Default for ClusterOptions {
             max_concurrent: 4,
             fee_bps: 500,
             plugin_scan_ms: 200,
+            plugin_config: std::collections::BTreeMap::new(),
             missed_heartbeats: 3,
         }
     }
@@ -117,6 +120,7 @@ impl Cluster {
             agent_settings.heartbeat_interval_ms = options.heartbeat_interval_ms;
             agent_settings.max_concurrent = options.max_concurrent;
             agent_settings.plugin_scan_ms = options.plugin_scan_ms;
+            agent_settings.plugins = options.plugin_config.clone();
             let agent = Agent::new(
                 Bus::connect(&settings.nats).await?,
                 agent_settings,

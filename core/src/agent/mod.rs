@@ -78,7 +78,12 @@ impl Agent {
             settings.heartbeat_interval_ms > 0,
             "[agent] heartbeat_interval_ms must be > 0"
         );
-        let (plugin_dir, plugins) = plugins::load_dir(&settings.plugin_dir)
+        let configs = settings
+            .plugins
+            .iter()
+            .map(|(name, value)| (name.clone(), value.to_string()))
+            .collect();
+        let (plugin_dir, plugins) = plugins::load_dir(&settings.plugin_dir, configs)
             .context("cannot create the directory for plugin copies")?;
         if plugins.loaded.is_empty() {
             tracing::warn!(dir = %settings.plugin_dir.display(), "no backend plugin loaded: this node can run nothing");

@@ -199,6 +199,8 @@ pub struct PluginDir {
     unreadable: Option<String>,
     /// The engine for component plugins, started with the first `.wasm` file.
     components: Option<crate::component::ComponentHost>,
+    /// JSON config per plugin name, handed to the plugin when it starts.
+    configs: std::collections::BTreeMap<String, String>,
 }
 
 /// What one scan changed, for logs and tests.
@@ -217,7 +219,10 @@ impl ScanChanges {
 
 impl PluginDir {
     /// Follows `dir`; private copies go to a fresh directory under the system temp dir.
-    pub fn new(dir: &Path) -> std::io::Result<Self> {
+    pub fn new(
+        dir: &Path,
+        configs: std::collections::BTreeMap<String, String>,
+    ) -> std::io::Result<Self> {
         let shadow = std::env::temp_dir().join(format!(
             "rhizos-plugins-{}-{}",
             std::process::id(),
@@ -231,6 +236,7 @@ impl PluginDir {
             settling: HashMap::new(),
             unreadable: None,
             components: None,
+            configs,
         })
     }
 
@@ -403,7 +409,13 @@ impl PluginDir {
                 .and_then(|()| std::fs::rename(&partial, &copy))
                 .map_err(|e| format!("cannot copy the plugin to {}: {e}", copy.display()))?;
         }
-        Ok(match load_library(&copy)? {
+        let config = |name: &str| {
+            self.configs
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| "{}".to_owned())
+        };
+        Ok(match load_library(&copy, &config)? {
             Native::Backend(mut plugin) => {
                 plugin.file = file.to_path_buf();
                 plugin.digest = digest;
@@ -429,8 +441,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Loads every shared library in `dir` once (no watching).
-pub fn load_dir(dir: &Path) -> std::io::Result<(PluginDir, PluginSet)> {
-    let mut plugins = PluginDir::new(dir)?;
+pub fn load_dir(
+    dir: &Path,
+    configs: std::collections::BTreeMap<String, String>,
+) -> std::io::Result<(PluginDir, PluginSet)> {
+    let mut plugins = PluginDir::new(dir, configs)?;
     plugins.scan(false);
     let set = plugins.set();
     Ok((plugins, set))
@@ -438,7 +453,7 @@ pub fn load_dir(dir: &Path) -> std::io::Result<(PluginDir, PluginSet)> {
 
 /// Loads one backend plugin, or says why not.
 pub fn load_file(path: &Path) -> Result<LoadedPlugin, String> {
-    match load_library(path)? {
+    match load_library(path, &|_| "{}".to_owned())? {
         Native::Backend(plugin) => Ok(plugin),
         Native::Resolver(resolver) => Err(format!(
             "plugin {} is a resolver, not an execution backend",
@@ -448,8 +463,9 @@ pub fn load_file(path: &Path) -> Result<LoadedPlugin, String> {
 }
 
 /// Loads one stable-ABI plugin of either kind: the root module's name in the library header
-/// says which (`rhizos_backend` or `rhizos_resolver`), then abi_stable checks its layout.
-pub fn load_library(path: &Path) -> Result<Native, String> {
+/// says which (`rhizos_backend` or `rhizos_resolver`), then abi_stable checks its layout. The
+/// plugin starts with `config(name)` (JSON text).
+pub fn load_library(path: &Path, config: &dyn Fn(&str) -> String) -> Result<Native, String> {
     let header = lib_header_from_path(path).map_err(|e| describe_library_error(&e))?;
     if header.root_mod_consts().name().as_str() == ResolverPluginRef::NAME {
         let module = header
@@ -462,7 +478,8 @@ pub fn load_library(path: &Path) -> Result<Native, String> {
                 info.name, info.kind
             ));
         }
-        let resolver = match (module.new_resolver())("{}".into()) {
+        let settings = config(info.name.as_str());
+        let resolver = match (module.new_resolver())(settings.as_str().into()) {
             RResult::ROk(resolver) => resolver,
             RResult::RErr(message) => {
                 return Err(format!("plugin {} failed to start: {message}", info.name));
@@ -486,7 +503,8 @@ pub fn load_library(path: &Path) -> Result<Native, String> {
             info.name, info.kind
         ));
     }
-    let backend = match (module.new_backend())("{}".into()) {
+    let settings = config(info.name.as_str());
+    let backend = match (module.new_backend())(settings.as_str().into()) {
         RResult::ROk(backend) => backend,
         RResult::RErr(message) => {
             return Err(format!("plugin {} failed to start: {message}", info.name));

@@ -436,3 +436,58 @@ async fn node_info_describes_the_machine_and_why_it_offers_no_gpu() {
     }
     cluster.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn plugins_start_with_their_config_and_a_bad_one_refuses_the_plugin() {
+    let scratch = tempfile::tempdir().unwrap();
+    let wasm_twin = scratch.path().join("librhizos_plugin_wasm.so");
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
+        &wasm_twin,
+    )
+    .unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        plugin_files: vec![testkit(), wasm_twin],
+        plugin_config: [
+            (
+                "testkit".to_owned(),
+                serde_json::json!({"prefix": "configured"}),
+            ),
+            ("wasm".to_owned(), serde_json::json!({"threads": 4})),
+        ]
+        .into(),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let views = cluster.agents[0].plugin_views();
+    let wasm = views
+        .iter()
+        .find(|v| v.file.ends_with("librhizos_plugin_wasm.so"))
+        .unwrap();
+    let reason = wasm
+        .refused
+        .clone()
+        .expect("the wasm plugin takes no options");
+    assert!(
+        reason.starts_with("plugin wasm failed to start: the wasm backend takes no options"),
+        "{reason}"
+    );
+    cluster.funded_account("kai", 1_000_000).await.unwrap();
+    cluster
+        .submit(&submit_request(
+            "kai",
+            "cfg",
+            command_spec("exit 0"),
+            500_000,
+        ))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("cfg", Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert_eq!(job.stdout.as_deref(), Some("configured exit 0\n"));
+    cluster.shutdown().await.unwrap();
+}
