@@ -487,17 +487,23 @@ impl Orchestrator {
         })
     }
 
-    async fn node_views(&self) -> Result<Vec<wire::NodeView>, WireError> {
+    /// Recounts every node's committed resources from the database (forgetting attempts that
+    /// ended since the last recount) and reads the node totals. On the ledger thread, so no
+    /// assignment can slip between the count and its use.
+    async fn recount_and_stats(
+        &self,
+    ) -> Result<std::collections::HashMap<String, (u64, u64, f64)>, WireError> {
         let this = self.clone();
-        let stats = self
-            .db(move |store| {
-                // Forget allocations of attempts that ended since the last recount. On the
-                // ledger thread, so no assignment can slip between the count and its use.
-                let allocations = store.active_per_node()?;
-                this.registry().set_allocations(&allocations);
-                store.node_stats()
-            })
-            .await?;
+        self.db(move |store| {
+            let allocations = store.active_per_node()?;
+            this.registry().set_allocations(&allocations);
+            store.node_stats()
+        })
+        .await
+    }
+
+    async fn node_views(&self) -> Result<Vec<wire::NodeView>, WireError> {
+        let stats = self.recount_and_stats().await?;
         let registry = self.registry();
         Ok(registry
             .entries()
@@ -885,16 +891,7 @@ impl Orchestrator {
 
     /// Ends jobs on lost nodes and jobs that waited too long for one; both are refunded.
     async fn sweep(&self) -> Result<(), WireError> {
-        let this = self.clone();
-        let stats = self
-            .db(move |store| {
-                // Forget allocations of attempts that ended since the last recount. On the
-                // ledger thread, so no assignment can slip between the count and its use.
-                let allocations = store.active_per_node()?;
-                this.registry().set_allocations(&allocations);
-                store.node_stats()
-            })
-            .await?;
+        let stats = self.recount_and_stats().await?;
         let reputations = stats
             .into_iter()
             .map(|(node, (_, _, reputation))| (node, reputation))

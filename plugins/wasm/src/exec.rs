@@ -387,6 +387,19 @@ impl Job {
         outcome
     }
 
+    /// Runs `run` until it ends, the wall-clock deadline passes or the host cancels.
+    async fn race(
+        &self,
+        run: impl std::future::Future<Output = wasmtime::Result<()>>,
+        timeout: Duration,
+    ) -> Ending {
+        tokio::select! {
+            result = run => Ending::Finished(result),
+            () = tokio::time::sleep(timeout) => Ending::Deadline,
+            () = self.shared.cancel.notified() => Ending::Cancelled,
+        }
+    }
+
     /// Runs a core module's `_start` (WASI preview1). Returns how it ended, the fuel burned
     /// and the memory growth refused, if any.
     async fn run_module(
@@ -415,14 +428,9 @@ impl Job {
                 })?;
                 entry.call_async(&mut store, ()).await
             };
-            tokio::select! {
-                result = run => Ending::Finished(result),
-                () = tokio::time::sleep(timeout) => Ending::Deadline,
-                () = self.shared.cancel.notified() => Ending::Cancelled,
-            }
+            self.race(run, timeout).await
         };
-        let fuel = fuel_given.saturating_sub(store.get_fuel().unwrap_or(fuel_given));
-        Ok((ending, fuel, store.data().limiter.refused_bytes))
+        Ok(spent(&store, ending, fuel_given))
     }
 
     /// Runs a command component's `wasi:cli/run` (WASI preview2).
@@ -462,14 +470,9 @@ impl Job {
                     Err(()) => Err(wasmtime::Error::new(I32Exit(1))),
                 }
             };
-            tokio::select! {
-                result = run => Ending::Finished(result),
-                () = tokio::time::sleep(timeout) => Ending::Deadline,
-                () = self.shared.cancel.notified() => Ending::Cancelled,
-            }
+            self.race(run, timeout).await
         };
-        let fuel = fuel_given.saturating_sub(store.get_fuel().unwrap_or(fuel_given));
-        Ok((ending, fuel, store.data().limiter.refused_bytes))
+        Ok(spent(&store, ending, fuel_given))
     }
 
     /// Compiles `bytes` (binary or WAT), reusing an earlier compilation of identical bytes.
@@ -496,6 +499,16 @@ impl Job {
             .insert(key, bytes, module.clone());
         Ok(module)
     }
+}
+
+/// How an execution ended, with the fuel it burned and the memory growth refused, if any.
+fn spent<W>(
+    store: &Store<StoreData<W>>,
+    ending: Ending,
+    fuel_given: u64,
+) -> (Ending, u64, Option<usize>) {
+    let fuel = fuel_given.saturating_sub(store.get_fuel().unwrap_or(fuel_given));
+    (ending, fuel, store.data().limiter.refused_bytes)
 }
 
 /// An execution's private directories: `input/` (the job's files, mapped read-only at

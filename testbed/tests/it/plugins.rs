@@ -96,6 +96,17 @@ async fn incompatible_and_foreign_libraries_are_refused_and_the_good_plugin_stil
     cluster.shutdown().await.unwrap();
 }
 
+/// A copy of the wasm plugin named `name` in `dir`.
+fn wasm_plugin_copy(dir: &std::path::Path, name: &str) -> PathBuf {
+    let copy = dir.join(name);
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
+        &copy,
+    )
+    .unwrap();
+    copy
+}
+
 /// The testkit double (a plugin built with the SDK that reads workloads as commands).
 fn testkit() -> PathBuf {
     rhizos_testbed::plugin_file("rhizos_fixture_plugin_testkit").unwrap()
@@ -343,12 +354,7 @@ async fn a_panicking_plugin_fails_only_that_execution_and_the_agent_keeps_servin
 #[tokio::test]
 async fn duplicate_plugin_names_are_refused_and_plugins_list_answers_over_nats() {
     let scratch = tempfile::tempdir().unwrap();
-    let twin = scratch.path().join("libzz-wasm-twin.so");
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
-        &twin,
-    )
-    .unwrap();
+    let twin = wasm_plugin_copy(scratch.path(), "libzz-wasm-twin.so");
     let cluster = Cluster::start(ClusterOptions {
         plugin_files: vec![
             rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
@@ -440,12 +446,7 @@ async fn node_info_describes_the_machine_and_why_it_offers_no_gpu() {
 #[tokio::test]
 async fn plugins_start_with_their_config_and_a_bad_one_refuses_the_plugin() {
     let scratch = tempfile::tempdir().unwrap();
-    let wasm_twin = scratch.path().join("librhizos_plugin_wasm.so");
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
-        &wasm_twin,
-    )
-    .unwrap();
+    let wasm_twin = wasm_plugin_copy(scratch.path(), "librhizos_plugin_wasm.so");
     let cluster = Cluster::start(ClusterOptions {
         plugin_files: vec![testkit(), wasm_twin],
         plugin_config: [
