@@ -190,14 +190,91 @@ pub fn b64_decode(field: &str, text: &str) -> Result<Vec<u8>, WireError> {
 pub enum Workload {
     /// A WASI preview1 command module (binary `.wasm` or WAT text), base64.
     Wasm { module_b64: String },
+    /// A container from an image in the node's local Docker store (pulled only when a registry
+    /// answers). The job's `args` are the command; `env`, `stdin` and files as for any job.
+    Docker {
+        /// Image reference, e.g. `rhizos/ffmpeg:6.1` or `busybox@sha256:…`.
+        image: String,
+        /// Replaces the image's entrypoint when given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        entrypoint: Option<Vec<String>>,
+        /// Working directory inside the container (default: the image's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workdir: Option<String>,
+        /// The job wants network access. Containers have none by default; a node gives it only
+        /// when its operator allows it (`[agent.plugins.docker] allow_network = true`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        network: bool,
+    },
 }
 
 impl Workload {
     pub fn backend(&self) -> &'static str {
         match self {
             Self::Wasm { .. } => "wasm",
+            Self::Docker { .. } => "docker",
         }
     }
+}
+
+/// Longest image reference accepted (Docker's own limit on a name is 255 per component).
+pub const MAX_IMAGE_REF_BYTES: usize = 512;
+
+/// Whether `image` is a Docker image reference: `[host[:port]/]path[:tag][@algo:hex]`, the path
+/// in lowercase letters, digits and `._-/`, the tag in letters, digits and `._-` (at most 128).
+/// It goes to the engine, never to a shell; this check gives a clear error at submit instead of
+/// the engine's at run time.
+pub fn valid_image_ref(image: &str) -> bool {
+    if image.is_empty() || image.len() > MAX_IMAGE_REF_BYTES {
+        return false;
+    }
+    let (rest, digest) = match image.split_once('@') {
+        Some((rest, digest)) => (rest, Some(digest)),
+        None => (image, None),
+    };
+    if let Some(digest) = digest {
+        let Some((algo, hex)) = digest.split_once(':') else {
+            return false;
+        };
+        if algo.is_empty()
+            || !algo
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            || hex.len() < 32
+            || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return false;
+        }
+    }
+    // A ':' after the last '/' starts the tag; one before it is a registry port.
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].find(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(tag) = tag
+        && (tag.is_empty()
+            || tag.len() > 128
+            || !tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')))
+    {
+        return false;
+    }
+    let mut components = name.split('/');
+    let first = components.next().unwrap_or_default();
+    let host_like = name.contains('/') && (first.contains('.') || first.contains(':'));
+    let component_ok = |c: &str, port_allowed: bool| {
+        !c.is_empty()
+            && c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && c.bytes().all(|b| {
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'.' | b'_' | b'-')
+                    || (port_allowed && b == b':')
+            })
+    };
+    component_ok(first, host_like) && components.all(|c| component_ok(c, false))
 }
 
 /// A job as submitted: the workload and how to run it.
@@ -528,6 +605,9 @@ pub struct HardwareView {
 pub struct GpuInfo {
     pub name: String,
     pub vram_mib: u64,
+    /// The driver's UUID (`GPU-…`), when known: what a job's `CUDA_VISIBLE_DEVICES` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     /// APIs it supports, e.g. `cuda`.
     #[serde(default)]
     pub apis: Vec<String>,
@@ -805,6 +885,35 @@ mod tests {
             "", "/a", "a/", "../a", "a/../b", "./a", "a//b", "a\\b", "a\0b",
         ] {
             assert!(!super::valid_file_path(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn image_references() {
+        for good in [
+            "busybox",
+            "rhizos-test/probe:3f2a",
+            "registry.example.com:5000/team/app:v1.2_RC",
+            "localhost/x",
+            "app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "app:1@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(super::valid_image_ref(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-v",
+            "Busybox",
+            "app:",
+            "app:bad tag",
+            "/abs",
+            "a//b",
+            "app@sha256:short",
+            "app@:0123456789abcdef0123456789abcdef",
+            "app:$(reboot)",
+            &"a".repeat(600),
+        ] {
+            assert!(!super::valid_image_ref(bad), "{bad:?}");
         }
         assert!(!super::valid_file_path(&"x".repeat(256)));
     }

@@ -40,9 +40,29 @@ pub struct SubmitArgs {
     /// Paying account.
     #[arg(long, env = "RHIZOS_ACCOUNT")]
     account: String,
-    /// WASI preview1 command module to run (.wasm binary or .wat text).
+    /// WASI command module or component to run (.wasm binary or .wat text).
+    #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+    wasm: Option<PathBuf>,
+    /// Docker image to run instead (from the node's local image store); the --arg values are
+    /// its command.
     #[arg(long)]
-    wasm: PathBuf,
+    image: Option<String>,
+    /// With --image: replace the image's entrypoint (repeat for each word).
+    #[arg(long, requires = "image", allow_hyphen_values = true)]
+    entrypoint: Vec<String>,
+    /// With --image: working directory inside the container.
+    #[arg(long, requires = "image")]
+    workdir: Option<String>,
+    /// With --image: ask for network access (containers have none otherwise; only nodes whose
+    /// operator allows it will run the job).
+    #[arg(long, requires = "image")]
+    network: bool,
+    /// Whole GPUs the job needs.
+    #[arg(long, default_value_t = 0)]
+    gpus: u32,
+    /// With --gpus: the least VRAM each GPU must have, in MiB.
+    #[arg(long, default_value_t = 0)]
+    min_vram_mib: u64,
     /// Argument passed to the program (repeat for several).
     #[arg(long = "arg", allow_hyphen_values = true)]
     args: Vec<String>,
@@ -177,8 +197,27 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
 }
 
 fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
-    let module = std::fs::read(&args.wasm)
-        .with_context(|| format!("cannot read --wasm {}", args.wasm.display()))?;
+    let workload = match (&args.wasm, &args.image) {
+        (Some(path), _) => Workload::Wasm {
+            module_b64: wire::b64_encode(
+                &std::fs::read(path)
+                    .with_context(|| format!("cannot read --wasm {}", path.display()))?,
+            ),
+        },
+        (None, Some(image)) => {
+            anyhow::ensure!(
+                wire::valid_image_ref(image),
+                "--image {image:?} is not a Docker image reference ([host[:port]/]name[:tag][@sha256:…])"
+            );
+            Workload::Docker {
+                image: image.clone(),
+                entrypoint: (!args.entrypoint.is_empty()).then(|| args.entrypoint.clone()),
+                workdir: args.workdir.clone(),
+                network: args.network,
+            }
+        }
+        (None, None) => anyhow::bail!("give --wasm FILE or --image IMAGE"),
+    };
     let mut env = BTreeMap::new();
     for pair in &args.env {
         let (key, value) = pair
@@ -207,9 +246,7 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         None => None,
     };
     Ok(JobSpec {
-        workload: Workload::Wasm {
-            module_b64: wire::b64_encode(&module),
-        },
+        workload,
         args: args.args.clone(),
         env,
         stdin_b64,
@@ -219,9 +256,13 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         max_retries: args.max_retries,
         queue_timeout_ms: args.queue_timeout_secs.map(|s| s.saturating_mul(1000)),
         total_timeout_ms: args.total_timeout_secs.map(|s| s.saturating_mul(1000)),
-        gpus: 0,
-        min_vram_mib: 0,
-        gpu_apis: vec![],
+        gpus: args.gpus,
+        min_vram_mib: args.min_vram_mib,
+        gpu_apis: if args.gpus > 0 {
+            vec!["cuda".to_owned()]
+        } else {
+            vec![]
+        },
         disk_mib: 0,
         fuel_limit: args.fuel_limit,
         input_files,

@@ -73,6 +73,9 @@ pub struct ExecLimits {
     /// Most units of deterministic work (WASM fuel) the workload may use; 0: no limit.
     /// Backends that cannot meter fuel ignore it.
     pub fuel_limit: u64,
+    /// CPU cores allocated to the workload (a container gets this many CPUs of quota); 0: no
+    /// limit. Backends that cannot limit CPU ignore it.
+    pub cpu_cores: u32,
 }
 
 /// One execution of a job, as handed to a backend.
@@ -91,6 +94,9 @@ pub struct ExecRequest {
     /// Files for the workload to read (relative path, content); a backend that supports files
     /// shows them read-only under `/input`.
     pub input_files: RVec<Tuple2<RString, RVec<u8>>>,
+    /// The GPUs the agent allocated to this execution (UUIDs when the driver reports them,
+    /// otherwise indices); empty for a CPU job. A backend exposes these and no others.
+    pub gpu_devices: RVec<RString>,
 }
 
 /// How an execution ended.
@@ -156,6 +162,15 @@ pub trait Execution: Send + Sync {
 
 pub type ExecutionBox = Execution_TO<'static, RBox<()>>;
 
+/// What the host tells a plugin about itself when it starts the plugin.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct HostContext {
+    /// The id of the node this agent runs (stable across agent restarts): a plugin that leaves
+    /// things behind (containers, files) labels them with it to clean up after a crash.
+    pub node_id: RString,
+}
+
 /// An execution backend. Implemented by the plugin.
 #[sabi_trait]
 pub trait Backend: Send + Sync {
@@ -176,9 +191,10 @@ pub struct BackendPlugin {
     /// Name, version, kind and offered backends. Must not fail.
     pub describe: extern "C" fn() -> PluginInfo,
     /// Creates the backend. `config` is a JSON object from the agent's configuration
-    /// (`[agent.plugins.<name>]`), `{}` when there is none.
+    /// (`[agent.plugins.<name>]`), `{}` when there is none; `host` says which node it serves.
     #[sabi(last_prefix_field)]
-    pub new_backend: extern "C" fn(config: RStr<'_>) -> RResult<BackendBox, RString>,
+    pub new_backend:
+        extern "C" fn(config: RStr<'_>, host: &HostContext) -> RResult<BackendBox, RString>,
 }
 
 impl RootModule for BackendPluginRef {

@@ -197,12 +197,25 @@ macro_rules! export_resolver_plugin {
 
 /// Exports a [`PluginBackend`] as this library's RhizOS root module.
 ///
-/// `name` is the plugin's unique name, `backends` the job backends it runs, `new` a
+/// `name` is the plugin's unique name, `backends` the job backends it runs, and either `new`, a
 /// `fn(&str) -> Result<impl PluginBackend, impl Display>` that gets the plugin's JSON config
-/// (`{}` when none). The plugin's version is its crate version.
+/// (`{}` when none), or `new_with_host`, a `fn(&str, &HostContext) -> Result<…>` that also
+/// learns which node it serves. The plugin's version is its crate version.
 #[macro_export]
 macro_rules! export_backend_plugin {
     (name: $name:expr, backends: [$($backend:expr),* $(,)?], new: $new:path $(,)?) => {
+        $crate::export_backend_plugin! {
+            @export $name, [$($backend),*],
+            |config: &str, _host: &$crate::HostContext| $new(config)
+        }
+    };
+    (name: $name:expr, backends: [$($backend:expr),* $(,)?], new_with_host: $new:path $(,)?) => {
+        $crate::export_backend_plugin! {
+            @export $name, [$($backend),*],
+            |config: &str, host: &$crate::HostContext| $new(config, host)
+        }
+    };
+    (@export $name:expr, [$($backend:expr),*], $new:expr) => {
         /// The RhizOS root module of this plugin.
         #[::abi_stable::export_root_module]
         pub fn get_library() -> $crate::BackendPluginRef {
@@ -229,8 +242,9 @@ macro_rules! export_backend_plugin {
         #[::abi_stable::sabi_extern_fn]
         fn __rhizos_new_backend(
             config: ::abi_stable::std_types::RStr<'_>,
+            host: &$crate::HostContext,
         ) -> ::abi_stable::std_types::RResult<$crate::BackendBox, ::abi_stable::std_types::RString> {
-            $crate::sdk::catch_panic("new_backend", || match $new(config.as_str()) {
+            $crate::sdk::catch_panic("new_backend", || match ($new)(config.as_str(), host) {
                 Ok(backend) => ::abi_stable::std_types::ROk($crate::sdk::backend_box(backend)),
                 Err(e) => ::abi_stable::std_types::RErr(::abi_stable::std_types::RString::from(e.to_string())),
             })

@@ -29,6 +29,9 @@ pub struct ClusterOptions {
     pub plugin_scan_ms: u64,
     /// `[agent.plugins.<name>]` for every agent.
     pub plugin_config: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Agents are `<node_prefix>-<index>` (default `node`). Tests sharing a machine-wide
+    /// resource keyed by node id (the Docker engine's containers) give each cluster its own.
+    pub node_prefix: String,
 }
 
 impl Default for ClusterOptions {
@@ -49,6 +52,7 @@ impl Default for ClusterOptions {
             plugin_scan_ms: 200,
             plugin_config: std::collections::BTreeMap::new(),
             missed_heartbeats: 3,
+            node_prefix: "node".into(),
         }
     }
 }
@@ -114,7 +118,7 @@ impl Cluster {
                     .with_context(|| format!("copying {}", file.display()))?;
             }
             let mut agent_settings = settings.agent.clone();
-            agent_settings.node_id = Some(format!("node-{index}"));
+            agent_settings.node_id = Some(format!("{}-{index}", options.node_prefix));
             agent_settings.provider_account = format!("provider-{index}");
             agent_settings.plugin_dir = plugin_dir;
             agent_settings.heartbeat_interval_ms = options.heartbeat_interval_ms;
@@ -274,6 +278,23 @@ pub fn wasm_spec(module: &[u8], args: &[&str], timeout_ms: u64) -> JobSpec {
         ..JobSpec::new(
             Workload::Wasm {
                 module_b64: b64_encode(module),
+            },
+            timeout_ms,
+            64,
+        )
+    }
+}
+
+/// A job spec running a container of `image` with `args` as its command, 1 core, 64 MiB.
+pub fn docker_spec(image: &str, args: &[&str], timeout_ms: u64) -> JobSpec {
+    JobSpec {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..JobSpec::new(
+            Workload::Docker {
+                image: image.to_owned(),
+                entrypoint: None,
+                workdir: None,
+                network: false,
             },
             timeout_ms,
             64,

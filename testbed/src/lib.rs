@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod guests;
+pub mod images;
 pub mod sim;
 
 pub use cluster::{Cluster, ClusterOptions};

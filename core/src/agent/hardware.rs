@@ -200,17 +200,18 @@ fn nvml_gpus(nvml: &nvml_wrapper::Nvml) -> Result<Vec<GpuInfo>, nvml_wrapper::er
         gpus.push(GpuInfo {
             name: device.name()?,
             vram_mib: memory.total / (1024 * 1024),
+            uuid: device.uuid().ok(),
             apis: vec!["cuda".to_owned()],
         });
     }
     Ok(gpus)
 }
 
-/// `nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits`, when installed.
+/// `nvidia-smi --query-gpu=name,memory.total,uuid --format=csv,noheader,nounits`, when installed.
 fn nvidia_smi_gpus() -> Option<Vec<GpuInfo>> {
     let output = std::process::Command::new("nvidia-smi")
         .args([
-            "--query-gpu=name,memory.total",
+            "--query-gpu=name,memory.total,uuid",
             "--format=csv,noheader,nounits",
         ])
         .output()
@@ -221,14 +222,27 @@ fn nvidia_smi_gpus() -> Option<Vec<GpuInfo>> {
         .then(|| parse_nvidia_smi(&String::from_utf8_lossy(&output.stdout)))
 }
 
-/// One `name, MiB` line per GPU.
+/// One `name, MiB, uuid` line per GPU (the name may itself hold commas; the uuid is optional).
 fn parse_nvidia_smi(text: &str) -> Vec<GpuInfo> {
     text.lines()
         .filter_map(|line| {
-            let (name, mib) = line.rsplit_once(',')?;
+            let (rest, last) = line.rsplit_once(',')?;
+            let (name, mib, uuid) = match last.trim().parse::<u64>() {
+                Ok(mib) => (rest, mib, None),
+                Err(_) => {
+                    let (name, mib) = rest.rsplit_once(',')?;
+                    let uuid = last.trim();
+                    (
+                        name,
+                        mib.trim().parse().ok()?,
+                        (!uuid.is_empty()).then(|| uuid.to_owned()),
+                    )
+                }
+            };
             Some(GpuInfo {
                 name: name.trim().to_owned(),
-                vram_mib: mib.trim().parse().ok()?,
+                vram_mib: mib,
+                uuid,
                 apis: vec!["cuda".to_owned()],
             })
         })
@@ -330,12 +344,22 @@ mod tests {
             Some("Debian GNU/Linux 12 (bookworm)")
         );
         assert_eq!(parse_os_release("NAME=x\n"), None);
-        let gpus = parse_nvidia_smi("NVIDIA H100 80GB HBM3, 81559\nNVIDIA A10, 23028\nbad line\n");
+        let gpus = parse_nvidia_smi(
+            "NVIDIA H100 80GB HBM3, 81559, GPU-5a1c0f3e-aaaa-bbbb-cccc-0123456789ab\n\
+             NVIDIA A10, 23028\nbad line\n",
+        );
         assert_eq!(
             gpus.iter()
-                .map(|g| (g.name.as_str(), g.vram_mib))
+                .map(|g| (g.name.as_str(), g.vram_mib, g.uuid.as_deref()))
                 .collect::<Vec<_>>(),
-            [("NVIDIA H100 80GB HBM3", 81_559), ("NVIDIA A10", 23_028)]
+            [
+                (
+                    "NVIDIA H100 80GB HBM3",
+                    81_559,
+                    Some("GPU-5a1c0f3e-aaaa-bbbb-cccc-0123456789ab")
+                ),
+                ("NVIDIA A10", 23_028, None)
+            ]
         );
     }
 

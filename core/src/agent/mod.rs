@@ -57,6 +57,8 @@ struct Inner {
     plugin_dir: Mutex<plugins::PluginDir>,
     hardware: hardware::Hardware,
     executions: Mutex<Executions>,
+    /// Which of `hardware.gpus` an execution holds (whole GPUs).
+    gpus_busy: Mutex<Vec<bool>>,
 }
 
 impl Agent {
@@ -83,7 +85,7 @@ impl Agent {
             .iter()
             .map(|(name, value)| (name.clone(), value.to_string()))
             .collect();
-        let (plugin_dir, plugins) = plugins::load_dir(&settings.plugin_dir, configs)
+        let (plugin_dir, plugins) = plugins::load_dir(&settings.plugin_dir, configs, &node_id)
             .context("cannot create the directory for plugin copies")?;
         if plugins.loaded.is_empty() {
             tracing::warn!(dir = %settings.plugin_dir.display(), "no backend plugin loaded: this node can run nothing");
@@ -96,6 +98,7 @@ impl Agent {
                 pricing,
                 plugins: std::sync::RwLock::new(plugins),
                 plugin_dir: Mutex::new(plugin_dir),
+                gpus_busy: Mutex::new(vec![false; hardware.gpus.len()]),
                 hardware,
                 executions: Mutex::new(HashMap::new()),
             }),
@@ -494,7 +497,11 @@ impl Agent {
             stdout: String::new(),
             stderr: String::new(),
         };
-        let request = match exec_request(assign) {
+        let gpus = match GpuLease::take(&self.inner, assign.spec.gpus) {
+            Ok(lease) => lease,
+            Err(message) => return rejected(message),
+        };
+        let request = match exec_request(assign, &gpus.devices) {
             Ok(request) => request,
             Err(e) => return rejected(e.message),
         };
@@ -662,9 +669,18 @@ impl Agent {
     }
 }
 
-fn exec_request(assign: &AssignJob) -> Result<ExecRequest, WireError> {
+/// The plugin's request for `assign`, on the GPUs `gpu_devices`. A WASM workload goes as the
+/// module's bytes; any other as its JSON (`{"backend":"docker","image":…}`), which the backend
+/// plugin parses.
+fn exec_request(assign: &AssignJob, gpu_devices: &[String]) -> Result<ExecRequest, WireError> {
     let workload = match &assign.spec.workload {
         Workload::Wasm { module_b64 } => wire::b64_decode("workload.module_b64", module_b64)?,
+        other => serde_json::to_vec(other).map_err(|e| {
+            WireError::new(
+                ErrorCode::Internal,
+                format!("cannot encode the workload: {e}"),
+            )
+        })?,
     };
     let stdin = match &assign.spec.stdin_b64 {
         Some(text) => wire::b64_decode("stdin_b64", text)?,
@@ -702,8 +718,71 @@ fn exec_request(assign: &AssignJob) -> Result<ExecRequest, WireError> {
             wall_timeout_ms: assign.spec.timeout_ms,
             memory_limit_bytes: assign.spec.memory_mib.saturating_mul(1024 * 1024),
             fuel_limit: assign.spec.fuel_limit.unwrap_or(0),
+            cpu_cores: assign.spec.cpu_cores,
         },
+        gpu_devices: gpu_devices
+            .iter()
+            .map(|d| RString::from(d.as_str()))
+            .collect(),
     })
+}
+
+/// GPUs held by one execution, given back when it is dropped.
+struct GpuLease<'a> {
+    inner: &'a Inner,
+    indices: Vec<usize>,
+    /// What the backend is told: the UUID when the driver gave one, else the index.
+    devices: Vec<String>,
+}
+
+impl<'a> GpuLease<'a> {
+    fn take(inner: &'a Inner, count: u32) -> Result<Self, String> {
+        let mut busy = inner
+            .gpus_busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let free: Vec<usize> = (0..inner.hardware.gpus.len())
+            .filter(|i| !busy.get(*i).copied().unwrap_or(true))
+            .take(count as usize)
+            .collect();
+        if free.len() < count as usize {
+            return Err(format!(
+                "the job needs {count} GPU(s); this node has {} free of {}",
+                free.len(),
+                inner.hardware.gpus.len()
+            ));
+        }
+        for &i in &free {
+            busy[i] = true;
+        }
+        let devices = free
+            .iter()
+            .map(|&i| {
+                inner.hardware.gpus[i]
+                    .uuid
+                    .clone()
+                    .unwrap_or_else(|| i.to_string())
+            })
+            .collect();
+        Ok(Self {
+            inner,
+            indices: free,
+            devices,
+        })
+    }
+}
+
+impl Drop for GpuLease<'_> {
+    fn drop(&mut self) {
+        let mut busy = self
+            .inner
+            .gpus_busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for &i in &self.indices {
+            busy[i] = false;
+        }
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -19,7 +19,8 @@
 use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
 use abi_stable::std_types::RResult;
 use rhizos_plugin_api::{
-    BackendBox, BackendPluginRef, PLUGIN_API_VERSION, PluginKind, ResolverBox, ResolverPluginRef,
+    BackendBox, BackendPluginRef, HostContext, PLUGIN_API_VERSION, PluginKind, ResolverBox,
+    ResolverPluginRef,
 };
 use sha2::Digest as _;
 use std::collections::{BTreeMap, HashMap};
@@ -201,6 +202,8 @@ pub struct PluginDir {
     components: Option<crate::component::ComponentHost>,
     /// JSON config per plugin name, handed to the plugin when it starts.
     configs: std::collections::BTreeMap<String, String>,
+    /// Who the plugins serve (the node id), handed to every backend plugin when it starts.
+    host: HostContext,
 }
 
 /// What one scan changed, for logs and tests.
@@ -222,6 +225,7 @@ impl PluginDir {
     pub fn new(
         dir: &Path,
         configs: std::collections::BTreeMap<String, String>,
+        node_id: &str,
     ) -> std::io::Result<Self> {
         let shadow = std::env::temp_dir().join(format!(
             "rhizos-plugins-{}-{}",
@@ -237,6 +241,9 @@ impl PluginDir {
             unreadable: None,
             components: None,
             configs,
+            host: HostContext {
+                node_id: node_id.into(),
+            },
         })
     }
 
@@ -415,7 +422,7 @@ impl PluginDir {
                 .cloned()
                 .unwrap_or_else(|| "{}".to_owned())
         };
-        Ok(match load_library(&copy, &config)? {
+        Ok(match load_library(&copy, &config, &self.host)? {
             Native::Backend(mut plugin) => {
                 plugin.file = file.to_path_buf();
                 plugin.digest = digest;
@@ -444,8 +451,9 @@ fn hex(bytes: &[u8]) -> String {
 pub fn load_dir(
     dir: &Path,
     configs: std::collections::BTreeMap<String, String>,
+    node_id: &str,
 ) -> std::io::Result<(PluginDir, PluginSet)> {
-    let mut plugins = PluginDir::new(dir, configs)?;
+    let mut plugins = PluginDir::new(dir, configs, node_id)?;
     plugins.scan(false);
     let set = plugins.set();
     Ok((plugins, set))
@@ -453,7 +461,10 @@ pub fn load_dir(
 
 /// Loads one backend plugin, or says why not.
 pub fn load_file(path: &Path) -> Result<LoadedPlugin, String> {
-    match load_library(path, &|_| "{}".to_owned())? {
+    let host = HostContext {
+        node_id: "standalone".into(),
+    };
+    match load_library(path, &|_| "{}".to_owned(), &host)? {
         Native::Backend(plugin) => Ok(plugin),
         Native::Resolver(resolver) => Err(format!(
             "plugin {} is a resolver, not an execution backend",
@@ -465,7 +476,11 @@ pub fn load_file(path: &Path) -> Result<LoadedPlugin, String> {
 /// Loads one stable-ABI plugin of either kind: the root module's name in the library header
 /// says which (`rhizos_backend` or `rhizos_resolver`), then abi_stable checks its layout. The
 /// plugin starts with `config(name)` (JSON text).
-pub fn load_library(path: &Path, config: &dyn Fn(&str) -> String) -> Result<Native, String> {
+pub fn load_library(
+    path: &Path,
+    config: &dyn Fn(&str) -> String,
+    host: &HostContext,
+) -> Result<Native, String> {
     let header = lib_header_from_path(path).map_err(|e| describe_library_error(&e))?;
     if header.root_mod_consts().name().as_str() == ResolverPluginRef::NAME {
         let module = header
@@ -504,7 +519,7 @@ pub fn load_library(path: &Path, config: &dyn Fn(&str) -> String) -> Result<Nati
         ));
     }
     let settings = config(info.name.as_str());
-    let backend = match (module.new_backend())(settings.as_str().into()) {
+    let backend = match (module.new_backend())(settings.as_str().into(), host) {
         RResult::ROk(backend) => backend,
         RResult::RErr(message) => {
             return Err(format!("plugin {} failed to start: {message}", info.name));

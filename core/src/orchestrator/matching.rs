@@ -421,6 +421,7 @@ mod tests {
                 .map(|(vram_mib, apis)| GpuInfo {
                     name: "gpu".into(),
                     vram_mib: *vram_mib,
+                    uuid: None,
                     apis: apis
                         .split(',')
                         .filter(|a| !a.is_empty())

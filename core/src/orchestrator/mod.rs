@@ -1109,6 +1109,30 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
                 ));
             }
         }
+        Workload::Docker {
+            image,
+            entrypoint,
+            workdir,
+            network: _,
+        } => {
+            if !wire::valid_image_ref(image) {
+                return Err(bad(format!(
+                    "workload.image {image:?} is not a Docker image reference ([host[:port]/]name[:tag][@sha256:…], lowercase name)"
+                )));
+            }
+            if entrypoint.as_ref().is_some_and(|e| e.is_empty()) {
+                return Err(bad(
+                    "workload.entrypoint is empty: leave it out to keep the image's",
+                ));
+            }
+            if let Some(dir) = workdir
+                && !dir.starts_with('/')
+            {
+                return Err(bad(format!(
+                    "workload.workdir {dir:?} must be an absolute path"
+                )));
+            }
+        }
     }
     Ok(())
 }

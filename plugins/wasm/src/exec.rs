@@ -712,8 +712,10 @@ impl WasmBackend {
                 wall_timeout_ms: 10_000,
                 memory_limit_bytes: 64 << 20,
                 fuel_limit: 0,
+                cpu_cores: 0,
             },
             input_files: Default::default(),
+            gpu_devices: Default::default(),
         };
         self.runtime.block_on(async {
             let mut times = Vec::with_capacity(iterations);

@@ -21,7 +21,7 @@ use abi_stable::{
 };
 use rhizos_plugin_api::{
     Backend, Backend_TO, BackendBox, BackendPlugin, BackendPluginRef, EventSinkBox, ExecRequest,
-    ExecutionBox, PluginInfo, PluginKind, sdk::catch_panic,
+    ExecutionBox, HostContext, PluginInfo, PluginKind, sdk::catch_panic,
 };
 
 /// Exported root module: what the agent finds when it loads this library.
@@ -45,7 +45,7 @@ fn describe() -> PluginInfo {
 }
 
 #[sabi_extern_fn]
-fn new_backend(config: RStr<'_>) -> RResult<BackendBox, RString> {
+fn new_backend(config: RStr<'_>, _host: &HostContext) -> RResult<BackendBox, RString> {
     catch_panic("new_backend", || {
         let config = config.as_str().trim();
         if !(config.is_empty() || config == "{}") {

@@ -223,8 +223,10 @@ fn plugin_call(calls: usize, json: bool) -> anyhow::Result<()> {
             wall_timeout_ms: 1_000,
             memory_limit_bytes: 1 << 20,
             fuel_limit: 0,
+            cpu_cores: 0,
         },
         input_files: Default::default(),
+        gpu_devices: Default::default(),
     };
     let execution = match plugin.backend.start(request(), null_sink()) {
         RResult::ROk(execution) => execution,
