@@ -65,6 +65,12 @@ enum Bench {
     },
     /// Jobs offered to many simulated nodes (they ack and report at once): jobs settled per
     /// second through the orchestrator and its ledger, and submit → running latency.
+    /// Container job overhead: submit → the container's first output line through the whole
+    /// network (Docker plugin), against a bare `docker run` of the same image, as a ratio.
+    ContainerOverhead {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     Marketplace {
         #[arg(long, default_value_t = 1_000)]
         nodes: usize,
@@ -94,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
             agents,
             concurrency,
         } => wasm_jobs(jobs, agents, concurrency, cli.json).await,
+        Bench::ContainerOverhead { runs } => container_overhead(runs, cli.json).await,
         Bench::Marketplace {
             nodes,
             jobs,
@@ -191,6 +198,149 @@ async fn submit_latency(jobs: usize, json: bool) -> anyhow::Result<()> {
         }
     }
     cluster.shutdown().await
+}
+
+async fn container_overhead(runs: usize, json: bool) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    anyhow::ensure!(runs > 0, "--runs must be at least 1");
+    anyhow::ensure!(
+        rhizos_testbed::images::docker_available(),
+        "no Docker engine answers (`docker info`)"
+    );
+    let image = rhizos_testbed::images::probe_image()?;
+    let args = ["out:started", "exit:0"];
+
+    // Bare: `docker run --rm` with the same sandbox flags, first line on stdout, then exit.
+    let mut bare_first = Vec::new();
+    let mut bare_total = Vec::new();
+    for _ in 0..=runs {
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new("docker")
+            .args([
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--memory",
+                "64m",
+                "--cap-drop",
+                "ALL",
+                "--security-opt",
+                "no-new-privileges",
+                "--user",
+                "65534:65534",
+                &image,
+            ])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().context("docker run has no stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = lines.next_line().await?;
+        let to_first = started.elapsed();
+        anyhow::ensure!(first.as_deref() == Some("started"), "docker run printed {first:?}");
+        anyhow::ensure!(child.wait().await?.success(), "docker run failed");
+        bare_first.push(to_first);
+        bare_total.push(started.elapsed());
+    }
+    bare_first.remove(0);
+    bare_total.remove(0);
+
+    // Through RhizOS: submit over NATS, placed, assigned, the plugin creates/copies/attaches/
+    // starts; the first line arrives on the job's log subject; the end is the settled event.
+    let cluster = Cluster::start(ClusterOptions {
+        plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_docker")?],
+        plugin_config: [("docker".to_owned(), serde_json::json!({"pull": "never"}))].into(),
+        node_prefix: format!("bench{}", &rhizos_testbed::cluster::uuid_like()[..8]),
+        ..ClusterOptions::default()
+    })
+    .await?;
+    cluster.funded_account("bench", 1_000_000_000).await?;
+    let mut job_first = Vec::new();
+    let mut job_total = Vec::new();
+    for index in 0..=runs {
+        let job_id = format!("overhead-{index}");
+        let mut logs = cluster
+            .bus
+            .client
+            .subscribe(cluster.bus.subjects.job_log(&job_id)?)
+            .await?;
+        let mut events = cluster
+            .bus
+            .client
+            .subscribe(cluster.bus.subjects.job_events_of(&job_id)?[0].clone())
+            .await?;
+        cluster.bus.client.flush().await?;
+        let request = rhizos_broker::wire::SubmitJob {
+            v: rhizos_broker::wire::WIRE_VERSION,
+            job_id: Some(job_id.clone()),
+            account: "bench".into(),
+            spec: rhizos_testbed::cluster::docker_spec(&image, &args, 30_000),
+            max_cost_micros: 1_000_000,
+        };
+        let started = Instant::now();
+        cluster.submit(&request).await?;
+        tokio::time::timeout(Duration::from_secs(30), logs.next())
+            .await
+            .with_context(|| format!("no output from {job_id} within 30 s"))?
+            .context("log subscription closed")?;
+        let to_first = started.elapsed();
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(30), events.next())
+                .await
+                .with_context(|| format!("{job_id} did not end within 30 s"))?
+                .context("event subscription closed")?;
+            if let Ok(Event {
+                body: EventBody::Job { state, .. },
+                ..
+            }) = serde_json::from_slice(&message.payload)
+                && state.is_terminal()
+            {
+                anyhow::ensure!(state == JobState::Succeeded, "{job_id} ended {state:?}");
+                break;
+            }
+        }
+        if index > 0 {
+            job_first.push(to_first);
+            job_total.push(started.elapsed());
+        }
+    }
+    cluster.shutdown().await?;
+    let median = |v: &mut Vec<Duration>| summary(v)["median"].as_f64().unwrap_or(f64::NAN);
+    let (bare_first_ms, bare_total_ms) = (median(&mut bare_first), median(&mut bare_total));
+    let (job_first_ms, job_total_ms) = (median(&mut job_first), median(&mut job_total));
+    let report = serde_json::json!({
+        "bench": "container-overhead",
+        "runs": runs,
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "image": image,
+        "docker_run_first_line_ms": summary(&mut bare_first),
+        "docker_run_exit_ms": summary(&mut bare_total),
+        "rhizos_submit_to_first_line_ms": summary(&mut job_first),
+        "rhizos_submit_to_settled_ms": summary(&mut job_total),
+        "ratio_first_line": job_first_ms / bare_first_ms,
+        "ratio_end": job_total_ms / bare_total_ms,
+    });
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "container job overhead, medians over {runs} sequential runs ({} build, image {image}):",
+            report["build"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  bare `docker run --rm`: first line {bare_first_ms:>8.1} ms, exited {bare_total_ms:>8.1} ms"
+        );
+        println!(
+            "  rhizos job (submit):    first line {job_first_ms:>8.1} ms, settled {job_total_ms:>8.1} ms"
+        );
+        println!(
+            "  ratio rhizos / docker run: to first line {:.2}×, to the end {:.2}×",
+            job_first_ms / bare_first_ms,
+            job_total_ms / bare_total_ms
+        );
+    }
+    Ok(())
 }
 
 /// An event sink that drops every line.
