@@ -134,6 +134,9 @@ pub struct AgentSettings {
     /// Configuration handed to each stable-ABI plugin when it starts, by plugin name
     /// (`[agent.plugins.<name>]`); a plugin without an entry gets `{}`.
     pub plugins: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Path of NVML (`libnvidia-ml.so.1`) when the loader does not find it (default: the
+    /// loader's search). GPUs are detected and watched through it.
+    pub nvml_library: Option<PathBuf>,
 }
 
 impl Default for AgentSettings {
@@ -149,6 +152,7 @@ impl Default for AgentSettings {
             memory_mib: None,
             max_output_bytes: 64 * 1024,
             plugins: std::collections::BTreeMap::new(),
+            nvml_library: None,
         }
     }
 }

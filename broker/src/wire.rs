@@ -206,6 +206,10 @@ pub enum Workload {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         network: bool,
     },
+    /// A native Linux x86-64 program (e.g. built with `nvcc`), base64, run on whole GPUs (the
+    /// job's `gpus`, at least 1) that it alone sees; `min_vram_mib` is also its VRAM limit per GPU.
+    /// Runs only on nodes whose operator allows native CUDA programs.
+    Cuda { program_b64: String },
 }
 
 impl Workload {
@@ -213,6 +217,7 @@ impl Workload {
         match self {
             Self::Wasm { .. } => "wasm",
             Self::Docker { .. } => "docker",
+            Self::Cuda { .. } => "cuda",
         }
     }
 }
@@ -538,6 +543,9 @@ pub struct PluginView {
     pub backends: Vec<String>,
     /// Why the file was refused, when it was.
     pub refused: Option<String>,
+    /// Why a loaded plugin offers nothing on this node (e.g. "no NVIDIA driver (NVML: …)").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Request on `node.plugins.<node>` (answered by that node's agent).
@@ -599,6 +607,21 @@ pub struct HardwareView {
     /// Why the node offers no GPU, when it offers none (e.g. "no NVIDIA driver (NVML: …)").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_note: Option<String>,
+    /// NVIDIA driver and CUDA versions, e.g. "550.54.15, CUDA 12.4".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_driver: Option<String>,
+}
+
+/// One GPU's state now, from NVML, sent with every heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuTelemetry {
+    pub uuid: String,
+    /// GPU busy time over the driver's last sample period, percent.
+    pub utilization_pct: u32,
+    pub vram_used_mib: u64,
+    pub vram_total_mib: u64,
+    pub temperature_c: u32,
+    pub power_mw: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -608,6 +631,9 @@ pub struct GpuInfo {
     /// The driver's UUID (`GPU-…`), when known: what a job's `CUDA_VISIBLE_DEVICES` names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
+    /// CUDA compute capability, `major.minor` (e.g. `9.0`), when NVML reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_capability: Option<String>,
     /// APIs it supports, e.g. `cuda`.
     #[serde(default)]
     pub apis: Vec<String>,
@@ -658,6 +684,9 @@ pub struct NodeView {
     pub plugins: Vec<PluginView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hardware: Option<HardwareView>,
+    /// GPU state from the node's last heartbeat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_telemetry: Vec<GpuTelemetry>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -724,6 +753,9 @@ pub struct Heartbeat {
     pub running: Vec<ExecutionRef>,
     pub free_slots: u32,
     pub ts_ms: u64,
+    /// The node's GPUs now (empty without GPUs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuTelemetry>,
 }
 
 /// Orchestrator → agent: run this attempt of a job.

@@ -41,8 +41,12 @@ pub struct SubmitArgs {
     #[arg(long, env = "RHIZOS_ACCOUNT")]
     account: String,
     /// WASI command module or component to run (.wasm binary or .wat text).
-    #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+    #[arg(long, required_unless_present_any = ["image", "cuda_program"], conflicts_with_all = ["image", "cuda_program"])]
     wasm: Option<PathBuf>,
+    /// Native Linux program to run on GPUs instead (e.g. built with nvcc; needs --gpus ≥ 1;
+    /// --min-vram-mib is also its VRAM limit per GPU). Only nodes that allow native CUDA run it.
+    #[arg(long, conflicts_with = "image")]
+    cuda_program: Option<PathBuf>,
     /// Docker image to run instead (from the node's local image store); the --arg values are
     /// its command.
     #[arg(long)]
@@ -198,6 +202,17 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
 
 fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
     let workload = match (&args.wasm, &args.image) {
+        (None, None) if args.cuda_program.is_some() => {
+            let path = args.cuda_program.as_ref().context("--cuda-program")?;
+            anyhow::ensure!(args.gpus > 0, "--cuda-program needs --gpus 1 or more");
+            Workload::Cuda {
+                program_b64: wire::b64_encode(
+                    &std::fs::read(path).with_context(|| {
+                        format!("cannot read --cuda-program {}", path.display())
+                    })?,
+                ),
+            }
+        }
         (Some(path), _) => Workload::Wasm {
             module_b64: wire::b64_encode(
                 &std::fs::read(path)
@@ -216,7 +231,7 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
                 network: args.network,
             }
         }
-        (None, None) => anyhow::bail!("give --wasm FILE or --image IMAGE"),
+        (None, None) => anyhow::bail!("give --wasm FILE, --image IMAGE or --cuda-program FILE"),
     };
     let mut env = BTreeMap::new();
     for pair in &args.env {

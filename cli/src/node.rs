@@ -125,12 +125,33 @@ pub async fn run_node(global: &GlobalArgs, command: NodeCommand) -> anyhow::Resu
                     .unwrap_or_else(|| "none".to_owned());
                 println!("  gpus:             {why}");
             }
+            if let Some(driver) = node.hardware.as_ref().and_then(|hw| hw.gpu_driver.as_ref()) {
+                println!("  gpu driver:       {driver}");
+            }
             for gpu in &node.gpus {
+                let now = gpu
+                    .uuid
+                    .as_ref()
+                    .and_then(|uuid| node.gpu_telemetry.iter().find(|t| &t.uuid == uuid));
                 println!(
-                    "  gpu:              {} ({} MiB; {})",
+                    "  gpu:              {} {} ({} MiB; {}{}){}",
                     gpu.name,
+                    gpu.uuid.as_deref().unwrap_or(""),
                     gpu.vram_mib,
-                    gpu.apis.join(", ")
+                    gpu.apis.join(", "),
+                    gpu.compute_capability
+                        .as_deref()
+                        .map(|c| format!(", compute {c}"))
+                        .unwrap_or_default(),
+                    now.map(|t| format!(
+                        " — now {}% busy, {}/{} MiB, {} °C, {:.1} W",
+                        t.utilization_pct,
+                        t.vram_used_mib,
+                        t.vram_total_mib,
+                        t.temperature_c,
+                        f64::from(t.power_mw) / 1000.0
+                    ))
+                    .unwrap_or_default()
                 );
             }
             println!(
@@ -146,10 +167,15 @@ pub async fn run_node(global: &GlobalArgs, command: NodeCommand) -> anyhow::Resu
             for plugin in &node.plugins {
                 match &plugin.refused {
                     None => println!(
-                        "  plugin:           {} {} ({})",
+                        "  plugin:           {} {} ({}){}",
                         plugin.name.as_deref().unwrap_or("?"),
                         plugin.version.as_deref().unwrap_or("?"),
-                        plugin.file
+                        plugin.file,
+                        plugin
+                            .note
+                            .as_deref()
+                            .map(|n| format!(" — offers nothing: {n}"))
+                            .unwrap_or_default()
                     ),
                     Some(reason) => println!("  refused plugin:   {}: {reason}", plugin.file),
                 }

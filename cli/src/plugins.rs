@@ -84,13 +84,22 @@ pub async fn run(global: &GlobalArgs, command: PluginsCommand) -> anyhow::Result
 fn row(node_id: &str, plugin: &PluginView) -> String {
     match &plugin.refused {
         None => format!(
-            "{:<16} {:<12} {:<9} {:<9} {:<14} {}",
+            "{:<16} {:<12} {:<9} {:<9} {:<14} {}{}",
             node_id,
             plugin.name.as_deref().unwrap_or("?"),
             plugin.kind.as_deref().unwrap_or("backend"),
             plugin.version.as_deref().unwrap_or("?"),
-            plugin.backends.join(","),
-            plugin.file
+            if plugin.backends.is_empty() && plugin.note.is_some() {
+                "(none)".to_owned()
+            } else {
+                plugin.backends.join(",")
+            },
+            plugin.file,
+            plugin
+                .note
+                .as_deref()
+                .map(|n| format!(": {n}"))
+                .unwrap_or_default()
         ),
         Some(reason) => format!(
             "{:<16} {:<12} {:<9} {:<9} {:<14} {}: {reason}",

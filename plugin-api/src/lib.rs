@@ -76,6 +76,8 @@ pub struct ExecLimits {
     /// CPU cores allocated to the workload (a container gets this many CPUs of quota); 0: no
     /// limit. Backends that cannot limit CPU ignore it.
     pub cpu_cores: u32,
+    /// Most GPU memory the workload may hold on each of its GPUs, in bytes; 0: the whole GPU.
+    pub vram_limit_bytes: u64,
 }
 
 /// One execution of a job, as handed to a backend.
@@ -176,8 +178,13 @@ pub struct HostContext {
 pub trait Backend: Send + Sync {
     /// Starts one execution and returns at once. `Err` means the request was refused before
     /// anything ran (the host fails the job with that message).
-    #[sabi(last_prefix_field)]
     fn start(&self, request: ExecRequest, sink: EventSinkBox) -> RResult<ExecutionBox, RString>;
+
+    /// Why this backend can run nothing on this machine (e.g. "no NVIDIA driver (NVML: …)"),
+    /// or `RNone` when it offers every backend it `describe`s. A plugin that cannot work here
+    /// still loads: the node offers none of its backends and shows the reason.
+    #[sabi(last_prefix_field)]
+    fn unavailable(&self) -> ROption<RString>;
 }
 
 pub type BackendBox = Backend_TO<'static, RBox<()>>;

@@ -82,6 +82,12 @@ pub trait PluginBackend: Send + Sync + 'static {
     type Execution: PluginExecution;
     /// Starts one execution and returns at once; `Err` refuses it (nothing ran).
     fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<Self::Execution, String>;
+
+    /// Why this backend can run nothing here (no driver, no engine…); `None` (the default) when
+    /// it offers everything it was exported with.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
 }
 
 /// One running execution of a [`PluginBackend`].
@@ -105,6 +111,16 @@ impl<B: PluginBackend> Backend for Contained<B> {
             Ok(execution) => ROk(Execution_TO::from_value(Contained(execution), TD_Opaque)),
             Err(message) => RErr(RString::from(message)),
         })
+    }
+
+    fn unavailable(&self) -> ROption<RString> {
+        match catch_unwind(AssertUnwindSafe(|| self.0.unavailable())) {
+            Ok(reason) => reason.map(RString::from).into(),
+            Err(payload) => ROption::RSome(RString::from(format!(
+                "plugin panicked in unavailable: {}",
+                panic_message(&*payload)
+            ))),
+        }
     }
 }
 

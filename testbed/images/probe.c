@@ -17,6 +17,9 @@
  *   sleep:MS        sleep MS milliseconds
  *   alloc:MIB       allocate and touch MIB MiB, then print "allocated MIB MiB"
  *   fork:N          try to start N processes that sleep 5 s; print how many started
+ *   vram:MIB        (with the NVML test double) hold MIB MiB of "VRAM" on the first GPU of
+ *                   CUDA_VISIBLE_DEVICES: writes $RHIZOS_NVML_DOUBLE_DIR/procs/<pid>, which is
+ *                   what the double's driver reports for this process
  *   exit:N          exit with code N (the default is 0)
  */
 #define _GNU_SOURCE
@@ -146,6 +149,22 @@ int main(int argc, char **argv) {
                 if (pid > 0) started++;
             }
             printf("started %d of %d\n", started, n);
+            fflush(stdout);
+        } else if (!strcmp(step, "vram")) {
+            const char *root = getenv("RHIZOS_NVML_DOUBLE_DIR");
+            const char *devices = getenv("CUDA_VISIBLE_DEVICES");
+            if (!root || !devices) { say(stderr, "vram needs RHIZOS_NVML_DOUBLE_DIR and CUDA_VISIBLE_DEVICES"); return 2; }
+            char device[128];
+            snprintf(device, sizeof device, "%s", devices);
+            char *comma = strchr(device, ',');
+            if (comma) *comma = 0;
+            char path[4096];
+            snprintf(path, sizeof path, "%s/procs/%d", root, (int)getpid());
+            FILE *f = fopen(path, "w");
+            if (!f) { fprintf(stderr, "vram: %s: %s\n", path, strerror(errno)); return 2; }
+            fprintf(f, "%s %llu\n", device, (unsigned long long)atol(arg) << 20);
+            fclose(f);
+            printf("holding %s MiB on %s\n", arg, device);
             fflush(stdout);
         } else if (!strcmp(step, "exit")) return atoi(arg);
         else { fprintf(stderr, "unknown step %s\n", step); return 64; }

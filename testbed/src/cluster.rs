@@ -32,6 +32,8 @@ pub struct ClusterOptions {
     /// Agents are `<node_prefix>-<index>` (default `node`). Tests sharing a machine-wide
     /// resource keyed by node id (the Docker engine's containers) give each cluster its own.
     pub node_prefix: String,
+    /// `[agent] nvml_library` for every agent (e.g. the NVML test double).
+    pub nvml_library: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -53,6 +55,7 @@ impl Default for ClusterOptions {
             plugin_config: std::collections::BTreeMap::new(),
             missed_heartbeats: 3,
             node_prefix: "node".into(),
+            nvml_library: None,
         }
     }
 }
@@ -125,6 +128,7 @@ impl Cluster {
             agent_settings.max_concurrent = options.max_concurrent;
             agent_settings.plugin_scan_ms = options.plugin_scan_ms;
             agent_settings.plugins = options.plugin_config.clone();
+            agent_settings.nvml_library = options.nvml_library.clone();
             let agent = Agent::new(
                 Bus::connect(&settings.nats).await?,
                 agent_settings,

@@ -19,6 +19,55 @@ pub fn probe_image() -> anyhow::Result<String> {
         .map_err(anyhow::Error::msg)
 }
 
+/// The probe as a native program of this machine (dynamically linked, small enough to travel
+/// inline in a job): the workload of the CUDA backend tests. Built once per source.
+pub fn probe_native() -> anyhow::Result<std::path::PathBuf> {
+    static BUILT: OnceLock<Result<std::path::PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let source = crate::guests::workspace_root().join("testbed/images/probe.c");
+            compile_c(&source, &[], "probe").map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Compiles a C file with `gcc -O2 <flags>` into `target/<profile>/c/<digest>/<name>` (once per
+/// source and flags; concurrent test processes each write a temp file and rename it).
+pub fn compile_c(
+    source: &std::path::Path,
+    flags: &[&str],
+    name: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let text =
+        std::fs::read(source).with_context(|| format!("cannot read {}", source.display()))?;
+    let mut key = text.clone();
+    key.extend(flags.join(" ").bytes());
+    let dir = crate::build_dir().join("c").join(short_digest(&key));
+    let output = dir.join(name);
+    if output.is_file() {
+        return Ok(output);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let partial = dir.join(format!("{name}.{}.partial", std::process::id()));
+    let compiled = Command::new("gcc")
+        .arg("-O2")
+        .args(flags)
+        .arg("-o")
+        .arg(&partial)
+        .arg(source)
+        .output()
+        .context("cannot run gcc (install it: apt-get install gcc libc6-dev)")?;
+    anyhow::ensure!(
+        compiled.status.success(),
+        "gcc failed on {}: {}",
+        source.display(),
+        String::from_utf8_lossy(&compiled.stderr)
+    );
+    std::fs::rename(&partial, &output)?;
+    Ok(output)
+}
+
 /// Whether a Docker engine answers here (`docker info`).
 pub fn docker_available() -> bool {
     Command::new("docker")
@@ -37,19 +86,7 @@ fn build_probe() -> anyhow::Result<String> {
     if image_exists(&tag) {
         return Ok(tag);
     }
-    let dir = tempfile::Builder::new().prefix("rhizos-probe-").tempdir()?;
-    let binary = dir.path().join("probe");
-    let compiled = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&binary)
-        .arg(&source_path)
-        .output()
-        .context("cannot run gcc (install it: apt-get install gcc libc6-dev)")?;
-    anyhow::ensure!(
-        compiled.status.success(),
-        "gcc -static failed: {}",
-        String::from_utf8_lossy(&compiled.stderr)
-    );
+    let binary = compile_c(&source_path, &["-static"], "probe")?;
     let mut rootfs = tar::Builder::new(Vec::new());
     rootfs.append_path_with_name(&binary, "probe")?;
     let mut output = tar::Header::new_gnu();

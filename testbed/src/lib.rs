@@ -3,6 +3,7 @@
 //! end-to-end tests (`tests/it`) and benchmarks (`src/bin`).
 
 pub mod cluster;
+pub mod doubles;
 pub mod guests;
 pub mod images;
 pub mod sim;

@@ -120,6 +120,7 @@ impl SimFleet {
                         running: vec![],
                         free_slots: 8,
                         ts_ms: 0,
+                        gpus: vec![],
                     };
                     let _ = heartbeat_bus
                         .client

@@ -23,6 +23,8 @@ pub struct Hardware {
     pub gpus: Vec<GpuInfo>,
     /// Why no GPU is offered, when none is (e.g. "no NVIDIA driver (NVML: …)").
     pub gpu_note: Option<String>,
+    /// "<driver>, CUDA <version>" when NVML answered.
+    pub gpu_driver: Option<String>,
 }
 
 impl Hardware {
@@ -36,6 +38,7 @@ impl Hardware {
             kernel: self.kernel.clone(),
             runtimes: self.runtimes.clone(),
             gpu_note: self.gpu_note.clone(),
+            gpu_driver: self.gpu_driver.clone(),
         }
     }
 }
@@ -61,6 +64,14 @@ const INTERESTING_FLAGS: &[&str] = &[
 ];
 
 pub fn detect() -> Hardware {
+    detect_with(None).0
+}
+
+/// [`detect`] with NVML loaded from `nvml_library` when given; also returns the NVML handle
+/// for [`telemetry`] when it loaded.
+pub fn detect_with(
+    nvml_library: Option<&std::path::Path>,
+) -> (Hardware, Option<nvml_wrapper::Nvml>) {
     let cpu_threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -71,8 +82,8 @@ pub fn detect() -> Hardware {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .map(|text| parse_cpuinfo(&text))
         .unwrap_or_default();
-    let (gpus, gpu_note) = detect_gpus();
-    Hardware {
+    let (gpus, gpu_note, gpu_driver, nvml) = detect_gpus(nvml_library);
+    let hardware = Hardware {
         cpu_threads,
         cpu_cores: if cpu.cores > 0 {
             cpu.cores
@@ -93,7 +104,32 @@ pub fn detect() -> Hardware {
         runtimes: container_runtimes(),
         gpus,
         gpu_note,
-    }
+        gpu_driver,
+    };
+    (hardware, nvml)
+}
+
+/// Every GPU's state now (empty when NVML fails).
+pub fn telemetry(nvml: &nvml_wrapper::Nvml) -> Vec<rhizos_broker::wire::GpuTelemetry> {
+    let Ok(count) = nvml.device_count() else {
+        return Vec::new();
+    };
+    (0..count)
+        .filter_map(|index| {
+            let device = nvml.device_by_index(index).ok()?;
+            let memory = device.memory_info().ok()?;
+            Some(rhizos_broker::wire::GpuTelemetry {
+                uuid: device.uuid().ok()?,
+                utilization_pct: device.utilization_rates().map(|u| u.gpu).unwrap_or(0),
+                vram_used_mib: memory.used >> 20,
+                vram_total_mib: memory.total >> 20,
+                temperature_c: device
+                    .temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
+                    .unwrap_or(0),
+                power_mw: device.power_usage().unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -168,15 +204,39 @@ fn container_runtimes() -> Vec<String> {
     found
 }
 
+type GpuDetection = (
+    Vec<GpuInfo>,
+    Option<String>,
+    Option<String>,
+    Option<nvml_wrapper::Nvml>,
+);
+
 /// GPUs through NVML; when NVML cannot load, through `nvidia-smi`; otherwise none, with why.
-fn detect_gpus() -> (Vec<GpuInfo>, Option<String>) {
-    let nvml_error = match nvml_wrapper::Nvml::init() {
+/// Returns the GPUs, why there are none, the driver versions, and NVML when it loaded.
+fn detect_gpus(nvml_library: Option<&std::path::Path>) -> GpuDetection {
+    let opened = match nvml_library {
+        Some(path) => nvml_wrapper::Nvml::builder()
+            .lib_path(path.as_os_str())
+            .init(),
+        None => nvml_wrapper::Nvml::init(),
+    };
+    let nvml_error = match opened {
         Ok(nvml) => match nvml_gpus(&nvml) {
-            Ok(gpus) if !gpus.is_empty() => return (gpus, None),
+            Ok(gpus) if !gpus.is_empty() => {
+                let driver = nvml.sys_driver_version().ok().map(|driver| {
+                    match nvml.sys_cuda_driver_version() {
+                        Ok(v) => format!("{driver}, CUDA {}.{}", v / 1000, (v % 1000) / 10),
+                        Err(_) => driver,
+                    }
+                });
+                return (gpus, None, driver, Some(nvml));
+            }
             Ok(_) => {
                 return (
                     Vec::new(),
                     Some("NVIDIA driver found, but no GPU".to_owned()),
+                    None,
+                    None,
                 );
             }
             Err(e) => e.to_string(),
@@ -184,10 +244,12 @@ fn detect_gpus() -> (Vec<GpuInfo>, Option<String>) {
         Err(e) => e.to_string(),
     };
     match nvidia_smi_gpus() {
-        Some(gpus) if !gpus.is_empty() => (gpus, None),
+        Some(gpus) if !gpus.is_empty() => (gpus, None, None, None),
         _ => (
             Vec::new(),
             Some(format!("no NVIDIA driver (NVML: {nvml_error})")),
+            None,
+            None,
         ),
     }
 }
@@ -201,6 +263,10 @@ fn nvml_gpus(nvml: &nvml_wrapper::Nvml) -> Result<Vec<GpuInfo>, nvml_wrapper::er
             name: device.name()?,
             vram_mib: memory.total / (1024 * 1024),
             uuid: device.uuid().ok(),
+            compute_capability: device
+                .cuda_compute_capability()
+                .ok()
+                .map(|c| format!("{}.{}", c.major, c.minor)),
             apis: vec!["cuda".to_owned()],
         });
     }
@@ -243,6 +309,7 @@ fn parse_nvidia_smi(text: &str) -> Vec<GpuInfo> {
                 name: name.trim().to_owned(),
                 vram_mib: mib,
                 uuid,
+                compute_capability: None,
                 apis: vec!["cuda".to_owned()],
             })
         })

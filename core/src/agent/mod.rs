@@ -59,12 +59,14 @@ struct Inner {
     executions: Mutex<Executions>,
     /// Which of `hardware.gpus` an execution holds (whole GPUs).
     gpus_busy: Mutex<Vec<bool>>,
+    /// NVML, when it loaded: GPU telemetry for heartbeats.
+    nvml: Option<nvml_wrapper::Nvml>,
 }
 
 impl Agent {
     /// Loads the plugins from `settings.plugin_dir` and detects the machine.
     pub fn new(bus: Bus, settings: AgentSettings, pricing: Pricing) -> anyhow::Result<Self> {
-        let hardware = hardware::detect();
+        let (hardware, nvml) = hardware::detect_with(settings.nvml_library.as_deref());
         let node_id = match &settings.node_id {
             Some(id) => id.clone(),
             None => hardware::default_node_id(),
@@ -99,6 +101,7 @@ impl Agent {
                 plugins: std::sync::RwLock::new(plugins),
                 plugin_dir: Mutex::new(plugin_dir),
                 gpus_busy: Mutex::new(vec![false; hardware.gpus.len()]),
+                nvml,
                 hardware,
                 executions: Mutex::new(HashMap::new()),
             }),
@@ -119,6 +122,7 @@ impl Agent {
             kind: Some("backend".into()),
             backends: p.backends.clone(),
             refused: None,
+            note: p.unavailable.clone(),
         });
         let components = plugins.resolvers.iter().map(|c| PluginView {
             file: c.file().display().to_string(),
@@ -127,6 +131,7 @@ impl Agent {
             kind: Some("resolver".into()),
             backends: vec![],
             refused: None,
+            note: None,
         });
         let refused = plugins.refused.iter().map(|r| PluginView {
             file: r.file.display().to_string(),
@@ -135,6 +140,7 @@ impl Agent {
             kind: None,
             backends: vec![],
             refused: Some(r.reason.clone()),
+            note: None,
         });
         loaded.chain(components).chain(refused).collect()
     }
@@ -378,6 +384,12 @@ impl Agent {
                 running,
                 free_slots,
                 ts_ms: now_ms(),
+                gpus: self
+                    .inner
+                    .nvml
+                    .as_ref()
+                    .map(hardware::telemetry)
+                    .unwrap_or_default(),
             };
             if let Err(e) = self
                 .inner
@@ -675,6 +687,7 @@ impl Agent {
 fn exec_request(assign: &AssignJob, gpu_devices: &[String]) -> Result<ExecRequest, WireError> {
     let workload = match &assign.spec.workload {
         Workload::Wasm { module_b64 } => wire::b64_decode("workload.module_b64", module_b64)?,
+        Workload::Cuda { program_b64 } => wire::b64_decode("workload.program_b64", program_b64)?,
         other => serde_json::to_vec(other).map_err(|e| {
             WireError::new(
                 ErrorCode::Internal,
@@ -719,6 +732,7 @@ fn exec_request(assign: &AssignJob, gpu_devices: &[String]) -> Result<ExecReques
             memory_limit_bytes: assign.spec.memory_mib.saturating_mul(1024 * 1024),
             fuel_limit: assign.spec.fuel_limit.unwrap_or(0),
             cpu_cores: assign.spec.cpu_cores,
+            vram_limit_bytes: assign.spec.min_vram_mib.saturating_mul(1024 * 1024),
         },
         gpu_devices: gpu_devices
             .iter()

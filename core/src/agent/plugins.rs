@@ -17,7 +17,7 @@
 //! distinct version loaded stays mapped until the agent exits.
 
 use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
-use abi_stable::std_types::RResult;
+use abi_stable::std_types::{RResult, RString};
 use rhizos_plugin_api::{
     BackendBox, BackendPluginRef, HostContext, PLUGIN_API_VERSION, PluginKind, ResolverBox,
     ResolverPluginRef,
@@ -34,10 +34,13 @@ pub struct LoadedPlugin {
     pub file: PathBuf,
     pub name: String,
     pub version: String,
+    /// What it offers on this node: what it describes, or nothing when it is unavailable.
     pub backends: Vec<String>,
     pub backend: BackendBox,
     /// SHA-256 of the file (hex), which names its private copy.
     pub digest: String,
+    /// Why it offers nothing here, when it says so.
+    pub unavailable: Option<String>,
 }
 
 /// A stable-ABI resolver plugin that loaded.
@@ -525,13 +528,22 @@ pub fn load_library(
             return Err(format!("plugin {} failed to start: {message}", info.name));
         }
     };
+    let unavailable = backend
+        .unavailable()
+        .into_option()
+        .map(RString::into_string);
     Ok(Native::Backend(LoadedPlugin {
         file: path.to_path_buf(),
         name: info.name.into_string(),
         version: info.version.into_string(),
-        backends: info.backends.into_iter().map(|b| b.into_string()).collect(),
+        backends: if unavailable.is_some() {
+            Vec::new()
+        } else {
+            info.backends.into_iter().map(|b| b.into_string()).collect()
+        },
         backend,
         digest: String::new(),
+        unavailable,
     }))
 }
 

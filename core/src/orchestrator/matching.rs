@@ -50,6 +50,8 @@ pub struct NodeEntry {
     pub allocated: Allocation,
     /// Success ratio over recent attempts (1.0 without history).
     pub reputation: f64,
+    /// GPU state from the last heartbeat.
+    pub gpu_telemetry: Vec<rhizos_broker::wire::GpuTelemetry>,
 }
 
 impl NodeEntry {
@@ -230,6 +232,7 @@ impl Registry {
                 lost: false,
                 allocated,
                 reputation,
+                gpu_telemetry: Vec::new(),
             },
         );
     }
@@ -248,11 +251,16 @@ impl Registry {
     }
 
     /// Records a heartbeat; `false` if the node is unknown.
-    pub fn heartbeat(&mut self, node_id: &str) -> bool {
+    pub fn heartbeat(
+        &mut self,
+        node_id: &str,
+        gpus: Vec<rhizos_broker::wire::GpuTelemetry>,
+    ) -> bool {
         match self.nodes.get_mut(node_id) {
             Some(node) => {
                 node.last_seen = Instant::now();
                 node.lost = false;
+                node.gpu_telemetry = gpus;
                 true
             }
             None => false,
@@ -422,6 +430,7 @@ mod tests {
                     name: "gpu".into(),
                     vram_mib: *vram_mib,
                     uuid: None,
+                    compute_capability: None,
                     apis: apis
                         .split(',')
                         .filter(|a| !a.is_empty())

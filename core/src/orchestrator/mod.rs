@@ -531,6 +531,7 @@ impl Orchestrator {
                     max_concurrent: r.max_concurrent,
                     plugins: r.plugins,
                     hardware: r.hardware,
+                    gpu_telemetry: entry.gpu_telemetry,
                 }
             })
             .collect())
@@ -582,8 +583,9 @@ impl Orchestrator {
 
     fn handle_heartbeat(&self, payload: &[u8]) {
         match wire::decode::<Heartbeat>(payload, self.inner.settings.max_request_bytes) {
-            Ok(heartbeat) => {
-                if !self.registry().heartbeat(&heartbeat.node_id) {
+            Ok(mut heartbeat) => {
+                let gpus = std::mem::take(&mut heartbeat.gpus);
+                if !self.registry().heartbeat(&heartbeat.node_id, gpus) {
                     tracing::debug!(node_id = %heartbeat.node_id, "heartbeat from an unregistered node");
                     return;
                 }
@@ -1131,6 +1133,26 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
                 return Err(bad(format!(
                     "workload.workdir {dir:?} must be an absolute path"
                 )));
+            }
+        }
+        Workload::Cuda { program_b64 } => {
+            let program = wire::b64_decode("workload.program_b64", program_b64)?;
+            if !program.starts_with(b"\x7fELF") {
+                return Err(bad(
+                    "workload.program_b64 is not a Linux executable (ELF): build it for x86-64 Linux",
+                ));
+            }
+            if program.len() > MAX_INLINE_MODULE_BYTES {
+                return Err(WireError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "CUDA program is {} bytes, the inline limit is {MAX_INLINE_MODULE_BYTES}",
+                        program.len()
+                    ),
+                ));
+            }
+            if spec.gpus == 0 {
+                return Err(bad("a cuda job needs at least one GPU: set gpus"));
             }
         }
     }

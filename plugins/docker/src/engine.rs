@@ -275,8 +275,13 @@ impl PluginBackend for DockerBackend {
             return Err("the docker backend is shutting down".into());
         };
         runtime.spawn(async move {
-            let outcome = run(&shared, job, &sink, &task_cancel).await;
+            let (outcome, created) = run(&shared, &job, &sink, &task_cancel).await;
+            // The result goes out first; removing the container does not delay it (a crash
+            // in between leaves an orphan the next agent start removes).
             task_slot.set(outcome);
+            if created {
+                remove(&shared, &job).await;
+            }
         });
         Ok(DockerExecution { slot, cancel })
     }
@@ -319,13 +324,19 @@ enum End {
     Cancelled,
 }
 
-async fn run(shared: &Shared, job: Job, sink: &EventSinkBox, cancel: &Notify) -> ExecOutcome {
+/// Runs the execution to its outcome; says whether a container was created (to be removed).
+async fn run(
+    shared: &Shared,
+    job: &Job,
+    sink: &EventSinkBox,
+    cancel: &Notify,
+) -> (ExecOutcome, bool) {
     let image_ready = tokio::select! {
         ready = ensure_image(shared, &job.workload.image, sink) => ready,
         () = cancel.notified() => Err("cancelled while the image was being pulled".into()),
     };
     if let Err(message) = image_ready {
-        return ExecOutcome::abnormal(ExitKind::Rejected, message, 0);
+        return (ExecOutcome::abnormal(ExitKind::Rejected, message, 0), false);
     }
     // A container of the same name is a leftover of this very execution on this node (an agent
     // that died between create and remove): it never ran to a result, so it goes.
@@ -341,14 +352,21 @@ async fn run(shared: &Shared, job: Job, sink: &EventSinkBox, cancel: &Notify) ->
             ),
         )
         .await;
-    if let Err(e) = create(shared, &job).await {
-        return ExecOutcome::abnormal(
-            ExitKind::Rejected,
-            format!("cannot create the container: {}", engine_message(&e)),
-            0,
+    if let Err(e) = create(shared, job).await {
+        return (
+            ExecOutcome::abnormal(
+                ExitKind::Rejected,
+                format!("cannot create the container: {}", engine_message(&e)),
+                0,
+            ),
+            false,
         );
     }
-    let outcome = drive(shared, &job, sink, cancel).await;
+    (drive(shared, job, sink, cancel).await, true)
+}
+
+/// Removes the execution's container (and its anonymous volumes).
+async fn remove(shared: &Shared, job: &Job) {
     if let Err(e) = shared
         .docker
         .remove_container(
@@ -367,7 +385,6 @@ async fn run(shared: &Shared, job: Job, sink: &EventSinkBox, cancel: &Notify) ->
             job.name, job.execution_id
         );
     }
-    outcome
 }
 
 /// The engine's own message for a server error (without bollard's status-code preamble).

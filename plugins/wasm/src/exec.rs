@@ -713,6 +713,7 @@ impl WasmBackend {
                 memory_limit_bytes: 64 << 20,
                 fuel_limit: 0,
                 cpu_cores: 0,
+                vram_limit_bytes: 0,
             },
             input_files: Default::default(),
             gpu_devices: Default::default(),

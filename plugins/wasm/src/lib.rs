@@ -66,4 +66,8 @@ impl Backend for exec::WasmBackend {
     fn start(&self, request: ExecRequest, sink: EventSinkBox) -> RResult<ExecutionBox, RString> {
         catch_panic("start", || ROk(self.spawn(request, sink)))
     }
+
+    fn unavailable(&self) -> abi_stable::std_types::ROption<RString> {
+        abi_stable::std_types::ROption::RNone
+    }
 }

@@ -238,7 +238,10 @@ async fn container_overhead(runs: usize, json: bool) -> anyhow::Result<()> {
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let first = lines.next_line().await?;
         let to_first = started.elapsed();
-        anyhow::ensure!(first.as_deref() == Some("started"), "docker run printed {first:?}");
+        anyhow::ensure!(
+            first.as_deref() == Some("started"),
+            "docker run printed {first:?}"
+        );
         anyhow::ensure!(child.wait().await?.success(), "docker run failed");
         bare_first.push(to_first);
         bare_total.push(started.elapsed());
@@ -374,6 +377,7 @@ fn plugin_call(calls: usize, json: bool) -> anyhow::Result<()> {
             memory_limit_bytes: 1 << 20,
             fuel_limit: 0,
             cpu_cores: 0,
+            vram_limit_bytes: 0,
         },
         input_files: Default::default(),
         gpu_devices: Default::default(),

@@ -56,6 +56,22 @@ fn containers_labelled(label: &str, value: &str) -> Vec<String> {
         .collect()
 }
 
+/// The node's containers are all removed (right after the result: within seconds).
+async fn assert_containers_removed(node: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = containers_labelled("rhizos.node", node);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "containers left behind: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn node_of(cluster: &Cluster) -> String {
     cluster.agents[0].node_id().to_owned()
 }
@@ -145,10 +161,7 @@ async fn a_container_job_runs_sandboxed_with_env_stdin_and_files_and_settles() {
     assert_eq!(job.refund_micros, Some(USD - cost));
     assert_ledger_consistent(&cluster).await;
     // The container is gone.
-    assert_eq!(
-        containers_labelled("rhizos.node", &node),
-        Vec::<String>::new()
-    );
+    assert_containers_removed(&node).await;
 }
 
 #[tokio::test]
@@ -238,10 +251,7 @@ async fn limits_end_container_jobs_with_exact_reasons_and_no_network_by_default(
         Some("iface lo\nconnect: Network is unreachable\n")
     );
     assert_ledger_consistent(&cluster).await;
-    assert_eq!(
-        containers_labelled("rhizos.node", &node),
-        Vec::<String>::new()
-    );
+    assert_containers_removed(&node).await;
 }
 
 #[tokio::test]
@@ -337,10 +347,7 @@ async fn logs_stream_live_in_order_and_cancel_kills_the_container() {
     );
     assert_eq!(job.cost_micros, Some(job.elapsed_ms.unwrap() as i64 * 10));
     assert_ledger_consistent(&cluster).await;
-    assert_eq!(
-        containers_labelled("rhizos.node", &node),
-        Vec::<String>::new()
-    );
+    assert_containers_removed(&node).await;
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 mod chaos;
 mod common;
 mod components;
+mod cuda;
 mod docker;
 mod events;
 mod jobs;
