@@ -35,3 +35,19 @@ if command -v rustup >/dev/null 2>&1; then
     fi
   done
 fi
+
+# The Docker and CUDA backend tests build their workloads with gcc (a static probe imported as a
+# container image; the NVML test double) and run containers on the local engine.
+if ! command -v gcc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "» installing gcc (apt-get)"
+    apt-get install -y -qq gcc libc6-dev >/dev/null
+  else
+    echo "warning: gcc not found (apt-get install gcc libc6-dev): the Docker and CUDA backend tests need it" >&2
+  fi
+fi
+if docker info --format '{{.ServerVersion}}' >/dev/null 2>&1; then
+  echo "» docker engine $(docker info --format '{{.ServerVersion}}')"
+else
+  echo "warning: no Docker engine answers (docker info): the docker backend offers nothing and its tests fail" >&2
+fi

@@ -85,11 +85,17 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     .context("failed to start the agent")?;
     for plugin in agent.plugin_views() {
         match (&plugin.name, &plugin.refused) {
-            (Some(name), None) => eprintln!(
-                "✓ plugin {name} {} ({})",
-                plugin.version.unwrap_or_default(),
-                plugin.file
-            ),
+            (Some(name), None) => match &plugin.note {
+                None => eprintln!(
+                    "✓ plugin {name} {} ({})",
+                    plugin.version.unwrap_or_default(),
+                    plugin.file
+                ),
+                Some(note) => eprintln!(
+                    "! plugin {name} {} loaded but offers nothing here: {note}",
+                    plugin.version.unwrap_or_default()
+                ),
+            },
             (_, Some(reason)) => eprintln!("✗ plugin {} refused: {reason}", plugin.file),
             _ => {}
         }
