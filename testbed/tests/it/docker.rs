@@ -546,3 +546,79 @@ async fn containers_of_a_killed_agent_are_removed_when_it_starts_again() {
         )
         .output();
 }
+
+#[tokio::test]
+async fn a_read_only_node_keeps_the_root_unwritable_and_an_unreachable_registry_fails_fast() {
+    let image = probe();
+    let cluster = docker_cluster(
+        "dkg",
+        serde_json::json!({"read_only_rootfs": true, "pull": "if-missing", "pull_timeout_ms": 20000}),
+    )
+    .await;
+    let node = node_of(&cluster);
+    cluster.funded_account("hank", 10 * USD).await.unwrap();
+    let mut spec = docker_spec(
+        &image,
+        &[
+            "touch:/probe-was-here",
+            "touch:/input/new.txt",
+            "cat:/input/in.txt",
+            "write:/output/out.txt=written",
+        ],
+        30_000,
+    );
+    spec.input_files
+        .insert("in.txt".into(), wire::b64_encode(b"read me\n"));
+    cluster
+        .submit(&submit_request("hank", "ro", spec, USD))
+        .await
+        .unwrap();
+    // A registry that refuses connections (nothing listens on port 1): the pull fails at once.
+    cluster
+        .submit(&submit_request(
+            "hank",
+            "unpullable",
+            docker_spec("127.0.0.1:1/rhizos/absent:1", &[], 30_000),
+            USD,
+        ))
+        .await
+        .unwrap();
+    let ro = cluster
+        .wait_for_end("ro", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(ro.state, JobState::Succeeded, "{ro:?}");
+    assert_eq!(
+        ro.stdout.as_deref(),
+        Some(
+            "touch /probe-was-here: Read-only file system\n\
+             touch /input/new.txt: Permission denied\n\
+             read me\n"
+        )
+    );
+    assert_eq!(
+        ro.output_files.get("out.txt").map(String::as_str),
+        Some(wire::b64_encode(b"written").as_str())
+    );
+    let started = Instant::now();
+    let unpullable = cluster
+        .wait_for_end("unpullable", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(unpullable.state, JobState::Failed, "{unpullable:?}");
+    let reason = unpullable.reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with(
+            "image 127.0.0.1:1/rhizos/absent:1 is not in this node's local image store and could not be pulled: "
+        ),
+        "{reason}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The pull was announced on the job's stderr.
+    let stderr = unpullable.stderr.unwrap_or_default();
+    assert!(
+        stderr.contains("rhizos: pulling image 127.0.0.1:1/rhizos/absent:1"),
+        "{stderr}"
+    );
+    assert_containers_removed(&node).await;
+}
