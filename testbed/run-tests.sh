@@ -11,13 +11,15 @@ echo "» cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "» cargo build (binaries and plugins the tests load)"
 cargo build --workspace --quiet
-echo "» demo guest (wasm32-wasip1 module and wasm32-wasip2 component), resolver component"
+echo "» demo guest (wasm32-wasip1 module and wasm32-wasip2 component), resolver and backend components"
 cargo build --release --quiet --target wasm32-wasip1 \
   --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
 cargo build --release --quiet --target wasm32-wasip2 \
   --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
 cargo build --release --quiet --target wasm32-wasip2 \
   --manifest-path testbed/guests/resolver-index/Cargo.toml --target-dir target/guests
+cargo build --release --quiet --target wasm32-wasip2 \
+  --manifest-path testbed/guests/backend-text/Cargo.toml --target-dir target/guests
 echo "» tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast

@@ -210,14 +210,19 @@ pub enum Workload {
     /// job's `gpus`, at least 1) that it alone sees; `min_vram_mib` is also its VRAM limit per GPU.
     /// Runs only on nodes whose operator allows native CUDA programs.
     Cuda { program_b64: String },
+    /// Any other backend a node's plugin offers (e.g. a WebAssembly backend component, or a
+    /// provider's own stable-ABI plugin): `payload_b64` is handed to it as the workload bytes.
+    Custom { name: String, payload_b64: String },
 }
 
 impl Workload {
-    pub fn backend(&self) -> &'static str {
+    /// The backend a node must offer to run it.
+    pub fn backend(&self) -> &str {
         match self {
             Self::Wasm { .. } => "wasm",
             Self::Docker { .. } => "docker",
             Self::Cuda { .. } => "cuda",
+            Self::Custom { name, .. } => name,
         }
     }
 }

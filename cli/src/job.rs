@@ -41,8 +41,15 @@ pub struct SubmitArgs {
     #[arg(long, env = "RHIZOS_ACCOUNT")]
     account: String,
     /// WASI command module or component to run (.wasm binary or .wat text).
-    #[arg(long, required_unless_present_any = ["image", "cuda_program"], conflicts_with_all = ["image", "cuda_program"])]
+    #[arg(long, required_unless_present_any = ["image", "cuda_program", "backend"], conflicts_with_all = ["image", "cuda_program", "backend"])]
     wasm: Option<PathBuf>,
+    /// Run on another backend a node's plugin offers (e.g. a backend component) instead, with
+    /// --payload as its workload.
+    #[arg(long, requires = "payload", conflicts_with_all = ["image", "cuda_program"])]
+    backend: Option<String>,
+    /// With --backend: the file handed to that backend as the workload.
+    #[arg(long, requires = "backend")]
+    payload: Option<PathBuf>,
     /// Native Linux program to run on GPUs instead (e.g. built with nvcc; needs --gpus ≥ 1;
     /// --min-vram-mib is also its VRAM limit per GPU). Only nodes that allow native CUDA run it.
     #[arg(long, conflicts_with = "image")]
@@ -202,6 +209,17 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
 
 fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
     let workload = match (&args.wasm, &args.image) {
+        (None, None) if args.backend.is_some() => {
+            let name = args.backend.clone().unwrap_or_default();
+            let path = args.payload.as_ref().context("--backend needs --payload")?;
+            Workload::Custom {
+                name,
+                payload_b64: wire::b64_encode(
+                    &std::fs::read(path)
+                        .with_context(|| format!("cannot read --payload {}", path.display()))?,
+                ),
+            }
+        }
         (None, None) if args.cuda_program.is_some() => {
             let path = args.cuda_program.as_ref().context("--cuda-program")?;
             anyhow::ensure!(args.gpus > 0, "--cuda-program needs --gpus 1 or more");

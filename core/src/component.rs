@@ -7,8 +7,10 @@
 //! with the manifest's fuel, memory and wall-clock limits, so calls share no state and a
 //! runaway guest ends with an exact reason instead of hanging or growing the agent.
 //!
-//! Resolver components are supported (issue: module registry); the `backend` world is
-//! specified in the WIT but not hosted yet.
+//! Both worlds are hosted: `resolver` components join the node's resolver chain, `backend`
+//! components run jobs (through the same `Backend` trait as stable-ABI plugins; for them the
+//! manifest's limits are the operator's ceiling on every execution, the job's own limits apply
+//! below it). Which world a component implements is read from its exports.
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -26,7 +28,16 @@ mod bindings {
     });
 }
 
+mod backend_bindings {
+    wasmtime::component::bindgen!({
+        path: "../plugin-api/wit",
+        world: "backend",
+    });
+}
+
 use bindings::rhizos::plugin::types::PluginKind as WitKind;
+use rhizos_plugin_api::sdk::{OutcomeSlot, PluginBackend, PluginExecution};
+use rhizos_plugin_api::{EventSinkBox, ExecOutcome, ExecRequest, ExitKind, LogStream};
 
 /// The WIT package version components are checked against.
 pub const WIT_VERSION: &str = "rhizos:plugin@0.1.0";
@@ -162,6 +173,12 @@ impl ComponentHost {
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        // The backend world's one import: its log lines.
+        backend_bindings::Backend::add_to_linker::<
+            CallState,
+            wasmtime::component::HasSelf<CallState>,
+        >(&mut linker, |state| state)
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let ticking = engine.clone();
         let stopped = stop.clone();
@@ -180,16 +197,96 @@ impl ComponentHost {
         })
     }
 
-    /// Compiles `file` and checks it is a resolver component by asking it to describe itself
-    /// (within its manifest's limits).
+    /// Compiles `file` and loads it as the kind of plugin its exports say (`run`: a backend,
+    /// `resolve`: a resolver), after asking it to describe itself within its manifest's limits.
+    pub fn load(&self, file: &Path, manifest: Manifest) -> Result<LoadedComponent, String> {
+        let bytes = std::fs::read(file).map_err(|e| format!("cannot read the file: {e}"))?;
+        let component = Component::from_binary(&self.engine, &bytes)
+            .map_err(|e| format!("not a WebAssembly component: {}", first_line(&e)))?;
+        let is_backend = component
+            .component_type()
+            .exports(&self.engine)
+            .any(|(name, _)| name == "run");
+        if is_backend {
+            self.load_backend(file, component, manifest)
+                .map(LoadedComponent::Backend)
+        } else {
+            self.resolver_from(file, component, manifest)
+                .map(LoadedComponent::Resolver)
+        }
+    }
+
+    /// [`Self::load`], for a file that must be a resolver component.
     pub fn load_resolver(
         &self,
         file: &Path,
         manifest: Manifest,
     ) -> Result<ResolverComponent, String> {
-        let bytes = std::fs::read(file).map_err(|e| format!("cannot read the file: {e}"))?;
-        let component = Component::from_binary(&self.engine, &bytes)
-            .map_err(|e| format!("not a WebAssembly component: {}", first_line(&e)))?;
+        match self.load(file, manifest)? {
+            LoadedComponent::Resolver(resolver) => Ok(resolver),
+            LoadedComponent::Backend(backend) => Err(format!(
+                "component {} is a backend, not a resolver",
+                backend.name
+            )),
+        }
+    }
+
+    fn load_backend(
+        &self,
+        file: &Path,
+        component: Component,
+        manifest: Manifest,
+    ) -> Result<BackendComponent, String> {
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            format!(
+                "the component needs imports this host does not grant: {}",
+                first_line(&e)
+            )
+        })?;
+        let pre = backend_bindings::BackendPre::new(pre).map_err(|e| {
+            format!(
+                "not a {WIT_VERSION} backend component (its exports differ: {}); rebuild it against plugin-api/wit",
+                first_line(&e)
+            )
+        })?;
+        let mut backend = BackendComponent {
+            file: file.to_path_buf(),
+            name: String::new(),
+            version: String::new(),
+            backends: Vec::new(),
+            manifest,
+            host: self.clone(),
+            pre,
+        };
+        let limits = CallLimits::of(&backend.manifest);
+        let (info, _) = backend
+            .host
+            .run_call(&backend.manifest, limits, None, None, |store| {
+                let bindings = backend.pre.instantiate(&mut *store)?;
+                bindings.call_describe(store)
+            });
+        let info = info.map_err(|failure| failure.describe(&backend.manifest))?;
+        if info.kind != backend_bindings::rhizos::plugin::types::PluginKind::Backend {
+            return Err(format!(
+                "component {} exports `run` (the backend world) but says it is a resolver",
+                info.name
+            ));
+        }
+        if info.backends.is_empty() {
+            return Err(format!("backend component {} offers no backend", info.name));
+        }
+        backend.name = info.name;
+        backend.version = info.version;
+        backend.backends = info.backends;
+        Ok(backend)
+    }
+
+    fn resolver_from(
+        &self,
+        file: &Path,
+        component: Component,
+        manifest: Manifest,
+    ) -> Result<ResolverComponent, String> {
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             format!(
                 "the component needs imports this host does not grant: {}",
@@ -213,7 +310,7 @@ impl ComponentHost {
         let info = resolver.call(|bindings, store| bindings.call_describe(store))?;
         if info.kind != WitKind::Resolver {
             return Err(format!(
-                "component {} is a backend, and backend components are not hosted yet",
+                "component {} exports `resolve` (the resolver world) but says it is a backend",
                 info.name
             ));
         }
@@ -238,6 +335,8 @@ struct CallState {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
+    /// Where a backend component's log lines go.
+    sink: Option<EventSinkBox>,
 }
 
 impl WasiView for CallState {
@@ -315,56 +414,297 @@ impl ResolverComponent {
         f: impl FnOnce(&bindings::Resolver, &mut Store<CallState>) -> wasmtime::Result<T>,
     ) -> Result<T, String> {
         let manifest = &self.manifest;
+        let (result, _) =
+            self.host
+                .run_call(manifest, CallLimits::of(manifest), None, None, |store| {
+                    let bindings = self.pre.instantiate(&mut *store)?;
+                    f(&bindings, store)
+                });
+        result.map_err(|failure| failure.describe(manifest))
+    }
+}
+
+/// What one call may use.
+#[derive(Debug, Clone, Copy)]
+struct CallLimits {
+    fuel: u64,
+    memory_bytes: usize,
+    timeout: Duration,
+}
+
+impl CallLimits {
+    /// A plugin call: the manifest's limits.
+    fn of(manifest: &Manifest) -> Self {
+        Self {
+            fuel: manifest.fuel_per_call,
+            memory_bytes: usize::try_from(manifest.memory_mib << 20).unwrap_or(usize::MAX),
+            timeout: Duration::from_millis(manifest.timeout_ms),
+        }
+    }
+}
+
+/// Why a call did not return.
+#[derive(Debug)]
+enum CallFailure {
+    Memory,
+    Fuel,
+    Deadline,
+    Cancelled,
+    Trap(String),
+    Other(String),
+}
+
+impl CallFailure {
+    /// The reason, for a plugin call under `manifest`'s limits.
+    fn describe(self, manifest: &Manifest) -> String {
+        match self {
+            Self::Memory => format!(
+                "memory limit of {} MiB per call exceeded",
+                manifest.memory_mib
+            ),
+            Self::Fuel => format!(
+                "fuel limit of {} units per call exhausted",
+                manifest.fuel_per_call
+            ),
+            Self::Deadline | Self::Cancelled => {
+                format!("call exceeded its time limit of {} ms", manifest.timeout_ms)
+            }
+            Self::Trap(trap) => format!("component trapped: {trap}"),
+            Self::Other(message) => message,
+        }
+    }
+}
+
+impl ComponentHost {
+    /// Runs `f` on a fresh store with the manifest's grants and `limits`, log lines going to
+    /// `sink` and `cancel` stopping it; returns its result and the fuel it burned.
+    fn run_call<T>(
+        &self,
+        manifest: &Manifest,
+        limits: CallLimits,
+        sink: Option<EventSinkBox>,
+        cancel: Option<Arc<AtomicBool>>,
+        f: impl FnOnce(&mut Store<CallState>) -> wasmtime::Result<T>,
+    ) -> (Result<T, CallFailure>, u64) {
         let mut wasi = WasiCtxBuilder::new();
         for grant in &manifest.read_dirs {
-            wasi.preopened_dir(&grant.host, &grant.guest, FsPerms::ReadOnly)
-                .map_err(|e| format!("cannot grant {}: {e}", grant.host.display()))?;
+            if let Err(e) = wasi.preopened_dir(&grant.host, &grant.guest, FsPerms::ReadOnly) {
+                return (
+                    Err(CallFailure::Other(format!(
+                        "cannot grant {}: {e}",
+                        grant.host.display()
+                    ))),
+                    0,
+                );
+            }
         }
         let state = CallState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             limiter: Limiter {
-                memory_bytes: usize::try_from(manifest.memory_mib << 20).unwrap_or(usize::MAX),
+                memory_bytes: limits.memory_bytes,
                 refused: false,
             },
+            sink,
         };
-        let mut store = Store::new(&self.host.engine, state);
+        let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        store
-            .set_fuel(manifest.fuel_per_call)
-            .map_err(|e| format!("cannot set fuel: {e}"))?;
-        store.set_epoch_deadline(
-            manifest
-                .timeout_ms
-                .div_ceil(EPOCH_TICK.as_millis() as u64)
-                .max(1),
-        );
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|bindings| f(&bindings, &mut store));
-        result.map_err(|error| {
+        if let Err(e) = store.set_fuel(limits.fuel) {
+            return (Err(CallFailure::Other(format!("cannot set fuel: {e}"))), 0);
+        }
+        // Checked at every epoch tick: the wall-clock deadline and a cancel.
+        let deadline = std::time::Instant::now() + limits.timeout;
+        let stop = cancel.clone();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            let cancelled = stop.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
+            if cancelled || std::time::Instant::now() >= deadline {
+                Err(Trap::Interrupt.into())
+            } else {
+                Ok(wasmtime::UpdateDeadline::Continue(1))
+            }
+        });
+        let result = f(&mut store);
+        let burned = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let result = result.map_err(|error| {
             if store.data().limiter.refused {
-                format!(
-                    "memory limit of {} MiB per call exceeded",
-                    manifest.memory_mib
-                )
+                CallFailure::Memory
             } else {
                 match error.downcast_ref::<Trap>() {
-                    Some(Trap::OutOfFuel) => format!(
-                        "fuel limit of {} units per call exhausted",
-                        manifest.fuel_per_call
-                    ),
+                    Some(Trap::OutOfFuel) => CallFailure::Fuel,
                     Some(Trap::Interrupt) => {
-                        format!("call exceeded its time limit of {} ms", manifest.timeout_ms)
+                        if cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                            CallFailure::Cancelled
+                        } else {
+                            CallFailure::Deadline
+                        }
                     }
-                    Some(trap) => format!("component trapped: {trap}"),
-                    None => format!("component call failed: {}", first_line(&error)),
+                    Some(trap) => CallFailure::Trap(trap.to_string()),
+                    None => {
+                        CallFailure::Other(format!("component call failed: {}", first_line(&error)))
+                    }
                 }
             }
-        })
+        });
+        (result, burned)
     }
 }
+
+/// A component plugin of either kind.
+pub enum LoadedComponent {
+    Resolver(ResolverComponent),
+    Backend(BackendComponent),
+}
+
+/// A loaded backend component: runs each execution on a fresh instance, on its own thread.
+pub struct BackendComponent {
+    pub file: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub backends: Vec<String>,
+    pub manifest: Manifest,
+    host: ComponentHost,
+    pre: backend_bindings::BackendPre<CallState>,
+}
+
+/// One execution of a backend component.
+pub struct ComponentExecution {
+    slot: Arc<OutcomeSlot>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl PluginExecution for ComponentExecution {
+    fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    fn wait(&self) -> ExecOutcome {
+        self.slot.wait()
+    }
+}
+
+impl PluginBackend for BackendComponent {
+    type Execution = ComponentExecution;
+
+    fn start(
+        &self,
+        request: ExecRequest,
+        sink: EventSinkBox,
+    ) -> Result<ComponentExecution, String> {
+        let manifest = &self.manifest;
+        let ceiling = CallLimits::of(manifest);
+        // The job's limits, under the operator's ceiling.
+        let limits = CallLimits {
+            fuel: match request.limits.fuel_limit {
+                0 => ceiling.fuel,
+                asked => asked.min(ceiling.fuel),
+            },
+            memory_bytes: match usize::try_from(request.limits.memory_limit_bytes) {
+                Ok(0) | Err(_) => ceiling.memory_bytes,
+                Ok(asked) => asked.min(ceiling.memory_bytes),
+            },
+            timeout: Duration::from_millis(request.limits.wall_timeout_ms).min(ceiling.timeout),
+        };
+        let wit_request = backend_bindings::rhizos::plugin::types::ExecRequest {
+            execution_id: request.execution_id.to_string(),
+            workload: request.workload.to_vec(),
+            args: request.args.iter().map(|a| a.to_string()).collect(),
+            env: request
+                .env
+                .iter()
+                .map(|pair| (pair.0.to_string(), pair.1.to_string()))
+                .collect(),
+            stdin: request.stdin.to_vec(),
+            wall_timeout_ms: limits.timeout.as_millis() as u64,
+            memory_limit_bytes: limits.memory_bytes as u64,
+        };
+        let slot = Arc::new(OutcomeSlot::default());
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (host, pre, manifest) = (self.host.clone(), self.pre.clone(), manifest.clone());
+        let (task_slot, task_cancel) = (slot.clone(), cancel.clone());
+        std::thread::Builder::new()
+            .name(format!("rhizos-component-{}", self.name))
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let config = manifest.config.to_string();
+                let (result, burned) =
+                    host.run_call(&manifest, limits, Some(sink), Some(task_cancel), |store| {
+                        let bindings = pre.instantiate(&mut *store)?;
+                        if let Err(message) = bindings.call_configure(&mut *store, &config)? {
+                            return Ok(backend_bindings::rhizos::plugin::types::ExecEnd::Rejected(
+                                format!("configure: {message}"),
+                            ));
+                        }
+                        bindings.call_run(store, &wit_request)
+                    });
+                let elapsed = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                use backend_bindings::rhizos::plugin::types::ExecEnd;
+                let outcome = match result {
+                    Ok(ExecEnd::Exited(code)) => ExecOutcome::exited(code, elapsed),
+                    Ok(ExecEnd::TimedOut(m)) => {
+                        ExecOutcome::abnormal(ExitKind::TimedOut, m, elapsed)
+                    }
+                    Ok(ExecEnd::MemoryExceeded(m)) => {
+                        ExecOutcome::abnormal(ExitKind::MemoryExceeded, m, elapsed)
+                    }
+                    Ok(ExecEnd::Crashed(m)) => ExecOutcome::abnormal(ExitKind::Crashed, m, elapsed),
+                    Ok(ExecEnd::Rejected(m)) => {
+                        ExecOutcome::abnormal(ExitKind::Rejected, m, elapsed)
+                    }
+                    Err(CallFailure::Memory) => ExecOutcome::abnormal(
+                        ExitKind::MemoryExceeded,
+                        format!(
+                            "memory limit exceeded: the limit is {} MiB",
+                            limits.memory_bytes >> 20
+                        ),
+                        elapsed,
+                    ),
+                    Err(CallFailure::Fuel) => ExecOutcome::abnormal(
+                        ExitKind::FuelExhausted,
+                        format!("fuel limit of {} units exhausted", limits.fuel),
+                        elapsed,
+                    ),
+                    Err(CallFailure::Deadline) => ExecOutcome::abnormal(
+                        ExitKind::TimedOut,
+                        format!(
+                            "wall-clock deadline of {} ms exceeded",
+                            limits.timeout.as_millis()
+                        ),
+                        elapsed,
+                    ),
+                    Err(CallFailure::Cancelled) => {
+                        ExecOutcome::abnormal(ExitKind::Cancelled, "cancelled", elapsed)
+                    }
+                    Err(CallFailure::Trap(trap)) => ExecOutcome::abnormal(
+                        ExitKind::Crashed,
+                        format!("component trapped: {trap}"),
+                        elapsed,
+                    ),
+                    Err(CallFailure::Other(message)) => {
+                        ExecOutcome::abnormal(ExitKind::Rejected, message, elapsed)
+                    }
+                };
+                // Fuel is reported like the wasm backend's: what the job burned.
+                task_slot.set(outcome.with_fuel(burned));
+            })
+            .map_err(|e| format!("cannot start a thread for the execution: {e}"))?;
+        Ok(ComponentExecution { slot, cancel })
+    }
+}
+
+impl backend_bindings::BackendImports for CallState {
+    fn log(&mut self, stream: backend_bindings::rhizos::plugin::types::LogStream, line: String) {
+        if let Some(sink) = &self.sink {
+            let stream = match stream {
+                backend_bindings::rhizos::plugin::types::LogStream::Stdout => LogStream::Stdout,
+                backend_bindings::rhizos::plugin::types::LogStream::Stderr => LogStream::Stderr,
+            };
+            sink.log(stream, line.as_str().into());
+        }
+    }
+}
+
+impl backend_bindings::rhizos::plugin::types::Host for CallState {}
 
 fn first_line(error: &wasmtime::Error) -> String {
     format!("{error:#}")

@@ -56,6 +56,20 @@ pub fn resolver_index_wasm() -> anyhow::Result<PathBuf> {
         .map_err(anyhow::Error::msg)
 }
 
+/// Builds (if needed) and returns the `textproc` backend component,
+/// `rhizos_backend_text.wasm` (the `backend` world of `rhizos:plugin`, offering the `text`
+/// backend; built for wasm32-wasip2 with wit-bindgen).
+pub fn backend_text_wasm() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            build_guest("backend-text", "wasm32-wasip2", "rhizos_backend_text.wasm")
+                .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 fn build_demo() -> anyhow::Result<PathBuf> {
     build_guest("demo", "wasm32-wasip1", "rhizos-demo.wasm")
 }

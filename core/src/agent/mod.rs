@@ -688,6 +688,9 @@ fn exec_request(assign: &AssignJob, gpu_devices: &[String]) -> Result<ExecReques
     let workload = match &assign.spec.workload {
         Workload::Wasm { module_b64 } => wire::b64_decode("workload.module_b64", module_b64)?,
         Workload::Cuda { program_b64 } => wire::b64_decode("workload.program_b64", program_b64)?,
+        Workload::Custom { payload_b64, .. } => {
+            wire::b64_decode("workload.payload_b64", payload_b64)?
+        }
         other => serde_json::to_vec(other).map_err(|e| {
             WireError::new(
                 ErrorCode::Internal,

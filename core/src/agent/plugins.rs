@@ -306,7 +306,23 @@ impl PluginDir {
             self.settling.remove(&file);
             let entry = if is_component(&file) {
                 match self.load_component(&file) {
-                    Ok(component) => Entry::Component(Arc::new(component)),
+                    Ok(crate::component::LoadedComponent::Resolver(component)) => {
+                        Entry::Component(Arc::new(component))
+                    }
+                    Ok(crate::component::LoadedComponent::Backend(component)) => {
+                        let digest = std::fs::read(&file)
+                            .map(|bytes| hex(&sha2::Sha256::digest(&bytes)))
+                            .unwrap_or_default();
+                        Entry::Loaded(Arc::new(LoadedPlugin {
+                            file: file.clone(),
+                            name: component.name.clone(),
+                            version: component.version.clone(),
+                            backends: component.backends.clone(),
+                            backend: rhizos_plugin_api::sdk::backend_box(component),
+                            digest,
+                            unavailable: None,
+                        }))
+                    }
                     Err(reason) => Entry::Refused(reason),
                 }
             } else {
@@ -383,10 +399,7 @@ impl PluginDir {
     }
 
     /// Loads a component plugin with the manifest beside it.
-    fn load_component(
-        &mut self,
-        file: &Path,
-    ) -> Result<crate::component::ResolverComponent, String> {
+    fn load_component(&mut self, file: &Path) -> Result<crate::component::LoadedComponent, String> {
         let manifest =
             crate::component::read_manifest(&crate::component::manifest_path(file), &self.dir)?;
         let host = match &self.components {
@@ -398,7 +411,7 @@ impl PluginDir {
                 host
             }
         };
-        host.load_resolver(file, manifest)
+        host.load(file, manifest)
     }
 
     /// Copies `file` to its private, content-named path and loads it from there.

@@ -1155,6 +1155,24 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
                 return Err(bad("a cuda job needs at least one GPU: set gpus"));
             }
         }
+        Workload::Custom { name, payload_b64 } => {
+            validate(rhizos_broker::validate_token("workload.name", name))?;
+            if matches!(name.as_str(), "wasm" | "docker" | "cuda" | "custom") {
+                return Err(bad(format!(
+                    "workload.name {name:?} is a built-in backend: use its own workload form"
+                )));
+            }
+            let payload = wire::b64_decode("workload.payload_b64", payload_b64)?;
+            if payload.len() > MAX_INLINE_MODULE_BYTES {
+                return Err(WireError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "workload payload is {} bytes, the inline limit is {MAX_INLINE_MODULE_BYTES}",
+                        payload.len()
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }

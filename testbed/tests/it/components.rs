@@ -358,3 +358,163 @@ async fn the_resolver_chain_spans_stable_abi_and_component_plugins_in_file_order
     assert_eq!(agent.plugins().backends(), ["wasm"]);
     cluster.shutdown().await.unwrap();
 }
+
+/// A cluster whose agent has the `textproc` backend component (manifest: generous ceilings).
+async fn text_backend_cluster() -> (Cluster, tempfile::TempDir) {
+    let staging = tempfile::tempdir().unwrap();
+    let wasm = staging.path().join("textproc.wasm");
+    std::fs::copy(
+        rhizos_testbed::guests::backend_text_wasm().expect("the backend component builds"),
+        &wasm,
+    )
+    .unwrap();
+    let manifest = staging.path().join("textproc.json");
+    std::fs::write(
+        &manifest,
+        r#"{"fuel_per_call": 50000000000, "memory_mib": 256, "timeout_ms": 60000}"#,
+    )
+    .unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        plugin_files: vec![wasm, manifest],
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    (cluster, staging)
+}
+
+fn text_job(script: &str, timeout_ms: u64) -> rhizos_broker::wire::JobSpec {
+    rhizos_broker::wire::JobSpec::new(
+        rhizos_broker::wire::Workload::Custom {
+            name: "text".into(),
+            payload_b64: rhizos_broker::wire::b64_encode(script.as_bytes()),
+        },
+        timeout_ms,
+        64,
+    )
+}
+
+#[tokio::test]
+async fn a_backend_component_runs_jobs_end_to_end_within_their_limits() {
+    use crate::common::{assert_ledger_consistent, submit_request};
+    use rhizos_broker::wire::JobState;
+    let (cluster, _staging) = text_backend_cluster().await;
+    let view = cluster.agents[0]
+        .plugin_views()
+        .into_iter()
+        .find(|v| v.file.ends_with("textproc.wasm"))
+        .expect("listed");
+    assert_eq!(view.refused, None, "{view:?}");
+    assert_eq!(
+        (
+            view.name.as_deref(),
+            view.kind.as_deref(),
+            view.backends.clone()
+        ),
+        (Some("textproc"), Some("backend"), vec!["text".to_owned()])
+    );
+    cluster.funded_account("jo", 10_000_000).await.unwrap();
+
+    let mut hello = text_job(
+        "say hello\nargs\nenv GREETING\nupper\nwarn careful\ncount 3",
+        30_000,
+    );
+    hello.args = vec!["first-arg".into()];
+    hello.env.insert("GREETING".into(), "hi".into());
+    hello.stdin_b64 = Some(rhizos_broker::wire::b64_encode(b"abc\ndef\n"));
+    let mut small = text_job("alloc 64", 30_000);
+    small.memory_mib = 16;
+    let fueled = rhizos_broker::wire::JobSpec {
+        fuel_limit: Some(1_000_000),
+        ..text_job("spin", 30_000)
+    };
+    let cases = [
+        ("hello", hello, JobState::Succeeded, ""),
+        (
+            "three",
+            text_job("exit 3", 30_000),
+            JobState::Failed,
+            "exited with code 3",
+        ),
+        (
+            "spin",
+            text_job("spin", 500),
+            JobState::Failed,
+            "wall-clock deadline of 500 ms exceeded",
+        ),
+        (
+            "big",
+            small,
+            JobState::Failed,
+            "memory limit exceeded: the limit is 16 MiB",
+        ),
+        (
+            "fuel",
+            fueled,
+            JobState::Failed,
+            "fuel limit of 1000000 units exhausted",
+        ),
+        (
+            "no",
+            text_job("reject not today", 30_000),
+            JobState::Failed,
+            "not today",
+        ),
+    ];
+    for (id, spec, _, _) in &cases {
+        cluster
+            .submit(&submit_request("jo", id, spec.clone(), 1_000_000))
+            .await
+            .unwrap();
+    }
+    for (id, _, state, reason) in &cases {
+        let job = cluster
+            .wait_for_end(id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(job.state, *state, "{id}: {job:?}");
+        let got = job.reason.clone().unwrap_or_default();
+        assert!(got.contains(reason), "{id}: {got:?} lacks {reason:?}");
+    }
+    let hello = cluster.job("hello").await.unwrap();
+    assert_eq!(
+        hello.stdout.as_deref(),
+        Some("hello\nfirst-arg\nGREETING=hi\nABC\nDEF\n1\n2\n3\n")
+    );
+    assert_eq!(hello.stderr.as_deref(), Some("careful\n"));
+    assert!(hello.fuel_consumed.unwrap_or(0) > 0, "{hello:?}");
+
+    // Cancel stops a spinning component at the next epoch tick.
+    cluster
+        .submit(&submit_request(
+            "jo",
+            "forever",
+            text_job("spin", 60_000),
+            1_000_000,
+        ))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.job("forever").await.unwrap().state != JobState::Running {
+        assert!(std::time::Instant::now() < deadline, "never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _: rhizos_broker::wire::JobView = cluster
+        .bus
+        .request(
+            cluster.bus.subjects.job_cancel(),
+            &rhizos_broker::wire::JobRef {
+                v: rhizos_broker::wire::WIRE_VERSION,
+                job_id: "forever".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let forever = cluster
+        .wait_for_end("forever", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(forever.state, JobState::Cancelled, "{forever:?}");
+    assert!(forever.elapsed_ms.unwrap() < 20_000);
+    assert_ledger_consistent(&cluster).await;
+}
