@@ -68,6 +68,16 @@ pub struct OrchestratorSettings {
     pub queue_timeout_ms: u64,
     /// How fitting nodes are ranked.
     pub matching: MatchingWeights,
+    /// Directory of resolver plugins (`*.so` stable-ABI resolvers, `*.wasm` resolver
+    /// components with their manifests): the chain `chain://` modules are resolved through at
+    /// submit, in file name order. None: modules cannot be used.
+    pub resolver_dir: Option<PathBuf>,
+    /// How long one resolver may take before the next in the chain is asked.
+    pub resolver_timeout_ms: u64,
+    /// How long a resolved manifest is reused.
+    pub resolver_cache_ttl_ms: u64,
+    /// Config handed to each stable-ABI resolver plugin by name (`[orchestrator.resolvers.<name>]`).
+    pub resolvers: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Weights of the ranking among nodes that can run a job (lower score wins): the node's price
@@ -106,6 +116,10 @@ impl Default for OrchestratorSettings {
             max_output_bytes: 64 * 1024,
             queue_timeout_ms: 5 * 60_000,
             matching: MatchingWeights::default(),
+            resolver_dir: None,
+            resolver_timeout_ms: 5_000,
+            resolver_cache_ttl_ms: 60_000,
+            resolvers: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -96,6 +96,10 @@ impl Subjects {
     pub fn job_get(&self) -> String {
         self.ctl("job.get")
     }
+    /// Resolve a `chain://` module through the orchestrator's resolver chain.
+    pub fn module_resolve(&self) -> String {
+        self.ctl("module.resolve")
+    }
     pub fn job_list(&self) -> String {
         self.ctl("job.list")
     }

@@ -213,6 +213,10 @@ pub enum Workload {
     /// Any other backend a node's plugin offers (e.g. a WebAssembly backend component, or a
     /// provider's own stable-ABI plugin): `payload_b64` is handed to it as the workload bytes.
     Custom { name: String, payload_b64: String },
+    /// A module from the registry, `chain://<id>[@<version>]`: the orchestrator resolves it at
+    /// submit (through its resolver chain) into one of the forms above, with the module's
+    /// artifact digest, which the agent checks before running it.
+    Module { uri: String },
 }
 
 impl Workload {
@@ -223,8 +227,132 @@ impl Workload {
             Self::Docker { .. } => "docker",
             Self::Cuda { .. } => "cuda",
             Self::Custom { name, .. } => name,
+            Self::Module { .. } => "module",
         }
     }
+}
+
+/// `chain://<id>[@<version>]`: a module of the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleRef {
+    pub id: String,
+    /// `None`: the latest.
+    pub version: Option<String>,
+}
+
+impl ModuleRef {
+    /// Parses `chain://<id>[@<version>]` (id and version: letters, digits, `._-`, at most 128).
+    pub fn parse(uri: &str) -> Result<Self, String> {
+        let rest = uri
+            .strip_prefix("chain://")
+            .ok_or_else(|| format!("{uri:?} is not a module name: it must start with chain://"))?;
+        let (id, version) = match rest.split_once('@') {
+            Some((id, version)) => (id, Some(version)),
+            None => (rest, None),
+        };
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        };
+        if !ok(id) {
+            return Err(format!(
+                "{uri:?}: the module id must be 1-128 letters, digits, '.', '_' or '-'"
+            ));
+        }
+        if let Some(version) = version
+            && !ok(version)
+        {
+            return Err(format!(
+                "{uri:?}: the version must be 1-128 letters, digits, '.', '_' or '-'"
+            ));
+        }
+        Ok(Self {
+            id: id.to_owned(),
+            version: version.map(str::to_owned),
+        })
+    }
+}
+
+impl std::fmt::Display for ModuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.version {
+            Some(version) => write!(f, "chain://{}@{version}", self.id),
+            None => write!(f, "chain://{}", self.id),
+        }
+    }
+}
+
+/// A module's manifest, as a resolver returns it (JSON). Unknown fields are refused so a typo
+/// in a registry entry is an error naming the field, not a silently different job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleManifest {
+    pub id: String,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// `wasm`, `docker`, `cuda`, or another backend a plugin offers.
+    pub backend: String,
+    pub artifact: ModuleArtifact,
+    /// Arguments used when the job gives none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment; the job's own variables win.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// What the module needs at least; a job may ask for more.
+    #[serde(default)]
+    pub requirements: ModuleRequirements,
+    /// What a run usually costs, for users choosing a `max_cost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_hint_micros: Option<i64>,
+}
+
+/// What a module runs, and its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleArtifact {
+    /// The bytes (a WASM module, a CUDA program, another backend's payload), base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_b64: Option<String>,
+    /// For `docker`: the image reference; the agent checks the local image's id against
+    /// `sha256` before running it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// SHA-256 (64 hex digits) of the bytes, or the image id for `docker`.
+    pub sha256: String,
+}
+
+/// A module's default requirements.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModuleRequirements {
+    pub memory_mib: u64,
+    pub cpu_cores: u32,
+    pub gpus: u32,
+    pub min_vram_mib: u64,
+    pub gpu_apis: Vec<String>,
+    pub disk_mib: u64,
+}
+
+/// `module.resolve` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveModule {
+    pub v: u32,
+    pub uri: String,
+}
+
+/// `module.resolve` reply: which resolver answered, and the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedModule {
+    pub uri: String,
+    pub resolver: String,
+    pub manifest: ModuleManifest,
+    /// Served from the orchestrator's cache (within its TTL).
+    pub cached: bool,
 }
 
 /// Longest image reference accepted (Docker's own limit on a name is 255 per component).
@@ -334,6 +462,13 @@ pub struct JobSpec {
     /// it at what `max_cost` can pay for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuel_limit: Option<u64>,
+    /// SHA-256 the workload's artifact must have (set when a module is resolved); the agent
+    /// refuses to run anything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_sha256: Option<String>,
+    /// The module this spec was resolved from (`chain://id@version`), for display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
 }
 
 impl JobSpec {
@@ -357,6 +492,8 @@ impl JobSpec {
             gpu_apis: Vec::new(),
             disk_mib: 0,
             fuel_limit: None,
+            artifact_sha256: None,
+            module: None,
         }
     }
 }
@@ -922,6 +1059,26 @@ mod tests {
             "", "/a", "a/", "../a", "a/../b", "./a", "a//b", "a\\b", "a\0b",
         ] {
             assert!(!super::valid_file_path(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn module_names() {
+        use super::ModuleRef;
+        let latest = ModuleRef::parse("chain://mod-ffmpeg").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((latest.id.as_str(), latest.version), ("mod-ffmpeg", None));
+        let pinned = ModuleRef::parse("chain://mod-hello@1.2.0").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pinned.version.as_deref(), Some("1.2.0"));
+        assert_eq!(pinned.to_string(), "chain://mod-hello@1.2.0");
+        for bad in [
+            "mod-hello",
+            "http://mod",
+            "chain://",
+            "chain://a@",
+            "chain://a b",
+            "chain://a/../b",
+        ] {
+            assert!(ModuleRef::parse(bad).is_err(), "{bad}");
         }
     }
 

@@ -41,8 +41,12 @@ pub struct SubmitArgs {
     #[arg(long, env = "RHIZOS_ACCOUNT")]
     account: String,
     /// WASI command module or component to run (.wasm binary or .wat text).
-    #[arg(long, required_unless_present_any = ["image", "cuda_program", "backend"], conflicts_with_all = ["image", "cuda_program", "backend"])]
+    #[arg(long, required_unless_present_any = ["image", "cuda_program", "backend", "module"], conflicts_with_all = ["image", "cuda_program", "backend", "module"])]
     wasm: Option<PathBuf>,
+    /// Run a registry module instead: chain://<id>[@<version>] (resolved by the orchestrator;
+    /// --arg, --env, --memory-mib… override or add to the module's defaults).
+    #[arg(long, conflicts_with_all = ["image", "cuda_program", "backend"])]
+    module: Option<String>,
     /// Run on another backend a node's plugin offers (e.g. a backend component) instead, with
     /// --payload as its workload.
     #[arg(long, requires = "payload", conflicts_with_all = ["image", "cuda_program"])]
@@ -209,6 +213,11 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
 
 fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
     let workload = match (&args.wasm, &args.image) {
+        (None, None) if args.module.is_some() => {
+            let uri = args.module.clone().unwrap_or_default();
+            wire::ModuleRef::parse(&uri).map_err(anyhow::Error::msg)?;
+            Workload::Module { uri }
+        }
         (None, None) if args.backend.is_some() => {
             let name = args.backend.clone().unwrap_or_default();
             let path = args.payload.as_ref().context("--backend needs --payload")?;
@@ -299,6 +308,8 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         disk_mib: 0,
         fuel_limit: args.fuel_limit,
         input_files,
+        artifact_sha256: None,
+        module: None,
     })
 }
 

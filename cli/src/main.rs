@@ -2,6 +2,7 @@
 //! README), so everything it does can be done by any NATS client.
 
 mod job;
+mod module;
 mod money;
 mod node;
 mod plugins;
@@ -90,6 +91,9 @@ enum Command {
     /// with the reason.
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
+    /// Resolve chain:// registry modules through the orchestrator's resolver chain.
+    #[command(subcommand)]
+    Module(module::ModuleCommand),
 }
 
 #[derive(Subcommand)]
@@ -167,6 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(command) => node::run_node(&global, command).await,
         Command::Ledger(command) => node::run_ledger(&global, command).await,
         Command::Plugins(command) => plugins::run(&global, command).await,
+        Command::Module(command) => module::run(&global, command).await,
     }
 }
 

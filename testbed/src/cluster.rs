@@ -34,6 +34,8 @@ pub struct ClusterOptions {
     pub node_prefix: String,
     /// `[agent] nvml_library` for every agent (e.g. the NVML test double).
     pub nvml_library: Option<PathBuf>,
+    /// `[orchestrator] resolver_dir`: the module resolver chain.
+    pub resolver_dir: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -56,6 +58,7 @@ impl Default for ClusterOptions {
             missed_heartbeats: 3,
             node_prefix: "node".into(),
             nvml_library: None,
+            resolver_dir: None,
         }
     }
 }
@@ -93,6 +96,7 @@ impl Cluster {
         settings.orchestrator.fee_bps = options.fee_bps;
         settings.orchestrator.missed_heartbeats = options.missed_heartbeats;
         settings.pricing = options.pricing;
+        settings.orchestrator.resolver_dir = options.resolver_dir.clone();
         let bus = Bus::connect(&settings.nats).await?;
         let (stop, receiver) = watch::channel(false);
 

@@ -691,13 +691,51 @@ fn exec_request(assign: &AssignJob, gpu_devices: &[String]) -> Result<ExecReques
         Workload::Custom { payload_b64, .. } => {
             wire::b64_decode("workload.payload_b64", payload_b64)?
         }
-        other => serde_json::to_vec(other).map_err(|e| {
-            WireError::new(
-                ErrorCode::Internal,
-                format!("cannot encode the workload: {e}"),
-            )
-        })?,
+        Workload::Module { uri } => {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("{uri} reached the node unresolved"),
+            ));
+        }
+        other => {
+            let mut value = serde_json::to_value(other).map_err(|e| {
+                WireError::new(
+                    ErrorCode::Internal,
+                    format!("cannot encode the workload: {e}"),
+                )
+            })?;
+            // A container image from a module: the docker plugin checks the local image's id.
+            if let (Some(digest), Some(object)) =
+                (&assign.spec.artifact_sha256, value.as_object_mut())
+            {
+                object.insert("image_id".into(), format!("sha256:{digest}").into());
+            }
+            serde_json::to_vec(&value).map_err(|e| {
+                WireError::new(
+                    ErrorCode::Internal,
+                    format!("cannot encode the workload: {e}"),
+                )
+            })?
+        }
     };
+    // A module's artifact must be the one its registry entry names, byte for byte.
+    if let Some(expected) = &assign.spec.artifact_sha256
+        && !matches!(assign.spec.workload, Workload::Docker { .. })
+    {
+        use sha2::Digest as _;
+        let actual: String = sha2::Sha256::digest(&workload)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if !actual.eq_ignore_ascii_case(expected) {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "artifact digest mismatch: the workload's sha256 is {actual}, the job requires {expected}; refusing to run it"
+                ),
+            ));
+        }
+    }
     let stdin = match &assign.spec.stdin_b64 {
         Some(text) => wire::b64_decode("stdin_b64", text)?,
         None => Vec::new(),

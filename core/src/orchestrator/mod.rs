@@ -7,6 +7,7 @@
 //! [`publish_outbox`], so a crash between commit and publish loses no event.
 
 pub mod matching;
+pub mod modules;
 pub mod store;
 
 use anyhow::Context as _;
@@ -57,6 +58,8 @@ struct Inner {
     outbox: tokio::sync::Mutex<OutboxState>,
     /// A delete of published outbox rows is on its way to the ledger thread.
     outbox_deleting: std::sync::atomic::AtomicBool,
+    /// The resolver chain for `chain://` modules, when `resolver_dir` is set.
+    modules: Option<modules::ModuleResolver>,
 }
 
 struct OutboxState {
@@ -96,6 +99,22 @@ impl Orchestrator {
             registry.upsert(registration);
         }
         bus.ensure_event_stream().await?;
+        let modules = match &settings.resolver_dir {
+            Some(dir) => Some(
+                modules::ModuleResolver::open(
+                    dir,
+                    settings
+                        .resolvers
+                        .iter()
+                        .map(|(name, value)| (name.clone(), value.to_string()))
+                        .collect(),
+                    Duration::from_millis(settings.resolver_timeout_ms),
+                    Duration::from_millis(settings.resolver_cache_ttl_ms),
+                )
+                .with_context(|| format!("cannot open resolver dir {}", dir.display()))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 bus,
@@ -113,6 +132,7 @@ impl Orchestrator {
                     deleted_at: std::time::Instant::now(),
                 }),
                 outbox_deleting: std::sync::atomic::AtomicBool::new(false),
+                modules,
             }),
         })
     }
@@ -206,6 +226,7 @@ impl Orchestrator {
         let reply = match operation.as_str() {
             "job.submit" => encode_reply(self.submit(payload).await),
             "job.get" => encode_reply(self.get_job(payload).await),
+            "module.resolve" => encode_reply(self.module_resolve(payload).await),
             "job.list" => encode_reply(self.list_jobs(payload).await),
             "job.cancel" => encode_reply(self.cancel_job(payload).await),
             "job.report" => encode_reply(self.report(payload).await),
@@ -230,12 +251,33 @@ impl Orchestrator {
         }
     }
 
+    async fn resolve_module(&self, uri: &str) -> Result<wire::ResolvedModule, WireError> {
+        match &self.inner.modules {
+            Some(modules) => modules.resolve(uri).await,
+            None => Err(WireError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "cannot resolve {uri}: this orchestrator has no module resolvers ([orchestrator] resolver_dir)"
+                ),
+            )),
+        }
+    }
+
+    async fn module_resolve(&self, payload: &[u8]) -> Result<wire::ResolvedModule, WireError> {
+        let request: wire::ResolveModule = self.decode(payload)?;
+        self.resolve_module(&request.uri).await
+    }
+
     fn decode<T: serde::de::DeserializeOwned>(&self, payload: &[u8]) -> Result<T, WireError> {
         wire::decode(payload, self.inner.settings.max_request_bytes)
     }
 
     async fn submit(&self, payload: &[u8]) -> Result<SubmitJobReply, WireError> {
-        let request: SubmitJob = self.decode(payload)?;
+        let mut request: SubmitJob = self.decode(payload)?;
+        if let Workload::Module { uri } = &request.spec.workload {
+            let resolved = self.resolve_module(uri).await?;
+            request.spec = modules::materialize(&resolved.manifest, &request.spec)?;
+        }
         let job_id = match request.job_id.clone() {
             Some(id) => id,
             None => format!("job-{}", uuid::Uuid::now_v7().simple()),
@@ -1154,6 +1196,11 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
             if spec.gpus == 0 {
                 return Err(bad("a cuda job needs at least one GPU: set gpus"));
             }
+        }
+        Workload::Module { uri } => {
+            return Err(bad(format!(
+                "{uri} was not resolved (module workloads are resolved at submit)"
+            )));
         }
         Workload::Custom { name, payload_b64 } => {
             validate(rhizos_broker::validate_token("workload.name", name))?;

@@ -42,6 +42,9 @@ struct Workload {
     workdir: Option<String>,
     #[serde(default)]
     network: bool,
+    /// The image id the job requires (`sha256:…`, from a module's registry entry).
+    #[serde(default)]
+    image_id: Option<String>,
 }
 
 pub struct DockerBackend {
@@ -337,6 +340,28 @@ async fn run(
     };
     if let Err(message) = image_ready {
         return (ExecOutcome::abnormal(ExitKind::Rejected, message, 0), false);
+    }
+    if let Some(expected) = &job.workload.image_id {
+        let actual = shared
+            .docker
+            .inspect_image(&job.workload.image)
+            .await
+            .ok()
+            .and_then(|image| image.id)
+            .unwrap_or_default();
+        if !actual.eq_ignore_ascii_case(expected) {
+            return (
+                ExecOutcome::abnormal(
+                    ExitKind::Rejected,
+                    format!(
+                        "artifact digest mismatch: image {} is {actual}, the job requires {expected}; refusing to run it",
+                        job.workload.image
+                    ),
+                    0,
+                ),
+                false,
+            );
+        }
     }
     // A container of the same name is a leftover of this very execution on this node (an agent
     // that died between create and remove): it never ran to a result, so it goes.

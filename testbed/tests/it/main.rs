@@ -9,6 +9,7 @@ mod cuda;
 mod docker;
 mod events;
 mod jobs;
+mod modules;
 mod plugins;
 mod protocol;
 mod restart;

@@ -1,0 +1,312 @@
+//! `chain://` modules: resolved at submit through the orchestrator's resolver chain (the
+//! resolver plugins of `[orchestrator] resolver_dir`, both kinds, in file name order), cached for
+//! a TTL, and turned into a concrete job spec that carries the artifact's digest.
+
+use crate::agent::plugins::{ChainResolver, PluginDir};
+use rhizos_broker::wire::{
+    self, ErrorCode, JobSpec, ModuleManifest, ModuleRef, ResolvedModule, WireError, Workload,
+};
+use sha2::Digest as _;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The resolver chain and its cache.
+pub struct ModuleResolver {
+    /// Keeps the plugins' private copies alive.
+    _dir: PluginDir,
+    chain: Vec<ChainResolver>,
+    timeout: Duration,
+    ttl: Duration,
+    cache: Mutex<HashMap<String, (Instant, ResolvedModule)>>,
+}
+
+impl ModuleResolver {
+    /// Loads the resolver plugins of `dir` (backend plugins there are ignored, with a warning).
+    pub fn open(
+        dir: &std::path::Path,
+        configs: std::collections::BTreeMap<String, String>,
+        timeout: Duration,
+        ttl: Duration,
+    ) -> std::io::Result<Self> {
+        let mut plugins = PluginDir::new(dir, configs, "orchestrator")?;
+        plugins.scan(false);
+        let set = plugins.set();
+        for refused in &set.refused {
+            tracing::warn!(file = %refused.file.display(), "resolver refused: {}", refused.reason);
+        }
+        for backend in &set.loaded {
+            tracing::warn!(file = %backend.file.display(), "backend plugin in the resolver dir ignored");
+        }
+        for resolver in &set.resolvers {
+            tracing::info!(
+                name = resolver.name(),
+                version = resolver.version(),
+                "module resolver loaded"
+            );
+        }
+        Ok(Self {
+            _dir: plugins,
+            chain: set.resolvers,
+            timeout,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The resolvers, in the order they are asked.
+    pub fn names(&self) -> Vec<String> {
+        self.chain.iter().map(|r| r.name().to_owned()).collect()
+    }
+
+    /// The manifest of `uri`: from the cache within its TTL, else from the first resolver that
+    /// knows it. A resolver that fails, times out or answers malformed is skipped (its error
+    /// is reported if no later one answers).
+    pub async fn resolve(&self, uri: &str) -> Result<ResolvedModule, WireError> {
+        let module = ModuleRef::parse(uri).map_err(|e| WireError::new(ErrorCode::BadRequest, e))?;
+        let key = module.to_string();
+        if let Some((at, resolved)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            && at.elapsed() < self.ttl
+        {
+            let mut resolved = resolved.clone();
+            resolved.cached = true;
+            return Ok(resolved);
+        }
+        let mut problems = Vec::new();
+        for resolver in &self.chain {
+            let name = resolver.name().to_owned();
+            let (call, id, version) = (resolver.clone(), module.id.clone(), module.version.clone());
+            let answer = tokio::time::timeout(
+                self.timeout,
+                tokio::task::spawn_blocking(move || call.resolve(&id, version.as_deref())),
+            )
+            .await;
+            let text = match answer {
+                Err(_) => {
+                    problems.push(format!(
+                        "{name}: no answer within {} ms",
+                        self.timeout.as_millis()
+                    ));
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    problems.push(format!("{name}: {e}"));
+                    continue;
+                }
+                Ok(Ok(Err(e))) => {
+                    problems.push(format!("{name}: {e}"));
+                    continue;
+                }
+                Ok(Ok(Ok(None))) => continue,
+                Ok(Ok(Ok(Some(text)))) => text,
+            };
+            let manifest: ModuleManifest = match serde_json::from_str(&text) {
+                Ok(manifest) => manifest,
+                Err(e) => {
+                    problems.push(format!("{name}: malformed manifest for {key}: {e}"));
+                    continue;
+                }
+            };
+            if manifest.id != module.id
+                || module
+                    .version
+                    .as_ref()
+                    .is_some_and(|v| *v != manifest.version)
+            {
+                problems.push(format!(
+                    "{name}: answered chain://{}@{} for {key}",
+                    manifest.id, manifest.version
+                ));
+                continue;
+            }
+            let resolved = ResolvedModule {
+                uri: key.clone(),
+                resolver: name,
+                manifest,
+                cached: false,
+            };
+            self.cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(key, (Instant::now(), resolved.clone()));
+            return Ok(resolved);
+        }
+        let mut message = format!(
+            "no resolver knows {key} (asked: {})",
+            if self.chain.is_empty() {
+                "none".to_owned()
+            } else {
+                self.names().join(", ")
+            }
+        );
+        if !problems.is_empty() {
+            message.push_str(&format!("; {}", problems.join("; ")));
+        }
+        Err(WireError::new(ErrorCode::NotFound, message))
+    }
+}
+
+/// The concrete spec of `spec` (whose workload names the module) from the module's manifest:
+/// the artifact becomes the workload, the job's args win over the module's (when it has any),
+/// its env over the module's, and each requirement is the larger of the two.
+pub fn materialize(manifest: &ModuleManifest, spec: &JobSpec) -> Result<JobSpec, WireError> {
+    let bad = |m: String| WireError::new(ErrorCode::BadRequest, m);
+    let module = format!("chain://{}@{}", manifest.id, manifest.version);
+    let artifact = &manifest.artifact;
+    let digest = artifact.sha256.to_ascii_lowercase();
+    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(format!(
+            "{module}: artifact.sha256 must be 64 hex digits"
+        )));
+    }
+    let data = || -> Result<String, WireError> {
+        let text = artifact
+            .data_b64
+            .clone()
+            .ok_or_else(|| bad(format!("{module}: artifact.data_b64 is missing")))?;
+        let bytes = wire::b64_decode("artifact.data_b64", &text)?;
+        let actual = hex(&sha2::Sha256::digest(&bytes));
+        if actual != digest {
+            return Err(bad(format!(
+                "{module}: the artifact does not match its digest (sha256 {actual}, the manifest says {digest})"
+            )));
+        }
+        Ok(text)
+    };
+    let mut out = spec.clone();
+    out.workload = match manifest.backend.as_str() {
+        "wasm" => Workload::Wasm {
+            module_b64: data()?,
+        },
+        "cuda" => Workload::Cuda {
+            program_b64: data()?,
+        },
+        "docker" => Workload::Docker {
+            image: artifact
+                .image
+                .clone()
+                .ok_or_else(|| bad(format!("{module}: artifact.image is missing")))?,
+            entrypoint: None,
+            workdir: None,
+            network: false,
+        },
+        "module" | "custom" | "" => {
+            return Err(bad(format!(
+                "{module}: backend {:?} is not a backend",
+                manifest.backend
+            )));
+        }
+        other => Workload::Custom {
+            name: other.to_owned(),
+            payload_b64: data()?,
+        },
+    };
+    if out.args.is_empty() {
+        out.args = manifest.args.clone();
+    }
+    for (key, value) in &manifest.env {
+        out.env.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+    let needs = &manifest.requirements;
+    out.memory_mib = out.memory_mib.max(needs.memory_mib);
+    out.cpu_cores = out.cpu_cores.max(needs.cpu_cores);
+    out.gpus = out.gpus.max(needs.gpus);
+    out.min_vram_mib = out.min_vram_mib.max(needs.min_vram_mib);
+    out.disk_mib = out.disk_mib.max(needs.disk_mib);
+    for api in &needs.gpu_apis {
+        if !out.gpu_apis.contains(api) {
+            out.gpu_apis.push(api.clone());
+        }
+    }
+    out.artifact_sha256 = Some(digest);
+    out.module = Some(module);
+    Ok(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rhizos_broker::wire::{ModuleArtifact, ModuleRequirements};
+
+    fn manifest(data: &[u8], digest: String) -> ModuleManifest {
+        ModuleManifest {
+            id: "mod-hello".into(),
+            version: "1.0.0".into(),
+            description: None,
+            backend: "wasm".into(),
+            artifact: ModuleArtifact {
+                data_b64: Some(wire::b64_encode(data)),
+                image: None,
+                sha256: digest,
+            },
+            args: vec!["hello".into()],
+            env: [
+                ("A".to_owned(), "module".to_owned()),
+                ("B".to_owned(), "module".to_owned()),
+            ]
+            .into(),
+            requirements: ModuleRequirements {
+                memory_mib: 256,
+                cpu_cores: 1,
+                ..Default::default()
+            },
+            price_hint_micros: None,
+        }
+    }
+
+    #[test]
+    fn the_job_overrides_the_module_and_carries_its_digest() {
+        let bytes = b"\0asm\x01\0\0\0";
+        let digest = hex(&sha2::Sha256::digest(bytes));
+        let mut spec = JobSpec::new(
+            Workload::Module {
+                uri: "chain://mod-hello".into(),
+            },
+            10_000,
+            64,
+        );
+        spec.env.insert("A".into(), "job".into());
+        let out = materialize(&manifest(bytes, digest.to_uppercase()), &spec)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(out.args, ["hello"]);
+        assert_eq!(out.env["A"], "job");
+        assert_eq!(out.env["B"], "module");
+        assert_eq!(
+            out.memory_mib, 256,
+            "the module needs more than the job asked"
+        );
+        assert_eq!(out.artifact_sha256.as_deref(), Some(digest.as_str()));
+        assert_eq!(out.module.as_deref(), Some("chain://mod-hello@1.0.0"));
+        assert!(matches!(out.workload, Workload::Wasm { .. }));
+    }
+
+    #[test]
+    fn an_artifact_that_does_not_match_its_digest_is_refused() {
+        let wrong = "0".repeat(64);
+        let spec = JobSpec::new(
+            Workload::Module {
+                uri: "chain://mod-hello".into(),
+            },
+            10_000,
+            64,
+        );
+        let err = materialize(&manifest(b"\0asm", wrong), &spec)
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
+        assert!(err.contains("does not match its digest"), "{err}");
+        let short = materialize(&manifest(b"\0asm", "abc".into()), &spec)
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
+        assert!(short.contains("64 hex digits"), "{short}");
+    }
+}
