@@ -36,6 +36,8 @@ pub struct ClusterOptions {
     pub nvml_library: Option<PathBuf>,
     /// `[orchestrator] resolver_dir`: the module resolver chain.
     pub resolver_dir: Option<PathBuf>,
+    /// `[orchestrator.resolvers.<name>]`.
+    pub resolver_config: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for ClusterOptions {
@@ -59,6 +61,7 @@ impl Default for ClusterOptions {
             node_prefix: "node".into(),
             nvml_library: None,
             resolver_dir: None,
+            resolver_config: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -97,6 +100,7 @@ impl Cluster {
         settings.orchestrator.missed_heartbeats = options.missed_heartbeats;
         settings.pricing = options.pricing;
         settings.orchestrator.resolver_dir = options.resolver_dir.clone();
+        settings.orchestrator.resolvers = options.resolver_config.clone();
         let bus = Bus::connect(&settings.nats).await?;
         let (stop, receiver) = watch::channel(false);
 

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod doubles;
 pub mod guests;
 pub mod images;
+pub mod registry_server;
 pub mod sim;
 
 pub use cluster::{Cluster, ClusterOptions};

@@ -185,3 +185,224 @@ async fn the_agent_refuses_an_artifact_that_is_not_the_one_the_job_names() {
     assert_eq!(job.stdout.as_deref().unwrap_or(""), "", "nothing ran");
     assert_eq!(cluster.balance("lee").await.unwrap().balance_micros, USD);
 }
+
+/// The `http` resolver plugin, loaded the way the chain loads it, with `config`.
+fn http_resolver(config: serde_json::Value) -> rhizos_core::agent::plugins::ChainResolver {
+    use rhizos_core::agent::plugins::{ChainResolver, Native, load_library};
+    let path = rhizos_testbed::plugin_file("rhizos_plugin_resolver_http").unwrap();
+    let host = rhizos_plugin_api::HostContext {
+        node_id: "test".into(),
+    };
+    let text = config.to_string();
+    match load_library(&path, &|_| text.clone(), &host) {
+        Ok(Native::Resolver(resolver)) => ChainResolver::Native(std::sync::Arc::new(resolver)),
+        Ok(Native::Backend(_)) => panic!("the http plugin is a resolver"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn the_http_resolver_caches_by_etag_retries_and_fails_with_clear_errors() {
+    use rhizos_testbed::registry_server::{Hit, RegistryServer, Route};
+    let manifest = r#"{"id": "mod-http", "version": "1.0.0"}"#.to_owned();
+    let server = RegistryServer::start(
+        [
+            (
+                "/modules/mod-http".to_owned(),
+                Route::Json {
+                    body: manifest.clone(),
+                    etag: "\"v1\"".into(),
+                },
+            ),
+            (
+                "/modules/mod-http?version=0.1.0".to_owned(),
+                Route::Json {
+                    body: r#"{"id": "mod-http", "version": "0.1.0"}"#.into(),
+                    etag: "\"v0\"".into(),
+                },
+            ),
+            ("/modules/garbage".to_owned(), Route::Raw("<html>".into())),
+            (
+                "/modules/slow".to_owned(),
+                Route::Slow(Duration::from_millis(1_500), manifest.clone()),
+            ),
+            (
+                "/modules/flaky".to_owned(),
+                Route::FailThen(2, manifest.clone()),
+            ),
+            ("/modules/broken".to_owned(), Route::Status(500)),
+            ("/modules/forbidden".to_owned(), Route::Status(403)),
+            (
+                "/modules/huge".to_owned(),
+                Route::Raw(format!("\"{}\"", "x".repeat(4_000))),
+            ),
+        ]
+        .into(),
+    )
+    .unwrap();
+    let resolver = http_resolver(serde_json::json!({
+        "base_url": server.base_url,
+        "timeout_ms": 300,
+        "retries": 2,
+        "backoff_ms": 20,
+        "max_bytes": 2048,
+    }));
+    let resolve = |id: &str, version: Option<&str>| {
+        let (resolver, id, version) = (resolver.clone(), id.to_owned(), version.map(str::to_owned));
+        async move {
+            tokio::task::spawn_blocking(move || resolver.resolve(&id, version.as_deref()))
+                .await
+                .unwrap()
+        }
+    };
+
+    // Found; then revalidated with its ETag (304) and served from the plugin's cache.
+    assert_eq!(resolve("mod-http", None).await, Ok(Some(manifest.clone())));
+    assert_eq!(resolve("mod-http", None).await, Ok(Some(manifest.clone())));
+    assert_eq!(
+        resolve("mod-http", Some("0.1.0")).await,
+        Ok(Some(r#"{"id": "mod-http", "version": "0.1.0"}"#.to_owned()))
+    );
+    // Not found: the next resolver is asked.
+    assert_eq!(resolve("nobody", None).await, Ok(None));
+    // Retried through two 503s.
+    assert_eq!(resolve("flaky", None).await, Ok(Some(manifest.clone())));
+
+    let base = &server.base_url;
+    let failures = [
+        ("garbage", "malformed response (not JSON)".to_owned()),
+        (
+            "slow",
+            format!("GET {base}/modules/slow: no answer within 300 ms (after 2 retries)"),
+        ),
+        (
+            "broken",
+            format!("GET {base}/modules/broken: HTTP 500 (after 2 retries)"),
+        ),
+        (
+            "forbidden",
+            format!("GET {base}/modules/forbidden: HTTP 403"),
+        ),
+        (
+            "huge",
+            "response larger than the 2048 bytes allowed".to_owned(),
+        ),
+    ];
+    for (id, expected) in failures {
+        let err = resolve(id, None).await.unwrap_err();
+        assert!(err.contains(&expected), "{id}: {err}");
+    }
+    let hits = server.hits();
+    let of = |target: &str| -> Vec<Hit> {
+        hits.iter()
+            .filter(|h| h.target == target)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        of("/modules/mod-http")
+            .iter()
+            .map(|h| h.if_none_match.clone())
+            .collect::<Vec<_>>(),
+        [None, Some("\"v1\"".to_owned())]
+    );
+    assert_eq!(of("/modules/flaky").len(), 3, "two 503s, then the answer");
+    assert_eq!(of("/modules/forbidden").len(), 1, "a 403 is not retried");
+
+    // Nothing listens: unreachable, named.
+    let nowhere = http_resolver(serde_json::json!({
+        "base_url": "http://127.0.0.1:1",
+        "retries": 0,
+    }));
+    let err = tokio::task::spawn_blocking(move || nowhere.resolve("x", None))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        err.starts_with("GET http://127.0.0.1:1/modules/x: "),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_chain_falls_back_from_a_component_to_the_http_plugin_and_the_job_runs() {
+    use rhizos_testbed::registry_server::{RegistryServer, Route};
+    let demo = demo();
+    let manifest = serde_json::json!({
+        "id": "mod-remote",
+        "version": "2.0.0",
+        "backend": "wasm",
+        "artifact": {"data_b64": wire::b64_encode(&demo), "sha256": sha256_hex(&demo)},
+        "args": ["hello", "http"],
+    });
+    let route = Route::Json {
+        body: manifest.to_string(),
+        etag: "\"r2\"".into(),
+    };
+    let server = RegistryServer::start(
+        [
+            ("/modules/mod-remote".to_owned(), route.clone()),
+            ("/modules/mod-remote?version=2.0.0".to_owned(), route),
+        ]
+        .into(),
+    )
+    .unwrap();
+    let resolvers = tempfile::tempdir().unwrap();
+    registry(resolvers.path());
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_resolver_http").unwrap(),
+        resolvers.path().join("zz-http.so"),
+    )
+    .unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        resolver_dir: Some(resolvers.path().to_path_buf()),
+        resolver_config: [(
+            "http".to_owned(),
+            serde_json::json!({"base_url": server.base_url}),
+        )]
+        .into(),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let resolved: ResolvedModule = cluster
+        .bus
+        .request(
+            cluster.bus.subjects.module_resolve(),
+            &ResolveModule {
+                v: WIRE_VERSION,
+                uri: "chain://mod-remote".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            resolved.resolver.as_str(),
+            resolved.manifest.version.as_str()
+        ),
+        ("http", "2.0.0"),
+        "the index component does not know it; the http plugin after it does"
+    );
+    cluster.funded_account("max", USD).await.unwrap();
+    cluster
+        .submit(&submit_request(
+            "max",
+            "remote",
+            module_job("chain://mod-remote@2.0.0"),
+            USD,
+        ))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("remote", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert!(
+        job.stdout
+            .unwrap_or_default()
+            .starts_with("Hello from RhizOS, http!"),
+    );
+    assert_ledger_consistent(&cluster).await;
+}

@@ -1,0 +1,220 @@
+//! The `http` module resolver: fetches a module's manifest from a registry over HTTP(S).
+//!
+//! `GET <base_url>/modules/<id>` (the latest) or `GET <base_url>/modules/<id>?version=<v>`:
+//! * `200` with a JSON body (at most `max_bytes`): the manifest; its `ETag` is remembered and
+//!   sent back as `If-None-Match`, so an unchanged manifest comes back as `304` without a body;
+//! * `404`: this registry does not know the module (the next resolver in the chain is asked);
+//! * `5xx`, a refused or reset connection, a timeout: retried `retries` times with exponential
+//!   backoff from `backoff_ms`, then an error naming the URL and what happened;
+//! * anything else, a body that is not JSON or is too large: an error.
+//!
+//! TLS through rustls with the platform's root certificates (`https://` base URLs).
+//!
+//! Config (`[agent.plugins.http]` on a node, `[orchestrator.resolvers.http]` on the
+//! orchestrator): `{"base_url": "https://registry.example/api", "timeout_ms": 5000,
+//! "retries": 2, "backoff_ms": 200, "max_bytes": 4194304}`.
+#![allow(unsafe_code)] // `export_root_module` expands to an exported `extern "C"` symbol.
+
+use rhizos_plugin_api::sdk::PluginResolver;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The registry's base URL (`http://` or `https://`), without a trailing `/modules`.
+    pub base_url: String,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_backoff_ms() -> u64 {
+    200
+}
+fn default_max_bytes() -> u64 {
+    4 << 20
+}
+
+pub struct HttpResolver {
+    config: Config,
+    agent: ureq::Agent,
+    /// URL → (ETag, body) of the last 200.
+    cache: Mutex<HashMap<String, (String, String)>>,
+}
+
+impl HttpResolver {
+    pub fn new(config: &str) -> Result<Self, String> {
+        let config: Config = serde_json::from_str(config).map_err(|e| {
+            format!("invalid http resolver settings (it needs at least base_url): {e}")
+        })?;
+        let base = config.base_url.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(format!(
+                "http resolver: base_url {:?} must start with http:// or https://",
+                config.base_url
+            ));
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_millis(config.timeout_ms)))
+            .http_status_as_error(false)
+            .max_redirects(3)
+            .build()
+            .into();
+        Ok(Self {
+            config: Config {
+                base_url: base,
+                ..config
+            },
+            agent,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn url(&self, id: &str, version: Option<&str>) -> String {
+        let escape = |s: &str| -> String {
+            s.bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect()
+        };
+        match version {
+            Some(v) => format!(
+                "{}/modules/{}?version={}",
+                self.config.base_url,
+                escape(id),
+                escape(v)
+            ),
+            None => format!("{}/modules/{}", self.config.base_url, escape(id)),
+        }
+    }
+
+    /// One GET; `Err((retryable, message))` on failure.
+    fn fetch(&self, url: &str) -> Result<Option<String>, (bool, String)> {
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(url)
+            .cloned();
+        let mut request = self.agent.get(url).header("Accept", "application/json");
+        if let Some((etag, _)) = &cached {
+            request = request.header("If-None-Match", etag);
+        }
+        let mut response = request.call().map_err(|e| match e {
+            ureq::Error::Timeout(_) => (
+                true,
+                format!("no answer within {} ms", self.config.timeout_ms),
+            ),
+            ureq::Error::HostNotFound => (true, "host not found".to_owned()),
+            ureq::Error::ConnectionFailed => (true, "connection failed".to_owned()),
+            ureq::Error::Io(e) => (true, format!("unreachable: {e}")),
+            other => (false, other.to_string()),
+        })?;
+        let status = response.status().as_u16();
+        match status {
+            200 => {
+                let etag = response
+                    .headers()
+                    .get("etag")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let body = response
+                    .body_mut()
+                    .with_config()
+                    .limit(self.config.max_bytes)
+                    .read_to_string()
+                    .map_err(|e| match e {
+                        ureq::Error::BodyExceedsLimit(_) => (
+                            false,
+                            format!(
+                                "response larger than the {} bytes allowed",
+                                self.config.max_bytes
+                            ),
+                        ),
+                        ureq::Error::Timeout(_) => (
+                            true,
+                            format!("no answer within {} ms", self.config.timeout_ms),
+                        ),
+                        other => (true, format!("reading the response failed: {other}")),
+                    })?;
+                if let Err(e) = serde_json::from_str::<serde_json::Value>(&body) {
+                    return Err((false, format!("malformed response (not JSON): {e}")));
+                }
+                if let Some(etag) = etag {
+                    self.cache
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(url.to_owned(), (etag, body.clone()));
+                }
+                Ok(Some(body))
+            }
+            304 => match cached {
+                Some((_, body)) => Ok(Some(body)),
+                None => Err((
+                    false,
+                    "304 Not Modified for a request without an ETag".into(),
+                )),
+            },
+            404 => Ok(None),
+            500..=599 | 429 => Err((true, format!("HTTP {status}"))),
+            other => Err((false, format!("HTTP {other}"))),
+        }
+    }
+}
+
+impl PluginResolver for HttpResolver {
+    fn resolve(&self, id: &str, version: Option<&str>) -> Result<Option<String>, String> {
+        let url = self.url(id, version);
+        let mut backoff = Duration::from_millis(self.config.backoff_ms);
+        let mut attempt = 0;
+        loop {
+            match self.fetch(&url) {
+                Ok(found) => return Ok(found),
+                Err((true, message)) if attempt < self.config.retries => {
+                    attempt += 1;
+                    let _ = message;
+                    std::thread::sleep(backoff);
+                    backoff = backoff.saturating_mul(2);
+                }
+                Err((_, message)) => {
+                    return Err(format!(
+                        "GET {url}: {message}{}",
+                        if attempt > 0 {
+                            format!(" (after {} retries)", attempt)
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn new_resolver(config: &str) -> Result<HttpResolver, String> {
+    HttpResolver::new(config)
+}
+
+rhizos_plugin_api::export_resolver_plugin! {
+    name: "http",
+    new: new_resolver,
+}
