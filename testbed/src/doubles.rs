@@ -54,3 +54,211 @@ impl NvmlDouble {
         self.dir.path()
     }
 }
+
+/// SUBSTRATE NODE DOUBLE — not a Substrate node. A JSON-RPC 2.0 server over HTTP answering the
+/// two calls the `substrate` resolver makes, as the Substrate RPC spec defines them:
+/// `chain_getFinalizedHead` (the finalized block's hash) and `state_getStorage(key, at)` (the
+/// SCALE-encoded value under `key` at block `at`, or `null`), with JSON-RPC errors for unknown
+/// methods, bad params and unknown blocks. Its storage holds what a test puts in it, SCALE
+/// encoded as the chain would (`Vec<ModuleVersion { version, manifest }>` under
+/// `twox128(pallet) ++ twox128(item) ++ blake2_128_concat(SCALE(id))`).
+pub struct SubstrateDouble {
+    pub url: String,
+    state: std::sync::Arc<std::sync::Mutex<SubstrateState>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Default)]
+struct SubstrateState {
+    head: String,
+    storage: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    delay: Option<std::time::Duration>,
+    calls: Vec<String>,
+}
+
+/// One version of a module, as the double stores it.
+#[derive(parity_scale_codec::Encode)]
+struct ModuleVersion {
+    version: Vec<u8>,
+    manifest: Vec<u8>,
+}
+
+impl SubstrateDouble {
+    pub fn start() -> std::io::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let url = format!("http://{}", listener.local_addr()?);
+        listener.set_nonblocking(true)?;
+        let state = std::sync::Arc::new(std::sync::Mutex::new(SubstrateState {
+            head: format!("0x{}", "ab".repeat(32)),
+            ..Default::default()
+        }));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (shared, stopped) = (state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let shared = shared.clone();
+                        std::thread::spawn(move || {
+                            let _ = serve_rpc(stream, &shared);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+                }
+            }
+        });
+        Ok(Self { url, state, stop })
+    }
+
+    /// Stores module `id`'s versions (version, manifest JSON) in `pallet::item`.
+    pub fn put_module(&self, pallet: &str, item: &str, id: &str, versions: &[(&str, &str)]) {
+        use parity_scale_codec::Encode as _;
+        let value: Vec<ModuleVersion> = versions
+            .iter()
+            .map(|(v, m)| ModuleVersion {
+                version: v.as_bytes().to_vec(),
+                manifest: m.as_bytes().to_vec(),
+            })
+            .collect();
+        self.put_raw(pallet, item, id, value.encode());
+    }
+
+    /// Stores arbitrary bytes under module `id`'s key (for malformed-value tests).
+    pub fn put_raw(&self, pallet: &str, item: &str, id: &str, value: Vec<u8>) {
+        let key = module_key(pallet, item, id);
+        self.lock().storage.insert(key, value);
+    }
+
+    /// Every answer is delayed this long (for timeout tests).
+    pub fn set_delay(&self, delay: Option<std::time::Duration>) {
+        self.lock().delay = delay;
+    }
+
+    /// The methods called so far.
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SubstrateState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for SubstrateDouble {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn twox128(data: &[u8]) -> Vec<u8> {
+    [0u64, 1]
+        .iter()
+        .flat_map(|seed| twox_hash::XxHash64::oneshot(*seed, data).to_le_bytes())
+        .collect()
+}
+
+/// `twox128(pallet) ++ twox128(item) ++ blake2_128(SCALE(id)) ++ SCALE(id)`.
+fn module_key(pallet: &str, item: &str, id: &str) -> Vec<u8> {
+    use blake2::Digest as _;
+    use parity_scale_codec::Encode as _;
+    let encoded = id.as_bytes().to_vec().encode();
+    let mut key = twox128(pallet.as_bytes());
+    key.extend(twox128(item.as_bytes()));
+    key.extend(blake2::Blake2b::<blake2::digest::consts::U16>::digest(
+        &encoded,
+    ));
+    key.extend(encoded);
+    key
+}
+
+fn serve_rpc(
+    stream: std::net::TcpStream,
+    state: &std::sync::Mutex<SubstrateState>,
+) -> std::io::Result<()> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    stream.set_nonblocking(false)?;
+    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut length = 0usize;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length.min(1 << 20)];
+    reader.read_exact(&mut body)?;
+    let delay = state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .delay;
+    if let Some(delay) = delay {
+        std::thread::sleep(delay);
+    }
+    let answer = answer_rpc(&body, state);
+    let text = answer.to_string();
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    )?;
+    stream.flush()
+}
+
+fn answer_rpc(body: &[u8], state: &std::sync::Mutex<SubstrateState>) -> serde_json::Value {
+    let error = |id: serde_json::Value, code: i64, message: &str| serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}});
+    let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return error(serde_json::Value::Null, -32700, "Parse error");
+    };
+    let id = request["id"].clone();
+    let method = request["method"].as_str().unwrap_or_default().to_owned();
+    let mut state = state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    state.calls.push(method.clone());
+    let result = match method.as_str() {
+        "chain_getFinalizedHead" => serde_json::Value::String(state.head.clone()),
+        "state_getStorage" => {
+            let params = request["params"].as_array().cloned().unwrap_or_default();
+            let Some(key) = params.first().and_then(|k| k.as_str()) else {
+                return error(id, -32602, "Invalid params: expected [key, at?]");
+            };
+            if let Some(at) = params.get(1).and_then(|a| a.as_str())
+                && at != state.head
+            {
+                return error(
+                    id,
+                    4003,
+                    &format!("Client error: UnknownBlock: State already discarded for {at}"),
+                );
+            }
+            let digits = key.strip_prefix("0x").unwrap_or(key);
+            let Some(key) = (0..digits.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()
+            else {
+                return error(id, -32602, "Invalid params: key is not hex");
+            };
+            match state.storage.get(&key) {
+                Some(value) => serde_json::Value::String(format!(
+                    "0x{}",
+                    value.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                )),
+                None => serde_json::Value::Null,
+            }
+        }
+        _ => return error(id, -32601, "Method not found"),
+    };
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "result": result})
+}

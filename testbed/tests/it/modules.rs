@@ -188,8 +188,16 @@ async fn the_agent_refuses_an_artifact_that_is_not_the_one_the_job_names() {
 
 /// The `http` resolver plugin, loaded the way the chain loads it, with `config`.
 fn http_resolver(config: serde_json::Value) -> rhizos_core::agent::plugins::ChainResolver {
+    resolver_plugin("rhizos_plugin_resolver_http", config)
+}
+
+/// A resolver plugin of the workspace, loaded the way the chain loads it, with `config`.
+fn resolver_plugin(
+    crate_name: &str,
+    config: serde_json::Value,
+) -> rhizos_core::agent::plugins::ChainResolver {
     use rhizos_core::agent::plugins::{ChainResolver, Native, load_library};
-    let path = rhizos_testbed::plugin_file("rhizos_plugin_resolver_http").unwrap();
+    let path = rhizos_testbed::plugin_file(crate_name).unwrap();
     let host = rhizos_plugin_api::HostContext {
         node_id: "test".into(),
     };
@@ -403,6 +411,131 @@ async fn the_chain_falls_back_from_a_component_to_the_http_plugin_and_the_job_ru
         job.stdout
             .unwrap_or_default()
             .starts_with("Hello from RhizOS, http!"),
+    );
+    assert_ledger_consistent(&cluster).await;
+}
+
+#[tokio::test]
+async fn the_substrate_resolver_reads_finalized_storage_and_fails_with_clear_errors() {
+    use rhizos_testbed::doubles::SubstrateDouble;
+    let node = SubstrateDouble::start().unwrap();
+    let demo = demo();
+    let manifest = |version: &str| {
+        serde_json::json!({
+            "id": "mod-onchain",
+            "version": version,
+            "backend": "wasm",
+            "artifact": {"data_b64": wire::b64_encode(&demo), "sha256": sha256_hex(&demo)},
+            "args": ["hello", format!("chain {version}")],
+        })
+        .to_string()
+    };
+    let (old, new) = (manifest("1.0.0"), manifest("1.2.0"));
+    node.put_module(
+        "ModuleRegistry",
+        "Modules",
+        "mod-onchain",
+        &[("1.2.0", new.as_str()), ("1.0.0", old.as_str())],
+    );
+    node.put_module("Registry", "Mods", "elsewhere", &[("3.0.0", "{}")]);
+    node.put_raw("ModuleRegistry", "Modules", "mod-bad", vec![0xff, 0x01]);
+    let resolver = resolver_plugin(
+        "rhizos_plugin_resolver_substrate",
+        serde_json::json!({"url": node.url, "timeout_ms": 300}),
+    );
+    let resolve =
+        |r: &rhizos_core::agent::plugins::ChainResolver, id: &str, version: Option<&str>| {
+            let (r, id, version) = (r.clone(), id.to_owned(), version.map(str::to_owned));
+            async move {
+                tokio::task::spawn_blocking(move || r.resolve(&id, version.as_deref()))
+                    .await
+                    .unwrap()
+            }
+        };
+    assert_eq!(
+        resolve(&resolver, "mod-onchain", None).await,
+        Ok(Some(new.clone()))
+    );
+    assert_eq!(
+        resolve(&resolver, "mod-onchain", Some("1.0.0")).await,
+        Ok(Some(old.clone()))
+    );
+    assert_eq!(
+        resolve(&resolver, "mod-onchain", Some("9.9.9")).await,
+        Ok(None)
+    );
+    assert_eq!(resolve(&resolver, "nobody", None).await, Ok(None));
+    assert_eq!(
+        node.calls()[..2],
+        ["chain_getFinalizedHead", "state_getStorage"],
+        "storage is read at the finalized head"
+    );
+    let bad = resolve(&resolver, "mod-bad", None).await.unwrap_err();
+    assert!(
+        bad.contains("malformed storage value for mod-bad at ModuleRegistry::Modules"),
+        "{bad}"
+    );
+    // The pallet and item are configurable.
+    let other = resolver_plugin(
+        "rhizos_plugin_resolver_substrate",
+        serde_json::json!({"url": node.url, "pallet": "Registry", "item": "Mods"}),
+    );
+    assert_eq!(
+        resolve(&other, "elsewhere", None).await,
+        Ok(Some("{}".to_owned()))
+    );
+    // Slow and unreachable nodes.
+    node.set_delay(Some(Duration::from_millis(1_000)));
+    let slow = resolve(&resolver, "mod-onchain", None).await.unwrap_err();
+    assert!(
+        slow.contains("chain_getFinalizedHead at http://127.0.0.1:")
+            && slow.contains("no answer within 300 ms"),
+        "{slow}"
+    );
+    node.set_delay(None);
+    let nowhere = resolver_plugin(
+        "rhizos_plugin_resolver_substrate",
+        serde_json::json!({"url": "http://127.0.0.1:1"}),
+    );
+    let err = resolve(&nowhere, "x", None).await.unwrap_err();
+    assert!(
+        err.starts_with("chain_getFinalizedHead at http://127.0.0.1:1: unreachable"),
+        "{err}"
+    );
+
+    // A chain:// job resolved from the chain runs end to end.
+    let resolvers = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_resolver_substrate").unwrap(),
+        resolvers.path().join("substrate.so"),
+    )
+    .unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        resolver_dir: Some(resolvers.path().to_path_buf()),
+        resolver_config: [("substrate".to_owned(), serde_json::json!({"url": node.url}))].into(),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("ned", USD).await.unwrap();
+    cluster
+        .submit(&submit_request(
+            "ned",
+            "onchain",
+            module_job("chain://mod-onchain"),
+            USD,
+        ))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("onchain", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert!(
+        job.stdout
+            .unwrap_or_default()
+            .starts_with("Hello from RhizOS, chain 1.2.0!")
     );
     assert_ledger_consistent(&cluster).await;
 }
