@@ -71,6 +71,13 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// chain:// resolutions per second through the orchestrator's resolver chain, per resolver
+    /// (index component, http against a local registry server, substrate against the JSON-RPC
+    /// double): cold (every resolution reaches the resolver) and warm (from the cache).
+    ModuleResolve {
+        #[arg(long, default_value_t = 2_000)]
+        calls: usize,
+    },
     Marketplace {
         #[arg(long, default_value_t = 1_000)]
         nodes: usize,
@@ -101,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
         } => wasm_jobs(jobs, agents, concurrency, cli.json).await,
         Bench::ContainerOverhead { runs } => container_overhead(runs, cli.json).await,
+        Bench::ModuleResolve { calls } => module_resolve(calls, cli.json).await,
         Bench::Marketplace {
             nodes,
             jobs,
@@ -342,6 +350,122 @@ async fn container_overhead(runs: usize, json: bool) -> anyhow::Result<()> {
             job_first_ms / bare_first_ms,
             job_total_ms / bare_total_ms
         );
+    }
+    Ok(())
+}
+
+async fn module_resolve(calls: usize, json: bool) -> anyhow::Result<()> {
+    use rhizos_core::orchestrator::modules::ModuleResolver;
+    anyhow::ensure!(calls > 0, "--calls must be at least 1");
+    let manifest = serde_json::json!({
+        "id": "mod-bench", "version": "1.0.0", "backend": "wasm",
+        "artifact": {"data_b64": "AGFzbQEAAAA=", "sha256": "0".repeat(64)},
+    })
+    .to_string();
+    // One directory per resolver, so each is measured alone.
+    let index_dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(index_dir.path().join("registry"))?;
+    std::fs::write(
+        index_dir.path().join("registry/index.json"),
+        format!(r#"{{"modules": [{manifest}]}}"#),
+    )?;
+    std::fs::copy(
+        rhizos_testbed::guests::resolver_index_wasm()?,
+        index_dir.path().join("index.wasm"),
+    )?;
+    std::fs::write(
+        index_dir.path().join("index.json"),
+        r#"{"read_dirs": [{"host": "registry", "guest": "/registry"}], "config": {"index": "/registry/index.json"}}"#,
+    )?;
+    let server = rhizos_testbed::registry_server::RegistryServer::start(
+        [(
+            "/modules/mod-bench".to_owned(),
+            rhizos_testbed::registry_server::Route::Json {
+                body: manifest.clone(),
+                etag: "\"b\"".into(),
+            },
+        )]
+        .into(),
+    )?;
+    let http_dir = tempfile::tempdir()?;
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_resolver_http")?,
+        http_dir.path().join("http.so"),
+    )?;
+    let node = rhizos_testbed::doubles::SubstrateDouble::start()?;
+    node.put_module(
+        "ModuleRegistry",
+        "Modules",
+        "mod-bench",
+        &[("1.0.0", &manifest)],
+    );
+    let substrate_dir = tempfile::tempdir()?;
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_resolver_substrate")?,
+        substrate_dir.path().join("substrate.so"),
+    )?;
+    let cases = [
+        ("index (component)", index_dir.path(), None),
+        (
+            "http (stable ABI)",
+            http_dir.path(),
+            Some(("http", serde_json::json!({"base_url": server.base_url}))),
+        ),
+        (
+            "substrate (stable ABI)",
+            substrate_dir.path(),
+            Some(("substrate", serde_json::json!({"url": node.url}))),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, dir, config) in cases {
+        let configs: std::collections::BTreeMap<String, String> = config
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), v.to_string()))
+            .collect();
+        let mut rates = Vec::new();
+        for ttl in [Duration::ZERO, Duration::from_secs(3600)] {
+            let resolver = ModuleResolver::open(dir, configs.clone(), Duration::from_secs(5), ttl)?;
+            resolver
+                .resolve("chain://mod-bench")
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let started = Instant::now();
+            for _ in 0..calls {
+                std::hint::black_box(
+                    resolver
+                        .resolve("chain://mod-bench")
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{}", e.message))?,
+                );
+            }
+            rates.push(calls as f64 / started.elapsed().as_secs_f64());
+        }
+        rows.push(
+            serde_json::json!({"resolver": name, "cold_per_s": rates[0], "warm_per_s": rates[1]}),
+        );
+    }
+    let report = serde_json::json!({
+        "bench": "module-resolve",
+        "calls": calls,
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "resolvers": rows,
+    });
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "chain:// resolutions per second, {calls} sequential per case ({} build; cold: no cache, every call reaches the resolver; warm: orchestrator cache):",
+            report["build"].as_str().unwrap_or("?")
+        );
+        for row in &rows {
+            println!(
+                "  {:<24} cold {:>10.0}/s   warm {:>10.0}/s",
+                row["resolver"].as_str().unwrap_or("?"),
+                row["cold_per_s"].as_f64().unwrap_or(f64::NAN),
+                row["warm_per_s"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
     }
     Ok(())
 }
