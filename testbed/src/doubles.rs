@@ -88,7 +88,6 @@ impl SubstrateDouble {
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let url = format!("http://{}", listener.local_addr()?);
-        listener.set_nonblocking(true)?;
         let state = std::sync::Arc::new(std::sync::Mutex::new(SubstrateState {
             head: format!("0x{}", "ab".repeat(32)),
             ..Default::default()
@@ -96,16 +95,16 @@ impl SubstrateDouble {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (shared, stopped) = (state.clone(), stop.clone());
         std::thread::spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let shared = shared.clone();
-                        std::thread::spawn(move || {
-                            let _ = serve_rpc(stream, &shared);
-                        });
-                    }
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+            // Blocking accept; dropping the double wakes it with a connection of its own.
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
                 }
+                let Ok(stream) = stream else { continue };
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_rpc(stream, &shared);
+                });
             }
         });
         Ok(Self { url, state, stop })
@@ -150,6 +149,7 @@ impl SubstrateDouble {
 impl Drop for SubstrateDouble {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(self.url.trim_start_matches("http://"));
     }
 }
 
@@ -179,7 +179,6 @@ fn serve_rpc(
     state: &std::sync::Mutex<SubstrateState>,
 ) -> std::io::Result<()> {
     use std::io::{BufRead as _, Read as _, Write as _};
-    stream.set_nonblocking(false)?;
     let mut reader = std::io::BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;

@@ -41,22 +41,21 @@ impl RegistryServer {
     pub fn start(routes: HashMap<String, Route>) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let base_url = format!("http://{}", listener.local_addr()?);
-        listener.set_nonblocking(true)?;
         let hits = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let routes = Arc::new(Mutex::new(routes));
         let (seen, stopped) = (hits.clone(), stop.clone());
         std::thread::spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let (routes, seen) = (routes.clone(), seen.clone());
-                        std::thread::spawn(move || {
-                            let _ = serve(stream, &routes, &seen);
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            // Blocking accept; dropping the server wakes it with a connection of its own.
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
                 }
+                let Ok(stream) = stream else { continue };
+                let (routes, seen) = (routes.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &routes, &seen);
+                });
             }
         });
         Ok(Self {
@@ -78,6 +77,7 @@ impl RegistryServer {
 impl Drop for RegistryServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.base_url.trim_start_matches("http://"));
     }
 }
 
@@ -86,7 +86,6 @@ fn serve(
     routes: &Mutex<HashMap<String, Route>>,
     hits: &Mutex<Vec<Hit>>,
 ) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;

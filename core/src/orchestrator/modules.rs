@@ -190,7 +190,7 @@ pub fn materialize(manifest: &ModuleManifest, spec: &JobSpec) -> Result<JobSpec,
                 .image
                 .clone()
                 .ok_or_else(|| bad(format!("{module}: artifact.image is missing")))?,
-            entrypoint: None,
+            entrypoint: manifest.entrypoint.clone(),
             workdir: None,
             network: false,
         },
@@ -248,6 +248,7 @@ mod tests {
                 sha256: digest,
             },
             args: vec!["hello".into()],
+            entrypoint: None,
             env: [
                 ("A".to_owned(), "module".to_owned()),
                 ("B".to_owned(), "module".to_owned()),

@@ -622,3 +622,106 @@ async fn a_read_only_node_keeps_the_root_unwritable_and_an_unreachable_registry_
     );
     assert_containers_removed(&node).await;
 }
+
+#[tokio::test]
+async fn a_container_module_runs_only_on_the_image_its_registry_entry_names() {
+    use rhizos_testbed::registry_server::{RegistryServer, Route};
+    let image = probe();
+    let id = String::from_utf8(
+        Command::new("docker")
+            .args(["image", "inspect", "--format", "{{.Id}}", &image])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let digest = id.trim_start_matches("sha256:").to_owned();
+    let entry = |module: &str, sha: &str| {
+        serde_json::json!({
+            "id": module, "version": "1.0.0", "backend": "docker",
+            "artifact": {"image": image, "sha256": sha},
+            "args": ["out:from the registry", "env:MODE"],
+            "env": {"MODE": "module"},
+            "requirements": {"memory_mib": 32},
+        })
+        .to_string()
+    };
+    let route = |body: String| Route::Json {
+        body,
+        etag: "\"1\"".into(),
+    };
+    let server = RegistryServer::start(
+        [
+            (
+                "/modules/mod-probe".to_owned(),
+                route(entry("mod-probe", &digest)),
+            ),
+            (
+                "/modules/mod-swapped".to_owned(),
+                route(entry("mod-swapped", &"f".repeat(64))),
+            ),
+        ]
+        .into(),
+    )
+    .unwrap();
+    let resolvers = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_resolver_http").unwrap(),
+        resolvers.path().join("http.so"),
+    )
+    .unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_docker").unwrap()],
+        plugin_config: [("docker".to_owned(), serde_json::json!({"pull": "never"}))].into(),
+        node_prefix: format!("dkh{}", &uuid_like()[..8]),
+        resolver_dir: Some(resolvers.path().to_path_buf()),
+        resolver_config: [(
+            "http".to_owned(),
+            serde_json::json!({"base_url": server.base_url}),
+        )]
+        .into(),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let node = node_of(&cluster);
+    cluster.funded_account("olga", 10 * USD).await.unwrap();
+    for (job, uri) in [
+        ("probe", "chain://mod-probe"),
+        ("swapped", "chain://mod-swapped"),
+    ] {
+        cluster
+            .submit(&submit_request(
+                "olga",
+                job,
+                JobSpec::new(Workload::Module { uri: uri.into() }, 30_000, 16),
+                USD,
+            ))
+            .await
+            .unwrap();
+    }
+    let ran = cluster
+        .wait_for_end("probe", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(ran.state, JobState::Succeeded, "{ran:?}");
+    assert_eq!(
+        ran.stdout.as_deref(),
+        Some("from the registry\nMODE=module\n")
+    );
+    let swapped = cluster
+        .wait_for_end("swapped", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(swapped.state, JobState::Failed, "{swapped:?}");
+    let reason = swapped.reason.unwrap_or_default();
+    assert!(
+        reason.contains(&format!("artifact digest mismatch: image {image} is {id}")),
+        "{reason}"
+    );
+    assert_eq!(swapped.stdout.as_deref().unwrap_or(""), "", "nothing ran");
+    assert_ledger_consistent(&cluster).await;
+    assert_containers_removed(&node).await;
+}
