@@ -14,8 +14,8 @@ pub struct UpArgs {
     /// Where the network keeps its state: ledger.db, nats/ (JetStream) and plugins/.
     #[arg(long, default_value = ".rhizos")]
     data_dir: PathBuf,
-    /// Directory to load backend plugins from. Default: the librhizos_plugin_*.so files built
-    /// next to this executable, linked into <data-dir>/plugins.
+    /// Directory to load backend plugins from. Default: the backend plugins (librhizos_plugin_*.so,
+    /// not the resolvers) built next to this executable, linked into <data-dir>/plugins.
     #[arg(long)]
     plugin_dir: Option<PathBuf>,
     /// Node id of the local agent.
@@ -142,7 +142,9 @@ fn port_of(url: &str) -> u16 {
         .unwrap_or(4222)
 }
 
-/// Links the plugins built beside this executable into `dir` and returns it.
+/// Links the backend plugins built beside this executable into `dir` and returns it. The
+/// resolver plugins (`librhizos_plugin_resolver_*`) are left out: each needs its registry's
+/// address in config, and modules are resolved by the orchestrator (`resolver_dir`).
 fn link_built_plugins(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let exe = std::env::current_exe().context("cannot locate the rhizos executable")?;
@@ -155,7 +157,10 @@ fn link_built_plugins(dir: &Path) -> anyhow::Result<PathBuf> {
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_owned();
-        if name.starts_with("librhizos_plugin_") && name.ends_with(".so") {
+        if name.starts_with("librhizos_plugin_")
+            && !name.starts_with("librhizos_plugin_resolver_")
+            && name.ends_with(".so")
+        {
             let link = dir.join(&name);
             let _ = std::fs::remove_file(&link);
             #[cfg(unix)]
