@@ -536,7 +536,9 @@ async fn containers_of_a_killed_agent_are_removed_when_it_starts_again() {
     }
     let _ = second.kill();
     let _ = second.wait();
-    // Whatever the new agent started for the job's next attempt goes with it on the next start.
+    // The new agent may have been creating the job's next attempt when it was killed: give the
+    // engine a moment to finish that request, then remove whatever this node left.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = Command::new("docker")
         .args(["rm", "-f", "-v"])
         .args(
