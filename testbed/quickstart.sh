@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command: builds RhizOS, brings up a local network (`rhizos up`: nats-server,
-# orchestrator, one agent with the wasm plugin), runs the demo job end to end — logs streamed, result,
-# escrow settled with the 5% fee — then stops the network. `--keep` leaves it running.
+# orchestrator with the example module registry, one agent with the backend plugins), runs the demo
+# job end to end — logs streamed, result, escrow settled with the 5% fee — then the registry module
+# chain://mod-hello, then stops the network. `--keep` leaves it running.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$RHIZOS_ROOT"
@@ -10,8 +11,12 @@ keep=false
 
 echo "» building RhizOS (first build takes a few minutes)"
 cargo build --workspace --quiet
-cargo build --release --quiet --target wasm32-wasip1 \
-  --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
+for target in wasm32-wasip1 wasm32-wasip2; do
+  cargo build --release --quiet --target "$target" \
+    --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
+done
+cargo build --release --quiet --target wasm32-wasip2 \
+  --manifest-path testbed/guests/resolver-index/Cargo.toml --target-dir target/guests
 demo_wasm=target/guests/wasm32-wasip1/release/rhizos-demo.wasm
 rhizos=target/debug/rhizos
 
@@ -20,7 +25,14 @@ export RHIZOS_PRICING__CPU_HOUR_CENTS="${RHIZOS_PRICING__CPU_HOUR_CENTS:-3600}"
 export RHIZOS_NATS__NAMESPACE="${RHIZOS_NATS__NAMESPACE:-demo}"
 # A fresh network each time, so the demo's numbers read the same on every run.
 rm -rf .rhizos/network
-mkdir -p .rhizos
+mkdir -p .rhizos/network/resolvers
+# The example registry (testbed/registry) behind the `index` resolver component.
+echo "» rhizos module pack testbed/registry/modules.json (the example registry)"
+"$rhizos" module pack testbed/registry/modules.json --out .rhizos/network/resolvers/registry/index.json
+cp target/guests/wasm32-wasip2/release/rhizos_resolver_index.wasm .rhizos/network/resolvers/index.wasm
+echo '{"read_dirs": [{"host": "registry", "guest": "/registry"}], "config": {"index": "/registry/index.json"}}' \
+  > .rhizos/network/resolvers/index.json
+export RHIZOS_ORCHESTRATOR__RESOLVER_DIR="${RHIZOS_ORCHESTRATOR__RESOLVER_DIR:-$RHIZOS_ROOT/.rhizos/network/resolvers}"
 log=.rhizos/up.log
 echo "» rhizos up (log: $log)"
 "$rhizos" up --data-dir .rhizos/network >"$log" 2>&1 &
@@ -42,6 +54,12 @@ echo "» rhizos account create demo-user && rhizos account deposit demo-user 1"
 echo
 echo "» rhizos job submit --account demo-user --wasm $demo_wasm --arg hello --arg RhizOS --timeout-secs 5 --max-cost 0.10 --wait"
 "$rhizos" job submit --account demo-user --wasm "$demo_wasm" --arg hello --arg RhizOS --timeout-secs 5 --max-cost 0.10 --wait
+echo
+echo "» rhizos module resolve chain://mod-hello@1.0.0"
+"$rhizos" module resolve chain://mod-hello@1.0.0
+echo
+echo "» rhizos job submit --account demo-user --module chain://mod-hello@1.0.0 --max-cost 0.10 --wait"
+"$rhizos" job submit --account demo-user --module chain://mod-hello@1.0.0 --timeout-secs 5 --max-cost 0.10 --wait
 echo
 "$rhizos" account balance demo-user
 if $keep; then

@@ -1,19 +1,38 @@
 //! `rhizos module resolve URI`: what a `chain://` module resolves to, through the
 //! orchestrator's resolver chain (the same resolution a job submitted with `--module` gets).
+//! `rhizos module pack SOURCE --out INDEX`: builds a registry index (for the `index` resolver)
+//! from entries whose artifacts are local files, filling in their bytes and digests.
 
 use crate::GlobalArgs;
+use anyhow::Context as _;
 use clap::Subcommand;
-use rhizos_broker::wire::{ModuleRef, ResolveModule, ResolvedModule, WIRE_VERSION};
+use rhizos_broker::wire::{
+    self, ModuleManifest, ModuleRef, ResolveModule, ResolvedModule, WIRE_VERSION,
+};
+use sha2::Digest as _;
+use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum ModuleCommand {
     /// Resolve chain://<id>[@<version>] and print its manifest: backend, artifact digest,
     /// default arguments and requirements, and which resolver answered.
     Resolve { uri: String },
+    /// Build a registry index from SOURCE: `{"modules": [manifest, …]}` where an artifact may
+    /// be `{"file": "path"}` (relative to SOURCE) instead of `data_b64` + `sha256`; the file's
+    /// bytes and SHA-256 are filled in and every entry is checked as a manifest. Works offline.
+    Pack {
+        source: PathBuf,
+        /// Where to write the index (e.g. a directory the `index` resolver is granted).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub async fn run(global: &GlobalArgs, command: ModuleCommand) -> anyhow::Result<()> {
-    let ModuleCommand::Resolve { uri } = command;
+    let uri = match command {
+        ModuleCommand::Resolve { uri } => uri,
+        ModuleCommand::Pack { source, out } => return pack(global, &source, &out),
+    };
     ModuleRef::parse(&uri).map_err(anyhow::Error::msg)?;
     let bus = global.bus().await?;
     let resolved: ResolvedModule = bus
@@ -68,4 +87,74 @@ pub async fn run(global: &GlobalArgs, command: ModuleCommand) -> anyhow::Result<
         println!("  price hint:   {}", crate::money::format_usd(price));
     }
     Ok(())
+}
+
+fn pack(global: &GlobalArgs, source: &Path, out: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(source)
+        .with_context(|| format!("cannot read {}", source.display()))?;
+    let mut index: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", source.display()))?;
+    let base = source.parent().unwrap_or(Path::new("."));
+    let entries = index
+        .get_mut("modules")
+        .and_then(serde_json::Value::as_array_mut)
+        .with_context(|| format!("{}: no \"modules\" array", source.display()))?;
+    let mut packed = Vec::new();
+    for (position, entry) in entries.iter_mut().enumerate() {
+        let name = entry_name(entry);
+        let at = || format!("{} modules[{position}] ({name})", source.display());
+        if let Some(file) = entry
+            .pointer("/artifact/file")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+        {
+            let path = base.join(&file);
+            let bytes = std::fs::read(&path).with_context(|| {
+                format!("{}: artifact.file {}: cannot read it", at(), path.display())
+            })?;
+            let digest: String = sha2::Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let artifact = entry
+                .get_mut("artifact")
+                .and_then(serde_json::Value::as_object_mut)
+                .with_context(at)?;
+            artifact.remove("file");
+            artifact.insert("data_b64".into(), wire::b64_encode(&bytes).into());
+            artifact.insert("sha256".into(), digest.into());
+        }
+        let manifest: ModuleManifest = serde_json::from_value(entry.clone())
+            .with_context(|| format!("{}: not a module manifest", at()))?;
+        packed.push(manifest);
+    }
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    std::fs::write(out, serde_json::to_vec_pretty(&index)?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    if global.json {
+        println!(
+            "{}",
+            serde_json::json!({"index": out, "modules": packed.iter().map(|m| serde_json::json!({"id": m.id, "version": m.version, "sha256": m.artifact.sha256})).collect::<Vec<_>>()})
+        );
+    } else {
+        for m in &packed {
+            println!(
+                "packed chain://{}@{} ({}, sha256 {})",
+                m.id, m.version, m.backend, m.artifact.sha256
+            );
+        }
+        println!("{} module(s) → {}", packed.len(), out.display());
+    }
+    Ok(())
+}
+
+fn entry_name(entry: &serde_json::Value) -> String {
+    format!(
+        "{}@{}",
+        entry["id"].as_str().unwrap_or("?"),
+        entry["version"].as_str().unwrap_or("?")
+    )
 }

@@ -539,3 +539,101 @@ async fn the_substrate_resolver_reads_finalized_storage_and_fails_with_clear_err
     );
     assert_ledger_consistent(&cluster).await;
 }
+
+#[tokio::test]
+async fn the_example_registry_packs_with_the_cli_and_its_modules_run() {
+    // Its artifacts are the demo guest, built from source for both targets.
+    rhizos_testbed::guests::demo_wasm().unwrap();
+    rhizos_testbed::guests::demo_component().unwrap();
+    let resolvers = tempfile::tempdir().unwrap();
+    let rhizos = rhizos_testbed::build_dir().join("rhizos");
+    let source = rhizos_testbed::guests::workspace_root().join("testbed/registry/modules.json");
+    let packed = std::process::Command::new(&rhizos)
+        .args(["module", "pack"])
+        .arg(&source)
+        .arg("--out")
+        .arg(resolvers.path().join("registry/index.json"))
+        .output()
+        .expect("rhizos is built (cargo build --workspace)");
+    let stdout = String::from_utf8_lossy(&packed.stdout);
+    assert!(packed.status.success(), "{packed:?}");
+    assert!(stdout.contains("3 module(s) →"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "packed chain://mod-hello@1.0.0 (wasm, sha256 {})",
+            sha256_hex(&demo())
+        )),
+        "{stdout}"
+    );
+    std::fs::copy(
+        rhizos_testbed::guests::resolver_index_wasm().unwrap(),
+        resolvers.path().join("index.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        resolvers.path().join("index.json"),
+        r#"{"read_dirs": [{"host": "registry", "guest": "/registry"}],
+            "config": {"index": "/registry/index.json"}}"#,
+    )
+    .unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        resolver_dir: Some(resolvers.path().to_path_buf()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("pat", 4 * USD).await.unwrap();
+    let cases = [
+        (
+            "latest",
+            "chain://mod-hello",
+            "Hello from RhizOS, component!\n",
+        ),
+        (
+            "pinned",
+            "chain://mod-hello@1.0.0",
+            "Hello from RhizOS, registry!\n",
+        ),
+        ("count", "chain://mod-count", "line 1\nline 2\nline 3\n"),
+    ];
+    for (id, uri, _) in cases {
+        cluster
+            .submit(&submit_request("pat", id, module_job(uri), USD))
+            .await
+            .unwrap();
+    }
+    for (id, uri, start) in cases {
+        let job = cluster
+            .wait_for_end(id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{uri}: {job:?}");
+        let out = job.stdout.unwrap_or_default();
+        assert!(out.starts_with(start), "{uri}: {out}");
+    }
+    assert_ledger_consistent(&cluster).await;
+
+    // A broken source is refused naming the entry and what is wrong, and writes nothing.
+    let broken = resolvers.path().join("broken.json");
+    std::fs::write(
+        &broken,
+        r#"{"modules": [{"id": "mod-x", "version": "1", "backend": "wasm",
+            "artifact": {"file": "missing.wasm"}}]}"#,
+    )
+    .unwrap();
+    let out = resolvers.path().join("never.json");
+    let refused = std::process::Command::new(&rhizos)
+        .args(["module", "pack"])
+        .arg(&broken)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("modules[0] (mod-x@1): artifact.file") && stderr.contains("missing.wasm"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
