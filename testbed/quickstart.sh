@@ -55,6 +55,9 @@ echo
 echo "» rhizos job submit --account demo-user --wasm $demo_wasm --arg hello --arg RhizOS --timeout-secs 5 --max-cost 0.10 --wait"
 "$rhizos" job submit --account demo-user --wasm "$demo_wasm" --arg hello --arg RhizOS --timeout-secs 5 --max-cost 0.10 --wait
 echo
+echo "» rhizos module list"
+"$rhizos" module list
+echo
 echo "» rhizos module resolve chain://mod-hello@1.0.0"
 "$rhizos" module resolve chain://mod-hello@1.0.0
 echo

@@ -100,6 +100,10 @@ impl Subjects {
     pub fn module_resolve(&self) -> String {
         self.ctl("module.resolve")
     }
+    /// Every module the orchestrator's resolvers can enumerate.
+    pub fn module_list(&self) -> String {
+        self.ctl("module.list")
+    }
     pub fn job_list(&self) -> String {
         self.ctl("job.list")
     }

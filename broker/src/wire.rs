@@ -348,6 +348,36 @@ pub struct ResolveModule {
     pub uri: String,
 }
 
+/// `module.list` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListModules {
+    pub v: u32,
+}
+
+/// One module version a resolver lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedModule {
+    /// `chain://id@version`.
+    pub uri: String,
+    pub resolver: String,
+    pub backend: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_hint_micros: Option<i64>,
+}
+
+/// `module.list` reply: every module version the chain's resolvers list (the first resolver
+/// listing an id@version wins, as in resolution), the resolvers that cannot enumerate their
+/// registry, and what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleList {
+    pub modules: Vec<ListedModule>,
+    pub unlisted: Vec<String>,
+    pub problems: Vec<String>,
+}
+
 /// `module.resolve` reply: which resolver answered, and the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResolvedModule {

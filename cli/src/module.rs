@@ -7,7 +7,8 @@ use crate::GlobalArgs;
 use anyhow::Context as _;
 use clap::Subcommand;
 use rhizos_broker::wire::{
-    self, ModuleManifest, ModuleRef, ResolveModule, ResolvedModule, WIRE_VERSION,
+    self, ListModules, ModuleList, ModuleManifest, ModuleRef, ResolveModule, ResolvedModule,
+    WIRE_VERSION,
 };
 use sha2::Digest as _;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,9 @@ pub enum ModuleCommand {
     /// Resolve chain://<id>[@<version>] and print its manifest: backend, artifact digest,
     /// default arguments and requirements, and which resolver answered.
     Resolve { uri: String },
+    /// Every module version the orchestrator's resolvers can enumerate (the first resolver
+    /// listing an id@version wins, as in resolution), and those that cannot.
+    List,
     /// Build a registry index from SOURCE: `{"modules": [manifest, …]}` where an artifact may
     /// be `{"file": "path"}` (relative to SOURCE) instead of `data_b64` + `sha256`; the file's
     /// bytes and SHA-256 are filled in and every entry is checked as a manifest. Works offline.
@@ -31,6 +35,7 @@ pub enum ModuleCommand {
 pub async fn run(global: &GlobalArgs, command: ModuleCommand) -> anyhow::Result<()> {
     let uri = match command {
         ModuleCommand::Resolve { uri } => uri,
+        ModuleCommand::List => return list(global).await,
         ModuleCommand::Pack { source, out } => return pack(global, &source, &out),
     };
     ModuleRef::parse(&uri).map_err(anyhow::Error::msg)?;
@@ -157,4 +162,41 @@ fn entry_name(entry: &serde_json::Value) -> String {
         entry["id"].as_str().unwrap_or("?"),
         entry["version"].as_str().unwrap_or("?")
     )
+}
+
+async fn list(global: &GlobalArgs) -> anyhow::Result<()> {
+    let bus = global.bus().await?;
+    let list: ModuleList = bus
+        .request(bus.subjects.module_list(), &ListModules { v: WIRE_VERSION })
+        .await?;
+    if global.json {
+        println!("{}", serde_json::to_string(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<36} {:<10} {:<10} {:>12}  description",
+        "module", "backend", "resolver", "price hint"
+    );
+    for m in &list.modules {
+        println!(
+            "{:<36} {:<10} {:<10} {:>12}  {}",
+            m.uri,
+            m.backend,
+            m.resolver,
+            m.price_hint_micros
+                .map(crate::money::format_usd)
+                .unwrap_or_else(|| "-".into()),
+            m.description.as_deref().unwrap_or("")
+        );
+    }
+    if !list.unlisted.is_empty() {
+        println!(
+            "(cannot enumerate their registry: {}; `module resolve` still asks them)",
+            list.unlisted.join(", ")
+        );
+    }
+    for problem in &list.problems {
+        eprintln!("! {problem}");
+    }
+    Ok(())
 }

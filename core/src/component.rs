@@ -40,7 +40,7 @@ use rhizos_plugin_api::sdk::{OutcomeSlot, PluginBackend, PluginExecution};
 use rhizos_plugin_api::{EventSinkBox, ExecOutcome, ExecRequest, ExitKind, LogStream};
 
 /// The WIT package version components are checked against.
-pub const WIT_VERSION: &str = "rhizos:plugin@0.1.0";
+pub const WIT_VERSION: &str = "rhizos:plugin@0.2.0";
 
 /// Largest memory a component call may be granted (the size of a pooled memory slot).
 pub const MAX_MEMORY_MIB: u64 = 1024;
@@ -386,6 +386,18 @@ impl ResolverComponent {
                 Err(message) => return Ok(Err(format!("configure: {message}"))),
             }
             bindings.call_resolve(store, id, version)
+        })?
+    }
+
+    /// Every module the component knows (manifests), `None` when it cannot enumerate. Blocking.
+    pub fn list(&self) -> Result<Option<Vec<String>>, String> {
+        let config = self.manifest.config.to_string();
+        self.call(|bindings, store| {
+            match bindings.call_configure(&mut *store, &config)? {
+                Ok(()) => {}
+                Err(message) => return Ok(Err(format!("configure: {message}"))),
+            }
+            bindings.call_list(store)
         })?
     }
 

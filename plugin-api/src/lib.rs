@@ -218,12 +218,16 @@ pub trait Resolver: Send + Sync {
     /// The manifest (JSON text) of `id` at `version` (the latest when `RNone`); `RNone` when
     /// this resolver does not know the module (the next one in the chain is asked); `RErr`
     /// when it knows it but cannot answer.
-    #[sabi(last_prefix_field)]
     fn resolve(
         &self,
         id: RStr<'_>,
         version: ROption<RStr<'_>>,
     ) -> RResult<ROption<RString>, RString>;
+
+    /// Every module this resolver knows, as manifests (JSON text, every version); `RNone` when
+    /// it cannot enumerate its registry.
+    #[sabi(last_prefix_field)]
+    fn list(&self) -> RResult<ROption<RVec<RString>>, RString>;
 }
 
 pub type ResolverBox = Resolver_TO<'static, RBox<()>>;

@@ -145,6 +145,12 @@ pub trait PluginResolver: Send + Sync + 'static {
     /// The manifest (JSON text) of `id` at `version` (latest when `None`); `Ok(None)` when
     /// unknown here.
     fn resolve(&self, id: &str, version: Option<&str>) -> Result<Option<String>, String>;
+
+    /// Every module known here, as manifests (every version); `Ok(None)` (the default) when
+    /// the registry cannot be enumerated.
+    fn list(&self) -> Result<Option<Vec<String>>, String> {
+        Ok(None)
+    }
 }
 
 /// Wraps a [`PluginResolver`] as the stable-ABI [`ResolverBox`] (used by the export macro).
@@ -166,6 +172,15 @@ impl<R: PluginResolver> Resolver for Contained<R> {
                 Ok(found) => ROk(found.map(RString::from).into()),
                 Err(message) => RErr(RString::from(message)),
             }
+        })
+    }
+
+    fn list(&self) -> RResult<ROption<abi_stable::std_types::RVec<RString>>, RString> {
+        catch_panic("list", || match self.0.list() {
+            Ok(found) => ROk(found
+                .map(|all| all.into_iter().map(RString::from).collect())
+                .into()),
+            Err(message) => RErr(RString::from(message)),
         })
     }
 }

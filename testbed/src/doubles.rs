@@ -227,6 +227,45 @@ fn answer_rpc(body: &[u8], state: &std::sync::Mutex<SubstrateState>) -> serde_js
     state.calls.push(method.clone());
     let result = match method.as_str() {
         "chain_getFinalizedHead" => serde_json::Value::String(state.head.clone()),
+        "state_getKeysPaged" => {
+            // [prefix, count, startKey?, at?]: keys with the prefix after startKey, in order.
+            let params = request["params"].as_array().cloned().unwrap_or_default();
+            let hex = |bytes: &[u8]| {
+                format!(
+                    "0x{}",
+                    bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                )
+            };
+            let (Some(prefix), Some(count)) = (
+                params.first().and_then(|p| p.as_str()),
+                params.get(1).and_then(serde_json::Value::as_u64),
+            ) else {
+                return error(
+                    id,
+                    -32602,
+                    "Invalid params: expected [prefix, count, startKey?, at?]",
+                );
+            };
+            if let Some(at) = params.get(3).and_then(|a| a.as_str())
+                && at != state.head
+            {
+                return error(id, 4003, "Client error: UnknownBlock");
+            }
+            let start = params
+                .get(2)
+                .and_then(|s| s.as_str())
+                .unwrap_or("")
+                .to_owned();
+            let mut keys: Vec<String> = state
+                .storage
+                .keys()
+                .map(|k| hex(k))
+                .filter(|k| k.starts_with(prefix) && *k > start)
+                .collect();
+            keys.sort();
+            keys.truncate(count as usize);
+            serde_json::Value::from(keys)
+        }
         "state_getStorage" => {
             let params = request["params"].as_array().cloned().unwrap_or_default();
             let Some(key) = params.first().and_then(|k| k.as_str()) else {

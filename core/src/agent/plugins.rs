@@ -102,6 +102,19 @@ impl ChainResolver {
             Self::Component(c) => c.resolve(id, version),
         }
     }
+
+    /// Every module this resolver knows (manifests), `None` when it cannot enumerate. Blocking.
+    pub fn list(&self) -> Result<Option<Vec<String>>, String> {
+        match self {
+            Self::Native(r) => match r.resolver.list() {
+                RResult::ROk(found) => Ok(found
+                    .into_option()
+                    .map(|all| all.into_iter().map(RString::into_string).collect())),
+                RResult::RErr(message) => Err(message.into_string()),
+            },
+            Self::Component(c) => c.list(),
+        }
+    }
 }
 
 /// A file in the plugin directory that was not loaded, and why.

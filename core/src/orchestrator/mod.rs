@@ -227,6 +227,7 @@ impl Orchestrator {
             "job.submit" => encode_reply(self.submit(payload).await),
             "job.get" => encode_reply(self.get_job(payload).await),
             "module.resolve" => encode_reply(self.module_resolve(payload).await),
+            "module.list" => encode_reply(self.module_list(payload).await),
             "job.list" => encode_reply(self.list_jobs(payload).await),
             "job.cancel" => encode_reply(self.cancel_job(payload).await),
             "job.report" => encode_reply(self.report(payload).await),
@@ -260,6 +261,21 @@ impl Orchestrator {
                     "cannot resolve {uri}: this orchestrator has no module resolvers ([orchestrator] resolver_dir)"
                 ),
             )),
+        }
+    }
+
+    async fn module_list(&self, payload: &[u8]) -> Result<wire::ModuleList, WireError> {
+        let _: wire::ListModules = self.decode(payload)?;
+        match &self.inner.modules {
+            Some(modules) => Ok(modules.list().await),
+            None => Ok(wire::ModuleList {
+                modules: Vec::new(),
+                unlisted: Vec::new(),
+                problems: vec![
+                    "this orchestrator has no module resolvers ([orchestrator] resolver_dir)"
+                        .into(),
+                ],
+            }),
         }
     }
 

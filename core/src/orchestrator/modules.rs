@@ -150,6 +150,66 @@ impl ModuleResolver {
     }
 }
 
+impl ModuleResolver {
+    /// Every module version the resolvers list, first resolver winning per id@version.
+    pub async fn list(&self) -> wire::ModuleList {
+        let mut seen = std::collections::BTreeMap::new();
+        let mut unlisted = Vec::new();
+        let mut problems = Vec::new();
+        for resolver in &self.chain {
+            let name = resolver.name().to_owned();
+            let call = resolver.clone();
+            let answer = tokio::time::timeout(
+                self.timeout,
+                tokio::task::spawn_blocking(move || call.list()),
+            )
+            .await;
+            let manifests = match answer {
+                Err(_) => {
+                    problems.push(format!(
+                        "{name}: no answer within {} ms",
+                        self.timeout.as_millis()
+                    ));
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    problems.push(format!("{name}: {e}"));
+                    continue;
+                }
+                Ok(Ok(Err(e))) => {
+                    problems.push(format!("{name}: {e}"));
+                    continue;
+                }
+                Ok(Ok(Ok(None))) => {
+                    unlisted.push(name);
+                    continue;
+                }
+                Ok(Ok(Ok(Some(manifests)))) => manifests,
+            };
+            for text in manifests {
+                match serde_json::from_str::<ModuleManifest>(&text) {
+                    Ok(m) => {
+                        let uri = format!("chain://{}@{}", m.id, m.version);
+                        seen.entry(uri.clone()).or_insert(wire::ListedModule {
+                            uri,
+                            resolver: name.clone(),
+                            backend: m.backend,
+                            description: m.description,
+                            price_hint_micros: m.price_hint_micros,
+                        });
+                    }
+                    Err(e) => problems.push(format!("{name}: malformed manifest: {e}")),
+                }
+            }
+        }
+        wire::ModuleList {
+            modules: seen.into_values().collect(),
+            unlisted,
+            problems,
+        }
+    }
+}
+
 /// The concrete spec of `spec` (whose workload names the module) from the module's manifest:
 /// the artifact becomes the workload, the job's args win over the module's (when it has any),
 /// its env over the module's, and each requirement is the larger of the two.

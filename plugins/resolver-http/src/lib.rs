@@ -8,6 +8,9 @@
 //!   backoff from `backoff_ms`, then an error naming the URL and what happened;
 //! * anything else, a body that is not JSON or is too large: an error.
 //!
+//! `list` (for `rhizos module list`): `GET <base_url>/modules`, a JSON array of manifests or
+//! `{"modules": [...]}`; a `404` means the registry cannot be enumerated.
+//!
 //! TLS through rustls with the platform's root certificates (`https://` base URLs).
 //!
 //! Config (`[agent.plugins.http]` on a node, `[orchestrator.resolvers.http]` on the
@@ -183,7 +186,33 @@ impl HttpResolver {
 
 impl PluginResolver for HttpResolver {
     fn resolve(&self, id: &str, version: Option<&str>) -> Result<Option<String>, String> {
-        let url = self.url(id, version);
+        self.get_with_retries(&self.url(id, version))
+    }
+
+    fn list(&self) -> Result<Option<Vec<String>>, String> {
+        let url = format!("{}/modules", self.config.base_url);
+        let Some(body) = self.get_with_retries(&url)? else {
+            return Ok(None);
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("GET {url}: {e}"))?;
+        let entries = match &value {
+            serde_json::Value::Array(entries) => entries,
+            other => other
+                .get("modules")
+                .and_then(serde_json::Value::as_array)
+                .ok_or_else(|| {
+                    format!("GET {url}: expected a list of manifests or {{\"modules\": [...]}}")
+                })?,
+        };
+        Ok(Some(entries.iter().map(|e| e.to_string()).collect()))
+    }
+}
+
+impl HttpResolver {
+    /// GET with the retry policy; `None` on 404.
+    fn get_with_retries(&self, url: &str) -> Result<Option<String>, String> {
+        let url = url.to_owned();
         let mut backoff = Duration::from_millis(self.config.backoff_ms);
         let mut attempt = 0;
         loop {

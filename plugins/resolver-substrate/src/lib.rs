@@ -12,6 +12,9 @@
 //! does not know the module (the next resolver is asked). Reading at the finalized head means a
 //! manifest never comes from a block that could still be reverted.
 //!
+//! `list` pages through the map's keys (`state_getKeysPaged` under the map prefix, 256 at a time,
+//! at the finalized head) and reads each value.
+//!
 //! Config: `{"url": "http://127.0.0.1:9933", "pallet": "ModuleRegistry", "item": "Modules",
 //! "timeout_ms": 5000}`.
 #![allow(unsafe_code)] // `export_root_module` expands to an exported `extern "C"` symbol.
@@ -171,15 +174,22 @@ impl SubstrateResolver {
     }
 }
 
-impl PluginResolver for SubstrateResolver {
-    fn resolve(&self, id: &str, version: Option<&str>) -> Result<Option<String>, String> {
+impl SubstrateResolver {
+    fn finalized_head(&self) -> Result<String, String> {
         let head = self.call("chain_getFinalizedHead", serde_json::json!([]))?;
-        let head = head
-            .as_str()
+        head.as_str()
             .filter(|h| h.starts_with("0x") && h.len() == 66)
-            .ok_or_else(|| format!("chain_getFinalizedHead: not a block hash: {head}"))?
-            .to_owned();
-        let key = to_hex(&storage_key(&self.config.pallet, &self.config.item, id));
+            .map(str::to_owned)
+            .ok_or_else(|| format!("chain_getFinalizedHead: not a block hash: {head}"))
+    }
+
+    /// The versions stored under `key` at block `head`.
+    fn versions_at(
+        &self,
+        key: &str,
+        head: &str,
+        what: &str,
+    ) -> Result<Option<Vec<ModuleVersion>>, String> {
         let value = self.call("state_getStorage", serde_json::json!([key, head]))?;
         let Some(value) = value.as_str() else {
             return if value.is_null() {
@@ -189,12 +199,58 @@ impl PluginResolver for SubstrateResolver {
             };
         };
         let bytes = from_hex(value).map_err(|e| format!("state_getStorage: {e}"))?;
-        let versions = Vec::<ModuleVersion>::decode(&mut bytes.as_slice()).map_err(|e| {
-            format!(
-                "malformed storage value for {id} at {}::{} (block {head}): not a SCALE Vec<ModuleVersion>: {e}",
-                self.config.pallet, self.config.item
-            )
-        })?;
+        Vec::<ModuleVersion>::decode(&mut bytes.as_slice())
+            .map(Some)
+            .map_err(|e| {
+                format!(
+                    "malformed storage value for {what} at {}::{} (block {head}): not a SCALE Vec<ModuleVersion>: {e}",
+                    self.config.pallet, self.config.item
+                )
+            })
+    }
+}
+
+impl PluginResolver for SubstrateResolver {
+    fn list(&self) -> Result<Option<Vec<String>>, String> {
+        let head = self.finalized_head()?;
+        let mut prefix = twox128(self.config.pallet.as_bytes()).to_vec();
+        prefix.extend_from_slice(&twox128(self.config.item.as_bytes()));
+        let prefix = to_hex(&prefix);
+        let mut manifests = Vec::new();
+        let mut start: Option<String> = None;
+        loop {
+            let page = self.call(
+                "state_getKeysPaged",
+                serde_json::json!([prefix, 256, start, head]),
+            )?;
+            let keys: Vec<String> = page
+                .as_array()
+                .ok_or_else(|| format!("state_getKeysPaged: not a list: {page}"))?
+                .iter()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect();
+            for key in &keys {
+                for entry in self.versions_at(key, &head, key)?.unwrap_or_default() {
+                    manifests.push(
+                        String::from_utf8(entry.manifest)
+                            .map_err(|_| format!("a manifest under {key} is not UTF-8"))?,
+                    );
+                }
+            }
+            if keys.len() < 256 {
+                break;
+            }
+            start = keys.last().cloned();
+        }
+        Ok(Some(manifests))
+    }
+
+    fn resolve(&self, id: &str, version: Option<&str>) -> Result<Option<String>, String> {
+        let head = self.finalized_head()?;
+        let key = to_hex(&storage_key(&self.config.pallet, &self.config.item, id));
+        let Some(versions) = self.versions_at(&key, &head, id)? else {
+            return Ok(None);
+        };
         let mut found: Option<(String, String)> = None;
         for entry in versions {
             let entry_version = String::from_utf8(entry.version)

@@ -244,6 +244,13 @@ async fn the_http_resolver_caches_by_etag_retries_and_fails_with_clear_errors() 
                 "/modules/huge".to_owned(),
                 Route::Raw(format!("\"{}\"", "x".repeat(4_000))),
             ),
+            (
+                "/modules".to_owned(),
+                Route::Json {
+                    body: format!(r#"{{"modules": [{manifest}]}}"#),
+                    etag: "\"all\"".into(),
+                },
+            ),
         ]
         .into(),
     )
@@ -273,6 +280,18 @@ async fn the_http_resolver_caches_by_etag_retries_and_fails_with_clear_errors() 
     );
     // Not found: the next resolver is asked.
     assert_eq!(resolve("nobody", None).await, Ok(None));
+    // The registry can be enumerated.
+    let listing = resolver.clone();
+    assert_eq!(
+        tokio::task::spawn_blocking(move || listing.list())
+            .await
+            .unwrap(),
+        Ok(Some(vec![
+            serde_json::from_str::<serde_json::Value>(&manifest)
+                .unwrap()
+                .to_string()
+        ]))
+    );
     // Retried through two 503s.
     assert_eq!(resolve("flaky", None).await, Ok(Some(manifest.clone())));
 
@@ -475,6 +494,36 @@ async fn the_substrate_resolver_reads_finalized_storage_and_fails_with_clear_err
         bad.contains("malformed storage value for mod-bad at ModuleRegistry::Modules"),
         "{bad}"
     );
+    // Listing pages through the map: one malformed value fails it, naming the key.
+    let listing = resolver.clone();
+    let bad_list = tokio::task::spawn_blocking(move || listing.list())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(bad_list.contains("malformed storage value"), "{bad_list}");
+    let clean = SubstrateDouble::start().unwrap();
+    clean.put_module(
+        "ModuleRegistry",
+        "Modules",
+        "mod-onchain",
+        &[("1.2.0", new.as_str()), ("1.0.0", old.as_str())],
+    );
+    clean.put_module("ModuleRegistry", "Modules", "mod-other", &[("0.1.0", "{}")]);
+    let clean_resolver = resolver_plugin(
+        "rhizos_plugin_resolver_substrate",
+        serde_json::json!({"url": clean.url}),
+    );
+    let mut all = tokio::task::spawn_blocking(move || clean_resolver.list())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    all.sort();
+    let mut expected = vec![new.clone(), old.clone(), "{}".to_owned()];
+    expected.sort();
+    assert_eq!(all, expected);
+    assert!(clean.calls().contains(&"state_getKeysPaged".to_owned()));
+
     // The pallet and item are configurable.
     let other = resolver_plugin(
         "rhizos_plugin_resolver_substrate",
@@ -582,6 +631,31 @@ async fn the_example_registry_packs_with_the_cli_and_its_modules_run() {
     })
     .await
     .unwrap();
+    // Listed through the chain (the index component enumerates its registry).
+    let listed: wire::ModuleList = cluster
+        .bus
+        .request(
+            cluster.bus.subjects.module_list(),
+            &wire::ListModules { v: WIRE_VERSION },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        listed
+            .modules
+            .iter()
+            .map(|m| (m.uri.as_str(), m.resolver.as_str(), m.backend.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("chain://mod-count@1.0.0", "index", "wasm"),
+            ("chain://mod-hello@1.0.0", "index", "wasm"),
+            ("chain://mod-hello@2.0.0", "index", "wasm"),
+        ]
+    );
+    assert!(
+        listed.unlisted.is_empty() && listed.problems.is_empty(),
+        "{listed:?}"
+    );
     cluster.funded_account("pat", 4 * USD).await.unwrap();
     let cases = [
         (

@@ -50,13 +50,7 @@ impl Guest for Index {
     }
 
     fn resolve(id: String, version: Option<String>) -> Result<Option<String>, String> {
-        let path = INDEX_PATH
-            .with(|p| p.borrow().clone())
-            .ok_or("not configured: call configure first")?;
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read index {path}: {e} (is its directory granted in the manifest?)"))?;
-        let index: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format!("index {path} is not valid JSON: {e}"))?;
+        let (path, index) = read_index()?;
         let modules = index
             .get("modules")
             .and_then(|m| m.as_array())
@@ -87,6 +81,28 @@ impl Guest for Index {
         }
         Ok(best.map(|(entry, _)| entry.to_string()))
     }
+
+    fn list() -> Result<Option<Vec<String>>, String> {
+        let (path, index) = read_index()?;
+        let modules = index
+            .get("modules")
+            .and_then(|m| m.as_array())
+            .ok_or_else(|| format!("index {path}: field \"modules\" (a list) is missing"))?;
+        Ok(Some(modules.iter().map(|entry| entry.to_string()).collect()))
+    }
+}
+
+/// The configured index file's path and content.
+fn read_index() -> Result<(String, serde_json::Value), String> {
+    let path = INDEX_PATH
+        .with(|p| p.borrow().clone())
+        .ok_or("not configured: call configure first")?;
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!("cannot read index {path}: {e} (is its directory granted in the manifest?)")
+    })?;
+    let index: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("index {path} is not valid JSON: {e}"))?;
+    Ok((path, index))
 }
 
 export!(Index);
