@@ -72,6 +72,9 @@ pub struct OrchestratorSettings {
     /// components with their manifests): the chain `chain://` modules are resolved through at
     /// submit, in file name order. None: modules cannot be used.
     pub resolver_dir: Option<PathBuf>,
+    /// Resolver names in the order they are asked; resolvers not named follow, in file name
+    /// order. Empty: file name order.
+    pub resolver_order: Vec<String>,
     /// How long one resolver may take before the next in the chain is asked.
     pub resolver_timeout_ms: u64,
     /// How long a resolved manifest is reused.
@@ -117,6 +120,7 @@ impl Default for OrchestratorSettings {
             queue_timeout_ms: 5 * 60_000,
             matching: MatchingWeights::default(),
             resolver_dir: None,
+            resolver_order: Vec::new(),
             resolver_timeout_ms: 5_000,
             resolver_cache_ttl_ms: 60_000,
             resolvers: std::collections::BTreeMap::new(),

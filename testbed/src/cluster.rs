@@ -38,6 +38,8 @@ pub struct ClusterOptions {
     pub resolver_dir: Option<PathBuf>,
     /// `[orchestrator.resolvers.<name>]`.
     pub resolver_config: std::collections::BTreeMap<String, serde_json::Value>,
+    /// `[orchestrator] resolver_order`.
+    pub resolver_order: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -62,6 +64,7 @@ impl Default for ClusterOptions {
             nvml_library: None,
             resolver_dir: None,
             resolver_config: std::collections::BTreeMap::new(),
+            resolver_order: Vec::new(),
         }
     }
 }
@@ -101,6 +104,7 @@ impl Cluster {
         settings.pricing = options.pricing;
         settings.orchestrator.resolver_dir = options.resolver_dir.clone();
         settings.orchestrator.resolvers = options.resolver_config.clone();
+        settings.orchestrator.resolver_order = options.resolver_order.clone();
         let bus = Bus::connect(&settings.nats).await?;
         let (stop, receiver) = watch::channel(false);
 

@@ -108,6 +108,7 @@ impl Orchestrator {
                         .iter()
                         .map(|(name, value)| (name.clone(), value.to_string()))
                         .collect(),
+                    &settings.resolver_order,
                     Duration::from_millis(settings.resolver_timeout_ms),
                     Duration::from_millis(settings.resolver_cache_ttl_ms),
                 )

@@ -26,12 +26,25 @@ impl ModuleResolver {
     pub fn open(
         dir: &std::path::Path,
         configs: std::collections::BTreeMap<String, String>,
+        order: &[String],
         timeout: Duration,
         ttl: Duration,
     ) -> std::io::Result<Self> {
         let mut plugins = PluginDir::new(dir, configs, "orchestrator")?;
         plugins.scan(false);
-        let set = plugins.set();
+        let mut set = plugins.set();
+        // Named resolvers first, in the configured order; the rest keep file name order.
+        set.resolvers.sort_by_key(|r| {
+            order
+                .iter()
+                .position(|name| name == r.name())
+                .unwrap_or(order.len())
+        });
+        for name in order {
+            if !set.resolvers.iter().any(|r| r.name() == name) {
+                tracing::warn!(resolver = %name, "resolver_order names a resolver that is not loaded");
+            }
+        }
         for refused in &set.refused {
             tracing::warn!(file = %refused.file.display(), "resolver refused: {}", refused.reason);
         }

@@ -425,7 +425,8 @@ async fn module_resolve(calls: usize, json: bool) -> anyhow::Result<()> {
             .collect();
         let mut rates = Vec::new();
         for ttl in [Duration::ZERO, Duration::from_secs(3600)] {
-            let resolver = ModuleResolver::open(dir, configs.clone(), Duration::from_secs(5), ttl)?;
+            let resolver =
+                ModuleResolver::open(dir, configs.clone(), &[], Duration::from_secs(5), ttl)?;
             resolver
                 .resolve("chain://mod-bench")
                 .await

@@ -432,6 +432,56 @@ async fn the_chain_falls_back_from_a_component_to_the_http_plugin_and_the_job_ru
             .starts_with("Hello from RhizOS, http!"),
     );
     assert_ledger_consistent(&cluster).await;
+    drop(cluster);
+
+    // With `resolver_order = ["http"]` the http plugin is asked first, also for a module the
+    // index knows too.
+    let both = serde_json::json!({
+        "id": "mod-demo", "version": "1.0.0", "backend": "wasm",
+        "artifact": {"data_b64": wire::b64_encode(&demo), "sha256": sha256_hex(&demo)},
+        "description": "served over http",
+    });
+    let server = RegistryServer::start(
+        [(
+            "/modules/mod-demo".to_owned(),
+            Route::Json {
+                body: both.to_string(),
+                etag: "\"d\"".into(),
+            },
+        )]
+        .into(),
+    )
+    .unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        resolver_dir: Some(resolvers.path().to_path_buf()),
+        resolver_config: [(
+            "http".to_owned(),
+            serde_json::json!({"base_url": server.base_url}),
+        )]
+        .into(),
+        resolver_order: vec!["http".into()],
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let resolved: ResolvedModule = cluster
+        .bus
+        .request(
+            cluster.bus.subjects.module_resolve(),
+            &ResolveModule {
+                v: WIRE_VERSION,
+                uri: "chain://mod-demo".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            resolved.resolver.as_str(),
+            resolved.manifest.description.as_deref()
+        ),
+        ("http", Some("served over http"))
+    );
 }
 
 #[tokio::test]
