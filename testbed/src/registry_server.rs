@@ -1,9 +1,11 @@
 //! A real HTTP/1.1 server (std `TcpListener`, one thread per connection) serving a module
 //! registry for the `http` resolver's tests: `GET /modules/<id>[?version=<v>]` answered from a
-//! route table, with ETags, scripted failures and delays, and a log of what was asked.
+//! route table, with ETags, scripted failures and delays, and a log of what was asked. Plain HTTP,
+//! or HTTPS (rustls) with the test certificate in `testbed/fixtures/tls` (issued for 127.0.0.1 by
+//! the test CA `ca.pem` there, valid until 2126 — test material, never for production).
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,8 +41,37 @@ pub struct RegistryServer {
 
 impl RegistryServer {
     pub fn start(routes: HashMap<String, Route>) -> std::io::Result<Self> {
+        Self::start_with(routes, None)
+    }
+
+    /// The same over HTTPS, with the testbed's test certificate.
+    pub fn start_tls(routes: HashMap<String, Route>) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject as _;
+        let dir = crate::guests::workspace_root().join("testbed/fixtures/tls");
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(dir.join("server.pem"))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("server.key"))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+        Ok(Self::start_with(routes, Some(Arc::new(config)))?)
+    }
+
+    /// The CA file that makes a client trust [`Self::start_tls`] servers.
+    pub fn test_ca_file() -> std::path::PathBuf {
+        crate::guests::workspace_root().join("testbed/fixtures/tls/ca.pem")
+    }
+
+    fn start_with(
+        routes: HashMap<String, Route>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
-        let base_url = format!("http://{}", listener.local_addr()?);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base_url = format!("{scheme}://{}", listener.local_addr()?);
         let hits = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let routes = Arc::new(Mutex::new(routes));
@@ -52,9 +83,17 @@ impl RegistryServer {
                     break;
                 }
                 let Ok(stream) = stream else { continue };
-                let (routes, seen) = (routes.clone(), seen.clone());
-                std::thread::spawn(move || {
-                    let _ = serve(stream, &routes, &seen);
+                let (routes, seen, tls) = (routes.clone(), seen.clone(), tls.clone());
+                std::thread::spawn(move || match tls {
+                    None => {
+                        let _ = serve(stream, &routes, &seen);
+                    }
+                    Some(config) => {
+                        if let Ok(connection) = rustls::ServerConnection::new(config) {
+                            let _ =
+                                serve(rustls::StreamOwned::new(connection, stream), &routes, &seen);
+                        }
+                    }
                 });
             }
         });
@@ -77,16 +116,20 @@ impl RegistryServer {
 impl Drop for RegistryServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(self.base_url.trim_start_matches("http://"));
+        let address = self
+            .base_url
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        let _ = TcpStream::connect(address);
     }
 }
 
-fn serve(
-    stream: TcpStream,
+fn serve<S: std::io::Read + std::io::Write>(
+    stream: S,
     routes: &Mutex<HashMap<String, Route>>,
     hits: &Mutex<Vec<Hit>>,
 ) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut reader = BufReader::new(stream);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     let target = request_line
@@ -124,7 +167,6 @@ fn serve(
         }
         route
     };
-    let mut stream = stream;
     let (status, headers, body) = match route {
         None => (404, String::new(), String::new()),
         Some(Route::Status(code)) => (code, String::new(), String::new()),
@@ -159,6 +201,7 @@ fn serve(
         503 => "Service Unavailable",
         _ => "Status",
     };
+    let stream = reader.get_mut();
     write!(
         stream,
         "HTTP/1.1 {status} {reason}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",

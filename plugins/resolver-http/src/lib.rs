@@ -11,11 +11,12 @@
 //! `list` (for `rhizos module list`): `GET <base_url>/modules`, a JSON array of manifests or
 //! `{"modules": [...]}`; a `404` means the registry cannot be enumerated.
 //!
-//! TLS through rustls with the platform's root certificates (`https://` base URLs).
+//! TLS through rustls (`https://` base URLs), trusting the Mozilla root certificates (webpki-roots)
+//! or, with `ca_file`, only the CA(s) in that PEM file (a private registry).
 //!
 //! Config (`[agent.plugins.http]` on a node, `[orchestrator.resolvers.http]` on the
 //! orchestrator): `{"base_url": "https://registry.example/api", "timeout_ms": 5000,
-//! "retries": 2, "backoff_ms": 200, "max_bytes": 4194304}`.
+//! "retries": 2, "backoff_ms": 200, "max_bytes": 4194304, "ca_file": "/etc/rhizos/registry-ca.pem"}`.
 #![allow(unsafe_code)] // `export_root_module` expands to an exported `extern "C"` symbol.
 
 use rhizos_plugin_api::sdk::PluginResolver;
@@ -37,6 +38,9 @@ pub struct Config {
     pub backoff_ms: u64,
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
+    /// PEM file of the CA certificate(s) to trust instead of the public roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -71,12 +75,33 @@ impl HttpResolver {
                 config.base_url
             ));
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let mut builder = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_millis(config.timeout_ms)))
             .http_status_as_error(false)
-            .max_redirects(3)
-            .build()
-            .into();
+            .max_redirects(3);
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("http resolver: cannot read ca_file {path}: {e}"))?;
+            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(cert)) => Some(Ok(cert)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("http resolver: ca_file {path}: {e}"))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "http resolver: ca_file {path} holds no certificate"
+                ));
+            }
+            builder = builder.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+                    .build(),
+            );
+        }
+        let agent: ureq::Agent = builder.build().into();
         Ok(Self {
             config: Config {
                 base_url: base,

@@ -761,3 +761,51 @@ async fn the_example_registry_packs_with_the_cli_and_its_modules_run() {
     );
     assert!(!out.exists());
 }
+
+#[tokio::test]
+async fn the_http_resolver_speaks_tls_to_a_registry_whose_ca_it_is_given() {
+    use rhizos_testbed::registry_server::{RegistryServer, Route};
+    let manifest = r#"{"id": "mod-tls", "version": "1.0.0"}"#.to_owned();
+    let server = RegistryServer::start_tls(
+        [(
+            "/modules/mod-tls".to_owned(),
+            Route::Json {
+                body: manifest.clone(),
+                etag: "\"t\"".into(),
+            },
+        )]
+        .into(),
+    )
+    .unwrap();
+    assert!(server.base_url.starts_with("https://127.0.0.1:"));
+    let trusting = resolver_plugin(
+        "rhizos_plugin_resolver_http",
+        serde_json::json!({
+            "base_url": server.base_url,
+            "ca_file": RegistryServer::test_ca_file(),
+        }),
+    );
+    let found = tokio::task::spawn_blocking(move || trusting.resolve("mod-tls", None))
+        .await
+        .unwrap();
+    assert_eq!(found, Ok(Some(manifest)));
+    // Without the CA, the server's certificate is not trusted: an error, never a manifest.
+    let default_roots = resolver_plugin(
+        "rhizos_plugin_resolver_http",
+        serde_json::json!({"base_url": server.base_url, "retries": 0}),
+    );
+    let err = tokio::task::spawn_blocking(move || default_roots.resolve("mod-tls", None))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        err.starts_with(&format!("GET {}/modules/mod-tls: ", server.base_url))
+            && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    assert_eq!(
+        server.hits().len(),
+        1,
+        "the untrusted handshake never sent the request"
+    );
+}
