@@ -162,8 +162,29 @@ impl Cluster {
             tasks,
             agent_tasks,
         };
+        cluster.wait_for_orchestrator().await?;
         cluster.wait_for_nodes(options.agents).await?;
         Ok(cluster)
+    }
+
+    /// Waits until the orchestrator answers requests (its subscriptions are in place): a
+    /// cluster without agents has nothing else to wait for.
+    async fn wait_for_orchestrator(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let probe = rhizos_broker::wire::VerifyLedger { v: WIRE_VERSION };
+        loop {
+            match self
+                .bus
+                .request::<_, rhizos_broker::wire::NodeList>(self.bus.subjects.node_list(), &probe)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.remote().is_none() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => anyhow::bail!("the orchestrator does not answer: {e}"),
+            }
+        }
     }
 
     /// Waits until `count` nodes are registered and live in the orchestrator.
