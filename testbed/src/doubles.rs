@@ -65,7 +65,7 @@ impl NvmlDouble {
 pub struct SubstrateDouble {
     pub url: String,
     state: std::sync::Arc<std::sync::Mutex<SubstrateState>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _server: crate::registry_server::HttpServer,
 }
 
 #[derive(Default)]
@@ -85,29 +85,33 @@ struct ModuleVersion {
 
 impl SubstrateDouble {
     pub fn start() -> std::io::Result<Self> {
-        use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let url = format!("http://{}", listener.local_addr()?);
         let state = std::sync::Arc::new(std::sync::Mutex::new(SubstrateState {
             head: format!("0x{}", "ab".repeat(32)),
             ..Default::default()
         }));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (shared, stopped) = (state.clone(), stop.clone());
-        std::thread::spawn(move || {
-            // Blocking accept; dropping the double wakes it with a connection of its own.
-            for stream in listener.incoming() {
-                if stopped.load(Ordering::Relaxed) {
-                    break;
+        let shared = state.clone();
+        let server = crate::registry_server::HttpServer::start(
+            None,
+            std::sync::Arc::new(move |request: crate::registry_server::Request| {
+                let delay = shared
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .delay;
+                if let Some(delay) = delay {
+                    std::thread::sleep(delay);
                 }
-                let Ok(stream) = stream else { continue };
-                let shared = shared.clone();
-                std::thread::spawn(move || {
-                    let _ = serve_rpc(stream, &shared);
-                });
-            }
-        });
-        Ok(Self { url, state, stop })
+                crate::registry_server::Response {
+                    status: 200,
+                    headers: "Content-Type: application/json\r\n".into(),
+                    body: answer_rpc(&request.body, &shared).to_string(),
+                }
+            }),
+        )?;
+        Ok(Self {
+            url: server.url.clone(),
+            state,
+            _server: server,
+        })
     }
 
     /// Stores module `id`'s versions (version, manifest JSON) in `pallet::item`.
@@ -146,13 +150,6 @@ impl SubstrateDouble {
     }
 }
 
-impl Drop for SubstrateDouble {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = std::net::TcpStream::connect(self.url.trim_start_matches("http://"));
-    }
-}
-
 fn twox128(data: &[u8]) -> Vec<u8> {
     [0u64, 1]
         .iter()
@@ -172,46 +169,6 @@ fn module_key(pallet: &str, item: &str, id: &str) -> Vec<u8> {
     ));
     key.extend(encoded);
     key
-}
-
-fn serve_rpc(
-    stream: std::net::TcpStream,
-    state: &std::sync::Mutex<SubstrateState>,
-) -> std::io::Result<()> {
-    use std::io::{BufRead as _, Read as _, Write as _};
-    let mut reader = std::io::BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut length = 0usize;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; length.min(1 << 20)];
-    reader.read_exact(&mut body)?;
-    let delay = state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .delay;
-    if let Some(delay) = delay {
-        std::thread::sleep(delay);
-    }
-    let answer = answer_rpc(&body, state);
-    let text = answer.to_string();
-    let mut stream = stream;
-    write!(
-        stream,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    )?;
-    stream.flush()
 }
 
 fn answer_rpc(body: &[u8], state: &std::sync::Mutex<SubstrateState>) -> serde_json::Value {

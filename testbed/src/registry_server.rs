@@ -5,7 +5,7 @@
 //! the test CA `ca.pem` there, valid until 2126 — test material, never for production).
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,7 +36,7 @@ pub struct Hit {
 pub struct RegistryServer {
     pub base_url: String,
     hits: Arc<Mutex<Vec<Hit>>>,
-    stop: Arc<AtomicBool>,
+    _server: HttpServer,
 }
 
 impl RegistryServer {
@@ -69,38 +69,17 @@ impl RegistryServer {
         routes: HashMap<String, Route>,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let base_url = format!("{scheme}://{}", listener.local_addr()?);
         let hits = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let routes = Arc::new(Mutex::new(routes));
-        let (seen, stopped) = (hits.clone(), stop.clone());
-        std::thread::spawn(move || {
-            // Blocking accept; dropping the server wakes it with a connection of its own.
-            for stream in listener.incoming() {
-                if stopped.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let (routes, seen, tls) = (routes.clone(), seen.clone(), tls.clone());
-                std::thread::spawn(move || match tls {
-                    None => {
-                        let _ = serve(stream, &routes, &seen);
-                    }
-                    Some(config) => {
-                        if let Ok(connection) = rustls::ServerConnection::new(config) {
-                            let _ =
-                                serve(rustls::StreamOwned::new(connection, stream), &routes, &seen);
-                        }
-                    }
-                });
-            }
-        });
+        let routes = Mutex::new(routes);
+        let seen = hits.clone();
+        let server = HttpServer::start(
+            tls,
+            Arc::new(move |request: Request| answer(request, &routes, &seen)),
+        )?;
         Ok(Self {
-            base_url,
+            base_url: server.url.clone(),
             hits,
-            stop,
+            _server: server,
         })
     }
 
@@ -113,22 +92,85 @@ impl RegistryServer {
     }
 }
 
-impl Drop for RegistryServer {
+/// One HTTP/1.1 request, as the testbed's servers see it.
+pub(crate) struct Request {
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The answer: status, extra header lines (each ending in CRLF), body.
+pub(crate) struct Response {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+pub(crate) type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
+
+/// A server on 127.0.0.1 (plain or TLS): one accepting thread, one thread per connection, one
+/// request per connection (`Connection: close`). Dropping it stops the accept loop.
+pub(crate) struct HttpServer {
+    pub url: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl HttpServer {
+    pub fn start(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        handler: Handler,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr()?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            // Blocking accept; dropping the server wakes it with a connection of its own.
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let (handler, tls) = (handler.clone(), tls.clone());
+                std::thread::spawn(move || match tls {
+                    None => {
+                        let _ = serve(stream, &handler);
+                    }
+                    Some(config) => {
+                        if let Ok(connection) = rustls::ServerConnection::new(config) {
+                            let _ = serve(rustls::StreamOwned::new(connection, stream), &handler);
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { url, stop })
+    }
+}
+
+impl Drop for HttpServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let address = self
-            .base_url
+            .url
             .trim_start_matches("https://")
             .trim_start_matches("http://");
         let _ = TcpStream::connect(address);
     }
 }
 
-fn serve<S: std::io::Read + std::io::Write>(
-    stream: S,
-    routes: &Mutex<HashMap<String, Route>>,
-    hits: &Mutex<Vec<Hit>>,
-) -> std::io::Result<()> {
+/// Reads one request, writes the handler's response.
+fn serve<S: std::io::Read + std::io::Write>(stream: S, handler: &Handler) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -137,18 +179,55 @@ fn serve<S: std::io::Read + std::io::Write>(
         .nth(1)
         .unwrap_or("/")
         .to_owned();
-    let mut if_none_match = None;
+    let mut headers = Vec::new();
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
             break;
         }
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("if-none-match")
-        {
-            if_none_match = Some(value.trim().to_owned());
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_owned(), value.trim().to_owned()));
         }
     }
+    let length = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length.min(1 << 20)];
+    reader.read_exact(&mut body)?;
+    let response = handler(Request {
+        target,
+        headers,
+        body,
+    });
+    let reason = match response.status {
+        200 => "OK",
+        304 => "Not Modified",
+        404 => "Not Found",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    let stream = reader.get_mut();
+    write!(
+        stream,
+        "HTTP/1.1 {} {reason}\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+        response.status,
+        response.headers,
+        response.body.len(),
+        response.body
+    )?;
+    stream.flush()
+}
+
+/// The registry's answer to one request, from the route table.
+fn answer(
+    request: Request,
+    routes: &Mutex<HashMap<String, Route>>,
+    hits: &Mutex<Vec<Hit>>,
+) -> Response {
+    let target = request.target.clone();
+    let if_none_match = request.header("if-none-match").map(str::to_owned);
     hits.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .push(Hit {
@@ -194,18 +273,9 @@ fn serve<S: std::io::Read + std::io::Write>(
             }
         }
     };
-    let reason = match status {
-        200 => "OK",
-        304 => "Not Modified",
-        404 => "Not Found",
-        503 => "Service Unavailable",
-        _ => "Status",
-    };
-    let stream = reader.get_mut();
-    write!(
-        stream,
-        "HTTP/1.1 {status} {reason}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    stream.flush()
+    Response {
+        status,
+        headers,
+        body,
+    }
 }

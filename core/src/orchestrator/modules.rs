@@ -92,30 +92,17 @@ impl ModuleResolver {
         let mut problems = Vec::new();
         for resolver in &self.chain {
             let name = resolver.name().to_owned();
-            let (call, id, version) = (resolver.clone(), module.id.clone(), module.version.clone());
-            let answer = tokio::time::timeout(
-                self.timeout,
-                tokio::task::spawn_blocking(move || call.resolve(&id, version.as_deref())),
-            )
-            .await;
-            let text = match answer {
-                Err(_) => {
-                    problems.push(format!(
-                        "{name}: no answer within {} ms",
-                        self.timeout.as_millis()
-                    ));
+            let (id, version) = (module.id.clone(), module.version.clone());
+            let text = match self
+                .ask(resolver, move |r| r.resolve(&id, version.as_deref()))
+                .await
+            {
+                Err(problem) => {
+                    problems.push(problem);
                     continue;
                 }
-                Ok(Err(e)) => {
-                    problems.push(format!("{name}: {e}"));
-                    continue;
-                }
-                Ok(Ok(Err(e))) => {
-                    problems.push(format!("{name}: {e}"));
-                    continue;
-                }
-                Ok(Ok(Ok(None))) => continue,
-                Ok(Ok(Ok(Some(text)))) => text,
+                Ok(None) => continue,
+                Ok(Some(text)) => text,
             };
             let manifest: ModuleManifest = match serde_json::from_str(&text) {
                 Ok(manifest) => manifest,
@@ -164,6 +151,31 @@ impl ModuleResolver {
 }
 
 impl ModuleResolver {
+    /// Runs one blocking resolver call on the blocking pool within the per-resolver timeout;
+    /// every way it can fail becomes one problem line naming the resolver.
+    async fn ask<T: Send + 'static>(
+        &self,
+        resolver: &ChainResolver,
+        call: impl FnOnce(&ChainResolver) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let name = resolver.name().to_owned();
+        let resolver = resolver.clone();
+        match tokio::time::timeout(
+            self.timeout,
+            tokio::task::spawn_blocking(move || call(&resolver)),
+        )
+        .await
+        {
+            Err(_) => Err(format!(
+                "{name}: no answer within {} ms",
+                self.timeout.as_millis()
+            )),
+            Ok(Err(e)) => Err(format!("{name}: {e}")),
+            Ok(Ok(Err(e))) => Err(format!("{name}: {e}")),
+            Ok(Ok(Ok(answer))) => Ok(answer),
+        }
+    }
+
     /// Every module version the resolvers list, first resolver winning per id@version.
     pub async fn list(&self) -> wire::ModuleList {
         let mut seen = std::collections::BTreeMap::new();
@@ -171,33 +183,16 @@ impl ModuleResolver {
         let mut problems = Vec::new();
         for resolver in &self.chain {
             let name = resolver.name().to_owned();
-            let call = resolver.clone();
-            let answer = tokio::time::timeout(
-                self.timeout,
-                tokio::task::spawn_blocking(move || call.list()),
-            )
-            .await;
-            let manifests = match answer {
-                Err(_) => {
-                    problems.push(format!(
-                        "{name}: no answer within {} ms",
-                        self.timeout.as_millis()
-                    ));
+            let manifests = match self.ask(resolver, ChainResolver::list).await {
+                Err(problem) => {
+                    problems.push(problem);
                     continue;
                 }
-                Ok(Err(e)) => {
-                    problems.push(format!("{name}: {e}"));
-                    continue;
-                }
-                Ok(Ok(Err(e))) => {
-                    problems.push(format!("{name}: {e}"));
-                    continue;
-                }
-                Ok(Ok(Ok(None))) => {
+                Ok(None) => {
                     unlisted.push(name);
                     continue;
                 }
-                Ok(Ok(Ok(Some(manifests)))) => manifests,
+                Ok(Some(manifests)) => manifests,
             };
             for text in manifests {
                 match serde_json::from_str::<ModuleManifest>(&text) {

@@ -292,31 +292,13 @@ async fn execute(
             let _ = stdin.write_all(&bytes).await;
         });
     }
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let read = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>, stream| async move {
-        let mut splitter = LineSplitter::new(stream);
-        if let Some(mut pipe) = pipe {
-            let mut buffer = vec![0u8; 16 * 1024];
-            while let Ok(n) = pipe.read(&mut buffer).await {
-                if n == 0 {
-                    break;
-                }
-                splitter.push(sink, &buffer[..n]);
-            }
-        }
-        splitter.finish(sink);
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let readers = async {
+        tokio::join!(
+            pump(stdout, LogStream::Stdout, sink),
+            pump(stderr, LogStream::Stderr, sink)
+        );
     };
-    let readers = futures_join(
-        read(
-            stdout.map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            LogStream::Stdout,
-        ),
-        read(
-            stderr.map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            LogStream::Stderr,
-        ),
-    );
     tokio::pin!(readers);
     let mut readers_done = false;
     let deadline = tokio::time::sleep(job.timeout);
@@ -442,12 +424,23 @@ fn check_vram(nvml: &Nvml, job: &Job, pgid: u32, peak: &mut u64) -> Option<End> 
     None
 }
 
-/// Joins two futures (both run to their end).
-async fn futures_join(
-    a: impl std::future::Future<Output = ()>,
-    b: impl std::future::Future<Output = ()>,
+/// Reads one output pipe to its end, handing each line to the sink.
+async fn pump(
+    pipe: Option<impl tokio::io::AsyncRead + Unpin>,
+    stream: LogStream,
+    sink: &EventSinkBox,
 ) {
-    tokio::join!(a, b);
+    let mut splitter = LineSplitter::new(stream);
+    if let Some(mut pipe) = pipe {
+        let mut buffer = vec![0u8; 16 * 1024];
+        while let Ok(n) = pipe.read(&mut buffer).await {
+            if n == 0 {
+                break;
+            }
+            splitter.push(sink, &buffer[..n]);
+        }
+    }
+    splitter.finish(sink);
 }
 
 fn kill_group(pgid: u32) {

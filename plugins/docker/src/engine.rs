@@ -672,7 +672,7 @@ async fn drive(shared: &Shared, job: &Job, sink: &EventSinkBox, cancel: &Notify)
             None => Err("the engine ended the wait without a status".into()),
         }
     };
-    let (end, waited, ()) = {
+    let (end, waited) = {
         tokio::pin!(waiting);
         tokio::pin!(reader);
         let mut reader_done = false;
@@ -697,7 +697,7 @@ async fn drive(shared: &Shared, job: &Job, sink: &EventSinkBox, cancel: &Notify)
             // The stream ends with the container; bounded in case the engine keeps it open.
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut reader).await;
         }
-        (end, waited, ())
+        (end, waited)
     };
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let exit_code = match waited {

@@ -243,9 +243,8 @@ impl HttpResolver {
         loop {
             match self.fetch(&url) {
                 Ok(found) => return Ok(found),
-                Err((true, message)) if attempt < self.config.retries => {
+                Err((true, _)) if attempt < self.config.retries => {
                     attempt += 1;
-                    let _ = message;
                     std::thread::sleep(backoff);
                     backoff = backoff.saturating_mul(2);
                 }

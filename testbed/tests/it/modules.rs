@@ -58,6 +58,21 @@ fn registry(dir: &std::path::Path) {
     .unwrap();
 }
 
+/// `module.resolve` through the cluster's orchestrator.
+async fn resolve_on(
+    cluster: &Cluster,
+    uri: &str,
+) -> Result<ResolvedModule, rhizos_broker::RequestError> {
+    let request = ResolveModule {
+        v: WIRE_VERSION,
+        uri: uri.into(),
+    };
+    cluster
+        .bus
+        .request(cluster.bus.subjects.module_resolve(), &request)
+        .await
+}
+
 fn module_job(uri: &str) -> JobSpec {
     JobSpec::new(Workload::Module { uri: uri.into() }, 30_000, 32)
 }
@@ -72,17 +87,7 @@ async fn a_chain_module_is_resolved_at_submit_runs_and_settles() {
     })
     .await
     .unwrap();
-    let resolve = |uri: &str| {
-        let request = ResolveModule {
-            v: WIRE_VERSION,
-            uri: uri.into(),
-        };
-        let bus = cluster.bus.clone();
-        async move {
-            bus.request::<_, ResolvedModule>(bus.subjects.module_resolve(), &request)
-                .await
-        }
-    };
+    let resolve = |uri: &'static str| resolve_on(&cluster, uri);
 
     // Latest version, then from the cache; a pinned version.
     let latest = resolve("chain://mod-demo").await.unwrap();
@@ -392,17 +397,7 @@ async fn the_chain_falls_back_from_a_component_to_the_http_plugin_and_the_job_ru
     })
     .await
     .unwrap();
-    let resolved: ResolvedModule = cluster
-        .bus
-        .request(
-            cluster.bus.subjects.module_resolve(),
-            &ResolveModule {
-                v: WIRE_VERSION,
-                uri: "chain://mod-remote".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let resolved = resolve_on(&cluster, "chain://mod-remote").await.unwrap();
     assert_eq!(
         (
             resolved.resolver.as_str(),
@@ -464,17 +459,7 @@ async fn the_chain_falls_back_from_a_component_to_the_http_plugin_and_the_job_ru
     })
     .await
     .unwrap();
-    let resolved: ResolvedModule = cluster
-        .bus
-        .request(
-            cluster.bus.subjects.module_resolve(),
-            &ResolveModule {
-                v: WIRE_VERSION,
-                uri: "chain://mod-demo".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let resolved = resolve_on(&cluster, "chain://mod-demo").await.unwrap();
     assert_eq!(
         (
             resolved.resolver.as_str(),
