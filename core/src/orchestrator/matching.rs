@@ -15,6 +15,12 @@
 //! ```
 //!
 //! Scores equal to 1e-9 are ties, broken by rotation so no node is systematically favoured.
+//!
+//! Nodes whose registrations agree on everything the hard filters and the price look at
+//! (backends, cores, memory, disk, GPUs, prices) share a **class**: a pick checks a job against
+//! each class once and then only looks at what differs between the class's nodes (free capacity,
+//! load, reputation). A fleet of a thousand identical nodes costs one check per job, not a
+//! thousand (`rhizos-bench marketplace` measures it).
 
 use crate::ledger;
 use rhizos_broker::config::MatchingWeights;
@@ -52,6 +58,8 @@ pub struct NodeEntry {
     pub reputation: f64,
     /// GPU state from the last heartbeat.
     pub gpu_telemetry: Vec<rhizos_broker::wire::GpuTelemetry>,
+    /// The node's class (see the module docs): an index into the registry's classes.
+    class: usize,
 }
 
 impl NodeEntry {
@@ -63,8 +71,61 @@ impl NodeEntry {
 #[derive(Debug, Default)]
 pub struct Registry {
     nodes: BTreeMap<String, NodeEntry>,
+    /// Class keys to class indices (dense, `0..classes.len()`).
+    classes: HashMap<ClassKey, usize>,
     rotation: usize,
     weights: MatchingWeights,
+}
+
+/// What the hard filters and the price estimate read from a registration: nodes with equal
+/// keys pass or fail a job's [`check`] together, at the same estimate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ClassKey {
+    backends: Vec<String>,
+    cpu_cores: u32,
+    memory_mib: u64,
+    disk_mib: u64,
+    /// (VRAM MiB, APIs) per GPU.
+    gpus: Vec<(u64, Vec<String>)>,
+    /// GPU, CPU, memory and fuel prices.
+    pricing: [u64; 4],
+}
+
+impl ClassKey {
+    fn of(registration: &RegisterNode) -> Self {
+        let p = &registration.pricing;
+        Self {
+            backends: registration.backends.clone(),
+            cpu_cores: registration.cpu_cores,
+            memory_mib: registration.memory_mib,
+            disk_mib: registration.disk_mib,
+            gpus: registration
+                .gpus
+                .iter()
+                .map(|g| (g.vram_mib, g.apis.clone()))
+                .collect(),
+            pricing: [
+                p.gpu_hour_cents,
+                p.cpu_hour_cents,
+                p.memory_gb_hour_cents,
+                p.fuel_million_micros,
+            ],
+        }
+    }
+}
+
+/// A class's answer to one job, worked out at most once per pick.
+#[derive(Debug, Clone, Copy)]
+enum Verdict {
+    Unchecked,
+    Unfit,
+    /// Fits when idle: the estimate for the whole timeout, how many of each node's GPUs fit
+    /// the job, and the tier term of the score.
+    Fit {
+        estimate: i64,
+        fitting_gpus: u32,
+        tier: f64,
+    },
 }
 
 /// The most a job can cost on a node: its whole timeout at the node's prices.
@@ -202,14 +263,15 @@ fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Op
     })
 }
 
-/// Whether the node has the job's resources free right now.
-fn has_room(spec: &JobSpec, node: &NodeEntry) -> bool {
+/// Whether the node has the job's resources free right now (`fitting_gpus`: how many of its
+/// GPUs meet the job's per-GPU requirements).
+fn has_room(spec: &JobSpec, node: &NodeEntry, fitting_gpus: u32) -> bool {
     let r = &node.registration;
     let a = &node.allocated;
     a.jobs < r.max_concurrent
         && a.cpu_cores.saturating_add(spec.cpu_cores) <= r.cpu_cores
         && a.memory_mib.saturating_add(spec.memory_mib) <= r.memory_mib
-        && (spec.gpus == 0 || a.gpus.saturating_add(spec.gpus) <= fitting_gpus(spec, r))
+        && (spec.gpus == 0 || a.gpus.saturating_add(spec.gpus) <= fitting_gpus)
 }
 
 impl Registry {
@@ -224,6 +286,7 @@ impl Registry {
         let previous = self.nodes.get(&registration.node_id);
         let allocated = previous.map(|n| n.allocated).unwrap_or_default();
         let reputation = previous.map_or(1.0, |n| n.reputation);
+        let class = self.class_of(&registration);
         self.nodes.insert(
             registration.node_id.clone(),
             NodeEntry {
@@ -233,8 +296,35 @@ impl Registry {
                 allocated,
                 reputation,
                 gpu_telemetry: Vec::new(),
+                class,
             },
         );
+    }
+
+    /// The class index of `registration`, adding a class if it is new. Classes that no node
+    /// uses any more are dropped once they outnumber the nodes (re-registrations with changed
+    /// hardware or prices leave them behind), so the table stays as small as the fleet's variety.
+    fn class_of(&mut self, registration: &RegisterNode) -> usize {
+        let key = ClassKey::of(registration);
+        if let Some(&class) = self.classes.get(&key) {
+            return class;
+        }
+        if self.classes.len() > 2 * self.nodes.len() + 16 {
+            self.classes.clear();
+            for node in self.nodes.values_mut() {
+                let next = self.classes.len();
+                node.class = *self
+                    .classes
+                    .entry(ClassKey::of(&node.registration))
+                    .or_insert(next);
+            }
+            if let Some(&class) = self.classes.get(&key) {
+                return class;
+            }
+        }
+        let class = self.classes.len();
+        self.classes.insert(key, class);
+        class
     }
 
     /// One node's entry.
@@ -332,45 +422,69 @@ impl Registry {
 
     /// The best node with room for the job now, if any.
     pub fn pick(&mut self, spec: &JobSpec, max_cost_micros: i64) -> Option<&NodeEntry> {
-        let candidates: Vec<(&NodeEntry, i64)> = self
-            .nodes
-            .values()
-            .filter(|n| !n.lost && has_room(spec, n))
-            .filter_map(|n| Some((n, check(spec, max_cost_micros, &n.registration).ok()?)))
-            .collect();
-        let cheapest = candidates.iter().map(|(_, estimate)| *estimate).min()?;
-        let w = self.weights;
-        let score = |node: &NodeEntry, estimate: i64| -> f64 {
-            let price = if cheapest <= 0 {
-                1.0
-            } else {
-                estimate as f64 / cheapest as f64
+        // The job against each class once, then each live node's free capacity.
+        let mut verdicts = vec![Verdict::Unchecked; self.classes.len()];
+        let mut candidates: Vec<(&NodeEntry, i64, f64)> = Vec::new();
+        for node in self.nodes.values().filter(|n| !n.lost) {
+            let verdict = match verdicts.get(node.class).copied() {
+                Some(Verdict::Unchecked) | None => {
+                    let verdict = match check(spec, max_cost_micros, &node.registration) {
+                        Ok(estimate) => Verdict::Fit {
+                            estimate,
+                            fitting_gpus: fitting_gpus(spec, &node.registration),
+                            tier: f64::from(provider_tier(&node.registration.gpus)) / 4.0,
+                        },
+                        Err(_) => Verdict::Unfit,
+                    };
+                    if let Some(slot) = verdicts.get_mut(node.class) {
+                        *slot = verdict;
+                    }
+                    verdict
+                }
+                Some(known) => known,
             };
-            let load =
-                f64::from(node.active()) / f64::from(node.registration.max_concurrent.max(1));
-            let unreliability = 1.0 - node.reputation.clamp(0.0, 1.0);
-            let tier = f64::from(provider_tier(&node.registration.gpus)) / 4.0;
-            (f64::from(w.price) * price
-                + f64::from(w.load) * load
-                + f64::from(w.reputation) * unreliability
-                + f64::from(w.tier) * tier)
-                / 100.0
-        };
-        // The best score and how many nodes share it, then the rotation's turn among those.
-        let best = candidates
+            if let Verdict::Fit {
+                estimate,
+                fitting_gpus,
+                tier,
+            } = verdict
+                && has_room(spec, node, fitting_gpus)
+            {
+                candidates.push((node, estimate, tier));
+            }
+        }
+        let cheapest = candidates.iter().map(|(_, estimate, _)| *estimate).min()?;
+        let w = self.weights;
+        let scores: Vec<f64> = candidates
             .iter()
-            .map(|(node, estimate)| score(node, *estimate))
-            .fold(f64::INFINITY, f64::min);
-        let is_best =
-            |(node, estimate): &&(&NodeEntry, i64)| (score(node, *estimate) - best).abs() < 1e-9;
-        let tied = candidates.iter().filter(is_best).count();
+            .map(|(node, estimate, tier)| {
+                let price = if cheapest <= 0 {
+                    1.0
+                } else {
+                    *estimate as f64 / cheapest as f64
+                };
+                let load =
+                    f64::from(node.active()) / f64::from(node.registration.max_concurrent.max(1));
+                let unreliability = 1.0 - node.reputation.clamp(0.0, 1.0);
+                (f64::from(w.price) * price
+                    + f64::from(w.load) * load
+                    + f64::from(w.reputation) * unreliability
+                    + f64::from(w.tier) * tier)
+                    / 100.0
+            })
+            .collect();
+        // The best score and how many nodes share it, then the rotation's turn among those.
+        let best = scores.iter().copied().fold(f64::INFINITY, f64::min);
+        let is_best = |score: &f64| (score - best).abs() < 1e-9;
+        let tied = scores.iter().filter(|s| is_best(s)).count();
         self.rotation = self.rotation.wrapping_add(1);
         let turn = self.rotation % tied.max(1);
         candidates
             .iter()
-            .filter(is_best)
+            .zip(&scores)
+            .filter(|(_, score)| is_best(score))
             .nth(turn)
-            .map(|(node, _)| *node)
+            .map(|((node, _, _), _)| *node)
     }
 
     /// Nodes whose last heartbeat is older than `missed` intervals, marked lost (once).
@@ -681,6 +795,47 @@ mod tests {
             [100, 100, 100],
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn nodes_of_one_class_differ_by_what_they_have_free_and_re_registration_changes_class() {
+        let mut registry = Registry::new(MatchingWeights::default());
+        let job = spec(1, 128, 0, 0, &[]);
+        // a and b: one class (same hardware and prices), two slots each.
+        registry.upsert(node("a", 1, 0, 4, 4096, 2, &[]));
+        registry.upsert(node("b", 1, 0, 4, 4096, 2, &[]));
+        assert_eq!(registry.classes.len(), 1);
+        registry.allocate("a", &job);
+        registry.allocate("a", &job);
+        let pick = |r: &mut Registry, max_cost| {
+            r.pick(&job, max_cost)
+                .map(|n| n.registration.node_id.clone())
+        };
+        assert_eq!(pick(&mut registry, 100_000).as_deref(), Some("b"));
+        // b re-registers five times dearer: its own class, judged at its new price.
+        registry.upsert(node("b", 5, 0, 4, 4096, 2, &[]));
+        assert_eq!(registry.classes.len(), 2);
+        // One hour at 5 ¢/h is $0.05: 50,000 micro-USD.
+        assert_eq!(pick(&mut registry, 49_999), None, "a is full, b too dear");
+        assert_eq!(pick(&mut registry, 50_000).as_deref(), Some("b"));
+        // c joins a's class: a is full, c is cheaper than b.
+        registry.upsert(node("c", 1, 0, 4, 4096, 2, &[]));
+        assert_eq!(registry.classes.len(), 2);
+        assert_eq!(pick(&mut registry, 100_000).as_deref(), Some("c"));
+        // A node re-registering with ever new prices leaves classes behind; the table is
+        // rebuilt before it outgrows the fleet, and picks follow the latest prices.
+        for cents in 10..200 {
+            registry.upsert(node("b", cents, 0, 4, 4096, 2, &[]));
+            assert!(
+                registry.classes.len() <= 2 * 3 + 16 + 1,
+                "{}",
+                registry.classes.len()
+            );
+        }
+        registry.allocate("c", &job);
+        registry.allocate("c", &job);
+        assert_eq!(pick(&mut registry, 1_989_999), None);
+        assert_eq!(pick(&mut registry, 1_990_000).as_deref(), Some("b"));
     }
 
     #[test]

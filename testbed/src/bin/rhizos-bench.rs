@@ -63,8 +63,6 @@ enum Bench {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
-    /// Jobs offered to many simulated nodes (they ack and report at once): jobs settled per
-    /// second through the orchestrator and its ledger, and submit → running latency.
     /// Container job overhead: submit → the container's first output line through the whole
     /// network (Docker plugin), against a bare `docker run` of the same image, as a ratio.
     ContainerOverhead {
@@ -78,14 +76,23 @@ enum Bench {
         #[arg(long, default_value_t = 2_000)]
         calls: usize,
     },
+    /// Jobs offered to many simulated nodes (they ack and report at once): jobs settled per
+    /// second through the orchestrator and its ledger (real nats-server, SQLite with
+    /// synchronous=FULL), and submit → running latency (to the `running` event a subscriber
+    /// sees). Closed loop by default (`--concurrency` submits in flight: throughput); with
+    /// `--rate` an open loop at that many submits per second (latency at a given load; a low
+    /// rate such as 100 measures an unloaded orchestrator).
     Marketplace {
         #[arg(long, default_value_t = 1_000)]
         nodes: usize,
         #[arg(long, default_value_t = 5_000)]
         jobs: usize,
-        /// Submits in flight at once.
+        /// Submits in flight at once (closed loop); with --rate, the most in flight.
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
+        /// Offer jobs at this many per second, whether or not earlier submits were answered.
+        #[arg(long)]
+        rate: Option<f64>,
     },
 }
 
@@ -113,7 +120,8 @@ async fn main() -> anyhow::Result<()> {
             nodes,
             jobs,
             concurrency,
-        } => marketplace(nodes, jobs, concurrency, cli.json).await,
+            rate,
+        } => marketplace(nodes, jobs, concurrency, rate, cli.json).await,
     }
 }
 
@@ -811,6 +819,7 @@ async fn marketplace(
     nodes: usize,
     jobs: usize,
     concurrency: usize,
+    rate: Option<f64>,
     json: bool,
 ) -> anyhow::Result<()> {
     use std::collections::HashMap;
@@ -818,6 +827,10 @@ async fn marketplace(
     anyhow::ensure!(
         jobs > 0 && nodes > 0 && concurrency > 0,
         "--nodes, --jobs and --concurrency must be > 0"
+    );
+    anyhow::ensure!(
+        rate.is_none_or(|r| r.is_finite() && r > 0.0),
+        "--rate must be a positive number of jobs per second"
     );
     let options = ClusterOptions {
         agents: 0,
@@ -871,7 +884,7 @@ async fn marketplace(
     let module = rhizos_broker::wire::b64_encode(b"(module (func (export \"_start\")))");
     let started = Instant::now();
     let bus = cluster.bus.clone();
-    let mut submits = futures::stream::iter((0..jobs).map(|index| {
+    let submit = |index: usize| {
         let (bus, module, submitted_at) = (bus.clone(), module.clone(), submitted_at.clone());
         async move {
             let job_id = format!("load-{index}");
@@ -899,12 +912,36 @@ async fn marketplace(
             )
             .await
         }
-    }))
-    .buffer_unordered(concurrency);
+    };
     let mut rejected = 0usize;
-    while let Some(result) = submits.next().await {
-        if result.is_err() {
-            rejected += 1;
+    match rate {
+        None => {
+            let mut submits =
+                futures::stream::iter((0..jobs).map(submit)).buffer_unordered(concurrency);
+            while let Some(result) = submits.next().await {
+                rejected += usize::from(result.is_err());
+            }
+        }
+        Some(rate) => {
+            // Open loop: job i goes out at started + i / rate (late ones at once), answers
+            // collected meanwhile; never more than `concurrency` unanswered.
+            let mut in_flight = futures::stream::FuturesUnordered::new();
+            for index in 0..jobs {
+                let due = started + Duration::from_secs_f64(index as f64 / rate);
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                            rejected += usize::from(matches!(result, Err(_)));
+                        }
+                        () = tokio::time::sleep_until(due.into()), if in_flight.len() < concurrency => break,
+                    }
+                }
+                in_flight.push(submit(index));
+            }
+            while let Some(result) = in_flight.next().await {
+                rejected += usize::from(result.is_err());
+            }
         }
     }
     let submit_s = started.elapsed().as_secs_f64();
@@ -930,6 +967,7 @@ async fn marketplace(
         "nodes": nodes,
         "jobs": jobs,
         "concurrency": concurrency,
+        "rate": rate,
         "registration_s": registration_s,
         "rejected": rejected,
         "settled": settled,
@@ -941,8 +979,12 @@ async fn marketplace(
     if json {
         println!("{report}");
     } else {
+        let load = match rate {
+            Some(rate) => format!("offered at {rate} jobs/s, at most {concurrency} in flight"),
+            None => format!("concurrency {concurrency}"),
+        };
         println!(
-            "{} jobs over {} simulated nodes ({} build, concurrency {concurrency}):",
+            "{} jobs over {} simulated nodes ({} build, {load}):",
             jobs,
             nodes,
             report["build"].as_str().unwrap_or("?")
