@@ -12,6 +12,10 @@ use rhizos_testbed::cluster::wasm_spec;
 use rhizos_testbed::{Cluster, ClusterOptions};
 use std::time::{Duration, Instant};
 
+/// The allocator `rhizosd` uses (the orchestrator runs in this process).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "rhizos-bench",
