@@ -936,7 +936,7 @@ async fn marketplace(
                     tokio::select! {
                         biased;
                         Some(result) = in_flight.next(), if !in_flight.is_empty() => {
-                            rejected += usize::from(matches!(result, Err(_)));
+                            rejected += usize::from(result.is_err());
                         }
                         () = tokio::time::sleep_until(due.into()), if in_flight.len() < concurrency => break,
                     }
