@@ -936,6 +936,7 @@ async fn marketplace(
                     tokio::select! {
                         biased;
                         Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                            let result: Result<_, rhizos_broker::bus::RequestError> = result;
                             rejected += usize::from(result.is_err());
                         }
                         () = tokio::time::sleep_until(due.into()), if in_flight.len() < concurrency => break,
