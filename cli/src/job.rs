@@ -369,6 +369,21 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
         unreachable!("subscribed above")
     };
     let mut next_seq = 0u64;
+    let mut print = |line: &LogLine| {
+        if global.json {
+            return;
+        }
+        if line.seq != next_seq {
+            eprintln!("[{} log line(s) missed]", line.seq.saturating_sub(next_seq));
+        }
+        next_seq = line.seq + 1;
+        match line.stream {
+            LogStream::Stdout => println!("{}", line.line),
+            LogStream::Stderr => eprintln!("{}", line.line),
+        }
+    };
+    let mut transcript = Transcript::default();
+    let mut release_at: Option<tokio::time::Instant> = None;
     let mut poll = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
@@ -378,16 +393,14 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
             }
             Some(message) = logs.next() => {
                 let Ok(line) = serde_json::from_slice::<LogLine>(&message.payload) else { continue };
-                if line.seq != next_seq && !global.json {
-                    eprintln!("[{} log line(s) missed]", line.seq.saturating_sub(next_seq));
+                transcript.line(line).iter().for_each(&mut print);
+                if transcript.holding() {
+                    release_at.get_or_insert_with(|| tokio::time::Instant::now() + Transcript::HOLD);
                 }
-                next_seq = line.seq + 1;
-                if !global.json {
-                    match line.stream {
-                        LogStream::Stdout => println!("{}", line.line),
-                        LogStream::Stderr => eprintln!("{}", line.line),
-                    }
-                }
+            }
+            () = async { if let Some(at) = release_at { tokio::time::sleep_until(at).await } }, if release_at.is_some() => {
+                release_at = None;
+                transcript.release().iter().for_each(&mut print);
             }
             Some(message) = events.next() => {
                 let Ok(Event { body, .. }) = serde_json::from_slice::<Event>(&message.payload) else { continue };
@@ -395,6 +408,10 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
                     if !global.json && !state.is_terminal() {
                         let node = node_id.map(|n| format!(" on {n}")).unwrap_or_default();
                         eprintln!("· {}{node}", state.as_str());
+                    }
+                    if state == JobState::Running || state.is_terminal() {
+                        release_at = None;
+                        transcript.release().iter().for_each(&mut print);
                     }
                     if state.is_terminal() && finish(global, bus, &job_id, output_dir).await? {
                         return Ok(());
@@ -408,6 +425,44 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
                 }
             }
         }
+    }
+}
+
+/// Puts a waited job's transcript in the order things happened. Its first output lines can
+/// arrive before its `running` event — the agent streams them straight to watchers, while the
+/// event goes through the orchestrator's commit and outbox — so lines are held until the job is
+/// shown running (or ended), at most [`Transcript::HOLD`] and [`Transcript::HELD_LINES`].
+#[derive(Debug, Default)]
+struct Transcript {
+    held: Vec<LogLine>,
+    released: bool,
+}
+
+impl Transcript {
+    const HOLD: Duration = Duration::from_millis(500);
+    const HELD_LINES: usize = 1_000;
+
+    /// A line arrived: what to print now (nothing while the job is not shown running).
+    fn line(&mut self, line: LogLine) -> Vec<LogLine> {
+        if self.released || self.held.len() >= Self::HELD_LINES {
+            let mut out = std::mem::take(&mut self.held);
+            out.push(line);
+            out
+        } else {
+            self.held.push(line);
+            Vec::new()
+        }
+    }
+
+    /// The job is shown running or ended, or the hold ran out: the held lines, in order; from
+    /// now on lines print as they come.
+    fn release(&mut self) -> Vec<LogLine> {
+        self.released = true;
+        std::mem::take(&mut self.held)
+    }
+
+    fn holding(&self) -> bool {
+        !self.held.is_empty()
     }
 }
 
@@ -503,4 +558,50 @@ fn print_job(json: bool, job: &JobView) -> anyhow::Result<()> {
         writeln!(out, "  refund:    {}", money::format_usd(refund))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(seq: u64) -> LogLine {
+        LogLine {
+            v: WIRE_VERSION,
+            job_id: "j".into(),
+            attempt: 1,
+            seq,
+            stream: LogStream::Stdout,
+            line: format!("line {seq}"),
+            ts_ms: 0,
+        }
+    }
+
+    fn seqs(lines: &[LogLine]) -> Vec<u64> {
+        lines.iter().map(|l| l.seq).collect()
+    }
+
+    #[test]
+    fn lines_before_running_are_held_and_released_in_order() {
+        let mut t = Transcript::default();
+        assert!(t.line(line(0)).is_empty());
+        assert!(t.line(line(1)).is_empty());
+        assert!(t.holding());
+        assert_eq!(seqs(&t.release()), [0, 1]);
+        assert!(!t.holding());
+        // Released once: later lines print at once, and a second release has nothing.
+        assert_eq!(seqs(&t.line(line(2))), [2]);
+        assert!(t.release().is_empty());
+    }
+
+    #[test]
+    fn holding_is_bounded() {
+        let mut t = Transcript::default();
+        for seq in 0..Transcript::HELD_LINES as u64 {
+            assert!(t.line(line(seq)).is_empty());
+        }
+        let out = t.line(line(Transcript::HELD_LINES as u64));
+        assert_eq!(out.len(), Transcript::HELD_LINES + 1);
+        assert_eq!(out.first().map(|l| l.seq), Some(0));
+        assert!(!t.holding());
+    }
 }

@@ -586,3 +586,42 @@ async fn input_files_are_read_only_and_output_files_come_back_with_the_result() 
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_cli_transcript_of_a_waited_job_reads_in_order() {
+    // `rhizos job submit --wait` as a user runs it, stdout and stderr on one pipe: the job's
+    // output lines reach the CLI straight from the agent and can beat the `running` event (it
+    // goes through the orchestrator's commit and outbox); the CLI holds them until it is shown.
+    let cluster = cluster().await;
+    cluster.funded_account("carol", 2 * USD).await.unwrap();
+    let rhizos = rhizos_testbed::build_dir().join("rhizos");
+    let module = rhizos_testbed::guests::demo_wasm().unwrap();
+    let output = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(r#""$0" job submit --account carol --wasm "$1" --max-cost 1 --wait 2>&1"#)
+        .arg(&rhizos)
+        .arg(&module)
+        .env("RHIZOS_NATS_URL", &cluster.settings.nats.url)
+        .env("RHIZOS_NAMESPACE", &cluster.settings.nats.namespace)
+        .output()
+        .await
+        .expect("rhizos is built (cargo build --workspace)");
+    let transcript = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}\n{transcript}");
+    let at = |needle: &str| {
+        transcript
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing from:\n{transcript}"))
+    };
+    assert!(at("· assigned on ") < at("· running on "), "{transcript}");
+    assert!(
+        at("· running on ") < at("Hello from RhizOS"),
+        "{transcript}"
+    );
+    assert!(
+        at("Hello from RhizOS") < at("working... step 1/5"),
+        "{transcript}"
+    );
+    assert!(at("working... step 5/5") < at("succeeded"), "{transcript}");
+    assert!(transcript.contains("refund:"), "{transcript}");
+}
