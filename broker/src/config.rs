@@ -155,6 +155,18 @@ pub struct AgentSettings {
     /// Path of NVML (`libnvidia-ml.so.1`) when the loader does not find it (default: the
     /// loader's search). GPUs are detected and watched through it.
     pub nvml_library: Option<PathBuf>,
+    /// URL prefixes (`https://registry.example.com/artifacts/`) this node fetches job
+    /// artifacts from, for jobs whose bytes come by reference (`artifact_url`). Empty (the
+    /// default): it fetches nothing and such jobs go elsewhere. A node only ever sends a GET to
+    /// URLs under these prefixes, and runs only bytes matching the job's SHA-256.
+    pub artifact_sources: Vec<String>,
+    /// Where fetched artifacts are kept, by SHA-256 (default: `rhizos-artifacts-<node>` in the
+    /// system's temporary directory).
+    pub artifact_cache_dir: Option<PathBuf>,
+    /// Largest artifact fetched, in MiB.
+    pub max_artifact_mib: u64,
+    /// Longest a fetch may take, in ms.
+    pub artifact_timeout_ms: u64,
 }
 
 impl Default for AgentSettings {
@@ -171,6 +183,10 @@ impl Default for AgentSettings {
             max_output_bytes: 64 * 1024,
             plugins: std::collections::BTreeMap::new(),
             nvml_library: None,
+            artifact_sources: Vec::new(),
+            artifact_cache_dir: None,
+            max_artifact_mib: 256,
+            artifact_timeout_ms: 60_000,
         }
     }
 }

@@ -232,6 +232,32 @@ impl Workload {
     }
 }
 
+/// Longest `artifact_url` accepted.
+pub const MAX_ARTIFACT_URL_BYTES: usize = 2048;
+
+/// Checks an artifact URL's form: `http://` or `https://`, no whitespace, at most
+/// [`MAX_ARTIFACT_URL_BYTES`].
+pub fn validate_artifact_url(url: &str) -> Result<(), String> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "artifact URL {url:?} must start with http:// or https://"
+        ));
+    }
+    if url.len() > MAX_ARTIFACT_URL_BYTES || url.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "artifact URL must be at most {MAX_ARTIFACT_URL_BYTES} bytes without whitespace"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a node with `sources` (URL prefixes) fetches `url`.
+pub fn fetches_from(sources: &[String], url: &str) -> bool {
+    sources
+        .iter()
+        .any(|prefix| !prefix.is_empty() && url.starts_with(prefix.as_str()))
+}
+
 /// `chain://<id>[@<version>]`: a module of the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleRef {
@@ -324,6 +350,10 @@ pub struct ModuleArtifact {
     /// `sha256` before running it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Instead of `data_b64`: where nodes fetch the bytes (`http://` or `https://`). Jobs stay
+    /// small whatever the artifact's size, and go only to nodes that fetch from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// SHA-256 (64 hex digits) of the bytes, or the image id for `docker`.
     pub sha256: String,
 }
@@ -499,6 +529,12 @@ pub struct JobSpec {
     /// refuses to run anything else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_sha256: Option<String>,
+    /// Where the node fetches the workload's bytes (`http://` or `https://`), instead of them
+    /// travelling inline: the workload's own bytes field is then empty and `artifact_sha256`
+    /// required. Only nodes that fetch from this source (their `[agent] artifact_sources`)
+    /// take the job; they keep fetched artifacts in a cache by digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_url: Option<String>,
     /// The module this spec was resolved from (`chain://id@version`), for display.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
@@ -526,6 +562,7 @@ impl JobSpec {
             disk_mib: 0,
             fuel_limit: None,
             artifact_sha256: None,
+            artifact_url: None,
             module: None,
         }
     }
@@ -765,6 +802,9 @@ pub struct RegisterNode {
     /// What the machine is (for operators and listings; matching uses the fields above).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hardware: Option<HardwareView>,
+    /// URL prefixes the node fetches job artifacts from (`artifact_url`); empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifact_sources: Vec<String>,
 }
 
 /// A node's machine, as its agent detected it.

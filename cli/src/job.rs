@@ -309,6 +309,7 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         fuel_limit: args.fuel_limit,
         input_files,
         artifact_sha256: None,
+        artifact_url: None,
         module: None,
     })
 }

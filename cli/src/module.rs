@@ -72,6 +72,9 @@ pub async fn run(global: &GlobalArgs, command: ModuleCommand) -> anyhow::Result<
     if let Some(data) = &m.artifact.data_b64 {
         println!("  artifact:     {} bytes inline", data.len() / 4 * 3);
     }
+    if let Some(url) = &m.artifact.url {
+        println!("  artifact:     {url} (fetched by nodes that allow its source)");
+    }
     println!("  sha256:       {}", m.artifact.sha256);
     if !m.args.is_empty() {
         println!("  args:         {}", m.args.join(" "));

@@ -34,6 +34,8 @@ pub struct ClusterOptions {
     pub node_prefix: String,
     /// `[agent] nvml_library` for every agent (e.g. the NVML test double).
     pub nvml_library: Option<PathBuf>,
+    /// `[agent] artifact_sources` for every agent (URL prefixes they fetch artifacts from).
+    pub artifact_sources: Vec<String>,
     /// `[orchestrator] resolver_dir`: the module resolver chain.
     pub resolver_dir: Option<PathBuf>,
     /// `[orchestrator.resolvers.<name>]`.
@@ -62,6 +64,7 @@ impl Default for ClusterOptions {
             missed_heartbeats: 3,
             node_prefix: "node".into(),
             nvml_library: None,
+            artifact_sources: Vec::new(),
             resolver_dir: None,
             resolver_config: std::collections::BTreeMap::new(),
             resolver_order: Vec::new(),
@@ -141,6 +144,10 @@ impl Cluster {
             agent_settings.plugin_scan_ms = options.plugin_scan_ms;
             agent_settings.plugins = options.plugin_config.clone();
             agent_settings.nvml_library = options.nvml_library.clone();
+            agent_settings.artifact_sources = options.artifact_sources.clone();
+            // Each cluster its own artifact cache: what a test fetches, it fetched.
+            agent_settings.artifact_cache_dir =
+                Some(data_dir.path().join(format!("artifacts-{index}")));
             let agent = Agent::new(
                 Bus::connect(&settings.nats).await?,
                 agent_settings,

@@ -103,7 +103,7 @@ impl SubstrateDouble {
                 crate::registry_server::Response {
                     status: 200,
                     headers: "Content-Type: application/json\r\n".into(),
-                    body: answer_rpc(&request.body, &shared).to_string(),
+                    body: answer_rpc(&request.body, &shared).to_string().into_bytes(),
                 }
             }),
         )?;

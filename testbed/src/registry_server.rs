@@ -24,6 +24,8 @@ pub enum Route {
     Slow(Duration, String),
     /// `failures` times 503, then 200 with the body.
     FailThen(usize, String),
+    /// 200 with these bytes, `application/octet-stream` (an artifact).
+    Bytes(Vec<u8>),
 }
 
 /// One request the server saw: the path with its query, and its If-None-Match.
@@ -112,7 +114,7 @@ impl Request {
 pub(crate) struct Response {
     pub status: u16,
     pub headers: String,
-    pub body: String,
+    pub body: Vec<u8>,
 }
 
 pub(crate) type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
@@ -211,12 +213,12 @@ fn serve<S: std::io::Read + std::io::Write>(stream: S, handler: &Handler) -> std
     let stream = reader.get_mut();
     write!(
         stream,
-        "HTTP/1.1 {} {reason}\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+        "HTTP/1.1 {} {reason}\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n",
         response.status,
         response.headers,
         response.body.len(),
-        response.body
     )?;
+    stream.write_all(&response.body)?;
     stream.flush()
 }
 
@@ -250,6 +252,13 @@ fn answer(
         None => (404, String::new(), String::new()),
         Some(Route::Status(code)) => (code, String::new(), String::new()),
         Some(Route::Raw(body)) => (200, "Content-Type: text/plain\r\n".to_owned(), body),
+        Some(Route::Bytes(bytes)) => {
+            return Response {
+                status: 200,
+                headers: "Content-Type: application/octet-stream\r\n".to_owned(),
+                body: bytes,
+            };
+        }
         Some(Route::Slow(delay, body)) => {
             std::thread::sleep(delay);
             (200, "Content-Type: application/json\r\n".to_owned(), body)
@@ -276,6 +285,6 @@ fn answer(
     Response {
         status,
         headers,
-        body,
+        body: body.into_bytes(),
     }
 }

@@ -46,6 +46,7 @@ impl SimFleet {
                     gpus: vec![],
                     disk_mib: 100_000,
                     hardware: None,
+                    artifact_sources: vec![],
                 };
                 bus.request::<_, Ack>(bus.subjects.node_register(), &registration)
                     .await

@@ -6,6 +6,7 @@
 //! Plugin calls are blocking FFI calls: they run on tokio's blocking pool, and log lines come back
 //! through a host-implemented sink into a channel, so no tokio type crosses the ABI boundary.
 
+pub mod artifacts;
 pub mod hardware;
 pub mod plugins;
 
@@ -50,6 +51,8 @@ struct Inner {
     bus: Bus,
     node_id: String,
     settings: AgentSettings,
+    /// Artifacts fetched by reference, cached by digest.
+    artifacts: Arc<artifacts::ArtifactStore>,
     pricing: Pricing,
     /// The plugins in force (swapped whole when the directory changes).
     plugins: std::sync::RwLock<PluginSet>,
@@ -95,6 +98,7 @@ impl Agent {
         Ok(Self {
             inner: Arc::new(Inner {
                 bus,
+                artifacts: Arc::new(artifacts::ArtifactStore::new(&settings, &node_id)),
                 node_id,
                 settings,
                 pricing,
@@ -249,6 +253,7 @@ impl Agent {
             gpus: self.inner.hardware.gpus.clone(),
             disk_mib: self.inner.hardware.disk_free_mib,
             hardware: Some(self.inner.hardware.view()),
+            artifact_sources: settings.artifact_sources.clone(),
         }
     }
 
@@ -509,11 +514,31 @@ impl Agent {
             stdout: String::new(),
             stderr: String::new(),
         };
+        // Bytes by reference: fetched (or found in the cache) before anything is leased.
+        let fetched = match &assign.spec.artifact_url {
+            Some(url) => {
+                let (store, url, digest) = (
+                    self.inner.artifacts.clone(),
+                    url.clone(),
+                    assign.spec.artifact_sha256.clone().unwrap_or_default(),
+                );
+                let started = std::time::Instant::now();
+                match tokio::task::spawn_blocking(move || store.get(&url, &digest)).await {
+                    Ok(Ok((bytes, origin))) => {
+                        tracing::info!(job_id = %assign.job_id, bytes = bytes.len(), ?origin, ms = started.elapsed().as_millis() as u64, "artifact ready");
+                        Some(bytes)
+                    }
+                    Ok(Err(message)) => return rejected(message),
+                    Err(e) => return rejected(format!("fetching the artifact failed: {e}")),
+                }
+            }
+            None => None,
+        };
         let gpus = match GpuLease::take(&self.inner, assign.spec.gpus) {
             Ok(lease) => lease,
             Err(message) => return rejected(message),
         };
-        let request = match exec_request(assign, &gpus.devices) {
+        let request = match exec_request(assign, &gpus.devices, fetched) {
             Ok(request) => request,
             Err(e) => return rejected(e.message),
         };
@@ -684,8 +709,14 @@ impl Agent {
 /// The plugin's request for `assign`, on the GPUs `gpu_devices`. A WASM workload goes as the
 /// module's bytes; any other as its JSON (`{"backend":"docker","image":…}`), which the backend
 /// plugin parses.
-fn exec_request(assign: &AssignJob, gpu_devices: &[String]) -> Result<ExecRequest, WireError> {
+fn exec_request(
+    assign: &AssignJob,
+    gpu_devices: &[String],
+    fetched: Option<Vec<u8>>,
+) -> Result<ExecRequest, WireError> {
     let workload = match &assign.spec.workload {
+        // The bytes came by reference (`artifact_url`).
+        _ if fetched.is_some() => fetched.unwrap_or_default(),
         Workload::Wasm { module_b64 } => wire::b64_decode("workload.module_b64", module_b64)?,
         Workload::Cuda { program_b64 } => wire::b64_decode("workload.program_b64", program_b64)?,
         Workload::Custom { payload_b64, .. } => {

@@ -2,9 +2,10 @@
 //!
 //! **Hard filters** (a node that fails one is never chosen): alive; offers the job's backend;
 //! enough cores, memory and disk; at least `gpus` GPUs with `min_vram_mib` and every required API;
-//! enough *free* capacity right now (slots, cores, memory and GPUs not already committed to its
-//! assigned and running executions — a node is never over-committed); and its price for the job's
-//! whole execution timeout fits the job's `max_cost`.
+//! fetches the job's artifact when it comes by reference (`artifact_url` under one of the node's
+//! `artifact_sources`); enough *free* capacity right now (slots, cores, memory and GPUs not
+//! already committed to its assigned and running executions — a node is never over-committed);
+//! and its price for the job's whole execution timeout fits the job's `max_cost`.
 //!
 //! **Ranking** among the nodes that pass (lower score wins), with weights from
 //! `[orchestrator.matching]`:
@@ -89,6 +90,7 @@ struct ClassKey {
     gpus: Vec<(u64, Vec<String>)>,
     /// GPU, CPU, memory and fuel prices.
     pricing: [u64; 4],
+    artifact_sources: Vec<String>,
 }
 
 impl ClassKey {
@@ -110,6 +112,7 @@ impl ClassKey {
                 p.memory_gb_hour_cents,
                 p.fuel_million_micros,
             ],
+            artifact_sources: registration.artifact_sources.clone(),
         }
     }
 }
@@ -196,6 +199,8 @@ enum Unfit {
     Memory,
     Disk,
     Gpus,
+    /// It does not fetch artifacts from where the job's come from.
+    ArtifactSource,
     /// The whole timeout at the node's prices: this many micro-USD, above the max cost.
     Price(i64),
 }
@@ -218,6 +223,11 @@ fn check(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Result<i6
     }
     if spec.gpus > 0 && fitting_gpus(spec, node) < spec.gpus {
         return Err(Unfit::Gpus);
+    }
+    if let Some(url) = &spec.artifact_url
+        && !rhizos_broker::wire::fetches_from(&node.artifact_sources, url)
+    {
+        return Err(Unfit::ArtifactSource);
     }
     let estimate = estimate_micros(spec, node).saturating_add(fuel_estimate_micros(spec, node));
     if estimate > max_cost_micros {
@@ -252,6 +262,10 @@ fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Op
                 format!(" and {}", spec.gpu_apis.join(", "))
             },
             spec.gpus
+        ),
+        Unfit::ArtifactSource => format!(
+            "{id}: does not fetch artifacts from {} (its [agent] artifact_sources)",
+            spec.artifact_url.as_deref().unwrap_or_default()
         ),
         Unfit::Price(estimate) => format!(
             "{id}: running for the whole timeout ({} ms) could cost up to {} at its prices, above the max cost \
@@ -554,6 +568,7 @@ mod tests {
                 .collect(),
             disk_mib: 10_000,
             hardware: None,
+            artifact_sources: vec![],
         }
     }
 
@@ -836,6 +851,42 @@ mod tests {
         registry.allocate("c", &job);
         assert_eq!(pick(&mut registry, 1_989_999), None);
         assert_eq!(pick(&mut registry, 1_990_000).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn artifacts_by_reference_go_only_to_nodes_that_fetch_from_their_source() {
+        let mut registry = Registry::new(MatchingWeights::default());
+        let mut fetching = node("fetching", 5, 0, 4, 4096, 2, &[]);
+        fetching.artifact_sources = vec!["https://registry.example/artifacts/".into()];
+        registry.upsert(fetching);
+        // Cheaper, but fetches nothing.
+        registry.upsert(node("closed", 1, 0, 4, 4096, 2, &[]));
+        let mut job = spec(1, 128, 0, 0, &[]);
+        job.artifact_url = Some("https://registry.example/artifacts/m.wasm".into());
+        assert_eq!(
+            registry
+                .pick(&job, 100_000)
+                .map(|n| n.registration.node_id.as_str()),
+            Some("fetching")
+        );
+        job.artifact_url = Some("https://other.example/artifacts/m.wasm".into());
+        assert!(registry.pick(&job, 100_000).is_none());
+        let err = registry.feasibility(&job, 100_000).unwrap_err();
+        assert!(
+            err.message.contains(
+                "fetching: does not fetch artifacts from https://other.example/artifacts/m.wasm"
+            ),
+            "{}",
+            err.message
+        );
+        // Inline bytes: any node, the cheaper first.
+        job.artifact_url = None;
+        assert_eq!(
+            registry
+                .pick(&job, 100_000)
+                .map(|n| n.registration.node_id.as_str()),
+            Some("closed")
+        );
     }
 
     #[test]

@@ -1067,6 +1067,45 @@ fn bad(message: impl Into<String>) -> WireError {
 }
 
 /// Checks every field of a submit before anything is stored.
+/// A workload whose bytes the node fetches from `url`: the form of the URL, a digest to check
+/// them against, and an empty bytes field.
+fn validate_by_reference(spec: &JobSpec, url: &str) -> Result<(), WireError> {
+    wire::validate_artifact_url(url).map_err(bad)?;
+    if !spec
+        .artifact_sha256
+        .as_deref()
+        .is_some_and(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(bad(
+            "artifact_url needs artifact_sha256 (64 hex digits): a node runs only the bytes with that digest",
+        ));
+    }
+    let (field, bytes) = match &spec.workload {
+        Workload::Wasm { module_b64 } => ("module_b64", module_b64),
+        Workload::Cuda { program_b64 } => {
+            if spec.gpus == 0 {
+                return Err(bad("a cuda job needs at least one GPU: set gpus"));
+            }
+            ("program_b64", program_b64)
+        }
+        Workload::Custom { name, payload_b64 } => {
+            validate(rhizos_broker::validate_token("workload.name", name))?;
+            ("payload_b64", payload_b64)
+        }
+        _ => {
+            return Err(bad(
+                "artifact_url gives the bytes of a wasm, cuda or plugin-backend workload; a docker job names its image",
+            ));
+        }
+    };
+    if !bytes.is_empty() {
+        return Err(bad(format!(
+            "workload.{field} must be empty when artifact_url gives the bytes"
+        )));
+    }
+    Ok(())
+}
+
 fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
     validate(validate_token("account", &request.account))?;
     validate(validate_token("job id", job_id))?;
@@ -1145,6 +1184,9 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
             )));
         }
         wire::b64_decode(&format!("input_files[{name}]"), content)?;
+    }
+    if let Some(url) = &spec.artifact_url {
+        return validate_by_reference(spec, url);
     }
     match &spec.workload {
         Workload::Wasm { module_b64 } => {
@@ -1239,4 +1281,91 @@ fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn by_reference(workload: Workload, sha256: Option<&str>, url: &str) -> SubmitJob {
+        let mut spec = JobSpec::new(workload, 1_000, 64);
+        spec.artifact_url = Some(url.to_owned());
+        spec.artifact_sha256 = sha256.map(str::to_owned);
+        SubmitJob {
+            v: WIRE_VERSION,
+            job_id: None,
+            account: "a".into(),
+            spec,
+            max_cost_micros: 1_000,
+        }
+    }
+
+    fn wasm(bytes: &str) -> Workload {
+        Workload::Wasm {
+            module_b64: bytes.into(),
+        }
+    }
+
+    #[test]
+    fn a_workload_by_reference_needs_a_digest_an_http_url_and_no_inline_bytes() {
+        let digest = "ab".repeat(32);
+        let check = |request: SubmitJob| validate_submit(&request, "j").map_err(|e| e.message);
+        assert_eq!(
+            check(by_reference(
+                wasm(""),
+                Some(&digest),
+                "https://r.example/a.wasm"
+            )),
+            Ok(())
+        );
+        let cases = [
+            (
+                by_reference(wasm(""), None, "https://r.example/a.wasm"),
+                "artifact_url needs artifact_sha256",
+            ),
+            (
+                by_reference(wasm(""), Some("abc"), "https://r.example/a.wasm"),
+                "artifact_url needs artifact_sha256",
+            ),
+            (
+                by_reference(wasm(""), Some(&digest), "file:///etc/passwd"),
+                "must start with http:// or https://",
+            ),
+            (
+                by_reference(wasm(""), Some(&digest), "https://r.example/a b"),
+                "without whitespace",
+            ),
+            (
+                by_reference(wasm("AGFzbQ=="), Some(&digest), "https://r.example/a.wasm"),
+                "workload.module_b64 must be empty",
+            ),
+            (
+                by_reference(
+                    Workload::Docker {
+                        image: "alpine".into(),
+                        entrypoint: None,
+                        workdir: None,
+                        network: false,
+                    },
+                    Some(&digest),
+                    "https://r.example/a",
+                ),
+                "a docker job names its image",
+            ),
+            (
+                by_reference(
+                    Workload::Cuda {
+                        program_b64: String::new(),
+                    },
+                    Some(&digest),
+                    "https://r.example/a",
+                ),
+                "needs at least one GPU",
+            ),
+        ];
+        for (request, expected) in cases {
+            let err = check(request).unwrap_err();
+            assert!(err.contains(expected), "{err} (expected {expected:?})");
+        }
+    }
 }

@@ -231,11 +231,33 @@ pub fn materialize(manifest: &ModuleManifest, spec: &JobSpec) -> Result<JobSpec,
             "{module}: artifact.sha256 must be 64 hex digits"
         )));
     }
+    // Bytes by reference: the workload's bytes stay empty and the node fetches them (and
+    // checks them against the digest) from the URL.
+    let by_reference = match (&artifact.url, &artifact.data_b64) {
+        (Some(_), Some(_)) => {
+            return Err(bad(format!(
+                "{module}: the artifact has both data_b64 and url; give one"
+            )));
+        }
+        (Some(url), None) => {
+            wire::validate_artifact_url(url).map_err(|e| bad(format!("{module}: {e}")))?;
+            if manifest.backend == "docker" {
+                return Err(bad(format!(
+                    "{module}: a docker artifact is an image, not a url"
+                )));
+            }
+            Some(url.clone())
+        }
+        (None, _) => None,
+    };
     let data = || -> Result<String, WireError> {
+        if by_reference.is_some() {
+            return Ok(String::new());
+        }
         let text = artifact
             .data_b64
             .clone()
-            .ok_or_else(|| bad(format!("{module}: artifact.data_b64 is missing")))?;
+            .ok_or_else(|| bad(format!("{module}: artifact.data_b64 (or url) is missing")))?;
         let bytes = wire::b64_decode("artifact.data_b64", &text)?;
         let actual = hex(&sha2::Sha256::digest(&bytes));
         if actual != digest {
@@ -291,6 +313,7 @@ pub fn materialize(manifest: &ModuleManifest, spec: &JobSpec) -> Result<JobSpec,
         }
     }
     out.artifact_sha256 = Some(digest);
+    out.artifact_url = by_reference;
     out.module = Some(module);
     Ok(out)
 }
@@ -313,6 +336,7 @@ mod tests {
             artifact: ModuleArtifact {
                 data_b64: Some(wire::b64_encode(data)),
                 image: None,
+                url: None,
                 sha256: digest,
             },
             args: vec!["hello".into()],
@@ -329,6 +353,43 @@ mod tests {
             },
             price_hint_micros: None,
         }
+    }
+
+    #[test]
+    fn an_artifact_by_url_leaves_the_bytes_to_the_node() {
+        let digest = "cd".repeat(32);
+        let spec = JobSpec::new(
+            Workload::Module {
+                uri: "chain://mod-hello".into(),
+            },
+            10_000,
+            64,
+        );
+        let mut by_url = manifest(b"", digest.clone());
+        by_url.artifact.data_b64 = None;
+        by_url.artifact.url = Some("https://r.example/mod-hello.wasm".into());
+        let out = materialize(&by_url, &spec).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            out.workload,
+            Workload::Wasm {
+                module_b64: String::new()
+            }
+        );
+        assert_eq!(
+            out.artifact_url.as_deref(),
+            Some("https://r.example/mod-hello.wasm")
+        );
+        assert_eq!(out.artifact_sha256.as_deref(), Some(digest.as_str()));
+        let refused = |m: &ModuleManifest| materialize(m, &spec).unwrap_err().message;
+        let mut both = by_url.clone();
+        both.artifact.data_b64 = Some("AA==".into());
+        assert!(refused(&both).contains("both data_b64 and url"));
+        let mut local = by_url.clone();
+        local.artifact.url = Some("file:///etc/passwd".into());
+        assert!(refused(&local).contains("must start with http:// or https://"));
+        let mut docker = by_url;
+        docker.backend = "docker".into();
+        assert!(refused(&docker).contains("a docker artifact is an image, not a url"));
     }
 
     #[test]

@@ -1807,6 +1807,7 @@ mod tests {
                 gpus: vec![],
                 disk_mib: 0,
                 hardware: None,
+                artifact_sources: vec![],
             })
             .unwrap();
     }
@@ -2348,6 +2349,7 @@ mod properties {
                     gpus: vec![],
                     disk_mib: 0,
                     hardware: None,
+                    artifact_sources: vec![],
                 })
                 .unwrap();
         }

@@ -794,3 +794,154 @@ async fn the_http_resolver_speaks_tls_to_a_registry_whose_ca_it_is_given() {
         "the untrusted handshake never sent the request"
     );
 }
+
+#[tokio::test]
+async fn an_artifact_by_reference_is_fetched_once_checked_and_run_only_where_allowed() {
+    use rhizos_testbed::registry_server::{RegistryServer, Route};
+    let demo = demo();
+    let mut tampered = demo.clone();
+    tampered.extend_from_slice(b"\0extra");
+    let server = RegistryServer::start(
+        [
+            (
+                "/artifacts/demo.wasm".to_owned(),
+                Route::Bytes(demo.clone()),
+            ),
+            (
+                "/artifacts/tampered.wasm".to_owned(),
+                Route::Bytes(tampered),
+            ),
+            (
+                "/elsewhere/demo.wasm".to_owned(),
+                Route::Bytes(demo.clone()),
+            ),
+        ]
+        .into(),
+    )
+    .unwrap();
+    let manifest = |id: &str, path: &str, sha256: &str| {
+        let body = serde_json::json!({
+            "id": id, "version": "1.0.0", "backend": "wasm",
+            "artifact": {"url": format!("{}{path}", server.base_url), "sha256": sha256},
+            "args": ["hello", "reference"],
+        })
+        .to_string();
+        (
+            format!("/modules/{id}"),
+            Route::Json {
+                body,
+                etag: format!("\"{id}\""),
+            },
+        )
+    };
+    let registry = RegistryServer::start(
+        [
+            manifest("mod-ref", "/artifacts/demo.wasm", &sha256_hex(&demo)),
+            // Names bytes the node has not cached (the cache is by digest: bytes with the
+            // job's digest run wherever they came from); the server has others.
+            manifest(
+                "mod-tampered",
+                "/artifacts/tampered.wasm",
+                &sha256_hex(b"the module the registry meant"),
+            ),
+            manifest("mod-elsewhere", "/elsewhere/demo.wasm", &sha256_hex(&demo)),
+        ]
+        .into(),
+    )
+    .unwrap();
+    let resolvers = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_resolver_http").unwrap(),
+        resolvers.path().join("http.so"),
+    )
+    .unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        resolver_dir: Some(resolvers.path().to_path_buf()),
+        resolver_config: [(
+            "http".to_owned(),
+            serde_json::json!({"base_url": registry.base_url}),
+        )]
+        .into(),
+        artifact_sources: vec![format!("{}/artifacts/", server.base_url)],
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("rita", 4 * USD).await.unwrap();
+
+    // Twice the same module: fetched by the node the first time, from its cache the second.
+    for job_id in ["ref-1", "ref-2"] {
+        cluster
+            .submit(&submit_request(
+                "rita",
+                job_id,
+                module_job("chain://mod-ref"),
+                USD,
+            ))
+            .await
+            .unwrap();
+        let job = cluster
+            .wait_for_end(job_id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        assert!(
+            job.stdout
+                .unwrap_or_default()
+                .starts_with("Hello from RhizOS, reference!"),
+        );
+    }
+    let fetches = server
+        .hits()
+        .iter()
+        .filter(|h| h.target == "/artifacts/demo.wasm")
+        .count();
+    assert_eq!(fetches, 1, "the second job ran from the node's cache");
+
+    // Bytes that are not the ones the manifest names: refused by the node, refunded in full.
+    cluster
+        .submit(&submit_request(
+            "rita",
+            "tampered",
+            module_job("chain://mod-tampered"),
+            USD,
+        ))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("tampered", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Failed, "{job:?}");
+    let reason = job.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("artifact digest mismatch") && reason.contains("/artifacts/tampered.wasm"),
+        "{reason}"
+    );
+    assert_eq!(job.cost_micros, Some(0), "{job:?}");
+    assert_eq!(job.refund_micros, Some(USD), "{job:?}");
+
+    // From a source no node fetches from: refused at submit, saying so; nothing fetched.
+    let refused = cluster
+        .submit(&submit_request(
+            "rita",
+            "elsewhere",
+            module_job("chain://mod-elsewhere"),
+            USD,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("does not fetch artifacts from http://"),
+        "{refused}"
+    );
+    assert!(
+        server
+            .hits()
+            .iter()
+            .all(|h| h.target != "/elsewhere/demo.wasm")
+    );
+    assert_ledger_consistent(&cluster).await;
+}
