@@ -10,3 +10,13 @@ pub mod telemetry;
 
 pub use agent::Agent;
 pub use orchestrator::Orchestrator;
+
+/// SHA-256 of `bytes` as 64 lowercase hex digits (how artifacts, modules and plugin copies are
+/// named and checked).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -5,7 +5,6 @@
 
 use rhizos_broker::config::AgentSettings;
 use rhizos_broker::wire;
-use sha2::Digest as _;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,13 +22,6 @@ pub struct ArtifactStore {
 pub enum Origin {
     Cache,
     Fetched,
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 impl ArtifactStore {
@@ -66,7 +58,7 @@ impl ArtifactStore {
         }
         let cached = self.dir.join(&expected);
         if let Ok(bytes) = std::fs::read(&cached) {
-            if sha256_hex(&bytes) == expected {
+            if crate::sha256_hex(&bytes) == expected {
                 return Ok((bytes, Origin::Cache));
             }
             // Damaged on disk: fetch it again.
@@ -74,7 +66,7 @@ impl ArtifactStore {
             let _ = std::fs::remove_file(&cached);
         }
         let bytes = self.fetch(url)?;
-        let actual = sha256_hex(&bytes);
+        let actual = crate::sha256_hex(&bytes);
         if actual != expected {
             return Err(format!(
                 "artifact digest mismatch: {url} has sha256 {actual}, the job requires {expected}; refusing to run it"

@@ -706,67 +706,18 @@ impl Agent {
     }
 }
 
-/// The plugin's request for `assign`, on the GPUs `gpu_devices`. A WASM workload goes as the
-/// module's bytes; any other as its JSON (`{"backend":"docker","image":…}`), which the backend
-/// plugin parses.
+/// The plugin's request for `assign`, on the GPUs `gpu_devices`, with the workload's bytes
+/// `fetched` by reference or else as the job carries them ([`inline_workload`]).
 fn exec_request(
     assign: &AssignJob,
     gpu_devices: &[String],
     fetched: Option<Vec<u8>>,
 ) -> Result<ExecRequest, WireError> {
-    let workload = match &assign.spec.workload {
-        // The bytes came by reference (`artifact_url`).
-        _ if fetched.is_some() => fetched.unwrap_or_default(),
-        Workload::Wasm { module_b64 } => wire::b64_decode("workload.module_b64", module_b64)?,
-        Workload::Cuda { program_b64 } => wire::b64_decode("workload.program_b64", program_b64)?,
-        Workload::Custom { payload_b64, .. } => {
-            wire::b64_decode("workload.payload_b64", payload_b64)?
-        }
-        Workload::Module { uri } => {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                format!("{uri} reached the node unresolved"),
-            ));
-        }
-        other => {
-            let mut value = serde_json::to_value(other).map_err(|e| {
-                WireError::new(
-                    ErrorCode::Internal,
-                    format!("cannot encode the workload: {e}"),
-                )
-            })?;
-            // A container image from a module: the docker plugin checks the local image's id.
-            if let (Some(digest), Some(object)) =
-                (&assign.spec.artifact_sha256, value.as_object_mut())
-            {
-                object.insert("image_id".into(), format!("sha256:{digest}").into());
-            }
-            serde_json::to_vec(&value).map_err(|e| {
-                WireError::new(
-                    ErrorCode::Internal,
-                    format!("cannot encode the workload: {e}"),
-                )
-            })?
-        }
+    let workload = match fetched {
+        // By reference (`artifact_url`): `ArtifactStore::get` checked the digest.
+        Some(bytes) => bytes,
+        None => inline_workload(assign)?,
     };
-    // A module's artifact must be the one its registry entry names, byte for byte.
-    if let Some(expected) = &assign.spec.artifact_sha256
-        && !matches!(assign.spec.workload, Workload::Docker { .. })
-    {
-        use sha2::Digest as _;
-        let actual: String = sha2::Sha256::digest(&workload)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if !actual.eq_ignore_ascii_case(expected) {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "artifact digest mismatch: the workload's sha256 is {actual}, the job requires {expected}; refusing to run it"
-                ),
-            ));
-        }
-    }
     let stdin = match &assign.spec.stdin_b64 {
         Some(text) => wire::b64_decode("stdin_b64", text)?,
         None => Vec::new(),
@@ -811,6 +762,59 @@ fn exec_request(
             .map(|d| RString::from(d.as_str()))
             .collect(),
     })
+}
+
+/// The workload's bytes as the job carries them: a WASM module, CUDA program or plugin payload
+/// decoded, any other workload as its JSON; a module's artifact checked against its digest.
+fn inline_workload(assign: &AssignJob) -> Result<Vec<u8>, WireError> {
+    let workload = match &assign.spec.workload {
+        Workload::Wasm { module_b64 } => wire::b64_decode("workload.module_b64", module_b64)?,
+        Workload::Cuda { program_b64 } => wire::b64_decode("workload.program_b64", program_b64)?,
+        Workload::Custom { payload_b64, .. } => {
+            wire::b64_decode("workload.payload_b64", payload_b64)?
+        }
+        Workload::Module { uri } => {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("{uri} reached the node unresolved"),
+            ));
+        }
+        other => {
+            let mut value = serde_json::to_value(other).map_err(|e| {
+                WireError::new(
+                    ErrorCode::Internal,
+                    format!("cannot encode the workload: {e}"),
+                )
+            })?;
+            // A container image from a module: the docker plugin checks the local image's id.
+            if let (Some(digest), Some(object)) =
+                (&assign.spec.artifact_sha256, value.as_object_mut())
+            {
+                object.insert("image_id".into(), format!("sha256:{digest}").into());
+            }
+            serde_json::to_vec(&value).map_err(|e| {
+                WireError::new(
+                    ErrorCode::Internal,
+                    format!("cannot encode the workload: {e}"),
+                )
+            })?
+        }
+    };
+    // A module's artifact must be the one its registry entry names, byte for byte.
+    if let Some(expected) = &assign.spec.artifact_sha256
+        && !matches!(assign.spec.workload, Workload::Docker { .. })
+    {
+        let actual = crate::sha256_hex(&workload);
+        if !actual.eq_ignore_ascii_case(expected) {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "artifact digest mismatch: the workload's sha256 is {actual}, the job requires {expected}; refusing to run it"
+                ),
+            ));
+        }
+    }
+    Ok(workload)
 }
 
 /// GPUs held by one execution, given back when it is dropped.

@@ -22,7 +22,6 @@ use rhizos_plugin_api::{
     BackendBox, BackendPluginRef, HostContext, PLUGIN_API_VERSION, PluginKind, ResolverBox,
     ResolverPluginRef,
 };
-use sha2::Digest as _;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -324,7 +323,7 @@ impl PluginDir {
                     }
                     Ok(crate::component::LoadedComponent::Backend(component)) => {
                         let digest = std::fs::read(&file)
-                            .map(|bytes| hex(&sha2::Sha256::digest(&bytes)))
+                            .map(|bytes| crate::sha256_hex(&bytes))
                             .unwrap_or_default();
                         Entry::Loaded(Arc::new(LoadedPlugin {
                             file: file.clone(),
@@ -430,7 +429,7 @@ impl PluginDir {
     /// Copies `file` to its private, content-named path and loads it from there.
     fn load_copy(&self, file: &Path) -> Result<Native, String> {
         let bytes = std::fs::read(file).map_err(|e| format!("cannot read the file: {e}"))?;
-        let digest = hex(&sha2::Sha256::digest(&bytes));
+        let digest = crate::sha256_hex(&bytes);
         let stem = file
             .file_stem()
             .and_then(|s| s.to_str())
@@ -470,10 +469,6 @@ impl Drop for PluginDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.shadow);
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Loads every shared library in `dir` once (no watching).

@@ -6,7 +6,6 @@ use crate::agent::plugins::{ChainResolver, PluginDir};
 use rhizos_broker::wire::{
     self, ErrorCode, JobSpec, ModuleManifest, ModuleRef, ResolvedModule, WireError, Workload,
 };
-use sha2::Digest as _;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -259,7 +258,7 @@ pub fn materialize(manifest: &ModuleManifest, spec: &JobSpec) -> Result<JobSpec,
             .clone()
             .ok_or_else(|| bad(format!("{module}: artifact.data_b64 (or url) is missing")))?;
         let bytes = wire::b64_decode("artifact.data_b64", &text)?;
-        let actual = hex(&sha2::Sha256::digest(&bytes));
+        let actual = crate::sha256_hex(&bytes);
         if actual != digest {
             return Err(bad(format!(
                 "{module}: the artifact does not match its digest (sha256 {actual}, the manifest says {digest})"
@@ -316,10 +315,6 @@ pub fn materialize(manifest: &ModuleManifest, spec: &JobSpec) -> Result<JobSpec,
     out.artifact_url = by_reference;
     out.module = Some(module);
     Ok(out)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -395,7 +390,7 @@ mod tests {
     #[test]
     fn the_job_overrides_the_module_and_carries_its_digest() {
         let bytes = b"\0asm\x01\0\0\0";
-        let digest = hex(&sha2::Sha256::digest(bytes));
+        let digest = crate::sha256_hex(bytes);
         let mut spec = JobSpec::new(
             Workload::Module {
                 uri: "chain://mod-hello".into(),
