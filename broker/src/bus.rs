@@ -2,6 +2,7 @@
 //! envelope, and the JetStream stream that captures the namespace's events.
 
 use crate::config::NatsSettings;
+use crate::ops::{CtlOp, Request, Server};
 use crate::subjects::Subjects;
 use crate::wire::{self, Reply, WireError};
 use async_nats::jetstream::{self, stream};
@@ -43,6 +44,8 @@ pub enum RequestError {
     BadReply { subject: String, message: String },
     #[error("{0}")]
     Remote(WireError),
+    #[error("cannot address {op}: {reason}")]
+    Address { op: CtlOp, reason: String },
 }
 
 impl RequestError {
@@ -91,7 +94,43 @@ impl Bus {
         })
     }
 
-    /// Sends `request` to `subject` and decodes the [`Reply`] envelope.
+    /// Sends `request` to the orchestrator, on its operation's subject, and reads the reply type
+    /// that operation answers with.
+    pub async fn call<R: Request>(&self, request: &R) -> Result<R::Reply, RequestError> {
+        if R::OP.server() != Server::Orchestrator {
+            return Err(RequestError::Address {
+                op: R::OP,
+                reason: "it is served by each node's agent: name the node (call_node)".into(),
+            });
+        }
+        self.request(self.subjects.op(R::OP), request).await
+    }
+
+    /// Sends `request` to the agent of `node_id`, on its operation's subject.
+    pub async fn call_node<R: Request>(
+        &self,
+        node_id: &str,
+        request: &R,
+    ) -> Result<R::Reply, RequestError> {
+        if R::OP.server() != Server::Agent {
+            return Err(RequestError::Address {
+                op: R::OP,
+                reason: "it is served by the orchestrator, not by a node (call)".into(),
+            });
+        }
+        let subject = self
+            .subjects
+            .node_op(R::OP, node_id)
+            .map_err(|e| RequestError::Address {
+                op: R::OP,
+                reason: e.to_string(),
+            })?;
+        self.request(subject, request).await
+    }
+
+    /// Sends `request` to `subject` and decodes the [`Reply`] envelope. Prefer [`Bus::call`],
+    /// which picks the subject and the reply type from the request; this is for tests that
+    /// send to the wrong place on purpose.
     pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         subject: String,

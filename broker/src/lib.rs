@@ -2,20 +2,27 @@
 //!
 //! * [`subjects`]: builders for every subject of the v1 scheme
 //!   (`rhizos.<kind>.v1.<ns>.<noun>.<verb>[.<id>]`) and token validation;
+//! * [`ops`]: the one table of request/reply operations ([`CtlOp`]) and the [`Request`] trait
+//!   tying each request message to its operation and reply;
 //! * [`wire`]: versioned serde messages and the single reply envelope;
 //! * [`config`]: settings from `rhizos.toml` + `RHIZOS_*` environment (figment);
 //! * [`bus`]: a connected client with typed request/reply, and the JetStream event stream;
+//! * [`client`]: the typed control client, one method per operation (CLI, testbed, benchmarks);
 //! * [`server`]: a `nats-server` launcher (free port, data dir, readiness wait, kill on drop)
 //!   used by `rhizos up` and by tests.
 //!
 //! **Architecture Invariant:** no other crate formats a subject string or picks an encoding.
 
 pub mod bus;
+pub mod client;
 pub mod config;
+pub mod ops;
 pub mod server;
 pub mod subjects;
 pub mod wire;
 
 pub use bus::{Bus, RequestError};
+pub use client::Client;
 pub use config::Settings;
+pub use ops::{CtlOp, Request, Server};
 pub use subjects::{Subjects, TokenError, validate_token};

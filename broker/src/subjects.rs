@@ -4,6 +4,7 @@
 //! (high-volume streams such as job logs). Every variable token is validated: ids match
 //! `[a-z0-9_-]{1,64}`, so user strings can never add tokens or wildcards to a subject.
 
+use crate::ops::{CtlOp, Server};
 use std::fmt;
 
 /// Why a string cannot be used as a subject token (an id or a namespace).
@@ -88,78 +89,87 @@ impl Subjects {
         format!("rhizos.out.v1.{}.{rest}", self.ns)
     }
 
-    // --- ctl: requests served by the orchestrator (queue group `orchestrator`) ---
+    // --- ctl: request/reply, one subject per operation of [`CtlOp`] ---
+
+    /// The subject of an orchestrator-served operation: `rhizos.ctl.v1.<ns>.<noun>.<verb>`.
+    pub fn op(&self, op: CtlOp) -> String {
+        debug_assert_eq!(
+            op.server(),
+            Server::Orchestrator,
+            "{op} is served by agents"
+        );
+        self.ctl(op.as_str())
+    }
+
+    /// The subject of an operation served by one node's agent:
+    /// `rhizos.ctl.v1.<ns>.<noun>.<verb>.<node_id>`.
+    pub fn node_op(&self, op: CtlOp, node_id: &str) -> Result<String, TokenError> {
+        debug_assert_eq!(
+            op.server(),
+            Server::Agent,
+            "{op} is served by the orchestrator"
+        );
+        validate_token("node id", node_id)?;
+        Ok(self.ctl(&format!("{}.{node_id}", op.as_str())))
+    }
 
     pub fn job_submit(&self) -> String {
-        self.ctl("job.submit")
+        self.op(CtlOp::JobSubmit)
     }
     pub fn job_get(&self) -> String {
-        self.ctl("job.get")
+        self.op(CtlOp::JobGet)
     }
-    /// Resolve a `chain://` module through the orchestrator's resolver chain.
     pub fn module_resolve(&self) -> String {
-        self.ctl("module.resolve")
+        self.op(CtlOp::ModuleResolve)
     }
-    /// Every module the orchestrator's resolvers can enumerate.
     pub fn module_list(&self) -> String {
-        self.ctl("module.list")
+        self.op(CtlOp::ModuleList)
     }
     pub fn job_list(&self) -> String {
-        self.ctl("job.list")
+        self.op(CtlOp::JobList)
     }
     pub fn job_cancel(&self) -> String {
-        self.ctl("job.cancel")
+        self.op(CtlOp::JobCancel)
     }
-    /// Agents report progress and results of their executions here.
     pub fn job_report(&self) -> String {
-        self.ctl("job.report")
+        self.op(CtlOp::JobReport)
     }
     pub fn account_create(&self) -> String {
-        self.ctl("account.create")
+        self.op(CtlOp::AccountCreate)
     }
     pub fn account_deposit(&self) -> String {
-        self.ctl("account.deposit")
+        self.op(CtlOp::AccountDeposit)
     }
     pub fn account_balance(&self) -> String {
-        self.ctl("account.balance")
+        self.op(CtlOp::AccountBalance)
     }
     pub fn node_register(&self) -> String {
-        self.ctl("node.register")
+        self.op(CtlOp::NodeRegister)
     }
     pub fn node_list(&self) -> String {
-        self.ctl("node.list")
+        self.op(CtlOp::NodeList)
     }
     pub fn node_info(&self) -> String {
-        self.ctl("node.info")
+        self.op(CtlOp::NodeInfo)
     }
     pub fn account_statement(&self) -> String {
-        self.ctl("account.statement")
+        self.op(CtlOp::AccountStatement)
     }
     pub fn ledger_verify(&self) -> String {
-        self.ctl("ledger.verify")
+        self.op(CtlOp::LedgerVerify)
     }
     /// Wildcard over every orchestrator-served `ctl` subject: `rhizos.ctl.v1.<ns>.*.*`.
     pub fn orchestrator_wildcard(&self) -> String {
         self.ctl("*.*")
     }
-
-    // --- ctl: requests served by one agent ---
-
-    /// Orchestrator → agent: run this job attempt. Acked by the agent.
     pub fn job_assign(&self, node_id: &str) -> Result<String, TokenError> {
-        validate_token("node id", node_id)?;
-        Ok(self.ctl(&format!("job.assign.{node_id}")))
+        self.node_op(CtlOp::JobAssign, node_id)
     }
-    /// Orchestrator → agent: stop this job attempt.
     pub fn job_stop(&self, node_id: &str) -> Result<String, TokenError> {
-        validate_token("node id", node_id)?;
-        Ok(self.ctl(&format!("job.stop.{node_id}")))
+        self.node_op(CtlOp::JobStop, node_id)
     }
-
-    /// Anyone → agent: the plugins this node has loaded and refused, live.
     pub fn node_plugins(&self, node_id: &str) -> Result<String, TokenError> {
-        validate_token("node id", node_id)?;
-        Ok(self.ctl(&format!("node.plugins.{node_id}")))
+        self.node_op(CtlOp::NodePlugins, node_id)
     }
 
     // --- evt: captured by the JetStream stream ---
@@ -211,6 +221,11 @@ impl Subjects {
     /// The last token of a subject (the id in `...<verb>.<id>`).
     pub fn last_token(subject: &str) -> &str {
         subject.rsplit('.').next().unwrap_or(subject)
+    }
+
+    /// The orchestrator-served operation a `ctl` subject of this namespace names, if any.
+    pub fn orchestrator_op(&self, subject: &str) -> Option<CtlOp> {
+        CtlOp::parse(self.ctl_operation(subject)?).filter(|op| op.server() == Server::Orchestrator)
     }
 
     /// The `<noun>.<verb>` part of a `ctl` subject of this namespace, if it is one.

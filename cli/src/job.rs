@@ -4,11 +4,11 @@ use crate::{GlobalArgs, money};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use futures::StreamExt as _;
-use rhizos_broker::Bus;
 use rhizos_broker::wire::{
-    self, Event, EventBody, JobList, JobRef, JobSpec, JobState, JobView, ListJobs, LogLine,
-    LogStream, SubmitJob, SubmitJobReply, WIRE_VERSION, Workload,
+    self, Event, EventBody, JobSpec, JobState, JobView, LogLine, LogStream, SubmitJob,
+    WIRE_VERSION, Workload,
 };
+use rhizos_broker::{Bus, Client};
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -129,19 +129,11 @@ pub struct SubmitArgs {
 }
 
 pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()> {
-    let bus = global.bus().await?;
+    let client = global.client().await?;
     match command {
-        JobCommand::Submit(args) => submit(global, &bus, *args).await,
+        JobCommand::Submit(args) => submit(global, client.bus(), *args).await,
         JobCommand::Get { job_id } => {
-            let job: JobView = bus
-                .request(
-                    bus.subjects.job_get(),
-                    &JobRef {
-                        v: WIRE_VERSION,
-                        job_id,
-                    },
-                )
-                .await?;
+            let job = client.job_get(&job_id).await?;
             print_job(global.json, &job)
         }
         JobCommand::List {
@@ -155,16 +147,8 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
                 ),
                 None => None,
             };
-            let list: JobList = bus
-                .request(
-                    bus.subjects.job_list(),
-                    &ListJobs {
-                        v: WIRE_VERSION,
-                        account,
-                        state,
-                        limit: Some(limit),
-                    },
-                )
+            let list = client
+                .job_list(account.as_deref(), state, Some(limit))
                 .await?;
             if global.json {
                 println!("{}", serde_json::to_string(&list)?);
@@ -191,15 +175,7 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
             Ok(())
         }
         JobCommand::Cancel { job_id } => {
-            let job: JobView = bus
-                .request(
-                    bus.subjects.job_cancel(),
-                    &JobRef {
-                        v: WIRE_VERSION,
-                        job_id,
-                    },
-                )
-                .await?;
+            let job = client.job_cancel(&job_id).await?;
             if !global.json && job.state == JobState::Running {
                 eprintln!(
                     "stop requested; the job ends when its node confirms (rhizos job get {})",
@@ -344,7 +320,7 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
         (None, None)
     };
 
-    let reply: SubmitJobReply = bus.request(bus.subjects.job_submit(), &request).await?;
+    let reply = Client::new(bus.clone()).submit(&request).await?;
     let output_dir = args.output_dir.as_deref();
     if !args.wait {
         if global.json {
@@ -474,15 +450,7 @@ async fn finish(
     job_id: &str,
     output_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<bool> {
-    let job: JobView = bus
-        .request(
-            bus.subjects.job_get(),
-            &JobRef {
-                v: WIRE_VERSION,
-                job_id: job_id.to_owned(),
-            },
-        )
-        .await?;
+    let job = Client::new(bus.clone()).job_get(job_id).await?;
     if !job.state.is_terminal() || job.cost_micros.is_none() {
         return Ok(false);
     }

@@ -10,10 +10,8 @@ mod up;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use rhizos_broker::wire::{
-    AccountRef, AccountView, Deposit, EscrowKind, Event, EventBody, WIRE_VERSION,
-};
-use rhizos_broker::{Bus, Settings};
+use rhizos_broker::wire::{EscrowKind, Event, EventBody};
+use rhizos_broker::{Bus, Client, Settings};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -65,6 +63,11 @@ impl GlobalArgs {
     pub async fn bus(&self) -> anyhow::Result<Bus> {
         let settings = self.settings()?;
         Ok(Bus::connect(&settings.nats).await?)
+    }
+
+    /// The typed control client over [`GlobalArgs::bus`].
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::new(self.bus().await?))
     }
 }
 
@@ -176,46 +179,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn account(global: &GlobalArgs, command: AccountCommand) -> anyhow::Result<()> {
-    let bus = global.bus().await?;
-    let subjects = &bus.subjects;
-    let view: AccountView = match command {
+    let client = global.client().await?;
+    let view = match command {
         AccountCommand::Statement { account, limit } => {
-            return node::statement(global, &bus, &account, limit).await;
+            return node::statement(global, &client, &account, limit).await;
         }
-        AccountCommand::Create { account } => {
-            bus.request(
-                subjects.account_create(),
-                &AccountRef {
-                    v: WIRE_VERSION,
-                    account,
-                },
-            )
-            .await?
-        }
+        AccountCommand::Create { account } => client.account_create(&account).await?,
         AccountCommand::Deposit {
             account,
             amount_usd,
             idempotency_key,
         } => {
             let amount_micros = money::parse_usd(&amount_usd).map_err(anyhow::Error::msg)?;
-            let request = Deposit {
-                v: WIRE_VERSION,
-                account,
-                amount_micros,
-                idempotency_key,
-            };
-            bus.request(subjects.account_deposit(), &request).await?
+            client
+                .account_deposit(&account, amount_micros, idempotency_key.as_deref())
+                .await?
         }
-        AccountCommand::Balance { account } => {
-            bus.request(
-                subjects.account_balance(),
-                &AccountRef {
-                    v: WIRE_VERSION,
-                    account,
-                },
-            )
-            .await?
-        }
+        AccountCommand::Balance { account } => client.account_balance(&account).await?,
     };
     if global.json {
         println!("{}", serde_json::to_string(&view)?);

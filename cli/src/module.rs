@@ -6,10 +6,7 @@
 use crate::GlobalArgs;
 use anyhow::Context as _;
 use clap::Subcommand;
-use rhizos_broker::wire::{
-    self, ListModules, ModuleList, ModuleManifest, ModuleRef, ResolveModule, ResolvedModule,
-    WIRE_VERSION,
-};
+use rhizos_broker::wire::{self, ModuleManifest, ModuleRef};
 use sha2::Digest as _;
 use std::path::{Path, PathBuf};
 
@@ -39,16 +36,7 @@ pub async fn run(global: &GlobalArgs, command: ModuleCommand) -> anyhow::Result<
         ModuleCommand::Pack { source, out } => return pack(global, &source, &out),
     };
     ModuleRef::parse(&uri).map_err(anyhow::Error::msg)?;
-    let bus = global.bus().await?;
-    let resolved: ResolvedModule = bus
-        .request(
-            bus.subjects.module_resolve(),
-            &ResolveModule {
-                v: WIRE_VERSION,
-                uri,
-            },
-        )
-        .await?;
+    let resolved = global.client().await?.module_resolve(&uri).await?;
     if global.json {
         println!("{}", serde_json::to_string(&resolved)?);
         return Ok(());
@@ -168,10 +156,7 @@ fn entry_name(entry: &serde_json::Value) -> String {
 }
 
 async fn list(global: &GlobalArgs) -> anyhow::Result<()> {
-    let bus = global.bus().await?;
-    let list: ModuleList = bus
-        .request(bus.subjects.module_list(), &ListModules { v: WIRE_VERSION })
-        .await?;
+    let list = global.client().await?.module_list().await?;
     if global.json {
         println!("{}", serde_json::to_string(&list)?);
         return Ok(());

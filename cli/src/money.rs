@@ -33,7 +33,7 @@ pub fn parse_usd(text: &str) -> Result<i64, String> {
 
 /// `1234567` → `$1.234567`.
 pub fn format_usd(micros: i64) -> String {
-    rhizos_core::orchestrator::store::format_usd(micros)
+    rhizos_broker::wire::format_usd(micros)
 }
 
 #[cfg(test)]

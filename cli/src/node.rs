@@ -5,11 +5,7 @@ use crate::{GlobalArgs, money};
 use anyhow::Context as _;
 use clap::Subcommand;
 use futures::StreamExt as _;
-use rhizos_broker::Bus;
-use rhizos_broker::wire::{
-    LedgerReport, NodeList, NodeRef, NodeView, Statement, StatementRequest, VerifyLedger,
-    WIRE_VERSION,
-};
+use rhizos_broker::Client;
 use std::time::Duration;
 
 #[derive(Subcommand)]
@@ -27,12 +23,10 @@ pub enum LedgerCommand {
 }
 
 pub async fn run_node(global: &GlobalArgs, command: NodeCommand) -> anyhow::Result<()> {
-    let bus = global.bus().await?;
+    let client = global.client().await?;
     match command {
         NodeCommand::List => {
-            let list: NodeList = bus
-                .request(bus.subjects.node_list(), &VerifyLedger { v: WIRE_VERSION })
-                .await?;
+            let list = client.node_list().await?;
             if global.json {
                 println!("{}", serde_json::to_string(&list)?);
                 return Ok(());
@@ -71,15 +65,7 @@ pub async fn run_node(global: &GlobalArgs, command: NodeCommand) -> anyhow::Resu
             }
         }
         NodeCommand::Info { node_id } => {
-            let node: NodeView = bus
-                .request(
-                    bus.subjects.node_info(),
-                    &NodeRef {
-                        v: WIRE_VERSION,
-                        node_id,
-                    },
-                )
-                .await?;
+            let node = client.node_info(&node_id).await?;
             if global.json {
                 println!("{}", serde_json::to_string(&node)?);
                 return Ok(());
@@ -186,15 +172,10 @@ pub async fn run_node(global: &GlobalArgs, command: NodeCommand) -> anyhow::Resu
 }
 
 pub async fn run_ledger(global: &GlobalArgs, command: LedgerCommand) -> anyhow::Result<()> {
-    let bus = global.bus().await?;
+    let client = global.client().await?;
     match command {
         LedgerCommand::Verify => {
-            let report: LedgerReport = bus
-                .request(
-                    bus.subjects.ledger_verify(),
-                    &VerifyLedger { v: WIRE_VERSION },
-                )
-                .await?;
+            let report = client.ledger_verify().await?;
             if global.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -224,18 +205,11 @@ pub async fn run_ledger(global: &GlobalArgs, command: LedgerCommand) -> anyhow::
 
 pub async fn statement(
     global: &GlobalArgs,
-    bus: &Bus,
+    client: &Client,
     account: &str,
     limit: u32,
 ) -> anyhow::Result<()> {
-    let request = StatementRequest {
-        v: WIRE_VERSION,
-        account: account.to_owned(),
-        limit: Some(limit),
-    };
-    let statement: Statement = bus
-        .request(bus.subjects.account_statement(), &request)
-        .await?;
+    let statement = client.account_statement(account, Some(limit)).await?;
     if global.json {
         println!("{}", serde_json::to_string(&statement)?);
         return Ok(());

@@ -6,9 +6,7 @@
 
 use crate::GlobalArgs;
 use clap::Subcommand;
-use rhizos_broker::wire::{
-    ListPlugins, NodeList, PluginList, PluginView, VerifyLedger, WIRE_VERSION,
-};
+use rhizos_broker::wire::{PluginList, PluginView};
 use std::time::Duration;
 
 #[derive(Subcommand)]
@@ -22,31 +20,27 @@ pub enum PluginsCommand {
 }
 
 pub async fn run(global: &GlobalArgs, command: PluginsCommand) -> anyhow::Result<()> {
-    let bus = global.bus().await?;
+    let client = global.client().await?;
     let PluginsCommand::List { node } = command;
     let lists: Vec<PluginList> = match node {
         Some(node_id) => {
-            let subject = bus.subjects.node_plugins(&node_id)?;
-            let list = tokio::time::timeout(
-                Duration::from_secs(5),
-                bus.request::<_, PluginList>(subject, &ListPlugins { v: WIRE_VERSION }),
-            )
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!("node {node_id} did not answer within 5 s (is its agent running?)")
-            })?
-            .map_err(|e| match e {
-                rhizos_broker::RequestError::NoResponders { .. } => anyhow::anyhow!(
-                    "no agent named {node_id} is connected (see `rhizos node list`)"
-                ),
-                other => other.into(),
-            })?;
+            let list = tokio::time::timeout(Duration::from_secs(5), client.node_plugins(&node_id))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "node {node_id} did not answer within 5 s (is its agent running?)"
+                    )
+                })?
+                .map_err(|e| match e {
+                    rhizos_broker::RequestError::NoResponders { .. } => anyhow::anyhow!(
+                        "no agent named {node_id} is connected (see `rhizos node list`)"
+                    ),
+                    other => other.into(),
+                })?;
             vec![list]
         }
         None => {
-            let nodes: NodeList = bus
-                .request(bus.subjects.node_list(), &VerifyLedger { v: WIRE_VERSION })
-                .await?;
+            let nodes = client.node_list().await?;
             nodes
                 .nodes
                 .into_iter()

@@ -4,10 +4,9 @@
 use anyhow::Context as _;
 use rhizos_broker::server::{LaunchOptions, NatsServer};
 use rhizos_broker::wire::{
-    AccountRef, AccountView, Deposit, JobRef, JobSpec, JobView, Pricing, SubmitJob, SubmitJobReply,
-    WIRE_VERSION, Workload, b64_encode,
+    AccountView, JobSpec, JobView, Pricing, SubmitJob, SubmitJobReply, Workload, b64_encode,
 };
-use rhizos_broker::{Bus, Settings};
+use rhizos_broker::{Bus, Client, Settings};
 use rhizos_core::{Agent, Orchestrator};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -178,13 +177,8 @@ impl Cluster {
     /// cluster without agents has nothing else to wait for.
     async fn wait_for_orchestrator(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let probe = rhizos_broker::wire::VerifyLedger { v: WIRE_VERSION };
         loop {
-            match self
-                .bus
-                .request::<_, rhizos_broker::wire::NodeList>(self.bus.subjects.node_list(), &probe)
-                .await
-            {
+            match self.client().node_list().await {
                 Ok(_) => return Ok(()),
                 Err(e) if e.remote().is_none() && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -219,62 +213,31 @@ impl Cluster {
         self.settings.orchestrator.data_dir.join("ledger.db")
     }
 
+    /// The typed control client, over the cluster's connection.
+    pub fn client(&self) -> Client {
+        Client::new(self.bus.clone())
+    }
+
     /// Creates `account` and deposits `micros` into it.
     pub async fn funded_account(&self, account: &str, micros: i64) -> anyhow::Result<AccountView> {
-        let subjects = &self.bus.subjects;
-        let _: AccountView = self
-            .bus
-            .request(
-                subjects.account_create(),
-                &AccountRef {
-                    v: WIRE_VERSION,
-                    account: account.into(),
-                },
-            )
-            .await?;
-        let deposit = Deposit {
-            v: WIRE_VERSION,
-            account: account.into(),
-            amount_micros: micros,
-            idempotency_key: None,
-        };
-        Ok(self
-            .bus
-            .request(subjects.account_deposit(), &deposit)
-            .await?)
+        let client = self.client();
+        client.account_create(account).await?;
+        Ok(client.account_deposit(account, micros, None).await?)
     }
 
     pub async fn balance(&self, account: &str) -> anyhow::Result<AccountView> {
-        let request = AccountRef {
-            v: WIRE_VERSION,
-            account: account.into(),
-        };
-        Ok(self
-            .bus
-            .request(self.bus.subjects.account_balance(), &request)
-            .await?)
+        Ok(self.client().account_balance(account).await?)
     }
 
     pub async fn submit(
         &self,
         request: &SubmitJob,
     ) -> Result<SubmitJobReply, rhizos_broker::RequestError> {
-        self.bus
-            .request(self.bus.subjects.job_submit(), request)
-            .await
+        self.client().submit(request).await
     }
 
     pub async fn job(&self, job_id: &str) -> anyhow::Result<JobView> {
-        Ok(self
-            .bus
-            .request(
-                self.bus.subjects.job_get(),
-                &JobRef {
-                    v: WIRE_VERSION,
-                    job_id: job_id.into(),
-                },
-            )
-            .await?)
+        Ok(self.client().job_get(job_id).await?)
     }
 
     /// Polls until the job has ended and its money is settled or refunded.

@@ -48,8 +48,7 @@ impl SimFleet {
                     hardware: None,
                     artifact_sources: vec![],
                 };
-                bus.request::<_, Ack>(bus.subjects.node_register(), &registration)
-                    .await
+                bus.call(&registration).await
             }
         }))
         .buffer_unordered(64);
@@ -83,9 +82,7 @@ impl SimFleet {
                         attempt: assign.attempt,
                         phase: ReportPhase::Running,
                     };
-                    let _ = bus
-                        .request::<_, Ack>(bus.subjects.job_report(), &running)
-                        .await;
+                    let _ = bus.call(&running).await;
                     let finished = JobReport {
                         phase: ReportPhase::Finished {
                             outcome: ExecutionOutcome {
@@ -101,9 +98,7 @@ impl SimFleet {
                         },
                         ..running
                     };
-                    let _ = bus
-                        .request::<_, Ack>(bus.subjects.job_report(), &finished)
-                        .await;
+                    let _ = bus.call(&finished).await;
                 });
             }
         });

@@ -47,7 +47,7 @@ impl ArtifactStore {
     /// Blocking (call it on a blocking thread).
     pub fn get(&self, url: &str, sha256: &str) -> Result<(Vec<u8>, Origin), String> {
         wire::validate_artifact_url(url)?;
-        if !wire::fetches_from(&self.sources, url) {
+        if !crate::orchestrator::matching::fetches_from(&self.sources, url) {
             return Err(format!(
                 "this node does not fetch artifacts from {url} (its [agent] artifact_sources)"
             ));

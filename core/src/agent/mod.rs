@@ -349,15 +349,9 @@ impl Agent {
     }
 
     async fn register(&self) {
-        let subject = self.inner.bus.subjects.node_register();
         let mut delay = Duration::from_millis(200);
         loop {
-            match self
-                .inner
-                .bus
-                .request::<_, Ack>(subject.clone(), &self.registration())
-                .await
-            {
+            match self.inner.bus.call(&self.registration()).await {
                 Ok(_) => {
                     tracing::info!(node_id = %self.inner.node_id, "registered with the orchestrator");
                     return;
@@ -388,7 +382,7 @@ impl Agent {
                 node_id: self.inner.node_id.clone(),
                 running,
                 free_slots,
-                ts_ms: now_ms(),
+                ts_ms: crate::now_ms(),
                 gpus: self
                     .inner
                     .nvml
@@ -656,7 +650,7 @@ impl Agent {
                 seq,
                 stream,
                 line,
-                ts_ms: now_ms(),
+                ts_ms: crate::now_ms(),
             };
             seq += 1;
             if let Err(e) = self
@@ -678,15 +672,9 @@ impl Agent {
 
     /// Sends a report until the orchestrator answers (it may be restarting).
     async fn send_report(&self, report: JobReport) {
-        let subject = self.inner.bus.subjects.job_report();
         let mut delay = Duration::from_millis(100);
         loop {
-            match self
-                .inner
-                .bus
-                .request::<_, Ack>(subject.clone(), &report)
-                .await
-            {
+            match self.inner.bus.call(&report).await {
                 Ok(Ack { accepted: true, .. }) => return,
                 Ok(Ack { note, .. }) => {
                     tracing::warn!(job_id = %report.job_id, attempt = report.attempt, note = ?note, "report not accepted");
@@ -940,8 +928,4 @@ impl Tail {
         }
         text
     }
-}
-
-fn now_ms() -> u64 {
-    crate::orchestrator::store::now_ms()
 }

@@ -25,9 +25,29 @@
 
 use crate::ledger;
 use rhizos_broker::config::MatchingWeights;
-use rhizos_broker::wire::{ErrorCode, JobSpec, RegisterNode, WireError, provider_tier};
+use rhizos_broker::wire::{ErrorCode, GpuInfo, JobSpec, RegisterNode, WireError, format_usd};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
+
+/// Provider tier by the largest GPU's VRAM (the Cxmpute tiers): 0 below 1 GiB (or no GPU),
+/// 1 for 1–4 GiB, 2 for 4–8 GiB, 3 for 8–22 GiB, 4 from 22 GiB.
+pub fn provider_tier(gpus: &[GpuInfo]) -> u8 {
+    let largest_mib = gpus.iter().map(|g| g.vram_mib).max().unwrap_or(0);
+    match largest_mib {
+        m if m >= 22 * 1024 => 4,
+        m if m >= 8 * 1024 => 3,
+        m if m >= 4 * 1024 => 2,
+        m if m >= 1024 => 1,
+        _ => 0,
+    }
+}
+
+/// Whether a node with `sources` (URL prefixes) fetches `url`.
+pub fn fetches_from(sources: &[String], url: &str) -> bool {
+    sources
+        .iter()
+        .any(|prefix| !prefix.is_empty() && url.starts_with(prefix.as_str()))
+}
 
 /// What a node has committed to its assigned and running executions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -225,7 +245,7 @@ fn check(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Result<i6
         return Err(Unfit::Gpus);
     }
     if let Some(url) = &spec.artifact_url
-        && !rhizos_broker::wire::fetches_from(&node.artifact_sources, url)
+        && !fetches_from(&node.artifact_sources, url)
     {
         return Err(Unfit::ArtifactSource);
     }
@@ -271,8 +291,8 @@ fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Op
             "{id}: running for the whole timeout ({} ms) could cost up to {} at its prices, above the max cost \
              of {} (raise the max cost or lower the timeout)",
             spec.timeout_ms,
-            crate::orchestrator::store::format_usd(estimate),
-            crate::orchestrator::store::format_usd(max_cost_micros)
+            format_usd(estimate),
+            format_usd(max_cost_micros)
         ),
     })
 }

@@ -1,0 +1,201 @@
+//! The typed control client: one method per [`CtlOp`](crate::CtlOp), each filling in the schema
+//! version and reading the reply type its operation answers with. The CLI, the testbed and the
+//! benchmarks talk to the network through it (the gateway and the live monitor will too), so no
+//! client builds a subject or a request envelope by hand.
+
+use crate::bus::{Bus, RequestError};
+use crate::wire::{
+    self, AccountRef, AccountView, Ack, AssignJob, CancelJob, CreateAccount, Deposit, JobList,
+    JobRef, JobReport, JobView, LedgerReport, ListJobs, ListModules, ListNodes, ListPlugins,
+    ModuleList, NodeList, NodeRef, NodeView, PluginList, RegisterNode, ResolveModule,
+    ResolvedModule, Statement, StatementRequest, StopJob, SubmitJob, SubmitJobReply, VerifyLedger,
+    WIRE_VERSION,
+};
+
+/// A connected, typed client of one namespace. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    bus: Bus,
+}
+
+impl Client {
+    pub fn new(bus: Bus) -> Self {
+        Self { bus }
+    }
+
+    /// The connection underneath (subscriptions, JetStream).
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    // ----- jobs -----
+
+    /// `job.submit`: accepts the job and holds its `max_cost` in escrow.
+    pub async fn submit(&self, request: &SubmitJob) -> Result<SubmitJobReply, RequestError> {
+        self.bus.call(request).await
+    }
+
+    pub async fn job_get(&self, job_id: &str) -> Result<JobView, RequestError> {
+        self.bus
+            .call(&JobRef {
+                v: WIRE_VERSION,
+                job_id: job_id.to_owned(),
+            })
+            .await
+    }
+
+    /// `job.list`: newest first, filtered by account and state, at most `limit` (default 50).
+    pub async fn job_list(
+        &self,
+        account: Option<&str>,
+        state: Option<wire::JobState>,
+        limit: Option<u32>,
+    ) -> Result<JobList, RequestError> {
+        self.bus
+            .call(&ListJobs {
+                v: WIRE_VERSION,
+                account: account.map(str::to_owned),
+                state,
+                limit,
+            })
+            .await
+    }
+
+    pub async fn job_cancel(&self, job_id: &str) -> Result<JobView, RequestError> {
+        self.bus
+            .call(&CancelJob {
+                v: WIRE_VERSION,
+                job_id: job_id.to_owned(),
+            })
+            .await
+    }
+
+    /// `job.report` (agents): progress or the result of one attempt.
+    pub async fn job_report(&self, report: &JobReport) -> Result<Ack, RequestError> {
+        self.bus.call(report).await
+    }
+
+    // ----- accounts and the ledger -----
+
+    pub async fn account_create(&self, account: &str) -> Result<AccountView, RequestError> {
+        self.bus
+            .call(&CreateAccount {
+                v: WIRE_VERSION,
+                account: account.to_owned(),
+            })
+            .await
+    }
+
+    /// `account.deposit`: a retried deposit with the same `idempotency_key` changes nothing.
+    pub async fn account_deposit(
+        &self,
+        account: &str,
+        amount_micros: i64,
+        idempotency_key: Option<&str>,
+    ) -> Result<AccountView, RequestError> {
+        self.bus
+            .call(&Deposit {
+                v: WIRE_VERSION,
+                account: account.to_owned(),
+                amount_micros,
+                idempotency_key: idempotency_key.map(str::to_owned),
+            })
+            .await
+    }
+
+    pub async fn account_balance(&self, account: &str) -> Result<AccountView, RequestError> {
+        self.bus
+            .call(&AccountRef {
+                v: WIRE_VERSION,
+                account: account.to_owned(),
+            })
+            .await
+    }
+
+    /// `account.statement`: postings newest first (default 100, at most 10 000).
+    pub async fn account_statement(
+        &self,
+        account: &str,
+        limit: Option<u32>,
+    ) -> Result<Statement, RequestError> {
+        self.bus
+            .call(&StatementRequest {
+                v: WIRE_VERSION,
+                account: account.to_owned(),
+                limit,
+            })
+            .await
+    }
+
+    pub async fn ledger_verify(&self) -> Result<LedgerReport, RequestError> {
+        self.bus.call(&VerifyLedger { v: WIRE_VERSION }).await
+    }
+
+    // ----- nodes -----
+
+    /// `node.register` (agents).
+    pub async fn node_register(&self, registration: &RegisterNode) -> Result<Ack, RequestError> {
+        self.bus.call(registration).await
+    }
+
+    pub async fn node_list(&self) -> Result<NodeList, RequestError> {
+        self.bus.call(&ListNodes { v: WIRE_VERSION }).await
+    }
+
+    pub async fn node_info(&self, node_id: &str) -> Result<NodeView, RequestError> {
+        self.bus
+            .call(&NodeRef {
+                v: WIRE_VERSION,
+                node_id: node_id.to_owned(),
+            })
+            .await
+    }
+
+    // ----- modules -----
+
+    pub async fn module_resolve(&self, uri: &str) -> Result<ResolvedModule, RequestError> {
+        self.bus
+            .call(&ResolveModule {
+                v: WIRE_VERSION,
+                uri: uri.to_owned(),
+            })
+            .await
+    }
+
+    pub async fn module_list(&self) -> Result<ModuleList, RequestError> {
+        self.bus.call(&ListModules { v: WIRE_VERSION }).await
+    }
+
+    // ----- one node's agent -----
+
+    /// `job.assign.<node>` (the orchestrator).
+    pub async fn job_assign(&self, node_id: &str, assign: &AssignJob) -> Result<Ack, RequestError> {
+        self.bus.call_node(node_id, assign).await
+    }
+
+    /// `job.stop.<node>` (the orchestrator).
+    pub async fn job_stop(
+        &self,
+        node_id: &str,
+        job_id: &str,
+        attempt: u32,
+    ) -> Result<Ack, RequestError> {
+        self.bus
+            .call_node(
+                node_id,
+                &StopJob {
+                    v: WIRE_VERSION,
+                    job_id: job_id.to_owned(),
+                    attempt,
+                },
+            )
+            .await
+    }
+
+    /// `node.plugins.<node>`: what that agent has loaded and refused, live.
+    pub async fn node_plugins(&self, node_id: &str) -> Result<PluginList, RequestError> {
+        self.bus
+            .call_node(node_id, &ListPlugins { v: WIRE_VERSION })
+            .await
+    }
+}

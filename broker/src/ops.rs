@@ -1,0 +1,199 @@
+//! The one table of control operations: every request/reply subject of the v1 scheme, who serves
+//! it, and — through [`Request`] — which message goes there and which reply comes back.
+//!
+//! [`CtlOp`] is the only list of request subjects. Subject builders ([`crate::Subjects`]), the
+//! orchestrator's dispatch (an exhaustive `match` on [`CtlOp`]), the typed [`crate::Client`] and
+//! the README's subject table (checked by a test) all follow it, so a new operation does not
+//! compile until every one of them handles it.
+
+use crate::wire;
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Who answers an operation's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// The orchestrator (queue group `orchestrator`): `rhizos.ctl.v1.<ns>.<noun>.<verb>`.
+    Orchestrator,
+    /// One node's agent: `rhizos.ctl.v1.<ns>.<noun>.<verb>.<node_id>`.
+    Agent,
+}
+
+/// A request/reply operation: the `<noun>.<verb>` of a `ctl` subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CtlOp {
+    JobSubmit,
+    JobGet,
+    JobList,
+    JobCancel,
+    /// Agents report progress and results of their executions.
+    JobReport,
+    AccountCreate,
+    AccountDeposit,
+    AccountBalance,
+    AccountStatement,
+    NodeRegister,
+    NodeList,
+    NodeInfo,
+    LedgerVerify,
+    /// Resolve a `chain://` module through the orchestrator's resolver chain.
+    ModuleResolve,
+    /// Every module the orchestrator's resolvers can enumerate.
+    ModuleList,
+    /// Orchestrator → agent: run this job attempt.
+    JobAssign,
+    /// Orchestrator → agent: stop this job attempt.
+    JobStop,
+    /// Anyone → agent: the plugins the node has loaded and refused, live.
+    NodePlugins,
+}
+
+impl CtlOp {
+    /// Every operation, in the order of the README's subject table.
+    pub const ALL: [CtlOp; 18] = [
+        Self::JobSubmit,
+        Self::JobGet,
+        Self::ModuleResolve,
+        Self::ModuleList,
+        Self::JobList,
+        Self::JobCancel,
+        Self::AccountCreate,
+        Self::AccountBalance,
+        Self::AccountDeposit,
+        Self::AccountStatement,
+        Self::NodeList,
+        Self::NodeInfo,
+        Self::LedgerVerify,
+        Self::NodeRegister,
+        Self::JobReport,
+        Self::JobAssign,
+        Self::JobStop,
+        Self::NodePlugins,
+    ];
+
+    /// The `<noun>.<verb>` subject tokens.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::JobSubmit => "job.submit",
+            Self::JobGet => "job.get",
+            Self::JobList => "job.list",
+            Self::JobCancel => "job.cancel",
+            Self::JobReport => "job.report",
+            Self::AccountCreate => "account.create",
+            Self::AccountDeposit => "account.deposit",
+            Self::AccountBalance => "account.balance",
+            Self::AccountStatement => "account.statement",
+            Self::NodeRegister => "node.register",
+            Self::NodeList => "node.list",
+            Self::NodeInfo => "node.info",
+            Self::LedgerVerify => "ledger.verify",
+            Self::ModuleResolve => "module.resolve",
+            Self::ModuleList => "module.list",
+            Self::JobAssign => "job.assign",
+            Self::JobStop => "job.stop",
+            Self::NodePlugins => "node.plugins",
+        }
+    }
+
+    /// The operation whose [`CtlOp::as_str`] is `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|op| op.as_str() == text)
+    }
+
+    pub const fn server(self) -> Server {
+        match self {
+            Self::JobAssign | Self::JobStop | Self::NodePlugins => Server::Agent,
+            _ => Server::Orchestrator,
+        }
+    }
+}
+
+impl std::fmt::Display for CtlOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A request message: the operation it is sent to and the reply it gets. Sending through
+/// [`crate::Bus::call`] (or the [`crate::Client`]) ties the three together, so a request cannot go
+/// to another subject or be read back as another reply.
+pub trait Request: Serialize + DeserializeOwned + Send + Sync {
+    const OP: CtlOp;
+    type Reply: Serialize + DeserializeOwned + Send;
+}
+
+macro_rules! requests {
+    ($($request:ty => $op:ident -> $reply:ty;)*) => {
+        $(impl Request for $request {
+            const OP: CtlOp = CtlOp::$op;
+            type Reply = $reply;
+        })*
+    };
+}
+
+requests! {
+    wire::SubmitJob => JobSubmit -> wire::SubmitJobReply;
+    wire::JobRef => JobGet -> wire::JobView;
+    wire::ListJobs => JobList -> wire::JobList;
+    wire::CancelJob => JobCancel -> wire::JobView;
+    wire::JobReport => JobReport -> wire::Ack;
+    wire::CreateAccount => AccountCreate -> wire::AccountView;
+    wire::Deposit => AccountDeposit -> wire::AccountView;
+    wire::AccountRef => AccountBalance -> wire::AccountView;
+    wire::StatementRequest => AccountStatement -> wire::Statement;
+    wire::RegisterNode => NodeRegister -> wire::Ack;
+    wire::ListNodes => NodeList -> wire::NodeList;
+    wire::NodeRef => NodeInfo -> wire::NodeView;
+    wire::VerifyLedger => LedgerVerify -> wire::LedgerReport;
+    wire::ResolveModule => ModuleResolve -> wire::ResolvedModule;
+    wire::ListModules => ModuleList -> wire::ModuleList;
+    wire::AssignJob => JobAssign -> wire::Ack;
+    wire::StopJob => JobStop -> wire::Ack;
+    wire::ListPlugins => NodePlugins -> wire::PluginList;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_operation_parses_back_and_is_listed_once() {
+        let mut seen = std::collections::HashSet::new();
+        for op in CtlOp::ALL {
+            assert_eq!(CtlOp::parse(op.as_str()), Some(op));
+            assert!(seen.insert(op.as_str()), "{op} listed twice");
+            let tokens: Vec<&str> = op.as_str().split('.').collect();
+            assert_eq!(tokens.len(), 2, "{op} is not <noun>.<verb>");
+        }
+        assert_eq!(CtlOp::parse("job.nope"), None);
+        assert_eq!(CtlOp::parse("job.submit.x"), None);
+    }
+
+    /// The README's subject table is the public API: every operation has its own row there.
+    #[test]
+    fn every_operation_is_in_the_readme_subject_table() {
+        let readme = include_str!("../../README.md");
+        let table: Vec<&str> = readme
+            .lines()
+            .skip_while(|line| !line.starts_with("## Subjects"))
+            .take_while(|line| !line.starts_with("## Configuration"))
+            .filter(|line| line.starts_with("| `rhizos.ctl.v1."))
+            .collect();
+        for op in CtlOp::ALL {
+            let subject = match op.server() {
+                Server::Orchestrator => format!("`rhizos.ctl.v1.<ns>.{op}`"),
+                Server::Agent => format!("`rhizos.ctl.v1.<ns>.{op}.<node_id>`"),
+            };
+            assert!(
+                table
+                    .iter()
+                    .any(|row| row.starts_with(&format!("| {subject} |"))),
+                "the README subject table has no row for {subject}"
+            );
+        }
+        assert_eq!(
+            table.len(),
+            CtlOp::ALL.len(),
+            "the README lists ctl subjects that are not operations: {table:#?}"
+        );
+    }
+}

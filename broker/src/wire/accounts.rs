@@ -1,0 +1,92 @@
+//! Accounts and the ledger: create, deposit, balance, statement and verify requests and replies.
+//! Money is integer micro-USD.
+
+use serde::{Deserialize, Serialize};
+
+/// `account.balance` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountRef {
+    pub v: u32,
+    pub account: String,
+}
+
+/// `account.create` request (the same shape as [`AccountRef`], its own type so it cannot be sent
+/// to `account.balance` by mistake).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateAccount {
+    pub v: u32,
+    pub account: String,
+}
+
+/// `account.deposit` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deposit {
+    pub v: u32,
+    pub account: String,
+    pub amount_micros: i64,
+    /// Repeating a deposit with the same key changes nothing (safe retries).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountView {
+    pub account: String,
+    pub balance_micros: i64,
+    /// Money of this account currently held in escrow by its running jobs.
+    pub held_micros: i64,
+}
+
+/// `ledger.verify` request (no parameters besides the version).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyLedger {
+    pub v: u32,
+}
+
+/// What `ledger.verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerReport {
+    pub ok: bool,
+    pub accounts: u64,
+    pub transactions: u64,
+    pub postings_sum_micros: i64,
+    pub jobs_checked: u64,
+    pub problems: Vec<String>,
+}
+
+/// `account.statement` request.
+/// `account.statement` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatementRequest {
+    pub v: u32,
+    pub account: String,
+    /// At most this many postings, newest first (default 100, at most 10 000).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementLine {
+    pub tx_id: i64,
+    /// `deposit`, `hold`, `settle`, `refund`.
+    pub kind: String,
+    pub job_id: Option<String>,
+    pub amount_micros: i64,
+    /// Balance right after this posting.
+    pub balance_after_micros: i64,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statement {
+    pub account: String,
+    pub balance_micros: i64,
+    pub lines: Vec<StatementLine>,
+}
+
+/// `1234567` → `$1.234567` (exact: integer micro-USD, no floating point).
+pub fn format_usd(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let abs = micros.unsigned_abs();
+    format!("{sign}${}.{:06}", abs / 1_000_000, abs % 1_000_000)
+}

@@ -1,0 +1,76 @@
+//! `account.*` and `ledger.verify` requests.
+
+use super::super::Orchestrator;
+use super::super::validate::{limits::MAX_COST_MICROS, token};
+use rhizos_broker::validate_token;
+use rhizos_broker::wire::{
+    self, AccountRef, CreateAccount, Deposit, ErrorCode, StatementRequest, VerifyLedger, WireError,
+};
+
+impl Orchestrator {
+    pub(in crate::orchestrator) async fn account_create(
+        &self,
+        request: CreateAccount,
+    ) -> Result<wire::AccountView, WireError> {
+        token(validate_token("account", &request.account))?;
+        self.db(move |store| store.create_account(&request.account))
+            .await
+    }
+
+    pub(in crate::orchestrator) async fn account_deposit(
+        &self,
+        request: Deposit,
+    ) -> Result<wire::AccountView, WireError> {
+        token(validate_token("account", &request.account))?;
+        if let Some(key) = &request.idempotency_key {
+            token(validate_token("idempotency key", key))?;
+        }
+        if request.amount_micros <= 0 || request.amount_micros > MAX_COST_MICROS {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "deposit must be between 1 and {MAX_COST_MICROS} micro-USD, got {}",
+                    request.amount_micros
+                ),
+            ));
+        }
+        self.db(move |store| {
+            store.deposit(
+                &request.account,
+                request.amount_micros,
+                request.idempotency_key.as_deref(),
+            )
+        })
+        .await
+    }
+
+    pub(in crate::orchestrator) async fn account_balance(
+        &self,
+        request: AccountRef,
+    ) -> Result<wire::AccountView, WireError> {
+        token(validate_token("account", &request.account))?;
+        self.db(move |store| store.account(&request.account)).await
+    }
+
+    pub(in crate::orchestrator) async fn account_statement(
+        &self,
+        request: StatementRequest,
+    ) -> Result<wire::Statement, WireError> {
+        token(validate_token("account", &request.account))?;
+        let limit = request.limit.unwrap_or(100);
+        self.db(move |store| store.statement(&request.account, limit))
+            .await
+    }
+
+    pub(in crate::orchestrator) async fn ledger_verify(
+        &self,
+        _request: VerifyLedger,
+    ) -> Result<wire::LedgerReport, WireError> {
+        self.verify_ledger().await
+    }
+
+    /// Checks the ledger invariants (for `rhizos ledger verify` and tests).
+    pub async fn verify_ledger(&self) -> Result<wire::LedgerReport, WireError> {
+        self.db(|store| store.verify()).await
+    }
+}

@@ -1,0 +1,94 @@
+//! The orchestrator's request API: every `ctl` request is decoded as the message its operation
+//! takes and answered with the reply that operation promises ([`rhizos_broker::Request`]). The
+//! dispatch is an exhaustive `match` on [`CtlOp`], so a new operation does not compile until it
+//! is handled here; a subject that names no operation gets `unsupported_subject`.
+//!
+//! One file per noun: [`jobs`], [`accounts`] (with `ledger.verify`), [`nodes`], [`modules`].
+
+mod accounts;
+mod jobs;
+mod modules;
+mod nodes;
+
+use super::Orchestrator;
+use rhizos_broker::wire::{self, ErrorCode, Reply, WireError};
+use rhizos_broker::{CtlOp, Request};
+use serde::Serialize;
+
+impl Orchestrator {
+    pub(super) async fn handle_request(&self, message: async_nats::Message) {
+        let Some(reply_to) = message.reply.clone() else {
+            tracing::debug!(subject = %message.subject, "request without reply subject ignored");
+            return;
+        };
+        let operation = self.inner.bus.subjects.orchestrator_op(&message.subject);
+        let reply = match operation {
+            Some(op) => self.serve_op(op, &message.payload).await,
+            None => unsupported(&message.subject),
+        };
+        if let Err(e) = self.inner.bus.client.publish(reply_to, reply).await {
+            tracing::warn!(error = %e, operation = ?operation.map(CtlOp::as_str), "failed to send reply");
+        }
+    }
+
+    async fn serve_op(&self, op: CtlOp, payload: &[u8]) -> bytes::Bytes {
+        match op {
+            CtlOp::JobSubmit => self.serve(payload, |r| self.submit(r)).await,
+            CtlOp::JobGet => self.serve(payload, |r| self.get_job(r)).await,
+            CtlOp::JobList => self.serve(payload, |r| self.list_jobs(r)).await,
+            CtlOp::JobCancel => self.serve(payload, |r| self.cancel_job(r)).await,
+            CtlOp::JobReport => self.serve(payload, |r| self.report(r)).await,
+            CtlOp::AccountCreate => self.serve(payload, |r| self.account_create(r)).await,
+            CtlOp::AccountDeposit => self.serve(payload, |r| self.account_deposit(r)).await,
+            CtlOp::AccountBalance => self.serve(payload, |r| self.account_balance(r)).await,
+            CtlOp::AccountStatement => self.serve(payload, |r| self.account_statement(r)).await,
+            CtlOp::NodeRegister => self.serve(payload, |r| self.register_node(r)).await,
+            CtlOp::NodeList => self.serve(payload, |r| self.node_list(r)).await,
+            CtlOp::NodeInfo => self.serve(payload, |r| self.node_info(r)).await,
+            CtlOp::LedgerVerify => self.serve(payload, |r| self.ledger_verify(r)).await,
+            CtlOp::ModuleResolve => self.serve(payload, |r| self.module_resolve(r)).await,
+            CtlOp::ModuleList => self.serve(payload, |r| self.module_list(r)).await,
+            // Served by each node's agent on its own subject; never subscribed to here.
+            CtlOp::JobAssign | CtlOp::JobStop | CtlOp::NodePlugins => {
+                unsupported(&format!("{op} (it is served by each node's agent)"))
+            }
+        }
+    }
+
+    /// Decodes the request `R` (size → version → shape), runs `handler`, and encodes the reply
+    /// type of `R`'s operation.
+    async fn serve<R: Request, F>(
+        &self,
+        payload: &[u8],
+        handler: impl FnOnce(R) -> F,
+    ) -> bytes::Bytes
+    where
+        F: Future<Output = Result<R::Reply, WireError>>,
+    {
+        let result = match self.decode::<R>(payload) {
+            Ok(request) => handler(request).await,
+            Err(e) => Err(e),
+        };
+        encode_reply(result)
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, payload: &[u8]) -> Result<T, WireError> {
+        wire::decode(payload, self.inner.settings.max_request_bytes)
+    }
+}
+
+fn unsupported(subject: &str) -> bytes::Bytes {
+    encode_reply::<()>(Err(WireError::new(
+        ErrorCode::UnsupportedSubject,
+        format!(
+            "unsupported subject {subject}: the orchestrator serves the rhizos.ctl.v1.<ns>.<noun>.<verb> subjects in the README's table"
+        ),
+    )))
+}
+
+fn encode_reply<T: Serialize>(result: Result<T, WireError>) -> bytes::Bytes {
+    match result {
+        Ok(data) => wire::encode(&Reply::ok(data)),
+        Err(error) => wire::encode(&Reply::<T>::err(error)),
+    }
+}

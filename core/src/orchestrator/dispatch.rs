@@ -1,0 +1,158 @@
+//! Placement: choosing a node for pending jobs (at submit when nobody is queued ahead, else in
+//! dispatch passes — one ledger operation per pass, so the registry's view and the assignments
+//! it records agree), sending `job.assign` / `job.stop`, and putting a job back to pending when
+//! its node does not take it.
+
+use super::Orchestrator;
+use super::matching;
+use super::store::{Store, StoreError};
+use rhizos_broker::wire::{Ack, AssignJob, JobSpec, StopJob, WIRE_VERSION, WireError};
+use std::time::Duration;
+
+/// Most pending jobs matched in one dispatch pass.
+const DISPATCH_BATCH: usize = 256;
+
+impl Orchestrator {
+    /// On the ledger thread: chooses a node for a pending job and records the assignment;
+    /// returns the node and attempt to send, or `None` when no node has room now (or the job
+    /// is no longer pending).
+    pub(in crate::orchestrator) fn place(
+        &self,
+        store: &mut Store,
+        job_id: &str,
+        spec: &JobSpec,
+        max_cost_micros: i64,
+    ) -> Option<(String, u32, Option<u64>)> {
+        let mut registry = self.registry();
+        let node = registry.pick(spec, max_cost_micros)?;
+        let (node_id, pricing) = (node.registration.node_id.clone(), node.registration.pricing);
+        let fuel_limit = matching::fuel_budget(spec, max_cost_micros, &node.registration);
+        // The assignment has its own savepoint: failing leaves the rest of the batch.
+        match store.assign(job_id, &node_id, &pricing) {
+            Ok(Some(attempt)) => {
+                registry.allocate(&node_id, spec);
+                Some((node_id, attempt, fuel_limit))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(%job_id, error = %e, "cannot record the assignment");
+                None
+            }
+        }
+    }
+
+    pub(in crate::orchestrator) async fn dispatch_loop(self) {
+        loop {
+            tokio::select! {
+                () = self.inner.dispatch_wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            if let Err(e) = self.dispatch_pending().await {
+                tracing::error!(error = %e, "dispatch failed");
+            }
+        }
+    }
+
+    /// Matches pending jobs to nodes and sends the assignments. A pass is one operation on the
+    /// ledger thread: read the oldest pending jobs and what every node has committed, choose a
+    /// node for each, record the assignments — all against one consistent view, in one commit.
+    pub(in crate::orchestrator) async fn dispatch_pending(&self) -> Result<(), WireError> {
+        let this = self.clone();
+        let chosen = self
+            .db(move |store| {
+                let pending = store.pending_jobs(DISPATCH_BATCH)?;
+                if pending.is_empty() {
+                    return Ok::<_, StoreError>(Vec::new());
+                }
+                let allocations = store.active_per_node()?;
+                this.registry().set_allocations(&allocations);
+                let mut chosen = Vec::new();
+                for job in pending {
+                    if let Some((node_id, attempt, fuel_limit)) =
+                        this.place(store, &job.job_id, &job.spec, job.max_cost_micros)
+                    {
+                        store.forget_spec(&job.job_id);
+                        chosen.push((job, node_id, attempt, fuel_limit));
+                    }
+                }
+                Ok(chosen)
+            })
+            .await?;
+        if chosen.is_empty() {
+            return Ok(());
+        }
+        self.inner.outbox_wake.notify_one();
+        for (job, node_id, attempt, fuel_limit) in chosen {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let mut spec = std::sync::Arc::unwrap_or_clone(job.spec);
+                spec.fuel_limit = fuel_limit;
+                this.send_assignment(job.job_id, attempt, spec, node_id)
+                    .await
+            });
+        }
+        Ok(())
+    }
+
+    pub(in crate::orchestrator) async fn send_assignment(
+        &self,
+        job_id: String,
+        attempt: u32,
+        spec: JobSpec,
+        node_id: String,
+    ) {
+        let assign = AssignJob {
+            v: WIRE_VERSION,
+            job_id: job_id.clone(),
+            attempt,
+            spec,
+        };
+        let timeout = Duration::from_millis(self.inner.settings.assign_timeout_ms);
+        let result =
+            tokio::time::timeout(timeout, self.inner.bus.call_node(&node_id, &assign)).await;
+        let refused = match result {
+            Ok(Ok(Ack { accepted: true, .. })) => {
+                tracing::debug!(%job_id, %node_id, attempt, "assignment acknowledged");
+                return;
+            }
+            Ok(Ok(Ack { note, .. })) => format!(
+                "node {node_id} refused the job: {}",
+                note.unwrap_or_default()
+            ),
+            Ok(Err(e)) => format!("node {node_id} did not take the job: {e}"),
+            Err(_) => format!(
+                "node {node_id} did not acknowledge within {} ms",
+                timeout.as_millis()
+            ),
+        };
+        tracing::warn!(%job_id, attempt, "{refused}; back to pending");
+        self.registry().release(&node_id, &assign.spec);
+        let (id, node) = (job_id.clone(), node_id.clone());
+        if let Err(e) = self
+            .db(move |store| store.unassign(&id, &node, attempt, &refused))
+            .await
+        {
+            tracing::error!(%job_id, error = %e, "failed to return job to pending");
+        }
+        self.inner.outbox_wake.notify_one();
+        self.inner.dispatch_wake.notify_one();
+    }
+
+    /// Asks `node_id` to stop an attempt (best effort: a node that is gone is found by the
+    /// sweeper, and its attempts requeued or ended).
+    pub(in crate::orchestrator) async fn send_stop(
+        &self,
+        node_id: &str,
+        job_id: &str,
+        attempt: u32,
+    ) {
+        let stop = StopJob {
+            v: WIRE_VERSION,
+            job_id: job_id.to_owned(),
+            attempt,
+        };
+        if let Err(e) = self.inner.bus.call_node(node_id, &stop).await {
+            tracing::warn!(%job_id, %node_id, error = %e, "node did not confirm the stop");
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Closing a job's escrow, exactly once (`close:<job>`): settle (the measured cost, capped at the
+//! hold, to the provider minus the fee; the fee to `platform:fees`; the rest back to the payer)
+//! or refund (the whole hold back). Both record the split on the job and emit the escrow event in
+//! the same transaction. The hold itself is taken at submit (`jobs`).
+
+use super::{Ctx, StoreError};
+use crate::ledger::{self, AccountKind, Applied, escrow_account, exec, query_row};
+use rhizos_broker::subjects::EscrowEventKind;
+use rhizos_broker::wire::{EscrowKind, EventBody};
+use rusqlite::{Connection, params};
+
+impl Ctx {
+    pub(super) fn job_account_and_hold(
+        tx: &Connection,
+        job_id: &str,
+    ) -> Result<(String, i64), StoreError> {
+        query_row(
+            tx,
+            "SELECT account_id, max_cost_micros FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(StoreError::from)
+    }
+
+    pub(super) fn settle(
+        &self,
+        tx: &Connection,
+        job_id: &str,
+        measured_micros: i64,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        // The job's payer and hold, and the provider account of the node it ran on (read from
+        // the stored registration without parsing all of it).
+        let (account, hold, provider): (String, i64, String) = query_row(
+            tx,
+            "SELECT j.account_id, j.max_cost_micros, json_extract(n.registration, '$.provider_account')
+             FROM jobs j JOIN nodes n ON n.id = j.node_id WHERE j.id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        ?;
+        ledger::ensure_account(tx, &provider, AccountKind::Provider, now)?;
+        let split = ledger::split(measured_micros, hold, self.fee_bps);
+        let escrow = escrow_account(job_id);
+        let applied = ledger::post(
+            tx,
+            &format!("close:{job_id}"),
+            "settle",
+            Some(job_id),
+            &[
+                (&escrow, -hold),
+                (&provider, split.provider_micros),
+                (ledger::PLATFORM_FEES, split.fee_micros),
+                (&account, split.refund_micros),
+            ],
+            now,
+        )?;
+        if applied == Applied::Duplicate {
+            return Ok(());
+        }
+        exec(
+            tx,
+            "UPDATE jobs SET cost_micros = ?2, provider_micros = ?3, fee_micros = ?4, refund_micros = ?5 WHERE id = ?1",
+            params![
+                job_id,
+                split.cost_micros,
+                split.provider_micros,
+                split.fee_micros,
+                split.refund_micros
+            ],
+        )?;
+        self.emit(
+            tx,
+            self.subjects
+                .escrow_event(EscrowEventKind::Settled, job_id)?,
+            EventBody::Escrow {
+                job_id: job_id.to_owned(),
+                kind: EscrowKind::Settled,
+                account,
+                amount_micros: split.cost_micros,
+                provider_account: Some(provider),
+                provider_micros: Some(split.provider_micros),
+                fee_micros: Some(split.fee_micros),
+                refund_micros: Some(split.refund_micros),
+            },
+            now,
+        )
+    }
+
+    pub(super) fn refund(&self, tx: &Connection, job_id: &str, now: u64) -> Result<(), StoreError> {
+        let (account, hold) = Self::job_account_and_hold(tx, job_id)?;
+        let escrow = escrow_account(job_id);
+        let applied = ledger::post(
+            tx,
+            &format!("close:{job_id}"),
+            "refund",
+            Some(job_id),
+            &[(&escrow, -hold), (&account, hold)],
+            now,
+        )?;
+        if applied == Applied::Duplicate {
+            return Ok(());
+        }
+        exec(
+            tx,
+            "UPDATE jobs SET cost_micros = 0, provider_micros = 0, fee_micros = 0, refund_micros = ?2 WHERE id = ?1",
+            params![job_id, hold],
+        )?;
+        self.emit(
+            tx,
+            self.subjects
+                .escrow_event(EscrowEventKind::Refunded, job_id)?,
+            EventBody::Escrow {
+                job_id: job_id.to_owned(),
+                kind: EscrowKind::Refunded,
+                account,
+                amount_micros: hold,
+                provider_account: None,
+                provider_micros: None,
+                fee_micros: None,
+                refund_micros: Some(hold),
+            },
+            now,
+        )
+    }
+}

@@ -1,0 +1,299 @@
+//! Jobs (table `jobs`, key `id`): accepting a job (the row, the hold and its events in one
+//! transaction) and the queries the orchestrator reads jobs by — by id, by account and state,
+//! pending ones for dispatch (with their parsed specs cached), a node's active attempts,
+//! deadlines and queue timeouts. How a job moves on from there is in `transitions`.
+
+use super::accounts::no_account;
+use super::rows::{JOB_COLUMNS, job_from_row};
+use super::{PendingJob, SPEC_CACHE_ENTRIES, Store, StoreError};
+use crate::ledger::{self, AccountKind, LedgerError, escrow_account, exec, query_row};
+use crate::now_ms;
+use crate::orchestrator::matching::Allocation;
+use rhizos_broker::subjects::EscrowEventKind;
+use rhizos_broker::wire::{
+    EscrowKind, EventBody, ExecutionRef, JobSpec, JobState, JobView, ListJobs, format_usd,
+};
+use rusqlite::{OptionalExtension, params};
+
+impl Store {
+    /// Accepts a job: records it pending and holds `max_cost` in its escrow account. Submitting
+    /// the same `job_id` again for the same account returns the existing job (`false`).
+    pub fn submit(
+        &mut self,
+        job_id: &str,
+        account: &str,
+        spec: &JobSpec,
+        max_cost_micros: i64,
+    ) -> Result<(JobView, bool), StoreError> {
+        if let Some(existing) = self.find_job(job_id)? {
+            if existing.account != account {
+                return Err(StoreError::AlreadyExists(format!(
+                    "job id {job_id} is taken"
+                )));
+            }
+            return Ok((existing, false));
+        }
+        let spec_json = serde_json::to_string(spec)?;
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        match query_row(
+            &tx,
+            "SELECT kind FROM accounts WHERE id = ?1",
+            [account],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        {
+            Some(kind) if kind == "user" || kind == "provider" => {}
+            _ => return Err(no_account(account)),
+        }
+        exec(&tx,
+            "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms,
+                               cpu_cores, memory_mib, gpus, queue_timeout_ms)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                job_id,
+                account,
+                spec.workload.backend(),
+                spec_json,
+                max_cost_micros,
+                now as i64,
+                spec.total_timeout_ms.map(|t| now.saturating_add(t) as i64),
+                spec.cpu_cores,
+                spec.memory_mib as i64,
+                spec.gpus,
+                spec.queue_timeout_ms.map(|t| t as i64)
+            ],
+        )
+        ?;
+        let escrow = escrow_account(job_id);
+        ledger::ensure_account(&tx, &escrow, AccountKind::Escrow, now)?;
+        ledger::post(&tx, &format!("hold:{job_id}"), "hold", Some(job_id), &[(account, -max_cost_micros), (&escrow, max_cost_micros)], now)
+            .map_err(|e| match e {
+                LedgerError::InsufficientFunds { balance_micros, .. } => StoreError::InsufficientFunds(format!(
+                        "account {account} has {} but the job's max cost is {}; deposit more or lower --max-cost",
+                        format_usd(balance_micros),
+                        format_usd(max_cost_micros)
+                    ),
+                ),
+                other => other.into(),
+            })?;
+        ctx.emit_job(&tx, job_id, JobState::Pending, 0, None, None, now)?;
+        ctx.emit(
+            &tx,
+            ctx.subjects.escrow_event(EscrowEventKind::Held, job_id)?,
+            EventBody::Escrow {
+                job_id: job_id.to_owned(),
+                kind: EscrowKind::Held,
+                account: account.to_owned(),
+                amount_micros: max_cost_micros,
+                provider_account: None,
+                provider_micros: None,
+                fee_micros: None,
+                refund_micros: None,
+            },
+            now,
+        )?;
+        tx.commit()?;
+        Ok((self.get_job(job_id)?, true))
+    }
+
+    pub fn find_job(&self, job_id: &str) -> Result<Option<JobView>, StoreError> {
+        query_row(
+            &self.conn,
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
+            [job_id],
+            job_from_row,
+        )
+        .optional()
+        .map_err(StoreError::from)
+    }
+
+    pub fn get_job(&self, job_id: &str) -> Result<JobView, StoreError> {
+        self.find_job(job_id)?
+            .ok_or_else(|| StoreError::NotFound(format!("no job {job_id}")))
+    }
+
+    pub fn list_jobs(&self, filter: &ListJobs) -> Result<Vec<JobView>, StoreError> {
+        let limit = filter.limit.unwrap_or(50).min(1000);
+        let mut statement = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR state = ?2)
+                 ORDER BY created_ms DESC, id DESC LIMIT ?3"
+            ))
+            ?;
+        let rows = statement.query_map(
+            params![filter.account, filter.state.map(JobState::as_str), limit],
+            job_from_row,
+        )?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Pending jobs, oldest first.
+    pub fn pending_jobs(&mut self, limit: usize) -> Result<Vec<PendingJob>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT id, max_cost_micros, attempt, updated_ms FROM jobs WHERE state = 'pending'
+                 ORDER BY created_ms, id LIMIT ?1",
+        )?;
+        let rows = statement
+            .query_map([limit as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(statement);
+        let mut jobs = Vec::with_capacity(rows.len());
+        for (job_id, max_cost_micros, attempt, pending_since_ms) in rows {
+            let spec = self.pending_spec(&job_id)?;
+            jobs.push(PendingJob {
+                job_id,
+                spec,
+                max_cost_micros,
+                attempt,
+                pending_since_ms: pending_since_ms as u64,
+            });
+        }
+        Ok(jobs)
+    }
+
+    /// Drops a job's cached spec (it left pending).
+    pub fn forget_spec(&mut self, job_id: &str) {
+        self.spec_cache.remove(job_id);
+    }
+
+    /// A pending job's parsed spec, from the cache or (parsed once) from the database.
+    fn pending_spec(&mut self, job_id: &str) -> Result<std::sync::Arc<JobSpec>, StoreError> {
+        if let Some(spec) = self.spec_cache.get(job_id) {
+            return Ok(spec.clone());
+        }
+        let text: String = query_row(
+            &self.conn,
+            "SELECT spec FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| r.get(0),
+        )?;
+        let spec = std::sync::Arc::new(serde_json::from_str::<JobSpec>(&text)?);
+        if self.spec_cache.len() < SPEC_CACHE_ENTRIES {
+            self.spec_cache.insert(job_id.to_owned(), spec.clone());
+        }
+        Ok(spec)
+    }
+
+    /// Whether a job other than `job_id` is pending (one indexed probe).
+    pub fn pending_other_than(&self, job_id: &str) -> Result<bool, StoreError> {
+        query_row(
+            &self.conn,
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'pending' AND id != ?1)",
+            [job_id],
+            |r| r.get(0),
+        )
+        .map_err(StoreError::from)
+    }
+
+    /// What each node has committed to assigned or running executions.
+    pub fn active_per_node(&self) -> Result<Vec<(String, Allocation)>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT node_id, COUNT(*), SUM(cpu_cores), SUM(memory_mib), SUM(gpus) FROM jobs
+                 WHERE state IN ('assigned', 'running') GROUP BY node_id",
+        )?;
+        let rows = statement.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Allocation {
+                    jobs: r.get(1)?,
+                    cpu_cores: r.get(2)?,
+                    memory_mib: r.get::<_, i64>(3)? as u64,
+                    gpus: r.get(4)?,
+                },
+            ))
+        })?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Assigned or running attempts on one node.
+    pub fn active_on_node(&self, node_id: &str) -> Result<Vec<(String, u32)>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT id, attempt FROM jobs WHERE node_id = ?1 AND state IN ('assigned', 'running')",
+        )?;
+        let rows = statement.query_map([node_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(StoreError::from)
+    }
+
+    /// The node and attempt a job currently runs on, if it is assigned or running.
+    pub fn current_execution(&self, job_id: &str) -> Result<Option<(String, u32)>, StoreError> {
+        query_row(
+            &self.conn,
+            "SELECT node_id, attempt FROM jobs WHERE id = ?1 AND state IN ('assigned', 'running')",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(StoreError::from)
+    }
+
+    /// Attempts the database places on `node_id` that the node does not list as running, and
+    /// that changed state more than `grace_ms` ago (younger ones may be in flight).
+    pub fn unreported_on_node(
+        &self,
+        node_id: &str,
+        running: &[ExecutionRef],
+        grace_ms: u64,
+    ) -> Result<Vec<(String, u32)>, StoreError> {
+        let cutoff = now_ms().saturating_sub(grace_ms) as i64;
+        let mut statement = self.conn.prepare_cached(
+            "SELECT id, attempt FROM jobs WHERE node_id = ?1 AND state IN ('assigned', 'running')
+                 AND updated_ms < ?2",
+        )?;
+        let rows = statement.query_map(params![node_id, cutoff], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?))
+        })?;
+        let mut missing = Vec::new();
+        for row in rows {
+            let (job_id, attempt) = row?;
+            if !running
+                .iter()
+                .any(|r| r.job_id == job_id && r.attempt == attempt)
+            {
+                missing.push((job_id, attempt));
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Jobs past their total-timeout deadline that have not ended (nor been asked to stop).
+    pub fn overdue(&self, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT id FROM jobs WHERE deadline_ms IS NOT NULL AND deadline_ms < ?1
+                 AND state IN ('pending', 'assigned', 'running') AND cancel_requested = 0",
+        )?;
+        let rows = statement.query_map([now_ms as i64], |r| r.get(0))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Pending jobs that have waited longer than their queue timeout (`default_ms` where the job
+    /// set none) at `now`.
+    pub fn queue_expired(
+        &self,
+        now: u64,
+        default_ms: u64,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT id, COALESCE(queue_timeout_ms, ?1) FROM jobs
+                 WHERE state = 'pending' AND updated_ms + COALESCE(queue_timeout_ms, ?1) < ?2
+                 ORDER BY created_ms, id",
+        )?;
+        let rows = statement.query_map(params![default_ms as i64, now as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        rows.collect::<Result<_, _>>().map_err(StoreError::from)
+    }
+}

@@ -1,0 +1,261 @@
+//! Durable orchestrator state in one SQLite file (WAL): jobs, nodes, the escrow ledger and the
+//! event outbox. Every state change of a job, its money movement and the events describing both
+//! are written in one transaction, so they can never disagree.
+//!
+//! This file opens the database (pragmas, migrations, the instance id) and runs operations —
+//! each in its own savepoint, many under one commit ([`Store::group_commit`]). One file per
+//! concern adds its own `impl Store` block:
+//! * [`schema`]: the tables and their numbered migrations (`PRAGMA user_version`);
+//! * [`jobs`]: accepting a job (row + hold + events) and reading jobs;
+//! * [`transitions`]: assign, unassign, running, finish, requeue, timeouts, cancel;
+//! * [`ending`]: the pure rule deciding how a job ends and what it is charged;
+//! * [`escrow`]: settle and refund, exactly once;
+//! * [`accounts`]: accounts, deposits, balances, statements;
+//! * [`nodes`]: registrations, attempts and the node record (reputation);
+//! * [`outbox`]: events written with their change, and the publisher's reader;
+//! * [`verify`]: the ledger and per-job escrow invariants;
+//! * [`rows`]: row mapping.
+//!
+//! Errors are [`StoreError`]; the orchestrator turns them into wire errors at its API edge.
+
+mod accounts;
+pub mod ending;
+mod escrow;
+mod jobs;
+mod nodes;
+mod outbox;
+mod rows;
+pub mod schema;
+mod transitions;
+mod verify;
+
+#[cfg(test)]
+mod tests;
+
+pub use crate::now_ms;
+pub use ending::{AttemptOutcome, StopReason};
+pub use nodes::REPUTATION_WINDOW;
+pub use outbox::{OutboxReader, OutboxRow};
+
+use crate::ledger::{self, AccountKind, LedgerError};
+use rhizos_broker::wire::{JobSpec, JobView};
+use rhizos_broker::{Subjects, TokenError};
+use rusqlite::{Connection, OptionalExtension, Savepoint};
+use std::path::Path;
+
+/// Why a store operation failed. The orchestrator maps each kind to a wire error code once, at
+/// its API edge.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The job or account named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The operation does not apply to the job in its current state.
+    #[error("{0}")]
+    InvalidState(String),
+    /// The payer's balance cannot cover the hold.
+    #[error("{0}")]
+    InsufficientFunds(String),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("orchestrator storage error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("orchestrator storage error: stored JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("orchestrator storage error: {0}")]
+    Subject(#[from] TokenError),
+    /// What is stored breaks a rule the store keeps (a damaged file, a newer schema, a bug).
+    #[error("orchestrator storage error: {0}")]
+    Corrupt(String),
+}
+
+/// A job waiting for a node.
+#[derive(Debug, Clone)]
+pub struct PendingJob {
+    pub job_id: String,
+    pub spec: std::sync::Arc<JobSpec>,
+    pub max_cost_micros: i64,
+    pub attempt: u32,
+    /// When the job (last) became pending: at submit, or when it was requeued.
+    pub pending_since_ms: u64,
+}
+
+/// What an agent's report did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportEffect {
+    /// The report moved the job on.
+    Applied,
+    /// Already known (a retried report): nothing changed.
+    Duplicate,
+    /// The report is for an attempt or node the job no longer has: ignored, nothing paid.
+    Stale(String),
+}
+
+/// What a cancel request did.
+#[derive(Debug, Clone)]
+pub struct CancelEffect {
+    pub job: JobView,
+    /// The node must be told to stop this attempt (the job was running there).
+    pub stop: Option<(String, u32)>,
+}
+
+/// The orchestrator's database, owned by the ledger writer thread.
+pub struct Store {
+    conn: Connection,
+    ctx: Ctx,
+    /// Random id of this database, part of every event's dedupe id.
+    instance: String,
+    /// Set once checkpoints run on their own thread; dropping it stops that thread.
+    checkpointer: Option<std::sync::mpsc::Sender<()>>,
+    /// Parsed specs of pending jobs (a spec carries its workload, e.g. a whole WASM module:
+    /// dispatch passes must not parse it again each time). Filled at submit and on a miss,
+    /// emptied when the job leaves pending; at most [`SPEC_CACHE_ENTRIES`].
+    spec_cache: std::collections::HashMap<String, std::sync::Arc<JobSpec>>,
+}
+
+/// Most parsed specs kept (dispatch looks at the oldest 256 pending jobs at a time).
+const SPEC_CACHE_ENTRIES: usize = 4096;
+
+/// What the writers need besides the connection (borrowed beside an open transaction).
+struct Ctx {
+    fee_bps: u32,
+    subjects: Subjects,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path, fee_bps: u32, subjects: Subjects) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a committed movement survives power loss, not only a process crash.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every statement the store runs stays prepared (there are about fifty).
+        conn.set_prepared_statement_cache_capacity(256);
+        // Savepoint sub-journals (one per operation inside a group commit) stay in memory.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        // 64 MiB of page cache (negative: KiB): job rows carry their workload, so the working
+        // set of a busy orchestrator is far above SQLite's default 2 MiB.
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        schema::migrate(&conn)?;
+        let instance: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let instance = match instance {
+            Some(id) => id,
+            None => {
+                let id = uuid::Uuid::now_v7().simple().to_string();
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('instance', ?1)",
+                    [&id],
+                )?;
+                id
+            }
+        };
+        let mut store = Self {
+            conn,
+            ctx: Ctx { fee_bps, subjects },
+            instance,
+            checkpointer: None,
+            spec_cache: std::collections::HashMap::new(),
+        };
+        let tx = store.tx()?;
+        let now = now_ms();
+        for (id, kind) in [
+            (ledger::EXTERNAL, AccountKind::External),
+            (ledger::PLATFORM_FEES, AccountKind::Platform),
+        ] {
+            ledger::ensure_account(&tx, id, kind, now)?;
+        }
+        tx.commit()?;
+        Ok(store)
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// One operation's unit of work: a savepoint, so it commits or rolls back as a whole — on
+    /// its own, or nested inside a group commit (see [`Store::group_commit`]).
+    fn tx(&mut self) -> Result<Savepoint<'_>, StoreError> {
+        self.conn.savepoint().map_err(StoreError::from)
+    }
+
+    /// [`Store::tx`] plus the writer context.
+    fn begin(&mut self) -> Result<(Savepoint<'_>, &Ctx), StoreError> {
+        let tx = self.conn.savepoint()?;
+        Ok((tx, &self.ctx))
+    }
+
+    /// Runs `ops` inside one SQLite transaction and commits once (one fsync for the batch). Each
+    /// op still has its own savepoint, so a failed op undoes only itself. Returns the commit's
+    /// outcome; callers must not act on any op's result before it.
+    pub fn group_commit<R>(
+        &mut self,
+        ops: impl FnOnce(&mut Store) -> R,
+    ) -> (R, Result<(), String>) {
+        let grouped = self.conn.execute_batch("BEGIN IMMEDIATE").is_ok()
+            || (self.conn.execute_batch("ROLLBACK").is_ok()
+                && self.conn.execute_batch("BEGIN IMMEDIATE").is_ok());
+        let results = ops(self);
+        if !grouped {
+            // No outer transaction: each op's savepoint committed it on its own.
+            return (results, Ok(()));
+        }
+        match self.conn.execute_batch("COMMIT") {
+            Ok(()) => (results, Ok(())),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                (results, Err(format!("commit failed: {e}")))
+            }
+        }
+    }
+
+    /// Moves WAL checkpoints (copying committed pages back into the database file, with its own
+    /// fsync) off the thread that writes: a second connection checkpoints every `every` in
+    /// PASSIVE mode, which never blocks the writer, so commits pay for their WAL append only.
+    /// The thread makes a last checkpoint and ends when the store is dropped.
+    pub fn checkpoint_in_background(
+        &mut self,
+        path: &Path,
+        every: std::time::Duration,
+    ) -> rusqlite::Result<()> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("rhizos-checkpoint".into())
+            .spawn(move || {
+                let checkpoint = |mode: &str| {
+                    if let Err(e) =
+                        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                    }
+                };
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(every)
+                {
+                    checkpoint("PASSIVE");
+                }
+                checkpoint("TRUNCATE");
+            })
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        // Now nobody else checkpoints: commits no longer stop to copy pages back.
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        self.checkpointer = Some(stop);
+        Ok(())
+    }
+
+    /// The database's random instance id (part of event dedupe ids).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+}

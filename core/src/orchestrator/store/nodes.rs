@@ -1,0 +1,123 @@
+//! Nodes and their record. Tables: `nodes` (key `id`: the last registration, JSON), `attempts`
+//! (key `(job_id, attempt)`: how each attempt ended on its node, written once) and `node_stats`
+//! (key `node_id`: attempts ended, succeeded, and the recent window reputation is computed
+//! over — kept up to date in the transaction that records each attempt's end).
+
+use super::ending::AttemptOutcome;
+use super::{Store, StoreError};
+use crate::ledger::{self, AccountKind, exec};
+use crate::now_ms;
+use rhizos_broker::wire::RegisterNode;
+use rusqlite::{Connection, params};
+
+/// How many of a node's latest attempts its reputation is computed over.
+pub const REPUTATION_WINDOW: usize = 100;
+
+impl Store {
+    pub fn upsert_node(&mut self, registration: &RegisterNode) -> Result<(), StoreError> {
+        let now = now_ms();
+        let json = serde_json::to_string(registration)?;
+        let tx = self.tx()?;
+        exec(&tx,
+            "INSERT INTO nodes (id, registration, registered_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET registration = excluded.registration, registered_ms = excluded.registered_ms",
+            params![registration.node_id, json, now as i64],
+        )
+        ?;
+        ledger::ensure_account(
+            &tx,
+            &registration.provider_account,
+            AccountKind::Provider,
+            now,
+        )?;
+        tx.commit().map_err(StoreError::from)
+    }
+
+    pub fn nodes(&self) -> Result<Vec<(RegisterNode, u64)>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT registration, registered_ms FROM nodes")?;
+        let rows =
+            statement.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut nodes = Vec::new();
+        for row in rows {
+            let (json, registered_ms) = row?;
+            nodes.push((serde_json::from_str(&json)?, registered_ms as u64));
+        }
+        Ok(nodes)
+    }
+
+    /// Per node: (attempts ended there, of which succeeded, reputation). Reputation is the success
+    /// ratio over the node's last 100 attempts that succeeded or failed through the node (lost,
+    /// restarted, assignment not taken); the workload's own failures and cancels do not count.
+    pub fn node_stats(
+        &self,
+    ) -> Result<std::collections::HashMap<String, (u64, u64, f64)>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT node_id, ended, succeeded, recent FROM node_stats")?;
+        let rows = statement.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut stats = std::collections::HashMap::new();
+        for row in rows {
+            let (node, ended, succeeded, recent) = row?;
+            stats.insert(node, (ended as u64, succeeded as u64, reputation(&recent)));
+        }
+        Ok(stats)
+    }
+}
+
+/// Records how an attempt ended on its node (once; a replay changes nothing).
+pub(super) fn record_attempt(
+    tx: &Connection,
+    job_id: &str,
+    attempt: u32,
+    node_id: &str,
+    outcome: AttemptOutcome,
+    now: u64,
+) -> Result<(), StoreError> {
+    let inserted = exec(tx,
+        "INSERT INTO attempts (job_id, attempt, node_id, outcome, ended_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(job_id, attempt) DO NOTHING",
+        params![job_id, attempt, node_id, outcome.as_str(), now as i64],
+    )?;
+    if inserted == 1 {
+        count_attempt(tx, node_id, outcome)?;
+    }
+    Ok(())
+}
+
+/// Adds one ended attempt to its node's running totals (one statement: the window of recent
+/// outcomes is cut to its last [`REPUTATION_WINDOW`] letters in SQL).
+pub(super) fn count_attempt(
+    tx: &Connection,
+    node_id: &str,
+    outcome: AttemptOutcome,
+) -> rusqlite::Result<()> {
+    exec(
+        tx,
+        "INSERT INTO node_stats (node_id, ended, succeeded, recent) VALUES (?1, 1, ?2, ?3)
+         ON CONFLICT(node_id) DO UPDATE SET ended = ended + 1, succeeded = succeeded + ?2,
+             recent = substr(recent || ?3, -?4)",
+        params![
+            node_id,
+            i64::from(outcome == AttemptOutcome::Succeeded),
+            outcome.reputation_letter(),
+            REPUTATION_WINDOW as i64
+        ],
+    )?;
+    Ok(())
+}
+
+pub(super) fn reputation(recent: &str) -> f64 {
+    if recent.is_empty() {
+        return 1.0;
+    }
+    recent.bytes().filter(|b| *b == b's').count() as f64 / recent.len() as f64
+}

@@ -1,0 +1,741 @@
+//! Unit tests of the store against real SQLite files: exact money, replays, migrations, group
+//! commit, and a property test over random operation sequences.
+
+use super::schema::SCHEMA;
+use super::*;
+use rhizos_broker::wire::{
+    ErrorCode, ExecutionOutcome, ExecutionRef, ExitKind, JobState, Pricing, RegisterNode,
+    WIRE_VERSION, Workload,
+};
+use rusqlite::Connection;
+
+/// The wire error a store error becomes at the orchestrator's API edge.
+trait Wire {
+    fn wire(self) -> rhizos_broker::wire::WireError;
+}
+
+impl Wire for StoreError {
+    fn wire(self) -> rhizos_broker::wire::WireError {
+        self.into()
+    }
+}
+
+const PRICING: Pricing = Pricing {
+    gpu_hour_cents: 0,
+    cpu_hour_cents: 3_600,
+    memory_gb_hour_cents: 0,
+    fuel_million_micros: 0,
+};
+
+fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        &dir.path().join("ledger.db"),
+        500,
+        Subjects::new("t").unwrap(),
+    )
+    .unwrap();
+    (dir, store)
+}
+
+fn spec() -> JobSpec {
+    JobSpec::new(
+        Workload::Wasm {
+            module_b64: "AGFzbQ==".into(),
+        },
+        10_000,
+        64,
+    )
+}
+
+fn node(store: &mut Store) {
+    store
+        .upsert_node(&RegisterNode {
+            v: WIRE_VERSION,
+            node_id: "n1".into(),
+            provider_account: "prov".into(),
+            backends: vec!["wasm".into()],
+            pricing: PRICING,
+            cpu_cores: 2,
+            memory_mib: 1024,
+            max_concurrent: 2,
+            heartbeat_interval_ms: 1000,
+            plugins: vec![],
+            running: Vec::<ExecutionRef>::new(),
+            gpus: vec![],
+            disk_mib: 0,
+            hardware: None,
+            artifact_sources: vec![],
+        })
+        .unwrap();
+}
+
+fn exited(code: i32, elapsed_ms: u64) -> ExecutionOutcome {
+    ExecutionOutcome {
+        fuel_consumed: None,
+        output_files: Default::default(),
+        kind: ExitKind::Exited,
+        exit_code: Some(code),
+        message: None,
+        elapsed_ms,
+        stdout: "out\n".into(),
+        stderr: String::new(),
+    }
+}
+
+fn balance(store: &Store, account: &str) -> i64 {
+    ledger::balance(store.connection(), account)
+        .unwrap()
+        .unwrap_or(0)
+}
+
+#[test]
+fn hold_settle_and_replays_move_money_exactly_once() {
+    let (_dir, mut store) = store();
+    node(&mut store);
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, Some("d1")).unwrap();
+    store.deposit("u", 1_000_000, Some("d1")).unwrap(); // replayed deposit: no change
+    assert_eq!(balance(&store, "u"), 1_000_000);
+
+    let (job, created) = store.submit("j1", "u", &spec(), 200_000).unwrap();
+    assert!(created);
+    assert_eq!(job.state, JobState::Pending);
+    let (_, created_again) = store.submit("j1", "u", &spec(), 200_000).unwrap();
+    assert!(!created_again, "resubmitting the same id returns the job");
+    assert_eq!(balance(&store, "u"), 800_000);
+    assert_eq!(balance(&store, "escrow:j1"), 200_000);
+
+    let attempt = store.assign("j1", "n1", &PRICING).unwrap().unwrap();
+    assert_eq!(attempt, 1);
+    assert_eq!(
+        store.assign("j1", "n1", &PRICING).unwrap(),
+        None,
+        "only pending jobs are assigned"
+    );
+    assert_eq!(
+        store.mark_running("j1", "n1", 1).unwrap(),
+        ReportEffect::Applied
+    );
+    assert_eq!(
+        store.mark_running("j1", "n1", 1).unwrap(),
+        ReportEffect::Duplicate
+    );
+
+    // 1 234 ms at 10 micro-USD/ms = 12 340; fee 5% = 617; provider 11 723; refund 187 660.
+    assert_eq!(
+        store
+            .finish("j1", "n1", 1, &exited(0, 1_234), 1024)
+            .unwrap(),
+        ReportEffect::Applied
+    );
+    let job = store.get_job("j1").unwrap();
+    assert_eq!(
+        (
+            job.state,
+            job.cost_micros,
+            job.fee_micros,
+            job.provider_micros,
+            job.refund_micros
+        ),
+        (
+            JobState::Succeeded,
+            Some(12_340),
+            Some(617),
+            Some(11_723),
+            Some(187_660)
+        )
+    );
+    assert_eq!(
+        store
+            .finish("j1", "n1", 1, &exited(0, 99_999), 1024)
+            .unwrap(),
+        ReportEffect::Duplicate
+    );
+    assert!(matches!(
+        store.finish("j1", "n1", 2, &exited(0, 1), 1024).unwrap(),
+        ReportEffect::Stale(_)
+    ));
+    assert!(matches!(
+        store.finish("j1", "n2", 1, &exited(0, 1), 1024).unwrap(),
+        ReportEffect::Stale(_)
+    ));
+
+    assert_eq!(balance(&store, "u"), 1_000_000 - 12_340);
+    assert_eq!(balance(&store, "prov"), 11_723);
+    assert_eq!(balance(&store, ledger::PLATFORM_FEES), 617);
+    assert_eq!(balance(&store, "escrow:j1"), 0);
+    assert_eq!(balance(&store, ledger::EXTERNAL), -1_000_000);
+    assert!(ledger::verify(store.connection()).unwrap().is_ok());
+    // Events: pending, held, assigned, running, succeeded, settled — in that order.
+    let subjects: Vec<String> = store
+        .outbox_batch(100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.subject)
+        .collect();
+    assert_eq!(
+        subjects,
+        [
+            "rhizos.evt.v1.t.job.pending.j1",
+            "rhizos.evt.v1.t.escrow.held.j1",
+            "rhizos.evt.v1.t.job.assigned.j1",
+            "rhizos.evt.v1.t.job.running.j1",
+            "rhizos.evt.v1.t.job.succeeded.j1",
+            "rhizos.evt.v1.t.escrow.settled.j1",
+        ]
+    );
+}
+
+#[test]
+fn failures_and_early_cancels_refund_in_full_and_late_cancels_pay_for_time() {
+    let (_dir, mut store) = store();
+    node(&mut store);
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, None).unwrap();
+    for id in ["fail", "early", "late"] {
+        store.submit(id, "u", &spec(), 100_000).unwrap();
+    }
+    store.assign("fail", "n1", &PRICING).unwrap();
+    store
+        .finish("fail", "n1", 1, &exited(7, 5_000), 1024)
+        .unwrap();
+    let failed = store.get_job("fail").unwrap();
+    assert_eq!(
+        (failed.state, failed.refund_micros, failed.cost_micros),
+        (JobState::Failed, Some(100_000), Some(0))
+    );
+    assert_eq!(failed.reason.as_deref(), Some("exited with code 7"));
+
+    let cancelled = store.cancel("early").unwrap();
+    assert_eq!(cancelled.job.state, JobState::Cancelled);
+    assert_eq!(cancelled.stop, None);
+
+    store.assign("late", "n1", &PRICING).unwrap();
+    store.mark_running("late", "n1", 1).unwrap();
+    let effect = store.cancel("late").unwrap();
+    assert_eq!(effect.stop, Some(("n1".to_owned(), 1)));
+    assert_eq!(
+        effect.job.state,
+        JobState::Running,
+        "ends when the node confirms"
+    );
+    let stopped = ExecutionOutcome {
+        fuel_consumed: None,
+        output_files: Default::default(),
+        kind: ExitKind::Cancelled,
+        exit_code: None,
+        message: None,
+        ..exited(0, 300)
+    };
+    store.finish("late", "n1", 1, &stopped, 1024).unwrap();
+    let late = store.get_job("late").unwrap();
+    assert_eq!(
+        (late.state, late.cost_micros, late.fee_micros),
+        (JobState::Cancelled, Some(3_000), Some(150))
+    );
+    assert_eq!(
+        store.cancel("late").unwrap_err().wire().code,
+        ErrorCode::InvalidState
+    );
+
+    assert_eq!(balance(&store, "u"), 1_000_000 - 3_000);
+    assert_eq!(store.account("u").unwrap().held_micros, 0);
+    assert!(ledger::verify(store.connection()).unwrap().is_ok());
+}
+
+#[test]
+fn node_stats_count_every_attempt_and_rate_the_last_hundred() {
+    let (_dir, mut store) = store();
+    node(&mut store);
+    store.create_account("u").unwrap();
+    store.deposit("u", 100_000_000, None).unwrap();
+    // 20 attempts lost with the node, then 100 successes: the window has only successes.
+    let mut spec = spec();
+    spec.max_retries = 0;
+    for index in 0..20 {
+        let id = format!("lost-{index}");
+        store.submit(&id, "u", &spec, 100_000).unwrap();
+        assert_eq!(store.assign(&id, "n1", &PRICING).unwrap(), Some(1));
+        store.requeue_or_fail(&id, 1, "node n1 was lost").unwrap();
+    }
+    let stats = store.node_stats().unwrap();
+    assert_eq!(stats["n1"], (20, 0, 0.0));
+    for index in 0..100 {
+        let id = format!("ok-{index}");
+        store.submit(&id, "u", &spec, 100_000).unwrap();
+        assert_eq!(store.assign(&id, "n1", &PRICING).unwrap(), Some(1));
+        store.mark_running(&id, "n1", 1).unwrap();
+        store.finish(&id, "n1", 1, &exited(0, 10), 1024).unwrap();
+        if index == 49 {
+            // 20 failed + 50 succeeded in the window.
+            let (ended, succeeded, reputation) = store.node_stats().unwrap()["n1"];
+            assert_eq!((ended, succeeded), (70, 50));
+            assert!((reputation - 50.0 / 70.0).abs() < 1e-12, "{reputation}");
+        }
+    }
+    // A replayed result counts once.
+    store
+        .finish("ok-99", "n1", 1, &exited(0, 10), 1024)
+        .unwrap();
+    assert_eq!(store.node_stats().unwrap()["n1"], (120, 100, 1.0));
+    // A job's own non-zero exit is not the node's fault: counted as ended, rating unchanged.
+    store.submit("bad", "u", &spec, 100_000).unwrap();
+    store.assign("bad", "n1", &PRICING).unwrap();
+    store.mark_running("bad", "n1", 1).unwrap();
+    store.finish("bad", "n1", 1, &exited(3, 10), 1024).unwrap();
+    assert_eq!(store.node_stats().unwrap()["n1"], (121, 100, 1.0));
+}
+
+#[test]
+fn an_older_database_is_migrated_with_its_node_stats_filled_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        // The schema as first released: no queue_timeout_ms column, no node_stats table.
+        let conn = Connection::open(&path).unwrap();
+        let old = SCHEMA
+            .replace("    queue_timeout_ms INTEGER,\n", "")
+            .replace("    fuel_consumed INTEGER,\n", "")
+            .replace("    output_files TEXT,\n", "")
+            .split("CREATE TABLE IF NOT EXISTS node_stats")
+            .next()
+            .unwrap()
+            .to_owned();
+        assert!(!old.contains("queue_timeout_ms") && !old.contains("fuel_consumed INTEGER"));
+        conn.execute_batch(&old).unwrap();
+        conn.execute_batch(
+            "INSERT INTO attempts VALUES ('a', 1, 'n1', 'node_failed', 1),
+                                             ('b', 1, 'n1', 'succeeded', 2),
+                                             ('c', 1, 'n1', 'succeeded', 3),
+                                             ('d', 1, 'n1', 'job_failed', 4),
+                                             ('e', 1, 'n2', 'succeeded', 5)",
+        )
+        .unwrap();
+    }
+    let mut store = Store::open(&path, 500, Subjects::new("t").unwrap()).unwrap();
+    let stats = store.node_stats().unwrap();
+    let (ended, succeeded, reputation) = stats["n1"];
+    assert_eq!((ended, succeeded), (4, 2));
+    assert!((reputation - 2.0 / 3.0).abs() < 1e-12);
+    assert_eq!(stats["n2"], (1, 1, 1.0));
+    // The new column works, and opening again changes nothing.
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, None).unwrap();
+    let mut spec = spec();
+    spec.queue_timeout_ms = Some(5);
+    store.submit("j", "u", &spec, 100_000).unwrap();
+    drop(store);
+    let store = Store::open(&path, 500, Subjects::new("t").unwrap()).unwrap();
+    assert_eq!(store.node_stats().unwrap()["n1"].0, 4);
+    assert_eq!(store.queue_expired(now_ms() + 10, 60_000).unwrap().len(), 1);
+}
+
+#[test]
+fn queue_expiry_uses_the_jobs_own_timeout_or_the_default() {
+    let (_dir, mut store) = store();
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, None).unwrap();
+    let mut own = spec();
+    own.queue_timeout_ms = Some(1_000);
+    store.submit("own", "u", &own, 100_000).unwrap();
+    store.submit("default", "u", &spec(), 100_000).unwrap();
+    let since = store.get_job("own").unwrap().created_ms;
+    assert!(
+        store
+            .queue_expired(since + 1_000, 5_000)
+            .unwrap()
+            .is_empty(),
+        "not past it yet"
+    );
+    assert_eq!(
+        store.queue_expired(since + 1_001, 5_000).unwrap(),
+        vec![("own".to_owned(), 1_000)]
+    );
+    let mut expired: Vec<(String, u64)> = store.queue_expired(since + 5_001 + 100, 5_000).unwrap();
+    expired.sort();
+    assert_eq!(
+        expired,
+        [("default".to_owned(), 5_000), ("own".to_owned(), 1_000)]
+    );
+    // A job no longer pending never expires.
+    node(&mut store);
+    store.assign("own", "n1", &PRICING).unwrap();
+    assert_eq!(store.queue_expired(u64::MAX / 2, 5_000).unwrap().len(), 1);
+}
+
+#[test]
+fn lost_attempts_are_requeued_with_the_hold_intact_until_retries_run_out() {
+    let (_dir, mut store) = store();
+    node(&mut store);
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, None).unwrap();
+    let mut spec = spec();
+    spec.max_retries = 2;
+    store.submit("j", "u", &spec, 100_000).unwrap();
+    for attempt in 1..=2 {
+        assert_eq!(store.assign("j", "n1", &PRICING).unwrap(), Some(attempt));
+        assert_eq!(
+            store
+                .requeue_or_fail("j", attempt, "node n1 was lost")
+                .unwrap(),
+            Some(JobState::Pending)
+        );
+        assert_eq!(
+            balance(&store, "escrow:j"),
+            100_000,
+            "the hold stays while the job moves"
+        );
+        assert_eq!(
+            store.requeue_or_fail("j", attempt, "again").unwrap(),
+            None,
+            "stale attempt ignored"
+        );
+    }
+    let job = store.get_job("j").unwrap();
+    assert_eq!(
+        job.reason.as_deref(),
+        Some("node n1 was lost; requeued (retry 2 of 2)")
+    );
+    assert_eq!(store.assign("j", "n1", &PRICING).unwrap(), Some(3));
+    assert_eq!(
+        store.requeue_or_fail("j", 3, "node n1 was lost").unwrap(),
+        Some(JobState::Failed)
+    );
+    let job = store.get_job("j").unwrap();
+    assert_eq!(
+        (job.state, job.refund_micros),
+        (JobState::Failed, Some(100_000))
+    );
+    assert_eq!(
+        job.reason.as_deref(),
+        Some("node n1 was lost; no retries left (2 allowed)")
+    );
+    assert_eq!(balance(&store, "u"), 1_000_000);
+    assert!(ledger::verify(store.connection()).unwrap().is_ok());
+}
+
+#[test]
+fn a_group_commit_keeps_each_operation_all_or_nothing() {
+    let (_dir, mut store) = store();
+    node(&mut store);
+    let (results, commit) = store.group_commit(|store| {
+        (
+            store.create_account("g").map(|_| ()),
+            store.deposit("g", 50, Some("once")).map(|_| ()),
+            store.submit("too-dear", "g", &spec(), 51).map(|_| ()),
+            store.submit("fits", "g", &spec(), 40).map(|_| ()),
+        )
+    });
+    assert_eq!(commit, Ok(()));
+    assert!(results.0.is_ok() && results.1.is_ok() && results.3.is_ok());
+    assert_eq!(
+        results.2.unwrap_err().wire().code,
+        ErrorCode::InsufficientFunds
+    );
+    assert!(
+        store.find_job("too-dear").unwrap().is_none(),
+        "the failed op left nothing"
+    );
+    assert_eq!(store.get_job("fits").unwrap().state, JobState::Pending);
+    assert_eq!(balance(&store, "g"), 10);
+    assert!(store.verify().unwrap().ok);
+    // Outside a batch, each op commits on its own.
+    store.deposit("g", 5, None).unwrap();
+    assert_eq!(balance(&store, "g"), 15);
+}
+
+#[test]
+fn insufficient_funds_leave_no_trace() {
+    let (_dir, mut store) = store();
+    store.create_account("u").unwrap();
+    store.deposit("u", 10, None).unwrap();
+    let error = store.submit("j", "u", &spec(), 11).unwrap_err().wire();
+    assert_eq!(error.code, ErrorCode::InsufficientFunds);
+    assert!(error.message.contains("10"), "{}", error.message);
+    assert!(store.find_job("j").unwrap().is_none());
+    assert_eq!(ledger::balance(store.connection(), "u").unwrap(), Some(10));
+    assert_eq!(
+        ledger::balance(store.connection(), "escrow:j").unwrap(),
+        None
+    );
+    assert!(store.outbox_batch(10).unwrap().is_empty());
+    assert_eq!(
+        store.create_account("u").unwrap_err().wire().code,
+        ErrorCode::AlreadyExists
+    );
+    assert_eq!(
+        store.deposit("nobody", 5, None).unwrap_err().wire().code,
+        ErrorCode::NotFound
+    );
+    // Also inside a group commit: the failed operation's savepoint undoes it alone.
+    let (results, commit) = store.group_commit(|store| {
+        (
+            store.submit("g1", "u", &spec(), 11).is_err(),
+            store.submit("g2", "u", &spec(), 4).is_ok(),
+        )
+    });
+    assert_eq!((results, commit), ((true, true), Ok(())));
+    assert_eq!(ledger::balance(store.connection(), "u").unwrap(), Some(6));
+    assert!(store.find_job("g1").unwrap().is_none());
+}
+
+/// Property test: whatever happens, in whatever order, the money adds up.
+mod properties {
+    use super::super::nodes::reputation;
+    use super::*;
+    use crate::ledger::escrow_account;
+    use proptest::prelude::*;
+
+    const PRICING: Pricing = Pricing {
+        gpu_hour_cents: 0,
+        cpu_hour_cents: 3_600,
+        memory_gb_hour_cents: 0,
+        fuel_million_micros: 0,
+    };
+    const NODES: [&str; 2] = ["n0", "n1"];
+    const INITIAL_DEPOSIT: i64 = 300_000;
+    const USERS: [&str; 2] = ["u0", "u1"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Deposit {
+            user: usize,
+            amount: i64,
+        },
+        Submit {
+            user: usize,
+            max_cost: i64,
+            retries: u32,
+        },
+        Assign {
+            job: usize,
+            node: usize,
+        },
+        Running {
+            job: usize,
+        },
+        Finish {
+            job: usize,
+            exit_code: i32,
+            elapsed_ms: u64,
+            replay: bool,
+        },
+        Cancelled {
+            job: usize,
+        },
+        NodeLost {
+            job: usize,
+        },
+        Cancel {
+            job: usize,
+        },
+        StaleReport {
+            job: usize,
+            elapsed_ms: u64,
+        },
+        QueueTimeout {
+            job: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            1 => (0..2usize, 1..500_000i64).prop_map(|(user, amount)| Op::Deposit { user, amount }),
+            3 => (0..2usize, 1..200_000i64, 0..3u32).prop_map(|(user, max_cost, retries)| Op::Submit {
+                user,
+                max_cost,
+                retries
+            }),
+            3 => (0..3usize, 0..2usize).prop_map(|(job, node)| Op::Assign { job, node }),
+            2 => (0..3usize).prop_map(|job| Op::Running { job }),
+            3 => (
+                0..3usize,
+                prop_oneof![Just(0), Just(0), Just(1), Just(137)],
+                0..50_000u64,
+                any::<bool>()
+            )
+                .prop_map(|(job, exit_code, elapsed_ms, replay)| Op::Finish {
+                    job,
+                    exit_code,
+                    elapsed_ms,
+                    replay
+                }),
+            1 => (0..3usize).prop_map(|job| Op::Cancelled { job }),
+            1 => (0..3usize).prop_map(|job| Op::NodeLost { job }),
+            1 => (0..3usize).prop_map(|job| Op::Cancel { job }),
+            1 => (0..3usize, 0..50_000u64)
+                .prop_map(|(job, elapsed_ms)| Op::StaleReport { job, elapsed_ms }),
+            1 => (0..3usize).prop_map(|job| Op::QueueTimeout { job }),
+        ]
+    }
+
+    fn outcome(kind: ExitKind, exit_code: Option<i32>, elapsed_ms: u64) -> ExecutionOutcome {
+        ExecutionOutcome {
+            kind,
+            exit_code,
+            message: None,
+            elapsed_ms,
+            fuel_consumed: None,
+            output_files: Default::default(),
+            stdout: String::new(),
+            stderr: String::new(),
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(
+            &dir.path().join("ledger.db"),
+            500,
+            Subjects::new("p").unwrap(),
+        )
+        .unwrap();
+        for (index, node) in NODES.iter().enumerate() {
+            store
+                .upsert_node(&RegisterNode {
+                    v: WIRE_VERSION,
+                    node_id: (*node).into(),
+                    provider_account: format!("prov{index}"),
+                    backends: vec!["wasm".into()],
+                    pricing: PRICING,
+                    cpu_cores: 4,
+                    memory_mib: 4096,
+                    max_concurrent: 8,
+                    heartbeat_interval_ms: 1000,
+                    plugins: vec![],
+                    running: Vec::<ExecutionRef>::new(),
+                    gpus: vec![],
+                    disk_mib: 0,
+                    hardware: None,
+                    artifact_sources: vec![],
+                })
+                .unwrap();
+        }
+        for user in USERS {
+            store.create_account(user).unwrap();
+            store.deposit(user, INITIAL_DEPOSIT, None).unwrap();
+        }
+        (dir, store)
+    }
+
+    /// The node and attempt the job currently has, if any.
+    fn current(store: &Store, job_id: &str) -> Option<(String, u32)> {
+        store.current_execution(job_id).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_sequence_keeps_the_ledger_invariants(ops in proptest::collection::vec(op(), 10..80)) {
+            let (_dir, mut store) = setup();
+            let mut jobs: Vec<String> = Vec::new();
+            let mut deposited = INITIAL_DEPOSIT * USERS.len() as i64;
+            for op in ops {
+                match op {
+                    Op::Deposit { user, amount } => {
+                        store.deposit(USERS[user], amount, None).unwrap();
+                        deposited += amount;
+                    }
+                    Op::Submit { user, max_cost, retries } => {
+                        let id = format!("j{}", jobs.len());
+                        let spec = JobSpec { max_retries: retries, ..JobSpec::new(Workload::Wasm { module_b64: "AGFzbQ==".into() }, 10_000, 64) };
+                        match store.submit(&id, USERS[user], &spec, max_cost) {
+                            Ok(_) => jobs.push(id),
+                            Err(e) => prop_assert_eq!(e.wire().code, ErrorCode::InsufficientFunds),
+                        }
+                    }
+                    Op::Assign { job, node } => {
+                        if let Some(id) = jobs.get(job) {
+                            store.assign(id, NODES[node], &PRICING).unwrap();
+                        }
+                    }
+                    Op::Running { job } => {
+                        if let Some(id) = jobs.get(job) && let Some((node, attempt)) = current(&store, id) {
+                            store.mark_running(id, &node, attempt).unwrap();
+                        }
+                    }
+                    Op::Finish { job, exit_code, elapsed_ms, replay } => {
+                        if let Some(id) = jobs.get(job) && let Some((node, attempt)) = current(&store, id) {
+                            let report = outcome(ExitKind::Exited, Some(exit_code), elapsed_ms);
+                            prop_assert_eq!(store.finish(id, &node, attempt, &report, 1024).unwrap(), ReportEffect::Applied);
+                            let after = store.get_job(id).unwrap();
+                            if replay {
+                                let replayed = store.finish(id, &node, attempt, &report, 1024).unwrap();
+                                prop_assert_eq!(replayed, ReportEffect::Duplicate);
+                                prop_assert_eq!(store.get_job(id).unwrap(), after);
+                            }
+                        }
+                    }
+                    Op::Cancelled { job } => {
+                        if let Some(id) = jobs.get(job) && let Some((node, attempt)) = current(&store, id) {
+                            store.finish(id, &node, attempt, &outcome(ExitKind::Cancelled, None, 700), 1024).unwrap();
+                        }
+                    }
+                    Op::NodeLost { job } => {
+                        if let Some(id) = jobs.get(job) && let Some((_, attempt)) = current(&store, id) {
+                            store.requeue_or_fail(id, attempt, "node lost").unwrap();
+                        }
+                    }
+                    Op::Cancel { job } => {
+                        if let Some(id) = jobs.get(job) {
+                            let _ = store.cancel(id);
+                        }
+                    }
+                    Op::StaleReport { job, elapsed_ms } => {
+                        if let Some(id) = jobs.get(job) {
+                            let before = store.get_job(id).unwrap();
+                            let attempt = before.attempt + 5;
+                            let report = outcome(ExitKind::Exited, Some(0), elapsed_ms);
+                            prop_assert!(matches!(store.finish(id, "n0", attempt, &report, 1024).unwrap(), ReportEffect::Stale(_)));
+                            prop_assert_eq!(store.get_job(id).unwrap(), before);
+                        }
+                    }
+                    Op::QueueTimeout { job } => {
+                        if let Some(id) = jobs.get(job) && store.get_job(id).unwrap().state == JobState::Pending {
+                            store.end_with_refund(id, JobState::TimedOut, "queue timeout").unwrap();
+                        }
+                    }
+                }
+                let report = store.verify().unwrap();
+                prop_assert!(report.ok, "{:?}", report.problems);
+            }
+            // Conservation: what came in is exactly what the users, escrows, providers and the
+            // platform hold now.
+            let held: i64 = jobs.iter().map(|id| ledger::balance(store.connection(), &escrow_account(id)).unwrap().unwrap_or(0)).sum();
+            let users: i64 = USERS.iter().map(|u| ledger::balance(store.connection(), u).unwrap().unwrap_or(0)).sum();
+            let providers: i64 = (0..2).map(|i| ledger::balance(store.connection(), &format!("prov{i}")).unwrap().unwrap_or(0)).sum();
+            let fees = ledger::balance(store.connection(), ledger::PLATFORM_FEES).unwrap().unwrap_or(0);
+            prop_assert_eq!(users + held + providers + fees, deposited);
+            prop_assert_eq!(ledger::balance(store.connection(), ledger::EXTERNAL).unwrap(), Some(-deposited));
+            // Every ended job: its split matches the postings it made.
+            for id in &jobs {
+                let job = store.get_job(id).unwrap();
+                if job.state.is_terminal() {
+                    let (cost, fee, provider, refund) = (job.cost_micros.unwrap(), job.fee_micros.unwrap(), job.provider_micros.unwrap(), job.refund_micros.unwrap());
+                    prop_assert_eq!(cost + refund, job.max_cost_micros);
+                    prop_assert_eq!(provider + fee, cost);
+                    prop_assert_eq!(fee, (cost * 500 + 5_000) / 10_000);
+                }
+            }
+            // The running node totals agree with the attempts they summarise.
+            let mut expected = std::collections::HashMap::<String, (u64, u64, String)>::new();
+            let mut rows = store.connection().prepare("SELECT node_id, outcome FROM attempts ORDER BY rowid").unwrap();
+            for row in rows.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).unwrap() {
+                let (node, outcome) = row.unwrap();
+                let entry = expected.entry(node).or_default();
+                entry.0 += 1;
+                entry.1 += u64::from(outcome == "succeeded");
+                match outcome.as_str() { "succeeded" => entry.2.push('s'), "node_failed" => entry.2.push('f'), _ => {} }
+            }
+            drop(rows);
+            let stats = store.node_stats().unwrap();
+            prop_assert_eq!(stats.len(), expected.len());
+            for (node, (ended, succeeded, recent)) in expected {
+                let recent = &recent[recent.len().saturating_sub(REPUTATION_WINDOW)..];
+                prop_assert_eq!(stats[&node], (ended, succeeded, reputation(recent)));
+            }
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! How a job moves through its states after submit, each move one transaction with its money
+//! and its events: assigned (a new attempt on a node, at its prices), back to pending (the node
+//! did not take it, or was lost while retries remain), running, and ended — finished on its node
+//! (settled or refunded as [`ending::finished`] decides), or ended without it (cancel, queue or
+//! total timeout, lost with no retries left: refunded).
+
+use super::ending::{self, AttemptOutcome, LostAttempt, StopReason, StopRequest};
+use super::nodes::record_attempt;
+use super::rows::truncate_tail;
+use super::{CancelEffect, ReportEffect, Store, StoreError};
+use crate::ledger::{self, exec, query_row};
+use crate::now_ms;
+use rhizos_broker::wire::{ExecutionOutcome, JobSpec, JobState, Pricing};
+use rusqlite::{Connection, OptionalExtension, params};
+
+impl Store {
+    /// pending → assigned to `node_id` with a new attempt number, at the node's `pricing`.
+    /// Returns the attempt, or `None` if the job is no longer pending.
+    pub fn assign(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        pricing: &Pricing,
+    ) -> Result<Option<u32>, StoreError> {
+        let now = now_ms();
+        let pricing = serde_json::to_string(pricing)?;
+        let (tx, ctx) = self.begin()?;
+        let attempt: Option<u32> = query_row(
+            &tx,
+            "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, node_id = ?2, pricing = ?3, updated_ms = ?4
+             WHERE id = ?1 AND state = 'pending' RETURNING attempt",
+            params![job_id, node_id, pricing, now as i64],
+            |r| r.get(0),
+        )
+        .optional()
+        ?;
+        let Some(attempt) = attempt else {
+            return Ok(None);
+        };
+        ctx.emit_job(
+            &tx,
+            job_id,
+            JobState::Assigned,
+            attempt,
+            Some(node_id),
+            None,
+            now,
+        )?;
+        tx.commit()?;
+        Ok(Some(attempt))
+    }
+
+    /// assigned → pending again, when the node did not take the assignment.
+    pub fn unassign(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let changed = exec(
+            &tx,
+            "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, updated_ms = ?3
+                 WHERE id = ?1 AND attempt = ?2 AND state = 'assigned'",
+            params![job_id, attempt, now as i64],
+        )?;
+        if changed == 1 {
+            record_attempt(
+                &tx,
+                job_id,
+                attempt,
+                node_id,
+                AttemptOutcome::NodeFailed,
+                now,
+            )?;
+            ctx.emit_job(
+                &tx,
+                job_id,
+                JobState::Pending,
+                attempt,
+                None,
+                Some(reason),
+                now,
+            )?;
+        }
+        tx.commit().map_err(StoreError::from)
+    }
+
+    /// Loads `(state, node_id, attempt)` of a job for report checks.
+    fn attempt_of(
+        tx: &Connection,
+        job_id: &str,
+    ) -> Result<Option<(JobState, Option<String>, u32)>, StoreError> {
+        query_row(
+            tx,
+            "SELECT state, node_id, attempt FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, u32>(2)?,
+                ))
+            },
+        )
+        .optional()?
+        .map(|(state, node, attempt)| {
+            JobState::parse(&state)
+                .map(|s| (s, node, attempt))
+                .ok_or_else(|| StoreError::Corrupt(format!("bad state {state}")))
+        })
+        .transpose()
+    }
+
+    fn check_attempt(
+        tx: &Connection,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+    ) -> Result<Result<JobState, ReportEffect>, StoreError> {
+        let Some((state, node, current)) = Self::attempt_of(tx, job_id)? else {
+            return Err(StoreError::NotFound(format!("no job {job_id}")));
+        };
+        if current != attempt || node.as_deref() != Some(node_id) {
+            return Ok(Err(ReportEffect::Stale(format!(
+                "job {job_id} attempt {attempt} on {node_id} is not current (attempt {current} on {})",
+                node.as_deref().unwrap_or("no node")
+            ))));
+        }
+        Ok(Ok(state))
+    }
+
+    /// assigned → running.
+    pub fn mark_running(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+    ) -> Result<ReportEffect, StoreError> {
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let state = match Self::check_attempt(&tx, job_id, node_id, attempt)? {
+            Ok(state) => state,
+            Err(effect) => return Ok(effect),
+        };
+        if state != JobState::Assigned {
+            return Ok(ReportEffect::Duplicate);
+        }
+        exec(
+            &tx,
+            "UPDATE jobs SET state = 'running', updated_ms = ?2 WHERE id = ?1",
+            params![job_id, now as i64],
+        )?;
+        ctx.emit_job(
+            &tx,
+            job_id,
+            JobState::Running,
+            attempt,
+            Some(node_id),
+            None,
+            now,
+        )?;
+        tx.commit()?;
+        Ok(ReportEffect::Applied)
+    }
+
+    /// Records the end of the current attempt and settles or refunds its escrow, exactly once.
+    pub fn finish(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+        outcome: &ExecutionOutcome,
+        max_output_bytes: usize,
+    ) -> Result<ReportEffect, StoreError> {
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let state = match Self::check_attempt(&tx, job_id, node_id, attempt)? {
+            Ok(state) => state,
+            Err(effect) => return Ok(effect),
+        };
+        if state.is_terminal() {
+            return Ok(ReportEffect::Duplicate);
+        }
+        // The allocation from its own columns: the spec (with its workload) is not parsed here.
+        let (cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason): (
+            u32,
+            i64,
+            u32,
+            Option<String>,
+            bool,
+            Option<String>,
+        ) = query_row(
+            &tx,
+            "SELECT cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
+        )?;
+        let pricing: Pricing = pricing
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()?
+            .ok_or_else(|| StoreError::Corrupt(format!("job {job_id} has no agreed pricing")))?;
+        let ending = ending::finished(
+            outcome.kind,
+            outcome.exit_code,
+            outcome.message.as_deref(),
+            StopRequest {
+                cancel_requested,
+                stop_reason: stop_reason.as_deref().and_then(StopReason::parse),
+            },
+        );
+        let (final_state, reason) = (ending.state, ending.reason);
+        let measured = ledger::cost_micros(
+            outcome.elapsed_ms,
+            cpu_cores,
+            memory_mib as u64,
+            gpus,
+            &pricing,
+        )
+        .saturating_add(ledger::fuel_cost_micros(
+            outcome.fuel_consumed.unwrap_or(0),
+            &pricing,
+        ));
+        let stdout = truncate_tail(&outcome.stdout, max_output_bytes);
+        let stderr = truncate_tail(&outcome.stderr, max_output_bytes);
+        exec(&tx,
+            "UPDATE jobs SET state = ?2, exit_code = ?3, stdout = ?4, stderr = ?5, reason = ?6, elapsed_ms = ?7,
+             updated_ms = ?8, fuel_consumed = ?9, output_files = ?10 WHERE id = ?1",
+            params![
+                job_id,
+                final_state.as_str(),
+                outcome.exit_code,
+                stdout,
+                stderr,
+                reason,
+                outcome.elapsed_ms as i64,
+                now as i64,
+                outcome.fuel_consumed.map(|f| f as i64),
+                (!outcome.output_files.is_empty())
+                    .then(|| serde_json::to_string(&outcome.output_files).unwrap_or_default())
+            ],
+        )
+        ?;
+        ctx.emit_job(
+            &tx,
+            job_id,
+            final_state,
+            attempt,
+            Some(node_id),
+            reason.as_deref(),
+            now,
+        )?;
+        record_attempt(&tx, job_id, attempt, node_id, ending.attempt, now)?;
+        if ending.charge {
+            ctx.settle(&tx, job_id, measured, now)?;
+        } else {
+            ctx.refund(&tx, job_id, now)?;
+        }
+        tx.commit()?;
+        Ok(ReportEffect::Applied)
+    }
+
+    /// Ends a job that is not running anywhere any more (queue timeout, lost node, cancel before
+    /// start) with a full refund.
+    pub fn end_with_refund(
+        &mut self,
+        job_id: &str,
+        state: JobState,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        self.spec_cache.remove(job_id);
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let Some((current, node, attempt)) = Self::attempt_of(&tx, job_id)? else {
+            return Err(StoreError::NotFound(format!("no job {job_id}")));
+        };
+        if current.is_terminal() {
+            return Ok(false);
+        }
+        exec(
+            &tx,
+            "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
+            params![job_id, state.as_str(), reason, now as i64],
+        )?;
+        ctx.emit_job(
+            &tx,
+            job_id,
+            state,
+            attempt,
+            node.as_deref(),
+            Some(reason),
+            now,
+        )?;
+        ctx.refund(&tx, job_id, now)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// The node lost (or restarted without) attempt `attempt`: back to pending for another node,
+    /// with the escrow hold intact, while retries remain; otherwise failed and refunded.
+    /// Returns `None` if that attempt is no longer the job's current one.
+    pub fn requeue_or_fail(
+        &mut self,
+        job_id: &str,
+        attempt: u32,
+        reason: &str,
+    ) -> Result<Option<JobState>, StoreError> {
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let Some((state, node, current)) = Self::attempt_of(&tx, job_id)? else {
+            return Err(StoreError::NotFound(format!("no job {job_id}")));
+        };
+        if current != attempt || !matches!(state, JobState::Assigned | JobState::Running) {
+            return Ok(None);
+        }
+        if let Some(node) = &node {
+            record_attempt(&tx, job_id, attempt, node, AttemptOutcome::NodeFailed, now)?;
+        }
+        let spec: String = query_row(&tx, "SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| {
+            r.get(0)
+        })?;
+        let spec: JobSpec = serde_json::from_str(&spec)?;
+        let (cancel_requested, stop_reason): (bool, Option<String>) = query_row(
+            &tx,
+            "SELECT cancel_requested, stop_reason FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let stop = StopRequest {
+            cancel_requested,
+            stop_reason: stop_reason.as_deref().and_then(StopReason::parse),
+        };
+        match ending::lost(reason, attempt.saturating_sub(1), spec.max_retries, stop) {
+            LostAttempt::Requeue { reason } => {
+                exec(&tx,
+                    "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, reason = ?2, updated_ms = ?3
+                     WHERE id = ?1",
+                    params![job_id, reason, now as i64],
+                )?;
+                ctx.emit_job(
+                    &tx,
+                    job_id,
+                    JobState::Pending,
+                    attempt,
+                    None,
+                    Some(&reason),
+                    now,
+                )?;
+                tx.commit()?;
+                Ok(Some(JobState::Pending))
+            }
+            LostAttempt::End { state, reason } => {
+                exec(
+                    &tx,
+                    "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
+                    params![job_id, state.as_str(), reason, now as i64],
+                )?;
+                ctx.emit_job(
+                    &tx,
+                    job_id,
+                    state,
+                    attempt,
+                    node.as_deref(),
+                    Some(&reason),
+                    now,
+                )?;
+                ctx.refund(&tx, job_id, now)?;
+                tx.commit()?;
+                Ok(Some(state))
+            }
+        }
+    }
+
+    /// The total timeout passed: a job that never started ends `timed_out` with a full refund;
+    /// a running one is flagged and its node must be told to stop it (returned), after which
+    /// it ends `timed_out`, paying the time used.
+    pub fn time_out(&mut self, job_id: &str) -> Result<Option<(String, u32)>, StoreError> {
+        let job = self.get_job(job_id)?;
+        let reason = "the job's total timeout passed";
+        match job.state {
+            JobState::Pending | JobState::Assigned => {
+                self.end_with_refund(job_id, JobState::TimedOut, reason)?;
+                Ok(job.node_id.map(|node| (node, job.attempt)))
+            }
+            JobState::Running => {
+                exec(
+                    &self.conn,
+                    "UPDATE jobs SET cancel_requested = 1, stop_reason = ?3, updated_ms = ?2
+                         WHERE id = ?1",
+                    params![job_id, now_ms() as i64, StopReason::TotalTimeout.as_str()],
+                )?;
+                Ok(job.node_id.map(|node| (node, job.attempt)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Cancel: before start → cancelled with a full refund; while running → flagged, and the node
+    /// is asked to stop (the job ends when the node reports).
+    pub fn cancel(&mut self, job_id: &str) -> Result<CancelEffect, StoreError> {
+        self.spec_cache.remove(job_id);
+        let job = self.get_job(job_id)?;
+        match job.state {
+            JobState::Pending | JobState::Assigned => {
+                let stop = job.node_id.clone().map(|node| (node, job.attempt));
+                self.end_with_refund(
+                    job_id,
+                    JobState::Cancelled,
+                    "cancelled by the user before it started",
+                )?;
+                Ok(CancelEffect {
+                    job: self.get_job(job_id)?,
+                    stop,
+                })
+            }
+            JobState::Running => {
+                exec(
+                    &self.conn,
+                    "UPDATE jobs SET cancel_requested = 1, stop_reason = ?3, updated_ms = ?2 WHERE id = ?1",
+                    params![job_id, now_ms() as i64, StopReason::User.as_str()],
+                )?;
+                let stop = job.node_id.clone().map(|node| (node, job.attempt));
+                Ok(CancelEffect {
+                    job: self.get_job(job_id)?,
+                    stop,
+                })
+            }
+            terminal => Err(StoreError::InvalidState(format!(
+                "job {job_id} already ended ({})",
+                terminal.as_str()
+            ))),
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Keeping the database and the nodes in agreement: heartbeats (liveness, GPU telemetry, and
+//! reconciliation — stop executions that were moved, requeue attempts a node does not run), and
+//! the sweeper (lost nodes → requeue, queue and total timeouts, reputation refresh).
+
+use super::Orchestrator;
+use super::store;
+use rhizos_broker::wire::{self, Heartbeat, JobState, WireError};
+use std::time::Duration;
+
+impl Orchestrator {
+    pub(in crate::orchestrator) fn handle_heartbeat(&self, payload: &[u8]) {
+        match wire::decode::<Heartbeat>(payload, self.inner.settings.max_request_bytes) {
+            Ok(mut heartbeat) => {
+                let gpus = std::mem::take(&mut heartbeat.gpus);
+                if !self.registry().heartbeat(&heartbeat.node_id, gpus) {
+                    tracing::debug!(node_id = %heartbeat.node_id, "heartbeat from an unregistered node");
+                    return;
+                }
+                let this = self.clone();
+                tokio::spawn(async move { this.reconcile(heartbeat).await });
+            }
+            Err(e) => tracing::warn!(error = %e, "malformed heartbeat ignored"),
+        }
+    }
+
+    /// Compares a heartbeat with the database: executions the node runs that were moved are
+    /// stopped; attempts the node should run but does not list (an assignment lost in a crash
+    /// between commit and send) are requeued.
+    pub(in crate::orchestrator) async fn reconcile(&self, heartbeat: Heartbeat) {
+        if !heartbeat.running.is_empty() {
+            self.stop_moved_executions(&heartbeat.node_id, &heartbeat.running)
+                .await;
+        }
+        let (interval_ms, committed) = match self.registry().get(&heartbeat.node_id) {
+            Some(node) => (node.registration.heartbeat_interval_ms, node.allocated.jobs),
+            None => return,
+        };
+        if committed == 0 && heartbeat.running.is_empty() {
+            // Nothing assigned there (the registry counts every assignment as it is recorded
+            // and only forgets one at the next dispatch pass's recount) and nothing running.
+            return;
+        }
+        let grace_ms = self.inner.settings.assign_timeout_ms + 2 * interval_ms;
+        let (node_id, running) = (heartbeat.node_id.clone(), heartbeat.running);
+        let missing = match self
+            .db(move |store| store.unreported_on_node(&node_id, &running, grace_ms))
+            .await
+        {
+            Ok(missing) => missing,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reconcile a heartbeat");
+                return;
+            }
+        };
+        for (job_id, attempt) in missing {
+            let reason = format!("node {} does not run attempt {attempt}", heartbeat.node_id);
+            if let Err(e) = self.requeue_or_fail(job_id, attempt, reason).await {
+                tracing::warn!(error = %e, "cannot requeue");
+            }
+        }
+    }
+
+    /// Tells `node_id` to stop executions it runs that are no longer the job's current attempt
+    /// there (the job was requeued elsewhere after the node was thought lost, or ended).
+    pub(in crate::orchestrator) async fn stop_moved_executions(
+        &self,
+        node_id: &str,
+        running: &[wire::ExecutionRef],
+    ) {
+        for execution in running {
+            let job_id = execution.job_id.clone();
+            let current = match self.db(move |store| store.current_execution(&job_id)).await {
+                Ok(current) => current,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check an execution");
+                    continue;
+                }
+            };
+            if current
+                .as_ref()
+                .is_some_and(|(node, attempt)| node == node_id && *attempt == execution.attempt)
+            {
+                continue;
+            }
+            tracing::info!(job_id = %execution.job_id, attempt = execution.attempt, %node_id, "stopping an execution that was moved or ended");
+            self.send_stop(node_id, &execution.job_id, execution.attempt)
+                .await;
+        }
+    }
+
+    pub(in crate::orchestrator) async fn requeue_or_fail(
+        &self,
+        job_id: String,
+        attempt: u32,
+        reason: String,
+    ) -> Result<(), WireError> {
+        let id = job_id.clone();
+        let outcome = self
+            .db(move |store| store.requeue_or_fail(&id, attempt, &reason))
+            .await?;
+        if let Some(state) = outcome {
+            tracing::warn!(%job_id, attempt, state = state.as_str(), "attempt lost");
+        }
+        self.inner.outbox_wake.notify_one();
+        self.inner.dispatch_wake.notify_one();
+        Ok(())
+    }
+
+    pub(in crate::orchestrator) async fn sweep_loop(self) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(e) = self.sweep().await {
+                tracing::error!(error = %e, "sweep failed");
+            }
+        }
+    }
+
+    /// Ends jobs on lost nodes and jobs that waited too long for one; both are refunded.
+    pub(in crate::orchestrator) async fn sweep(&self) -> Result<(), WireError> {
+        let stats = self.recount_and_stats().await?;
+        let reputations = stats
+            .into_iter()
+            .map(|(node, (_, _, reputation))| (node, reputation))
+            .collect();
+        self.registry().set_reputations(&reputations);
+        let lost = self
+            .registry()
+            .take_newly_lost(self.inner.settings.missed_heartbeats);
+        for node_id in lost {
+            tracing::warn!(%node_id, "node lost: no heartbeat");
+            let node = node_id.clone();
+            let active = self.db(move |store| store.active_on_node(&node)).await?;
+            for (job_id, attempt) in active {
+                let reason = format!("node {node_id} was lost (missed heartbeats)");
+                self.requeue_or_fail(job_id, attempt, reason).await?;
+            }
+        }
+        let default_queue_timeout_ms = self.inner.settings.queue_timeout_ms;
+        let now = store::now_ms();
+        let expired = self
+            .db(move |store| store.queue_expired(now, default_queue_timeout_ms))
+            .await?;
+        for (job_id, queue_timeout_ms) in expired {
+            let reason =
+                format!("no node took the job within its queue timeout of {queue_timeout_ms} ms");
+            self.db(move |store| store.end_with_refund(&job_id, JobState::TimedOut, &reason))
+                .await?;
+        }
+        for job_id in self.db(move |store| store.overdue(now)).await? {
+            let id = job_id.clone();
+            if let Some((node_id, attempt)) = self.db(move |store| store.time_out(&id)).await? {
+                tracing::info!(%job_id, %node_id, "total timeout passed; stopping the job");
+                let this = self.clone();
+                tokio::spawn(async move { this.send_stop(&node_id, &job_id, attempt).await });
+            }
+        }
+        self.inner.outbox_wake.notify_one();
+        Ok(())
+    }
+}

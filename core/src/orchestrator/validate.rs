@@ -1,0 +1,363 @@
+//! Submit validation: every field of a `job.submit` is checked here before anything is stored, so
+//! a bad request gets a `bad_request` (or `too_large`) reply naming the field and nothing is held.
+//! The common fields first, then one function per workload kind. Every limit is in [`limits`].
+
+use rhizos_broker::validate_token;
+use rhizos_broker::wire::{self, ErrorCode, JobSpec, SubmitJob, WireError, Workload};
+
+/// What a submit may ask for. Requests past these are refused before anything is stored.
+pub mod limits {
+    use rhizos_broker::wire::MICROS_PER_USD;
+
+    /// Largest WASM module, CUDA program or plugin payload accepted inline in a submit.
+    pub const MAX_INLINE_MODULE_BYTES: usize = 512 * 1024;
+    /// Longest execution deadline a job may ask for.
+    pub const MAX_TIMEOUT_MS: u64 = 24 * 3_600_000;
+    /// Largest `max_cost` accepted, and largest single deposit: $1,000,000.
+    pub const MAX_COST_MICROS: i64 = 1_000_000 * MICROS_PER_USD;
+    /// Most retries a job may ask for.
+    pub const MAX_RETRIES: u32 = 10;
+    /// Longest queue or total timeout a job may ask for: 30 days.
+    pub const MAX_JOB_LIFETIME_MS: u64 = 30 * 24 * 3_600_000;
+    /// Largest memory limit: 1 TiB.
+    pub const MAX_MEMORY_MIB: u64 = 1024 * 1024;
+    pub const MAX_CPU_CORES: u32 = 1024;
+    pub const MAX_GPUS: u32 = 64;
+    pub const MAX_GPU_APIS: usize = 16;
+    pub const MAX_ARGS: usize = 1024;
+    pub const MAX_ARG_BYTES: usize = 4096;
+    pub const MAX_ENV_VARS: usize = 1024;
+    pub const MAX_INPUT_FILES: usize = 256;
+}
+
+use limits::*;
+
+pub(super) fn token(result: Result<(), rhizos_broker::TokenError>) -> Result<(), WireError> {
+    result.map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+pub(super) fn bad(message: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::BadRequest, message)
+}
+
+fn too_large(what: &str, bytes: usize) -> WireError {
+    WireError::new(
+        ErrorCode::TooLarge,
+        format!("{what} is {bytes} bytes, the inline limit is {MAX_INLINE_MODULE_BYTES}"),
+    )
+}
+
+/// Checks every field of a submit before anything is stored.
+pub fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
+    token(validate_token("account", &request.account))?;
+    token(validate_token("job id", job_id))?;
+    if request.max_cost_micros <= 0 || request.max_cost_micros > MAX_COST_MICROS {
+        return Err(bad(format!(
+            "max_cost_micros must be between 1 and {MAX_COST_MICROS}, got {}",
+            request.max_cost_micros
+        )));
+    }
+    let spec = &request.spec;
+    validate_resources(spec)?;
+    validate_process(spec)?;
+    if let Some(url) = &spec.artifact_url {
+        return validate_by_reference(spec, url);
+    }
+    match &spec.workload {
+        Workload::Wasm { module_b64 } => validate_wasm(module_b64),
+        Workload::Docker {
+            image,
+            entrypoint,
+            workdir,
+            network: _,
+        } => validate_docker(image, entrypoint.as_deref(), workdir.as_deref()),
+        Workload::Cuda { program_b64 } => validate_cuda(spec, program_b64),
+        Workload::Module { uri } => Err(bad(format!(
+            "{uri} was not resolved (module workloads are resolved at submit)"
+        ))),
+        Workload::Custom { name, payload_b64 } => validate_custom(name, payload_b64),
+    }
+}
+
+/// Time, memory, cores, GPUs and retries.
+fn validate_resources(spec: &JobSpec) -> Result<(), WireError> {
+    if spec.timeout_ms == 0 || spec.timeout_ms > MAX_TIMEOUT_MS {
+        return Err(bad(format!(
+            "timeout_ms must be between 1 and {MAX_TIMEOUT_MS}, got {}",
+            spec.timeout_ms
+        )));
+    }
+    if spec.memory_mib == 0 || spec.memory_mib > MAX_MEMORY_MIB {
+        return Err(bad(format!(
+            "memory_mib must be between 1 and {MAX_MEMORY_MIB}, got {}",
+            spec.memory_mib
+        )));
+    }
+    for (name, value) in [
+        ("queue_timeout_ms", spec.queue_timeout_ms),
+        ("total_timeout_ms", spec.total_timeout_ms),
+    ] {
+        if let Some(ms) = value
+            && (ms == 0 || ms > MAX_JOB_LIFETIME_MS)
+        {
+            return Err(bad(format!(
+                "{name} must be between 1 and {MAX_JOB_LIFETIME_MS}, got {ms}"
+            )));
+        }
+    }
+    if spec.gpus > MAX_GPUS || spec.gpu_apis.len() > MAX_GPU_APIS {
+        return Err(bad(format!(
+            "at most {MAX_GPUS} GPUs and {MAX_GPU_APIS} GPU APIs per job"
+        )));
+    }
+    for api in &spec.gpu_apis {
+        token(validate_token("GPU API", api))?;
+    }
+    if spec.max_retries > MAX_RETRIES {
+        return Err(bad(format!(
+            "max_retries must be at most {MAX_RETRIES}, got {}",
+            spec.max_retries
+        )));
+    }
+    if spec.cpu_cores == 0 || spec.cpu_cores > MAX_CPU_CORES {
+        return Err(bad(format!(
+            "cpu_cores must be between 1 and {MAX_CPU_CORES}, got {}",
+            spec.cpu_cores
+        )));
+    }
+    Ok(())
+}
+
+/// Arguments, environment, stdin and input files.
+fn validate_process(spec: &JobSpec) -> Result<(), WireError> {
+    if spec.args.len() > MAX_ARGS || spec.args.iter().any(|a| a.len() > MAX_ARG_BYTES) {
+        return Err(bad(format!(
+            "at most {MAX_ARGS} args of at most {MAX_ARG_BYTES} bytes each"
+        )));
+    }
+    if spec.env.len() > MAX_ENV_VARS
+        || spec
+            .env
+            .keys()
+            .any(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        return Err(bad(format!(
+            "env: at most {MAX_ENV_VARS} variables; names must be non-empty without '=' or NUL"
+        )));
+    }
+    if let Some(stdin) = &spec.stdin_b64 {
+        wire::b64_decode("stdin_b64", stdin)?;
+    }
+    if spec.input_files.len() > MAX_INPUT_FILES {
+        return Err(bad(format!("input_files: at most {MAX_INPUT_FILES} files")));
+    }
+    for (name, content) in &spec.input_files {
+        if !wire::valid_file_path(name) {
+            return Err(bad(format!(
+                "input_files: {name:?} is not a plain relative path (no leading '/', no '.' or '..' segments, at most 255 bytes)"
+            )));
+        }
+        wire::b64_decode(&format!("input_files[{name}]"), content)?;
+    }
+    Ok(())
+}
+
+fn validate_wasm(module_b64: &str) -> Result<(), WireError> {
+    let module = wire::b64_decode("workload.module_b64", module_b64)?;
+    if module.is_empty() {
+        return Err(bad("workload.module_b64 is empty"));
+    }
+    if module.len() > MAX_INLINE_MODULE_BYTES {
+        return Err(too_large("WASM module", module.len()));
+    }
+    let is_binary = module.starts_with(b"\0asm");
+    let is_text = std::str::from_utf8(&module).is_ok_and(|t| t.trim_start().starts_with('('));
+    if !is_binary && !is_text {
+        return Err(bad(
+            "workload.module_b64 is neither a WASM binary (\\0asm) nor WAT text",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_docker(
+    image: &str,
+    entrypoint: Option<&[String]>,
+    workdir: Option<&str>,
+) -> Result<(), WireError> {
+    if !wire::valid_image_ref(image) {
+        return Err(bad(format!(
+            "workload.image {image:?} is not a Docker image reference ([host[:port]/]name[:tag][@sha256:…], lowercase name)"
+        )));
+    }
+    if entrypoint.is_some_and(<[String]>::is_empty) {
+        return Err(bad(
+            "workload.entrypoint is empty: leave it out to keep the image's",
+        ));
+    }
+    if let Some(dir) = workdir
+        && !dir.starts_with('/')
+    {
+        return Err(bad(format!(
+            "workload.workdir {dir:?} must be an absolute path"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_cuda(spec: &JobSpec, program_b64: &str) -> Result<(), WireError> {
+    let program = wire::b64_decode("workload.program_b64", program_b64)?;
+    if !program.starts_with(b"\x7fELF") {
+        return Err(bad(
+            "workload.program_b64 is not a Linux executable (ELF): build it for x86-64 Linux",
+        ));
+    }
+    if program.len() > MAX_INLINE_MODULE_BYTES {
+        return Err(too_large("CUDA program", program.len()));
+    }
+    if spec.gpus == 0 {
+        return Err(bad("a cuda job needs at least one GPU: set gpus"));
+    }
+    Ok(())
+}
+
+fn validate_custom(name: &str, payload_b64: &str) -> Result<(), WireError> {
+    token(validate_token("workload.name", name))?;
+    if matches!(name, "wasm" | "docker" | "cuda" | "custom") {
+        return Err(bad(format!(
+            "workload.name {name:?} is a built-in backend: use its own workload form"
+        )));
+    }
+    let payload = wire::b64_decode("workload.payload_b64", payload_b64)?;
+    if payload.len() > MAX_INLINE_MODULE_BYTES {
+        return Err(too_large("workload payload", payload.len()));
+    }
+    Ok(())
+}
+
+/// A workload whose bytes the node fetches from `url`: the form of the URL, a digest to check
+/// them against, and an empty bytes field.
+fn validate_by_reference(spec: &JobSpec, url: &str) -> Result<(), WireError> {
+    wire::validate_artifact_url(url).map_err(bad)?;
+    if !spec
+        .artifact_sha256
+        .as_deref()
+        .is_some_and(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(bad(
+            "artifact_url needs artifact_sha256 (64 hex digits): a node runs only the bytes with that digest",
+        ));
+    }
+    let (field, bytes) = match &spec.workload {
+        Workload::Wasm { module_b64 } => ("module_b64", module_b64),
+        Workload::Cuda { program_b64 } => {
+            if spec.gpus == 0 {
+                return Err(bad("a cuda job needs at least one GPU: set gpus"));
+            }
+            ("program_b64", program_b64)
+        }
+        Workload::Custom { name, payload_b64 } => {
+            token(validate_token("workload.name", name))?;
+            ("payload_b64", payload_b64)
+        }
+        _ => {
+            return Err(bad(
+                "artifact_url gives the bytes of a wasm, cuda or plugin-backend workload; a docker job names its image",
+            ));
+        }
+    };
+    if !bytes.is_empty() {
+        return Err(bad(format!(
+            "workload.{field} must be empty when artifact_url gives the bytes"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rhizos_broker::wire::WIRE_VERSION;
+
+    fn by_reference(workload: Workload, sha256: Option<&str>, url: &str) -> SubmitJob {
+        let mut spec = JobSpec::new(workload, 1_000, 64);
+        spec.artifact_url = Some(url.to_owned());
+        spec.artifact_sha256 = sha256.map(str::to_owned);
+        SubmitJob {
+            v: WIRE_VERSION,
+            job_id: None,
+            account: "a".into(),
+            spec,
+            max_cost_micros: 1_000,
+        }
+    }
+
+    fn wasm(bytes: &str) -> Workload {
+        Workload::Wasm {
+            module_b64: bytes.into(),
+        }
+    }
+
+    #[test]
+    fn a_workload_by_reference_needs_a_digest_an_http_url_and_no_inline_bytes() {
+        let digest = "ab".repeat(32);
+        let check = |request: SubmitJob| validate_submit(&request, "j").map_err(|e| e.message);
+        assert_eq!(
+            check(by_reference(
+                wasm(""),
+                Some(&digest),
+                "https://r.example/a.wasm"
+            )),
+            Ok(())
+        );
+        let cases = [
+            (
+                by_reference(wasm(""), None, "https://r.example/a.wasm"),
+                "artifact_url needs artifact_sha256",
+            ),
+            (
+                by_reference(wasm(""), Some("abc"), "https://r.example/a.wasm"),
+                "artifact_url needs artifact_sha256",
+            ),
+            (
+                by_reference(wasm(""), Some(&digest), "file:///etc/passwd"),
+                "must start with http:// or https://",
+            ),
+            (
+                by_reference(wasm(""), Some(&digest), "https://r.example/a b"),
+                "without whitespace",
+            ),
+            (
+                by_reference(wasm("AGFzbQ=="), Some(&digest), "https://r.example/a.wasm"),
+                "workload.module_b64 must be empty",
+            ),
+            (
+                by_reference(
+                    Workload::Docker {
+                        image: "alpine".into(),
+                        entrypoint: None,
+                        workdir: None,
+                        network: false,
+                    },
+                    Some(&digest),
+                    "https://r.example/a",
+                ),
+                "a docker job names its image",
+            ),
+            (
+                by_reference(
+                    Workload::Cuda {
+                        program_b64: String::new(),
+                    },
+                    Some(&digest),
+                    "https://r.example/a",
+                ),
+                "needs at least one GPU",
+            ),
+        ];
+        for (request, expected) in cases {
+            let err = check(request).unwrap_err();
+            assert!(err.contains(expected), "{err} (expected {expected:?})");
+        }
+    }
+}
