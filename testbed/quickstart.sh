@@ -16,7 +16,7 @@ for target in wasm32-wasip1 wasm32-wasip2; do
     --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
 done
 cargo build --release --quiet --target wasm32-wasip2 \
-  --manifest-path testbed/guests/resolver-index/Cargo.toml --target-dir target/guests
+  --manifest-path plugins/resolver-index/Cargo.toml --target-dir target/guests
 demo_wasm=target/guests/wasm32-wasip1/release/rhizos-demo.wasm
 rhizos=target/debug/rhizos
 

@@ -17,7 +17,7 @@ cargo build --release --quiet --target wasm32-wasip1 \
 cargo build --release --quiet --target wasm32-wasip2 \
   --manifest-path testbed/guests/demo/Cargo.toml --target-dir target/guests
 cargo build --release --quiet --target wasm32-wasip2 \
-  --manifest-path testbed/guests/resolver-index/Cargo.toml --target-dir target/guests
+  --manifest-path plugins/resolver-index/Cargo.toml --target-dir target/guests
 cargo build --release --quiet --target wasm32-wasip2 \
   --manifest-path testbed/guests/backend-text/Cargo.toml --target-dir target/guests
 echo "» tests"

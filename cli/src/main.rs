@@ -139,12 +139,18 @@ struct EventsArgs {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Up(_)) {
-        "info"
-    } else {
-        "warn"
-    };
-    rhizos_core::telemetry::init(default_level, false);
+    match &cli.command {
+        Command::Up(args) => match args.log_file() {
+            Some(path) => {
+                if let Err(error) = up::log_to_file(&path) {
+                    eprintln!("error: {error:#}");
+                    std::process::exit(1);
+                }
+            }
+            None => rhizos_core::telemetry::init("info", false),
+        },
+        _ => rhizos_core::telemetry::init("warn", false),
+    }
     let json = cli.global.json;
     if let Err(error) = run(cli).await {
         if json {

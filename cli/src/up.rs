@@ -21,9 +21,43 @@ pub struct UpArgs {
     /// Node id of the local agent.
     #[arg(long, default_value = "local")]
     node_id: String,
+    /// Show the daemons' logs (orchestrator, agent, plugins) on the terminal instead of writing
+    /// them to <data-dir>/rhizos.log. RUST_LOG sets their level either way (default info).
+    #[arg(long, short)]
+    verbose: bool,
     /// Exit once everything is up (for scripts that only check it starts).
     #[arg(long, hide = true)]
     check: bool,
+}
+
+impl UpArgs {
+    /// Where the daemons' logs go: `<data-dir>/rhizos.log`, or `None` (the terminal) with
+    /// `--verbose`.
+    pub fn log_file(&self) -> Option<PathBuf> {
+        (!self.verbose).then(|| self.data_dir.join("rhizos.log"))
+    }
+}
+
+/// Sends the daemons' logs to `path` (appended, no colours), keeping the terminal for the lines
+/// `rhizos up` writes for its user.
+pub fn log_to_file(path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open the log file {}", path.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+    Ok(())
 }
 
 pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
@@ -31,6 +65,12 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("failed to create {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
+    if let Some(log) = args.log_file() {
+        eprintln!(
+            "✓ daemon logs in {} (--verbose to see them here)",
+            log.display()
+        );
+    }
 
     let _nats = if is_reachable(&settings.nats.url) {
         eprintln!("✓ using the NATS server at {}", settings.nats.url);

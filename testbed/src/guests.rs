@@ -1,4 +1,6 @@
-//! Guest programs built from source in `testbed/guests/`, for the demo and the tests.
+//! Guest programs built from source for the demo and the tests: `testbed/guests/` (the demo
+//! module and component, the `text` backend component) and the shipping `index` resolver
+//! component in `plugins/resolver-index`.
 
 use anyhow::Context as _;
 use std::path::{Path, PathBuf};
@@ -32,7 +34,8 @@ pub fn demo_component() -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            build_guest("demo", "wasm32-wasip2", "rhizos-demo.wasm").map_err(|e| format!("{e:#}"))
+            build_guest("testbed/guests/demo", "wasm32-wasip2", "rhizos-demo.wasm")
+                .map_err(|e| format!("{e:#}"))
         })
         .clone()
         .map_err(anyhow::Error::msg)
@@ -46,7 +49,7 @@ pub fn resolver_index_wasm() -> anyhow::Result<PathBuf> {
     BUILT
         .get_or_init(|| {
             build_guest(
-                "resolver-index",
+                "plugins/resolver-index",
                 "wasm32-wasip2",
                 "rhizos_resolver_index.wasm",
             )
@@ -63,22 +66,28 @@ pub fn backend_text_wasm() -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            build_guest("backend-text", "wasm32-wasip2", "rhizos_backend_text.wasm")
-                .map_err(|e| format!("{e:#}"))
+            build_guest(
+                "testbed/guests/backend-text",
+                "wasm32-wasip2",
+                "rhizos_backend_text.wasm",
+            )
+            .map_err(|e| format!("{e:#}"))
         })
         .clone()
         .map_err(anyhow::Error::msg)
 }
 
 fn build_demo() -> anyhow::Result<PathBuf> {
-    build_guest("demo", "wasm32-wasip1", "rhizos-demo.wasm")
+    build_guest("testbed/guests/demo", "wasm32-wasip1", "rhizos-demo.wasm")
 }
 
-/// `cargo build --release --target <target>` of `testbed/guests/<name>` into `target/guests`.
-fn build_guest(name: &str, target: &str, artifact: &str) -> anyhow::Result<PathBuf> {
+/// `cargo build --release --target <target>` of the crate in `dir` (relative to the workspace
+/// root: `plugins/resolver-index`, `testbed/guests/demo`, …) into `target/guests`.
+fn build_guest(dir: &str, target: &str, artifact: &str) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let target_dir = root.join("target").join("guests");
-    let manifest = root.join(format!("testbed/guests/{name}/Cargo.toml"));
+    let manifest = root.join(dir).join("Cargo.toml");
+    let name = dir.rsplit('/').next().unwrap_or(dir);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
         .args([

@@ -1,4 +1,5 @@
-//! The `wasm` execution backend: runs WASI preview1 command modules with wasmtime.
+//! The `wasm` execution backend: runs WASI preview1 command modules and WASI preview2 command
+//! components (`wasi:cli/run`) with wasmtime.
 //!
 //! Each execution gets its own `Store` with the job's args, env and stdin; stdout and stderr are
 //! cut into lines and handed to the host's sink as they are written. Limits: a wall-clock deadline

@@ -7,7 +7,7 @@
 //! (versions compare as dotted numbers). Errors name the file, the entry and the field.
 
 wit_bindgen::generate!({
-    path: "../../../plugin-api/wit",
+    path: "../../plugin-api/wit",
     world: "resolver",
 });
 
