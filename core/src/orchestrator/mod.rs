@@ -21,7 +21,7 @@ mod api;
 mod dispatch;
 pub mod matching;
 pub mod modules;
-mod outbox;
+pub mod outbox;
 pub mod store;
 mod sweep;
 pub mod validate;
@@ -78,7 +78,7 @@ impl Orchestrator {
             settings.fee_bps
         );
         let path = settings.data_dir.join("ledger.db");
-        let mut store = Store::open(&path, settings.fee_bps, bus.subjects.clone())
+        let mut store = Store::open(&path, settings.fee_bps)
             .with_context(|| format!("failed to open ledger at {}", path.display()))?;
         store
             .checkpoint_in_background(&path, Duration::from_millis(200))

@@ -4,9 +4,77 @@
 //! loses them (JetStream drops repeats by their dedupe id).
 
 use super::Orchestrator;
-use super::store;
+use super::store::{self, DomainEvent, Movement, OutboxEvent, Recorded};
 use futures::StreamExt as _;
+use rhizos_broker::subjects::EscrowEventKind;
+use rhizos_broker::wire::{self, EscrowKind, Event, EventBody, WIRE_VERSION};
+use rhizos_broker::{Subjects, TokenError};
 use std::time::Duration;
+
+/// An outbox row as it goes on the wire: its subject and the encoded [`Event`]. The one place a
+/// domain event becomes a wire event.
+pub fn encode(
+    subjects: &Subjects,
+    event: OutboxEvent,
+) -> Result<(String, bytes::Bytes), TokenError> {
+    let Recorded { ts_ms, event } = match event {
+        OutboxEvent::Domain(recorded) => recorded,
+        OutboxEvent::Encoded { subject, payload } => return Ok((subject, payload.into())),
+    };
+    let (subject, body) = match event {
+        DomainEvent::Job {
+            job_id,
+            state,
+            attempt,
+            node_id,
+            reason,
+        } => (
+            subjects.job_event(state.as_str(), &job_id)?,
+            EventBody::Job {
+                job_id,
+                state,
+                attempt,
+                node_id,
+                reason,
+            },
+        ),
+        DomainEvent::Escrow {
+            job_id,
+            movement,
+            account,
+            amount_micros,
+            provider_account,
+            provider_micros,
+            fee_micros,
+            refund_micros,
+        } => {
+            let (subject_kind, kind) = match movement {
+                Movement::Held => (EscrowEventKind::Held, EscrowKind::Held),
+                Movement::Settled => (EscrowEventKind::Settled, EscrowKind::Settled),
+                Movement::Refunded => (EscrowEventKind::Refunded, EscrowKind::Refunded),
+            };
+            (
+                subjects.escrow_event(subject_kind, &job_id)?,
+                EventBody::Escrow {
+                    job_id,
+                    kind,
+                    account,
+                    amount_micros,
+                    provider_account,
+                    provider_micros,
+                    fee_micros,
+                    refund_micros,
+                },
+            )
+        }
+    };
+    let event = Event {
+        v: WIRE_VERSION,
+        ts_ms,
+        body,
+    };
+    Ok((subject, wire::encode(&event)))
+}
 
 /// The event publisher's view of the outbox (one publisher at a time).
 pub(super) struct OutboxState {
@@ -57,19 +125,29 @@ impl Orchestrator {
                 let rows = state.reader.after(sent, WINDOW - in_flight.len())?;
                 if !rows.is_empty() {
                     for row in rows {
-                        let message_id = format!("{}-{}", self.inner.instance, row.id);
+                        let id = row.id;
+                        sent = id;
+                        let (subject, payload) = match encode(&self.inner.bus.subjects, row.event) {
+                            Ok(encoded) => encoded,
+                            Err(e) => {
+                                // Ids are validated before anything is stored, so this is a
+                                // damaged row: it can never be published, and must not stop
+                                // the ones after it.
+                                tracing::error!(outbox_id = id, error = %e, "outbox row cannot be published; skipped");
+                                continue;
+                            }
+                        };
+                        let message_id = format!("{}-{}", self.inner.instance, id);
                         let publish = async_nats::jetstream::message::PublishMessage::build()
-                            .payload(row.payload.into())
+                            .payload(payload)
                             .message_id(message_id);
                         let ack = self
                             .inner
                             .bus
                             .jetstream
-                            .send_publish(row.subject, publish)
+                            .send_publish(subject, publish)
                             .await?;
-                        let id = row.id;
                         in_flight.push_back(async move { (id, ack.await) });
-                        sent = id;
                     }
                     continue;
                 }
@@ -130,5 +208,63 @@ impl Orchestrator {
             self.db(move |store| store.outbox_done(published)).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rhizos_broker::wire::JobState;
+
+    fn wire(event: DomainEvent) -> (String, String) {
+        let subjects = Subjects::new("t").unwrap();
+        let (subject, payload) =
+            encode(&subjects, OutboxEvent::Domain(Recorded { ts_ms: 7, event })).unwrap();
+        (subject, String::from_utf8(payload.to_vec()).unwrap())
+    }
+
+    /// The wire format of events is public (the README's subject table): a domain event becomes
+    /// exactly the event the store used to write itself.
+    #[test]
+    fn domain_events_become_the_public_wire_events() {
+        assert_eq!(
+            wire(DomainEvent::Job {
+                job_id: "j1".into(),
+                state: JobState::Running,
+                attempt: 2,
+                node_id: Some("n1".into()),
+                reason: None,
+            }),
+            (
+                "rhizos.evt.v1.t.job.running.j1".to_owned(),
+                r#"{"v":1,"ts_ms":7,"type":"job","job_id":"j1","state":"running","attempt":2,"node_id":"n1","reason":null}"#.to_owned()
+            )
+        );
+        assert_eq!(
+            wire(DomainEvent::Escrow {
+                job_id: "j1".into(),
+                movement: Movement::Settled,
+                account: "u".into(),
+                amount_micros: 12_340,
+                provider_account: Some("prov".into()),
+                provider_micros: Some(11_723),
+                fee_micros: Some(617),
+                refund_micros: Some(187_660),
+            }),
+            (
+                "rhizos.evt.v1.t.escrow.settled.j1".to_owned(),
+                r#"{"v":1,"ts_ms":7,"type":"escrow","job_id":"j1","kind":"settled","account":"u","amount_micros":12340,"provider_account":"prov","provider_micros":11723,"fee_micros":617,"refund_micros":187660}"#.to_owned()
+            )
+        );
+        // A row written before domain events is published as it was stored.
+        let legacy = OutboxEvent::Encoded {
+            subject: "rhizos.evt.v1.t.job.pending.j0".into(),
+            payload: b"{\"v\":1}".to_vec(),
+        };
+        let (subject, payload) = encode(&Subjects::new("t").unwrap(), legacy).unwrap();
+        assert_eq!(
+            (subject.as_str(), &payload[..]),
+            ("rhizos.evt.v1.t.job.pending.j0", &b"{\"v\":1}"[..])
+        );
     }
 }

@@ -168,12 +168,8 @@ async fn an_assignment_committed_but_never_sent_is_requeued_and_runs_once() {
     );
     // What a crash between the assignment's commit and its delivery leaves behind: the
     // orchestrator's own storage code commits the assignment, and nothing sends it.
-    let mut store = rhizos_core::orchestrator::store::Store::open(
-        &cluster.ledger_path(),
-        500,
-        cluster.bus.subjects.clone(),
-    )
-    .unwrap();
+    let mut store =
+        rhizos_core::orchestrator::store::Store::open(&cluster.ledger_path(), 500).unwrap();
     assert_eq!(
         store
             .assign("lost-send", "node-0", &ClusterOptions::default().pricing)

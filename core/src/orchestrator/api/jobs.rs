@@ -3,7 +3,7 @@
 
 use super::super::Orchestrator;
 use super::super::modules;
-use super::super::store::{ReportEffect, StoreError};
+use super::super::store::{JobRecord, ReportEffect, StoreError};
 use super::super::validate::{token, validate_submit};
 use rhizos_broker::validate_token;
 use rhizos_broker::wire::{
@@ -73,7 +73,8 @@ impl Orchestrator {
         request: JobRef,
     ) -> Result<wire::JobView, WireError> {
         token(validate_token("job id", &request.job_id))?;
-        self.db(move |store| store.get_job(&request.job_id)).await
+        let job = self.db(move |store| store.get_job(&request.job_id)).await?;
+        Ok(job_view(job))
     }
 
     pub(in crate::orchestrator) async fn list_jobs(
@@ -83,8 +84,13 @@ impl Orchestrator {
         if let Some(account) = &request.account {
             token(validate_token("account", account))?;
         }
-        let jobs = self.db(move |store| store.list_jobs(&request)).await?;
-        Ok(JobList { jobs })
+        let limit = request.limit.unwrap_or(50);
+        let jobs = self
+            .db(move |store| store.list_jobs(request.account.as_deref(), request.state, limit))
+            .await?;
+        Ok(JobList {
+            jobs: jobs.into_iter().map(job_view).collect(),
+        })
     }
 
     pub(in crate::orchestrator) async fn cancel_job(
@@ -97,7 +103,7 @@ impl Orchestrator {
         if let Some((node_id, attempt)) = effect.stop {
             self.send_stop(&node_id, &effect.job.job_id, attempt).await;
         }
-        Ok(effect.job)
+        Ok(job_view(effect.job))
     }
 
     pub(in crate::orchestrator) async fn report(
@@ -146,5 +152,53 @@ impl Orchestrator {
                 }
             }
         })
+    }
+}
+
+/// A job as the wire shows it.
+fn job_view(job: JobRecord) -> wire::JobView {
+    let JobRecord {
+        job_id,
+        account,
+        backend,
+        state,
+        attempt,
+        node_id,
+        max_cost_micros,
+        cost_micros,
+        provider_micros,
+        fee_micros,
+        refund_micros,
+        exit_code,
+        stdout,
+        stderr,
+        reason,
+        elapsed_ms,
+        fuel_consumed,
+        output_files,
+        created_ms,
+        updated_ms,
+    } = job;
+    wire::JobView {
+        job_id,
+        account,
+        backend,
+        state,
+        attempt,
+        node_id,
+        max_cost_micros,
+        cost_micros,
+        provider_micros,
+        fee_micros,
+        refund_micros,
+        exit_code,
+        stdout,
+        stderr,
+        reason,
+        elapsed_ms,
+        fuel_consumed,
+        output_files,
+        created_ms,
+        updated_ms,
     }
 }

@@ -3,10 +3,9 @@
 //! or refund (the whole hold back). Both record the split on the job and emit the escrow event in
 //! the same transaction. The hold itself is taken at submit (`jobs`).
 
+use super::events::{DomainEvent, Movement};
 use super::{Ctx, StoreError};
 use crate::ledger::{self, AccountKind, Applied, escrow_account, exec, query_row};
-use rhizos_broker::subjects::EscrowEventKind;
-use rhizos_broker::wire::{EscrowKind, EventBody};
 use rusqlite::{Connection, params};
 
 impl Ctx {
@@ -72,11 +71,9 @@ impl Ctx {
         )?;
         self.emit(
             tx,
-            self.subjects
-                .escrow_event(EscrowEventKind::Settled, job_id)?,
-            EventBody::Escrow {
+            DomainEvent::Escrow {
                 job_id: job_id.to_owned(),
-                kind: EscrowKind::Settled,
+                movement: Movement::Settled,
                 account,
                 amount_micros: split.cost_micros,
                 provider_account: Some(provider),
@@ -109,11 +106,9 @@ impl Ctx {
         )?;
         self.emit(
             tx,
-            self.subjects
-                .escrow_event(EscrowEventKind::Refunded, job_id)?,
-            EventBody::Escrow {
+            DomainEvent::Escrow {
                 job_id: job_id.to_owned(),
-                kind: EscrowKind::Refunded,
+                movement: Movement::Refunded,
                 account,
                 amount_micros: hold,
                 provider_account: None,

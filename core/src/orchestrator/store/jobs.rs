@@ -4,15 +4,14 @@
 //! deadlines and queue timeouts. How a job moves on from there is in `transitions`.
 
 use super::accounts::no_account;
+use super::events::{DomainEvent, Movement};
+use super::rows::JobRecord;
 use super::rows::{JOB_COLUMNS, job_from_row};
 use super::{PendingJob, SPEC_CACHE_ENTRIES, Store, StoreError};
 use crate::ledger::{self, AccountKind, LedgerError, escrow_account, exec, query_row};
 use crate::now_ms;
 use crate::orchestrator::matching::Allocation;
-use rhizos_broker::subjects::EscrowEventKind;
-use rhizos_broker::wire::{
-    EscrowKind, EventBody, ExecutionRef, JobSpec, JobState, JobView, ListJobs, format_usd,
-};
+use rhizos_broker::wire::{ExecutionRef, JobSpec, JobState, format_usd};
 use rusqlite::{OptionalExtension, params};
 
 impl Store {
@@ -24,7 +23,7 @@ impl Store {
         account: &str,
         spec: &JobSpec,
         max_cost_micros: i64,
-    ) -> Result<(JobView, bool), StoreError> {
+    ) -> Result<(JobRecord, bool), StoreError> {
         if let Some(existing) = self.find_job(job_id)? {
             if existing.account != account {
                 return Err(StoreError::AlreadyExists(format!(
@@ -81,10 +80,9 @@ impl Store {
         ctx.emit_job(&tx, job_id, JobState::Pending, 0, None, None, now)?;
         ctx.emit(
             &tx,
-            ctx.subjects.escrow_event(EscrowEventKind::Held, job_id)?,
-            EventBody::Escrow {
+            DomainEvent::Escrow {
                 job_id: job_id.to_owned(),
-                kind: EscrowKind::Held,
+                movement: Movement::Held,
                 account: account.to_owned(),
                 amount_micros: max_cost_micros,
                 provider_account: None,
@@ -98,7 +96,7 @@ impl Store {
         Ok((self.get_job(job_id)?, true))
     }
 
-    pub fn find_job(&self, job_id: &str) -> Result<Option<JobView>, StoreError> {
+    pub fn find_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
         query_row(
             &self.conn,
             &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
@@ -109,13 +107,19 @@ impl Store {
         .map_err(StoreError::from)
     }
 
-    pub fn get_job(&self, job_id: &str) -> Result<JobView, StoreError> {
+    pub fn get_job(&self, job_id: &str) -> Result<JobRecord, StoreError> {
         self.find_job(job_id)?
             .ok_or_else(|| StoreError::NotFound(format!("no job {job_id}")))
     }
 
-    pub fn list_jobs(&self, filter: &ListJobs) -> Result<Vec<JobView>, StoreError> {
-        let limit = filter.limit.unwrap_or(50).min(1000);
+    /// Newest first, of `account` and in `state` when given, at most `limit` (at most 1,000).
+    pub fn list_jobs(
+        &self,
+        account: Option<&str>,
+        state: Option<JobState>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let limit = limit.min(1000);
         let mut statement = self
             .conn
             .prepare_cached(&format!(
@@ -124,7 +128,7 @@ impl Store {
             ))
             ?;
         let rows = statement.query_map(
-            params![filter.account, filter.state.map(JobState::as_str), limit],
+            params![account, state.map(JobState::as_str), limit],
             job_from_row,
         )?;
         rows.collect::<Result<Vec<_>, _>>()

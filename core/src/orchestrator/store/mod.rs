@@ -12,7 +12,8 @@
 //! * [`escrow`]: settle and refund, exactly once;
 //! * [`accounts`]: accounts, deposits, balances, statements;
 //! * [`nodes`]: registrations, attempts and the node record (reputation);
-//! * [`outbox`]: events written with their change, and the publisher's reader;
+//! * [`events`], [`outbox`]: domain events written with their change, and the publisher's
+//!   reader (the publisher turns them into wire events: the store knows no subjects);
 //! * [`verify`]: the ledger and per-job escrow invariants;
 //! * [`rows`]: row mapping.
 //!
@@ -21,6 +22,7 @@
 mod accounts;
 pub mod ending;
 mod escrow;
+pub mod events;
 mod jobs;
 mod nodes;
 mod outbox;
@@ -34,12 +36,14 @@ mod tests;
 
 pub use crate::now_ms;
 pub use ending::{AttemptOutcome, StopReason};
+pub use events::{DomainEvent, Movement, Recorded};
 pub use nodes::REPUTATION_WINDOW;
-pub use outbox::{OutboxReader, OutboxRow};
+pub use outbox::{OutboxEvent, OutboxReader, OutboxRow};
+pub use rows::JobRecord;
 
 use crate::ledger::{self, AccountKind, LedgerError};
-use rhizos_broker::wire::{JobSpec, JobView};
-use rhizos_broker::{Subjects, TokenError};
+use rhizos_broker::TokenError;
+use rhizos_broker::wire::JobSpec;
 use rusqlite::{Connection, OptionalExtension, Savepoint};
 use std::path::Path;
 
@@ -97,7 +101,7 @@ pub enum ReportEffect {
 /// What a cancel request did.
 #[derive(Debug, Clone)]
 pub struct CancelEffect {
-    pub job: JobView,
+    pub job: JobRecord,
     /// The node must be told to stop this attempt (the job was running there).
     pub stop: Option<(String, u32)>,
 }
@@ -122,12 +126,11 @@ const SPEC_CACHE_ENTRIES: usize = 4096;
 /// What the writers need besides the connection (borrowed beside an open transaction).
 struct Ctx {
     fee_bps: u32,
-    subjects: Subjects,
 }
 
 impl Store {
     /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path, fee_bps: u32, subjects: Subjects) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, fee_bps: u32) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a committed movement survives power loss, not only a process crash.
@@ -160,7 +163,7 @@ impl Store {
         };
         let mut store = Self {
             conn,
-            ctx: Ctx { fee_bps, subjects },
+            ctx: Ctx { fee_bps },
             instance,
             checkpointer: None,
             spec_cache: std::collections::HashMap::new(),

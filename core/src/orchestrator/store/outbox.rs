@@ -1,37 +1,60 @@
-//! The event outbox (table `outbox`, key `id` ascending: subject, payload, created_ms). Events
+//! The event outbox (table `outbox`, key `id` ascending: `event`, a [`DomainEvent`] as JSON, and
+//! `created_ms`; rows from before migration 0002 have `subject` and `payload` instead). Events
 //! are written inside the transaction of the change they describe and read by the publisher
 //! through its own read-only [`OutboxReader`]; published rows are deleted in batches.
 
+use super::events::{DomainEvent, Recorded};
 use super::{Ctx, Store, StoreError};
 use crate::ledger::exec;
-use rhizos_broker::wire::{Event, EventBody, JobState, WIRE_VERSION};
+use rhizos_broker::wire::JobState;
 use rusqlite::{Connection, params};
 use std::path::Path;
+
+/// What an outbox row holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxEvent {
+    /// A domain event, turned into a wire event by the publisher.
+    Domain(Recorded),
+    /// A row written before schema migration 0002, already encoded for the wire: published
+    /// as it is.
+    Encoded { subject: String, payload: Vec<u8> },
+}
 
 /// An outbox row waiting to be published.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
-    pub subject: String,
-    pub payload: Vec<u8>,
+    pub event: OutboxEvent,
+}
+
+const OUTBOX_COLUMNS: &str = "id, event, subject, payload";
+
+fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+    let id = r.get(0)?;
+    let event = match r.get::<_, Option<String>>(1)? {
+        Some(json) => OutboxEvent::Domain(serde_json::from_str(&json).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+        })?),
+        None => OutboxEvent::Encoded {
+            subject: r.get(2)?,
+            payload: r.get(3)?,
+        },
+    };
+    Ok(OutboxRow { id, event })
 }
 
 impl Store {
+    /// The oldest rows, up to `limit`.
     pub fn outbox_batch(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
-        let mut statement = self
-            .conn
-            .prepare_cached("SELECT id, subject, payload FROM outbox ORDER BY id LIMIT ?1")?;
-        let rows = statement.query_map([limit as i64], |r| {
-            Ok(OutboxRow {
-                id: r.get(0)?,
-                subject: r.get(1)?,
-                payload: r.get(2)?,
-            })
-        })?;
+        let mut statement = self.conn.prepare_cached(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM outbox ORDER BY id LIMIT ?1"
+        ))?;
+        let rows = statement.query_map([limit as i64], outbox_row)?;
         rows.collect::<Result<Vec<_>, _>>()
             .map_err(StoreError::from)
     }
 
+    /// Deletes the rows up to `up_to_id` (published).
     pub fn outbox_done(&mut self, up_to_id: i64) -> Result<(), StoreError> {
         exec(&self.conn, "DELETE FROM outbox WHERE id <= ?1", [up_to_id])?;
         Ok(())
@@ -39,23 +62,18 @@ impl Store {
 }
 
 impl Ctx {
+    /// Records `event` in the outbox, inside the caller's transaction.
     pub(super) fn emit(
         &self,
         tx: &Connection,
-        subject: String,
-        body: EventBody,
+        event: DomainEvent,
         now: u64,
     ) -> Result<(), StoreError> {
-        let event = Event {
-            v: WIRE_VERSION,
-            ts_ms: now,
-            body,
-        };
-        let payload = serde_json::to_vec(&event)?;
+        let json = serde_json::to_string(&Recorded { ts_ms: now, event })?;
         exec(
             tx,
-            "INSERT INTO outbox (subject, payload, created_ms) VALUES (?1, ?2, ?3)",
-            params![subject, payload, now as i64],
+            "INSERT INTO outbox (subject, payload, created_ms, event) VALUES ('', x'', ?1, ?2)",
+            params![now as i64, json],
         )?;
         Ok(())
     }
@@ -71,11 +89,9 @@ impl Ctx {
         reason: Option<&str>,
         now: u64,
     ) -> Result<(), StoreError> {
-        let subject = self.subjects.job_event(state.as_str(), job_id)?;
         self.emit(
             tx,
-            subject,
-            EventBody::Job {
+            DomainEvent::Job {
                 job_id: job_id.to_owned(),
                 state,
                 attempt,
@@ -106,16 +122,10 @@ impl OutboxReader {
     /// Committed rows with an id above `after_id`, oldest first. One writer commits rows in id
     /// order, so nothing below the last row seen can still appear.
     pub fn after(&self, after_id: i64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
-        let mut statement = self.conn.prepare_cached(
-            "SELECT id, subject, payload FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
-        )?;
-        let rows = statement.query_map(params![after_id, limit as i64], |r| {
-            Ok(OutboxRow {
-                id: r.get(0)?,
-                subject: r.get(1)?,
-                payload: r.get(2)?,
-            })
-        })?;
+        let mut statement = self.conn.prepare_cached(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))?;
+        let rows = statement.query_map(params![after_id, limit as i64], outbox_row)?;
         rows.collect::<Result<Vec<_>, _>>()
             .map_err(StoreError::from)
     }

@@ -1,13 +1,44 @@
-//! Row mapping: the `jobs` columns a [`JobView`] is read from, and stored text cut to size.
+//! Row mapping: a job as the store holds it ([`JobRecord`], read from the `jobs` columns), and
+//! stored text cut to size. The orchestrator turns a record into the wire's `JobView`.
 
-use rhizos_broker::wire::{JobState, JobView};
+use rhizos_broker::wire::JobState;
+use std::collections::BTreeMap;
+
+/// A job's row: what was asked, where it stands, and once it ended, how and for how much.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub account: String,
+    pub backend: String,
+    pub state: JobState,
+    /// Increments at each assignment; 0 before the first.
+    pub attempt: u32,
+    pub node_id: Option<String>,
+    pub max_cost_micros: i64,
+    /// The split, set once the escrow is closed (settled or refunded).
+    pub cost_micros: Option<i64>,
+    pub provider_micros: Option<i64>,
+    pub fee_micros: Option<i64>,
+    pub refund_micros: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub stdout: Option<String>,
+    pub stderr: Option<String>,
+    /// Why the job failed, timed out or was cancelled (or was requeued).
+    pub reason: Option<String>,
+    pub elapsed_ms: Option<u64>,
+    pub fuel_consumed: Option<u64>,
+    /// Relative path → base64.
+    pub output_files: BTreeMap<String, String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
 
 pub(super) const JOB_COLUMNS: &str = "id, account_id, backend, state, attempt, node_id, max_cost_micros, cost_micros, provider_micros,
     fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms, fuel_consumed, output_files";
 
-pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobView> {
+pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
     let state: String = r.get(3)?;
-    Ok(JobView {
+    Ok(JobRecord {
         job_id: r.get(0)?,
         account: r.get(1)?,
         backend: r.get(2)?,

@@ -105,10 +105,16 @@ struct Migration {
 }
 
 /// Every migration, in order. A new one goes at the end; released ones never change.
-const MIGRATIONS: &[Migration] = &[Migration {
-    name: "0001 jobs, nodes, attempts, node_stats, outbox, meta and the ledger",
-    apply: migration_0001,
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "0001 jobs, nodes, attempts, node_stats, outbox, meta and the ledger",
+        apply: migration_0001,
+    },
+    Migration {
+        name: "0002 outbox rows hold domain events (outbox.event)",
+        apply: |conn| conn.execute_batch("ALTER TABLE outbox ADD COLUMN event TEXT"),
+    },
+];
 
 /// The schema version this release writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

@@ -29,12 +29,7 @@ const PRICING: Pricing = Pricing {
 
 fn store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(
-        &dir.path().join("ledger.db"),
-        500,
-        Subjects::new("t").unwrap(),
-    )
-    .unwrap();
+    let store = Store::open(&dir.path().join("ledger.db"), 500).unwrap();
     (dir, store)
 }
 
@@ -167,12 +162,18 @@ fn hold_settle_and_replays_move_money_exactly_once() {
     assert_eq!(balance(&store, "escrow:j1"), 0);
     assert_eq!(balance(&store, ledger::EXTERNAL), -1_000_000);
     assert!(ledger::verify(store.connection()).unwrap().is_ok());
-    // Events: pending, held, assigned, running, succeeded, settled — in that order.
+    // Events: pending, held, assigned, running, succeeded, settled — in that order, on the
+    // subjects the publisher puts them on.
+    let namespace = rhizos_broker::Subjects::new("t").unwrap();
     let subjects: Vec<String> = store
         .outbox_batch(100)
         .unwrap()
         .into_iter()
-        .map(|r| r.subject)
+        .map(|r| {
+            crate::orchestrator::outbox::encode(&namespace, r.event)
+                .unwrap()
+                .0
+        })
         .collect();
     assert_eq!(
         subjects,
@@ -313,7 +314,7 @@ fn an_older_database_is_migrated_with_its_node_stats_filled_in() {
         )
         .unwrap();
     }
-    let mut store = Store::open(&path, 500, Subjects::new("t").unwrap()).unwrap();
+    let mut store = Store::open(&path, 500).unwrap();
     let stats = store.node_stats().unwrap();
     let (ended, succeeded, reputation) = stats["n1"];
     assert_eq!((ended, succeeded), (4, 2));
@@ -326,7 +327,7 @@ fn an_older_database_is_migrated_with_its_node_stats_filled_in() {
     spec.queue_timeout_ms = Some(5);
     store.submit("j", "u", &spec, 100_000).unwrap();
     drop(store);
-    let store = Store::open(&path, 500, Subjects::new("t").unwrap()).unwrap();
+    let store = Store::open(&path, 500).unwrap();
     assert_eq!(store.node_stats().unwrap()["n1"].0, 4);
     assert_eq!(store.queue_expired(now_ms() + 10, 60_000).unwrap().len(), 1);
 }
@@ -585,12 +586,7 @@ mod properties {
 
     fn setup() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(
-            &dir.path().join("ledger.db"),
-            500,
-            Subjects::new("p").unwrap(),
-        )
-        .unwrap();
+        let mut store = Store::open(&dir.path().join("ledger.db"), 500).unwrap();
         for (index, node) in NODES.iter().enumerate() {
             store
                 .upsert_node(&RegisterNode {
@@ -738,4 +734,54 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn outbox_rows_from_before_domain_events_survive_the_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        // A database at schema version 1 with an event waiting in its outbox, as that release
+        // wrote it: subject and wire payload.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(ledger::SCHEMA).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(
+            "INSERT INTO outbox (subject, payload, created_ms)
+             VALUES ('rhizos.evt.v1.t.job.pending.old', x'7b7d', 1);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let mut store = Store::open(&path, 500).unwrap();
+    let version: u32 = store
+        .connection()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, super::schema::SCHEMA_VERSION);
+    store.create_account("u").unwrap();
+    store.deposit("u", 100, None).unwrap();
+    store.submit("new", "u", &spec(), 10).unwrap();
+    let rows = store.outbox_batch(10).unwrap();
+    assert_eq!(
+        rows[0].event,
+        OutboxEvent::Encoded {
+            subject: "rhizos.evt.v1.t.job.pending.old".into(),
+            payload: b"{}".to_vec()
+        }
+    );
+    assert!(
+        matches!(&rows[1].event, OutboxEvent::Domain(Recorded { event: DomainEvent::Job { job_id, state: JobState::Pending, .. }, .. }) if job_id == "new"),
+        "{:?}",
+        rows[1].event
+    );
+    assert_eq!(rows.len(), 3, "pending, held");
+    // A database from a newer release is refused, not misread.
+    drop(store);
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let error = Store::open(&path, 500).err().unwrap().to_string();
+    assert!(error.contains("newer RhizOS"), "{error}");
 }
