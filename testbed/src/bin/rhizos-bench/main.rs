@@ -1,0 +1,153 @@
+//! `rhizos-bench`: benchmarks that print numbers — never asserted in tests. Each runs against
+//! real parts (nats-server, SQLite with synchronous=FULL, wasmtime, the Docker engine) and
+//! prints a typed report: text, or one JSON object with `--json`. One file per benchmark:
+//!
+//! | benchmark | file | measures |
+//! |---|---|---|
+//! | `submit-latency` | `submit_latency.rs` | one real node, the demo job: submit → reply / assigned / running / finished |
+//! | `round-trip` | `round_trip.rs` | a request through the orchestrator without a commit and with one |
+//! | `marketplace` | `marketplace.rs` | simulated nodes: jobs settled per second, submit → running percentiles (closed or open loop) |
+//! | `plugin-call` | `plugin_call.rs` | one stable-ABI call, start + wait, a component call |
+//! | `wasm-instantiate` | `plugin_call.rs` | instantiating a cached module the way an execution does |
+//! | `wasm-jobs` | `wasm_jobs.rs` | small WASM jobs through the whole network with real agents |
+//! | `module-resolve` | `module_resolve.rs` | chain:// resolutions per second per resolver, cold and cached |
+//! | `container-overhead` | `container_overhead.rs` | a container job against a bare `docker run`: the ratio |
+//!
+//! Build with `cargo build --release --workspace` and run `target/release/rhizos-bench <name>`:
+//! figures from a debug build say so and are not comparable.
+
+mod container_overhead;
+mod marketplace;
+mod module_resolve;
+mod plugin_call;
+mod report;
+mod round_trip;
+mod submit_latency;
+mod wasm_jobs;
+
+use clap::{Parser, Subcommand};
+
+/// The allocator `rhizosd` uses (the orchestrator runs in this process).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "rhizos-bench",
+    about = "RhizOS benchmarks: each prints its measurements"
+)]
+struct Cli {
+    /// Print one JSON object instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Time from `rhizos job submit` to the job running (median of N sequential jobs).
+    SubmitLatency {
+        #[arg(long, default_value_t = 20)]
+        jobs: usize,
+    },
+    /// Request round trip through the orchestrator without a write (`account.balance`: bus +
+    /// ledger thread, no commit) and with one (`account.deposit`: plus a durable commit), N
+    /// sequential requests each.
+    RoundTrip {
+        #[arg(long, default_value_t = 1_000)]
+        requests: usize,
+    },
+    /// Cost of a call across the stable-ABI plugin boundary: `cancel` on an execution of the
+    /// testkit plugin (a dynamic call through abi_stable's trait object, a mutex inside), and a
+    /// whole `start` + `wait` of an execution that ends at once.
+    PluginCall {
+        #[arg(long, default_value_t = 1_000_000)]
+        calls: usize,
+    },
+    /// Instantiating a cached WASM module the way an execution does (store with WASI context,
+    /// limits and fuel; pooled instance slot), without running it.
+    WasmInstantiate {
+        #[arg(long, default_value_t = 10_000)]
+        iterations: usize,
+    },
+    /// Small WASM jobs through the whole network: real nats-server, orchestrator with its
+    /// ledger, agents running the wasm plugin. Prints jobs/s and submit → finished latency.
+    WasmJobs {
+        #[arg(long, default_value_t = 1_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 2)]
+        agents: usize,
+        /// Submits in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Container job overhead: submit → the container's first output line through the whole
+    /// network (Docker plugin), against a bare `docker run` of the same image, as a ratio.
+    ContainerOverhead {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// chain:// resolutions per second through the orchestrator's resolver chain, per resolver
+    /// (index component, http against a local registry server, substrate against the JSON-RPC
+    /// double): cold (every resolution reaches the resolver) and warm (from the cache).
+    ModuleResolve {
+        #[arg(long, default_value_t = 2_000)]
+        calls: usize,
+    },
+    /// Jobs offered to many simulated nodes (they ack and report at once): jobs settled per
+    /// second through the orchestrator and its ledger (real nats-server, SQLite with
+    /// synchronous=FULL), and submit → running latency (to the `running` event a subscriber
+    /// sees). Closed loop by default (`--concurrency` submits in flight: throughput); with
+    /// `--rate` an open loop at that many submits per second (latency at a given load; a low
+    /// rate such as 100 measures an unloaded orchestrator).
+    Marketplace {
+        #[arg(long, default_value_t = 1_000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 5_000)]
+        jobs: usize,
+        /// Submits in flight at once (closed loop); with --rate, the most in flight.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Offer jobs at this many per second, whether or not earlier submits were answered.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    rhizos_core::telemetry::init("warn", false);
+    let cli = Cli::parse();
+    let json = cli.json;
+    match cli.bench {
+        Bench::SubmitLatency { jobs } => report::print(&submit_latency::run(jobs).await?, json),
+        Bench::RoundTrip { requests } => report::print(&round_trip::run(requests).await?, json),
+        Bench::PluginCall { calls } => report::print(&plugin_call::plugin_call(calls)?, json),
+        // Runs its own runtime inside the backend: off this one's worker threads.
+        Bench::WasmInstantiate { iterations } => {
+            let report =
+                tokio::task::spawn_blocking(move || plugin_call::wasm_instantiate(iterations))
+                    .await??;
+            report::print(&report, json)
+        }
+        Bench::WasmJobs {
+            jobs,
+            agents,
+            concurrency,
+        } => report::print(&wasm_jobs::run(jobs, agents, concurrency).await?, json),
+        Bench::ContainerOverhead { runs } => {
+            report::print(&container_overhead::run(runs).await?, json)
+        }
+        Bench::ModuleResolve { calls } => report::print(&module_resolve::run(calls).await?, json),
+        Bench::Marketplace {
+            nodes,
+            jobs,
+            concurrency,
+            rate,
+        } => report::print(
+            &marketplace::run(nodes, jobs, concurrency, rate).await?,
+            json,
+        ),
+    }
+}

@@ -1,0 +1,258 @@
+//! `marketplace`: jobs offered to many simulated nodes (they ack and report at once): jobs
+//! settled per second through the orchestrator and its ledger (real nats-server, SQLite with
+//! synchronous=FULL), and submit → running latency (to the `running` event a subscriber sees).
+//! Closed loop by default (`--concurrency` submits in flight: throughput); with `--rate` an open
+//! loop at that many submits per second (latency at a given load; a low rate such as 100
+//! measures an unloaded orchestrator).
+
+use crate::report::{self, Tail};
+use futures::StreamExt as _;
+use rhizos_broker::subjects::EscrowEventKind;
+use rhizos_broker::wire::{JobSpec, SubmitJob, SubmitJobReply, WIRE_VERSION, Workload};
+use rhizos_broker::{Client, RequestError};
+use rhizos_testbed::{Cluster, ClusterOptions};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Serialize)]
+pub struct Report {
+    bench: &'static str,
+    build: &'static str,
+    nodes: usize,
+    jobs: usize,
+    concurrency: usize,
+    rate: Option<f64>,
+    registration_s: f64,
+    rejected: usize,
+    settled: usize,
+    submit_phase_s: f64,
+    total_s: f64,
+    jobs_settled_per_s: f64,
+    submit_to_running_ms: Tail,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let load = match self.rate {
+            Some(rate) => format!(
+                "offered at {rate} jobs/s, at most {} in flight",
+                self.concurrency
+            ),
+            None => format!("concurrency {}", self.concurrency),
+        };
+        writeln!(
+            f,
+            "{} jobs over {} simulated nodes ({} build, {load}):",
+            self.jobs, self.nodes, self.build
+        )?;
+        writeln!(
+            f,
+            "  registered {} nodes in {:.2} s",
+            self.nodes, self.registration_s
+        )?;
+        writeln!(
+            f,
+            "  settled {} (rejected {}) in {:.2} s = {:.0} jobs/s",
+            self.settled, self.rejected, self.total_s, self.jobs_settled_per_s
+        )?;
+        writeln!(f, "  submit → running: {}", self.submit_to_running_ms)
+    }
+}
+
+type SubmittedAt = Arc<Mutex<HashMap<String, Instant>>>;
+
+pub async fn run(
+    nodes: usize,
+    jobs: usize,
+    concurrency: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        jobs > 0 && nodes > 0 && concurrency > 0,
+        "--nodes, --jobs and --concurrency must be > 0"
+    );
+    anyhow::ensure!(
+        rate.is_none_or(|r| r.is_finite() && r > 0.0),
+        "--rate must be a positive number of jobs per second"
+    );
+    let options = ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    };
+    let pricing = options.pricing;
+    let cluster = Cluster::start(options).await?;
+    let setup = Instant::now();
+    let fleet = rhizos_testbed::sim::SimFleet::start(
+        rhizos_broker::Bus::connect(&cluster.settings.nats).await?,
+        nodes,
+        pricing,
+        10,
+    )
+    .await?;
+    let registration_s = setup.elapsed().as_secs_f64();
+    cluster.funded_account("load", 1_000_000_000_000).await?;
+
+    // Watch every job's events: running (latency) and settled (throughput).
+    let subjects = &cluster.bus.subjects;
+    let wildcard = |subject: String| subject.trim_end_matches('x').to_owned() + "*";
+    let running_events = cluster
+        .bus
+        .client
+        .subscribe(wildcard(subjects.job_event("running", "x")?))
+        .await?;
+    let mut settled_events = cluster
+        .bus
+        .client
+        .subscribe(wildcard(
+            subjects.escrow_event(EscrowEventKind::Settled, "x")?,
+        ))
+        .await?;
+    cluster.bus.client.flush().await?;
+    let submitted_at: SubmittedAt = Arc::default();
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let watcher = tokio::spawn(watch_running(
+        running_events,
+        submitted_at.clone(),
+        latencies.clone(),
+    ));
+    let submitter = Submitter {
+        client: cluster.client(),
+        module: rhizos_broker::wire::b64_encode(b"(module (func (export \"_start\")))"),
+        submitted_at,
+    };
+    let started = Instant::now();
+    let rejected = match rate {
+        None => submitter.closed_loop(jobs, concurrency).await,
+        Some(rate) => submitter.open_loop(jobs, concurrency, rate, started).await,
+    };
+    let submit_phase_s = started.elapsed().as_secs_f64();
+    let mut settled = 0usize;
+    while settled < jobs - rejected {
+        match tokio::time::timeout(Duration::from_secs(60), settled_events.next()).await {
+            Ok(Some(_)) => settled += 1,
+            _ => break,
+        }
+    }
+    let total_s = started.elapsed().as_secs_f64();
+    watcher.abort();
+    let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    drop(fleet);
+    cluster.shutdown().await?;
+    Ok(Report {
+        bench: "marketplace",
+        build: report::build(),
+        nodes,
+        jobs,
+        concurrency,
+        rate,
+        registration_s,
+        rejected,
+        settled,
+        submit_phase_s,
+        total_s,
+        jobs_settled_per_s: settled as f64 / total_s,
+        submit_to_running_ms: Tail::of(&mut latencies),
+    })
+}
+
+/// Submit → running of each job, from the running events.
+async fn watch_running(
+    mut running_events: async_nats::Subscriber,
+    submitted_at: SubmittedAt,
+    latencies: Arc<Mutex<Vec<Duration>>>,
+) {
+    while let Some(message) = running_events.next().await {
+        let job_id = rhizos_broker::Subjects::last_token(&message.subject).to_owned();
+        let started = submitted_at
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&job_id).copied());
+        if let (Some(started), Ok(mut l)) = (started, latencies.lock()) {
+            l.push(started.elapsed());
+        }
+    }
+}
+
+struct Submitter {
+    client: Client,
+    /// The smallest WASM module (WAT), base64.
+    module: String,
+    submitted_at: SubmittedAt,
+}
+
+impl Submitter {
+    fn submit(
+        &self,
+        index: usize,
+    ) -> impl Future<Output = Result<SubmitJobReply, RequestError>> + use<> {
+        let (client, submitted_at) = (self.client.clone(), self.submitted_at.clone());
+        let job_id = format!("load-{index}");
+        let request = SubmitJob {
+            v: WIRE_VERSION,
+            job_id: Some(job_id.clone()),
+            account: "load".into(),
+            spec: JobSpec {
+                max_retries: 0,
+                ..JobSpec::new(
+                    Workload::Wasm {
+                        module_b64: self.module.clone(),
+                    },
+                    1_000,
+                    64,
+                )
+            },
+            max_cost_micros: 1_000_000,
+        };
+        async move {
+            if let Ok(mut map) = submitted_at.lock() {
+                map.insert(job_id, Instant::now());
+            }
+            client.submit(&request).await
+        }
+    }
+
+    /// `concurrency` submits in flight; returns how many were refused.
+    async fn closed_loop(&self, jobs: usize, concurrency: usize) -> usize {
+        let mut submits = futures::stream::iter((0..jobs).map(|index| self.submit(index)))
+            .buffer_unordered(concurrency);
+        let mut rejected = 0;
+        while let Some(result) = submits.next().await {
+            rejected += usize::from(result.is_err());
+        }
+        rejected
+    }
+
+    /// Job i goes out at `started + i / rate` (late ones at once), answers collected meanwhile;
+    /// never more than `concurrency` unanswered. Returns how many were refused.
+    async fn open_loop(
+        &self,
+        jobs: usize,
+        concurrency: usize,
+        rate: f64,
+        started: Instant,
+    ) -> usize {
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut rejected = 0;
+        for index in 0..jobs {
+            let due = started + Duration::from_secs_f64(index as f64 / rate);
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                        let result: Result<SubmitJobReply, RequestError> = result;
+                        rejected += usize::from(result.is_err());
+                    }
+                    () = tokio::time::sleep_until(due.into()), if in_flight.len() < concurrency => break,
+                }
+            }
+            in_flight.push(self.submit(index));
+        }
+        while let Some(result) = in_flight.next().await {
+            rejected += usize::from(result.is_err());
+        }
+        rejected
+    }
+}
