@@ -187,8 +187,10 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
     }
 }
 
-fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
-    let workload = match (&args.wasm, &args.image) {
+/// The workload the flags name (exactly one of --wasm, --image, --cuda-program, --backend,
+/// --module).
+fn workload(args: &SubmitArgs) -> anyhow::Result<Workload> {
+    Ok(match (&args.wasm, &args.image) {
         (None, None) if args.module.is_some() => {
             let uri = args.module.clone().unwrap_or_default();
             wire::ModuleRef::parse(&uri).map_err(anyhow::Error::msg)?;
@@ -235,7 +237,11 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             }
         }
         (None, None) => anyhow::bail!("give --wasm FILE, --image IMAGE or --cuda-program FILE"),
-    };
+    })
+}
+
+fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
+    let workload = workload(args)?;
     let mut env = BTreeMap::new();
     for pair in &args.env {
         let (key, value) = pair
@@ -345,6 +351,57 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
     let (Some(logs), Some(events)) = (logs.as_mut(), events.as_mut()) else {
         unreachable!("subscribed above")
     };
+    watch(global, bus, &job_id, logs, events, output_dir).await
+}
+
+/// Puts a waited job's transcript in the order things happened. Its first output lines can
+/// arrive before its `running` event — the agent streams them straight to watchers, while the
+/// event goes through the orchestrator's commit and outbox — so lines are held until the job is
+/// shown running (or ended), at most [`Transcript::HOLD`] and [`Transcript::HELD_LINES`].
+#[derive(Debug, Default)]
+struct Transcript {
+    held: Vec<LogLine>,
+    released: bool,
+}
+
+impl Transcript {
+    const HOLD: Duration = Duration::from_millis(500);
+    const HELD_LINES: usize = 1_000;
+
+    /// A line arrived: what to print now (nothing while the job is not shown running).
+    fn line(&mut self, line: LogLine) -> Vec<LogLine> {
+        if self.released || self.held.len() >= Self::HELD_LINES {
+            let mut out = std::mem::take(&mut self.held);
+            out.push(line);
+            out
+        } else {
+            self.held.push(line);
+            Vec::new()
+        }
+    }
+
+    /// The job is shown running or ended, or the hold ran out: the held lines, in order; from
+    /// now on lines print as they come.
+    fn release(&mut self) -> Vec<LogLine> {
+        self.released = true;
+        std::mem::take(&mut self.held)
+    }
+
+    fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+}
+
+/// Prints the job's log lines (in order with its state changes) and events until it ends and
+/// its money is settled, then the result; Ctrl-C stops watching, not the job.
+async fn watch(
+    global: &GlobalArgs,
+    bus: &Bus,
+    job_id: &str,
+    logs: &mut async_nats::Subscriber,
+    events: &mut futures::stream::SelectAll<async_nats::Subscriber>,
+    output_dir: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let mut next_seq = 0u64;
     let mut print = |line: &LogLine| {
         if global.json {
@@ -390,56 +447,18 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
                         release_at = None;
                         transcript.release().iter().for_each(&mut print);
                     }
-                    if state.is_terminal() && finish(global, bus, &job_id, output_dir).await? {
+                    if state.is_terminal() && finish(global, bus, job_id, output_dir).await? {
                         return Ok(());
                     }
                 }
             }
             _ = poll.tick() => {
                 // Safety net if an event was missed (e.g. JetStream briefly unavailable).
-                if finish(global, bus, &job_id, output_dir).await? {
+                if finish(global, bus, job_id, output_dir).await? {
                     return Ok(());
                 }
             }
         }
-    }
-}
-
-/// Puts a waited job's transcript in the order things happened. Its first output lines can
-/// arrive before its `running` event — the agent streams them straight to watchers, while the
-/// event goes through the orchestrator's commit and outbox — so lines are held until the job is
-/// shown running (or ended), at most [`Transcript::HOLD`] and [`Transcript::HELD_LINES`].
-#[derive(Debug, Default)]
-struct Transcript {
-    held: Vec<LogLine>,
-    released: bool,
-}
-
-impl Transcript {
-    const HOLD: Duration = Duration::from_millis(500);
-    const HELD_LINES: usize = 1_000;
-
-    /// A line arrived: what to print now (nothing while the job is not shown running).
-    fn line(&mut self, line: LogLine) -> Vec<LogLine> {
-        if self.released || self.held.len() >= Self::HELD_LINES {
-            let mut out = std::mem::take(&mut self.held);
-            out.push(line);
-            out
-        } else {
-            self.held.push(line);
-            Vec::new()
-        }
-    }
-
-    /// The job is shown running or ended, or the hold ran out: the held lines, in order; from
-    /// now on lines print as they come.
-    fn release(&mut self) -> Vec<LogLine> {
-        self.released = true;
-        std::mem::take(&mut self.held)
-    }
-
-    fn holding(&self) -> bool {
-        !self.held.is_empty()
     }
 }
 

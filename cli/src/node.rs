@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use futures::StreamExt as _;
 use rhizos_broker::Client;
+use rhizos_broker::wire::{NodeList, NodeView};
 use std::time::Duration;
 
 #[derive(Subcommand)]
@@ -29,146 +30,145 @@ pub async fn run_node(global: &GlobalArgs, command: NodeCommand) -> anyhow::Resu
             let list = client.node_list().await?;
             if global.json {
                 println!("{}", serde_json::to_string(&list)?);
-                return Ok(());
-            }
-            if list.nodes.is_empty() {
-                println!("no nodes registered");
-                return Ok(());
-            }
-            println!(
-                "{:<20} {:<6} {:<4} {:<14} {:>5} {:>9} {:>6} {:>10} {:>6} {:>5}",
-                "NODE",
-                "STATUS",
-                "TIER",
-                "BACKENDS",
-                "CORES",
-                "MEM MIB",
-                "LOAD",
-                "CPU $/H",
-                "JOBS",
-                "REP"
-            );
-            for n in &list.nodes {
-                println!(
-                    "{:<20} {:<6} {:<4} {:<14} {:>5} {:>9} {:>6} {:>10} {:>6} {:>5.2}",
-                    n.node_id,
-                    n.status,
-                    n.tier,
-                    n.backends.join(","),
-                    n.cpu_cores,
-                    n.memory_mib,
-                    format!("{}/{}", n.active, n.max_concurrent),
-                    money::format_usd(n.pricing.cpu_hour_cents as i64 * 10_000),
-                    n.jobs_run,
-                    n.reputation
-                );
+            } else {
+                print_node_list(&list);
             }
         }
         NodeCommand::Info { node_id } => {
             let node = client.node_info(&node_id).await?;
             if global.json {
                 println!("{}", serde_json::to_string(&node)?);
-                return Ok(());
-            }
-            println!(
-                "node {} ({}, tier {})",
-                node.node_id, node.status, node.tier
-            );
-            println!("  provider account: {}", node.provider_account);
-            println!("  last heartbeat:   {} ms ago", node.last_heartbeat_ms_ago);
-            println!("  backends:         {}", node.backends.join(", "));
-            println!(
-                "  capacity:         {} cores, {} MiB, {} slots ({} busy)",
-                node.cpu_cores, node.memory_mib, node.max_concurrent, node.active
-            );
-            if let Some(hw) = &node.hardware {
-                println!(
-                    "  cpu:              {} ({} cores, {} threads; {})",
-                    hw.cpu_model,
-                    hw.cpu_cores,
-                    hw.cpu_threads,
-                    if hw.cpu_features.is_empty() {
-                        "no extended features".to_owned()
-                    } else {
-                        hw.cpu_features.join(" ")
-                    }
-                );
-                println!("  os:               {} (kernel {})", hw.os, hw.kernel);
-                println!(
-                    "  runtimes:         {}",
-                    if hw.runtimes.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        hw.runtimes.join(", ")
-                    }
-                );
-            }
-            if node.gpus.is_empty() {
-                let why = node
-                    .hardware
-                    .as_ref()
-                    .and_then(|hw| hw.gpu_note.clone())
-                    .unwrap_or_else(|| "none".to_owned());
-                println!("  gpus:             {why}");
-            }
-            if let Some(driver) = node.hardware.as_ref().and_then(|hw| hw.gpu_driver.as_ref()) {
-                println!("  gpu driver:       {driver}");
-            }
-            for gpu in &node.gpus {
-                let now = gpu
-                    .uuid
-                    .as_ref()
-                    .and_then(|uuid| node.gpu_telemetry.iter().find(|t| &t.uuid == uuid));
-                println!(
-                    "  gpu:              {} {} ({} MiB; {}{}){}",
-                    gpu.name,
-                    gpu.uuid.as_deref().unwrap_or(""),
-                    gpu.vram_mib,
-                    gpu.apis.join(", "),
-                    gpu.compute_capability
-                        .as_deref()
-                        .map(|c| format!(", compute {c}"))
-                        .unwrap_or_default(),
-                    now.map(|t| format!(
-                        " — now {}% busy, {}/{} MiB, {} °C, {:.1} W",
-                        t.utilization_pct,
-                        t.vram_used_mib,
-                        t.vram_total_mib,
-                        t.temperature_c,
-                        f64::from(t.power_mw) / 1000.0
-                    ))
-                    .unwrap_or_default()
-                );
-            }
-            println!(
-                "  prices per hour:  cpu {}, memory/GiB {}, gpu {}",
-                money::format_usd(node.pricing.cpu_hour_cents as i64 * 10_000),
-                money::format_usd(node.pricing.memory_gb_hour_cents as i64 * 10_000),
-                money::format_usd(node.pricing.gpu_hour_cents as i64 * 10_000)
-            );
-            println!(
-                "  record:           {} jobs ended, {} succeeded, reputation {:.2}",
-                node.jobs_run, node.jobs_succeeded, node.reputation
-            );
-            for plugin in &node.plugins {
-                match &plugin.refused {
-                    None => println!(
-                        "  plugin:           {} {} ({}){}",
-                        plugin.name.as_deref().unwrap_or("?"),
-                        plugin.version.as_deref().unwrap_or("?"),
-                        plugin.file,
-                        plugin
-                            .note
-                            .as_deref()
-                            .map(|n| format!(" — offers nothing: {n}"))
-                            .unwrap_or_default()
-                    ),
-                    Some(reason) => println!("  refused plugin:   {}: {reason}", plugin.file),
-                }
+            } else {
+                print_node(&node);
             }
         }
     }
     Ok(())
+}
+
+fn print_node_list(list: &NodeList) {
+    if list.nodes.is_empty() {
+        println!("no nodes registered");
+        return;
+    }
+    println!(
+        "{:<20} {:<6} {:<4} {:<14} {:>5} {:>9} {:>6} {:>10} {:>6} {:>5}",
+        "NODE", "STATUS", "TIER", "BACKENDS", "CORES", "MEM MIB", "LOAD", "CPU $/H", "JOBS", "REP"
+    );
+    for n in &list.nodes {
+        println!(
+            "{:<20} {:<6} {:<4} {:<14} {:>5} {:>9} {:>6} {:>10} {:>6} {:>5.2}",
+            n.node_id,
+            n.status,
+            n.tier,
+            n.backends.join(","),
+            n.cpu_cores,
+            n.memory_mib,
+            format!("{}/{}", n.active, n.max_concurrent),
+            money::format_usd(n.pricing.cpu_hour_cents as i64 * 10_000),
+            n.jobs_run,
+            n.reputation
+        );
+    }
+}
+
+fn print_node(node: &NodeView) {
+    println!(
+        "node {} ({}, tier {})",
+        node.node_id, node.status, node.tier
+    );
+    println!("  provider account: {}", node.provider_account);
+    println!("  last heartbeat:   {} ms ago", node.last_heartbeat_ms_ago);
+    println!("  backends:         {}", node.backends.join(", "));
+    println!(
+        "  capacity:         {} cores, {} MiB, {} slots ({} busy)",
+        node.cpu_cores, node.memory_mib, node.max_concurrent, node.active
+    );
+    if let Some(hw) = &node.hardware {
+        println!(
+            "  cpu:              {} ({} cores, {} threads; {})",
+            hw.cpu_model,
+            hw.cpu_cores,
+            hw.cpu_threads,
+            if hw.cpu_features.is_empty() {
+                "no extended features".to_owned()
+            } else {
+                hw.cpu_features.join(" ")
+            }
+        );
+        println!("  os:               {} (kernel {})", hw.os, hw.kernel);
+        println!(
+            "  runtimes:         {}",
+            if hw.runtimes.is_empty() {
+                "none".to_owned()
+            } else {
+                hw.runtimes.join(", ")
+            }
+        );
+    }
+    if node.gpus.is_empty() {
+        let why = node
+            .hardware
+            .as_ref()
+            .and_then(|hw| hw.gpu_note.clone())
+            .unwrap_or_else(|| "none".to_owned());
+        println!("  gpus:             {why}");
+    }
+    if let Some(driver) = node.hardware.as_ref().and_then(|hw| hw.gpu_driver.as_ref()) {
+        println!("  gpu driver:       {driver}");
+    }
+    for gpu in &node.gpus {
+        let now = gpu
+            .uuid
+            .as_ref()
+            .and_then(|uuid| node.gpu_telemetry.iter().find(|t| &t.uuid == uuid));
+        println!(
+            "  gpu:              {} {} ({} MiB; {}{}){}",
+            gpu.name,
+            gpu.uuid.as_deref().unwrap_or(""),
+            gpu.vram_mib,
+            gpu.apis.join(", "),
+            gpu.compute_capability
+                .as_deref()
+                .map(|c| format!(", compute {c}"))
+                .unwrap_or_default(),
+            now.map(|t| format!(
+                " — now {}% busy, {}/{} MiB, {} °C, {:.1} W",
+                t.utilization_pct,
+                t.vram_used_mib,
+                t.vram_total_mib,
+                t.temperature_c,
+                f64::from(t.power_mw) / 1000.0
+            ))
+            .unwrap_or_default()
+        );
+    }
+    println!(
+        "  prices per hour:  cpu {}, memory/GiB {}, gpu {}",
+        money::format_usd(node.pricing.cpu_hour_cents as i64 * 10_000),
+        money::format_usd(node.pricing.memory_gb_hour_cents as i64 * 10_000),
+        money::format_usd(node.pricing.gpu_hour_cents as i64 * 10_000)
+    );
+    println!(
+        "  record:           {} jobs ended, {} succeeded, reputation {:.2}",
+        node.jobs_run, node.jobs_succeeded, node.reputation
+    );
+    for plugin in &node.plugins {
+        match &plugin.refused {
+            None => println!(
+                "  plugin:           {} {} ({}){}",
+                plugin.name.as_deref().unwrap_or("?"),
+                plugin.version.as_deref().unwrap_or("?"),
+                plugin.file,
+                plugin
+                    .note
+                    .as_deref()
+                    .map(|n| format!(" — offers nothing: {n}"))
+                    .unwrap_or_default()
+            ),
+            Some(reason) => println!("  refused plugin:   {}: {reason}", plugin.file),
+        }
+    }
 }
 
 pub async fn run_ledger(global: &GlobalArgs, command: LedgerCommand) -> anyhow::Result<()> {

@@ -72,25 +72,7 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         );
     }
 
-    let _nats = if is_reachable(&settings.nats.url) {
-        eprintln!("✓ using the NATS server at {}", settings.nats.url);
-        None
-    } else {
-        let port = port_of(&settings.nats.url);
-        eprintln!("… starting nats-server on 127.0.0.1:{port}");
-        let server = NatsServer::start(LaunchOptions {
-            port: Some(port),
-            data_dir: Some(data_dir.join("nats")),
-        })
-        .context("failed to start nats-server")?;
-        settings.nats.url = server.url();
-        eprintln!(
-            "✓ nats-server {} (JetStream in {})",
-            server.url(),
-            data_dir.join("nats").display()
-        );
-        Some(server)
-    };
+    let _nats = start_nats(&mut settings, &data_dir)?;
 
     let plugin_dir = match args.plugin_dir {
         Some(dir) => dir,
@@ -123,23 +105,7 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         settings.pricing,
     )
     .context("failed to start the agent")?;
-    for plugin in agent.plugin_views() {
-        match (&plugin.name, &plugin.refused) {
-            (Some(name), None) => match &plugin.note {
-                None => eprintln!(
-                    "✓ plugin {name} {} ({})",
-                    plugin.version.unwrap_or_default(),
-                    plugin.file
-                ),
-                Some(note) => eprintln!(
-                    "! plugin {name} {} loaded but offers nothing here: {note}",
-                    plugin.version.unwrap_or_default()
-                ),
-            },
-            (_, Some(reason)) => eprintln!("✗ plugin {} refused: {reason}", plugin.file),
-            _ => {}
-        }
-    }
+    print_plugins(&agent);
     let agent_task = tokio::spawn(agent.run(stopped(stop.clone())));
     // Ready means ready: the agent has registered and can be given jobs.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -172,6 +138,54 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         .context("orchestrator task failed")??;
     eprintln!("stopped");
     Ok(())
+}
+
+/// Starts nats-server on the configured port unless something answers there already; points
+/// `settings` at it.
+fn start_nats(
+    settings: &mut rhizos_broker::Settings,
+    data_dir: &Path,
+) -> anyhow::Result<Option<NatsServer>> {
+    Ok(if is_reachable(&settings.nats.url) {
+        eprintln!("✓ using the NATS server at {}", settings.nats.url);
+        None
+    } else {
+        let port = port_of(&settings.nats.url);
+        eprintln!("… starting nats-server on 127.0.0.1:{port}");
+        let server = NatsServer::start(LaunchOptions {
+            port: Some(port),
+            data_dir: Some(data_dir.join("nats")),
+        })
+        .context("failed to start nats-server")?;
+        settings.nats.url = server.url();
+        eprintln!(
+            "✓ nats-server {} (JetStream in {})",
+            server.url(),
+            data_dir.join("nats").display()
+        );
+        Some(server)
+    })
+}
+
+/// One line per plugin the agent loaded (or refused, or that offers nothing here, and why).
+fn print_plugins(agent: &Agent) {
+    for plugin in agent.plugin_views() {
+        match (&plugin.name, &plugin.refused) {
+            (Some(name), None) => match &plugin.note {
+                None => eprintln!(
+                    "✓ plugin {name} {} ({})",
+                    plugin.version.unwrap_or_default(),
+                    plugin.file
+                ),
+                Some(note) => eprintln!(
+                    "! plugin {name} {} loaded but offers nothing here: {note}",
+                    plugin.version.unwrap_or_default()
+                ),
+            },
+            (_, Some(reason)) => eprintln!("✗ plugin {} refused: {reason}", plugin.file),
+            _ => {}
+        }
+    }
 }
 
 /// The port of a `nats://host:port` URL (4222 when absent).

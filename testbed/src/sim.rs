@@ -102,33 +102,32 @@ impl SimFleet {
                 });
             }
         });
-        let heartbeat_bus = bus.clone();
-        let heartbeats = tokio::spawn(async move {
-            loop {
-                for index in 0..count {
-                    let node_id = format!("sim-{index}");
-                    let Ok(subject) = heartbeat_bus.subjects.node_heartbeat(&node_id) else {
-                        continue;
-                    };
-                    let beat = Heartbeat {
-                        v: WIRE_VERSION,
-                        node_id,
-                        running: vec![],
-                        free_slots: 8,
-                        ts_ms: 0,
-                        gpus: vec![],
-                    };
-                    let _ = heartbeat_bus
-                        .client
-                        .publish(subject, wire::encode(&beat))
-                        .await;
-                }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        });
+        let heartbeats = tokio::spawn(heartbeat_loop(bus.clone(), count));
         Ok(Self {
             tasks: vec![server, heartbeats],
         })
+    }
+}
+
+/// Every node's heartbeat every 5 s (nothing running, 8 free slots).
+async fn heartbeat_loop(bus: Arc<Bus>, count: usize) {
+    loop {
+        for index in 0..count {
+            let node_id = format!("sim-{index}");
+            let Ok(subject) = bus.subjects.node_heartbeat(&node_id) else {
+                continue;
+            };
+            let beat = Heartbeat {
+                v: WIRE_VERSION,
+                node_id,
+                running: vec![],
+                free_slots: 8,
+                ts_ms: 0,
+                gpus: vec![],
+            };
+            let _ = bus.client.publish(subject, wire::encode(&beat)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

@@ -184,55 +184,15 @@ impl Store {
         if state.is_terminal() {
             return Ok(ReportEffect::Duplicate);
         }
-        // The allocation from its own columns: the spec (with its workload) is not parsed here.
-        let (cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason): (
-            u32,
-            i64,
-            u32,
-            Option<String>,
-            bool,
-            Option<String>,
-        ) = query_row(
-            &tx,
-            "SELECT cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason FROM jobs WHERE id = ?1",
-            [job_id],
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            },
-        )?;
-        let pricing: Pricing = pricing
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()?
-            .ok_or_else(|| StoreError::Corrupt(format!("job {job_id} has no agreed pricing")))?;
+        let (billing, stop) = billing_of(&tx, job_id)?;
         let ending = ending::finished(
             outcome.kind,
             outcome.exit_code,
             outcome.message.as_deref(),
-            StopRequest {
-                cancel_requested,
-                stop_reason: stop_reason.as_deref().and_then(StopReason::parse),
-            },
+            stop,
         );
         let (final_state, reason) = (ending.state, ending.reason);
-        let measured = ledger::cost_micros(
-            outcome.elapsed_ms,
-            cpu_cores,
-            memory_mib as u64,
-            gpus,
-            &pricing,
-        )
-        .saturating_add(ledger::fuel_cost_micros(
-            outcome.fuel_consumed.unwrap_or(0),
-            &pricing,
-        ));
+        let measured = billing.cost_micros(outcome.elapsed_ms, outcome.fuel_consumed);
         let stdout = truncate_tail(&outcome.stdout, max_output_bytes);
         let stderr = truncate_tail(&outcome.stderr, max_output_bytes);
         exec(&tx,
@@ -443,4 +403,72 @@ impl Store {
             ))),
         }
     }
+}
+
+/// What a job is billed by: its allocation and the prices agreed at assignment.
+struct Billing {
+    cpu_cores: u32,
+    memory_mib: u64,
+    gpus: u32,
+    pricing: Pricing,
+}
+
+impl Billing {
+    /// The measured cost of `elapsed_ms` (and the fuel burned) at these prices, uncapped.
+    fn cost_micros(&self, elapsed_ms: u64, fuel_consumed: Option<u64>) -> i64 {
+        ledger::cost_micros(
+            elapsed_ms,
+            self.cpu_cores,
+            self.memory_mib,
+            self.gpus,
+            &self.pricing,
+        )
+        .saturating_add(ledger::fuel_cost_micros(
+            fuel_consumed.unwrap_or(0),
+            &self.pricing,
+        ))
+    }
+}
+
+/// A job's billing and what the orchestrator had asked of it, from their own columns (the spec,
+/// with its workload, is not parsed here).
+fn billing_of(tx: &Connection, job_id: &str) -> Result<(Billing, StopRequest), StoreError> {
+    let (cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason): (
+        u32,
+        i64,
+        u32,
+        Option<String>,
+        bool,
+        Option<String>,
+    ) = query_row(
+        tx,
+        "SELECT cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason FROM jobs WHERE id = ?1",
+        [job_id],
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        },
+    )?;
+    let pricing: Pricing = pricing
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()?
+        .ok_or_else(|| StoreError::Corrupt(format!("job {job_id} has no agreed pricing")))?;
+    let billing = Billing {
+        cpu_cores,
+        memory_mib: memory_mib as u64,
+        gpus,
+        pricing,
+    };
+    let stop = StopRequest {
+        cancel_requested,
+        stop_reason: stop_reason.as_deref().and_then(StopReason::parse),
+    };
+    Ok((billing, stop))
 }

@@ -1,0 +1,488 @@
+//! One execution on this node: take what the workload needs (its artifact by reference, whole
+//! GPUs), start it on the plugin of its backend, report it running, forward its log lines while
+//! it runs, wait for it on the blocking pool, turn the plugin's outcome into the wire's, and
+//! report that until the orchestrator acknowledges it.
+
+use super::{Agent, Inner, Running};
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RResult, RStr, RString, RVec, Tuple2};
+use rhizos_broker::RequestError;
+use rhizos_broker::wire::{
+    self, Ack, AssignJob, ErrorCode, ExecutionOutcome, ExitKind, JobReport, LogLine, LogStream,
+    ReportPhase, WIRE_VERSION, WireError, Workload,
+};
+use rhizos_plugin_api::{EventSink, EventSink_TO, ExecLimits, ExecRequest};
+use std::collections::VecDeque;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+impl Agent {
+    /// Runs one attempt to its end and reports it.
+    pub(super) async fn execute(self, assign: AssignJob) {
+        let key = (assign.job_id.clone(), assign.attempt);
+        let outcome = self.run_plugin(&assign).await;
+        tracing::info!(job_id = %assign.job_id, attempt = assign.attempt, kind = ?outcome.kind, exit_code = ?outcome.exit_code, elapsed_ms = outcome.elapsed_ms, "execution ended");
+        let report = JobReport {
+            v: WIRE_VERSION,
+            node_id: self.inner.node_id.clone(),
+            job_id: assign.job_id,
+            attempt: assign.attempt,
+            phase: ReportPhase::Finished { outcome },
+        };
+        self.send_report(report).await;
+        // Only now: until the orchestrator has the result, heartbeats keep listing the attempt,
+        // so it is never mistaken for one the node lost.
+        self.executions().remove(&key);
+    }
+
+    /// Prepares, starts and supervises one execution; every way it can end is an outcome.
+    async fn run_plugin(&self, assign: &AssignJob) -> ExecutionOutcome {
+        // Held until the execution ends.
+        let (request, _gpus) = match self.prepare(assign).await {
+            Ok(prepared) => prepared,
+            Err(message) => return rejected(message),
+        };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let execution = match self.start(assign, request, sender.clone()).await {
+            Ok(execution) => execution,
+            Err(message) => return rejected(message),
+        };
+        self.executions().insert(
+            (assign.job_id.clone(), assign.attempt),
+            Some(execution.clone()),
+        );
+        let running = JobReport {
+            v: WIRE_VERSION,
+            node_id: self.inner.node_id.clone(),
+            job_id: assign.job_id.clone(),
+            attempt: assign.attempt,
+            phase: ReportPhase::Running,
+        };
+        let reporter = tokio::spawn({
+            let this = self.clone();
+            async move { this.send_report(running).await }
+        });
+        let forwarder = tokio::spawn(self.clone().forward_logs(
+            assign.job_id.clone(),
+            assign.attempt,
+            receiver,
+        ));
+        let waited = tokio::task::spawn_blocking(move || execution.execution.wait()).await;
+        // Every line reached the sink before `wait` returned; this marker follows them.
+        let _ = sender.send(SinkMessage::Done);
+        let (stdout, stderr) = forwarder.await.unwrap_or_default();
+        let _ = reporter.await;
+        match waited {
+            Ok(outcome) => wire_outcome(outcome, stdout, stderr),
+            Err(e) => ExecutionOutcome {
+                kind: ExitKind::Crashed,
+                exit_code: None,
+                message: Some(format!("waiting for the execution failed: {e}")),
+                elapsed_ms: 0,
+                fuel_consumed: None,
+                output_files: Default::default(),
+                stdout,
+                stderr,
+            },
+        }
+    }
+
+    /// What the execution needs before it starts: the artifact's bytes when they come by
+    /// reference (fetched, or from the cache), then the GPUs it asks for, then the plugin's
+    /// request. An error is why the attempt is rejected.
+    async fn prepare(&self, assign: &AssignJob) -> Result<(ExecRequest, GpuLease<'_>), String> {
+        let fetched = match &assign.spec.artifact_url {
+            Some(url) => {
+                let (store, url, digest) = (
+                    self.inner.artifacts.clone(),
+                    url.clone(),
+                    assign.spec.artifact_sha256.clone().unwrap_or_default(),
+                );
+                let started = std::time::Instant::now();
+                match tokio::task::spawn_blocking(move || store.get(&url, &digest)).await {
+                    Ok(Ok((bytes, origin))) => {
+                        tracing::info!(job_id = %assign.job_id, bytes = bytes.len(), ?origin, ms = started.elapsed().as_millis() as u64, "artifact ready");
+                        Some(bytes)
+                    }
+                    Ok(Err(message)) => return Err(message),
+                    Err(e) => return Err(format!("fetching the artifact failed: {e}")),
+                }
+            }
+            None => None,
+        };
+        let gpus = GpuLease::take(&self.inner, assign.spec.gpus)?;
+        let request = exec_request(assign, &gpus.devices, fetched).map_err(|e| e.message)?;
+        Ok((request, gpus))
+    }
+
+    /// Starts the execution on the plugin of its backend (on the blocking pool: a plugin call).
+    async fn start(
+        &self,
+        assign: &AssignJob,
+        request: ExecRequest,
+        sender: mpsc::UnboundedSender<SinkMessage>,
+    ) -> Result<Arc<Running>, String> {
+        let sink = EventSink_TO::from_value(ChannelSink { sender }, TD_Opaque);
+        let backend_name = assign.spec.workload.backend();
+        // Held until the execution ends: a plugin replaced or removed meanwhile stays alive for it.
+        let Some(plugin) = self.plugins().backend(backend_name).cloned() else {
+            return Err(format!(
+                "no {backend_name} backend on this node any more (its plugin was removed)"
+            ));
+        };
+        let starter = plugin.clone();
+        let started =
+            tokio::task::spawn_blocking(move || match starter.backend.start(request, sink) {
+                RResult::ROk(execution) => Ok(execution),
+                RResult::RErr(message) => Err(message.into_string()),
+            })
+            .await;
+        match started {
+            Ok(Ok(execution)) => Ok(Arc::new(Running {
+                execution,
+                _plugin: plugin,
+            })),
+            Ok(Err(message)) => Err(message),
+            Err(e) => Err(format!("backend start failed: {e}")),
+        }
+    }
+
+    /// Publishes each line on the job's log subject, in order, and keeps bounded tails.
+    async fn forward_logs(
+        self,
+        job_id: String,
+        attempt: u32,
+        mut receiver: mpsc::UnboundedReceiver<SinkMessage>,
+    ) -> (String, String) {
+        let max = self.inner.settings.max_output_bytes;
+        let (mut stdout, mut stderr) = (Tail::new(max), Tail::new(max));
+        let subject = match self.inner.bus.subjects.job_log(&job_id) {
+            Ok(subject) => subject,
+            Err(_) => return (String::new(), String::new()),
+        };
+        let mut seq = 0;
+        while let Some(SinkMessage::Line(stream, line)) = receiver.recv().await {
+            let message = LogLine {
+                v: WIRE_VERSION,
+                job_id: job_id.clone(),
+                attempt,
+                seq,
+                stream,
+                line,
+                ts_ms: crate::now_ms(),
+            };
+            seq += 1;
+            if let Err(e) = self
+                .inner
+                .bus
+                .client
+                .publish(subject.clone(), wire::encode(&message))
+                .await
+            {
+                tracing::debug!(error = %e, "log line not published");
+            }
+            match stream {
+                LogStream::Stdout => stdout.push(&message.line),
+                LogStream::Stderr => stderr.push(&message.line),
+            }
+        }
+        (stdout.into_string(), stderr.into_string())
+    }
+
+    /// Sends a report until the orchestrator answers (it may be restarting).
+    async fn send_report(&self, report: JobReport) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.inner.bus.call(&report).await {
+                Ok(Ack { accepted: true, .. }) => return,
+                Ok(Ack { note, .. }) => {
+                    tracing::warn!(job_id = %report.job_id, attempt = report.attempt, note = ?note, "report not accepted");
+                    return;
+                }
+                Err(RequestError::Remote(e)) if e.code != ErrorCode::Internal => {
+                    tracing::error!(job_id = %report.job_id, error = %e, "report refused");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %report.job_id, error = %e, "report not delivered; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// An attempt that never started: why.
+fn rejected(message: String) -> ExecutionOutcome {
+    ExecutionOutcome {
+        kind: ExitKind::Rejected,
+        exit_code: None,
+        message: Some(message),
+        elapsed_ms: 0,
+        fuel_consumed: None,
+        output_files: Default::default(),
+        stdout: String::new(),
+        stderr: String::new(),
+    }
+}
+
+/// The plugin's outcome as the wire reports it, with the tails of the streamed output.
+fn wire_outcome(
+    outcome: rhizos_plugin_api::ExecOutcome,
+    stdout: String,
+    stderr: String,
+) -> ExecutionOutcome {
+    use rhizos_plugin_api::ExitKind as Plugin;
+    ExecutionOutcome {
+        kind: match outcome.kind {
+            Plugin::Exited => ExitKind::Exited,
+            Plugin::TimedOut => ExitKind::TimedOut,
+            Plugin::MemoryExceeded => ExitKind::MemoryExceeded,
+            Plugin::Crashed => ExitKind::Crashed,
+            Plugin::Cancelled => ExitKind::Cancelled,
+            Plugin::Rejected => ExitKind::Rejected,
+            Plugin::FuelExhausted => ExitKind::FuelExhausted,
+        },
+        exit_code: (outcome.kind == Plugin::Exited).then_some(outcome.exit_code),
+        message: (!outcome.message.is_empty()).then(|| outcome.message.into_string()),
+        elapsed_ms: outcome.elapsed_ms,
+        fuel_consumed: (outcome.fuel_consumed > 0).then_some(outcome.fuel_consumed),
+        output_files: outcome
+            .output_files
+            .iter()
+            .map(|Tuple2(name, content)| (name.to_string(), wire::b64_encode(content)))
+            .collect(),
+        stdout,
+        stderr,
+    }
+}
+
+/// The plugin's request for `assign`, on the GPUs `gpu_devices`, with the workload's bytes
+/// `fetched` by reference or else as the job carries them ([`inline_workload`]).
+fn exec_request(
+    assign: &AssignJob,
+    gpu_devices: &[String],
+    fetched: Option<Vec<u8>>,
+) -> Result<ExecRequest, WireError> {
+    let workload = match fetched {
+        // By reference (`artifact_url`): `ArtifactStore::get` checked the digest.
+        Some(bytes) => bytes,
+        None => inline_workload(assign)?,
+    };
+    let stdin = match &assign.spec.stdin_b64 {
+        Some(text) => wire::b64_decode("stdin_b64", text)?,
+        None => Vec::new(),
+    };
+    let mut input_files = RVec::new();
+    for (name, content) in &assign.spec.input_files {
+        if !wire::valid_file_path(name) {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("input file name {name:?} is not a plain relative path"),
+            ));
+        }
+        let content = wire::b64_decode("input_files", content)?;
+        input_files.push(Tuple2(RString::from(name.as_str()), RVec::from(content)));
+    }
+    Ok(ExecRequest {
+        input_files,
+        execution_id: RString::from(format!("{}-{}", assign.job_id, assign.attempt)),
+        workload: RVec::from(workload),
+        args: assign
+            .spec
+            .args
+            .iter()
+            .map(|a| RString::from(a.as_str()))
+            .collect(),
+        env: assign
+            .spec
+            .env
+            .iter()
+            .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
+            .collect(),
+        stdin: RVec::from(stdin),
+        limits: ExecLimits {
+            wall_timeout_ms: assign.spec.timeout_ms,
+            memory_limit_bytes: assign.spec.memory_mib.saturating_mul(1024 * 1024),
+            fuel_limit: assign.spec.fuel_limit.unwrap_or(0),
+            cpu_cores: assign.spec.cpu_cores,
+            vram_limit_bytes: assign.spec.min_vram_mib.saturating_mul(1024 * 1024),
+        },
+        gpu_devices: gpu_devices
+            .iter()
+            .map(|d| RString::from(d.as_str()))
+            .collect(),
+    })
+}
+
+/// The workload's bytes as the job carries them: a WASM module, CUDA program or plugin payload
+/// decoded, any other workload as its JSON; a module's artifact checked against its digest.
+fn inline_workload(assign: &AssignJob) -> Result<Vec<u8>, WireError> {
+    let workload = match &assign.spec.workload {
+        Workload::Wasm { module_b64 } => wire::b64_decode("workload.module_b64", module_b64)?,
+        Workload::Cuda { program_b64 } => wire::b64_decode("workload.program_b64", program_b64)?,
+        Workload::Custom { payload_b64, .. } => {
+            wire::b64_decode("workload.payload_b64", payload_b64)?
+        }
+        Workload::Module { uri } => {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("{uri} reached the node unresolved"),
+            ));
+        }
+        other => {
+            let mut value = serde_json::to_value(other).map_err(|e| {
+                WireError::new(
+                    ErrorCode::Internal,
+                    format!("cannot encode the workload: {e}"),
+                )
+            })?;
+            // A container image from a module: the docker plugin checks the local image's id.
+            if let (Some(digest), Some(object)) =
+                (&assign.spec.artifact_sha256, value.as_object_mut())
+            {
+                object.insert("image_id".into(), format!("sha256:{digest}").into());
+            }
+            serde_json::to_vec(&value).map_err(|e| {
+                WireError::new(
+                    ErrorCode::Internal,
+                    format!("cannot encode the workload: {e}"),
+                )
+            })?
+        }
+    };
+    // A module's artifact must be the one its registry entry names, byte for byte.
+    if let Some(expected) = &assign.spec.artifact_sha256
+        && !matches!(assign.spec.workload, Workload::Docker { .. })
+    {
+        let actual = crate::sha256_hex(&workload);
+        if !actual.eq_ignore_ascii_case(expected) {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "artifact digest mismatch: the workload's sha256 is {actual}, the job requires {expected}; refusing to run it"
+                ),
+            ));
+        }
+    }
+    Ok(workload)
+}
+
+/// GPUs held by one execution, given back when it is dropped.
+struct GpuLease<'a> {
+    inner: &'a Inner,
+    indices: Vec<usize>,
+    /// What the backend is told: the UUID when the driver gave one, else the index.
+    devices: Vec<String>,
+}
+
+impl<'a> GpuLease<'a> {
+    fn take(inner: &'a Inner, count: u32) -> Result<Self, String> {
+        let mut busy = inner
+            .gpus_busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let free: Vec<usize> = (0..inner.hardware.gpus.len())
+            .filter(|i| !busy.get(*i).copied().unwrap_or(true))
+            .take(count as usize)
+            .collect();
+        if free.len() < count as usize {
+            return Err(format!(
+                "the job needs {count} GPU(s); this node has {} free of {}",
+                free.len(),
+                inner.hardware.gpus.len()
+            ));
+        }
+        for &i in &free {
+            busy[i] = true;
+        }
+        let devices = free
+            .iter()
+            .map(|&i| {
+                inner.hardware.gpus[i]
+                    .uuid
+                    .clone()
+                    .unwrap_or_else(|| i.to_string())
+            })
+            .collect();
+        Ok(Self {
+            inner,
+            indices: free,
+            devices,
+        })
+    }
+}
+
+impl Drop for GpuLease<'_> {
+    fn drop(&mut self) {
+        let mut busy = self
+            .inner
+            .gpus_busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for &i in &self.indices {
+            busy[i] = false;
+        }
+    }
+}
+
+enum SinkMessage {
+    Line(LogStream, String),
+    Done,
+}
+
+/// The host side of the plugin's log sink: lines go into a channel, in order.
+struct ChannelSink {
+    sender: mpsc::UnboundedSender<SinkMessage>,
+}
+
+impl EventSink for ChannelSink {
+    fn log(&self, stream: rhizos_plugin_api::LogStream, line: RStr<'_>) {
+        let stream = match stream {
+            rhizos_plugin_api::LogStream::Stdout => LogStream::Stdout,
+            rhizos_plugin_api::LogStream::Stderr => LogStream::Stderr,
+        };
+        let _ = self
+            .sender
+            .send(SinkMessage::Line(stream, line.to_string()));
+    }
+}
+
+/// The last `max_bytes` of a stream of lines.
+struct Tail {
+    lines: VecDeque<String>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Tail {
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            lines: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    fn push(&mut self, line: &str) {
+        self.bytes += line.len() + 1;
+        self.lines.push_back(line.to_owned());
+        while self.bytes > self.max_bytes {
+            match self.lines.pop_front() {
+                Some(old) => self.bytes -= old.len() + 1,
+                None => break,
+            }
+        }
+    }
+
+    fn into_string(self) -> String {
+        let mut text = String::with_capacity(self.bytes);
+        for line in self.lines {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    }
+}

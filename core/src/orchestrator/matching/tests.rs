@@ -1,0 +1,409 @@
+//! Matching by tables: hard filters, ranking, ties, node classes, fuel budgets.
+
+use super::*;
+use rhizos_broker::wire::{GpuInfo, Pricing, WIRE_VERSION, Workload};
+
+/// A node: id, CPU ¢/h, GPU ¢/h, cores, memory MiB, slots, GPUs as (VRAM MiB, APIs).
+fn node(
+    id: &str,
+    cpu_cents: u64,
+    gpu_cents: u64,
+    cores: u32,
+    memory_mib: u64,
+    slots: u32,
+    gpus: &[(u64, &str)],
+) -> RegisterNode {
+    RegisterNode {
+        v: WIRE_VERSION,
+        node_id: id.into(),
+        provider_account: "p".into(),
+        backends: vec!["wasm".into()],
+        pricing: Pricing {
+            gpu_hour_cents: gpu_cents,
+            cpu_hour_cents: cpu_cents,
+            memory_gb_hour_cents: 0,
+            fuel_million_micros: 0,
+        },
+        cpu_cores: cores,
+        memory_mib,
+        max_concurrent: slots,
+        heartbeat_interval_ms: 1000,
+        plugins: vec![],
+        running: vec![],
+        gpus: gpus
+            .iter()
+            .map(|(vram_mib, apis)| GpuInfo {
+                name: "gpu".into(),
+                vram_mib: *vram_mib,
+                uuid: None,
+                compute_capability: None,
+                apis: apis
+                    .split(',')
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            })
+            .collect(),
+        disk_mib: 10_000,
+        hardware: None,
+        artifact_sources: vec![],
+    }
+}
+
+fn spec(cores: u32, memory_mib: u64, gpus: u32, min_vram_mib: u64, apis: &[&str]) -> JobSpec {
+    JobSpec {
+        cpu_cores: cores,
+        gpus,
+        min_vram_mib,
+        gpu_apis: apis.iter().map(|a| (*a).to_owned()).collect(),
+        ..JobSpec::new(
+            Workload::Wasm {
+                module_b64: "AGFzbQ==".into(),
+            },
+            3_600_000,
+            memory_mib,
+        )
+    }
+}
+
+#[test]
+fn fuel_budgets_never_exceed_what_the_max_cost_pays_for() {
+    // spec(): a 1-hour timeout. At 1 cent/h per core the time part is 10,000 micro-USD.
+    let mut fuel_node = node("f", 1, 0, 4, 4096, 4, &[]);
+    fuel_node.pricing.fuel_million_micros = 500;
+    let free_fuel = node("t", 1, 0, 4, 4096, 4, &[]);
+    let mut job = spec(1, 128, 0, 0, &[]);
+    // No fuel price: the job's own limit, untouched.
+    assert_eq!(fuel_budget(&job, 20_000, &free_fuel), None);
+    // Priced fuel, no limit: (20,000 − 10,000) micro-USD ÷ 500 per million = 20,000,000.
+    assert_eq!(fuel_budget(&job, 20_000, &fuel_node), Some(20_000_000));
+    // A smaller own limit wins; a larger one is cut down.
+    job.fuel_limit = Some(1_000_000);
+    assert_eq!(fuel_budget(&job, 20_000, &fuel_node), Some(1_000_000));
+    job.fuel_limit = Some(50_000_000);
+    assert_eq!(fuel_budget(&job, 20_000, &fuel_node), Some(20_000_000));
+    // With a limit, the estimate counts the fuel: 10,000 + 50,000,000 × 500 / 10^6 = 35,000.
+    assert_eq!(check(&job, 35_000, &fuel_node), Ok(35_000));
+    assert_eq!(check(&job, 34_999, &fuel_node), Err(Unfit::Price(35_000)));
+    // Nothing left after the time part: no fuel at all.
+    job.fuel_limit = None;
+    assert_eq!(fuel_budget(&job, 10_000, &fuel_node), Some(0));
+}
+
+struct Case {
+    name: &'static str,
+    nodes: Vec<RegisterNode>,
+    /// Committed resources per node before the pick: (node, jobs, cores, MiB, GPUs).
+    busy: Vec<(&'static str, u32, u32, u64, u32)>,
+    reputations: Vec<(&'static str, f64)>,
+    spec: JobSpec,
+    max_cost: i64,
+    expected: Option<&'static str>,
+}
+
+#[test]
+fn matching_table() {
+    let a100 = (40 * 1024, "cuda");
+    let t4 = (16 * 1024, "cuda");
+    let small = (2 * 1024, "cuda");
+    let cases = vec![
+        Case {
+            name: "cheapest wins",
+            nodes: vec![
+                node("dear", 5, 0, 4, 4096, 4, &[]),
+                node("cheap", 1, 0, 4, 4096, 4, &[]),
+            ],
+            busy: vec![],
+            reputations: vec![],
+            spec: spec(1, 128, 0, 0, &[]),
+            max_cost: 100_000,
+            expected: Some("cheap"),
+        },
+        Case {
+            name: "price cap filters the cheap node out when it is too small, none left",
+            nodes: vec![
+                node("dear", 5, 0, 4, 4096, 4, &[]),
+                node("cheap", 1, 0, 1, 4096, 4, &[]),
+            ],
+            busy: vec![],
+            reputations: vec![],
+            spec: spec(2, 128, 0, 0, &[]),
+            max_cost: 50_000, // 2 cores × 5 ¢ = 100 000 micros > 50 000
+            expected: None,
+        },
+        Case {
+            name: "a node is never over-committed on cores",
+            nodes: vec![
+                node("cheap", 1, 0, 4, 4096, 8, &[]),
+                node("dear", 2, 0, 4, 4096, 8, &[]),
+            ],
+            busy: vec![("cheap", 2, 3, 256, 0)],
+            reputations: vec![],
+            spec: spec(2, 128, 0, 0, &[]),
+            max_cost: 1_000_000,
+            expected: Some("dear"),
+        },
+        Case {
+            name: "a node is never over-committed on memory",
+            nodes: vec![
+                node("cheap", 1, 0, 8, 1024, 8, &[]),
+                node("dear", 2, 0, 8, 4096, 8, &[]),
+            ],
+            busy: vec![("cheap", 1, 1, 900, 0)],
+            reputations: vec![],
+            spec: spec(1, 256, 0, 0, &[]),
+            max_cost: 1_000_000,
+            expected: Some("dear"),
+        },
+        Case {
+            name: "GPU count, VRAM and API are hard filters",
+            nodes: vec![
+                node("small-gpu", 1, 10, 8, 8192, 4, &[small, small]),
+                node("t4", 1, 30, 8, 8192, 4, &[t4]),
+                node("rocm", 1, 5, 8, 8192, 4, &[(80 * 1024, "rocm")]),
+            ],
+            busy: vec![],
+            reputations: vec![],
+            spec: spec(1, 1024, 1, 8 * 1024, &["cuda"]),
+            max_cost: 10_000_000,
+            expected: Some("t4"),
+        },
+        Case {
+            name: "committed GPUs are not offered twice",
+            nodes: vec![
+                node("one-a100", 1, 100, 8, 8192, 4, &[a100]),
+                node("two-t4", 1, 150, 8, 8192, 4, &[t4, t4]),
+            ],
+            busy: vec![("one-a100", 1, 1, 1024, 1)],
+            reputations: vec![],
+            spec: spec(1, 1024, 1, 8 * 1024, &["cuda"]),
+            max_cost: 10_000_000,
+            expected: Some("two-t4"),
+        },
+        Case {
+            name: "equal price: the less loaded node wins",
+            nodes: vec![
+                node("busy", 1, 0, 8, 8192, 4, &[]),
+                node("idle", 1, 0, 8, 8192, 4, &[]),
+            ],
+            busy: vec![("busy", 3, 3, 384, 0)],
+            reputations: vec![],
+            spec: spec(1, 128, 0, 0, &[]),
+            max_cost: 1_000_000,
+            expected: Some("idle"),
+        },
+        Case {
+            name: "equal price and load: the more reliable node wins",
+            nodes: vec![
+                node("flaky", 1, 0, 8, 8192, 4, &[]),
+                node("solid", 1, 0, 8, 8192, 4, &[]),
+            ],
+            busy: vec![],
+            reputations: vec![("flaky", 0.5), ("solid", 0.99)],
+            spec: spec(1, 128, 0, 0, &[]),
+            max_cost: 1_000_000,
+            expected: Some("solid"),
+        },
+        Case {
+            name: "a CPU job leaves the big GPU node free",
+            nodes: vec![
+                node("gpu-box", 1, 100, 8, 8192, 4, &[a100]),
+                node("cpu-box", 1, 0, 8, 8192, 4, &[]),
+            ],
+            busy: vec![],
+            reputations: vec![],
+            spec: spec(1, 128, 0, 0, &[]),
+            max_cost: 1_000_000,
+            expected: Some("cpu-box"),
+        },
+        Case {
+            name: "price dominates a small reputation gap",
+            nodes: vec![
+                node("cheap-ok", 1, 0, 8, 8192, 4, &[]),
+                node("dear-perfect", 3, 0, 8, 8192, 4, &[]),
+            ],
+            busy: vec![],
+            reputations: vec![("cheap-ok", 0.9), ("dear-perfect", 1.0)],
+            spec: spec(1, 128, 0, 0, &[]),
+            max_cost: 1_000_000,
+            expected: Some("cheap-ok"),
+        },
+    ];
+    for case in cases {
+        let mut registry = Registry::new(MatchingWeights::default());
+        for node in case.nodes {
+            registry.upsert(node);
+        }
+        let allocations: Vec<(String, Allocation)> = case
+            .busy
+            .iter()
+            .map(|(id, jobs, cores, mib, gpus)| {
+                (
+                    (*id).to_owned(),
+                    Allocation {
+                        jobs: *jobs,
+                        cpu_cores: *cores,
+                        memory_mib: *mib,
+                        gpus: *gpus,
+                    },
+                )
+            })
+            .collect();
+        registry.set_allocations(&allocations);
+        registry.set_reputations(
+            &case
+                .reputations
+                .iter()
+                .map(|(id, r)| ((*id).to_owned(), *r))
+                .collect(),
+        );
+        let picked = registry
+            .pick(&case.spec, case.max_cost)
+            .map(|n| n.registration.node_id.clone());
+        assert_eq!(picked.as_deref(), case.expected, "case: {}", case.name);
+    }
+}
+
+#[test]
+fn ties_rotate_between_equal_nodes() {
+    let mut registry = Registry::new(MatchingWeights::default());
+    for id in ["a", "b", "c"] {
+        registry.upsert(node(id, 1, 0, 8, 8192, 100, &[]));
+    }
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..300 {
+        *counts
+            .entry(
+                registry
+                    .pick(&spec(1, 128, 0, 0, &[]), 100_000)
+                    .unwrap()
+                    .registration
+                    .node_id
+                    .clone(),
+            )
+            .or_default() += 1;
+    }
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [100, 100, 100],
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn nodes_of_one_class_differ_by_what_they_have_free_and_re_registration_changes_class() {
+    let mut registry = Registry::new(MatchingWeights::default());
+    let job = spec(1, 128, 0, 0, &[]);
+    // a and b: one class (same hardware and prices), two slots each.
+    registry.upsert(node("a", 1, 0, 4, 4096, 2, &[]));
+    registry.upsert(node("b", 1, 0, 4, 4096, 2, &[]));
+    assert_eq!(registry.classes.len(), 1);
+    registry.allocate("a", &job);
+    registry.allocate("a", &job);
+    let pick = |r: &mut Registry, max_cost| {
+        r.pick(&job, max_cost)
+            .map(|n| n.registration.node_id.clone())
+    };
+    assert_eq!(pick(&mut registry, 100_000).as_deref(), Some("b"));
+    // b re-registers five times dearer: its own class, judged at its new price.
+    registry.upsert(node("b", 5, 0, 4, 4096, 2, &[]));
+    assert_eq!(registry.classes.len(), 2);
+    // One hour at 5 ¢/h is $0.05: 50,000 micro-USD.
+    assert_eq!(pick(&mut registry, 49_999), None, "a is full, b too dear");
+    assert_eq!(pick(&mut registry, 50_000).as_deref(), Some("b"));
+    // c joins a's class: a is full, c is cheaper than b.
+    registry.upsert(node("c", 1, 0, 4, 4096, 2, &[]));
+    assert_eq!(registry.classes.len(), 2);
+    assert_eq!(pick(&mut registry, 100_000).as_deref(), Some("c"));
+    // A node re-registering with ever new prices leaves classes behind; the table is
+    // rebuilt before it outgrows the fleet, and picks follow the latest prices.
+    for cents in 10..200 {
+        registry.upsert(node("b", cents, 0, 4, 4096, 2, &[]));
+        assert!(
+            registry.classes.len() <= 2 * 3 + 16 + 1,
+            "{}",
+            registry.classes.len()
+        );
+    }
+    registry.allocate("c", &job);
+    registry.allocate("c", &job);
+    assert_eq!(pick(&mut registry, 1_989_999), None);
+    assert_eq!(pick(&mut registry, 1_990_000).as_deref(), Some("b"));
+}
+
+#[test]
+fn artifacts_by_reference_go_only_to_nodes_that_fetch_from_their_source() {
+    let mut registry = Registry::new(MatchingWeights::default());
+    let mut fetching = node("fetching", 5, 0, 4, 4096, 2, &[]);
+    fetching.artifact_sources = vec!["https://registry.example/artifacts/".into()];
+    registry.upsert(fetching);
+    // Cheaper, but fetches nothing.
+    registry.upsert(node("closed", 1, 0, 4, 4096, 2, &[]));
+    let mut job = spec(1, 128, 0, 0, &[]);
+    job.artifact_url = Some("https://registry.example/artifacts/m.wasm".into());
+    assert_eq!(
+        registry
+            .pick(&job, 100_000)
+            .map(|n| n.registration.node_id.as_str()),
+        Some("fetching")
+    );
+    job.artifact_url = Some("https://other.example/artifacts/m.wasm".into());
+    assert!(registry.pick(&job, 100_000).is_none());
+    let err = registry.feasibility(&job, 100_000).unwrap_err();
+    assert!(
+        err.message.contains(
+            "fetching: does not fetch artifacts from https://other.example/artifacts/m.wasm"
+        ),
+        "{}",
+        err.message
+    );
+    // Inline bytes: any node, the cheaper first.
+    job.artifact_url = None;
+    assert_eq!(
+        registry
+            .pick(&job, 100_000)
+            .map(|n| n.registration.node_id.as_str()),
+        Some("closed")
+    );
+}
+
+#[test]
+fn infeasible_jobs_are_refused_with_every_reason() {
+    let mut registry = Registry::new(MatchingWeights::default());
+    let err = registry
+        .feasibility(&spec(1, 128, 0, 0, &[]), 1)
+        .unwrap_err();
+    assert!(err.message.contains("no node is registered"));
+    registry.upsert(node("a", 5, 0, 4, 4096, 1, &[]));
+    let err = registry
+        .feasibility(&spec(1, 128, 0, 0, &[]), 10)
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NoCapacity);
+    assert!(
+        err.message
+            .contains("could cost up to $0.050000 at its prices, above the max cost of $0.000010"),
+        "{}",
+        err.message
+    );
+    assert!(
+        registry
+            .feasibility(&spec(1, 1 << 20, 0, 0, &[]), 1_000_000)
+            .unwrap_err()
+            .message
+            .contains("MiB asked")
+    );
+    let gpu = registry
+        .feasibility(&spec(1, 128, 1, 1024, &["cuda"]), 1_000_000)
+        .unwrap_err();
+    assert!(
+        gpu.message
+            .contains("a: 0 GPU(s) with ≥ 1024 MiB VRAM and cuda < 1 asked"),
+        "{}",
+        gpu.message
+    );
+    assert!(
+        registry
+            .feasibility(&spec(1, 128, 0, 0, &[]), 50_000)
+            .is_ok()
+    );
+}
