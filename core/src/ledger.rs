@@ -159,6 +159,36 @@ pub fn balance(tx: &rusqlite::Connection, id: &str) -> Result<Option<i64>, Ledge
     .optional()?)
 }
 
+/// What a ledger transaction is (`ledger_tx.kind`, and the `kind` of a statement line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxKind {
+    /// Money in from outside the network.
+    Deposit,
+    /// A job's `max_cost` from the payer into its escrow.
+    Hold,
+    /// A job's escrow closed with a charge.
+    Settle,
+    /// A job's escrow closed with everything back to the payer.
+    Refund,
+}
+
+impl TxKind {
+    pub const ALL: [Self; 4] = [Self::Deposit, Self::Hold, Self::Settle, Self::Refund];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Deposit => "deposit",
+            Self::Hold => "hold",
+            Self::Settle => "settle",
+            Self::Refund => "refund",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
 /// Writes one balanced movement under `idem_key`. Accounts must exist. Nothing is written (and
 /// `Duplicate` returned) if the key was used before. On an error some legs may already be
 /// applied: call it inside a savepoint or transaction that rolls back on error (every `Store`
@@ -166,7 +196,7 @@ pub fn balance(tx: &rusqlite::Connection, id: &str) -> Result<Option<i64>, Ledge
 pub fn post(
     tx: &Connection,
     idem_key: &str,
-    kind: &str,
+    kind: TxKind,
     job_id: Option<&str>,
     postings: &[(&str, i64)],
     now_ms: u64,
@@ -182,7 +212,7 @@ pub fn post(
         tx,
         "INSERT INTO ledger_tx (idem_key, kind, job_id, created_ms) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(idem_key) DO NOTHING",
-        params![idem_key, kind, job_id, now_ms as i64],
+        params![idem_key, kind.as_str(), job_id, now_ms as i64],
     )?;
     if inserted == 0 {
         return Ok(Applied::Duplicate);

@@ -3,7 +3,7 @@
 //! held is summed from the open jobs in `jobs`.
 
 use super::{Store, StoreError};
-use crate::ledger::{self, AccountKind, LedgerError, query_row};
+use crate::ledger::{self, AccountKind, LedgerError, TxKind, query_row};
 use crate::now_ms;
 use rhizos_broker::wire::{AccountView, Statement, StatementLine};
 use rusqlite::params;
@@ -40,7 +40,7 @@ impl Store {
         ledger::post(
             &tx,
             &key,
-            "deposit",
+            TxKind::Deposit,
             None,
             &[(ledger::EXTERNAL, -amount_micros), (account, amount_micros)],
             now_ms(),

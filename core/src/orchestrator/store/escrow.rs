@@ -5,7 +5,7 @@
 
 use super::events::{DomainEvent, Movement};
 use super::{Ctx, StoreError};
-use crate::ledger::{self, AccountKind, Applied, escrow_account, exec, query_row};
+use crate::ledger::{self, AccountKind, Applied, TxKind, escrow_account, exec, query_row};
 use rusqlite::{Connection, params};
 
 impl Ctx {
@@ -45,7 +45,7 @@ impl Ctx {
         let applied = ledger::post(
             tx,
             &format!("close:{job_id}"),
-            "settle",
+            TxKind::Settle,
             Some(job_id),
             &[
                 (&escrow, -hold),
@@ -91,7 +91,7 @@ impl Ctx {
         let applied = ledger::post(
             tx,
             &format!("close:{job_id}"),
-            "refund",
+            TxKind::Refund,
             Some(job_id),
             &[(&escrow, -hold), (&account, hold)],
             now,

@@ -8,7 +8,7 @@ use super::events::{DomainEvent, Movement};
 use super::rows::JobRecord;
 use super::rows::{JOB_COLUMNS, job_from_row};
 use super::{PendingJob, SPEC_CACHE_ENTRIES, Store, StoreError};
-use crate::ledger::{self, AccountKind, LedgerError, escrow_account, exec, query_row};
+use crate::ledger::{self, AccountKind, LedgerError, TxKind, escrow_account, exec, query_row};
 use crate::now_ms;
 use crate::orchestrator::matching::Allocation;
 use rhizos_broker::wire::{ExecutionRef, JobSpec, JobState, format_usd};
@@ -67,7 +67,7 @@ impl Store {
         ?;
         let escrow = escrow_account(job_id);
         ledger::ensure_account(&tx, &escrow, AccountKind::Escrow, now)?;
-        ledger::post(&tx, &format!("hold:{job_id}"), "hold", Some(job_id), &[(account, -max_cost_micros), (&escrow, max_cost_micros)], now)
+        ledger::post(&tx, &format!("hold:{job_id}"), TxKind::Hold, Some(job_id), &[(account, -max_cost_micros), (&escrow, max_cost_micros)], now)
             .map_err(|e| match e {
                 LedgerError::InsufficientFunds { balance_micros, .. } => StoreError::InsufficientFunds(format!(
                         "account {account} has {} but the job's max cost is {}; deposit more or lower --max-cost",
