@@ -168,6 +168,41 @@ mod tests {
         assert_eq!(CtlOp::parse("job.submit.x"), None);
     }
 
+    /// Every operation has its own request type (`node.list` was once decoded as the
+    /// `ledger.verify` request), and no request type serves two operations.
+    #[test]
+    fn each_operation_has_its_own_request_type() {
+        let ops = [
+            <wire::SubmitJob as Request>::OP,
+            <wire::JobRef as Request>::OP,
+            <wire::ListJobs as Request>::OP,
+            <wire::CancelJob as Request>::OP,
+            <wire::JobReport as Request>::OP,
+            <wire::CreateAccount as Request>::OP,
+            <wire::Deposit as Request>::OP,
+            <wire::AccountRef as Request>::OP,
+            <wire::StatementRequest as Request>::OP,
+            <wire::RegisterNode as Request>::OP,
+            <wire::ListNodes as Request>::OP,
+            <wire::NodeRef as Request>::OP,
+            <wire::VerifyLedger as Request>::OP,
+            <wire::ResolveModule as Request>::OP,
+            <wire::ListModules as Request>::OP,
+            <wire::AssignJob as Request>::OP,
+            <wire::StopJob as Request>::OP,
+            <wire::ListPlugins as Request>::OP,
+        ];
+        for op in CtlOp::ALL {
+            assert_eq!(
+                ops.iter().filter(|o| **o == op).count(),
+                1,
+                "{op} must have exactly one request type"
+            );
+        }
+        assert_eq!(<wire::ListNodes as Request>::OP, CtlOp::NodeList);
+        assert_eq!(<wire::VerifyLedger as Request>::OP, CtlOp::LedgerVerify);
+    }
+
     /// The README's subject table is the public API: every operation has its own row there.
     #[test]
     fn every_operation_is_in_the_readme_subject_table() {
