@@ -249,21 +249,16 @@ impl Store {
         if current.is_terminal() {
             return Ok(false);
         }
-        exec(
+        end_refunded(
             &tx,
-            "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
-            params![job_id, state.as_str(), reason, now as i64],
-        )?;
-        ctx.emit_job(
-            &tx,
+            ctx,
             job_id,
             state,
             attempt,
             node.as_deref(),
-            Some(reason),
+            reason,
             now,
         )?;
-        ctx.refund(&tx, job_id, now)?;
         tx.commit()?;
         Ok(true)
     }
@@ -322,21 +317,16 @@ impl Store {
                 Ok(Some(JobState::Pending))
             }
             LostAttempt::End { state, reason } => {
-                exec(
+                end_refunded(
                     &tx,
-                    "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
-                    params![job_id, state.as_str(), reason, now as i64],
-                )?;
-                ctx.emit_job(
-                    &tx,
+                    ctx,
                     job_id,
                     state,
                     attempt,
                     node.as_deref(),
-                    Some(&reason),
+                    &reason,
                     now,
                 )?;
-                ctx.refund(&tx, job_id, now)?;
                 tx.commit()?;
                 Ok(Some(state))
             }
@@ -403,6 +393,28 @@ impl Store {
             ))),
         }
     }
+}
+
+/// Ends a job in `state` for `reason` and refunds its hold, with the event: the end of a job
+/// that is not running anywhere any more.
+#[allow(clippy::too_many_arguments)]
+fn end_refunded(
+    tx: &Connection,
+    ctx: &super::Ctx,
+    job_id: &str,
+    state: JobState,
+    attempt: u32,
+    node_id: Option<&str>,
+    reason: &str,
+    now: u64,
+) -> Result<(), StoreError> {
+    exec(
+        tx,
+        "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4 WHERE id = ?1",
+        params![job_id, state.as_str(), reason, now as i64],
+    )?;
+    ctx.emit_job(tx, job_id, state, attempt, node_id, Some(reason), now)?;
+    ctx.refund(tx, job_id, now)
 }
 
 /// What a job is billed by: its allocation and the prices agreed at assignment.
