@@ -26,6 +26,14 @@ pub enum ConnectError {
     },
     #[error("cannot create the JetStream event stream {stream}: {message}")]
     Stream { stream: String, message: String },
+    #[error("[nats] {setting} = {path}: {problem}")]
+    TlsFile {
+        setting: &'static str,
+        path: String,
+        problem: String,
+    },
+    #[error("[nats] tls_cert and tls_key go together: set both (mutual TLS) or neither")]
+    TlsPair,
 }
 
 /// A request that got no usable reply, or an error reply.
@@ -78,6 +86,7 @@ impl Bus {
         if let Some(name) = &settings.client_name {
             options = options.name(name);
         }
+        options = tls_options(options, settings)?;
         let client = options
             .connect(settings.url.as_str())
             .await
@@ -203,4 +212,47 @@ impl Bus {
                 message: e.to_string(),
             })
     }
+}
+
+/// `[nats] tls_ca`, `tls_cert`, `tls_key` applied to the connection: files checked first, so a
+/// wrong path is an error naming the setting, not a TLS handshake failure.
+fn tls_options(
+    mut options: async_nats::ConnectOptions,
+    settings: &NatsSettings,
+) -> Result<async_nats::ConnectOptions, ConnectError> {
+    let readable = |setting: &'static str, path: &std::path::Path| {
+        std::fs::metadata(path)
+            .map_err(|e| ConnectError::TlsFile {
+                setting,
+                path: path.display().to_string(),
+                problem: e.to_string(),
+            })
+            .and_then(|meta| {
+                if meta.is_file() {
+                    Ok(())
+                } else {
+                    Err(ConnectError::TlsFile {
+                        setting,
+                        path: path.display().to_string(),
+                        problem: "not a file".into(),
+                    })
+                }
+            })
+    };
+    if let Some(ca) = &settings.tls_ca {
+        readable("tls_ca", ca)?;
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    match (&settings.tls_cert, &settings.tls_key) {
+        (Some(cert), Some(key)) => {
+            readable("tls_cert", cert)?;
+            readable("tls_key", key)?;
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        (None, None) => {}
+        _ => return Err(ConnectError::TlsPair),
+    }
+    Ok(options)
 }

@@ -36,6 +36,14 @@ pub struct NatsSettings {
     pub request_timeout_ms: u64,
     /// Client name shown by the server's monitoring.
     pub client_name: Option<String>,
+    /// PEM file of the CA(s) the server's certificate must chain to; setting it requires TLS
+    /// (a server that does not offer TLS is refused). None: plain TCP unless the server asks
+    /// for TLS, then the system's roots.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for servers that verify clients (mutual TLS); with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for NatsSettings {
@@ -45,6 +53,9 @@ impl Default for NatsSettings {
             namespace: "default".into(),
             request_timeout_ms: 5_000,
             client_name: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

@@ -63,6 +63,17 @@ pub struct LaunchOptions {
     pub data_dir: Option<PathBuf>,
 }
 
+/// TLS for the client port of a launched server.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// PEM certificate the server presents (with its chain).
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// Verify clients: only connections with a certificate issued by this CA (PEM) are let in.
+    pub client_ca: Option<PathBuf>,
+}
+
 /// A running `nats-server`, killed on drop.
 #[derive(Debug)]
 pub struct NatsServer {
@@ -75,6 +86,15 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server and waits until it accepts clients (at most 15 s).
     pub fn start(options: LaunchOptions) -> Result<Self, LaunchError> {
+        Self::launch(options, None)
+    }
+
+    /// Like [`NatsServer::start`], with TLS required on the client port.
+    pub fn start_tls(options: LaunchOptions, tls: &ServerTls) -> Result<Self, LaunchError> {
+        Self::launch(options, Some(tls))
+    }
+
+    fn launch(options: LaunchOptions, tls: Option<&ServerTls>) -> Result<Self, LaunchError> {
         let binary = find_binary()?;
         let (data_dir, temp) = match options.data_dir {
             Some(dir) => (dir, None),
@@ -109,9 +129,22 @@ impl NatsServer {
             what: "log file".into(),
             source,
         })?;
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(data_dir.join("jetstream"))
+            .arg(data_dir.join("jetstream"));
+        if let Some(tls) = tls {
+            command
+                .arg("--tls")
+                .arg("--tlscert")
+                .arg(&tls.cert)
+                .arg("--tlskey")
+                .arg(&tls.key);
+            if let Some(ca) = &tls.client_ca {
+                command.arg("--tlsverify").arg("--tlscacert").arg(ca);
+            }
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

@@ -13,3 +13,4 @@ mod modules;
 mod plugins;
 mod protocol;
 mod restart;
+mod tls;
