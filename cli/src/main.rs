@@ -108,7 +108,8 @@ enum AccountCommand {
         account: String,
         /// Amount in USD, e.g. 5 or 0.25 (6 decimals at most).
         amount_usd: String,
-        /// Makes retries safe: a second deposit with the same key changes nothing.
+        /// Makes retries safe: a second deposit with the same key changes nothing. Default: a
+        /// fresh key, printed if the deposit's outcome is unknown.
         #[arg(long)]
         idempotency_key: Option<String>,
     },
@@ -197,9 +198,19 @@ async fn account(global: &GlobalArgs, command: AccountCommand) -> anyhow::Result
             idempotency_key,
         } => {
             let amount_micros = money::parse_usd(&amount_usd).map_err(anyhow::Error::msg)?;
+            // Always keyed: if the reply is lost, the same command with this key applies the
+            // deposit at most once.
+            let key =
+                idempotency_key.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7().simple()));
             client
-                .account_deposit(&account, amount_micros, idempotency_key.as_deref())
-                .await?
+                .account_deposit(&account, amount_micros, Some(&key))
+                .await
+                .with_context(|| {
+                    format!(
+                        "the deposit may or may not have been applied: run the same command with \
+                         --idempotency-key {key} to apply it exactly once"
+                    )
+                })?
         }
         AccountCommand::Balance { account } => client.account_balance(&account).await?,
     };

@@ -40,6 +40,12 @@ pub const PLATFORM_FEES: &str = "platform:fees";
 pub const BPS_DENOMINATOR: i64 = 10_000;
 
 /// The escrow account of one job.
+/// Whether `id` names one of the ledger's own accounts (`external`, `platform:*`, `escrow:*`),
+/// which no user or provider may take.
+pub fn is_reserved(id: &str) -> bool {
+    id == EXTERNAL || id.starts_with("platform:") || id.starts_with("escrow:")
+}
+
 pub fn escrow_account(job_id: &str) -> String {
     format!("escrow:{job_id}")
 }

@@ -36,6 +36,17 @@ pub(super) fn token(result: Result<(), rhizos_broker::TokenError>) -> Result<(),
     result.map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))
 }
 
+/// A user or provider account name: a token, and none of the ledger's own accounts.
+pub(super) fn party_account(what: &'static str, account: &str) -> Result<(), WireError> {
+    token(validate_token(what, account))?;
+    if crate::ledger::is_reserved(account) {
+        return Err(bad(format!(
+            "{what} {account:?} is reserved for the ledger (external, platform:*, escrow:*): choose another name"
+        )));
+    }
+    Ok(())
+}
+
 pub(super) fn bad(message: impl Into<String>) -> WireError {
     WireError::new(ErrorCode::BadRequest, message)
 }
@@ -49,7 +60,7 @@ fn too_large(what: &str, bytes: usize) -> WireError {
 
 /// Checks every field of a submit before anything is stored.
 pub fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireError> {
-    token(validate_token("account", &request.account))?;
+    party_account("account", &request.account)?;
     token(validate_token("job id", job_id))?;
     if request.max_cost_micros <= 0 || request.max_cost_micros > MAX_COST_MICROS {
         return Err(bad(format!(
@@ -359,5 +370,29 @@ mod tests {
             let err = check(request).unwrap_err();
             assert!(err.contains(expected), "{err} (expected {expected:?})");
         }
+    }
+
+    #[test]
+    fn the_ledgers_own_accounts_cannot_be_taken_by_users_or_providers() {
+        for reserved in ["external", "platform:fees", "escrow:j1"] {
+            let err = party_account("account", reserved).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{reserved}");
+        }
+        let err = party_account("provider account", "external").unwrap_err();
+        assert!(
+            err.message.contains("reserved for the ledger"),
+            "{}",
+            err.message
+        );
+        assert!(party_account("account", "externals").is_ok());
+        assert!(party_account("account", "alice").is_ok());
+        let mut submit = by_reference(wasm(""), Some(&"ab".repeat(32)), "https://r.example/a");
+        submit.account = "external".into();
+        assert!(
+            validate_submit(&submit, "j")
+                .unwrap_err()
+                .message
+                .contains("reserved")
+        );
     }
 }

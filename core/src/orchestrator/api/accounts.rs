@@ -1,7 +1,7 @@
 //! `account.*` and `ledger.verify` requests.
 
 use super::super::Orchestrator;
-use super::super::validate::{limits::MAX_COST_MICROS, token};
+use super::super::validate::{limits::MAX_COST_MICROS, party_account, token};
 use rhizos_broker::validate_token;
 use rhizos_broker::wire::{
     self, AccountRef, CreateAccount, Deposit, ErrorCode, StatementRequest, VerifyLedger, WireError,
@@ -12,7 +12,7 @@ impl Orchestrator {
         &self,
         request: CreateAccount,
     ) -> Result<wire::AccountView, WireError> {
-        token(validate_token("account", &request.account))?;
+        party_account("account", &request.account)?;
         self.db(move |store| store.create_account(&request.account))
             .await
     }
@@ -21,7 +21,7 @@ impl Orchestrator {
         &self,
         request: Deposit,
     ) -> Result<wire::AccountView, WireError> {
-        token(validate_token("account", &request.account))?;
+        party_account("account", &request.account)?;
         if let Some(key) = &request.idempotency_key {
             token(validate_token("idempotency key", key))?;
         }

@@ -3,7 +3,7 @@
 
 use super::super::Orchestrator;
 use super::super::matching::provider_tier;
-use super::super::validate::token;
+use super::super::validate::{party_account, token};
 use rhizos_broker::validate_token;
 use rhizos_broker::wire::{self, Ack, ErrorCode, ListNodes, NodeRef, RegisterNode, WireError};
 
@@ -13,10 +13,7 @@ impl Orchestrator {
         registration: RegisterNode,
     ) -> Result<Ack, WireError> {
         token(validate_token("node id", &registration.node_id))?;
-        token(validate_token(
-            "provider account",
-            &registration.provider_account,
-        ))?;
+        party_account("provider account", &registration.provider_account)?;
         for backend in &registration.backends {
             token(validate_token("backend", backend))?;
         }

@@ -16,7 +16,8 @@ use rusqlite::{OptionalExtension, params};
 
 impl Store {
     /// Accepts a job: records it pending and holds `max_cost` in its escrow account. Submitting
-    /// the same `job_id` again for the same account returns the existing job (`false`).
+    /// the same request again (same id, account, spec and max cost: a retry) returns the
+    /// existing job (`false`); the same id with anything else is refused (`AlreadyExists`).
     pub fn submit(
         &mut self,
         job_id: &str,
@@ -24,15 +25,26 @@ impl Store {
         spec: &JobSpec,
         max_cost_micros: i64,
     ) -> Result<(JobRecord, bool), StoreError> {
+        let spec_json = serde_json::to_string(spec)?;
         if let Some(existing) = self.find_job(job_id)? {
             if existing.account != account {
                 return Err(StoreError::AlreadyExists(format!(
                     "job id {job_id} is taken"
                 )));
             }
+            let stored_spec: String = query_row(
+                &self.conn,
+                "SELECT spec FROM jobs WHERE id = ?1",
+                [job_id],
+                |r| r.get(0),
+            )?;
+            if stored_spec != spec_json || existing.max_cost_micros != max_cost_micros {
+                return Err(StoreError::AlreadyExists(format!(
+                    "job id {job_id} is taken by another job of {account} (a retry must resend the same spec and max cost): choose another id"
+                )));
+            }
             return Ok((existing, false));
         }
-        let spec_json = serde_json::to_string(spec)?;
         let now = now_ms();
         let (tx, ctx) = self.begin()?;
         match query_row(

@@ -785,3 +785,48 @@ fn outbox_rows_from_before_domain_events_survive_the_migration() {
     let error = Store::open(&path, 500).err().unwrap().to_string();
     assert!(error.contains("newer RhizOS"), "{error}");
 }
+
+#[test]
+fn a_job_id_is_reused_only_by_a_retry_of_the_same_request() {
+    let (_dir, mut store) = store();
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, None).unwrap();
+    let (_, created) = store.submit("j", "u", &spec(), 100_000).unwrap();
+    assert!(created);
+    // The same request again: the job it made, nothing held twice.
+    let (job, created) = store.submit("j", "u", &spec(), 100_000).unwrap();
+    assert!(!created);
+    assert_eq!(job.job_id, "j");
+    assert_eq!(balance(&store, "u"), 900_000);
+    // Anything else under that id is refused, not answered with the other job.
+    let mut other = spec();
+    other.args = vec!["different".into()];
+    let error = store.submit("j", "u", &other, 100_000).unwrap_err().wire();
+    assert_eq!(error.code, ErrorCode::AlreadyExists);
+    assert!(
+        error.message.contains("choose another id"),
+        "{}",
+        error.message
+    );
+    assert_eq!(
+        store
+            .submit("j", "u", &spec(), 99_999)
+            .unwrap_err()
+            .wire()
+            .code,
+        ErrorCode::AlreadyExists
+    );
+    store.create_account("v").unwrap();
+    store.deposit("v", 1_000_000, None).unwrap();
+    assert_eq!(
+        store
+            .submit("j", "v", &spec(), 100_000)
+            .unwrap_err()
+            .wire()
+            .code,
+        ErrorCode::AlreadyExists
+    );
+    assert_eq!(balance(&store, "u"), 900_000);
+    assert_eq!(balance(&store, "v"), 1_000_000);
+    assert!(store.verify().unwrap().ok);
+}
