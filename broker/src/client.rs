@@ -131,6 +131,17 @@ impl Client {
         self.bus.call(&VerifyLedger { v: WIRE_VERSION }).await
     }
 
+    /// `receipt.get`: the orchestrator-signed receipt of an ended job (verify it with
+    /// [`SignedReceipt::verify`](crate::wire::SignedReceipt::verify)).
+    pub async fn receipt_get(&self, job_id: &str) -> Result<wire::SignedReceipt, RequestError> {
+        self.bus
+            .call(&wire::GetReceipt {
+                v: WIRE_VERSION,
+                job_id: job_id.to_owned(),
+            })
+            .await
+    }
+
     // ----- nodes -----
 
     /// `node.register` (agents).

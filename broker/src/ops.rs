@@ -39,6 +39,8 @@ pub enum CtlOp {
     ModuleResolve,
     /// Every module the orchestrator's resolvers can enumerate.
     ModuleList,
+    /// The signed receipt of an ended job.
+    ReceiptGet,
     /// Orchestrator → agent: run this job attempt.
     JobAssign,
     /// Orchestrator → agent: stop this job attempt.
@@ -49,7 +51,7 @@ pub enum CtlOp {
 
 impl CtlOp {
     /// Every operation, in the order of the README's subject table.
-    pub const ALL: [CtlOp; 18] = [
+    pub const ALL: [CtlOp; 19] = [
         Self::JobSubmit,
         Self::JobGet,
         Self::ModuleResolve,
@@ -63,6 +65,7 @@ impl CtlOp {
         Self::NodeList,
         Self::NodeInfo,
         Self::LedgerVerify,
+        Self::ReceiptGet,
         Self::NodeRegister,
         Self::JobReport,
         Self::JobAssign,
@@ -88,6 +91,7 @@ impl CtlOp {
             Self::LedgerVerify => "ledger.verify",
             Self::ModuleResolve => "module.resolve",
             Self::ModuleList => "module.list",
+            Self::ReceiptGet => "receipt.get",
             Self::JobAssign => "job.assign",
             Self::JobStop => "job.stop",
             Self::NodePlugins => "node.plugins",
@@ -146,6 +150,7 @@ requests! {
     wire::VerifyLedger => LedgerVerify -> wire::LedgerReport;
     wire::ResolveModule => ModuleResolve -> wire::ResolvedModule;
     wire::ListModules => ModuleList -> wire::ModuleList;
+    wire::GetReceipt => ReceiptGet -> wire::SignedReceipt;
     wire::AssignJob => JobAssign -> wire::Ack;
     wire::StopJob => JobStop -> wire::Ack;
     wire::ListPlugins => NodePlugins -> wire::PluginList;
@@ -188,6 +193,7 @@ mod tests {
             <wire::VerifyLedger as Request>::OP,
             <wire::ResolveModule as Request>::OP,
             <wire::ListModules as Request>::OP,
+            <wire::GetReceipt as Request>::OP,
             <wire::AssignJob as Request>::OP,
             <wire::StopJob as Request>::OP,
             <wire::ListPlugins as Request>::OP,

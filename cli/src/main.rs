@@ -6,6 +6,7 @@ mod module;
 mod money;
 mod node;
 mod plugins;
+mod receipt;
 mod up;
 
 use anyhow::Context as _;
@@ -97,6 +98,9 @@ enum Command {
     /// Resolve chain:// registry modules through the orchestrator's resolver chain.
     #[command(subcommand)]
     Module(module::ModuleCommand),
+    /// Fetch a job's signed receipt, or verify one offline.
+    #[command(subcommand)]
+    Receipt(receipt::ReceiptCommand),
 }
 
 #[derive(Subcommand)]
@@ -182,6 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger(command) => node::run_ledger(&global, command).await,
         Command::Plugins(command) => plugins::run(&global, command).await,
         Command::Module(command) => module::run(&global, command).await,
+        Command::Receipt(command) => receipt::run(&global, command).await,
     }
 }
 

@@ -95,8 +95,9 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     .context("failed to start the orchestrator")?;
     let orchestrator_task = tokio::spawn(orchestrator.clone().run(stopped(stop.clone())));
     eprintln!(
-        "✓ orchestrator (ledger {})",
-        data_dir.join("ledger.db").display()
+        "✓ orchestrator (ledger {}; receipts signed by {})",
+        data_dir.join("ledger.db").display(),
+        orchestrator.public_key()
     );
 
     let agent = Agent::new(

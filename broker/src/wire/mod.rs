@@ -23,6 +23,7 @@ pub mod events;
 pub mod jobs;
 pub mod modules;
 pub mod nodes;
+pub mod receipts;
 pub mod validation;
 
 pub use accounts::*;
@@ -31,6 +32,7 @@ pub use events::*;
 pub use jobs::*;
 pub use modules::*;
 pub use nodes::*;
+pub use receipts::*;
 pub use validation::*;
 
 use base64::Engine as _;

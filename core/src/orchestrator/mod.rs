@@ -64,6 +64,8 @@ struct Inner {
     outbox_deleting: std::sync::atomic::AtomicBool,
     /// The resolver chain for `chain://` modules, when `resolver_dir` is set.
     modules: Option<modules::ModuleResolver>,
+    /// Signs receipts (`<data_dir>/orchestrator.nk`).
+    signing_key: nkeys::KeyPair,
 }
 
 impl Orchestrator {
@@ -77,6 +79,7 @@ impl Orchestrator {
             "fee_bps must be at most 10000, got {}",
             settings.fee_bps
         );
+        let signing_key = signing_key(&settings.data_dir.join(SIGNING_KEY_FILE))?;
         let path = settings.data_dir.join("ledger.db");
         let mut store = Store::open(&path, settings.fee_bps)
             .with_context(|| format!("failed to open ledger at {}", path.display()))?;
@@ -123,6 +126,7 @@ impl Orchestrator {
                 }),
                 outbox_deleting: std::sync::atomic::AtomicBool::new(false),
                 modules,
+                signing_key,
             }),
         })
     }
@@ -174,6 +178,11 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// The public key receipts are signed with (nkey, `N…`).
+    pub fn public_key(&self) -> String {
+        self.inner.signing_key.public_key()
+    }
+
     /// Nodes currently registered and not lost.
     pub fn live_nodes(&self) -> usize {
         self.registry().live_count()
@@ -184,5 +193,39 @@ impl Orchestrator {
             .registry
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The orchestrator's signing key, in its data dir.
+pub const SIGNING_KEY_FILE: &str = "orchestrator.nk";
+
+/// Loads the receipt-signing key from `path` (an nkey seed), or makes one and writes it there
+/// readable by this user only.
+fn signing_key(path: &std::path::Path) -> anyhow::Result<nkeys::KeyPair> {
+    match std::fs::read_to_string(path) {
+        Ok(seed) => nkeys::KeyPair::from_seed(seed.trim()).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not an nkey seed ({e}): restore the orchestrator's key, or remove the file to make a new one (receipts signed with the old key then verify only against it)",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = nkeys::KeyPair::new_server();
+            let seed = key
+                .seed()
+                .map_err(|e| anyhow::anyhow!("cannot encode the new signing key: {e}"))?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options
+                .open(path)
+                .with_context(|| format!("cannot create the signing key {}", path.display()))?;
+            std::io::Write::write_all(&mut file, format!("{seed}\n").as_bytes())
+                .with_context(|| format!("cannot write the signing key {}", path.display()))?;
+            tracing::info!(public_key = %key.public_key(), path = %path.display(), "made the orchestrator's receipt-signing key");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read the signing key {}", path.display())),
     }
 }

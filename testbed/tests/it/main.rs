@@ -12,5 +12,6 @@ mod jobs;
 mod modules;
 mod plugins;
 mod protocol;
+mod receipts;
 mod restart;
 mod tls;

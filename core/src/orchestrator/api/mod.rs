@@ -3,12 +3,14 @@
 //! dispatch is an exhaustive `match` on [`CtlOp`], so a new operation does not compile until it
 //! is handled here; a subject that names no operation gets `unsupported_subject`.
 //!
-//! One file per noun: [`jobs`], [`accounts`] (with `ledger.verify`), [`nodes`], [`modules`].
+//! One file per noun: [`jobs`], [`accounts`] (with `ledger.verify`), [`nodes`], [`modules`],
+//! [`receipts`].
 
 mod accounts;
 mod jobs;
 mod modules;
 mod nodes;
+mod receipts;
 
 use super::Orchestrator;
 use rhizos_broker::wire::{self, ErrorCode, Reply, WireError};
@@ -48,6 +50,7 @@ impl Orchestrator {
             CtlOp::LedgerVerify => self.serve(payload, |r| self.ledger_verify(r)).await,
             CtlOp::ModuleResolve => self.serve(payload, |r| self.module_resolve(r)).await,
             CtlOp::ModuleList => self.serve(payload, |r| self.module_list(r)).await,
+            CtlOp::ReceiptGet => self.serve(payload, |r| self.receipt_get(r)).await,
             // Served by each node's agent on its own subject; never subscribed to here.
             CtlOp::JobAssign | CtlOp::JobStop | CtlOp::NodePlugins => {
                 unsupported(&format!("{op} (it is served by each node's agent)"))

@@ -29,16 +29,17 @@ impl Ctx {
         measured_micros: i64,
         now: u64,
     ) -> Result<(), StoreError> {
-        // The job's payer and hold, and the provider account of the node it ran on (read from
-        // the stored registration without parsing all of it).
+        // The job's payer and hold, and the provider account recorded when it was assigned (a
+        // later registration cannot redirect it; rows assigned before that was recorded: the
+        // node's registration).
         let (account, hold, provider): (String, i64, String) = query_row(
             tx,
-            "SELECT j.account_id, j.max_cost_micros, json_extract(n.registration, '$.provider_account')
-             FROM jobs j JOIN nodes n ON n.id = j.node_id WHERE j.id = ?1",
+            "SELECT j.account_id, j.max_cost_micros,
+                    COALESCE(j.provider_account, json_extract(n.registration, '$.provider_account'))
+             FROM jobs j LEFT JOIN nodes n ON n.id = j.node_id WHERE j.id = ?1",
             [job_id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        ?;
+        )?;
         ledger::ensure_account(tx, &provider, AccountKind::Provider, now)?;
         let split = ledger::split(measured_micros, hold, self.fee_bps);
         let escrow = escrow_account(job_id);

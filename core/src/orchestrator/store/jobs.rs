@@ -312,4 +312,48 @@ impl Store {
         })?;
         rows.collect::<Result<_, _>>().map_err(StoreError::from)
     }
+
+    /// An ended job with what its receipt states beyond the job record: `NotFound`, or
+    /// `InvalidState` while it has not been settled or refunded.
+    pub fn closed_job(&self, job_id: &str) -> Result<ClosedJob, StoreError> {
+        let record = self.get_job(job_id)?;
+        if !record.state.is_terminal() || record.cost_micros.is_none() {
+            return Err(StoreError::InvalidState(format!(
+                "job {job_id} is {}: its receipt exists once it has ended and its escrow is closed",
+                record.state.as_str()
+            )));
+        }
+        let (spec, provider_account, started_ms, ledger_tx_id): (
+            String,
+            Option<String>,
+            Option<i64>,
+            i64,
+        ) = query_row(
+            &self.conn,
+            "SELECT j.spec, j.provider_account, j.started_ms, t.id FROM jobs j
+                 JOIN ledger_tx t ON t.idem_key = 'close:' || j.id WHERE j.id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+        Ok(ClosedJob {
+            spec_sha256: crate::sha256_hex(spec.as_bytes()),
+            provider_account: provider_account.filter(|_| record.cost_micros.unwrap_or(0) > 0),
+            started_ms: started_ms.map(|ms| ms as u64),
+            ledger_tx_id,
+            record,
+        })
+    }
+}
+
+/// An ended job and the facts its receipt adds to the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedJob {
+    pub record: JobRecord,
+    /// SHA-256 of the spec as stored.
+    pub spec_sha256: String,
+    /// The account paid (recorded at assignment), when the job was charged.
+    pub provider_account: Option<String>,
+    pub started_ms: Option<u64>,
+    /// The ledger transaction that closed the escrow.
+    pub ledger_tx_id: i64,
 }

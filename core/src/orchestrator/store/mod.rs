@@ -37,6 +37,7 @@ mod tests;
 pub use crate::now_ms;
 pub use ending::{AttemptOutcome, StopReason};
 pub use events::{DomainEvent, Movement, Recorded};
+pub use jobs::ClosedJob;
 pub use nodes::REPUTATION_WINDOW;
 pub use outbox::{OutboxEvent, OutboxReader, OutboxRow};
 pub use rows::JobRecord;

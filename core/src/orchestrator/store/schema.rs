@@ -114,6 +114,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "0002 outbox rows hold domain events (outbox.event)",
         apply: |conn| conn.execute_batch("ALTER TABLE outbox ADD COLUMN event TEXT"),
     },
+    Migration {
+        name: "0003 jobs record the provider account at assignment and when they started running",
+        apply: |conn| {
+            conn.execute_batch(
+                "ALTER TABLE jobs ADD COLUMN provider_account TEXT;
+                 ALTER TABLE jobs ADD COLUMN started_ms INTEGER;",
+            )
+        },
+    },
 ];
 
 /// The schema version this release writes.

@@ -27,7 +27,8 @@ impl Store {
         let (tx, ctx) = self.begin()?;
         let attempt: Option<u32> = query_row(
             &tx,
-            "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, node_id = ?2, pricing = ?3, updated_ms = ?4
+            "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, node_id = ?2, pricing = ?3, updated_ms = ?4,
+                 provider_account = (SELECT json_extract(registration, '$.provider_account') FROM nodes WHERE id = ?2)
              WHERE id = ?1 AND state = 'pending' RETURNING attempt",
             params![job_id, node_id, pricing, now as i64],
             |r| r.get(0),
@@ -62,7 +63,7 @@ impl Store {
         let (tx, ctx) = self.begin()?;
         let changed = exec(
             &tx,
-            "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, updated_ms = ?3
+            "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, provider_account = NULL, updated_ms = ?3
                  WHERE id = ?1 AND attempt = ?2 AND state = 'assigned'",
             params![job_id, attempt, now as i64],
         )?;
@@ -150,7 +151,7 @@ impl Store {
         }
         exec(
             &tx,
-            "UPDATE jobs SET state = 'running', updated_ms = ?2 WHERE id = ?1",
+            "UPDATE jobs SET state = 'running', updated_ms = ?2, started_ms = ?2 WHERE id = ?1",
             params![job_id, now as i64],
         )?;
         ctx.emit_job(
@@ -300,7 +301,8 @@ impl Store {
         match ending::lost(reason, attempt.saturating_sub(1), spec.max_retries, stop) {
             LostAttempt::Requeue { reason } => {
                 exec(&tx,
-                    "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, reason = ?2, updated_ms = ?3
+                    "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, provider_account = NULL,
+                     started_ms = NULL, reason = ?2, updated_ms = ?3
                      WHERE id = ?1",
                     params![job_id, reason, now as i64],
                 )?;

@@ -1,0 +1,156 @@
+//! Signed receipts: a job that ran gets a receipt signed by the orchestrator, stating exactly what
+//! the ledger recorded; it verifies offline with the real CLI, and a changed byte, a wrong key or
+//! a forged signature each fail with the reason.
+
+use crate::common::*;
+use rhizos_broker::wire::{ErrorCode, JobState, ReceiptError, SignedReceipt};
+use rhizos_testbed::cluster::wasm_spec;
+use std::time::Duration;
+
+const USD: i64 = 1_000_000;
+
+#[tokio::test]
+async fn a_settled_job_gets_a_receipt_that_verifies_offline_and_detects_any_change() {
+    let cluster = cluster().await;
+    cluster.funded_account("rita", 2 * USD).await.unwrap();
+    let client = cluster.client();
+    let request = submit_request(
+        "rita",
+        "receipt-1",
+        wasm_spec(&demo(), &["count", "1"], 30_000),
+        USD,
+    );
+    cluster.submit(&request).await.unwrap();
+    let job = cluster
+        .wait_for_end("receipt-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+
+    let receipt = client.receipt_get("receipt-1").await.unwrap();
+    let key = cluster.orchestrator.public_key();
+    assert_eq!(receipt.orchestrator_key, key);
+    let body = receipt.verify(Some(&key)).unwrap();
+    // What the receipt states is what the job and the ledger say.
+    assert_eq!(body.job_id, "receipt-1");
+    assert_eq!((body.state, body.attempt), (JobState::Succeeded, 1));
+    assert_eq!(body.account, "rita");
+    assert_eq!(body.node_id, job.node_id);
+    assert_eq!(
+        (
+            body.max_cost_micros,
+            body.cost_micros,
+            body.fee_micros,
+            body.provider_micros,
+            body.refund_micros
+        ),
+        (
+            USD,
+            job.cost_micros.unwrap(),
+            job.fee_micros.unwrap(),
+            job.provider_micros.unwrap(),
+            job.refund_micros.unwrap()
+        )
+    );
+    assert!(body.cost_micros > 0);
+    assert_eq!(body.provider_account.as_deref(), Some("provider-0"));
+    assert_eq!(body.fee_bps, 500);
+    assert_eq!(body.reported_elapsed_ms, job.elapsed_ms);
+    assert!(
+        body.started_ms
+            .is_some_and(|s| s >= body.submitted_ms && s <= body.ended_ms)
+    );
+    assert_eq!(body.spec_sha256.len(), 64);
+    // The same job always gets the same receipt, byte for byte.
+    assert_eq!(client.receipt_get("receipt-1").await.unwrap(), receipt);
+
+    // Tampering: any changed byte of the body, another key, a signature by someone else.
+    let mut changed = receipt.clone();
+    changed.body = changed
+        .body
+        .replace("\"account\":\"rita\"", "\"account\":\"ritb\"");
+    assert_ne!(changed.body, receipt.body);
+    assert_eq!(
+        changed.verify(Some(&key)).unwrap_err(),
+        ReceiptError::Mismatch
+    );
+    let other = nkeys::KeyPair::new_server();
+    assert!(matches!(
+        receipt.verify(Some(&other.public_key())).unwrap_err(),
+        ReceiptError::WrongKey { .. }
+    ));
+    let forged = SignedReceipt::sign(&body, &other).unwrap();
+    let mut claimed = forged.clone();
+    claimed.orchestrator_key = key.clone();
+    assert_eq!(
+        claimed.verify(Some(&key)).unwrap_err(),
+        ReceiptError::Mismatch
+    );
+
+    // The real CLI, offline (no NATS settings at all): the receipt file verifies; a changed one
+    // does not, with exit 4 and the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.json");
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&good, serde_json::to_string(&receipt).unwrap()).unwrap();
+    std::fs::write(&bad, serde_json::to_string(&changed).unwrap()).unwrap();
+    let rhizos = rhizos_testbed::build_dir().join("rhizos");
+    let verify = |file: &std::path::Path, key: &str| {
+        std::process::Command::new(&rhizos)
+            .args(["receipt", "verify"])
+            .arg(file)
+            .args(["--orchestrator-key", key])
+            .env("RHIZOS_NATS_URL", "nats://127.0.0.1:1")
+            .output()
+            .expect("rhizos is built (cargo build --workspace)")
+    };
+    let ok = verify(&good, &key);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("receipt of job receipt-1 verifies"));
+    let refused = verify(&bad, &key);
+    assert_eq!(refused.status.code(), Some(4), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("changed after signing"),
+        "{refused:?}"
+    );
+    let wrong_key = verify(&good, &other.public_key());
+    assert_eq!(wrong_key.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&wrong_key.stderr).contains("not by the expected orchestrator key")
+    );
+}
+
+#[tokio::test]
+async fn a_job_that_has_not_ended_has_no_receipt_yet_and_an_unknown_one_none() {
+    let cluster = cluster().await;
+    cluster.funded_account("rob", 2 * USD).await.unwrap();
+    let client = cluster.client();
+    // Wait-for-ever job (sleeps) so it is still running when asked.
+    let request = submit_request(
+        "rob",
+        "receipt-open",
+        wasm_spec(&demo(), &["sleep", "5000"], 30_000),
+        USD,
+    );
+    cluster.submit(&request).await.unwrap();
+    let error = client.receipt_get("receipt-open").await.unwrap_err();
+    assert_eq!(
+        error.remote().unwrap().code,
+        ErrorCode::InvalidState,
+        "{error}"
+    );
+    let error = client.receipt_get("no-such-job").await.unwrap_err();
+    assert_eq!(error.remote().unwrap().code, ErrorCode::NotFound);
+    // Once it ends (cancelled while running: charged for the time used) it has one.
+    client.job_cancel("receipt-open").await.unwrap();
+    let job = cluster
+        .wait_for_end("receipt-open", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let receipt = client.receipt_get("receipt-open").await.unwrap();
+    let body = receipt
+        .verify(Some(&cluster.orchestrator.public_key()))
+        .unwrap();
+    assert_eq!(body.state, job.state);
+    assert_eq!(body.cost_micros + body.refund_micros, USD);
+}
