@@ -154,3 +154,73 @@ async fn a_job_that_has_not_ended_has_no_receipt_yet_and_an_unknown_one_none() {
     assert_eq!(body.state, job.state);
     assert_eq!(body.cost_micros + body.refund_micros, USD);
 }
+
+#[tokio::test]
+async fn a_registration_while_a_job_runs_cannot_redirect_its_earnings() {
+    use rhizos_broker::wire::{ExecutionRef, RegisterNode, WIRE_VERSION};
+    let cluster = cluster().await;
+    cluster.funded_account("rose", 2 * USD).await.unwrap();
+    let request = submit_request(
+        "rose",
+        "earned",
+        wasm_spec(&demo(), &["sleep", "1500"], 30_000),
+        USD,
+    );
+    cluster.submit(&request).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let running = loop {
+        let job = cluster.job("earned").await.unwrap();
+        if job.state == JobState::Running {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ran: {job:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let node_id = running.node_id.clone().unwrap();
+    // Someone re-registers the node with their own provider account while the job runs (listing
+    // the execution, so nothing is requeued).
+    let forged = RegisterNode {
+        v: WIRE_VERSION,
+        node_id: node_id.clone(),
+        provider_account: "mallory".into(),
+        backends: vec!["wasm".into()],
+        pricing: rhizos_testbed::ClusterOptions::default().pricing,
+        cpu_cores: 2,
+        memory_mib: 1024,
+        max_concurrent: 4,
+        heartbeat_interval_ms: 1_000,
+        plugins: vec![],
+        running: vec![ExecutionRef {
+            job_id: "earned".into(),
+            attempt: running.attempt,
+        }],
+        gpus: vec![],
+        disk_mib: 0,
+        hardware: None,
+        artifact_sources: vec![],
+    };
+    assert!(
+        cluster
+            .client()
+            .node_register(&forged)
+            .await
+            .unwrap()
+            .accepted
+    );
+    let job = cluster
+        .wait_for_end("earned", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    let provider = job.provider_micros.unwrap();
+    assert!(provider > 0);
+    let balances = balances(&cluster);
+    assert_eq!(balances.get("provider-0").copied(), Some(provider));
+    assert_eq!(balances.get("mallory").copied().unwrap_or(0), 0);
+    let receipt = cluster.client().receipt_get("earned").await.unwrap();
+    let body = receipt
+        .verify(Some(&cluster.orchestrator.public_key()))
+        .unwrap();
+    assert_eq!(body.provider_account.as_deref(), Some("provider-0"));
+    assert_ledger_consistent(&cluster).await;
+}
