@@ -61,8 +61,13 @@ echo
 echo "» rhizos module resolve chain://mod-hello@1.0.0"
 "$rhizos" module resolve chain://mod-hello@1.0.0
 echo
-echo "» rhizos job submit --account demo-user --module chain://mod-hello@1.0.0 --max-cost 0.10 --wait"
-"$rhizos" job submit --account demo-user --module chain://mod-hello@1.0.0 --timeout-secs 5 --max-cost 0.10 --wait
+module_job="hello-$(date +%s)"
+echo "» rhizos job submit --account demo-user --module chain://mod-hello@1.0.0 --job-id $module_job --max-cost 0.10 --wait"
+"$rhizos" job submit --account demo-user --module chain://mod-hello@1.0.0 --job-id "$module_job" --timeout-secs 5 --max-cost 0.10 --wait
+echo
+echo "» rhizos receipt get $module_job --out .rhizos/receipt.json && rhizos receipt verify .rhizos/receipt.json"
+"$rhizos" receipt get "$module_job" --out .rhizos/receipt.json
+"$rhizos" receipt verify .rhizos/receipt.json
 echo
 "$rhizos" account balance demo-user
 if $keep; then
