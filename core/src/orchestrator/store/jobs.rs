@@ -330,8 +330,13 @@ impl Store {
             i64,
         ) = query_row(
             &self.conn,
-            "SELECT j.spec, j.provider_account, j.started_ms, t.id FROM jobs j
-                 JOIN ledger_tx t ON t.idem_key = 'close:' || j.id WHERE j.id = ?1",
+            // Jobs assigned before the provider was recorded on them (schema 0003) were paid to
+            // their node's registered provider.
+            "SELECT j.spec,
+                    COALESCE(j.provider_account, json_extract(n.registration, '$.provider_account')),
+                    j.started_ms, t.id
+             FROM jobs j JOIN ledger_tx t ON t.idem_key = 'close:' || j.id
+             LEFT JOIN nodes n ON n.id = j.node_id WHERE j.id = ?1",
             [job_id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
