@@ -48,8 +48,8 @@ grep -q "RhizOS is up" "$log" || { cat "$log"; echo "error: the network did not 
 grep -E "^(✓|✗|!)" "$log"
 
 echo
-echo "» rhizos account create demo-user && rhizos account deposit demo-user 1"
-"$rhizos" account create demo-user 2>/dev/null || true
+echo "» rhizos user add demo-user && rhizos account deposit demo-user 1"
+"$rhizos" user add demo-user
 "$rhizos" account deposit demo-user 1
 echo
 echo "» rhizos job submit --account demo-user --wasm $demo_wasm --arg hello --arg RhizOS --timeout-secs 5 --max-cost 0.10 --wait"

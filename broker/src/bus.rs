@@ -2,6 +2,7 @@
 //! envelope, and the JetStream stream that captures the namespace's events.
 
 use crate::config::NatsSettings;
+use crate::identity::{Caller, Credentials, CredentialsError};
 use crate::ops::{CtlOp, Request, Server};
 use crate::subjects::Subjects;
 use crate::wire::{self, Reply, WireError};
@@ -34,6 +35,8 @@ pub enum ConnectError {
     },
     #[error("[nats] tls_cert and tls_key go together: set both (mutual TLS) or neither")]
     TlsPair,
+    #[error("[nats] credentials: {0}")]
+    Credentials(#[from] CredentialsError),
 }
 
 /// A request that got no usable reply, or an error reply.
@@ -73,6 +76,9 @@ pub struct Bus {
     pub jetstream: jetstream::Context,
     pub subjects: Subjects,
     pub request_timeout: Duration,
+    /// Who this connection authenticated as (from `[nats] credentials`); None without
+    /// credentials, when each request claims the party it speaks for ([`Request::claim`]).
+    pub identity: Option<Caller>,
 }
 
 impl Bus {
@@ -87,6 +93,17 @@ impl Bus {
             options = options.name(name);
         }
         options = tls_options(options, settings)?;
+        let identity = match &settings.credentials {
+            Some(path) => {
+                let creds = Credentials::load(path)?;
+                let caller = creds.caller();
+                options = options
+                    .nkey(creds.seed.clone())
+                    .custom_inbox_prefix(caller.inbox_prefix());
+                Some(caller)
+            }
+            None => None,
+        };
         let client = options
             .connect(settings.url.as_str())
             .await
@@ -100,7 +117,23 @@ impl Bus {
             jetstream,
             subjects,
             request_timeout,
+            identity,
         })
+    }
+
+    /// Who requests are sent as: this connection's identity, else what `request` claims.
+    pub fn caller_for<R: Request>(&self, request: &R) -> Caller {
+        self.identity.clone().unwrap_or_else(|| request.claim())
+    }
+
+    /// The subject [`Bus::call`] sends `request` to (tests that send raw payloads use it).
+    pub fn subject_for<R: Request>(&self, request: &R) -> Result<String, RequestError> {
+        self.subjects
+            .op(R::OP, &self.caller_for(request))
+            .map_err(|e| RequestError::Address {
+                op: R::OP,
+                reason: e.to_string(),
+            })
     }
 
     /// Sends `request` to the orchestrator, on its operation's subject, and reads the reply type
@@ -112,7 +145,8 @@ impl Bus {
                 reason: "it is served by each node's agent: name the node (call_node)".into(),
             });
         }
-        self.request(self.subjects.op(R::OP), request).await
+        let subject = self.subject_for(request)?;
+        self.request(subject, request).await
     }
 
     /// Sends `request` to the agent of `node_id`, on its operation's subject.

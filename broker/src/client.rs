@@ -103,6 +103,23 @@ impl Client {
             .await
     }
 
+    /// `account.withdraw` (operator): a payout to `external`, once per `idempotency_key`.
+    pub async fn account_withdraw(
+        &self,
+        account: &str,
+        amount_micros: i64,
+        idempotency_key: &str,
+    ) -> Result<AccountView, RequestError> {
+        self.bus
+            .call(&wire::Withdraw {
+                v: WIRE_VERSION,
+                account: account.to_owned(),
+                amount_micros,
+                idempotency_key: idempotency_key.to_owned(),
+            })
+            .await
+    }
+
     pub async fn account_balance(&self, account: &str) -> Result<AccountView, RequestError> {
         self.bus
             .call(&AccountRef {
@@ -156,6 +173,33 @@ impl Client {
     pub async fn node_info(&self, node_id: &str) -> Result<NodeView, RequestError> {
         self.bus
             .call(&NodeRef {
+                v: WIRE_VERSION,
+                node_id: node_id.to_owned(),
+            })
+            .await
+    }
+
+    /// `node.enroll` (operator): fixes the node's id and provider account.
+    pub async fn node_enroll(
+        &self,
+        node_id: &str,
+        provider_account: &str,
+        public_key: Option<&str>,
+    ) -> Result<wire::Enrolment, RequestError> {
+        self.bus
+            .call(&wire::EnrollNode {
+                v: WIRE_VERSION,
+                node_id: node_id.to_owned(),
+                provider_account: provider_account.to_owned(),
+                public_key: public_key.map(str::to_owned),
+            })
+            .await
+    }
+
+    /// `node.remove` (operator): the node's registrations are refused from then on.
+    pub async fn node_remove(&self, node_id: &str) -> Result<wire::Enrolment, RequestError> {
+        self.bus
+            .call(&wire::RemoveNode {
                 v: WIRE_VERSION,
                 node_id: node_id.to_owned(),
             })

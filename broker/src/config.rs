@@ -44,6 +44,10 @@ pub struct NatsSettings {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// A credentials file (`rhizos user add` / `rhizos node enroll` write them; mode 0600): the
+    /// nkey this client authenticates with and the identity it acts as. None: connect without
+    /// authentication, which only a server with no users accepts.
+    pub credentials: Option<PathBuf>,
 }
 
 impl Default for NatsSettings {
@@ -56,6 +60,7 @@ impl Default for NatsSettings {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            credentials: None,
         }
     }
 }
@@ -92,6 +97,10 @@ pub struct OrchestratorSettings {
     pub resolver_cache_ttl_ms: u64,
     /// Config handed to each stable-ABI resolver plugin by name (`[orchestrator.resolvers.<name>]`).
     pub resolvers: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Let nodes the operator did not enrol register (with the provider account they name).
+    /// Only for a network without authentication, where anyone may claim to be anyone anyway;
+    /// off, a node registers only as enrolled (`rhizos node enroll`).
+    pub open_registration: bool,
 }
 
 /// Weights of the ranking among nodes that can run a job (lower score wins): the node's price
@@ -135,6 +144,7 @@ impl Default for OrchestratorSettings {
             resolver_timeout_ms: 5_000,
             resolver_cache_ttl_ms: 60_000,
             resolvers: std::collections::BTreeMap::new(),
+            open_registration: false,
         }
     }
 }

@@ -6,6 +6,8 @@
 //!   tying each request message to its operation and reply;
 //! * [`wire`]: versioned serde messages and the single reply envelope;
 //! * [`config`]: settings from `rhizos.toml` + `RHIZOS_*` environment (figment);
+//! * [`identity`]: roles, the caller token of every request subject, credentials files;
+//! * [`auth`]: each role's `nats-server` permissions and the server's authorization block;
 //! * [`bus`]: a connected client with typed request/reply, and the JetStream event stream;
 //! * [`client`]: the typed control client, one method per operation (CLI, testbed, benchmarks);
 //! * [`server`]: a `nats-server` launcher (free port, data dir, readiness wait, kill on drop)
@@ -13,9 +15,11 @@
 //!
 //! **Architecture Invariant:** no other crate formats a subject string or picks an encoding.
 
+pub mod auth;
 pub mod bus;
 pub mod client;
 pub mod config;
+pub mod identity;
 pub mod ops;
 pub mod server;
 pub mod subjects;
@@ -24,5 +28,6 @@ pub mod wire;
 pub use bus::{Bus, RequestError};
 pub use client::Client;
 pub use config::Settings;
+pub use identity::{Caller, Credentials, Role};
 pub use ops::{CtlOp, Request, Server};
 pub use subjects::{Subjects, TokenError, validate_token};

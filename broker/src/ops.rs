@@ -6,6 +6,7 @@
 //! the README's subject table (checked by a test) all follow it, so a new operation does not
 //! compile until every one of them handles it.
 
+use crate::identity::{Caller, Role};
 use crate::wire;
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -29,11 +30,17 @@ pub enum CtlOp {
     JobReport,
     AccountCreate,
     AccountDeposit,
+    /// A payout: money out of an account to `external` (operator).
+    AccountWithdraw,
     AccountBalance,
     AccountStatement,
     NodeRegister,
     NodeList,
     NodeInfo,
+    /// The operator fixes a node's id and provider account (and its nkey in the server's users).
+    NodeEnroll,
+    /// The operator revokes a node: its registrations are refused from then on.
+    NodeRemove,
     LedgerVerify,
     /// Resolve a `chain://` module through the orchestrator's resolver chain.
     ModuleResolve,
@@ -51,7 +58,7 @@ pub enum CtlOp {
 
 impl CtlOp {
     /// Every operation, in the order of the README's subject table.
-    pub const ALL: [CtlOp; 19] = [
+    pub const ALL: [CtlOp; 22] = [
         Self::JobSubmit,
         Self::JobGet,
         Self::ModuleResolve,
@@ -61,9 +68,12 @@ impl CtlOp {
         Self::AccountCreate,
         Self::AccountBalance,
         Self::AccountDeposit,
+        Self::AccountWithdraw,
         Self::AccountStatement,
         Self::NodeList,
         Self::NodeInfo,
+        Self::NodeEnroll,
+        Self::NodeRemove,
         Self::LedgerVerify,
         Self::ReceiptGet,
         Self::NodeRegister,
@@ -83,11 +93,14 @@ impl CtlOp {
             Self::JobReport => "job.report",
             Self::AccountCreate => "account.create",
             Self::AccountDeposit => "account.deposit",
+            Self::AccountWithdraw => "account.withdraw",
             Self::AccountBalance => "account.balance",
             Self::AccountStatement => "account.statement",
             Self::NodeRegister => "node.register",
             Self::NodeList => "node.list",
             Self::NodeInfo => "node.info",
+            Self::NodeEnroll => "node.enroll",
+            Self::NodeRemove => "node.remove",
             Self::LedgerVerify => "ledger.verify",
             Self::ModuleResolve => "module.resolve",
             Self::ModuleList => "module.list",
@@ -109,6 +122,39 @@ impl CtlOp {
             _ => Server::Orchestrator,
         }
     }
+
+    /// The roles that may call the operation. `nats-server` enforces it (each party may publish
+    /// only subjects with its own identity token, and only these operations'), and the
+    /// orchestrator checks it again for every request.
+    pub const fn callers(self) -> &'static [Role] {
+        use Role::{Node, Operator, Orchestrator, User};
+        match self {
+            Self::JobSubmit => &[User],
+            Self::JobGet
+            | Self::JobList
+            | Self::JobCancel
+            | Self::AccountBalance
+            | Self::AccountStatement
+            | Self::ReceiptGet
+            | Self::NodeList
+            | Self::NodeInfo
+            | Self::ModuleResolve
+            | Self::ModuleList => &[User, Operator],
+            Self::JobReport | Self::NodeRegister => &[Node],
+            Self::AccountCreate
+            | Self::AccountDeposit
+            | Self::AccountWithdraw
+            | Self::NodeEnroll
+            | Self::NodeRemove
+            | Self::LedgerVerify => &[Operator],
+            Self::JobAssign | Self::JobStop => &[Orchestrator],
+            Self::NodePlugins => &[User, Operator, Orchestrator],
+        }
+    }
+
+    pub fn allows(self, role: Role) -> bool {
+        self.callers().contains(&role)
+    }
 }
 
 impl std::fmt::Display for CtlOp {
@@ -123,30 +169,47 @@ impl std::fmt::Display for CtlOp {
 pub trait Request: Serialize + DeserializeOwned + Send + Sync {
     const OP: CtlOp;
     type Reply: Serialize + DeserializeOwned + Send;
+
+    /// The identity a client without credentials puts in the subject: the party the request
+    /// speaks for (the account of a submit, the node of a report), else the operator. Only a
+    /// server without authentication lets such a claim through; with authentication every
+    /// client has its own identity from its credentials and the server refuses any other.
+    fn claim(&self) -> Caller {
+        Caller::operator("operator")
+    }
 }
 
 macro_rules! requests {
-    ($($request:ty => $op:ident -> $reply:ty;)*) => {
+    ($($request:ty => $op:ident -> $reply:ty $(, claims |$r:ident| $claim:expr)?;)*) => {
         $(impl Request for $request {
             const OP: CtlOp = CtlOp::$op;
             type Reply = $reply;
+            $(fn claim(&self) -> Caller {
+                let $r = self;
+                $claim
+            })?
         })*
     };
 }
 
 requests! {
-    wire::SubmitJob => JobSubmit -> wire::SubmitJobReply;
+    wire::SubmitJob => JobSubmit -> wire::SubmitJobReply, claims |r| Caller::user(&r.account);
     wire::JobRef => JobGet -> wire::JobView;
-    wire::ListJobs => JobList -> wire::JobList;
+    wire::ListJobs => JobList -> wire::JobList,
+        claims |r| r.account.as_deref().map_or_else(|| Caller::operator("operator"), Caller::user);
     wire::CancelJob => JobCancel -> wire::JobView;
-    wire::JobReport => JobReport -> wire::Ack;
+    wire::JobReport => JobReport -> wire::Ack, claims |r| Caller::node(&r.node_id);
     wire::CreateAccount => AccountCreate -> wire::AccountView;
     wire::Deposit => AccountDeposit -> wire::AccountView;
-    wire::AccountRef => AccountBalance -> wire::AccountView;
-    wire::StatementRequest => AccountStatement -> wire::Statement;
-    wire::RegisterNode => NodeRegister -> wire::Ack;
+    wire::Withdraw => AccountWithdraw -> wire::AccountView;
+    wire::AccountRef => AccountBalance -> wire::AccountView, claims |r| Caller::user(&r.account);
+    wire::StatementRequest => AccountStatement -> wire::Statement,
+        claims |r| Caller::user(&r.account);
+    wire::RegisterNode => NodeRegister -> wire::Ack, claims |r| Caller::node(&r.node_id);
     wire::ListNodes => NodeList -> wire::NodeList;
     wire::NodeRef => NodeInfo -> wire::NodeView;
+    wire::EnrollNode => NodeEnroll -> wire::Enrolment;
+    wire::RemoveNode => NodeRemove -> wire::Enrolment;
     wire::VerifyLedger => LedgerVerify -> wire::LedgerReport;
     wire::ResolveModule => ModuleResolve -> wire::ResolvedModule;
     wire::ListModules => ModuleList -> wire::ModuleList;
@@ -185,11 +248,14 @@ mod tests {
             <wire::JobReport as Request>::OP,
             <wire::CreateAccount as Request>::OP,
             <wire::Deposit as Request>::OP,
+            <wire::Withdraw as Request>::OP,
             <wire::AccountRef as Request>::OP,
             <wire::StatementRequest as Request>::OP,
             <wire::RegisterNode as Request>::OP,
             <wire::ListNodes as Request>::OP,
             <wire::NodeRef as Request>::OP,
+            <wire::EnrollNode as Request>::OP,
+            <wire::RemoveNode as Request>::OP,
             <wire::VerifyLedger as Request>::OP,
             <wire::ResolveModule as Request>::OP,
             <wire::ListModules as Request>::OP,
@@ -221,7 +287,7 @@ mod tests {
             .collect();
         for op in CtlOp::ALL {
             let subject = match op.server() {
-                Server::Orchestrator => format!("`rhizos.ctl.v1.<ns>.{op}`"),
+                Server::Orchestrator => format!("`rhizos.ctl.v1.<ns>.<role>.<name>.{op}`"),
                 Server::Agent => format!("`rhizos.ctl.v1.<ns>.{op}.<node_id>`"),
             };
             assert!(

@@ -61,6 +61,10 @@ pub struct LaunchOptions {
     pub port: Option<u16>,
     /// JetStream store and log directory; `None` uses a temp dir removed on drop.
     pub data_dir: Option<PathBuf>,
+    /// An authorization file (an [`crate::auth::AuthDir`]'s `authorization.conf`): only the
+    /// nkeys it lists may connect, each with its permissions. [`NatsServer::reload`] re-reads
+    /// it. None: no authentication (anyone who reaches the port is anyone).
+    pub authorization: Option<PathBuf>,
 }
 
 /// TLS for the client port of a launched server.
@@ -132,7 +136,12 @@ impl NatsServer {
         let mut command = Command::new(&binary);
         command
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(data_dir.join("jetstream"));
+            .arg(data_dir.join("jetstream"))
+            .arg("-P")
+            .arg(data_dir.join(PID_FILE));
+        if let Some(authorization) = &options.authorization {
+            command.arg("-c").arg(server_config(authorization)?);
+        }
         if let Some(tls) = tls {
             command
                 .arg("--tls")
@@ -208,6 +217,12 @@ impl NatsServer {
         &self.data_dir
     }
 
+    /// Makes the server re-read its authorization file: parties added since can connect, and
+    /// the connections of removed ones are closed.
+    pub fn reload(&self) -> Result<(), LaunchError> {
+        signal_reload(self.child.id())
+    }
+
     /// Stops the server now (also done on drop).
     pub fn stop(&mut self) {
         let _ = self.child.kill();
@@ -219,6 +234,78 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The file in a server's data dir holding its process id.
+pub const PID_FILE: &str = "nats-server.pid";
+
+/// Makes the server whose pid file is in `data_dir` re-read its configuration (for operator
+/// commands run from another process than the one that started it).
+pub fn reload(data_dir: &Path) -> Result<(), LaunchError> {
+    let path = data_dir.join(PID_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| LaunchError::Io {
+        what: format!("{} (is the network up?)", path.display()),
+        source,
+    })?;
+    let pid: u32 = text.trim().parse().map_err(|_| LaunchError::Io {
+        what: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a process id"),
+    })?;
+    signal_reload(pid)
+}
+
+fn signal_reload(pid: u32) -> Result<(), LaunchError> {
+    let binary = find_binary()?;
+    let status = Command::new(&binary)
+        .arg("--signal")
+        .arg(format!("reload={pid}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|source| LaunchError::Spawn {
+            binary: binary.clone(),
+            source,
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(LaunchError::Io {
+            what: format!("a reload of nats-server {pid}"),
+            source: std::io::Error::other(format!("`nats-server --signal reload` exited {status}")),
+        })
+    }
+}
+
+/// Writes the server config that includes `authorization` (next to it: includes are relative
+/// to the including file) and returns its path.
+fn server_config(authorization: &Path) -> Result<PathBuf, LaunchError> {
+    let io = |what: String| move |source| LaunchError::Io { what, source };
+    let dir = authorization.parent().unwrap_or(Path::new("."));
+    let name = authorization
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| LaunchError::Io {
+            what: authorization.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"),
+        })?;
+    if !authorization.is_file() {
+        return Err(LaunchError::Io {
+            what: authorization.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no authorization file"),
+        });
+    }
+    let config = dir.join("nats-server.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "# Written by RhizOS: the server's users are in {name}.
+include {name:?}
+"
+        ),
+    )
+    .map_err(io(config.display().to_string()))?;
+    Ok(config)
 }
 
 /// Asks the OS for a free port on 127.0.0.1.

@@ -1,9 +1,10 @@
-//! Subject builders for the v1 scheme: `rhizos.<kind>.v1.<ns>.<noun>.<verb>[.<id>]`.
+//! Subject builders for the v1 scheme: `rhizos.<kind>.v1.<ns>[.<role>.<name>].<noun>.<verb>[.<id>]`.
 //!
 //! `kind` is `ctl` (request/reply), `evt` (events, captured by the JetStream stream) or `out`
 //! (high-volume streams such as job logs). Every variable token is validated: ids match
 //! `[a-z0-9_-]{1,64}`, so user strings can never add tokens or wildcards to a subject.
 
+use crate::identity::{Caller, Role};
 use crate::ops::{CtlOp, Server};
 use std::fmt;
 
@@ -91,14 +92,23 @@ impl Subjects {
 
     // --- ctl: request/reply, one subject per operation of [`CtlOp`] ---
 
-    /// The subject of an orchestrator-served operation: `rhizos.ctl.v1.<ns>.<noun>.<verb>`.
-    pub fn op(&self, op: CtlOp) -> String {
+    /// The subject on which `caller` asks the orchestrator for `op`:
+    /// `rhizos.ctl.v1.<ns>.<role>.<name>.<noun>.<verb>`. With authentication on, the server lets
+    /// each party publish only its own `<role>.<name>`, so the orchestrator learns the caller
+    /// from the subject, never from the payload.
+    pub fn op(&self, op: CtlOp, caller: &Caller) -> Result<String, TokenError> {
         debug_assert_eq!(
             op.server(),
             Server::Orchestrator,
             "{op} is served by agents"
         );
-        self.ctl(op.as_str())
+        validate_token(caller.role.as_str(), &caller.name)?;
+        Ok(self.ctl(&format!(
+            "{}.{}.{}",
+            caller.role.token(),
+            caller.name,
+            op.as_str()
+        )))
     }
 
     /// The subject of an operation served by one node's agent:
@@ -113,54 +123,9 @@ impl Subjects {
         Ok(self.ctl(&format!("{}.{node_id}", op.as_str())))
     }
 
-    pub fn job_submit(&self) -> String {
-        self.op(CtlOp::JobSubmit)
-    }
-    pub fn job_get(&self) -> String {
-        self.op(CtlOp::JobGet)
-    }
-    pub fn module_resolve(&self) -> String {
-        self.op(CtlOp::ModuleResolve)
-    }
-    pub fn module_list(&self) -> String {
-        self.op(CtlOp::ModuleList)
-    }
-    pub fn job_list(&self) -> String {
-        self.op(CtlOp::JobList)
-    }
-    pub fn job_cancel(&self) -> String {
-        self.op(CtlOp::JobCancel)
-    }
-    pub fn job_report(&self) -> String {
-        self.op(CtlOp::JobReport)
-    }
-    pub fn account_create(&self) -> String {
-        self.op(CtlOp::AccountCreate)
-    }
-    pub fn account_deposit(&self) -> String {
-        self.op(CtlOp::AccountDeposit)
-    }
-    pub fn account_balance(&self) -> String {
-        self.op(CtlOp::AccountBalance)
-    }
-    pub fn node_register(&self) -> String {
-        self.op(CtlOp::NodeRegister)
-    }
-    pub fn node_list(&self) -> String {
-        self.op(CtlOp::NodeList)
-    }
-    pub fn node_info(&self) -> String {
-        self.op(CtlOp::NodeInfo)
-    }
-    pub fn account_statement(&self) -> String {
-        self.op(CtlOp::AccountStatement)
-    }
-    pub fn ledger_verify(&self) -> String {
-        self.op(CtlOp::LedgerVerify)
-    }
-    /// Wildcard over every orchestrator-served `ctl` subject: `rhizos.ctl.v1.<ns>.*.*`.
+    /// Wildcard over every orchestrator-served `ctl` subject: `rhizos.ctl.v1.<ns>.*.*.*.*`.
     pub fn orchestrator_wildcard(&self) -> String {
-        self.ctl("*.*")
+        self.ctl("*.*.*.*")
     }
     pub fn job_assign(&self, node_id: &str) -> Result<String, TokenError> {
         self.node_op(CtlOp::JobAssign, node_id)
@@ -181,27 +146,57 @@ impl Subjects {
     pub fn node_heartbeat_wildcard(&self) -> String {
         self.evt("node.heartbeat.*")
     }
-    /// `rhizos.evt.v1.<ns>.job.<state>.<job_id>`
-    pub fn job_event(&self, state: &str, job_id: &str) -> Result<String, TokenError> {
+    /// `rhizos.evt.v1.<ns>.u.<account>.job.<state>.<job_id>`: under the paying account, which
+    /// (with the operator) is the only one allowed to subscribe.
+    pub fn job_event(
+        &self,
+        account: &str,
+        state: &str,
+        job_id: &str,
+    ) -> Result<String, TokenError> {
+        validate_token("account", account)?;
         validate_token("job state", state)?;
         validate_token("job id", job_id)?;
-        Ok(self.evt(&format!("job.{state}.{job_id}")))
+        Ok(self.evt(&format!("u.{account}.job.{state}.{job_id}")))
     }
-    /// `rhizos.evt.v1.<ns>.escrow.<held|settled|refunded>.<job_id>`
-    pub fn escrow_event(&self, kind: EscrowEventKind, job_id: &str) -> Result<String, TokenError> {
+    /// `rhizos.evt.v1.<ns>.u.<account>.escrow.<held|settled|refunded>.<job_id>`
+    pub fn escrow_event(
+        &self,
+        account: &str,
+        kind: EscrowEventKind,
+        job_id: &str,
+    ) -> Result<String, TokenError> {
+        validate_token("account", account)?;
         validate_token("job id", job_id)?;
-        Ok(self.evt(&format!("escrow.{}.{job_id}", kind.as_str())))
+        Ok(self.evt(&format!("u.{account}.escrow.{}.{job_id}", kind.as_str())))
     }
     /// Every event of the namespace: `rhizos.evt.v1.<ns>.>`.
     pub fn events_wildcard(&self) -> String {
         self.evt(">")
     }
-    /// Events of one job (state changes and escrow), for `--wait` style watchers.
-    pub fn job_events_of(&self, job_id: &str) -> Result<Vec<String>, TokenError> {
+    /// Every event of one account's jobs: `rhizos.evt.v1.<ns>.u.<account>.>`.
+    pub fn account_events(&self, account: &str) -> Result<String, TokenError> {
+        validate_token("account", account)?;
+        Ok(self.evt(&format!("u.{account}.>")))
+    }
+    /// Events of one job (state changes and escrow), for `--wait` style watchers. `account`
+    /// None watches it under any account (the operator's view).
+    pub fn job_events_of(
+        &self,
+        account: Option<&str>,
+        job_id: &str,
+    ) -> Result<Vec<String>, TokenError> {
         validate_token("job id", job_id)?;
+        let account = match account {
+            Some(account) => {
+                validate_token("account", account)?;
+                account
+            }
+            None => "*",
+        };
         Ok(vec![
-            self.evt(&format!("job.*.{job_id}")),
-            self.evt(&format!("escrow.*.{job_id}")),
+            self.evt(&format!("u.{account}.job.*.{job_id}")),
+            self.evt(&format!("u.{account}.escrow.*.{job_id}")),
         ])
     }
 
@@ -212,10 +207,33 @@ impl Subjects {
 
     // --- out: high-volume, not persisted ---
 
-    /// Log lines of a job while it runs.
-    pub fn job_log(&self, job_id: &str) -> Result<String, TokenError> {
+    /// Log lines of a job while it runs on `node_id`:
+    /// `rhizos.out.v1.<ns>.u.<account>.job.log.<job_id>.<node_id>`. Only that node may publish
+    /// there and only the account (and the operator) subscribe.
+    pub fn job_log(
+        &self,
+        account: &str,
+        job_id: &str,
+        node_id: &str,
+    ) -> Result<String, TokenError> {
+        validate_token("account", account)?;
         validate_token("job id", job_id)?;
-        Ok(self.out(&format!("job.log.{job_id}")))
+        validate_token("node id", node_id)?;
+        Ok(self.out(&format!("u.{account}.job.log.{job_id}.{node_id}")))
+    }
+
+    /// Log lines of a job from whichever node runs it (a watcher keeps only the lines of the
+    /// node the job is assigned to: the node is the last token).
+    pub fn job_logs_of(&self, account: Option<&str>, job_id: &str) -> Result<String, TokenError> {
+        validate_token("job id", job_id)?;
+        let account = match account {
+            Some(account) => {
+                validate_token("account", account)?;
+                account
+            }
+            None => "*",
+        };
+        Ok(self.out(&format!("u.{account}.job.log.{job_id}.*")))
     }
 
     /// The last token of a subject (the id in `...<verb>.<id>`).
@@ -223,12 +241,24 @@ impl Subjects {
         subject.rsplit('.').next().unwrap_or(subject)
     }
 
-    /// The orchestrator-served operation a `ctl` subject of this namespace names, if any.
-    pub fn orchestrator_op(&self, subject: &str) -> Option<CtlOp> {
-        CtlOp::parse(self.ctl_operation(subject)?).filter(|op| op.server() == Server::Orchestrator)
+    /// The caller and the orchestrator-served operation a `ctl` subject of this namespace
+    /// names (`…<role>.<name>.<noun>.<verb>`). `Err` carries the `<noun>.<verb>` text of a
+    /// subject with a valid caller but an operation that is not served here.
+    pub fn orchestrator_call(&self, subject: &str) -> Option<Result<(Caller, CtlOp), String>> {
+        let rest = self.ctl_operation(subject)?;
+        let mut tokens = rest.splitn(3, '.');
+        let role = Role::from_token(tokens.next()?)?;
+        let caller = Caller::new(role, tokens.next()?).ok()?;
+        let operation = tokens.next()?;
+        Some(
+            CtlOp::parse(operation)
+                .filter(|op| op.server() == Server::Orchestrator)
+                .map(|op| (caller, op))
+                .ok_or_else(|| operation.to_owned()),
+        )
     }
 
-    /// The `<noun>.<verb>` part of a `ctl` subject of this namespace, if it is one.
+    /// What follows `rhizos.ctl.v1.<ns>.` in a `ctl` subject of this namespace, if it is one.
     pub fn ctl_operation<'a>(&self, subject: &'a str) -> Option<&'a str> {
         subject
             .strip_prefix("rhizos.ctl.v1.")?
@@ -260,7 +290,21 @@ mod tests {
     #[test]
     fn subjects_follow_the_v1_scheme() {
         let s = Subjects::new("dev").unwrap();
-        assert_eq!(s.job_submit(), "rhizos.ctl.v1.dev.job.submit");
+        assert_eq!(
+            s.op(CtlOp::JobSubmit, &Caller::user("alice")).unwrap(),
+            "rhizos.ctl.v1.dev.u.alice.job.submit"
+        );
+        assert!(s.op(CtlOp::JobSubmit, &Caller::user("a.b")).is_err());
+        assert_eq!(
+            s.orchestrator_call("rhizos.ctl.v1.dev.n.n1.job.report"),
+            Some(Ok((Caller::node("n1"), CtlOp::JobReport)))
+        );
+        assert_eq!(
+            s.orchestrator_call("rhizos.ctl.v1.dev.o.ops.job.nope"),
+            Some(Err("job.nope".to_owned()))
+        );
+        assert_eq!(s.orchestrator_call("rhizos.ctl.v1.dev.x.ops.job.get"), None);
+        assert_eq!(s.orchestrator_call("rhizos.ctl.v1.dev.job.get"), None);
         assert_eq!(
             s.job_assign("n1").unwrap(),
             "rhizos.ctl.v1.dev.job.assign.n1"
@@ -270,19 +314,27 @@ mod tests {
             "rhizos.evt.v1.dev.node.heartbeat.n1"
         );
         assert_eq!(
-            s.job_event("running", "j1").unwrap(),
-            "rhizos.evt.v1.dev.job.running.j1"
+            s.job_event("alice", "running", "j1").unwrap(),
+            "rhizos.evt.v1.dev.u.alice.job.running.j1"
         );
         assert_eq!(
-            s.escrow_event(EscrowEventKind::Settled, "j1").unwrap(),
-            "rhizos.evt.v1.dev.escrow.settled.j1"
+            s.escrow_event("alice", EscrowEventKind::Settled, "j1")
+                .unwrap(),
+            "rhizos.evt.v1.dev.u.alice.escrow.settled.j1"
         );
-        assert_eq!(s.job_log("j1").unwrap(), "rhizos.out.v1.dev.job.log.j1");
+        assert_eq!(
+            s.job_log("alice", "j1", "n1").unwrap(),
+            "rhizos.out.v1.dev.u.alice.job.log.j1.n1"
+        );
         assert_eq!(s.events_wildcard(), "rhizos.evt.v1.dev.>");
         assert_eq!(s.event_stream(), "RHIZOS_EVT_DEV");
         assert_eq!(
             s.ctl_operation("rhizos.ctl.v1.dev.job.get"),
             Some("job.get")
+        );
+        assert_eq!(
+            s.job_events_of(None, "j1").unwrap()[0],
+            "rhizos.evt.v1.dev.u.*.job.*.j1"
         );
         assert_eq!(s.ctl_operation("rhizos.ctl.v1.other.job.get"), None);
         assert!(s.job_assign("bad.id").is_err());

@@ -129,7 +129,12 @@ pub struct SubmitArgs {
 }
 
 pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()> {
-    let client = global.client().await?;
+    let acting_for = match &command {
+        JobCommand::Submit(args) => Some(args.account.as_str()),
+        JobCommand::List { account, .. } => account.as_deref(),
+        _ => None,
+    };
+    let client = Client::new(global.bus_for(acting_for).await?);
     match command {
         JobCommand::Submit(args) => submit(global, client.bus(), *args).await,
         JobCommand::Get { job_id } => {
@@ -315,9 +320,13 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
 
     // Subscribe before submitting so no log line or event can be missed.
     let (mut logs, mut events) = if args.wait {
-        let logs = bus.client.subscribe(bus.subjects.job_log(&job_id)?).await?;
+        let account = Some(args.account.as_str());
+        let logs = bus
+            .client
+            .subscribe(bus.subjects.job_logs_of(account, &job_id)?)
+            .await?;
         let mut event_streams = Vec::new();
-        for subject in bus.subjects.job_events_of(&job_id)? {
+        for subject in bus.subjects.job_events_of(account, &job_id)? {
             event_streams.push(bus.client.subscribe(subject).await?);
         }
         bus.client.flush().await.context("cannot reach NATS")?;

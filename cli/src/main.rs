@@ -2,12 +2,14 @@
 //! README), so everything it does can be done by any NATS client.
 
 mod job;
+mod local;
 mod module;
 mod money;
 mod node;
 mod plugins;
 mod receipt;
 mod up;
+mod users;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -22,7 +24,7 @@ use std::path::PathBuf;
     about = "RhizOS: run compute jobs on a peer-to-peer network, paid through escrow",
     long_about = "RhizOS: run compute jobs on a peer-to-peer network, paid through escrow.\n\n\
         Start a local network with `rhizos up`, then in another terminal:\n  \
-        rhizos account create alice && rhizos account deposit alice 5\n  \
+        rhizos user add alice && rhizos account deposit alice 5\n  \
         rhizos job submit --account alice --wasm demo.wasm --max-cost 0.01 --wait\n\n\
         Settings come from ./rhizos.toml (or --config) and RHIZOS_<SECTION>__<KEY> variables."
 )]
@@ -44,6 +46,11 @@ pub struct GlobalArgs {
     /// Subject namespace (overrides [nats] namespace).
     #[arg(long, global = true, env = "RHIZOS_NAMESPACE")]
     namespace: Option<String>,
+    /// Credentials file to authenticate with (`rhizos user add` / `rhizos node enroll` write
+    /// them). Default: [nats] credentials, else on a network `rhizos up` runs here, the local
+    /// user of the account a command names, or the local operator.
+    #[arg(long, global = true, env = "RHIZOS_CREDENTIALS")]
+    credentials: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -58,17 +65,44 @@ impl GlobalArgs {
         if let Some(namespace) = &self.namespace {
             settings.nats.namespace.clone_from(namespace);
         }
+        if let Some(credentials) = &self.credentials {
+            settings.nats.credentials = Some(credentials.clone());
+        }
         Ok(settings)
     }
 
+    /// Settings of a command acting for `account` (None: as the operator): the local
+    /// credentials of a network `rhizos up` runs here when none are configured.
+    pub fn settings_for(&self, account: Option<&str>) -> anyhow::Result<Settings> {
+        let mut settings = self.settings()?;
+        if settings.nats.credentials.is_none()
+            && let Some(network) =
+                local::LocalNetwork::find(&settings.nats.url, &settings.nats.namespace)
+        {
+            settings.nats.credentials = network.credentials_for(account);
+        }
+        Ok(settings)
+    }
+
+    /// A connection acting as the operator (or as the configured credentials).
     pub async fn bus(&self) -> anyhow::Result<Bus> {
-        let settings = self.settings()?;
+        self.bus_for(None).await
+    }
+
+    /// A connection acting for `account`.
+    pub async fn bus_for(&self, account: Option<&str>) -> anyhow::Result<Bus> {
+        let settings = self.settings_for(account)?;
         Ok(Bus::connect(&settings.nats).await?)
     }
 
     /// The typed control client over [`GlobalArgs::bus`].
     pub async fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::new(self.bus().await?))
+    }
+
+    /// The typed control client acting for `account`.
+    pub async fn client_for(&self, account: &str) -> anyhow::Result<Client> {
+        Ok(Client::new(self.bus_for(Some(account)).await?))
     }
 }
 
@@ -77,9 +111,12 @@ enum Command {
     /// Bring up a whole local network: nats-server (if none answers), the orchestrator, and one
     /// agent with the built plugins. Ctrl-C stops everything.
     Up(up::UpArgs),
-    /// Create accounts, deposit money, show balances.
+    /// Create accounts, deposit and withdraw money, show balances.
     #[command(subcommand)]
     Account(AccountCommand),
+    /// Add and remove users (operator): credentials for one account each.
+    #[command(subcommand)]
+    User(users::UserCommand),
     /// Submit, watch, list and cancel jobs.
     #[command(subcommand)]
     Job(job::JobCommand),
@@ -116,6 +153,15 @@ enum AccountCommand {
         /// fresh key, printed if the deposit's outcome is unknown.
         #[arg(long)]
         idempotency_key: Option<String>,
+    },
+    /// Pay money out of an account (operator; e.g. a provider's earnings), never below zero.
+    Withdraw {
+        account: String,
+        /// Amount in USD, e.g. 5 or 0.25 (6 decimals at most).
+        amount_usd: String,
+        /// Required: the withdrawal happens once per key, however often the command is retried.
+        #[arg(long)]
+        idempotency_key: String,
     },
     /// Show the balance and the money held in escrow for running jobs.
     Balance { account: String },
@@ -175,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(&global, args).await,
         Command::Account(command) => account(&global, command).await,
+        Command::User(command) => users::run(&global, command).await,
         Command::Job(command) => job::run(&global, command).await,
         Command::Events(args) => match args.since.clone() {
             Some(since) => {
@@ -191,10 +238,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn account(global: &GlobalArgs, command: AccountCommand) -> anyhow::Result<()> {
-    let client = global.client().await?;
+    let acting_for = match &command {
+        AccountCommand::Balance { account } | AccountCommand::Statement { account, .. } => {
+            Some(account.as_str())
+        }
+        _ => None,
+    };
+    let client = Client::new(global.bus_for(acting_for).await?);
     let view = match command {
         AccountCommand::Statement { account, limit } => {
             return node::statement(global, &client, &account, limit).await;
+        }
+        AccountCommand::Withdraw {
+            account,
+            amount_usd,
+            idempotency_key,
+        } => {
+            let amount_micros = money::parse_usd(&amount_usd).map_err(anyhow::Error::msg)?;
+            client
+                .account_withdraw(&account, amount_micros, &idempotency_key)
+                .await
+                .with_context(|| {
+                    format!(
+                        "if the outcome is unknown, run the same command again (same \
+                         --idempotency-key {idempotency_key}): it pays out at most once"
+                    )
+                })?
         }
         AccountCommand::Create { account } => client.account_create(&account).await?,
         AccountCommand::Deposit {
@@ -235,10 +304,7 @@ async fn account(global: &GlobalArgs, command: AccountCommand) -> anyhow::Result
 async fn events(global: &GlobalArgs, args: EventsArgs) -> anyhow::Result<()> {
     use futures::StreamExt as _;
     let bus = global.bus().await?;
-    let subjects = match &args.job {
-        Some(job_id) => bus.subjects.job_events_of(job_id)?,
-        None => vec![bus.subjects.events_wildcard()],
-    };
+    let subjects = event_subjects(&bus, args.job.as_deref())?;
     let mut streams = Vec::new();
     for subject in subjects {
         streams.push(
@@ -267,6 +333,20 @@ async fn events(global: &GlobalArgs, args: EventsArgs) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The events a connection may follow: a user only its own account's, the operator all.
+pub fn event_subjects(bus: &Bus, job: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let own = bus
+        .identity
+        .as_ref()
+        .filter(|c| c.role == rhizos_broker::Role::User)
+        .map(|c| c.name.as_str());
+    Ok(match (job, own) {
+        (Some(job_id), own) => bus.subjects.job_events_of(own, job_id)?,
+        (None, Some(account)) => vec![bus.subjects.account_events(account)?],
+        (None, None) => vec![bus.subjects.events_wildcard()],
+    })
 }
 
 /// Prints events for `rhizos events`, live or replayed: heartbeats skipped unless asked for,

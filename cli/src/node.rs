@@ -15,6 +15,22 @@ pub enum NodeCommand {
     List,
     /// One node in full, with its plugins.
     Info { node_id: String },
+    /// Enrol a node (operator): fixes its id and the provider account its earnings are paid
+    /// into, and writes its credentials (mode 0600) for the machine that runs it.
+    Enroll {
+        node_id: String,
+        #[arg(long)]
+        provider_account: String,
+        #[command(flatten)]
+        target: crate::users::Target,
+    },
+    /// Revoke a node: its connection is closed and refused, its registrations too; its jobs are
+    /// requeued when its heartbeats stop.
+    Remove {
+        node_id: String,
+        #[command(flatten)]
+        target: crate::users::Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -26,6 +42,60 @@ pub enum LedgerCommand {
 pub async fn run_node(global: &GlobalArgs, command: NodeCommand) -> anyhow::Result<()> {
     let client = global.client().await?;
     match command {
+        NodeCommand::Enroll {
+            node_id,
+            provider_account,
+            target,
+        } => {
+            let caller = rhizos_broker::Caller::new(rhizos_broker::Role::Node, &node_id)?;
+            let network = crate::users::network(global, &target)?;
+            let creds = match (&network, &target.out) {
+                (Some(network), _) => network.credentials_path(&caller),
+                (None, Some(out)) => out.clone(),
+                (None, None) => anyhow::bail!(
+                    "no network brought up by `rhizos up` here: pass --out FILE for the node's \
+                     credentials (and add the printed user to your nats-server's config)"
+                ),
+            };
+            let key = if creds.is_file() {
+                rhizos_broker::Credentials::load(&creds)?
+                    .public_key()
+                    .map_err(anyhow::Error::msg)?
+            } else {
+                let fresh = rhizos_broker::Credentials::generate(&caller);
+                fresh.save(&creds)?;
+                fresh.public_key().map_err(anyhow::Error::msg)?
+            };
+            // The orchestrator first: a refused enrolment lets no key in.
+            let enrolment = client
+                .node_enroll(&node_id, &provider_account, Some(&key))
+                .await?;
+            let (path, _) =
+                crate::users::admit(global, network.as_ref(), &caller, target.out.as_ref())?;
+            if global.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"enrolment": enrolment, "credentials": path})
+                );
+            } else {
+                println!(
+                    "✓ node {node_id} enrolled: paid into {}, credentials {} (key {key})",
+                    enrolment.provider_account,
+                    path.display()
+                );
+            }
+        }
+        NodeCommand::Remove { node_id, target } => {
+            let caller = rhizos_broker::Caller::new(rhizos_broker::Role::Node, &node_id)?;
+            let network = crate::users::network(global, &target)?;
+            let enrolment = client.node_remove(&node_id).await?;
+            crate::users::revoke(network.as_ref(), &caller)?;
+            if global.json {
+                println!("{}", serde_json::to_string(&enrolment)?);
+            } else {
+                println!("✓ node {node_id} removed: its connection and registrations are refused");
+            }
+        }
         NodeCommand::List => {
             let list = client.node_list().await?;
             if global.json {
@@ -282,10 +352,7 @@ pub async fn replay_events(
         Since::Sequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
         Since::Time(start_time) => DeliverPolicy::ByStartTime { start_time },
     };
-    let filter_subjects = match job {
-        Some(job_id) => bus.subjects.job_events_of(job_id)?,
-        None => vec![bus.subjects.events_wildcard()],
-    };
+    let filter_subjects = crate::event_subjects(&bus, job)?;
     let stream = bus.ensure_event_stream().await?;
     let consumer = stream
         .create_consumer(OrderedConfig {

@@ -2,10 +2,11 @@
 //! at the configured URL), the orchestrator and one agent — until Ctrl-C.
 
 use crate::GlobalArgs;
+use crate::local::{self, LocalNetwork};
 use anyhow::Context as _;
 use clap::Args;
-use rhizos_broker::Bus;
 use rhizos_broker::server::{LaunchOptions, NatsServer, is_reachable};
+use rhizos_broker::{Bus, Caller};
 use rhizos_core::{Agent, Orchestrator};
 use std::path::{Path, PathBuf};
 
@@ -28,6 +29,10 @@ pub struct UpArgs {
     /// Exit once everything is up (for scripts that only check it starts).
     #[arg(long, hide = true)]
     check: bool,
+    /// Start nats-server without authentication (anyone who reaches its port can act as anyone:
+    /// only for experiments on a machine nobody else can reach).
+    #[arg(long)]
+    insecure: bool,
 }
 
 impl UpArgs {
@@ -72,7 +77,45 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         );
     }
 
-    let _nats = start_nats(&mut settings, &data_dir)?;
+    let network = LocalNetwork {
+        url: settings.nats.url.clone(),
+        namespace: settings.nats.namespace.clone(),
+        data_dir: data_dir.clone(),
+    };
+    let secure = !args.insecure && !is_reachable(&settings.nats.url);
+    if secure {
+        issue_local_credentials(&network, &args.node_id)?;
+    }
+    let _nats = start_nats(
+        &mut settings,
+        &data_dir,
+        secure.then(|| network.auth().authorization_file()),
+    )?;
+    let as_party = |caller: &Caller| {
+        let mut nats = settings.nats.clone();
+        if secure {
+            nats.credentials = Some(network.credentials_path(caller));
+        }
+        nats
+    };
+    if secure {
+        let network = LocalNetwork {
+            url: settings.nats.url.clone(),
+            ..network.clone()
+        };
+        network.record()?;
+        eprintln!(
+            "✓ authentication on: credentials (mode 0600) in {} — the CLI finds them itself",
+            network.credentials_dir().display()
+        );
+    } else if settings.nats.credentials.is_none() {
+        // Nobody is authenticated: the orchestrator cannot tell one party from another anyway.
+        settings.orchestrator.open_registration = true;
+        eprintln!(
+            "! no authentication: anyone who reaches {} can act as anyone",
+            settings.nats.url
+        );
+    }
 
     let plugin_dir = match args.plugin_dir {
         Some(dir) => dir,
@@ -88,7 +131,7 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     };
 
     let orchestrator = Orchestrator::open(
-        Bus::connect(&settings.nats).await?,
+        Bus::connect(&as_party(&Caller::orchestrator())).await?,
         settings.orchestrator.clone(),
     )
     .await
@@ -100,8 +143,16 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         orchestrator.public_key()
     );
 
+    if secure {
+        enroll_local_node(
+            &as_party(&Caller::operator(local::OPERATOR)),
+            &args.node_id,
+            &settings.agent.provider_account,
+        )
+        .await?;
+    }
     let agent = Agent::new(
-        Bus::connect(&settings.nats).await?,
+        Bus::connect(&as_party(&Caller::node(&args.node_id))).await?,
         settings.agent.clone(),
         settings.pricing,
     )
@@ -124,7 +175,7 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     );
     eprintln!(
         "\nRhizOS is up: NATS {} namespace {}.\nIn another terminal:\n  \
-         rhizos account create alice && rhizos account deposit alice 1\n  \
+         rhizos user add alice && rhizos account deposit alice 1\n  \
          rhizos job submit --account alice --wasm <module.wasm> --max-cost 0.01 --wait\n  \
          rhizos events\nCtrl-C stops everything.",
         settings.nats.url, settings.nats.namespace
@@ -141,11 +192,47 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Credentials of the local orchestrator, operator and node (kept across restarts), let in by
+/// the server's authorization file.
+fn issue_local_credentials(network: &LocalNetwork, node_id: &str) -> anyhow::Result<()> {
+    let subjects = rhizos_broker::Subjects::new(&network.namespace)?;
+    let auth = network.auth();
+    for caller in [
+        Caller::orchestrator(),
+        Caller::operator(local::OPERATOR),
+        Caller::new(rhizos_broker::Role::Node, node_id)?,
+    ] {
+        local::issue(&auth, &subjects, &network.credentials_dir(), &caller)?;
+    }
+    Ok(())
+}
+
+/// Enrols the local node (retried while the orchestrator subscribes).
+async fn enroll_local_node(
+    operator: &rhizos_broker::config::NatsSettings,
+    node_id: &str,
+    provider_account: &str,
+) -> anyhow::Result<()> {
+    let client = rhizos_broker::Client::new(Bus::connect(operator).await?);
+    let key = None; // recorded by `rhizos node enroll`; the local node's is in its credentials
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match client.node_enroll(node_id, provider_account, key).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.remote().is_none() && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e).context("cannot enrol the local node"),
+        }
+    }
+}
+
 /// Starts nats-server on the configured port unless something answers there already; points
 /// `settings` at it.
 fn start_nats(
     settings: &mut rhizos_broker::Settings,
     data_dir: &Path,
+    authorization: Option<PathBuf>,
 ) -> anyhow::Result<Option<NatsServer>> {
     Ok(if is_reachable(&settings.nats.url) {
         eprintln!("✓ using the NATS server at {}", settings.nats.url);
@@ -156,6 +243,7 @@ fn start_nats(
         let server = NatsServer::start(LaunchOptions {
             port: Some(port),
             data_dir: Some(data_dir.join("nats")),
+            authorization,
         })
         .context("failed to start nats-server")?;
         settings.nats.url = server.url();

@@ -31,7 +31,7 @@ pub(crate) fn query_row<T>(
     conn.prepare_cached(sql)?.query_row(params, f)
 }
 
-/// The outside world (deposits, later withdrawals).
+/// The outside world (deposits in, withdrawals out).
 pub const EXTERNAL: &str = "external";
 /// Where platform fees go.
 pub const PLATFORM_FEES: &str = "platform:fees";
@@ -176,10 +176,18 @@ pub enum TxKind {
     Settle,
     /// A job's escrow closed with everything back to the payer.
     Refund,
+    /// Money out of the network (a provider's payout).
+    Withdraw,
 }
 
 impl TxKind {
-    pub const ALL: [Self; 4] = [Self::Deposit, Self::Hold, Self::Settle, Self::Refund];
+    pub const ALL: [Self; 5] = [
+        Self::Deposit,
+        Self::Hold,
+        Self::Settle,
+        Self::Refund,
+        Self::Withdraw,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -187,6 +195,7 @@ impl TxKind {
             Self::Hold => "hold",
             Self::Settle => "settle",
             Self::Refund => "refund",
+            Self::Withdraw => "withdraw",
         }
     }
 

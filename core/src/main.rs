@@ -30,6 +30,10 @@ struct Cli {
     /// Subject namespace (overrides [nats] namespace).
     #[arg(long, global = true)]
     namespace: Option<String>,
+    /// Credentials file this daemon authenticates with (overrides [nats] credentials): the
+    /// orchestrator's, or the node's from `rhizos node enroll`.
+    #[arg(long, global = true)]
+    credentials: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long, global = true)]
     log_json: bool,
@@ -67,7 +71,16 @@ async fn main() -> anyhow::Result<()> {
     if let Some(namespace) = cli.namespace {
         settings.nats.namespace = namespace;
     }
+    if let Some(credentials) = cli.credentials {
+        settings.nats.credentials = Some(credentials);
+    }
     let bus = Bus::connect(&settings.nats).await?;
+    if !bus.client.server_info().auth_required {
+        tracing::warn!(
+            url = %settings.nats.url,
+            "the NATS server does not authenticate clients: anyone who reaches it can act as anyone (README: Identity and permissions)"
+        );
+    }
     match cli.role {
         Role::Orchestrator { data_dir } => {
             if let Some(dir) = data_dir {

@@ -2,11 +2,12 @@
 //! orchestrator with its SQLite ledger in a temp dir, and N agents loading real plugin files.
 
 use anyhow::Context as _;
+use rhizos_broker::auth::{AuthDir, Party};
 use rhizos_broker::server::{LaunchOptions, NatsServer};
 use rhizos_broker::wire::{
     AccountView, JobSpec, JobView, Pricing, SubmitJob, SubmitJobReply, Workload, b64_encode,
 };
-use rhizos_broker::{Bus, Client, Settings};
+use rhizos_broker::{Bus, Caller, Client, Credentials, Settings, Subjects};
 use rhizos_core::{Agent, Orchestrator};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -41,6 +42,11 @@ pub struct ClusterOptions {
     pub resolver_config: std::collections::BTreeMap<String, serde_json::Value>,
     /// `[orchestrator] resolver_order`.
     pub resolver_order: Vec<String>,
+    /// Authentication on: `nats-server` lets in only the nkeys of the cluster's parties (the
+    /// orchestrator, the operator — the cluster's own connection — and each agent's node, all
+    /// enrolled), each with its role's permissions; [`Cluster::user`] adds users. Off: no
+    /// authentication, and nodes register without enrolment.
+    pub secure: bool,
 }
 
 impl Default for ClusterOptions {
@@ -67,6 +73,7 @@ impl Default for ClusterOptions {
             resolver_dir: None,
             resolver_config: std::collections::BTreeMap::new(),
             resolver_order: Vec::new(),
+            secure: false,
         }
     }
 }
@@ -78,6 +85,8 @@ pub struct Cluster {
     pub orchestrator: Orchestrator,
     pub agents: Vec<Agent>,
     pub data_dir: tempfile::TempDir,
+    /// The parties the server lets in (secure clusters).
+    pub auth: Option<AuthDir>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     /// One per agent, `None` once killed.
@@ -93,13 +102,30 @@ impl Cluster {
         let data_dir = tempfile::Builder::new()
             .prefix("rhizos-cluster-")
             .tempdir()?;
+        let mut settings = Settings::default();
+        settings.nats.namespace = format!("t{}", &uuid_like()[..12]);
+        let node_ids: Vec<String> = (0..options.agents)
+            .map(|index| format!("{}-{index}", options.node_prefix))
+            .collect();
+        let auth = if options.secure {
+            let auth = AuthDir::new(data_dir.path().join("auth"));
+            let subjects = Subjects::new(&settings.nats.namespace)?;
+            let mut parties = vec![Caller::orchestrator(), Caller::operator("operator")];
+            parties.extend(node_ids.iter().map(|id| Caller::node(id)));
+            for caller in parties {
+                add_party(&auth, &subjects, &caller)?;
+            }
+            Some(auth)
+        } else {
+            None
+        };
         let nats = NatsServer::start(LaunchOptions {
             port: None,
             data_dir: Some(data_dir.path().join("nats")),
+            authorization: auth.as_ref().map(AuthDir::authorization_file),
         })?;
-        let mut settings = Settings::default();
         settings.nats.url = nats.url();
-        settings.nats.namespace = format!("t{}", &uuid_like()[..12]);
+        settings.orchestrator.open_registration = auth.is_none();
         settings.orchestrator.data_dir = data_dir.path().join("orchestrator");
         settings.orchestrator.fee_bps = options.fee_bps;
         settings.orchestrator.missed_heartbeats = options.missed_heartbeats;
@@ -107,11 +133,18 @@ impl Cluster {
         settings.orchestrator.resolver_dir = options.resolver_dir.clone();
         settings.orchestrator.resolvers = options.resolver_config.clone();
         settings.orchestrator.resolver_order = options.resolver_order.clone();
-        let bus = Bus::connect(&settings.nats).await?;
+        let as_party = |caller: &Caller| {
+            let mut nats = settings.nats.clone();
+            if let Some(auth) = &auth {
+                nats.credentials = Some(credentials_path(auth, caller));
+            }
+            nats
+        };
+        let bus = Bus::connect(&as_party(&Caller::operator("operator"))).await?;
         let (stop, receiver) = watch::channel(false);
 
         let orchestrator = Orchestrator::open(
-            Bus::connect(&settings.nats).await?,
+            Bus::connect(&as_party(&Caller::orchestrator())).await?,
             settings.orchestrator.clone(),
         )
         .await?;
@@ -126,7 +159,7 @@ impl Cluster {
         };
         let mut agents = Vec::new();
         let mut agent_tasks = Vec::new();
-        for index in 0..options.agents {
+        for (index, node_id) in node_ids.iter().enumerate() {
             let plugin_dir = data_dir.path().join(format!("plugins-{index}"));
             std::fs::create_dir_all(&plugin_dir)?;
             for file in &plugin_files {
@@ -135,7 +168,8 @@ impl Cluster {
                     .with_context(|| format!("copying {}", file.display()))?;
             }
             let mut agent_settings = settings.agent.clone();
-            agent_settings.node_id = Some(format!("{}-{index}", options.node_prefix));
+            let node_id = node_id.clone();
+            agent_settings.node_id = Some(node_id.clone());
             agent_settings.provider_account = format!("provider-{index}");
             agent_settings.plugin_dir = plugin_dir;
             agent_settings.heartbeat_interval_ms = options.heartbeat_interval_ms;
@@ -147,8 +181,25 @@ impl Cluster {
             // Each cluster its own artifact cache: what a test fetches, it fetched.
             agent_settings.artifact_cache_dir =
                 Some(data_dir.path().join(format!("artifacts-{index}")));
+            if auth.is_some() {
+                // Secure networks register only enrolled nodes (the orchestrator may still be
+                // subscribing: retried until it answers).
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    let enrolled = Client::new(bus.clone())
+                        .node_enroll(&node_id, &format!("provider-{index}"), None)
+                        .await;
+                    match enrolled {
+                        Ok(_) => break,
+                        Err(e) if e.remote().is_none() && Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => anyhow::bail!("cannot enrol {node_id}: {e}"),
+                    }
+                }
+            }
             let agent = Agent::new(
-                Bus::connect(&settings.nats).await?,
+                Bus::connect(&as_party(&Caller::node(&node_id))).await?,
                 agent_settings,
                 options.pricing,
             )?;
@@ -164,6 +215,7 @@ impl Cluster {
             orchestrator,
             agents,
             data_dir,
+            auth,
             stop,
             tasks,
             agent_tasks,
@@ -216,6 +268,29 @@ impl Cluster {
     /// The typed control client, over the cluster's connection.
     pub fn client(&self) -> Client {
         Client::new(self.bus.clone())
+    }
+
+    /// Settings of a client acting as `caller` (its credentials file in a secure cluster, made
+    /// and let in on first use; the server re-reads its users).
+    pub fn settings_as(
+        &self,
+        caller: &Caller,
+    ) -> anyhow::Result<rhizos_broker::config::NatsSettings> {
+        let mut nats = self.settings.nats.clone();
+        if let Some(auth) = &self.auth {
+            let path = credentials_path(auth, caller);
+            if !path.is_file() {
+                add_party(auth, &self.bus.subjects, caller)?;
+                self.nats.reload()?;
+            }
+            nats.credentials = Some(path);
+        }
+        Ok(nats)
+    }
+
+    /// A typed client connected as `caller`.
+    pub async fn client_as(&self, caller: &Caller) -> anyhow::Result<Client> {
+        Ok(Client::new(Bus::connect(&self.settings_as(caller)?).await?))
     }
 
     /// Creates `account` and deposits `micros` into it.
@@ -276,6 +351,27 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// Where a secure cluster keeps `caller`'s credentials.
+pub fn credentials_path(auth: &AuthDir, caller: &Caller) -> PathBuf {
+    auth.dir()
+        .join(format!("{}-{}.creds", caller.role.as_str(), caller.name))
+}
+
+/// Makes credentials for `caller` and lets its key in (the server applies it on reload).
+pub fn add_party(auth: &AuthDir, subjects: &Subjects, caller: &Caller) -> anyhow::Result<()> {
+    let creds = Credentials::generate(caller);
+    creds.save(&credentials_path(auth, caller))?;
+    auth.add(
+        subjects,
+        Party {
+            role: caller.role,
+            name: caller.name.clone(),
+            public_key: creds.public_key().map_err(anyhow::Error::msg)?,
+        },
+    )?;
+    Ok(())
 }
 
 /// A job spec running `module` with `args`, 1 core, 64 MiB, `timeout_ms`.

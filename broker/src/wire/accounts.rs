@@ -29,6 +29,17 @@ pub struct Deposit {
     pub idempotency_key: Option<String>,
 }
 
+/// `account.withdraw` request (operator): a payout from `account` to `external`. Never takes a
+/// balance below zero (money held in escrow is not the account's to withdraw).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Withdraw {
+    pub v: u32,
+    pub account: String,
+    pub amount_micros: i64,
+    /// Required: a retry with the same key pays out once.
+    pub idempotency_key: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountView {
     pub account: String,
@@ -54,7 +65,6 @@ pub struct LedgerReport {
     pub problems: Vec<String>,
 }
 
-/// `account.statement` request.
 /// `account.statement` request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatementRequest {

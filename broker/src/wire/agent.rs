@@ -46,6 +46,9 @@ pub struct AssignJob {
     pub v: u32,
     pub job_id: String,
     pub attempt: u32,
+    /// The paying account: the job's log lines are published under it, where only that
+    /// account (and the operator) may read them.
+    pub account: String,
     pub spec: JobSpec,
 }
 

@@ -65,6 +65,8 @@ pub enum ErrorCode {
     InvalidState,
     /// Nothing handles this subject.
     UnsupportedSubject,
+    /// The caller's role may not do this, or the object is another party's.
+    Forbidden,
     /// The receiver failed; the request may be retried.
     Internal,
     /// A code from a newer peer.
@@ -84,6 +86,7 @@ impl ErrorCode {
             Self::NoCapacity => "no_capacity",
             Self::InvalidState => "invalid_state",
             Self::UnsupportedSubject => "unsupported_subject",
+            Self::Forbidden => "forbidden",
             Self::Internal => "internal",
             Self::Unknown => "unknown",
         }

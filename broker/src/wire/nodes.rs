@@ -126,6 +126,41 @@ pub struct NodeRef {
     pub node_id: String,
 }
 
+/// `node.enroll` request (operator): fixes the node's id and the provider account it is paid
+/// into. Its registrations cannot change either; enrolling again with the same account is a
+/// no-op, with another account `already_exists`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollNode {
+    pub v: u32,
+    pub node_id: String,
+    pub provider_account: String,
+    /// The node's nkey public key (`U…`), recorded for receipts and audits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+}
+
+/// `node.remove` request (operator): the node's registrations are refused from then on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveNode {
+    pub v: u32,
+    pub node_id: String,
+}
+
+/// A node's enrolment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    pub node_id: String,
+    pub provider_account: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    pub enrolled_ms: u64,
+    /// When it was removed; None while enrolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_ms: Option<u64>,
+}
+
 /// A node as the orchestrator sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {

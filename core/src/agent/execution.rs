@@ -64,6 +64,7 @@ impl Agent {
             async move { this.send_report(running).await }
         });
         let forwarder = tokio::spawn(self.clone().forward_logs(
+            assign.account.clone(),
             assign.job_id.clone(),
             assign.attempt,
             receiver,
@@ -151,13 +152,19 @@ impl Agent {
     /// Publishes each line on the job's log subject, in order, and keeps bounded tails.
     async fn forward_logs(
         self,
+        account: String,
         job_id: String,
         attempt: u32,
         mut receiver: mpsc::UnboundedReceiver<SinkMessage>,
     ) -> (String, String) {
         let max = self.inner.settings.max_output_bytes;
         let (mut stdout, mut stderr) = (Tail::new(max), Tail::new(max));
-        let subject = match self.inner.bus.subjects.job_log(&job_id) {
+        let subject = match self
+            .inner
+            .bus
+            .subjects
+            .job_log(&account, &job_id, &self.inner.node_id)
+        {
             Ok(subject) => subject,
             Err(_) => return (String::new(), String::new()),
         };

@@ -229,7 +229,8 @@ impl Agent {
         }
     }
 
-    fn registration(&self) -> RegisterNode {
+    /// What this agent registers with (its id, provider account, capacity, prices, plugins).
+    pub fn registration(&self) -> RegisterNode {
         let settings = &self.inner.settings;
         RegisterNode {
             v: WIRE_VERSION,

@@ -87,7 +87,7 @@ impl Orchestrator {
             tokio::spawn(async move {
                 let mut spec = std::sync::Arc::unwrap_or_clone(job.spec);
                 spec.fuel_limit = fuel_limit;
-                this.send_assignment(job.job_id, attempt, spec, node_id)
+                this.send_assignment(job.job_id, job.account, attempt, spec, node_id)
                     .await
             });
         }
@@ -97,6 +97,7 @@ impl Orchestrator {
     pub(in crate::orchestrator) async fn send_assignment(
         &self,
         job_id: String,
+        account: String,
         attempt: u32,
         spec: JobSpec,
         node_id: String,
@@ -104,6 +105,7 @@ impl Orchestrator {
         let assign = AssignJob {
             v: WIRE_VERSION,
             job_id: job_id.clone(),
+            account,
             attempt,
             spec,
         };

@@ -24,12 +24,13 @@ pub fn encode(
     let (subject, body) = match event {
         DomainEvent::Job {
             job_id,
+            account,
             state,
             attempt,
             node_id,
             reason,
         } => (
-            subjects.job_event(state.as_str(), &job_id)?,
+            subjects.job_event(&account, state.as_str(), &job_id)?,
             EventBody::Job {
                 job_id,
                 state,
@@ -54,7 +55,7 @@ pub fn encode(
                 Movement::Refunded => (EscrowEventKind::Refunded, EscrowKind::Refunded),
             };
             (
-                subjects.escrow_event(subject_kind, &job_id)?,
+                subjects.escrow_event(&account, subject_kind, &job_id)?,
                 EventBody::Escrow {
                     job_id,
                     kind,
@@ -230,13 +231,14 @@ mod tests {
         assert_eq!(
             wire(DomainEvent::Job {
                 job_id: "j1".into(),
+                account: "alice".into(),
                 state: JobState::Running,
                 attempt: 2,
                 node_id: Some("n1".into()),
                 reason: None,
             }),
             (
-                "rhizos.evt.v1.t.job.running.j1".to_owned(),
+                "rhizos.evt.v1.t.u.alice.job.running.j1".to_owned(),
                 r#"{"v":1,"ts_ms":7,"type":"job","job_id":"j1","state":"running","attempt":2,"node_id":"n1","reason":null}"#.to_owned()
             )
         );
@@ -252,7 +254,7 @@ mod tests {
                 refund_micros: Some(187_660),
             }),
             (
-                "rhizos.evt.v1.t.escrow.settled.j1".to_owned(),
+                "rhizos.evt.v1.t.u.u.escrow.settled.j1".to_owned(),
                 r#"{"v":1,"ts_ms":7,"type":"escrow","job_id":"j1","kind":"settled","account":"u","amount_micros":12340,"provider_account":"prov","provider_micros":11723,"fee_micros":617,"refund_micros":187660}"#.to_owned()
             )
         );

@@ -2,8 +2,7 @@
 
 use crate::common::*;
 use rhizos_broker::wire::{
-    Ack, ExecutionOutcome, ExitKind, JobReport, JobState, NodeList, ReportPhase, VerifyLedger,
-    WIRE_VERSION,
+    Ack, ExecutionOutcome, ExitKind, JobReport, JobState, NodeList, ReportPhase, WIRE_VERSION,
 };
 use rhizos_testbed::cluster::wasm_spec;
 use rhizos_testbed::{Cluster, ClusterOptions};
@@ -78,11 +77,7 @@ async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
             },
         },
     };
-    let ack: Ack = cluster
-        .bus
-        .request(cluster.bus.subjects.job_report(), &late)
-        .await
-        .unwrap();
+    let ack: Ack = cluster.client().job_report(&late).await.unwrap();
     assert!(!ack.accepted, "{ack:?}");
     assert_eq!(balances(&cluster), before);
 
@@ -94,14 +89,7 @@ async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
     let lost_account = format!("provider-{lost_index}");
     assert_eq!(balances.get(&lost_account).copied().unwrap_or(0), 0);
     // The provider record: the lost attempt counts against the lost node only.
-    let list: NodeList = cluster
-        .bus
-        .request(
-            cluster.bus.subjects.node_list(),
-            &VerifyLedger { v: WIRE_VERSION },
-        )
-        .await
-        .unwrap();
+    let list: NodeList = cluster.client().node_list().await.unwrap();
     let view = |id: &str| list.nodes.iter().find(|n| n.node_id == id).unwrap().clone();
     let (lost, kept) = (view(&lost_node), view(&survivor));
     assert_eq!(

@@ -499,17 +499,7 @@ async fn a_backend_component_runs_jobs_end_to_end_within_their_limits() {
         assert!(std::time::Instant::now() < deadline, "never ran");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let _: rhizos_broker::wire::JobView = cluster
-        .bus
-        .request(
-            cluster.bus.subjects.job_cancel(),
-            &rhizos_broker::wire::JobRef {
-                v: rhizos_broker::wire::WIRE_VERSION,
-                job_id: "forever".into(),
-            },
-        )
-        .await
-        .unwrap();
+    cluster.client().job_cancel("forever").await.unwrap();
     let forever = cluster
         .wait_for_end("forever", Duration::from_secs(30))
         .await

@@ -4,9 +4,7 @@
 //! stand-in here: the plugin, the agent and the orchestrator are the real ones.
 
 use crate::common::*;
-use rhizos_broker::wire::{
-    self, JobSpec, JobState, NodeRef, NodeView, Pricing, WIRE_VERSION, Workload,
-};
+use rhizos_broker::wire::{self, JobSpec, JobState, NodeView, Pricing, Workload};
 use rhizos_testbed::doubles::{DoubleGpu, NvmlDouble};
 use rhizos_testbed::{Cluster, ClusterOptions, images};
 use std::time::{Duration, Instant};
@@ -17,14 +15,8 @@ const GPU_B: &str = "GPU-0b0b0b0b-5555-6666-7777-888888888888";
 
 async fn node_view(cluster: &Cluster) -> NodeView {
     cluster
-        .bus
-        .request(
-            cluster.bus.subjects.node_info(),
-            &NodeRef {
-                v: WIRE_VERSION,
-                node_id: cluster.agents[0].node_id().to_owned(),
-            },
-        )
+        .client()
+        .node_info(cluster.agents[0].node_id())
         .await
         .unwrap()
 }

@@ -6,9 +6,7 @@
 
 use crate::common::*;
 use futures::StreamExt as _;
-use rhizos_broker::wire::{
-    self, JobRef, JobSpec, JobState, LogLine, LogStream, NodeRef, NodeView, WIRE_VERSION, Workload,
-};
+use rhizos_broker::wire::{self, JobSpec, JobState, LogLine, LogStream, NodeView, Workload};
 use rhizos_testbed::cluster::{docker_spec, uuid_like};
 use rhizos_testbed::{Cluster, ClusterOptions, images};
 use std::process::Command;
@@ -265,7 +263,13 @@ async fn logs_stream_live_in_order_and_cancel_kills_the_container() {
     let mut logs = cluster
         .bus
         .client
-        .subscribe(cluster.bus.subjects.job_log("chatty").unwrap())
+        .subscribe(
+            cluster
+                .bus
+                .subjects
+                .job_logs_of(Some("carol"), "chatty")
+                .unwrap(),
+        )
         .await
         .unwrap();
     cluster.bus.client.flush().await.unwrap();
@@ -325,17 +329,7 @@ async fn logs_stream_live_in_order_and_cancel_kills_the_container() {
     );
 
     // Cancel while it sleeps: the container is killed and removed, the time used is paid.
-    let _: wire::JobView = cluster
-        .bus
-        .request(
-            cluster.bus.subjects.job_cancel(),
-            &JobRef {
-                v: WIRE_VERSION,
-                job_id: "chatty".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let _: wire::JobView = cluster.client().job_cancel("chatty").await.unwrap();
     let job = cluster
         .wait_for_end("chatty", Duration::from_secs(30))
         .await
@@ -402,14 +396,8 @@ async fn without_an_engine_the_node_offers_no_docker_and_says_why() {
     )
     .await;
     let node: NodeView = cluster
-        .bus
-        .request(
-            cluster.bus.subjects.node_info(),
-            &NodeRef {
-                v: WIRE_VERSION,
-                node_id: node_of(&cluster),
-            },
-        )
+        .client()
+        .node_info(&node_of(&cluster))
         .await
         .unwrap();
     assert!(!node.backends.contains(&"docker".to_owned()), "{node:?}");
@@ -475,18 +463,7 @@ async fn containers_of_a_killed_agent_are_removed_when_it_starts_again() {
     };
     let mut first = start_agent();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster
-        .bus
-        .request::<_, NodeView>(
-            cluster.bus.subjects.node_info(),
-            &NodeRef {
-                v: WIRE_VERSION,
-                node_id: node.clone(),
-            },
-        )
-        .await
-        .is_err()
-    {
+    while cluster.client().node_info(&node).await.is_err() {
         assert!(Instant::now() < deadline, "the agent never registered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

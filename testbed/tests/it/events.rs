@@ -23,7 +23,7 @@ async fn a_job_leaves_its_whole_history_in_the_event_stream() {
     let stream = cluster.bus.ensure_event_stream().await.unwrap();
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subjects: cluster.bus.subjects.job_events_of("evt-1").unwrap(),
+            filter_subjects: cluster.bus.subjects.job_events_of(None, "evt-1").unwrap(),
             ..Default::default()
         })
         .await

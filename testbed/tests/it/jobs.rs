@@ -16,7 +16,13 @@ async fn demo_job_succeeds_streams_logs_in_order_and_settles_to_the_micro() {
     let mut logs = cluster
         .bus
         .client
-        .subscribe(cluster.bus.subjects.job_log("demo-1").unwrap())
+        .subscribe(
+            cluster
+                .bus
+                .subjects
+                .job_logs_of(Some("alice"), "demo-1")
+                .unwrap(),
+        )
         .await
         .unwrap();
     cluster.bus.client.flush().await.unwrap();
@@ -246,15 +252,7 @@ async fn cancelling_a_running_job_stops_it_and_charges_the_time_used() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let request = rhizos_broker::wire::JobRef {
-        v: 1,
-        job_id: "long".into(),
-    };
-    let _: rhizos_broker::wire::JobView = cluster
-        .bus
-        .request(cluster.bus.subjects.job_cancel(), &request)
-        .await
-        .unwrap();
+    cluster.client().job_cancel("long").await.unwrap();
     let job = cluster
         .wait_for_end("long", Duration::from_secs(30))
         .await
@@ -266,11 +264,7 @@ async fn cancelling_a_running_job_stops_it_and_charges_the_time_used() {
     assert_eq!(balances(&cluster)["dan"], USD - cost);
 
     // Cancelling before start refunds everything; cancelling an ended job is an error.
-    let error = cluster
-        .bus
-        .request::<_, rhizos_broker::wire::JobView>(cluster.bus.subjects.job_cancel(), &request)
-        .await
-        .unwrap_err();
+    let error = cluster.client().job_cancel("long").await.unwrap_err();
     assert_eq!(error.remote().unwrap().code, ErrorCode::InvalidState);
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();

@@ -3,9 +3,7 @@
 //! checked, and refused with clear reasons when unknown, tampered with or malformed.
 
 use crate::common::*;
-use rhizos_broker::wire::{
-    self, ErrorCode, JobSpec, JobState, ResolveModule, ResolvedModule, WIRE_VERSION, Workload,
-};
+use rhizos_broker::wire::{self, ErrorCode, JobSpec, JobState, ResolvedModule, Workload};
 use rhizos_testbed::{Cluster, ClusterOptions};
 use sha2::Digest as _;
 use std::time::Duration;
@@ -63,14 +61,7 @@ async fn resolve_on(
     cluster: &Cluster,
     uri: &str,
 ) -> Result<ResolvedModule, rhizos_broker::RequestError> {
-    let request = ResolveModule {
-        v: WIRE_VERSION,
-        uri: uri.into(),
-    };
-    cluster
-        .bus
-        .request(cluster.bus.subjects.module_resolve(), &request)
-        .await
+    cluster.client().module_resolve(uri).await
 }
 
 fn module_job(uri: &str) -> JobSpec {
@@ -667,14 +658,7 @@ async fn the_example_registry_packs_with_the_cli_and_its_modules_run() {
     .await
     .unwrap();
     // Listed through the chain (the index component enumerates its registry).
-    let listed: wire::ModuleList = cluster
-        .bus
-        .request(
-            cluster.bus.subjects.module_list(),
-            &wire::ListModules { v: WIRE_VERSION },
-        )
-        .await
-        .unwrap();
+    let listed: wire::ModuleList = cluster.client().module_list().await.unwrap();
     assert_eq!(
         listed
             .modules

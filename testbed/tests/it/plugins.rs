@@ -139,17 +139,7 @@ async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
 }
 
 async fn registered_plugins(cluster: &Cluster) -> Vec<rhizos_broker::wire::PluginView> {
-    let view: rhizos_broker::wire::NodeView = cluster
-        .bus
-        .request(
-            cluster.bus.subjects.node_info(),
-            &rhizos_broker::wire::NodeRef {
-                v: rhizos_broker::wire::WIRE_VERSION,
-                node_id: "node-0".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let view: rhizos_broker::wire::NodeView = cluster.client().node_info("node-0").await.unwrap();
     view.plugins
 }
 
@@ -421,17 +411,7 @@ async fn duplicate_plugin_names_are_refused_and_plugins_list_answers_over_nats()
 #[tokio::test]
 async fn node_info_describes_the_machine_and_why_it_offers_no_gpu() {
     let cluster = Cluster::start(ClusterOptions::default()).await.unwrap();
-    let view: rhizos_broker::wire::NodeView = cluster
-        .bus
-        .request(
-            cluster.bus.subjects.node_info(),
-            &rhizos_broker::wire::NodeRef {
-                v: rhizos_broker::wire::WIRE_VERSION,
-                node_id: "node-0".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let view: rhizos_broker::wire::NodeView = cluster.client().node_info("node-0").await.unwrap();
     let hardware = view.hardware.expect("the agent registers its hardware");
     assert!(hardware.cpu_threads >= hardware.cpu_cores && hardware.cpu_cores >= 1);
     assert!(!hardware.os.is_empty() && !hardware.kernel.is_empty());

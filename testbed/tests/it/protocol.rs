@@ -14,7 +14,13 @@ async fn malformed_oversized_and_wrong_version_requests_get_errors_and_serving_c
     let cluster = cluster().await;
     cluster.funded_account("erin", 1_000_000).await.unwrap();
     let bus = &cluster.bus;
-    let submit = bus.subjects.job_submit();
+    let submit = bus
+        .subjects
+        .op(
+            rhizos_broker::CtlOp::JobSubmit,
+            &rhizos_broker::Caller::user("erin"),
+        )
+        .unwrap();
     let valid = serde_json::to_value(submit_request(
         "erin",
         "ok-1",
@@ -163,7 +169,7 @@ async fn the_same_result_reported_twice_is_settled_once() {
             },
         },
     };
-    let subject = cluster.bus.subjects.job_report();
+    let subject = cluster.bus.subject_for(&replay).unwrap();
     let ack: Ack = cluster.bus.request(subject.clone(), &replay).await.unwrap();
     assert_eq!(
         ack,
@@ -184,7 +190,19 @@ async fn the_same_result_reported_twice_is_settled_once() {
         node_id: "node-9".into(),
         ..replay
     };
-    let ack: Ack = cluster.bus.request(subject, &wrong_node).await.unwrap();
+    // In node-0's name: refused before the store is asked (a node reports only as itself).
+    let error = cluster
+        .bus
+        .request::<_, Ack>(subject, &wrong_node)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.remote().unwrap().code,
+        ErrorCode::Forbidden,
+        "{error}"
+    );
+    // In its own name: not the job's node, so not accepted.
+    let ack: Ack = cluster.client().job_report(&wrong_node).await.unwrap();
     assert!(!ack.accepted);
 
     assert_eq!(balances(&cluster), before);

@@ -5,8 +5,8 @@ use crate::common::*;
 use futures::StreamExt as _;
 use rhizos_broker::server::{LaunchOptions, NatsServer};
 use rhizos_broker::wire::{
-    AccountRef, AccountView, Deposit, Event, EventBody, JobRef, JobState, JobView, LedgerReport,
-    NodeList, VerifyLedger, WIRE_VERSION,
+    AccountRef, AccountView, CreateAccount, Deposit, Event, EventBody, JobRef, JobState, JobView,
+    LedgerReport, ListNodes, NodeList, VerifyLedger, WIRE_VERSION,
 };
 use rhizos_broker::{Bus, Settings};
 use rhizos_core::Agent;
@@ -49,6 +49,7 @@ fn start_orchestrator(settings: &Settings, data_dir: &std::path::Path) -> Daemon
         ])
         .arg(data_dir)
         .env("RUST_LOG", "info")
+        .env("RHIZOS_ORCHESTRATOR__OPEN_REGISTRATION", "true")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -57,14 +58,11 @@ fn start_orchestrator(settings: &Settings, data_dir: &std::path::Path) -> Daemon
 }
 
 /// Retries a request while the orchestrator is (re)starting.
-async fn request<T: serde::de::DeserializeOwned>(
-    bus: &Bus,
-    subject: String,
-    body: &impl serde::Serialize,
-) -> T {
+async fn request<R: rhizos_broker::Request>(bus: &Bus, body: &R) -> R::Reply {
+    let subject = R::OP;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match bus.request(subject.clone(), body).await {
+        match bus.call(body).await {
             Ok(reply) => return reply,
             Err(e) if e.remote().is_none() && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -79,7 +77,6 @@ async fn wait_for(bus: &Bus, job_id: &str, done: impl Fn(&JobView) -> bool) -> J
     loop {
         let job: JobView = request(
             bus,
-            bus.subjects.job_get(),
             &JobRef {
                 v: WIRE_VERSION,
                 job_id: job_id.into(),
@@ -100,6 +97,7 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     let nats = NatsServer::start(LaunchOptions {
         port: None,
         data_dir: Some(dir.path().join("nats")),
+        authorization: None,
     })
     .unwrap();
     let mut settings = Settings::default();
@@ -137,12 +135,7 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     let bus = Bus::connect(&settings.nats).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let list: NodeList = request(
-            &bus,
-            bus.subjects.node_list(),
-            &VerifyLedger { v: WIRE_VERSION },
-        )
-        .await;
+        let list: NodeList = request(&bus, &ListNodes { v: WIRE_VERSION }).await;
         if !list.nodes.is_empty() {
             break;
         }
@@ -151,8 +144,7 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     }
     let _: AccountView = request(
         &bus,
-        bus.subjects.account_create(),
-        &AccountRef {
+        &CreateAccount {
             v: WIRE_VERSION,
             account: "kim".into(),
         },
@@ -164,15 +156,14 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
         amount_micros: 2_000_000,
         idempotency_key: Some("d1".into()),
     };
-    let _: AccountView = request(&bus, bus.subjects.account_deposit(), &deposit).await;
+    let _: AccountView = request(&bus, &deposit).await;
     let module = demo();
     for (job_id, args) in [
         ("first", ["count", "15", "100"]),
         ("second", ["count", "2", "0"]),
     ] {
         let submit = submit_request("kim", job_id, wasm_spec(&module, &args, 20_000), 500_000);
-        let _: rhizos_broker::wire::SubmitJobReply =
-            request(&bus, bus.subjects.job_submit(), &submit).await;
+        let _: rhizos_broker::wire::SubmitJobReply = request(&bus, &submit).await;
     }
     wait_for(&bus, "first", |j| j.state == JobState::Running).await;
     assert_eq!(
@@ -205,17 +196,11 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
         "{second:?}"
     );
 
-    let report: LedgerReport = request(
-        &bus,
-        bus.subjects.ledger_verify(),
-        &VerifyLedger { v: WIRE_VERSION },
-    )
-    .await;
+    let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
     assert!(report.ok, "{:?}", report.problems);
     assert_eq!(report.jobs_checked, 2);
     let account: AccountView = request(
         &bus,
-        bus.subjects.account_balance(),
         &AccountRef {
             v: WIRE_VERSION,
             account: "kim".into(),
@@ -232,7 +217,7 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     for job in [&first, &second] {
         let consumer = stream
             .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-                filter_subjects: bus.subjects.job_events_of(&job.job_id).unwrap(),
+                filter_subjects: bus.subjects.job_events_of(None, &job.job_id).unwrap(),
                 ..Default::default()
             })
             .await

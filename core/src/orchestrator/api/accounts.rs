@@ -2,10 +2,12 @@
 
 use super::super::Orchestrator;
 use super::super::validate::{limits::MAX_COST_MICROS, party_account, token};
-use rhizos_broker::validate_token;
+use super::own_account;
 use rhizos_broker::wire::{
     self, AccountRef, CreateAccount, Deposit, ErrorCode, StatementRequest, VerifyLedger, WireError,
+    Withdraw,
 };
+use rhizos_broker::{Caller, validate_token};
 
 impl Orchestrator {
     pub(in crate::orchestrator) async fn account_create(
@@ -44,19 +46,51 @@ impl Orchestrator {
         .await
     }
 
+    pub(in crate::orchestrator) async fn account_withdraw(
+        &self,
+        request: Withdraw,
+    ) -> Result<wire::AccountView, WireError> {
+        party_account("account", &request.account)?;
+        token(validate_token("idempotency key", &request.idempotency_key))?;
+        if request.amount_micros <= 0 || request.amount_micros > MAX_COST_MICROS {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "withdrawal must be between 1 and {MAX_COST_MICROS} micro-USD, got {}",
+                    request.amount_micros
+                ),
+            ));
+        }
+        let view = self
+            .db(move |store| {
+                store.withdraw(
+                    &request.account,
+                    request.amount_micros,
+                    &request.idempotency_key,
+                )
+            })
+            .await?;
+        tracing::info!(account = %view.account, balance_micros = view.balance_micros, "withdrawal");
+        Ok(view)
+    }
+
     pub(in crate::orchestrator) async fn account_balance(
         &self,
+        caller: Caller,
         request: AccountRef,
     ) -> Result<wire::AccountView, WireError> {
         token(validate_token("account", &request.account))?;
+        own_account(&caller, &request.account)?;
         self.db(move |store| store.account(&request.account)).await
     }
 
     pub(in crate::orchestrator) async fn account_statement(
         &self,
+        caller: Caller,
         request: StatementRequest,
     ) -> Result<wire::Statement, WireError> {
         token(validate_token("account", &request.account))?;
+        own_account(&caller, &request.account)?;
         let limit = request.limit.unwrap_or(100);
         self.db(move |store| store.statement(&request.account, limit))
             .await

@@ -4,18 +4,24 @@
 use super::super::Orchestrator;
 use super::super::modules;
 use super::super::store::{JobRecord, ReportEffect, StoreError};
-use super::super::validate::{token, validate_submit};
+use super::super::validate::{party_account, token, validate_submit};
+use super::{forbidden, own_account};
 use rhizos_broker::validate_token;
 use rhizos_broker::wire::{
-    self, Ack, CancelJob, JobList, JobRef, JobReport, JobState, ListJobs, ReportPhase, SubmitJob,
-    SubmitJobReply, WireError, Workload,
+    self, Ack, CancelJob, ErrorCode, JobList, JobRef, JobReport, JobState, ListJobs, ReportPhase,
+    SubmitJob, SubmitJobReply, WireError, Workload,
 };
+use rhizos_broker::{Caller, Role};
 
 impl Orchestrator {
     pub(in crate::orchestrator) async fn submit(
         &self,
+        caller: Caller,
         mut request: SubmitJob,
     ) -> Result<SubmitJobReply, WireError> {
+        // Charged to the caller's own account only (the subject says who calls, not the payload).
+        party_account("account", &request.account)?;
+        own_account(&caller, &request.account)?;
         if let Workload::Module { uri } = &request.spec.workload {
             let resolved = self.resolve_module(uri).await?;
             request.spec = modules::materialize(&resolved.manifest, &request.spec)?;
@@ -56,9 +62,13 @@ impl Orchestrator {
             Some((node_id, attempt, fuel_limit)) => {
                 job.state = JobState::Assigned;
                 let this = self.clone();
-                let (id, mut spec) = (job.job_id.clone(), request.spec);
+                let (id, account, mut spec) =
+                    (job.job_id.clone(), job.account.clone(), request.spec);
                 spec.fuel_limit = fuel_limit;
-                tokio::spawn(async move { this.send_assignment(id, attempt, spec, node_id).await });
+                tokio::spawn(async move {
+                    this.send_assignment(id, account, attempt, spec, node_id)
+                        .await
+                });
             }
             None => self.inner.dispatch_wake.notify_one(),
         }
@@ -70,19 +80,27 @@ impl Orchestrator {
 
     pub(in crate::orchestrator) async fn get_job(
         &self,
+        caller: Caller,
         request: JobRef,
     ) -> Result<wire::JobView, WireError> {
         token(validate_token("job id", &request.job_id))?;
         let job = self.db(move |store| store.get_job(&request.job_id)).await?;
+        own_job(&caller, &job.job_id, &job.account)?;
         Ok(job_view(job))
     }
 
     pub(in crate::orchestrator) async fn list_jobs(
         &self,
-        request: ListJobs,
+        caller: Caller,
+        mut request: ListJobs,
     ) -> Result<JobList, WireError> {
         if let Some(account) = &request.account {
             token(validate_token("account", account))?;
+            own_account(&caller, account)?;
+        }
+        if caller.role == Role::User {
+            // A user lists its own jobs, whether it names its account or not.
+            request.account = Some(caller.name);
         }
         let limit = request.limit.unwrap_or(50);
         let jobs = self
@@ -95,10 +113,17 @@ impl Orchestrator {
 
     pub(in crate::orchestrator) async fn cancel_job(
         &self,
+        caller: Caller,
         request: CancelJob,
     ) -> Result<wire::JobView, WireError> {
         token(validate_token("job id", &request.job_id))?;
-        let effect = self.db(move |store| store.cancel(&request.job_id)).await?;
+        let effect = self
+            .db(move |store| {
+                let job = store.get_job(&request.job_id)?;
+                own_job(&caller, &job.job_id, &job.account)?;
+                store.cancel(&request.job_id).map_err(WireError::from)
+            })
+            .await?;
         self.inner.outbox_wake.notify_one();
         if let Some((node_id, attempt)) = effect.stop {
             self.send_stop(&node_id, &effect.job.job_id, attempt).await;
@@ -108,10 +133,17 @@ impl Orchestrator {
 
     pub(in crate::orchestrator) async fn report(
         &self,
+        caller: Caller,
         report: JobReport,
     ) -> Result<Ack, WireError> {
         token(validate_token("job id", &report.job_id))?;
         token(validate_token("node id", &report.node_id))?;
+        if caller.name != report.node_id {
+            return Err(forbidden(format!(
+                "{caller} may not report for node {}: a node reports only its own executions",
+                report.node_id
+            )));
+        }
         let max_output = self.inner.settings.max_output_bytes;
         let JobReport {
             node_id,
@@ -152,6 +184,23 @@ impl Orchestrator {
                 }
             }
         })
+    }
+}
+
+/// A user sees and acts on only its own account's jobs; the operator on all. A job of another
+/// account is reported as not found, so its id's existence is not disclosed either.
+pub(in crate::orchestrator) fn own_job(
+    caller: &Caller,
+    job_id: &str,
+    account: &str,
+) -> Result<(), WireError> {
+    match caller.role {
+        Role::Operator => Ok(()),
+        Role::User if caller.name == account => Ok(()),
+        _ => Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("no job {job_id} in account {}", caller.name),
+        )),
     }
 }
 

@@ -14,7 +14,7 @@ mod receipts;
 
 use super::Orchestrator;
 use rhizos_broker::wire::{self, ErrorCode, Reply, WireError};
-use rhizos_broker::{CtlOp, Request};
+use rhizos_broker::{Caller, CtlOp, Request, Role};
 use serde::Serialize;
 
 impl Orchestrator {
@@ -23,34 +23,53 @@ impl Orchestrator {
             tracing::debug!(subject = %message.subject, "request without reply subject ignored");
             return;
         };
-        let operation = self.inner.bus.subjects.orchestrator_op(&message.subject);
-        let reply = match operation {
-            Some(op) => self.serve_op(op, &message.payload).await,
-            None => unsupported(&message.subject),
+        let call = self.inner.bus.subjects.orchestrator_call(&message.subject);
+        let reply = match &call {
+            Some(Ok((caller, op))) if op.allows(caller.role) => {
+                self.serve_op(*op, caller, &message.payload).await
+            }
+            Some(Ok((caller, op))) => {
+                tracing::warn!(%caller, operation = %op, "operation refused: not this role's");
+                encode_reply::<()>(Err(forbidden(format!(
+                    "{caller} may not call {op} (allowed: {})",
+                    op.callers()
+                        .iter()
+                        .map(|r| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))))
+            }
+            Some(Err(_)) | None => unsupported(&message.subject),
         };
         if let Err(e) = self.inner.bus.client.publish(reply_to, reply).await {
-            tracing::warn!(error = %e, operation = ?operation.map(CtlOp::as_str), "failed to send reply");
+            tracing::warn!(error = %e, subject = %message.subject, "failed to send reply");
         }
     }
 
-    async fn serve_op(&self, op: CtlOp, payload: &[u8]) -> bytes::Bytes {
+    /// Serves `op` for `caller` (whose role may call it). Each handler checks the rest: that
+    /// what the payload names (an account, a job, a node) is the caller's own.
+    async fn serve_op(&self, op: CtlOp, caller: &Caller, payload: &[u8]) -> bytes::Bytes {
+        let c = caller.clone();
         match op {
-            CtlOp::JobSubmit => self.serve(payload, |r| self.submit(r)).await,
-            CtlOp::JobGet => self.serve(payload, |r| self.get_job(r)).await,
-            CtlOp::JobList => self.serve(payload, |r| self.list_jobs(r)).await,
-            CtlOp::JobCancel => self.serve(payload, |r| self.cancel_job(r)).await,
-            CtlOp::JobReport => self.serve(payload, |r| self.report(r)).await,
+            CtlOp::JobSubmit => self.serve(payload, |r| self.submit(c, r)).await,
+            CtlOp::JobGet => self.serve(payload, |r| self.get_job(c, r)).await,
+            CtlOp::JobList => self.serve(payload, |r| self.list_jobs(c, r)).await,
+            CtlOp::JobCancel => self.serve(payload, |r| self.cancel_job(c, r)).await,
+            CtlOp::JobReport => self.serve(payload, |r| self.report(c, r)).await,
             CtlOp::AccountCreate => self.serve(payload, |r| self.account_create(r)).await,
             CtlOp::AccountDeposit => self.serve(payload, |r| self.account_deposit(r)).await,
-            CtlOp::AccountBalance => self.serve(payload, |r| self.account_balance(r)).await,
-            CtlOp::AccountStatement => self.serve(payload, |r| self.account_statement(r)).await,
-            CtlOp::NodeRegister => self.serve(payload, |r| self.register_node(r)).await,
+            CtlOp::AccountWithdraw => self.serve(payload, |r| self.account_withdraw(r)).await,
+            CtlOp::AccountBalance => self.serve(payload, |r| self.account_balance(c, r)).await,
+            CtlOp::AccountStatement => self.serve(payload, |r| self.account_statement(c, r)).await,
+            CtlOp::NodeRegister => self.serve(payload, |r| self.register_node(c, r)).await,
             CtlOp::NodeList => self.serve(payload, |r| self.node_list(r)).await,
             CtlOp::NodeInfo => self.serve(payload, |r| self.node_info(r)).await,
+            CtlOp::NodeEnroll => self.serve(payload, |r| self.node_enroll(r)).await,
+            CtlOp::NodeRemove => self.serve(payload, |r| self.node_remove(r)).await,
             CtlOp::LedgerVerify => self.serve(payload, |r| self.ledger_verify(r)).await,
             CtlOp::ModuleResolve => self.serve(payload, |r| self.module_resolve(r)).await,
             CtlOp::ModuleList => self.serve(payload, |r| self.module_list(r)).await,
-            CtlOp::ReceiptGet => self.serve(payload, |r| self.receipt_get(r)).await,
+            CtlOp::ReceiptGet => self.serve(payload, |r| self.receipt_get(c, r)).await,
             // Served by each node's agent on its own subject; never subscribed to here.
             CtlOp::JobAssign | CtlOp::JobStop | CtlOp::NodePlugins => {
                 unsupported(&format!("{op} (it is served by each node's agent)"))
@@ -80,11 +99,30 @@ impl Orchestrator {
     }
 }
 
+/// The caller may not do this, or the object is another party's.
+pub(in crate::orchestrator) fn forbidden(message: String) -> WireError {
+    WireError::new(ErrorCode::Forbidden, message)
+}
+
+/// A user may act only for its own account; the operator for any.
+pub(in crate::orchestrator) fn own_account(
+    caller: &Caller,
+    account: &str,
+) -> Result<(), WireError> {
+    match caller.role {
+        Role::Operator => Ok(()),
+        Role::User if caller.name == account => Ok(()),
+        _ => Err(forbidden(format!(
+            "{caller} may not act for account {account}: a user acts only for its own account"
+        ))),
+    }
+}
+
 fn unsupported(subject: &str) -> bytes::Bytes {
     encode_reply::<()>(Err(WireError::new(
         ErrorCode::UnsupportedSubject,
         format!(
-            "unsupported subject {subject}: the orchestrator serves the rhizos.ctl.v1.<ns>.<noun>.<verb> subjects in the README's table"
+            "unsupported subject {subject}: the orchestrator serves the rhizos.ctl.v1.<ns>.<role>.<name>.<noun>.<verb> subjects in the README's table"
         ),
     )))
 }

@@ -4,16 +4,28 @@
 use super::super::Orchestrator;
 use super::super::matching::provider_tier;
 use super::super::validate::{party_account, token};
-use rhizos_broker::validate_token;
-use rhizos_broker::wire::{self, Ack, ErrorCode, ListNodes, NodeRef, RegisterNode, WireError};
+use super::forbidden;
+use rhizos_broker::wire::{
+    self, Ack, EnrollNode, Enrolment, ErrorCode, ListNodes, NodeRef, RegisterNode, RemoveNode,
+    WireError,
+};
+use rhizos_broker::{Caller, validate_token};
 
 impl Orchestrator {
     pub(in crate::orchestrator) async fn register_node(
         &self,
+        caller: Caller,
         registration: RegisterNode,
     ) -> Result<Ack, WireError> {
         token(validate_token("node id", &registration.node_id))?;
         party_account("provider account", &registration.provider_account)?;
+        if caller.name != registration.node_id {
+            return Err(forbidden(format!(
+                "{caller} may not register as node {}",
+                registration.node_id
+            )));
+        }
+        self.check_enrolment(&registration).await?;
         for backend in &registration.backends {
             token(validate_token("backend", backend))?;
         }
@@ -52,6 +64,72 @@ impl Orchestrator {
             accepted: true,
             note: None,
         })
+    }
+
+    /// A node registers only as it was enrolled: with the provider account the operator fixed
+    /// and not after its removal. Without an enrolment it may register only when
+    /// `[orchestrator] open_registration` is on (a network without authentication).
+    async fn check_enrolment(&self, registration: &RegisterNode) -> Result<(), WireError> {
+        let node_id = registration.node_id.clone();
+        let enrolment = self.db(move |store| store.enrolment(&node_id)).await?;
+        match enrolment {
+            Some(e) if e.removed_ms.is_some() => Err(forbidden(format!(
+                "node {} was removed by the operator: enrol it again to let it register",
+                e.node_id
+            ))),
+            Some(e) if e.provider_account != registration.provider_account => {
+                Err(forbidden(format!(
+                    "node {} is enrolled to pay provider account {}, not {}: the provider account is fixed at enrolment",
+                    e.node_id, e.provider_account, registration.provider_account
+                )))
+            }
+            Some(_) => Ok(()),
+            None if self.inner.settings.open_registration => Ok(()),
+            None => Err(forbidden(format!(
+                "node {} is not enrolled: the operator enrols it with `rhizos node enroll {} --provider-account <account>`",
+                registration.node_id, registration.node_id
+            ))),
+        }
+    }
+
+    pub(in crate::orchestrator) async fn node_enroll(
+        &self,
+        request: EnrollNode,
+    ) -> Result<Enrolment, WireError> {
+        token(validate_token("node id", &request.node_id))?;
+        party_account("provider account", &request.provider_account)?;
+        if let Some(key) = &request.public_key
+            && nkeys::KeyPair::from_public_key(key).is_err()
+        {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("public_key {key:?} is not an nkey public key"),
+            ));
+        }
+        let enrolment = self
+            .db(move |store| {
+                store.enroll(
+                    &request.node_id,
+                    &request.provider_account,
+                    request.public_key.as_deref(),
+                )
+            })
+            .await?;
+        tracing::info!(node_id = %enrolment.node_id, provider_account = %enrolment.provider_account, "node enrolled");
+        Ok(enrolment)
+    }
+
+    pub(in crate::orchestrator) async fn node_remove(
+        &self,
+        request: RemoveNode,
+    ) -> Result<Enrolment, WireError> {
+        token(validate_token("node id", &request.node_id))?;
+        let node_id = request.node_id.clone();
+        let enrolment = self
+            .db(move |store| store.remove_enrolment(&node_id))
+            .await?;
+        tracing::info!(node_id = %request.node_id, "node removed");
+        Ok(enrolment)
     }
 
     /// Recounts every node's committed resources from the database (forgetting attempts that

@@ -5,21 +5,23 @@
 use super::super::Orchestrator;
 use super::super::store::ClosedJob;
 use super::super::validate::token;
-use rhizos_broker::validate_token;
 use rhizos_broker::wire::{
     ErrorCode, GetReceipt, RECEIPT_VERSION, ReceiptBody, SignedReceipt, WireError,
 };
+use rhizos_broker::{Caller, validate_token};
 use serde::Serialize;
 
 impl Orchestrator {
     pub(in crate::orchestrator) async fn receipt_get(
         &self,
+        caller: Caller,
         request: GetReceipt,
     ) -> Result<SignedReceipt, WireError> {
         token(validate_token("job id", &request.job_id))?;
         let closed = self
             .db(move |store| store.closed_job(&request.job_id))
             .await?;
+        super::jobs::own_job(&caller, &closed.record.job_id, &closed.record.account)?;
         let body = receipt_body(closed, self.inner.settings.fee_bps);
         SignedReceipt::sign(&body, &self.inner.signing_key)
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("cannot sign: {e}")))

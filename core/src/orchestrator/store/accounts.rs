@@ -49,6 +49,33 @@ impl Store {
         self.account(account)
     }
 
+    /// Pays `amount_micros` out of `account` to `external`, once per `key`: a retry after the
+    /// money left changes nothing and answers the balance now. Never below zero.
+    pub fn withdraw(
+        &mut self,
+        account: &str,
+        amount_micros: i64,
+        key: &str,
+    ) -> Result<AccountView, StoreError> {
+        if amount_micros <= 0 {
+            return Err(LedgerError::NonPositive(amount_micros).into());
+        }
+        let tx = self.tx()?;
+        if ledger::balance(&tx, account)?.is_none() {
+            return Err(no_account(account));
+        }
+        ledger::post(
+            &tx,
+            &format!("withdraw:{account}:{key}"),
+            TxKind::Withdraw,
+            None,
+            &[(account, -amount_micros), (ledger::EXTERNAL, amount_micros)],
+            now_ms(),
+        )?;
+        tx.commit()?;
+        self.account(account)
+    }
+
     pub fn account(&self, account: &str) -> Result<AccountView, StoreError> {
         let balance = ledger::balance(&self.conn, account)?.ok_or_else(|| no_account(account))?;
         let held_micros: i64 = query_row(

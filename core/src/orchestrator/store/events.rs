@@ -27,6 +27,9 @@ pub enum DomainEvent {
     /// A job changed state.
     Job {
         job_id: String,
+        /// The payer (events recorded before it was carried have none).
+        #[serde(default)]
+        account: String,
         state: JobState,
         attempt: u32,
         node_id: Option<String>,

@@ -150,7 +150,7 @@ impl Store {
     /// Pending jobs, oldest first.
     pub fn pending_jobs(&mut self, limit: usize) -> Result<Vec<PendingJob>, StoreError> {
         let mut statement = self.conn.prepare_cached(
-            "SELECT id, max_cost_micros, attempt, updated_ms FROM jobs WHERE state = 'pending'
+            "SELECT id, max_cost_micros, attempt, updated_ms, account_id FROM jobs WHERE state = 'pending'
                  ORDER BY created_ms, id LIMIT ?1",
         )?;
         let rows = statement
@@ -160,15 +160,17 @@ impl Store {
                     r.get(1)?,
                     r.get(2)?,
                     r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         drop(statement);
         let mut jobs = Vec::with_capacity(rows.len());
-        for (job_id, max_cost_micros, attempt, pending_since_ms) in rows {
+        for (job_id, max_cost_micros, attempt, pending_since_ms, account) in rows {
             let spec = self.pending_spec(&job_id)?;
             jobs.push(PendingJob {
                 job_id,
+                account,
                 spec,
                 max_cost_micros,
                 attempt,

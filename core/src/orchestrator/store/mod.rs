@@ -21,6 +21,7 @@
 
 mod accounts;
 pub mod ending;
+mod enrolments;
 mod escrow;
 pub mod events;
 mod jobs;
@@ -81,6 +82,8 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct PendingJob {
     pub job_id: String,
+    /// The payer.
+    pub account: String,
     pub spec: std::sync::Arc<JobSpec>,
     pub max_cost_micros: i64,
     pub attempt: u32,

@@ -89,10 +89,18 @@ impl Ctx {
         reason: Option<&str>,
         now: u64,
     ) -> Result<(), StoreError> {
+        // The paying account names the event's subject (only it may subscribe there).
+        let account: String = crate::ledger::query_row(
+            tx,
+            "SELECT account_id FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| r.get(0),
+        )?;
         self.emit(
             tx,
             DomainEvent::Job {
                 job_id: job_id.to_owned(),
+                account,
                 state,
                 attempt,
                 node_id: node_id.map(str::to_owned),

@@ -123,6 +123,20 @@ const MIGRATIONS: &[Migration] = &[
             )
         },
     },
+    Migration {
+        name: "0004 enrolments: node ids and provider accounts fixed by the operator",
+        apply: |conn| {
+            conn.execute_batch(
+                "CREATE TABLE enrolments (
+                    node_id TEXT PRIMARY KEY,
+                    provider_account TEXT NOT NULL,
+                    public_key TEXT,
+                    enrolled_ms INTEGER NOT NULL,
+                    removed_ms INTEGER
+                 );",
+            )
+        },
+    },
 ];
 
 /// The schema version this release writes.

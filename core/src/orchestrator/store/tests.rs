@@ -178,12 +178,12 @@ fn hold_settle_and_replays_move_money_exactly_once() {
     assert_eq!(
         subjects,
         [
-            "rhizos.evt.v1.t.job.pending.j1",
-            "rhizos.evt.v1.t.escrow.held.j1",
-            "rhizos.evt.v1.t.job.assigned.j1",
-            "rhizos.evt.v1.t.job.running.j1",
-            "rhizos.evt.v1.t.job.succeeded.j1",
-            "rhizos.evt.v1.t.escrow.settled.j1",
+            "rhizos.evt.v1.t.u.u.job.pending.j1",
+            "rhizos.evt.v1.t.u.u.escrow.held.j1",
+            "rhizos.evt.v1.t.u.u.job.assigned.j1",
+            "rhizos.evt.v1.t.u.u.job.running.j1",
+            "rhizos.evt.v1.t.u.u.job.succeeded.j1",
+            "rhizos.evt.v1.t.u.u.escrow.settled.j1",
         ]
     );
 }

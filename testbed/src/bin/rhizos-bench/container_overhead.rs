@@ -150,12 +150,12 @@ async fn rhizos_runs(image: &str, runs: usize) -> anyhow::Result<(Vec<Duration>,
         let mut logs = cluster
             .bus
             .client
-            .subscribe(cluster.bus.subjects.job_log(&job_id)?)
+            .subscribe(cluster.bus.subjects.job_logs_of(Some("bench"), &job_id)?)
             .await?;
         let mut events = cluster
             .bus
             .client
-            .subscribe(cluster.bus.subjects.job_events_of(&job_id)?[0].clone())
+            .subscribe(cluster.bus.subjects.job_events_of(Some("bench"), &job_id)?[0].clone())
             .await?;
         cluster.bus.client.flush().await?;
         let request = SubmitJob {

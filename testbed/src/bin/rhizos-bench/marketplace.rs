@@ -101,14 +101,16 @@ pub async fn run(
     let running_events = cluster
         .bus
         .client
-        .subscribe(wildcard(subjects.job_event("running", "x")?))
+        .subscribe(wildcard(subjects.job_event("load", "running", "x")?))
         .await?;
     let mut settled_events = cluster
         .bus
         .client
-        .subscribe(wildcard(
-            subjects.escrow_event(EscrowEventKind::Settled, "x")?,
-        ))
+        .subscribe(wildcard(subjects.escrow_event(
+            "load",
+            EscrowEventKind::Settled,
+            "x",
+        )?))
         .await?;
     cluster.bus.client.flush().await?;
     let submitted_at: SubmittedAt = Arc::default();

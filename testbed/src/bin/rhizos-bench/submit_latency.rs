@@ -56,7 +56,7 @@ pub async fn run(jobs: usize) -> anyhow::Result<Report> {
         let mut events = cluster
             .bus
             .client
-            .subscribe(cluster.bus.subjects.job_events_of(&job_id)?[0].clone())
+            .subscribe(cluster.bus.subjects.job_events_of(Some("bench"), &job_id)?[0].clone())
             .await?;
         cluster.bus.client.flush().await?;
         let request = SubmitJob {

@@ -61,7 +61,7 @@ pub async fn run(jobs: usize, agents: usize, concurrency: usize) -> anyhow::Resu
     let settled_wildcard = cluster
         .bus
         .subjects
-        .escrow_event(EscrowEventKind::Settled, "x")?
+        .escrow_event("wasm", EscrowEventKind::Settled, "x")?
         .trim_end_matches('x')
         .to_owned()
         + "*";

@@ -1,0 +1,585 @@
+//! Identity and permissions with authentication on (a real `nats-server` that lets in only the
+//! cluster's nkeys): a hostile user and a hostile node try everything they must not do. Each
+//! attempt is refused — by the server (a permission violation: the message never reaches anyone)
+//! or by the orchestrator (an error reply) — and afterwards the ledger verifies and every
+//! balance is exact to the micro.
+
+use crate::common::*;
+use rhizos_broker::wire::{
+    self, ErrorCode, ExecutionOutcome, ExitKind, JobReport, JobState, ReportPhase, WIRE_VERSION,
+};
+use rhizos_broker::{Bus, Caller, Client, Credentials, CtlOp};
+use rhizos_testbed::cluster::{credentials_path, wasm_spec};
+use rhizos_testbed::{Cluster, ClusterOptions};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const USD: i64 = 1_000_000;
+
+/// A connection as `caller` that records the server's errors (permission violations).
+async fn connect_as(cluster: &Cluster, caller: &Caller) -> (Bus, Arc<Mutex<Vec<String>>>) {
+    let settings = cluster.settings_as(caller).unwrap();
+    let creds = Credentials::load(settings.credentials.as_ref().unwrap()).unwrap();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = errors.clone();
+    let client = async_nats::ConnectOptions::new()
+        .nkey(creds.seed.clone())
+        .custom_inbox_prefix(caller.inbox_prefix())
+        .request_timeout(Some(Duration::from_millis(1_500)))
+        .event_callback(move |event| {
+            let seen = seen.clone();
+            async move { seen.lock().unwrap().push(event.to_string()) }
+        })
+        .connect(settings.url.as_str())
+        .await
+        .unwrap();
+    let bus = Bus {
+        jetstream: async_nats::jetstream::new(client.clone()),
+        client,
+        subjects: cluster.bus.subjects.clone(),
+        request_timeout: Duration::from_millis(1_500),
+        identity: Some(caller.clone()),
+    };
+    (bus, errors)
+}
+
+/// Waits until the server reported a permission violation naming `subject`.
+async fn violation(errors: &Arc<Mutex<Vec<String>>>, subject: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if errors
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.contains("Permissions Violation") && e.contains(subject))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no permission violation for {subject}: {:?}",
+            errors.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn refused(result: Result<impl std::fmt::Debug, rhizos_broker::RequestError>, code: ErrorCode) {
+    match result {
+        Err(e) => assert_eq!(e.remote().map(|r| r.code), Some(code), "{e}"),
+        Ok(reply) => panic!("expected {code:?}, got {reply:?}"),
+    }
+}
+
+async fn secure_cluster(agents: usize) -> Cluster {
+    Cluster::start(ClusterOptions {
+        agents,
+        secure: true,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("secure cluster starts")
+}
+
+#[tokio::test]
+async fn a_hostile_user_can_neither_move_money_nor_touch_another_accounts_jobs() {
+    let cluster = secure_cluster(1).await;
+    let operator = cluster.client();
+    cluster.funded_account("alice", 2 * USD).await.unwrap();
+    cluster.funded_account("mallory", USD).await.unwrap();
+    let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
+    let (mallory_bus, errors) = connect_as(&cluster, &Caller::user("mallory")).await;
+    let mallory = Client::new(mallory_bus.clone());
+
+    // Alice's job runs (she watches her own events: allowed).
+    let mut alice_events = alice
+        .bus()
+        .client
+        .subscribe(alice.bus().subjects.account_events("alice").unwrap())
+        .await
+        .unwrap();
+    let request = submit_request(
+        "alice",
+        "alice-1",
+        wasm_spec(&demo(), &["count", "2"], 30_000),
+        USD,
+    );
+    alice.submit(&request).await.unwrap();
+
+    // Error replies from the orchestrator (the server lets mallory publish as mallory).
+    refused(
+        mallory
+            .account_deposit("mallory", 100 * USD, Some("mint"))
+            .await,
+        ErrorCode::Forbidden,
+    );
+    refused(
+        mallory.account_withdraw("mallory", USD, "w1").await,
+        ErrorCode::Forbidden,
+    );
+    refused(
+        mallory.account_create("mallory2").await,
+        ErrorCode::Forbidden,
+    );
+    let charged_to_alice = submit_request(
+        "alice",
+        "m-1",
+        wasm_spec(&demo(), &["count", "1"], 30_000),
+        USD,
+    );
+    refused(
+        mallory.submit(&charged_to_alice).await,
+        ErrorCode::Forbidden,
+    );
+    refused(mallory.job_get("alice-1").await, ErrorCode::NotFound);
+    refused(mallory.job_cancel("alice-1").await, ErrorCode::NotFound);
+    refused(
+        mallory.job_list(Some("alice"), None, None).await,
+        ErrorCode::Forbidden,
+    );
+    assert!(
+        mallory
+            .job_list(None, None, None)
+            .await
+            .unwrap()
+            .jobs
+            .is_empty(),
+        "mallory sees only her own jobs"
+    );
+    refused(mallory.account_balance("alice").await, ErrorCode::Forbidden);
+    refused(
+        mallory.account_statement("alice", None).await,
+        ErrorCode::Forbidden,
+    );
+    refused(mallory.ledger_verify().await, ErrorCode::Forbidden);
+    refused(
+        mallory.node_enroll("evil", "mallory", None).await,
+        ErrorCode::Forbidden,
+    );
+    let registration = wire::RegisterNode {
+        node_id: "mallory".into(),
+        ..cluster.agents[0].registration()
+    };
+    refused(mallory_bus.call(&registration).await, ErrorCode::Forbidden);
+
+    let job = cluster
+        .wait_for_end("alice-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    refused(mallory.receipt_get("alice-1").await, ErrorCode::NotFound);
+    alice.receipt_get("alice-1").await.unwrap();
+    assert!(
+        alice_events.next_timeout().await,
+        "alice sees her own job's events"
+    );
+
+    // Refused by the server: acting as alice, reading her events and logs, the event stream,
+    // JetStream's API, commanding an agent.
+    let as_alice = mallory_bus
+        .subjects
+        .op(CtlOp::AccountDeposit, &Caller::user("alice"))
+        .unwrap();
+    assert!(
+        mallory_bus
+            .request::<_, wire::AccountView>(as_alice.clone(), &serde_json::json!({}))
+            .await
+            .is_err()
+    );
+    violation(&errors, &as_alice).await;
+    let mut snoop = mallory_bus
+        .client
+        .subscribe(mallory_bus.subjects.account_events("alice").unwrap())
+        .await
+        .unwrap();
+    violation(&errors, "rhizos.evt").await;
+    let logs_of_alice = mallory_bus
+        .subjects
+        .job_logs_of(Some("alice"), "alice-2")
+        .unwrap();
+    let mut snoop_logs = mallory_bus.client.subscribe(logs_of_alice).await.unwrap();
+    violation(&errors, "rhizos.out").await;
+    let stream_name = mallory_bus.subjects.event_stream();
+    assert!(
+        mallory_bus
+            .jetstream
+            .get_stream(&stream_name)
+            .await
+            .is_err()
+    );
+    assert!(
+        mallory_bus
+            .jetstream
+            .delete_stream(&stream_name)
+            .await
+            .is_err()
+    );
+    violation(&errors, "$JS.API").await;
+    let assign = mallory_bus.subjects.job_assign("node-0").unwrap();
+    mallory_bus
+        .client
+        .publish(assign.clone(), wire::encode(&serde_json::json!({"v": 1})))
+        .await
+        .unwrap();
+    violation(&errors, &assign).await;
+
+    // A second job of alice's: mallory's subscriptions get none of it.
+    let second = submit_request(
+        "alice",
+        "alice-2",
+        wasm_spec(&demo(), &["count", "2"], 30_000),
+        USD,
+    );
+    alice.submit(&second).await.unwrap();
+    let second = cluster
+        .wait_for_end("alice-2", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(second.state, JobState::Succeeded);
+    assert!(!snoop.next_timeout().await, "mallory read alice's events");
+    assert!(
+        !snoop_logs.next_timeout().await,
+        "mallory read alice's logs"
+    );
+    // The stream is intact, and nothing ran but alice's two jobs.
+    let stream = cluster.bus.jetstream.get_stream(&stream_name).await;
+    assert!(stream.is_ok(), "the event stream is gone");
+    assert_eq!(
+        operator
+            .job_list(None, None, None)
+            .await
+            .unwrap()
+            .jobs
+            .len(),
+        2
+    );
+
+    // Revoked: her connection is closed and a new one refused, without a restart.
+    let mallory_creds = credentials_path(cluster.auth.as_ref().unwrap(), &Caller::user("mallory"));
+    cluster
+        .auth
+        .as_ref()
+        .unwrap()
+        .remove(&cluster.bus.subjects, &Caller::user("mallory"))
+        .unwrap();
+    cluster.nats.reload().unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        while mallory_bus.client.connection_state() == async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "a revoked user's connection stays open");
+    let mut settings = cluster.settings.nats.clone();
+    settings.credentials = Some(mallory_creds);
+    assert!(
+        Bus::connect(&settings).await.is_err(),
+        "revoked credentials connect"
+    );
+    settings.credentials = None;
+    assert!(
+        Bus::connect(&settings).await.is_err(),
+        "no credentials connect"
+    );
+
+    let report = operator.ledger_verify().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    let balances = balances(&cluster);
+    assert_eq!(balances["mallory"], USD);
+    assert_eq!(
+        balances["alice"],
+        2 * USD - job.cost_micros.unwrap() - second.cost_micros.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_hostile_node_cannot_act_as_another_node_or_redirect_its_earnings() {
+    let cluster = secure_cluster(2).await;
+    cluster.funded_account("alice", 2 * USD).await.unwrap();
+    let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
+
+    // A job of alice's runs on node B; node A is the other one, and hostile.
+    let spec = wasm_spec(&demo(), &["count", "3", "300"], 30_000);
+    alice
+        .submit(&submit_request("alice", "on-b", spec, USD))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let b = loop {
+        let job = alice.job_get("on-b").await.unwrap();
+        if job.state == JobState::Running {
+            break job.node_id.unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "never ran: {job:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (a_index, b_index) = if b == "node-0" { (1, 0) } else { (0, 1) };
+    let a = format!("node-{a_index}");
+    let (node_a, errors) = connect_as(&cluster, &Caller::node(&a)).await;
+    let registration = cluster.agents[a_index].registration();
+
+    // Register as node B, or as itself paid into another account: error replies.
+    let as_b = wire::RegisterNode {
+        node_id: b.clone(),
+        ..registration.clone()
+    };
+    refused(node_a.call(&as_b).await, ErrorCode::Forbidden);
+    let redirected = wire::RegisterNode {
+        provider_account: "mallory".into(),
+        ..registration.clone()
+    };
+    refused(node_a.call(&redirected).await, ErrorCode::Forbidden);
+    refused(
+        Client::new(node_a.clone()).job_list(None, None, None).await,
+        ErrorCode::Forbidden,
+    );
+
+    // Node A reports the end of B's job, in B's name.
+    let forged = JobReport {
+        v: WIRE_VERSION,
+        node_id: b.clone(),
+        job_id: "on-b".into(),
+        attempt: 1,
+        phase: ReportPhase::Finished {
+            outcome: ExecutionOutcome {
+                fuel_consumed: None,
+                output_files: Default::default(),
+                kind: ExitKind::Exited,
+                exit_code: Some(0),
+                message: None,
+                elapsed_ms: 29_000,
+                stdout: "forged".into(),
+                stderr: String::new(),
+            },
+        },
+    };
+    refused(node_a.call(&forged).await, ErrorCode::Forbidden);
+
+    // Refused by the server: B's subjects.
+    let b_report = node_a
+        .subjects
+        .op(CtlOp::JobReport, &Caller::node(&b))
+        .unwrap();
+    assert!(
+        node_a
+            .request::<_, wire::Ack>(b_report.clone(), &forged)
+            .await
+            .is_err()
+    );
+    violation(&errors, &b_report).await;
+    let b_assign = node_a.subjects.job_assign(&b).unwrap();
+    let mut stolen = node_a.client.subscribe(b_assign.clone()).await.unwrap();
+    violation(&errors, &b_assign).await;
+    let b_heartbeat = node_a.subjects.node_heartbeat(&b).unwrap();
+    node_a
+        .client
+        .publish(
+            b_heartbeat.clone(),
+            wire::encode(&serde_json::json!({"v": 1})),
+        )
+        .await
+        .unwrap();
+    violation(&errors, &b_heartbeat).await;
+
+    let job = cluster
+        .wait_for_end("on-b", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert_eq!(job.node_id.as_deref(), Some(b.as_str()));
+    assert_ne!(job.stdout.as_deref(), Some("forged"));
+    assert!(
+        job.elapsed_ms.unwrap() < 29_000,
+        "the forged usage was billed: {job:?}"
+    );
+    assert!(
+        !stolen.next_timeout().await,
+        "node A received B's assignment"
+    );
+
+    let report = cluster.client().ledger_verify().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    let balances = balances(&cluster);
+    assert_eq!(
+        balances[&format!("provider-{b_index}")],
+        job.provider_micros.unwrap()
+    );
+    assert_eq!(
+        balances
+            .get(&format!("provider-{a_index}"))
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+    assert_eq!(balances.get("mallory").copied(), None);
+    assert_eq!(balances["alice"], 2 * USD - job.cost_micros.unwrap());
+}
+
+/// Whether a message arrives within a second.
+trait NextTimeout {
+    async fn next_timeout(&mut self) -> bool;
+}
+
+impl NextTimeout for async_nats::Subscriber {
+    async fn next_timeout(&mut self) -> bool {
+        use futures::StreamExt as _;
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), self.next()).await,
+            Ok(Some(_))
+        )
+    }
+}
+
+/// `rhizos up` with authentication on, driven by the real CLI the way its README says: the CLI
+/// finds the local credentials, `user add` makes a user who can run a job, that user cannot mint
+/// money, `node enroll` writes a node's credentials, `user remove` revokes at once.
+#[tokio::test]
+async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = rhizos_broker::server::free_port().unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let namespace = format!("up{}", &rhizos_testbed::cluster::uuid_like()[..10]);
+    let data_dir = dir.path().join("network");
+    let home = dir.path().join("home");
+    let rhizos = rhizos_testbed::build_dir().join("rhizos");
+    let cli = |args: &[&str]| {
+        let mut command = std::process::Command::new(&rhizos);
+        command
+            .args(args)
+            .env("RHIZOS_NATS_URL", &url)
+            .env("RHIZOS_NAMESPACE", &namespace)
+            .env("XDG_CONFIG_HOME", &home)
+            .env("RHIZOS_PRICING__CPU_HOUR_CENTS", "3600");
+        command
+    };
+    let plugin_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
+        plugin_dir.join("librhizos_plugin_wasm.so"),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let mut up = cli(&["up", "--data-dir"])
+        .arg(&data_dir)
+        .arg("--plugin-dir")
+        .arg(&plugin_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let up_log = || std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !up_log().contains("RhizOS is up") {
+        assert!(
+            up.try_wait().unwrap().is_none(),
+            "rhizos up exited:\n{}",
+            up_log()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not up:\n{}",
+            up_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let run = |command: &mut std::process::Command| {
+        let output = command.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    };
+    assert!(up_log().contains("authentication on"), "{}", up_log());
+
+    // An anonymous client is refused by the server.
+    let mut anonymous = rhizos_broker::config::NatsSettings {
+        url: url.clone(),
+        namespace: namespace.clone(),
+        ..Default::default()
+    };
+    assert!(
+        Bus::connect(&anonymous).await.is_err(),
+        "anonymous connection let in"
+    );
+
+    let (ok, text) = run(&mut cli(&["user", "add", "alice"]));
+    assert!(ok, "{text}");
+    let (ok, text) = run(&mut cli(&["account", "deposit", "alice", "1"]));
+    assert!(ok, "{text}");
+    let module = rhizos_testbed::guests::demo_wasm().unwrap();
+    let (ok, text) = run(cli(&[
+        "job",
+        "submit",
+        "--account",
+        "alice",
+        "--max-cost",
+        "0.5",
+        "--timeout-secs",
+        "5",
+        "--wait",
+        "--wasm",
+    ])
+    .arg(&module));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("Hello from RhizOS") && text.contains("succeeded"),
+        "{text}"
+    );
+
+    // Mallory, with her own credentials (written for another machine), cannot mint money.
+    let mallory_file = dir.path().join("mallory.creds");
+    let (ok, text) = run(cli(&["user", "add", "mallory", "--out"]).arg(&mallory_file));
+    assert!(ok, "{text}");
+    let (ok, text) =
+        run(cli(&["account", "deposit", "mallory", "100", "--credentials"]).arg(&mallory_file));
+    assert!(!ok && text.contains("may not"), "{text}");
+    let (ok, text) =
+        run(cli(&["--json", "account", "balance", "mallory", "--credentials"]).arg(&mallory_file));
+    assert!(ok && text.contains(r#""balance_micros":0"#), "{text}");
+
+    // A node enrolled for another machine gets credentials the server lets in.
+    let node_file = dir.path().join("gpu-1.creds");
+    let (ok, text) = run(cli(&[
+        "node",
+        "enroll",
+        "gpu-1",
+        "--provider-account",
+        "acme",
+        "--out",
+    ])
+    .arg(&node_file));
+    assert!(ok, "{text}");
+    anonymous.credentials = Some(node_file);
+    let node = Bus::connect(&anonymous)
+        .await
+        .expect("an enrolled node connects");
+    assert_eq!(node.identity, Some(Caller::node("gpu-1")));
+
+    // Revoked: refused from now on, without a restart.
+    let (ok, text) = run(&mut cli(&["user", "remove", "mallory"]));
+    assert!(ok, "{text}");
+    anonymous.credentials = Some(mallory_file.clone());
+    assert!(
+        Bus::connect(&anonymous).await.is_err(),
+        "revoked credentials let in"
+    );
+    let (ok, text) =
+        run(cli(&["account", "balance", "mallory", "--credentials"]).arg(&mallory_file));
+    assert!(!ok, "{text}");
+
+    let (ok, text) = run(&mut cli(&["ledger", "verify"]));
+    assert!(ok, "{text}");
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &up.id().to_string()])
+        .status();
+    let stopped = up.wait().unwrap();
+    assert!(
+        stopped.success(),
+        "rhizos up did not stop cleanly:\n{}",
+        up_log()
+    );
+}
