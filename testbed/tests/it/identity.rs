@@ -413,6 +413,41 @@ async fn a_hostile_node_cannot_act_as_another_node_or_redirect_its_earnings() {
     );
     assert_eq!(balances.get("mallory").copied(), None);
     assert_eq!(balances["alice"], 2 * USD - job.cost_micros.unwrap());
+
+    // Removed by the operator: the orchestrator refuses its registrations (even while the
+    // server still lets it in), and once the server forgets its key it is cut off.
+    let operator = cluster.client();
+    operator.node_remove(&a).await.unwrap();
+    let error = node_a.call(&registration).await.unwrap_err();
+    assert_eq!(
+        error.remote().map(|r| r.code),
+        Some(ErrorCode::Forbidden),
+        "{error}"
+    );
+    assert!(error.to_string().contains("removed"), "{error}");
+    let auth = cluster.auth.as_ref().unwrap();
+    auth.remove(&cluster.bus.subjects, &Caller::node(&a))
+        .unwrap();
+    cluster.nats.reload().unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        while node_a.client.connection_state() == async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "a removed node's connection stays open");
+}
+
+/// An account's balance, through the real CLI (`--json`).
+fn balance_of(
+    run: &impl Fn(&mut std::process::Command) -> (bool, String),
+    cli: &impl Fn(&[&str]) -> std::process::Command,
+    account: &str,
+) -> i64 {
+    let (ok, text) = run(&mut cli(&["--json", "account", "balance", account]));
+    assert!(ok, "{text}");
+    let view: wire::AccountView = serde_json::from_str(text.trim()).unwrap();
+    view.balance_micros
 }
 
 /// Whether a message arrives within a second.
@@ -529,6 +564,21 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
         text.contains("Hello from RhizOS") && text.contains("succeeded"),
         "{text}"
     );
+
+    // A payout by the operator happens once, however often it is retried.
+    let before = balance_of(&run, &cli, "alice");
+    for _ in 0..2 {
+        let (ok, text) = run(&mut cli(&[
+            "account",
+            "withdraw",
+            "alice",
+            "0.25",
+            "--idempotency-key",
+            "payout-1",
+        ]));
+        assert!(ok, "{text}");
+    }
+    assert_eq!(balance_of(&run, &cli, "alice"), before - 250_000);
 
     // Mallory, with her own credentials (written for another machine), cannot mint money.
     let mallory_file = dir.path().join("mallory.creds");

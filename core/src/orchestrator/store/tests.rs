@@ -830,3 +830,93 @@ fn a_job_id_is_reused_only_by_a_retry_of_the_same_request() {
     assert_eq!(balance(&store, "v"), 1_000_000);
     assert!(store.verify().unwrap().ok);
 }
+
+#[test]
+fn a_withdrawal_pays_out_once_per_key_and_never_below_zero_or_into_escrow() {
+    let (_dir, mut store) = store();
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000, Some("d")).unwrap();
+    store.submit("j", "u", &spec(), 300).unwrap();
+    // 700 is the account's; the 300 held for the job is not.
+    let error = store.withdraw("u", 701, "too-much").unwrap_err().wire();
+    assert_eq!(
+        error.code,
+        ErrorCode::InsufficientFunds,
+        "{}",
+        error.message
+    );
+    assert_eq!(balance(&store, "u"), 700);
+    assert_eq!(store.withdraw("u", 400, "w1").unwrap().balance_micros, 300);
+    // A retry with the same key pays nothing more, even for another amount.
+    assert_eq!(store.withdraw("u", 400, "w1").unwrap().balance_micros, 300);
+    assert_eq!(store.withdraw("u", 999, "w1").unwrap().balance_micros, 300);
+    assert_eq!(store.withdraw("u", 300, "w2").unwrap().balance_micros, 0);
+    assert_eq!(
+        store.withdraw("u", 1, "w3").unwrap_err().wire().code,
+        ErrorCode::InsufficientFunds
+    );
+    assert_eq!(
+        store.withdraw("nobody", 1, "w").unwrap_err().wire().code,
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        store.withdraw("u", 0, "w4").unwrap_err().wire().code,
+        ErrorCode::BadRequest
+    );
+    // The money left through `external`: deposits in minus withdrawals out.
+    assert_eq!(balance(&store, ledger::EXTERNAL), -1_000 + 700);
+    assert_eq!(balance(&store, "escrow:j"), 300);
+    let kinds: Vec<String> = store
+        .connection()
+        .prepare("SELECT kind FROM ledger_tx ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kinds, ["deposit", "hold", "withdraw", "withdraw"]);
+    let report = store.verify().unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+}
+
+#[test]
+fn an_enrolment_fixes_the_provider_account_and_a_removal_is_recorded() {
+    let (_dir, mut store) = store();
+    assert_eq!(store.enrolment("n1").unwrap(), None);
+    let first = store.enroll("n1", "acme", Some("UKEY")).unwrap();
+    assert_eq!(
+        (
+            first.provider_account.as_str(),
+            first.public_key.as_deref(),
+            first.removed_ms
+        ),
+        ("acme", Some("UKEY"), None)
+    );
+    // The provider account exists, to be paid into.
+    assert_eq!(balance(&store, "acme"), 0);
+    // Again with the same account: the same enrolment; with another: refused.
+    assert_eq!(
+        store
+            .enroll("n1", "acme", None)
+            .unwrap()
+            .public_key
+            .as_deref(),
+        Some("UKEY")
+    );
+    let error = store.enroll("n1", "mallory", None).unwrap_err().wire();
+    assert_eq!(error.code, ErrorCode::AlreadyExists);
+    assert!(error.message.contains("acme"), "{}", error.message);
+    let removed = store.remove_enrolment("n1").unwrap();
+    assert!(removed.removed_ms.is_some());
+    assert_eq!(store.enrolment("n1").unwrap(), Some(removed.clone()));
+    // Removing twice keeps the first time; enrolling again re-admits.
+    assert_eq!(
+        store.remove_enrolment("n1").unwrap().removed_ms,
+        removed.removed_ms
+    );
+    assert_eq!(store.enroll("n1", "acme", None).unwrap().removed_ms, None);
+    assert_eq!(
+        store.remove_enrolment("n2").unwrap_err().wire().code,
+        ErrorCode::NotFound
+    );
+}
