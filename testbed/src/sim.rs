@@ -12,6 +12,16 @@ use rhizos_broker::wire::{
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The id of simulated node `index`.
+pub fn node_id(index: usize) -> String {
+    format!("sim-{index}")
+}
+
+/// The provider account simulated node `index` is paid into (16 providers share the fleet).
+pub fn provider_account(index: usize) -> String {
+    format!("sim-provider-{}", index % 16)
+}
+
 /// A fleet of simulated nodes `sim-0` … `sim-<n-1>`.
 pub struct SimFleet {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -33,8 +43,8 @@ impl SimFleet {
             async move {
                 let registration = RegisterNode {
                     v: WIRE_VERSION,
-                    node_id: format!("sim-{index}"),
-                    provider_account: format!("sim-provider-{}", index % 16),
+                    node_id: node_id(index),
+                    provider_account: provider_account(index),
                     backends: vec!["wasm".into()],
                     pricing,
                     cpu_cores: 16,

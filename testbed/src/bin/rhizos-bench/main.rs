@@ -112,6 +112,11 @@ enum Bench {
         /// Offer jobs at this many per second, whether or not earlier submits were answered.
         #[arg(long)]
         rate: Option<f64>,
+        /// Authentication on: nats-server checks every party's nkey and permissions, the
+        /// submitter is a user, the nodes are enrolled (the simulated fleet shares one
+        /// service connection).
+        #[arg(long)]
+        secure: bool,
     },
 }
 
@@ -145,8 +150,9 @@ async fn main() -> anyhow::Result<()> {
             jobs,
             concurrency,
             rate,
+            secure,
         } => report::print(
-            &marketplace::run(nodes, jobs, concurrency, rate).await?,
+            &marketplace::run(nodes, jobs, concurrency, rate, secure).await?,
             json,
         ),
     }

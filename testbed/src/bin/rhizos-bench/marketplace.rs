@@ -9,7 +9,7 @@ use crate::report::{self, Tail};
 use futures::StreamExt as _;
 use rhizos_broker::subjects::EscrowEventKind;
 use rhizos_broker::wire::{JobSpec, SubmitJob, SubmitJobReply, WIRE_VERSION, Workload};
-use rhizos_broker::{Client, RequestError};
+use rhizos_broker::{Caller, Client, RequestError};
 use rhizos_testbed::{Cluster, ClusterOptions};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -25,6 +25,8 @@ pub struct Report {
     jobs: usize,
     concurrency: usize,
     rate: Option<f64>,
+    /// Authentication and permissions on.
+    secure: bool,
     registration_s: f64,
     rejected: usize,
     settled: usize,
@@ -45,8 +47,11 @@ impl fmt::Display for Report {
         };
         writeln!(
             f,
-            "{} jobs over {} simulated nodes ({} build, {load}):",
-            self.jobs, self.nodes, self.build
+            "{} jobs over {} simulated nodes ({} build, {load}, authentication {}):",
+            self.jobs,
+            self.nodes,
+            self.build,
+            if self.secure { "on" } else { "off" }
         )?;
         writeln!(
             f,
@@ -69,6 +74,7 @@ pub async fn run(
     jobs: usize,
     concurrency: usize,
     rate: Option<f64>,
+    secure: bool,
 ) -> anyhow::Result<Report> {
     anyhow::ensure!(
         jobs > 0 && nodes > 0 && concurrency > 0,
@@ -80,18 +86,37 @@ pub async fn run(
     );
     let options = ClusterOptions {
         agents: 0,
+        secure,
         ..ClusterOptions::default()
     };
     let pricing = options.pricing;
     let cluster = Cluster::start(options).await?;
     let setup = Instant::now();
-    let fleet = rhizos_testbed::sim::SimFleet::start(
-        rhizos_broker::Bus::connect(&cluster.settings.nats).await?,
-        nodes,
-        pricing,
-        10,
-    )
-    .await?;
+    // One connection speaks for every simulated node: with authentication on it needs the
+    // service role, and claims each node's identity per request (the nodes are enrolled).
+    let mut fleet_bus =
+        rhizos_broker::Bus::connect(&cluster.settings_as(&Caller::orchestrator())?).await?;
+    fleet_bus.identity = None;
+    if secure {
+        let operator = cluster.client();
+        let mut enrolments = futures::stream::iter((0..nodes).map(|index| {
+            let operator = operator.clone();
+            async move {
+                operator
+                    .node_enroll(
+                        &rhizos_testbed::sim::node_id(index),
+                        &rhizos_testbed::sim::provider_account(index),
+                        None,
+                    )
+                    .await
+            }
+        }))
+        .buffer_unordered(64);
+        while let Some(enrolled) = enrolments.next().await {
+            enrolled?;
+        }
+    }
+    let fleet = rhizos_testbed::sim::SimFleet::start(fleet_bus, nodes, pricing, 10).await?;
     let registration_s = setup.elapsed().as_secs_f64();
     cluster.funded_account("load", 1_000_000_000_000).await?;
 
@@ -121,7 +146,7 @@ pub async fn run(
         latencies.clone(),
     ));
     let submitter = Submitter {
-        client: cluster.client(),
+        client: cluster.client_as(&Caller::user("load")).await?,
         module: rhizos_broker::wire::b64_encode(b"(module (func (export \"_start\")))"),
         submitted_at,
     };
@@ -150,6 +175,7 @@ pub async fn run(
         jobs,
         concurrency,
         rate,
+        secure,
         registration_s,
         rejected,
         settled,
