@@ -79,6 +79,8 @@ pub struct Bus {
     /// Who this connection authenticated as (from `[nats] credentials`); None without
     /// credentials, when each request claims the party it speaks for ([`Request::claim`]).
     pub identity: Option<Caller>,
+    /// This party's key pair (from its credentials), for what it signs (a node its reports).
+    pub signer: Option<std::sync::Arc<nkeys::KeyPair>>,
 }
 
 impl Bus {
@@ -93,16 +95,20 @@ impl Bus {
             options = options.name(name);
         }
         options = tls_options(options, settings)?;
-        let identity = match &settings.credentials {
+        let (identity, signer) = match &settings.credentials {
             Some(path) => {
                 let creds = Credentials::load(path)?;
                 let caller = creds.caller();
+                // `load` checked the seed.
+                let key = nkeys::KeyPair::from_seed(&creds.seed)
+                    .ok()
+                    .map(std::sync::Arc::new);
                 options = options
                     .nkey(creds.seed.clone())
                     .custom_inbox_prefix(caller.inbox_prefix());
-                Some(caller)
+                (Some(caller), key)
             }
-            None => None,
+            None => (None, None),
         };
         let client = options
             .connect(settings.url.as_str())
@@ -118,6 +124,7 @@ impl Bus {
             subjects,
             request_timeout,
             identity,
+            signer,
         })
     }
 

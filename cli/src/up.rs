@@ -144,10 +144,16 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     );
 
     if secure {
+        let node_key = rhizos_broker::Credentials::load(
+            &network.credentials_path(&Caller::node(&args.node_id)),
+        )?
+        .public_key()
+        .map_err(anyhow::Error::msg)?;
         enroll_local_node(
             &as_party(&Caller::operator(local::OPERATOR)),
             &args.node_id,
             &settings.agent.provider_account,
+            &node_key,
         )
         .await?;
     }
@@ -207,14 +213,15 @@ fn issue_local_credentials(network: &LocalNetwork, node_id: &str) -> anyhow::Res
     Ok(())
 }
 
-/// Enrols the local node (retried while the orchestrator subscribes).
+/// Enrols the local node with its key (retried while the orchestrator subscribes).
 async fn enroll_local_node(
     operator: &rhizos_broker::config::NatsSettings,
     node_id: &str,
     provider_account: &str,
+    node_key: &str,
 ) -> anyhow::Result<()> {
     let client = rhizos_broker::Client::new(Bus::connect(operator).await?);
-    let key = None; // recorded by `rhizos node enroll`; the local node's is in its credentials
+    let key = Some(node_key);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         match client.node_enroll(node_id, provider_account, key).await {

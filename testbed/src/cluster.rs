@@ -184,10 +184,16 @@ impl Cluster {
             if auth.is_some() {
                 // Secure networks register only enrolled nodes (the orchestrator may still be
                 // subscribing: retried until it answers).
+                let key = auth
+                    .as_ref()
+                    .map(|auth| Credentials::load(&credentials_path(auth, &Caller::node(&node_id))))
+                    .transpose()?
+                    .map(|creds| creds.public_key().map_err(anyhow::Error::msg))
+                    .transpose()?;
                 let deadline = Instant::now() + Duration::from_secs(20);
                 loop {
                     let enrolled = Client::new(bus.clone())
-                        .node_enroll(&node_id, &format!("provider-{index}"), None)
+                        .node_enroll(&node_id, &format!("provider-{index}"), key.as_deref())
                         .await;
                     match enrolled {
                         Ok(_) => break,

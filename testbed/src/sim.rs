@@ -91,6 +91,7 @@ impl SimFleet {
                         job_id: assign.job_id.clone(),
                         attempt: assign.attempt,
                         phase: ReportPhase::Running,
+                        signature: None,
                     };
                     let _ = bus.call(&running).await;
                     let finished = JobReport {

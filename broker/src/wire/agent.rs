@@ -113,6 +113,73 @@ pub struct JobReport {
     pub attempt: u32,
     #[serde(flatten)]
     pub phase: ReportPhase,
+    /// The node's signature over the report ([`JobReport::signed_bytes`]): a node enrolled with
+    /// a key must sign its results, and receipts carry the signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<NodeSignature>,
+}
+
+/// A node's ed25519 signature (nkey encoding) over a report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSignature {
+    /// The node's public key (`U…`).
+    pub key: String,
+    pub signature_b64: String,
+}
+
+impl JobReport {
+    /// The bytes a node signs: the report's JSON encoding without its signature. Both sides
+    /// encode the same struct, so the orchestrator re-derives exactly these bytes from what it
+    /// decoded (and keeps them, for receipts).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let unsigned = Self {
+            signature: None,
+            ..self.clone()
+        };
+        serde_json::to_vec(&unsigned).unwrap_or_default()
+    }
+
+    /// Signs the report with the node's key.
+    pub fn sign(&mut self, key: &nkeys::KeyPair) -> Result<(), String> {
+        use base64::Engine as _;
+        let signature = key.sign(&self.signed_bytes()).map_err(|e| e.to_string())?;
+        self.signature = Some(NodeSignature {
+            key: key.public_key(),
+            signature_b64: base64::engine::general_purpose::STANDARD.encode(signature),
+        });
+        Ok(())
+    }
+
+    /// Checks the signature against the key it names; returns the signed bytes.
+    pub fn verify_signature(&self) -> Result<Option<(Vec<u8>, &NodeSignature)>, String> {
+        let Some(signature) = &self.signature else {
+            return Ok(None);
+        };
+        let bytes = self.signed_bytes();
+        signature.verify(&bytes)?;
+        Ok(Some((bytes, signature)))
+    }
+}
+
+impl NodeSignature {
+    /// Checks the signature over `bytes` under [`NodeSignature::key`].
+    pub fn verify(&self, bytes: &[u8]) -> Result<(), String> {
+        use base64::Engine as _;
+        let key = nkeys::KeyPair::from_public_key(&self.key)
+            .map_err(|_| format!("{:?} is not a public nkey", self.key))?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&self.signature_b64)
+            .ok()
+            .filter(|s| s.len() == 64)
+            .ok_or("the signature is not base64 of 64 bytes")?;
+        key.verify(bytes, &raw).map_err(|_| {
+            format!(
+                "the signature does not match the report under key {}",
+                self.key
+            )
+        })
+    }
 }
 
 /// One line of job output on `rhizos.out.v1.<ns>.job.log.<job_id>`.

@@ -320,6 +320,7 @@ mod tests {
             job_id: "j1".into(),
             attempt: 1,
             phase: ReportPhase::Running,
+            signature: None,
         };
         assert_eq!(
             String::from_utf8(encode(&report).to_vec()).unwrap(),

@@ -30,8 +30,16 @@ pub struct ReceiptBody {
     /// The payer.
     pub account: String,
     pub node_id: Option<String>,
-    /// The node's public key, once nodes are enrolled with keys (not yet: `null`).
+    /// The node's public key (`U…`): the one it signed its result with, else the one it was
+    /// enrolled with (`null`: neither).
     pub node_key: Option<String>,
+    /// The node's result report exactly as it signed it (JSON text of its `job.report`), when
+    /// it signed one.
+    #[serde(default)]
+    pub node_report: Option<String>,
+    /// The node's ed25519 signature over `node_report` under `node_key`, base64.
+    #[serde(default)]
+    pub node_signature_b64: Option<String>,
     /// The account paid, fixed when the job was assigned.
     pub provider_account: Option<String>,
     /// SHA-256 of the job's spec as the orchestrator stored it.
@@ -58,8 +66,9 @@ pub struct ReceiptBody {
     pub ledger_tx_id: i64,
 }
 
-/// Receipt format version of [`ReceiptBody::receipt_v`].
-pub const RECEIPT_VERSION: u32 = 1;
+/// Receipt format version of [`ReceiptBody::receipt_v`] (2: with the node's signed report; a
+/// version-1 receipt reads with none).
+pub const RECEIPT_VERSION: u32 = 2;
 
 /// A receipt as it is handed out and kept: the body's bytes, the signature over them and the
 /// key that made it.
@@ -92,6 +101,8 @@ pub enum ReceiptError {
     BadBody(String),
     #[error("the receipt's numbers do not add up: {0}")]
     Inconsistent(String),
+    #[error("the node's signature over its report does not hold: {0}")]
+    NodeSignature(String),
 }
 
 impl SignedReceipt {
@@ -131,11 +142,56 @@ impl SignedReceipt {
         let body: ReceiptBody =
             serde_json::from_str(&self.body).map_err(|e| ReceiptError::BadBody(e.to_string()))?;
         body.check()?;
+        body.check_node_report()?;
         Ok(body)
     }
 }
 
 impl ReceiptBody {
+    /// The node's signature over its report holds under `node_key`, and the report is this
+    /// job's attempt on this node, with the run time the receipt says was reported.
+    pub fn check_node_report(&self) -> Result<(), ReceiptError> {
+        let bad = |what: String| Err(ReceiptError::NodeSignature(what));
+        let (report, signature) = match (&self.node_report, &self.node_signature_b64) {
+            (None, None) => return Ok(()),
+            (Some(report), Some(signature)) => (report, signature),
+            _ => {
+                return bad(
+                    "a report without its signature, or a signature without its report".into(),
+                );
+            }
+        };
+        let Some(key) = &self.node_key else {
+            return bad("a signed report but no node key".into());
+        };
+        let signature = super::NodeSignature {
+            key: key.clone(),
+            signature_b64: signature.clone(),
+        };
+        if let Err(e) = signature.verify(report.as_bytes()) {
+            return bad(e);
+        }
+        let report: super::JobReport = match serde_json::from_str(report) {
+            Ok(report) => report,
+            Err(e) => return bad(format!("the signed report is not a report: {e}")),
+        };
+        let elapsed = match &report.phase {
+            super::ReportPhase::Finished { outcome } => outcome.elapsed_ms,
+            super::ReportPhase::Running => return bad("the signed report is not a result".into()),
+        };
+        if report.job_id != self.job_id
+            || report.attempt != self.attempt
+            || Some(&report.node_id) != self.node_id.as_ref()
+            || Some(elapsed) != self.reported_elapsed_ms
+        {
+            return bad(format!(
+                "the signed report is of job {} attempt {} on {} ({} ms), not what the receipt states",
+                report.job_id, report.attempt, report.node_id, elapsed
+            ));
+        }
+        Ok(())
+    }
+
     /// The split adds up and the fee is the published formula: cost + refund = hold,
     /// provider + fee = cost, fee = round_half_up(cost × fee_bps / 10 000).
     pub fn check(&self) -> Result<(), ReceiptError> {
@@ -179,6 +235,8 @@ mod tests {
             account: "alice".into(),
             node_id: Some("n1".into()),
             node_key: None,
+            node_report: None,
+            node_signature_b64: None,
             provider_account: Some("prov".into()),
             spec_sha256: "a".repeat(64),
             result_sha256: "b".repeat(64),
@@ -235,6 +293,68 @@ mod tests {
             ..signed.clone()
         };
         assert!(matches!(bad_key.verify(None), Err(ReceiptError::BadKey(_))));
+    }
+
+    /// A receipt carrying the node's signed report: it verifies; a signature by another node
+    /// key, or a signed report of another run time, fails with the reason — even when the
+    /// orchestrator signed the receipt.
+    #[test]
+    fn the_nodes_signature_over_its_report_is_checked() {
+        use super::super::{ExecutionOutcome, ExitKind, JobReport, ReportPhase};
+        let orchestrator = nkeys::KeyPair::new_server();
+        let node = nkeys::KeyPair::new_user();
+        let report = |elapsed_ms| JobReport {
+            v: 1,
+            node_id: "n1".into(),
+            job_id: "j1".into(),
+            attempt: 1,
+            phase: ReportPhase::Finished {
+                outcome: ExecutionOutcome {
+                    kind: ExitKind::Exited,
+                    exit_code: Some(0),
+                    message: None,
+                    elapsed_ms,
+                    stdout: "hi".into(),
+                    stderr: String::new(),
+                    fuel_consumed: None,
+                    output_files: Default::default(),
+                },
+            },
+            signature: None,
+        };
+        let signed_by = |key: &nkeys::KeyPair, elapsed_ms| {
+            let mut r = report(elapsed_ms);
+            r.sign(key).unwrap();
+            ReceiptBody {
+                node_key: Some(node.public_key()),
+                node_report: Some(String::from_utf8(r.signed_bytes()).unwrap()),
+                node_signature_b64: r.signature.map(|s| s.signature_b64),
+                ..body()
+            }
+        };
+        let good = signed_by(&node, 1_234);
+        let receipt = SignedReceipt::sign(&good, &orchestrator).unwrap();
+        assert_eq!(receipt.verify(None).unwrap(), good);
+
+        let other = nkeys::KeyPair::new_user();
+        let forged = SignedReceipt::sign(&signed_by(&other, 1_234), &orchestrator).unwrap();
+        let error = forged.verify(None).unwrap_err();
+        assert!(matches!(error, ReceiptError::NodeSignature(_)), "{error}");
+        assert!(error.to_string().contains("does not match"), "{error}");
+
+        let longer = SignedReceipt::sign(&signed_by(&node, 9_999), &orchestrator).unwrap();
+        let error = longer.verify(None).unwrap_err();
+        assert!(error.to_string().contains("9999 ms"), "{error}");
+
+        let unsigned = ReceiptBody {
+            node_signature_b64: None,
+            ..good
+        };
+        let error = SignedReceipt::sign(&unsigned, &orchestrator)
+            .unwrap()
+            .verify(None)
+            .unwrap_err();
+        assert!(matches!(error, ReceiptError::NodeSignature(_)), "{error}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ impl Agent {
             job_id: assign.job_id,
             attempt: assign.attempt,
             phase: ReportPhase::Finished { outcome },
+            signature: None,
         };
         self.send_report(report).await;
         // Only now: until the orchestrator has the result, heartbeats keep listing the attempt,
@@ -58,6 +59,7 @@ impl Agent {
             job_id: assign.job_id.clone(),
             attempt: assign.attempt,
             phase: ReportPhase::Running,
+            signature: None,
         };
         let reporter = tokio::spawn({
             let this = self.clone();
@@ -198,7 +200,14 @@ impl Agent {
     }
 
     /// Sends a report until the orchestrator answers (it may be restarting).
-    async fn send_report(&self, report: JobReport) {
+    async fn send_report(&self, mut report: JobReport) {
+        // A result is signed with the node's key (its enrolment names the key the orchestrator
+        // requires; the signature travels on into the job's receipt).
+        if let (ReportPhase::Finished { .. }, Some(key)) = (&report.phase, &self.inner.bus.signer)
+            && let Err(e) = report.sign(key)
+        {
+            tracing::error!(job_id = %report.job_id, error = %e, "cannot sign the report");
+        }
         let mut delay = Duration::from_millis(100);
         loop {
             match self.inner.bus.call(&report).await {

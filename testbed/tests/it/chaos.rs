@@ -76,6 +76,7 @@ async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
                 stderr: String::new(),
             },
         },
+        signature: None,
     };
     let ack: Ack = cluster.client().job_report(&late).await.unwrap();
     assert!(!ack.accepted, "{ack:?}");

@@ -39,6 +39,7 @@ async fn connect_as(cluster: &Cluster, caller: &Caller) -> (Bus, Arc<Mutex<Vec<S
         subjects: cluster.bus.subjects.clone(),
         request_timeout: Duration::from_millis(1_500),
         identity: Some(caller.clone()),
+        signer: None,
     };
     (bus, errors)
 }
@@ -168,7 +169,23 @@ async fn a_hostile_user_can_neither_move_money_nor_touch_another_accounts_jobs()
         .unwrap();
     assert_eq!(job.state, JobState::Succeeded, "{job:?}");
     refused(mallory.receipt_get("alice-1").await, ErrorCode::NotFound);
-    alice.receipt_get("alice-1").await.unwrap();
+    // Alice's receipt carries node-0's signature over its result, under its enrolled key.
+    let receipt = alice.receipt_get("alice-1").await.unwrap();
+    let body = receipt
+        .verify(Some(&cluster.orchestrator.public_key()))
+        .unwrap();
+    let node_creds = credentials_path(cluster.auth.as_ref().unwrap(), &Caller::node("node-0"));
+    let node_key = Credentials::load(&node_creds)
+        .unwrap()
+        .public_key()
+        .unwrap();
+    assert_eq!(body.node_key.as_deref(), Some(node_key.as_str()));
+    assert!(
+        body.node_report
+            .as_deref()
+            .is_some_and(|r| r.contains("alice-1")),
+        "{body:?}"
+    );
     assert!(
         alice_events.next_timeout().await,
         "alice sees her own job's events"
@@ -352,8 +369,25 @@ async fn a_hostile_node_cannot_act_as_another_node_or_redirect_its_earnings() {
                 stderr: String::new(),
             },
         },
+        signature: None,
     };
     refused(node_a.call(&forged).await, ErrorCode::Forbidden);
+    // In its own name, its results must carry its enrolled key's signature.
+    let unsigned = JobReport {
+        node_id: a.clone(),
+        ..forged.clone()
+    };
+    let error = node_a.call(&unsigned).await.unwrap_err();
+    assert!(error.to_string().contains("must be signed"), "{error}");
+    let mut wrong_key = unsigned.clone();
+    wrong_key.sign(&nkeys::KeyPair::new_user()).unwrap();
+    let error = node_a.call(&wrong_key).await.unwrap_err();
+    assert!(error.to_string().contains("must be signed"), "{error}");
+    let mut tampered = wrong_key.clone();
+    if let Some(signature) = &mut tampered.signature {
+        signature.key = unsigned.node_id.clone();
+    }
+    refused(node_a.call(&tampered).await, ErrorCode::Forbidden);
 
     // Refused by the server: B's subjects.
     let b_report = node_a

@@ -168,6 +168,7 @@ async fn the_same_result_reported_twice_is_settled_once() {
                 stderr: String::new(),
             },
         },
+        signature: None,
     };
     let subject = cluster.bus.subject_for(&replay).unwrap();
     let ack: Ack = cluster.bus.request(subject.clone(), &replay).await.unwrap();

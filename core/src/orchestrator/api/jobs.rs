@@ -3,7 +3,7 @@
 
 use super::super::Orchestrator;
 use super::super::modules;
-use super::super::store::{JobRecord, ReportEffect, StoreError};
+use super::super::store::{JobRecord, ReportEffect, SignedReport, StoreError};
 use super::super::validate::{party_account, token, validate_submit};
 use super::{forbidden, own_account};
 use rhizos_broker::validate_token;
@@ -145,6 +145,18 @@ impl Orchestrator {
             )));
         }
         let max_output = self.inner.settings.max_output_bytes;
+        // A signature must verify under the key it names (checked here, off the ledger thread);
+        // whether that key is the node's enrolled one is checked with the enrolment below.
+        let signed = match &report.phase {
+            ReportPhase::Finished { .. } => report
+                .verify_signature()
+                .map_err(|e| forbidden(format!("the report's signature is invalid: {e}")))?
+                .map(|(bytes, signature)| SignedReport {
+                    report: String::from_utf8_lossy(&bytes).into_owned(),
+                    signature: signature.clone(),
+                }),
+            ReportPhase::Running => None,
+        };
         let JobReport {
             node_id,
             job_id,
@@ -156,9 +168,21 @@ impl Orchestrator {
         let finished = matches!(phase, ReportPhase::Finished { .. });
         let effect = self
             .db(move |store| match &phase {
-                ReportPhase::Running => store.mark_running(&job_id, &node_id, attempt),
+                ReportPhase::Running => store
+                    .mark_running(&job_id, &node_id, attempt)
+                    .map_err(WireError::from),
                 ReportPhase::Finished { outcome } => {
-                    store.finish(&job_id, &node_id, attempt, outcome, max_output)
+                    let enrolled = store.enrolment(&node_id)?.and_then(|e| e.public_key);
+                    if let Some(key) = &enrolled
+                        && signed.as_ref().is_none_or(|s| &s.signature.key != key)
+                    {
+                        return Err(forbidden(format!(
+                            "node {node_id} is enrolled with key {key}: its results must be signed with it"
+                        )));
+                    }
+                    store
+                        .finish_signed(&job_id, &node_id, attempt, outcome, max_output, signed.as_ref())
+                        .map_err(WireError::from)
                 }
             })
             .await?;

@@ -55,7 +55,18 @@ fn receipt_body(closed: ClosedJob, fee_bps: u32) -> ReceiptBody {
         state: job.state,
         account: job.account.clone(),
         node_id: job.node_id.clone(),
-        node_key: None,
+        // The key the node signed its result with (its enrolled key: the report was refused
+        // otherwise), else the key it was enrolled with.
+        node_key: closed
+            .node_report
+            .as_ref()
+            .map(|r| r.signature.key.clone())
+            .or_else(|| closed.node_key.clone()),
+        node_report: closed.node_report.as_ref().map(|r| r.report.clone()),
+        node_signature_b64: closed
+            .node_report
+            .as_ref()
+            .map(|r| r.signature.signature_b64.clone()),
         provider_account: closed.provider_account.clone(),
         spec_sha256: closed.spec_sha256.clone(),
         result_sha256: crate::sha256_hex(&result_json),

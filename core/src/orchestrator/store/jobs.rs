@@ -325,28 +325,43 @@ impl Store {
                 record.state.as_str()
             )));
         }
-        let (spec, provider_account, started_ms, ledger_tx_id): (
+        let (spec, provider_account, started_ms, ledger_tx_id, node_report, node_key): (
             String,
             Option<String>,
             Option<i64>,
             i64,
+            Option<String>,
+            Option<String>,
         ) = query_row(
             &self.conn,
             // Jobs assigned before the provider was recorded on them (schema 0003) were paid to
             // their node's registered provider.
             "SELECT j.spec,
                     COALESCE(j.provider_account, json_extract(n.registration, '$.provider_account')),
-                    j.started_ms, t.id
+                    j.started_ms, t.id, j.node_report, e.public_key
              FROM jobs j JOIN ledger_tx t ON t.idem_key = 'close:' || j.id
-             LEFT JOIN nodes n ON n.id = j.node_id WHERE j.id = ?1",
+             LEFT JOIN nodes n ON n.id = j.node_id
+             LEFT JOIN enrolments e ON e.node_id = j.node_id WHERE j.id = ?1",
             [job_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
         )?;
+        let node_report = node_report.and_then(|json| serde_json::from_str(&json).ok());
         Ok(ClosedJob {
             spec_sha256: crate::sha256_hex(spec.as_bytes()),
             provider_account: provider_account.filter(|_| record.cost_micros.unwrap_or(0) > 0),
             started_ms: started_ms.map(|ms| ms as u64),
             ledger_tx_id,
+            node_report,
+            node_key,
             record,
         })
     }
@@ -363,4 +378,8 @@ pub struct ClosedJob {
     pub started_ms: Option<u64>,
     /// The ledger transaction that closed the escrow.
     pub ledger_tx_id: i64,
+    /// The node's signed result report, when it signed one.
+    pub node_report: Option<super::SignedReport>,
+    /// The key the node was enrolled with.
+    pub node_key: Option<String>,
 }

@@ -78,6 +78,14 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// A node's signed result report as the orchestrator verified it: the exact signed bytes (the
+/// report's JSON without its signature) and the signature.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SignedReport {
+    pub report: String,
+    pub signature: rhizos_broker::wire::NodeSignature,
+}
+
 /// A job waiting for a node.
 #[derive(Debug, Clone)]
 pub struct PendingJob {

@@ -137,6 +137,10 @@ const MIGRATIONS: &[Migration] = &[
             )
         },
     },
+    Migration {
+        name: "0005 jobs keep the node's signed result report (for receipts)",
+        apply: |conn| conn.execute_batch("ALTER TABLE jobs ADD COLUMN node_report TEXT"),
+    },
 ];
 
 /// The schema version this release writes.

@@ -7,7 +7,7 @@
 use super::ending::{self, AttemptOutcome, LostAttempt, StopReason, StopRequest};
 use super::nodes::record_attempt;
 use super::rows::truncate_tail;
-use super::{CancelEffect, ReportEffect, Store, StoreError};
+use super::{CancelEffect, ReportEffect, SignedReport, Store, StoreError};
 use crate::ledger::{self, exec, query_row};
 use crate::now_ms;
 use rhizos_broker::wire::{ExecutionOutcome, JobSpec, JobState, Pricing};
@@ -176,6 +176,19 @@ impl Store {
         outcome: &ExecutionOutcome,
         max_output_bytes: usize,
     ) -> Result<ReportEffect, StoreError> {
+        self.finish_signed(job_id, node_id, attempt, outcome, max_output_bytes, None)
+    }
+
+    /// [`Store::finish`], keeping the node's signed report with the job (receipts carry it).
+    pub fn finish_signed(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+        outcome: &ExecutionOutcome,
+        max_output_bytes: usize,
+        signed: Option<&SignedReport>,
+    ) -> Result<ReportEffect, StoreError> {
         let now = now_ms();
         let (tx, ctx) = self.begin()?;
         let state = match Self::check_attempt(&tx, job_id, node_id, attempt)? {
@@ -198,7 +211,7 @@ impl Store {
         let stderr = truncate_tail(&outcome.stderr, max_output_bytes);
         exec(&tx,
             "UPDATE jobs SET state = ?2, exit_code = ?3, stdout = ?4, stderr = ?5, reason = ?6, elapsed_ms = ?7,
-             updated_ms = ?8, fuel_consumed = ?9, output_files = ?10 WHERE id = ?1",
+             updated_ms = ?8, fuel_consumed = ?9, output_files = ?10, node_report = ?11 WHERE id = ?1",
             params![
                 job_id,
                 final_state.as_str(),
@@ -210,7 +223,8 @@ impl Store {
                 now as i64,
                 outcome.fuel_consumed.map(|f| f as i64),
                 (!outcome.output_files.is_empty())
-                    .then(|| serde_json::to_string(&outcome.output_files).unwrap_or_default())
+                    .then(|| serde_json::to_string(&outcome.output_files).unwrap_or_default()),
+                signed.map(|s| serde_json::to_string(s).unwrap_or_default()),
             ],
         )
         ?;
