@@ -367,19 +367,30 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
 /// arrive before its `running` event — the agent streams them straight to watchers, while the
 /// event goes through the orchestrator's commit and outbox — so lines are held until the job is
 /// shown running (or ended), at most [`Transcript::HOLD`] and [`Transcript::HELD_LINES`].
-#[derive(Debug, Default)]
-struct Transcript {
-    held: Vec<LogLine>,
+#[derive(Debug)]
+struct Transcript<L = LogLine> {
+    held: Vec<L>,
     released: bool,
+}
+
+impl<L> Default for Transcript<L> {
+    fn default() -> Self {
+        Self {
+            held: Vec::new(),
+            released: false,
+        }
+    }
 }
 
 impl Transcript {
     const HOLD: Duration = Duration::from_millis(500);
     const HELD_LINES: usize = 1_000;
+}
 
+impl<L> Transcript<L> {
     /// A line arrived: what to print now (nothing while the job is not shown running).
-    fn line(&mut self, line: LogLine) -> Vec<LogLine> {
-        if self.released || self.held.len() >= Self::HELD_LINES {
+    fn line(&mut self, line: L) -> Vec<L> {
+        if self.released || self.held.len() >= Transcript::HELD_LINES {
             let mut out = std::mem::take(&mut self.held);
             out.push(line);
             out
@@ -391,7 +402,7 @@ impl Transcript {
 
     /// The job is shown running or ended, or the hold ran out: the held lines, in order; from
     /// now on lines print as they come.
-    fn release(&mut self) -> Vec<LogLine> {
+    fn release(&mut self) -> Vec<L> {
         self.released = true;
         std::mem::take(&mut self.held)
     }
@@ -412,8 +423,11 @@ async fn watch(
     output_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let mut next_seq = 0u64;
-    let mut print = |line: &LogLine| {
-        if global.json {
+    // The node the job's events say it runs on: log lines are published under their node (only
+    // that node may publish there), and lines from any other node are dropped.
+    let job_node: std::cell::RefCell<Option<String>> = std::cell::RefCell::default();
+    let mut print = |(node, line): &(String, LogLine)| {
+        if global.json || job_node.borrow().as_ref().is_some_and(|n| n != node) {
             return;
         }
         if line.seq != next_seq {
@@ -436,7 +450,8 @@ async fn watch(
             }
             Some(message) = logs.next() => {
                 let Ok(line) = serde_json::from_slice::<LogLine>(&message.payload) else { continue };
-                transcript.line(line).iter().for_each(&mut print);
+                let node = rhizos_broker::Subjects::last_token(&message.subject).to_owned();
+                transcript.line((node, line)).iter().for_each(&mut print);
                 if transcript.holding() {
                     release_at.get_or_insert_with(|| tokio::time::Instant::now() + Transcript::HOLD);
                 }
@@ -448,6 +463,9 @@ async fn watch(
             Some(message) = events.next() => {
                 let Ok(Event { body, .. }) = serde_json::from_slice::<Event>(&message.payload) else { continue };
                 if let EventBody::Job { state, node_id, .. } = body {
+                    if node_id.is_some() {
+                        job_node.replace(node_id.clone());
+                    }
                     if !global.json && !state.is_terminal() {
                         let node = node_id.map(|n| format!(" on {n}")).unwrap_or_default();
                         eprintln!("· {}{node}", state.as_str());

@@ -643,6 +643,55 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
         .expect("an enrolled node connects");
     assert_eq!(node.identity, Some(Caller::node("gpu-1")));
 
+    // While alice watches a job, that node injects lines into the job's log subject (its
+    // permissions let it publish there, under its own node id): her CLI shows none of them.
+    let subject = node.subjects.job_log("alice", "watched", "gpu-1").unwrap();
+    let injector = tokio::spawn(async move {
+        for seq in 0..200u64 {
+            let line = wire::LogLine {
+                v: WIRE_VERSION,
+                job_id: "watched".into(),
+                attempt: 1,
+                seq,
+                stream: wire::LogStream::Stdout,
+                line: "INJECTED".into(),
+                ts_ms: 0,
+            };
+            let _ = node
+                .client
+                .publish(subject.clone(), wire::encode(&line))
+                .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let mut watched = cli(&[
+        "job",
+        "submit",
+        "--account",
+        "alice",
+        "--job-id",
+        "watched",
+        "--max-cost",
+        "0.5",
+        "--timeout-secs",
+        "5",
+        "--wait",
+        "--wasm",
+    ]);
+    watched.arg(&module);
+    let output = tokio::process::Command::from(watched)
+        .output()
+        .await
+        .unwrap();
+    injector.abort();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("Hello from RhizOS"), "{text}");
+    assert!(
+        !text.contains("INJECTED"),
+        "a foreign node's lines were shown:\n{text}"
+    );
+
     // Revoked: refused from now on, without a restart.
     let (ok, text) = run(&mut cli(&["user", "remove", "mallory"]));
     assert!(ok, "{text}");
