@@ -146,6 +146,8 @@ pub enum AuthError {
     Exists(Caller),
     #[error("{0} is not enrolled")]
     Unknown(Caller),
+    #[error(transparent)]
+    Credentials(#[from] crate::identity::CredentialsError),
 }
 
 /// The operator's list of parties for a server it runs (`rhizos up`'s `<data-dir>/auth`):
@@ -198,6 +200,36 @@ impl AuthDir {
             None => parties.push(party),
         }
         self.write(subjects, &parties)
+    }
+
+    /// The credentials of `caller` in `file` — kept if the file exists, else made — with their
+    /// key let in (the server applies it on its next reload).
+    pub fn admit(
+        &self,
+        subjects: &Subjects,
+        caller: &Caller,
+        file: &std::path::Path,
+    ) -> Result<crate::Credentials, AuthError> {
+        let creds = if file.is_file() {
+            crate::Credentials::load(file)?
+        } else {
+            let creds = crate::Credentials::generate(caller);
+            creds.save(file)?;
+            creds
+        };
+        let public_key = creds.public_key().map_err(|problem| AuthError::Invalid {
+            path: file.to_owned(),
+            problem,
+        })?;
+        self.add(
+            subjects,
+            Party {
+                role: caller.role,
+                name: caller.name.clone(),
+                public_key,
+            },
+        )?;
+        Ok(creds)
     }
 
     /// Removes a party and rewrites the authorization file.

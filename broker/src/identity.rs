@@ -103,6 +103,11 @@ impl Caller {
         }
     }
 
+    /// The usual name of this party's credentials file: `<role>-<name>.creds`.
+    pub fn credentials_file_name(&self) -> String {
+        format!("{}-{}.creds", self.role.as_str(), self.name)
+    }
+
     /// The prefix of this party's reply inboxes (`_INBOX.<role>.<name>`): the server lets it
     /// subscribe only below it, so nobody reads another party's replies.
     pub fn inbox_prefix(&self) -> String {

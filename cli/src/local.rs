@@ -7,7 +7,7 @@
 //! account it names when that user's credentials are there, else as the local operator.
 
 use anyhow::Context as _;
-use rhizos_broker::auth::{AuthDir, Party};
+use rhizos_broker::auth::AuthDir;
 use rhizos_broker::{Caller, Credentials, Subjects};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -80,7 +80,7 @@ pub const OPERATOR: &str = "operator";
 
 /// `<dir>/<role>-<name>.creds`.
 pub fn credentials_file(dir: &Path, caller: &Caller) -> PathBuf {
-    dir.join(format!("{}-{}.creds", caller.role.as_str(), caller.name))
+    dir.join(caller.credentials_file_name())
 }
 
 /// Makes credentials for `caller` in `dir` (kept if they exist), lets its key in through
@@ -92,20 +92,6 @@ pub fn issue(
     caller: &Caller,
 ) -> anyhow::Result<(PathBuf, Credentials)> {
     let path = credentials_file(dir, caller);
-    let creds = if path.is_file() {
-        Credentials::load(&path)?
-    } else {
-        let creds = Credentials::generate(caller);
-        creds.save(&path)?;
-        creds
-    };
-    auth.add(
-        subjects,
-        Party {
-            role: caller.role,
-            name: caller.name.clone(),
-            public_key: creds.public_key().map_err(anyhow::Error::msg)?,
-        },
-    )?;
+    let creds = auth.admit(subjects, caller, &path)?;
     Ok((path, creds))
 }

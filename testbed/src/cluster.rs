@@ -2,7 +2,7 @@
 //! orchestrator with its SQLite ledger in a temp dir, and N agents loading real plugin files.
 
 use anyhow::Context as _;
-use rhizos_broker::auth::{AuthDir, Party};
+use rhizos_broker::auth::AuthDir;
 use rhizos_broker::server::{LaunchOptions, NatsServer};
 use rhizos_broker::wire::{
     AccountView, JobSpec, JobView, Pricing, SubmitJob, SubmitJobReply, Workload, b64_encode,
@@ -361,22 +361,12 @@ impl Cluster {
 
 /// Where a secure cluster keeps `caller`'s credentials.
 pub fn credentials_path(auth: &AuthDir, caller: &Caller) -> PathBuf {
-    auth.dir()
-        .join(format!("{}-{}.creds", caller.role.as_str(), caller.name))
+    auth.dir().join(caller.credentials_file_name())
 }
 
 /// Makes credentials for `caller` and lets its key in (the server applies it on reload).
 pub fn add_party(auth: &AuthDir, subjects: &Subjects, caller: &Caller) -> anyhow::Result<()> {
-    let creds = Credentials::generate(caller);
-    creds.save(&credentials_path(auth, caller))?;
-    auth.add(
-        subjects,
-        Party {
-            role: caller.role,
-            name: caller.name.clone(),
-            public_key: creds.public_key().map_err(anyhow::Error::msg)?,
-        },
-    )?;
+    auth.admit(subjects, caller, &credentials_path(auth, caller))?;
     Ok(())
 }
 

@@ -65,6 +65,24 @@ async fn violation(errors: &Arc<Mutex<Vec<String>>>, subject: &str) {
     }
 }
 
+/// Takes `caller` out of the server's users, reloads it, and waits until `bus` (connected as
+/// `caller`) is cut off.
+async fn revoke(cluster: &Cluster, caller: &Caller, bus: &Bus) {
+    let auth = cluster.auth.as_ref().unwrap();
+    auth.remove(&cluster.bus.subjects, caller).unwrap();
+    cluster.nats.reload().unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        while bus.client.connection_state() == async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "{caller} was revoked and its connection stays open"
+    );
+}
+
 fn refused(result: Result<impl std::fmt::Debug, rhizos_broker::RequestError>, code: ErrorCode) {
     match result {
         Err(e) => assert_eq!(e.remote().map(|r| r.code), Some(code), "{e}"),
@@ -273,20 +291,7 @@ async fn a_hostile_user_can_neither_move_money_nor_touch_another_accounts_jobs()
 
     // Revoked: her connection is closed and a new one refused, without a restart.
     let mallory_creds = credentials_path(cluster.auth.as_ref().unwrap(), &Caller::user("mallory"));
-    cluster
-        .auth
-        .as_ref()
-        .unwrap()
-        .remove(&cluster.bus.subjects, &Caller::user("mallory"))
-        .unwrap();
-    cluster.nats.reload().unwrap();
-    let cut = tokio::time::timeout(Duration::from_secs(5), async {
-        while mallory_bus.client.connection_state() == async_nats::connection::State::Connected {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(cut.is_ok(), "a revoked user's connection stays open");
+    revoke(&cluster, &Caller::user("mallory"), &mallory_bus).await;
     let mut settings = cluster.settings.nats.clone();
     settings.credentials = Some(mallory_creds);
     assert!(
@@ -459,17 +464,7 @@ async fn a_hostile_node_cannot_act_as_another_node_or_redirect_its_earnings() {
         "{error}"
     );
     assert!(error.to_string().contains("removed"), "{error}");
-    let auth = cluster.auth.as_ref().unwrap();
-    auth.remove(&cluster.bus.subjects, &Caller::node(&a))
-        .unwrap();
-    cluster.nats.reload().unwrap();
-    let cut = tokio::time::timeout(Duration::from_secs(5), async {
-        while node_a.client.connection_state() == async_nats::connection::State::Connected {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(cut.is_ok(), "a removed node's connection stays open");
+    revoke(&cluster, &Caller::node(&a), &node_a).await;
 }
 
 /// An account's balance, through the real CLI (`--json`).

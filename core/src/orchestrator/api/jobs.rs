@@ -218,13 +218,13 @@ pub(in crate::orchestrator) fn own_job(
     job_id: &str,
     account: &str,
 ) -> Result<(), WireError> {
-    match caller.role {
-        Role::Operator => Ok(()),
-        Role::User if caller.name == account => Ok(()),
-        _ => Err(WireError::new(
+    if super::acts_for(caller, account) {
+        Ok(())
+    } else {
+        Err(WireError::new(
             ErrorCode::NotFound,
             format!("no job {job_id} in account {}", caller.name),
-        )),
+        ))
     }
 }
 

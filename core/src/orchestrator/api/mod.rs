@@ -104,17 +104,22 @@ pub(in crate::orchestrator) fn forbidden(message: String) -> WireError {
     WireError::new(ErrorCode::Forbidden, message)
 }
 
+/// Whether `caller` may act for `account`: a user for its own, the operator for any.
+pub(in crate::orchestrator) fn acts_for(caller: &Caller, account: &str) -> bool {
+    caller.role == Role::Operator || (caller.role == Role::User && caller.name == account)
+}
+
 /// A user may act only for its own account; the operator for any.
 pub(in crate::orchestrator) fn own_account(
     caller: &Caller,
     account: &str,
 ) -> Result<(), WireError> {
-    match caller.role {
-        Role::Operator => Ok(()),
-        Role::User if caller.name == account => Ok(()),
-        _ => Err(forbidden(format!(
+    if acts_for(caller, account) {
+        Ok(())
+    } else {
+        Err(forbidden(format!(
             "{caller} may not act for account {account}: a user acts only for its own account"
-        ))),
+        )))
     }
 }
 
