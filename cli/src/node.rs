@@ -18,7 +18,10 @@ pub enum NodeCommand {
     /// Enrol a node (operator): fixes its id and the provider account its earnings are paid
     /// into, and writes its credentials (mode 0600) for the machine that runs it.
     Enroll {
+        /// The node's id (a-z, 0-9, '_' and '-'): what its agent registers as.
         node_id: String,
+        /// The account the node's earnings are paid into; fixed: its registrations cannot
+        /// change it.
         #[arg(long)]
         provider_account: String,
         #[command(flatten)]
@@ -27,6 +30,7 @@ pub enum NodeCommand {
     /// Revoke a node: its connection is closed and refused, its registrations too; its jobs are
     /// requeued when its heartbeats stop.
     Remove {
+        /// The node to revoke.
         node_id: String,
         #[command(flatten)]
         target: crate::users::Target,

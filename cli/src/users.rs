@@ -16,6 +16,7 @@ pub enum UserCommand {
     /// Create a user: its ledger account and a credentials file (mode 0600) that acts for that
     /// account only. Hand the file to the user (`rhizos --credentials FILE …`).
     Add {
+        /// The user's name, which is also its account (a-z, 0-9, '_' and '-').
         name: String,
         #[command(flatten)]
         target: Target,
@@ -23,6 +24,7 @@ pub enum UserCommand {
     /// Revoke a user's credentials: its connections are closed and refused from now on. The
     /// ledger account and its money stay.
     Remove {
+        /// The user to revoke.
         name: String,
         #[command(flatten)]
         target: Target,
