@@ -101,6 +101,26 @@ pub struct OrchestratorSettings {
     /// Only for a network without authentication, where anyone may claim to be anyone anyway;
     /// off, a node registers only as enrolled (`rhizos node enroll`).
     pub open_registration: bool,
+    /// What a job is charged when its workload fails on its own (non-zero exit, trap, its own
+    /// deadline, memory or fuel limit): `time_used` (default) pays the provider for the time it
+    /// ran, like a success; `none` refunds it. Failures of the node itself (lost, engine or
+    /// plugin error, digest mismatch, shutting down) are never charged.
+    pub failed_workload_charge: FailedWorkloadCharge,
+    /// Tolerance of the orchestrator's own measurements, in ms: a node's reported run time is
+    /// billed at most up to the time since the assignment plus this, and a running job is
+    /// stopped by the orchestrator once its `timeout_ms` plus this has passed since it started.
+    pub timing_slack_ms: u64,
+}
+
+/// See [`OrchestratorSettings::failed_workload_charge`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailedWorkloadCharge {
+    /// The provider is paid for the time the failed workload used.
+    #[default]
+    TimeUsed,
+    /// A failed workload is refunded in full.
+    None,
 }
 
 /// Weights of the ranking among nodes that can run a job (lower score wins): the node's price
@@ -145,6 +165,8 @@ impl Default for OrchestratorSettings {
             resolver_cache_ttl_ms: 60_000,
             resolvers: std::collections::BTreeMap::new(),
             open_registration: false,
+            failed_workload_charge: FailedWorkloadCharge::TimeUsed,
+            timing_slack_ms: 2_000,
         }
     }
 }

@@ -307,22 +307,53 @@ pub fn cost_micros(
     const MICROS_PER_CENT: i128 = 10_000;
     const MS_PER_HOUR: i128 = 3_600_000;
     const MIB_PER_GIB: i128 = 1024;
-    // Work in (cents per hour) × MiB-units so memory priced per GiB stays exact.
-    let rate_cents_mib_per_hour =
-        i128::from(cpu_cores) * i128::from(pricing.cpu_hour_cents) * MIB_PER_GIB
-            + i128::from(memory_mib) * i128::from(pricing.memory_gb_hour_cents)
-            + i128::from(gpus) * i128::from(pricing.gpu_hour_cents) * MIB_PER_GIB;
-    let numerator = i128::from(elapsed_ms) * rate_cents_mib_per_hour * MICROS_PER_CENT;
-    let denominator = MS_PER_HOUR * MIB_PER_GIB;
-    let micros = (numerator + denominator - 1) / denominator;
-    i64::try_from(micros).unwrap_or(i64::MAX)
+    // Work in (cents per hour) × MiB-units so memory priced per GiB stays exact. Checked: a
+    // price or run time near its type's limit saturates at i64::MAX (the split caps it at the
+    // hold) instead of wrapping.
+    let micros = (|| {
+        let cpu = i128::from(cpu_cores)
+            .checked_mul(i128::from(pricing.cpu_hour_cents))?
+            .checked_mul(MIB_PER_GIB)?;
+        let memory =
+            i128::from(memory_mib).checked_mul(i128::from(pricing.memory_gb_hour_cents))?;
+        let gpu = i128::from(gpus)
+            .checked_mul(i128::from(pricing.gpu_hour_cents))?
+            .checked_mul(MIB_PER_GIB)?;
+        let rate_cents_mib_per_hour = cpu.checked_add(memory)?.checked_add(gpu)?;
+        let numerator = i128::from(elapsed_ms)
+            .checked_mul(rate_cents_mib_per_hour)?
+            .checked_mul(MICROS_PER_CENT)?;
+        let denominator = MS_PER_HOUR * MIB_PER_GIB;
+        numerator
+            .checked_add(denominator - 1)
+            .map(|n| n / denominator)
+    })();
+    micros.map_or(i64::MAX, |m| i64::try_from(m).unwrap_or(i64::MAX))
+}
+
+/// What a run of `elapsed_ms` that burned `fuel` costs: [`cost_micros`] plus
+/// [`fuel_cost_micros`], saturating.
+pub fn usage_cost_micros(
+    elapsed_ms: u64,
+    fuel: Option<u64>,
+    cpu_cores: u32,
+    memory_mib: u64,
+    gpus: u32,
+    pricing: &rhizos_broker::wire::Pricing,
+) -> i64 {
+    cost_micros(elapsed_ms, cpu_cores, memory_mib, gpus, pricing)
+        .saturating_add(fuel_cost_micros(fuel.unwrap_or(0), pricing))
 }
 
 /// What `fuel` units of WASM fuel cost at `pricing` (micro-USD per million units), rounded up
 /// to the micro.
 pub fn fuel_cost_micros(fuel: u64, pricing: &rhizos_broker::wire::Pricing) -> i64 {
-    let numerator = i128::from(fuel) * i128::from(pricing.fuel_million_micros);
-    i64::try_from((numerator + 999_999) / 1_000_000).unwrap_or(i64::MAX)
+    // u64 × u64 fits u128 (not i128); the rounding add is checked too.
+    let micros = u128::from(fuel)
+        .checked_mul(u128::from(pricing.fuel_million_micros))
+        .and_then(|n| n.checked_add(999_999))
+        .map(|n| n / 1_000_000);
+    micros.map_or(i64::MAX, |m| i64::try_from(m).unwrap_or(i64::MAX))
 }
 
 /// What `ledger verify` found.
@@ -491,5 +522,22 @@ mod tests {
             fuel_million_micros: 0,
         };
         assert_eq!(cost_micros(123, 1, 4096, 0, &p36), 1_230);
+        // Inputs at their types' limits saturate instead of overflowing (a debug build would
+        // panic inside a ledger operation).
+        let extreme = Pricing {
+            gpu_hour_cents: u64::MAX,
+            cpu_hour_cents: u64::MAX,
+            memory_gb_hour_cents: u64::MAX,
+            fuel_million_micros: u64::MAX,
+        };
+        assert_eq!(
+            cost_micros(u64::MAX, u32::MAX, u64::MAX, u32::MAX, &extreme),
+            i64::MAX
+        );
+        assert_eq!(
+            usage_cost_micros(u64::MAX, Some(u64::MAX), 1, 1, 1, &extreme),
+            i64::MAX
+        );
+        assert_eq!(usage_cost_micros(0, None, 1, 1, 1, &p), 0);
     }
 }

@@ -119,6 +119,9 @@ pub enum ExitKind {
     Rejected,
     /// The workload used up its fuel limit and was stopped.
     FuelExhausted,
+    /// The backend itself failed (its engine lost the container, the runtime panicked or shut
+    /// down): not the workload's doing, so the job is not charged and is run elsewhere.
+    BackendFailed,
 }
 
 /// The end of an execution.

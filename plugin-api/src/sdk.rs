@@ -63,12 +63,13 @@ pub fn catch_panic<T>(
     }
 }
 
-/// Runs `body`; a panic becomes a `Crashed` outcome saying so (for [`crate::Execution::wait`]).
+/// Runs `body`; a panic becomes a `BackendFailed` outcome saying so (for
+/// [`crate::Execution::wait`]): the plugin failed, not the workload.
 pub fn catch_panic_outcome(what: &str, body: impl FnOnce() -> ExecOutcome) -> ExecOutcome {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(outcome) => outcome,
         Err(payload) => ExecOutcome::abnormal(
-            ExitKind::Crashed,
+            ExitKind::BackendFailed,
             format!("plugin panicked in {what}: {}", panic_message(&*payload)),
             0,
         ),
@@ -77,7 +78,7 @@ pub fn catch_panic_outcome(what: &str, body: impl FnOnce() -> ExecOutcome) -> Ex
 
 /// An execution backend in plain Rust. [`crate::export_backend_plugin!`] exports it with every
 /// call made panic-safe: a panic in `start` refuses that execution, one in `wait` ends it as
-/// `Crashed`, one in `cancel` is logged and ignored — the agent keeps running.
+/// `BackendFailed`, one in `cancel` is logged and ignored — the agent keeps running.
 pub trait PluginBackend: Send + Sync + 'static {
     type Execution: PluginExecution;
     /// Starts one execution and returns at once; `Err` refuses it (nothing ran).

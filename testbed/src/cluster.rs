@@ -47,6 +47,8 @@ pub struct ClusterOptions {
     /// enrolled), each with its role's permissions; [`Cluster::user`] adds users. Off: no
     /// authentication, and nodes register without enrolment.
     pub secure: bool,
+    /// `[orchestrator] failed_workload_charge`.
+    pub failed_workload_charge: rhizos_broker::config::FailedWorkloadCharge,
 }
 
 impl Default for ClusterOptions {
@@ -74,6 +76,7 @@ impl Default for ClusterOptions {
             resolver_config: std::collections::BTreeMap::new(),
             resolver_order: Vec::new(),
             secure: false,
+            failed_workload_charge: Default::default(),
         }
     }
 }
@@ -91,6 +94,8 @@ pub struct Cluster {
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     /// One per agent, `None` once killed.
     agent_tasks: Vec<Option<JoinHandle<anyhow::Result<()>>>>,
+    /// Each agent's own shutdown signal (besides the cluster's).
+    agent_stops: Vec<watch::Sender<bool>>,
 }
 
 async fn stopped(mut receiver: watch::Receiver<bool>) {
@@ -129,6 +134,7 @@ impl Cluster {
         settings.orchestrator.data_dir = data_dir.path().join("orchestrator");
         settings.orchestrator.fee_bps = options.fee_bps;
         settings.orchestrator.missed_heartbeats = options.missed_heartbeats;
+        settings.orchestrator.failed_workload_charge = options.failed_workload_charge;
         settings.pricing = options.pricing;
         settings.orchestrator.resolver_dir = options.resolver_dir.clone();
         settings.orchestrator.resolvers = options.resolver_config.clone();
@@ -159,6 +165,7 @@ impl Cluster {
         };
         let mut agents = Vec::new();
         let mut agent_tasks = Vec::new();
+        let mut agent_stops = Vec::new();
         for (index, node_id) in node_ids.iter().enumerate() {
             let plugin_dir = data_dir.path().join(format!("plugins-{index}"));
             std::fs::create_dir_all(&plugin_dir)?;
@@ -209,9 +216,15 @@ impl Cluster {
                 agent_settings,
                 options.pricing,
             )?;
-            agent_tasks.push(Some(tokio::spawn(
-                agent.clone().run(stopped(receiver.clone())),
-            )));
+            let (own_stop, own) = watch::channel(false);
+            let everyone = receiver.clone();
+            agent_stops.push(own_stop);
+            agent_tasks.push(Some(tokio::spawn(agent.clone().run(async move {
+                tokio::select! {
+                    () = stopped(everyone) => {}
+                    () = stopped(own) => {}
+                }
+            }))));
             agents.push(agent);
         }
         let cluster = Self {
@@ -225,6 +238,7 @@ impl Cluster {
             stop,
             tasks,
             agent_tasks,
+            agent_stops,
         };
         cluster.wait_for_orchestrator().await?;
         cluster.wait_for_nodes(options.agents).await?;
@@ -344,6 +358,18 @@ impl Cluster {
         if let Some(Some(task)) = self.agent_tasks.get_mut(index).map(Option::take) {
             task.abort();
         }
+    }
+
+    /// Shuts agent `index` down gracefully (as on SIGTERM) and waits until it has stopped: its
+    /// running executions are stopped and handed back.
+    pub async fn stop_agent(&mut self, index: usize) -> anyhow::Result<()> {
+        if let Some(stop) = self.agent_stops.get(index) {
+            let _ = stop.send(true);
+        }
+        if let Some(Some(task)) = self.agent_tasks.get_mut(index).map(Option::take) {
+            task.await??;
+        }
+        Ok(())
     }
 
     /// Stops every daemon and waits for them.

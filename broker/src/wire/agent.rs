@@ -78,6 +78,10 @@ pub enum ExitKind {
     Cancelled,
     Rejected,
     FuelExhausted,
+    /// The node could not run the workload through no fault of it: its backend or engine
+    /// failed, the artifact did not arrive or did not match its digest, the GPUs it offered were
+    /// not there. Never charged; the job is requeued while retries remain.
+    NodeError,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,7 +105,14 @@ pub struct ExecutionOutcome {
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum ReportPhase {
     Running,
-    Finished { outcome: ExecutionOutcome },
+    Finished {
+        outcome: ExecutionOutcome,
+    },
+    /// The agent is shutting down and stopped this attempt unfinished: requeue it (nothing is
+    /// charged, no retry is spent).
+    HandedBack {
+        reason: String,
+    },
 }
 
 /// Agent → orchestrator: progress of one attempt. Retried until acked; idempotent.

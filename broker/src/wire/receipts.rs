@@ -177,7 +177,9 @@ impl ReceiptBody {
         };
         let elapsed = match &report.phase {
             super::ReportPhase::Finished { outcome } => outcome.elapsed_ms,
-            super::ReportPhase::Running => return bad("the signed report is not a result".into()),
+            super::ReportPhase::Running | super::ReportPhase::HandedBack { .. } => {
+                return bad("the signed report is not a result".into());
+            }
         };
         if report.job_id != self.job_id
             || report.attempt != self.attempt

@@ -13,6 +13,7 @@ use rhizos_broker::wire::{
 };
 use rhizos_plugin_api::{EventSink, EventSink_TO, ExecLimits, ExecRequest};
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -23,12 +24,29 @@ impl Agent {
         let key = (assign.job_id.clone(), assign.attempt);
         let outcome = self.run_plugin(&assign).await;
         tracing::info!(job_id = %assign.job_id, attempt = assign.attempt, kind = ?outcome.kind, exit_code = ?outcome.exit_code, elapsed_ms = outcome.elapsed_ms, "execution ended");
+        // Cancelled by this agent's own shutdown, not by the orchestrator: the job is handed
+        // back to run elsewhere instead of ending.
+        let stopped_by_orchestrator = self
+            .executions()
+            .get(&key)
+            .and_then(Option::as_ref)
+            .is_some_and(|running| running.stop_requested.load(Ordering::Relaxed));
+        let phase = if outcome.kind == ExitKind::Cancelled
+            && self.inner.shutting_down.load(Ordering::Relaxed)
+            && !stopped_by_orchestrator
+        {
+            ReportPhase::HandedBack {
+                reason: "the agent is shutting down".into(),
+            }
+        } else {
+            ReportPhase::Finished { outcome }
+        };
         let report = JobReport {
             v: WIRE_VERSION,
             node_id: self.inner.node_id.clone(),
             job_id: assign.job_id,
             attempt: assign.attempt,
-            phase: ReportPhase::Finished { outcome },
+            phase,
             signature: None,
         };
         self.send_report(report).await;
@@ -42,12 +60,12 @@ impl Agent {
         // Held until the execution ends.
         let (request, _gpus) = match self.prepare(assign).await {
             Ok(prepared) => prepared,
-            Err(message) => return rejected(message),
+            Err(message) => return node_error(message),
         };
         let (sender, receiver) = mpsc::unbounded_channel();
         let execution = match self.start(assign, request, sender.clone()).await {
             Ok(execution) => execution,
-            Err(message) => return rejected(message),
+            Err(message) => return node_error(message),
         };
         self.executions().insert(
             (assign.job_id.clone(), assign.attempt),
@@ -145,6 +163,7 @@ impl Agent {
             Ok(Ok(execution)) => Ok(Arc::new(Running {
                 execution,
                 _plugin: plugin,
+                stop_requested: std::sync::atomic::AtomicBool::new(false),
             })),
             Ok(Err(message)) => Err(message),
             Err(e) => Err(format!("backend start failed: {e}")),
@@ -230,10 +249,12 @@ impl Agent {
     }
 }
 
-/// An attempt that never started: why.
-fn rejected(message: String) -> ExecutionOutcome {
+/// An attempt this node could not start (the artifact did not arrive or match its digest, the
+/// GPUs are taken, the backend refused to start it): why. Not the workload's failure, so it is
+/// not charged and the job may run elsewhere.
+fn node_error(message: String) -> ExecutionOutcome {
     ExecutionOutcome {
-        kind: ExitKind::Rejected,
+        kind: ExitKind::NodeError,
         exit_code: None,
         message: Some(message),
         elapsed_ms: 0,
@@ -260,6 +281,7 @@ fn wire_outcome(
             Plugin::Cancelled => ExitKind::Cancelled,
             Plugin::Rejected => ExitKind::Rejected,
             Plugin::FuelExhausted => ExitKind::FuelExhausted,
+            Plugin::BackendFailed => ExitKind::NodeError,
         },
         exit_code: (outcome.kind == Plugin::Exited).then_some(outcome.exit_code),
         message: (!outcome.message.is_empty()).then(|| outcome.message.into_string()),

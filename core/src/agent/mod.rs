@@ -36,6 +36,8 @@ type Executions = HashMap<(String, u32), Option<Arc<Running>>>;
 struct Running {
     execution: ExecutionBox,
     _plugin: Arc<plugins::LoadedPlugin>,
+    /// The orchestrator asked to stop it (a cancel ends the job; a shutdown hands it back).
+    stop_requested: std::sync::atomic::AtomicBool,
 }
 
 /// The node agent. Cheap to clone.
@@ -61,6 +63,8 @@ struct Inner {
     gpus_busy: Mutex<Vec<bool>>,
     /// NVML, when it loaded: GPU telemetry for heartbeats.
     nvml: Option<nvml_wrapper::Nvml>,
+    /// Set when the agent begins to shut down: executions it cancels then are handed back.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl Agent {
@@ -105,6 +109,7 @@ impl Agent {
                 nvml,
                 hardware,
                 executions: Mutex::new(HashMap::new()),
+                shutting_down: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -273,7 +278,8 @@ impl Agent {
     }
 
     /// Registers, then serves assignments until `shutdown` resolves. Running executions are
-    /// cancelled on shutdown and their outcome reported before this returns.
+    /// stopped on shutdown and handed back to the orchestrator (to run elsewhere) before this
+    /// returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let bus = &self.inner.bus;
         let node_id = self.inner.node_id.clone();
@@ -331,9 +337,15 @@ impl Agent {
             }
         }
         drop(heartbeat);
+        self.inner
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let running: Vec<Arc<Running>> = self.executions().values().flatten().cloned().collect();
         if !running.is_empty() {
-            tracing::info!(count = running.len(), "stopping running executions");
+            tracing::info!(
+                count = running.len(),
+                "stopping running executions and handing them back"
+            );
         }
         for running in running {
             running.execution.cancel();
@@ -459,6 +471,9 @@ impl Agent {
         let ack = match execution {
             Some(Some(execution)) => {
                 tracing::info!(job_id = %stop.job_id, attempt = stop.attempt, "stopping execution");
+                execution
+                    .stop_requested
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 execution.execution.cancel();
                 Ack {
                     accepted: true,

@@ -28,7 +28,7 @@ impl Orchestrator {
         let (node_id, pricing) = (node.registration.node_id.clone(), node.registration.pricing);
         let fuel_limit = matching::fuel_budget(spec, max_cost_micros, &node.registration);
         // The assignment has its own savepoint: failing leaves the rest of the batch.
-        match store.assign(job_id, &node_id, &pricing) {
+        match store.assign(job_id, &node_id, &pricing, fuel_limit) {
             Ok(Some(attempt)) => {
                 registry.allocate(&node_id, spec);
                 Some((node_id, attempt, fuel_limit))

@@ -83,6 +83,10 @@ impl Orchestrator {
         let path = settings.data_dir.join("ledger.db");
         let mut store = Store::open(&path, settings.fee_bps)
             .with_context(|| format!("failed to open ledger at {}", path.display()))?;
+        store.set_charge_policy(store::ChargePolicy {
+            failed_workload: settings.failed_workload_charge,
+            slack_ms: settings.timing_slack_ms,
+        });
         store
             .checkpoint_in_background(&path, Duration::from_millis(200))
             .context("failed to start the WAL checkpointer")?;

@@ -115,7 +115,8 @@ impl Orchestrator {
         }
     }
 
-    /// Ends jobs on lost nodes and jobs that waited too long for one; both are refunded.
+    /// Ends jobs on lost nodes and jobs that waited too long for one (both refunded), stops
+    /// jobs at their total timeout, and ends running jobs their node did not end in time.
     pub(in crate::orchestrator) async fn sweep(&self) -> Result<(), WireError> {
         let stats = self.recount_and_stats().await?;
         let reputations = stats
@@ -152,6 +153,19 @@ impl Orchestrator {
                 tracing::info!(%job_id, %node_id, "total timeout passed; stopping the job");
                 let this = self.clone();
                 tokio::spawn(async move { this.send_stop(&node_id, &job_id, attempt).await });
+            }
+        }
+        // Deadlines are the orchestrator's own: a node that neither ends a job in time nor
+        // reports cannot keep it running (and its escrow held).
+        for job_id in self.db(move |store| store.overrun(now)).await? {
+            let id = job_id.clone();
+            if let Some((node_id, attempt)) =
+                self.db(move |store| store.end_at_deadline(&id)).await?
+            {
+                tracing::warn!(%job_id, %node_id, attempt, "job ran past its timeout; ended it and stopping it on its node");
+                let this = self.clone();
+                tokio::spawn(async move { this.send_stop(&node_id, &job_id, attempt).await });
+                self.inner.dispatch_wake.notify_one();
             }
         }
         self.inner.outbox_wake.notify_one();

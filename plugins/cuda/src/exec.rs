@@ -381,7 +381,7 @@ async fn execute(
             elapsed_ms,
         ),
         End::Lost(e) => ExecOutcome::abnormal(
-            ExitKind::Crashed,
+            ExitKind::BackendFailed,
             format!("lost track of the program: {e}"),
             elapsed_ms,
         ),

@@ -704,7 +704,7 @@ async fn drive(shared: &Shared, job: &Job, sink: &EventSinkBox, cancel: &Notify)
         Ok(code) => code,
         Err(e) => {
             return ExecOutcome::abnormal(
-                ExitKind::Crashed,
+                ExitKind::BackendFailed,
                 format!("lost track of the container: {e}"),
                 elapsed_ms,
             );

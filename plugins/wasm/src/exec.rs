@@ -118,7 +118,7 @@ impl WasmBackend {
                     Err(e) => format!("wasm execution task ended abnormally: {e}"),
                 };
                 supervisor_shared.slot.set(ExecOutcome::abnormal(
-                    ExitKind::Crashed,
+                    ExitKind::BackendFailed,
                     message,
                     elapsed_ms(started),
                 ));
@@ -165,7 +165,7 @@ impl Drop for EndOnDrop {
     fn drop(&mut self) {
         let message = "the wasm backend shut down before the execution finished";
         self.shared.slot.set(ExecOutcome::abnormal(
-            ExitKind::Crashed,
+            ExitKind::BackendFailed,
             message,
             elapsed_ms(self.started),
         ));

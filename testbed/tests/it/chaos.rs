@@ -161,7 +161,12 @@ async fn an_assignment_committed_but_never_sent_is_requeued_and_runs_once() {
         rhizos_core::orchestrator::store::Store::open(&cluster.ledger_path(), 500).unwrap();
     assert_eq!(
         store
-            .assign("lost-send", "node-0", &ClusterOptions::default().pricing)
+            .assign(
+                "lost-send",
+                "node-0",
+                &ClusterOptions::default().pricing,
+                None
+            )
             .unwrap(),
         Some(1)
     );
@@ -182,6 +187,49 @@ async fn an_assignment_committed_but_never_sent_is_requeued_and_runs_once() {
         .await
         .unwrap();
     assert_eq!(busy.state, JobState::Succeeded);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
+
+/// An agent shut down gracefully hands its running job back: it runs again elsewhere and is
+/// settled once, with no retry spent and nothing refunded.
+#[tokio::test]
+async fn a_gracefully_stopped_agent_hands_its_job_back_to_run_elsewhere() {
+    let mut cluster = Cluster::start(ClusterOptions {
+        agents: 2,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("hal", 1_000_000).await.unwrap();
+    let mut spec = wasm_spec(&demo(), &["count", "6", "100"], 20_000);
+    spec.max_retries = 0;
+    cluster
+        .submit(&submit_request("hal", "handed", spec, 500_000))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let job = cluster.job("handed").await.unwrap();
+        if job.state == JobState::Running {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "never ran: {job:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let leaving = first.node_id.clone().unwrap();
+    let index: usize = leaving.trim_start_matches("node-").parse().unwrap();
+    cluster.stop_agent(index).await.unwrap();
+
+    let job = cluster
+        .wait_for_end("handed", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // With no retries allowed, only a hand-back (not a failure) lets it run again.
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert_eq!(job.attempt, 2);
+    assert_ne!(job.node_id.as_deref(), Some(leaving.as_str()));
+    assert_eq!(ledger_kinds(&cluster, "handed"), ["hold", "settle"]);
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }

@@ -5,6 +5,7 @@ use futures::StreamExt as _;
 use rhizos_broker::wire::{ErrorCode, JobState, LogLine, LogStream, Pricing};
 use rhizos_core::ledger;
 use rhizos_testbed::cluster::wasm_spec;
+use rhizos_testbed::{Cluster, ClusterOptions};
 use std::time::Duration;
 
 const USD: i64 = 1_000_000;
@@ -108,8 +109,11 @@ async fn demo_job_succeeds_streams_logs_in_order_and_settles_to_the_micro() {
     cluster.shutdown().await.unwrap();
 }
 
+/// A failed workload (its own exit, trap, deadline, memory or fuel limit, invalid module)
+/// ends `failed` with its reason and pays for the time it used, never more than its timeout
+/// (`failed_workload_charge = "time_used"`, the default).
 #[tokio::test]
-async fn failing_jobs_fail_with_their_reason_and_are_refunded_in_full() {
+async fn failing_workloads_fail_with_their_reason_and_pay_for_the_time_they_used() {
     let cluster = cluster().await;
     cluster.funded_account("bob", 5 * USD).await.unwrap();
     let module = demo();
@@ -158,6 +162,7 @@ async fn failing_jobs_fail_with_their_reason_and_are_refunded_in_full() {
             .await
             .unwrap();
     }
+    let mut charged = Vec::new();
     for (name, _, reason) in &cases {
         let job = cluster
             .wait_for_end(name, Duration::from_secs(60))
@@ -169,13 +174,22 @@ async fn failing_jobs_fail_with_their_reason_and_are_refunded_in_full() {
             got.contains(reason),
             "{name}: reason {got:?} should contain {reason:?}"
         );
-        assert_eq!(
-            (job.cost_micros, job.fee_micros, job.refund_micros),
-            (Some(0), Some(0), Some(400_000)),
-            "{name}"
+        let (cost, fee, provider, refund) = (
+            job.cost_micros.unwrap(),
+            job.fee_micros.unwrap(),
+            job.provider_micros.unwrap(),
+            job.refund_micros.unwrap(),
         );
-        assert_eq!(ledger_kinds(&cluster, name), ["hold", "refund"], "{name}");
+        assert_eq!((cost + refund, provider + fee), (400_000, cost), "{name}");
+        assert_eq!(fee, (cost * 500 + 5_000) / 10_000, "{name}: 5% half up");
+        assert_eq!(ledger_kinds(&cluster, name), ["hold", "settle"], "{name}");
+        charged.push((*name, cost, provider, fee));
     }
+    let cost_of = |wanted: &str| charged.iter().find(|(name, ..)| *name == wanted).unwrap().1;
+    // The 500 ms deadlines ran their whole timeout and no more: 500 ms × 10 micro-USD.
+    assert_eq!(cost_of("spin"), 5_000);
+    assert_eq!(cost_of("sleep"), 5_000);
+    assert!(cost_of("fuel") > 0, "the fuel job spun until its limit");
     let fuel_job = cluster.job("fuel").await.unwrap();
     assert_eq!(
         fuel_job.fuel_consumed,
@@ -189,10 +203,41 @@ async fn failing_jobs_fail_with_their_reason_and_are_refunded_in_full() {
         Some("exiting with code 3 as asked\n")
     );
 
-    let balances = balances(&cluster);
-    assert_eq!(balances["bob"], 5 * USD, "every failure refunded in full");
-    assert_eq!(balances.get("provider-0").copied().unwrap_or(0), 0);
-    assert_eq!(balances[ledger::PLATFORM_FEES], 0);
+    let books = balances(&cluster);
+    let total = |pick: fn(&(&str, i64, i64, i64)) -> i64| charged.iter().map(pick).sum::<i64>();
+    assert_eq!(books["bob"], 5 * USD - total(|c| c.1));
+    assert_eq!(books["provider-0"], total(|c| c.2));
+    assert_eq!(books[ledger::PLATFORM_FEES], total(|c| c.3));
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+
+    // `failed_workload_charge = "none"`: the same failure is refunded in full.
+    let cluster = Cluster::start(ClusterOptions {
+        failed_workload_charge: rhizos_broker::config::FailedWorkloadCharge::None,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("bob", 5 * USD).await.unwrap();
+    cluster
+        .submit(&submit_request(
+            "bob",
+            "exit",
+            wasm_spec(&module, &["exit", "3"], 30_000),
+            400_000,
+        ))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("exit", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        (job.state, job.cost_micros, job.refund_micros),
+        (JobState::Failed, Some(0), Some(400_000))
+    );
+    assert_eq!(ledger_kinds(&cluster, "exit"), ["hold", "refund"]);
+    assert_eq!(balances(&cluster)["bob"], 5 * USD);
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }
@@ -408,9 +453,9 @@ async fn a_node_pricing_fuel_bills_the_exact_deterministic_fuel_burned() {
     );
     assert_eq!(job.fuel_consumed, Some(80_000));
     assert_eq!(
-        job.refund_micros,
-        Some(20),
-        "a failed job is refunded in full"
+        (job.cost_micros, job.refund_micros),
+        (Some(20), Some(0)),
+        "it burned all the fuel its max cost pays for, and pays for it"
     );
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
@@ -487,7 +532,12 @@ async fn wasi_preview2_command_components_run_as_jobs_with_the_same_limits() {
         fuel.reason.as_deref(),
         Some("fuel limit of 3000000 units exhausted")
     );
-    assert_eq!(fuel.refund_micros, Some(400_000));
+    // Charged for the time it spun (the workload's own limit), the rest refunded.
+    assert_eq!(
+        fuel.cost_micros.unwrap() + fuel.refund_micros.unwrap(),
+        400_000
+    );
+    assert_eq!(ledger_kinds(&cluster, "p2-fuel"), ["hold", "settle"]);
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }

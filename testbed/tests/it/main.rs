@@ -8,6 +8,7 @@ mod components;
 mod cuda;
 mod docker;
 mod events;
+mod fairness;
 mod identity;
 mod jobs;
 mod modules;

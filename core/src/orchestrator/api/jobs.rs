@@ -155,7 +155,7 @@ impl Orchestrator {
                     report: String::from_utf8_lossy(&bytes).into_owned(),
                     signature: signature.clone(),
                 }),
-            ReportPhase::Running => None,
+            ReportPhase::Running | ReportPhase::HandedBack { .. } => None,
         };
         let JobReport {
             node_id,
@@ -165,7 +165,8 @@ impl Orchestrator {
             ..
         } = report;
         let (log_job, log_node) = (job_id.clone(), node_id.clone());
-        let finished = matches!(phase, ReportPhase::Finished { .. });
+        // Capacity comes free on a result or a hand-back (and a handed-back job waits again).
+        let finished = !matches!(phase, ReportPhase::Running);
         let effect = self
             .db(move |store| match &phase {
                 ReportPhase::Running => store
@@ -184,11 +185,17 @@ impl Orchestrator {
                         .finish_signed(&job_id, &node_id, attempt, outcome, max_output, signed.as_ref())
                         .map_err(WireError::from)
                 }
+                ReportPhase::HandedBack { reason } => {
+                    // The node's words go into the job's reason: bounded.
+                    let reason: String = reason.chars().take(256).collect();
+                    store
+                        .hand_back(&job_id, &node_id, attempt, &reason)
+                        .map_err(WireError::from)
+                }
             })
             .await?;
         self.inner.outbox_wake.notify_one();
         if finished {
-            // Capacity came free: waiting jobs may fit now.
             self.inner.dispatch_wake.notify_one();
         }
         Ok(match effect {

@@ -74,14 +74,14 @@ fn receipt_body(closed: ClosedJob, fee_bps: u32) -> ReceiptBody {
         started_ms: closed.started_ms,
         ended_ms: job.updated_ms,
         reported_elapsed_ms: job.elapsed_ms,
-        billed_elapsed_ms: job.elapsed_ms,
+        billed_elapsed_ms: closed.billed_elapsed_ms,
         fuel_consumed: job.fuel_consumed,
         max_cost_micros: job.max_cost_micros,
         cost_micros: job.cost_micros.unwrap_or(0),
         fee_micros: job.fee_micros.unwrap_or(0),
         provider_micros: job.provider_micros.unwrap_or(0),
         refund_micros: job.refund_micros.unwrap_or(0),
-        fee_bps,
+        fee_bps: closed.fee_bps.unwrap_or(fee_bps),
         ledger_tx_id: closed.ledger_tx_id,
     }
 }

@@ -6,6 +6,7 @@
 //! Column values they read and write are enums with `as_str` / `parse`: [`StopReason`]
 //! (`jobs.stop_reason`) and [`AttemptOutcome`] (`attempts.outcome`).
 
+use rhizos_broker::config::FailedWorkloadCharge;
 use rhizos_broker::wire::{ExitKind, JobState};
 
 /// Why a running job is being stopped (`jobs.stop_reason`, set with `cancel_requested`).
@@ -39,17 +40,21 @@ pub enum AttemptOutcome {
     /// The workload's own failure (exit code, trap, its limits, an invalid module): not the
     /// node's fault, so it does not lower the node's reputation.
     JobFailed,
-    /// Lost, restarted without it, or did not take the assignment: the node's fault.
+    /// Lost, restarted without it, did not take the assignment, or its backend failed: the
+    /// node's fault.
     NodeFailed,
     Cancelled,
+    /// The agent shut down gracefully and gave the attempt back unfinished.
+    HandedBack,
 }
 
 impl AttemptOutcome {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Succeeded,
         Self::JobFailed,
         Self::NodeFailed,
         Self::Cancelled,
+        Self::HandedBack,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -58,6 +63,7 @@ impl AttemptOutcome {
             Self::JobFailed => "job_failed",
             Self::NodeFailed => "node_failed",
             Self::Cancelled => "cancelled",
+            Self::HandedBack => "handed_back",
         }
     }
 
@@ -71,10 +77,15 @@ impl AttemptOutcome {
         match self {
             Self::Succeeded => "s",
             Self::NodeFailed => "f",
-            Self::JobFailed | Self::Cancelled => "",
+            Self::JobFailed | Self::Cancelled | Self::HandedBack => "",
         }
     }
 }
+
+/// How many times a job may be handed back by shutting-down agents without spending a retry;
+/// past it a hand-back counts like a lost attempt (a node cannot hold a job forever by taking
+/// it and handing it back).
+pub const FREE_HAND_BACKS: u32 = 3;
 
 /// What the orchestrator had asked of a job when its node reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,19 +104,38 @@ pub struct Ending {
     pub attempt: AttemptOutcome,
 }
 
-/// The ending of a job whose current attempt finished on its node with `kind` / `exit_code`.
+/// What a finished report means for the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The job ends now, as [`Ending`] says.
+    End(Ending),
+    /// The node failed, not the workload: the attempt is lost like one on a lost node
+    /// ([`lost`]: requeued while retries remain, else ended and refunded), nothing charged.
+    NodeFault { reason: String },
+}
+
+/// The verdict on a job whose current attempt finished on its node with `kind` / `exit_code`.
+/// `policy` says what the workload's own failures are charged (`[orchestrator]
+/// failed_workload_charge`).
 pub fn finished(
     kind: ExitKind,
     exit_code: Option<i32>,
     message: Option<&str>,
     stop: StopRequest,
-) -> Ending {
+    policy: FailedWorkloadCharge,
+) -> Verdict {
     let timed_out = stop.stop_reason == Some(StopReason::TotalTimeout);
+    let charge_failure = policy == FailedWorkloadCharge::TimeUsed;
+    let backend_message = || {
+        message
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("execution ended: {kind:?}"))
+    };
     let (state, charge, reason) = match (kind, exit_code) {
         (ExitKind::Exited, Some(0)) => (JobState::Succeeded, true, None),
         (ExitKind::Exited, code) => (
             JobState::Failed,
-            false,
+            charge_failure,
             Some(format!("exited with code {}", code.unwrap_or(-1))),
         ),
         // The orchestrator asked a running job to stop: the provider is paid for the time used.
@@ -119,26 +149,72 @@ pub fn finished(
             true,
             Some("cancelled by the user while running".to_owned()),
         ),
-        (kind, _) => (
-            JobState::Failed,
-            false,
-            Some(
-                message
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| format!("execution ended: {kind:?}")),
-            ),
-        ),
+        // Stopped though nobody asked (an agent going away, an operator's hand): the node's doing.
+        (ExitKind::Cancelled, _) => {
+            return Verdict::NodeFault {
+                reason: "the node stopped the execution without being asked".to_owned(),
+            };
+        }
+        (ExitKind::NodeError, _) => {
+            return Verdict::NodeFault {
+                reason: format!("the node could not run it: {}", backend_message()),
+            };
+        }
+        // The workload's own limits, crashes and invalid modules.
+        (
+            ExitKind::TimedOut
+            | ExitKind::MemoryExceeded
+            | ExitKind::Crashed
+            | ExitKind::Rejected
+            | ExitKind::FuelExhausted,
+            _,
+        ) => (JobState::Failed, charge_failure, Some(backend_message())),
     };
     let attempt = match state {
         JobState::Succeeded => AttemptOutcome::Succeeded,
         JobState::Cancelled => AttemptOutcome::Cancelled,
         _ => AttemptOutcome::JobFailed,
     };
-    Ending {
+    Verdict::End(Ending {
         state,
         charge,
         reason,
         attempt,
+    })
+}
+
+/// Run time and fuel of one attempt: as a node reported them, or as billed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub elapsed_ms: u64,
+    pub fuel: Option<u64>,
+}
+
+/// What the orchestrator itself knows of an attempt, which bounds what its node can bill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageBounds {
+    /// The job's `timeout_ms`: no execution may run longer.
+    pub timeout_ms: u64,
+    /// Time from recording the assignment to the report, on the orchestrator's clock (the node
+    /// acknowledges the assignment one round trip after it is recorded and cannot start before).
+    pub since_assignment_ms: u64,
+    /// `[orchestrator] timing_slack_ms`: tolerance for the node's clock and the report's trip.
+    pub slack_ms: u64,
+    /// The fuel limit the orchestrator sent with the assignment, if any.
+    pub fuel_limit: Option<u64>,
+}
+
+/// What is billed for an attempt: the node's report, never more than the network measured —
+/// elapsed ≤ min(reported, `timeout_ms`, time since the assignment + slack), fuel ≤ the limit
+/// sent.
+pub fn billed_usage(reported: Usage, bounds: &UsageBounds) -> Usage {
+    let window = bounds.since_assignment_ms.saturating_add(bounds.slack_ms);
+    Usage {
+        elapsed_ms: reported.elapsed_ms.min(bounds.timeout_ms).min(window),
+        fuel: match (reported.fuel, bounds.fuel_limit) {
+            (Some(fuel), Some(limit)) => Some(fuel.min(limit)),
+            (fuel, _) => fuel,
+        },
     }
 }
 
@@ -200,74 +276,109 @@ mod tests {
         stop_reason: None,
     };
 
-    /// (kind, exit code, message, stop request) → (state, charge, reason, attempt outcome).
+    /// (kind, exit code, message, stop request) → (state, charge with `time_used`, reason,
+    /// attempt outcome); `None` for the state: a node fault with that reason.
     type Case = (
         ExitKind,
         Option<i32>,
         Option<&'static str>,
         StopRequest,
-        JobState,
+        Option<JobState>,
         bool,
         Option<&'static str>,
         AttemptOutcome,
     );
 
     /// Every (outcome, cancel requested, stop reason) case and its (end state, charge, reason,
-    /// attempt outcome). The README's money table says the same in words.
+    /// attempt outcome), under both `failed_workload_charge` policies: with `none`, exactly the
+    /// workload's own failures flip from charged to refunded. The README's policy table says
+    /// the same in words.
     #[test]
     fn how_a_finished_job_ends_and_what_it_is_charged() {
-        use AttemptOutcome::{Cancelled as AC, JobFailed as AF, Succeeded as AS};
+        use AttemptOutcome::{Cancelled as AC, JobFailed as AF, NodeFailed as NF, Succeeded as AS};
         use JobState::{Cancelled, Failed, Succeeded, TimedOut};
         let user = Some("cancelled by the user while running");
         let total = Some("stopped at the job's total timeout");
+        let unasked = Some("the node stopped the execution without being asked");
+        let (s, f, c, t) = (
+            Some(Succeeded),
+            Some(Failed),
+            Some(Cancelled),
+            Some(TimedOut),
+        );
         #[rustfmt::skip]
         let table: &[Case] = &[
             // exit 0 succeeds and pays, whatever was asked meanwhile
-            (ExitKind::Exited, Some(0), None, RUNNING, Succeeded, true, None, AS),
-            (ExitKind::Exited, Some(0), None, CANCELLED, Succeeded, true, None, AS),
-            (ExitKind::Exited, Some(0), None, TIMED_OUT, Succeeded, true, None, AS),
-            (ExitKind::Exited, Some(0), None, CANCELLED_UNKNOWN, Succeeded, true, None, AS),
-            // a non-zero exit fails, refunded
-            (ExitKind::Exited, Some(3), None, RUNNING, Failed, false, Some("exited with code 3"), AF),
-            (ExitKind::Exited, Some(3), None, CANCELLED, Failed, false, Some("exited with code 3"), AF),
-            (ExitKind::Exited, Some(3), None, TIMED_OUT, Failed, false, Some("exited with code 3"), AF),
-            (ExitKind::Exited, Some(3), None, CANCELLED_UNKNOWN, Failed, false, Some("exited with code 3"), AF),
-            (ExitKind::Exited, None, None, RUNNING, Failed, false, Some("exited with code -1"), AF),
+            (ExitKind::Exited, Some(0), None, RUNNING, s, true, None, AS),
+            (ExitKind::Exited, Some(0), None, CANCELLED, s, true, None, AS),
+            (ExitKind::Exited, Some(0), None, TIMED_OUT, s, true, None, AS),
+            (ExitKind::Exited, Some(0), None, CANCELLED_UNKNOWN, s, true, None, AS),
+            // a non-zero exit fails, paying the time used (the workload's own failure)
+            (ExitKind::Exited, Some(3), None, RUNNING, f, true, Some("exited with code 3"), AF),
+            (ExitKind::Exited, Some(3), None, CANCELLED, f, true, Some("exited with code 3"), AF),
+            (ExitKind::Exited, Some(3), None, TIMED_OUT, f, true, Some("exited with code 3"), AF),
+            (ExitKind::Exited, Some(3), None, CANCELLED_UNKNOWN, f, true, Some("exited with code 3"), AF),
+            (ExitKind::Exited, None, None, RUNNING, f, true, Some("exited with code -1"), AF),
             // stopped on the orchestrator's request: pays for the time used
-            (ExitKind::Cancelled, None, None, RUNNING, Failed, false, Some("execution ended: Cancelled"), AF),
-            (ExitKind::Cancelled, None, None, CANCELLED, Cancelled, true, user, AC),
-            (ExitKind::Cancelled, None, None, TIMED_OUT, TimedOut, true, total, AF),
-            (ExitKind::Cancelled, None, None, CANCELLED_UNKNOWN, Cancelled, true, user, AC),
-            // the workload's own limits and crashes: failed, refunded, the backend's message
-            (ExitKind::TimedOut, None, Some("wall-clock deadline of 500 ms exceeded"), RUNNING, Failed, false, Some("wall-clock deadline of 500 ms exceeded"), AF),
-            (ExitKind::TimedOut, None, None, CANCELLED, Failed, false, Some("execution ended: TimedOut"), AF),
-            (ExitKind::TimedOut, None, None, TIMED_OUT, Failed, false, Some("execution ended: TimedOut"), AF),
-            (ExitKind::MemoryExceeded, None, Some("memory limit exceeded"), RUNNING, Failed, false, Some("memory limit exceeded"), AF),
-            (ExitKind::MemoryExceeded, None, None, CANCELLED, Failed, false, Some("execution ended: MemoryExceeded"), AF),
-            (ExitKind::MemoryExceeded, None, None, TIMED_OUT, Failed, false, Some("execution ended: MemoryExceeded"), AF),
-            (ExitKind::Crashed, None, Some("trap"), RUNNING, Failed, false, Some("trap"), AF),
-            (ExitKind::Crashed, None, None, CANCELLED, Failed, false, Some("execution ended: Crashed"), AF),
-            (ExitKind::Crashed, None, None, TIMED_OUT, Failed, false, Some("execution ended: Crashed"), AF),
-            (ExitKind::Rejected, None, Some("invalid module"), RUNNING, Failed, false, Some("invalid module"), AF),
-            (ExitKind::Rejected, None, None, CANCELLED, Failed, false, Some("execution ended: Rejected"), AF),
-            (ExitKind::Rejected, None, None, TIMED_OUT, Failed, false, Some("execution ended: Rejected"), AF),
-            (ExitKind::FuelExhausted, None, Some("fuel limit of 10 units exhausted"), RUNNING, Failed, false, Some("fuel limit of 10 units exhausted"), AF),
-            (ExitKind::FuelExhausted, None, None, CANCELLED, Failed, false, Some("execution ended: FuelExhausted"), AF),
-            (ExitKind::FuelExhausted, None, None, TIMED_OUT, Failed, false, Some("execution ended: FuelExhausted"), AF),
+            (ExitKind::Cancelled, None, None, CANCELLED, c, true, user, AC),
+            (ExitKind::Cancelled, None, None, TIMED_OUT, t, true, total, AF),
+            (ExitKind::Cancelled, None, None, CANCELLED_UNKNOWN, c, true, user, AC),
+            // stopped unasked: the node's doing, requeued or refunded
+            (ExitKind::Cancelled, None, None, RUNNING, None, false, unasked, NF),
+            // the workload's own limits and crashes: failed, paying the time used
+            (ExitKind::TimedOut, None, Some("wall-clock deadline of 500 ms exceeded"), RUNNING, f, true, Some("wall-clock deadline of 500 ms exceeded"), AF),
+            (ExitKind::TimedOut, None, None, CANCELLED, f, true, Some("execution ended: TimedOut"), AF),
+            (ExitKind::TimedOut, None, None, TIMED_OUT, f, true, Some("execution ended: TimedOut"), AF),
+            (ExitKind::MemoryExceeded, None, Some("memory limit exceeded"), RUNNING, f, true, Some("memory limit exceeded"), AF),
+            (ExitKind::MemoryExceeded, None, None, CANCELLED, f, true, Some("execution ended: MemoryExceeded"), AF),
+            (ExitKind::MemoryExceeded, None, None, TIMED_OUT, f, true, Some("execution ended: MemoryExceeded"), AF),
+            (ExitKind::Crashed, None, Some("trap"), RUNNING, f, true, Some("trap"), AF),
+            (ExitKind::Crashed, None, None, CANCELLED, f, true, Some("execution ended: Crashed"), AF),
+            (ExitKind::Crashed, None, None, TIMED_OUT, f, true, Some("execution ended: Crashed"), AF),
+            (ExitKind::Rejected, None, Some("invalid module"), RUNNING, f, true, Some("invalid module"), AF),
+            (ExitKind::Rejected, None, None, CANCELLED, f, true, Some("execution ended: Rejected"), AF),
+            (ExitKind::Rejected, None, None, TIMED_OUT, f, true, Some("execution ended: Rejected"), AF),
+            (ExitKind::FuelExhausted, None, Some("fuel limit of 10 units exhausted"), RUNNING, f, true, Some("fuel limit of 10 units exhausted"), AF),
+            (ExitKind::FuelExhausted, None, None, CANCELLED, f, true, Some("execution ended: FuelExhausted"), AF),
+            (ExitKind::FuelExhausted, None, None, TIMED_OUT, f, true, Some("execution ended: FuelExhausted"), AF),
+            // the node's own failures (engine, plugin, artifact, GPUs): never charged
+            (ExitKind::NodeError, None, Some("artifact digest mismatch"), RUNNING, None, false, Some("the node could not run it: artifact digest mismatch"), NF),
+            (ExitKind::NodeError, None, Some("lost track of the container"), CANCELLED, None, false, Some("the node could not run it: lost track of the container"), NF),
+            (ExitKind::NodeError, None, None, TIMED_OUT, None, false, Some("the node could not run it: execution ended: NodeError"), NF),
         ];
-        for &(kind, code, message, stop, state, charge, reason, attempt) in table {
-            let ending = finished(kind, code, message, stop);
-            assert_eq!(
-                ending,
-                Ending {
-                    state,
-                    charge,
-                    reason: reason.map(str::to_owned),
-                    attempt
-                },
-                "{kind:?} {code:?} {stop:?}"
-            );
+        for policy in [FailedWorkloadCharge::TimeUsed, FailedWorkloadCharge::None] {
+            for &(kind, code, message, stop, state, charge, reason, attempt) in table {
+                let verdict = finished(kind, code, message, stop, policy);
+                let expected = match state {
+                    Some(state) => {
+                        // Under `none`, the workload's own failures are refunded.
+                        let charge = charge
+                            && !(policy == FailedWorkloadCharge::None
+                                && attempt == AF
+                                && state == Failed);
+                        Verdict::End(Ending {
+                            state,
+                            charge,
+                            reason: reason.map(str::to_owned),
+                            attempt,
+                        })
+                    }
+                    None => Verdict::NodeFault {
+                        reason: reason.unwrap_or_default().to_owned(),
+                    },
+                };
+                assert_eq!(verdict, expected, "{kind:?} {code:?} {stop:?} {policy:?}");
+            }
         }
+        // Spot checks of the flip, spelled out.
+        let refunded =
+            |kind, code| match finished(kind, code, None, RUNNING, FailedWorkloadCharge::None) {
+                Verdict::End(ending) => !ending.charge,
+                Verdict::NodeFault { .. } => true,
+            };
+        assert!(refunded(ExitKind::Exited, Some(1)));
+        assert!(refunded(ExitKind::Crashed, None));
+        assert!(!refunded(ExitKind::Exited, Some(0)));
     }
 
     #[test]
@@ -298,6 +409,57 @@ mod tests {
                 "{used}/{max} {stop:?}"
             );
         }
+    }
+
+    #[test]
+    fn billed_usage_is_the_report_bounded_by_what_the_orchestrator_measured() {
+        let bounds = UsageBounds {
+            timeout_ms: 10_000,
+            since_assignment_ms: 3_000,
+            slack_ms: 500,
+            fuel_limit: Some(1_000),
+        };
+        let usage = |elapsed_ms, fuel| Usage { elapsed_ms, fuel };
+        #[rustfmt::skip]
+        let table = [
+            // an honest report is billed as reported
+            (usage(2_000, Some(400)), usage(2_000, Some(400))),
+            // within the slack of the assignment window
+            (usage(3_400, None), usage(3_400, None)),
+            // a node claiming more than the time since the assignment: the window + slack
+            (usage(9_000, None), usage(3_500, None)),
+            (usage(u64::MAX, Some(u64::MAX)), usage(3_500, Some(1_000))),
+            // fuel beyond the limit sent
+            (usage(10, Some(5_000)), usage(10, Some(1_000))),
+        ];
+        for (reported, billed) in table {
+            assert_eq!(billed_usage(reported, &bounds), billed, "{reported:?}");
+        }
+        // the job's own timeout bounds a long window
+        let long = UsageBounds {
+            since_assignment_ms: 60_000,
+            ..bounds
+        };
+        assert_eq!(
+            billed_usage(usage(50_000, None), &long),
+            usage(10_000, None)
+        );
+        // no fuel limit sent (fuel is free on that node): the report stands
+        let free = UsageBounds {
+            fuel_limit: None,
+            ..bounds
+        };
+        assert_eq!(billed_usage(usage(1, Some(77)), &free), usage(1, Some(77)));
+        // a window near u64::MAX does not overflow
+        let huge = UsageBounds {
+            since_assignment_ms: u64::MAX,
+            slack_ms: u64::MAX,
+            ..bounds
+        };
+        assert_eq!(
+            billed_usage(usage(20_000, None), &huge),
+            usage(10_000, None)
+        );
     }
 
     #[test]

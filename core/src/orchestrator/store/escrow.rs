@@ -61,13 +61,15 @@ impl Ctx {
         }
         exec(
             tx,
-            "UPDATE jobs SET cost_micros = ?2, provider_micros = ?3, fee_micros = ?4, refund_micros = ?5 WHERE id = ?1",
+            "UPDATE jobs SET cost_micros = ?2, provider_micros = ?3, fee_micros = ?4, refund_micros = ?5, fee_bps = ?6
+             WHERE id = ?1",
             params![
                 job_id,
                 split.cost_micros,
                 split.provider_micros,
                 split.fee_micros,
-                split.refund_micros
+                split.refund_micros,
+                self.fee_bps
             ],
         )?;
         self.emit(

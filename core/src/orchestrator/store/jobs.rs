@@ -60,8 +60,8 @@ impl Store {
         }
         exec(&tx,
             "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms,
-                               cpu_cores, memory_mib, gpus, queue_timeout_ms)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
+                               cpu_cores, memory_mib, gpus, queue_timeout_ms, timeout_ms)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 job_id,
                 account,
@@ -73,7 +73,8 @@ impl Store {
                 spec.cpu_cores,
                 spec.memory_mib as i64,
                 spec.gpus,
-                spec.queue_timeout_ms.map(|t| t as i64)
+                spec.queue_timeout_ms.map(|t| t as i64),
+                i64::try_from(spec.timeout_ms).unwrap_or(i64::MAX)
             ],
         )
         ?;
@@ -325,45 +326,36 @@ impl Store {
                 record.state.as_str()
             )));
         }
-        let (spec, provider_account, started_ms, ledger_tx_id, node_report, node_key): (
-            String,
-            Option<String>,
-            Option<i64>,
-            i64,
-            Option<String>,
-            Option<String>,
-        ) = query_row(
+        let closed = query_row(
             &self.conn,
             // Jobs assigned before the provider was recorded on them (schema 0003) were paid to
             // their node's registered provider.
             "SELECT j.spec,
                     COALESCE(j.provider_account, json_extract(n.registration, '$.provider_account')),
-                    j.started_ms, t.id, j.node_report, e.public_key
+                    j.started_ms, t.id, j.node_report, e.public_key, j.billed_elapsed_ms, j.fee_bps
              FROM jobs j JOIN ledger_tx t ON t.idem_key = 'close:' || j.id
              LEFT JOIN nodes n ON n.id = j.node_id
              LEFT JOIN enrolments e ON e.node_id = j.node_id WHERE j.id = ?1",
             [job_id],
             |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
+                let spec: String = r.get(0)?;
+                let charged = record.cost_micros.unwrap_or(0) > 0;
+                Ok(ClosedJob {
+                    spec_sha256: crate::sha256_hex(spec.as_bytes()),
+                    provider_account: r.get::<_, Option<String>>(1)?.filter(|_| charged),
+                    started_ms: r.get::<_, Option<i64>>(2)?.map(|ms| ms as u64),
+                    ledger_tx_id: r.get(3)?,
+                    node_report: r
+                        .get::<_, Option<String>>(4)?
+                        .and_then(|json| serde_json::from_str(&json).ok()),
+                    node_key: r.get(5)?,
+                    billed_elapsed_ms: r.get::<_, Option<i64>>(6)?.map(|ms| ms as u64),
+                    fee_bps: r.get::<_, Option<u32>>(7)?,
+                    record: record.clone(),
+                })
             },
         )?;
-        let node_report = node_report.and_then(|json| serde_json::from_str(&json).ok());
-        Ok(ClosedJob {
-            spec_sha256: crate::sha256_hex(spec.as_bytes()),
-            provider_account: provider_account.filter(|_| record.cost_micros.unwrap_or(0) > 0),
-            started_ms: started_ms.map(|ms| ms as u64),
-            ledger_tx_id,
-            node_report,
-            node_key,
-            record,
-        })
+        Ok(closed)
     }
 }
 
@@ -382,4 +374,9 @@ pub struct ClosedJob {
     pub node_report: Option<super::SignedReport>,
     /// The key the node was enrolled with.
     pub node_key: Option<String>,
+    /// The run time billed (the node's report bounded by what the orchestrator measured), when
+    /// the job was charged.
+    pub billed_elapsed_ms: Option<u64>,
+    /// The fee rate the job was settled at (`None`: refunded, or settled before it was kept).
+    pub fee_bps: Option<u32>,
 }

@@ -138,6 +138,25 @@ const SPEC_CACHE_ENTRIES: usize = 4096;
 /// What the writers need besides the connection (borrowed beside an open transaction).
 struct Ctx {
     fee_bps: u32,
+    charging: ChargePolicy,
+}
+
+/// How reports are turned into charges (`[orchestrator] failed_workload_charge` and
+/// `timing_slack_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChargePolicy {
+    pub failed_workload: rhizos_broker::config::FailedWorkloadCharge,
+    pub slack_ms: u64,
+}
+
+impl Default for ChargePolicy {
+    fn default() -> Self {
+        let settings = rhizos_broker::config::OrchestratorSettings::default();
+        Self {
+            failed_workload: settings.failed_workload_charge,
+            slack_ms: settings.timing_slack_ms,
+        }
+    }
 }
 
 impl Store {
@@ -175,7 +194,10 @@ impl Store {
         };
         let mut store = Self {
             conn,
-            ctx: Ctx { fee_bps },
+            ctx: Ctx {
+                fee_bps,
+                charging: ChargePolicy::default(),
+            },
             instance,
             checkpointer: None,
             spec_cache: std::collections::HashMap::new(),
@@ -190,6 +212,15 @@ impl Store {
         }
         tx.commit()?;
         Ok(store)
+    }
+
+    /// Sets how reports are charged from now on (the defaults until then).
+    pub fn set_charge_policy(&mut self, policy: ChargePolicy) {
+        self.ctx.charging = policy;
+    }
+
+    pub fn charge_policy(&self) -> ChargePolicy {
+        self.ctx.charging
     }
 
     pub fn connection(&self) -> &Connection {

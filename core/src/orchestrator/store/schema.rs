@@ -141,6 +141,20 @@ const MIGRATIONS: &[Migration] = &[
         name: "0005 jobs keep the node's signed result report (for receipts)",
         apply: |conn| conn.execute_batch("ALTER TABLE jobs ADD COLUMN node_report TEXT"),
     },
+    Migration {
+        name: "0006 jobs record what billing is bounded by (timeout, assignment time, fuel limit sent) and what was billed",
+        apply: |conn| {
+            conn.execute_batch(
+                "ALTER TABLE jobs ADD COLUMN timeout_ms INTEGER;
+                 ALTER TABLE jobs ADD COLUMN assigned_ms INTEGER;
+                 ALTER TABLE jobs ADD COLUMN fuel_limit INTEGER;
+                 ALTER TABLE jobs ADD COLUMN billed_elapsed_ms INTEGER;
+                 ALTER TABLE jobs ADD COLUMN billed_fuel INTEGER;
+                 ALTER TABLE jobs ADD COLUMN fee_bps INTEGER;
+                 UPDATE jobs SET timeout_ms = json_extract(spec, '$.timeout_ms');",
+            )
+        },
+    },
 ];
 
 /// The schema version this release writes.

@@ -3,6 +3,7 @@
 
 use super::schema::SCHEMA;
 use super::*;
+use rhizos_broker::config::FailedWorkloadCharge;
 use rhizos_broker::wire::{
     ErrorCode, ExecutionOutcome, ExecutionRef, ExitKind, JobState, Pricing, RegisterNode,
     WIRE_VERSION, Workload,
@@ -101,10 +102,10 @@ fn hold_settle_and_replays_move_money_exactly_once() {
     assert_eq!(balance(&store, "u"), 800_000);
     assert_eq!(balance(&store, "escrow:j1"), 200_000);
 
-    let attempt = store.assign("j1", "n1", &PRICING).unwrap().unwrap();
+    let attempt = store.assign("j1", "n1", &PRICING, None).unwrap().unwrap();
     assert_eq!(attempt, 1);
     assert_eq!(
-        store.assign("j1", "n1", &PRICING).unwrap(),
+        store.assign("j1", "n1", &PRICING, None).unwrap(),
         None,
         "only pending jobs are assigned"
     );
@@ -194,17 +195,22 @@ fn failures_and_early_cancels_refund_in_full_and_late_cancels_pay_for_time() {
     node(&mut store);
     store.create_account("u").unwrap();
     store.deposit("u", 1_000_000, None).unwrap();
+    store.set_charge_policy(ChargePolicy {
+        failed_workload: FailedWorkloadCharge::None,
+        ..ChargePolicy::default()
+    });
     for id in ["fail", "early", "late"] {
         store.submit(id, "u", &spec(), 100_000).unwrap();
     }
-    store.assign("fail", "n1", &PRICING).unwrap();
+    store.assign("fail", "n1", &PRICING, None).unwrap();
     store
-        .finish("fail", "n1", 1, &exited(7, 5_000), 1024)
+        .finish("fail", "n1", 1, &exited(7, 1_500), 1024)
         .unwrap();
     let failed = store.get_job("fail").unwrap();
     assert_eq!(
         (failed.state, failed.refund_micros, failed.cost_micros),
-        (JobState::Failed, Some(100_000), Some(0))
+        (JobState::Failed, Some(100_000), Some(0)),
+        "failed_workload_charge = none refunds a failed workload"
     );
     assert_eq!(failed.reason.as_deref(), Some("exited with code 7"));
 
@@ -212,7 +218,7 @@ fn failures_and_early_cancels_refund_in_full_and_late_cancels_pay_for_time() {
     assert_eq!(cancelled.job.state, JobState::Cancelled);
     assert_eq!(cancelled.stop, None);
 
-    store.assign("late", "n1", &PRICING).unwrap();
+    store.assign("late", "n1", &PRICING, None).unwrap();
     store.mark_running("late", "n1", 1).unwrap();
     let effect = store.cancel("late").unwrap();
     assert_eq!(effect.stop, Some(("n1".to_owned(), 1)));
@@ -243,6 +249,163 @@ fn failures_and_early_cancels_refund_in_full_and_late_cancels_pay_for_time() {
     assert_eq!(balance(&store, "u"), 1_000_000 - 3_000);
     assert_eq!(store.account("u").unwrap().held_micros, 0);
     assert!(ledger::verify(store.connection()).unwrap().is_ok());
+    assert!(
+        store.verify().unwrap().ok,
+        "{:?}",
+        store.verify().unwrap().problems
+    );
+}
+
+#[test]
+fn a_failed_workload_pays_for_the_time_it_used_and_a_node_fault_is_requeued_unpaid() {
+    let (_dir, mut store) = store();
+    node(&mut store);
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, None).unwrap();
+    let mut spec = spec();
+    spec.max_retries = 1;
+    for id in ["exit1", "fault", "fault-again"] {
+        store.submit(id, "u", &spec, 100_000).unwrap();
+        store.assign(id, "n1", &PRICING, None).unwrap();
+        store.mark_running(id, "n1", 1).unwrap();
+    }
+    // Default policy (time_used): the work was done, written and returned; it is paid.
+    store
+        .finish("exit1", "n1", 1, &exited(1, 1_500), 1024)
+        .unwrap();
+    let job = store.get_job("exit1").unwrap();
+    assert_eq!(
+        (
+            job.state,
+            job.cost_micros,
+            job.fee_micros,
+            job.refund_micros
+        ),
+        (JobState::Failed, Some(15_000), Some(750), Some(85_000))
+    );
+    assert_eq!(balance(&store, "prov"), 14_250);
+    // The node's own failure: requeued with the hold intact, nothing paid, a retry spent.
+    let engine = ExecutionOutcome {
+        kind: ExitKind::NodeError,
+        exit_code: None,
+        message: Some("lost track of the container".into()),
+        ..exited(0, 1_500)
+    };
+    store.finish("fault", "n1", 1, &engine, 1024).unwrap();
+    let job = store.get_job("fault").unwrap();
+    assert_eq!((job.state, job.cost_micros), (JobState::Pending, None));
+    assert!(
+        job.reason.as_deref().unwrap().starts_with(
+            "the node could not run it: lost track of the container (node n1); requeued (retry 1 of 1)"
+        ),
+        "{:?}",
+        job.reason
+    );
+    assert_eq!(balance(&store, "escrow:fault"), 100_000);
+    // The retry fails the same way: no retries left, ended and refunded in full.
+    store.assign("fault", "n1", &PRICING, None).unwrap();
+    store.finish("fault", "n1", 2, &engine, 1024).unwrap();
+    let job = store.get_job("fault").unwrap();
+    assert_eq!(
+        (job.state, job.cost_micros, job.refund_micros),
+        (JobState::Failed, Some(0), Some(100_000))
+    );
+    // Stopped by the node though nobody asked: the node's fault too.
+    let unasked = ExecutionOutcome {
+        kind: ExitKind::Cancelled,
+        exit_code: None,
+        ..exited(0, 1_000)
+    };
+    store
+        .finish("fault-again", "n1", 1, &unasked, 1024)
+        .unwrap();
+    assert_eq!(
+        store.get_job("fault-again").unwrap().state,
+        JobState::Pending
+    );
+    assert_eq!(balance(&store, "prov"), 14_250, "node faults pay nothing");
+    assert!(
+        store.verify().unwrap().ok,
+        "{:?}",
+        store.verify().unwrap().problems
+    );
+}
+
+#[test]
+fn a_node_cannot_bill_more_than_the_orchestrator_measured() {
+    let (_dir, mut store) = store();
+    node(&mut store);
+    store.create_account("u").unwrap();
+    store.deposit("u", 10_000_000, None).unwrap();
+    let fuel_pricing = Pricing {
+        fuel_million_micros: 1_000_000,
+        ..PRICING
+    };
+    // Reported run times far beyond what passed since the assignment (a moment ago), beyond
+    // the job's timeout, and fuel beyond the limit sent.
+    store.submit("liar", "u", &spec(), 5_000_000).unwrap();
+    store
+        .assign("liar", "n1", &fuel_pricing, Some(300))
+        .unwrap();
+    store.mark_running("liar", "n1", 1).unwrap();
+    let claimed = ExecutionOutcome {
+        fuel_consumed: Some(u64::MAX),
+        ..exited(0, u64::MAX)
+    };
+    store.finish("liar", "n1", 1, &claimed, 1024).unwrap();
+    let job = store.get_job("liar").unwrap();
+    assert_eq!(
+        job.elapsed_ms,
+        Some(i64::MAX as u64),
+        "the report is kept as reported"
+    );
+    let closed = store.closed_job("liar").unwrap();
+    let billed = closed.billed_elapsed_ms.unwrap();
+    // Slack 2 000 ms plus the few ms this test took between assign and finish.
+    assert!((2_000..2_500).contains(&billed), "billed {billed} ms");
+    // 10 micros per ms of CPU plus 300 fuel units at 1 micro each, not the 5 000 000 hold.
+    assert_eq!(job.cost_micros, Some(billed as i64 * 10 + 300));
+    assert_eq!(closed.fee_bps, Some(500));
+    let report = store.verify().unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+
+    // A lie written behind the store's back is found by ledger verify: cost, bounds, fee and
+    // the provider paid.
+    let conn = store.connection();
+    conn.execute(
+        "UPDATE jobs SET billed_elapsed_ms = 9000000 WHERE id = 'liar'",
+        [],
+    )
+    .unwrap();
+    let problems = store.verify().unwrap().problems;
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("billed 9000000 ms, more than timeout_ms")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("its billed usage costs")),
+        "{problems:?}"
+    );
+    conn.execute(
+        &format!("UPDATE jobs SET billed_elapsed_ms = {billed}, fee_bps = 100, provider_account = 'mallory' WHERE id = 'liar'"),
+        [],
+    )
+    .unwrap();
+    let problems = store.verify().unwrap().problems;
+    assert!(
+        problems.iter().any(|p| p.contains("round_half_up")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("escrow → provider recorded at assignment")),
+        "{problems:?}"
+    );
 }
 
 #[test]
@@ -257,7 +420,7 @@ fn node_stats_count_every_attempt_and_rate_the_last_hundred() {
     for index in 0..20 {
         let id = format!("lost-{index}");
         store.submit(&id, "u", &spec, 100_000).unwrap();
-        assert_eq!(store.assign(&id, "n1", &PRICING).unwrap(), Some(1));
+        assert_eq!(store.assign(&id, "n1", &PRICING, None).unwrap(), Some(1));
         store.requeue_or_fail(&id, 1, "node n1 was lost").unwrap();
     }
     let stats = store.node_stats().unwrap();
@@ -265,7 +428,7 @@ fn node_stats_count_every_attempt_and_rate_the_last_hundred() {
     for index in 0..100 {
         let id = format!("ok-{index}");
         store.submit(&id, "u", &spec, 100_000).unwrap();
-        assert_eq!(store.assign(&id, "n1", &PRICING).unwrap(), Some(1));
+        assert_eq!(store.assign(&id, "n1", &PRICING, None).unwrap(), Some(1));
         store.mark_running(&id, "n1", 1).unwrap();
         store.finish(&id, "n1", 1, &exited(0, 10), 1024).unwrap();
         if index == 49 {
@@ -282,7 +445,7 @@ fn node_stats_count_every_attempt_and_rate_the_last_hundred() {
     assert_eq!(store.node_stats().unwrap()["n1"], (120, 100, 1.0));
     // A job's own non-zero exit is not the node's fault: counted as ended, rating unchanged.
     store.submit("bad", "u", &spec, 100_000).unwrap();
-    store.assign("bad", "n1", &PRICING).unwrap();
+    store.assign("bad", "n1", &PRICING, None).unwrap();
     store.mark_running("bad", "n1", 1).unwrap();
     store.finish("bad", "n1", 1, &exited(3, 10), 1024).unwrap();
     assert_eq!(store.node_stats().unwrap()["n1"], (121, 100, 1.0));
@@ -361,7 +524,7 @@ fn queue_expiry_uses_the_jobs_own_timeout_or_the_default() {
     );
     // A job no longer pending never expires.
     node(&mut store);
-    store.assign("own", "n1", &PRICING).unwrap();
+    store.assign("own", "n1", &PRICING, None).unwrap();
     assert_eq!(store.queue_expired(u64::MAX / 2, 5_000).unwrap().len(), 1);
 }
 
@@ -375,7 +538,10 @@ fn lost_attempts_are_requeued_with_the_hold_intact_until_retries_run_out() {
     spec.max_retries = 2;
     store.submit("j", "u", &spec, 100_000).unwrap();
     for attempt in 1..=2 {
-        assert_eq!(store.assign("j", "n1", &PRICING).unwrap(), Some(attempt));
+        assert_eq!(
+            store.assign("j", "n1", &PRICING, None).unwrap(),
+            Some(attempt)
+        );
         assert_eq!(
             store
                 .requeue_or_fail("j", attempt, "node n1 was lost")
@@ -398,7 +564,7 @@ fn lost_attempts_are_requeued_with_the_hold_intact_until_retries_run_out() {
         job.reason.as_deref(),
         Some("node n1 was lost; requeued (retry 2 of 2)")
     );
-    assert_eq!(store.assign("j", "n1", &PRICING).unwrap(), Some(3));
+    assert_eq!(store.assign("j", "n1", &PRICING, None).unwrap(), Some(3));
     assert_eq!(
         store.requeue_or_fail("j", 3, "node n1 was lost").unwrap(),
         Some(JobState::Failed)
@@ -644,7 +810,7 @@ mod properties {
                     }
                     Op::Assign { job, node } => {
                         if let Some(id) = jobs.get(job) {
-                            store.assign(id, NODES[node], &PRICING).unwrap();
+                            store.assign(id, NODES[node], &PRICING, None).unwrap();
                         }
                     }
                     Op::Running { job } => {
@@ -919,4 +1085,103 @@ fn an_enrolment_fixes_the_provider_account_and_a_removal_is_recorded() {
         store.remove_enrolment("n2").unwrap_err().wire().code,
         ErrorCode::NotFound
     );
+}
+
+#[test]
+fn a_job_past_its_deadline_is_ended_by_the_orchestrator_and_pays_for_its_timeout() {
+    let (_dir, mut store) = store();
+    node(&mut store);
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, None).unwrap();
+    for id in ["stuck", "fresh"] {
+        store.submit(id, "u", &spec(), 500_000).unwrap();
+        store.assign(id, "n1", &PRICING, None).unwrap();
+        store.mark_running(id, "n1", 1).unwrap();
+    }
+    // "stuck" started 13 s ago: timeout 10 s + slack 2 s have passed; "fresh" just started.
+    let now = now_ms();
+    store
+        .connection()
+        .execute(
+            "UPDATE jobs SET started_ms = ?1, assigned_ms = ?1 WHERE id = 'stuck'",
+            [now as i64 - 13_000],
+        )
+        .unwrap();
+    assert_eq!(store.overrun(now).unwrap(), vec!["stuck".to_owned()]);
+    assert_eq!(
+        store.end_at_deadline("stuck").unwrap(),
+        Some(("n1".to_owned(), 1)),
+        "its node is to be told to stop"
+    );
+    let job = store.get_job("stuck").unwrap();
+    assert_eq!(job.state, JobState::TimedOut);
+    assert!(job.reason.unwrap().contains("past its timeout of 10000 ms"));
+    // Its whole timeout at 10 micros per ms.
+    assert_eq!(
+        (job.cost_micros, job.refund_micros),
+        (Some(100_000), Some(400_000))
+    );
+    assert_eq!(store.end_at_deadline("stuck").unwrap(), None, "once");
+    // The node's late result changes nothing.
+    assert_eq!(
+        store
+            .finish("stuck", "n1", 1, &exited(0, 60_000), 1024)
+            .unwrap(),
+        ReportEffect::Duplicate
+    );
+    assert_eq!(store.get_job("stuck").unwrap().cost_micros, Some(100_000));
+    assert!(store.overrun(now).unwrap().is_empty());
+    let report = store.verify().unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+}
+
+#[test]
+fn a_handed_back_job_is_requeued_without_spending_a_retry_a_few_times() {
+    let (_dir, mut store) = store();
+    node(&mut store);
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, None).unwrap();
+    let mut spec = spec();
+    spec.max_retries = 0;
+    store.submit("j", "u", &spec, 100_000).unwrap();
+    for attempt in 1..=ending::FREE_HAND_BACKS {
+        assert_eq!(
+            store.assign("j", "n1", &PRICING, None).unwrap(),
+            Some(attempt)
+        );
+        store.mark_running("j", "n1", attempt).unwrap();
+        // A hand-back for another attempt or from another node is stale.
+        assert!(matches!(
+            store
+                .hand_back("j", "n2", attempt, "shutting down")
+                .unwrap(),
+            ReportEffect::Stale(_)
+        ));
+        assert_eq!(
+            store
+                .hand_back("j", "n1", attempt, "shutting down")
+                .unwrap(),
+            ReportEffect::Applied
+        );
+        let job = store.get_job("j").unwrap();
+        assert_eq!(job.state, JobState::Pending, "attempt {attempt}");
+        assert_eq!(
+            job.reason.as_deref(),
+            Some("node n1 handed it back: shutting down; requeued")
+        );
+        assert_eq!(balance(&store, "escrow:j"), 100_000);
+    }
+    // Past the free hand-backs, one counts like a lost attempt: no retries left, refunded.
+    let last = ending::FREE_HAND_BACKS + 1;
+    store.assign("j", "n1", &PRICING, None).unwrap();
+    store.hand_back("j", "n1", last, "shutting down").unwrap();
+    let job = store.get_job("j").unwrap();
+    assert_eq!(
+        (job.state, job.refund_micros),
+        (JobState::Failed, Some(100_000))
+    );
+    // Hand-backs do not lower the node's reputation.
+    assert_eq!(store.node_stats().unwrap()["n1"].2, 1.0);
+    let report = store.verify().unwrap();
+    assert!(report.ok, "{:?}", report.problems);
 }

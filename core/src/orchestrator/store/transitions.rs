@@ -4,23 +4,29 @@
 //! (settled or refunded as [`ending::finished`] decides), or ended without it (cancel, queue or
 //! total timeout, lost with no retries left: refunded).
 
-use super::ending::{self, AttemptOutcome, LostAttempt, StopReason, StopRequest};
+use super::ending::{
+    self, AttemptOutcome, FREE_HAND_BACKS, LostAttempt, StopReason, StopRequest, Usage,
+    UsageBounds, Verdict,
+};
 use super::nodes::record_attempt;
 use super::rows::truncate_tail;
 use super::{CancelEffect, ReportEffect, SignedReport, Store, StoreError};
 use crate::ledger::{self, exec, query_row};
 use crate::now_ms;
+use rhizos_broker::config::FailedWorkloadCharge;
 use rhizos_broker::wire::{ExecutionOutcome, JobSpec, JobState, Pricing};
 use rusqlite::{Connection, OptionalExtension, params};
 
 impl Store {
     /// pending → assigned to `node_id` with a new attempt number, at the node's `pricing`.
     /// Returns the attempt, or `None` if the job is no longer pending.
+    /// `fuel_limit` is the limit sent with the assignment (billed fuel never exceeds it).
     pub fn assign(
         &mut self,
         job_id: &str,
         node_id: &str,
         pricing: &Pricing,
+        fuel_limit: Option<u64>,
     ) -> Result<Option<u32>, StoreError> {
         let now = now_ms();
         let pricing = serde_json::to_string(pricing)?;
@@ -28,9 +34,10 @@ impl Store {
         let attempt: Option<u32> = query_row(
             &tx,
             "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, node_id = ?2, pricing = ?3, updated_ms = ?4,
+                 assigned_ms = ?4, fuel_limit = ?5,
                  provider_account = (SELECT json_extract(registration, '$.provider_account') FROM nodes WHERE id = ?2)
              WHERE id = ?1 AND state = 'pending' RETURNING attempt",
-            params![job_id, node_id, pricing, now as i64],
+            params![job_id, node_id, pricing, now as i64, fuel_limit.map(|f| i64::try_from(f).unwrap_or(i64::MAX))],
             |r| r.get(0),
         )
         .optional()
@@ -199,19 +206,45 @@ impl Store {
             return Ok(ReportEffect::Duplicate);
         }
         let (billing, stop) = billing_of(&tx, job_id)?;
-        let ending = ending::finished(
+        let verdict = ending::finished(
             outcome.kind,
             outcome.exit_code,
             outcome.message.as_deref(),
             stop,
+            ctx.charging.failed_workload,
         );
+        let ending = match verdict {
+            Verdict::End(ending) => ending,
+            Verdict::NodeFault { reason } => {
+                let reason = format!("{reason} (node {node_id})");
+                lose_attempt(
+                    &tx,
+                    ctx,
+                    job_id,
+                    attempt,
+                    Some(node_id),
+                    &reason,
+                    AttemptOutcome::NodeFailed,
+                    now,
+                )?;
+                tx.commit()?;
+                return Ok(ReportEffect::Applied);
+            }
+        };
         let (final_state, reason) = (ending.state, ending.reason);
-        let measured = billing.cost_micros(outcome.elapsed_ms, outcome.fuel_consumed);
+        let reported = Usage {
+            elapsed_ms: outcome.elapsed_ms,
+            fuel: outcome.fuel_consumed,
+        };
+        let billed = ending
+            .charge
+            .then(|| billing.billed(reported, now, ctx.charging.slack_ms));
         let stdout = truncate_tail(&outcome.stdout, max_output_bytes);
         let stderr = truncate_tail(&outcome.stderr, max_output_bytes);
         exec(&tx,
             "UPDATE jobs SET state = ?2, exit_code = ?3, stdout = ?4, stderr = ?5, reason = ?6, elapsed_ms = ?7,
-             updated_ms = ?8, fuel_consumed = ?9, output_files = ?10, node_report = ?11 WHERE id = ?1",
+             updated_ms = ?8, fuel_consumed = ?9, output_files = ?10, node_report = ?11,
+             billed_elapsed_ms = ?12, billed_fuel = ?13 WHERE id = ?1",
             params![
                 job_id,
                 final_state.as_str(),
@@ -219,12 +252,14 @@ impl Store {
                 stdout,
                 stderr,
                 reason,
-                outcome.elapsed_ms as i64,
+                i64::try_from(outcome.elapsed_ms).unwrap_or(i64::MAX),
                 now as i64,
-                outcome.fuel_consumed.map(|f| f as i64),
+                outcome.fuel_consumed.map(|f| i64::try_from(f).unwrap_or(i64::MAX)),
                 (!outcome.output_files.is_empty())
                     .then(|| serde_json::to_string(&outcome.output_files).unwrap_or_default()),
                 signed.map(|s| serde_json::to_string(s).unwrap_or_default()),
+                billed.map(|b| b.elapsed_ms as i64),
+                billed.and_then(|b| b.fuel).map(|f| f as i64),
             ],
         )
         ?;
@@ -238,13 +273,130 @@ impl Store {
             now,
         )?;
         record_attempt(&tx, job_id, attempt, node_id, ending.attempt, now)?;
-        if ending.charge {
-            ctx.settle(&tx, job_id, measured, now)?;
-        } else {
-            ctx.refund(&tx, job_id, now)?;
+        match billed {
+            Some(billed) => ctx.settle(&tx, job_id, billing.cost_micros(billed), now)?,
+            None => ctx.refund(&tx, job_id, now)?,
         }
         tx.commit()?;
         Ok(ReportEffect::Applied)
+    }
+
+    /// The agent is shutting down and gave attempt `attempt` back unfinished: back to pending
+    /// with the hold intact and no retry spent (up to [`FREE_HAND_BACKS`] times per job; past
+    /// that, or when the job was being stopped, like a lost attempt). Stale reports change
+    /// nothing.
+    pub fn hand_back(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+        reason: &str,
+    ) -> Result<ReportEffect, StoreError> {
+        self.spec_cache.remove(job_id);
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let state = match Self::check_attempt(&tx, job_id, node_id, attempt)? {
+            Ok(state) => state,
+            Err(effect) => return Ok(effect),
+        };
+        if !matches!(state, JobState::Assigned | JobState::Running) {
+            return Ok(ReportEffect::Duplicate);
+        }
+        let reason = format!("node {node_id} handed it back: {reason}");
+        let (_, stop) = stop_request_of(&tx, job_id)?;
+        if !stop.cancel_requested && hand_backs_before(&tx, job_id, attempt)? < FREE_HAND_BACKS {
+            record_attempt(
+                &tx,
+                job_id,
+                attempt,
+                node_id,
+                AttemptOutcome::HandedBack,
+                now,
+            )?;
+            let reason = format!("{reason}; requeued");
+            back_to_pending(&tx, ctx, job_id, attempt, &reason, now)?;
+        } else {
+            lose_attempt(
+                &tx,
+                ctx,
+                job_id,
+                attempt,
+                Some(node_id),
+                &reason,
+                AttemptOutcome::HandedBack,
+                now,
+            )?;
+        }
+        tx.commit()?;
+        Ok(ReportEffect::Applied)
+    }
+
+    /// Running jobs whose node should have ended them by now: started more than `timeout_ms` +
+    /// the slack ago (on the orchestrator's clock).
+    pub fn overrun(&self, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let slack = i64::try_from(self.ctx.charging.slack_ms).unwrap_or(i64::MAX);
+        let mut statement = self.conn.prepare_cached(
+            "SELECT id FROM jobs WHERE state = 'running' AND started_ms IS NOT NULL AND timeout_ms IS NOT NULL
+               AND started_ms + timeout_ms + ?2 < ?1",
+        )?;
+        let rows = statement.query_map(params![now_ms as i64, slack], |r| r.get(0))?;
+        rows.collect::<Result<Vec<String>, _>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Ends a running job its node did not end in time (see [`Store::overrun`]) as `timed_out`,
+    /// charged for its whole `timeout_ms` under the failed-workload policy (its own deadline),
+    /// whatever the node still reports or lists. Returns the node and attempt to stop, or
+    /// `None` if the job is not running any more.
+    pub fn end_at_deadline(&mut self, job_id: &str) -> Result<Option<(String, u32)>, StoreError> {
+        self.spec_cache.remove(job_id);
+        let now = now_ms();
+        let (tx, ctx) = self.begin()?;
+        let Some((state, node, attempt)) = Self::attempt_of(&tx, job_id)? else {
+            return Err(StoreError::NotFound(format!("no job {job_id}")));
+        };
+        let Some(node) = node.filter(|_| state == JobState::Running) else {
+            return Ok(None);
+        };
+        let (billing, _) = billing_of(&tx, job_id)?;
+        let reason = format!(
+            "still running {} ms past its timeout of {} ms: stopped by the orchestrator",
+            ctx.charging.slack_ms, billing.timeout_ms
+        );
+        let billed = (ctx.charging.failed_workload == FailedWorkloadCharge::TimeUsed).then(|| {
+            let full = Usage {
+                elapsed_ms: billing.timeout_ms,
+                fuel: None,
+            };
+            billing.billed(full, now, ctx.charging.slack_ms)
+        });
+        exec(
+            &tx,
+            "UPDATE jobs SET state = ?2, reason = ?3, updated_ms = ?4, billed_elapsed_ms = ?5 WHERE id = ?1",
+            params![
+                job_id,
+                JobState::TimedOut.as_str(),
+                reason,
+                now as i64,
+                billed.map(|b| b.elapsed_ms as i64)
+            ],
+        )?;
+        ctx.emit_job(
+            &tx,
+            job_id,
+            JobState::TimedOut,
+            attempt,
+            Some(&node),
+            Some(&reason),
+            now,
+        )?;
+        record_attempt(&tx, job_id, attempt, &node, AttemptOutcome::JobFailed, now)?;
+        match billed {
+            Some(billed) => ctx.settle(&tx, job_id, billing.cost_micros(billed), now)?,
+            None => ctx.refund(&tx, job_id, now)?,
+        }
+        tx.commit()?;
+        Ok(Some((node, attempt)))
     }
 
     /// Ends a job that is not running anywhere any more (queue timeout, lost node, cancel before
@@ -295,58 +447,18 @@ impl Store {
         if current != attempt || !matches!(state, JobState::Assigned | JobState::Running) {
             return Ok(None);
         }
-        if let Some(node) = &node {
-            record_attempt(&tx, job_id, attempt, node, AttemptOutcome::NodeFailed, now)?;
-        }
-        let spec: String = query_row(&tx, "SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| {
-            r.get(0)
-        })?;
-        let spec: JobSpec = serde_json::from_str(&spec)?;
-        let (cancel_requested, stop_reason): (bool, Option<String>) = query_row(
+        let state = lose_attempt(
             &tx,
-            "SELECT cancel_requested, stop_reason FROM jobs WHERE id = ?1",
-            [job_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            ctx,
+            job_id,
+            attempt,
+            node.as_deref(),
+            reason,
+            AttemptOutcome::NodeFailed,
+            now,
         )?;
-        let stop = StopRequest {
-            cancel_requested,
-            stop_reason: stop_reason.as_deref().and_then(StopReason::parse),
-        };
-        match ending::lost(reason, attempt.saturating_sub(1), spec.max_retries, stop) {
-            LostAttempt::Requeue { reason } => {
-                exec(&tx,
-                    "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, provider_account = NULL,
-                     started_ms = NULL, reason = ?2, updated_ms = ?3
-                     WHERE id = ?1",
-                    params![job_id, reason, now as i64],
-                )?;
-                ctx.emit_job(
-                    &tx,
-                    job_id,
-                    JobState::Pending,
-                    attempt,
-                    None,
-                    Some(&reason),
-                    now,
-                )?;
-                tx.commit()?;
-                Ok(Some(JobState::Pending))
-            }
-            LostAttempt::End { state, reason } => {
-                end_refunded(
-                    &tx,
-                    ctx,
-                    job_id,
-                    state,
-                    attempt,
-                    node.as_deref(),
-                    &reason,
-                    now,
-                )?;
-                tx.commit()?;
-                Ok(Some(state))
-            }
-        }
+        tx.commit()?;
+        Ok(Some(state))
     }
 
     /// The total timeout passed: a job that never started ends `timed_out` with a full refund;
@@ -433,44 +545,162 @@ fn end_refunded(
     ctx.refund(tx, job_id, now)
 }
 
-/// What a job is billed by: its allocation and the prices agreed at assignment.
+/// The attempt `attempt` is lost (its node lost, restarted without it, failed it, or handed it
+/// back past the free hand-backs), recorded as `outcome` for the node: back to pending while
+/// retries remain (hand-backs within [`FREE_HAND_BACKS`] spend none), otherwise ended and
+/// refunded. Returns the job's new state.
+#[allow(clippy::too_many_arguments)]
+fn lose_attempt(
+    tx: &Connection,
+    ctx: &super::Ctx,
+    job_id: &str,
+    attempt: u32,
+    node: Option<&str>,
+    reason: &str,
+    outcome: AttemptOutcome,
+    now: u64,
+) -> Result<JobState, StoreError> {
+    let free = hand_backs_before(tx, job_id, attempt)?.min(FREE_HAND_BACKS);
+    if let Some(node) = node {
+        record_attempt(tx, job_id, attempt, node, outcome, now)?;
+    }
+    let (spec, stop) = stop_request_of(tx, job_id)?;
+    let retries_used = attempt.saturating_sub(1).saturating_sub(free);
+    match ending::lost(reason, retries_used, spec.max_retries, stop) {
+        LostAttempt::Requeue { reason } => {
+            back_to_pending(tx, ctx, job_id, attempt, &reason, now)?;
+            Ok(JobState::Pending)
+        }
+        LostAttempt::End { state, reason } => {
+            end_refunded(tx, ctx, job_id, state, attempt, node, &reason, now)?;
+            Ok(state)
+        }
+    }
+}
+
+/// Back to pending for another node, the hold intact, with the event.
+fn back_to_pending(
+    tx: &Connection,
+    ctx: &super::Ctx,
+    job_id: &str,
+    attempt: u32,
+    reason: &str,
+    now: u64,
+) -> Result<(), StoreError> {
+    exec(
+        tx,
+        "UPDATE jobs SET state = 'pending', node_id = NULL, pricing = NULL, provider_account = NULL,
+         started_ms = NULL, assigned_ms = NULL, fuel_limit = NULL, reason = ?2, updated_ms = ?3
+         WHERE id = ?1",
+        params![job_id, reason, now as i64],
+    )?;
+    ctx.emit_job(
+        tx,
+        job_id,
+        JobState::Pending,
+        attempt,
+        None,
+        Some(reason),
+        now,
+    )
+}
+
+/// How many attempts before `attempt` were handed back by shutting-down agents.
+fn hand_backs_before(tx: &Connection, job_id: &str, attempt: u32) -> Result<u32, StoreError> {
+    query_row(
+        tx,
+        "SELECT COUNT(*) FROM attempts WHERE job_id = ?1 AND attempt < ?2 AND outcome = ?3",
+        params![job_id, attempt, AttemptOutcome::HandedBack.as_str()],
+        |r| r.get(0),
+    )
+    .map_err(StoreError::from)
+}
+
+/// The job's spec and what the orchestrator has asked of it.
+fn stop_request_of(tx: &Connection, job_id: &str) -> Result<(JobSpec, StopRequest), StoreError> {
+    let (spec, cancel_requested, stop_reason): (String, bool, Option<String>) = query_row(
+        tx,
+        "SELECT spec, cancel_requested, stop_reason FROM jobs WHERE id = ?1",
+        [job_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let stop = StopRequest {
+        cancel_requested,
+        stop_reason: stop_reason.as_deref().and_then(StopReason::parse),
+    };
+    Ok((serde_json::from_str(&spec)?, stop))
+}
+
+/// What a job is billed by: its allocation, the prices agreed at assignment, and what bounds
+/// the usage its node may bill.
 struct Billing {
     cpu_cores: u32,
     memory_mib: u64,
     gpus: u32,
     pricing: Pricing,
+    timeout_ms: u64,
+    /// When the assignment was recorded (`None` for rows assigned before it was kept).
+    assigned_ms: Option<u64>,
+    fuel_limit: Option<u64>,
 }
 
 impl Billing {
-    /// The measured cost of `elapsed_ms` (and the fuel burned) at these prices, uncapped.
-    fn cost_micros(&self, elapsed_ms: u64, fuel_consumed: Option<u64>) -> i64 {
-        ledger::cost_micros(
-            elapsed_ms,
+    /// The usage billed for `reported` at `now` ([`ending::billed_usage`]).
+    fn billed(&self, reported: Usage, now: u64, slack_ms: u64) -> Usage {
+        ending::billed_usage(
+            reported,
+            &UsageBounds {
+                timeout_ms: self.timeout_ms,
+                since_assignment_ms: self
+                    .assigned_ms
+                    .map_or(u64::MAX, |at| now.saturating_sub(at)),
+                slack_ms,
+                fuel_limit: self.fuel_limit,
+            },
+        )
+    }
+
+    /// The cost of `usage` at these prices, uncapped (the split caps it at the hold).
+    fn cost_micros(&self, usage: Usage) -> i64 {
+        ledger::usage_cost_micros(
+            usage.elapsed_ms,
+            usage.fuel,
             self.cpu_cores,
             self.memory_mib,
             self.gpus,
             &self.pricing,
         )
-        .saturating_add(ledger::fuel_cost_micros(
-            fuel_consumed.unwrap_or(0),
-            &self.pricing,
-        ))
     }
 }
 
 /// A job's billing and what the orchestrator had asked of it, from their own columns (the spec,
 /// with its workload, is not parsed here).
 fn billing_of(tx: &Connection, job_id: &str) -> Result<(Billing, StopRequest), StoreError> {
-    let (cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason): (
+    type Row = (
         u32,
         i64,
         u32,
         Option<String>,
         bool,
         Option<String>,
-    ) = query_row(
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let (
+        cpu_cores,
+        memory_mib,
+        gpus,
+        pricing,
+        cancel_requested,
+        stop_reason,
+        timeout,
+        assigned,
+        fuel_limit,
+    ): Row = query_row(
         tx,
-        "SELECT cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason FROM jobs WHERE id = ?1",
+        "SELECT cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason, timeout_ms,
+                    assigned_ms, fuel_limit FROM jobs WHERE id = ?1",
         [job_id],
         |r| {
             Ok((
@@ -480,6 +710,9 @@ fn billing_of(tx: &Connection, job_id: &str) -> Result<(Billing, StopRequest), S
                 r.get(3)?,
                 r.get(4)?,
                 r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
             ))
         },
     )?;
@@ -493,6 +726,9 @@ fn billing_of(tx: &Connection, job_id: &str) -> Result<(Billing, StopRequest), S
         memory_mib: memory_mib as u64,
         gpus,
         pricing,
+        timeout_ms: timeout.map_or(u64::MAX, |t| t.max(0) as u64),
+        assigned_ms: assigned.map(|t| t.max(0) as u64),
+        fuel_limit: fuel_limit.map(|f| f.max(0) as u64),
     };
     let stop = StopRequest {
         cancel_requested,

@@ -8,7 +8,8 @@ use rhizos_broker::wire::{JobState, LedgerReport};
 impl Store {
     /// The ledger invariants plus, per job: an open job's escrow holds exactly its `max_cost` and
     /// has no closing movement; an ended job's escrow is empty, closed exactly once, and its
-    /// recorded split adds up (cost + refund = hold, provider + fee = cost).
+    /// recorded split adds up (cost + refund = hold, provider + fee = cost); and per closed job
+    /// what [`Store::verify_charges`] checks.
     pub fn verify(&self) -> Result<LedgerReport, StoreError> {
         let base = ledger::verify(&self.conn)?;
         let mut problems = base.problems;
@@ -86,6 +87,7 @@ impl Store {
                 }
             }
         }
+        self.verify_charges(&mut problems)?;
         Ok(LedgerReport {
             ok: problems.is_empty(),
             accounts: base.accounts,
@@ -94,5 +96,151 @@ impl Store {
             jobs_checked,
             problems,
         })
+    }
+
+    /// Per closed job, that it was charged what the network measured, by the published
+    /// formula, to the provider recorded at assignment: billed run time ≤ the reported one, the
+    /// job's `timeout_ms` and the time from assignment to its end + the slack; billed fuel ≤ the
+    /// limit sent and the reported fuel; cost = min(hold, the billed usage at the agreed
+    /// prices); fee = round_half_up(cost × fee_bps / 10 000); and the closing movement's legs
+    /// are exactly escrow → provider, fees and payer (or escrow → payer for a refund).
+    fn verify_charges(&self, problems: &mut Vec<String>) -> Result<(), StoreError> {
+        let slack = self.ctx.charging.slack_ms;
+        let mut statement = self.conn.prepare(
+            "SELECT j.id, t.id, t.kind, j.account_id, j.max_cost_micros, j.cost_micros, j.provider_micros,
+                    j.fee_micros, j.refund_micros, j.provider_account, j.fee_bps, j.elapsed_ms,
+                    j.billed_elapsed_ms, j.fuel_consumed, j.billed_fuel, j.fuel_limit, j.timeout_ms,
+                    j.assigned_ms, j.updated_ms, j.cpu_cores, j.memory_mib, j.gpus, j.pricing
+             FROM jobs j JOIN ledger_tx t ON t.idem_key = 'close:' || j.id",
+        )?;
+        let mut legs = self.conn.prepare_cached(
+            "SELECT account_id, amount_micros FROM postings WHERE tx_id = ?1 ORDER BY account_id, amount_micros",
+        )?;
+        let mut rows = statement.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: String = r.get(0)?;
+            let tx_id: i64 = r.get(1)?;
+            let kind: String = r.get(2)?;
+            let payer: String = r.get(3)?;
+            let hold: i64 = r.get(4)?;
+            let [cost, provider_micros, fee, refund] =
+                [5, 6, 7, 8].map(|i| r.get::<_, Option<i64>>(i).ok().flatten().unwrap_or(0));
+            let provider: Option<String> = r.get(9)?;
+            let fee_bps: Option<u32> = r.get(10)?;
+            let opt = |i: usize| {
+                r.get::<_, Option<i64>>(i)
+                    .map(|v| v.map(|v| v.max(0) as u64))
+            };
+            let (
+                reported,
+                billed,
+                reported_fuel,
+                billed_fuel,
+                fuel_limit,
+                timeout,
+                assigned,
+                ended,
+            ) = (
+                opt(11)?,
+                opt(12)?,
+                opt(13)?,
+                opt(14)?,
+                opt(15)?,
+                opt(16)?,
+                opt(17)?,
+                opt(18)?.unwrap_or(0),
+            );
+            let mut expected: Vec<(String, i64)> = vec![(ledger::escrow_account(&id), -hold)];
+            if kind == ledger::TxKind::Settle.as_str() {
+                if let Some(billed) = billed {
+                    let mut bounds =
+                        vec![("the reported run time", reported), ("timeout_ms", timeout)];
+                    let window = assigned.map(|at| ended.saturating_sub(at).saturating_add(slack));
+                    bounds.push(("the time from assignment to its end + slack", window));
+                    for (what, bound) in bounds {
+                        if let Some(bound) = bound.filter(|b| billed > *b) {
+                            problems.push(format!(
+                                "job {id}: billed {billed} ms, more than {what} ({bound} ms)"
+                            ));
+                        }
+                    }
+                    for (what, bound) in [
+                        ("the fuel limit sent", fuel_limit),
+                        ("the reported fuel", reported_fuel),
+                    ] {
+                        if let (Some(fuel), Some(bound)) = (billed_fuel, bound)
+                            && fuel > bound
+                        {
+                            problems.push(format!(
+                                "job {id}: billed {fuel} fuel, more than {what} ({bound})"
+                            ));
+                        }
+                    }
+                    let pricing: Option<rhizos_broker::wire::Pricing> = r
+                        .get::<_, Option<String>>(22)?
+                        .and_then(|json| serde_json::from_str(&json).ok());
+                    match pricing {
+                        Some(pricing) => {
+                            let usage = ledger::usage_cost_micros(
+                                billed,
+                                billed_fuel,
+                                r.get(19)?,
+                                r.get::<_, i64>(20)?.max(0) as u64,
+                                r.get(21)?,
+                                &pricing,
+                            );
+                            let want = usage.clamp(0, hold.max(0));
+                            if cost != want {
+                                problems.push(format!(
+                                    "job {id}: charged {cost} but its billed usage costs {want} (capped at the hold {hold})"
+                                ));
+                            }
+                        }
+                        None => {
+                            problems.push(format!("job {id} was settled without agreed prices"))
+                        }
+                    }
+                }
+                if let Some(bps) = fee_bps {
+                    let want = ledger::split(cost, hold, bps).fee_micros;
+                    if fee != want {
+                        problems.push(format!(
+                            "job {id}: fee {fee} but round_half_up({cost} × {bps} / 10000) = {want}"
+                        ));
+                    }
+                }
+                match &provider {
+                    Some(provider) => expected.push((provider.clone(), provider_micros)),
+                    None if provider_micros == 0 => {}
+                    None => {
+                        problems.push(format!("job {id} paid a provider none was recorded for"))
+                    }
+                }
+                expected.push((ledger::PLATFORM_FEES.to_owned(), fee));
+                expected.push((payer, refund));
+            } else {
+                expected.push((payer, hold));
+            }
+            // Zero legs are not written; legs to the same account add up.
+            let mut want: std::collections::BTreeMap<String, i64> = Default::default();
+            for (account, amount) in expected {
+                *want.entry(account).or_default() += amount;
+            }
+            want.retain(|_, amount| *amount != 0);
+            let mut have: std::collections::BTreeMap<String, i64> = Default::default();
+            for leg in legs.query_map([tx_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })? {
+                let (account, amount) = leg?;
+                *have.entry(account).or_default() += amount;
+            }
+            have.retain(|_, amount| *amount != 0);
+            if have != want {
+                problems.push(format!(
+                    "job {id}: its {kind} moved {have:?}, not {want:?} (escrow → provider recorded at assignment, fees, payer)"
+                ));
+            }
+        }
+        Ok(())
     }
 }

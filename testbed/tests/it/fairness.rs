@@ -1,0 +1,237 @@
+//! Fair money against a lying node: what is billed is what the orchestrator measured, and a
+//! node that never reports cannot keep a job (and its escrow) past the job's deadline.
+
+use crate::common::*;
+use futures::StreamExt as _;
+use rhizos_broker::wire::{
+    self, Ack, AssignJob, ExecutionOutcome, ExecutionRef, ExitKind, Heartbeat, JobReport, JobState,
+    RegisterNode, Reply, ReportPhase, StopJob, WIRE_VERSION,
+};
+use rhizos_testbed::cluster::wasm_spec;
+use rhizos_testbed::{Cluster, ClusterOptions};
+use std::time::{Duration, Instant};
+
+const NODE: &str = "liar";
+
+fn registration() -> RegisterNode {
+    RegisterNode {
+        v: WIRE_VERSION,
+        node_id: NODE.into(),
+        provider_account: "liar-provider".into(),
+        backends: vec!["wasm".into()],
+        pricing: ClusterOptions::default().pricing,
+        cpu_cores: 4,
+        memory_mib: 4096,
+        max_concurrent: 4,
+        heartbeat_interval_ms: 300,
+        plugins: vec![],
+        running: vec![],
+        gpus: vec![],
+        disk_mib: 10_000,
+        hardware: None,
+        artifact_sources: vec![],
+    }
+}
+
+/// Takes the next assignment as the lying node: acks it, reports it running, and lists it in
+/// its heartbeats from now on. Returns its running report.
+async fn take(
+    bus: &rhizos_broker::Bus,
+    held: &tokio::sync::watch::Sender<Vec<ExecutionRef>>,
+    assignments: &mut async_nats::Subscriber,
+) -> JobReport {
+    let message = tokio::time::timeout(Duration::from_secs(10), assignments.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let assign: AssignJob = wire::decode(&message.payload, 4 << 20).unwrap();
+    let ack = wire::encode(&Reply::ok(Ack {
+        accepted: true,
+        note: None,
+    }));
+    bus.client
+        .publish(message.reply.unwrap(), ack)
+        .await
+        .unwrap();
+    let running = JobReport {
+        v: WIRE_VERSION,
+        node_id: NODE.into(),
+        job_id: assign.job_id.clone(),
+        attempt: assign.attempt,
+        phase: ReportPhase::Running,
+        signature: None,
+    };
+    let ack: Ack = bus.call(&running).await.unwrap();
+    assert!(ack.accepted);
+    held.send_modify(|list| {
+        list.push(ExecutionRef {
+            job_id: assign.job_id.clone(),
+            attempt: assign.attempt,
+        })
+    });
+    running
+}
+
+#[tokio::test]
+async fn a_lying_node_is_paid_what_was_measured_and_cannot_stall_a_job() {
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let bus = cluster.bus.clone();
+    let mut assignments = bus
+        .client
+        .subscribe(bus.subjects.job_assign(NODE).unwrap())
+        .await
+        .unwrap();
+    let mut stops = bus
+        .client
+        .subscribe(bus.subjects.job_stop(NODE).unwrap())
+        .await
+        .unwrap();
+    bus.call(&registration()).await.unwrap();
+    cluster.funded_account("uma", 2_000_000).await.unwrap();
+
+    // The node answers assignments and reports them running; it keeps heartbeating the jobs it
+    // holds, listing them as running forever.
+    let (held_tx, held_rx) = tokio::sync::watch::channel(Vec::<ExecutionRef>::new());
+    let beat_bus = bus.clone();
+    let heartbeats = tokio::spawn(async move {
+        loop {
+            let beat = Heartbeat {
+                v: WIRE_VERSION,
+                node_id: NODE.into(),
+                running: held_rx.borrow().clone(),
+                free_slots: 2,
+                ts_ms: 0,
+                gpus: vec![],
+            };
+            let subject = beat_bus.subjects.node_heartbeat(NODE).unwrap();
+            let _ = beat_bus.client.publish(subject, wire::encode(&beat)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let module = demo();
+    // 1. Claims a 30 s run (its whole timeout, the whole max cost) a moment after it started.
+    let started = Instant::now();
+    cluster
+        .submit(&submit_request(
+            "uma",
+            "overclaim",
+            wasm_spec(&module, &["count", "1"], 30_000),
+            400_000,
+        ))
+        .await
+        .unwrap();
+    let running = take(&bus, &held_tx, &mut assignments).await;
+    let finished = JobReport {
+        phase: ReportPhase::Finished {
+            outcome: ExecutionOutcome {
+                kind: ExitKind::Exited,
+                exit_code: Some(0),
+                message: None,
+                elapsed_ms: 30_000,
+                fuel_consumed: None,
+                output_files: Default::default(),
+                stdout: String::new(),
+                stderr: String::new(),
+            },
+        },
+        ..running
+    };
+    let ack: Ack = bus.call(&finished).await.unwrap();
+    assert!(ack.accepted);
+    let since = started.elapsed().as_millis() as i64;
+    let job = cluster.job("overclaim").await.unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(
+        job.elapsed_ms,
+        Some(30_000),
+        "what the node reported is kept"
+    );
+    let cost = job.cost_micros.unwrap();
+    // At most the time since submit + the 2 s slack at 10 micro-USD per ms — not 300 000.
+    assert!(
+        cost <= (since + 2_000) * 10,
+        "charged {cost} after {since} ms"
+    );
+    assert!(
+        cost >= 20_000,
+        "an honest-looking claim within the slack stands: {cost}"
+    );
+    let receipt = cluster.client().receipt_get("overclaim").await.unwrap();
+    let body = receipt.verify(None).unwrap();
+    assert_eq!(body.reported_elapsed_ms, Some(30_000));
+    assert_eq!(body.billed_elapsed_ms, Some(cost as u64 / 10));
+
+    // 2. Takes a 1 s job and never reports; its heartbeats keep listing it as running.
+    let stalled_at = Instant::now();
+    cluster
+        .submit(&submit_request(
+            "uma",
+            "stall",
+            wasm_spec(&module, &["sleep", "60000"], 1_000),
+            400_000,
+        ))
+        .await
+        .unwrap();
+    let stalled = take(&bus, &held_tx, &mut assignments).await;
+    let job = cluster
+        .wait_for_end("stall", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let took = stalled_at.elapsed();
+    assert_eq!(job.state, JobState::TimedOut, "{job:?}");
+    assert!(
+        job.reason
+            .as_deref()
+            .unwrap()
+            .contains("past its timeout of 1000 ms"),
+        "{job:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(3_000),
+        "timeout + slack: {took:?}"
+    );
+    // Its whole timeout (1 000 ms × 10 micro-USD), the rest refunded.
+    assert_eq!(
+        (job.cost_micros, job.refund_micros),
+        (Some(10_000), Some(390_000))
+    );
+    // And the node is told to stop it (and "overclaim", which it still lists though it ended).
+    let mut stopped = Vec::new();
+    while !stopped.contains(&("stall".to_owned(), stalled.attempt)) {
+        let stop = tokio::time::timeout(Duration::from_secs(10), stops.next())
+            .await
+            .expect("the orchestrator stops the overrun job on its node")
+            .unwrap();
+        let stop: StopJob = wire::decode(&stop.payload, 64 << 10).unwrap();
+        stopped.push((stop.job_id, stop.attempt));
+    }
+    // A late result changes nothing.
+    let late = JobReport {
+        phase: ReportPhase::Finished {
+            outcome: ExecutionOutcome {
+                kind: ExitKind::Exited,
+                exit_code: Some(0),
+                message: None,
+                elapsed_ms: 60_000,
+                fuel_consumed: None,
+                output_files: Default::default(),
+                stdout: String::new(),
+                stderr: String::new(),
+            },
+        },
+        ..stalled
+    };
+    let _: Ack = bus.call(&late).await.unwrap();
+    assert_eq!(
+        cluster.job("stall").await.unwrap().cost_micros,
+        Some(10_000)
+    );
+    heartbeats.abort();
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}
