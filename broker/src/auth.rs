@@ -55,7 +55,7 @@ pub fn permissions(subjects: &Subjects, caller: &Caller) -> Permissions {
             Permissions {
                 publish: vec![
                     own_ops,
-                    format!("rhizos.evt.v1.{ns}.node.heartbeat.{name}"),
+                    format!("rhizos.out.v1.{ns}.node.heartbeat.{name}"),
                     format!("rhizos.out.v1.{ns}.u.*.job.log.*.{name}"),
                 ],
                 subscribe,
@@ -289,7 +289,7 @@ mod tests {
         );
         assert!(
             n.publish
-                .contains(&"rhizos.evt.v1.dev.node.heartbeat.n1".to_owned())
+                .contains(&"rhizos.out.v1.dev.node.heartbeat.n1".to_owned())
         );
         assert!(!n.publish.iter().any(|s| s.contains("job.assign")));
     }

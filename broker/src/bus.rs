@@ -81,6 +81,15 @@ pub struct Bus {
     pub identity: Option<Caller>,
     /// This party's key pair (from its credentials), for what it signs (a node its reports).
     pub signer: Option<std::sync::Arc<nkeys::KeyPair>>,
+    /// The event stream's retention (`[nats] event_max_bytes`, `event_max_age_s`).
+    pub event_limits: EventLimits,
+}
+
+/// How much history the event stream keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventLimits {
+    pub max_bytes: u64,
+    pub max_age_s: u64,
 }
 
 impl Bus {
@@ -125,6 +134,10 @@ impl Bus {
             request_timeout,
             identity,
             signer,
+            event_limits: EventLimits {
+                max_bytes: settings.event_max_bytes,
+                max_age_s: settings.event_max_age_s,
+            },
         })
     }
 
@@ -239,19 +252,38 @@ impl Bus {
             subjects: vec![self.subjects.events_wildcard()],
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
-            // Heartbeats are events too; keep the last ones per node, and bound the whole stream.
+            // Job and escrow history only (heartbeats travel on core NATS, `rhizos.out`, and
+            // never push history out): bounded by the operator's `[nats] event_max_bytes` and
+            // `event_max_age_s`.
             max_messages_per_subject: 100_000,
-            max_bytes: 1024 * 1024 * 1024,
+            max_bytes: i64::try_from(self.event_limits.max_bytes).unwrap_or(i64::MAX),
+            max_age: Duration::from_secs(self.event_limits.max_age_s),
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        self.jetstream
-            .get_or_create_stream(config)
+        let error = |e: &dyn std::fmt::Display| ConnectError::Stream {
+            stream: name.clone(),
+            message: e.to_string(),
+        };
+        let mut stream = self
+            .jetstream
+            .get_or_create_stream(config.clone())
             .await
-            .map_err(|e| ConnectError::Stream {
-                stream: name,
-                message: e.to_string(),
-            })
+            .map_err(|e| error(&e))?;
+        // The operator changed the retention since the stream was made: apply it.
+        let current = &stream.cached_info().config;
+        if current.max_bytes != config.max_bytes || current.max_age != config.max_age {
+            self.jetstream
+                .update_stream(config)
+                .await
+                .map_err(|e| error(&e))?;
+            stream = self
+                .jetstream
+                .get_stream(&name)
+                .await
+                .map_err(|e| error(&e))?;
+        }
+        Ok(stream)
     }
 }
 

@@ -48,6 +48,10 @@ pub struct NatsSettings {
     /// nkey this client authenticates with and the identity it acts as. None: connect without
     /// authentication, which only a server with no users accepts.
     pub credentials: Option<PathBuf>,
+    /// Most bytes of job and escrow history the event stream keeps (oldest dropped first).
+    pub event_max_bytes: u64,
+    /// Longest the event stream keeps an event, in seconds; 0: no age limit.
+    pub event_max_age_s: u64,
 }
 
 impl Default for NatsSettings {
@@ -61,6 +65,8 @@ impl Default for NatsSettings {
             tls_cert: None,
             tls_key: None,
             credentials: None,
+            event_max_bytes: 1024 * 1024 * 1024,
+            event_max_age_s: 0,
         }
     }
 }
@@ -192,6 +198,13 @@ pub struct AgentSettings {
     pub memory_mib: Option<u64>,
     /// Largest stdout/stderr tail kept per execution for the result.
     pub max_output_bytes: usize,
+    /// Most log lines one execution streams live; past it lines are counted, kept in the
+    /// result's tails, and not published (a guest printing in a loop cannot flood the bus).
+    pub max_log_lines: u64,
+    /// Most bytes of log lines one execution streams live.
+    pub max_log_bytes: u64,
+    /// Longest line streamed; longer lines are cut (with `…`).
+    pub max_line_bytes: usize,
     /// Configuration handed to each stable-ABI plugin when it starts, by plugin name
     /// (`[agent.plugins.<name>]`); a plugin without an entry gets `{}`.
     pub plugins: std::collections::BTreeMap<String, serde_json::Value>,
@@ -224,6 +237,9 @@ impl Default for AgentSettings {
             cpu_cores: None,
             memory_mib: None,
             max_output_bytes: 64 * 1024,
+            max_log_lines: 100_000,
+            max_log_bytes: 16 * 1024 * 1024,
+            max_line_bytes: 16 * 1024,
             plugins: std::collections::BTreeMap::new(),
             nvml_library: None,
             artifact_sources: Vec::new(),

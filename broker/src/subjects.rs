@@ -141,10 +141,10 @@ impl Subjects {
 
     pub fn node_heartbeat(&self, node_id: &str) -> Result<String, TokenError> {
         validate_token("node id", node_id)?;
-        Ok(self.evt(&format!("node.heartbeat.{node_id}")))
+        Ok(self.out(&format!("node.heartbeat.{node_id}")))
     }
     pub fn node_heartbeat_wildcard(&self) -> String {
-        self.evt("node.heartbeat.*")
+        self.out("node.heartbeat.*")
     }
     /// `rhizos.evt.v1.<ns>.u.<account>.job.<state>.<job_id>`: under the paying account, which
     /// (with the operator) is the only one allowed to subscribe.
@@ -311,7 +311,7 @@ mod tests {
         );
         assert_eq!(
             s.node_heartbeat("n1").unwrap(),
-            "rhizos.evt.v1.dev.node.heartbeat.n1"
+            "rhizos.out.v1.dev.node.heartbeat.n1"
         );
         assert_eq!(
             s.job_event("alice", "running", "j1").unwrap(),

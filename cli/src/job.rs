@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use futures::StreamExt as _;
 use rhizos_broker::wire::{
-    self, Event, EventBody, JobSpec, JobState, JobView, LogLine, LogStream, SubmitJob,
+    self, Event, EventBody, JobSpec, JobState, JobView, LogBatch, LogLine, LogStream, SubmitJob,
     WIRE_VERSION, Workload,
 };
 use rhizos_broker::{Bus, Client};
@@ -449,9 +449,11 @@ async fn watch(
                 return Ok(());
             }
             Some(message) = logs.next() => {
-                let Ok(line) = serde_json::from_slice::<LogLine>(&message.payload) else { continue };
+                let Ok(batch) = serde_json::from_slice::<LogBatch>(&message.payload) else { continue };
                 let node = rhizos_broker::Subjects::last_token(&message.subject).to_owned();
-                transcript.line((node, line)).iter().for_each(&mut print);
+                for line in batch.into_lines() {
+                    transcript.line((node.clone(), line)).iter().for_each(&mut print);
+                }
                 if transcript.holding() {
                     release_at.get_or_insert_with(|| tokio::time::Instant::now() + Transcript::HOLD);
                 }

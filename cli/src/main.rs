@@ -178,7 +178,7 @@ struct EventsArgs {
     /// Only events of this job.
     #[arg(long)]
     job: Option<String>,
-    /// Include node heartbeats.
+    /// Include node heartbeats (live only: they are not kept in the event stream; operators).
     #[arg(long)]
     heartbeats: bool,
     /// Replay history from the event stream first: a stream sequence number (e.g. 1), a time
@@ -304,7 +304,11 @@ async fn account(global: &GlobalArgs, command: AccountCommand) -> anyhow::Result
 async fn events(global: &GlobalArgs, args: EventsArgs) -> anyhow::Result<()> {
     use futures::StreamExt as _;
     let bus = global.bus().await?;
-    let subjects = event_subjects(&bus, args.job.as_deref())?;
+    let mut subjects = event_subjects(&bus, args.job.as_deref())?;
+    if args.heartbeats && args.job.is_none() {
+        // Heartbeats are not events in the stream: they travel live on core NATS only.
+        subjects.push(bus.subjects.node_heartbeat_wildcard());
+    }
     let mut streams = Vec::new();
     for subject in subjects {
         streams.push(

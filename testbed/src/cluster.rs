@@ -47,6 +47,8 @@ pub struct ClusterOptions {
     /// enrolled), each with its role's permissions; [`Cluster::user`] adds users. Off: no
     /// authentication, and nodes register without enrolment.
     pub secure: bool,
+    /// `[agent] max_log_lines` for every agent (default: the agent's).
+    pub max_log_lines: Option<u64>,
     /// `[orchestrator] failed_workload_charge`.
     pub failed_workload_charge: rhizos_broker::config::FailedWorkloadCharge,
 }
@@ -77,6 +79,7 @@ impl Default for ClusterOptions {
             resolver_order: Vec::new(),
             secure: false,
             failed_workload_charge: Default::default(),
+            max_log_lines: None,
         }
     }
 }
@@ -185,6 +188,9 @@ impl Cluster {
             agent_settings.plugins = options.plugin_config.clone();
             agent_settings.nvml_library = options.nvml_library.clone();
             agent_settings.artifact_sources = options.artifact_sources.clone();
+            if let Some(lines) = options.max_log_lines {
+                agent_settings.max_log_lines = lines;
+            }
             // Each cluster its own artifact cache: what a test fetches, it fetched.
             agent_settings.artifact_cache_dir =
                 Some(data_dir.path().join(format!("artifacts-{index}")));

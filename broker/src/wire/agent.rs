@@ -193,13 +193,52 @@ impl NodeSignature {
     }
 }
 
-/// One line of job output on `rhizos.out.v1.<ns>.job.log.<job_id>`.
+/// Job output on `rhizos.out.v1.<ns>.u.<account>.job.log.<job_id>.<node>`: the lines an agent
+/// had ready, in order, in one message (a guest printing fast fills a batch, a quiet one sends
+/// each line as it comes). Sequence numbers count every line the job printed, so a gap is lines
+/// that were not streamed (the job's log budget spent, or the agent's buffer full); the result
+/// still carries the tails of both streams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogBatch {
+    pub v: u32,
+    pub job_id: String,
+    pub attempt: u32,
+    pub lines: Vec<LogEntry>,
+}
+
+/// One line in a [`LogBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Per attempt, from 0, in the order printed.
+    pub seq: u64,
+    pub stream: LogStream,
+    pub line: String,
+    pub ts_ms: u64,
+}
+
+impl LogBatch {
+    /// The batch as single lines.
+    pub fn into_lines(self) -> impl Iterator<Item = LogLine> {
+        let (job_id, attempt) = (self.job_id, self.attempt);
+        self.lines.into_iter().map(move |entry| LogLine {
+            v: self.v,
+            job_id: job_id.clone(),
+            attempt,
+            seq: entry.seq,
+            stream: entry.stream,
+            line: entry.line,
+            ts_ms: entry.ts_ms,
+        })
+    }
+}
+
+/// One line of job output, as a watcher handles it ([`LogBatch::into_lines`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLine {
     pub v: u32,
     pub job_id: String,
     pub attempt: u32,
-    /// Per attempt, from 0, without gaps: a watcher can tell a lost line.
+    /// Per attempt, from 0: a gap is lines that were not streamed.
     pub seq: u64,
     pub stream: LogStream,
     pub line: String,

@@ -69,6 +69,8 @@ pub enum ErrorCode {
     Forbidden,
     /// The receiver failed; the request may be retried.
     Internal,
+    /// The receiver has as many requests in flight as it takes: retry after a moment.
+    TooBusy,
     /// A code from a newer peer.
     #[serde(other)]
     Unknown,
@@ -88,8 +90,15 @@ impl ErrorCode {
             Self::UnsupportedSubject => "unsupported_subject",
             Self::Forbidden => "forbidden",
             Self::Internal => "internal",
+            Self::TooBusy => "too_busy",
             Self::Unknown => "unknown",
         }
+    }
+
+    /// Whether the same request may succeed when sent again (idempotent requests are retried
+    /// on these; every other code is final).
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Self::Internal | Self::TooBusy)
     }
 }
 

@@ -65,7 +65,10 @@ impl ArtifactStore {
             tracing::warn!(path = %cached.display(), "cached artifact does not match its digest; fetching it again");
             let _ = std::fs::remove_file(&cached);
         }
-        let bytes = self.fetch(url)?;
+        // Fetch the URL as it was checked (parsed and normalised), so no other parser's reading
+        // of the original text decides where the request goes.
+        let normalised = url::Url::parse(url).map_err(|e| format!("artifact URL {url:?}: {e}"))?;
+        let bytes = self.fetch(normalised.as_str())?;
         let actual = crate::sha256_hex(&bytes);
         if actual != expected {
             return Err(format!(

@@ -8,8 +8,8 @@ use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RResult, RStr, RString, RVec, Tuple2};
 use rhizos_broker::RequestError;
 use rhizos_broker::wire::{
-    self, Ack, AssignJob, ErrorCode, ExecutionOutcome, ExitKind, JobReport, LogLine, LogStream,
-    ReportPhase, WIRE_VERSION, WireError, Workload,
+    self, Ack, AssignJob, ErrorCode, ExecutionOutcome, ExitKind, JobReport, LogBatch, LogEntry,
+    LogStream, ReportPhase, WIRE_VERSION, WireError, Workload,
 };
 use rhizos_plugin_api::{EventSink, EventSink_TO, ExecLimits, ExecRequest};
 use std::collections::VecDeque;
@@ -62,8 +62,12 @@ impl Agent {
             Ok(prepared) => prepared,
             Err(message) => return node_error(message),
         };
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let execution = match self.start(assign, request, sender.clone()).await {
+        let (sender, receiver) = mpsc::channel(LOG_BUFFER_LINES);
+        let sink = Arc::new(SinkState::new(&self.inner.settings));
+        let execution = match self
+            .start(assign, request, sender.clone(), sink.clone())
+            .await
+        {
             Ok(execution) => execution,
             Err(message) => return node_error(message),
         };
@@ -91,8 +95,9 @@ impl Agent {
         ));
         let waited = tokio::task::spawn_blocking(move || execution.execution.wait()).await;
         // Every line reached the sink before `wait` returned; this marker follows them.
-        let _ = sender.send(SinkMessage::Done);
-        let (stdout, stderr) = forwarder.await.unwrap_or_default();
+        let _ = sender.send(SinkMessage::Done).await;
+        let _ = forwarder.await;
+        let (stdout, stderr) = sink.tails();
         let _ = reporter.await;
         match waited {
             Ok(outcome) => wire_outcome(outcome, stdout, stderr),
@@ -142,9 +147,10 @@ impl Agent {
         &self,
         assign: &AssignJob,
         request: ExecRequest,
-        sender: mpsc::UnboundedSender<SinkMessage>,
+        sender: mpsc::Sender<SinkMessage>,
+        state: Arc<SinkState>,
     ) -> Result<Arc<Running>, String> {
-        let sink = EventSink_TO::from_value(ChannelSink { sender }, TD_Opaque);
+        let sink = EventSink_TO::from_value(ChannelSink { sender, state }, TD_Opaque);
         let backend_name = assign.spec.workload.backend();
         // Held until the execution ends: a plugin replaced or removed meanwhile stays alive for it.
         let Some(plugin) = self.plugins().backend(backend_name).cloned() else {
@@ -170,52 +176,72 @@ impl Agent {
         }
     }
 
-    /// Publishes each line on the job's log subject, in order, and keeps bounded tails.
+    /// Publishes the lines on the job's log subject, in order: each message carries the lines
+    /// that came within [`LOG_LINGER`] of its first (at most [`LOG_BATCH_LINES`] lines, about
+    /// [`LOG_BATCH_BYTES`]), so a flood travels in few messages and a quiet job's lines go out
+    /// as they come.
     async fn forward_logs(
         self,
         account: String,
         job_id: String,
         attempt: u32,
-        mut receiver: mpsc::UnboundedReceiver<SinkMessage>,
-    ) -> (String, String) {
-        let max = self.inner.settings.max_output_bytes;
-        let (mut stdout, mut stderr) = (Tail::new(max), Tail::new(max));
-        let subject = match self
+        mut receiver: mpsc::Receiver<SinkMessage>,
+    ) {
+        let Ok(subject) = self
             .inner
             .bus
             .subjects
             .job_log(&account, &job_id, &self.inner.node_id)
-        {
-            Ok(subject) => subject,
-            Err(_) => return (String::new(), String::new()),
+        else {
+            return;
         };
-        let mut seq = 0;
-        while let Some(SinkMessage::Line(stream, line)) = receiver.recv().await {
-            let message = LogLine {
+        let mut done = false;
+        while !done {
+            let Some(SinkMessage::Line(first)) = receiver.recv().await else {
+                return;
+            };
+            let mut bytes = first.line.len();
+            let mut lines = vec![first];
+            // Lines that follow within the linger join this message.
+            let close_at = tokio::time::Instant::now() + LOG_LINGER;
+            while lines.len() < LOG_BATCH_LINES && bytes < LOG_BATCH_BYTES {
+                let next = match receiver.try_recv() {
+                    Ok(message) => Some(message),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        match tokio::time::timeout_at(close_at, receiver.recv()).await {
+                            Ok(message) => message,
+                            Err(_) => break,
+                        }
+                    }
+                };
+                match next {
+                    Some(SinkMessage::Line(entry)) => {
+                        bytes += entry.line.len();
+                        lines.push(entry);
+                    }
+                    Some(SinkMessage::Done) | None => {
+                        done = true;
+                        break;
+                    }
+                }
+            }
+            let batch = LogBatch {
                 v: WIRE_VERSION,
                 job_id: job_id.clone(),
                 attempt,
-                seq,
-                stream,
-                line,
-                ts_ms: crate::now_ms(),
+                lines,
             };
-            seq += 1;
             if let Err(e) = self
                 .inner
                 .bus
                 .client
-                .publish(subject.clone(), wire::encode(&message))
+                .publish(subject.clone(), wire::encode(&batch))
                 .await
             {
-                tracing::debug!(error = %e, "log line not published");
-            }
-            match stream {
-                LogStream::Stdout => stdout.push(&message.line),
-                LogStream::Stderr => stderr.push(&message.line),
+                tracing::debug!(error = %e, "log lines not published");
             }
         }
-        (stdout.into_string(), stderr.into_string())
     }
 
     /// Sends a report until the orchestrator answers (it may be restarting).
@@ -235,7 +261,7 @@ impl Agent {
                     tracing::warn!(job_id = %report.job_id, attempt = report.attempt, note = ?note, "report not accepted");
                     return;
                 }
-                Err(RequestError::Remote(e)) if e.code != ErrorCode::Internal => {
+                Err(RequestError::Remote(e)) if !e.code.is_retryable() => {
                     tracing::error!(job_id = %report.job_id, error = %e, "report refused");
                     return;
                 }
@@ -466,14 +492,130 @@ impl Drop for GpuLease<'_> {
     }
 }
 
+/// Lines buffered between the plugin's sink and the publisher; past it lines are not streamed
+/// (counted in the sequence numbers, kept in the tails) rather than held in memory.
+const LOG_BUFFER_LINES: usize = 8_192;
+/// Most lines in one log message.
+const LOG_BATCH_LINES: usize = 512;
+/// A log message is closed once its lines reach this many bytes.
+const LOG_BATCH_BYTES: usize = 64 * 1024;
+/// How long a log message waits for more lines after its first: a flood fills messages, a
+/// quiet job's line goes out this much later at most.
+const LOG_LINGER: Duration = Duration::from_millis(5);
+
 enum SinkMessage {
-    Line(LogStream, String),
+    Line(LogEntry),
     Done,
 }
 
-/// The host side of the plugin's log sink: lines go into a channel, in order.
+/// The host side of the plugin's log sink: every line is numbered and kept in the result's
+/// tails; lines within the execution's log budget go into a bounded channel to the publisher.
 struct ChannelSink {
-    sender: mpsc::UnboundedSender<SinkMessage>,
+    sender: mpsc::Sender<SinkMessage>,
+    state: Arc<SinkState>,
+}
+
+/// What one execution's output has cost so far. Plugins may call the sink from several
+/// threads (a container's stdout and stderr), so it sits behind a mutex.
+struct SinkState {
+    budget: LogBudget,
+    inner: std::sync::Mutex<SinkCounts>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LogBudget {
+    lines: u64,
+    bytes: u64,
+    line_bytes: usize,
+}
+
+struct SinkCounts {
+    next_seq: u64,
+    streamed_lines: u64,
+    streamed_bytes: u64,
+    /// The budget notice went out; nothing more is streamed.
+    spent: bool,
+    stdout: Tail,
+    stderr: Tail,
+}
+
+impl SinkState {
+    fn new(settings: &rhizos_broker::config::AgentSettings) -> Self {
+        Self {
+            budget: LogBudget {
+                lines: settings.max_log_lines,
+                bytes: settings.max_log_bytes,
+                line_bytes: settings.max_line_bytes.max(16),
+            },
+            inner: std::sync::Mutex::new(SinkCounts {
+                next_seq: 0,
+                streamed_lines: 0,
+                streamed_bytes: 0,
+                spent: false,
+                stdout: Tail::new(settings.max_output_bytes),
+                stderr: Tail::new(settings.max_output_bytes),
+            }),
+        }
+    }
+
+    /// Records one line; returns what to stream, if anything.
+    fn record(&self, stream: LogStream, line: &str) -> Option<LogEntry> {
+        let mut counts = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let line = cut(line, self.budget.line_bytes);
+        match stream {
+            LogStream::Stdout => counts.stdout.push(&line),
+            LogStream::Stderr => counts.stderr.push(&line),
+        }
+        let seq = counts.next_seq;
+        counts.next_seq += 1;
+        if counts.spent {
+            return None;
+        }
+        let bytes = line.len() as u64 + 1;
+        if counts.streamed_lines >= self.budget.lines
+            || counts.streamed_bytes.saturating_add(bytes) > self.budget.bytes
+        {
+            counts.spent = true;
+            return Some(LogEntry {
+                seq,
+                stream: LogStream::Stderr,
+                line: format!(
+                    "[rhizos] this job's live log budget ({} lines, {} bytes) is spent: later lines are not streamed; the result keeps the last {} bytes of each stream",
+                    self.budget.lines, self.budget.bytes, counts.stdout.max_bytes
+                ),
+                ts_ms: crate::now_ms(),
+            });
+        }
+        counts.streamed_lines += 1;
+        counts.streamed_bytes += bytes;
+        Some(LogEntry {
+            seq,
+            stream,
+            line: line.into_owned(),
+            ts_ms: crate::now_ms(),
+        })
+    }
+
+    /// The tails of stdout and stderr, for the result.
+    fn tails(&self) -> (String, String) {
+        let mut counts = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let max = counts.stdout.max_bytes;
+        let stdout = std::mem::replace(&mut counts.stdout, Tail::new(max));
+        let stderr = std::mem::replace(&mut counts.stderr, Tail::new(max));
+        (stdout.into_string(), stderr.into_string())
+    }
+}
+
+/// `line` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+fn cut(line: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if line.len() <= max {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…", &line[..end]))
 }
 
 impl EventSink for ChannelSink {
@@ -482,9 +624,11 @@ impl EventSink for ChannelSink {
             rhizos_plugin_api::LogStream::Stdout => LogStream::Stdout,
             rhizos_plugin_api::LogStream::Stderr => LogStream::Stderr,
         };
-        let _ = self
-            .sender
-            .send(SinkMessage::Line(stream, line.to_string()));
+        if let Some(entry) = self.state.record(stream, line.as_str()) {
+            // Full: the publisher is behind; the line stays in the tails and its sequence
+            // number shows the gap to watchers.
+            let _ = self.sender.try_send(SinkMessage::Line(entry));
+        }
     }
 }
 

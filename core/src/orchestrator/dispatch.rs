@@ -141,7 +141,8 @@ impl Orchestrator {
     }
 
     /// Asks `node_id` to stop an attempt (best effort: a node that is gone is found by the
-    /// sweeper, and its attempts requeued or ended).
+    /// sweeper, and its attempts requeued or ended). An execution still starting answers
+    /// "retry": asked again, with backoff, for up to [`STOP_RETRY_FOR`].
     pub(in crate::orchestrator) async fn send_stop(
         &self,
         node_id: &str,
@@ -153,8 +154,28 @@ impl Orchestrator {
             job_id: job_id.to_owned(),
             attempt,
         };
-        if let Err(e) = self.inner.bus.call_node(node_id, &stop).await {
-            tracing::warn!(%job_id, %node_id, error = %e, "node did not confirm the stop");
+        let until = tokio::time::Instant::now() + STOP_RETRY_FOR;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.inner.bus.call_node(node_id, &stop).await {
+                Ok(Ack { accepted: true, .. }) => return,
+                Ok(Ack { note, .. }) if tokio::time::Instant::now() + delay < until => {
+                    tracing::debug!(%job_id, %node_id, note = ?note, "stop not taken yet; asking again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Ok(Ack { note, .. }) => {
+                    tracing::warn!(%job_id, %node_id, note = ?note, "node did not take the stop; its heartbeats will show the execution");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(%job_id, %node_id, error = %e, "node did not confirm the stop");
+                    return;
+                }
+            }
         }
     }
 }
+
+/// How long a stop answered with "retry" (the execution still starting) is asked again.
+const STOP_RETRY_FOR: Duration = Duration::from_secs(30);

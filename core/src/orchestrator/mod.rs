@@ -66,7 +66,20 @@ struct Inner {
     modules: Option<modules::ModuleResolver>,
     /// Signs receipts (`<data_dir>/orchestrator.nk`).
     signing_key: nkeys::KeyPair,
+    /// The bus connection was down at the last sweep (node-loss detection paused).
+    bus_down: std::sync::atomic::AtomicBool,
+    /// Requests being served; past [`MAX_REQUESTS_IN_FLIGHT`] new ones get `too_busy` at once
+    /// (no task per request without limit, and so no unbounded queue to the ledger thread).
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Heartbeat reconciliations running; a heartbeat that finds none free is not reconciled
+    /// (the node's next one is).
+    reconciling: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most requests served at once.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 4_096;
+/// Most heartbeat reconciliations at once.
+const MAX_RECONCILES_IN_FLIGHT: usize = 256;
 
 impl Orchestrator {
     /// Opens the ledger in `settings.data_dir` and prepares the event stream.
@@ -131,6 +144,9 @@ impl Orchestrator {
                 outbox_deleting: std::sync::atomic::AtomicBool::new(false),
                 modules,
                 signing_key,
+                bus_down: std::sync::atomic::AtomicBool::new(false),
+                in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+                reconciling: Arc::new(tokio::sync::Semaphore::new(MAX_RECONCILES_IN_FLIGHT)),
             }),
         })
     }
@@ -164,8 +180,16 @@ impl Orchestrator {
             tokio::select! {
                 () = &mut shutdown => break,
                 Some(message) = requests.next() => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.handle_request(message).await });
+                    match self.inner.in_flight.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let this = self.clone();
+                            tokio::spawn(async move {
+                                this.handle_request(message).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => self.too_busy(message).await,
+                    }
                 }
                 Some(message) = heartbeats.next() => self.handle_heartbeat(&message.payload),
                 else => break,

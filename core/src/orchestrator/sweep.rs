@@ -11,13 +11,32 @@ impl Orchestrator {
     pub(in crate::orchestrator) fn handle_heartbeat(&self, payload: &[u8]) {
         match wire::decode::<Heartbeat>(payload, self.inner.settings.max_request_bytes) {
             Ok(mut heartbeat) => {
+                // No node runs more than its registered concurrency (itself capped): a longer
+                // list is a lie that would cost a database look-up per entry.
+                let most = self
+                    .registry()
+                    .get(&heartbeat.node_id)
+                    .map_or(0, |node| node.registration.max_concurrent as usize);
+                if heartbeat.running.len() > most
+                    || heartbeat.gpus.len() > super::validate::limits::MAX_NODE_GPUS
+                {
+                    tracing::warn!(node_id = %heartbeat.node_id, running = heartbeat.running.len(), gpus = heartbeat.gpus.len(), "heartbeat lists more than the node registered; ignored");
+                    return;
+                }
                 let gpus = std::mem::take(&mut heartbeat.gpus);
                 if !self.registry().heartbeat(&heartbeat.node_id, gpus) {
                     tracing::debug!(node_id = %heartbeat.node_id, "heartbeat from an unregistered node");
                     return;
                 }
+                let Ok(permit) = self.inner.reconciling.clone().try_acquire_owned() else {
+                    tracing::debug!(node_id = %heartbeat.node_id, "reconciliations busy; this heartbeat only refreshes liveness");
+                    return;
+                };
                 let this = self.clone();
-                tokio::spawn(async move { this.reconcile(heartbeat).await });
+                tokio::spawn(async move {
+                    this.reconcile(heartbeat).await;
+                    drop(permit);
+                });
             }
             Err(e) => tracing::warn!(error = %e, "malformed heartbeat ignored"),
         }
@@ -124,9 +143,28 @@ impl Orchestrator {
             .map(|(node, (_, _, reputation))| (node, reputation))
             .collect();
         self.registry().set_reputations(&reputations);
-        let lost = self
-            .registry()
-            .take_newly_lost(self.inner.settings.missed_heartbeats);
+        // While the orchestrator's own connection is down no heartbeat can reach it: loss
+        // detection pauses, and on reconnect every node gets a whole window to be heard again
+        // (a 15 s outage must not requeue the whole network).
+        let connected =
+            self.inner.bus.client.connection_state() == async_nats::connection::State::Connected;
+        let was_down = self
+            .inner
+            .bus_down
+            .swap(!connected, std::sync::atomic::Ordering::Relaxed);
+        let lost = if !connected {
+            if !was_down {
+                tracing::warn!("bus connection lost; node-loss detection paused until it is back");
+            }
+            Vec::new()
+        } else if was_down {
+            tracing::info!("bus connection back; every node gets a full heartbeat window");
+            self.registry().forgive_silence();
+            Vec::new()
+        } else {
+            self.registry()
+                .take_newly_lost(self.inner.settings.missed_heartbeats)
+        };
         for node_id in lost {
             tracing::warn!(%node_id, "node lost: no heartbeat");
             let node = node_id.clone();

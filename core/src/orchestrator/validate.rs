@@ -28,9 +28,28 @@ pub mod limits {
     pub const MAX_ARG_BYTES: usize = 4096;
     pub const MAX_ENV_VARS: usize = 1024;
     pub const MAX_INPUT_FILES: usize = 256;
+
+    /// What a node may register with (and heartbeat): every figure it states is range-checked
+    /// so no formula over them can overflow and no list costs unbounded work.
+    pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 100;
+    pub const MAX_HEARTBEAT_INTERVAL_MS: u64 = 5 * 60_000;
+    /// Most executions one node may run at once (and list as running).
+    pub const MAX_NODE_CONCURRENCY: u32 = 1024;
+    /// Highest hourly price per core, GiB or GPU: $1,000,000 per hour.
+    pub const MAX_PRICE_CENTS_PER_HOUR: u64 = 100_000_000;
+    /// Highest fuel price: $1,000,000 per million units.
+    pub const MAX_FUEL_PRICE_MICROS: u64 = 1_000_000 * MICROS_PER_USD as u64;
+    pub const MAX_NODE_CPU_CORES: u32 = 16_384;
+    /// 64 TiB.
+    pub const MAX_NODE_MEMORY_MIB: u64 = 64 * 1024 * 1024;
+    pub const MAX_NODE_GPUS: usize = 64;
+    pub const MAX_NODE_LIST: usize = 256;
+    /// Most nodes enrolled for one provider account.
+    pub const MAX_NODES_PER_PROVIDER: u32 = 10_000;
 }
 
 use limits::*;
+use rhizos_broker::wire::RegisterNode;
 
 pub(super) fn token(result: Result<(), rhizos_broker::TokenError>) -> Result<(), WireError> {
     result.map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))
@@ -285,6 +304,75 @@ fn validate_by_reference(spec: &JobSpec, url: &str) -> Result<(), WireError> {
     Ok(())
 }
 
+/// A registration's stated figures within [`limits`]: the heartbeat interval, capacity, prices
+/// and list lengths (a node near `u64::MAX` would overflow the loss detector's and the cost
+/// formula's arithmetic, or cost the orchestrator work per entry).
+pub fn validate_registration(registration: &RegisterNode) -> Result<(), WireError> {
+    let interval = registration.heartbeat_interval_ms;
+    if !(MIN_HEARTBEAT_INTERVAL_MS..=MAX_HEARTBEAT_INTERVAL_MS).contains(&interval) {
+        return Err(bad(format!(
+            "heartbeat_interval_ms {interval} is outside {MIN_HEARTBEAT_INTERVAL_MS}..={MAX_HEARTBEAT_INTERVAL_MS}"
+        )));
+    }
+    if !(1..=MAX_NODE_CONCURRENCY).contains(&registration.max_concurrent) {
+        return Err(bad(format!(
+            "max_concurrent {} is outside 1..={MAX_NODE_CONCURRENCY}",
+            registration.max_concurrent
+        )));
+    }
+    if registration.running.len() > registration.max_concurrent as usize {
+        return Err(bad(format!(
+            "the registration lists {} running executions, more than its max_concurrent {}",
+            registration.running.len(),
+            registration.max_concurrent
+        )));
+    }
+    let pricing = &registration.pricing;
+    for (name, price) in [
+        ("pricing.cpu_hour_cents", pricing.cpu_hour_cents),
+        ("pricing.memory_gb_hour_cents", pricing.memory_gb_hour_cents),
+        ("pricing.gpu_hour_cents", pricing.gpu_hour_cents),
+    ] {
+        if price > MAX_PRICE_CENTS_PER_HOUR {
+            return Err(bad(format!(
+                "{name} {price} is above the most a node may ask ({MAX_PRICE_CENTS_PER_HOUR} cents per hour)"
+            )));
+        }
+    }
+    if pricing.fuel_million_micros > MAX_FUEL_PRICE_MICROS {
+        return Err(bad(format!(
+            "pricing.fuel_million_micros {} is above {MAX_FUEL_PRICE_MICROS}",
+            pricing.fuel_million_micros
+        )));
+    }
+    if registration.cpu_cores > MAX_NODE_CPU_CORES || registration.memory_mib > MAX_NODE_MEMORY_MIB
+    {
+        return Err(bad(format!(
+            "cpu_cores {} / memory_mib {} are above {MAX_NODE_CPU_CORES} / {MAX_NODE_MEMORY_MIB}",
+            registration.cpu_cores, registration.memory_mib
+        )));
+    }
+    if registration.gpus.len() > MAX_NODE_GPUS {
+        return Err(bad(format!(
+            "{} GPUs listed; at most {MAX_NODE_GPUS}",
+            registration.gpus.len()
+        )));
+    }
+    for (name, len) in [
+        ("backends", registration.backends.len()),
+        ("plugins", registration.plugins.len()),
+        ("artifact_sources", registration.artifact_sources.len()),
+    ] {
+        if len > MAX_NODE_LIST {
+            return Err(bad(format!("{len} {name} listed; at most {MAX_NODE_LIST}")));
+        }
+    }
+    for backend in &registration.backends {
+        token(validate_token("backend", backend))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,5 +482,110 @@ mod tests {
                 .message
                 .contains("reserved")
         );
+    }
+
+    #[test]
+    fn registrations_are_range_checked_so_nothing_overflows() {
+        let good = RegisterNode {
+            v: WIRE_VERSION,
+            node_id: "n".into(),
+            provider_account: "p".into(),
+            backends: vec!["wasm".into()],
+            pricing: rhizos_broker::wire::Pricing {
+                gpu_hour_cents: 90,
+                cpu_hour_cents: 4,
+                memory_gb_hour_cents: 1,
+                fuel_million_micros: 10,
+            },
+            cpu_cores: 8,
+            memory_mib: 16_384,
+            max_concurrent: 2,
+            heartbeat_interval_ms: 5_000,
+            plugins: vec![],
+            running: vec![],
+            gpus: vec![],
+            disk_mib: 0,
+            hardware: None,
+            artifact_sources: vec![],
+        };
+        assert!(validate_registration(&good).is_ok());
+        let running = |n: usize| {
+            (0..n)
+                .map(|i| rhizos_broker::wire::ExecutionRef {
+                    job_id: format!("j{i}"),
+                    attempt: 1,
+                })
+                .collect()
+        };
+        #[allow(clippy::type_complexity)]
+        let cases: Vec<(Box<dyn Fn(&mut RegisterNode)>, &str)> = vec![
+            (
+                Box::new(|r| r.heartbeat_interval_ms = u64::MAX),
+                "heartbeat_interval_ms 18446744073709551615 is outside",
+            ),
+            (
+                Box::new(|r| r.heartbeat_interval_ms = 0),
+                "heartbeat_interval_ms 0 is outside",
+            ),
+            (
+                Box::new(|r| r.max_concurrent = 0),
+                "max_concurrent 0 is outside",
+            ),
+            (
+                Box::new(|r| r.max_concurrent = u32::MAX),
+                "max_concurrent 4294967295 is outside",
+            ),
+            (
+                Box::new(move |r| r.running = running(3)),
+                "lists 3 running executions, more than its max_concurrent 2",
+            ),
+            (
+                Box::new(|r| r.pricing.cpu_hour_cents = u64::MAX),
+                "pricing.cpu_hour_cents",
+            ),
+            (
+                Box::new(|r| r.pricing.gpu_hour_cents = MAX_PRICE_CENTS_PER_HOUR + 1),
+                "pricing.gpu_hour_cents",
+            ),
+            (
+                Box::new(|r| r.pricing.fuel_million_micros = u64::MAX),
+                "pricing.fuel_million_micros",
+            ),
+            (Box::new(|r| r.memory_mib = u64::MAX), "memory_mib"),
+            (
+                Box::new(|r| r.backends = vec!["x".into(); MAX_NODE_LIST + 1]),
+                "backends listed",
+            ),
+            (
+                Box::new(|r| r.backends = vec!["Not A Token".into()]),
+                "backend",
+            ),
+        ];
+        for (change, expected) in cases {
+            let mut registration = good.clone();
+            change(&mut registration);
+            let error = validate_registration(&registration).unwrap_err();
+            assert_eq!(error.code, ErrorCode::BadRequest);
+            assert!(
+                error.message.contains(expected),
+                "{} / {expected}",
+                error.message
+            );
+        }
+        // At the limits, the cost of a whole day on the largest node still fits an i64.
+        let top = rhizos_broker::wire::Pricing {
+            gpu_hour_cents: MAX_PRICE_CENTS_PER_HOUR,
+            cpu_hour_cents: MAX_PRICE_CENTS_PER_HOUR,
+            memory_gb_hour_cents: MAX_PRICE_CENTS_PER_HOUR,
+            fuel_million_micros: MAX_FUEL_PRICE_MICROS,
+        };
+        let day = crate::ledger::cost_micros(
+            MAX_TIMEOUT_MS,
+            MAX_CPU_CORES,
+            MAX_MEMORY_MIB,
+            MAX_GPUS,
+            &top,
+        );
+        assert!(day < i64::MAX, "{day}");
     }
 }

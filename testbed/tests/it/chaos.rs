@@ -233,3 +233,55 @@ async fn a_gracefully_stopped_agent_hands_its_job_back_to_run_elsewhere() {
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }
+
+/// The bus goes away for longer than the nodes' loss window and comes back: the orchestrator
+/// pauses node-loss detection while its own connection is down and gives every node a whole
+/// window after it, so the running job is not requeued and ends on its first attempt.
+#[tokio::test]
+async fn a_bus_outage_does_not_requeue_the_network() {
+    let mut cluster = Cluster::start(ClusterOptions {
+        heartbeat_interval_ms: 200,
+        missed_heartbeats: 3,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("otto", 1_000_000).await.unwrap();
+    cluster
+        .submit(&submit_request(
+            "otto",
+            "outage",
+            wasm_spec(&demo(), &["count", "30", "200"], 30_000),
+            500_000,
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.job("outage").await.unwrap().state != JobState::Running {
+        assert!(Instant::now() < deadline, "never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Down for 2.5 s: four times the 600 ms loss window.
+    let port = cluster.nats.port();
+    let data_dir = cluster.nats.data_dir().to_path_buf();
+    cluster.nats.stop();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    cluster.nats = rhizos_broker::server::NatsServer::start(rhizos_broker::server::LaunchOptions {
+        port: Some(port),
+        data_dir: Some(data_dir),
+        authorization: None,
+    })
+    .unwrap();
+    let job = cluster
+        .wait_for_end("outage", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        (job.state, job.attempt),
+        (JobState::Succeeded, 1),
+        "{job:?}"
+    );
+    assert_eq!(ledger_kinds(&cluster, "outage"), ["hold", "settle"]);
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}

@@ -6,7 +6,7 @@
 
 use crate::common::*;
 use futures::StreamExt as _;
-use rhizos_broker::wire::{self, JobSpec, JobState, LogLine, LogStream, NodeView, Workload};
+use rhizos_broker::wire::{self, JobSpec, JobState, LogBatch, LogStream, NodeView, Workload};
 use rhizos_testbed::cluster::{docker_spec, uuid_like};
 use rhizos_testbed::{Cluster, ClusterOptions, images};
 use std::process::Command;
@@ -288,7 +288,11 @@ async fn logs_stream_live_in_order_and_cancel_kills_the_container() {
             .await
             .expect("log line while the container runs")
             .unwrap();
-        received.push(serde_json::from_slice::<LogLine>(&message.payload).unwrap());
+        received.extend(
+            serde_json::from_slice::<LogBatch>(&message.payload)
+                .unwrap()
+                .into_lines(),
+        );
     }
     assert_eq!(
         cluster.job("chatty").await.unwrap().state,

@@ -79,3 +79,30 @@ async fn a_job_leaves_its_whole_history_in_the_event_stream() {
     assert_eq!(job.state, JobState::Succeeded);
     cluster.shutdown().await.unwrap();
 }
+
+/// Heartbeats travel on core NATS only: the event stream keeps job and escrow history, which
+/// a fleet's heartbeats would otherwise push out of its byte limit.
+#[tokio::test]
+async fn heartbeats_are_not_kept_in_the_event_stream() {
+    let cluster = cluster().await;
+    let mut beats = cluster
+        .bus
+        .client
+        .subscribe(cluster.bus.subjects.node_heartbeat_wildcard())
+        .await
+        .unwrap();
+    // Two heartbeats arrive (1 s apart), live.
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(5), beats.next())
+            .await
+            .expect("heartbeats flow")
+            .unwrap();
+    }
+    let mut stream = cluster.bus.ensure_event_stream().await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(
+        info.state.messages, 0,
+        "nothing happened but heartbeats, and the stream kept none of them"
+    );
+    cluster.shutdown().await.unwrap();
+}

@@ -201,14 +201,28 @@ async fn a_lying_node_is_paid_what_was_measured_and_cannot_stall_a_job() {
         (Some(10_000), Some(390_000))
     );
     // And the node is told to stop it (and "overclaim", which it still lists though it ended).
-    let mut stopped = Vec::new();
-    while !stopped.contains(&("stall".to_owned(), stalled.attempt)) {
-        let stop = tokio::time::timeout(Duration::from_secs(10), stops.next())
+    // Its first answer is the agent's "still starting; retry": the stop is asked again.
+    let mut asked = 0;
+    while asked < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(10), stops.next())
             .await
-            .expect("the orchestrator stops the overrun job on its node")
+            .expect("the orchestrator stops the overrun job on its node, and asks again")
             .unwrap();
-        let stop: StopJob = wire::decode(&stop.payload, 64 << 10).unwrap();
-        stopped.push((stop.job_id, stop.attempt));
+        let stop: StopJob = wire::decode(&message.payload, 64 << 10).unwrap();
+        if (stop.job_id.as_str(), stop.attempt) != ("stall", stalled.attempt) {
+            continue;
+        }
+        asked += 1;
+        let ack = Ack {
+            accepted: asked > 1,
+            note: (asked == 1).then(|| "execution is still starting; retry".to_owned()),
+        };
+        if let Some(reply) = message.reply {
+            bus.client
+                .publish(reply, wire::encode(&Reply::ok(ack)))
+                .await
+                .unwrap();
+        }
     }
     // A late result changes nothing.
     let late = JobReport {

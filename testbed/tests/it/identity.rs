@@ -40,6 +40,7 @@ async fn connect_as(cluster: &Cluster, caller: &Caller) -> (Bus, Arc<Mutex<Vec<S
         request_timeout: Duration::from_millis(1_500),
         identity: Some(caller.clone()),
         signer: None,
+        event_limits: cluster.bus.event_limits,
     };
     (bus, errors)
 }
@@ -659,14 +660,16 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
     let subject = node.subjects.job_log("alice", "watched", "gpu-1").unwrap();
     let injector = tokio::spawn(async move {
         for seq in 0..200u64 {
-            let line = wire::LogLine {
+            let line = wire::LogBatch {
                 v: WIRE_VERSION,
                 job_id: "watched".into(),
                 attempt: 1,
-                seq,
-                stream: wire::LogStream::Stdout,
-                line: "INJECTED".into(),
-                ts_ms: 0,
+                lines: vec![wire::LogEntry {
+                    seq,
+                    stream: wire::LogStream::Stdout,
+                    line: "INJECTED".into(),
+                    ts_ms: 0,
+                }],
             };
             let _ = node
                 .client

@@ -2,7 +2,7 @@
 
 use crate::common::*;
 use futures::StreamExt as _;
-use rhizos_broker::wire::{ErrorCode, JobState, LogLine, LogStream, Pricing};
+use rhizos_broker::wire::{ErrorCode, JobState, LogBatch, LogStream, Pricing};
 use rhizos_core::ledger;
 use rhizos_testbed::cluster::wasm_spec;
 use rhizos_testbed::{Cluster, ClusterOptions};
@@ -61,7 +61,11 @@ async fn demo_job_succeeds_streams_logs_in_order_and_settles_to_the_micro() {
             .await
             .expect("log line")
             .unwrap();
-        received.push(serde_json::from_slice::<LogLine>(&message.payload).unwrap());
+        received.extend(
+            serde_json::from_slice::<LogBatch>(&message.payload)
+                .unwrap()
+                .into_lines(),
+        );
     }
     assert_eq!(
         received.iter().map(|l| l.seq).collect::<Vec<_>>(),
@@ -668,4 +672,77 @@ async fn the_cli_transcript_of_a_waited_job_reads_in_order() {
     );
     assert!(at("working... step 5/5") < at("succeeded"), "{transcript}");
     assert!(transcript.contains("refund:"), "{transcript}");
+}
+
+/// A guest printing in a loop streams only its log budget (then one notice), in batches; the
+/// result still has the tail of everything it printed.
+#[tokio::test]
+async fn a_log_flood_streams_only_the_jobs_budget_and_keeps_the_tail() {
+    let cluster = Cluster::start(ClusterOptions {
+        max_log_lines: Some(100),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("flo", USD).await.unwrap();
+    let mut logs = cluster
+        .bus
+        .client
+        .subscribe(
+            cluster
+                .bus
+                .subjects
+                .job_logs_of(Some("flo"), "flood")
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    cluster.bus.client.flush().await.unwrap();
+    cluster
+        .submit(&submit_request(
+            "flo",
+            "flood",
+            wasm_spec(&demo(), &["count", "20000"], 30_000),
+            USD,
+        ))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("flood", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert!(
+        job.stdout
+            .as_deref()
+            .unwrap()
+            .ends_with("line 19999\nline 20000\n"),
+        "the tail of everything printed"
+    );
+    let mut received = Vec::new();
+    let mut messages = 0;
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(500), logs.next()).await
+    {
+        messages += 1;
+        received.extend(
+            serde_json::from_slice::<LogBatch>(&message.payload)
+                .unwrap()
+                .into_lines(),
+        );
+    }
+    assert_eq!(received.len(), 101, "100 lines and the budget notice");
+    assert_eq!(
+        received.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        (0..=100).collect::<Vec<_>>()
+    );
+    assert_eq!(received[99].line, "line 100");
+    let notice = &received[100];
+    assert_eq!(notice.stream, LogStream::Stderr);
+    assert!(
+        notice.line.contains("live log budget (100 lines"),
+        "{notice:?}"
+    );
+    assert!(messages <= received.len(), "{messages} messages");
+    cluster.shutdown().await.unwrap();
 }

@@ -18,6 +18,21 @@ use rhizos_broker::{Caller, CtlOp, Request, Role};
 use serde::Serialize;
 
 impl Orchestrator {
+    /// Answers a request the orchestrator has no room for with `too_busy` (retryable).
+    pub(super) async fn too_busy(&self, message: async_nats::Message) {
+        tracing::warn!(subject = %message.subject, "too many requests in flight; answered too_busy");
+        if let Some(reply_to) = message.reply {
+            let reply = encode_reply::<()>(Err(WireError::new(
+                ErrorCode::TooBusy,
+                format!(
+                    "the orchestrator is serving {} requests; retry in a moment",
+                    super::MAX_REQUESTS_IN_FLIGHT
+                ),
+            )));
+            let _ = self.inner.bus.client.publish(reply_to, reply).await;
+        }
+    }
+
     pub(super) async fn handle_request(&self, message: async_nats::Message) {
         let Some(reply_to) = message.reply.clone() else {
             tracing::debug!(subject = %message.subject, "request without reply subject ignored");

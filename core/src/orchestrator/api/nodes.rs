@@ -3,7 +3,7 @@
 
 use super::super::Orchestrator;
 use super::super::matching::provider_tier;
-use super::super::validate::{party_account, token};
+use super::super::validate::{party_account, token, validate_registration};
 use super::forbidden;
 use rhizos_broker::wire::{
     self, Ack, EnrollNode, Enrolment, ErrorCode, ListNodes, NodeRef, RegisterNode, RemoveNode,
@@ -25,34 +25,28 @@ impl Orchestrator {
                 registration.node_id
             )));
         }
+        validate_registration(&registration)?;
         self.check_enrolment(&registration).await?;
-        for backend in &registration.backends {
-            token(validate_token("backend", backend))?;
-        }
-        if registration.heartbeat_interval_ms == 0 || registration.max_concurrent == 0 {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                "heartbeat_interval_ms and max_concurrent must be > 0",
-            ));
-        }
         let stored = registration.clone();
         self.db(move |store| store.upsert_node(&stored)).await?;
         // Attempts the orchestrator believes run there but the node does not report were lost
         // with its restart: requeue them. Executions it reports that were moved elsewhere: stop.
+        // Attempts that changed state within the grace may be in flight (an assignment sent
+        // as the node registered, a running report not yet applied): the heartbeats after
+        // it settle those.
         let node_id = registration.node_id.clone();
-        let active = self.db(move |store| store.active_on_node(&node_id)).await?;
-        for (job_id, attempt) in active {
-            if !registration
-                .running
-                .iter()
-                .any(|r| r.job_id == job_id && r.attempt == attempt)
-            {
-                let reason = format!(
-                    "node {} restarted without attempt {attempt}",
-                    registration.node_id
-                );
-                self.requeue_or_fail(job_id, attempt, reason).await?;
-            }
+        let running = registration.running.clone();
+        let grace_ms =
+            self.inner.settings.assign_timeout_ms + 2 * registration.heartbeat_interval_ms;
+        let missing = self
+            .db(move |store| store.unreported_on_node(&node_id, &running, grace_ms))
+            .await?;
+        for (job_id, attempt) in missing {
+            let reason = format!(
+                "node {} restarted without attempt {attempt}",
+                registration.node_id
+            );
+            self.requeue_or_fail(job_id, attempt, reason).await?;
         }
         self.stop_moved_executions(&registration.node_id, &registration.running)
             .await;

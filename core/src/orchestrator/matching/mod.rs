@@ -42,11 +42,32 @@ pub fn provider_tier(gpus: &[GpuInfo]) -> u8 {
     }
 }
 
-/// Whether a node with `sources` (URL prefixes) fetches `url`.
+/// Whether a node with `sources` (URL prefixes) fetches `url`, comparing parsed URLs (WHATWG,
+/// as the fetch itself parses them): the same scheme, host and port exactly, and the path
+/// (with `.` / `..` segments resolved) under the source's path at a segment boundary. A URL
+/// with credentials in it is never fetched. A string prefix would let
+/// `https://registry.example.com.evil.net/` or `https://registry.example.com@evil.net/` pass.
 pub fn fetches_from(sources: &[String], url: &str) -> bool {
-    sources
-        .iter()
-        .any(|prefix| !prefix.is_empty() && url.starts_with(prefix.as_str()))
+    let Ok(target) = url::Url::parse(url) else {
+        return false;
+    };
+    if !target.username().is_empty() || target.password().is_some() || target.host().is_none() {
+        return false;
+    }
+    sources.iter().any(|source| {
+        let Ok(source) = url::Url::parse(source) else {
+            return false;
+        };
+        let base = source.path();
+        let path = target.path();
+        source.scheme() == target.scheme()
+            && source.host() == target.host()
+            && source.port_or_known_default() == target.port_or_known_default()
+            && path.starts_with(base)
+            && (base.ends_with('/')
+                || path.len() == base.len()
+                || path[base.len()..].starts_with('/'))
+    })
 }
 
 /// What a node has committed to its assigned and running executions.
@@ -522,6 +543,15 @@ impl Registry {
     }
 
     /// Nodes whose last heartbeat is older than `missed` intervals, marked lost (once).
+    /// Counts every live node as heard from now: after the orchestrator's own bus connection
+    /// was down, nobody's silence meant anything, so each node gets a whole window again.
+    pub fn forgive_silence(&mut self) {
+        let now = Instant::now();
+        for node in self.nodes.values_mut().filter(|n| !n.lost) {
+            node.last_seen = now;
+        }
+    }
+
     pub fn take_newly_lost(&mut self, missed: u32) -> Vec<String> {
         let now = Instant::now();
         let mut lost = Vec::new();

@@ -407,3 +407,45 @@ fn infeasible_jobs_are_refused_with_every_reason() {
             .is_ok()
     );
 }
+
+#[test]
+fn artifact_sources_are_compared_as_parsed_urls_not_string_prefixes() {
+    let sources = vec![
+        "https://registry.example.com/artifacts/".to_owned(),
+        "http://10.0.0.5:8080/mods".to_owned(),
+    ];
+    #[rustfmt::skip]
+    let table = [
+        ("https://registry.example.com/artifacts/demo.wasm", true),
+        ("https://REGISTRY.example.com/artifacts/demo.wasm", true),
+        ("https://registry.example.com:443/artifacts/demo.wasm", true),
+        ("http://10.0.0.5:8080/mods/x.wasm", true),
+        ("http://10.0.0.5:8080/mods", true),
+        // another host that starts with the same text
+        ("https://registry.example.com.evil.net/artifacts/demo.wasm", false),
+        // credentials: the host is evil.net
+        ("https://registry.example.com@evil.net/artifacts/demo.wasm", false),
+        ("https://user:pw@registry.example.com/artifacts/demo.wasm", false),
+        // out of the source's path by dot segments, plain or percent-encoded
+        ("https://registry.example.com/artifacts/../secrets/key", false),
+        ("https://registry.example.com/artifacts/%2e%2e/secrets/key", false),
+        // not at a segment boundary
+        ("http://10.0.0.5:8080/modsevil/x.wasm", false),
+        // another scheme or port
+        ("http://registry.example.com/artifacts/demo.wasm", false),
+        ("https://registry.example.com:8443/artifacts/demo.wasm", false),
+        ("http://10.0.0.5/mods/x.wasm", false),
+        ("not a url", false),
+    ];
+    for (url, fetched) in table {
+        assert_eq!(fetches_from(&sources, url), fetched, "{url}");
+    }
+    assert!(!fetches_from(
+        &[],
+        "https://registry.example.com/artifacts/demo.wasm"
+    ));
+    assert!(!fetches_from(
+        &["".to_owned()],
+        "https://registry.example.com/a"
+    ));
+}

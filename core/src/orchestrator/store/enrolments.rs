@@ -27,6 +27,18 @@ impl Store {
                 known.provider_account
             )));
         }
+        let enrolled: u32 = query_row(
+            &tx,
+            "SELECT COUNT(*) FROM enrolments WHERE provider_account = ?1 AND removed_ms IS NULL AND node_id != ?2",
+            params![provider_account, node_id],
+            |r| r.get(0),
+        )?;
+        let most = crate::orchestrator::validate::limits::MAX_NODES_PER_PROVIDER;
+        if enrolled >= most {
+            return Err(StoreError::InvalidState(format!(
+                "provider account {provider_account} already has {enrolled} enrolled nodes, the most one provider may have ({most}): remove some first"
+            )));
+        }
         ledger::ensure_account(&tx, provider_account, AccountKind::Provider, now)?;
         exec(
             &tx,

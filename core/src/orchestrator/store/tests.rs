@@ -1185,3 +1185,28 @@ fn a_handed_back_job_is_requeued_without_spending_a_retry_a_few_times() {
     let report = store.verify().unwrap();
     assert!(report.ok, "{:?}", report.problems);
 }
+
+#[test]
+fn a_provider_enrols_at_most_the_node_limit() {
+    let (_dir, mut store) = store();
+    let most = crate::orchestrator::validate::limits::MAX_NODES_PER_PROVIDER;
+    let ((), commit) = store.group_commit(|store| {
+        for index in 0..most {
+            store.enroll(&format!("n{index}"), "big", None).unwrap();
+        }
+    });
+    commit.unwrap();
+    let error = store.enroll("one-more", "big", None).unwrap_err().wire();
+    assert_eq!(error.code, ErrorCode::InvalidState);
+    assert!(
+        error.message.contains("already has 10000 enrolled nodes"),
+        "{}",
+        error.message
+    );
+    // Enrolling a known node again is not a new one; another provider is not affected.
+    store.enroll("n0", "big", None).unwrap();
+    store.enroll("one-more", "small", None).unwrap();
+    // A removed node frees its place.
+    store.remove_enrolment("n1").unwrap();
+    store.enroll("one-more-big", "big", None).unwrap();
+}

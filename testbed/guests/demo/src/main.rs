@@ -4,6 +4,7 @@
 //! ```text
 //! rhizos-demo [hello [NAME]]        greeting, 5 progress lines 100 ms apart, stdin summary
 //! rhizos-demo count N [DELAY_MS]    prints "line 1" .. "line N", DELAY_MS apart (default 0)
+//! rhizos-demo blank N               prints N empty lines as fast as it can (a log flood)
 //! rhizos-demo exit CODE             writes to stderr and exits with CODE
 //! rhizos-demo trap                  executes `unreachable` (a WASM trap)
 //! rhizos-demo spin                  loops forever in guest code
@@ -30,6 +31,12 @@ fn main() {
                 if !delay.is_zero() {
                     std::thread::sleep(delay);
                 }
+            }
+        }
+        "blank" => {
+            let mut out = std::io::stdout().lock();
+            for _ in 0..number(1, 1_000_000) {
+                let _ = out.write_all(b"\n");
             }
         }
         "exit" => {

@@ -12,11 +12,13 @@
 //! | `wasm-jobs` | `wasm_jobs.rs` | small WASM jobs through the whole network with real agents |
 //! | `module-resolve` | `module_resolve.rs` | chain:// resolutions per second per resolver, cold and cached |
 //! | `container-overhead` | `container_overhead.rs` | a container job against a bare `docker run`: the ratio |
+//! | `log-flood` | `log_flood.rs` | a guest printing empty lines in a loop: lines/s, lines streamed, NATS messages per 10,000 lines, peak memory |
 //!
 //! Build with `cargo build --release --workspace` and run `target/release/rhizos-bench <name>`:
 //! figures from a debug build say so and are not comparable.
 
 mod container_overhead;
+mod log_flood;
 mod marketplace;
 mod module_resolve;
 mod plugin_call;
@@ -101,6 +103,16 @@ enum Bench {
     /// sees). Closed loop by default (`--concurrency` submits in flight: throughput); with
     /// `--rate` an open loop at that many submits per second (latency at a given load; a low
     /// rate such as 100 measures an unloaded orchestrator).
+    /// A guest printing empty lines as fast as it can on a real agent (wasm plugin): lines/s it
+    /// emits, lines streamed within the agent's log budget and the NATS messages they took,
+    /// and the process's peak memory during the flood.
+    LogFlood {
+        #[arg(long, default_value_t = 1_000_000)]
+        lines: u64,
+        /// The agent's `max_log_lines` (default: the agent's default).
+        #[arg(long)]
+        budget_lines: Option<u64>,
+    },
     Marketplace {
         #[arg(long, default_value_t = 1_000)]
         nodes: usize,
@@ -144,6 +156,10 @@ async fn main() -> anyhow::Result<()> {
         Bench::ContainerOverhead { runs } => {
             report::print(&container_overhead::run(runs).await?, json)
         }
+        Bench::LogFlood {
+            lines,
+            budget_lines,
+        } => report::print(&log_flood::run(lines, budget_lines).await?, json),
         Bench::ModuleResolve { calls } => report::print(&module_resolve::run(calls).await?, json),
         Bench::Marketplace {
             nodes,
