@@ -27,3 +27,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+echo "» fuzz smoke (each target a few seconds; \`bash testbed/fuzz/run.sh 600\` for a real run)"
+bash testbed/fuzz/run.sh "${RHIZOS_FUZZ_SECONDS:-5}"

@@ -74,6 +74,8 @@ struct Inner {
     /// Heartbeat reconciliations running; a heartbeat that finds none free is not reconciled
     /// (the node's next one is).
     reconciling: Arc<tokio::sync::Semaphore>,
+    /// The read-only handle for expensive reads (verify, lists), off the writer thread.
+    reader: Arc<Mutex<Store>>,
 }
 
 /// Most requests served at once.
@@ -103,6 +105,9 @@ impl Orchestrator {
         store
             .checkpoint_in_background(&path, Duration::from_millis(200))
             .context("failed to start the WAL checkpointer")?;
+        let mut reader = Store::open_reader(&path, settings.fee_bps)
+            .with_context(|| format!("failed to open a reader on {}", path.display()))?;
+        reader.set_charge_policy(store.charge_policy());
         let mut registry = Registry::new(settings.matching);
         for (registration, _) in store.nodes().map_err(|e| anyhow::anyhow!("{e}"))? {
             registry.upsert(registration);
@@ -147,6 +152,7 @@ impl Orchestrator {
                 bus_down: std::sync::atomic::AtomicBool::new(false),
                 in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
                 reconciling: Arc::new(tokio::sync::Semaphore::new(MAX_RECONCILES_IN_FLIGHT)),
+                reader: Arc::new(Mutex::new(reader)),
             }),
         })
     }

@@ -90,6 +90,25 @@ impl Orchestrator {
     }
 }
 
+impl Orchestrator {
+    /// Runs the read `f` on the read-only handle, on the blocking pool, in one snapshot: for
+    /// reads that may take long (`ledger.verify` reads every job) and must not hold up commits.
+    pub(in crate::orchestrator) async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, WireError> {
+        let reader = self.inner.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = reader
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            store.snapshot(f).map_err(WireError::from)
+        })
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("read task failed: {e}")))?
+    }
+}
+
 /// The one place a store error becomes a wire error (with its stable code).
 impl From<StoreError> for WireError {
     fn from(e: StoreError) -> Self {

@@ -88,15 +88,24 @@ pub fn to_hex(bytes: &[u8]) -> String {
     text
 }
 
+/// `0x`-prefixed (or bare) hex → bytes. Works on bytes, so text with multi-byte characters is
+/// an error, not a slice through a character (found by the `scale_decode` fuzz target).
 pub fn from_hex(text: &str) -> Result<Vec<u8>, String> {
-    let digits = text.strip_prefix("0x").unwrap_or(text);
+    let digits = text.strip_prefix("0x").unwrap_or(text).as_bytes();
     if !digits.len().is_multiple_of(2) {
         return Err(format!("odd-length hex {text:?}"));
     }
-    (0..digits.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&digits[i..i + 2], 16).map_err(|_| format!("not hex: {text:?}"))
+    let value = |digit: u8| match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    };
+    digits
+        .chunks_exact(2)
+        .map(|pair| match (value(pair[0]), value(pair[1])) {
+            (Some(high), Some(low)) => Ok(high << 4 | low),
+            _ => Err(format!("not hex: {text:?}")),
         })
         .collect()
 }
@@ -284,6 +293,19 @@ rhizos_plugin_api::export_resolver_plugin! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_decodes_and_refuses_what_is_not_hex_without_panicking() {
+        assert_eq!(from_hex("0x00ff10"), Ok(vec![0, 255, 16]));
+        assert_eq!(from_hex("ABcd"), Ok(vec![0xab, 0xcd]));
+        assert_eq!(from_hex("0x"), Ok(vec![]));
+        assert!(from_hex("0x0").unwrap_err().contains("odd-length"));
+        assert!(from_hex("zz").unwrap_err().contains("not hex"));
+        // Found by the scale_decode fuzz target: a 2-byte character at an even offset used
+        // to be sliced through (a panic in the resolver).
+        assert!(from_hex("(\u{0698}/").unwrap_err().contains("not hex"));
+        assert!(from_hex("+1").is_err(), "from_str_radix took a sign");
+    }
 
     #[test]
     fn storage_prefixes_match_the_known_system_account_vector() {

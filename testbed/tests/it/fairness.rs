@@ -249,3 +249,85 @@ async fn a_lying_node_is_paid_what_was_measured_and_cannot_stall_a_job() {
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }
+
+/// A registration that crosses an assignment on the wire (sent before the node saw it) does
+/// not requeue it: attempts younger than the grace may be in flight.
+#[tokio::test]
+async fn a_registration_racing_an_assignment_does_not_requeue_it() {
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let bus = cluster.bus.clone();
+    let mut assignments = bus
+        .client
+        .subscribe(bus.subjects.job_assign(NODE).unwrap())
+        .await
+        .unwrap();
+    bus.call(&registration()).await.unwrap();
+    cluster.funded_account("rae", 1_000_000).await.unwrap();
+    cluster
+        .submit(&submit_request(
+            "rae",
+            "raced",
+            wasm_spec(&demo(), &["count", "1"], 10_000),
+            400_000,
+        ))
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(10), assignments.next())
+        .await
+        .unwrap()
+        .unwrap();
+    // The node registers again (a plugin changed) listing nothing: it had not seen the job yet.
+    let ack: Ack = bus.call(&registration()).await.unwrap();
+    assert!(ack.accepted);
+    let job = cluster.job("raced").await.unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Assigned, 1), "{job:?}");
+    // Then it takes the assignment and runs it: the first attempt is the one paid.
+    let assign: AssignJob = wire::decode(&message.payload, 4 << 20).unwrap();
+    let ack = wire::encode(&Reply::ok(Ack {
+        accepted: true,
+        note: None,
+    }));
+    bus.client
+        .publish(message.reply.unwrap(), ack)
+        .await
+        .unwrap();
+    let running = JobReport {
+        v: WIRE_VERSION,
+        node_id: NODE.into(),
+        job_id: assign.job_id.clone(),
+        attempt: assign.attempt,
+        phase: ReportPhase::Running,
+        signature: None,
+    };
+    let _: Ack = bus.call(&running).await.unwrap();
+    let finished = JobReport {
+        phase: ReportPhase::Finished {
+            outcome: ExecutionOutcome {
+                kind: ExitKind::Exited,
+                exit_code: Some(0),
+                message: None,
+                elapsed_ms: 5,
+                fuel_consumed: None,
+                output_files: Default::default(),
+                stdout: "line 1\n".into(),
+                stderr: String::new(),
+            },
+        },
+        ..running
+    };
+    let ack: Ack = bus.call(&finished).await.unwrap();
+    assert!(ack.accepted, "{ack:?}");
+    let job = cluster.job("raced").await.unwrap();
+    assert_eq!(
+        (job.state, job.attempt),
+        (JobState::Succeeded, 1),
+        "{job:?}"
+    );
+    assert_ledger_consistent(&cluster).await;
+    cluster.shutdown().await.unwrap();
+}

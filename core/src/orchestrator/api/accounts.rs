@@ -103,8 +103,9 @@ impl Orchestrator {
         self.verify_ledger().await
     }
 
-    /// Checks the ledger invariants (for `rhizos ledger verify` and tests).
+    /// Checks the ledger invariants (for `rhizos ledger verify` and tests), on a read snapshot
+    /// off the writer thread.
     pub async fn verify_ledger(&self) -> Result<wire::LedgerReport, WireError> {
-        self.db(|store| store.verify()).await
+        self.read(|store| store.verify()).await
     }
 }

@@ -104,7 +104,7 @@ impl Orchestrator {
         }
         let limit = request.limit.unwrap_or(50);
         let jobs = self
-            .db(move |store| store.list_jobs(request.account.as_deref(), request.state, limit))
+            .read(move |store| store.list_jobs(request.account.as_deref(), request.state, limit))
             .await?;
         Ok(JobList {
             jobs: jobs.into_iter().map(job_view).collect(),

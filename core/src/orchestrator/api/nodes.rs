@@ -144,7 +144,8 @@ impl Orchestrator {
     pub(in crate::orchestrator) async fn node_views(
         &self,
     ) -> Result<Vec<wire::NodeView>, WireError> {
-        let stats = self.recount_and_stats().await?;
+        // Off the writer thread: the sweeper recounts allocations every second.
+        let stats = self.read(|store| store.node_stats()).await?;
         let registry = self.registry();
         Ok(registry
             .entries()

@@ -133,10 +133,15 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<JobRecord>, StoreError> {
         let limit = limit.min(1000);
+        // Without outputs (stdout, stderr, files: `job.get` has them), so a list of 1,000
+        // stays far under the bus's message size.
+        let columns = JOB_COLUMNS
+            .replace("stdout, stderr", "NULL, NULL")
+            .replace("output_files", "NULL");
         let mut statement = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR state = ?2)
+                "SELECT {columns} FROM jobs WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR state = ?2)
                  ORDER BY created_ms DESC, id DESC LIMIT ?3"
             ))
             ?;

@@ -214,6 +214,44 @@ impl Store {
         Ok(store)
     }
 
+    /// A second, read-only handle on the database at `path` (which [`Store::open`] made): for
+    /// expensive reads — `ledger.verify`, lists — off the writer thread. WAL lets it read a
+    /// consistent snapshot while the writer commits; `query_only` refuses any write through it.
+    pub fn open_reader(path: &Path, fee_bps: u32) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.pragma_update(None, "query_only", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let instance: String =
+            conn.query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| {
+                r.get(0)
+            })?;
+        Ok(Self {
+            conn,
+            ctx: Ctx {
+                fee_bps,
+                charging: ChargePolicy::default(),
+            },
+            instance,
+            checkpointer: None,
+            spec_cache: std::collections::HashMap::new(),
+        })
+    }
+
+    /// Runs `f` in one read transaction: every query it makes sees the same snapshot.
+    pub fn snapshot<T>(
+        &mut self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.conn.execute_batch("BEGIN DEFERRED")?;
+        let result = f(self);
+        let _ = self.conn.execute_batch("COMMIT");
+        result
+    }
+
     /// Sets how reports are charged from now on (the defaults until then).
     pub fn set_charge_policy(&mut self, policy: ChargePolicy) {
         self.ctx.charging = policy;

@@ -1210,3 +1210,30 @@ fn a_provider_enrols_at_most_the_node_limit() {
     store.remove_enrolment("n1").unwrap();
     store.enroll("one-more-big", "big", None).unwrap();
 }
+
+#[test]
+fn lists_leave_outputs_out_and_a_reader_sees_committed_state_without_writing() {
+    let (dir, mut store) = store();
+    node(&mut store);
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, None).unwrap();
+    store.submit("j", "u", &spec(), 100_000).unwrap();
+    store.assign("j", "n1", &PRICING, None).unwrap();
+    store.finish("j", "n1", 1, &exited(0, 10), 1024).unwrap();
+    assert_eq!(store.get_job("j").unwrap().stdout.as_deref(), Some("out\n"));
+    let mut reader = Store::open_reader(&dir.path().join("ledger.db"), 500).unwrap();
+    let listed = reader
+        .snapshot(|r| r.list_jobs(Some("u"), None, 10))
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].stdout.as_ref(), listed[0].stderr.as_ref()),
+        (None, None)
+    );
+    assert_eq!(listed[0].cost_micros, Some(100));
+    let report = reader.snapshot(|r| r.verify()).unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    // The reader cannot write.
+    assert!(reader.deposit("u", 1, None).is_err());
+    assert_eq!(balance(&store, "u"), 1_000_000 - 100);
+}
