@@ -22,7 +22,11 @@ impl Agent {
     /// Runs one attempt to its end and reports it.
     pub(super) async fn execute(self, assign: AssignJob) {
         let key = (assign.job_id.clone(), assign.attempt);
-        let outcome = self.run_plugin(&assign).await;
+        let mut outcome = self.run_plugin(&assign).await;
+        let cut = fit_outcome(&mut outcome, REPORT_BUDGET_BYTES);
+        if !cut.is_empty() {
+            tracing::warn!(job_id = %assign.job_id, attempt = assign.attempt, cut = ?cut, "result cut to fit one message");
+        }
         tracing::info!(job_id = %assign.job_id, attempt = assign.attempt, kind = ?outcome.kind, exit_code = ?outcome.exit_code, elapsed_ms = outcome.elapsed_ms, "execution ended");
         // Cancelled by this agent's own shutdown, not by the orchestrator: the job is handed
         // back to run elsewhere instead of ending.
@@ -254,12 +258,29 @@ impl Agent {
             tracing::error!(job_id = %report.job_id, error = %e, "cannot sign the report");
         }
         let mut delay = Duration::from_millis(100);
+        let mut shrunk = false;
         loop {
             match self.inner.bus.call(&report).await {
                 Ok(Ack { accepted: true, .. }) => return,
                 Ok(Ack { note, .. }) => {
                     tracing::warn!(job_id = %report.job_id, attempt = report.attempt, note = ?note, "report not accepted");
                     return;
+                }
+                Err(RequestError::Remote(e)) if e.code == ErrorCode::TooLarge && !shrunk => {
+                    // The orchestrator takes less than this agent's budget: cut the result to a
+                    // small one (it still ends the job, with its reason) and send that.
+                    shrunk = true;
+                    if let ReportPhase::Finished { outcome } = &mut report.phase {
+                        let cut = fit_outcome(outcome, SMALL_REPORT_BYTES);
+                        tracing::warn!(job_id = %report.job_id, cut = ?cut, "result refused as too large; sending it cut down");
+                    }
+                    report.signature = None;
+                    if let (ReportPhase::Finished { .. }, Some(key)) =
+                        (&report.phase, &self.inner.bus.signer)
+                        && let Err(e) = report.sign(key)
+                    {
+                        tracing::error!(job_id = %report.job_id, error = %e, "cannot sign the report");
+                    }
                 }
                 Err(RequestError::Remote(e)) if !e.code.is_retryable() => {
                     tracing::error!(job_id = %report.job_id, error = %e, "report refused");
@@ -273,6 +294,58 @@ impl Agent {
             }
         }
     }
+}
+
+/// Most bytes a result report may take encoded: under the orchestrator's default request limit
+/// (900 KiB) and NATS's 1 MiB payload, with room for the signature.
+pub(crate) const REPORT_BUDGET_BYTES: usize = 768 * 1024;
+/// What a result refused as too large is cut to before it is sent again.
+const SMALL_REPORT_BYTES: usize = 32 * 1024;
+
+/// Cuts a result until its JSON encoding fits `budget` bytes — output files first, largest
+/// first, then the longer of the two tails halved (its end kept) — and says what was cut at the
+/// end of stderr. Returns what was cut (empty when it fitted). Control bytes in the output
+/// encode to 6 bytes each, so the budget is measured after encoding, not on the raw tails.
+pub(crate) fn fit_outcome(outcome: &mut ExecutionOutcome, budget: usize) -> Vec<String> {
+    let size =
+        |outcome: &ExecutionOutcome| serde_json::to_vec(outcome).map_or(usize::MAX, |b| b.len());
+    let mut cut = Vec::new();
+    // Room for the note itself.
+    let budget = budget.saturating_sub(1024);
+    while size(outcome) > budget {
+        if let Some(largest) = outcome
+            .output_files
+            .iter()
+            .max_by_key(|(_, content)| content.len())
+            .map(|(name, _)| name.clone())
+        {
+            outcome.output_files.remove(&largest);
+            cut.push(format!("output file {largest}"));
+            continue;
+        }
+        let longer = if outcome.stdout.len() >= outcome.stderr.len() {
+            &mut outcome.stdout
+        } else {
+            &mut outcome.stderr
+        };
+        if longer.is_empty() {
+            break;
+        }
+        let mut start = longer.len() / 2;
+        while !longer.is_char_boundary(start) {
+            start += 1;
+        }
+        longer.drain(..start.max(1).min(longer.len()));
+        cut.push("the start of an output tail".to_owned());
+    }
+    if !cut.is_empty() {
+        cut.dedup();
+        outcome.stderr.push_str(&format!(
+            "[rhizos] the result was cut to fit one message ({budget} bytes): dropped {}\n",
+            cut.join(", ")
+        ));
+    }
+    cut
 }
 
 /// An attempt this node could not start (the artifact did not arrive or match its digest, the
@@ -666,5 +739,51 @@ impl Tail {
             text.push('\n');
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_is_cut_to_fit_one_message_files_first_then_tails() {
+        let big = |n: usize| wire::b64_encode(&vec![7u8; n]);
+        let mut outcome = ExecutionOutcome {
+            kind: ExitKind::Exited,
+            exit_code: Some(0),
+            message: None,
+            elapsed_ms: 1,
+            fuel_consumed: None,
+            output_files: [
+                ("small.txt".to_owned(), big(1_000)),
+                ("huge.bin".to_owned(), big(600_000)),
+                ("mid.bin".to_owned(), big(300_000)),
+            ]
+            .into(),
+            // Control bytes: each encodes to six bytes of JSON.
+            stdout: "\u{1}".repeat(64 * 1024),
+            stderr: "ok\n".into(),
+        };
+        let cut = fit_outcome(&mut outcome, REPORT_BUDGET_BYTES);
+        let encoded = serde_json::to_vec(&outcome).unwrap().len();
+        assert!(encoded <= REPORT_BUDGET_BYTES, "{encoded}");
+        assert_eq!(cut[0], "output file huge.bin", "largest first: {cut:?}");
+        assert!(outcome.output_files.contains_key("small.txt"), "{cut:?}");
+        assert!(
+            outcome
+                .stderr
+                .starts_with("ok\n[rhizos] the result was cut")
+        );
+        // A result that fits is left alone.
+        let mut small = outcome.clone();
+        small.stderr = "fine\n".into();
+        let before = small.clone();
+        assert!(fit_outcome(&mut small, REPORT_BUDGET_BYTES).is_empty());
+        assert_eq!(small, before);
+        // Even a budget below the bare outcome ends (with everything cut that can be).
+        let mut tiny = outcome.clone();
+        fit_outcome(&mut tiny, 10);
+        assert!(tiny.output_files.is_empty());
     }
 }

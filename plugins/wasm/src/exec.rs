@@ -250,6 +250,48 @@ enum Ending {
     Finished(wasmtime::Result<()>),
     Deadline,
     Cancelled,
+    /// The guest wrote this many bytes under `/output`, past the quota.
+    OutputQuota(u64),
+}
+
+/// Most bytes a guest may write under `/output` (checked every [`QUOTA_CHECK`]; a guest
+/// writing faster overshoots by at most what it writes in one interval).
+const MAX_OUTPUT_WRITE_BYTES: u64 = 64 << 20;
+const QUOTA_CHECK: Duration = Duration::from_millis(50);
+
+/// Resolves once the files under `dir` add up to more than [`MAX_OUTPUT_WRITE_BYTES`].
+async fn output_over_quota(dir: &std::path::Path) -> u64 {
+    loop {
+        tokio::time::sleep(QUOTA_CHECK).await;
+        let written = tree_bytes(dir);
+        if written > MAX_OUTPUT_WRITE_BYTES {
+            return written;
+        }
+    }
+}
+
+/// Bytes of the regular files under `dir` (at most 100,000 entries looked at: past that the
+/// quota counts as spent).
+fn tree_bytes(dir: &std::path::Path) -> u64 {
+    let (mut total, mut seen) = (0u64, 0usize);
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            seen += 1;
+            if seen > 100_000 {
+                return u64::MAX;
+            }
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => pending.push(entry.path()),
+                Ok(meta) => total = total.saturating_add(meta.len()),
+                Err(_) => {}
+            }
+        }
+    }
+    total
 }
 
 impl Job {
@@ -346,6 +388,15 @@ impl Job {
             Ending::Cancelled => {
                 ExecOutcome::abnormal(ExitKind::Cancelled, "cancelled by the host", elapsed)
             }
+            Ending::OutputQuota(written) => ExecOutcome::abnormal(
+                ExitKind::MemoryExceeded,
+                format!(
+                    "disk quota exceeded: the module wrote {} MiB under /output, the quota is {} MiB",
+                    written >> 20,
+                    MAX_OUTPUT_WRITE_BYTES >> 20
+                ),
+                elapsed,
+            ),
             Ending::Finished(Ok(())) => ExecOutcome::exited(0, elapsed),
             Ending::Finished(Err(error)) => {
                 if let Some(exit) = error.downcast_ref::<I32Exit>() {
@@ -387,16 +438,19 @@ impl Job {
         outcome
     }
 
-    /// Runs `run` until it ends, the wall-clock deadline passes or the host cancels.
+    /// Runs `run` until it ends, the wall-clock deadline passes, the host cancels, or what the
+    /// guest wrote under `/output` passes [`MAX_OUTPUT_WRITE_BYTES`].
     async fn race(
         &self,
         run: impl std::future::Future<Output = wasmtime::Result<()>>,
         timeout: Duration,
+        output: &std::path::Path,
     ) -> Ending {
         tokio::select! {
             result = run => Ending::Finished(result),
             () = tokio::time::sleep(timeout) => Ending::Deadline,
             () = self.shared.cancel.notified() => Ending::Cancelled,
+            written = output_over_quota(output) => Ending::OutputQuota(written),
         }
     }
 
@@ -428,7 +482,7 @@ impl Job {
                 })?;
                 entry.call_async(&mut store, ()).await
             };
-            self.race(run, timeout).await
+            self.race(run, timeout, &dirs.output).await
         };
         Ok(spent(&store, ending, fuel_given))
     }
@@ -470,7 +524,7 @@ impl Job {
                     Err(()) => Err(wasmtime::Error::new(I32Exit(1))),
                 }
             };
-            self.race(run, timeout).await
+            self.race(run, timeout, &dirs.output).await
         };
         Ok(spent(&store, ending, fuel_given))
     }

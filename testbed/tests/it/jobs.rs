@@ -746,3 +746,30 @@ async fn a_log_flood_streams_only_the_jobs_budget_and_keeps_the_tail() {
     assert!(messages <= received.len(), "{messages} messages");
     cluster.shutdown().await.unwrap();
 }
+
+/// A guest filling /output past its quota is stopped with the reason, not left to fill the
+/// provider's disk.
+#[tokio::test]
+async fn a_guest_filling_its_output_dir_is_stopped_at_the_quota() {
+    let cluster = cluster().await;
+    cluster.funded_account("dee", USD).await.unwrap();
+    cluster
+        .submit(&submit_request(
+            "dee",
+            "fill",
+            wasm_spec(&demo(), &["fill", "4096"], 60_000),
+            USD,
+        ))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("fill", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Failed, "{job:?}");
+    let reason = job.reason.unwrap_or_default();
+    assert!(reason.contains("disk quota exceeded"), "{reason}");
+    assert!(reason.contains("the quota is 64 MiB"), "{reason}");
+    assert!(job.output_files.is_empty(), "a 64 MiB file is not returned");
+    cluster.shutdown().await.unwrap();
+}

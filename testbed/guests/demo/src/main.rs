@@ -5,6 +5,7 @@
 //! rhizos-demo [hello [NAME]]        greeting, 5 progress lines 100 ms apart, stdin summary
 //! rhizos-demo count N [DELAY_MS]    prints "line 1" .. "line N", DELAY_MS apart (default 0)
 //! rhizos-demo blank N               prints N empty lines as fast as it can (a log flood)
+//! rhizos-demo fill MIB              writes MIB MiB into /output/fill.bin (a disk flood)
 //! rhizos-demo exit CODE             writes to stderr and exits with CODE
 //! rhizos-demo trap                  executes `unreachable` (a WASM trap)
 //! rhizos-demo spin                  loops forever in guest code
@@ -38,6 +39,17 @@ fn main() {
             for _ in 0..number(1, 1_000_000) {
                 let _ = out.write_all(b"\n");
             }
+        }
+        "fill" => {
+            let chunk = vec![b'x'; 1 << 20];
+            let mut file = std::fs::File::create("/output/fill.bin").expect("/output is writable");
+            for written in 1..=number(1, 1024) {
+                if let Err(e) = file.write_all(&chunk) {
+                    eprintln!("write failed after {written} MiB: {e}");
+                    std::process::exit(6);
+                }
+            }
+            println!("filled");
         }
         "exit" => {
             let code = number(1, 1) as i32;
