@@ -6,8 +6,8 @@
 use futures::StreamExt as _;
 use rhizos_broker::Bus;
 use rhizos_broker::wire::{
-    self, Ack, AssignJob, ExecutionOutcome, ExitKind, Heartbeat, JobReport, Pricing, RegisterNode,
-    Reply, ReportPhase, WIRE_VERSION,
+    self, Ack, AssignJob, ExecutionOutcome, Heartbeat, JobReport, Pricing, RegisterNode, Reply,
+    ReportPhase, WIRE_VERSION,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,16 +96,7 @@ impl SimFleet {
                     let _ = bus.call(&running).await;
                     let finished = JobReport {
                         phase: ReportPhase::Finished {
-                            outcome: ExecutionOutcome {
-                                kind: ExitKind::Exited,
-                                exit_code: Some(0),
-                                message: None,
-                                elapsed_ms: claimed_elapsed_ms,
-                                fuel_consumed: None,
-                                output_files: Default::default(),
-                                stdout: String::new(),
-                                stderr: String::new(),
-                            },
+                            outcome: ExecutionOutcome::exited(0, claimed_elapsed_ms),
                         },
                         ..running
                     };

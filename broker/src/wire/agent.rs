@@ -101,6 +101,22 @@ pub struct ExecutionOutcome {
     pub stderr: String,
 }
 
+impl ExecutionOutcome {
+    /// A workload that exited with `code` after `elapsed_ms`, with no output.
+    pub fn exited(code: i32, elapsed_ms: u64) -> Self {
+        Self {
+            kind: ExitKind::Exited,
+            exit_code: Some(code),
+            message: None,
+            elapsed_ms,
+            fuel_consumed: None,
+            output_files: BTreeMap::new(),
+            stdout: String::new(),
+            stderr: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum ReportPhase {

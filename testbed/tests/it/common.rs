@@ -65,3 +65,21 @@ pub async fn assert_ledger_consistent(cluster: &Cluster) {
     assert!(report.ok, "ledger invariants broken: {:?}", report.problems);
     assert_eq!(report.postings_sum_micros, 0);
 }
+
+/// Submits `spec` as `job_id` for `account` and waits (up to 60 s) until it has ended.
+pub async fn run_to_end(
+    cluster: &Cluster,
+    account: &str,
+    job_id: &str,
+    spec: JobSpec,
+    max_cost_micros: i64,
+) -> rhizos_broker::wire::JobView {
+    cluster
+        .submit(&submit_request(account, job_id, spec, max_cost_micros))
+        .await
+        .unwrap();
+    cluster
+        .wait_for_end(job_id, std::time::Duration::from_secs(60))
+        .await
+        .unwrap()
+}

@@ -4,7 +4,7 @@
 use crate::common::*;
 use futures::StreamExt as _;
 use rhizos_broker::wire::{
-    self, Ack, AssignJob, ExecutionOutcome, ExecutionRef, ExitKind, Heartbeat, JobReport, JobState,
+    self, Ack, AssignJob, ExecutionOutcome, ExecutionRef, Heartbeat, JobReport, JobState,
     RegisterNode, Reply, ReportPhase, StopJob, WIRE_VERSION,
 };
 use rhizos_testbed::cluster::wasm_spec;
@@ -33,17 +33,27 @@ fn registration() -> RegisterNode {
     }
 }
 
-/// Takes the next assignment as the lying node: acks it, reports it running, and lists it in
-/// its heartbeats from now on. Returns its running report.
-async fn take(
-    bus: &rhizos_broker::Bus,
-    held: &tokio::sync::watch::Sender<Vec<ExecutionRef>>,
-    assignments: &mut async_nats::Subscriber,
-) -> JobReport {
-    let message = tokio::time::timeout(Duration::from_secs(10), assignments.next())
+/// A cluster without agents, where the test speaks for node [`NODE`]: registered, with its
+/// assignments subscribed.
+async fn with_hand_rolled_node() -> (Cluster, rhizos_broker::Bus, async_nats::Subscriber) {
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let bus = cluster.bus.clone();
+    let assignments = bus
+        .client
+        .subscribe(bus.subjects.job_assign(NODE).unwrap())
         .await
-        .unwrap()
         .unwrap();
+    bus.call(&registration()).await.unwrap();
+    (cluster, bus, assignments)
+}
+
+/// Acks the assignment in `message` and reports it running; returns the running report.
+async fn accept(bus: &rhizos_broker::Bus, message: async_nats::Message) -> JobReport {
     let assign: AssignJob = wire::decode(&message.payload, 4 << 20).unwrap();
     let ack = wire::encode(&Reply::ok(Ack {
         accepted: true,
@@ -56,17 +66,42 @@ async fn take(
     let running = JobReport {
         v: WIRE_VERSION,
         node_id: NODE.into(),
-        job_id: assign.job_id.clone(),
+        job_id: assign.job_id,
         attempt: assign.attempt,
         phase: ReportPhase::Running,
         signature: None,
     };
     let ack: Ack = bus.call(&running).await.unwrap();
     assert!(ack.accepted);
+    running
+}
+
+/// The result of `running`: exited 0 after `elapsed_ms` (as the node claims).
+fn result_of(running: &JobReport, elapsed_ms: u64) -> JobReport {
+    JobReport {
+        phase: ReportPhase::Finished {
+            outcome: ExecutionOutcome::exited(0, elapsed_ms),
+        },
+        ..running.clone()
+    }
+}
+
+/// Takes the next assignment as the lying node ([`accept`]) and lists it in its heartbeats
+/// from now on. Returns its running report.
+async fn take(
+    bus: &rhizos_broker::Bus,
+    held: &tokio::sync::watch::Sender<Vec<ExecutionRef>>,
+    assignments: &mut async_nats::Subscriber,
+) -> JobReport {
+    let message = tokio::time::timeout(Duration::from_secs(10), assignments.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let running = accept(bus, message).await;
     held.send_modify(|list| {
         list.push(ExecutionRef {
-            job_id: assign.job_id.clone(),
-            attempt: assign.attempt,
+            job_id: running.job_id.clone(),
+            attempt: running.attempt,
         })
     });
     running
@@ -74,24 +109,12 @@ async fn take(
 
 #[tokio::test]
 async fn a_lying_node_is_paid_what_was_measured_and_cannot_stall_a_job() {
-    let cluster = Cluster::start(ClusterOptions {
-        agents: 0,
-        ..ClusterOptions::default()
-    })
-    .await
-    .unwrap();
-    let bus = cluster.bus.clone();
-    let mut assignments = bus
-        .client
-        .subscribe(bus.subjects.job_assign(NODE).unwrap())
-        .await
-        .unwrap();
+    let (cluster, bus, mut assignments) = with_hand_rolled_node().await;
     let mut stops = bus
         .client
         .subscribe(bus.subjects.job_stop(NODE).unwrap())
         .await
         .unwrap();
-    bus.call(&registration()).await.unwrap();
     cluster.funded_account("uma", 2_000_000).await.unwrap();
 
     // The node answers assignments and reports them running; it keeps heartbeating the jobs it
@@ -126,21 +149,7 @@ async fn a_lying_node_is_paid_what_was_measured_and_cannot_stall_a_job() {
         .await
         .unwrap();
     let running = take(&bus, &held_tx, &mut assignments).await;
-    let finished = JobReport {
-        phase: ReportPhase::Finished {
-            outcome: ExecutionOutcome {
-                kind: ExitKind::Exited,
-                exit_code: Some(0),
-                message: None,
-                elapsed_ms: 30_000,
-                fuel_consumed: None,
-                output_files: Default::default(),
-                stdout: String::new(),
-                stderr: String::new(),
-            },
-        },
-        ..running
-    };
+    let finished = result_of(&running, 30_000);
     let ack: Ack = bus.call(&finished).await.unwrap();
     assert!(ack.accepted);
     let since = started.elapsed().as_millis() as i64;
@@ -225,21 +234,7 @@ async fn a_lying_node_is_paid_what_was_measured_and_cannot_stall_a_job() {
         }
     }
     // A late result changes nothing.
-    let late = JobReport {
-        phase: ReportPhase::Finished {
-            outcome: ExecutionOutcome {
-                kind: ExitKind::Exited,
-                exit_code: Some(0),
-                message: None,
-                elapsed_ms: 60_000,
-                fuel_consumed: None,
-                output_files: Default::default(),
-                stdout: String::new(),
-                stderr: String::new(),
-            },
-        },
-        ..stalled
-    };
+    let late = result_of(&stalled, 60_000);
     let _: Ack = bus.call(&late).await.unwrap();
     assert_eq!(
         cluster.job("stall").await.unwrap().cost_micros,
@@ -254,19 +249,7 @@ async fn a_lying_node_is_paid_what_was_measured_and_cannot_stall_a_job() {
 /// not requeue it: attempts younger than the grace may be in flight.
 #[tokio::test]
 async fn a_registration_racing_an_assignment_does_not_requeue_it() {
-    let cluster = Cluster::start(ClusterOptions {
-        agents: 0,
-        ..ClusterOptions::default()
-    })
-    .await
-    .unwrap();
-    let bus = cluster.bus.clone();
-    let mut assignments = bus
-        .client
-        .subscribe(bus.subjects.job_assign(NODE).unwrap())
-        .await
-        .unwrap();
-    bus.call(&registration()).await.unwrap();
+    let (cluster, bus, mut assignments) = with_hand_rolled_node().await;
     cluster.funded_account("rae", 1_000_000).await.unwrap();
     cluster
         .submit(&submit_request(
@@ -287,39 +270,8 @@ async fn a_registration_racing_an_assignment_does_not_requeue_it() {
     let job = cluster.job("raced").await.unwrap();
     assert_eq!((job.state, job.attempt), (JobState::Assigned, 1), "{job:?}");
     // Then it takes the assignment and runs it: the first attempt is the one paid.
-    let assign: AssignJob = wire::decode(&message.payload, 4 << 20).unwrap();
-    let ack = wire::encode(&Reply::ok(Ack {
-        accepted: true,
-        note: None,
-    }));
-    bus.client
-        .publish(message.reply.unwrap(), ack)
-        .await
-        .unwrap();
-    let running = JobReport {
-        v: WIRE_VERSION,
-        node_id: NODE.into(),
-        job_id: assign.job_id.clone(),
-        attempt: assign.attempt,
-        phase: ReportPhase::Running,
-        signature: None,
-    };
-    let _: Ack = bus.call(&running).await.unwrap();
-    let finished = JobReport {
-        phase: ReportPhase::Finished {
-            outcome: ExecutionOutcome {
-                kind: ExitKind::Exited,
-                exit_code: Some(0),
-                message: None,
-                elapsed_ms: 5,
-                fuel_consumed: None,
-                output_files: Default::default(),
-                stdout: "line 1\n".into(),
-                stderr: String::new(),
-            },
-        },
-        ..running
-    };
+    let running = accept(&bus, message).await;
+    let finished = result_of(&running, 5);
     let ack: Ack = bus.call(&finished).await.unwrap();
     assert!(ack.accepted, "{ack:?}");
     let job = cluster.job("raced").await.unwrap();

@@ -223,19 +223,8 @@ async fn failing_workloads_fail_with_their_reason_and_pay_for_the_time_they_used
     .await
     .unwrap();
     cluster.funded_account("bob", 5 * USD).await.unwrap();
-    cluster
-        .submit(&submit_request(
-            "bob",
-            "exit",
-            wasm_spec(&module, &["exit", "3"], 30_000),
-            400_000,
-        ))
-        .await
-        .unwrap();
-    let job = cluster
-        .wait_for_end("exit", Duration::from_secs(60))
-        .await
-        .unwrap();
+    let spec = wasm_spec(&module, &["exit", "3"], 30_000);
+    let job = run_to_end(&cluster, "bob", "exit", spec, 400_000).await;
     assert_eq!(
         (job.state, job.cost_micros, job.refund_micros),
         (JobState::Failed, Some(0), Some(400_000))
@@ -753,19 +742,8 @@ async fn a_log_flood_streams_only_the_jobs_budget_and_keeps_the_tail() {
 async fn a_guest_filling_its_output_dir_is_stopped_at_the_quota() {
     let cluster = cluster().await;
     cluster.funded_account("dee", USD).await.unwrap();
-    cluster
-        .submit(&submit_request(
-            "dee",
-            "fill",
-            wasm_spec(&demo(), &["fill", "4096"], 60_000),
-            USD,
-        ))
-        .await
-        .unwrap();
-    let job = cluster
-        .wait_for_end("fill", Duration::from_secs(60))
-        .await
-        .unwrap();
+    let spec = wasm_spec(&demo(), &["fill", "4096"], 60_000);
+    let job = run_to_end(&cluster, "dee", "fill", spec, USD).await;
     assert_eq!(job.state, JobState::Failed, "{job:?}");
     let reason = job.reason.unwrap_or_default();
     assert!(reason.contains("disk quota exceeded"), "{reason}");

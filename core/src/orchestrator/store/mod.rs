@@ -192,16 +192,7 @@ impl Store {
                 id
             }
         };
-        let mut store = Self {
-            conn,
-            ctx: Ctx {
-                fee_bps,
-                charging: ChargePolicy::default(),
-            },
-            instance,
-            checkpointer: None,
-            spec_cache: std::collections::HashMap::new(),
-        };
+        let mut store = Self::on(conn, fee_bps, instance);
         let tx = store.tx()?;
         let now = now_ms();
         for (id, kind) in [
@@ -229,7 +220,12 @@ impl Store {
             conn.query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| {
                 r.get(0)
             })?;
-        Ok(Self {
+        Ok(Self::on(conn, fee_bps, instance))
+    }
+
+    /// A store on an open connection, with the default charge policy.
+    fn on(conn: Connection, fee_bps: u32, instance: String) -> Self {
+        Self {
             conn,
             ctx: Ctx {
                 fee_bps,
@@ -238,7 +234,7 @@ impl Store {
             instance,
             checkpointer: None,
             spec_cache: std::collections::HashMap::new(),
-        })
+        }
     }
 
     /// Runs `f` in one read transaction: every query it makes sees the same snapshot.
