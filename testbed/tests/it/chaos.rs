@@ -241,7 +241,9 @@ async fn a_gracefully_stopped_agent_hands_its_job_back_to_run_elsewhere() {
 async fn a_bus_outage_does_not_requeue_the_network() {
     let mut cluster = Cluster::start(ClusterOptions {
         heartbeat_interval_ms: 200,
-        missed_heartbeats: 3,
+        // A 2 s window: long enough for every client to reconnect after the server is back
+        // (each on its own backoff), far shorter than the outage.
+        missed_heartbeats: 10,
         ..ClusterOptions::default()
     })
     .await
@@ -251,7 +253,7 @@ async fn a_bus_outage_does_not_requeue_the_network() {
         .submit(&submit_request(
             "otto",
             "outage",
-            wasm_spec(&demo(), &["count", "30", "200"], 30_000),
+            wasm_spec(&demo(), &["count", "50", "200"], 30_000),
             500_000,
         ))
         .await
@@ -261,17 +263,27 @@ async fn a_bus_outage_does_not_requeue_the_network() {
         assert!(Instant::now() < deadline, "never ran");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Down for 2.5 s: four times the 600 ms loss window.
+    // Down for 5 s: two and a half times the loss window.
     let port = cluster.nats.port();
     let data_dir = cluster.nats.data_dir().to_path_buf();
     cluster.nats.stop();
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
     cluster.nats = rhizos_broker::server::NatsServer::start(rhizos_broker::server::LaunchOptions {
         port: Some(port),
         data_dir: Some(data_dir),
         authorization: None,
     })
     .unwrap();
+    // Every client reconnects on its own schedule: until the orchestrator has resubscribed,
+    // a request finds nobody serving it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = cluster.job("outage").await {
+        assert!(
+            Instant::now() < deadline,
+            "the orchestrator never came back: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let job = cluster
         .wait_for_end("outage", Duration::from_secs(60))
         .await
