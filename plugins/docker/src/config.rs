@@ -28,6 +28,10 @@ pub struct Config {
     pub pull: PullPolicy,
     /// How long a pull may take before the job fails.
     pub pull_timeout_ms: u64,
+    /// The registries (`host[:port]`; `docker.io` for unqualified names such as `alpine`) this
+    /// node pulls images from. A job naming an image elsewhere runs only if the image is already
+    /// in the local store: no job can make the engine reach an arbitrary host.
+    pub pull_registries: Vec<String>,
     /// Remove containers left by an earlier agent process of this node when starting.
     pub cleanup_orphans: bool,
     /// Most output files copied out of `/output`, and their total size.
@@ -55,6 +59,7 @@ impl Default for Config {
             user: "65534:65534".into(),
             pull: PullPolicy::IfMissing,
             pull_timeout_ms: 300_000,
+            pull_registries: vec!["docker.io".into()],
             cleanup_orphans: true,
             max_output_files: 256,
             max_output_bytes: 512 << 10,
@@ -63,7 +68,28 @@ impl Default for Config {
     }
 }
 
+/// The registry an image reference pulls from: its first path component when that names a host
+/// (has a `.` or `:`, or is `localhost`), else Docker Hub (`docker.io`).
+pub fn registry_of(image: &str) -> String {
+    let registry = match image.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
+        _ => "docker.io",
+    };
+    match registry.to_ascii_lowercase().as_str() {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
 impl Config {
+    /// Whether this node pulls `image` (see [`Config::pull_registries`]).
+    pub fn pulls_from(&self, image: &str) -> bool {
+        let registry = registry_of(image);
+        self.pull_registries
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(&registry))
+    }
+
     /// Parses the JSON the agent hands over (`{}` when the section is absent).
     pub fn parse(json: &str) -> Result<Self, String> {
         let json = json.trim();
@@ -77,6 +103,15 @@ impl Config {
             return Err(format!(
                 "[agent.plugins.docker] pids_limit = {} is too small (at least 16)",
                 config.pids_limit
+            ));
+        }
+        if let Some(bad) = config
+            .pull_registries
+            .iter()
+            .find(|r| r.is_empty() || r.contains('/') || r.contains(char::is_whitespace))
+        {
+            return Err(format!(
+                "[agent.plugins.docker] pull_registries entry {bad:?} is not a registry host[:port]"
             ));
         }
         if config.network.is_empty() || config.network == "host" {
@@ -100,6 +135,32 @@ mod tests {
         assert_eq!(config.user, "65534:65534");
         assert_eq!(config.pull, PullPolicy::IfMissing);
         assert!(config.cleanup_orphans);
+    }
+
+    #[test]
+    fn images_are_pulled_only_from_the_operators_registries() {
+        for (image, registry) in [
+            ("alpine", "docker.io"),
+            ("library/alpine:3", "docker.io"),
+            ("ghcr.io/org/app:1", "ghcr.io"),
+            ("10.0.0.5:5000/x", "10.0.0.5:5000"),
+            ("localhost/x", "localhost"),
+            ("index.docker.io/library/alpine", "docker.io"),
+            ("GHCR.IO/org/app", "ghcr.io"),
+        ] {
+            assert_eq!(registry_of(image), registry, "{image}");
+        }
+        let config = Config::parse("{}").unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.pulls_from("alpine:3"));
+        assert!(!config.pulls_from("169.254.169.254:80/latest/meta-data"));
+        assert!(!config.pulls_from("ghcr.io/org/app"));
+        let more = Config::parse(r#"{"pull_registries": ["docker.io", "ghcr.io"]}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(more.pulls_from("ghcr.io/org/app"));
+        let bad = Config::parse(r#"{"pull_registries": ["ghcr.io/org"]}"#)
+            .err()
+            .unwrap_or_default();
+        assert!(bad.contains("not a registry"), "{bad}");
     }
 
     #[test]

@@ -440,6 +440,13 @@ async fn ensure_image(shared: &Shared, image: &str, sink: &EventSinkBox) -> Resu
             "image {image} is not in this node's local image store, and this node does not pull images"
         ));
     }
+    if !shared.config.pulls_from(image) {
+        return Err(format!(
+            "image {image} is not in this node's local image store, and its registry {} is not one this node pulls from ([agent.plugins.docker] pull_registries = {:?})",
+            crate::config::registry_of(image),
+            shared.config.pull_registries
+        ));
+    }
     sink.log(
         LogStream::Stderr,
         format!("rhizos: pulling image {image}").as_str().into(),

@@ -530,7 +530,8 @@ async fn a_read_only_node_keeps_the_root_unwritable_and_an_unreachable_registry_
     let image = probe();
     let cluster = docker_cluster(
         "dkg",
-        serde_json::json!({"read_only_rootfs": true, "pull": "if-missing", "pull_timeout_ms": 20000}),
+        serde_json::json!({"read_only_rootfs": true, "pull": "if-missing", "pull_timeout_ms": 20000,
+                           "pull_registries": ["docker.io", "127.0.0.1:1"]}),
     )
     .await;
     let node = node_of(&cluster);
@@ -557,6 +558,16 @@ async fn a_read_only_node_keeps_the_root_unwritable_and_an_unreachable_registry_
             "hank",
             "unpullable",
             docker_spec("127.0.0.1:1/rhizos/absent:1", &[], 30_000),
+            USD,
+        ))
+        .await
+        .unwrap();
+    // A registry the operator did not list: refused before the engine is asked to reach it.
+    cluster
+        .submit(&submit_request(
+            "hank",
+            "elsewhere",
+            docker_spec("10.9.8.7:5000/rhizos/absent:1", &[], 30_000),
             USD,
         ))
         .await
@@ -592,6 +603,24 @@ async fn a_read_only_node_keeps_the_root_unwritable_and_an_unreachable_registry_
         "{reason}"
     );
     assert!(started.elapsed() < Duration::from_secs(20));
+    let elsewhere = cluster
+        .wait_for_end("elsewhere", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let reason = elsewhere.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains(
+            "its registry 10.9.8.7:5000 is not one this node pulls from ([agent.plugins.docker] pull_registries = [\"docker.io\", \"127.0.0.1:1\"])"
+        ),
+        "{reason}"
+    );
+    assert!(
+        !elsewhere
+            .stderr
+            .unwrap_or_default()
+            .contains("pulling image"),
+        "no pull was tried"
+    );
     // The pull was announced on the job's stderr.
     let stderr = unpullable.stderr.unwrap_or_default();
     assert!(
