@@ -83,3 +83,16 @@ pub async fn run_to_end(
         .await
         .unwrap()
 }
+
+/// Subscribes to `job_id`'s log lines as `account`'s watcher would, before the job is submitted
+/// (the subscription is in place when this returns).
+pub async fn follow_logs(cluster: &Cluster, account: &str, job_id: &str) -> async_nats::Subscriber {
+    let subject = cluster
+        .bus
+        .subjects
+        .job_logs_of(Some(account), job_id)
+        .unwrap();
+    let logs = cluster.bus.client.subscribe(subject).await.unwrap();
+    cluster.bus.client.flush().await.unwrap();
+    logs
+}

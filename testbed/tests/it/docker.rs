@@ -260,19 +260,7 @@ async fn logs_stream_live_in_order_and_cancel_kills_the_container() {
     cluster.funded_account("carol", 10 * USD).await.unwrap();
 
     // Live: the first lines arrive while the container is still running (it sleeps 20 s after).
-    let mut logs = cluster
-        .bus
-        .client
-        .subscribe(
-            cluster
-                .bus
-                .subjects
-                .job_logs_of(Some("carol"), "chatty")
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    cluster.bus.client.flush().await.unwrap();
+    let mut logs = follow_logs(&cluster, "carol", "chatty").await;
     cluster
         .submit(&submit_request(
             "carol",

@@ -14,19 +14,7 @@ const USD: i64 = 1_000_000;
 async fn demo_job_succeeds_streams_logs_in_order_and_settles_to_the_micro() {
     let cluster = cluster().await;
     cluster.funded_account("alice", 2 * USD).await.unwrap();
-    let mut logs = cluster
-        .bus
-        .client
-        .subscribe(
-            cluster
-                .bus
-                .subjects
-                .job_logs_of(Some("alice"), "demo-1")
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    cluster.bus.client.flush().await.unwrap();
+    let mut logs = follow_logs(&cluster, "alice", "demo-1").await;
 
     let request = submit_request(
         "alice",
@@ -674,19 +662,7 @@ async fn a_log_flood_streams_only_the_jobs_budget_and_keeps_the_tail() {
     .await
     .unwrap();
     cluster.funded_account("flo", USD).await.unwrap();
-    let mut logs = cluster
-        .bus
-        .client
-        .subscribe(
-            cluster
-                .bus
-                .subjects
-                .job_logs_of(Some("flo"), "flood")
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    cluster.bus.client.flush().await.unwrap();
+    let mut logs = follow_logs(&cluster, "flo", "flood").await;
     cluster
         .submit(&submit_request(
             "flo",

@@ -273,10 +273,7 @@ impl Store {
             now,
         )?;
         record_attempt(&tx, job_id, attempt, node_id, ending.attempt, now)?;
-        match billed {
-            Some(billed) => ctx.settle(&tx, job_id, billing.cost_micros(billed), now)?,
-            None => ctx.refund(&tx, job_id, now)?,
-        }
+        close(&tx, ctx, job_id, &billing, billed, now)?;
         tx.commit()?;
         Ok(ReportEffect::Applied)
     }
@@ -391,10 +388,7 @@ impl Store {
             now,
         )?;
         record_attempt(&tx, job_id, attempt, &node, AttemptOutcome::JobFailed, now)?;
-        match billed {
-            Some(billed) => ctx.settle(&tx, job_id, billing.cost_micros(billed), now)?,
-            None => ctx.refund(&tx, job_id, now)?,
-        }
+        close(&tx, ctx, job_id, &billing, billed, now)?;
         tx.commit()?;
         Ok(Some((node, attempt)))
     }
@@ -575,6 +569,22 @@ fn lose_attempt(
             end_refunded(tx, ctx, job_id, state, attempt, node, &reason, now)?;
             Ok(state)
         }
+    }
+}
+
+/// Closes the job's escrow: settled for the `billed` usage at `billing`'s prices, or refunded in
+/// full when nothing is billed.
+fn close(
+    tx: &Connection,
+    ctx: &super::Ctx,
+    job_id: &str,
+    billing: &Billing,
+    billed: Option<Usage>,
+    now: u64,
+) -> Result<(), StoreError> {
+    match billed {
+        Some(billed) => ctx.settle(tx, job_id, billing.cost_micros(billed), now),
+        None => ctx.refund(tx, job_id, now),
     }
 }
 
