@@ -45,11 +45,23 @@ impl Client {
     }
 
     /// `job.list`: newest first, filtered by account and state, at most `limit` (default 50).
+    /// The reply's `next` continues with [`Client::job_list_after`].
     pub async fn job_list(
         &self,
         account: Option<&str>,
         state: Option<wire::JobState>,
         limit: Option<u32>,
+    ) -> Result<JobList, RequestError> {
+        self.job_list_after(account, state, limit, None).await
+    }
+
+    /// `job.list` from a cursor (the previous page's `next`).
+    pub async fn job_list_after(
+        &self,
+        account: Option<&str>,
+        state: Option<wire::JobState>,
+        limit: Option<u32>,
+        after: Option<&str>,
     ) -> Result<JobList, RequestError> {
         self.bus
             .call(&ListJobs {
@@ -57,6 +69,7 @@ impl Client {
                 account: account.map(str::to_owned),
                 state,
                 limit,
+                after: after.map(str::to_owned),
             })
             .await
     }
@@ -166,8 +179,36 @@ impl Client {
         self.bus.call(registration).await
     }
 
+    /// Every node, page after page of `node.list` (the reply's `next` is `None`).
     pub async fn node_list(&self) -> Result<NodeList, RequestError> {
-        self.bus.call(&ListNodes { v: WIRE_VERSION }).await
+        let mut all = NodeList {
+            nodes: Vec::new(),
+            next: None,
+        };
+        let mut after = None;
+        loop {
+            let page = self.node_page(after.take(), None).await?;
+            all.nodes.extend(page.nodes);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of `node.list`: up to `limit` nodes (default 200) after the node id `after`.
+    pub async fn node_page(
+        &self,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<NodeList, RequestError> {
+        self.bus
+            .call(&ListNodes {
+                v: WIRE_VERSION,
+                limit,
+                after,
+            })
+            .await
     }
 
     pub async fn node_info(&self, node_id: &str) -> Result<NodeView, RequestError> {

@@ -27,8 +27,13 @@ pub enum JobCommand {
         /// pending, assigned, running, succeeded, failed, cancelled or timed_out.
         #[arg(long)]
         state: Option<String>,
+        /// Jobs per page (at most 1000).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Continue after this cursor (printed at the end of the previous page, `next` in
+        /// --json).
+        #[arg(long)]
+        after: Option<String>,
     },
     /// Cancel a job: before it starts, everything is refunded; while it runs, it is stopped and
     /// the time used is paid.
@@ -145,6 +150,7 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
             account,
             state,
             limit,
+            after,
         } => {
             let state = match state {
                 Some(text) => Some(
@@ -153,7 +159,7 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
                 None => None,
             };
             let list = client
-                .job_list(account.as_deref(), state, Some(limit))
+                .job_list_after(account.as_deref(), state, Some(limit), after.as_deref())
                 .await?;
             if global.json {
                 println!("{}", serde_json::to_string(&list)?);
@@ -175,6 +181,9 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
                             .map(money::format_usd)
                             .unwrap_or_else(|| "-".into())
                     );
+                }
+                if let Some(next) = &list.next {
+                    println!("more: rhizos job list --limit {limit} --after {next}");
                 }
             }
             Ok(())

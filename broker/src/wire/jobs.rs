@@ -200,6 +200,10 @@ pub struct ListJobs {
     /// At most this many, newest first (default 50, at most 1000).
     #[serde(default)]
     pub limit: Option<u32>,
+    /// Continue after this cursor: the `next` of the previous page. Pages are stable while
+    /// jobs are submitted (newer jobs never shift an older page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -283,4 +287,7 @@ pub struct JobView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobList {
     pub jobs: Vec<JobView>,
+    /// The cursor for the next page (`after`), absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }

@@ -113,10 +113,17 @@ pub struct GpuInfo {
     pub apis: Vec<String>,
 }
 
-/// `node.list` request (no parameters besides the version).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `node.list` request: nodes in node-id order, a page at a time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ListNodes {
     pub v: u32,
+    /// At most this many (default 200, at most 1000): a whole network does not fit in one
+    /// message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Continue after this cursor: the `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 /// `node.info` request.
@@ -194,4 +201,7 @@ pub struct NodeView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeList {
     pub nodes: Vec<NodeView>,
+    /// The cursor for the next page (`after`), absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }

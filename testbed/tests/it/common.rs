@@ -96,3 +96,28 @@ pub async fn follow_logs(cluster: &Cluster, account: &str, job_id: &str) -> asyn
     cluster.bus.client.flush().await.unwrap();
     logs
 }
+
+/// The registration of a node the test speaks for (no agent behind it): 4 cores, wasm only,
+/// heartbeats promised every 300 ms.
+pub fn hand_rolled_registration(
+    node_id: &str,
+    provider: &str,
+) -> rhizos_broker::wire::RegisterNode {
+    rhizos_broker::wire::RegisterNode {
+        v: WIRE_VERSION,
+        node_id: node_id.into(),
+        provider_account: provider.into(),
+        backends: vec!["wasm".into()],
+        pricing: rhizos_testbed::ClusterOptions::default().pricing,
+        cpu_cores: 4,
+        memory_mib: 4096,
+        max_concurrent: 4,
+        heartbeat_interval_ms: 300,
+        plugins: vec![],
+        running: vec![],
+        gpus: vec![],
+        disk_mib: 10_000,
+        hardware: None,
+        artifact_sources: vec![],
+    }
+}

@@ -14,23 +14,7 @@ use std::time::{Duration, Instant};
 const NODE: &str = "liar";
 
 fn registration() -> RegisterNode {
-    RegisterNode {
-        v: WIRE_VERSION,
-        node_id: NODE.into(),
-        provider_account: "liar-provider".into(),
-        backends: vec!["wasm".into()],
-        pricing: ClusterOptions::default().pricing,
-        cpu_cores: 4,
-        memory_mib: 4096,
-        max_concurrent: 4,
-        heartbeat_interval_ms: 300,
-        plugins: vec![],
-        running: vec![],
-        gpus: vec![],
-        disk_mib: 10_000,
-        hardware: None,
-        artifact_sources: vec![],
-    }
+    hand_rolled_registration(NODE, "liar-provider")
 }
 
 /// A cluster without agents, where the test speaks for node [`NODE`]: registered, with its

@@ -212,3 +212,98 @@ async fn the_same_result_reported_twice_is_settled_once() {
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn lists_come_in_pages_and_a_forged_cursor_is_refused() {
+    let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
+        agents: 0,
+        ..rhizos_testbed::ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = cluster.client();
+    for i in 0..5 {
+        cluster
+            .bus
+            .call(&hand_rolled_registration(&format!("node-{i}"), "prov"))
+            .await
+            .unwrap();
+    }
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = client.node_page(after.take(), Some(2)).await.unwrap();
+        pages.push(
+            page.nodes
+                .iter()
+                .map(|n| n.node_id.clone())
+                .collect::<Vec<_>>(),
+        );
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        pages,
+        [
+            vec!["node-0", "node-1"],
+            vec!["node-2", "node-3"],
+            vec!["node-4"]
+        ]
+    );
+    assert_eq!(client.node_list().await.unwrap().nodes.len(), 5);
+    assert_eq!(client.node_info("node-3").await.unwrap().node_id, "node-3");
+    let unknown = client.node_info("node-30").await.unwrap_err();
+    assert_eq!(
+        unknown.remote().map(|e| e.code),
+        Some(ErrorCode::NotFound),
+        "{unknown}"
+    );
+
+    cluster.funded_account("pat", 10_000_000).await.unwrap();
+    for i in 0..3 {
+        let request = submit_request(
+            "pat",
+            &format!("page-{i}"),
+            wasm_spec(&demo(), &[], 30_000),
+            400_000,
+        );
+        cluster.submit(&request).await.unwrap();
+    }
+    let first = client.job_list(Some("pat"), None, Some(2)).await.unwrap();
+    let next = first.next.clone().expect("a second page");
+    let second = client
+        .job_list_after(Some("pat"), None, Some(2), Some(&next))
+        .await
+        .unwrap();
+    let mut seen: Vec<String> = first
+        .jobs
+        .iter()
+        .chain(&second.jobs)
+        .map(|j| j.job_id.clone())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["page-0", "page-1", "page-2"]);
+    assert_eq!(second.next, None);
+    for forged in ["1.2.3", "x", "99999999999999999999.a"] {
+        let refused = client
+            .job_list_after(Some("pat"), None, Some(2), Some(forged))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.remote().map(|e| e.code),
+            Some(ErrorCode::BadRequest),
+            "{forged}: {refused}"
+        );
+    }
+    let refused = client
+        .node_page(Some("No*de".into()), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.remote().map(|e| e.code),
+        Some(ErrorCode::BadRequest),
+        "{refused}"
+    );
+}

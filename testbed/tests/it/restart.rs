@@ -135,7 +135,14 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     let bus = Bus::connect(&settings.nats).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let list: NodeList = request(&bus, &ListNodes { v: WIRE_VERSION }).await;
+        let list: NodeList = request(
+            &bus,
+            &ListNodes {
+                v: WIRE_VERSION,
+                ..ListNodes::default()
+            },
+        )
+        .await;
         if !list.nodes.is_empty() {
             break;
         }

@@ -3,7 +3,7 @@
 
 use super::super::Orchestrator;
 use super::super::modules;
-use super::super::store::{JobRecord, ReportEffect, SignedReport, StoreError};
+use super::super::store::{JobCursor, JobRecord, ReportEffect, SignedReport, StoreError};
 use super::super::validate::{party_account, token, validate_submit};
 use super::{forbidden, own_account};
 use rhizos_broker::validate_token;
@@ -103,11 +103,28 @@ impl Orchestrator {
             request.account = Some(caller.name);
         }
         let limit = request.limit.unwrap_or(50);
-        let jobs = self
-            .read(move |store| store.list_jobs(request.account.as_deref(), request.state, limit))
+        let after = match request.after.as_deref() {
+            Some(text) => Some(JobCursor::parse(text).ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::BadRequest,
+                    "after: not a cursor job.list returned (pass the previous page's `next`)",
+                )
+            })?),
+            None => None,
+        };
+        let (jobs, next) = self
+            .read(move |store| {
+                store.list_jobs(
+                    request.account.as_deref(),
+                    request.state,
+                    limit,
+                    after.as_ref(),
+                )
+            })
             .await?;
         Ok(JobList {
             jobs: jobs.into_iter().map(job_view).collect(),
+            next: next.map(|cursor| cursor.encode()),
         })
     }
 

@@ -10,6 +10,7 @@ use rhizos_broker::wire::{
     WireError,
 };
 use rhizos_broker::{Caller, validate_token};
+use std::ops::Bound;
 
 impl Orchestrator {
     pub(in crate::orchestrator) async fn register_node(
@@ -141,14 +142,25 @@ impl Orchestrator {
         .await
     }
 
+    /// Views of up to `limit` nodes from `start` in node-id order, and whether more follow.
     pub(in crate::orchestrator) async fn node_views(
         &self,
-    ) -> Result<Vec<wire::NodeView>, WireError> {
+        start: Bound<&str>,
+        limit: usize,
+    ) -> Result<(Vec<wire::NodeView>, bool), WireError> {
+        let (entries, more) = self.registry().page(start, limit);
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok((Vec::new(), false));
+        };
+        let range = (
+            first.registration.node_id.clone(),
+            last.registration.node_id.clone(),
+        );
         // Off the writer thread: the sweeper recounts allocations every second.
-        let stats = self.read(|store| store.node_stats()).await?;
-        let registry = self.registry();
-        Ok(registry
-            .entries()
+        let stats = self
+            .read(move |store| store.node_stats_between(Some((&range.0, &range.1))))
+            .await?;
+        let views = entries
             .into_iter()
             .map(|entry| {
                 let r = entry.registration;
@@ -176,16 +188,34 @@ impl Orchestrator {
                     gpu_telemetry: entry.gpu_telemetry,
                 }
             })
-            .collect())
+            .collect();
+        Ok((views, more))
     }
 
     pub(in crate::orchestrator) async fn node_list(
         &self,
-        _request: ListNodes,
+        request: ListNodes,
     ) -> Result<wire::NodeList, WireError> {
-        Ok(wire::NodeList {
-            nodes: self.node_views().await?,
-        })
+        if let Some(after) = &request.after {
+            validate_token("after", after).map_err(|_| {
+                WireError::new(
+                    ErrorCode::BadRequest,
+                    "after: not a cursor node.list returned (pass the previous page's `next`)",
+                )
+            })?;
+        }
+        let limit = request.limit.unwrap_or(200).clamp(1, 1000) as usize;
+        let start = request
+            .after
+            .as_deref()
+            .map_or(Bound::Unbounded, Bound::Excluded);
+        let (nodes, more) = self.node_views(start, limit).await?;
+        let next = if more {
+            nodes.last().map(|n| n.node_id.clone())
+        } else {
+            None
+        };
+        Ok(wire::NodeList { nodes, next })
     }
 
     pub(in crate::orchestrator) async fn node_info(
@@ -193,8 +223,10 @@ impl Orchestrator {
         request: NodeRef,
     ) -> Result<wire::NodeView, WireError> {
         token(validate_token("node id", &request.node_id))?;
-        self.node_views()
-            .await?
+        let (views, _) = self
+            .node_views(Bound::Included(&request.node_id), 1)
+            .await?;
+        views
             .into_iter()
             .find(|n| n.node_id == request.node_id)
             .ok_or_else(|| {

@@ -391,6 +391,20 @@ impl Registry {
         self.nodes.values().cloned().collect()
     }
 
+    /// Up to `limit` entries in node-id order from `start`, and whether more follow.
+    pub fn page(&self, start: std::ops::Bound<&str>, limit: usize) -> (Vec<NodeEntry>, bool) {
+        use std::ops::Bound;
+        let mut entries: Vec<NodeEntry> = self
+            .nodes
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(limit + 1)
+            .map(|(_, entry)| entry.clone())
+            .collect();
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        (entries, more)
+    }
+
     pub fn live_count(&self) -> usize {
         self.nodes.values().filter(|n| !n.lost).count()
     }

@@ -5,8 +5,8 @@
 
 use super::accounts::no_account;
 use super::events::{DomainEvent, Movement};
-use super::rows::JobRecord;
 use super::rows::{JOB_COLUMNS, job_from_row};
+use super::rows::{JobCursor, JobRecord};
 use super::{PendingJob, SPEC_CACHE_ENTRIES, Store, StoreError};
 use crate::ledger::{self, AccountKind, LedgerError, TxKind, escrow_account, exec, query_row};
 use crate::now_ms;
@@ -126,31 +126,47 @@ impl Store {
     }
 
     /// Newest first, of `account` and in `state` when given, at most `limit` (at most 1,000).
+    /// A page of jobs, newest first, after `after` (the previous page's last job), and the
+    /// cursor of the next page if there is one.
     pub fn list_jobs(
         &self,
         account: Option<&str>,
         state: Option<JobState>,
         limit: u32,
-    ) -> Result<Vec<JobRecord>, StoreError> {
-        let limit = limit.min(1000);
+        after: Option<&JobCursor>,
+    ) -> Result<(Vec<JobRecord>, Option<JobCursor>), StoreError> {
+        let limit = limit.clamp(1, 1000);
         // Without outputs (stdout, stderr, files: `job.get` has them), so a list of 1,000
         // stays far under the bus's message size.
         let columns = JOB_COLUMNS
             .replace("stdout, stderr", "NULL, NULL")
             .replace("output_files", "NULL");
-        let mut statement = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {columns} FROM jobs WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR state = ?2)
+        let mut statement = self.conn.prepare_cached(&format!(
+            "SELECT {columns} FROM jobs WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR state = ?2)
+                 AND (?4 IS NULL OR (created_ms, id) < (?4, ?5))
                  ORDER BY created_ms DESC, id DESC LIMIT ?3"
-            ))
-            ?;
+        ))?;
         let rows = statement.query_map(
-            params![account, state.map(JobState::as_str), limit],
+            params![
+                account,
+                state.map(JobState::as_str),
+                limit + 1,
+                after.map(|c| c.created_ms),
+                after.map(|c| c.job_id.as_str()),
+            ],
             job_from_row,
         )?;
-        rows.collect::<Result<Vec<_>, _>>()
-            .map_err(StoreError::from)
+        let mut jobs = rows.collect::<Result<Vec<_>, _>>()?;
+        let next = if jobs.len() > limit as usize {
+            jobs.truncate(limit as usize);
+            jobs.last().map(|last| JobCursor {
+                created_ms: i64::try_from(last.created_ms).unwrap_or(i64::MAX),
+                job_id: last.job_id.clone(),
+            })
+        } else {
+            None
+        };
+        Ok((jobs, next))
     }
 
     /// Pending jobs, oldest first.

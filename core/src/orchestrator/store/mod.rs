@@ -41,7 +41,7 @@ pub use events::{DomainEvent, Movement, Recorded};
 pub use jobs::ClosedJob;
 pub use nodes::REPUTATION_WINDOW;
 pub use outbox::{OutboxEvent, OutboxReader, OutboxRow};
-pub use rows::JobRecord;
+pub use rows::{JobCursor, JobRecord};
 
 use crate::ledger::{self, AccountKind, LedgerError};
 use rhizos_broker::TokenError;

@@ -53,10 +53,20 @@ impl Store {
     pub fn node_stats(
         &self,
     ) -> Result<std::collections::HashMap<String, (u64, u64, f64)>, StoreError> {
-        let mut statement = self
-            .conn
-            .prepare_cached("SELECT node_id, ended, succeeded, recent FROM node_stats")?;
-        let rows = statement.query_map([], |r| {
+        self.node_stats_between(None)
+    }
+
+    /// [`Store::node_stats`] of the nodes whose ids lie in `first..=last` (a page of
+    /// `node.list`), or of all.
+    pub fn node_stats_between(
+        &self,
+        range: Option<(&str, &str)>,
+    ) -> Result<std::collections::HashMap<String, (u64, u64, f64)>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT node_id, ended, succeeded, recent FROM node_stats
+             WHERE ?1 IS NULL OR node_id BETWEEN ?1 AND ?2",
+        )?;
+        let rows = statement.query_map(params![range.map(|r| r.0), range.map(|r| r.1)], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, i64>(1)?,

@@ -33,6 +33,32 @@ pub struct JobRecord {
     pub updated_ms: u64,
 }
 
+/// Where a page of `job.list` continues: after the job created at `created_ms` with this id
+/// (the order is `created_ms DESC, id DESC`, so a page never shifts when jobs are submitted).
+/// On the wire it is `<created_ms>.<job id>`: job ids are tokens, without dots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobCursor {
+    pub created_ms: i64,
+    pub job_id: String,
+}
+
+impl JobCursor {
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.created_ms, self.job_id)
+    }
+
+    /// `None` for anything `encode` did not write.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (ms, id) = text.split_once('.')?;
+        let created_ms = ms.parse::<i64>().ok().filter(|ms| *ms >= 0)?;
+        rhizos_broker::validate_token("job id", id).ok()?;
+        Some(Self {
+            created_ms,
+            job_id: id.to_owned(),
+        })
+    }
+}
+
 pub(super) const JOB_COLUMNS: &str = "id, account_id, backend, state, attempt, node_id, max_cost_micros, cost_micros, provider_micros,
     fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms, fuel_consumed, output_files";
 

@@ -1223,8 +1223,9 @@ fn lists_leave_outputs_out_and_a_reader_sees_committed_state_without_writing() {
     assert_eq!(store.get_job("j").unwrap().stdout.as_deref(), Some("out\n"));
     let mut reader = Store::open_reader(&dir.path().join("ledger.db"), 500).unwrap();
     let listed = reader
-        .snapshot(|r| r.list_jobs(Some("u"), None, 10))
-        .unwrap();
+        .snapshot(|r| r.list_jobs(Some("u"), None, 10, None))
+        .unwrap()
+        .0;
     assert_eq!(listed.len(), 1);
     assert_eq!(
         (listed[0].stdout.as_ref(), listed[0].stderr.as_ref()),
@@ -1236,4 +1237,45 @@ fn lists_leave_outputs_out_and_a_reader_sees_committed_state_without_writing() {
     // The reader cannot write.
     assert!(reader.deposit("u", 1, None).is_err());
     assert_eq!(balance(&store, "u"), 1_000_000 - 100);
+}
+
+#[test]
+fn job_list_pages_are_stable_while_jobs_are_submitted() {
+    let (_dir, mut store) = store();
+    store.create_account("u").unwrap();
+    store.deposit("u", 1_000_000, None).unwrap();
+    for i in 0..5 {
+        store.submit(&format!("j{i}"), "u", &spec(), 1_000).unwrap();
+    }
+    let ids = |jobs: &[JobRecord]| jobs.iter().map(|j| j.job_id.clone()).collect::<Vec<_>>();
+    let (first, next) = store.list_jobs(Some("u"), None, 2, None).unwrap();
+    assert_eq!(ids(&first), ["j4", "j3"]);
+    let next = next.expect("more pages");
+    // A cursor survives the wire and a newer job does not shift the next page.
+    let next = JobCursor::parse(&next.encode()).unwrap();
+    store.submit("j5", "u", &spec(), 1_000).unwrap();
+    let (second, next) = store.list_jobs(Some("u"), None, 2, Some(&next)).unwrap();
+    assert_eq!(ids(&second), ["j2", "j1"]);
+    let (last, end) = store
+        .list_jobs(Some("u"), None, 2, Some(&next.unwrap()))
+        .unwrap();
+    assert_eq!(ids(&last), ["j0"]);
+    assert_eq!(end, None, "the last page has no next");
+    // Exactly a page left: no empty page after it.
+    let (all, end) = store.list_jobs(Some("u"), None, 6, None).unwrap();
+    assert_eq!((all.len(), end), (6, None));
+}
+
+#[test]
+fn job_cursors_refuse_what_encode_did_not_write() {
+    for text in ["", "12", ".j", "-1.j", "x.j", "12.J", "12.a.b", "12.a*"] {
+        assert_eq!(JobCursor::parse(text), None, "{text:?}");
+    }
+    assert_eq!(
+        JobCursor::parse("12.job-1"),
+        Some(JobCursor {
+            created_ms: 12,
+            job_id: "job-1".into()
+        })
+    );
 }
