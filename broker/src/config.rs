@@ -116,6 +116,9 @@ pub struct OrchestratorSettings {
     /// billed at most up to the time since the assignment plus this, and a running job is
     /// stopped by the orchestrator once its `timeout_ms` plus this has passed since it started.
     pub timing_slack_ms: u64,
+    /// Most requests served at once; past it a request is answered `too_busy` (retryable) at
+    /// once, so a flood cannot queue without limit in front of the ledger thread.
+    pub max_requests_in_flight: usize,
 }
 
 /// See [`OrchestratorSettings::failed_workload_charge`].
@@ -173,6 +176,7 @@ impl Default for OrchestratorSettings {
             open_registration: false,
             failed_workload_charge: FailedWorkloadCharge::TimeUsed,
             timing_slack_ms: 2_000,
+            max_requests_in_flight: 4_096,
         }
     }
 }

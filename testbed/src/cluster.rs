@@ -51,6 +51,8 @@ pub struct ClusterOptions {
     pub max_log_lines: Option<u64>,
     /// `[orchestrator] failed_workload_charge`.
     pub failed_workload_charge: rhizos_broker::config::FailedWorkloadCharge,
+    /// `[orchestrator] max_requests_in_flight` (default: the orchestrator's).
+    pub max_requests_in_flight: Option<usize>,
 }
 
 impl Default for ClusterOptions {
@@ -80,6 +82,7 @@ impl Default for ClusterOptions {
             secure: false,
             failed_workload_charge: Default::default(),
             max_log_lines: None,
+            max_requests_in_flight: None,
         }
     }
 }
@@ -138,6 +141,9 @@ impl Cluster {
         settings.orchestrator.fee_bps = options.fee_bps;
         settings.orchestrator.missed_heartbeats = options.missed_heartbeats;
         settings.orchestrator.failed_workload_charge = options.failed_workload_charge;
+        if let Some(limit) = options.max_requests_in_flight {
+            settings.orchestrator.max_requests_in_flight = limit;
+        }
         settings.pricing = options.pricing;
         settings.orchestrator.resolver_dir = options.resolver_dir.clone();
         settings.orchestrator.resolvers = options.resolver_config.clone();

@@ -68,7 +68,7 @@ struct Inner {
     signing_key: nkeys::KeyPair,
     /// The bus connection was down at the last sweep (node-loss detection paused).
     bus_down: std::sync::atomic::AtomicBool,
-    /// Requests being served; past [`MAX_REQUESTS_IN_FLIGHT`] new ones get `too_busy` at once
+    /// Requests being served; past `max_requests_in_flight` new ones get `too_busy` at once
     /// (no task per request without limit, and so no unbounded queue to the ledger thread).
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Heartbeat reconciliations running; a heartbeat that finds none free is not reconciled
@@ -78,8 +78,6 @@ struct Inner {
     reader: Arc<Mutex<Store>>,
 }
 
-/// Most requests served at once.
-pub const MAX_REQUESTS_IN_FLIGHT: usize = 4_096;
 /// Most heartbeat reconciliations at once.
 const MAX_RECONCILES_IN_FLIGHT: usize = 256;
 
@@ -93,6 +91,10 @@ impl Orchestrator {
             settings.fee_bps <= 10_000,
             "fee_bps must be at most 10000, got {}",
             settings.fee_bps
+        );
+        anyhow::ensure!(
+            settings.max_requests_in_flight >= 1,
+            "[orchestrator] max_requests_in_flight must be at least 1"
         );
         let signing_key = signing_key(&settings.data_dir.join(SIGNING_KEY_FILE))?;
         let path = settings.data_dir.join("ledger.db");
@@ -130,6 +132,7 @@ impl Orchestrator {
             ),
             None => None,
         };
+        let max_in_flight = settings.max_requests_in_flight;
         Ok(Self {
             inner: Arc::new(Inner {
                 bus,
@@ -150,7 +153,7 @@ impl Orchestrator {
                 modules,
                 signing_key,
                 bus_down: std::sync::atomic::AtomicBool::new(false),
-                in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+                in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
                 reconciling: Arc::new(tokio::sync::Semaphore::new(MAX_RECONCILES_IN_FLIGHT)),
                 reader: Arc::new(Mutex::new(reader)),
             }),

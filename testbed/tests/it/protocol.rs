@@ -307,3 +307,39 @@ async fn lists_come_in_pages_and_a_forged_cursor_is_refused() {
         "{refused}"
     );
 }
+
+/// Past `max_requests_in_flight` a request is answered `too_busy` at once (retryable), every
+/// other request is served, and serving goes on: a flood queues nothing without limit.
+#[tokio::test]
+async fn a_flood_past_the_request_limit_is_answered_too_busy_and_serving_goes_on() {
+    let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
+        agents: 0,
+        max_requests_in_flight: Some(1),
+        ..rhizos_testbed::ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("flo", 1_000).await.unwrap();
+    let client = cluster.client();
+    let answers = futures::future::join_all((0..300).map(|_| client.account_balance("flo"))).await;
+    let (mut served, mut busy) = (0, 0);
+    for answer in answers {
+        match answer {
+            Ok(view) => {
+                assert_eq!(view.balance_micros, 1_000);
+                served += 1;
+            }
+            Err(e) if e.remote().map(|e| e.code) == Some(ErrorCode::TooBusy) => {
+                assert!(ErrorCode::TooBusy.is_retryable());
+                busy += 1;
+            }
+            Err(e) => panic!("neither served nor too_busy: {e}"),
+        }
+    }
+    assert!(served >= 1 && busy >= 1, "served {served}, too_busy {busy}");
+    // Nothing was lost: the next request is served.
+    assert_eq!(
+        client.account_balance("flo").await.unwrap().balance_micros,
+        1_000
+    );
+}

@@ -26,7 +26,7 @@ impl Orchestrator {
                 ErrorCode::TooBusy,
                 format!(
                     "the orchestrator is serving {} requests; retry in a moment",
-                    super::MAX_REQUESTS_IN_FLIGHT
+                    self.inner.settings.max_requests_in_flight
                 ),
             )));
             let _ = self.inner.bus.client.publish(reply_to, reply).await;
