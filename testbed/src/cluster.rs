@@ -53,6 +53,8 @@ pub struct ClusterOptions {
     pub failed_workload_charge: rhizos_broker::config::FailedWorkloadCharge,
     /// `[orchestrator] max_requests_in_flight` (default: the orchestrator's).
     pub max_requests_in_flight: Option<usize>,
+    /// `[orchestrator] resolver_timeout_ms` (default: the orchestrator's).
+    pub resolver_timeout_ms: Option<u64>,
 }
 
 impl Default for ClusterOptions {
@@ -83,6 +85,7 @@ impl Default for ClusterOptions {
             failed_workload_charge: Default::default(),
             max_log_lines: None,
             max_requests_in_flight: None,
+            resolver_timeout_ms: None,
         }
     }
 }
@@ -143,6 +146,9 @@ impl Cluster {
         settings.orchestrator.failed_workload_charge = options.failed_workload_charge;
         if let Some(limit) = options.max_requests_in_flight {
             settings.orchestrator.max_requests_in_flight = limit;
+        }
+        if let Some(timeout) = options.resolver_timeout_ms {
+            settings.orchestrator.resolver_timeout_ms = timeout;
         }
         settings.pricing = options.pricing;
         settings.orchestrator.resolver_dir = options.resolver_dir.clone();

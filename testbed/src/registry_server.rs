@@ -26,6 +26,8 @@ pub enum Route {
     FailThen(usize, String),
     /// 200 with these bytes, `application/octet-stream` (an artifact).
     Bytes(Vec<u8>),
+    /// 302 to this location.
+    Redirect(String),
 }
 
 /// One request the server saw: the path with its query, and its If-None-Match.
@@ -251,6 +253,9 @@ fn answer(
     let (status, headers, body) = match route {
         None => (404, String::new(), String::new()),
         Some(Route::Status(code)) => (code, String::new(), String::new()),
+        Some(Route::Redirect(location)) => {
+            (302, format!("Location: {location}\r\n"), String::new())
+        }
         Some(Route::Raw(body)) => (200, "Content-Type: text/plain\r\n".to_owned(), body),
         Some(Route::Bytes(bytes)) => {
             return Response {

@@ -2,6 +2,11 @@
 //! the operator allows (`[agent] artifact_sources`), never following redirects (which could lead
 //! elsewhere), at most `max_artifact_mib`, checked against the job's SHA-256 and kept in a cache
 //! directory named by digest, so a module many jobs run is fetched once per node.
+//!
+//! What goes back to the job's submitter says only *that* a fetch failed, never how (no HTTP
+//! status, no connection error, no digest of what the source served): the reason would
+//! otherwise let anyone who can submit a job probe the operator's sources path by path. The
+//! node's log has the details.
 
 use rhizos_broker::config::AgentSettings;
 use rhizos_broker::wire;
@@ -68,11 +73,17 @@ impl ArtifactStore {
         // Fetch the URL as it was checked (parsed and normalised), so no other parser's reading
         // of the original text decides where the request goes.
         let normalised = url::Url::parse(url).map_err(|e| format!("artifact URL {url:?}: {e}"))?;
-        let bytes = self.fetch(normalised.as_str())?;
+        let bytes = self.fetch(normalised.as_str()).map_err(|detail| {
+            tracing::warn!(%url, %detail, "artifact fetch failed");
+            format!(
+                "the artifact {url} could not be fetched from its source (the node's log has why)"
+            )
+        })?;
         let actual = crate::sha256_hex(&bytes);
         if actual != expected {
+            tracing::warn!(%url, %actual, %expected, "artifact digest mismatch");
             return Err(format!(
-                "artifact digest mismatch: {url} has sha256 {actual}, the job requires {expected}; refusing to run it"
+                "artifact digest mismatch: {url} is not the artifact with sha256 {expected}; refusing to run it"
             ));
         }
         if let Err(e) = self.keep(&expected, &bytes) {

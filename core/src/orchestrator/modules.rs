@@ -1,23 +1,48 @@
 //! `chain://` modules: resolved at submit through the orchestrator's resolver chain (the
 //! resolver plugins of `[orchestrator] resolver_dir`, both kinds, in file name order), cached for
 //! a TTL, and turned into a concrete job spec that carries the artifact's digest.
+//!
+//! Bounded against a `module.resolve` flood: each resolver runs at most
+//! [`MAX_CALLS_PER_RESOLVER`] calls at once, counting calls that outlived their timeout (a
+//! plugin's blocking call cannot be cancelled, so it keeps its slot until it really returns and
+//! the blocking pool is never filled by one hung registry); a module no resolver knows is
+//! remembered as unknown for [`UNKNOWN_TTL`] (at most the TTL), and the cache holds at most
+//! [`MAX_CACHE_ENTRIES`].
 
 use crate::agent::plugins::{ChainResolver, PluginDir};
 use rhizos_broker::wire::{
     self, ErrorCode, JobSpec, ModuleManifest, ModuleRef, ResolvedModule, WireError, Workload,
 };
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// Most calls one resolver runs at once (those past their timeout included); past it the
+/// resolver is skipped, saying so.
+pub const MAX_CALLS_PER_RESOLVER: usize = 8;
+/// How long a module no resolver knows is answered `not_found` from memory.
+pub const UNKNOWN_TTL: Duration = Duration::from_secs(10);
+/// Most modules remembered, known and unknown together.
+pub const MAX_CACHE_ENTRIES: usize = 10_000;
 
 /// The resolver chain and its cache.
 pub struct ModuleResolver {
     /// Keeps the plugins' private copies alive.
     _dir: PluginDir,
-    chain: Vec<ChainResolver>,
+    /// Each resolver with its call slots.
+    chain: Vec<(ChainResolver, Arc<Semaphore>)>,
     timeout: Duration,
     ttl: Duration,
-    cache: Mutex<HashMap<String, (Instant, ResolvedModule)>>,
+    cache: Mutex<HashMap<String, (Instant, Cached)>>,
+}
+
+/// What the cache remembers of a module.
+#[derive(Clone)]
+enum Cached {
+    Known(Box<ResolvedModule>),
+    /// Every resolver answered that it does not know it (this message).
+    Unknown(String),
 }
 
 impl ModuleResolver {
@@ -59,7 +84,11 @@ impl ModuleResolver {
         }
         Ok(Self {
             _dir: plugins,
-            chain: set.resolvers,
+            chain: set
+                .resolvers
+                .into_iter()
+                .map(|r| (r, Arc::new(Semaphore::new(MAX_CALLS_PER_RESOLVER))))
+                .collect(),
             timeout,
             ttl,
             cache: Mutex::new(HashMap::new()),
@@ -68,7 +97,10 @@ impl ModuleResolver {
 
     /// The resolvers, in the order they are asked.
     pub fn names(&self) -> Vec<String> {
-        self.chain.iter().map(|r| r.name().to_owned()).collect()
+        self.chain
+            .iter()
+            .map(|(r, _)| r.name().to_owned())
+            .collect()
     }
 
     /// The manifest of `uri`: from the cache within its TTL, else from the first resolver that
@@ -77,23 +109,22 @@ impl ModuleResolver {
     pub async fn resolve(&self, uri: &str) -> Result<ResolvedModule, WireError> {
         let module = ModuleRef::parse(uri).map_err(|e| WireError::new(ErrorCode::BadRequest, e))?;
         let key = module.to_string();
-        if let Some((at, resolved)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&key)
-            && at.elapsed() < self.ttl
-        {
-            let mut resolved = resolved.clone();
-            resolved.cached = true;
-            return Ok(resolved);
+        if let Some(cached) = self.cached(&key) {
+            return match cached {
+                Cached::Known(resolved) => {
+                    let mut resolved = *resolved;
+                    resolved.cached = true;
+                    Ok(resolved)
+                }
+                Cached::Unknown(message) => Err(WireError::new(ErrorCode::NotFound, message)),
+            };
         }
         let mut problems = Vec::new();
-        for resolver in &self.chain {
+        for (resolver, slots) in &self.chain {
             let name = resolver.name().to_owned();
             let (id, version) = (module.id.clone(), module.version.clone());
             let text = match self
-                .ask(resolver, move |r| r.resolve(&id, version.as_deref()))
+                .ask(resolver, slots, move |r| r.resolve(&id, version.as_deref()))
                 .await
             {
                 Err(problem) => {
@@ -128,10 +159,7 @@ impl ModuleResolver {
                 manifest,
                 cached: false,
             };
-            self.cache
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(key, (Instant::now(), resolved.clone()));
+            self.remember(key, Cached::Known(Box::new(resolved.clone())));
             return Ok(resolved);
         }
         let mut message = format!(
@@ -142,10 +170,50 @@ impl ModuleResolver {
                 self.names().join(", ")
             }
         );
-        if !problems.is_empty() {
+        if problems.is_empty() {
+            // Every resolver answered: a definite "unknown", worth remembering for a while.
+            self.remember(key, Cached::Unknown(message.clone()));
+        } else {
             message.push_str(&format!("; {}", problems.join("; ")));
         }
         Err(WireError::new(ErrorCode::NotFound, message))
+    }
+
+    /// The cache's entry for `key` while it is fresh.
+    fn cached(&self, key: &str) -> Option<Cached> {
+        let cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (at, cached) = cache.get(key)?;
+        let ttl = match cached {
+            Cached::Known(_) => self.ttl,
+            Cached::Unknown(_) => self.ttl.min(UNKNOWN_TTL),
+        };
+        (at.elapsed() < ttl).then(|| cached.clone())
+    }
+
+    /// Caches `cached` under `key`, dropping stale entries (and then the oldest) when full.
+    fn remember(&self, key: String, cached: Cached) {
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= MAX_CACHE_ENTRIES && !cache.contains_key(&key) {
+            let ttl = self.ttl;
+            cache.retain(|_, (at, _)| at.elapsed() < ttl.min(UNKNOWN_TTL));
+            while cache.len() >= MAX_CACHE_ENTRIES {
+                let Some(oldest) = cache
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone())
+                else {
+                    break;
+                };
+                cache.remove(&oldest);
+            }
+        }
+        cache.insert(key, (Instant::now(), cached));
     }
 }
 
@@ -155,13 +223,23 @@ impl ModuleResolver {
     async fn ask<T: Send + 'static>(
         &self,
         resolver: &ChainResolver,
+        slots: &Arc<Semaphore>,
         call: impl FnOnce(&ChainResolver) -> Result<T, String> + Send + 'static,
     ) -> Result<T, String> {
         let name = resolver.name().to_owned();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            return Err(format!(
+                "{name}: skipped, {MAX_CALLS_PER_RESOLVER} calls to it are still running (slow or hung)"
+            ));
+        };
         let resolver = resolver.clone();
         match tokio::time::timeout(
             self.timeout,
-            tokio::task::spawn_blocking(move || call(&resolver)),
+            tokio::task::spawn_blocking(move || {
+                // Held until the call returns, timed out or not.
+                let _slot = slot;
+                call(&resolver)
+            }),
         )
         .await
         {
@@ -180,9 +258,9 @@ impl ModuleResolver {
         let mut seen = std::collections::BTreeMap::new();
         let mut unlisted = Vec::new();
         let mut problems = Vec::new();
-        for resolver in &self.chain {
+        for (resolver, slots) in &self.chain {
             let name = resolver.name().to_owned();
-            let manifests = match self.ask(resolver, ChainResolver::list).await {
+            let manifests = match self.ask(resolver, slots, ChainResolver::list).await {
                 Err(problem) => {
                     problems.push(problem);
                     continue;

@@ -12,11 +12,15 @@
 //! `{"modules": [...]}`; a `404` means the registry cannot be enumerated.
 //!
 //! TLS through rustls (`https://` base URLs), trusting the Mozilla root certificates (webpki-roots)
-//! or, with `ca_file`, only the CA(s) in that PEM file (a private registry).
+//! or, with `ca_file`, only the CA(s) in that PEM file (a private registry). A manifest decides
+//! what runs (its artifact and digest), so plain `http://` is refused unless the registry is on
+//! this machine (a loopback host) or the operator sets `allow_http`. Redirects are not followed:
+//! a `3xx` is an error naming where it pointed (set `base_url` to that, if it is right).
 //!
 //! Config (`[agent.plugins.http]` on a node, `[orchestrator.resolvers.http]` on the
 //! orchestrator): `{"base_url": "https://registry.example/api", "timeout_ms": 5000,
-//! "retries": 2, "backoff_ms": 200, "max_bytes": 4194304, "ca_file": "/etc/rhizos/registry-ca.pem"}`.
+//! "retries": 2, "backoff_ms": 200, "max_bytes": 4194304, "ca_file": "/etc/rhizos/registry-ca.pem",
+//! "allow_http": false}`.
 #![allow(unsafe_code)] // `export_root_module` expands to an exported `extern "C"` symbol.
 
 use rhizos_plugin_api::sdk::PluginResolver;
@@ -41,6 +45,10 @@ pub struct Config {
     /// PEM file of the CA certificate(s) to trust instead of the public roots.
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// Accept an `http://` base URL on a host other than loopback (anyone on the path can then
+    /// change what modules resolve to).
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -69,16 +77,11 @@ impl HttpResolver {
             format!("invalid http resolver settings (it needs at least base_url): {e}")
         })?;
         let base = config.base_url.trim_end_matches('/').to_owned();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(format!(
-                "http resolver: base_url {:?} must start with http:// or https://",
-                config.base_url
-            ));
-        }
+        check_base_url(&base, config.allow_http)?;
         let mut builder = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_millis(config.timeout_ms)))
             .http_status_as_error(false)
-            .max_redirects(3);
+            .max_redirects(0);
         if let Some(path) = &config.ca_file {
             let pem = std::fs::read(path)
                 .map_err(|e| format!("http resolver: cannot read ca_file {path}: {e}"))?;
@@ -203,6 +206,19 @@ impl HttpResolver {
                 )),
             },
             404 => Ok(None),
+            300..=399 => {
+                let location = response
+                    .headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("nowhere");
+                Err((
+                    false,
+                    format!(
+                        "HTTP {status} to {location}: redirects are not followed (set base_url to where the registry is)"
+                    ),
+                ))
+            }
             500..=599 | 429 => Err((true, format!("HTTP {status}"))),
             other => Err((false, format!("HTTP {other}"))),
         }
@@ -260,6 +276,76 @@ impl HttpResolver {
                 }
             }
         }
+    }
+}
+
+/// `http://` only to this machine unless `allow_http`; `https://` anywhere; nothing else.
+fn check_base_url(base: &str, allow_http: bool) -> Result<(), String> {
+    let parsed =
+        url::Url::parse(base).map_err(|e| format!("http resolver: base_url {base:?}: {e}"))?;
+    if parsed.cannot_be_a_base() || parsed.host().is_none() {
+        return Err(format!("http resolver: base_url {base:?} has no host"));
+    }
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if allow_http => Ok(()),
+        "http" => {
+            let loopback = match parsed.host() {
+                Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            };
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!(
+                    "http resolver: base_url {base:?} is plain http to another machine: use https:// \
+                     (or set allow_http = true if the network path is trusted)"
+                ))
+            }
+        }
+        other => Err(format!(
+            "http resolver: base_url {base:?} must be https:// (or http:// to this machine), not {other}://"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(base_url: &str, allow_http: bool) -> String {
+        serde_json::json!({"base_url": base_url, "allow_http": allow_http}).to_string()
+    }
+
+    #[test]
+    fn plain_http_only_to_this_machine_unless_allowed() {
+        for ok in [
+            "https://registry.example/api",
+            "http://127.0.0.1:8080",
+            "http://127.8.0.1",
+            "http://localhost:9000/r",
+            "http://[::1]:80",
+        ] {
+            assert!(HttpResolver::new(&config(ok, false)).is_ok(), "{ok}");
+        }
+        for refused in [
+            "http://registry.example",
+            "http://10.0.0.1",
+            "http://127.0.0.1.evil.net",
+            "http://localhost.evil.net",
+            "ftp://registry.example",
+            "file:///etc/passwd",
+            "https://",
+            "registry.example",
+        ] {
+            let err = HttpResolver::new(&config(refused, false))
+                .err()
+                .unwrap_or_else(|| panic!("{refused} accepted"));
+            assert!(err.contains("base_url"), "{refused}: {err}");
+        }
+        assert!(HttpResolver::new(&config("http://registry.example", true)).is_ok());
     }
 }
 

@@ -237,6 +237,10 @@ async fn the_http_resolver_caches_by_etag_retries_and_fails_with_clear_errors() 
             ("/modules/broken".to_owned(), Route::Status(500)),
             ("/modules/forbidden".to_owned(), Route::Status(403)),
             (
+                "/modules/moved".to_owned(),
+                Route::Redirect("/modules/mod-http".into()),
+            ),
+            (
                 "/modules/huge".to_owned(),
                 Route::Raw(format!("\"{}\"", "x".repeat(4_000))),
             ),
@@ -310,6 +314,12 @@ async fn the_http_resolver_caches_by_etag_retries_and_fails_with_clear_errors() 
             "huge",
             "response larger than the 2048 bytes allowed".to_owned(),
         ),
+        (
+            "moved",
+            format!(
+                "GET {base}/modules/moved: HTTP 302 to /modules/mod-http: redirects are not followed"
+            ),
+        ),
     ];
     for (id, expected) in failures {
         let err = resolve(id, None).await.unwrap_err();
@@ -331,6 +341,11 @@ async fn the_http_resolver_caches_by_etag_retries_and_fails_with_clear_errors() 
     );
     assert_eq!(of("/modules/flaky").len(), 3, "two 503s, then the answer");
     assert_eq!(of("/modules/forbidden").len(), 1, "a 403 is not retried");
+    assert_eq!(
+        of("/modules/mod-http").len(),
+        2,
+        "the redirect was not followed"
+    );
 
     // Nothing listens: unreachable, named.
     let nowhere = http_resolver(serde_json::json!({
@@ -799,6 +814,8 @@ async fn an_artifact_by_reference_is_fetched_once_checked_and_run_only_where_all
                 "/elsewhere/demo.wasm".to_owned(),
                 Route::Bytes(demo.clone()),
             ),
+            ("/artifacts/private.wasm".to_owned(), Route::Status(403)),
+            ("/artifacts/broken.wasm".to_owned(), Route::Status(500)),
         ]
         .into(),
     )
@@ -829,6 +846,22 @@ async fn an_artifact_by_reference_is_fetched_once_checked_and_run_only_where_all
                 &sha256_hex(b"the module the registry meant"),
             ),
             manifest("mod-elsewhere", "/elsewhere/demo.wasm", &sha256_hex(&demo)),
+            // Digests the node has not cached, so it goes to the source.
+            manifest(
+                "mod-private",
+                "/artifacts/private.wasm",
+                &sha256_hex(b"private"),
+            ),
+            manifest(
+                "mod-broken",
+                "/artifacts/broken.wasm",
+                &sha256_hex(b"broken"),
+            ),
+            manifest(
+                "mod-absent",
+                "/artifacts/absent.wasm",
+                &sha256_hex(b"absent"),
+            ),
         ]
         .into(),
     )
@@ -902,8 +935,45 @@ async fn an_artifact_by_reference_is_fetched_once_checked_and_run_only_where_all
         reason.contains("artifact digest mismatch") && reason.contains("/artifacts/tampered.wasm"),
         "{reason}"
     );
+    // What the source served stays on the node: its digest is not an oracle for its content.
+    let served = sha256_hex(&[demo.as_slice(), b"\0extra"].concat());
+    assert!(!reason.contains(&served), "{reason}");
     assert_eq!(job.cost_micros, Some(0), "{job:?}");
     assert_eq!(job.refund_micros, Some(USD), "{job:?}");
+
+    // Forbidden, failing or absent on the source: the submitter learns that the fetch failed,
+    // the same words each time, never the status (no probing the operator's sources).
+    let mut reasons = Vec::new();
+    for id in ["mod-private", "mod-broken", "mod-absent"] {
+        cluster
+            .submit(&submit_request(
+                "rita",
+                id,
+                module_job(&format!("chain://{id}")),
+                USD,
+            ))
+            .await
+            .unwrap();
+        let job = cluster
+            .wait_for_end(id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(
+            (job.state, job.cost_micros),
+            (JobState::Failed, Some(0)),
+            "{job:?}"
+        );
+        let reason = job.reason.unwrap_or_default();
+        assert!(
+            reason.contains("could not be fetched from its source"),
+            "{reason}"
+        );
+        for leak in ["403", "500", "404", "HTTP", "Forbidden", "Not Found"] {
+            assert!(!reason.contains(leak), "{id}: {reason}");
+        }
+        reasons.push(reason.replace(id.trim_start_matches("mod-"), "X"));
+    }
+    assert!(reasons.windows(2).all(|w| w[0] == w[1]), "{reasons:?}");
 
     // From a source no node fetches from: refused at submit, saying so; nothing fetched.
     let refused = cluster
@@ -928,4 +998,93 @@ async fn an_artifact_by_reference_is_fetched_once_checked_and_run_only_where_all
             .all(|h| h.target != "/elsewhere/demo.wasm")
     );
     assert_ledger_consistent(&cluster).await;
+}
+
+/// A `module.resolve` flood against a hung registry and for modules nobody has: the hung
+/// resolver runs at most its slots of calls (a call past its timeout keeps its slot until it
+/// returns), every request is answered within the timeout, and an unknown module is asked of
+/// the registry once, then answered from memory.
+#[tokio::test]
+async fn a_resolve_flood_cannot_exhaust_the_orchestrator_or_the_registry() {
+    use rhizos_core::orchestrator::modules::MAX_CALLS_PER_RESOLVER;
+    use rhizos_testbed::registry_server::{RegistryServer, Route};
+    let manifest = r#"{"id": "hung", "version": "1.0.0"}"#.to_owned();
+    let server = RegistryServer::start(
+        [(
+            "/modules/hung".to_owned(),
+            Route::Slow(Duration::from_secs(3), manifest),
+        )]
+        .into(),
+    )
+    .unwrap();
+    let resolvers = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_resolver_http").unwrap(),
+        resolvers.path().join("http.so"),
+    )
+    .unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 0,
+        resolver_dir: Some(resolvers.path().to_path_buf()),
+        resolver_config: [(
+            "http".to_owned(),
+            serde_json::json!({"base_url": server.base_url, "retries": 0, "timeout_ms": 10_000}),
+        )]
+        .into(),
+        resolver_timeout_ms: Some(200),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    // Unknown: every resolver answered, so it is remembered; the registry is asked once.
+    for _ in 0..20 {
+        let unknown = resolve_on(&cluster, "chain://nobody-has-this")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            unknown.remote().map(|e| e.code),
+            Some(wire::ErrorCode::NotFound)
+        );
+    }
+    let asked = server
+        .hits()
+        .iter()
+        .filter(|h| h.target == "/modules/nobody-has-this")
+        .count();
+    assert_eq!(asked, 1);
+
+    let started = std::time::Instant::now();
+    let answers = futures::future::join_all(
+        (0..3 * MAX_CALLS_PER_RESOLVER).map(|_| resolve_on(&cluster, "chain://hung")),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered within the resolver timeout, not the registry's 3 s: {:?}",
+        started.elapsed()
+    );
+    let (mut timed_out, mut skipped) = (0, 0);
+    for answer in answers {
+        let message = answer.unwrap_err().to_string();
+        if message.contains("no answer within 200 ms") {
+            timed_out += 1;
+        } else if message.contains("calls to it are still running") {
+            skipped += 1;
+        } else {
+            panic!("unexpected: {message}");
+        }
+    }
+    assert_eq!(timed_out, MAX_CALLS_PER_RESOLVER, "skipped {skipped}");
+    let hung_hits = || {
+        server
+            .hits()
+            .iter()
+            .filter(|h| h.target == "/modules/hung")
+            .count()
+    };
+    assert_eq!(
+        hung_hits(),
+        MAX_CALLS_PER_RESOLVER,
+        "the registry saw only the slots' calls"
+    );
 }
