@@ -121,3 +121,14 @@ pub fn hand_rolled_registration(
         artifact_sources: vec![],
     }
 }
+
+/// A resolver dir holding the `http` resolver plugin (as `http.so`).
+pub fn http_resolver_dir() -> tempfile::TempDir {
+    let resolvers = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_resolver_http").unwrap(),
+        resolvers.path().join("http.so"),
+    )
+    .unwrap();
+    resolvers
+}

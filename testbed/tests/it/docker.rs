@@ -661,12 +661,7 @@ async fn a_container_module_runs_only_on_the_image_its_registry_entry_names() {
         .into(),
     )
     .unwrap();
-    let resolvers = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_resolver_http").unwrap(),
-        resolvers.path().join("http.so"),
-    )
-    .unwrap();
+    let resolvers = http_resolver_dir();
     let cluster = Cluster::start(ClusterOptions {
         plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_docker").unwrap()],
         plugin_config: [("docker".to_owned(), serde_json::json!({"pull": "never"}))].into(),

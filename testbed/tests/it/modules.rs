@@ -866,12 +866,7 @@ async fn an_artifact_by_reference_is_fetched_once_checked_and_run_only_where_all
         .into(),
     )
     .unwrap();
-    let resolvers = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_resolver_http").unwrap(),
-        resolvers.path().join("http.so"),
-    )
-    .unwrap();
+    let resolvers = http_resolver_dir();
     let cluster = Cluster::start(ClusterOptions {
         resolver_dir: Some(resolvers.path().to_path_buf()),
         resolver_config: [(
@@ -1017,12 +1012,7 @@ async fn a_resolve_flood_cannot_exhaust_the_orchestrator_or_the_registry() {
         .into(),
     )
     .unwrap();
-    let resolvers = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_resolver_http").unwrap(),
-        resolvers.path().join("http.so"),
-    )
-    .unwrap();
+    let resolvers = http_resolver_dir();
     let cluster = Cluster::start(ClusterOptions {
         agents: 0,
         resolver_dir: Some(resolvers.path().to_path_buf()),
