@@ -387,10 +387,6 @@ impl Registry {
         self.nodes.get(node_id)
     }
 
-    pub fn entries(&self) -> Vec<NodeEntry> {
-        self.nodes.values().cloned().collect()
-    }
-
     /// Up to `limit` entries in node-id order from `start`, and whether more follow.
     pub fn page(&self, start: std::ops::Bound<&str>, limit: usize) -> (Vec<NodeEntry>, bool) {
         use std::ops::Bound;
