@@ -725,11 +725,14 @@ fn new_store<W: 'static>(
         limit => limit,
     };
     store.set_fuel(fuel_given)?;
+    // The ticker runs free, so the first tick can come at once: one tick more than the
+    // timeout holds means the guest is never interrupted before its whole timeout has passed
+    // (a job is billed for exactly its timeout, not a tick less).
     let ticks = request
         .limits
         .wall_timeout_ms
         .div_ceil(EPOCH_TICK.as_millis() as u64)
-        .max(1);
+        .saturating_add(1);
     store.set_epoch_deadline(ticks);
     Ok((store, fuel_given))
 }
