@@ -3,13 +3,14 @@
 //!
 //! | role | may publish | may subscribe |
 //! |---|---|---|
-//! | user `a` | `ctl.v1.<ns>.u.a.*.*`, `node.plugins.*` | its inbox, `evt.v1.<ns>.u.a.>`, `out.v1.<ns>.u.a.>` |
-//! | node `n` | `ctl.v1.<ns>.n.n.*.*`, its heartbeat, `out.v1.<ns>.u.*.job.log.*.n`, replies | its inbox, `job.assign.n`, `job.stop.n`, `node.plugins.n` |
+//! | user `a` | `ctl.v1.<ns>.u.a.*.*`, `node.plugins.*`, direct get of `blob.v1.<ns>.u.a.>` | its inbox, `evt.v1.<ns>.u.a.>`, `out.v1.<ns>.u.a.>` |
+//! | node `n` | `ctl.v1.<ns>.n.n.*.*`, its heartbeat, `out.v1.<ns>.u.*.job.log.*.n`, `blob.v1.<ns>.u.*.n.n.>`, replies | its inbox, `job.assign.n`, `job.stop.n`, `node.plugins.n` |
 //! | operator `o` | `ctl.v1.<ns>.o.o.*.*`, `node.plugins.*`, `$JS.API.>` | everything |
 //! | orchestrator | everything | everything |
 //!
 //! Nobody but the orchestrator and the operator reaches JetStream's API (`$JS.API.>`), so only they
-//! can read, change or delete the event stream. Requests are answered under `allow_responses`
+//! can read, change or delete the event stream; a user reaches only direct gets of its own
+//! account's blobs. Requests are answered under `allow_responses`
 //! (a party may publish a reply only to a request it received), never by a right to publish to
 //! inboxes, so no one can fake another party's replies.
 
@@ -36,7 +37,15 @@ pub fn permissions(subjects: &Subjects, caller: &Caller) -> Permissions {
     let plugins_of_any = format!("rhizos.ctl.v1.{ns}.{}.*", CtlOp::NodePlugins);
     match caller.role {
         Role::User => Permissions {
-            publish: vec![own_ops, plugins_of_any],
+            publish: vec![
+                own_ops,
+                plugins_of_any,
+                // Reading its own results' blobs, chunk by chunk (nothing else of JetStream).
+                format!(
+                    "$JS.API.DIRECT.GET.{}.rhizos.blob.v1.{ns}.u.{name}.>",
+                    subjects.blob_stream()
+                ),
+            ],
             subscribe: vec![
                 inbox,
                 format!("rhizos.evt.v1.{ns}.u.{name}.>"),
@@ -57,6 +66,8 @@ pub fn permissions(subjects: &Subjects, caller: &Caller) -> Permissions {
                     own_ops,
                     format!("rhizos.out.v1.{ns}.node.heartbeat.{name}"),
                     format!("rhizos.out.v1.{ns}.u.*.job.log.*.{name}"),
+                    // Storing result blobs, only under its own node token.
+                    format!("rhizos.blob.v1.{ns}.u.*.n.{name}.>"),
                 ],
                 subscribe,
                 allow_responses: true,
@@ -273,7 +284,13 @@ mod tests {
             p.publish
                 .contains(&"rhizos.ctl.v1.dev.u.alice.*.*".to_owned())
         );
-        assert!(!p.publish.iter().any(|s| s.contains("$JS")));
+        assert_eq!(
+            p.publish
+                .iter()
+                .filter(|s| s.contains("$JS"))
+                .collect::<Vec<_>>(),
+            ["$JS.API.DIRECT.GET.RHIZOS_BLOB_DEV.rhizos.blob.v1.dev.u.alice.>"]
+        );
         assert!(p.subscribe.contains(&"_INBOX.u.alice.>".to_owned()));
         assert!(
             !p.subscribe
@@ -292,6 +309,10 @@ mod tests {
                 .contains(&"rhizos.out.v1.dev.node.heartbeat.n1".to_owned())
         );
         assert!(!n.publish.iter().any(|s| s.contains("job.assign")));
+        assert!(
+            n.publish
+                .contains(&"rhizos.blob.v1.dev.u.*.n.n1.>".to_owned())
+        );
     }
 
     #[test]

@@ -83,9 +83,11 @@ pub struct Bus {
     pub signer: Option<std::sync::Arc<nkeys::KeyPair>>,
     /// The event stream's retention (`[nats] event_max_bytes`, `event_max_age_s`).
     pub event_limits: EventLimits,
+    /// The blob stream's retention (`[nats] blob_max_bytes`, `blob_max_age_s`).
+    pub blob_limits: EventLimits,
 }
 
-/// How much history the event stream keeps.
+/// How much a stream keeps (the event stream's history, the blob stream's results).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventLimits {
     pub max_bytes: u64,
@@ -137,6 +139,10 @@ impl Bus {
             event_limits: EventLimits {
                 max_bytes: settings.event_max_bytes,
                 max_age_s: settings.event_max_age_s,
+            },
+            blob_limits: EventLimits {
+                max_bytes: settings.blob_max_bytes,
+                max_age_s: settings.blob_max_age_s,
             },
         })
     }

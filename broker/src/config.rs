@@ -52,6 +52,11 @@ pub struct NatsSettings {
     pub event_max_bytes: u64,
     /// Longest the event stream keeps an event, in seconds; 0: no age limit.
     pub event_max_age_s: u64,
+    /// Most bytes of out-of-band results (large output files, whole logs) the blob stream
+    /// keeps (oldest dropped first).
+    pub blob_max_bytes: u64,
+    /// Longest the blob stream keeps a result's blobs, in seconds; 0: no age limit.
+    pub blob_max_age_s: u64,
 }
 
 impl Default for NatsSettings {
@@ -67,6 +72,8 @@ impl Default for NatsSettings {
             credentials: None,
             event_max_bytes: 1024 * 1024 * 1024,
             event_max_age_s: 0,
+            blob_max_bytes: 2 * 1024 * 1024 * 1024,
+            blob_max_age_s: 7 * 24 * 3600,
         }
     }
 }
@@ -209,6 +216,13 @@ pub struct AgentSettings {
     pub max_log_bytes: u64,
     /// Longest line streamed; longer lines are cut (with `…`).
     pub max_line_bytes: usize,
+    /// Most bytes of each of stdout and stderr kept whole for the result: when a stream is
+    /// longer than its tail, this much of it (from its start) is stored out of band in the blob
+    /// stream. 0: only tails.
+    pub max_stored_log_bytes: u64,
+    /// Most bytes of output files one result stores out of band (files too large to travel in
+    /// the report); files past it are dropped, and the result says so.
+    pub max_output_blob_bytes: u64,
     /// Configuration handed to each stable-ABI plugin when it starts, by plugin name
     /// (`[agent.plugins.<name>]`); a plugin without an entry gets `{}`.
     pub plugins: std::collections::BTreeMap<String, serde_json::Value>,
@@ -244,6 +258,8 @@ impl Default for AgentSettings {
             max_log_lines: 100_000,
             max_log_bytes: 16 * 1024 * 1024,
             max_line_bytes: 16 * 1024,
+            max_stored_log_bytes: 16 * 1024 * 1024,
+            max_output_blob_bytes: 256 * 1024 * 1024,
             plugins: std::collections::BTreeMap::new(),
             nvml_library: None,
             artifact_sources: Vec::new(),

@@ -9,6 +9,7 @@
 //! * [`identity`]: roles, the caller token of every request subject, credentials files;
 //! * [`auth`]: each role's `nats-server` permissions and the server's authorization block;
 //! * [`bus`]: a connected client with typed request/reply, and the JetStream event stream;
+//! * [`blobs`]: result bytes out of band (large output files, whole logs) in the blob stream;
 //! * [`client`]: the typed control client, one method per operation (CLI, testbed, benchmarks);
 //! * [`server`]: a `nats-server` launcher (free port, data dir, readiness wait, kill on drop)
 //!   used by `rhizos up` and by tests.
@@ -16,6 +17,7 @@
 //! **Architecture Invariant:** no other crate formats a subject string or picks an encoding.
 
 pub mod auth;
+pub mod blobs;
 pub mod bus;
 pub mod client;
 pub mod config;

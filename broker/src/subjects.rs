@@ -205,6 +205,50 @@ impl Subjects {
         format!("RHIZOS_EVT_{}", self.ns.to_ascii_uppercase())
     }
 
+    // --- blob: out-of-band result bytes, in the blob stream ---
+
+    /// Name of the JetStream stream holding this namespace's result blobs.
+    pub fn blob_stream(&self) -> String {
+        format!("RHIZOS_BLOB_{}", self.ns.to_ascii_uppercase())
+    }
+
+    /// Every blob subject of the namespace (the blob stream's subjects).
+    pub fn blobs_wildcard(&self) -> String {
+        format!("rhizos.blob.v1.{}.>", self.ns)
+    }
+
+    /// Chunk `index` of the blob `sha256` that `node_id` stored for `account`:
+    /// `rhizos.blob.v1.<ns>.u.<account>.n.<node>.<sha256>.<index>`. Only that node may publish
+    /// there (its token is in the subject) and only the account (and the operator) read it.
+    pub fn blob_chunk(
+        &self,
+        account: &str,
+        node_id: &str,
+        sha256: &str,
+        index: u64,
+    ) -> Result<String, TokenError> {
+        Ok(format!(
+            "{}.{index}",
+            self.blob_chunks(account, node_id, sha256)?
+        ))
+    }
+
+    /// Every chunk subject of one blob (`….<sha256>.*`).
+    pub fn blob_chunks(
+        &self,
+        account: &str,
+        node_id: &str,
+        sha256: &str,
+    ) -> Result<String, TokenError> {
+        validate_token("account", account)?;
+        validate_token("node id", node_id)?;
+        validate_token("blob digest", sha256)?;
+        Ok(format!(
+            "rhizos.blob.v1.{}.u.{account}.n.{node_id}.{sha256}",
+            self.ns
+        ))
+    }
+
     // --- out: high-volume, not persisted ---
 
     /// Log lines of a job while it runs on `node_id`:

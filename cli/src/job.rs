@@ -38,6 +38,21 @@ pub enum JobCommand {
     /// Cancel a job: before it starts, everything is refunded; while it runs, it is stopped and
     /// the time used is paid.
     Cancel { job_id: String },
+    /// A finished job's output: without WHAT, list it; `stdout` or `stderr` prints the whole
+    /// stream (stored out of band when longer than the tail `job get` shows); a file's path
+    /// saves that file. Large files and whole logs are kept for `[nats] blob_max_age_s`.
+    Output {
+        job_id: String,
+        /// `stdout`, `stderr`, or the path of a file the job wrote under /output.
+        what: Option<String>,
+        /// Write there instead of standard output (a file's default is its name, in the
+        /// current directory).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Save every output file into this directory.
+        #[arg(long, conflicts_with_all = ["what", "out"])]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -198,7 +213,175 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
             }
             print_job(global.json, &job)
         }
+        JobCommand::Output {
+            job_id,
+            what,
+            out,
+            dir,
+        } => {
+            let job = client.job_get(&job_id).await?;
+            anyhow::ensure!(
+                job.state.is_terminal(),
+                "job {job_id} is {}: its output is there once it ends (rhizos job submit --wait, or rhizos job get)",
+                job.state.as_str()
+            );
+            match (what, dir) {
+                (_, Some(dir)) => save_outputs(global, client.bus(), &job, &dir).await,
+                (Some(what), None) => output_one(client.bus(), &job, &what, out.as_deref()).await,
+                (None, None) => list_outputs(global.json, &job),
+            }
+        }
     }
+}
+
+/// What a job left: inline files, files and whole logs stored out of band.
+fn list_outputs(json: bool, job: &JobView) -> anyhow::Result<()> {
+    let mut parts: Vec<serde_json::Value> = Vec::new();
+    for (name, text) in [("stdout", &job.stdout), ("stderr", &job.stderr)] {
+        let (bytes, whole) = match (name, &job.blobs.stdout, &job.blobs.stderr) {
+            ("stdout", Some(blob), _) | ("stderr", _, Some(blob)) => (blob.size, true),
+            _ => (text.as_ref().map_or(0, |t| t.len() as u64), false),
+        };
+        parts.push(serde_json::json!({"name": name, "bytes": bytes, "out_of_band": whole}));
+    }
+    for (name, content) in &job.output_files {
+        let bytes = wire::b64_decode("output_files", content).map_or(0, |c| c.len());
+        parts.push(serde_json::json!({"name": name, "bytes": bytes, "out_of_band": false}));
+    }
+    for (name, blob) in &job.blobs.files {
+        parts.push(serde_json::json!({"name": name, "bytes": blob.size, "out_of_band": true, "sha256": blob.sha256}));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "job_id": job.job_id, "outputs": parts })
+        );
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    for part in parts {
+        writeln!(
+            out,
+            "{:<40} {:>12} bytes{}",
+            part["name"].as_str().unwrap_or_default(),
+            part["bytes"],
+            if part["out_of_band"] == true {
+                "  (stored out of band)"
+            } else {
+                ""
+            }
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes one output (`stdout`, `stderr` or a file) to `out` (standard output for the logs by
+/// default, the file's name for a file).
+async fn output_one(
+    bus: &Bus,
+    job: &JobView,
+    what: &str,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let open = |path: &std::path::Path| -> anyhow::Result<Box<dyn std::io::Write>> {
+        Ok(Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )))
+    };
+    let blob = match what {
+        "stdout" => job.blobs.stdout.as_ref(),
+        "stderr" => job.blobs.stderr.as_ref(),
+        file => job.blobs.files.get(file),
+    };
+    let inline: Option<Vec<u8>> = match what {
+        "stdout" => Some(job.stdout.clone().unwrap_or_default().into_bytes()),
+        "stderr" => Some(job.stderr.clone().unwrap_or_default().into_bytes()),
+        file => job
+            .output_files
+            .get(file)
+            .map(|content| wire::b64_decode("output_files", content))
+            .transpose()?,
+    };
+    if blob.is_none() && inline.is_none() {
+        anyhow::bail!(
+            "job {} has no output {what:?} (rhizos job output {} lists what it has)",
+            job.job_id,
+            job.job_id
+        );
+    }
+    let mut sink: Box<dyn std::io::Write> = match (out, what) {
+        (Some(path), _) => open(path)?,
+        (None, "stdout" | "stderr") => Box::new(std::io::stdout().lock()),
+        (None, file) => {
+            anyhow::ensure!(
+                wire::valid_file_path(file),
+                "the job returned an output file with an unsafe name {file:?}; give --out"
+            );
+            let name = std::path::Path::new(file)
+                .file_name()
+                .context("an output file without a name; give --out")?;
+            open(std::path::Path::new(name))?
+        }
+    };
+    match (blob, inline) {
+        (Some(blob), _) => fetch_blob(bus, job, what, blob, &mut sink).await?,
+        (None, Some(bytes)) => sink.write_all(&bytes)?,
+        (None, None) => {}
+    }
+    sink.flush()?;
+    Ok(())
+}
+
+/// Reads a blob of `job` (stored by its node) into `sink`.
+async fn fetch_blob(
+    bus: &Bus,
+    job: &JobView,
+    what: &str,
+    blob: &wire::BlobRef,
+    sink: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    let node = job
+        .node_id
+        .as_deref()
+        .context("the job names out-of-band output but no node")?;
+    bus.get_blob(&job.account, node, what, blob, sink)
+        .await
+        .with_context(|| format!("cannot fetch {what} of job {}", job.job_id))
+}
+
+/// Saves every output file of `job` (inline or out of band) under `dir`.
+async fn save_outputs(
+    global: &GlobalArgs,
+    bus: &Bus,
+    job: &JobView,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let names = job.output_files.keys().chain(job.blobs.files.keys());
+    for name in names {
+        anyhow::ensure!(
+            wire::valid_file_path(name),
+            "the job returned an output file with an unsafe name {name:?}; not saved"
+        );
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let mut sink = std::io::BufWriter::new(file);
+        match job.blobs.files.get(name) {
+            Some(blob) => fetch_blob(bus, job, name, blob, &mut sink).await?,
+            None => sink.write_all(&wire::b64_decode("output_files", &job.output_files[name])?)?,
+        }
+        sink.flush()
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        if !global.json {
+            eprintln!("· saved {}", path.display());
+        }
+    }
+    Ok(())
 }
 
 /// The workload the flags name (exactly one of --wasm, --image, --cuda-program, --backend,
@@ -513,22 +696,7 @@ async fn finish(
     }
     print_job(global.json, &job)?;
     if let Some(dir) = output_dir {
-        for (name, content) in &job.output_files {
-            anyhow::ensure!(
-                wire::valid_file_path(name),
-                "the job returned an output file with an unsafe name {name:?}; not saved"
-            );
-            let path = dir.join(name);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create {}", parent.display()))?;
-            }
-            std::fs::write(&path, wire::b64_decode("output_files", content)?)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            if !global.json {
-                eprintln!("· saved {}", path.display());
-            }
-        }
+        save_outputs(global, bus, &job, dir).await?;
     }
     if job.state != JobState::Succeeded {
         std::process::exit(3);
@@ -565,6 +733,13 @@ fn print_job(json: bool, job: &JobView) -> anyhow::Result<()> {
             wire::b64_decode("output_files", content)
                 .map(|c| c.len())
                 .unwrap_or(0)
+        )?;
+    }
+    for (name, blob) in job.blobs.iter() {
+        writeln!(
+            out,
+            "  output:    {name} ({} bytes, stored out of band: rhizos job output {} {name})",
+            blob.size, job.job_id
         )?;
     }
     writeln!(

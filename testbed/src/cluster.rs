@@ -49,6 +49,8 @@ pub struct ClusterOptions {
     pub secure: bool,
     /// `[agent] max_log_lines` for every agent (default: the agent's).
     pub max_log_lines: Option<u64>,
+    /// `[agent] max_stored_log_bytes` for every agent (default: the agent's).
+    pub max_stored_log_bytes: Option<u64>,
     /// `[orchestrator] failed_workload_charge`.
     pub failed_workload_charge: rhizos_broker::config::FailedWorkloadCharge,
     /// `[orchestrator] max_requests_in_flight` (default: the orchestrator's).
@@ -84,6 +86,7 @@ impl Default for ClusterOptions {
             secure: false,
             failed_workload_charge: Default::default(),
             max_log_lines: None,
+            max_stored_log_bytes: None,
             max_requests_in_flight: None,
             resolver_timeout_ms: None,
         }
@@ -200,6 +203,9 @@ impl Cluster {
             agent_settings.plugins = options.plugin_config.clone();
             agent_settings.nvml_library = options.nvml_library.clone();
             agent_settings.artifact_sources = options.artifact_sources.clone();
+            if let Some(bytes) = options.max_stored_log_bytes {
+                agent_settings.max_stored_log_bytes = bytes;
+            }
             if let Some(lines) = options.max_log_lines {
                 agent_settings.max_log_lines = lines;
             }

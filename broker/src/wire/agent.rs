@@ -99,6 +99,49 @@ pub struct ExecutionOutcome {
     /// Tail of stdout/stderr (bounded, see the agent's `max_output_bytes`).
     pub stdout: String,
     pub stderr: String,
+    /// What did not travel in this report: output files, and the whole of stdout/stderr when
+    /// longer than their tails, stored in the namespace's blob stream ([`crate::blobs`]).
+    #[serde(default, skip_serializing_if = "OutputBlobs::is_empty")]
+    pub blobs: OutputBlobs,
+}
+
+/// Bytes kept out of band in the namespace's blob stream, by SHA-256, under the account of the
+/// job and the node that stored them (`rhizos.blob.v1.<ns>.u.<account>.n.<node>.<sha256>.<i>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobRef {
+    /// Lowercase hex SHA-256 of the whole content.
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// A result's parts stored out of band.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputBlobs {
+    /// Output files under `/output` too large to travel inline (relative path → blob).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, BlobRef>,
+    /// The whole stdout (up to the agent's `max_stored_log_bytes`), when longer than its tail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<BlobRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<BlobRef>,
+}
+
+impl OutputBlobs {
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.stdout.is_none() && self.stderr.is_none()
+    }
+
+    /// Every blob with what it holds (`stdout`, `stderr` or the file's path).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &BlobRef)> {
+        self.stdout
+            .iter()
+            .map(|b| ("stdout", b))
+            .chain(self.stderr.iter().map(|b| ("stderr", b)))
+            .chain(self.files.iter().map(|(name, b)| (name.as_str(), b)))
+    }
 }
 
 impl ExecutionOutcome {
@@ -113,6 +156,7 @@ impl ExecutionOutcome {
             output_files: BTreeMap::new(),
             stdout: String::new(),
             stderr: String::new(),
+            blobs: OutputBlobs::default(),
         }
     }
 }

@@ -280,6 +280,10 @@ pub struct JobView {
     /// Files the workload wrote under `/output` (relative path → base64), when it ended.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub output_files: BTreeMap<String, String>,
+    /// Output stored out of band (larger files, whole stdout/stderr), written by `node_id`:
+    /// `rhizos job output` fetches it.
+    #[serde(default, skip_serializing_if = "super::OutputBlobs::is_empty")]
+    pub blobs: super::OutputBlobs,
     pub created_ms: u64,
     pub updated_ms: u64,
 }

@@ -320,6 +320,7 @@ mod tests {
                     stderr: String::new(),
                     fuel_consumed: None,
                     output_files: Default::default(),
+                    blobs: Default::default(),
                 },
             },
             signature: None,

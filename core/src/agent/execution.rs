@@ -22,7 +22,9 @@ impl Agent {
     /// Runs one attempt to its end and reports it.
     pub(super) async fn execute(self, assign: AssignJob) {
         let key = (assign.job_id.clone(), assign.attempt);
-        let mut outcome = self.run_plugin(&assign).await;
+        let (mut outcome, offload) = self.run_plugin(&assign).await;
+        self.store_blobs(&assign.account, &mut outcome, offload)
+            .await;
         let cut = fit_outcome(&mut outcome, REPORT_BUDGET_BYTES);
         if !cut.is_empty() {
             tracing::warn!(job_id = %assign.job_id, attempt = assign.attempt, cut = ?cut, "result cut to fit one message");
@@ -59,12 +61,74 @@ impl Agent {
         self.executions().remove(&key);
     }
 
-    /// Prepares, starts and supervises one execution; every way it can end is an outcome.
-    async fn run_plugin(&self, assign: &AssignJob) -> ExecutionOutcome {
+    /// Stores what does not travel in the report in the blob stream — output files the report
+    /// leaves out, and the whole of a stream longer than its tail — and names it in the outcome.
+    /// What cannot be stored is said at the end of stderr (the result still ends the job).
+    async fn store_blobs(&self, account: &str, outcome: &mut ExecutionOutcome, offload: Offload) {
+        let node_id = &self.inner.node_id;
+        let mut failed = Vec::new();
+        let Offload {
+            files,
+            stdout,
+            stderr,
+            dropped,
+        } = offload;
+        for (what, spool) in [("stdout", stdout), ("stderr", stderr)] {
+            let Some(spool) = spool else { continue };
+            let content = match tokio::task::spawn_blocking(move || spool.read_back()).await {
+                Ok(Ok(content)) => content,
+                Ok(Err(e)) => {
+                    failed.push(format!("{what} ({e})"));
+                    continue;
+                }
+                Err(e) => {
+                    failed.push(format!("{what} ({e})"));
+                    continue;
+                }
+            };
+            match self.inner.bus.put_blob(account, node_id, &content).await {
+                Ok(blob) => {
+                    if what == "stdout" {
+                        outcome.blobs.stdout = Some(blob);
+                    } else {
+                        outcome.blobs.stderr = Some(blob);
+                    }
+                }
+                Err(e) => failed.push(format!("the whole {what} ({e})")),
+            }
+        }
+        for (name, content) in files {
+            match self.inner.bus.put_blob(account, node_id, &content).await {
+                Ok(blob) => {
+                    outcome.blobs.files.insert(name, blob);
+                }
+                Err(e) => failed.push(format!("output file {name} ({e})")),
+            }
+        }
+        if !failed.is_empty() {
+            tracing::warn!(account, failed = ?failed, "result parts not stored out of band");
+            outcome.stderr.push_str(&format!(
+                "[rhizos] not stored out of band, so not returned: {}\n",
+                failed.join(", ")
+            ));
+        }
+        if !dropped.is_empty() {
+            outcome.stderr.push_str(&format!(
+                "[rhizos] output files past this node's max_output_blob_bytes ({} MiB) dropped: {}\n",
+                self.inner.settings.max_output_blob_bytes >> 20,
+                dropped.join(", ")
+            ));
+        }
+    }
+
+    /// Prepares, starts and supervises one execution; every way it can end is an outcome, with
+    /// what of it goes out of band.
+    async fn run_plugin(&self, assign: &AssignJob) -> (ExecutionOutcome, Offload) {
+        let outcome = |o: ExecutionOutcome| (o, Offload::default());
         // Held until the execution ends.
         let (request, _gpus) = match self.prepare(assign).await {
             Ok(prepared) => prepared,
-            Err(message) => return node_error(message),
+            Err(message) => return outcome(node_error(message)),
         };
         let (sender, receiver) = mpsc::channel(LOG_BUFFER_LINES);
         let sink = Arc::new(SinkState::new(&self.inner.settings));
@@ -73,7 +137,7 @@ impl Agent {
             .await
         {
             Ok(execution) => execution,
-            Err(message) => return node_error(message),
+            Err(message) => return outcome(node_error(message)),
         };
         self.executions().insert(
             (assign.job_id.clone(), assign.attempt),
@@ -101,21 +165,33 @@ impl Agent {
         // Every line reached the sink before `wait` returned; this marker follows them.
         let _ = sender.send(SinkMessage::Done).await;
         let _ = forwarder.await;
-        let (stdout, stderr) = sink.tails();
+        let ((stdout, stdout_whole), (stderr, stderr_whole)) = sink.tails();
         let _ = reporter.await;
-        match waited {
-            Ok(outcome) => wire_outcome(outcome, stdout, stderr),
-            Err(e) => ExecutionOutcome {
-                kind: ExitKind::Crashed,
-                exit_code: None,
-                message: Some(format!("waiting for the execution failed: {e}")),
-                elapsed_ms: 0,
-                fuel_consumed: None,
-                output_files: Default::default(),
+        let (outcome, mut offload) = match waited {
+            Ok(outcome) => wire_outcome(
+                outcome,
                 stdout,
                 stderr,
-            },
-        }
+                self.inner.settings.max_output_blob_bytes,
+            ),
+            Err(e) => (
+                ExecutionOutcome {
+                    kind: ExitKind::Crashed,
+                    exit_code: None,
+                    message: Some(format!("waiting for the execution failed: {e}")),
+                    elapsed_ms: 0,
+                    fuel_consumed: None,
+                    output_files: Default::default(),
+                    stdout,
+                    stderr,
+                    blobs: Default::default(),
+                },
+                Offload::default(),
+            ),
+        };
+        offload.stdout = stdout_whole;
+        offload.stderr = stderr_whole;
+        (outcome, offload)
     }
 
     /// What the execution needs before it starts: the artifact's bytes when they come by
@@ -361,17 +437,58 @@ fn node_error(message: String) -> ExecutionOutcome {
         output_files: Default::default(),
         stdout: String::new(),
         stderr: String::new(),
+        blobs: Default::default(),
     }
 }
 
-/// The plugin's outcome as the wire reports it, with the tails of the streamed output.
+/// What of a result goes out of band: output files too large for the report, the whole of a
+/// stream longer than its tail, and the files past the node's blob budget (dropped, named).
+#[derive(Default)]
+struct Offload {
+    files: Vec<(String, Vec<u8>)>,
+    stdout: Option<Spool>,
+    stderr: Option<Spool>,
+    dropped: Vec<String>,
+}
+
+/// Largest output file that travels in the report itself.
+const INLINE_FILE_BYTES: usize = 64 * 1024;
+/// Most bytes of output files that travel in the report (smallest first); the rest go out of
+/// band.
+const INLINE_FILES_BYTES: usize = 256 * 1024;
+
+/// The plugin's outcome as the wire reports it, with the tails of the streamed output; the
+/// output files that do not travel inline (past [`INLINE_FILE_BYTES`] each or
+/// [`INLINE_FILES_BYTES`] in all) are returned for the blob stream, up to `blob_budget` bytes.
 fn wire_outcome(
     outcome: rhizos_plugin_api::ExecOutcome,
     stdout: String,
     stderr: String,
-) -> ExecutionOutcome {
+    blob_budget: u64,
+) -> (ExecutionOutcome, Offload) {
     use rhizos_plugin_api::ExitKind as Plugin;
-    ExecutionOutcome {
+    let mut files: Vec<(String, Vec<u8>)> = outcome
+        .output_files
+        .into_iter()
+        .map(|Tuple2(name, content)| (name.into_string(), content.into_vec()))
+        .collect();
+    files.sort_by_key(|(_, content)| content.len());
+    let mut offload = Offload::default();
+    let (mut inline, mut inline_bytes, mut blob_bytes) =
+        (std::collections::BTreeMap::new(), 0usize, 0u64);
+    for (name, content) in files {
+        if content.len() <= INLINE_FILE_BYTES && inline_bytes + content.len() <= INLINE_FILES_BYTES
+        {
+            inline_bytes += content.len();
+            inline.insert(name, wire::b64_encode(&content));
+        } else if blob_bytes + content.len() as u64 <= blob_budget {
+            blob_bytes += content.len() as u64;
+            offload.files.push((name, content));
+        } else {
+            offload.dropped.push(name);
+        }
+    }
+    let outcome = ExecutionOutcome {
         kind: match outcome.kind {
             Plugin::Exited => ExitKind::Exited,
             Plugin::TimedOut => ExitKind::TimedOut,
@@ -386,14 +503,12 @@ fn wire_outcome(
         message: (!outcome.message.is_empty()).then(|| outcome.message.into_string()),
         elapsed_ms: outcome.elapsed_ms,
         fuel_consumed: (outcome.fuel_consumed > 0).then_some(outcome.fuel_consumed),
-        output_files: outcome
-            .output_files
-            .iter()
-            .map(|Tuple2(name, content)| (name.to_string(), wire::b64_encode(content)))
-            .collect(),
+        output_files: inline,
         stdout,
         stderr,
-    }
+        blobs: Default::default(),
+    };
+    (outcome, offload)
 }
 
 /// The plugin's request for `assign`, on the GPUs `gpu_devices`, with the workload's bytes
@@ -625,8 +740,8 @@ impl SinkState {
                 streamed_lines: 0,
                 streamed_bytes: 0,
                 spent: false,
-                stdout: Tail::new(settings.max_output_bytes),
-                stderr: Tail::new(settings.max_output_bytes),
+                stdout: Tail::new(settings.max_output_bytes, settings.max_stored_log_bytes),
+                stderr: Tail::new(settings.max_output_bytes, settings.max_stored_log_bytes),
             }),
         }
     }
@@ -669,13 +784,13 @@ impl SinkState {
         })
     }
 
-    /// The tails of stdout and stderr, for the result.
-    fn tails(&self) -> (String, String) {
+    /// The tails of stdout and stderr for the result, each with the whole stream when it
+    /// outgrew its tail.
+    fn tails(&self) -> ((String, Option<Spool>), (String, Option<Spool>)) {
         let mut counts = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let max = counts.stdout.max_bytes;
-        let stdout = std::mem::replace(&mut counts.stdout, Tail::new(max));
-        let stderr = std::mem::replace(&mut counts.stderr, Tail::new(max));
-        (stdout.into_string(), stderr.into_string())
+        let stdout = std::mem::replace(&mut counts.stdout, Tail::new(0, 0));
+        let stderr = std::mem::replace(&mut counts.stderr, Tail::new(0, 0));
+        (stdout.into_parts(), stderr.into_parts())
     }
 }
 
@@ -705,23 +820,53 @@ impl EventSink for ChannelSink {
     }
 }
 
-/// The last `max_bytes` of a stream of lines.
+/// The last `max_bytes` of a stream of lines, and the whole stream (up to `spool_bytes`) in a
+/// [`Spool`] once it outgrows them.
 struct Tail {
     lines: VecDeque<String>,
     bytes: usize,
     max_bytes: usize,
+    spool_bytes: u64,
+    spool: Option<Spool>,
+    /// The spool could not be created (no temporary space): tails only.
+    spool_failed: bool,
 }
 
 impl Tail {
-    fn new(max_bytes: usize) -> Self {
+    fn new(max_bytes: usize, spool_bytes: u64) -> Self {
         Self {
             lines: VecDeque::new(),
             bytes: 0,
             max_bytes,
+            spool_bytes,
+            spool: None,
+            spool_failed: false,
         }
     }
 
     fn push(&mut self, line: &str) {
+        if self.spool.is_none()
+            && !self.spool_failed
+            && self.spool_bytes > 0
+            && self.bytes + line.len() + 1 > self.max_bytes
+        {
+            // The tail is about to lose its first line: from now on the whole stream is kept.
+            match Spool::create(self.spool_bytes) {
+                Ok(mut spool) => {
+                    for old in &self.lines {
+                        spool.write_line(old);
+                    }
+                    self.spool = Some(spool);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot keep a whole output stream; only its tail is returned");
+                    self.spool_failed = true;
+                }
+            }
+        }
+        if let Some(spool) = &mut self.spool {
+            spool.write_line(line);
+        }
         self.bytes += line.len() + 1;
         self.lines.push_back(line.to_owned());
         while self.bytes > self.max_bytes {
@@ -732,19 +877,106 @@ impl Tail {
         }
     }
 
-    fn into_string(self) -> String {
+    /// The tail as text, and the whole stream when it outgrew the tail.
+    fn into_parts(self) -> (String, Option<Spool>) {
         let mut text = String::with_capacity(self.bytes);
         for line in self.lines {
             text.push_str(&line);
             text.push('\n');
         }
-        text
+        (text, self.spool)
+    }
+}
+
+/// One output stream from its start, in an unnamed temporary file (gone when dropped), up to
+/// `max_bytes`; lines past it are left out (the tail still has the end).
+struct Spool {
+    file: std::io::BufWriter<std::fs::File>,
+    written: u64,
+    max_bytes: u64,
+    error: Option<std::io::Error>,
+}
+
+impl Spool {
+    fn create(max_bytes: u64) -> std::io::Result<Self> {
+        Ok(Self {
+            file: std::io::BufWriter::with_capacity(64 * 1024, tempfile::tempfile()?),
+            written: 0,
+            max_bytes,
+            error: None,
+        })
+    }
+
+    fn write_line(&mut self, line: &str) {
+        use std::io::Write;
+        let bytes = line.len() as u64 + 1;
+        if self.error.is_some() || self.written + bytes > self.max_bytes {
+            return;
+        }
+        match self
+            .file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.write_all(b"\n"))
+        {
+            Ok(()) => self.written += bytes,
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// Everything written (blocking file I/O).
+    fn read_back(self) -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek};
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let mut file = self.file.into_inner().map_err(|e| e.into_error())?;
+        file.rewind()?;
+        let mut content = Vec::with_capacity(usize::try_from(self.written).unwrap_or(0));
+        file.read_to_end(&mut content)?;
+        Ok(content)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_longer_than_its_tail_is_kept_whole_up_to_its_cap() {
+        // Within the tail: nothing spooled.
+        let mut short = Tail::new(100, 1_000);
+        short.push("one");
+        short.push("two");
+        let (text, spool) = short.into_parts();
+        assert_eq!(text, "one\ntwo\n");
+        assert!(spool.is_none());
+        // Past it: the tail keeps the end, the spool everything from the start.
+        let mut long = Tail::new(20, 1_000);
+        let lines: Vec<String> = (0..50).map(|i| format!("line {i}")).collect();
+        for line in &lines {
+            long.push(line);
+        }
+        let (text, spool) = long.into_parts();
+        assert!(text.len() <= 20 && text.ends_with("line 49\n"), "{text:?}");
+        let whole = String::from_utf8(spool.unwrap().read_back().unwrap()).unwrap();
+        assert_eq!(
+            whole,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>()
+        );
+        // The cap bounds the spool: whole lines from the start, nothing past it.
+        let mut capped = Tail::new(20, 30);
+        for line in &lines {
+            capped.push(line);
+        }
+        let whole = capped.into_parts().1.unwrap().read_back().unwrap();
+        assert_eq!(whole, b"line 0\nline 1\nline 2\nline 3\n");
+        // A cap of 0 keeps tails only.
+        let mut off = Tail::new(20, 0);
+        for line in &lines {
+            off.push(line);
+        }
+        assert!(off.into_parts().1.is_none());
+    }
 
     #[test]
     fn a_result_is_cut_to_fit_one_message_files_first_then_tails() {
@@ -764,6 +996,7 @@ mod tests {
             // Control bytes: each encodes to six bytes of JSON.
             stdout: "\u{1}".repeat(64 * 1024),
             stderr: "ok\n".into(),
+            blobs: Default::default(),
         };
         let cut = fit_outcome(&mut outcome, REPORT_BUDGET_BYTES);
         let encoded = serde_json::to_vec(&outcome).unwrap().len();

@@ -76,6 +76,8 @@ struct Inner {
     reconciling: Arc<tokio::sync::Semaphore>,
     /// The read-only handle for expensive reads (verify, lists), off the writer thread.
     reader: Arc<Mutex<Store>>,
+    /// The blob stream results' large parts are stored in (checked before they are recorded).
+    blobs: async_nats::jetstream::stream::Stream,
 }
 
 /// Most heartbeat reconciliations at once.
@@ -115,6 +117,7 @@ impl Orchestrator {
             registry.upsert(registration);
         }
         bus.ensure_event_stream().await?;
+        let blobs = bus.ensure_blob_stream().await?;
         let modules = match &settings.resolver_dir {
             Some(dir) => Some(
                 modules::ModuleResolver::open(
@@ -156,6 +159,7 @@ impl Orchestrator {
                 in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
                 reconciling: Arc::new(tokio::sync::Semaphore::new(MAX_RECONCILES_IN_FLIGHT)),
                 reader: Arc::new(Mutex::new(reader)),
+                blobs,
             }),
         })
     }

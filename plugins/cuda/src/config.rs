@@ -28,7 +28,7 @@ impl Default for Config {
             watch_interval_ms: 250,
             work_dir: None,
             max_output_files: 256,
-            max_output_bytes: 512 << 10,
+            max_output_bytes: 64 << 20,
         }
     }
 }

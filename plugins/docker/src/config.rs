@@ -62,7 +62,7 @@ impl Default for Config {
             pull_registries: vec!["docker.io".into()],
             cleanup_orphans: true,
             max_output_files: 256,
-            max_output_bytes: 512 << 10,
+            max_output_bytes: 64 << 20,
             connect_timeout_ms: 5_000,
         }
     }

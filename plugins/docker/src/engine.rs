@@ -30,7 +30,7 @@ const EXECUTION_LABEL: &str = "rhizos.execution";
 /// How long the output stream may lag behind the container's exit.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest output archive read from the engine (the file limits apply within it).
-const MAX_ARCHIVE_BYTES: usize = 64 << 20;
+const MAX_ARCHIVE_BYTES: usize = 80 << 20;
 
 /// The job's workload as the agent hands it over (its `Workload` JSON).
 #[derive(Debug, Deserialize)]

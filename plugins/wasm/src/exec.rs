@@ -30,9 +30,10 @@ const MODULE_CACHE_ENTRIES: usize = 32;
 /// Instances (and their memories, tables and async stacks) the pooling allocator keeps ready:
 /// more executions than this at once on one node wait for a slot's error to retry.
 const POOL_SLOTS: u32 = 64;
-/// Most bytes of output files collected from `/output` (beyond: dropped, and said on stderr);
-/// they travel base64 in the result report, within a NATS message.
-const MAX_OUTPUT_FILES_BYTES: u64 = 512 << 10;
+/// Most bytes of output files collected from `/output` (beyond: dropped, and said on stderr):
+/// all a guest may write there. The agent sends the small ones in the result report and stores
+/// the rest in the blob stream.
+const MAX_OUTPUT_FILES_BYTES: u64 = MAX_OUTPUT_WRITE_BYTES;
 /// Most output files collected.
 const MAX_OUTPUT_FILES: usize = 256;
 /// Fuel given to a guest without a fuel limit (never runs out in practice; still counted).

@@ -74,6 +74,7 @@ async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
                 elapsed_ms: 900,
                 stdout: String::new(),
                 stderr: String::new(),
+                blobs: Default::default(),
             },
         },
         signature: None,

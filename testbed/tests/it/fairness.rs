@@ -11,7 +11,7 @@ use rhizos_testbed::cluster::wasm_spec;
 use rhizos_testbed::{Cluster, ClusterOptions};
 use std::time::{Duration, Instant};
 
-const NODE: &str = "liar";
+pub(crate) const NODE: &str = "liar";
 
 fn registration() -> RegisterNode {
     hand_rolled_registration(NODE, "liar-provider")
@@ -19,7 +19,8 @@ fn registration() -> RegisterNode {
 
 /// A cluster without agents, where the test speaks for node [`NODE`]: registered, with its
 /// assignments subscribed.
-async fn with_hand_rolled_node() -> (Cluster, rhizos_broker::Bus, async_nats::Subscriber) {
+pub(crate) async fn with_hand_rolled_node() -> (Cluster, rhizos_broker::Bus, async_nats::Subscriber)
+{
     let cluster = Cluster::start(ClusterOptions {
         agents: 0,
         ..ClusterOptions::default()
@@ -37,7 +38,7 @@ async fn with_hand_rolled_node() -> (Cluster, rhizos_broker::Bus, async_nats::Su
 }
 
 /// Acks the assignment in `message` and reports it running; returns the running report.
-async fn accept(bus: &rhizos_broker::Bus, message: async_nats::Message) -> JobReport {
+pub(crate) async fn accept(bus: &rhizos_broker::Bus, message: async_nats::Message) -> JobReport {
     let assign: AssignJob = wire::decode(&message.payload, 4 << 20).unwrap();
     let ack = wire::encode(&Reply::ok(Ack {
         accepted: true,

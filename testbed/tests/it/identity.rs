@@ -17,7 +17,10 @@ use std::time::Duration;
 const USD: i64 = 1_000_000;
 
 /// A connection as `caller` that records the server's errors (permission violations).
-async fn connect_as(cluster: &Cluster, caller: &Caller) -> (Bus, Arc<Mutex<Vec<String>>>) {
+pub(crate) async fn connect_as(
+    cluster: &Cluster,
+    caller: &Caller,
+) -> (Bus, Arc<Mutex<Vec<String>>>) {
     let settings = cluster.settings_as(caller).unwrap();
     let creds = Credentials::load(settings.credentials.as_ref().unwrap()).unwrap();
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -41,12 +44,13 @@ async fn connect_as(cluster: &Cluster, caller: &Caller) -> (Bus, Arc<Mutex<Vec<S
         identity: Some(caller.clone()),
         signer: None,
         event_limits: cluster.bus.event_limits,
+        blob_limits: cluster.bus.blob_limits,
     };
     (bus, errors)
 }
 
 /// Waits until the server reported a permission violation naming `subject`.
-async fn violation(errors: &Arc<Mutex<Vec<String>>>, subject: &str) {
+pub(crate) async fn violation(errors: &Arc<Mutex<Vec<String>>>, subject: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         if errors
@@ -91,7 +95,7 @@ fn refused(result: Result<impl std::fmt::Debug, rhizos_broker::RequestError>, co
     }
 }
 
-async fn secure_cluster(agents: usize) -> Cluster {
+pub(crate) async fn secure_cluster(agents: usize) -> Cluster {
     Cluster::start(ClusterOptions {
         agents,
         secure: true,
@@ -389,6 +393,7 @@ async fn a_hostile_node_cannot_act_as_another_node_or_redirect_its_earnings() {
                 elapsed_ms: 29_000,
                 stdout: "forged".into(),
                 stderr: String::new(),
+                blobs: Default::default(),
             },
         },
         signature: None,
@@ -610,6 +615,67 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
         text.contains("Hello from RhizOS") && text.contains("succeeded"),
         "{text}"
     );
+    // Large results come back through the blob stream: a 1 MiB file saved by --output-dir, the
+    // whole of a 20 000-line stdout (its tail alone is 64 KiB) by `job output`.
+    let outputs = dir.path().join("outputs");
+    let (ok, text) = run(cli(&[
+        "job",
+        "submit",
+        "--account",
+        "alice",
+        "--max-cost",
+        "0.5",
+        "--timeout-secs",
+        "20",
+        "--wait",
+        "--arg",
+        "fill",
+        "--arg",
+        "1",
+        "--output-dir",
+    ])
+    .arg(&outputs)
+    .arg("--wasm")
+    .arg(&module));
+    assert!(ok, "{text}");
+    assert_eq!(
+        std::fs::metadata(outputs.join("fill.bin")).unwrap().len(),
+        1 << 20,
+        "{text}"
+    );
+    let (ok, text) = run(cli(&[
+        "job",
+        "submit",
+        "--account",
+        "alice",
+        "--max-cost",
+        "0.5",
+        "--timeout-secs",
+        "20",
+        "--job-id",
+        "big-log",
+        "--arg",
+        "count",
+        "--arg",
+        "20000",
+        "--wait",
+        "--wasm",
+    ])
+    .arg(&module));
+    assert!(ok, "{text}");
+    let whole = cli(&["job", "output", "big-log", "stdout"])
+        .output()
+        .unwrap();
+    assert!(
+        whole.status.success(),
+        "{}",
+        String::from_utf8_lossy(&whole.stderr)
+    );
+    let whole = String::from_utf8(whole.stdout).unwrap();
+    assert_eq!(whole.lines().count(), 20_000);
+    assert!(whole.starts_with("line 1\n") && whole.ends_with("line 20000\n"));
+    let (ok, text) = run(&mut cli(&["job", "output", "big-log", "nope.txt"]));
+    assert!(!ok && text.contains("no output"), "{text}");
 
     // A payout by the operator happens once, however often it is retried.
     let before = balance_of(&run, &cli, "alice");

@@ -12,6 +12,7 @@ mod fairness;
 mod identity;
 mod jobs;
 mod modules;
+mod outputs;
 mod plugins;
 mod protocol;
 mod receipts;

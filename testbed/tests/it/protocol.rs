@@ -166,6 +166,7 @@ async fn the_same_result_reported_twice_is_settled_once() {
                 elapsed_ms: 40_000,
                 stdout: String::new(),
                 stderr: String::new(),
+                blobs: Default::default(),
             },
         },
         signature: None,

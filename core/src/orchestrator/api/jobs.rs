@@ -8,8 +8,8 @@ use super::super::validate::{party_account, token, validate_submit};
 use super::{forbidden, own_account};
 use rhizos_broker::validate_token;
 use rhizos_broker::wire::{
-    self, Ack, CancelJob, ErrorCode, JobList, JobRef, JobReport, JobState, ListJobs, ReportPhase,
-    SubmitJob, SubmitJobReply, WireError, Workload,
+    self, Ack, BlobRef, CancelJob, ErrorCode, ExecutionOutcome, JobList, JobRef, JobReport,
+    JobState, ListJobs, ReportPhase, SubmitJob, SubmitJobReply, WireError, Workload,
 };
 use rhizos_broker::{Caller, Role};
 
@@ -178,9 +178,14 @@ impl Orchestrator {
             node_id,
             job_id,
             attempt,
-            phase,
+            mut phase,
             ..
         } = report;
+        if let ReportPhase::Finished { outcome } = &mut phase
+            && !outcome.blobs.is_empty()
+        {
+            self.keep_stored_blobs(&job_id, &node_id, outcome).await;
+        }
         let (log_job, log_node) = (job_id.clone(), node_id.clone());
         // Capacity comes free on a result or a hand-back (and a handed-back job waits again).
         let finished = !matches!(phase, ReportPhase::Running);
@@ -235,6 +240,87 @@ impl Orchestrator {
     }
 }
 
+impl Orchestrator {
+    /// Keeps of a result's out-of-band parts only those well formed and really in the blob
+    /// stream, under the job's account and the reporting node (a node may claim blobs it never
+    /// stored); what is dropped is said at the end of the result's stderr.
+    async fn keep_stored_blobs(&self, job_id: &str, node_id: &str, outcome: &mut ExecutionOutcome) {
+        let id = job_id.to_owned();
+        let Ok(job) = self.read(move |store| store.get_job(&id)).await else {
+            // Not this orchestrator's job: the store answers the report as stale.
+            return;
+        };
+        let blobs = std::mem::take(&mut outcome.blobs);
+        let mut dropped = Vec::new();
+        let well_formed = |name: &str, blob: &BlobRef| {
+            blob.size > 0
+                && blob.size <= MAX_BLOB_BYTES
+                && blob.sha256.len() == 64
+                && blob
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                && (matches!(name, "stdout" | "stderr") || wire::valid_file_path(name))
+        };
+        let checks = blobs.iter().take(MAX_BLOB_FILES + 2).map(|(name, blob)| {
+            let (stream, subjects, account) =
+                (&self.inner.blobs, &self.inner.bus.subjects, &job.account);
+            async move {
+                if !well_formed(name, blob) {
+                    return (name, false);
+                }
+                let stored = rhizos_broker::blobs::is_stored(stream, subjects, account, node_id, blob)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(%job_id, %node_id, blob = %blob.sha256, error = %e, "cannot check a result blob");
+                        false
+                    });
+                (name, stored)
+            }
+        });
+        let checked = futures::future::join_all(checks).await;
+        let mut kept = wire::OutputBlobs::default();
+        for (name, stored) in checked {
+            if !stored {
+                dropped.push(name.to_owned());
+                continue;
+            }
+            let blob = match name {
+                "stdout" => blobs.stdout.clone(),
+                "stderr" => blobs.stderr.clone(),
+                file => blobs.files.get(file).cloned(),
+            };
+            match (name, blob) {
+                ("stdout", blob) => kept.stdout = blob,
+                ("stderr", blob) => kept.stderr = blob,
+                (file, Some(blob)) => {
+                    kept.files.insert(file.to_owned(), blob);
+                }
+                (_, None) => {}
+            }
+        }
+        let listed = blobs.files.len()
+            + usize::from(blobs.stdout.is_some())
+            + usize::from(blobs.stderr.is_some());
+        if listed > MAX_BLOB_FILES + 2 {
+            dropped.push(format!("{} more", listed - MAX_BLOB_FILES - 2));
+        }
+        if !dropped.is_empty() {
+            tracing::warn!(%job_id, %node_id, dropped = ?dropped, "result names blobs that are not stored");
+            outcome.stderr.push_str(&format!(
+                "[rhizos] the node reported output stored out of band that is not in the blob stream (not returned): {}\n",
+                dropped.join(", ")
+            ));
+        }
+        outcome.blobs = kept;
+    }
+}
+
+/// Most out-of-band output files one result may name.
+const MAX_BLOB_FILES: usize = 1_024;
+/// Largest blob a result may name.
+const MAX_BLOB_BYTES: u64 = 1 << 40;
+
 /// A user sees and acts on only its own account's jobs; the operator on all. A job of another
 /// account is reported as not found, so its id's existence is not disclosed either.
 pub(in crate::orchestrator) fn own_job(
@@ -273,6 +359,7 @@ fn job_view(job: JobRecord) -> wire::JobView {
         elapsed_ms,
         fuel_consumed,
         output_files,
+        blobs,
         created_ms,
         updated_ms,
     } = job;
@@ -295,6 +382,7 @@ fn job_view(job: JobRecord) -> wire::JobView {
         elapsed_ms,
         fuel_consumed,
         output_files,
+        blobs,
         created_ms,
         updated_ms,
     }

@@ -29,13 +29,17 @@ impl Orchestrator {
 }
 
 /// The result a receipt vouches for, in a fixed encoding: exit code, stdout, stderr, output files
-/// (path → base64, sorted by path), as JSON in this field order.
+/// (path → base64, sorted by path), then the out-of-band blobs (their digests), as JSON in this
+/// field order.
 #[derive(Serialize)]
 struct ResultDigestInput<'a> {
     exit_code: Option<i32>,
     stdout: &'a str,
     stderr: &'a str,
     output_files: &'a std::collections::BTreeMap<String, String>,
+    /// The out-of-band parts by digest (absent when none, so older receipts hash the same).
+    #[serde(skip_serializing_if = "rhizos_broker::wire::OutputBlobs::is_empty")]
+    blobs: &'a rhizos_broker::wire::OutputBlobs,
 }
 
 fn receipt_body(closed: ClosedJob, fee_bps: u32) -> ReceiptBody {
@@ -45,6 +49,7 @@ fn receipt_body(closed: ClosedJob, fee_bps: u32) -> ReceiptBody {
         stdout: job.stdout.as_deref().unwrap_or_default(),
         stderr: job.stderr.as_deref().unwrap_or_default(),
         output_files: &job.output_files,
+        blobs: &job.blobs,
     };
     // Serialising this plain struct cannot fail (string keys, no custom Serialize).
     let result_json = serde_json::to_vec(&result).unwrap_or_default();

@@ -140,7 +140,7 @@ impl Store {
         // stays far under the bus's message size.
         let columns = JOB_COLUMNS
             .replace("stdout, stderr", "NULL, NULL")
-            .replace("output_files", "NULL");
+            .replace("output_files, output_blobs", "NULL, NULL");
         let mut statement = self.conn.prepare_cached(&format!(
             "SELECT {columns} FROM jobs WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR state = ?2)
                  AND (?4 IS NULL OR (created_ms, id) < (?4, ?5))

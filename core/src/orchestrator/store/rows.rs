@@ -29,6 +29,8 @@ pub struct JobRecord {
     pub fuel_consumed: Option<u64>,
     /// Relative path → base64.
     pub output_files: BTreeMap<String, String>,
+    /// What the result stored out of band (checked to be in the blob stream when recorded).
+    pub blobs: rhizos_broker::wire::OutputBlobs,
     pub created_ms: u64,
     pub updated_ms: u64,
 }
@@ -60,7 +62,7 @@ impl JobCursor {
 }
 
 pub(super) const JOB_COLUMNS: &str = "id, account_id, backend, state, attempt, node_id, max_cost_micros, cost_micros, provider_micros,
-    fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms, fuel_consumed, output_files";
+    fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms, fuel_consumed, output_files, output_blobs";
 
 pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
     let state: String = r.get(3)?;
@@ -86,6 +88,10 @@ pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord>
         fuel_consumed: r.get::<_, Option<i64>>(18)?.map(|v| v as u64),
         output_files: r
             .get::<_, Option<String>>(19)?
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default(),
+        blobs: r
+            .get::<_, Option<String>>(20)?
             .and_then(|json| serde_json::from_str(&json).ok())
             .unwrap_or_default(),
     })

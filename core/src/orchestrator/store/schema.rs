@@ -155,6 +155,10 @@ const MIGRATIONS: &[Migration] = &[
             )
         },
     },
+    Migration {
+        name: "0007 jobs keep the references of their results' out-of-band blobs",
+        apply: |conn| conn.execute_batch("ALTER TABLE jobs ADD COLUMN output_blobs TEXT"),
+    },
 ];
 
 /// The schema version this release writes.

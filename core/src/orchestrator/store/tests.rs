@@ -76,6 +76,7 @@ fn exited(code: i32, elapsed_ms: u64) -> ExecutionOutcome {
         elapsed_ms,
         stdout: "out\n".into(),
         stderr: String::new(),
+        blobs: Default::default(),
     }
 }
 
@@ -747,6 +748,7 @@ mod properties {
             output_files: Default::default(),
             stdout: String::new(),
             stderr: String::new(),
+            blobs: Default::default(),
         }
     }
 

@@ -244,7 +244,7 @@ impl Store {
         exec(&tx,
             "UPDATE jobs SET state = ?2, exit_code = ?3, stdout = ?4, stderr = ?5, reason = ?6, elapsed_ms = ?7,
              updated_ms = ?8, fuel_consumed = ?9, output_files = ?10, node_report = ?11,
-             billed_elapsed_ms = ?12, billed_fuel = ?13 WHERE id = ?1",
+             billed_elapsed_ms = ?12, billed_fuel = ?13, output_blobs = ?14 WHERE id = ?1",
             params![
                 job_id,
                 final_state.as_str(),
@@ -260,6 +260,8 @@ impl Store {
                 signed.map(|s| serde_json::to_string(s).unwrap_or_default()),
                 billed.map(|b| b.elapsed_ms as i64),
                 billed.and_then(|b| b.fuel).map(|f| f as i64),
+                (!outcome.blobs.is_empty())
+                    .then(|| serde_json::to_string(&outcome.blobs).unwrap_or_default()),
             ],
         )
         ?;

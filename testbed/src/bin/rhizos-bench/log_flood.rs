@@ -19,6 +19,10 @@ pub struct Report {
     lines: u64,
     /// The agent's `max_log_lines` for this run.
     budget_lines: u64,
+    /// The agent's `max_stored_log_bytes` (the whole stdout kept out of band) for this run.
+    stored_log_bytes: u64,
+    /// Bytes of the whole stdout stored out of band.
+    stored_stdout_bytes: u64,
     guest_ms: u64,
     lines_per_s: f64,
     streamed_lines: u64,
@@ -41,6 +45,11 @@ impl fmt::Display for Report {
             "  streamed: {} lines (budget {}) in {} messages = {:.1} messages per 10,000 lines",
             self.streamed_lines, self.budget_lines, self.messages, self.messages_per_10k_lines
         )?;
+        writeln!(
+            f,
+            "  whole stdout stored out of band: {} bytes (max_stored_log_bytes {})",
+            self.stored_stdout_bytes, self.stored_log_bytes
+        )?;
         let mib = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1} MiB"));
         writeln!(
             f,
@@ -59,13 +68,20 @@ fn status_mib(field: &str) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-pub async fn run(lines: u64, budget_lines: Option<u64>) -> anyhow::Result<Report> {
+pub async fn run(
+    lines: u64,
+    budget_lines: Option<u64>,
+    stored_log_bytes: Option<u64>,
+) -> anyhow::Result<Report> {
     anyhow::ensure!(lines > 0, "--lines must be > 0");
     let cluster = Cluster::start(ClusterOptions {
         max_log_lines: budget_lines,
+        max_stored_log_bytes: stored_log_bytes,
         ..ClusterOptions::default()
     })
     .await?;
+    let stored_log_bytes = stored_log_bytes
+        .unwrap_or_else(|| rhizos_broker::config::AgentSettings::default().max_stored_log_bytes);
     let budget_lines = budget_lines
         .unwrap_or_else(|| rhizos_broker::config::AgentSettings::default().max_log_lines);
     cluster.funded_account("flood", 1_000_000_000).await?;
@@ -118,6 +134,8 @@ pub async fn run(lines: u64, budget_lines: Option<u64>) -> anyhow::Result<Report
         build: report::build(),
         lines,
         budget_lines,
+        stored_log_bytes,
+        stored_stdout_bytes: job.blobs.stdout.as_ref().map_or(0, |b| b.size),
         guest_ms,
         lines_per_s: lines as f64 * 1000.0 / guest_ms as f64,
         streamed_lines,

@@ -112,6 +112,10 @@ enum Bench {
         /// The agent's `max_log_lines` (default: the agent's default).
         #[arg(long)]
         budget_lines: Option<u64>,
+        /// The agent's `max_stored_log_bytes` (default: the agent's; 0 keeps only the tail,
+        /// to measure what storing the whole stdout costs).
+        #[arg(long)]
+        stored_log_bytes: Option<u64>,
     },
     Marketplace {
         #[arg(long, default_value_t = 1_000)]
@@ -159,7 +163,11 @@ async fn main() -> anyhow::Result<()> {
         Bench::LogFlood {
             lines,
             budget_lines,
-        } => report::print(&log_flood::run(lines, budget_lines).await?, json),
+            stored_log_bytes,
+        } => report::print(
+            &log_flood::run(lines, budget_lines, stored_log_bytes).await?,
+            json,
+        ),
         Bench::ModuleResolve { calls } => report::print(&module_resolve::run(calls).await?, json),
         Bench::Marketplace {
             nodes,

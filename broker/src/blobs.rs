@@ -1,0 +1,275 @@
+//! Result bytes that do not travel in a report: large output files and whole logs, stored by
+//! their SHA-256 in the namespace's blob stream (ADR 0008).
+//!
+//! A blob is a run of chunks of [`CHUNK_BYTES`] (the last one shorter), chunk `i` on
+//! `rhizos.blob.v1.<ns>.u.<account>.n.<node>.<sha256>.<i>`, one message per subject. The node
+//! that ran the job stores them (nats-server lets a node publish only under its own `n.<node>`
+//! token), its signed report names the digests, and the account reads them back chunk by chunk
+//! with JetStream's direct get (it may ask only under its own `u.<account>` token). The reader
+//! checks every chunk's length and the whole digest, so bytes a node swapped after reporting
+//! are refused, never returned.
+//!
+//! JetStream's Object Store is not used: its subjects (`$O.<bucket>.M.<base64 name>`,
+//! `$O.<bucket>.C.<nuid>`) carry no identity token, so any writer could overwrite or corrupt
+//! another party's objects and no server permission could stop it.
+
+use crate::bus::{Bus, ConnectError};
+use crate::wire::BlobRef;
+use async_nats::jetstream::stream;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Bytes per chunk message (well under NATS's default 1 MiB payload).
+pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Chunk publishes awaiting their acknowledgement at once.
+const IN_FLIGHT: usize = 16;
+
+/// How many chunks a blob of `size` bytes has.
+pub fn chunk_count(size: u64) -> u64 {
+    size.div_ceil(CHUNK_BYTES as u64)
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// A blob could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlobError {
+    #[error(
+        "the blob stream is not reachable: {0} (is the orchestrator running? it creates the stream)"
+    )]
+    Unavailable(String),
+    #[error(
+        "{what}: chunk {index} of {sha256} is not in the blob stream (expired past `[nats] blob_max_age_s` / `blob_max_bytes`, or never stored)"
+    )]
+    Missing {
+        what: String,
+        sha256: String,
+        index: u64,
+    },
+    #[error("{what}: the stored bytes do not match the result's digest {sha256}: {problem}")]
+    Corrupt {
+        what: String,
+        sha256: String,
+        problem: String,
+    },
+    #[error("{0}")]
+    Address(#[from] crate::subjects::TokenError),
+    #[error("cannot write {what}: {source}")]
+    Write {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl Bus {
+    /// Creates the namespace's blob stream if it does not exist (idempotent), with the
+    /// retention of `[nats] blob_max_bytes` / `blob_max_age_s` (applied to an existing stream).
+    pub async fn ensure_blob_stream(&self) -> Result<stream::Stream, ConnectError> {
+        let name = self.subjects.blob_stream();
+        let config = stream::Config {
+            name: name.clone(),
+            description: Some(format!("RhizOS result blobs of {}", self.subjects)),
+            subjects: vec![self.subjects.blobs_wildcard()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            // A chunk stored again (a retried upload) replaces itself.
+            max_messages_per_subject: 1,
+            max_message_size: i32::try_from(CHUNK_BYTES + 4096).unwrap_or(i32::MAX),
+            max_bytes: i64::try_from(self.blob_limits.max_bytes).unwrap_or(i64::MAX),
+            max_age: Duration::from_secs(self.blob_limits.max_age_s),
+            allow_direct: true,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let error = |e: &dyn std::fmt::Display| ConnectError::Stream {
+            stream: name.clone(),
+            message: e.to_string(),
+        };
+        let mut stream = self
+            .jetstream
+            .get_or_create_stream(config.clone())
+            .await
+            .map_err(|e| error(&e))?;
+        let current = &stream.cached_info().config;
+        if current.max_bytes != config.max_bytes || current.max_age != config.max_age {
+            self.jetstream
+                .update_stream(config)
+                .await
+                .map_err(|e| error(&e))?;
+            stream = self
+                .jetstream
+                .get_stream(&name)
+                .await
+                .map_err(|e| error(&e))?;
+        }
+        Ok(stream)
+    }
+
+    /// Stores `content` as a blob of `account` under this node's id `node_id`; returns its
+    /// reference once every chunk is acknowledged by JetStream (durable).
+    pub async fn put_blob(
+        &self,
+        account: &str,
+        node_id: &str,
+        content: &[u8],
+    ) -> Result<BlobRef, BlobError> {
+        let sha256 = sha256_hex(content);
+        let mut pending = VecDeque::new();
+        for (index, chunk) in content.chunks(CHUNK_BYTES).enumerate() {
+            let subject = self
+                .subjects
+                .blob_chunk(account, node_id, &sha256, index as u64)?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("{sha256}.{index}").as_str());
+            let ack = self
+                .jetstream
+                .publish_with_headers(subject, headers, Bytes::copy_from_slice(chunk))
+                .await
+                .map_err(|e| BlobError::Unavailable(e.to_string()))?;
+            pending.push_back(ack);
+            if pending.len() >= IN_FLIGHT
+                && let Some(ack) = pending.pop_front()
+            {
+                ack.await
+                    .map_err(|e| BlobError::Unavailable(e.to_string()))?;
+            }
+        }
+        for ack in pending {
+            ack.await
+                .map_err(|e| BlobError::Unavailable(e.to_string()))?;
+        }
+        Ok(BlobRef {
+            sha256,
+            size: content.len() as u64,
+        })
+    }
+
+    /// Reads the blob `blob` that `node_id` stored for `account` into `out`, checking every
+    /// chunk's length and the whole digest (`what` names it in errors). Only `account` (or
+    /// the operator) may read it.
+    pub async fn get_blob(
+        &self,
+        account: &str,
+        node_id: &str,
+        what: &str,
+        blob: &BlobRef,
+        out: &mut dyn std::io::Write,
+    ) -> Result<(), BlobError> {
+        let stream = self.subjects.blob_stream();
+        let chunks = chunk_count(blob.size);
+        let mut hasher = Sha256::new();
+        let corrupt = |problem: String| BlobError::Corrupt {
+            what: what.to_owned(),
+            sha256: blob.sha256.clone(),
+            problem,
+        };
+        for index in 0..chunks {
+            let subject = self
+                .subjects
+                .blob_chunk(account, node_id, &blob.sha256, index)?;
+            let message = self
+                .client
+                .request(
+                    format!("$JS.API.DIRECT.GET.{stream}.{subject}"),
+                    Bytes::new(),
+                )
+                .await
+                .map_err(|e| BlobError::Unavailable(e.to_string()))?;
+            if let Some(status) = message.status {
+                if status == async_nats::StatusCode::NOT_FOUND {
+                    return Err(BlobError::Missing {
+                        what: what.to_owned(),
+                        sha256: blob.sha256.clone(),
+                        index,
+                    });
+                }
+                return Err(BlobError::Unavailable(format!(
+                    "direct get answered {status}: {}",
+                    message.description.as_deref().unwrap_or_default()
+                )));
+            }
+            let expected = if index + 1 == chunks {
+                blob.size - index * CHUNK_BYTES as u64
+            } else {
+                CHUNK_BYTES as u64
+            };
+            if message.payload.len() as u64 != expected {
+                return Err(corrupt(format!(
+                    "chunk {index} has {} bytes, {expected} expected",
+                    message.payload.len()
+                )));
+            }
+            hasher.update(&message.payload);
+            out.write_all(&message.payload)
+                .map_err(|source| BlobError::Write {
+                    what: what.to_owned(),
+                    source,
+                })?;
+        }
+        let digest = format!("{:x}", hasher.finalize());
+        if digest != blob.sha256 {
+            return Err(corrupt(format!("the bytes hash to {digest}")));
+        }
+        Ok(())
+    }
+}
+
+/// Whether every chunk of `blob` (stored by `node_id` for `account`) is in the blob stream:
+/// one stream-info request listing the blob's chunk subjects. What a report names but the node
+/// never stored is not recorded as the job's output.
+pub async fn is_stored(
+    stream: &stream::Stream,
+    subjects: &crate::Subjects,
+    account: &str,
+    node_id: &str,
+    blob: &BlobRef,
+) -> Result<bool, BlobError> {
+    let chunks = chunk_count(blob.size);
+    let prefix = subjects.blob_chunks(account, node_id, &blob.sha256)?;
+    let mut info = stream
+        .info_with_subjects(format!("{prefix}.*"))
+        .await
+        .map_err(|e| BlobError::Unavailable(e.to_string()))?;
+    let mut seen = vec![false; usize::try_from(chunks).unwrap_or(0)];
+    while let Some((subject, _)) = info
+        .try_next()
+        .await
+        .map_err(|e| BlobError::Unavailable(e.to_string()))?
+    {
+        if let Some(index) = subject
+            .rsplit('.')
+            .next()
+            .and_then(|i| i.parse::<usize>().ok())
+            && let Some(slot) = seen.get_mut(index)
+        {
+            *slot = true;
+        }
+    }
+    Ok(chunks > 0 && seen.iter().all(|s| *s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_counts_round_up_and_digests_are_lowercase_hex() {
+        assert_eq!(chunk_count(0), 0);
+        assert_eq!(chunk_count(1), 1);
+        assert_eq!(chunk_count(CHUNK_BYTES as u64), 1);
+        assert_eq!(chunk_count(CHUNK_BYTES as u64 + 1), 2);
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
