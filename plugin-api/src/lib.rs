@@ -78,6 +78,9 @@ pub struct ExecLimits {
     pub cpu_cores: u32,
     /// Most GPU memory the workload may hold on each of its GPUs, in bytes; 0: the whole GPU.
     pub vram_limit_bytes: u64,
+    /// Most disk the workload may write (its files, a container's writable layer), in bytes;
+    /// 0: the backend's own default. Backends without a disk of their own ignore it.
+    pub disk_limit_bytes: u64,
 }
 
 /// One execution of a job, as handed to a backend.

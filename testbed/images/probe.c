@@ -119,6 +119,21 @@ int main(int argc, char **argv) {
             if (!f) { fprintf(stderr, "write %s: %s\n", arg, strerror(errno)); fflush(stderr); code = 2; continue; }
             fputs(eq + 1, f);
             fclose(f);
+        } else if (!strcmp(step, "fill")) {
+            char *eq = strchr(arg, '=');
+            if (!eq) { say(stderr, "fill needs PATH=MIB"); code = 2; continue; }
+            *eq = 0;
+            long mib = atol(eq + 1), k = 0;
+            static char block[1 << 20];
+            memset(block, 'x', sizeof block);
+            FILE *f = fopen(arg, "w");
+            if (!f) { fprintf(stderr, "fill %s: %s\n", arg, strerror(errno)); fflush(stderr); code = 2; continue; }
+            for (; k < mib; k++) {
+                if (fwrite(block, 1, sizeof block, f) != sizeof block || fflush(f) != 0) break;
+            }
+            fclose(f);
+            printf("filled %ld MiB of %s\n", k, arg);
+            fflush(stdout);
         } else if (!strcmp(step, "touch")) {
             int fd = open(arg, O_WRONLY | O_CREAT, 0644);
             if (fd >= 0) { printf("touch %s: ok\n", arg); close(fd); }

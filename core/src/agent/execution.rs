@@ -561,6 +561,7 @@ fn exec_request(
             fuel_limit: assign.spec.fuel_limit.unwrap_or(0),
             cpu_cores: assign.spec.cpu_cores,
             vram_limit_bytes: assign.spec.min_vram_mib.saturating_mul(1024 * 1024),
+            disk_limit_bytes: assign.spec.disk_mib.saturating_mul(1024 * 1024),
         },
         gpu_devices: gpu_devices
             .iter()

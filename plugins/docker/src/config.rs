@@ -39,6 +39,14 @@ pub struct Config {
     pub max_output_bytes: u64,
     /// How long to wait for the engine to answer at start.
     pub connect_timeout_ms: u64,
+    /// Disk a job may write (its container's writable layer: `/output`, `/tmp`, anything) when
+    /// it asks for none (`disk_mib` 0), in MiB; a job past its limit is stopped "disk quota
+    /// exceeded". With `read_only_rootfs` the `/output` volume is measured too when its host
+    /// directory is readable by the agent.
+    pub default_disk_mib: u64,
+    /// How often a running container's disk use is measured (a workload writing faster
+    /// overshoots by at most what it writes in one interval).
+    pub disk_check_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -64,6 +72,8 @@ impl Default for Config {
             max_output_files: 256,
             max_output_bytes: 64 << 20,
             connect_timeout_ms: 5_000,
+            default_disk_mib: 10 * 1024,
+            disk_check_ms: 500,
         }
     }
 }

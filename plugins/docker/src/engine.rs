@@ -8,8 +8,9 @@ use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    DownloadFromContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    DownloadFromContainerOptionsBuilder, InspectContainerOptions, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
 };
 use futures::StreamExt as _;
 use rhizos_plugin_api::sdk::{LineSplitter, OutcomeSlot, PluginBackend, PluginExecution};
@@ -266,6 +267,10 @@ impl PluginBackend for DockerBackend {
             stdin: request.stdin.to_vec(),
             timeout: Duration::from_millis(request.limits.wall_timeout_ms),
             memory_bytes: request.limits.memory_limit_bytes,
+            disk_bytes: match request.limits.disk_limit_bytes {
+                0 => self.shared.config.default_disk_mib.saturating_mul(1 << 20),
+                bytes => bytes,
+            },
             cpu_cores: request.limits.cpu_cores,
             gpus: request.gpu_devices.iter().map(|g| g.to_string()).collect(),
             input_files,
@@ -315,6 +320,8 @@ struct Job {
     stdin: Vec<u8>,
     timeout: Duration,
     memory_bytes: u64,
+    /// Most bytes the container may write (its layer, and its volumes where measurable).
+    disk_bytes: u64,
     cpu_cores: u32,
     gpus: Vec<String>,
     input_files: Vec<(String, Vec<u8>)>,
@@ -325,6 +332,8 @@ enum End {
     Exited,
     TimedOut,
     Cancelled,
+    /// Stopped past its disk limit, having written this many bytes.
+    DiskExceeded(u64),
 }
 
 /// Runs the execution to its outcome; says whether a container was created (to be removed).
@@ -685,6 +694,8 @@ async fn drive(shared: &Shared, job: &Job, sink: &EventSinkBox, cancel: &Notify)
         let mut reader_done = false;
         let deadline = tokio::time::sleep(job.timeout);
         tokio::pin!(deadline);
+        let over_disk = over_disk(shared, job);
+        tokio::pin!(over_disk);
         let mut end = End::Exited;
         let waited = loop {
             tokio::select! {
@@ -696,6 +707,10 @@ async fn drive(shared: &Shared, job: &Job, sink: &EventSinkBox, cancel: &Notify)
                 }
                 () = cancel.notified(), if matches!(end, End::Exited) => {
                     end = End::Cancelled;
+                    kill(docker, &job.name).await;
+                }
+                used = &mut over_disk, if matches!(end, End::Exited) => {
+                    end = End::DiskExceeded(used);
                     kill(docker, &job.name).await;
                 }
             }
@@ -736,6 +751,16 @@ async fn drive(shared: &Shared, job: &Job, sink: &EventSinkBox, cancel: &Notify)
         End::Cancelled => ExecOutcome::abnormal(
             ExitKind::Cancelled,
             "cancelled: container killed",
+            elapsed_ms,
+        ),
+        // The workload's own limit, like its memory: charged for the time used.
+        End::DiskExceeded(used) => ExecOutcome::abnormal(
+            ExitKind::MemoryExceeded,
+            format!(
+                "disk quota exceeded: the container wrote {} MiB, the limit is {} MiB: container killed",
+                used >> 20,
+                job.disk_bytes >> 20
+            ),
             elapsed_ms,
         ),
         End::Exited if oom_killed => ExecOutcome::abnormal(
@@ -781,6 +806,51 @@ async fn drive(shared: &Shared, job: &Job, sink: &EventSinkBox, cancel: &Notify)
         ),
     }
     outcome
+}
+
+/// Resolves with the bytes written once the container has written more than its disk limit,
+/// measured every `disk_check_ms`: its writable layer (`SizeRw`), and with a read-only root its
+/// volumes' host directories when the agent can read them.
+async fn over_disk(shared: &Shared, job: &Job) -> u64 {
+    let interval = Duration::from_millis(shared.config.disk_check_ms.max(50));
+    let mut unmeasured_logged = false;
+    loop {
+        tokio::time::sleep(interval).await;
+        let Ok(info) = shared
+            .docker
+            .inspect_container(&job.name, Some(InspectContainerOptions { size: true }))
+            .await
+        else {
+            continue;
+        };
+        let mut used = u64::try_from(info.size_rw.unwrap_or(0)).unwrap_or(0);
+        if shared.config.read_only_rootfs {
+            for mount in info.mounts.iter().flatten() {
+                let Some(source) = mount
+                    .source
+                    .as_deref()
+                    .filter(|_| mount.destination.as_deref() == Some("/output"))
+                else {
+                    continue;
+                };
+                let path = std::path::PathBuf::from(source);
+                match tokio::task::spawn_blocking(move || files::tree_bytes(&path)).await {
+                    Ok(Ok(bytes)) => used = used.saturating_add(bytes),
+                    _ if !unmeasured_logged => {
+                        unmeasured_logged = true;
+                        eprintln!(
+                            "rhizos docker plugin: {}: cannot measure the /output volume at {source} (not readable by the agent): only the writable layer counts towards the disk limit",
+                            job.name
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if used > job.disk_bytes {
+            return used;
+        }
+    }
 }
 
 async fn kill(docker: &Docker, name: &str) {

@@ -109,6 +109,29 @@ pub fn read_outputs(archive: &[u8], max_files: usize, max_bytes: u64) -> std::io
 }
 
 /// A relative path without empty, `.` or `..` segments.
+/// Bytes of the regular files under `dir` (symlinks not followed, no other file system crossed).
+pub fn tree_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let device = std::fs::symlink_metadata(dir)?.dev();
+    let mut total = 0u64;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.dev() != device {
+                continue;
+            }
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if meta.is_file() {
+                total = total.saturating_add(meta.len());
+            }
+        }
+    }
+    Ok(total)
+}
+
 pub fn plain_path(path: &str) -> bool {
     !path.is_empty()
         && path.len() <= 255

@@ -170,6 +170,12 @@ async fn limits_end_container_jobs_with_exact_reasons_and_no_network_by_default(
     cluster.funded_account("bob", 10 * USD).await.unwrap();
     let mut oom = docker_spec(&image, &["alloc:256"], 30_000);
     oom.memory_mib = 32;
+    // disk_mib is enforced: past it the container is killed; within it the job succeeds (its
+    // 2 MiB output file comes back out of band).
+    let mut disk = docker_spec(&image, &["fill:/output/big=100", "sleep:30000"], 30_000);
+    disk.disk_mib = 16;
+    let mut disk_ok = docker_spec(&image, &["fill:/output/ok.bin=2"], 30_000);
+    disk_ok.disk_mib = 16;
     let cases: Vec<(&str, JobSpec, JobState, &str)> = vec![
         (
             "exit",
@@ -189,6 +195,13 @@ async fn limits_end_container_jobs_with_exact_reasons_and_no_network_by_default(
             JobState::Failed,
             "memory limit exceeded: the container went over its 32 MiB",
         ),
+        (
+            "disk",
+            disk,
+            JobState::Failed,
+            "disk quota exceeded: the container wrote",
+        ),
+        ("disk-ok", disk_ok, JobState::Succeeded, ""),
         (
             "missing",
             docker_spec("rhizos-test/not-built:nowhere", &[], 30_000),
@@ -226,6 +239,20 @@ async fn limits_end_container_jobs_with_exact_reasons_and_no_network_by_default(
         let got = job.reason.clone().unwrap_or_default();
         assert!(got.contains(reason), "{name}: {got:?} lacks {reason:?}");
     }
+    let disk = cluster.job("disk").await.unwrap();
+    assert!(
+        disk.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("the limit is 16 MiB"),
+        "{disk:?}"
+    );
+    let disk_ok = cluster.job("disk-ok").await.unwrap();
+    assert_eq!(
+        disk_ok.blobs.files.get("ok.bin").map(|b| b.size),
+        Some(2 << 20),
+        "{disk_ok:?}"
+    );
     // The timeout was enforced by killing the container, not by waiting for its 60 s sleep.
     assert!(started.elapsed() < Duration::from_secs(45));
 

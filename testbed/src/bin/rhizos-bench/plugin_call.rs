@@ -80,6 +80,7 @@ fn testkit_request() -> rhizos_plugin_api::ExecRequest {
             fuel_limit: 0,
             cpu_cores: 0,
             vram_limit_bytes: 0,
+            disk_limit_bytes: 0,
         },
         input_files: Default::default(),
         gpu_devices: Default::default(),
