@@ -20,6 +20,9 @@
  *   vram:MIB        (with the NVML test double) hold MIB MiB of "VRAM" on the first GPU of
  *                   CUDA_VISIBLE_DEVICES: writes $RHIZOS_NVML_DOUBLE_DIR/procs/<pid>, which is
  *                   what the double's driver reports for this process
+ *   fill:PATH=MIB   write MIB MiB to PATH; print "filled N MiB of PATH" (N: what fitted)
+ *   daemon:S        start a process that leaves the session (setsid, double fork) and lives S
+ *                   seconds; print "daemon <pid>"
  *   exit:N          exit with code N (the default is 0)
  */
 #define _GNU_SOURCE
@@ -134,6 +137,28 @@ int main(int argc, char **argv) {
             fclose(f);
             printf("filled %ld MiB of %s\n", k, arg);
             fflush(stdout);
+        } else if (!strcmp(step, "daemon")) {
+            /* Leaves the process group and the session and lives on: prints its pid. */
+            int pipefd[2];
+            if (pipe(pipefd) != 0) { say(stderr, "pipe failed"); return 3; }
+            pid_t pid = fork();
+            if (pid == 0) {
+                setsid();
+                if (fork() != 0) _exit(0);
+                char line[32];
+                int n = snprintf(line, sizeof line, "%d\n", (int)getpid());
+                if (write(pipefd[1], line, n) != n) _exit(1);
+                close(pipefd[1]);
+                close(0); close(1); close(2);
+                sleep(atoi(arg) > 0 ? atoi(arg) : 60);
+                _exit(0);
+            }
+            close(pipefd[1]);
+            char line[32] = {0};
+            ssize_t n = read(pipefd[0], line, sizeof line - 1);
+            if (n > 0) printf("daemon %s", line);
+            fflush(stdout);
+            waitpid(pid, NULL, 0);
         } else if (!strcmp(step, "touch")) {
             int fd = open(arg, O_WRONLY | O_CREAT, 0644);
             if (fd >= 0) { printf("touch %s: ok\n", arg); close(fd); }

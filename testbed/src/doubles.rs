@@ -40,6 +40,14 @@ impl NvmlDouble {
             .collect();
         std::fs::write(dir.path().join("gpus"), lines)?;
         std::fs::create_dir_all(dir.path().join("procs"))?;
+        // Programs run under uids of their own (the cuda plugin's isolation) "allocate VRAM" by
+        // writing procs/<pid>, as the real driver would record it for any process.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(
+            dir.path().join("procs"),
+            std::fs::Permissions::from_mode(0o1777),
+        )?;
         Ok(Self { dir })
     }
 

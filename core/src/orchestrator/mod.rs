@@ -83,12 +83,31 @@ struct Inner {
 /// Most heartbeat reconciliations at once.
 const MAX_RECONCILES_IN_FLIGHT: usize = 256;
 
+/// The data dir holds the ledger (and the receipt signing key): only this user may enter it
+/// (0700), whatever the umask made it — no workload running on the same machine under another
+/// uid (native CUDA programs, say) can read balances or the key.
+fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
+            || format!("cannot make the data dir {} private (0700)", dir.display()),
+        )?;
+        tracing::info!(data_dir = %dir.display(), "data dir made private (0700): it holds the ledger");
+    }
+    Ok(())
+}
+
 impl Orchestrator {
     /// Opens the ledger in `settings.data_dir` and prepares the event stream.
     pub async fn open(bus: Bus, settings: OrchestratorSettings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&settings.data_dir).with_context(|| {
             format!("failed to create data dir {}", settings.data_dir.display())
         })?;
+        private_dir(&settings.data_dir)?;
         anyhow::ensure!(
             settings.fee_bps <= 10_000,
             "fee_bps must be at most 10000, got {}",

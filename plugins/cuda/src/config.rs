@@ -18,6 +18,25 @@ pub struct Config {
     /// Most output files collected from `output/`, and their total size.
     pub max_output_files: usize,
     pub max_output_bytes: u64,
+    /// How a native program is confined. `uid-and-cgroup` (the default) runs each execution
+    /// under a uid of its own from `first_uid`, in a cgroup of its own (nothing it starts
+    /// outlives it), with no new privileges — the agent must run as root for it, else the node
+    /// offers no native CUDA and says why. `none` runs programs as the agent's own user in a
+    /// process group (they can write whatever the agent can).
+    pub isolation: Isolation,
+    /// The first of the uids (gid = uid) given to executions, one each while it runs.
+    pub first_uid: u32,
+    /// How many uids from `first_uid` (at least the executions run at once).
+    pub uid_count: u32,
+    /// Most processes one execution may have at once (its cgroup's `pids.max`).
+    pub pids_limit: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    UidAndCgroup,
+    None,
 }
 
 impl Default for Config {
@@ -29,6 +48,10 @@ impl Default for Config {
             work_dir: None,
             max_output_files: 256,
             max_output_bytes: 64 << 20,
+            isolation: Isolation::UidAndCgroup,
+            first_uid: 200_000,
+            uid_count: 1_024,
+            pids_limit: 512,
         }
     }
 }
@@ -44,6 +67,11 @@ impl Config {
         };
         if config.watch_interval_ms == 0 {
             return Err("[agent.plugins.cuda] watch_interval_ms must be > 0".into());
+        }
+        if config.first_uid == 0 || config.uid_count == 0 {
+            return Err(
+                "[agent.plugins.cuda] first_uid and uid_count must be > 0 (uid 0 is root)".into(),
+            );
         }
         Ok(config)
     }

@@ -1,7 +1,8 @@
 //! Native CUDA executions: the job's program in a private directory, on its GPUs only, watched.
 
-use crate::config::Config;
+use crate::config::{Config, Isolation};
 use crate::gpu;
+use crate::sandbox;
 use nvml_wrapper::Nvml;
 use rhizos_plugin_api::sdk::{LineSplitter, OutcomeSlot, PluginBackend, PluginExecution};
 use rhizos_plugin_api::{EventSinkBox, ExecOutcome, ExecRequest, ExitKind, HostContext, LogStream};
@@ -21,9 +22,12 @@ struct Shared {
     /// `None` without a driver.
     nvml: Option<Nvml>,
     gpus: Vec<gpu::Gpu>,
-    /// Why this node runs no CUDA job (no driver, no GPU, native execution off).
+    /// Why this node runs no CUDA job (no driver, no GPU, native execution off, no isolation).
     unavailable: Option<String>,
     work_dir: PathBuf,
+    /// The executions' uids and where their cgroups go (`isolation = "uid-and-cgroup"`).
+    uids: Arc<sandbox::UidPool>,
+    cgroups: Option<PathBuf>,
 }
 
 impl CudaBackend {
@@ -80,6 +84,27 @@ impl CudaBackend {
             .as_ref()
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
+        let strict = config.isolation == Isolation::UidAndCgroup;
+        let cgroups = strict.then(sandbox::cgroup_root).flatten();
+        let unavailable = unavailable.or_else(|| {
+            if !strict {
+                None
+            } else if !sandbox::can_switch_uid() {
+                Some("native CUDA jobs run under a uid of their own, which needs the agent to run as root \
+                      ([agent.plugins.cuda] isolation = \"uid-and-cgroup\"); run it as root, or set \
+                      isolation = \"none\" to run them as the agent's user (they can then write what the agent can)".to_owned())
+            } else if cgroups.is_none() {
+                Some("native CUDA jobs run in a cgroup of their own, and /sys/fs/cgroup is not writable here; \
+                      give the agent a writable cgroup hierarchy, or set [agent.plugins.cuda] isolation = \"none\"".to_owned())
+            } else {
+                None
+            }
+        });
+        let uids = sandbox::UidPool::new(
+            config.first_uid,
+            config.uid_count,
+            work_dir.join("rhizos-cuda-uids"),
+        );
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
@@ -87,6 +112,8 @@ impl CudaBackend {
                 gpus,
                 unavailable,
                 work_dir,
+                uids,
+                cgroups,
             }),
             runtime: Some(runtime),
         })
@@ -242,15 +269,66 @@ async fn run(shared: &Shared, job: Job, sink: &EventSinkBox, cancel: &Notify) ->
             0,
         );
     }
-    let outcome = execute(shared, &job, &dir, sink, cancel).await;
+    let confined = match confinement(shared, &dir) {
+        Ok(confined) => confined,
+        Err(message) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return ExecOutcome::abnormal(ExitKind::BackendFailed, message, 0);
+        }
+    };
+    let outcome = execute(shared, &job, &dir, &confined, sink, cancel).await;
+    // The cgroup, then the uid: nothing the program started is left.
+    drop(confined);
     let _ = std::fs::remove_dir_all(&dir);
     outcome
+}
+
+/// An execution's own uid and cgroup (none with `isolation = "none"`).
+#[derive(Default)]
+struct Confined {
+    cgroup: Option<sandbox::Cgroup>,
+    uid: Option<sandbox::UidLease>,
+}
+
+impl Drop for Confined {
+    fn drop(&mut self) {
+        self.cgroup.take();
+        self.uid.take();
+    }
+}
+
+fn confinement(shared: &Shared, dir: &Path) -> Result<Confined, String> {
+    if shared.config.isolation == Isolation::None {
+        return Ok(Confined::default());
+    }
+    let root = shared
+        .cgroups
+        .as_deref()
+        .ok_or("no cgroup hierarchy to confine the program in")?;
+    let uid = shared.uids.lease()?;
+    sandbox::hand_over(dir, uid.uid)
+        .map_err(|e| format!("cannot give {} to uid {}: {e}", dir.display(), uid.uid))?;
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("rhizos-cuda");
+    let cgroup = sandbox::Cgroup::create(root, name, shared.config.pids_limit).map_err(|e| {
+        format!(
+            "cannot create the execution's cgroup under {}: {e}",
+            root.display()
+        )
+    })?;
+    Ok(Confined {
+        cgroup: Some(cgroup),
+        uid: Some(uid),
+    })
 }
 
 async fn execute(
     shared: &Shared,
     job: &Job,
     dir: &Path,
+    confined: &Confined,
     sink: &EventSinkBox,
     cancel: &Notify,
 ) -> ExecOutcome {
@@ -274,6 +352,14 @@ async fn execute(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
+    let procs = confined.cgroup.as_ref().map(|c| c.procs.clone());
+    let uid = confined.uid.as_ref().map(|lease| lease.uid);
+    // SAFETY: `confine` makes only async-signal-safe system calls (open, write, close,
+    // setgroups, setgid, setuid, prctl) on memory prepared before the fork.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(move || sandbox::confine(procs.as_ref(), uid));
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -317,15 +403,19 @@ async fn execute(
             () = cancel.notified() => break End::Cancelled,
             _ = tick.tick() => {
                 if let Some(nvml) = &shared.nvml
-                    && let Some(exceeded) = check_vram(nvml, job, pgid, &mut peak_vram)
+                    && let Some(exceeded) = check_vram(nvml, job, pgid, confined, &mut peak_vram)
                 {
                     break exceeded;
                 }
             }
         }
     };
-    // Whatever ended it, nothing of the job survives it: the whole process group goes.
+    // Whatever ended it, nothing of the job survives it: the whole process group goes, and
+    // the whole cgroup (what left the group with setsid).
     kill_group(pgid);
+    if let Some(cgroup) = &confined.cgroup {
+        cgroup.kill_all();
+    }
     let _ = child.wait().await;
     if !readers_done {
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut readers).await;
@@ -410,10 +500,22 @@ async fn execute(
     outcome
 }
 
-/// Reads the job's VRAM on each of its GPUs; the end when it went over its limit.
-fn check_vram(nvml: &Nvml, job: &Job, pgid: u32, peak: &mut u64) -> Option<End> {
+/// Reads the job's VRAM on each of its GPUs — its cgroup's processes, else its process
+/// group's; the end when it went over its limit.
+fn check_vram(
+    nvml: &Nvml,
+    job: &Job,
+    pgid: u32,
+    confined: &Confined,
+    peak: &mut u64,
+) -> Option<End> {
+    let members: Option<Vec<i32>> = confined.cgroup.as_ref().map(sandbox::Cgroup::members);
+    let is_job = |pid: u32| match &members {
+        Some(members) => members.iter().any(|m| u32::try_from(*m) == Ok(pid)),
+        None => gpu::process_group(pid) == Some(pgid),
+    };
     for uuid in &job.gpus {
-        let Ok(used) = gpu::group_vram(nvml, uuid, pgid) else {
+        let Ok(used) = gpu::job_vram(nvml, uuid, &is_job) else {
             continue;
         };
         *peak = (*peak).max(used);

@@ -51,15 +51,15 @@ pub fn detect(nvml: &Nvml) -> Result<(String, String, Vec<Gpu>), String> {
     Ok((driver, cuda, gpus))
 }
 
-/// Bytes of VRAM held on GPU `uuid` by processes of process group `pgid` (a job's processes).
-pub fn group_vram(nvml: &Nvml, uuid: &str, pgid: u32) -> Result<u64, String> {
+/// Bytes of VRAM held on GPU `uuid` by the processes `is_job` says are the job's.
+pub fn job_vram(nvml: &Nvml, uuid: &str, is_job: &dyn Fn(u32) -> bool) -> Result<u64, String> {
     let device = nvml.device_by_uuid(uuid).map_err(|e| e.to_string())?;
     let processes = device
         .running_compute_processes()
         .map_err(|e| e.to_string())?;
     Ok(processes
         .iter()
-        .filter(|p| process_group(p.pid) == Some(pgid))
+        .filter(|p| is_job(p.pid))
         .map(|p| match p.used_gpu_memory {
             UsedGpuMemory::Used(bytes) => bytes,
             UsedGpuMemory::Unavailable => 0,
@@ -68,7 +68,7 @@ pub fn group_vram(nvml: &Nvml, uuid: &str, pgid: u32) -> Result<u64, String> {
 }
 
 /// The process group of `pid` (field 5 of `/proc/<pid>/stat`), if it still exists.
-fn process_group(pid: u32) -> Option<u32> {
+pub fn process_group(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
     let rest = stat.rsplit_once(')')?.1;

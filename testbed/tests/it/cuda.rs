@@ -257,3 +257,82 @@ async fn on_gpus_a_cuda_job_sees_only_its_own_is_billed_for_them_and_vram_is_enf
     assert!(hog.elapsed_ms.unwrap() < 10_000, "{hog:?}");
     assert_ledger_consistent(&cluster).await;
 }
+
+#[tokio::test]
+async fn a_native_program_runs_under_its_own_uid_and_nothing_it_starts_outlives_it() {
+    let double = NvmlDouble::new(&[DoubleGpu {
+        name: "NVIDIA L4 (NVML double)",
+        uuid: GPU_A,
+        vram_mib: 23_034,
+        compute_capability: "8.9",
+    }])
+    .unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_cuda").unwrap()],
+        plugin_config: [(
+            "cuda".to_owned(),
+            serde_json::json!({"allow_native": true, "nvml_library": double.library()}),
+        )]
+        .into(),
+        nvml_library: Some(double.library()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("ada", 10 * USD).await.unwrap();
+    let plugin_dir = cluster.plugin_dir(0);
+    let ledger = cluster.ledger_path();
+    let touch = format!("touch:{}/evil.so", plugin_dir.display());
+    let cat = format!("cat:{}", ledger.display());
+    cluster
+        .submit(&submit_request(
+            "ada",
+            "escape",
+            cuda_spec(&["id", "nnp", "daemon:60", &touch, &cat], 1, 0),
+            USD,
+        ))
+        .await
+        .unwrap();
+    let job = cluster
+        .wait_for_end("escape", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let stdout = job.stdout.clone().unwrap_or_default();
+    let stderr = job.stderr.clone().unwrap_or_default();
+    // Its own uid and gid (from first_uid), no new privileges.
+    let uid: u32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("uid="))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("no uid line: {stdout}"));
+    assert!((200_000..201_024).contains(&uid), "{stdout}");
+    assert!(stdout.contains(&format!("gid={uid}")), "{stdout}");
+    assert!(stdout.contains("NoNewPrivs:\t1"), "{stdout}");
+    // It cannot write the plugin directory nor read the ledger.
+    assert!(
+        stdout.contains(&format!(
+            "touch {}/evil.so: Permission denied",
+            plugin_dir.display()
+        )),
+        "{stdout}"
+    );
+    assert!(!plugin_dir.join("evil.so").exists());
+    assert!(stderr.contains("Permission denied"), "{stderr} / {stdout}");
+    assert_eq!(job.exit_code, Some(2), "{job:?}");
+    // The daemon it started (setsid + double fork, out of its process group) died with it.
+    let daemon: i32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("daemon "))
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no daemon line: {stdout}"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{daemon}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "process {daemon} outlived its job"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ledger_consistent(&cluster).await;
+}
