@@ -12,7 +12,6 @@
 //! manifest's limits are the operator's ceiling on every execution, the job's own limits apply
 //! below it). Which world a component implements is read from its exports.
 
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,53 +41,10 @@ use rhizos_plugin_api::{EventSinkBox, ExecOutcome, ExecRequest, ExitKind, LogStr
 /// The WIT package version components are checked against.
 pub const WIT_VERSION: &str = "rhizos:plugin@0.2.0";
 
-/// Largest memory a component call may be granted (the size of a pooled memory slot).
-pub const MAX_MEMORY_MIB: u64 = 1024;
+pub use rhizos_plugin_api::manifest::{DirGrant, MAX_MEMORY_MIB, Manifest, parse_manifest};
 
 /// How often the epoch advances: the granularity of per-call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
-
-/// The manifest beside a component: its capabilities and limits.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    /// Directories the component may read: `host` (relative to the plugin directory, or
-    /// absolute) appears read-only at `guest`.
-    #[serde(default)]
-    pub read_dirs: Vec<DirGrant>,
-    /// Fuel (deterministic work units) for one call.
-    #[serde(default = "default_fuel")]
-    pub fuel_per_call: u64,
-    /// Memory one call may use, in MiB.
-    #[serde(default = "default_memory_mib")]
-    pub memory_mib: u64,
-    /// Wall-clock limit of one call.
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Given to the component's `configure` before each call.
-    #[serde(default = "empty_object")]
-    pub config: serde_json::Value,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DirGrant {
-    pub host: PathBuf,
-    pub guest: String,
-}
-
-fn default_fuel() -> u64 {
-    500_000_000
-}
-fn default_memory_mib() -> u64 {
-    64
-}
-fn default_timeout_ms() -> u64 {
-    5_000
-}
-fn empty_object() -> serde_json::Value {
-    serde_json::Value::Object(Default::default())
-}
 
 /// The manifest path for a component file: `x.wasm` → `x.json`.
 pub fn manifest_path(component: &Path) -> PathBuf {
@@ -103,41 +59,7 @@ pub fn read_manifest(path: &Path, base: &Path) -> Result<Manifest, String> {
             path.display()
         )
     })?;
-    let mut manifest: Manifest =
-        serde_json::from_str(&text).map_err(|e| format!("manifest {}: {e}", path.display()))?;
-    if manifest.memory_mib == 0 || manifest.timeout_ms == 0 || manifest.fuel_per_call == 0 {
-        return Err(format!(
-            "manifest {}: fuel_per_call, memory_mib and timeout_ms must be > 0",
-            path.display()
-        ));
-    }
-    if manifest.memory_mib > MAX_MEMORY_MIB {
-        return Err(format!(
-            "manifest {}: memory_mib is at most {MAX_MEMORY_MIB}, got {}",
-            path.display(),
-            manifest.memory_mib
-        ));
-    }
-    for grant in &mut manifest.read_dirs {
-        if grant.host.is_relative() {
-            grant.host = base.join(&grant.host);
-        }
-        if !grant.host.is_dir() {
-            return Err(format!(
-                "manifest {}: read_dirs: {} is not a directory",
-                path.display(),
-                grant.host.display()
-            ));
-        }
-        if !grant.guest.starts_with('/') {
-            return Err(format!(
-                "manifest {}: read_dirs: guest path {:?} must be absolute",
-                path.display(),
-                grant.guest
-            ));
-        }
-    }
-    Ok(manifest)
+    parse_manifest(&text, base).map_err(|e| format!("manifest {}: {e}", path.display()))
 }
 
 /// The engine all component plugins of a process share (with its epoch ticker thread).

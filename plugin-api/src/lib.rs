@@ -26,6 +26,7 @@ use abi_stable::{
     std_types::{RBox, ROption, RResult, RStr, RString, RVec, Tuple2},
 };
 
+pub mod manifest;
 pub mod sdk;
 
 /// The version of this contract, as plugins see it (the package version of this crate).
