@@ -25,7 +25,9 @@ pub enum ConnectError {
         url: String,
         source: async_nats::ConnectError,
     },
-    #[error("cannot create the JetStream event stream {stream}: {message}")]
+    #[error(
+        "cannot create the JetStream stream {stream}: {message} (its size limit is [nats] event_max_bytes or blob_max_bytes: lower it if the server has less storage than that)"
+    )]
     Stream { stream: String, message: String },
     #[error("[nats] {setting} = {path}: {problem}")]
     TlsFile {
