@@ -73,9 +73,8 @@ impl Bus {
     /// Creates the namespace's blob stream if it does not exist (idempotent), with the
     /// retention of `[nats] blob_max_bytes` / `blob_max_age_s` (applied to an existing stream).
     pub async fn ensure_blob_stream(&self) -> Result<stream::Stream, ConnectError> {
-        let name = self.subjects.blob_stream();
         let config = stream::Config {
-            name: name.clone(),
+            name: self.subjects.blob_stream(),
             description: Some(format!("RhizOS result blobs of {}", self.subjects)),
             subjects: vec![self.subjects.blobs_wildcard()],
             storage: stream::StorageType::File,
@@ -90,28 +89,7 @@ impl Bus {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        let error = |e: &dyn std::fmt::Display| ConnectError::Stream {
-            stream: name.clone(),
-            message: e.to_string(),
-        };
-        let mut stream = self
-            .jetstream
-            .get_or_create_stream(config.clone())
-            .await
-            .map_err(|e| error(&e))?;
-        let current = &stream.cached_info().config;
-        if current.max_bytes != config.max_bytes || current.max_age != config.max_age {
-            self.jetstream
-                .update_stream(config)
-                .await
-                .map_err(|e| error(&e))?;
-            stream = self
-                .jetstream
-                .get_stream(&name)
-                .await
-                .map_err(|e| error(&e))?;
-        }
-        Ok(stream)
+        self.ensure_stream(config).await
     }
 
     /// Stores `content` as a blob of `account` under this node's id `node_id`; returns its

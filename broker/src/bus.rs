@@ -253,9 +253,8 @@ impl Bus {
 
     /// Creates the namespace's event stream if it does not exist (idempotent).
     pub async fn ensure_event_stream(&self) -> Result<stream::Stream, ConnectError> {
-        let name = self.subjects.event_stream();
         let config = stream::Config {
-            name: name.clone(),
+            name: self.subjects.event_stream(),
             description: Some(format!("RhizOS events of {}", self.subjects)),
             subjects: vec![self.subjects.events_wildcard()],
             storage: stream::StorageType::File,
@@ -269,6 +268,16 @@ impl Bus {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
+        self.ensure_stream(config).await
+    }
+
+    /// Creates the stream `config` describes if it does not exist (idempotent), and applies its
+    /// retention (`max_bytes`, `max_age`) to one that does: the operator may have changed it.
+    pub(crate) async fn ensure_stream(
+        &self,
+        config: stream::Config,
+    ) -> Result<stream::Stream, ConnectError> {
+        let name = config.name.clone();
         let error = |e: &dyn std::fmt::Display| ConnectError::Stream {
             stream: name.clone(),
             message: e.to_string(),
@@ -278,7 +287,6 @@ impl Bus {
             .get_or_create_stream(config.clone())
             .await
             .map_err(|e| error(&e))?;
-        // The operator changed the retention since the stream was made: apply it.
         let current = &stream.cached_info().config;
         if current.max_bytes != config.max_bytes || current.max_age != config.max_age {
             self.jetstream

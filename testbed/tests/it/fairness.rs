@@ -37,6 +37,16 @@ pub(crate) async fn with_hand_rolled_node() -> (Cluster, rhizos_broker::Bus, asy
     (cluster, bus, assignments)
 }
 
+/// The next assignment sent to the hand-rolled node (within 10 s).
+pub(crate) async fn next_assignment(
+    assignments: &mut async_nats::Subscriber,
+) -> async_nats::Message {
+    tokio::time::timeout(Duration::from_secs(10), assignments.next())
+        .await
+        .expect("an assignment within 10 s")
+        .expect("the subscription is open")
+}
+
 /// Acks the assignment in `message` and reports it running; returns the running report.
 pub(crate) async fn accept(bus: &rhizos_broker::Bus, message: async_nats::Message) -> JobReport {
     let assign: AssignJob = wire::decode(&message.payload, 4 << 20).unwrap();
@@ -78,10 +88,7 @@ async fn take(
     held: &tokio::sync::watch::Sender<Vec<ExecutionRef>>,
     assignments: &mut async_nats::Subscriber,
 ) -> JobReport {
-    let message = tokio::time::timeout(Duration::from_secs(10), assignments.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let message = next_assignment(assignments).await;
     let running = accept(bus, message).await;
     held.send_modify(|list| {
         list.push(ExecutionRef {
@@ -245,10 +252,7 @@ async fn a_registration_racing_an_assignment_does_not_requeue_it() {
         ))
         .await
         .unwrap();
-    let message = tokio::time::timeout(Duration::from_secs(10), assignments.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let message = next_assignment(&mut assignments).await;
     // The node registers again (a plugin changed) listing nothing: it had not seen the job yet.
     let ack: Ack = bus.call(&registration()).await.unwrap();
     assert!(ack.accepted);

@@ -5,9 +5,8 @@
 //! not recorded.
 
 use crate::common::*;
-use crate::fairness::{NODE, accept, with_hand_rolled_node};
+use crate::fairness::{NODE, accept, next_assignment, with_hand_rolled_node};
 use crate::identity::{connect_as, secure_cluster, violation};
-use futures::StreamExt as _;
 use rhizos_broker::Caller;
 use rhizos_broker::wire::{BlobRef, ExecutionOutcome, JobReport, JobState, ReportPhase};
 use rhizos_testbed::cluster::wasm_spec;
@@ -129,10 +128,7 @@ async fn a_blob_a_node_names_but_never_stored_is_not_recorded() {
         ))
         .await
         .unwrap();
-    let message = tokio::time::timeout(Duration::from_secs(10), assignments.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let message = next_assignment(&mut assignments).await;
     let running = accept(&bus, message).await;
     // One file really stored, one only claimed, stdout claimed with a malformed digest.
     let stored = bus
