@@ -220,6 +220,36 @@ impl Client {
             .await
     }
 
+    /// `key.create` (the account's user, or the operator): a new gateway API key; the reply's
+    /// `key` is the only time it is shown. `request.v` is set here.
+    pub async fn key_create(
+        &self,
+        mut request: wire::CreateKey,
+    ) -> Result<wire::CreatedKey, RequestError> {
+        request.v = WIRE_VERSION;
+        self.bus.call(&request).await
+    }
+
+    /// `key.list`: the account's keys, newest first (never the keys themselves).
+    pub async fn key_list(&self, account: &str) -> Result<wire::KeyList, RequestError> {
+        self.bus
+            .call(&wire::ListKeys {
+                v: WIRE_VERSION,
+                account: account.to_owned(),
+            })
+            .await
+    }
+
+    /// `key.revoke`: the key stops working at once (idempotent).
+    pub async fn key_revoke(&self, key_id: &str) -> Result<wire::KeyView, RequestError> {
+        self.bus
+            .call(&wire::RevokeKey {
+                v: WIRE_VERSION,
+                key_id: key_id.to_owned(),
+            })
+            .await
+    }
+
     /// `node.enroll` (operator): fixes the node's id and provider account.
     pub async fn node_enroll(
         &self,

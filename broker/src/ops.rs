@@ -34,6 +34,12 @@ pub enum CtlOp {
     AccountWithdraw,
     AccountBalance,
     AccountStatement,
+    /// A new API key of the AI gateway for an account (shown once; only its hash is kept).
+    KeyCreate,
+    /// An account's API keys (never the keys themselves).
+    KeyList,
+    /// Revoke an API key: it stops working at once.
+    KeyRevoke,
     NodeRegister,
     NodeList,
     NodeInfo,
@@ -58,7 +64,7 @@ pub enum CtlOp {
 
 impl CtlOp {
     /// Every operation, in the order of the README's subject table.
-    pub const ALL: [CtlOp; 22] = [
+    pub const ALL: [CtlOp; 25] = [
         Self::JobSubmit,
         Self::JobGet,
         Self::ModuleResolve,
@@ -70,6 +76,9 @@ impl CtlOp {
         Self::AccountDeposit,
         Self::AccountWithdraw,
         Self::AccountStatement,
+        Self::KeyCreate,
+        Self::KeyList,
+        Self::KeyRevoke,
         Self::NodeList,
         Self::NodeInfo,
         Self::NodeEnroll,
@@ -96,6 +105,9 @@ impl CtlOp {
             Self::AccountWithdraw => "account.withdraw",
             Self::AccountBalance => "account.balance",
             Self::AccountStatement => "account.statement",
+            Self::KeyCreate => "key.create",
+            Self::KeyList => "key.list",
+            Self::KeyRevoke => "key.revoke",
             Self::NodeRegister => "node.register",
             Self::NodeList => "node.list",
             Self::NodeInfo => "node.info",
@@ -139,7 +151,10 @@ impl CtlOp {
             | Self::NodeList
             | Self::NodeInfo
             | Self::ModuleResolve
-            | Self::ModuleList => &[User, Operator],
+            | Self::ModuleList
+            | Self::KeyCreate
+            | Self::KeyList
+            | Self::KeyRevoke => &[User, Operator],
             Self::JobReport | Self::NodeRegister => &[Node],
             Self::AccountCreate
             | Self::AccountDeposit
@@ -205,6 +220,9 @@ requests! {
     wire::AccountRef => AccountBalance -> wire::AccountView, claims |r| Caller::user(&r.account);
     wire::StatementRequest => AccountStatement -> wire::Statement,
         claims |r| Caller::user(&r.account);
+    wire::CreateKey => KeyCreate -> wire::CreatedKey, claims |r| Caller::user(&r.account);
+    wire::ListKeys => KeyList -> wire::KeyList, claims |r| Caller::user(&r.account);
+    wire::RevokeKey => KeyRevoke -> wire::KeyView;
     wire::RegisterNode => NodeRegister -> wire::Ack, claims |r| Caller::node(&r.node_id);
     wire::ListNodes => NodeList -> wire::NodeList;
     wire::NodeRef => NodeInfo -> wire::NodeView;

@@ -2,6 +2,7 @@
 //! README), so everything it does can be done by any NATS client.
 
 mod job;
+mod keys;
 mod local;
 mod module;
 mod money;
@@ -117,6 +118,9 @@ enum Command {
     /// Add and remove users (operator): credentials for one account each.
     #[command(subcommand)]
     User(users::UserCommand),
+    /// API keys of the AI gateway: create (printed once), list, revoke.
+    #[command(subcommand)]
+    Key(keys::KeyCommand),
     /// Submit, watch, list and cancel jobs.
     #[command(subcommand)]
     Job(job::JobCommand),
@@ -222,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => up::run(&global, args).await,
         Command::Account(command) => account(&global, command).await,
         Command::User(command) => users::run(&global, command).await,
+        Command::Key(command) => keys::run(&global, command).await,
         Command::Job(command) => job::run(&global, command).await,
         Command::Events(args) => match args.since.clone() {
             Some(since) => {

@@ -676,6 +676,45 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
     assert!(whole.starts_with("line 1\n") && whole.ends_with("line 20000\n"));
     let (ok, text) = run(&mut cli(&["job", "output", "big-log", "nope.txt"]));
     assert!(!ok && text.contains("no output"), "{text}");
+    // An API key for the gateway: printed once, listed by id only, revoked.
+    let created = cli(&[
+        "key",
+        "create",
+        "--account",
+        "alice",
+        "--name",
+        "ci",
+        "--rpm",
+        "30",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let key_id = rhizos_broker::wire::key_id_of(&key)
+        .unwrap_or_else(|| panic!("not a key: {key:?}"))
+        .to_owned();
+    let (ok, text) = run(&mut cli(&["key", "list", "--account", "alice"]));
+    assert!(
+        ok && text.contains(&key_id) && text.contains("30 req/min"),
+        "{text}"
+    );
+    assert!(!text.contains(&key), "{text}");
+    let (ok, text) = run(&mut cli(&[
+        "key",
+        "create",
+        "--account",
+        "alice",
+        "--routes",
+        "admin",
+    ]));
+    assert!(!ok && text.contains("not a route"), "{text}");
+    let (ok, text) = run(&mut cli(&["key", "revoke", &key_id, "--account", "alice"]));
+    assert!(ok && text.contains("revoked"), "{text}");
 
     // A payout by the operator happens once, however often it is retried.
     let before = balance_of(&run, &cli, "alice");

@@ -11,6 +11,7 @@ mod events;
 mod fairness;
 mod identity;
 mod jobs;
+mod keys;
 mod modules;
 mod outputs;
 mod plugins;

@@ -3,11 +3,12 @@
 //! dispatch is an exhaustive `match` on [`CtlOp`], so a new operation does not compile until it
 //! is handled here; a subject that names no operation gets `unsupported_subject`.
 //!
-//! One file per noun: [`jobs`], [`accounts`] (with `ledger.verify`), [`nodes`], [`modules`],
-//! [`receipts`].
+//! One file per noun: [`jobs`], [`accounts`] (with `ledger.verify`), [`keys`], [`nodes`],
+//! [`modules`], [`receipts`].
 
 mod accounts;
 mod jobs;
+mod keys;
 mod modules;
 mod nodes;
 mod receipts;
@@ -76,6 +77,9 @@ impl Orchestrator {
             CtlOp::AccountWithdraw => self.serve(payload, |r| self.account_withdraw(r)).await,
             CtlOp::AccountBalance => self.serve(payload, |r| self.account_balance(c, r)).await,
             CtlOp::AccountStatement => self.serve(payload, |r| self.account_statement(c, r)).await,
+            CtlOp::KeyCreate => self.serve(payload, |r| self.key_create(c, r)).await,
+            CtlOp::KeyList => self.serve(payload, |r| self.key_list(c, r)).await,
+            CtlOp::KeyRevoke => self.serve(payload, |r| self.key_revoke(c, r)).await,
             CtlOp::NodeRegister => self.serve(payload, |r| self.register_node(c, r)).await,
             CtlOp::NodeList => self.serve(payload, |r| self.node_list(r)).await,
             CtlOp::NodeInfo => self.serve(payload, |r| self.node_info(r)).await,

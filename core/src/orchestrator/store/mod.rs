@@ -25,6 +25,7 @@ mod enrolments;
 mod escrow;
 pub mod events;
 mod jobs;
+pub mod keys;
 mod nodes;
 mod outbox;
 mod rows;

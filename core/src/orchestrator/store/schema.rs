@@ -159,6 +159,30 @@ const MIGRATIONS: &[Migration] = &[
         name: "0007 jobs keep the references of their results' out-of-band blobs",
         apply: |conn| conn.execute_batch("ALTER TABLE jobs ADD COLUMN output_blobs TEXT"),
     },
+    Migration {
+        name: "0008 api_keys: the AI gateway's keys (their SHA-256 only), limits and spend",
+        apply: |conn| {
+            conn.execute_batch(
+                "CREATE TABLE api_keys (
+                     key_id TEXT PRIMARY KEY,
+                     key_sha256 TEXT NOT NULL UNIQUE,
+                     account_id TEXT NOT NULL,
+                     name TEXT,
+                     credit_limit_micros INTEGER,
+                     spent_micros INTEGER NOT NULL DEFAULT 0,
+                     models TEXT,
+                     routes TEXT,
+                     rpm INTEGER,
+                     tpm INTEGER,
+                     expires_ms INTEGER,
+                     created_ms INTEGER NOT NULL,
+                     last_used_ms INTEGER,
+                     revoked_ms INTEGER
+                 );
+                 CREATE INDEX api_keys_account ON api_keys (account_id, created_ms);",
+            )
+        },
+    },
 ];
 
 /// The schema version this release writes.

@@ -1,0 +1,142 @@
+//! API keys of the AI gateway, as the orchestrator keeps them: made there and shown once, only
+//! their SHA-256 stored, each account's own (another account's key is not even disclosed).
+
+use crate::identity::secure_cluster;
+use rhizos_broker::wire::{CreateKey, ErrorCode, key_id_of};
+use rhizos_broker::{Caller, RequestError};
+
+const USD: i64 = 1_000_000;
+
+fn code(result: Result<impl std::fmt::Debug, RequestError>) -> Option<ErrorCode> {
+    match result {
+        Ok(reply) => panic!("expected an error, got {reply:?}"),
+        Err(e) => e.remote().map(|e| e.code),
+    }
+}
+
+#[tokio::test]
+async fn api_keys_are_shown_once_stored_as_digests_and_only_their_account_manages_them() {
+    let cluster = secure_cluster(0).await;
+    cluster.funded_account("alice", USD).await.unwrap();
+    cluster.funded_account("bob", USD).await.unwrap();
+    let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
+    let bob = cluster.client_as(&Caller::user("bob")).await.unwrap();
+
+    let created = alice
+        .key_create(CreateKey {
+            account: "alice".into(),
+            name: Some("laptop".into()),
+            credit_limit_micros: Some(10_000),
+            models: vec!["smollm2-135m".into()],
+            routes: vec!["chat".into(), "models".into()],
+            rpm: Some(60),
+            ..CreateKey::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(key_id_of(&created.key), Some(created.view.key_id.as_str()));
+    assert_eq!(
+        (created.view.account.as_str(), created.view.spent_micros),
+        ("alice", 0)
+    );
+    assert_eq!(created.view.credit_limit_micros, Some(10_000));
+    let second = alice
+        .key_create(CreateKey {
+            account: "alice".into(),
+            ..CreateKey::default()
+        })
+        .await
+        .unwrap();
+    assert_ne!(second.key, created.key);
+
+    // Only the digest is stored: the key appears nowhere in the ledger's files.
+    let conn = rusqlite::Connection::open(cluster.ledger_path()).unwrap();
+    let stored: String = conn
+        .query_row(
+            "SELECT key_sha256 FROM api_keys WHERE key_id = ?1",
+            [&created.view.key_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        stored,
+        rhizos_broker::blobs::sha256_hex(created.key.as_bytes())
+    );
+    let secret = created.key.rsplit('_').next().unwrap();
+    for suffix in ["", "-wal"] {
+        let path = format!("{}{suffix}", cluster.ledger_path().display());
+        if let Ok(bytes) = std::fs::read(&path) {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "the key's secret is in {path}"
+            );
+        }
+    }
+
+    // Lists never carry the key; newest first.
+    let listed = alice.key_list("alice").await.unwrap().keys;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|k| k.key_id.as_str())
+            .collect::<Vec<_>>()
+            .len(),
+        2
+    );
+    assert!(!serde_json::to_string(&listed).unwrap().contains(secret));
+    let operator_view = cluster.client().key_list("alice").await.unwrap().keys;
+    assert_eq!(operator_view, listed);
+
+    // Bob can neither make, list nor revoke alice's keys (her key is "not found" to him).
+    let for_alice = CreateKey {
+        account: "alice".into(),
+        ..CreateKey::default()
+    };
+    assert_eq!(
+        code(bob.key_create(for_alice).await),
+        Some(ErrorCode::Forbidden)
+    );
+    assert_eq!(
+        code(bob.key_list("alice").await),
+        Some(ErrorCode::Forbidden)
+    );
+    assert_eq!(
+        code(bob.key_revoke(&created.view.key_id).await),
+        Some(ErrorCode::NotFound)
+    );
+    // Limits are checked field by field; an unknown account is named.
+    let bad = CreateKey {
+        account: "alice".into(),
+        routes: vec!["admin".into()],
+        ..CreateKey::default()
+    };
+    assert_eq!(
+        code(alice.key_create(bad).await),
+        Some(ErrorCode::BadRequest)
+    );
+    let nobody = CreateKey {
+        account: "nobody".into(),
+        ..CreateKey::default()
+    };
+    assert_eq!(
+        code(cluster.client().key_create(nobody).await),
+        Some(ErrorCode::NotFound)
+    );
+
+    // Revoked at once, and once.
+    let revoked = alice.key_revoke(&created.view.key_id).await.unwrap();
+    let when = revoked.revoked_ms.expect("revoked");
+    let again = alice.key_revoke(&created.view.key_id).await.unwrap();
+    assert_eq!(again.revoked_ms, Some(when));
+    let listed = alice.key_list("alice").await.unwrap().keys;
+    let first = listed
+        .iter()
+        .find(|k| k.key_id == created.view.key_id)
+        .unwrap();
+    assert_eq!(first.revoked_ms, Some(when));
+    assert!(
+        listed
+            .iter()
+            .any(|k| k.key_id == second.view.key_id && k.revoked_ms.is_none())
+    );
+}
