@@ -6,6 +6,7 @@
 //! | user `a` | `ctl.v1.<ns>.u.a.*.*`, `node.plugins.*`, direct get of `blob.v1.<ns>.u.a.>` | its inbox, `evt.v1.<ns>.u.a.>`, `out.v1.<ns>.u.a.>` |
 //! | node `n` | `ctl.v1.<ns>.n.n.*.*`, its heartbeat, `out.v1.<ns>.u.*.job.log.*.n`, `blob.v1.<ns>.u.*.n.n.>`, replies | its inbox, `job.assign.n`, `job.stop.n`, `node.plugins.n` |
 //! | operator `o` | `ctl.v1.<ns>.o.o.*.*`, `node.plugins.*`, `$JS.API.>` | everything |
+//! | gateway `g` | `ctl.v1.<ns>.g.g.*.*` | its inbox |
 //! | orchestrator | everything | everything |
 //!
 //! Nobody but the orchestrator and the operator reaches JetStream's API (`$JS.API.>`), so only they
@@ -76,6 +77,13 @@ pub fn permissions(subjects: &Subjects, caller: &Caller) -> Permissions {
         Role::Operator => Permissions {
             publish: vec![own_ops, plugins_of_any, "$JS.API.>".into()],
             subscribe: vec![">".into()],
+            allow_responses: false,
+        },
+        // Its own operations (API keys by digest) and its inbox; nothing of JetStream, no
+        // account's events or logs.
+        Role::Gateway => Permissions {
+            publish: vec![own_ops],
+            subscribe: vec![inbox],
             allow_responses: false,
         },
         Role::Orchestrator => Permissions {

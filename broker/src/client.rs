@@ -240,6 +240,16 @@ impl Client {
             .await
     }
 
+    /// `key.authenticate` (a gateway): the view of the key a client presented, if it works.
+    pub async fn key_authenticate(&self, key: &str) -> Result<wire::KeyView, RequestError> {
+        self.bus
+            .call(&wire::AuthenticateKey {
+                v: WIRE_VERSION,
+                key_sha256: crate::blobs::sha256_hex(key.as_bytes()),
+            })
+            .await
+    }
+
     /// `key.revoke`: the key stops working at once (idempotent).
     pub async fn key_revoke(&self, key_id: &str) -> Result<wire::KeyView, RequestError> {
         self.bus

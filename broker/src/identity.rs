@@ -23,10 +23,18 @@ pub enum Role {
     Operator,
     /// The orchestrator service itself.
     Orchestrator,
+    /// An AI gateway service (`rhizosd gateway`): checks API keys for the clients it serves.
+    Gateway,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Self::User, Self::Node, Self::Operator, Self::Orchestrator];
+    pub const ALL: [Role; 5] = [
+        Self::User,
+        Self::Node,
+        Self::Operator,
+        Self::Orchestrator,
+        Self::Gateway,
+    ];
 
     /// The role's token in subjects and inbox prefixes.
     pub const fn token(self) -> &'static str {
@@ -35,6 +43,7 @@ impl Role {
             Self::Node => "n",
             Self::Operator => "o",
             Self::Orchestrator => "s",
+            Self::Gateway => "g",
         }
     }
 
@@ -44,6 +53,7 @@ impl Role {
             Self::Node => "node",
             Self::Operator => "operator",
             Self::Orchestrator => "orchestrator",
+            Self::Gateway => "gateway",
         }
     }
 
@@ -92,6 +102,13 @@ impl Caller {
     pub fn operator(name: &str) -> Self {
         Self {
             role: Role::Operator,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn gateway(name: &str) -> Self {
+        Self {
+            role: Role::Gateway,
             name: name.to_owned(),
         }
     }

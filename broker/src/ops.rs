@@ -40,6 +40,8 @@ pub enum CtlOp {
     KeyList,
     /// Revoke an API key: it stops working at once.
     KeyRevoke,
+    /// The gateway checks a client's API key, by its SHA-256.
+    KeyAuthenticate,
     NodeRegister,
     NodeList,
     NodeInfo,
@@ -64,7 +66,7 @@ pub enum CtlOp {
 
 impl CtlOp {
     /// Every operation, in the order of the README's subject table.
-    pub const ALL: [CtlOp; 25] = [
+    pub const ALL: [CtlOp; 26] = [
         Self::JobSubmit,
         Self::JobGet,
         Self::ModuleResolve,
@@ -79,6 +81,7 @@ impl CtlOp {
         Self::KeyCreate,
         Self::KeyList,
         Self::KeyRevoke,
+        Self::KeyAuthenticate,
         Self::NodeList,
         Self::NodeInfo,
         Self::NodeEnroll,
@@ -108,6 +111,7 @@ impl CtlOp {
             Self::KeyCreate => "key.create",
             Self::KeyList => "key.list",
             Self::KeyRevoke => "key.revoke",
+            Self::KeyAuthenticate => "key.authenticate",
             Self::NodeRegister => "node.register",
             Self::NodeList => "node.list",
             Self::NodeInfo => "node.info",
@@ -139,7 +143,7 @@ impl CtlOp {
     /// only subjects with its own identity token, and only these operations'), and the
     /// orchestrator checks it again for every request.
     pub const fn callers(self) -> &'static [Role] {
-        use Role::{Node, Operator, Orchestrator, User};
+        use Role::{Gateway, Node, Operator, Orchestrator, User};
         match self {
             Self::JobSubmit => &[User],
             Self::JobGet
@@ -163,6 +167,7 @@ impl CtlOp {
             | Self::NodeRemove
             | Self::LedgerVerify => &[Operator],
             Self::JobAssign | Self::JobStop => &[Orchestrator],
+            Self::KeyAuthenticate => &[Gateway, Operator],
             Self::NodePlugins => &[User, Operator, Orchestrator],
         }
     }
@@ -223,6 +228,7 @@ requests! {
     wire::CreateKey => KeyCreate -> wire::CreatedKey, claims |r| Caller::user(&r.account);
     wire::ListKeys => KeyList -> wire::KeyList, claims |r| Caller::user(&r.account);
     wire::RevokeKey => KeyRevoke -> wire::KeyView;
+    wire::AuthenticateKey => KeyAuthenticate -> wire::KeyView;
     wire::RegisterNode => NodeRegister -> wire::Ack, claims |r| Caller::node(&r.node_id);
     wire::ListNodes => NodeList -> wire::NodeList;
     wire::NodeRef => NodeInfo -> wire::NodeView;
@@ -269,6 +275,10 @@ mod tests {
             <wire::Withdraw as Request>::OP,
             <wire::AccountRef as Request>::OP,
             <wire::StatementRequest as Request>::OP,
+            <wire::CreateKey as Request>::OP,
+            <wire::ListKeys as Request>::OP,
+            <wire::RevokeKey as Request>::OP,
+            <wire::AuthenticateKey as Request>::OP,
             <wire::RegisterNode as Request>::OP,
             <wire::ListNodes as Request>::OP,
             <wire::NodeRef as Request>::OP,

@@ -98,6 +98,16 @@ pub struct KeyList {
     pub keys: Vec<KeyView>,
 }
 
+/// `key.authenticate` request (a gateway, or the operator): the key a client presented, by its
+/// SHA-256 (lowercase hex) — the orchestrator never needs the key itself. The reply is the key's
+/// view when it works: unknown → `not_found`, revoked or expired → `forbidden`, saying which.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthenticateKey {
+    pub v: u32,
+    pub key_sha256: String,
+}
+
 /// `key.revoke` request (the key's account's user, or the operator): the key stops working at
 /// once; revoking again changes nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

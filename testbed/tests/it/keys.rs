@@ -140,3 +140,61 @@ async fn api_keys_are_shown_once_stored_as_digests_and_only_their_account_manage
             .any(|k| k.key_id == second.view.key_id && k.revoked_ms.is_none())
     );
 }
+
+#[tokio::test]
+async fn a_gateway_authenticates_keys_by_digest_and_nobody_else_may() {
+    let cluster = secure_cluster(0).await;
+    cluster.funded_account("alice", USD).await.unwrap();
+    let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
+    let gateway = cluster.client_as(&Caller::gateway("gw")).await.unwrap();
+    let key = alice
+        .key_create(CreateKey {
+            account: "alice".into(),
+            models: vec!["smollm2-135m".into()],
+            ..CreateKey::default()
+        })
+        .await
+        .unwrap();
+
+    // A working key: its view (limits for the gateway to apply), and its use recorded.
+    let view = gateway.key_authenticate(&key.key).await.unwrap();
+    assert_eq!(view.key_id, key.view.key_id);
+    assert_eq!(view.models, ["smollm2-135m"]);
+    let used = alice.key_list("alice").await.unwrap().keys[0].last_used_ms;
+    assert!(used.is_some(), "last use not recorded");
+    // A second use within the minute writes nothing new.
+    gateway.key_authenticate(&key.key).await.unwrap();
+    assert_eq!(
+        alice.key_list("alice").await.unwrap().keys[0].last_used_ms,
+        used
+    );
+
+    // A wrong key, a revoked one and an expired one are refused, saying which.
+    let wrong = format!("{}0", &key.key[..key.key.len() - 1]);
+    assert_eq!(
+        code(gateway.key_authenticate(&wrong).await),
+        Some(ErrorCode::NotFound)
+    );
+    let expiring = alice
+        .key_create(CreateKey {
+            account: "alice".into(),
+            expires_ms: Some(rhizos_core::now_ms() + 300),
+            ..CreateKey::default()
+        })
+        .await
+        .unwrap();
+    gateway.key_authenticate(&expiring.key).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let expired = gateway.key_authenticate(&expiring.key).await.unwrap_err();
+    assert!(expired.to_string().contains("expired"), "{expired}");
+    alice.key_revoke(&key.view.key_id).await.unwrap();
+    let revoked = gateway.key_authenticate(&key.key).await.unwrap_err();
+    assert_eq!(revoked.remote().map(|e| e.code), Some(ErrorCode::Forbidden));
+    assert!(revoked.to_string().contains("revoked"), "{revoked}");
+
+    // Only a gateway (or the operator) may ask: a user is refused, and a gateway may do
+    // nothing else (no money, no accounts' jobs).
+    assert!(alice.key_authenticate(&key.key).await.is_err());
+    assert!(gateway.account_balance("alice").await.is_err());
+    assert!(gateway.job_list(None, None, None).await.is_err());
+}

@@ -6,8 +6,8 @@ use super::super::store::StoreError;
 use super::super::validate::{limits, party_account, token};
 use super::{acts_for, own_account};
 use rhizos_broker::wire::{
-    self, CreateKey, CreatedKey, ErrorCode, KEY_ROUTES, KeyList, KeyView, ListKeys, RevokeKey,
-    WireError,
+    self, AuthenticateKey, CreateKey, CreatedKey, ErrorCode, KEY_ROUTES, KeyList, KeyView,
+    ListKeys, RevokeKey, WireError,
 };
 use rhizos_broker::{Caller, validate_token};
 
@@ -15,6 +15,8 @@ use rhizos_broker::{Caller, validate_token};
 const MAX_KEY_MODELS: usize = 64;
 const MAX_MODEL_NAME: usize = 128;
 const MAX_KEY_NAME: usize = 64;
+/// A key's last use is recorded at most this often (not one write per request).
+const LAST_USED_EVERY_MS: u64 = 60_000;
 
 impl Orchestrator {
     pub(in crate::orchestrator) async fn key_create(
@@ -52,6 +54,53 @@ impl Orchestrator {
             .read(move |store| store.keys_of(&request.account))
             .await?;
         Ok(KeyList { keys })
+    }
+
+    pub(in crate::orchestrator) async fn key_authenticate(
+        &self,
+        caller: Caller,
+        request: AuthenticateKey,
+    ) -> Result<KeyView, WireError> {
+        let digest = request.key_sha256;
+        if digest.len() != 64
+            || !digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "key_sha256: the SHA-256 of the key, 64 lowercase hex digits",
+            ));
+        }
+        let key = self
+            .read(move |store| store.key_by_digest(&digest))
+            .await?
+            .ok_or_else(|| WireError::new(ErrorCode::NotFound, "invalid API key"))?;
+        let now = crate::now_ms();
+        if let Some(when) = key.revoked_ms {
+            return Err(WireError::new(
+                ErrorCode::Forbidden,
+                format!("API key {} was revoked (at {when} ms)", key.key_id),
+            ));
+        }
+        if let Some(when) = key.expires_ms
+            && when <= now
+        {
+            return Err(WireError::new(
+                ErrorCode::Forbidden,
+                format!("API key {} expired (at {when} ms)", key.key_id),
+            ));
+        }
+        if key
+            .last_used_ms
+            .is_none_or(|last| now.saturating_sub(last) >= LAST_USED_EVERY_MS)
+        {
+            let id = key.key_id.clone();
+            if let Err(e) = self.db(move |store| store.touch_key(&id, now)).await {
+                tracing::warn!(%caller, key_id = %key.key_id, error = %e, "cannot record the key's last use");
+            }
+        }
+        Ok(key)
     }
 
     pub(in crate::orchestrator) async fn key_revoke(

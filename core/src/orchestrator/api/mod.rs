@@ -80,6 +80,7 @@ impl Orchestrator {
             CtlOp::KeyCreate => self.serve(payload, |r| self.key_create(c, r)).await,
             CtlOp::KeyList => self.serve(payload, |r| self.key_list(c, r)).await,
             CtlOp::KeyRevoke => self.serve(payload, |r| self.key_revoke(c, r)).await,
+            CtlOp::KeyAuthenticate => self.serve(payload, |r| self.key_authenticate(c, r)).await,
             CtlOp::NodeRegister => self.serve(payload, |r| self.register_node(c, r)).await,
             CtlOp::NodeList => self.serve(payload, |r| self.node_list(r)).await,
             CtlOp::NodeInfo => self.serve(payload, |r| self.node_info(r)).await,

@@ -80,6 +80,30 @@ impl Store {
         key_in(&self.conn, key_id)
     }
 
+    /// The key whose SHA-256 is `key_sha256`.
+    pub fn key_by_digest(&self, key_sha256: &str) -> Result<Option<KeyView>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_sha256 = ?1"),
+                params![key_sha256],
+                key_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Records that the key was used at `now_ms`.
+    pub fn touch_key(&mut self, key_id: &str, now_ms: u64) -> Result<(), StoreError> {
+        let tx = self.tx()?;
+        exec(
+            &tx,
+            "UPDATE api_keys SET last_used_ms = MAX(COALESCE(last_used_ms, 0), ?2) WHERE key_id = ?1",
+            params![key_id, now_ms as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Marks the key revoked (once: revoking again keeps the first time).
     pub fn revoke_key(&mut self, key_id: &str) -> Result<KeyView, StoreError> {
         let tx = self.tx()?;
