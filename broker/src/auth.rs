@@ -79,8 +79,8 @@ pub fn permissions(subjects: &Subjects, caller: &Caller) -> Permissions {
             subscribe: vec![">".into()],
             allow_responses: false,
         },
-        // Its own operations (API keys by digest) and its inbox; nothing of JetStream, no
-        // account's events or logs.
+        // Its own operations (API keys by digest, jobs charged to its clients' keys) and its
+        // inbox; nothing of JetStream, no account's events or logs.
         Role::Gateway => Permissions {
             publish: vec![own_ops],
             subscribe: vec![inbox],

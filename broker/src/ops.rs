@@ -145,7 +145,7 @@ impl CtlOp {
     pub const fn callers(self) -> &'static [Role] {
         use Role::{Gateway, Node, Operator, Orchestrator, User};
         match self {
-            Self::JobSubmit => &[User],
+            Self::JobSubmit => &[User, Gateway],
             Self::JobGet
             | Self::JobList
             | Self::JobCancel

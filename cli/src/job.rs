@@ -508,6 +508,7 @@ async fn submit(global: &GlobalArgs, bus: &Bus, args: SubmitArgs) -> anyhow::Res
         account: args.account.clone(),
         spec,
         max_cost_micros,
+        api_key_sha256: None,
     };
 
     // Subscribe before submitting so no log line or event can be missed.

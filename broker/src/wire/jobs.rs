@@ -166,6 +166,11 @@ pub struct SubmitJob {
     pub spec: JobSpec,
     /// The most the user will pay; held in escrow on accept.
     pub max_cost_micros: i64,
+    /// The API key a gateway's client presented, by SHA-256: the job is charged to that key's
+    /// account within the key's credit limit — checked in the same ledger transaction as the
+    /// hold, so concurrent requests cannot overspend it. Required when a gateway submits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

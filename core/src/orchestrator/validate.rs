@@ -388,6 +388,7 @@ mod tests {
             account: "a".into(),
             spec,
             max_cost_micros: 1_000,
+            api_key_sha256: None,
         }
     }
 

@@ -27,6 +27,7 @@ pub fn submit_request(
         account: account.into(),
         spec,
         max_cost_micros,
+        api_key_sha256: None,
     }
 }
 

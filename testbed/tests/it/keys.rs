@@ -1,9 +1,12 @@
 //! API keys of the AI gateway, as the orchestrator keeps them: made there and shown once, only
 //! their SHA-256 stored, each account's own (another account's key is not even disclosed).
 
+use crate::common::*;
 use crate::identity::secure_cluster;
-use rhizos_broker::wire::{CreateKey, ErrorCode, key_id_of};
+use rhizos_broker::wire::{CreateKey, ErrorCode, JobState, key_id_of};
 use rhizos_broker::{Caller, RequestError};
+use rhizos_testbed::cluster::wasm_spec;
+use std::time::Duration;
 
 const USD: i64 = 1_000_000;
 
@@ -184,7 +187,7 @@ async fn a_gateway_authenticates_keys_by_digest_and_nobody_else_may() {
         .await
         .unwrap();
     gateway.key_authenticate(&expiring.key).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let expired = gateway.key_authenticate(&expiring.key).await.unwrap_err();
     assert!(expired.to_string().contains("expired"), "{expired}");
     alice.key_revoke(&key.view.key_id).await.unwrap();
@@ -197,4 +200,122 @@ async fn a_gateway_authenticates_keys_by_digest_and_nobody_else_may() {
     assert!(alice.key_authenticate(&key.key).await.is_err());
     assert!(gateway.account_balance("alice").await.is_err());
     assert!(gateway.job_list(None, None, None).await.is_err());
+}
+
+#[tokio::test]
+async fn a_keys_credit_limit_holds_under_fifty_concurrent_requests() {
+    let cluster = secure_cluster(1).await;
+    cluster.funded_account("alice", 10 * USD).await.unwrap();
+    cluster.funded_account("bob", USD).await.unwrap();
+    let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
+    let gateway = cluster.client_as(&Caller::gateway("gw")).await.unwrap();
+    // Room for exactly 7 holds of $0.10.
+    let key = alice
+        .key_create(CreateKey {
+            account: "alice".into(),
+            credit_limit_micros: Some(700_000),
+            ..CreateKey::default()
+        })
+        .await
+        .unwrap();
+    let digest = rhizos_broker::blobs::sha256_hex(key.key.as_bytes());
+    let module = demo();
+    let request = |id: String, account: &str, digest: Option<&String>| {
+        let mut request = submit_request(
+            account,
+            &id,
+            wasm_spec(&module, &["count", "1"], 5_000),
+            100_000,
+        );
+        request.api_key_sha256 = digest.cloned();
+        request
+    };
+
+    // Without its client's key, or for another account than the key's, a gateway is refused.
+    assert_eq!(
+        code(
+            gateway
+                .submit(&request("no-key".into(), "alice", None))
+                .await
+        ),
+        Some(ErrorCode::Forbidden)
+    );
+    assert_eq!(
+        code(
+            gateway
+                .submit(&request("for-bob".into(), "bob", Some(&digest)))
+                .await
+        ),
+        Some(ErrorCode::Forbidden)
+    );
+
+    // Fifty at once: exactly seven fit the key's limit; the rest are refused, naming the key.
+    let submits = (0..50).map(|i| {
+        let (gateway, request) = (
+            gateway.clone(),
+            request(format!("burst-{i}"), "alice", Some(&digest)),
+        );
+        async move {
+            (
+                request.job_id.clone().unwrap(),
+                gateway.submit(&request).await,
+            )
+        }
+    });
+    let results = futures::future::join_all(submits).await;
+    let accepted: Vec<String> = results
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(accepted.len(), 7, "{results:?}");
+    for (_, result) in results.iter().filter(|(_, r)| r.is_err()) {
+        let error = result.as_ref().unwrap_err();
+        assert_eq!(
+            error.remote().map(|e| e.code),
+            Some(ErrorCode::InsufficientFunds),
+            "{error}"
+        );
+        assert!(error.to_string().contains(&key.view.key_id), "{error}");
+    }
+
+    // They run and settle; the key has spent exactly what they cost.
+    let mut cost = 0;
+    for id in &accepted {
+        let job = cluster
+            .wait_for_end(id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        cost += job.cost_micros.unwrap();
+    }
+    let spent = alice.key_list("alice").await.unwrap().keys[0].spent_micros;
+    assert_eq!(spent, cost);
+    // What is left is exactly what may still be held: a unit more is refused.
+    let left = 700_000 - spent;
+    let mut over = request("over".into(), "alice", Some(&digest));
+    over.max_cost_micros = left + 1;
+    assert_eq!(
+        code(gateway.submit(&over).await),
+        Some(ErrorCode::InsufficientFunds)
+    );
+    let mut fits = request("fits".into(), "alice", Some(&digest));
+    fits.max_cost_micros = left;
+    gateway.submit(&fits).await.unwrap();
+    cluster
+        .wait_for_end("fits", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // A revoked key charges nothing more.
+    alice.key_revoke(&key.view.key_id).await.unwrap();
+    assert_eq!(
+        code(
+            gateway
+                .submit(&request("after".into(), "alice", Some(&digest)))
+                .await
+        ),
+        Some(ErrorCode::Forbidden)
+    );
+    let report = cluster.client().ledger_verify().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
 }

@@ -19,9 +19,23 @@ impl Orchestrator {
         caller: Caller,
         mut request: SubmitJob,
     ) -> Result<SubmitJobReply, WireError> {
-        // Charged to the caller's own account only (the subject says who calls, not the payload).
+        // Charged to the caller's own account only (the subject says who calls, not the payload),
+        // or — a gateway — to the account of the API key its client presented.
         party_account("account", &request.account)?;
-        own_account(&caller, &request.account)?;
+        match (&caller.role, &request.api_key_sha256) {
+            (Role::Gateway, Some(digest)) => self.key_for_charge(digest, &request.account).await?,
+            (Role::Gateway, None) => {
+                return Err(forbidden(format!(
+                    "{caller} submits only with its client's API key (api_key_sha256)"
+                )));
+            }
+            (_, key) => {
+                own_account(&caller, &request.account)?;
+                if let Some(digest) = key {
+                    self.key_for_charge(digest, &request.account).await?;
+                }
+            }
+        }
         if let Workload::Module { uri } = &request.spec.workload {
             let resolved = self.resolve_module(uri).await?;
             request.spec = modules::materialize(&resolved.manifest, &request.spec)?;
@@ -34,16 +48,18 @@ impl Orchestrator {
         // Refuse at once what no known node could ever run.
         self.registry()
             .feasibility(&request.spec, request.max_cost_micros)?;
-        let (account, spec, id, max_cost) = (
+        let (account, spec, id, max_cost, key) = (
             request.account.clone(),
             request.spec.clone(),
             job_id.clone(),
             request.max_cost_micros,
+            request.api_key_sha256.clone(),
         );
         let this = self.clone();
         let (mut job, created, placed) = self
             .db(move |store| {
-                let (job, created) = store.submit(&id, &account, &spec, max_cost)?;
+                let (job, created) =
+                    store.submit_with_key(&id, &account, &spec, max_cost, key.as_deref())?;
                 // Fast path: with nobody queued ahead, place the job in the same operation (and
                 // commit) that accepted it, instead of waiting for a dispatch pass.
                 let placed = if created && !store.pending_other_than(&id)? {

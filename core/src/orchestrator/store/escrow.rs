@@ -32,13 +32,14 @@ impl Ctx {
         // The job's payer and hold, and the provider account recorded when it was assigned (a
         // later registration cannot redirect it; rows assigned before that was recorded: the
         // node's registration).
-        let (account, hold, provider): (String, i64, String) = query_row(
+        let (account, hold, provider, key_id): (String, i64, String, Option<String>) = query_row(
             tx,
             "SELECT j.account_id, j.max_cost_micros,
-                    COALESCE(j.provider_account, json_extract(n.registration, '$.provider_account'))
+                    COALESCE(j.provider_account, json_extract(n.registration, '$.provider_account')),
+                    j.key_id
              FROM jobs j LEFT JOIN nodes n ON n.id = j.node_id WHERE j.id = ?1",
             [job_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
         ledger::ensure_account(tx, &provider, AccountKind::Provider, now)?;
         let split = ledger::split(measured_micros, hold, self.fee_bps);
@@ -72,6 +73,15 @@ impl Ctx {
                 self.fee_bps
             ],
         )?;
+        // What the job cost counts against the API key it was charged to, once (this runs only
+        // with the settlement's first posting).
+        if let Some(key_id) = &key_id {
+            exec(
+                tx,
+                "UPDATE api_keys SET spent_micros = spent_micros + ?2 WHERE key_id = ?1",
+                params![key_id, split.cost_micros],
+            )?;
+        }
         self.emit(
             tx,
             DomainEvent::Escrow {

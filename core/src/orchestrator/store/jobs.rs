@@ -25,6 +25,21 @@ impl Store {
         spec: &JobSpec,
         max_cost_micros: i64,
     ) -> Result<(JobRecord, bool), StoreError> {
+        self.submit_with_key(job_id, account, spec, max_cost_micros, None)
+    }
+
+    /// [`Store::submit`], charged to the API key whose SHA-256 is `key_sha256` (of `account`,
+    /// not revoked): the hold must fit the key's credit limit with what it has spent and what
+    /// its open jobs hold — checked in the hold's own transaction, so concurrent submits cannot
+    /// overspend the key.
+    pub fn submit_with_key(
+        &mut self,
+        job_id: &str,
+        account: &str,
+        spec: &JobSpec,
+        max_cost_micros: i64,
+        key_sha256: Option<&str>,
+    ) -> Result<(JobRecord, bool), StoreError> {
         let spec_json = serde_json::to_string(spec)?;
         if let Some(existing) = self.find_job(job_id)? {
             if existing.account != account {
@@ -58,10 +73,14 @@ impl Store {
             Some(kind) if kind == "user" || kind == "provider" => {}
             _ => return Err(no_account(account)),
         }
+        let key_id = match key_sha256 {
+            Some(digest) => Some(key_budget(&tx, digest, account, max_cost_micros)?),
+            None => None,
+        };
         exec(&tx,
             "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms,
-                               cpu_cores, memory_mib, gpus, queue_timeout_ms, timeout_ms)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                               cpu_cores, memory_mib, gpus, queue_timeout_ms, timeout_ms, key_id)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 job_id,
                 account,
@@ -74,7 +93,8 @@ impl Store {
                 spec.memory_mib as i64,
                 spec.gpus,
                 spec.queue_timeout_ms.map(|t| t as i64),
-                i64::try_from(spec.timeout_ms).unwrap_or(i64::MAX)
+                i64::try_from(spec.timeout_ms).unwrap_or(i64::MAX),
+                key_id,
             ],
         )
         ?;
@@ -400,4 +420,43 @@ pub struct ClosedJob {
     pub billed_elapsed_ms: Option<u64>,
     /// The fee rate the job was settled at (`None`: refunded, or settled before it was kept).
     pub fee_bps: Option<u32>,
+}
+
+/// The id of the API key `key_sha256` (of `account`, not revoked) when a hold of `hold_micros`
+/// fits its credit limit: spent + held by its open jobs + this hold ≤ limit.
+fn key_budget(
+    tx: &rusqlite::Connection,
+    key_sha256: &str,
+    account: &str,
+    hold_micros: i64,
+) -> Result<String, StoreError> {
+    let (key_id, limit, spent): (String, Option<i64>, i64) = tx
+        .query_row(
+            "SELECT key_id, credit_limit_micros, spent_micros FROM api_keys
+             WHERE key_sha256 = ?1 AND account_id = ?2 AND revoked_ms IS NULL",
+            params![key_sha256, account],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("invalid API key for account {account}")))?;
+    if let Some(limit) = limit {
+        let held: i64 = query_row(
+            tx,
+            "SELECT COALESCE(SUM(max_cost_micros), 0) FROM jobs WHERE key_id = ?1 AND cost_micros IS NULL",
+            [&key_id],
+            |r| r.get(0),
+        )?;
+        let left = limit.saturating_sub(spent).saturating_sub(held);
+        if hold_micros > left {
+            return Err(StoreError::InsufficientFunds(format!(
+                "API key {key_id} has {} of its {} credit limit left ({} spent, {} held by requests in flight); this request holds {}",
+                format_usd(left.max(0)),
+                format_usd(limit),
+                format_usd(spent),
+                format_usd(held),
+                format_usd(hold_micros)
+            )));
+        }
+    }
+    Ok(key_id)
 }

@@ -183,6 +183,15 @@ const MIGRATIONS: &[Migration] = &[
             )
         },
     },
+    Migration {
+        name: "0009 jobs charged to an API key name it (the key's budget counts their holds)",
+        apply: |conn| {
+            conn.execute_batch(
+                "ALTER TABLE jobs ADD COLUMN key_id TEXT;
+                 CREATE INDEX jobs_key ON jobs (key_id) WHERE key_id IS NOT NULL;",
+            )
+        },
+    },
 ];
 
 /// The schema version this release writes.

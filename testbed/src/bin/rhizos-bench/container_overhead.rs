@@ -164,6 +164,7 @@ async fn rhizos_runs(image: &str, runs: usize) -> anyhow::Result<(Vec<Duration>,
             account: "bench".into(),
             spec: rhizos_testbed::cluster::docker_spec(image, &ARGS, 30_000),
             max_cost_micros: 1_000_000,
+            api_key_sha256: None,
         };
         let started = Instant::now();
         client.submit(&request).await?;

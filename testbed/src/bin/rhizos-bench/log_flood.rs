@@ -104,6 +104,7 @@ pub async fn run(
             account: "flood".into(),
             spec: wasm_spec(&module, &["blank", &count], 300_000),
             max_cost_micros: 100_000_000,
+            api_key_sha256: None,
         })
         .await?;
     let watcher = tokio::spawn(async move {

@@ -233,6 +233,7 @@ impl Submitter {
                 )
             },
             max_cost_micros: 1_000_000,
+            api_key_sha256: None,
         };
         async move {
             if let Ok(mut map) = submitted_at.lock() {

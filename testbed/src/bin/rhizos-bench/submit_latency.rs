@@ -65,6 +65,7 @@ pub async fn run(jobs: usize) -> anyhow::Result<Report> {
             account: "bench".into(),
             spec: wasm_spec(&module, &["count", "1"], 10_000),
             max_cost_micros: 1_000_000,
+            api_key_sha256: None,
         };
         let started = Instant::now();
         client.submit(&request).await?;

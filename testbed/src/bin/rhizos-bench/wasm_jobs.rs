@@ -85,6 +85,7 @@ pub async fn run(jobs: usize, agents: usize, concurrency: usize) -> anyhow::Resu
                     account: "wasm".into(),
                     spec,
                     max_cost_micros: 10_000_000,
+                    api_key_sha256: None,
                 })
                 .await
         }
