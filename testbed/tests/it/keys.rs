@@ -318,4 +318,15 @@ async fn a_keys_credit_limit_holds_under_fifty_concurrent_requests() {
     );
     let report = cluster.client().ledger_verify().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
+    // A spend written behind the store's back is found.
+    rusqlite::Connection::open(cluster.ledger_path())
+        .unwrap()
+        .execute("UPDATE api_keys SET spent_micros = spent_micros + 1", [])
+        .unwrap();
+    let report = cluster.client().ledger_verify().await.unwrap();
+    assert!(
+        !report.ok && report.problems.iter().any(|p| p.contains(&key.view.key_id)),
+        "{:?}",
+        report.problems
+    );
 }

@@ -88,6 +88,7 @@ impl Store {
             }
         }
         self.verify_charges(&mut problems)?;
+        self.verify_key_spend(&mut problems)?;
         Ok(LedgerReport {
             ok: problems.is_empty(),
             accounts: base.accounts,
@@ -96,6 +97,31 @@ impl Store {
             jobs_checked,
             problems,
         })
+    }
+
+    /// Every API key has spent exactly what the jobs charged to it cost.
+    fn verify_key_spend(&self, problems: &mut Vec<String>) -> Result<(), StoreError> {
+        let mut statement = self.conn.prepare(
+            "SELECT k.key_id, k.spent_micros, COALESCE(SUM(j.cost_micros), 0)
+             FROM api_keys k LEFT JOIN jobs j ON j.key_id = k.key_id AND j.cost_micros IS NOT NULL
+             GROUP BY k.key_id",
+        )?;
+        let rows = statement.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (key_id, spent, cost) = row?;
+            if spent != cost {
+                problems.push(format!(
+                    "API key {key_id} records {spent} micro-USD spent, but its jobs cost {cost}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Per closed job, that it was charged what the network measured, by the published
