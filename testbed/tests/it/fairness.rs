@@ -81,6 +81,30 @@ fn result_of(running: &JobReport, elapsed_ms: u64) -> JobReport {
     }
 }
 
+/// Heartbeats as the hand-rolled node every 300 ms (its registered interval), listing what
+/// `held` holds, until aborted: without them the node is lost after three intervals.
+pub(crate) fn heartbeat(
+    bus: &rhizos_broker::Bus,
+    held: tokio::sync::watch::Receiver<Vec<ExecutionRef>>,
+) -> tokio::task::JoinHandle<()> {
+    let bus = bus.clone();
+    tokio::spawn(async move {
+        loop {
+            let beat = Heartbeat {
+                v: WIRE_VERSION,
+                node_id: NODE.into(),
+                running: held.borrow().clone(),
+                free_slots: 2,
+                ts_ms: 0,
+                gpus: vec![],
+            };
+            let subject = bus.subjects.node_heartbeat(NODE).unwrap();
+            let _ = bus.client.publish(subject, wire::encode(&beat)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
 /// Takes the next assignment as the lying node ([`accept`]) and lists it in its heartbeats
 /// from now on. Returns its running report.
 async fn take(
@@ -112,22 +136,7 @@ async fn a_lying_node_is_paid_what_was_measured_and_cannot_stall_a_job() {
     // The node answers assignments and reports them running; it keeps heartbeating the jobs it
     // holds, listing them as running forever.
     let (held_tx, held_rx) = tokio::sync::watch::channel(Vec::<ExecutionRef>::new());
-    let beat_bus = bus.clone();
-    let heartbeats = tokio::spawn(async move {
-        loop {
-            let beat = Heartbeat {
-                v: WIRE_VERSION,
-                node_id: NODE.into(),
-                running: held_rx.borrow().clone(),
-                free_slots: 2,
-                ts_ms: 0,
-                gpus: vec![],
-            };
-            let subject = beat_bus.subjects.node_heartbeat(NODE).unwrap();
-            let _ = beat_bus.client.publish(subject, wire::encode(&beat)).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
+    let heartbeats = heartbeat(&bus, held_rx);
     let module = demo();
     // 1. Claims a 30 s run (its whole timeout, the whole max cost) a moment after it started.
     let started = Instant::now();
@@ -242,6 +251,10 @@ async fn a_lying_node_is_paid_what_was_measured_and_cannot_stall_a_job() {
 #[tokio::test]
 async fn a_registration_racing_an_assignment_does_not_requeue_it() {
     let (cluster, bus, mut assignments) = with_hand_rolled_node().await;
+    // Alive throughout (on a loaded machine the steps below can outlast three intervals), and
+    // listing nothing: the node has not seen the job.
+    let (held, held_rx) = tokio::sync::watch::channel(Vec::<ExecutionRef>::new());
+    let heartbeats = heartbeat(&bus, held_rx);
     cluster.funded_account("rae", 1_000_000).await.unwrap();
     cluster
         .submit(&submit_request(
@@ -253,6 +266,14 @@ async fn a_registration_racing_an_assignment_does_not_requeue_it() {
         .await
         .unwrap();
     let message = next_assignment(&mut assignments).await;
+    // Its heartbeats list the job from now on; its registration, sent before, did not.
+    let assign: AssignJob = wire::decode(&message.payload, 4 << 20).unwrap();
+    held.send_modify(|list| {
+        list.push(ExecutionRef {
+            job_id: assign.job_id.clone(),
+            attempt: assign.attempt,
+        })
+    });
     // The node registers again (a plugin changed) listing nothing: it had not seen the job yet.
     let ack: Ack = bus.call(&registration()).await.unwrap();
     assert!(ack.accepted);
@@ -269,6 +290,7 @@ async fn a_registration_racing_an_assignment_does_not_requeue_it() {
         (JobState::Succeeded, 1),
         "{job:?}"
     );
+    heartbeats.abort();
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }

@@ -5,10 +5,12 @@
 //! not recorded.
 
 use crate::common::*;
-use crate::fairness::{NODE, accept, next_assignment, with_hand_rolled_node};
+use crate::fairness::{NODE, accept, heartbeat, next_assignment, with_hand_rolled_node};
 use crate::identity::{connect_as, secure_cluster, violation};
 use rhizos_broker::Caller;
-use rhizos_broker::wire::{BlobRef, ExecutionOutcome, JobReport, JobState, ReportPhase};
+use rhizos_broker::wire::{
+    BlobRef, ExecutionOutcome, ExecutionRef, JobReport, JobState, ReportPhase,
+};
 use rhizos_testbed::cluster::wasm_spec;
 use std::time::Duration;
 
@@ -118,6 +120,9 @@ async fn large_outputs_travel_out_of_band_and_only_their_account_reads_them() {
 #[tokio::test]
 async fn a_blob_a_node_names_but_never_stored_is_not_recorded() {
     let (cluster, bus, mut assignments) = with_hand_rolled_node().await;
+    // Alive throughout (a loaded machine can outlast three heartbeat intervals below).
+    let (held, held_rx) = tokio::sync::watch::channel(Vec::new());
+    let heartbeats = heartbeat(&bus, held_rx);
     cluster.funded_account("uma", 2 * USD).await.unwrap();
     cluster
         .submit(&submit_request(
@@ -130,6 +135,12 @@ async fn a_blob_a_node_names_but_never_stored_is_not_recorded() {
         .unwrap();
     let message = next_assignment(&mut assignments).await;
     let running = accept(&bus, message).await;
+    held.send_modify(|list| {
+        list.push(ExecutionRef {
+            job_id: running.job_id.clone(),
+            attempt: running.attempt,
+        })
+    });
     // One file really stored, one only claimed, stdout claimed with a malformed digest.
     let stored = bus
         .put_blob("uma", NODE, &vec![7u8; 300_000])
@@ -177,4 +188,5 @@ async fn a_blob_a_node_names_but_never_stored_is_not_recorded() {
         .await
         .unwrap();
     assert_eq!(bytes, vec![7u8; 300_000]);
+    heartbeats.abort();
 }
