@@ -38,6 +38,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
+/// Whether `text` is a SHA-256 as blobs and API keys are named by: 64 lowercase hex digits.
+pub fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// A blob could not be stored or read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -249,5 +257,8 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+        assert!(is_sha256_hex(&sha256_hex(b"abc")));
+        assert!(!is_sha256_hex(&sha256_hex(b"abc").to_uppercase()));
+        assert!(!is_sha256_hex("abc"));
     }
 }

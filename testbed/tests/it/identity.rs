@@ -597,19 +597,23 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
     let (ok, text) = run(&mut cli(&["account", "deposit", "alice", "1"]));
     assert!(ok, "{text}");
     let module = rhizos_testbed::guests::demo_wasm().unwrap();
-    let (ok, text) = run(cli(&[
-        "job",
-        "submit",
-        "--account",
-        "alice",
-        "--max-cost",
-        "0.5",
-        "--timeout-secs",
-        "5",
-        "--wait",
-        "--wasm",
-    ])
-    .arg(&module));
+    // `rhizos job submit --wait` of the demo module as alice, with `args` before `--wasm`.
+    let submit = |timeout_secs: &str, args: &[&str]| {
+        let mut command = cli(&[
+            "job",
+            "submit",
+            "--account",
+            "alice",
+            "--max-cost",
+            "0.5",
+            "--timeout-secs",
+            timeout_secs,
+            "--wait",
+        ]);
+        command.args(args).arg("--wasm").arg(&module);
+        command
+    };
+    let (ok, text) = run(&mut submit("5", &[]));
     assert!(ok, "{text}");
     assert!(
         text.contains("Hello from RhizOS") && text.contains("succeeded"),
@@ -618,50 +622,27 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
     // Large results come back through the blob stream: a 1 MiB file saved by --output-dir, the
     // whole of a 20 000-line stdout (its tail alone is 64 KiB) by `job output`.
     let outputs = dir.path().join("outputs");
-    let (ok, text) = run(cli(&[
-        "job",
-        "submit",
-        "--account",
-        "alice",
-        "--max-cost",
-        "0.5",
-        "--timeout-secs",
+    let (ok, text) = run(&mut submit(
         "20",
-        "--wait",
-        "--arg",
-        "fill",
-        "--arg",
-        "1",
-        "--output-dir",
-    ])
-    .arg(&outputs)
-    .arg("--wasm")
-    .arg(&module));
+        &[
+            "--arg",
+            "fill",
+            "--arg",
+            "1",
+            "--output-dir",
+            outputs.to_str().unwrap(),
+        ],
+    ));
     assert!(ok, "{text}");
     assert_eq!(
         std::fs::metadata(outputs.join("fill.bin")).unwrap().len(),
         1 << 20,
         "{text}"
     );
-    let (ok, text) = run(cli(&[
-        "job",
-        "submit",
-        "--account",
-        "alice",
-        "--max-cost",
-        "0.5",
-        "--timeout-secs",
+    let (ok, text) = run(&mut submit(
         "20",
-        "--job-id",
-        "big-log",
-        "--arg",
-        "count",
-        "--arg",
-        "20000",
-        "--wait",
-        "--wasm",
-    ])
-    .arg(&module));
+        &["--job-id", "big-log", "--arg", "count", "--arg", "20000"],
+    ));
     assert!(ok, "{text}");
     let whole = cli(&["job", "output", "big-log", "stdout"])
         .output()

@@ -267,52 +267,58 @@ impl Orchestrator {
             return;
         };
         let blobs = std::mem::take(&mut outcome.blobs);
-        let mut dropped = Vec::new();
-        let well_formed = |name: &str, blob: &BlobRef| {
+        // Each part with where it goes back (a file may well be named `stdout`).
+        enum Part {
+            Stdout,
+            Stderr,
+            File(String),
+        }
+        let parts: Vec<(Part, BlobRef)> = blobs
+            .stdout
+            .iter()
+            .map(|b| (Part::Stdout, b.clone()))
+            .chain(blobs.stderr.iter().map(|b| (Part::Stderr, b.clone())))
+            .chain(
+                blobs
+                    .files
+                    .iter()
+                    .map(|(name, b)| (Part::File(name.clone()), b.clone())),
+            )
+            .take(MAX_BLOB_FILES + 2)
+            .collect();
+        let well_formed = |part: &Part, blob: &BlobRef| {
             blob.size > 0
                 && blob.size <= MAX_BLOB_BYTES
-                && blob.sha256.len() == 64
-                && blob
-                    .sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-                && (matches!(name, "stdout" | "stderr") || wire::valid_file_path(name))
-        };
-        let checks = blobs.iter().take(MAX_BLOB_FILES + 2).map(|(name, blob)| {
-            let (stream, subjects, account) =
-                (&self.inner.blobs, &self.inner.bus.subjects, &job.account);
-            async move {
-                if !well_formed(name, blob) {
-                    return (name, false);
+                && rhizos_broker::blobs::is_sha256_hex(&blob.sha256)
+                && match part {
+                    Part::File(name) => wire::valid_file_path(name),
+                    Part::Stdout | Part::Stderr => true,
                 }
-                let stored = rhizos_broker::blobs::is_stored(stream, subjects, account, node_id, blob)
+        };
+        let (stream, subjects, account) =
+            (&self.inner.blobs, &self.inner.bus.subjects, &job.account);
+        let checked = futures::future::join_all(parts.iter().map(|(part, blob)| async move {
+            well_formed(part, blob)
+                && rhizos_broker::blobs::is_stored(stream, subjects, account, node_id, blob)
                     .await
                     .unwrap_or_else(|e| {
                         tracing::warn!(%job_id, %node_id, blob = %blob.sha256, error = %e, "cannot check a result blob");
                         false
-                    });
-                (name, stored)
-            }
-        });
-        let checked = futures::future::join_all(checks).await;
+                    })
+        }))
+        .await;
         let mut kept = wire::OutputBlobs::default();
-        for (name, stored) in checked {
-            if !stored {
-                dropped.push(name.to_owned());
-                continue;
-            }
-            let blob = match name {
-                "stdout" => blobs.stdout.clone(),
-                "stderr" => blobs.stderr.clone(),
-                file => blobs.files.get(file).cloned(),
-            };
-            match (name, blob) {
-                ("stdout", blob) => kept.stdout = blob,
-                ("stderr", blob) => kept.stderr = blob,
-                (file, Some(blob)) => {
-                    kept.files.insert(file.to_owned(), blob);
+        let mut dropped = Vec::new();
+        for ((part, blob), stored) in parts.into_iter().zip(checked) {
+            match (part, stored) {
+                (Part::Stdout, true) => kept.stdout = Some(blob),
+                (Part::Stderr, true) => kept.stderr = Some(blob),
+                (Part::File(name), true) => {
+                    kept.files.insert(name, blob);
                 }
-                (_, None) => {}
+                (Part::Stdout, false) => dropped.push("stdout".to_owned()),
+                (Part::Stderr, false) => dropped.push("stderr".to_owned()),
+                (Part::File(name), false) => dropped.push(name),
             }
         }
         let listed = blobs.files.len()

@@ -62,11 +62,7 @@ impl Orchestrator {
         request: AuthenticateKey,
     ) -> Result<KeyView, WireError> {
         let digest = request.key_sha256;
-        if digest.len() != 64
-            || !digest
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if !rhizos_broker::blobs::is_sha256_hex(&digest) {
             return Err(WireError::new(
                 ErrorCode::BadRequest,
                 "key_sha256: the SHA-256 of the key, 64 lowercase hex digits",
