@@ -173,7 +173,10 @@ async fn a_gateway_authenticates_keys_by_digest_and_nobody_else_may() {
     );
 
     // A wrong key, a revoked one and an expired one are refused, saying which.
-    let wrong = format!("{}0", &key.key[..key.key.len() - 1]);
+    // (The last hex digit changed to another, never to itself.)
+    let last = if key.key.ends_with('0') { '1' } else { '0' };
+    let wrong = format!("{}{last}", &key.key[..key.key.len() - 1]);
+    assert_ne!(wrong, key.key);
     assert_eq!(
         code(gateway.key_authenticate(&wrong).await),
         Some(ErrorCode::NotFound)
