@@ -67,6 +67,8 @@ pub fn permissions(subjects: &Subjects, caller: &Caller) -> Permissions {
                     own_ops,
                     format!("rhizos.out.v1.{ns}.node.heartbeat.{name}"),
                     format!("rhizos.out.v1.{ns}.u.*.job.log.*.{name}"),
+                    // Streaming AI responses to the gateway, only under its own node token.
+                    format!("rhizos.out.v1.{ns}.ai.*.{name}"),
                     // Storing result blobs, only under its own node token.
                     format!("rhizos.blob.v1.{ns}.u.*.n.{name}.>"),
                 ],
@@ -79,12 +81,13 @@ pub fn permissions(subjects: &Subjects, caller: &Caller) -> Permissions {
             subscribe: vec![">".into()],
             allow_responses: false,
         },
-        // Its own operations (API keys by digest, jobs charged to its clients' keys) and its
-        // inbox; nothing of JetStream, no account's events or logs.
+        // Its own operations (API keys by digest, jobs charged to its clients' keys), its inbox
+        // and the AI responses nodes stream to it (answering their end of stream); nothing of
+        // JetStream, no account's events or logs.
         Role::Gateway => Permissions {
             publish: vec![own_ops],
-            subscribe: vec![inbox],
-            allow_responses: false,
+            subscribe: vec![inbox, format!("rhizos.out.v1.{ns}.ai.>")],
+            allow_responses: true,
         },
         Role::Orchestrator => Permissions {
             publish: vec![">".into()],

@@ -250,6 +250,32 @@ impl Client {
             .await
     }
 
+    /// `model.list`: the models online nodes serve now, with their prices.
+    pub async fn model_list(&self) -> Result<wire::ModelList, RequestError> {
+        self.bus.call(&wire::ListModels { v: WIRE_VERSION }).await
+    }
+
+    /// `job.witness` (a gateway): what it delivered of an AI job's attempt.
+    pub async fn job_witness(
+        &self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+        input_units: Option<u64>,
+        output_units: u64,
+    ) -> Result<wire::Ack, RequestError> {
+        self.bus
+            .call(&wire::WitnessUsage {
+                v: WIRE_VERSION,
+                job_id: job_id.into(),
+                node_id: node_id.into(),
+                attempt,
+                input_units,
+                output_units,
+            })
+            .await
+    }
+
     /// `key.revoke`: the key stops working at once (idempotent).
     pub async fn key_revoke(&self, key_id: &str) -> Result<wire::KeyView, RequestError> {
         self.bus

@@ -241,6 +241,22 @@ pub struct AgentSettings {
     pub max_artifact_mib: u64,
     /// Longest a fetch may take, in ms.
     pub artifact_timeout_ms: u64,
+    /// Prices of the models this node serves, by model name (`[agent.model_prices.<name>]`
+    /// with `input_million_micros` and `output_million_micros`); a model without an entry is
+    /// priced at `[pricing] input_million_micros` / `output_million_micros`.
+    pub model_prices: std::collections::BTreeMap<String, ModelPrice>,
+    /// How long the agent waits for the gateway to answer the end of an AI response (its
+    /// witness of what it delivered) before reporting the result anyway, in ms.
+    pub witness_timeout_ms: u64,
+}
+
+/// A node's price for one model, micro-USD per million units (tokens; characters for speech;
+/// pages for scrape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input_million_micros: u64,
+    pub output_million_micros: u64,
 }
 
 impl Default for AgentSettings {
@@ -266,6 +282,8 @@ impl Default for AgentSettings {
             artifact_cache_dir: None,
             max_artifact_mib: 256,
             artifact_timeout_ms: 60_000,
+            model_prices: std::collections::BTreeMap::new(),
+            witness_timeout_ms: 5_000,
         }
     }
 }
@@ -277,6 +295,9 @@ impl Default for Pricing {
             cpu_hour_cents: 4,
             memory_gb_hour_cents: 1,
             fuel_million_micros: 0,
+            // $0.10 / $0.20 per million tokens: a small model's price.
+            input_million_micros: 100_000,
+            output_million_micros: 200_000,
         }
     }
 }

@@ -42,6 +42,10 @@ pub enum CtlOp {
     KeyRevoke,
     /// The gateway checks a client's API key, by its SHA-256.
     KeyAuthenticate,
+    /// The gateway's witness of what it delivered of an AI job's attempt.
+    JobWitness,
+    /// The models online nodes serve now, with their prices.
+    ModelList,
     NodeRegister,
     NodeList,
     NodeInfo,
@@ -66,7 +70,7 @@ pub enum CtlOp {
 
 impl CtlOp {
     /// Every operation, in the order of the README's subject table.
-    pub const ALL: [CtlOp; 26] = [
+    pub const ALL: [CtlOp; 28] = [
         Self::JobSubmit,
         Self::JobGet,
         Self::ModuleResolve,
@@ -82,6 +86,8 @@ impl CtlOp {
         Self::KeyList,
         Self::KeyRevoke,
         Self::KeyAuthenticate,
+        Self::ModelList,
+        Self::JobWitness,
         Self::NodeList,
         Self::NodeInfo,
         Self::NodeEnroll,
@@ -112,6 +118,8 @@ impl CtlOp {
             Self::KeyList => "key.list",
             Self::KeyRevoke => "key.revoke",
             Self::KeyAuthenticate => "key.authenticate",
+            Self::JobWitness => "job.witness",
+            Self::ModelList => "model.list",
             Self::NodeRegister => "node.register",
             Self::NodeList => "node.list",
             Self::NodeInfo => "node.info",
@@ -146,12 +154,11 @@ impl CtlOp {
         use Role::{Gateway, Node, Operator, Orchestrator, User};
         match self {
             Self::JobSubmit => &[User, Gateway],
-            Self::JobGet
-            | Self::JobList
-            | Self::JobCancel
+            // A gateway: only the jobs it charged to an API key.
+            Self::JobGet | Self::JobCancel | Self::ReceiptGet => &[User, Gateway, Operator],
+            Self::JobList
             | Self::AccountBalance
             | Self::AccountStatement
-            | Self::ReceiptGet
             | Self::NodeList
             | Self::NodeInfo
             | Self::ModuleResolve
@@ -167,7 +174,8 @@ impl CtlOp {
             | Self::NodeRemove
             | Self::LedgerVerify => &[Operator],
             Self::JobAssign | Self::JobStop => &[Orchestrator],
-            Self::KeyAuthenticate => &[Gateway, Operator],
+            Self::KeyAuthenticate | Self::JobWitness => &[Gateway, Operator],
+            Self::ModelList => &[User, Gateway, Operator],
             Self::NodePlugins => &[User, Operator, Orchestrator],
         }
     }
@@ -229,6 +237,8 @@ requests! {
     wire::ListKeys => KeyList -> wire::KeyList, claims |r| Caller::user(&r.account);
     wire::RevokeKey => KeyRevoke -> wire::KeyView;
     wire::AuthenticateKey => KeyAuthenticate -> wire::KeyView;
+    wire::WitnessUsage => JobWitness -> wire::Ack;
+    wire::ListModels => ModelList -> wire::ModelList;
     wire::RegisterNode => NodeRegister -> wire::Ack, claims |r| Caller::node(&r.node_id);
     wire::ListNodes => NodeList -> wire::NodeList;
     wire::NodeRef => NodeInfo -> wire::NodeView;
@@ -279,6 +289,8 @@ mod tests {
             <wire::ListKeys as Request>::OP,
             <wire::RevokeKey as Request>::OP,
             <wire::AuthenticateKey as Request>::OP,
+            <wire::WitnessUsage as Request>::OP,
+            <wire::ListModels as Request>::OP,
             <wire::RegisterNode as Request>::OP,
             <wire::ListNodes as Request>::OP,
             <wire::NodeRef as Request>::OP,

@@ -280,6 +280,23 @@ impl Subjects {
         Ok(self.out(&format!("u.{account}.job.log.{job_id}.*")))
     }
 
+    /// The response of an AI job's attempt on `node_id`, streamed to the gateway that submitted
+    /// it: `rhizos.out.v1.<ns>.ai.<job_id>.<node_id>` (chunks as messages; the end of the
+    /// stream a request the gateway answers once it has sent its witness). Only that node may
+    /// publish there, only gateways subscribe.
+    pub fn ai_stream(&self, job_id: &str, node_id: &str) -> Result<String, TokenError> {
+        validate_token("job id", job_id)?;
+        validate_token("node id", node_id)?;
+        Ok(self.out(&format!("ai.{job_id}.{node_id}")))
+    }
+
+    /// An AI job's response from whichever node serves it (the gateway keeps only the chunks
+    /// of the node the job is assigned to: the node is the last token).
+    pub fn ai_streams_of(&self, job_id: &str) -> Result<String, TokenError> {
+        validate_token("job id", job_id)?;
+        Ok(self.out(&format!("ai.{job_id}.*")))
+    }
+
     /// The last token of a subject (the id in `...<verb>.<id>`).
     pub fn last_token(subject: &str) -> &str {
         subject.rsplit('.').next().unwrap_or(subject)

@@ -356,6 +356,25 @@ pub fn fuel_cost_micros(fuel: u64, pricing: &rhizos_broker::wire::Pricing) -> i6
     micros.map_or(i64::MAX, |m| i64::try_from(m).unwrap_or(i64::MAX))
 }
 
+/// What a metered request's units cost at `pricing`'s token prices (micro-USD per million
+/// input and output units), rounded up to the micro once for the sum: `⌈(in × in_price + out ×
+/// out_price) / 1,000,000⌉`.
+pub fn metered_cost_micros(
+    units: rhizos_broker::wire::Metered,
+    pricing: &rhizos_broker::wire::Pricing,
+) -> i64 {
+    let micros = u128::from(units.input_units)
+        .checked_mul(u128::from(pricing.input_million_micros))
+        .and_then(|a| {
+            u128::from(units.output_units)
+                .checked_mul(u128::from(pricing.output_million_micros))
+                .and_then(|b| a.checked_add(b))
+        })
+        .and_then(|n| n.checked_add(999_999))
+        .map(|n| n / 1_000_000);
+    micros.map_or(i64::MAX, |m| i64::try_from(m).unwrap_or(i64::MAX))
+}
+
 /// What `ledger verify` found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct VerifyReport {
@@ -481,6 +500,8 @@ mod tests {
             cpu_hour_cents: 0,
             memory_gb_hour_cents: 0,
             fuel_million_micros: 250,
+            input_million_micros: 0,
+            output_million_micros: 0,
         };
         assert_eq!(fuel_cost_micros(0, &pricing), 0);
         assert_eq!(
@@ -506,6 +527,8 @@ mod tests {
             cpu_hour_cents: 4,
             memory_gb_hour_cents: 1,
             fuel_million_micros: 0,
+            input_million_micros: 0,
+            output_million_micros: 0,
         };
         // 1 h, 1 core, 1024 MiB: 4 + 1 cents = 50 000 micros.
         assert_eq!(cost_micros(3_600_000, 1, 1024, 0, &p), 50_000);
@@ -520,6 +543,8 @@ mod tests {
             cpu_hour_cents: 3_600,
             memory_gb_hour_cents: 0,
             fuel_million_micros: 0,
+            input_million_micros: 0,
+            output_million_micros: 0,
         };
         assert_eq!(cost_micros(123, 1, 4096, 0, &p36), 1_230);
         // Inputs at their types' limits saturate instead of overflowing (a debug build would
@@ -529,6 +554,8 @@ mod tests {
             cpu_hour_cents: u64::MAX,
             memory_gb_hour_cents: u64::MAX,
             fuel_million_micros: u64::MAX,
+            input_million_micros: 0,
+            output_million_micros: 0,
         };
         assert_eq!(
             cost_micros(u64::MAX, u32::MAX, u64::MAX, u32::MAX, &extreme),
@@ -539,5 +566,32 @@ mod tests {
             i64::MAX
         );
         assert_eq!(usage_cost_micros(0, None, 1, 1, 1, &p), 0);
+    }
+
+    #[test]
+    fn metered_cost_rounds_the_sum_up_once() {
+        let p = rhizos_broker::wire::Pricing {
+            input_million_micros: 100_000,
+            output_million_micros: 200_000,
+            ..Pricing::default()
+        };
+        let m = |input_units, output_units| rhizos_broker::wire::Metered {
+            input_units,
+            output_units,
+        };
+        // 17 × 0.1 + 9 × 0.2 = 3.5 micros → 4.
+        assert_eq!(metered_cost_micros(m(17, 9), &p), 4);
+        assert_eq!(metered_cost_micros(m(10, 0), &p), 1);
+        assert_eq!(metered_cost_micros(m(1_000_000, 1_000_000), &p), 300_000);
+        assert_eq!(metered_cost_micros(m(0, 0), &p), 0);
+        let extreme = rhizos_broker::wire::Pricing {
+            input_million_micros: u64::MAX,
+            output_million_micros: u64::MAX,
+            ..p
+        };
+        assert_eq!(
+            metered_cost_micros(m(u64::MAX, u64::MAX), &extreme),
+            i64::MAX
+        );
     }
 }

@@ -23,9 +23,10 @@ use abi_stable::{
     library::RootModule,
     package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
-    std_types::{RBox, ROption, RResult, RStr, RString, RVec, Tuple2},
+    std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec, Tuple2},
 };
 
+pub mod ai;
 pub mod manifest;
 pub mod sdk;
 
@@ -144,14 +145,45 @@ pub struct ExecOutcome {
     pub fuel_consumed: u64,
     /// Files the workload wrote under `/output` (relative path, content).
     pub output_files: RVec<Tuple2<RString, RVec<u8>>>,
+    /// What a metered service (an AI backend) served, as the backend counted it: input and
+    /// output units (tokens for chat and embeddings, characters for speech, pages for
+    /// scrape). `RNone` for time-billed workloads. The orchestrator bills no more than the
+    /// network itself measured (the gateway's count of what it delivered).
+    pub usage: ROption<Metered>,
+}
+
+/// Units a metered service counted for one execution (see [`ExecOutcome::usage`]).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metered {
+    pub input_units: u64,
+    pub output_units: u64,
+}
+
+/// What a model-serving backend offers right now (see [`Backend::models`]).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The service: `chat`, `embeddings`, `speech` or `scrape` ([`ai::Service`]).
+    pub service: RString,
+    /// The model's name as the network knows it (`[a-z0-9._:-]`, e.g. `smollm2-135m`).
+    pub name: RString,
+    /// Most tokens of prompt + completion the model takes; 0 when it has no such limit.
+    pub context_length: u32,
+    /// Loaded and ready to answer without a load delay.
+    pub warm: bool,
 }
 
 /// Receives the output of an execution, line by line, in order. Implemented by the host.
 #[sabi_trait]
 pub trait EventSink: Send + Sync {
     /// One complete line (without its newline) written by the workload. Invalid UTF-8 is replaced.
-    #[sabi(last_prefix_field)]
     fn log(&self, stream: LogStream, line: RStr<'_>);
+
+    /// One piece of a streamed response (a model-serving backend's [`ai::Chunk`], JSON), sent on
+    /// to the requester as it comes, in order. Time-billed workloads do not use it.
+    #[sabi(last_prefix_field)]
+    fn chunk(&self, data: RSlice<'_, u8>);
 }
 
 /// Host handle on the sink, as passed to [`Backend::start`].
@@ -190,8 +222,13 @@ pub trait Backend: Send + Sync {
     /// Why this backend can run nothing on this machine (e.g. "no NVIDIA driver (NVML: …)"),
     /// or `RNone` when it offers every backend it `describe`s. A plugin that cannot work here
     /// still loads: the node offers none of its backends and shows the reason.
-    #[sabi(last_prefix_field)]
     fn unavailable(&self) -> ROption<RString>;
+
+    /// The models this backend serves now (empty for backends that run workloads rather than
+    /// serve models). Asked at load and on every plugin scan; a change re-registers the node.
+    /// Must return quickly (a backend caches what it learns from its server).
+    #[sabi(last_prefix_field)]
+    fn models(&self) -> RVec<ModelInfo>;
 }
 
 pub type BackendBox = Backend_TO<'static, RBox<()>>;

@@ -41,7 +41,7 @@
 
 use crate::{
     Backend, Backend_TO, BackendBox, EventSinkBox, ExecOutcome, ExecRequest, Execution,
-    Execution_TO, ExecutionBox, ExitKind, LogStream, Resolver, Resolver_TO, ResolverBox,
+    Execution_TO, ExecutionBox, ExitKind, LogStream, ModelInfo, Resolver, Resolver_TO, ResolverBox,
 };
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RErr, ROk, ROption, RResult, RStr, RString};
@@ -89,6 +89,12 @@ pub trait PluginBackend: Send + Sync + 'static {
     fn unavailable(&self) -> Option<String> {
         None
     }
+
+    /// The models this backend serves now; empty (the default) for backends that run
+    /// workloads. Must return quickly.
+    fn models(&self) -> Vec<ModelInfo> {
+        Vec::new()
+    }
 }
 
 /// One running execution of a [`PluginBackend`].
@@ -121,6 +127,19 @@ impl<B: PluginBackend> Backend for Contained<B> {
                 "plugin panicked in unavailable: {}",
                 panic_message(&*payload)
             ))),
+        }
+    }
+
+    fn models(&self) -> abi_stable::std_types::RVec<ModelInfo> {
+        match catch_unwind(AssertUnwindSafe(|| self.0.models())) {
+            Ok(models) => models.into(),
+            Err(payload) => {
+                eprintln!(
+                    "rhizos plugin: panic in models (offering none): {}",
+                    panic_message(&*payload)
+                );
+                abi_stable::std_types::RVec::new()
+            }
         }
     }
 }
@@ -376,6 +395,15 @@ impl OutcomeSlot {
 }
 
 impl ExecOutcome {
+    /// The same outcome with the units a metered service counted.
+    pub fn with_usage(mut self, input_units: u64, output_units: u64) -> Self {
+        self.usage = ROption::RSome(crate::Metered {
+            input_units,
+            output_units,
+        });
+        self
+    }
+
     /// The same outcome with the fuel it consumed.
     pub fn with_fuel(mut self, fuel_consumed: u64) -> Self {
         self.fuel_consumed = fuel_consumed;
@@ -390,6 +418,7 @@ impl ExecOutcome {
             elapsed_ms,
             fuel_consumed: 0,
             output_files: abi_stable::std_types::RVec::new(),
+            usage: ROption::RNone,
         }
     }
 
@@ -401,6 +430,7 @@ impl ExecOutcome {
             elapsed_ms,
             fuel_consumed: 0,
             output_files: abi_stable::std_types::RVec::new(),
+            usage: ROption::RNone,
         }
     }
 }

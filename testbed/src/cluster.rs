@@ -69,6 +69,9 @@ impl Default for ClusterOptions {
                 cpu_hour_cents: 3_600,
                 memory_gb_hour_cents: 0,
                 fuel_million_micros: 0,
+                // $1 / $2 per million tokens: each token's price a whole micro-USD or two.
+                input_million_micros: 1_000_000,
+                output_million_micros: 2_000_000,
             },
             plugin_files: Vec::new(),
             heartbeat_interval_ms: 1_000,

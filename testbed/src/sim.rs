@@ -57,6 +57,7 @@ impl SimFleet {
                     disk_mib: 100_000,
                     hardware: None,
                     artifact_sources: vec![],
+                    models: vec![],
                 };
                 bus.call(&registration).await
             }

@@ -103,6 +103,10 @@ pub struct ExecutionOutcome {
     /// longer than their tails, stored in the namespace's blob stream ([`crate::blobs`]).
     #[serde(default, skip_serializing_if = "OutputBlobs::is_empty")]
     pub blobs: OutputBlobs,
+    /// Units a metered service (an AI backend) counted; the bill is bounded by the job's
+    /// limits and the gateway's witness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<super::ai::Metered>,
 }
 
 /// Bytes kept out of band in the namespace's blob stream, by SHA-256, under the account of the
@@ -157,6 +161,7 @@ impl ExecutionOutcome {
             stdout: String::new(),
             stderr: String::new(),
             blobs: OutputBlobs::default(),
+            usage: None,
         }
     }
 }

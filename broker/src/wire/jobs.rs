@@ -33,6 +33,26 @@ pub enum Workload {
     /// Any other backend a node's plugin offers (e.g. a WebAssembly backend component, or a
     /// provider's own stable-ABI plugin): `payload_b64` is handed to it as the workload bytes.
     Custom { name: String, payload_b64: String },
+    /// A request to a model-serving backend (an AI gateway's client's chat, embeddings, speech
+    /// or scrape), billed by the units served at the node's prices for `model` — never more
+    /// than `max_input_units` / `max_output_units`, nor than the gateway witnessed delivering.
+    /// Submitted by a gateway only; the response streams to it on the job's `ai` subject.
+    Inference {
+        /// `chat`, `embeddings`, `speech` or `scrape`.
+        service: String,
+        /// The network's model name.
+        model: String,
+        /// The backend the node serves the model with (`openai`, `ollama`, `tts`, `scrape`);
+        /// empty: any that offers the model.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        via: String,
+        /// The validated request (JSON, `rhizos_plugin_api::ai::AiRequest`).
+        request: String,
+        /// The most input units the request can use (its hold is made for them).
+        max_input_units: u64,
+        /// The most output units it may produce (`max_tokens` for chat).
+        max_output_units: u64,
+    },
     /// A module from the registry, `chain://<id>[@<version>]`: the orchestrator resolves it at
     /// submit (through its resolver chain) into one of the forms above, with the module's
     /// artifact digest, which the agent checks before running it.
@@ -47,6 +67,8 @@ impl Workload {
             Self::Docker { .. } => "docker",
             Self::Cuda { .. } => "cuda",
             Self::Custom { name, .. } => name,
+            Self::Inference { via, .. } if !via.is_empty() => via,
+            Self::Inference { .. } => "inference",
             Self::Module { .. } => "module",
         }
     }
@@ -291,6 +313,12 @@ pub struct JobView {
     pub blobs: super::OutputBlobs,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// A metered (AI) job's units as its node reported them, and as billed (bounded by the
+    /// hold and the gateway's witness).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_usage: Option<super::Metered>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billed_usage: Option<super::Metered>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

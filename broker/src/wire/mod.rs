@@ -19,6 +19,7 @@
 
 pub mod accounts;
 pub mod agent;
+pub mod ai;
 pub mod events;
 pub mod jobs;
 pub mod keys;
@@ -29,6 +30,7 @@ pub mod validation;
 
 pub use accounts::*;
 pub use agent::*;
+pub use ai::*;
 pub use events::*;
 pub use jobs::*;
 pub use keys::*;

@@ -16,6 +16,13 @@ pub struct Pricing {
     /// fuel alone). 0: fuel is free.
     #[serde(default)]
     pub fuel_million_micros: u64,
+    /// Default price of a model's input units (tokens…), micro-USD per million, for models
+    /// without their own price (`[pricing.models.<name>]` in the agent's config).
+    #[serde(default)]
+    pub input_million_micros: u64,
+    /// Default price of a model's output units, micro-USD per million.
+    #[serde(default)]
+    pub output_million_micros: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +71,9 @@ pub struct RegisterNode {
     /// URL prefixes the node fetches job artifacts from (`artifact_url`); empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifact_sources: Vec<String>,
+    /// Models the node's backends serve, with its prices for each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<super::ai::ModelOffer>,
 }
 
 /// A node's machine, as its agent detected it.

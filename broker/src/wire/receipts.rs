@@ -321,6 +321,7 @@ mod tests {
                     fuel_consumed: None,
                     output_files: Default::default(),
                     blobs: Default::default(),
+                    usage: None,
                 },
             },
             signature: None,

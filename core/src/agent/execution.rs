@@ -22,7 +22,10 @@ impl Agent {
     /// Runs one attempt to its end and reports it.
     pub(super) async fn execute(self, assign: AssignJob) {
         let key = (assign.job_id.clone(), assign.attempt);
-        let (mut outcome, offload) = self.run_plugin(&assign).await;
+        let (mut outcome, offload, chunks) = self.run_plugin(&assign).await;
+        if let Some(chunks) = chunks {
+            self.end_stream(&assign, &outcome, chunks).await;
+        }
         self.store_blobs(&assign.account, &mut outcome, offload)
             .await;
         let cut = fit_outcome(&mut outcome, REPORT_BUDGET_BYTES);
@@ -123,8 +126,10 @@ impl Agent {
 
     /// Prepares, starts and supervises one execution; every way it can end is an outcome, with
     /// what of it goes out of band.
-    async fn run_plugin(&self, assign: &AssignJob) -> (ExecutionOutcome, Offload) {
-        let outcome = |o: ExecutionOutcome| (o, Offload::default());
+    /// (An AI job's: also how many chunks of its response went out on its stream.)
+    async fn run_plugin(&self, assign: &AssignJob) -> (ExecutionOutcome, Offload, Option<u64>) {
+        let streams = matches!(assign.spec.workload, Workload::Inference { .. });
+        let outcome = |o: ExecutionOutcome| (o, Offload::default(), streams.then_some(0));
         // Held until the execution ends.
         let (request, _gpus) = match self.prepare(assign).await {
             Ok(prepared) => prepared,
@@ -132,8 +137,26 @@ impl Agent {
         };
         let (sender, receiver) = mpsc::channel(LOG_BUFFER_LINES);
         let sink = Arc::new(SinkState::new(&self.inner.settings));
+        // An AI response: its chunks go out on the job's stream as they come.
+        let (chunk_sender, chunk_forwarder) = if streams {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            let forwarder = tokio::spawn(self.clone().forward_chunks(
+                assign.job_id.clone(),
+                assign.attempt,
+                receiver,
+            ));
+            (Some(ChunkBudget::new(sender, assign)), Some(forwarder))
+        } else {
+            (None, None)
+        };
         let execution = match self
-            .start(assign, request, sender.clone(), sink.clone())
+            .start(
+                assign,
+                request,
+                sender.clone(),
+                sink.clone(),
+                chunk_sender.clone(),
+            )
             .await
         {
             Ok(execution) => execution,
@@ -165,6 +188,11 @@ impl Agent {
         // Every line reached the sink before `wait` returned; this marker follows them.
         let _ = sender.send(SinkMessage::Done).await;
         let _ = forwarder.await;
+        let mut chunks = None;
+        if let (Some(budget), Some(forwarder)) = (chunk_sender, chunk_forwarder) {
+            budget.close();
+            chunks = Some(forwarder.await.unwrap_or(0));
+        }
         let ((stdout, stdout_whole), (stderr, stderr_whole)) = sink.tails();
         let _ = reporter.await;
         let (outcome, mut offload) = match waited {
@@ -185,13 +213,77 @@ impl Agent {
                     stdout,
                     stderr,
                     blobs: Default::default(),
+                    usage: None,
                 },
                 Offload::default(),
             ),
         };
         offload.stdout = stdout_whole;
         offload.stderr = stderr_whole;
-        (outcome, offload)
+        (outcome, offload, chunks)
+    }
+
+    /// Publishes an AI response's chunks on the job's stream, in order, numbered; returns how
+    /// many went out.
+    async fn forward_chunks(
+        self,
+        job_id: String,
+        attempt: u32,
+        mut receiver: mpsc::UnboundedReceiver<ChunkMessage>,
+    ) -> u64 {
+        let Ok(subject) = self
+            .inner
+            .bus
+            .subjects
+            .ai_stream(&job_id, &self.inner.node_id)
+        else {
+            return 0;
+        };
+        let mut seq = 0u64;
+        while let Some(ChunkMessage::Data(data)) = receiver.recv().await {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(wire::AI_ATTEMPT_HEADER, attempt.to_string().as_str());
+            headers.insert(wire::AI_SEQ_HEADER, seq.to_string().as_str());
+            if let Err(e) = self
+                .inner
+                .bus
+                .client
+                .publish_with_headers(subject.clone(), headers, data)
+                .await
+            {
+                tracing::debug!(error = %e, "response chunk not published");
+            }
+            seq += 1;
+        }
+        seq
+    }
+
+    /// Ends an AI response on its stream and waits (at most `witness_timeout_ms`) for the
+    /// gateway's answer: it sends its witness of what it delivered first, and the bill is
+    /// bounded by that witness, so the report follows it.
+    async fn end_stream(&self, assign: &AssignJob, outcome: &ExecutionOutcome, chunks: u64) {
+        let bus = &self.inner.bus;
+        let Ok(subject) = bus.subjects.ai_stream(&assign.job_id, &self.inner.node_id) else {
+            return;
+        };
+        let end = wire::StreamEnd {
+            v: WIRE_VERSION,
+            attempt: assign.attempt,
+            chunks,
+            kind: outcome.kind,
+            message: outcome.message.clone(),
+            usage: outcome.usage,
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(wire::AI_ATTEMPT_HEADER, assign.attempt.to_string().as_str());
+        let timeout = Duration::from_millis(self.inner.settings.witness_timeout_ms);
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(wire::encode(&end))
+            .timeout(Some(timeout));
+        if let Err(e) = bus.client.send_request(subject, request).await {
+            tracing::warn!(job_id = %assign.job_id, attempt = assign.attempt, error = %e, "the gateway did not answer the end of the response; reporting without its witness");
+        }
     }
 
     /// What the execution needs before it starts: the artifact's bytes when they come by
@@ -229,11 +321,41 @@ impl Agent {
         request: ExecRequest,
         sender: mpsc::Sender<SinkMessage>,
         state: Arc<SinkState>,
+        chunks: Option<ChunkBudget>,
     ) -> Result<Arc<Running>, String> {
-        let sink = EventSink_TO::from_value(ChannelSink { sender, state }, TD_Opaque);
+        let sink = EventSink_TO::from_value(
+            ChannelSink {
+                sender,
+                state,
+                chunks,
+            },
+            TD_Opaque,
+        );
         let backend_name = assign.spec.workload.backend();
         // Held until the execution ends: a plugin replaced or removed meanwhile stays alive for it.
-        let Some(plugin) = self.plugins().backend(backend_name).cloned() else {
+        let plugin = match &assign.spec.workload {
+            // The plugin that serves the model now (through the backend the job names, if any).
+            Workload::Inference {
+                service,
+                model,
+                via,
+                ..
+            } => self
+                .plugins()
+                .loaded
+                .iter()
+                .find(|p| {
+                    p.unavailable.is_none()
+                        && (via.is_empty() || p.backends.iter().any(|b| b == via))
+                        && p.backend
+                            .models()
+                            .iter()
+                            .any(|m| m.service.as_str() == service && m.name.as_str() == model)
+                })
+                .cloned(),
+            _ => self.plugins().backend(backend_name).cloned(),
+        };
+        let Some(plugin) = plugin else {
             return Err(format!(
                 "no {backend_name} backend on this node any more (its plugin was removed)"
             ));
@@ -438,6 +560,7 @@ fn node_error(message: String) -> ExecutionOutcome {
         stdout: String::new(),
         stderr: String::new(),
         blobs: Default::default(),
+        usage: None,
     }
 }
 
@@ -507,6 +630,10 @@ fn wire_outcome(
         stdout,
         stderr,
         blobs: Default::default(),
+        usage: outcome.usage.into_option().map(|m| wire::Metered {
+            input_units: m.input_units,
+            output_units: m.output_units,
+        }),
     };
     (outcome, offload)
 }
@@ -579,6 +706,8 @@ fn inline_workload(assign: &AssignJob) -> Result<Vec<u8>, WireError> {
         Workload::Custom { payload_b64, .. } => {
             wire::b64_decode("workload.payload_b64", payload_b64)?
         }
+        // The validated request, as the gateway wrote it.
+        Workload::Inference { request, .. } => request.as_bytes().to_vec(),
         Workload::Module { uri } => {
             return Err(WireError::new(
                 ErrorCode::BadRequest,
@@ -702,6 +831,63 @@ enum SinkMessage {
 struct ChannelSink {
     sender: mpsc::Sender<SinkMessage>,
     state: Arc<SinkState>,
+    /// An AI job's response stream; `None` for other workloads (their chunks are dropped).
+    chunks: Option<ChunkBudget>,
+}
+
+enum ChunkMessage {
+    Data(bytes::Bytes),
+    Done,
+}
+
+/// The chunks one AI response may send: a chunk per output unit and a few more, each at most
+/// [`MAX_CHUNK_BYTES`], [`MAX_RESPONSE_BYTES`] in all; past that the plugin's chunks are
+/// dropped (what the gateway did not receive is not billed).
+#[derive(Clone)]
+struct ChunkBudget {
+    sender: mpsc::UnboundedSender<ChunkMessage>,
+    left: Arc<std::sync::Mutex<(u64, u64)>>,
+}
+
+/// Largest single chunk (an embeddings reply is one chunk).
+const MAX_CHUNK_BYTES: usize = 768 * 1024;
+/// Most bytes one AI response streams.
+const MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+
+impl ChunkBudget {
+    fn new(sender: mpsc::UnboundedSender<ChunkMessage>, assign: &AssignJob) -> Self {
+        let units = match &assign.spec.workload {
+            Workload::Inference {
+                max_output_units, ..
+            } => *max_output_units,
+            _ => 0,
+        };
+        Self {
+            sender,
+            left: Arc::new(std::sync::Mutex::new((
+                units.saturating_add(64),
+                MAX_RESPONSE_BYTES,
+            ))),
+        }
+    }
+
+    fn send(&self, data: &[u8]) {
+        let mut left = self.left.lock().unwrap_or_else(PoisonError::into_inner);
+        if data.len() > MAX_CHUNK_BYTES || left.0 == 0 || left.1 < data.len() as u64 {
+            return;
+        }
+        left.0 -= 1;
+        left.1 -= data.len() as u64;
+        let _ = self
+            .sender
+            .send(ChunkMessage::Data(bytes::Bytes::copy_from_slice(data)));
+    }
+
+    /// No more chunks: the forwarder publishes what is queued and ends.
+    fn close(&self) {
+        self.left.lock().unwrap_or_else(PoisonError::into_inner).0 = 0;
+        let _ = self.sender.send(ChunkMessage::Done);
+    }
 }
 
 /// What one execution's output has cost so far. Plugins may call the sink from several
@@ -817,6 +1003,12 @@ impl EventSink for ChannelSink {
             // Full: the publisher is behind; the line stays in the tails and its sequence
             // number shows the gap to watchers.
             let _ = self.sender.try_send(SinkMessage::Line(entry));
+        }
+    }
+
+    fn chunk(&self, data: abi_stable::std_types::RSlice<'_, u8>) {
+        if let Some(chunks) = &self.chunks {
+            chunks.send(data.as_slice());
         }
     }
 }
@@ -998,6 +1190,7 @@ mod tests {
             stdout: "\u{1}".repeat(64 * 1024),
             stderr: "ok\n".into(),
             blobs: Default::default(),
+            usage: None,
         };
         let cut = fit_outcome(&mut outcome, REPORT_BUDGET_BYTES);
         let encoded = serde_json::to_vec(&outcome).unwrap().len();

@@ -220,8 +220,21 @@ impl Agent {
     /// matches jobs against what this node offers now.
     async fn watch_plugins(self) {
         let every = Duration::from_millis(self.inner.settings.plugin_scan_ms);
+        let mut models = self.model_offers();
         loop {
             tokio::time::sleep(every).await;
+            // A model-serving backend's models come and go with its server (and warm up).
+            let now = {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.model_offers())
+                    .await
+                    .unwrap_or_default()
+            };
+            if now != models {
+                tracing::info!(models = ?now.iter().map(|m| format!("{}:{}{}", m.service, m.name, if m.warm { " (warm)" } else { "" })).collect::<Vec<_>>(), "served models changed; registering again");
+                models = now;
+                self.register().await;
+            }
             let this = self.clone();
             let changes = tokio::task::spawn_blocking(move || this.rescan_plugins(true))
                 .await
@@ -257,7 +270,57 @@ impl Agent {
             disk_mib: self.inner.hardware.disk_free_mib,
             hardware: Some(self.inner.hardware.view()),
             artifact_sources: settings.artifact_sources.clone(),
+            models: self.model_offers(),
         }
+    }
+
+    /// The models the loaded backends serve now, each at this node's price for it
+    /// (`[agent.model_prices.<name>]`, else `[pricing]`'s token prices). A name a plugin
+    /// reports that is not a valid model name, or a service it cannot offer, is left out.
+    pub fn model_offers(&self) -> Vec<wire::ModelOffer> {
+        let plugins = self.plugins();
+        let mut offers: Vec<wire::ModelOffer> = Vec::new();
+        for plugin in &plugins.loaded {
+            if plugin.unavailable.is_some() {
+                continue;
+            }
+            let Some(backend) = plugin.backends.first() else {
+                continue;
+            };
+            for model in plugin.backend.models() {
+                let (service, name) = (model.service.as_str(), model.name.as_str());
+                if rhizos_plugin_api::ai::Service::parse(service).is_none()
+                    || !rhizos_plugin_api::ai::is_model_name(name)
+                {
+                    tracing::warn!(plugin = %plugin.name, service, name, "plugin reports a model that cannot be offered; left out");
+                    continue;
+                }
+                if offers
+                    .iter()
+                    .any(|o| o.name == name && o.service == service)
+                {
+                    continue;
+                }
+                let price = self.inner.settings.model_prices.get(name).copied();
+                offers.push(wire::ModelOffer {
+                    backend: backend.clone(),
+                    service: service.into(),
+                    name: name.into(),
+                    context_length: model.context_length,
+                    warm: model.warm,
+                    input_million_micros: price
+                        .map_or(self.inner.pricing.input_million_micros, |p| {
+                            p.input_million_micros
+                        }),
+                    output_million_micros: price
+                        .map_or(self.inner.pricing.output_million_micros, |p| {
+                            p.output_million_micros
+                        }),
+                });
+            }
+        }
+        offers.sort_by(|a, b| (&a.name, &a.service).cmp(&(&b.name, &b.service)));
+        offers
     }
 
     fn running(&self) -> Vec<ExecutionRef> {

@@ -25,7 +25,10 @@ impl Orchestrator {
     ) -> Option<(String, u32, Option<u64>)> {
         let mut registry = self.registry();
         let node = registry.pick(spec, max_cost_micros)?;
-        let (node_id, pricing) = (node.registration.node_id.clone(), node.registration.pricing);
+        let (node_id, pricing) = (
+            node.registration.node_id.clone(),
+            matching::agreed_pricing(spec, &node.registration),
+        );
         let fuel_limit = matching::fuel_budget(spec, max_cost_micros, &node.registration);
         // The assignment has its own savepoint: failing leaves the rest of the batch.
         match store.assign(job_id, &node_id, &pricing, fuel_limit) {

@@ -106,7 +106,82 @@ pub fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireErro
             "{uri} was not resolved (module workloads are resolved at submit)"
         ))),
         Workload::Custom { name, payload_b64 } => validate_custom(name, payload_b64),
+        Workload::Inference {
+            service,
+            model,
+            via,
+            request,
+            max_input_units,
+            max_output_units,
+        } => {
+            if spec.gpus > 0 || !spec.input_files.is_empty() || spec.stdin_b64.is_some() {
+                return Err(bad(
+                    "an inference job takes no GPUs, input files or stdin of its own (the node's backend has them)",
+                ));
+            }
+            validate_inference(
+                service,
+                model,
+                via,
+                request,
+                *max_input_units,
+                *max_output_units,
+            )
+        }
     }
+}
+
+/// Most units one inference job may hold for (a million tokens in and out).
+pub const MAX_INFERENCE_UNITS: u64 = 1_000_000;
+/// Most models one node may offer.
+pub const MAX_NODE_MODELS: usize = 256;
+
+fn validate_inference(
+    service: &str,
+    model: &str,
+    via: &str,
+    request: &str,
+    max_input_units: u64,
+    max_output_units: u64,
+) -> Result<(), WireError> {
+    use rhizos_plugin_api::ai;
+    let Some(parsed_service) = ai::Service::parse(service) else {
+        return Err(bad(format!(
+            "workload.service {service:?} is not one of chat, embeddings, speech, scrape"
+        )));
+    };
+    if !ai::is_model_name(model) {
+        return Err(bad(format!(
+            "workload.model {model:?} is not a model name (1-64 of [a-z0-9._:-])"
+        )));
+    }
+    if !via.is_empty() {
+        token(validate_token("workload.via", via))?;
+    }
+    if request.len() > MAX_INLINE_MODULE_BYTES {
+        return Err(too_large("workload request", request.len()));
+    }
+    let parsed: ai::AiRequest = serde_json::from_str(request)
+        .map_err(|e| bad(format!("workload.request is not a valid AI request: {e}")))?;
+    if parsed.service != parsed_service || parsed.model != model {
+        return Err(bad(
+            "workload.request names another service or model than the workload",
+        ));
+    }
+    for (name, units) in [
+        ("max_input_units", max_input_units),
+        ("max_output_units", max_output_units),
+    ] {
+        if units > MAX_INFERENCE_UNITS {
+            return Err(bad(format!(
+                "workload.{name} {units} is above {MAX_INFERENCE_UNITS}"
+            )));
+        }
+    }
+    if max_input_units == 0 {
+        return Err(bad("workload.max_input_units must be at least 1"));
+    }
+    Ok(())
 }
 
 /// Time, memory, cores, GPUs and retries.
@@ -345,6 +420,45 @@ pub fn validate_registration(registration: &RegisterNode) -> Result<(), WireErro
             pricing.fuel_million_micros
         )));
     }
+    for (name, price) in [
+        ("pricing.input_million_micros", pricing.input_million_micros),
+        (
+            "pricing.output_million_micros",
+            pricing.output_million_micros,
+        ),
+    ] {
+        if price > MAX_FUEL_PRICE_MICROS {
+            return Err(bad(format!(
+                "{name} {price} is above {MAX_FUEL_PRICE_MICROS}"
+            )));
+        }
+    }
+    if registration.models.len() > MAX_NODE_MODELS {
+        return Err(bad(format!(
+            "{} models listed; at most {MAX_NODE_MODELS}",
+            registration.models.len()
+        )));
+    }
+    for offer in &registration.models {
+        if rhizos_plugin_api::ai::Service::parse(&offer.service).is_none()
+            || !rhizos_plugin_api::ai::is_model_name(&offer.name)
+            || validate_token("model backend", &offer.backend).is_err()
+            || !registration.backends.contains(&offer.backend)
+        {
+            return Err(bad(format!(
+                "model offer {:?} ({} via {}) is not a valid model, service and offered backend",
+                offer.name, offer.service, offer.backend
+            )));
+        }
+        if offer.input_million_micros > MAX_FUEL_PRICE_MICROS
+            || offer.output_million_micros > MAX_FUEL_PRICE_MICROS
+        {
+            return Err(bad(format!(
+                "model {} is priced above {MAX_FUEL_PRICE_MICROS} micro-USD per million units",
+                offer.name
+            )));
+        }
+    }
     if registration.cpu_cores > MAX_NODE_CPU_CORES || registration.memory_mib > MAX_NODE_MEMORY_MIB
     {
         return Err(bad(format!(
@@ -497,6 +611,8 @@ mod tests {
                 cpu_hour_cents: 4,
                 memory_gb_hour_cents: 1,
                 fuel_million_micros: 10,
+                input_million_micros: 0,
+                output_million_micros: 0,
             },
             cpu_cores: 8,
             memory_mib: 16_384,
@@ -508,6 +624,7 @@ mod tests {
             disk_mib: 0,
             hardware: None,
             artifact_sources: vec![],
+            models: vec![],
         };
         assert!(validate_registration(&good).is_ok());
         let running = |n: usize| {
@@ -579,6 +696,8 @@ mod tests {
             cpu_hour_cents: MAX_PRICE_CENTS_PER_HOUR,
             memory_gb_hour_cents: MAX_PRICE_CENTS_PER_HOUR,
             fuel_million_micros: MAX_FUEL_PRICE_MICROS,
+            input_million_micros: 0,
+            output_million_micros: 0,
         };
         let day = crate::ledger::cost_micros(
             MAX_TIMEOUT_MS,

@@ -71,4 +71,8 @@ impl Backend for exec::WasmBackend {
     fn unavailable(&self) -> abi_stable::std_types::ROption<RString> {
         abi_stable::std_types::ROption::RNone
     }
+
+    fn models(&self) -> abi_stable::std_types::RVec<rhizos_plugin_api::ModelInfo> {
+        abi_stable::std_types::RVec::new()
+    }
 }

@@ -75,6 +75,7 @@ async fn a_lost_node_s_job_is_requeued_runs_elsewhere_and_is_settled_once() {
                 stdout: String::new(),
                 stderr: String::new(),
                 blobs: Default::default(),
+                usage: None,
             },
         },
         signature: None,

@@ -120,6 +120,7 @@ pub fn hand_rolled_registration(
         disk_mib: 10_000,
         hardware: None,
         artifact_sources: vec![],
+        models: vec![],
     }
 }
 

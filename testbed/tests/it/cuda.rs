@@ -96,6 +96,8 @@ async fn on_gpus_a_cuda_job_sees_only_its_own_is_billed_for_them_and_vram_is_enf
         cpu_hour_cents: 3_600,
         memory_gb_hour_cents: 0,
         fuel_million_micros: 0,
+        input_million_micros: 0,
+        output_million_micros: 0,
     };
     let cluster = Cluster::start(ClusterOptions {
         plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_cuda").unwrap()],

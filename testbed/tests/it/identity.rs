@@ -394,6 +394,7 @@ async fn a_hostile_node_cannot_act_as_another_node_or_redirect_its_earnings() {
                 stdout: "forged".into(),
                 stderr: String::new(),
                 blobs: Default::default(),
+                usage: None,
             },
         },
         signature: None,

@@ -80,6 +80,8 @@ async fn demo_job_succeeds_streams_logs_in_order_and_settles_to_the_micro() {
         cpu_hour_cents: 3_600,
         memory_gb_hour_cents: 0,
         fuel_million_micros: 0,
+        input_million_micros: 0,
+        output_million_micros: 0,
     };
     let cost = ledger::cost_micros(elapsed_ms, 1, 64, 0, &pricing);
     assert_eq!(cost, elapsed_ms as i64 * 10);
@@ -360,6 +362,8 @@ async fn a_node_pricing_fuel_bills_the_exact_deterministic_fuel_burned() {
         cpu_hour_cents: 0,
         memory_gb_hour_cents: 0,
         fuel_million_micros: 250,
+        input_million_micros: 0,
+        output_million_micros: 0,
     };
     let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
         pricing,

@@ -167,6 +167,7 @@ async fn the_same_result_reported_twice_is_settled_once() {
                 stdout: String::new(),
                 stderr: String::new(),
                 blobs: Default::default(),
+                usage: None,
             },
         },
         signature: None,

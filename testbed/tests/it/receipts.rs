@@ -198,6 +198,7 @@ async fn a_registration_while_a_job_runs_cannot_redirect_its_earnings() {
         disk_mib: 0,
         hardware: None,
         artifact_sources: vec![],
+        models: vec![],
     };
     assert!(
         cluster

@@ -36,6 +36,18 @@ impl Orchestrator {
                 }
             }
         }
+        // Inference is the gateway's (it witnesses what it delivers, which bounds the bill);
+        // the gateway submits nothing else.
+        let inference = matches!(request.spec.workload, Workload::Inference { .. });
+        if inference != (caller.role == Role::Gateway) {
+            return Err(forbidden(if inference {
+                format!(
+                    "{caller} may not submit inference jobs: send AI requests through the gateway (rhizosd gateway)"
+                )
+            } else {
+                format!("{caller} submits inference jobs only")
+            }));
+        }
         if let Workload::Module { uri } = &request.spec.workload {
             let resolved = self.resolve_module(uri).await?;
             request.spec = modules::materialize(&resolved.manifest, &request.spec)?;
@@ -101,7 +113,7 @@ impl Orchestrator {
     ) -> Result<wire::JobView, WireError> {
         token(validate_token("job id", &request.job_id))?;
         let job = self.db(move |store| store.get_job(&request.job_id)).await?;
-        own_job(&caller, &job.job_id, &job.account)?;
+        own_job(&caller, &job)?;
         Ok(job_view(job))
     }
 
@@ -153,7 +165,7 @@ impl Orchestrator {
         let effect = self
             .db(move |store| {
                 let job = store.get_job(&request.job_id)?;
-                own_job(&caller, &job.job_id, &job.account)?;
+                own_job(&caller, &job)?;
                 store.cancel(&request.job_id).map_err(WireError::from)
             })
             .await?;
@@ -345,12 +357,10 @@ const MAX_BLOB_BYTES: u64 = 1 << 40;
 
 /// A user sees and acts on only its own account's jobs; the operator on all. A job of another
 /// account is reported as not found, so its id's existence is not disclosed either.
-pub(in crate::orchestrator) fn own_job(
-    caller: &Caller,
-    job_id: &str,
-    account: &str,
-) -> Result<(), WireError> {
-    if super::acts_for(caller, account) {
+/// A job is its account's (and the operator's); a gateway's when it charged it to an API key.
+pub(in crate::orchestrator) fn own_job(caller: &Caller, job: &JobRecord) -> Result<(), WireError> {
+    let (job_id, account) = (&job.job_id, &job.account);
+    if super::acts_for(caller, account) || (caller.role == Role::Gateway && job.key_id.is_some()) {
         Ok(())
     } else {
         Err(WireError::new(
@@ -384,6 +394,9 @@ fn job_view(job: JobRecord) -> wire::JobView {
         blobs,
         created_ms,
         updated_ms,
+        key_id: _,
+        reported_usage,
+        billed_usage,
     } = job;
     wire::JobView {
         job_id,
@@ -407,5 +420,7 @@ fn job_view(job: JobRecord) -> wire::JobView {
         blobs,
         created_ms,
         updated_ms,
+        reported_usage,
+        billed_usage,
     }
 }

@@ -7,6 +7,7 @@
 //! [`modules`], [`receipts`].
 
 mod accounts;
+mod ai;
 mod jobs;
 mod keys;
 mod modules;
@@ -81,6 +82,8 @@ impl Orchestrator {
             CtlOp::KeyList => self.serve(payload, |r| self.key_list(c, r)).await,
             CtlOp::KeyRevoke => self.serve(payload, |r| self.key_revoke(c, r)).await,
             CtlOp::KeyAuthenticate => self.serve(payload, |r| self.key_authenticate(c, r)).await,
+            CtlOp::ModelList => self.serve(payload, |r| self.model_list(r)).await,
+            CtlOp::JobWitness => self.serve(payload, |r| self.job_witness(r)).await,
             CtlOp::NodeRegister => self.serve(payload, |r| self.register_node(c, r)).await,
             CtlOp::NodeList => self.serve(payload, |r| self.node_list(r)).await,
             CtlOp::NodeInfo => self.serve(payload, |r| self.node_info(r)).await,

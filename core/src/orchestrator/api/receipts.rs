@@ -21,7 +21,7 @@ impl Orchestrator {
         let closed = self
             .db(move |store| store.closed_job(&request.job_id))
             .await?;
-        super::jobs::own_job(&caller, &closed.record.job_id, &closed.record.account)?;
+        super::jobs::own_job(&caller, &closed.record)?;
         let body = receipt_body(closed, self.inner.settings.fee_bps);
         SignedReceipt::sign(&body, &self.inner.signing_key)
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("cannot sign: {e}")))

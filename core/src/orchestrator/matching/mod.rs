@@ -25,7 +25,9 @@
 
 use crate::ledger;
 use rhizos_broker::config::MatchingWeights;
-use rhizos_broker::wire::{ErrorCode, GpuInfo, JobSpec, RegisterNode, WireError, format_usd};
+use rhizos_broker::wire::{
+    ErrorCode, GpuInfo, JobSpec, ModelView, Pricing, RegisterNode, WireError, format_usd,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -132,6 +134,8 @@ struct ClassKey {
     /// GPU, CPU, memory and fuel prices.
     pricing: [u64; 4],
     artifact_sources: Vec<String>,
+    /// The models served, with their prices and whether warm.
+    models: Vec<rhizos_broker::wire::ModelOffer>,
 }
 
 impl ClassKey {
@@ -154,6 +158,7 @@ impl ClassKey {
                 p.fuel_million_micros,
             ],
             artifact_sources: registration.artifact_sources.clone(),
+            models: registration.models.clone(),
         }
     }
 }
@@ -172,8 +177,61 @@ enum Verdict {
     },
 }
 
-/// The most a job can cost on a node: its whole timeout at the node's prices.
+/// The node's offer of the model an inference job asks for (its service, name and, when the
+/// job names one, backend); `None` for other jobs or when it does not serve it.
+pub fn model_offer<'a>(
+    spec: &JobSpec,
+    registration: &'a RegisterNode,
+) -> Option<&'a rhizos_broker::wire::ModelOffer> {
+    let rhizos_broker::wire::Workload::Inference {
+        service,
+        model,
+        via,
+        ..
+    } = &spec.workload
+    else {
+        return None;
+    };
+    registration.models.iter().find(|offer| {
+        offer.name == *model
+            && offer.service == *service
+            && (via.is_empty() || offer.backend == *via)
+    })
+}
+
+/// The prices a job is billed at on a node, recorded with its assignment: the node's own,
+/// or for an inference job only its price for that model's units (no time is billed).
+pub fn agreed_pricing(spec: &JobSpec, registration: &RegisterNode) -> Pricing {
+    match model_offer(spec, registration) {
+        Some(offer) => Pricing {
+            gpu_hour_cents: 0,
+            cpu_hour_cents: 0,
+            memory_gb_hour_cents: 0,
+            fuel_million_micros: 0,
+            input_million_micros: offer.input_million_micros,
+            output_million_micros: offer.output_million_micros,
+        },
+        None => registration.pricing,
+    }
+}
+
+/// The most a job can cost on a node: its whole timeout at the node's prices (an inference
+/// job: its most units at the node's price for the model).
 pub fn estimate_micros(spec: &JobSpec, registration: &RegisterNode) -> i64 {
+    if let rhizos_broker::wire::Workload::Inference {
+        max_input_units,
+        max_output_units,
+        ..
+    } = &spec.workload
+    {
+        return ledger::metered_cost_micros(
+            rhizos_broker::wire::Metered {
+                input_units: *max_input_units,
+                output_units: *max_output_units,
+            },
+            &agreed_pricing(spec, registration),
+        );
+    }
     ledger::cost_micros(
         spec.timeout_ms,
         spec.cpu_cores,
@@ -236,6 +294,8 @@ fn fitting_gpus(spec: &JobSpec, node: &RegisterNode) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unfit {
     Backend,
+    /// It does not serve the inference job's model (for that service).
+    Model,
     Cores,
     Memory,
     Disk,
@@ -250,7 +310,14 @@ enum Unfit {
 /// estimated cost for the whole timeout when it fits.
 fn check(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Result<i64, Unfit> {
     let backend = spec.workload.backend();
-    if !node.backends.iter().any(|b| b == backend) {
+    if matches!(
+        spec.workload,
+        rhizos_broker::wire::Workload::Inference { .. }
+    ) {
+        if model_offer(spec, node).is_none() {
+            return Err(Unfit::Model);
+        }
+    } else if !node.backends.iter().any(|b| b == backend) {
         return Err(Unfit::Backend);
     }
     if node.cpu_cores < spec.cpu_cores {
@@ -284,6 +351,12 @@ fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Op
     let id = &node.node_id;
     Some(match unfit {
         Unfit::Backend => format!("{id}: no {backend} backend"),
+        Unfit::Model => match &spec.workload {
+            rhizos_broker::wire::Workload::Inference { service, model, .. } => {
+                format!("{id}: does not serve {model} for {service}")
+            }
+            _ => format!("{id}: serves no model"),
+        },
         Unfit::Cores => format!("{id}: {} cores < {} asked", node.cpu_cores, spec.cpu_cores),
         Unfit::Memory => format!(
             "{id}: {} MiB < {} MiB asked",
@@ -307,6 +380,11 @@ fn unfit_reason(spec: &JobSpec, max_cost_micros: i64, node: &RegisterNode) -> Op
         Unfit::ArtifactSource => format!(
             "{id}: does not fetch artifacts from {} (its [agent] artifact_sources)",
             spec.artifact_url.as_deref().unwrap_or_default()
+        ),
+        Unfit::Price(estimate) if model_offer(spec, node).is_some() => format!(
+            "{id}: the request's most units could cost up to {} at its prices for the model, above the max cost of {}",
+            format_usd(estimate),
+            format_usd(max_cost_micros)
         ),
         Unfit::Price(estimate) => format!(
             "{id}: running for the whole timeout ({} ms) could cost up to {} at its prices, above the max cost \
@@ -462,6 +540,45 @@ impl Registry {
         }
     }
 
+    /// The models live nodes serve, by name and service, with how many nodes serve each (and
+    /// how many warm) and the range of their prices.
+    pub fn models(&self) -> Vec<ModelView> {
+        let mut views: BTreeMap<(String, String), ModelView> = BTreeMap::new();
+        for node in self.nodes.values().filter(|n| !n.lost) {
+            for offer in &node.registration.models {
+                let view = views
+                    .entry((offer.name.clone(), offer.service.clone()))
+                    .or_insert_with(|| ModelView {
+                        name: offer.name.clone(),
+                        service: offer.service.clone(),
+                        nodes: 0,
+                        warm_nodes: 0,
+                        context_length: 0,
+                        input_million_micros_min: u64::MAX,
+                        input_million_micros_max: 0,
+                        output_million_micros_min: u64::MAX,
+                        output_million_micros_max: 0,
+                    });
+                view.nodes += 1;
+                view.warm_nodes += u32::from(offer.warm);
+                view.context_length = view.context_length.max(offer.context_length);
+                view.input_million_micros_min = view
+                    .input_million_micros_min
+                    .min(offer.input_million_micros);
+                view.input_million_micros_max = view
+                    .input_million_micros_max
+                    .max(offer.input_million_micros);
+                view.output_million_micros_min = view
+                    .output_million_micros_min
+                    .min(offer.output_million_micros);
+                view.output_million_micros_max = view
+                    .output_million_micros_max
+                    .max(offer.output_million_micros);
+            }
+        }
+        views.into_values().collect()
+    }
+
     /// Refuses a job that no live node could run even when idle, saying why for each node.
     pub fn feasibility(&self, spec: &JobSpec, max_cost_micros: i64) -> Result<(), WireError> {
         let mut reasons = Vec::new();
@@ -531,7 +648,12 @@ impl Registry {
                 let load =
                     f64::from(node.active()) / f64::from(node.registration.max_concurrent.max(1));
                 let unreliability = 1.0 - node.reputation.clamp(0.0, 1.0);
-                (f64::from(w.price) * price
+                // A model loaded already answers without a load delay: warm nodes first.
+                let cold = match model_offer(spec, &node.registration) {
+                    Some(offer) if !offer.warm => 1.0,
+                    _ => 0.0,
+                };
+                cold + (f64::from(w.price) * price
                     + f64::from(w.load) * load
                     + f64::from(w.reputation) * unreliability
                     + f64::from(w.tier) * tier)

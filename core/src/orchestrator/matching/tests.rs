@@ -23,6 +23,8 @@ fn node(
             cpu_hour_cents: cpu_cents,
             memory_gb_hour_cents: 0,
             fuel_million_micros: 0,
+            input_million_micros: 0,
+            output_million_micros: 0,
         },
         cpu_cores: cores,
         memory_mib,
@@ -47,6 +49,7 @@ fn node(
         disk_mib: 10_000,
         hardware: None,
         artifact_sources: vec![],
+        models: vec![],
     }
 }
 

@@ -7,6 +7,7 @@
 //! (`jobs.stop_reason`) and [`AttemptOutcome`] (`attempts.outcome`).
 
 use rhizos_broker::config::FailedWorkloadCharge;
+use rhizos_broker::wire::Metered;
 use rhizos_broker::wire::{ExitKind, JobState};
 
 /// Why a running job is being stopped (`jobs.stop_reason`, set with `cancel_requested`).
@@ -188,6 +189,8 @@ pub fn finished(
 pub struct Usage {
     pub elapsed_ms: u64,
     pub fuel: Option<u64>,
+    /// A metered job's units ([`billed_units`] bounds them separately).
+    pub units: Option<Metered>,
 }
 
 /// What the orchestrator itself knows of an attempt, which bounds what its node can bill.
@@ -210,11 +213,41 @@ pub struct UsageBounds {
 pub fn billed_usage(reported: Usage, bounds: &UsageBounds) -> Usage {
     let window = bounds.since_assignment_ms.saturating_add(bounds.slack_ms);
     Usage {
+        units: reported.units,
         elapsed_ms: reported.elapsed_ms.min(bounds.timeout_ms).min(window),
         fuel: match (reported.fuel, bounds.fuel_limit) {
             (Some(fuel), Some(limit)) => Some(fuel.min(limit)),
             (fuel, _) => fuel,
         },
+    }
+}
+
+/// What the gateway witnessed delivering of an attempt ([`rhizos_broker::wire::WitnessUsage`]):
+/// input units where it counted them itself, output units delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Witnessed {
+    pub input_units: Option<u64>,
+    pub output_units: u64,
+}
+
+/// What is billed of a metered (AI) attempt: the units its node reported, never more than
+/// the job's `max_input_units` / `max_output_units` (what the hold was made for), nor than the
+/// gateway witnessed delivering — and nothing at all without a witness (the requester was
+/// served nothing the network saw). A node that reported nothing bills nothing.
+pub fn billed_units(
+    reported: Option<Metered>,
+    max: (u64, u64),
+    witness: Option<Witnessed>,
+) -> Metered {
+    let (Some(reported), Some(witness)) = (reported, witness) else {
+        return Metered::default();
+    };
+    Metered {
+        input_units: reported
+            .input_units
+            .min(max.0)
+            .min(witness.input_units.unwrap_or(u64::MAX)),
+        output_units: reported.output_units.min(max.1).min(witness.output_units),
     }
 }
 
@@ -419,7 +452,11 @@ mod tests {
             slack_ms: 500,
             fuel_limit: Some(1_000),
         };
-        let usage = |elapsed_ms, fuel| Usage { elapsed_ms, fuel };
+        let usage = |elapsed_ms, fuel| Usage {
+            elapsed_ms,
+            fuel,
+            units: None,
+        };
         #[rustfmt::skip]
         let table = [
             // an honest report is billed as reported
@@ -472,5 +509,39 @@ mod tests {
         }
         assert_eq!(AttemptOutcome::parse("nope"), None);
         assert_eq!(StopReason::parse(""), None);
+    }
+
+    #[test]
+    fn metered_units_are_bounded_by_the_hold_and_the_witness() {
+        let m = |input_units, output_units| Metered {
+            input_units,
+            output_units,
+        };
+        let seen = |input_units, output_units| Witnessed {
+            input_units,
+            output_units,
+        };
+        let max = (100, 50);
+        for (reported, witness, billed) in [
+            // Honest: reported = delivered, within the hold.
+            (Some(m(20, 10)), Some(seen(None, 10)), m(20, 10)),
+            // The node claims more output than the gateway delivered, and than max_tokens.
+            (Some(m(20, 500)), Some(seen(None, 12)), m(20, 12)),
+            (Some(m(20, 500)), Some(seen(None, 900)), m(20, 50)),
+            // It claims a prompt longer than the hold was made for, or than the gateway counted.
+            (Some(m(5_000, 1)), Some(seen(None, 1)), m(100, 1)),
+            (Some(m(80, 0)), Some(seen(Some(30), 0)), m(30, 0)),
+            // It under-reports: billed as reported.
+            (Some(m(3, 2)), Some(seen(None, 10)), m(3, 2)),
+            // No witness (the gateway never confirmed delivery), or no report: nothing.
+            (Some(m(20, 10)), None, m(0, 0)),
+            (None, Some(seen(None, 10)), m(0, 0)),
+        ] {
+            assert_eq!(
+                billed_units(reported, max, witness),
+                billed,
+                "{reported:?} {witness:?}"
+            );
+        }
     }
 }

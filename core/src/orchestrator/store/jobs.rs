@@ -79,8 +79,9 @@ impl Store {
         };
         exec(&tx,
             "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms,
-                               cpu_cores, memory_mib, gpus, queue_timeout_ms, timeout_ms, key_id)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                               cpu_cores, memory_mib, gpus, queue_timeout_ms, timeout_ms, key_id,
+                               max_input_units, max_output_units)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 job_id,
                 account,
@@ -95,6 +96,8 @@ impl Store {
                 spec.queue_timeout_ms.map(|t| t as i64),
                 i64::try_from(spec.timeout_ms).unwrap_or(i64::MAX),
                 key_id,
+                metered_limits(spec).map(|(i, _)| i as i64),
+                metered_limits(spec).map(|(_, o)| o as i64),
             ],
         )
         ?;
@@ -459,4 +462,16 @@ fn key_budget(
         }
     }
     Ok(key_id)
+}
+
+/// A metered (inference) job's most input and output units; `None` for time-billed jobs.
+pub(super) fn metered_limits(spec: &JobSpec) -> Option<(u64, u64)> {
+    match &spec.workload {
+        rhizos_broker::wire::Workload::Inference {
+            max_input_units,
+            max_output_units,
+            ..
+        } => Some((*max_input_units, *max_output_units)),
+        _ => None,
+    }
 }

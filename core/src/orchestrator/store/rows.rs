@@ -33,6 +33,11 @@ pub struct JobRecord {
     pub blobs: rhizos_broker::wire::OutputBlobs,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// The API key it was charged to (a gateway's request).
+    pub key_id: Option<String>,
+    /// A metered job's units: as its node reported them, and as billed.
+    pub reported_usage: Option<rhizos_broker::wire::Metered>,
+    pub billed_usage: Option<rhizos_broker::wire::Metered>,
 }
 
 /// Where a page of `job.list` continues: after the job created at `created_ms` with this id
@@ -62,7 +67,8 @@ impl JobCursor {
 }
 
 pub(super) const JOB_COLUMNS: &str = "id, account_id, backend, state, attempt, node_id, max_cost_micros, cost_micros, provider_micros,
-    fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms, fuel_consumed, output_files, output_blobs";
+    fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms, fuel_consumed, output_files, output_blobs,
+    key_id, reported_input_units, reported_output_units, billed_input_units, billed_output_units";
 
 pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
     let state: String = r.get(3)?;
@@ -94,6 +100,16 @@ pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord>
             .get::<_, Option<String>>(20)?
             .and_then(|json| serde_json::from_str(&json).ok())
             .unwrap_or_default(),
+        key_id: r.get(21)?,
+        reported_usage: metered(r.get(22)?, r.get(23)?),
+        billed_usage: metered(r.get(24)?, r.get(25)?),
+    })
+}
+
+fn metered(input: Option<i64>, output: Option<i64>) -> Option<rhizos_broker::wire::Metered> {
+    Some(rhizos_broker::wire::Metered {
+        input_units: input?.max(0) as u64,
+        output_units: output?.max(0) as u64,
     })
 }
 

@@ -192,6 +192,22 @@ const MIGRATIONS: &[Migration] = &[
             )
         },
     },
+    Migration {
+        name: "0010 metered jobs: units reported, witnessed by the gateway, and billed",
+        apply: |conn| {
+            conn.execute_batch(
+                "ALTER TABLE jobs ADD COLUMN reported_input_units INTEGER;
+                 ALTER TABLE jobs ADD COLUMN reported_output_units INTEGER;
+                 ALTER TABLE jobs ADD COLUMN witness_attempt INTEGER;
+                 ALTER TABLE jobs ADD COLUMN witness_input_units INTEGER;
+                 ALTER TABLE jobs ADD COLUMN witness_output_units INTEGER;
+                 ALTER TABLE jobs ADD COLUMN max_input_units INTEGER;
+                 ALTER TABLE jobs ADD COLUMN max_output_units INTEGER;
+                 ALTER TABLE jobs ADD COLUMN billed_input_units INTEGER;
+                 ALTER TABLE jobs ADD COLUMN billed_output_units INTEGER;",
+            )
+        },
+    },
 ];
 
 /// The schema version this release writes.

@@ -26,6 +26,8 @@ const PRICING: Pricing = Pricing {
     cpu_hour_cents: 3_600,
     memory_gb_hour_cents: 0,
     fuel_million_micros: 0,
+    input_million_micros: 0,
+    output_million_micros: 0,
 };
 
 fn store() -> (tempfile::TempDir, Store) {
@@ -62,6 +64,7 @@ fn node(store: &mut Store) {
             disk_mib: 0,
             hardware: None,
             artifact_sources: vec![],
+            models: vec![],
         })
         .unwrap();
 }
@@ -77,6 +80,7 @@ fn exited(code: i32, elapsed_ms: u64) -> ExecutionOutcome {
         stdout: "out\n".into(),
         stderr: String::new(),
         blobs: Default::default(),
+        usage: None,
     }
 }
 
@@ -660,6 +664,8 @@ mod properties {
         cpu_hour_cents: 3_600,
         memory_gb_hour_cents: 0,
         fuel_million_micros: 0,
+        input_million_micros: 0,
+        output_million_micros: 0,
     };
     const NODES: [&str; 2] = ["n0", "n1"];
     const INITIAL_DEPOSIT: i64 = 300_000;
@@ -749,6 +755,7 @@ mod properties {
             stdout: String::new(),
             stderr: String::new(),
             blobs: Default::default(),
+            usage: None,
         }
     }
 
@@ -773,6 +780,7 @@ mod properties {
                     disk_mib: 0,
                     hardware: None,
                     artifact_sources: vec![],
+                    models: vec![],
                 })
                 .unwrap();
         }

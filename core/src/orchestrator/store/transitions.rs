@@ -235,16 +235,24 @@ impl Store {
         let reported = Usage {
             elapsed_ms: outcome.elapsed_ms,
             fuel: outcome.fuel_consumed,
+            units: None,
         };
         let billed = ending
             .charge
             .then(|| billing.billed(reported, now, ctx.charging.slack_ms));
+        // A metered (AI) job: billed by units, bounded by its hold and the gateway's witness.
+        let units = billing
+            .max_units
+            .map(|max| ending::billed_units(outcome.usage, max, billing.witness));
+        let billed_units = if ending.charge { units } else { None };
         let stdout = truncate_tail(&outcome.stdout, max_output_bytes);
         let stderr = truncate_tail(&outcome.stderr, max_output_bytes);
         exec(&tx,
             "UPDATE jobs SET state = ?2, exit_code = ?3, stdout = ?4, stderr = ?5, reason = ?6, elapsed_ms = ?7,
              updated_ms = ?8, fuel_consumed = ?9, output_files = ?10, node_report = ?11,
-             billed_elapsed_ms = ?12, billed_fuel = ?13, output_blobs = ?14 WHERE id = ?1",
+             billed_elapsed_ms = ?12, billed_fuel = ?13, output_blobs = ?14,
+             reported_input_units = ?15, reported_output_units = ?16,
+             billed_input_units = ?17, billed_output_units = ?18 WHERE id = ?1",
             params![
                 job_id,
                 final_state.as_str(),
@@ -262,6 +270,10 @@ impl Store {
                 billed.and_then(|b| b.fuel).map(|f| f as i64),
                 (!outcome.blobs.is_empty())
                     .then(|| serde_json::to_string(&outcome.blobs).unwrap_or_default()),
+                outcome.usage.map(|u| i64::try_from(u.input_units).unwrap_or(i64::MAX)),
+                outcome.usage.map(|u| i64::try_from(u.output_units).unwrap_or(i64::MAX)),
+                billed_units.map(|u| u.input_units as i64),
+                billed_units.map(|u| u.output_units as i64),
             ],
         )
         ?;
@@ -275,9 +287,42 @@ impl Store {
             now,
         )?;
         record_attempt(&tx, job_id, attempt, node_id, ending.attempt, now)?;
+        let billed = billed.map(|usage| Usage {
+            units: billed_units,
+            ..usage
+        });
         close(&tx, ctx, job_id, &billing, billed, now)?;
         tx.commit()?;
         Ok(ReportEffect::Applied)
+    }
+
+    /// Records the gateway's witness of what it delivered of attempt `attempt` of a metered job
+    /// on `node_id` (the first witness of an attempt stands). `Ok(false)`: the job is not
+    /// metered, or the attempt is not its current one on that node, or it has ended.
+    pub fn witness(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+        witnessed: ending::Witnessed,
+    ) -> Result<bool, StoreError> {
+        let (tx, _ctx) = self.begin()?;
+        let changed = exec(
+            &tx,
+            "UPDATE jobs SET witness_attempt = ?3, witness_input_units = ?4, witness_output_units = ?5
+             WHERE id = ?1 AND node_id = ?2 AND attempt = ?3 AND max_input_units IS NOT NULL
+               AND state IN ('assigned', 'running')
+               AND (witness_attempt IS NULL OR witness_attempt <> ?3)",
+            params![
+                job_id,
+                node_id,
+                attempt,
+                witnessed.input_units.map(|u| i64::try_from(u).unwrap_or(i64::MAX)),
+                i64::try_from(witnessed.output_units).unwrap_or(i64::MAX),
+            ],
+        )?;
+        tx.commit()?;
+        Ok(changed > 0)
     }
 
     /// The agent is shutting down and gave attempt `attempt` back unfinished: back to pending
@@ -366,6 +411,7 @@ impl Store {
             let full = Usage {
                 elapsed_ms: billing.timeout_ms,
                 fuel: None,
+                units: None,
             };
             billing.billed(full, now, ctx.charging.slack_ms)
         });
@@ -654,6 +700,10 @@ struct Billing {
     /// When the assignment was recorded (`None` for rows assigned before it was kept).
     assigned_ms: Option<u64>,
     fuel_limit: Option<u64>,
+    /// A metered job's most input and output units (its hold was made for them).
+    max_units: Option<(u64, u64)>,
+    /// What the gateway witnessed of the current attempt, if it did.
+    witness: Option<ending::Witnessed>,
 }
 
 impl Billing {
@@ -681,6 +731,11 @@ impl Billing {
             self.memory_mib,
             self.gpus,
             &self.pricing,
+        )
+        .saturating_add(
+            usage
+                .units
+                .map_or(0, |units| ledger::metered_cost_micros(units, &self.pricing)),
         )
     }
 }
@@ -728,6 +783,31 @@ fn billing_of(tx: &Connection, job_id: &str) -> Result<(Billing, StopRequest), S
             ))
         },
     )?;
+    type Metering = (
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        u32,
+    );
+    let (max_in, max_out, witness_attempt, witness_in, witness_out, attempt): Metering = query_row(
+        tx,
+        "SELECT max_input_units, max_output_units, witness_attempt, witness_input_units,
+                    witness_output_units, attempt FROM jobs WHERE id = ?1",
+        [job_id],
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        },
+    )?;
+    let units = |v: i64| v.max(0) as u64;
     let pricing: Pricing = pricing
         .as_deref()
         .map(serde_json::from_str)
@@ -741,6 +821,14 @@ fn billing_of(tx: &Connection, job_id: &str) -> Result<(Billing, StopRequest), S
         timeout_ms: timeout.map_or(u64::MAX, |t| t.max(0) as u64),
         assigned_ms: assigned.map(|t| t.max(0) as u64),
         fuel_limit: fuel_limit.map(|f| f.max(0) as u64),
+        max_units: max_in.zip(max_out).map(|(i, o)| (units(i), units(o))),
+        witness: match (witness_attempt, witness_out) {
+            (Some(at), Some(output)) if at == i64::from(attempt) => Some(ending::Witnessed {
+                input_units: witness_in.map(units),
+                output_units: units(output),
+            }),
+            _ => None,
+        },
     };
     let stop = StopRequest {
         cancel_requested,

@@ -136,7 +136,10 @@ impl Store {
             "SELECT j.id, t.id, t.kind, j.account_id, j.max_cost_micros, j.cost_micros, j.provider_micros,
                     j.fee_micros, j.refund_micros, j.provider_account, j.fee_bps, j.elapsed_ms,
                     j.billed_elapsed_ms, j.fuel_consumed, j.billed_fuel, j.fuel_limit, j.timeout_ms,
-                    j.assigned_ms, j.updated_ms, j.cpu_cores, j.memory_mib, j.gpus, j.pricing
+                    j.assigned_ms, j.updated_ms, j.cpu_cores, j.memory_mib, j.gpus, j.pricing,
+                    j.billed_input_units, j.billed_output_units, j.reported_input_units,
+                    j.reported_output_units, j.max_input_units, j.max_output_units,
+                    j.witness_input_units, j.witness_output_units
              FROM jobs j JOIN ledger_tx t ON t.idem_key = 'close:' || j.id",
         )?;
         let mut legs = self.conn.prepare_cached(
@@ -205,8 +208,49 @@ impl Store {
                     let pricing: Option<rhizos_broker::wire::Pricing> = r
                         .get::<_, Option<String>>(22)?
                         .and_then(|json| serde_json::from_str(&json).ok());
+                    // A metered job's units: within what it reported, its hold's units and
+                    // what the gateway witnessed.
+                    let units = match (opt(23)?, opt(24)?) {
+                        (Some(input_units), Some(output_units)) => {
+                            for (what, billed, bounds) in [
+                                (
+                                    "input units",
+                                    input_units,
+                                    [
+                                        ("reported", opt(25)?),
+                                        ("held for", opt(27)?),
+                                        ("witnessed", opt(29)?),
+                                    ],
+                                ),
+                                (
+                                    "output units",
+                                    output_units,
+                                    [
+                                        ("reported", opt(26)?),
+                                        ("held for", opt(28)?),
+                                        ("witnessed", opt(30)?),
+                                    ],
+                                ),
+                            ] {
+                                for (how, bound) in bounds {
+                                    if let Some(bound) = bound.filter(|b| billed > *b) {
+                                        problems.push(format!(
+                                            "job {id}: billed {billed} {what}, more than {how} ({bound})"
+                                        ));
+                                    }
+                                }
+                            }
+                            Some(rhizos_broker::wire::Metered {
+                                input_units,
+                                output_units,
+                            })
+                        }
+                        _ => None,
+                    };
                     match pricing {
                         Some(pricing) => {
+                            let metered =
+                                units.map_or(0, |u| ledger::metered_cost_micros(u, &pricing));
                             let usage = ledger::usage_cost_micros(
                                 billed,
                                 billed_fuel,
@@ -214,7 +258,8 @@ impl Store {
                                 r.get::<_, i64>(20)?.max(0) as u64,
                                 r.get(21)?,
                                 &pricing,
-                            );
+                            )
+                            .saturating_add(metered);
                             let want = usage.clamp(0, hold.max(0));
                             if cost != want {
                                 problems.push(format!(

@@ -12,6 +12,7 @@ struct NullSink;
 
 impl rhizos_plugin_api::EventSink for NullSink {
     fn log(&self, _stream: rhizos_plugin_api::LogStream, _line: abi_stable::std_types::RStr<'_>) {}
+    fn chunk(&self, _data: abi_stable::std_types::RSlice<'_, u8>) {}
 }
 
 fn null_sink() -> rhizos_plugin_api::EventSinkBox {

