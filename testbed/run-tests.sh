@@ -4,6 +4,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$RHIZOS_ROOT"
+# The AI gateway tests' real parts: llama.cpp's server, a small model, the OpenAI SDK.
+source testbed/ai/setup.sh
 
 echo "» cargo fmt --check"
 cargo fmt --all -- --check

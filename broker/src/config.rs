@@ -23,6 +23,42 @@ pub struct Settings {
     pub orchestrator: OrchestratorSettings,
     pub agent: AgentSettings,
     pub pricing: Pricing,
+    pub gateway: GatewaySettings,
+}
+
+/// `[gateway]`: the OpenAI-compatible HTTP gateway (`rhizosd gateway`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// Address the HTTP server listens on.
+    pub listen: String,
+    /// `max_tokens` of a chat request that sets none (its hold is made for them).
+    pub default_max_tokens: u32,
+    /// The most `max_tokens` a request may ask for.
+    pub max_tokens_cap: u32,
+    /// Longest a request may take from submit to its last chunk, in ms (also its job's
+    /// timeout).
+    pub request_timeout_ms: u64,
+    /// How long a key's view (limits, revocation) is trusted before it is asked again, in ms.
+    pub key_cache_ms: u64,
+    /// How long the list of served models is trusted, in ms.
+    pub models_cache_ms: u64,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            default_max_tokens: 512,
+            max_tokens_cap: 8192,
+            request_timeout_ms: 120_000,
+            key_cache_ms: 5_000,
+            models_cache_ms: 1_000,
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

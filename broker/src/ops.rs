@@ -221,7 +221,12 @@ macro_rules! requests {
 }
 
 requests! {
-    wire::SubmitJob => JobSubmit -> wire::SubmitJobReply, claims |r| Caller::user(&r.account);
+    // An inference job is a gateway's (it submits for its clients' keys); anything else the
+    // account's own.
+    wire::SubmitJob => JobSubmit -> wire::SubmitJobReply, claims |r| match r.spec.workload {
+        wire::Workload::Inference { .. } => Caller::gateway("gateway"),
+        _ => Caller::user(&r.account),
+    };
     wire::JobRef => JobGet -> wire::JobView;
     wire::ListJobs => JobList -> wire::JobList,
         claims |r| r.account.as_deref().map_or_else(|| Caller::operator("operator"), Caller::user);

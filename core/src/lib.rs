@@ -4,11 +4,13 @@
 
 pub mod agent;
 pub mod component;
+pub mod gateway;
 pub mod ledger;
 pub mod orchestrator;
 pub mod telemetry;
 
 pub use agent::Agent;
+pub use gateway::Gateway;
 pub use orchestrator::Orchestrator;
 
 /// SHA-256 of `bytes` as 64 lowercase hex digits (how artifacts, modules and plugin copies are

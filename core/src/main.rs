@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use rhizos_broker::{Bus, Settings};
-use rhizos_core::{Agent, Orchestrator, telemetry};
+use rhizos_core::{Agent, Gateway, Orchestrator, telemetry};
 use std::path::PathBuf;
 
 /// mimalloc instead of glibc's allocator: the orchestrator allocates small, short-lived buffers
@@ -17,7 +17,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "rhizosd",
     version,
-    about = "RhizOS daemons: the orchestrator and the node agent"
+    about = "RhizOS daemons: the orchestrator, the node agent and the AI gateway"
 )]
 struct Cli {
     /// Config file (default: ./rhizos.toml when present). Environment variables
@@ -57,6 +57,15 @@ enum Role {
         /// Node id (overrides [agent] node_id).
         #[arg(long)]
         node_id: Option<String>,
+    },
+    /// Serve the OpenAI-compatible HTTP API (chat with streaming, embeddings, models): each
+    /// request is held in escrow against its API key's account, served by a node and settled
+    /// by the tokens it delivered. Authenticates with gateway credentials (`rhizos user add
+    /// --gateway`).
+    Gateway {
+        /// Address to listen on (overrides [gateway] listen), e.g. 0.0.0.0:8080.
+        #[arg(long)]
+        listen: Option<String>,
     },
 }
 
@@ -104,6 +113,23 @@ async fn main() -> anyhow::Result<()> {
             let agent = Agent::new(bus, settings.agent, settings.pricing)
                 .context("failed to start the agent")?;
             agent.run(telemetry::shutdown_signal()).await
+        }
+        Role::Gateway { listen } => {
+            if let Some(listen) = listen {
+                settings.gateway.listen = listen;
+            }
+            let listener = tokio::net::TcpListener::bind(&settings.gateway.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} (another process has it? choose another with --listen)",
+                        settings.gateway.listen
+                    )
+                })?;
+            println!("gateway listening on http://{}/v1", listener.local_addr()?);
+            Gateway::new(bus, settings.gateway)
+                .serve(listener, telemetry::shutdown_signal())
+                .await
         }
     }
 }

@@ -2,6 +2,7 @@
 //! real `nats-server` (one namespace and temp dirs each, so tests share nothing), and hosts the
 //! end-to-end tests (`tests/it`) and benchmarks (`src/bin`).
 
+pub mod ai;
 pub mod cluster;
 pub mod doubles;
 pub mod guests;

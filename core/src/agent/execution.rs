@@ -333,28 +333,7 @@ impl Agent {
         );
         let backend_name = assign.spec.workload.backend();
         // Held until the execution ends: a plugin replaced or removed meanwhile stays alive for it.
-        let plugin = match &assign.spec.workload {
-            // The plugin that serves the model now (through the backend the job names, if any).
-            Workload::Inference {
-                service,
-                model,
-                via,
-                ..
-            } => self
-                .plugins()
-                .loaded
-                .iter()
-                .find(|p| {
-                    p.unavailable.is_none()
-                        && (via.is_empty() || p.backends.iter().any(|b| b == via))
-                        && p.backend
-                            .models()
-                            .iter()
-                            .any(|m| m.service.as_str() == service && m.name.as_str() == model)
-                })
-                .cloned(),
-            _ => self.plugins().backend(backend_name).cloned(),
-        };
+        let plugin = self.plugin_for(&assign.spec.workload);
         let Some(plugin) = plugin else {
             return Err(format!(
                 "no {backend_name} backend on this node any more (its plugin was removed)"

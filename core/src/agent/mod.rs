@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use plugins::PluginSet;
 use rhizos_broker::config::AgentSettings;
+use rhizos_broker::wire::Workload;
 use rhizos_broker::wire::{
     self, Ack, AssignJob, ErrorCode, ExecutionRef, Heartbeat, PluginView, Pricing, RegisterNode,
     Reply, StopJob, WIRE_VERSION, WireError,
@@ -244,6 +245,32 @@ impl Agent {
                 tracing::info!(added = changes.added.len(), replaced = changes.replaced.len(), removed = changes.removed.len(), backends = ?self.plugins().backends(), "plugins changed; registering again");
                 self.register().await;
             }
+        }
+    }
+
+    /// The plugin that runs `workload`: its backend's, or for an inference job the one serving
+    /// the model now (through the backend the job names, if any).
+    pub(crate) fn plugin_for(&self, workload: &Workload) -> Option<Arc<plugins::LoadedPlugin>> {
+        let plugins = self.plugins();
+        match workload {
+            Workload::Inference {
+                service,
+                model,
+                via,
+                ..
+            } => plugins
+                .loaded
+                .iter()
+                .find(|p| {
+                    p.unavailable.is_none()
+                        && (via.is_empty() || p.backends.iter().any(|b| b == via))
+                        && p.backend
+                            .models()
+                            .iter()
+                            .any(|m| m.service.as_str() == service && m.name.as_str() == model)
+                })
+                .cloned(),
+            other => plugins.backend(other.backend()).cloned(),
         }
     }
 
@@ -487,12 +514,14 @@ impl Agent {
         if let Err(e) = validate_token("job id", &assign.job_id) {
             return refuse(WireError::new(ErrorCode::BadRequest, e.to_string()));
         }
-        let backend = assign.spec.workload.backend();
-        if self.plugins().backend(backend).is_none() {
-            return refuse(WireError::new(
-                ErrorCode::InvalidState,
-                format!("no {backend} backend on this node"),
-            ));
+        if self.plugin_for(&assign.spec.workload).is_none() {
+            let what = match &assign.spec.workload {
+                Workload::Inference { service, model, .. } => {
+                    format!("{model} is not served for {service} on this node (now)")
+                }
+                other => format!("no {} backend on this node", other.backend()),
+            };
+            return refuse(WireError::new(ErrorCode::InvalidState, what));
         }
         let mut executions = self.executions();
         let key = (assign.job_id.clone(), assign.attempt);

@@ -252,10 +252,22 @@ async fn a_keys_credit_limit_holds_under_fifty_concurrent_requests() {
         Some(ErrorCode::Forbidden)
     );
 
+    // A gateway submits inference jobs only (it witnesses what it delivers); the key's own
+    // user may charge anything to the key.
+    let refused = gateway
+        .submit(&request("wasm".into(), "alice", Some(&digest)))
+        .await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("inference jobs only")),
+        "{refused:?}"
+    );
+
     // Fifty at once: exactly seven fit the key's limit; the rest are refused, naming the key.
     let submits = (0..50).map(|i| {
         let (gateway, request) = (
-            gateway.clone(),
+            alice.clone(),
             request(format!("burst-{i}"), "alice", Some(&digest)),
         );
         async move {
@@ -299,12 +311,12 @@ async fn a_keys_credit_limit_holds_under_fifty_concurrent_requests() {
     let mut over = request("over".into(), "alice", Some(&digest));
     over.max_cost_micros = left + 1;
     assert_eq!(
-        code(gateway.submit(&over).await),
+        code(alice.submit(&over).await),
         Some(ErrorCode::InsufficientFunds)
     );
     let mut fits = request("fits".into(), "alice", Some(&digest));
     fits.max_cost_micros = left;
-    gateway.submit(&fits).await.unwrap();
+    alice.submit(&fits).await.unwrap();
     cluster
         .wait_for_end("fits", Duration::from_secs(60))
         .await
@@ -313,7 +325,7 @@ async fn a_keys_credit_limit_holds_under_fifty_concurrent_requests() {
     alice.key_revoke(&key.view.key_id).await.unwrap();
     assert_eq!(
         code(
-            gateway
+            alice
                 .submit(&request("after".into(), "alice", Some(&digest)))
                 .await
         ),

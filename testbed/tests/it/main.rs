@@ -9,6 +9,7 @@ mod cuda;
 mod docker;
 mod events;
 mod fairness;
+mod gateway;
 mod identity;
 mod jobs;
 mod keys;

@@ -1,0 +1,196 @@
+//! The AI gateway end to end with real parts: llama.cpp's server with SmolLM2-135M behind the
+//! `openai` backend plugin on a node, the gateway over a secure network, and the official
+//! OpenAI Python SDK as the client. Every request's money is checked to the micro.
+
+use rhizos_broker::wire::{CreateKey, JobState};
+use rhizos_broker::{Bus, Caller, Client};
+use rhizos_core::Gateway;
+use rhizos_testbed::ai::{self, LlamaServer};
+use rhizos_testbed::{Cluster, ClusterOptions};
+use std::time::Duration;
+
+const USD: i64 = 1_000_000;
+/// The cluster's token prices: $1 per million input tokens, $2 per million output tokens —
+/// one and two micro-USD per token.
+const IN_MICROS: i64 = 1;
+const OUT_MICROS: i64 = 2;
+
+/// A secure network whose one node serves `smollm2-135m` through the `openai` plugin from
+/// `llama`, and a gateway on a free port.
+async fn ai_network(llama: &LlamaServer) -> (Cluster, String) {
+    let mut plugin_config = std::collections::BTreeMap::new();
+    plugin_config.insert(
+        "openai".to_owned(),
+        serde_json::json!({
+            "base_url": llama.base_url(),
+            "models": [{"name": "smollm2-135m", "upstream": "smollm2", "service": "chat", "context_length": 1024}],
+        }),
+    );
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 1,
+        secure: true,
+        plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_openai").unwrap()],
+        plugin_config,
+        heartbeat_interval_ms: 300,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster starts");
+    let gateway_bus = Bus::connect(&cluster.settings_as(&Caller::gateway("gw")).unwrap())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    let settings = rhizos_broker::config::GatewaySettings {
+        listen: listener.local_addr().unwrap().to_string(),
+        ..Default::default()
+    };
+    tokio::spawn(Gateway::new(gateway_bus, settings).serve(listener, std::future::pending()));
+    // The node offers the model once its plugin has seen the server answer.
+    let client = cluster.client();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let models = client.model_list().await.unwrap().models;
+        if models.iter().any(|m| m.name == "smollm2-135m") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the model was never offered: {models:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (cluster, base)
+}
+
+async fn key(alice: &Client, limit: Option<i64>, rpm: Option<u32>) -> String {
+    alice
+        .key_create(CreateKey {
+            account: "alice".into(),
+            credit_limit_micros: limit,
+            rpm,
+            ..CreateKey::default()
+        })
+        .await
+        .unwrap()
+        .key
+}
+
+/// The SDK's view of a request, and the job behind it, agree — and the money is exact.
+async fn check_money(cluster: &Cluster, response_id: &str, usage: &serde_json::Value) {
+    let job_id = response_id.strip_prefix("chatcmpl-").expect("a chat id");
+    let job = cluster
+        .wait_for_end(job_id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    let billed = job.billed_usage.expect("billed units");
+    let reported = job.reported_usage.expect("reported units");
+    assert_eq!(usage["prompt_tokens"], billed.input_units, "{job:?}");
+    assert_eq!(usage["completion_tokens"], billed.output_units, "{job:?}");
+    assert!(
+        billed.input_units <= reported.input_units && billed.output_units <= reported.output_units
+    );
+    assert!(
+        billed.input_units > 0 && billed.output_units > 0,
+        "{billed:?}"
+    );
+    let cost = billed.input_units as i64 * IN_MICROS + billed.output_units as i64 * OUT_MICROS;
+    assert_eq!(job.cost_micros, Some(cost), "{job:?}");
+    let fee = (cost * 500 + 5_000) / 10_000;
+    assert_eq!(job.fee_micros, Some(fee));
+    assert_eq!(job.provider_micros, Some(cost - fee));
+    assert_eq!(job.refund_micros, Some(job.max_cost_micros - cost));
+}
+
+#[tokio::test]
+async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly() {
+    if std::env::var_os("RHIZOS_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RHIZOS_TEST_LOG").unwrap_or_default())
+            .try_init();
+    }
+    let llama = LlamaServer::start(&ai::chat_model().unwrap(), "smollm2", &[]).unwrap();
+    let (cluster, base) = ai_network(&llama).await;
+    cluster.funded_account("alice", USD).await.unwrap();
+    let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
+    let (good, quota, rate) = (
+        key(&alice, None, None).await,
+        key(&alice, Some(1), None).await,
+        key(&alice, None, Some(2)).await,
+    );
+
+    let output = tokio::process::Command::new(ai::python().unwrap())
+        .arg(ai::repo_root().join("testbed/ai/sdk_check.py"))
+        .args([&base, &good, "smollm2-135m", &quota, &rate])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "sdk_check.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    assert_eq!(seen["models"], serde_json::json!(["smollm2-135m"]));
+    assert_eq!(seen["model"], "smollm2-135m");
+    // A real model's real answer.
+    let chat = &seen["chat"];
+    assert!(
+        chat["content"].as_str().unwrap().contains("Paris"),
+        "{chat}"
+    );
+    assert!(matches!(
+        chat["finish_reason"].as_str(),
+        Some("stop" | "length")
+    ));
+    check_money(&cluster, chat["id"].as_str().unwrap(), &chat["usage"]).await;
+
+    let stream = &seen["stream"];
+    assert_eq!(stream["same_id"], true, "{stream}");
+    assert_eq!(stream["first_role"], "assistant");
+    assert!(!stream["content"].as_str().unwrap().is_empty());
+    assert_eq!(
+        stream["finish_reason"].as_array().unwrap().len(),
+        1,
+        "{stream}"
+    );
+    assert_eq!(stream["usage_chunk_has_no_choices"], true, "{stream}");
+    assert_eq!(
+        stream["usage"]["completion_tokens"], stream["content_chunks"],
+        "{stream}"
+    );
+    check_money(&cluster, stream["id"].as_str().unwrap(), &stream["usage"]).await;
+
+    // Errors in OpenAI's shape, with the statuses the SDK acts on.
+    assert_eq!(seen["bad_key"]["status"], 401, "{}", seen["bad_key"]);
+    assert_eq!(seen["bad_key"]["code"], "invalid_api_key");
+    assert_eq!(seen["no_model"]["status"], 404, "{}", seen["no_model"]);
+    assert_eq!(seen["no_model"]["code"], "model_not_found");
+    assert_eq!(seen["bad_param"]["status"], 400);
+    assert_eq!(seen["bad_param"]["param"], "temperature");
+    assert_eq!(seen["quota"]["status"], 429, "{}", seen["quota"]);
+    assert_eq!(seen["quota"]["code"], "insufficient_quota");
+    assert_eq!(seen["quota"]["should_retry"], "false");
+    let rate = seen["rate"].as_array().unwrap();
+    assert!(rate[0].is_null() && rate[1].is_null(), "{rate:?}");
+    assert_eq!(rate[2]["status"], 429, "{rate:?}");
+    assert_eq!(rate[2]["code"], "rate_limit_exceeded");
+    assert!(
+        rate[2]["retry_after"]
+            .as_str()
+            .is_some_and(|s| s.parse::<u64>().unwrap() >= 1)
+    );
+
+    // The refused requests held nothing: only the four served ones were ever charged, and
+    // the ledger agrees with itself.
+    let jobs = cluster
+        .client()
+        .job_list(Some("alice"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(jobs.jobs.len(), 4, "{:?}", jobs.jobs);
+    let report = cluster.client().ledger_verify().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+}
