@@ -2,10 +2,13 @@
 # The README's first command: builds RhizOS, brings up a local network (`rhizos up`: nats-server,
 # orchestrator with the example module registry, one agent with the backend plugins), runs the demo
 # job end to end — logs streamed, result, escrow settled with the 5% fee — then the registry module
-# chain://mod-hello, then stops the network. `--keep` leaves it running.
+# chain://mod-hello, then asks the network's AI model a question through the OpenAI-compatible
+# gateway (llama.cpp serving SmolLM2-135M on the node), then stops the network. `--keep` leaves
+# it running.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$RHIZOS_ROOT"
+source testbed/ai/setup.sh
 keep=false
 [ "${1:-}" = "--keep" ] && keep=true
 
@@ -33,11 +36,36 @@ cp target/guests/wasm32-wasip2/release/rhizos_resolver_index.wasm .rhizos/networ
 echo '{"read_dirs": [{"host": "registry", "guest": "/registry"}], "config": {"index": "/registry/index.json"}}' \
   > .rhizos/network/resolvers/index.json
 export RHIZOS_ORCHESTRATOR__RESOLVER_DIR="${RHIZOS_ORCHESTRATOR__RESOLVER_DIR:-$RHIZOS_ROOT/.rhizos/network/resolvers}"
+# The node's model server: llama.cpp (PyPI xllamacpp) serving SmolLM2-135M-Instruct, behind the
+# node's `openai` backend plugin.
+llama_port="${RHIZOS_LLAMA_PORT:-18081}"
+echo "» model server: llama.cpp on 127.0.0.1:$llama_port serving $(basename "$RHIZOS_CHAT_MODEL")"
+"$RHIZOS_AI_PYTHON" testbed/ai/serve.py "$RHIZOS_CHAT_MODEL" "$llama_port" smollm2 \
+  >.rhizos/llama.log 2>&1 </dev/null &
+llama_pid=$!
+cat > .rhizos/network/rhizos.toml <<TOML
+[agent.plugins.openai]
+base_url = "http://127.0.0.1:$llama_port"
+[[agent.plugins.openai.models]]
+name = "smollm2-135m"
+upstream = "smollm2"
+service = "chat"
+context_length = 1024
+TOML
+for _ in $(seq 1 300); do
+  grep -q "^ready" .rhizos/llama.log && break
+  kill -0 "$llama_pid" 2>/dev/null || { cat .rhizos/llama.log; echo "error: the model server exited" >&2; exit 1; }
+  sleep 0.2
+done
 log=.rhizos/up.log
-echo "» rhizos up (log: $log)"
-"$rhizos" up --data-dir .rhizos/network >"$log" 2>&1 &
+gateway="${RHIZOS_GATEWAY__LISTEN:-127.0.0.1:8080}"
+echo "» rhizos up --config .rhizos/network/rhizos.toml --gateway $gateway (log: $log)"
+"$rhizos" --config .rhizos/network/rhizos.toml up --data-dir .rhizos/network --gateway "$gateway" >"$log" 2>&1 &
 up_pid=$!
-stop() { kill -INT "$up_pid" 2>/dev/null && wait "$up_pid" 2>/dev/null || true; }
+stop() {
+  kill -INT "$up_pid" 2>/dev/null && wait "$up_pid" 2>/dev/null || true
+  kill "$llama_pid" 2>/dev/null || true
+}
 $keep || trap stop EXIT
 for _ in $(seq 1 150); do
   grep -q "RhizOS is up" "$log" && break
@@ -69,9 +97,22 @@ echo "» rhizos receipt get $module_job --out .rhizos/receipt.json && rhizos rec
 "$rhizos" receipt get "$module_job" --out .rhizos/receipt.json
 "$rhizos" receipt verify .rhizos/receipt.json
 echo
+echo "» rhizos models"
+"$rhizos" models
+echo
+echo "» rhizos key create --account demo-user --name quickstart --credit-limit 0.05"
+api_key=$("$rhizos" key create --account demo-user --name quickstart --credit-limit 0.05)
+echo
+echo "» rhizos chat smollm2-135m \"Which city is the capital of France?\" --key rhz_… (the gateway, OpenAI's API)"
+"$rhizos" chat smollm2-135m "Which city is the capital of France?" --key "$api_key" \
+  --gateway "http://$gateway/v1" --temperature 0 --max-tokens 32
+echo
+echo "The same gateway serves any OpenAI client, e.g. Python:"
+echo "  OpenAI(base_url=\"http://$gateway/v1\", api_key=\"rhz_…\").chat.completions.create(model=\"smollm2-135m\", messages=[…])"
+echo
 "$rhizos" account balance demo-user
 if $keep; then
   echo
-  echo "The network keeps running (pid $up_pid; stop it with: kill -INT $up_pid)."
+  echo "The network keeps running (pid $up_pid; stop it with: kill -INT $up_pid; the model server: kill $llama_pid)."
   echo "Try: RHIZOS_NATS__NAMESPACE=$RHIZOS_NATS__NAMESPACE $rhizos events"
 fi

@@ -77,6 +77,8 @@ impl LocalNetwork {
 
 /// The local operator's name.
 pub const OPERATOR: &str = "operator";
+/// The identity of the local AI gateway `rhizos up` starts.
+pub const GATEWAY: &str = "local";
 
 /// `<dir>/<role>-<name>.creds`.
 pub fn credentials_file(dir: &Path, caller: &Caller) -> PathBuf {

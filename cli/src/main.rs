@@ -1,6 +1,7 @@
 //! `rhizos`: the RhizOS command line. Talks to the network only over NATS (the subjects in the
 //! README), so everything it does can be done by any NATS client.
 
+mod ai;
 mod job;
 mod keys;
 mod local;
@@ -121,6 +122,11 @@ enum Command {
     /// API keys of the AI gateway: create (printed once), list, revoke.
     #[command(subcommand)]
     Key(keys::KeyCommand),
+    /// The AI models online nodes serve now: service, nodes (warm), context, price per 1M units.
+    Models,
+    /// Ask a model through the AI gateway (OpenAI-compatible HTTP); the answer streams, then
+    /// what it used and cost.
+    Chat(ai::ChatArgs),
     /// Submit, watch, list and cancel jobs.
     #[command(subcommand)]
     Job(job::JobCommand),
@@ -227,6 +233,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Account(command) => account(&global, command).await,
         Command::User(command) => users::run(&global, command).await,
         Command::Key(command) => keys::run(&global, command).await,
+        Command::Models => ai::models(&global).await,
+        Command::Chat(args) => ai::chat(&global, args).await,
         Command::Job(command) => job::run(&global, command).await,
         Command::Events(args) => match args.since.clone() {
             Some(since) => {

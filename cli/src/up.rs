@@ -33,6 +33,12 @@ pub struct UpArgs {
     /// only for experiments on a machine nobody else can reach).
     #[arg(long)]
     insecure: bool,
+    /// Where the OpenAI-compatible AI gateway listens (overrides [gateway] listen).
+    #[arg(long, value_name = "ADDR")]
+    gateway: Option<String>,
+    /// Do not start the AI gateway.
+    #[arg(long, conflicts_with = "gateway")]
+    no_gateway: bool,
 }
 
 impl UpArgs {
@@ -179,6 +185,36 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         args.node_id,
         plugin_dir.display()
     );
+    let gateway_task = if args.no_gateway {
+        None
+    } else {
+        if let Some(listen) = &args.gateway {
+            settings.gateway.listen = listen.clone();
+        }
+        let listener = tokio::net::TcpListener::bind(&settings.gateway.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "the AI gateway cannot listen on {} (in use? choose another with --gateway ADDR, or --no-gateway)",
+                    settings.gateway.listen
+                )
+            })?;
+        let address = listener.local_addr()?;
+        let gateway = rhizos_core::Gateway::new(
+            Bus::connect(&as_party(&Caller::gateway(local::GATEWAY))).await?,
+            settings.gateway.clone(),
+        );
+        let models = orchestrator_models(&as_party(&Caller::operator(local::OPERATOR))).await;
+        eprintln!(
+            "✓ AI gateway http://{address}/v1 (OpenAI-compatible; models served now: {})",
+            if models.is_empty() {
+                "none — configure a backend such as [agent.plugins.openai]".to_owned()
+            } else {
+                models.join(", ")
+            }
+        );
+        Some(tokio::spawn(gateway.serve(listener, stopped(stop.clone()))))
+    };
     eprintln!(
         "\nRhizOS is up: NATS {} namespace {}.\nIn another terminal:\n  \
          rhizos user add alice && rhizos account deposit alice 1\n  \
@@ -190,6 +226,9 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         rhizos_core::telemetry::shutdown_signal().await;
     }
     let _ = stop_sender.send(true);
+    if let Some(task) = gateway_task {
+        task.await.context("gateway task failed")??;
+    }
     agent_task.await.context("agent task failed")??;
     orchestrator_task
         .await
@@ -198,7 +237,24 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Credentials of the local orchestrator, operator and node (kept across restarts), let in by
+/// The models the network serves now, as `name (service)`.
+async fn orchestrator_models(operator: &rhizos_broker::config::NatsSettings) -> Vec<String> {
+    let Ok(bus) = Bus::connect(operator).await else {
+        return Vec::new();
+    };
+    rhizos_broker::Client::new(bus)
+        .model_list()
+        .await
+        .map(|list| {
+            list.models
+                .into_iter()
+                .map(|m| format!("{} ({})", m.name, m.service))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Credentials of the local orchestrator, operator, gateway and node (kept across restarts), let in by
 /// the server's authorization file.
 fn issue_local_credentials(network: &LocalNetwork, node_id: &str) -> anyhow::Result<()> {
     let subjects = rhizos_broker::Subjects::new(&network.namespace)?;
@@ -207,6 +263,7 @@ fn issue_local_credentials(network: &LocalNetwork, node_id: &str) -> anyhow::Res
         Caller::orchestrator(),
         Caller::operator(local::OPERATOR),
         Caller::new(rhizos_broker::Role::Node, node_id)?,
+        Caller::gateway(local::GATEWAY),
     ] {
         local::issue(&auth, &subjects, &network.credentials_dir(), &caller)?;
     }

@@ -1,8 +1,8 @@
 """Runs llama.cpp's own HTTP server in-process (PyPI xllamacpp) on a GGUF model, for the
 gateway tests and the quick start: `serve.py MODEL.gguf PORT ALIAS [--embedding]`.
 
-Prints `ready <port>` on stdout once /health answers, then serves until killed (SIGTERM or its
-stdin closing). One thread (see shared/TOOLCHAIN.md: two collapse on a busy 2-core machine).
+Prints `ready <port>` on stdout once /health answers, then serves until killed (SIGTERM), or
+with `--watch-stdin` until its stdin closes (the parent died). One thread (see shared/TOOLCHAIN.md: two collapse on a busy 2-core machine).
 """
 import sys
 import threading
@@ -14,7 +14,7 @@ import xllamacpp as xlc
 
 def main():
     if len(sys.argv) < 4:
-        sys.exit("usage: serve.py MODEL.gguf PORT ALIAS [--embedding] [--ctx N] [--parallel N]")
+        sys.exit("usage: serve.py MODEL.gguf PORT ALIAS [--embedding] [--ctx N] [--parallel N] [--watch-stdin]")
     model, port, alias = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     args = sys.argv[4:]
     params = xlc.CommonParams()
@@ -45,9 +45,9 @@ def main():
             sys.exit(f"the server on port {port} did not become healthy within 60 s")
         time.sleep(0.1)
     print(f"ready {port}", flush=True)
-    # Serve until stdin closes (the parent died) or a signal ends the process.
     done = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    if "--watch-stdin" in args:
+        threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
     done.wait()
     del server
 

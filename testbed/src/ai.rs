@@ -65,6 +65,7 @@ impl LlamaServer {
             .arg(model)
             .arg(port.to_string())
             .arg(alias)
+            .arg("--watch-stdin")
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

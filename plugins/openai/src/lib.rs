@@ -68,6 +68,8 @@ fn default_service() -> String {
     "chat".into()
 }
 
+const NOT_CONFIGURED: &str = "no model server configured: set [agent.plugins.openai] base_url and models (see the plugin's docs)";
+
 /// Largest response body read whole (an embeddings reply, an error).
 const MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 /// Longest SSE line accepted from the server.
@@ -79,7 +81,8 @@ struct Model {
 }
 
 pub struct OpenAiBackend {
-    inner: Arc<Shared>,
+    /// `None` when the node's config names no model server.
+    inner: Option<Arc<Shared>>,
 }
 
 struct Shared {
@@ -100,6 +103,13 @@ struct Health {
 
 impl OpenAiBackend {
     pub fn new(config: &str) -> Result<Self, String> {
+        // No config at all: the plugin loads and says what it needs (a node without a model
+        // server offers nothing through it).
+        if serde_json::from_str::<serde_json::Value>(config)
+            .is_ok_and(|v| v.as_object().is_some_and(serde_json::Map::is_empty))
+        {
+            return Ok(Self { inner: None });
+        }
         let config: Config = serde_json::from_str(config).map_err(|e| {
             format!("openai backend: bad config ({e}); it needs base_url and models")
         })?;
@@ -169,7 +179,7 @@ impl OpenAiBackend {
                 }
             })
             .map_err(|e| format!("openai backend: cannot start its health thread: {e}"))?;
-        Ok(Self { inner })
+        Ok(Self { inner: Some(inner) })
     }
 }
 
@@ -293,15 +303,16 @@ impl PluginBackend for OpenAiBackend {
     type Execution = Running;
 
     fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<Running, String> {
+        let inner = self.inner.as_ref().ok_or(NOT_CONFIGURED)?;
         let ai: AiRequest = serde_json::from_slice(&request.workload)
             .map_err(|e| format!("not an AI request: {e}"))?;
-        self.inner.model(&ai)?;
+        inner.model(&ai)?;
         let running = Running {
             slot: Arc::new(OutcomeSlot::default()),
             cancelled: Arc::new(AtomicBool::new(false)),
         };
         let (inner, slot, cancelled) = (
-            self.inner.clone(),
+            inner.clone(),
             running.slot.clone(),
             running.cancelled.clone(),
         );
@@ -321,14 +332,20 @@ impl PluginBackend for OpenAiBackend {
     }
 
     fn unavailable(&self) -> Option<String> {
-        None
+        match &self.inner {
+            None => Some(NOT_CONFIGURED.into()),
+            Some(_) => None,
+        }
     }
 
     fn models(&self) -> Vec<ModelInfo> {
-        if self.inner.problem().is_some() {
+        let Some(inner) = &self.inner else {
+            return Vec::new();
+        };
+        if inner.problem().is_some() {
             return Vec::new();
         }
-        self.inner
+        inner
             .models
             .iter()
             .map(|m| ModelInfo {
@@ -690,7 +707,7 @@ mod tests {
     #[test]
     fn configs_are_checked() {
         for (bad, says) in [
-            ("{}", "base_url"),
+            (r#"{"models": []}"#, "base_url"),
             (
                 r#"{"base_url": "ftp://x", "models": [{"name": "m"}]}"#,
                 "http://",

@@ -49,6 +49,15 @@ pub(crate) async fn next_assignment(
 
 /// Acks the assignment in `message` and reports it running; returns the running report.
 pub(crate) async fn accept(bus: &rhizos_broker::Bus, message: async_nats::Message) -> JobReport {
+    accept_as(bus, NODE, message).await
+}
+
+/// [`accept`] as node `node`.
+pub(crate) async fn accept_as(
+    bus: &rhizos_broker::Bus,
+    node: &str,
+    message: async_nats::Message,
+) -> JobReport {
     let assign: AssignJob = wire::decode(&message.payload, 4 << 20).unwrap();
     let ack = wire::encode(&Reply::ok(Ack {
         accepted: true,
@@ -60,7 +69,7 @@ pub(crate) async fn accept(bus: &rhizos_broker::Bus, message: async_nats::Messag
         .unwrap();
     let running = JobReport {
         v: WIRE_VERSION,
-        node_id: NODE.into(),
+        node_id: node.into(),
         job_id: assign.job_id,
         attempt: assign.attempt,
         phase: ReportPhase::Running,
@@ -87,18 +96,27 @@ pub(crate) fn heartbeat(
     bus: &rhizos_broker::Bus,
     held: tokio::sync::watch::Receiver<Vec<ExecutionRef>>,
 ) -> tokio::task::JoinHandle<()> {
-    let bus = bus.clone();
+    heartbeat_as(bus, NODE, held)
+}
+
+/// [`heartbeat`] as node `node`.
+pub(crate) fn heartbeat_as(
+    bus: &rhizos_broker::Bus,
+    node: &str,
+    held: tokio::sync::watch::Receiver<Vec<ExecutionRef>>,
+) -> tokio::task::JoinHandle<()> {
+    let (bus, node) = (bus.clone(), node.to_owned());
     tokio::spawn(async move {
         loop {
             let beat = Heartbeat {
                 v: WIRE_VERSION,
-                node_id: NODE.into(),
+                node_id: node.clone(),
                 running: held.borrow().clone(),
                 free_slots: 2,
                 ts_ms: 0,
                 gpus: vec![],
             };
-            let subject = bus.subjects.node_heartbeat(NODE).unwrap();
+            let subject = bus.subjects.node_heartbeat(&node).unwrap();
             let _ = bus.client.publish(subject, wire::encode(&beat)).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }

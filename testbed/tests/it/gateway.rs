@@ -3,6 +3,7 @@
 //! OpenAI Python SDK as the client. Every request's money is checked to the micro.
 
 use rhizos_broker::wire::{CreateKey, JobState};
+use rhizos_broker::wire::{JobReport, WIRE_VERSION};
 use rhizos_broker::{Bus, Caller, Client};
 use rhizos_core::Gateway;
 use rhizos_testbed::ai::{self, LlamaServer};
@@ -191,6 +192,247 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
         .await
         .unwrap();
     assert_eq!(jobs.jobs.len(), 4, "{:?}", jobs.jobs);
+    let report = cluster.client().ledger_verify().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+}
+
+/// A hand-rolled node serving `tiny` (it speaks the agent's side of the protocol itself).
+const LIAR: &str = "liar-ai";
+
+async fn gateway_over(cluster: &Cluster) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    let gateway = Gateway::new(
+        cluster.bus.clone(),
+        rhizos_broker::config::GatewaySettings {
+            listen: listener.local_addr().unwrap().to_string(),
+            ..Default::default()
+        },
+    );
+    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    base
+}
+
+/// POSTs `body` to `url` with `key`; the status and the body.
+async fn post(url: String, key: String, body: serde_json::Value) -> (u16, serde_json::Value) {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let response = agent
+            .post(&url)
+            .header("Authorization", format!("Bearer {key}"))
+            .send_json(&body)
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.into_body().read_to_string().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// Publishes one chunk of `job`'s response as `node`, attempt `attempt`, number `seq`.
+async fn chunk(bus: &Bus, job: &str, node: &str, attempt: u32, seq: u64, body: serde_json::Value) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        rhizos_broker::wire::AI_ATTEMPT_HEADER,
+        attempt.to_string().as_str(),
+    );
+    headers.insert(rhizos_broker::wire::AI_SEQ_HEADER, seq.to_string().as_str());
+    bus.client
+        .publish_with_headers(
+            bus.subjects.ai_stream(job, node).unwrap(),
+            headers,
+            body.to_string().into(),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_lying_node_bills_only_what_the_gateway_delivered_and_no_other_node_can_inject_text() {
+    use rhizos_broker::wire::{self, ExecutionOutcome, Metered, ReportPhase};
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let bus = cluster.bus.clone();
+    let mut assignments = bus
+        .client
+        .subscribe(bus.subjects.job_assign(LIAR).unwrap())
+        .await
+        .unwrap();
+    let mut registration = crate::common::hand_rolled_registration(LIAR, "liar-provider");
+    registration.backends = vec!["openai".into()];
+    registration.models = vec![wire::ModelOffer {
+        backend: "openai".into(),
+        service: "chat".into(),
+        name: "tiny".into(),
+        context_length: 512,
+        warm: true,
+        input_million_micros: 1_000_000,
+        output_million_micros: 2_000_000,
+    }];
+    bus.call(&registration).await.unwrap();
+    let (_held, beats) = tokio::sync::watch::channel(vec![]);
+    let _heartbeat = crate::fairness::heartbeat_as(&bus, LIAR, beats);
+    cluster.funded_account("alice", USD).await.unwrap();
+    let key = key(&cluster.client(), None, None).await;
+    let base = gateway_over(&cluster).await;
+
+    let request = tokio::spawn(post(
+        format!("{base}/chat/completions"),
+        key.clone(),
+        serde_json::json!({"model": "tiny", "max_tokens": 10,
+                           "messages": [{"role": "user", "content": "Say three words."}]}),
+    ));
+    let message = crate::fairness::next_assignment(&mut assignments).await;
+    let running = crate::fairness::accept_as(&bus, LIAR, message).await;
+    let (job, attempt) = (running.job_id.clone(), running.attempt);
+    // Another node tries to put words in the answer: not the job's node, dropped.
+    chunk(
+        &bus,
+        &job,
+        "intruder",
+        attempt,
+        0,
+        serde_json::json!({"content": "INJECTED "}),
+    )
+    .await;
+    for (seq, word) in ["one ", "two ", "three"].iter().enumerate() {
+        chunk(
+            &bus,
+            &job,
+            LIAR,
+            attempt,
+            seq as u64,
+            serde_json::json!({"content": word}),
+        )
+        .await;
+    }
+    chunk(
+        &bus,
+        &job,
+        LIAR,
+        attempt,
+        3,
+        serde_json::json!({"finish_reason": "stop"}),
+    )
+    .await;
+    // It claims a huge prompt and 500 tokens: the gateway delivered 3.
+    let claimed = Metered {
+        input_units: 999_999,
+        output_units: 500,
+    };
+    let end = wire::StreamEnd {
+        v: WIRE_VERSION,
+        attempt,
+        chunks: 4,
+        kind: wire::ExitKind::Exited,
+        message: None,
+        usage: Some(claimed),
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(wire::AI_ATTEMPT_HEADER, attempt.to_string().as_str());
+    let answered = bus
+        .client
+        .send_request(
+            bus.subjects.ai_stream(&job, LIAR).unwrap(),
+            async_nats::Request::new()
+                .headers(headers)
+                .payload(wire::encode(&end))
+                .timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+        .unwrap();
+    let ack: wire::Reply<wire::Ack> = wire::decode(&answered.payload, 64 * 1024).unwrap();
+    assert!(ack.data.unwrap().accepted, "the witness was recorded first");
+    let mut outcome = ExecutionOutcome::exited(0, 50);
+    outcome.usage = Some(claimed);
+    let report = JobReport {
+        phase: ReportPhase::Finished { outcome },
+        ..running
+    };
+    assert!(bus.call(&report).await.unwrap().accepted);
+
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "one two three");
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+    let job = cluster
+        .wait_for_end(&job, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let billed = job.billed_usage.unwrap();
+    assert_eq!(job.reported_usage, Some(claimed));
+    assert_eq!(billed.output_units, 3, "billed what was delivered");
+    // The prompt's bound: its bytes + role + 8 per message + 16.
+    let bound = ("Say three words.".len() + "user".len() + 8 + 16) as u64;
+    assert_eq!(
+        billed.input_units, bound,
+        "billed no more than the prompt can be"
+    );
+    let cost = bound as i64 * IN_MICROS + 3 * OUT_MICROS;
+    assert_eq!(job.cost_micros, Some(cost));
+    assert_eq!(job.refund_micros, Some(job.max_cost_micros - cost));
+    assert_eq!(
+        job.max_cost_micros,
+        bound as i64 * IN_MICROS + 10 * OUT_MICROS
+    );
+
+    // A node that reports without ending its stream (so without the gateway's witness) is
+    // paid nothing, and the client is told the answer did not complete.
+    let request = tokio::spawn(post(
+        format!("{base}/chat/completions"),
+        key.clone(),
+        serde_json::json!({"model": "tiny", "max_tokens": 10, "stream": true,
+                           "messages": [{"role": "user", "content": "Again."}]}),
+    ));
+    let message = crate::fairness::next_assignment(&mut assignments).await;
+    let running = crate::fairness::accept_as(&bus, LIAR, message).await;
+    let job = running.job_id.clone();
+    chunk(
+        &bus,
+        &job,
+        LIAR,
+        running.attempt,
+        0,
+        serde_json::json!({"content": "hi"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut outcome = ExecutionOutcome::exited(0, 50);
+    outcome.usage = Some(Metered {
+        input_units: 5,
+        output_units: 1,
+    });
+    let report = JobReport {
+        phase: ReportPhase::Finished { outcome },
+        ..running
+    };
+    assert!(bus.call(&report).await.unwrap().accepted);
+    let ended = cluster
+        .wait_for_end(&job, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(ended.cost_micros, Some(0), "{ended:?}");
+    assert_eq!(ended.refund_micros, Some(ended.max_cost_micros));
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200);
+    let text = body.as_str().unwrap();
+    assert!(text.contains("\"content\":\"hi\""), "{text}");
+    assert!(
+        text.contains("\"error\""),
+        "the stream ends with an error event: {text}"
+    );
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     let report = cluster.client().ledger_verify().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
 }
