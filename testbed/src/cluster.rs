@@ -29,6 +29,9 @@ pub struct ClusterOptions {
     pub plugin_scan_ms: u64,
     /// `[agent.plugins.<name>]` for every agent.
     pub plugin_config: std::collections::BTreeMap<String, serde_json::Value>,
+    /// `[agent.plugins.<name>]` of agent `i` when given (each node its own model server…);
+    /// agents past the list's end get `plugin_config`.
+    pub plugin_config_per_agent: Vec<std::collections::BTreeMap<String, serde_json::Value>>,
     /// Agents are `<node_prefix>-<index>` (default `node`). Tests sharing a machine-wide
     /// resource keyed by node id (the Docker engine's containers) give each cluster its own.
     pub node_prefix: String,
@@ -79,6 +82,7 @@ impl Default for ClusterOptions {
             fee_bps: 500,
             plugin_scan_ms: 200,
             plugin_config: std::collections::BTreeMap::new(),
+            plugin_config_per_agent: Vec::new(),
             missed_heartbeats: 3,
             node_prefix: "node".into(),
             nvml_library: None,
@@ -203,7 +207,11 @@ impl Cluster {
             agent_settings.heartbeat_interval_ms = options.heartbeat_interval_ms;
             agent_settings.max_concurrent = options.max_concurrent;
             agent_settings.plugin_scan_ms = options.plugin_scan_ms;
-            agent_settings.plugins = options.plugin_config.clone();
+            agent_settings.plugins = options
+                .plugin_config_per_agent
+                .get(index)
+                .unwrap_or(&options.plugin_config)
+                .clone();
             agent_settings.nvml_library = options.nvml_library.clone();
             agent_settings.artifact_sources = options.artifact_sources.clone();
             if let Some(bytes) = options.max_stored_log_bytes {

@@ -22,9 +22,17 @@ impl Orchestrator {
         job_id: &str,
         spec: &JobSpec,
         max_cost_micros: i64,
+        requeued: bool,
     ) -> Option<(String, u32, Option<u64>)> {
+        // A requeued job goes to another node than the ones it failed on, if one can take it
+        // (a job never assigned has tried none: no lookup on the submit path).
+        let tried = if requeued {
+            store.tried_nodes(job_id).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let mut registry = self.registry();
-        let node = registry.pick(spec, max_cost_micros)?;
+        let node = registry.pick_avoiding(spec, max_cost_micros, &tried)?;
         let (node_id, pricing) = (
             node.registration.node_id.clone(),
             matching::agreed_pricing(spec, &node.registration),
@@ -71,9 +79,13 @@ impl Orchestrator {
                 this.registry().set_allocations(&allocations);
                 let mut chosen = Vec::new();
                 for job in pending {
-                    if let Some((node_id, attempt, fuel_limit)) =
-                        this.place(store, &job.job_id, &job.spec, job.max_cost_micros)
-                    {
+                    if let Some((node_id, attempt, fuel_limit)) = this.place(
+                        store,
+                        &job.job_id,
+                        &job.spec,
+                        job.max_cost_micros,
+                        job.attempt > 0,
+                    ) {
                         store.forget_spec(&job.job_id);
                         chosen.push((job, node_id, attempt, fuel_limit));
                     }

@@ -16,22 +16,39 @@ const USD: i64 = 1_000_000;
 const IN_MICROS: i64 = 1;
 const OUT_MICROS: i64 = 2;
 
-/// A secure network whose one node serves `smollm2-135m` through the `openai` plugin from
-/// `llama`, and a gateway on a free port.
-async fn ai_network(llama: &LlamaServer) -> (Cluster, String) {
-    let mut plugin_config = std::collections::BTreeMap::new();
-    plugin_config.insert(
+/// The `openai` plugin's config for a node served by `llama` (its health checked every
+/// `check_ms`).
+fn openai_config(
+    llama: &LlamaServer,
+    check_ms: u64,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut config = std::collections::BTreeMap::new();
+    config.insert(
         "openai".to_owned(),
         serde_json::json!({
             "base_url": llama.base_url(),
+            "check_ms": check_ms,
             "models": [{"name": "smollm2-135m", "upstream": "smollm2", "service": "chat", "context_length": 1024}],
         }),
     );
+    config
+}
+
+/// A secure network whose one node serves `smollm2-135m` through the `openai` plugin from
+/// `llama`, and a gateway on a free port.
+async fn ai_network(llama: &LlamaServer) -> (Cluster, String) {
+    ai_network_of(vec![openai_config(llama, 2_000)]).await
+}
+
+/// A secure network of one node per plugin config, and a gateway on a free port.
+async fn ai_network_of(
+    configs: Vec<std::collections::BTreeMap<String, serde_json::Value>>,
+) -> (Cluster, String) {
     let cluster = Cluster::start(ClusterOptions {
-        agents: 1,
+        agents: configs.len(),
         secure: true,
         plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_openai").unwrap()],
-        plugin_config,
+        plugin_config_per_agent: configs,
         heartbeat_interval_ms: 300,
         ..ClusterOptions::default()
     })
@@ -52,7 +69,10 @@ async fn ai_network(llama: &LlamaServer) -> (Cluster, String) {
     let until = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let models = client.model_list().await.unwrap().models;
-        if models.iter().any(|m| m.name == "smollm2-135m") {
+        if models
+            .iter()
+            .any(|m| m.name == "smollm2-135m" && m.nodes as usize == cluster.agents.len())
+        {
             break;
         }
         assert!(
@@ -433,6 +453,69 @@ async fn a_lying_node_bills_only_what_the_gateway_delivered_and_no_other_node_ca
         "the stream ends with an error event: {text}"
     );
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let report = cluster.client().ledger_verify().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+}
+
+#[tokio::test]
+async fn a_node_whose_model_server_dies_before_the_first_token_is_replaced_and_billed_once() {
+    let model = ai::chat_model().unwrap();
+    let mut dying = LlamaServer::start(&model, "smollm2", &[]).unwrap();
+    let healthy = LlamaServer::start(&model, "smollm2", &[]).unwrap();
+    // Node 0 checks its server rarely: it still offers the model after the server died.
+    let (cluster, base) = ai_network_of(vec![
+        openai_config(&dying, 600_000),
+        openai_config(&healthy, 2_000),
+    ])
+    .await;
+    cluster.funded_account("alice", USD).await.unwrap();
+    let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
+    let key = key(&alice, None, None).await;
+    dying.kill();
+
+    // Equal nodes take turns: within two requests one lands on node 0 first.
+    let mut moved = None;
+    for _ in 0..2 {
+        let (status, body) = post(
+            format!("{base}/chat/completions"),
+            key.clone(),
+            serde_json::json!({"model": "smollm2-135m", "max_tokens": 8, "temperature": 0,
+                               "messages": [{"role": "user", "content": "Which city is the capital of France?"}]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let job_id = body["id"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("chatcmpl-")
+            .unwrap()
+            .to_owned();
+        let job = cluster
+            .wait_for_end(&job_id, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        assert_eq!(
+            job.node_id.as_deref(),
+            Some("node-1"),
+            "served by the live node: {job:?}"
+        );
+        check_money(&cluster, body["id"].as_str().unwrap(), &body["usage"]).await;
+        if job.attempt == 2 {
+            moved = Some(job);
+        }
+    }
+    let moved = moved.expect("one request was first given to the node whose server died");
+    // Billed once: the failed attempt paid nothing (one settlement, to node 1's provider).
+    let statement = cluster
+        .client()
+        .account_statement("provider-0", Some(50))
+        .await;
+    assert!(
+        statement.map_or(true, |s| s.lines.is_empty()),
+        "node 0 was paid for an answer it never gave"
+    );
+    assert!(moved.cost_micros.unwrap() > 0);
     let report = cluster.client().ledger_verify().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
 }

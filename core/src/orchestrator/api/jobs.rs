@@ -75,7 +75,7 @@ impl Orchestrator {
                 // Fast path: with nobody queued ahead, place the job in the same operation (and
                 // commit) that accepted it, instead of waiting for a dispatch pass.
                 let placed = if created && !store.pending_other_than(&id)? {
-                    this.place(store, &id, &spec, max_cost)
+                    this.place(store, &id, &spec, max_cost, false)
                 } else {
                     None
                 };

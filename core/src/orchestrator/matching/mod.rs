@@ -604,6 +604,17 @@ impl Registry {
 
     /// The best node with room for the job now, if any.
     pub fn pick(&mut self, spec: &JobSpec, max_cost_micros: i64) -> Option<&NodeEntry> {
+        self.pick_avoiding(spec, max_cost_micros, &[])
+    }
+
+    /// [`Registry::pick`], passing over the nodes in `avoid` (where an earlier attempt of the
+    /// job failed or was lost) while any other node can take it: a requeued job goes elsewhere.
+    pub fn pick_avoiding(
+        &mut self,
+        spec: &JobSpec,
+        max_cost_micros: i64,
+        avoid: &[String],
+    ) -> Option<&NodeEntry> {
         // The job against each class once, then each live node's free capacity.
         let mut verdicts = vec![Verdict::Unchecked; self.classes.len()];
         let mut candidates: Vec<(&NodeEntry, i64, f64)> = Vec::new();
@@ -634,6 +645,13 @@ impl Registry {
             {
                 candidates.push((node, estimate, tier));
             }
+        }
+        if !avoid.is_empty()
+            && candidates
+                .iter()
+                .any(|(node, _, _)| !avoid.contains(&node.registration.node_id))
+        {
+            candidates.retain(|(node, _, _)| !avoid.contains(&node.registration.node_id));
         }
         let cheapest = candidates.iter().map(|(_, estimate, _)| *estimate).min()?;
         let w = self.weights;

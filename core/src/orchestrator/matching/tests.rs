@@ -452,3 +452,92 @@ fn artifact_sources_are_compared_as_parsed_urls_not_string_prefixes() {
         "https://registry.example.com/a"
     ));
 }
+
+#[test]
+fn a_requeued_job_goes_to_a_node_it_has_not_failed_on_while_one_can_take_it() {
+    let mut registry = Registry::new(MatchingWeights::default());
+    registry.upsert(node("cheap", 1, 0, 4, 4096, 2, &[]));
+    registry.upsert(node("dear", 5, 0, 4, 4096, 2, &[]));
+    let job = spec(1, 128, 0, 0, &[]);
+    let pick = |r: &mut Registry, avoid: &[String]| {
+        r.pick_avoiding(&job, 100_000, avoid)
+            .map(|n| n.registration.node_id.clone())
+    };
+    assert_eq!(pick(&mut registry, &[]).as_deref(), Some("cheap"));
+    assert_eq!(
+        pick(&mut registry, &["cheap".into()]).as_deref(),
+        Some("dear")
+    );
+    // Only nodes it failed on: one of them rather than none.
+    assert_eq!(
+        pick(&mut registry, &["cheap".into(), "dear".into()]).as_deref(),
+        Some("cheap")
+    );
+}
+
+#[test]
+fn inference_jobs_go_to_nodes_serving_their_model_warm_first_at_the_models_price() {
+    use rhizos_broker::wire::{ModelOffer, Workload};
+    let offer = |name: &str, warm: bool, output: u64| ModelOffer {
+        backend: "openai".into(),
+        service: "chat".into(),
+        name: name.into(),
+        context_length: 1024,
+        warm,
+        input_million_micros: 1_000_000,
+        output_million_micros: output,
+    };
+    let mut registry = Registry::new(MatchingWeights::default());
+    let mut cold = node("cold", 1, 0, 4, 4096, 2, &[]);
+    cold.backends = vec!["openai".into()];
+    cold.models = vec![offer("m", false, 1_000_000)];
+    let mut warm = node("warm", 1, 0, 4, 4096, 2, &[]);
+    warm.backends = vec!["openai".into()];
+    warm.models = vec![offer("m", true, 2_000_000)];
+    let mut other = node("other", 1, 0, 4, 4096, 2, &[]);
+    other.backends = vec!["openai".into()];
+    other.models = vec![offer("n", true, 1)];
+    registry.upsert(cold.clone());
+    registry.upsert(warm.clone());
+    registry.upsert(other);
+    let job = JobSpec::new(
+        Workload::Inference {
+            service: "chat".into(),
+            model: "m".into(),
+            via: String::new(),
+            request: "{}".into(),
+            max_input_units: 10,
+            max_output_units: 10,
+        },
+        60_000,
+        1,
+    );
+    // 10 in × $1/M + 10 out × $2/M = 30 micros at the warm node: it fits, and warm comes first
+    // though it is dearer.
+    let picked = registry
+        .pick(&job, 30)
+        .map(|n| n.registration.node_id.clone());
+    assert_eq!(picked.as_deref(), Some("warm"));
+    assert_eq!(super::estimate_micros(&job, &warm), 30);
+    let agreed = super::agreed_pricing(&job, &warm);
+    assert_eq!(
+        (agreed.cpu_hour_cents, agreed.output_million_micros),
+        (0, 2_000_000)
+    );
+    // 29 micros: only the cold node's price fits.
+    let picked = registry
+        .pick(&job, 29)
+        .map(|n| n.registration.node_id.clone());
+    assert_eq!(picked.as_deref(), Some("cold"));
+    // A model nobody serves: refused, saying so per node.
+    let mut unknown = job.clone();
+    if let Workload::Inference { model, .. } = &mut unknown.workload {
+        *model = "z".into();
+    }
+    let err = registry.feasibility(&unknown, 1_000).unwrap_err();
+    assert!(
+        err.message.contains("does not serve z for chat"),
+        "{}",
+        err.message
+    );
+}

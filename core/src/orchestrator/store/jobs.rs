@@ -193,6 +193,18 @@ impl Store {
     }
 
     /// Pending jobs, oldest first.
+    /// The nodes earlier attempts of `job_id` ended on (it was requeued from them). Empty for
+    /// a job that never ran: one indexed lookup.
+    pub fn tried_nodes(&self, job_id: &str) -> Result<Vec<String>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT DISTINCT node_id FROM attempts WHERE job_id = ?1")?;
+        let nodes = statement
+            .query_map([job_id], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(nodes)
+    }
+
     pub fn pending_jobs(&mut self, limit: usize) -> Result<Vec<PendingJob>, StoreError> {
         let mut statement = self.conn.prepare_cached(
             "SELECT id, max_cost_micros, attempt, updated_ms, account_id FROM jobs WHERE state = 'pending'
