@@ -130,6 +130,7 @@ impl Orchestrator {
         let refused = match result {
             Ok(Ok(Ack { accepted: true, .. })) => {
                 tracing::debug!(%job_id, %node_id, attempt, "assignment acknowledged");
+                self.registry().accepted(&node_id);
                 return;
             }
             Ok(Ok(Ack { note, .. })) => format!(
@@ -143,7 +144,11 @@ impl Orchestrator {
             ),
         };
         tracing::warn!(%job_id, attempt, "{refused}; back to pending");
-        self.registry().release(&node_id, &assign.spec);
+        {
+            let mut registry = self.registry();
+            registry.release(&node_id, &assign.spec);
+            registry.refused(&node_id);
+        }
         let (id, node) = (job_id.clone(), node_id.clone());
         if let Err(e) = self
             .db(move |store| store.unassign(&id, &node, attempt, &refused))

@@ -104,6 +104,10 @@ pub struct NodeEntry {
     pub gpu_telemetry: Vec<rhizos_broker::wire::GpuTelemetry>,
     /// The node's class (see the module docs): an index into the registry's classes.
     class: usize,
+    /// Assignments it refused (or did not acknowledge) in a row, and until when it is passed
+    /// over for that: a node that takes nothing is not offered the same job in a tight loop.
+    refusals: u32,
+    cool_until: Option<Instant>,
 }
 
 impl NodeEntry {
@@ -430,8 +434,32 @@ impl Registry {
                 reputation,
                 gpu_telemetry: Vec::new(),
                 class,
+                refusals: 0,
+                cool_until: None,
             },
         );
+    }
+
+    /// `node_id` refused an assignment (or did not acknowledge it): passed over for 100 ms,
+    /// doubling with each refusal in a row up to 30 s, until it takes one or registers again.
+    pub fn refused(&mut self, node_id: &str) {
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.refusals = node.refusals.saturating_add(1);
+            let pause = Duration::from_millis(100)
+                .saturating_mul(1 << node.refusals.min(9).saturating_sub(1))
+                .min(Duration::from_secs(30));
+            node.cool_until = Some(Instant::now() + pause);
+        }
+    }
+
+    /// `node_id` took an assignment: no longer passed over.
+    pub fn accepted(&mut self, node_id: &str) {
+        if let Some(node) = self.nodes.get_mut(node_id)
+            && node.refusals > 0
+        {
+            node.refusals = 0;
+            node.cool_until = None;
+        }
     }
 
     /// The class index of `registration`, adding a class if it is new. Classes that no node
@@ -618,7 +646,12 @@ impl Registry {
         // The job against each class once, then each live node's free capacity.
         let mut verdicts = vec![Verdict::Unchecked; self.classes.len()];
         let mut candidates: Vec<(&NodeEntry, i64, f64)> = Vec::new();
-        for node in self.nodes.values().filter(|n| !n.lost) {
+        let now = Instant::now();
+        for node in self
+            .nodes
+            .values()
+            .filter(|n| !n.lost && n.cool_until.is_none_or(|until| until <= now))
+        {
             let verdict = match verdicts.get(node.class).copied() {
                 Some(Verdict::Unchecked) | None => {
                     let verdict = match check(spec, max_cost_micros, &node.registration) {

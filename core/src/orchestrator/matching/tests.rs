@@ -541,3 +541,41 @@ fn inference_jobs_go_to_nodes_serving_their_model_warm_first_at_the_models_price
         err.message
     );
 }
+
+#[test]
+fn a_node_that_refuses_an_assignment_is_passed_over_for_a_while() {
+    let mut registry = Registry::new(MatchingWeights::default());
+    registry.upsert(node("picky", 1, 0, 4, 4096, 2, &[]));
+    let job = spec(1, 128, 0, 0, &[]);
+    let picked = |r: &mut Registry| {
+        r.pick(&job, 100_000)
+            .map(|n| n.registration.node_id.clone())
+    };
+    assert_eq!(picked(&mut registry).as_deref(), Some("picky"));
+    registry.refused("picky");
+    assert_eq!(
+        picked(&mut registry),
+        None,
+        "not offered the job again at once"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    assert_eq!(
+        picked(&mut registry).as_deref(),
+        Some("picky"),
+        "after its pause"
+    );
+    registry.refused("picky");
+    registry.refused("picky");
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    assert_eq!(
+        picked(&mut registry),
+        None,
+        "the pause grows with refusals in a row"
+    );
+    registry.accepted("picky");
+    assert_eq!(picked(&mut registry).as_deref(), Some("picky"));
+    // A new registration starts afresh too.
+    registry.refused("picky");
+    registry.upsert(node("picky", 1, 0, 4, 4096, 2, &[]));
+    assert_eq!(picked(&mut registry).as_deref(), Some("picky"));
+}
