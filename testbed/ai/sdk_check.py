@@ -59,6 +59,22 @@ out["stream"] = {
     "usage_chunk_has_no_choices": bool(usage_chunks) and usage_chunks[-1].choices == [],
 }
 
+# Embeddings: float, base64 (the SDK asks for base64 by default and decodes it), dimensions.
+texts = ["The capital of France is Paris.", "Bananas are yellow."]
+as_float = client.embeddings.create(model=model + "-embed", input=texts, encoding_format="float")
+as_b64 = client.embeddings.create(model=model + "-embed", input=texts)
+cut = client.embeddings.create(model=model + "-embed", input=texts[0], dimensions=64, encoding_format="float")
+out["embeddings"] = {
+    "id": getattr(as_float, "id", None),
+    "count": len(as_float.data),
+    "dims": len(as_float.data[0].embedding),
+    "base64_matches_float": all(
+        max(abs(a - b) for a, b in zip(f.embedding, g.embedding)) < 1e-6
+        for f, g in zip(as_float.data, as_b64.data)),
+    "dimensions_64": len(cut.data[0].embedding),
+    "prompt_tokens": as_float.usage.prompt_tokens,
+}
+
 
 def error_of(call):
     try:

@@ -820,7 +820,7 @@ pub async fn embeddings(
             json: false,
             dimensions,
         };
-        let (_job_id, mut events) = gw.start(&key, digest, ai, "embeddings").await?;
+        let (job_id, mut events) = gw.start(&key, digest, ai, "embeddings").await?;
         let mut vectors = Vec::new();
         while let Some(event) = events.recv().await {
             match event {
@@ -844,6 +844,8 @@ pub async fn embeddings(
                         .collect();
                     return Ok(axum::Json(json!({
                         "object": "list", "data": data, "model": model,
+                        // Not in OpenAI's shape, which has no id: for /v1/generation.
+                        "id": format!("{EMBEDDING_ID_PREFIX}{job_id}"),
                         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
                     }))
                     .into_response());

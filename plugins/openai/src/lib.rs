@@ -14,6 +14,8 @@
 //! upstream = "smollm2"                    # the server's name (default: name)
 //! service = "chat"                        # chat | embeddings
 //! context_length = 2048
+//! # base_url = "http://127.0.0.1:8082"    # this model's own server (llama.cpp serves
+//!                                         # embeddings from a second one, in embedding mode)
 //! ```
 //!
 //! The node offers the configured models while the server answers `/v1/models` (a server that
@@ -56,6 +58,9 @@ pub struct ModelConfig {
     pub service: String,
     #[serde(default)]
     pub context_length: u32,
+    /// This model's own server (default: the plugin's `base_url`).
+    #[serde(default)]
+    pub base_url: Option<String>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -78,6 +83,8 @@ const MAX_LINE_BYTES: u64 = 1024 * 1024;
 struct Model {
     config: ModelConfig,
     service: Service,
+    /// Its server (the model's `base_url` or the plugin's), without a trailing `/`.
+    base_url: String,
 }
 
 pub struct OpenAiBackend {
@@ -86,19 +93,14 @@ pub struct OpenAiBackend {
 }
 
 struct Shared {
-    base_url: String,
     api_key: Option<String>,
     timeout: Duration,
     check_every: Duration,
     models: Vec<Model>,
     agent: ureq::Agent,
-    /// When the server last answered `/v1/models` listing every configured model, and what is
-    /// wrong otherwise.
-    health: Mutex<Health>,
-}
-
-struct Health {
-    problem: Option<String>,
+    /// What is wrong with each server (by base URL) as last checked; `None`: it answers
+    /// `/v1/models` and lists what it must.
+    health: Mutex<std::collections::BTreeMap<String, Option<String>>>,
 }
 
 impl OpenAiBackend {
@@ -113,12 +115,17 @@ impl OpenAiBackend {
         let config: Config = serde_json::from_str(config).map_err(|e| {
             format!("openai backend: bad config ({e}); it needs base_url and models")
         })?;
-        let base_url = config.base_url.trim_end_matches('/').to_owned();
-        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(format!(
-                "openai backend: base_url {base_url:?} must be an http:// or https:// URL"
-            ));
-        }
+        let check_url = |url: &str| -> Result<String, String> {
+            let url = url.trim_end_matches('/').to_owned();
+            if url.starts_with("http://") || url.starts_with("https://") {
+                Ok(url)
+            } else {
+                Err(format!(
+                    "openai backend: base_url {url:?} must be an http:// or https:// URL"
+                ))
+            }
+        };
+        let base_url = check_url(&config.base_url)?;
         let mut models = Vec::new();
         for model in config.models {
             if !rhizos_plugin_api::ai::is_model_name(&model.name) {
@@ -136,9 +143,14 @@ impl OpenAiBackend {
                     ));
                 }
             };
+            let base_url = match &model.base_url {
+                Some(url) => check_url(url)?,
+                None => base_url.clone(),
+            };
             models.push(Model {
                 config: model,
                 service,
+                base_url,
             });
         }
         if models.is_empty() {
@@ -151,15 +163,12 @@ impl OpenAiBackend {
             .build()
             .into();
         let inner = Arc::new(Shared {
-            base_url,
             api_key: config.api_key,
             timeout: Duration::from_millis(config.timeout_ms),
             check_every: Duration::from_millis(config.check_ms.max(100)),
             models,
             agent,
-            health: Mutex::new(Health {
-                problem: Some("not checked yet".into()),
-            }),
+            health: Mutex::new(std::collections::BTreeMap::new()),
         });
         // The server is checked now (so the node registers with what answers) and then every
         // check_ms on a thread of its own, which ends with the backend.
@@ -186,42 +195,51 @@ impl OpenAiBackend {
 impl Shared {
     fn post(
         &self,
+        model: &Model,
         path: &str,
         body: &serde_json::Value,
     ) -> Result<ureq::http::Response<ureq::Body>, String> {
         let mut request = self
             .agent
-            .post(format!("{}{path}", self.base_url))
+            .post(format!("{}{path}", model.base_url))
             .header("Content-Type", "application/json");
         if let Some(key) = &self.api_key {
             request = request.header("Authorization", format!("Bearer {key}"));
         }
         request
             .send(body.to_string())
-            .map_err(|e| format!("the model server at {} did not answer: {e}", self.base_url))
+            .map_err(|e| format!("the model server at {} did not answer: {e}", model.base_url))
     }
 
-    /// What is wrong with the server, as the health thread last saw it (`None`: it answers and
-    /// lists what it must). Never blocks on the network.
-    fn problem(&self) -> Option<String> {
+    /// What is wrong with `model`'s server, as the health thread last saw it (`None`: it
+    /// answers and lists what it must). Never blocks on the network.
+    fn problem(&self, model: &Model) -> Option<String> {
         self.health
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .problem
-            .clone()
+            .get(&model.base_url)
+            .cloned()
+            .unwrap_or_else(|| Some("not checked yet".into()))
     }
 
-    /// Probes now and records what it found.
+    /// Probes every server now and records what it found.
     fn check(&self) {
-        let problem = self.probe();
-        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-        health.problem = problem;
+        let mut servers: Vec<&str> = self.models.iter().map(|m| m.base_url.as_str()).collect();
+        servers.sort_unstable();
+        servers.dedup();
+        for base_url in servers {
+            let problem = self.probe(base_url);
+            self.health
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(base_url.to_owned(), problem);
+        }
     }
 
-    fn probe(&self) -> Option<String> {
+    fn probe(&self, base_url: &str) -> Option<String> {
         let mut request = self
             .agent
-            .get(format!("{}/v1/models", self.base_url))
+            .get(format!("{base_url}/v1/models"))
             .config()
             .timeout_global(Some(Duration::from_millis(1_500)))
             .build();
@@ -232,8 +250,7 @@ impl Shared {
             Ok(response) => response,
             Err(e) => {
                 return Some(format!(
-                    "the model server at {} does not answer: {e}",
-                    self.base_url
+                    "the model server at {base_url} does not answer: {e}"
                 ));
             }
         };
@@ -271,7 +288,7 @@ impl Shared {
         // llama.cpp lists the file (or alias) it serves and answers any name: only a server
         // that lists several models is held to listing each configured one.
         if listed.data.len() > 1 {
-            for model in &self.models {
+            for model in self.models.iter().filter(|m| m.base_url == base_url) {
                 let upstream = model
                     .config
                     .upstream
@@ -342,12 +359,10 @@ impl PluginBackend for OpenAiBackend {
         let Some(inner) = &self.inner else {
             return Vec::new();
         };
-        if inner.problem().is_some() {
-            return Vec::new();
-        }
         inner
             .models
             .iter()
+            .filter(|m| inner.problem(m).is_none())
             .map(|m| ModelInfo {
                 service: m.service.as_str().into(),
                 name: m.config.name.as_str().into(),
@@ -504,7 +519,7 @@ fn chat(
         .upstream
         .as_deref()
         .unwrap_or(&model.config.name);
-    let response = match inner.post("/v1/chat/completions", &chat_body(upstream, request)) {
+    let response = match inner.post(model, "/v1/chat/completions", &chat_body(upstream, request)) {
         Ok(response) => response,
         Err(message) => return Ended::Failed(message),
     };
@@ -621,7 +636,7 @@ fn embed(inner: &Shared, request: &AiRequest, sink: &EventSinkBox) -> Ended {
     if let Some(d) = request.dimensions {
         body["dimensions"] = d.into();
     }
-    let response = match inner.post("/v1/embeddings", &body) {
+    let response = match inner.post(model, "/v1/embeddings", &body) {
         Ok(response) => response,
         Err(message) => return Ended::Failed(message),
     };

@@ -132,7 +132,18 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
             .try_init();
     }
     let llama = LlamaServer::start(&ai::chat_model().unwrap(), "smollm2", &[]).unwrap();
-    let (cluster, base) = ai_network(&llama).await;
+    // Embeddings from a second server in embedding mode (mean pooling), as llama.cpp needs.
+    let embedder =
+        LlamaServer::start(&ai::chat_model().unwrap(), "smollm2", &["--embedding"]).unwrap();
+    let mut config = openai_config(&llama, 2_000);
+    config.get_mut("openai").unwrap()["models"]
+        .as_array_mut()
+        .unwrap()
+        .push(
+            serde_json::json!({"name": "smollm2-135m-embed", "upstream": "smollm2",
+            "service": "embeddings", "base_url": embedder.base_url()}),
+        );
+    let (cluster, base) = ai_network_of(vec![config]).await;
     cluster.funded_account("alice", USD).await.unwrap();
     let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
     let (good, quota, rate) = (
@@ -154,7 +165,10 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
     );
     let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
 
-    assert_eq!(seen["models"], serde_json::json!(["smollm2-135m"]));
+    assert_eq!(
+        seen["models"],
+        serde_json::json!(["smollm2-135m", "smollm2-135m-embed"])
+    );
     assert_eq!(seen["model"], "smollm2-135m");
     // A real model's real answer.
     let chat = &seen["chat"];
@@ -184,6 +198,27 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
     );
     check_money(&cluster, stream["id"].as_str().unwrap(), &stream["usage"]).await;
 
+    // Embeddings, as floats and as base64 (the SDK's default, decoded by the SDK).
+    let embeddings = &seen["embeddings"];
+    assert_eq!(embeddings["count"], 2, "{embeddings}");
+    assert_eq!(embeddings["dims"], 576, "{embeddings}");
+    assert_eq!(embeddings["base64_matches_float"], true, "{embeddings}");
+    assert_eq!(embeddings["dimensions_64"], 64, "{embeddings}");
+    let job_id = embeddings["id"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("embd-")
+        .unwrap();
+    let job = cluster
+        .wait_for_end(job_id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let billed = job.billed_usage.unwrap();
+    assert_eq!(embeddings["prompt_tokens"], billed.input_units, "{job:?}");
+    assert!(billed.input_units > 0);
+    assert_eq!(billed.output_units, 0);
+    assert_eq!(job.cost_micros, Some(billed.input_units as i64 * IN_MICROS));
+
     // Errors in OpenAI's shape, with the statuses the SDK acts on.
     assert_eq!(seen["bad_key"]["status"], 401, "{}", seen["bad_key"]);
     assert_eq!(seen["bad_key"]["code"], "invalid_api_key");
@@ -204,14 +239,14 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
             .is_some_and(|s| s.parse::<u64>().unwrap() >= 1)
     );
 
-    // The refused requests held nothing: only the four served ones were ever charged, and
-    // the ledger agrees with itself.
+    // The refused requests held nothing: only the served ones (two chats, three embeddings, two
+    // chats within the rate limit) were ever charged, and the ledger agrees with itself.
     let jobs = cluster
         .client()
         .job_list(Some("alice"), None, None)
         .await
         .unwrap();
-    assert_eq!(jobs.jobs.len(), 4, "{:?}", jobs.jobs);
+    assert_eq!(jobs.jobs.len(), 7, "{:?}", jobs.jobs);
     let report = cluster.client().ledger_verify().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
 }
