@@ -34,12 +34,6 @@ fn openai_config(
     config
 }
 
-/// A secure network whose one node serves `smollm2-135m` through the `openai` plugin from
-/// `llama`, and a gateway on a free port.
-async fn ai_network(llama: &LlamaServer) -> (Cluster, String) {
-    ai_network_of(vec![openai_config(llama, 2_000)]).await
-}
-
 /// A secure network of one node per plugin config, and a gateway on a free port.
 async fn ai_network_of(
     configs: Vec<std::collections::BTreeMap<String, serde_json::Value>>,
