@@ -95,6 +95,15 @@ pub struct AiRequest {
     /// Embeddings: output dimensions, where the model allows fewer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dimensions: Option<u32>,
+    /// Speech: the voice (OpenAI's names — alloy, echo, … — or the backend's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voice: Option<String>,
+    /// Speech: 0.25–4.0, 1 is normal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speed: Option<f64>,
+    /// Speech: `wav` or `pcm` (16-bit little-endian mono at the backend's rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 /// One piece of a response, in order. A chat answer is many content chunks and a last one with
@@ -110,6 +119,9 @@ pub struct Chunk {
     /// Embedding vectors, one per input, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub embeddings: Vec<Vec<f32>>,
+    /// Speech: the next piece of the audio file, base64.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub audio_b64: String,
 }
 
 #[cfg(test)]

@@ -75,6 +75,30 @@ out["embeddings"] = {
     "prompt_tokens": as_float.usage.prompt_tokens,
 }
 
+# Speech: a real WAV from espeak-ng on the node.
+raw = client.audio.speech.with_raw_response.create(
+    model="espeak", voice="alloy", input="Hello from the RhizOS network.", response_format="wav")
+audio = raw.content
+import io
+import struct
+import wave
+with wave.open(io.BytesIO(audio)) as w:
+    frames = w.readframes(w.getnframes())
+    samples = struct.unpack("<%dh" % (len(frames) // 2), frames)
+    out["speech"] = {
+        "id": raw.headers.get("x-request-id"),
+        "content_type": raw.headers.get("content-type"),
+        "riff": audio[:4] == b"RIFF" and audio[8:12] == b"WAVE",
+        "rate": w.getframerate(),
+        "channels": w.getnchannels(),
+        "seconds": w.getnframes() / w.getframerate(),
+        "rms": (sum(x * x for x in samples) / max(1, len(samples))) ** 0.5,
+        "chars": len("Hello from the RhizOS network."),
+    }
+pcm = client.audio.speech.create(model="espeak", voice="echo", input="Hi.", response_format="pcm").read()
+out["speech"]["pcm_bytes"] = len(pcm)
+out["speech"]["pcm_is_headerless"] = pcm[:4] != b"RIFF"
+
 
 def error_of(call):
     try:

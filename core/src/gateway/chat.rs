@@ -28,12 +28,14 @@ use tokio::sync::mpsc;
 /// Prefix of a chat response id; the rest is the job id.
 const CHAT_ID_PREFIX: &str = "chatcmpl-";
 const EMBEDDING_ID_PREFIX: &str = "embd-";
+const SPEECH_ID_PREFIX: &str = "speech-";
 
 /// The job id inside a response id this gateway gave out.
 pub fn job_of_response_id(id: &str) -> Option<&str> {
     let job = id
         .strip_prefix(CHAT_ID_PREFIX)
-        .or_else(|| id.strip_prefix(EMBEDDING_ID_PREFIX))?;
+        .or_else(|| id.strip_prefix(EMBEDDING_ID_PREFIX))
+        .or_else(|| id.strip_prefix(SPEECH_ID_PREFIX))?;
     rhizos_broker::validate_token("job id", job).ok()?;
     Some(job)
 }
@@ -257,6 +259,9 @@ pub fn parse_chat(
             seed,
             json,
             dimensions: None,
+            voice: None,
+            speed: None,
+            format: None,
         },
         stream,
         include_usage,
@@ -269,6 +274,8 @@ enum Event {
     Delta(String),
     /// Embeddings, one per input.
     Vectors(Vec<Vec<f32>>),
+    /// The next piece of an audio file.
+    Audio(Vec<u8>),
     /// The answer is complete.
     Finish {
         reason: String,
@@ -289,6 +296,8 @@ struct Relay {
     source: Option<(String, u32)>,
     delivered: u64,
     finish_reason: Option<String>,
+    /// Input units the gateway counts itself (speech: characters), for its witness.
+    counted_input: Option<u64>,
 }
 
 impl Gateway {
@@ -306,6 +315,13 @@ impl Gateway {
         let model = self.model_for(&ai).await?;
         let max_input = match ai.service {
             Service::Chat => prompt_bound(&ai.messages),
+            // Characters, counted here exactly (the witness says so too).
+            Service::Speech => ai
+                .input
+                .iter()
+                .map(|t| t.chars().count() as u64)
+                .sum::<u64>()
+                .max(1),
             _ => ai
                 .input
                 .iter()
@@ -313,6 +329,18 @@ impl Gateway {
                 .sum::<u64>()
                 .max(1),
         };
+        if ai.service == Service::Speech
+            && model.context_length > 0
+            && max_input > u64::from(model.context_length)
+        {
+            return Err(ApiError::invalid(
+                "input",
+                format!(
+                    "input is {max_input} characters; {} takes at most {}",
+                    ai.model, model.context_length
+                ),
+            ));
+        }
         let max_output = u64::from(ai.max_tokens.unwrap_or(0));
         if model.context_length > 0
             && ai.service == Service::Chat
@@ -351,6 +379,7 @@ impl Gateway {
             .await
             .map_err(|e| ApiError::unavailable(format!("The network did not answer: {e}")))?;
         let request = serde_json::to_string(&ai).map_err(|e| ApiError::internal(e.to_string()))?;
+        let ai_service = ai.service;
         let mut spec = JobSpec::new(
             Workload::Inference {
                 service: ai.service.as_str().into(),
@@ -405,6 +434,7 @@ impl Gateway {
             source: None,
             delivered: 0,
             finish_reason: None,
+            counted_input: (ai_service == Service::Speech).then_some(max_input),
         };
         let key = key.clone();
         tokio::spawn(relay.run(stream, sender, key));
@@ -545,7 +575,13 @@ impl Relay {
                 .gw
                 .inner
                 .client
-                .job_witness(&self.job_id, &node, attempt, None, self.delivered)
+                .job_witness(
+                    &self.job_id,
+                    &node,
+                    attempt,
+                    self.counted_input,
+                    self.delivered,
+                )
                 .await;
             if let Err(e) = &witnessed {
                 tracing::warn!(job_id = %self.job_id, error = %e, "witness not recorded");
@@ -569,6 +605,14 @@ impl Relay {
         if !chunk.embeddings.is_empty() {
             self.delivered += 1;
             if events.send(Event::Vectors(chunk.embeddings)).await.is_err() {
+                return Step::Done(Err(ApiError::bad_body("the client went away")));
+            }
+        }
+        if !chunk.audio_b64.is_empty() {
+            let Ok(audio) = wire::b64_decode("audio_b64", &chunk.audio_b64) else {
+                return Step::More;
+            };
+            if events.send(Event::Audio(audio)).await.is_err() {
                 return Step::Done(Err(ApiError::bad_body("the client went away")));
             }
         }
@@ -696,7 +740,7 @@ fn stream_chat(
             let make = chunk.as_ref()?;
             let (bytes, done) = match events.recv().await {
                 Some(Event::Delta(text)) => (sse(&make(json!({"content": text}), None)), false),
-                Some(Event::Vectors(_)) => (bytes::Bytes::new(), false),
+                Some(Event::Vectors(_) | Event::Audio(_)) => (bytes::Bytes::new(), false),
                 Some(Event::Finish {
                     reason,
                     prompt_tokens,
@@ -743,7 +787,7 @@ async fn whole_chat(
     while let Some(event) = events.recv().await {
         match event {
             Event::Delta(text) => content.push_str(&text),
-            Event::Vectors(_) => {}
+            Event::Vectors(_) | Event::Audio(_) => {}
             Event::Failed(e) => return Err(e),
             Event::Finish {
                 reason,
@@ -819,13 +863,16 @@ pub async fn embeddings(
             seed: None,
             json: false,
             dimensions,
+            voice: None,
+            speed: None,
+            format: None,
         };
         let (job_id, mut events) = gw.start(&key, digest, ai, "embeddings").await?;
         let mut vectors = Vec::new();
         while let Some(event) = events.recv().await {
             match event {
                 Event::Vectors(v) => vectors = v,
-                Event::Delta(_) => {}
+                Event::Delta(_) | Event::Audio(_) => {}
                 Event::Failed(e) => return Err(e),
                 Event::Finish { prompt_tokens, .. } => {
                     let data: Vec<Value> = vectors
@@ -853,6 +900,90 @@ pub async fn embeddings(
             }
         }
         Err(ApiError::upstream("the answer ended early"))
+    }
+    .await;
+    match result {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/audio/speech`: `model`, `input` (text), `voice`, `response_format` `wav` (the
+/// default here: nodes have no mp3 encoder) or `pcm`, `speed` 0.25–4. Billed per character.
+pub async fn speech(State(gw): State<Gateway>, headers: HeaderMap, body: bytes::Bytes) -> Response {
+    let result = async {
+        let (key, digest) = gw.authenticate(&headers).await?;
+        let body = parse_body(&body)?;
+        let model = model_name(&body)?;
+        let input = match body.get("input") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => {
+                return Err(ApiError::invalid(
+                    "input",
+                    "'input' must be a non-empty string",
+                ));
+            }
+        };
+        let voice = match body.get("voice") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(v)) => Some(v.clone()),
+            Some(_) => return Err(ApiError::invalid("voice", "'voice' must be a string")),
+        };
+        let format = match body.get("response_format").and_then(Value::as_str) {
+            None | Some("wav") => "wav",
+            Some("pcm") => "pcm",
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    format!(
+                        "response_format {other:?}: nodes make wav and pcm (16-bit mono, 22,050 Hz)"
+                    ),
+                ));
+            }
+        };
+        let speed = number(&body, "speed", 0.25, 4.0)?;
+        let ai = AiRequest {
+            service: Service::Speech,
+            model,
+            messages: Vec::new(),
+            input: vec![input],
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            stop: Vec::new(),
+            seed: None,
+            json: false,
+            dimensions: None,
+            voice,
+            speed,
+            format: Some(format.to_owned()),
+        };
+        let (job_id, mut events) = gw.start(&key, digest, ai, "speech").await?;
+        let mut audio = Vec::new();
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Audio(piece) => audio.extend_from_slice(&piece),
+                Event::Delta(_) | Event::Vectors(_) => {}
+                Event::Failed(e) => return Err(e),
+                Event::Finish { .. } => {
+                    let mut response = Body::from(audio).into_response();
+                    let headers = response.headers_mut();
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static(if format == "wav" {
+                            "audio/wav"
+                        } else {
+                            "audio/pcm"
+                        }),
+                    );
+                    if let Ok(id) = HeaderValue::from_str(&format!("{SPEECH_ID_PREFIX}{job_id}")) {
+                        headers.insert("x-request-id", id);
+                    }
+                    return Ok(response);
+                }
+            }
+        }
+        Err(ApiError::upstream("the audio ended early"))
     }
     .await;
     match result {

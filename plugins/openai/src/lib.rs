@@ -763,6 +763,9 @@ mod tests {
             seed: Some(42),
             json: true,
             dimensions: None,
+            voice: None,
+            speed: None,
+            format: None,
         };
         let body = chat_body("up", &request);
         assert_eq!(body["model"], "up");

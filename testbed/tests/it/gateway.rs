@@ -41,7 +41,10 @@ async fn ai_network_of(
     let cluster = Cluster::start(ClusterOptions {
         agents: configs.len(),
         secure: true,
-        plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_openai").unwrap()],
+        plugin_files: vec![
+            rhizos_testbed::plugin_file("rhizos_plugin_openai").unwrap(),
+            rhizos_testbed::plugin_file("rhizos_plugin_tts").unwrap(),
+        ],
         plugin_config_per_agent: configs,
         heartbeat_interval_ms: 300,
         ..ClusterOptions::default()
@@ -161,7 +164,7 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
 
     assert_eq!(
         seen["models"],
-        serde_json::json!(["smollm2-135m", "smollm2-135m-embed"])
+        serde_json::json!(["espeak", "smollm2-135m", "smollm2-135m-embed"])
     );
     assert_eq!(seen["model"], "smollm2-135m");
     // A real model's real answer.
@@ -213,6 +216,33 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
     assert_eq!(billed.output_units, 0);
     assert_eq!(job.cost_micros, Some(billed.input_units as i64 * IN_MICROS));
 
+    // Speech: a real WAV (espeak-ng on the node), not silent, billed per character.
+    let speech = &seen["speech"];
+    assert_eq!(speech["riff"], true, "{speech}");
+    assert_eq!(speech["content_type"], "audio/wav");
+    assert_eq!(speech["rate"], 22_050);
+    assert_eq!(speech["channels"], 1);
+    assert!(speech["seconds"].as_f64().unwrap() > 1.0, "{speech}");
+    assert!(speech["rms"].as_f64().unwrap() > 100.0, "silent: {speech}");
+    assert_eq!(speech["pcm_is_headerless"], true);
+    assert!(speech["pcm_bytes"].as_u64().unwrap() > 10_000, "{speech}");
+    let job_id = speech["id"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("speech-")
+        .unwrap();
+    let job = cluster
+        .wait_for_end(job_id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let chars = speech["chars"].as_u64().unwrap();
+    assert_eq!(
+        job.billed_usage.map(|u| u.input_units),
+        Some(chars),
+        "{job:?}"
+    );
+    assert_eq!(job.cost_micros, Some(chars as i64 * IN_MICROS));
+
     // Errors in OpenAI's shape, with the statuses the SDK acts on.
     assert_eq!(seen["bad_key"]["status"], 401, "{}", seen["bad_key"]);
     assert_eq!(seen["bad_key"]["code"], "invalid_api_key");
@@ -234,13 +264,13 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
     );
 
     // The refused requests held nothing: only the served ones (two chats, three embeddings, two
-    // chats within the rate limit) were ever charged, and the ledger agrees with itself.
+    // speeches, two chats within the rate limit) were ever charged, and the ledger agrees.
     let jobs = cluster
         .client()
         .job_list(Some("alice"), None, None)
         .await
         .unwrap();
-    assert_eq!(jobs.jobs.len(), 7, "{:?}", jobs.jobs);
+    assert_eq!(jobs.jobs.len(), 9, "{:?}", jobs.jobs);
     let report = cluster.client().ledger_verify().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
 }
