@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod doubles;
 pub mod guests;
 pub mod images;
+pub mod mock_openai;
 pub mod registry_server;
 pub mod sim;
 

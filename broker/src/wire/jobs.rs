@@ -199,6 +199,12 @@ pub struct SubmitJob {
 pub struct SubmitJobReply {
     pub job_id: String,
     pub state: JobState,
+    /// The node and attempt, when the job was assigned in the submit itself (nothing queued
+    /// ahead): a gateway takes that node's stream without asking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// `job.get` request.

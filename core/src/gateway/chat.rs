@@ -394,6 +394,8 @@ impl Gateway {
         );
         // A node failing before its first chunk is replaced; once is usually enough.
         spec.max_retries = 2;
+        // The node's model server has its own concurrency; the node's max_concurrent bounds it.
+        spec.cpu_cores = 0;
         let submitted = self
             .inner
             .client
@@ -406,7 +408,7 @@ impl Gateway {
                 api_key_sha256: Some(digest),
             })
             .await;
-        if let Err(e) = submitted {
+        if let Err(e) = &submitted {
             let message = e
                 .remote()
                 .map(|r| r.message.clone())
@@ -421,7 +423,7 @@ impl Gateway {
                 }
                 Some(ErrorCode::BadRequest) => ApiError::bad_body(message),
                 Some(ErrorCode::Forbidden) => ApiError::not_allowed(message),
-                _ => bus_error(&e),
+                _ => bus_error(e),
             });
         }
         tracing::debug!(%job_id, model = %ai.model, hold, "request submitted");
@@ -431,7 +433,11 @@ impl Gateway {
             job_id: job_id.clone(),
             max_input,
             max_output,
-            source: None,
+            // Assigned in the submit: that node's stream is the job's (no job.get on the way
+            // to the first token).
+            source: submitted
+                .ok()
+                .and_then(|reply| reply.node_id.zip(reply.attempt)),
             delivered: 0,
             finish_reason: None,
             counted_input: (ai_service == Service::Speech).then_some(max_input),

@@ -224,9 +224,12 @@ fn validate_resources(spec: &JobSpec) -> Result<(), WireError> {
             spec.max_retries
         )));
     }
-    if spec.cpu_cores == 0 || spec.cpu_cores > MAX_CPU_CORES {
+    // An inference job runs on the node's model server, which has its own concurrency: it
+    // takes no cores of the node's (the node's max_concurrent bounds how many run at once).
+    let min_cores = u32::from(!matches!(spec.workload, Workload::Inference { .. }));
+    if spec.cpu_cores < min_cores || spec.cpu_cores > MAX_CPU_CORES {
         return Err(bad(format!(
-            "cpu_cores must be between 1 and {MAX_CPU_CORES}, got {}",
+            "cpu_cores must be between {min_cores} and {MAX_CPU_CORES}, got {}",
             spec.cpu_cores
         )));
     }

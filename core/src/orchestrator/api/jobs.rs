@@ -86,6 +86,9 @@ impl Orchestrator {
             tracing::info!(job_id = %job.job_id, account = %job.account, max_cost_micros = job.max_cost_micros, "job accepted");
         }
         self.inner.outbox_wake.notify_one();
+        let assigned = placed
+            .as_ref()
+            .map(|(node_id, attempt, _)| (node_id.clone(), *attempt));
         match placed {
             Some((node_id, attempt, fuel_limit)) => {
                 job.state = JobState::Assigned;
@@ -103,6 +106,8 @@ impl Orchestrator {
         Ok(SubmitJobReply {
             job_id: job.job_id,
             state: job.state,
+            node_id: assigned.as_ref().map(|(node, _)| node.clone()),
+            attempt: assigned.map(|(_, attempt)| attempt),
         })
     }
 

@@ -18,6 +18,7 @@
 //! figures from a debug build say so and are not comparable.
 
 mod container_overhead;
+mod gateway;
 mod log_flood;
 mod marketplace;
 mod module_resolve;
@@ -117,6 +118,17 @@ enum Bench {
         #[arg(long)]
         stored_log_bytes: Option<u64>,
     },
+    /// What the AI gateway adds to a streamed chat completion: the same requests to a fast
+    /// local mock model server directly and through the whole network (gateway, orchestrator,
+    /// agent, openai plugin), at concurrency 1 and 64: time to the first chunk and the last,
+    /// p50/p99, requests per second.
+    Gateway {
+        #[arg(long, default_value_t = 640)]
+        requests: usize,
+        /// Tokens in each answer.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+    },
     Marketplace {
         #[arg(long, default_value_t = 1_000)]
         nodes: usize,
@@ -144,6 +156,9 @@ async fn main() -> anyhow::Result<()> {
     match cli.bench {
         Bench::SubmitLatency { jobs } => report::print(&submit_latency::run(jobs).await?, json),
         Bench::RoundTrip { requests } => report::print(&round_trip::run(requests).await?, json),
+        Bench::Gateway { requests, tokens } => {
+            report::print(&gateway::run(requests, tokens).await?, json)
+        }
         Bench::PluginCall { calls } => report::print(&plugin_call::plugin_call(calls)?, json),
         // Runs its own runtime inside the backend: off this one's worker threads.
         Bench::WasmInstantiate { iterations } => {
