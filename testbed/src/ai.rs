@@ -98,3 +98,49 @@ impl Drop for LlamaServer {
         self.kill();
     }
 }
+
+/// The Ollama API double (`testbed/ai/ollama_double.py`) in front of a llama.cpp server; killed
+/// on drop. Models in `present` are there from the start; others appear when pulled.
+pub struct OllamaDouble {
+    child: Child,
+    pub port: u16,
+}
+
+impl OllamaDouble {
+    pub fn start(chat: &LlamaServer, present: &[&str]) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let mut command = Command::new(python()?);
+        command
+            .arg(repo_root().join("testbed/ai/ollama_double.py"))
+            .arg(port.to_string())
+            .arg(chat.base_url());
+        if !present.is_empty() {
+            command.arg("--present").args(present);
+        }
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting testbed/ai/ollama_double.py")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if !line.starts_with("ready") {
+            let _ = child.kill();
+            anyhow::bail!("the Ollama double did not start (said {line:?})");
+        }
+        Ok(Self { child, port })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OllamaDouble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -578,3 +578,101 @@ async fn a_node_whose_model_server_dies_before_the_first_token_is_replaced_and_b
     let report = cluster.client().ledger_verify().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
 }
+
+#[tokio::test]
+async fn the_ollama_backend_pulls_its_model_and_serves_it_with_options_where_ollama_wants_them() {
+    let llama = LlamaServer::start(&ai::chat_model().unwrap(), "smollm2", &[]).unwrap();
+    let ollama = ai::OllamaDouble::start(&llama, &[]).unwrap();
+    let mut plugin_config = std::collections::BTreeMap::new();
+    plugin_config.insert(
+        "ollama".to_owned(),
+        serde_json::json!({"base_url": ollama.base_url(), "check_ms": 200,
+            "models": [{"name": "smollm2:135m", "service": "chat", "context_length": 1024}]}),
+    );
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 1,
+        secure: true,
+        plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_ollama").unwrap()],
+        plugin_config,
+        heartbeat_interval_ms: 300,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    // Not present at first: the plugin pulls it, then the node offers it (cold).
+    let client = cluster.client();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    let model = loop {
+        let models = client.model_list().await.unwrap().models;
+        if let Some(m) = models.into_iter().find(|m| m.name == "smollm2:135m") {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "never offered after its pull"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((model.service.as_str(), model.warm_nodes), ("chat", 0));
+    let base = gateway_over_as(&cluster).await;
+    cluster.funded_account("alice", USD).await.unwrap();
+    let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
+    let key = key(&alice, None, None).await;
+
+    let (status, body) = post(
+        format!("{base}/chat/completions"),
+        key.clone(),
+        serde_json::json!({"model": "smollm2:135m", "max_tokens": 8, "temperature": 0, "seed": 4,
+                           "messages": [{"role": "user", "content": "Which city is the capital of France?"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{body}"
+    );
+    // OpenAI's parameters reached Ollama as Ollama wants them.
+    let last: serde_json::Value = tokio::task::spawn_blocking({
+        let url = format!("{}/_double/last_chat", ollama.base_url());
+        move || {
+            ureq::get(&url)
+                .call()
+                .unwrap()
+                .into_body()
+                .read_json()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(last["options"]["num_predict"], 8, "{last}");
+    assert_eq!(last["options"]["temperature"].as_f64(), Some(0.0), "{last}");
+    assert_eq!(last["options"]["seed"], 4, "{last}");
+    assert!(last.get("max_tokens").is_none());
+    // Billed by Ollama's counts, bounded by what the gateway delivered.
+    check_money(&cluster, body["id"].as_str().unwrap(), &body["usage"]).await;
+    // Loaded now: warm once the plugin has seen /api/ps say so.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while client.model_list().await.unwrap().models[0].warm_nodes == 0 {
+        assert!(std::time::Instant::now() < until, "never warm");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A gateway with gateway credentials on a secure cluster.
+async fn gateway_over_as(cluster: &Cluster) -> String {
+    let bus = Bus::connect(&cluster.settings_as(&Caller::gateway("gw")).unwrap())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    let settings = rhizos_broker::config::GatewaySettings {
+        listen: listener.local_addr().unwrap().to_string(),
+        ..Default::default()
+    };
+    tokio::spawn(Gateway::new(bus, settings).serve(listener, std::future::pending()));
+    base
+}
