@@ -29,13 +29,15 @@ use tokio::sync::mpsc;
 const CHAT_ID_PREFIX: &str = "chatcmpl-";
 const EMBEDDING_ID_PREFIX: &str = "embd-";
 const SPEECH_ID_PREFIX: &str = "speech-";
+const SCRAPE_ID_PREFIX: &str = "scrape-";
 
 /// The job id inside a response id this gateway gave out.
 pub fn job_of_response_id(id: &str) -> Option<&str> {
     let job = id
         .strip_prefix(CHAT_ID_PREFIX)
         .or_else(|| id.strip_prefix(EMBEDDING_ID_PREFIX))
-        .or_else(|| id.strip_prefix(SPEECH_ID_PREFIX))?;
+        .or_else(|| id.strip_prefix(SPEECH_ID_PREFIX))
+        .or_else(|| id.strip_prefix(SCRAPE_ID_PREFIX))?;
     rhizos_broker::validate_token("job id", job).ok()?;
     Some(job)
 }
@@ -296,8 +298,10 @@ struct Relay {
     source: Option<(String, u32)>,
     delivered: u64,
     finish_reason: Option<String>,
-    /// Input units the gateway counts itself (speech: characters), for its witness.
+    /// Input units the gateway counts itself (speech: characters; scrape: URLs), for its
+    /// witness.
     counted_input: Option<u64>,
+    service: Service,
 }
 
 impl Gateway {
@@ -322,6 +326,8 @@ impl Gateway {
                 .map(|t| t.chars().count() as u64)
                 .sum::<u64>()
                 .max(1),
+            // URLs asked for; pages fetched are the output.
+            Service::Scrape => ai.input.len() as u64,
             _ => ai
                 .input
                 .iter()
@@ -341,7 +347,10 @@ impl Gateway {
                 ),
             ));
         }
-        let max_output = u64::from(ai.max_tokens.unwrap_or(0));
+        let max_output = match ai.service {
+            Service::Scrape => ai.input.len() as u64,
+            _ => u64::from(ai.max_tokens.unwrap_or(0)),
+        };
         if model.context_length > 0
             && ai.service == Service::Chat
             && max_output > u64::from(model.context_length)
@@ -440,7 +449,9 @@ impl Gateway {
                 .and_then(|reply| reply.node_id.zip(reply.attempt)),
             delivered: 0,
             finish_reason: None,
-            counted_input: (ai_service == Service::Speech).then_some(max_input),
+            counted_input: matches!(ai_service, Service::Speech | Service::Scrape)
+                .then_some(max_input),
+            service: ai_service,
         };
         let key = key.clone();
         tokio::spawn(relay.run(stream, sender, key));
@@ -623,7 +634,14 @@ impl Relay {
             }
         }
         if !chunk.content.is_empty() && self.delivered < self.max_output.max(1) {
-            self.delivered += 1;
+            // A scrape's chunk is one page's result: only a page fetched counts as delivered.
+            self.delivered += match self.service {
+                Service::Scrape => u64::from(
+                    serde_json::from_str::<Value>(&chunk.content)
+                        .is_ok_and(|page| page["ok"] == Value::Bool(true)),
+                ),
+                _ => 1,
+            };
             if events.send(Event::Delta(chunk.content)).await.is_err() {
                 return Step::Done(Err(ApiError::bad_body("the client went away")));
             }
@@ -990,6 +1008,98 @@ pub async fn speech(State(gw): State<Gateway>, headers: HeaderMap, body: bytes::
             }
         }
         Err(ApiError::upstream("the audio ended early"))
+    }
+    .await;
+    match result {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/scrape` (the Cxmpute scrape service): `urls` (1–16 http/https URLs), `format`
+/// `markdown` (default) or `text`, `model` (default `scrape`). One result per URL, in order:
+/// `{url, ok, status?, final_url?, title?, content, error?}`. Billed per URL asked (input) and
+/// per page fetched (output).
+pub async fn scrape(State(gw): State<Gateway>, headers: HeaderMap, body: bytes::Bytes) -> Response {
+    let result = async {
+        let (key, digest) = gw.authenticate(&headers).await?;
+        let body = parse_body(&body)?;
+        let model = match body.get("model") {
+            None | Some(Value::Null) => "scrape".to_owned(),
+            Some(_) => model_name(&body)?,
+        };
+        let urls: Vec<String> = match body.get("urls") {
+            Some(Value::Array(items)) if !items.is_empty() && items.len() <= 16 => items
+                .iter()
+                .map(|v| match v.as_str() {
+                    Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                        Ok(u.to_owned())
+                    }
+                    _ => Err(ApiError::invalid(
+                        "urls",
+                        "each URL must be an http:// or https:// string",
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(ApiError::invalid(
+                    "urls",
+                    "'urls' must be an array of 1 to 16 URLs",
+                ));
+            }
+        };
+        let format = match body.get("format").and_then(Value::as_str) {
+            None | Some("markdown") => "markdown",
+            Some("text") => "text",
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "format",
+                    format!("format {other:?}: markdown or text"),
+                ));
+            }
+        };
+        let ai = AiRequest {
+            service: Service::Scrape,
+            model: model.clone(),
+            messages: Vec::new(),
+            input: urls,
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            stop: Vec::new(),
+            seed: None,
+            json: false,
+            dimensions: None,
+            voice: None,
+            speed: None,
+            format: Some(format.to_owned()),
+        };
+        let (job_id, mut events) = gw.start(&key, digest, ai, "scrape").await?;
+        let mut results = Vec::new();
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Delta(page) => {
+                    results.push(serde_json::from_str::<Value>(&page).unwrap_or(Value::Null));
+                }
+                Event::Vectors(_) | Event::Audio(_) => {}
+                Event::Failed(e) => return Err(e),
+                Event::Finish {
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                } => {
+                    return Ok(axum::Json(json!({
+                        "object": "scrape.result",
+                        "id": format!("{SCRAPE_ID_PREFIX}{job_id}"),
+                        "model": model,
+                        "results": results,
+                        "usage": {"requests": prompt_tokens, "pages": completion_tokens},
+                    }))
+                    .into_response());
+                }
+            }
+        }
+        Err(ApiError::upstream("the results ended early"))
     }
     .await;
     match result {

@@ -6,7 +6,7 @@
 //! units served, bounded by what this gateway witnessed delivering (`job.witness`).
 //!
 //! Routes: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions` (plain and SSE),
-//! `POST /v1/embeddings`, `POST /v1/audio/speech`, `GET /v1/generation?id=` (a request's usage, cost, node, receipt),
+//! `POST /v1/embeddings`, `POST /v1/audio/speech`, `POST /v1/scrape`, `GET /v1/generation?id=` (a request's usage, cost, node, receipt),
 //! `GET /health`. Errors in OpenAI's shape ([`error::ApiError`]).
 //!
 //! It depends on the broker's typed client only — never on orchestrator internals — and runs
@@ -79,9 +79,10 @@ impl Gateway {
             .route("/v1/chat/completions", post(chat::completions))
             .route("/v1/embeddings", post(chat::embeddings))
             .route("/v1/audio/speech", post(chat::speech))
+            .route("/v1/scrape", post(chat::scrape))
             .route("/v1/generation", get(generation))
             .fallback(|| async {
-                ApiError::not_found("no such route: the gateway serves /v1/models, /v1/chat/completions, /v1/embeddings /v1/audio/speech and /v1/generation")
+                ApiError::not_found("no such route: the gateway serves /v1/models, /v1/chat/completions, /v1/embeddings /v1/audio/speech, /v1/scrape and /v1/generation")
             })
             .layer(axum::extract::DefaultBodyLimit::max(
                 self.inner.settings.max_body_bytes,

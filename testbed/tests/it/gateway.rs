@@ -676,3 +676,173 @@ async fn gateway_over_as(cluster: &Cluster) -> String {
     tokio::spawn(Gateway::new(bus, settings).serve(listener, std::future::pending()));
     base
 }
+
+/// A local web server answering every request with `html` (and `/moved` with a redirect to
+/// `/page`), on a free loopback port.
+fn web_page(html: &'static str) -> u16 {
+    use std::io::{BufRead as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            let _ = reader.read_line(&mut request);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let mut stream = stream;
+            let response = if request.contains(" /moved ") {
+                format!(
+                    "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}/page\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                    html.len()
+                )
+            };
+            let _ = stream.write_all(response.as_bytes());
+        }
+    });
+    port
+}
+
+/// A secure one-node network with the scrape plugin (`allow_private` as given) and a gateway.
+async fn scrape_network(allow_private: bool) -> (Cluster, String, String) {
+    let mut plugin_config = std::collections::BTreeMap::new();
+    plugin_config.insert(
+        "scrape".to_owned(),
+        serde_json::json!({"allow_private": allow_private}),
+    );
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 1,
+        secure: true,
+        plugin_files: vec![rhizos_testbed::plugin_file("rhizos_plugin_scrape").unwrap()],
+        plugin_config,
+        heartbeat_interval_ms: 300,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let base = gateway_over_as(&cluster).await;
+    cluster.funded_account("alice", USD).await.unwrap();
+    let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
+    let key = key(&alice, None, None).await;
+    (cluster, base, key)
+}
+
+#[tokio::test]
+async fn scrape_turns_pages_into_markdown_per_page_and_refuses_private_addresses_after_dns() {
+    let port = web_page(
+        "<html><head><title>RhizOS news</title><script>evil()</script></head>\
+         <body><h1>Compute for all</h1><p>Nodes <b>earn</b> per <a href=\"/jobs\">job</a>.</p></body></html>",
+    );
+    // An operator who allows private addresses (a lab): the page comes back as markdown.
+    let (cluster, base, key) = scrape_network(true).await;
+    let (status, body) = post(
+        format!("{base}/scrape"),
+        key.clone(),
+        serde_json::json!({"urls": [format!("http://127.0.0.1:{port}/moved"), "http://127.0.0.1:1/closed"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{body}");
+    assert_eq!(results[0]["ok"], true, "{body}");
+    assert_eq!(results[0]["title"], "RhizOS news");
+    assert_eq!(
+        results[0]["final_url"],
+        format!("http://127.0.0.1:{port}/page")
+    );
+    let markdown = results[0]["content"].as_str().unwrap();
+    assert!(markdown.contains("# Compute for all"), "{markdown}");
+    assert!(
+        markdown.contains("**earn**") && markdown.contains("[job](/jobs)"),
+        "{markdown}"
+    );
+    assert!(
+        !markdown.contains("evil"),
+        "scripts are dropped: {markdown}"
+    );
+    assert_eq!(results[1]["ok"], false);
+    assert!(
+        results[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("fetching failed"),
+        "{body}"
+    );
+    // Billed: 2 URLs asked (input) and 1 page fetched (output), to the micro.
+    let job_id = body["id"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("scrape-")
+        .unwrap();
+    let job = cluster
+        .wait_for_end(job_id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let billed = job.billed_usage.unwrap();
+    assert_eq!((billed.input_units, billed.output_units), (2, 1), "{job:?}");
+    assert_eq!(job.cost_micros, Some(2 * IN_MICROS + OUT_MICROS));
+    assert_eq!(body["usage"]["pages"], 1);
+    // As text: no markup.
+    let (_, text) = post(
+        format!("{base}/scrape"),
+        key,
+        serde_json::json!({"urls": [format!("http://127.0.0.1:{port}/page")], "format": "text"}),
+    )
+    .await;
+    let content = text["results"][0]["content"].as_str().unwrap();
+    assert!(content.contains("Nodes earn per job."), "{content}");
+    drop(cluster);
+
+    // The default: loopback, private and metadata addresses are refused — by address and by a
+    // name that resolves to one — and nothing is fetched or billed as a page.
+    let (cluster, base, key) = scrape_network(false).await;
+    let (status, body) = post(
+        format!("{base}/scrape"),
+        key.clone(),
+        serde_json::json!({"urls": [
+            format!("http://127.0.0.1:{port}/page"),
+            format!("http://localhost:{port}/page"),
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::1]/",
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for result in body["results"].as_array().unwrap() {
+        assert_eq!(result["ok"], false, "{result}");
+        assert!(
+            result["error"]
+                .as_str()
+                .unwrap()
+                .contains("private or reserved address: refused"),
+            "{result}"
+        );
+    }
+    let job_id = body["id"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("scrape-")
+        .unwrap();
+    let job = cluster
+        .wait_for_end(job_id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(job.billed_usage.unwrap().output_units, 0);
+    // Not even asked of a node: another scheme is a bad request.
+    let (status, body) = post(
+        format!("{base}/scrape"),
+        key,
+        serde_json::json!({"urls": ["file:///etc/passwd"]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "urls");
+    let report = cluster.client().ledger_verify().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+}
