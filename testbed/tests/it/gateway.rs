@@ -465,6 +465,16 @@ async fn a_lying_node_bills_only_what_the_gateway_delivered_and_no_other_node_ca
         job.max_cost_micros,
         bound as i64 * IN_MICROS + 10 * OUT_MICROS
     );
+    // Its claim was far beyond what was delivered: counted against it.
+    let outcome: String = rusqlite::Connection::open(cluster.ledger_path())
+        .unwrap()
+        .query_row(
+            "SELECT outcome FROM attempts WHERE job_id = ?1",
+            [&job.job_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(outcome, "overbilled");
 
     // A node that reports without ending its stream (so without the gateway's witness) is
     // paid nothing, and the client is told the answer did not complete.

@@ -47,15 +47,19 @@ pub enum AttemptOutcome {
     Cancelled,
     /// The agent shut down gracefully and gave the attempt back unfinished.
     HandedBack,
+    /// It served a metered request but claimed more units than the network measured, beyond
+    /// [`overclaimed`]'s tolerance: paid what was measured, and counted against the node.
+    Overbilled,
 }
 
 impl AttemptOutcome {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Succeeded,
         Self::JobFailed,
         Self::NodeFailed,
         Self::Cancelled,
         Self::HandedBack,
+        Self::Overbilled,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -65,6 +69,7 @@ impl AttemptOutcome {
             Self::NodeFailed => "node_failed",
             Self::Cancelled => "cancelled",
             Self::HandedBack => "handed_back",
+            Self::Overbilled => "overbilled",
         }
     }
 
@@ -77,7 +82,7 @@ impl AttemptOutcome {
     pub const fn reputation_letter(self) -> &'static str {
         match self {
             Self::Succeeded => "s",
-            Self::NodeFailed => "f",
+            Self::NodeFailed | Self::Overbilled => "f",
             Self::JobFailed | Self::Cancelled | Self::HandedBack => "",
         }
     }
@@ -249,6 +254,17 @@ pub fn billed_units(
             .min(witness.input_units.unwrap_or(u64::MAX)),
         output_units: reported.output_units.min(max.1).min(witness.output_units),
     }
+}
+
+/// Whether a node's report of a metered attempt claimed more than was billed beyond the
+/// tolerance of honest miscounting (a chunk holding two tokens, a template's tokens): more than
+/// 10% and 2 units over, on input or output.
+pub fn overclaimed(reported: Option<Metered>, billed: Metered) -> bool {
+    let over =
+        |claimed: u64, measured: u64| claimed > measured.saturating_add((measured / 10).max(2));
+    reported.is_some_and(|r| {
+        over(r.input_units, billed.input_units) || over(r.output_units, billed.output_units)
+    })
 }
 
 /// What happens to a job whose current attempt was lost with its node.
@@ -543,5 +559,26 @@ mod tests {
                 "{reported:?} {witness:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_claim_beyond_the_tolerance_counts_against_the_node() {
+        let m = |input_units, output_units| Metered {
+            input_units,
+            output_units,
+        };
+        assert!(!overclaimed(Some(m(37, 24)), m(37, 24)));
+        assert!(
+            !overclaimed(Some(m(37, 26)), m(37, 24)),
+            "two units over is miscounting"
+        );
+        assert!(
+            !overclaimed(Some(m(110, 100)), m(100, 100)),
+            "10% over is miscounting"
+        );
+        assert!(overclaimed(Some(m(37, 27)), m(37, 24)));
+        assert!(overclaimed(Some(m(999_999, 3)), m(44, 3)));
+        assert!(!overclaimed(None, m(0, 0)));
+        assert_eq!(AttemptOutcome::Overbilled.reputation_letter(), "f");
     }
 }

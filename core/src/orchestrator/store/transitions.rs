@@ -286,7 +286,15 @@ impl Store {
             reason.as_deref(),
             now,
         )?;
-        record_attempt(&tx, job_id, attempt, node_id, ending.attempt, now)?;
+        // A node claiming more than the network measured is paid the measure and marked down.
+        let attempt_outcome = match billed_units {
+            Some(units) if ending::overclaimed(outcome.usage, units) => {
+                tracing::warn!(%job_id, %node_id, reported = ?outcome.usage, billed = ?units, "the node claimed more units than the gateway delivered");
+                AttemptOutcome::Overbilled
+            }
+            _ => ending.attempt,
+        };
+        record_attempt(&tx, job_id, attempt, node_id, attempt_outcome, now)?;
         let billed = billed.map(|usage| Usage {
             units: billed_units,
             ..usage
