@@ -124,6 +124,13 @@ pub struct Chunk {
     pub audio_b64: String,
 }
 
+/// Sends `chunk` to the host (JSON through [`crate::EventSink::chunk`]).
+pub fn send_chunk(sink: &crate::EventSinkBox, chunk: &Chunk) {
+    if let Ok(bytes) = serde_json::to_vec(chunk) {
+        sink.chunk(bytes.as_slice().into());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

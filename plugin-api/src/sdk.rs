@@ -364,6 +364,45 @@ impl LineSplitter {
     }
 }
 
+/// An execution that runs on a thread of its own (a request to a server, a child process): a
+/// cancel flag it watches and the slot its outcome goes into. [`ThreadExecution::spawn`] starts
+/// it; `cancel` sets the flag, `wait` blocks on the slot. A panic in `body` becomes a
+/// `BackendFailed` outcome.
+pub struct ThreadExecution {
+    slot: std::sync::Arc<OutcomeSlot>,
+    cancelled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ThreadExecution {
+    /// Runs `body` on a thread named `name`; it gets the cancel flag to watch.
+    pub fn spawn(
+        name: String,
+        body: impl FnOnce(&std::sync::atomic::AtomicBool) -> ExecOutcome + Send + 'static,
+    ) -> Result<Self, String> {
+        let execution = Self {
+            slot: std::sync::Arc::new(OutcomeSlot::default()),
+            cancelled: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let (slot, cancelled) = (execution.slot.clone(), execution.cancelled.clone());
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || slot.set(catch_panic_outcome("the execution", || body(&cancelled))))
+            .map_err(|e| format!("cannot start the execution's thread: {e}"))?;
+        Ok(execution)
+    }
+}
+
+impl PluginExecution for ThreadExecution {
+    fn cancel(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn wait(&self) -> ExecOutcome {
+        self.slot.wait()
+    }
+}
+
 /// A one-shot slot an execution thread fills and [`crate::Execution::wait`] blocks on.
 #[derive(Default)]
 pub struct OutcomeSlot {

@@ -22,8 +22,8 @@
 //! a stream broken before any text is `BackendFailed` (the job goes elsewhere); a 4xx is
 //! `Rejected`, saying why.
 
-use rhizos_plugin_api::ai::{AiRequest, Chunk, Service};
-use rhizos_plugin_api::sdk::{OutcomeSlot, PluginBackend, PluginExecution};
+use rhizos_plugin_api::ai::{AiRequest, Chunk, Service, send_chunk};
+use rhizos_plugin_api::sdk::{PluginBackend, ThreadExecution};
 use rhizos_plugin_api::{EventSinkBox, ExecOutcome, ExecRequest, ExitKind, ModelInfo};
 use serde::Deserialize;
 use std::collections::BTreeSet;
@@ -378,12 +378,6 @@ fn refusal(status: u16, response: ureq::http::Response<ureq::Body>) -> Ended {
     }
 }
 
-fn send(sink: &EventSinkBox, chunk: &Chunk) {
-    if let Ok(bytes) = serde_json::to_vec(chunk) {
-        sink.chunk(bytes.as_slice().into());
-    }
-}
-
 fn chat(
     inner: &Shared,
     request: &AiRequest,
@@ -447,7 +441,7 @@ fn chat(
         let content = event["message"]["content"].as_str().unwrap_or_default();
         if !content.is_empty() {
             generated += 1;
-            send(
+            send_chunk(
                 sink,
                 &Chunk {
                     content: content.to_owned(),
@@ -460,7 +454,7 @@ fn chat(
                 Some("length") => "length",
                 _ => "stop",
             };
-            send(
+            send_chunk(
                 sink,
                 &Chunk {
                     finish_reason: Some(reason.into()),
@@ -512,7 +506,7 @@ fn embed(inner: &Shared, request: &AiRequest, sink: &EventSinkBox) -> Ended {
             request.input.len()
         ));
     }
-    send(
+    send_chunk(
         sink,
         &Chunk {
             embeddings: reply.embeddings,
@@ -528,29 +522,24 @@ fn embed(inner: &Shared, request: &AiRequest, sink: &EventSinkBox) -> Ended {
 const NOT_CONFIGURED: &str = "no Ollama models configured: set [agent.plugins.ollama] models (and base_url if not 127.0.0.1:11434)";
 
 impl PluginBackend for OllamaBackend {
-    type Execution = Running;
+    type Execution = ThreadExecution;
 
-    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<Running, String> {
+    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<ThreadExecution, String> {
         let inner = self.inner.as_ref().ok_or(NOT_CONFIGURED)?.clone();
         let ai: AiRequest = serde_json::from_slice(&request.workload)
             .map_err(|e| format!("not an AI request: {e}"))?;
         inner.model(&ai)?;
-        let running = Running {
-            slot: Arc::new(OutcomeSlot::default()),
-            cancelled: Arc::new(AtomicBool::new(false)),
-        };
-        let (slot, cancelled) = (running.slot.clone(), running.cancelled.clone());
         let deadline = Duration::from_millis(request.limits.wall_timeout_ms).min(inner.timeout);
-        std::thread::Builder::new()
-            .name(format!("ollama-{}", request.execution_id))
-            .spawn(move || {
+        ThreadExecution::spawn(
+            format!("ollama-{}", request.execution_id),
+            move |cancelled| {
                 let started = Instant::now();
                 let ended = match ai.service {
                     Service::Embeddings => embed(&inner, &ai, &sink),
-                    _ => chat(&inner, &ai, &sink, &cancelled, started, deadline),
+                    _ => chat(&inner, &ai, &sink, cancelled, started, deadline),
                 };
                 let elapsed = started.elapsed().as_millis() as u64;
-                slot.set(match ended {
+                match ended {
                     Ended::Served { input, output } => {
                         ExecOutcome::exited(0, elapsed).with_usage(input, output)
                     }
@@ -566,10 +555,9 @@ impl PluginBackend for OllamaBackend {
                         elapsed,
                     )
                     .with_usage(0, output),
-                });
-            })
-            .map_err(|e| format!("cannot start a request thread: {e}"))?;
-        Ok(running)
+                }
+            },
+        )
     }
 
     fn unavailable(&self) -> Option<String> {
@@ -595,21 +583,6 @@ impl PluginBackend for OllamaBackend {
                 warm: state.loaded.contains(&m.name),
             })
             .collect()
-    }
-}
-
-pub struct Running {
-    slot: Arc<OutcomeSlot>,
-    cancelled: Arc<AtomicBool>,
-}
-
-impl PluginExecution for Running {
-    fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
-
-    fn wait(&self) -> ExecOutcome {
-        self.slot.wait()
     }
 }
 

@@ -26,8 +26,8 @@
 //! count. The server failing (refused connection, 5xx, a broken stream) is `BackendFailed` —
 //! the job goes to another node — and a request it refuses (4xx) is `Rejected`, saying why.
 
-use rhizos_plugin_api::ai::{AiRequest, Chunk, Service};
-use rhizos_plugin_api::sdk::{OutcomeSlot, PluginBackend, PluginExecution};
+use rhizos_plugin_api::ai::{AiRequest, Chunk, Service, send_chunk};
+use rhizos_plugin_api::sdk::{PluginBackend, ThreadExecution};
 use rhizos_plugin_api::{EventSinkBox, ExecOutcome, ExecRequest, ExitKind, ModelInfo};
 use serde::Deserialize;
 use std::io::{BufRead, BufReader, Read};
@@ -317,35 +317,25 @@ impl Shared {
 }
 
 impl PluginBackend for OpenAiBackend {
-    type Execution = Running;
+    type Execution = ThreadExecution;
 
-    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<Running, String> {
-        let inner = self.inner.as_ref().ok_or(NOT_CONFIGURED)?;
+    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<ThreadExecution, String> {
+        let inner = self.inner.as_ref().ok_or(NOT_CONFIGURED)?.clone();
         let ai: AiRequest = serde_json::from_slice(&request.workload)
             .map_err(|e| format!("not an AI request: {e}"))?;
         inner.model(&ai)?;
-        let running = Running {
-            slot: Arc::new(OutcomeSlot::default()),
-            cancelled: Arc::new(AtomicBool::new(false)),
-        };
-        let (inner, slot, cancelled) = (
-            inner.clone(),
-            running.slot.clone(),
-            running.cancelled.clone(),
-        );
         let deadline = Duration::from_millis(request.limits.wall_timeout_ms).min(inner.timeout);
-        std::thread::Builder::new()
-            .name(format!("openai-{}", request.execution_id))
-            .spawn(move || {
+        ThreadExecution::spawn(
+            format!("openai-{}", request.execution_id),
+            move |cancelled| {
                 let started = Instant::now();
                 let outcome = match ai.service {
                     Service::Embeddings => embed(&inner, &ai, &sink),
-                    _ => chat(&inner, &ai, &sink, &cancelled, started, deadline),
+                    _ => chat(&inner, &ai, &sink, cancelled, started, deadline),
                 };
-                slot.set(outcome.into_outcome(started));
-            })
-            .map_err(|e| format!("cannot start a request thread: {e}"))?;
-        Ok(running)
+                outcome.into_outcome(started)
+            },
+        )
     }
 
     fn unavailable(&self) -> Option<String> {
@@ -371,21 +361,6 @@ impl PluginBackend for OpenAiBackend {
                 warm: true,
             })
             .collect()
-    }
-}
-
-pub struct Running {
-    slot: Arc<OutcomeSlot>,
-    cancelled: Arc<AtomicBool>,
-}
-
-impl PluginExecution for Running {
-    fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
-
-    fn wait(&self) -> ExecOutcome {
-        self.slot.wait()
     }
 }
 
@@ -454,12 +429,6 @@ fn refusal(status: u16, response: ureq::http::Response<ureq::Body>) -> Ended {
         Ended::Refused(format!(
             "the model server refused the request (HTTP {status}): {message}"
         ))
-    }
-}
-
-fn send_chunk(sink: &EventSinkBox, chunk: &Chunk) {
-    if let Ok(bytes) = serde_json::to_vec(chunk) {
-        sink.chunk(bytes.as_slice().into());
     }
 }
 

@@ -18,13 +18,13 @@
 //! allow_private = false       # true: private and loopback addresses too (a lab network)
 //! ```
 
-use rhizos_plugin_api::ai::{AiRequest, Chunk, Service};
-use rhizos_plugin_api::sdk::{OutcomeSlot, PluginBackend, PluginExecution};
+use rhizos_plugin_api::ai::{AiRequest, Chunk, Service, send_chunk};
+use rhizos_plugin_api::sdk::{PluginBackend, ThreadExecution};
 use rhizos_plugin_api::{EventSinkBox, ExecOutcome, ExecRequest, ExitKind, ModelInfo};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use ureq::ResponseExt as _;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
@@ -308,9 +308,9 @@ fn strip_markdown(markdown: &str) -> String {
 }
 
 impl PluginBackend for ScrapeBackend {
-    type Execution = Running;
+    type Execution = ThreadExecution;
 
-    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<Running, String> {
+    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<ThreadExecution, String> {
         let ai: AiRequest = serde_json::from_slice(&request.workload)
             .map_err(|e| format!("not an AI request: {e}"))?;
         if ai.service != Service::Scrape || ai.model != self.config.model {
@@ -326,32 +326,24 @@ impl PluginBackend for ScrapeBackend {
                 ai.input.len()
             ));
         }
-        let running = Running {
-            slot: Arc::new(OutcomeSlot::default()),
-            cancelled: Arc::new(AtomicBool::new(false)),
-        };
-        let (slot, cancelled) = (running.slot.clone(), running.cancelled.clone());
         let this = Self {
             config: self.config.clone(),
             agent: self.agent.clone(),
         };
         let text = ai.format.as_deref() == Some("text");
-        std::thread::Builder::new()
-            .name(format!("scrape-{}", request.execution_id))
-            .spawn(move || {
+        ThreadExecution::spawn(
+            format!("scrape-{}", request.execution_id),
+            move |cancelled| {
                 let started = Instant::now();
                 let mut fetched = 0u64;
                 for url in &ai.input {
                     if cancelled.load(Ordering::Relaxed) {
-                        slot.set(
-                            ExecOutcome::abnormal(
-                                ExitKind::Cancelled,
-                                "cancelled",
-                                started.elapsed().as_millis() as u64,
-                            )
-                            .with_usage(ai.input.len() as u64, fetched),
-                        );
-                        return;
+                        return ExecOutcome::abnormal(
+                            ExitKind::Cancelled,
+                            "cancelled",
+                            started.elapsed().as_millis() as u64,
+                        )
+                        .with_usage(ai.input.len() as u64, fetched);
                     }
                     let page = this.fetch(url, text);
                     fetched += u64::from(page.ok);
@@ -359,17 +351,12 @@ impl PluginBackend for ScrapeBackend {
                         content: serde_json::to_string(&page).unwrap_or_default(),
                         ..Chunk::default()
                     };
-                    if let Ok(bytes) = serde_json::to_vec(&chunk) {
-                        sink.chunk(bytes.as_slice().into());
-                    }
+                    send_chunk(&sink, &chunk);
                 }
-                slot.set(
-                    ExecOutcome::exited(0, started.elapsed().as_millis() as u64)
-                        .with_usage(ai.input.len() as u64, fetched),
-                );
-            })
-            .map_err(|e| format!("cannot start a scrape thread: {e}"))?;
-        Ok(running)
+                ExecOutcome::exited(0, started.elapsed().as_millis() as u64)
+                    .with_usage(ai.input.len() as u64, fetched)
+            },
+        )
     }
 
     fn models(&self) -> Vec<ModelInfo> {
@@ -379,21 +366,6 @@ impl PluginBackend for ScrapeBackend {
             context_length: self.config.max_urls as u32,
             warm: true,
         }]
-    }
-}
-
-pub struct Running {
-    slot: Arc<OutcomeSlot>,
-    cancelled: Arc<AtomicBool>,
-}
-
-impl PluginExecution for Running {
-    fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
-
-    fn wait(&self) -> ExecOutcome {
-        self.slot.wait()
     }
 }
 

@@ -19,8 +19,8 @@
 //! Without the binary the plugin loads and says how to install it.
 
 use base64::Engine as _;
-use rhizos_plugin_api::ai::{AiRequest, Chunk, Service};
-use rhizos_plugin_api::sdk::{OutcomeSlot, PluginBackend, PluginExecution};
+use rhizos_plugin_api::ai::{AiRequest, Chunk, Service, send_chunk};
+use rhizos_plugin_api::sdk::{PluginBackend, ThreadExecution};
 use rhizos_plugin_api::{EventSinkBox, ExecOutcome, ExecRequest, ExitKind, ModelInfo};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -142,9 +142,9 @@ pub fn pcm_of(wav: &[u8]) -> Option<&[u8]> {
 }
 
 impl PluginBackend for TtsBackend {
-    type Execution = Running;
+    type Execution = ThreadExecution;
 
-    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<Running, String> {
+    fn start(&self, request: ExecRequest, sink: EventSinkBox) -> Result<ThreadExecution, String> {
         if let Some(missing) = &self.missing {
             return Err(missing.clone());
         }
@@ -156,29 +156,17 @@ impl PluginBackend for TtsBackend {
                 self.config.model
             ));
         }
-        let running = Running {
-            slot: Arc::new(OutcomeSlot::default()),
-            cancelled: Arc::new(AtomicBool::new(false)),
-        };
-        let (config, slot, cancelled) = (
-            self.config.clone(),
-            running.slot.clone(),
-            running.cancelled.clone(),
-        );
+        let config = self.config.clone();
         let deadline = Duration::from_millis(request.limits.wall_timeout_ms);
-        std::thread::Builder::new()
-            .name(format!("tts-{}", request.execution_id))
-            .spawn(move || {
-                let started = Instant::now();
-                let outcome = speak(&config, &ai, &sink, &cancelled, deadline);
-                let elapsed = started.elapsed().as_millis() as u64;
-                slot.set(match outcome {
-                    Ok(chars) => ExecOutcome::exited(0, elapsed).with_usage(chars, 0),
-                    Err((kind, message)) => ExecOutcome::abnormal(kind, message, elapsed),
-                });
-            })
-            .map_err(|e| format!("cannot start a speech thread: {e}"))?;
-        Ok(running)
+        ThreadExecution::spawn(format!("tts-{}", request.execution_id), move |cancelled| {
+            let started = Instant::now();
+            let outcome = speak(&config, &ai, &sink, cancelled, deadline);
+            let elapsed = started.elapsed().as_millis() as u64;
+            match outcome {
+                Ok(chars) => ExecOutcome::exited(0, elapsed).with_usage(chars, 0),
+                Err((kind, message)) => ExecOutcome::abnormal(kind, message, elapsed),
+            }
+        })
     }
 
     fn unavailable(&self) -> Option<String> {
@@ -313,26 +301,9 @@ fn speak(
             audio_b64: base64::engine::general_purpose::STANDARD.encode(piece),
             ..Chunk::default()
         };
-        if let Ok(bytes) = serde_json::to_vec(&chunk) {
-            sink.chunk(bytes.as_slice().into());
-        }
+        send_chunk(sink, &chunk);
     }
     Ok(chars as u64)
-}
-
-pub struct Running {
-    slot: Arc<OutcomeSlot>,
-    cancelled: Arc<AtomicBool>,
-}
-
-impl PluginExecution for Running {
-    fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
-
-    fn wait(&self) -> ExecOutcome {
-        self.slot.wait()
-    }
 }
 
 rhizos_plugin_api::export_backend_plugin! {
