@@ -7,9 +7,12 @@
 use serde::{Deserialize, Serialize};
 
 /// What a model serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Service {
+    #[default]
     Chat,
     Embeddings,
     Speech,
@@ -66,7 +69,7 @@ pub struct Message {
 }
 
 /// A validated request, handed to a backend as its workload (JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AiRequest {
     pub service: Service,

@@ -878,18 +878,9 @@ pub async fn embeddings(
         let ai = AiRequest {
             service: Service::Embeddings,
             model: model.clone(),
-            messages: Vec::new(),
             input,
-            max_tokens: None,
-            temperature: None,
-            top_p: None,
-            stop: Vec::new(),
-            seed: None,
-            json: false,
             dimensions,
-            voice: None,
-            speed: None,
-            format: None,
+            ..AiRequest::default()
         };
         let (job_id, mut events) = gw.start(&key, digest, ai, "embeddings").await?;
         let mut vectors = Vec::new();
@@ -969,18 +960,11 @@ pub async fn speech(State(gw): State<Gateway>, headers: HeaderMap, body: bytes::
         let ai = AiRequest {
             service: Service::Speech,
             model,
-            messages: Vec::new(),
             input: vec![input],
-            max_tokens: None,
-            temperature: None,
-            top_p: None,
-            stop: Vec::new(),
-            seed: None,
-            json: false,
-            dimensions: None,
             voice,
             speed,
             format: Some(format.to_owned()),
+            ..AiRequest::default()
         };
         let (job_id, mut events) = gw.start(&key, digest, ai, "speech").await?;
         let mut audio = Vec::new();
@@ -1061,18 +1045,9 @@ pub async fn scrape(State(gw): State<Gateway>, headers: HeaderMap, body: bytes::
         let ai = AiRequest {
             service: Service::Scrape,
             model: model.clone(),
-            messages: Vec::new(),
             input: urls,
-            max_tokens: None,
-            temperature: None,
-            top_p: None,
-            stop: Vec::new(),
-            seed: None,
-            json: false,
-            dimensions: None,
-            voice: None,
-            speed: None,
             format: Some(format.to_owned()),
+            ..AiRequest::default()
         };
         let (job_id, mut events) = gw.start(&key, digest, ai, "scrape").await?;
         let mut results = Vec::new();
