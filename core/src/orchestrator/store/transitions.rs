@@ -750,68 +750,56 @@ impl Billing {
 
 /// A job's billing and what the orchestrator had asked of it, from their own columns (the spec,
 /// with its workload, is not parsed here).
+/// `billing_of`'s one read: allocation, prices and stop request; the timeout, assignment time,
+/// fuel limit sent, metering limits and witness columns; the current attempt.
+type BillingRow = (
+    (u32, i64, u32, Option<String>, bool, Option<String>),
+    [Option<i64>; 8],
+    u32,
+);
+
 fn billing_of(tx: &Connection, job_id: &str) -> Result<(Billing, StopRequest), StoreError> {
-    type Row = (
-        u32,
-        i64,
-        u32,
-        Option<String>,
-        bool,
-        Option<String>,
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-    );
+    let opt = |r: &rusqlite::Row<'_>, i: usize| r.get::<_, Option<i64>>(i);
     let (
-        cpu_cores,
-        memory_mib,
-        gpus,
-        pricing,
-        cancel_requested,
-        stop_reason,
-        timeout,
-        assigned,
-        fuel_limit,
-    ): Row = query_row(
+        (cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason),
+        [
+            timeout,
+            assigned,
+            fuel_limit,
+            max_in,
+            max_out,
+            witness_attempt,
+            witness_in,
+            witness_out,
+        ],
+        attempt,
+    ): BillingRow = query_row(
         tx,
         "SELECT cpu_cores, memory_mib, gpus, pricing, cancel_requested, stop_reason, timeout_ms,
-                    assigned_ms, fuel_limit FROM jobs WHERE id = ?1",
+                    assigned_ms, fuel_limit, max_input_units, max_output_units, witness_attempt,
+                    witness_input_units, witness_output_units, attempt FROM jobs WHERE id = ?1",
         [job_id],
         |r| {
             Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-                r.get(8)?,
-            ))
-        },
-    )?;
-    type Metering = (
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-        u32,
-    );
-    let (max_in, max_out, witness_attempt, witness_in, witness_out, attempt): Metering = query_row(
-        tx,
-        "SELECT max_input_units, max_output_units, witness_attempt, witness_input_units,
-                    witness_output_units, attempt FROM jobs WHERE id = ?1",
-        [job_id],
-        |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
+                (
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ),
+                [
+                    opt(r, 6)?,
+                    opt(r, 7)?,
+                    opt(r, 8)?,
+                    opt(r, 9)?,
+                    opt(r, 10)?,
+                    opt(r, 11)?,
+                    opt(r, 12)?,
+                    opt(r, 13)?,
+                ],
+                r.get(14)?,
             ))
         },
     )?;
