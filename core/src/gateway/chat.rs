@@ -7,7 +7,8 @@
 //! `job.get`, so no other node can inject text), and witnesses what it delivered before it
 //! answers the node's end of stream. A node failing before its first chunk is replaced by the
 //! orchestrator (the attempt is requeued, billed nothing) and the relay takes the next node's
-//! stream; after the first chunk, the client gets an error event and the job is cancelled.
+//! stream; after the first chunk nobody else may answer: the client gets an error event, the
+//! part delivered is witnessed (the node is paid for it and no more), and the job ends.
 
 use super::error::ApiError;
 use super::{Gateway, bus_error};
@@ -297,6 +298,8 @@ struct Relay {
     /// The node and attempt whose chunks are taken (checked against the job).
     source: Option<(String, u32)>,
     delivered: u64,
+    /// The source's end of stream came (and was witnessed): its own report ends the job.
+    ended_by_node: bool,
     finish_reason: Option<String>,
     /// Input units the gateway counts itself (speech: characters; scrape: URLs), for its
     /// witness.
@@ -448,6 +451,7 @@ impl Gateway {
                 .ok()
                 .and_then(|reply| reply.node_id.zip(reply.attempt)),
             delivered: 0,
+            ended_by_node: false,
             finish_reason: None,
             counted_input: matches!(ai_service, Service::Speech | Service::Scrape)
                 .then_some(max_input),
@@ -536,10 +540,43 @@ impl Relay {
             }
             Err(e) => {
                 tracing::info!(job_id = %self.job_id, error = %e.message, delivered = self.delivered, "request ended without a complete answer");
-                // Nothing more is wanted of this job (a later node must not start over).
-                let _ = self.gw.inner.client.job_cancel(&self.job_id).await;
+                if !self.ended_by_node {
+                    // The client holds what was delivered (it went away, or the answer took too
+                    // long): the node is paid for that part, so it is witnessed before the
+                    // cancel. Nothing more is wanted of this job (a later node must not start
+                    // over). A node's own end of stream was witnessed already, and its report
+                    // ends the job.
+                    self.witness_delivered().await;
+                    let _ = self.gw.inner.client.job_cancel(&self.job_id).await;
+                }
                 let _ = events.send(Event::Failed(e)).await;
             }
+        }
+    }
+
+    /// Witnesses what the current source delivered, if it delivered anything: its bill is
+    /// bounded by this (a refused witness — the attempt already moved on — leaves it unpaid).
+    async fn witness_delivered(&self) {
+        let Some((node, attempt)) = &self.source else {
+            return;
+        };
+        if self.delivered == 0 {
+            return;
+        }
+        if let Err(e) = self
+            .gw
+            .inner
+            .client
+            .job_witness(
+                &self.job_id,
+                node,
+                *attempt,
+                self.counted_input,
+                self.delivered,
+            )
+            .await
+        {
+            tracing::info!(job_id = %self.job_id, %node, attempt, error = %e, "what was delivered before the failure was not witnessed");
         }
     }
 
@@ -607,6 +644,7 @@ impl Relay {
                 accepted: witnessed.is_ok(),
                 note: None,
             };
+            self.ended_by_node = true;
             let _ = self
                 .gw
                 .inner
@@ -666,6 +704,7 @@ impl Relay {
         if end.kind == ExitKind::NodeError && self.delivered == 0 {
             // The orchestrator requeues it: the next node's stream follows.
             self.source = None;
+            self.ended_by_node = false;
             return Step::More;
         }
         let message = end.message.unwrap_or_else(|| format!("{:?}", end.kind));

@@ -351,11 +351,38 @@ pub fn chat_body(request: &AiRequest) -> serde_json::Value {
 }
 
 enum Ended {
-    Served { input: u64, output: u64 },
+    Served {
+        input: u64,
+        output: u64,
+    },
     Refused(String),
+    /// Failed before any text went out: another node should serve it.
     Failed(String),
-    Cancelled { input: u64, output: u64 },
-    TimedOut { output: u64 },
+    /// Failed after `output` chunks went out: paid for them, served by nobody else.
+    Broke {
+        message: String,
+        output: u64,
+    },
+    Cancelled {
+        input: u64,
+        output: u64,
+    },
+    TimedOut {
+        output: u64,
+    },
+}
+
+/// How a stream that failed ends: before any text, for another node to serve; after it, paid
+/// for the `generated` chunks that went out.
+fn broke(message: String, generated: u64) -> Ended {
+    if generated == 0 {
+        Ended::Failed(message)
+    } else {
+        Ended::Broke {
+            message,
+            output: generated,
+        }
+    }
 }
 
 fn refusal(status: u16, response: ureq::http::Response<ureq::Body>) -> Ended {
@@ -412,31 +439,19 @@ fn chat(
         line.clear();
         match (&mut lines).take(MAX_LINE_BYTES).read_line(&mut line) {
             Ok(0) => {
-                return if generated == 0 {
-                    Ended::Failed("Ollama's stream ended without its done line".into())
-                } else {
-                    Ended::Served {
-                        input: 0,
-                        output: generated,
-                    }
-                };
+                return broke(
+                    "Ollama's stream ended without its done line".into(),
+                    generated,
+                );
             }
             Ok(_) => {}
-            Err(e) if generated == 0 => {
-                return Ended::Failed(format!("Ollama's stream broke: {e}"));
-            }
-            Err(_) => {
-                return Ended::Served {
-                    input: 0,
-                    output: generated,
-                };
-            }
+            Err(e) => return broke(format!("Ollama's stream broke: {e}"), generated),
         }
         let Ok(event) = serde_json::from_str::<serde_json::Value>(line.trim()) else {
             continue;
         };
         if let Some(error) = event["error"].as_str() {
-            return Ended::Failed(format!("Ollama failed mid-stream: {error}"));
+            return broke(format!("Ollama failed mid-stream: {error}"), generated);
         }
         let content = event["message"]["content"].as_str().unwrap_or_default();
         if !content.is_empty() {
@@ -545,6 +560,10 @@ impl PluginBackend for OllamaBackend {
                     }
                     Ended::Refused(m) => ExecOutcome::abnormal(ExitKind::Rejected, m, elapsed),
                     Ended::Failed(m) => ExecOutcome::abnormal(ExitKind::BackendFailed, m, elapsed),
+                    Ended::Broke { message, output } => {
+                        ExecOutcome::abnormal(ExitKind::BackendFailed, message, elapsed)
+                            .with_usage(0, output)
+                    }
                     Ended::Cancelled { input, output } => {
                         ExecOutcome::abnormal(ExitKind::Cancelled, "cancelled", elapsed)
                             .with_usage(input, output)

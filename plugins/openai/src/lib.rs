@@ -372,8 +372,15 @@ enum Ended {
     },
     /// The server refused the request (its own fault): the message says why.
     Refused(String),
-    /// The server failed: another node should serve it.
+    /// The server failed before any text went out: another node should serve it.
     Failed(String),
+    /// The server failed after part of the answer went out: the node is paid for that part
+    /// (the gateway witnessed it) and nobody else can serve this request again.
+    Broke {
+        message: String,
+        input: u64,
+        output: u64,
+    },
     Cancelled {
         input: u64,
         output: u64,
@@ -395,6 +402,12 @@ impl Ended {
             Self::Failed(message) => {
                 ExecOutcome::abnormal(ExitKind::BackendFailed, message, elapsed)
             }
+            Self::Broke {
+                message,
+                input,
+                output,
+            } => ExecOutcome::abnormal(ExitKind::BackendFailed, message, elapsed)
+                .with_usage(input, output),
             Self::Cancelled { input, output } => {
                 ExecOutcome::abnormal(ExitKind::Cancelled, "cancelled", elapsed)
                     .with_usage(input, output)
@@ -520,14 +533,11 @@ fn chat(
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => {
-                return if generated == 0 {
-                    Ended::Failed(format!("the model server's stream broke: {e}"))
-                } else {
-                    Ended::Served {
-                        input: input.into_inner(),
-                        output: generated,
-                    }
-                };
+                return broke(
+                    format!("the model server's stream broke: {e}"),
+                    input.into_inner(),
+                    generated,
+                );
             }
         }
         let Some(data) = line.trim_end().strip_prefix("data:") else {
@@ -541,7 +551,11 @@ fn chat(
             continue;
         };
         if let Some(message) = event["error"]["message"].as_str() {
-            return Ended::Failed(format!("the model server failed mid-stream: {message}"));
+            return broke(
+                format!("the model server failed mid-stream: {message}"),
+                input.into_inner(),
+                generated,
+            );
         }
         if let Some(usage) = event.get("usage").filter(|u| u.is_object()) {
             input.store(
@@ -572,6 +586,14 @@ fn chat(
             }
         }
     }
+    if !finished && generated > 0 && output.load(Ordering::Relaxed) == 0 {
+        // Text without a finish reason, usage or [DONE]: the connection closed mid-answer.
+        return broke(
+            "the model server closed its stream mid-answer".into(),
+            input.into_inner(),
+            generated,
+        );
+    }
     if !finished {
         send_chunk(
             sink,
@@ -587,6 +609,20 @@ fn chat(
             0 => generated,
             counted => counted,
         },
+    }
+}
+
+/// How a stream that failed ends: before any text, for another node to serve; after it, paid
+/// for the `generated` chunks that went out.
+fn broke(message: String, input: u64, generated: u64) -> Ended {
+    if generated == 0 {
+        Ended::Failed(message)
+    } else {
+        Ended::Broke {
+            message,
+            input,
+            output: generated,
+        }
     }
 }
 

@@ -189,6 +189,25 @@ pub fn finished(
     })
 }
 
+/// A metered (AI) attempt whose node failed after the gateway witnessed it delivering part of
+/// the answer (`delivered_units` > 0): the requester already holds that part and cannot be given
+/// a second answer by another node, so the job is not requeued. It ends `failed`, charged what
+/// was delivered ([`billed_units`] bounds it by the witness), and the failure still counts
+/// against the node. Any other verdict stands.
+pub fn after_delivery(verdict: Verdict, delivered_units: u64) -> Verdict {
+    match verdict {
+        Verdict::NodeFault { reason } if delivered_units > 0 => Verdict::End(Ending {
+            state: JobState::Failed,
+            charge: true,
+            reason: Some(format!(
+                "{reason}, after delivering {delivered_units} units of the answer (paid for them)"
+            )),
+            attempt: AttemptOutcome::NodeFailed,
+        }),
+        verdict => verdict,
+    }
+}
+
 /// Run time and fuel of one attempt: as a node reported them, or as billed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -428,6 +447,37 @@ mod tests {
         assert!(refunded(ExitKind::Exited, Some(1)));
         assert!(refunded(ExitKind::Crashed, None));
         assert!(!refunded(ExitKind::Exited, Some(0)));
+    }
+
+    #[test]
+    fn a_node_failing_after_delivering_part_of_an_answer_is_paid_that_part_and_not_replaced() {
+        let fault = || Verdict::NodeFault {
+            reason: "the node could not run it: model server gone".to_owned(),
+        };
+        // Nothing delivered: requeued for another node, as before.
+        assert_eq!(after_delivery(fault(), 0), fault());
+        // Part delivered: the job ends failed, charged, counted against the node.
+        assert_eq!(
+            after_delivery(fault(), 7),
+            Verdict::End(Ending {
+                state: JobState::Failed,
+                charge: true,
+                reason: Some(
+                    "the node could not run it: model server gone, after delivering 7 units of the answer (paid for them)"
+                        .to_owned()
+                ),
+                attempt: AttemptOutcome::NodeFailed,
+            })
+        );
+        // A verdict that is not the node's fault is not changed by delivery.
+        let ended = finished(
+            ExitKind::Exited,
+            Some(0),
+            None,
+            RUNNING,
+            FailedWorkloadCharge::TimeUsed,
+        );
+        assert_eq!(after_delivery(ended.clone(), 7), ended);
     }
 
     #[test]

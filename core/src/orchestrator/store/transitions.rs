@@ -206,12 +206,15 @@ impl Store {
             return Ok(ReportEffect::Duplicate);
         }
         let (billing, stop) = billing_of(&tx, job_id)?;
-        let verdict = ending::finished(
-            outcome.kind,
-            outcome.exit_code,
-            outcome.message.as_deref(),
-            stop,
-            ctx.charging.failed_workload,
+        let verdict = ending::after_delivery(
+            ending::finished(
+                outcome.kind,
+                outcome.exit_code,
+                outcome.message.as_deref(),
+                stop,
+                ctx.charging.failed_workload,
+            ),
+            billing.witness.map_or(0, |w| w.output_units),
         );
         let ending = match verdict {
             Verdict::End(ending) => ending,
