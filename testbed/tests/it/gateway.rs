@@ -129,16 +129,16 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
             .try_init();
     }
     let llama = LlamaServer::start(&ai::chat_model().unwrap(), "smollm2", &[]).unwrap();
-    // Embeddings from a second server in embedding mode (mean pooling), as llama.cpp needs.
+    // Sentence embeddings from all-MiniLM-L6-v2 on a second server in embedding mode.
     let embedder =
-        LlamaServer::start(&ai::chat_model().unwrap(), "smollm2", &["--embedding"]).unwrap();
+        LlamaServer::start(&ai::embed_model().unwrap(), "minilm", &["--embedding"]).unwrap();
     let mut config = openai_config(&llama, 2_000);
     config.get_mut("openai").unwrap()["models"]
         .as_array_mut()
         .unwrap()
         .push(
-            serde_json::json!({"name": "smollm2-135m-embed", "upstream": "smollm2",
-            "service": "embeddings", "base_url": embedder.base_url()}),
+            serde_json::json!({"name": "all-minilm-l6-v2", "upstream": "minilm",
+            "service": "embeddings", "base_url": embedder.base_url(), "context_length": 512}),
         );
     let (cluster, base) = ai_network_of(vec![config]).await;
     cluster.funded_account("alice", USD).await.unwrap();
@@ -148,10 +148,27 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
         key(&alice, Some(1), None).await,
         key(&alice, None, Some(2)).await,
     );
+    let tpm = alice
+        .key_create(CreateKey {
+            account: "alice".into(),
+            tpm: Some(20),
+            ..CreateKey::default()
+        })
+        .await
+        .unwrap()
+        .key;
 
     let output = tokio::process::Command::new(ai::python().unwrap())
         .arg(ai::repo_root().join("testbed/ai/sdk_check.py"))
-        .args([&base, &good, "smollm2-135m", &quota, &rate])
+        .args([
+            &base,
+            &good,
+            "smollm2-135m",
+            "all-minilm-l6-v2",
+            &quota,
+            &rate,
+            &tpm,
+        ])
         .output()
         .await
         .unwrap();
@@ -164,7 +181,7 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
 
     assert_eq!(
         seen["models"],
-        serde_json::json!(["espeak", "smollm2-135m", "smollm2-135m-embed"])
+        serde_json::json!(["all-minilm-l6-v2", "espeak", "smollm2-135m"])
     );
     assert_eq!(seen["model"], "smollm2-135m");
     // A real model's real answer.
@@ -197,8 +214,19 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
 
     // Embeddings, as floats and as base64 (the SDK's default, decoded by the SDK).
     let embeddings = &seen["embeddings"];
-    assert_eq!(embeddings["count"], 2, "{embeddings}");
-    assert_eq!(embeddings["dims"], 576, "{embeddings}");
+    assert_eq!(embeddings["count"], 3, "{embeddings}");
+    assert_eq!(
+        embeddings["dims"], 384,
+        "all-MiniLM-L6-v2's width: {embeddings}"
+    );
+    let (near, far) = (
+        embeddings["paraphrase_cosine"].as_f64().unwrap(),
+        embeddings["unrelated_cosine"].as_f64().unwrap(),
+    );
+    assert!(
+        near > 0.8 && far < 0.4,
+        "a sentence model puts a paraphrase near and an unrelated sentence far: {embeddings}"
+    );
     assert_eq!(embeddings["base64_matches_float"], true, "{embeddings}");
     assert_eq!(embeddings["dimensions_64"], 64, "{embeddings}");
     let job_id = embeddings["id"]
@@ -263,14 +291,89 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
             .is_some_and(|s| s.parse::<u64>().unwrap() >= 1)
     );
 
+    // Tokens per minute are counted from what was served: one chat spends the key's 20.
+    let tpm = seen["tpm"].as_array().unwrap();
+    assert!(tpm[0].is_null(), "{tpm:?}");
+    assert_eq!(tpm[1]["status"], 429, "{tpm:?}");
+    assert_eq!(tpm[1]["code"], "rate_limit_exceeded");
+    assert!(
+        tpm[1]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("20 tokens per minute")),
+        "{tpm:?}"
+    );
+
     // The refused requests held nothing: only the served ones (two chats, three embeddings, two
-    // speeches, two chats within the rate limit) were ever charged, and the ledger agrees.
+    // speeches, two chats within the rate limit, one within the token limit) were ever charged,
+    // and the ledger agrees.
     let jobs = cluster
         .client()
         .job_list(Some("alice"), None, None)
         .await
         .unwrap();
-    assert_eq!(jobs.jobs.len(), 9, "{:?}", jobs.jobs);
+    assert_eq!(jobs.jobs.len(), 10, "{:?}", jobs.jobs);
+
+    // `rhizos chat`: the answer streamed, then its tokens, node and money.
+    let rhizos = rhizos_testbed::build_dir().join("rhizos");
+    // (tokio's process: the gateway runs on this test's own runtime thread.)
+    let chat = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(&rhizos);
+        command
+            .args([
+                "chat",
+                "smollm2-135m",
+                "Which city is the capital of France?",
+            ])
+            .args([
+                "--gateway",
+                &base,
+                "--max-tokens",
+                "16",
+                "--temperature",
+                "0",
+            ])
+            .args(args);
+        async move { command.output().await }
+    };
+    let output = chat(&["--key", &good, "--json"]).await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        seen["content"].as_str().unwrap().contains("Paris"),
+        "{seen}"
+    );
+    check_money(&cluster, seen["id"].as_str().unwrap(), &seen["usage"]).await;
+    assert_eq!(seen["generation"]["node_id"], "node-0", "{seen}");
+    let job = cluster
+        .client()
+        .job_get(
+            seen["id"]
+                .as_str()
+                .unwrap()
+                .strip_prefix("chatcmpl-")
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(seen["generation"]["cost_micros"], job.cost_micros.unwrap());
+    let output = chat(&["--key", &good]).await.unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && text.contains("Paris"), "{text}");
+    assert!(
+        text.contains("completion tokens on node-0") && text.contains("refund:"),
+        "{text}"
+    );
+    let output = chat(&["--key", "rhz_000000000000_nope"]).await.unwrap();
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && error.contains("HTTP 401"),
+        "a bad key says so: {error}"
+    );
+
     let report = cluster.client().ledger_verify().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
 }
@@ -585,6 +688,145 @@ async fn a_node_whose_model_server_dies_before_the_first_token_is_replaced_and_b
         "node 0 was paid for an answer it never gave"
     );
     assert!(moved.cost_micros.unwrap() > 0);
+    let report = cluster.client().ledger_verify().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+}
+
+/// Streams a chat of up to `max_tokens` and reads it until `stop_after` content deltas came;
+/// then `at_stop` runs and the rest of the stream is read (`None`: the client hangs up there).
+/// The response id, the deltas read and the rest of the body.
+async fn stream_until(
+    url: String,
+    key: String,
+    max_tokens: u32,
+    stop_after: usize,
+    at_stop: Option<Box<dyn FnOnce() + Send>>,
+) -> (String, usize, String) {
+    tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let response = ureq::post(&url)
+            .header("Authorization", format!("Bearer {key}"))
+            .send_json(serde_json::json!({
+                "model": "smollm2-135m", "max_tokens": max_tokens, "temperature": 0, "stream": true,
+                "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to sail."}]
+            }))
+            .unwrap();
+        let lines = std::io::BufReader::new(response.into_body().into_reader()).lines();
+        let (mut deltas, mut id, mut rest) = (0, String::new(), String::new());
+        let mut at_stop = at_stop;
+        for line in lines {
+            let line = line.expect("the stream reads");
+            if let Some(data) = line.strip_prefix("data: ")
+                && let Ok(chunk) = serde_json::from_str::<serde_json::Value>(data)
+            {
+                if let Some(chunk_id) = chunk["id"].as_str() {
+                    id = chunk_id.to_owned();
+                }
+                if chunk["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+                {
+                    deltas += 1;
+                }
+            }
+            if deltas < stop_after {
+                continue;
+            }
+            if deltas == stop_after && rest.is_empty() {
+                match at_stop.take() {
+                    Some(at_stop) => at_stop(),
+                    None => return (id, deltas, rest),
+                }
+            }
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        (id, deltas, rest)
+    })
+    .await
+    .unwrap()
+}
+
+/// The money of a metered job that ended with `billed` units at the cluster's prices.
+fn assert_charged(job: &rhizos_broker::wire::JobView) {
+    let billed = job.billed_usage.expect("billed units");
+    let cost = billed.input_units as i64 * IN_MICROS + billed.output_units as i64 * OUT_MICROS;
+    assert_eq!(job.cost_micros, Some(cost), "{job:?}");
+    let fee = (cost * 500 + 5_000) / 10_000;
+    assert_eq!(job.fee_micros, Some(fee), "{job:?}");
+    assert_eq!(job.provider_micros, Some(cost - fee), "{job:?}");
+    assert_eq!(
+        job.refund_micros,
+        Some(job.max_cost_micros - cost),
+        "{job:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_failing_after_the_first_token_is_paid_what_it_delivered_and_nobody_answers_twice() {
+    let model = ai::chat_model().unwrap();
+    let dying = LlamaServer::start(&model, "smollm2", &[]).unwrap();
+    let (cluster, base) = ai_network_of(vec![openai_config(&dying, 600_000)]).await;
+    cluster.funded_account("alice", USD).await.unwrap();
+    let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
+    let key = key(&alice, None, None).await;
+    let job_of = |id: &str| id.strip_prefix("chatcmpl-").expect("a chat id").to_owned();
+
+    // A client hanging up mid-answer: the node is paid for what the gateway delivered.
+    let (id, read, _) = stream_until(
+        format!("{base}/chat/completions"),
+        key.clone(),
+        200,
+        3,
+        None,
+    )
+    .await;
+    assert_eq!(read, 3);
+    let hung_up = cluster
+        .wait_for_end(&job_of(&id), Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(hung_up.state, JobState::Cancelled, "{hung_up:?}");
+    let billed = hung_up.billed_usage.expect("billed units");
+    assert!(
+        billed.output_units >= 3 && billed.output_units < 200,
+        "billed what was delivered before the client left: {hung_up:?}"
+    );
+    assert_charged(&hung_up);
+
+    // The model server dies after the first tokens: the client gets an error event, the node
+    // is paid for the deltas delivered, and the job is not given to anyone again.
+    let mut dying = Some(dying);
+    let (id, delivered, rest) = stream_until(
+        format!("{base}/chat/completions"),
+        key.clone(),
+        200,
+        3,
+        Some(Box::new(move || {
+            if let Some(mut server) = dying.take() {
+                server.kill();
+            }
+        })),
+    )
+    .await;
+    assert!(rest.contains("\"error\""), "an error event ends it: {rest}");
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
+    let broken = cluster
+        .wait_for_end(&job_of(&id), Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(broken.state, JobState::Failed, "{broken:?}");
+    assert_eq!(
+        broken.attempt, 1,
+        "not requeued after text went out: {broken:?}"
+    );
+    let billed = broken.billed_usage.expect("billed units");
+    assert_eq!(
+        billed.output_units, delivered as u64,
+        "paid exactly the deltas the client got: {broken:?}"
+    );
+    assert_charged(&broken);
+    assert!(broken.cost_micros.unwrap() > 0);
     let report = cluster.client().ledger_verify().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
 }
