@@ -1,17 +1,19 @@
 """Drives a RhizOS gateway with the official OpenAI Python SDK, as any client would, and prints
 one JSON object of what it saw for the Rust test to check against the ledger.
 
-Usage: sdk_check.py BASE_URL KEY MODEL QUOTA_KEY RATE_KEY
-  KEY        a key with credit
-  QUOTA_KEY  a key whose credit limit cannot cover one request (insufficient_quota, no retry)
-  RATE_KEY   a key with rpm = 2 (the third request in a minute is refused)
+Usage: sdk_check.py BASE_URL KEY MODEL EMBED_MODEL QUOTA_KEY RATE_KEY TPM_KEY
+  KEY          a key with credit
+  EMBED_MODEL  a sentence-embedding model the network serves
+  QUOTA_KEY    a key whose credit limit cannot cover one request (insufficient_quota, no retry)
+  RATE_KEY     a key with rpm = 2 (the third request in a minute is refused)
+  TPM_KEY      a key with tpm = 20 (one chat uses more: the next in that minute is refused)
 """
 import json
 import sys
 
 import openai
 
-base, key, model, quota_key, rate_key = sys.argv[1:6]
+base, key, model, embed_model, quota_key, rate_key, tpm_key = sys.argv[1:8]
 out = {}
 client = openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=60)
 
@@ -60,11 +62,21 @@ out["stream"] = {
 }
 
 # Embeddings: float, base64 (the SDK asks for base64 by default and decodes it), dimensions.
-texts = ["The capital of France is Paris.", "Bananas are yellow."]
-as_float = client.embeddings.create(model=model + "-embed", input=texts, encoding_format="float")
-as_b64 = client.embeddings.create(model=model + "-embed", input=texts)
-cut = client.embeddings.create(model=model + "-embed", input=texts[0], dimensions=64, encoding_format="float")
+texts = ["The capital of France is Paris.", "Bananas are yellow.", "Paris is the capital city of France."]
+as_float = client.embeddings.create(model=embed_model, input=texts, encoding_format="float")
+as_b64 = client.embeddings.create(model=embed_model, input=texts)
+cut = client.embeddings.create(model=embed_model, input=texts[0], dimensions=64, encoding_format="float")
+
+
+def cosine(a, b):
+    return sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+
+vectors = [d.embedding for d in as_float.data]
 out["embeddings"] = {
+    # A real sentence model: the paraphrase is near, the unrelated sentence far.
+    "paraphrase_cosine": cosine(vectors[0], vectors[2]),
+    "unrelated_cosine": cosine(vectors[0], vectors[1]),
     "id": getattr(as_float, "id", None),
     "count": len(as_float.data),
     "dims": len(as_float.data[0].embedding),
@@ -123,4 +135,6 @@ out["quota"] = error_of(lambda: openai.OpenAI(base_url=base, api_key=quota_key).
 rate = openai.OpenAI(base_url=base, api_key=rate_key, max_retries=0)
 rated = [error_of(lambda: rate.chat.completions.create(model=model, messages=hello, max_tokens=2)) for _ in range(3)]
 out["rate"] = rated
+tpm = openai.OpenAI(base_url=base, api_key=tpm_key, max_retries=0)
+out["tpm"] = [error_of(lambda: tpm.chat.completions.create(model=model, messages=hello, max_tokens=8)) for _ in range(2)]
 print(json.dumps(out))

@@ -43,6 +43,20 @@ pub fn chat_model() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The sentence-embedding model, all-MiniLM-L6-v2 as GGUF (`RHIZOS_EMBED_MODEL`, else the one
+/// `testbed/ai/setup.sh` converts).
+pub fn embed_model() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("RHIZOS_EMBED_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".rhizos/tools/ai/models/all-MiniLM-L6-v2.F16.gguf"));
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: `source testbed/ai/setup.sh` converts it",
+        path.display()
+    );
+    Ok(path)
+}
+
 /// A free TCP port on loopback (bound and released).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
