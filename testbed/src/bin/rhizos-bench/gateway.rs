@@ -2,7 +2,9 @@
 //! fast local mock model server directly and through the whole network — gateway (key check,
 //! hold), orchestrator (submit, match, assign, settle), agent and `openai` plugin, the response
 //! relayed over NATS — at concurrency 1 and 64: time to the first content chunk and to the last,
-//! p50 / p99, and requests per second.
+//! p50 / p99, and requests per second. Where LiteLLM's proxy is installed
+//! (`testbed/ai/litellm-setup.sh`: a pinned version in its own venv), the same load goes through
+//! it to the same mock in the same run, as the field's common anchor.
 
 use crate::report::{Tail, ms};
 use rhizos_broker::wire::CreateKey;
@@ -18,6 +20,8 @@ pub struct Report {
     bench: &'static str,
     build: &'static str,
     tokens: usize,
+    /// Why LiteLLM is not in the runs, when it is not.
+    litellm_missing: Option<String>,
     runs: Vec<Run>,
 }
 
@@ -32,6 +36,17 @@ struct Run {
     gateway_last_ms: Tail,
     gateway_rps: f64,
     /// Gateway − direct at p50 and p99, time to first chunk.
+    added_first_p50_ms: f64,
+    added_first_p99_ms: f64,
+    litellm: Option<Anchor>,
+}
+
+/// The same load through LiteLLM's proxy.
+#[derive(Serialize)]
+struct Anchor {
+    first_ms: Tail,
+    last_ms: Tail,
+    rps: f64,
     added_first_p50_ms: f64,
     added_first_p99_ms: f64,
 }
@@ -64,6 +79,23 @@ impl fmt::Display for Report {
                 "    added to the first chunk: p50 {:.2} ms, p99 {:.2} ms",
                 run.added_first_p50_ms, run.added_first_p99_ms
             )?;
+            if let Some(litellm) = &run.litellm {
+                writeln!(
+                    f,
+                    "    litellm  first chunk {}; last {}; {:.0} req/s",
+                    litellm.first_ms, litellm.last_ms, litellm.rps
+                )?;
+                writeln!(
+                    f,
+                    "    LiteLLM adds: p50 {:.2} ms, p99 {:.2} ms (RhizOS's addition is {:.1}× less at p50)",
+                    litellm.added_first_p50_ms,
+                    litellm.added_first_p99_ms,
+                    litellm.added_first_p50_ms / run.added_first_p50_ms.max(0.001)
+                )?;
+            }
+        }
+        if let Some(why) = &self.litellm_missing {
+            writeln!(f, "  LiteLLM not compared: {why}")?;
         }
         Ok(())
     }
@@ -141,9 +173,106 @@ fn load(
     Ok((first, last, rps))
 }
 
-pub async fn run(requests: usize, tokens: usize) -> anyhow::Result<Report> {
+/// LiteLLM's proxy in front of `mock`, killed on drop.
+struct LiteLlm {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+/// The key LiteLLM's proxy is started with (it refuses to start without a master key).
+const LITELLM_KEY: &str = "sk-rhizos-bench";
+
+impl LiteLlm {
+    fn start(command: &std::path::Path, mock: &MockOpenAi) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("litellm.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "model_list:\n  - model_name: mock\n    litellm_params:\n      model: openai/mock\n      api_base: {}/v1\n      api_key: none\ngeneral_settings:\n  master_key: {LITELLM_KEY}\nlitellm_settings:\n  drop_params: true\n",
+                mock.base_url()
+            ),
+        )?;
+        let port = rhizos_testbed::ai::free_port()?;
+        let child = std::process::Command::new(command)
+            .args(["--config"])
+            .arg(&config)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--host",
+                "127.0.0.1",
+                "--num_workers",
+                "1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("litellm.log"))?)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {}: {e}", command.display()))?;
+        let litellm = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
+            _dir: dir,
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(response) = agent
+                .get(format!("http://127.0.0.1:{port}/health/liveliness"))
+                .call()
+                && response.status() == 200
+            {
+                return Ok(litellm);
+            }
+            anyhow::ensure!(
+                Instant::now() < until,
+                "LiteLLM's proxy did not answer within 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for LiteLlm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `litellm` command to compare with: the one named, or the one the setup script installs.
+fn litellm_command(named: Option<std::path::PathBuf>) -> Result<std::path::PathBuf, String> {
+    let path = named.unwrap_or_else(|| {
+        rhizos_testbed::ai::repo_root().join(".rhizos/tools/litellm/venv/bin/litellm")
+    });
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is not there (bash testbed/ai/litellm-setup.sh installs it)",
+            path.display()
+        ))
+    }
+}
+
+pub async fn run(
+    requests: usize,
+    tokens: usize,
+    litellm: Option<std::path::PathBuf>,
+) -> anyhow::Result<Report> {
     anyhow::ensure!(requests >= 64, "--requests must be at least 64");
     let mock = MockOpenAi::start(tokens)?;
+    let (litellm, litellm_missing) = match litellm_command(litellm) {
+        Ok(command) => {
+            eprintln!("starting LiteLLM's proxy ({})", command.display());
+            (Some(LiteLlm::start(&command, &mock)?), None)
+        }
+        Err(why) => (None, Some(why)),
+    };
     let mut plugin_config = std::collections::BTreeMap::new();
     plugin_config.insert(
         "openai".to_owned(),
@@ -190,21 +319,29 @@ pub async fn run(requests: usize, tokens: usize) -> anyhow::Result<Report> {
     }
     let direct_url = format!("{}/v1/chat/completions", mock.base_url());
     let mut runs = Vec::new();
+    let litellm_url = litellm.as_ref().map(|l| l.url.clone());
     for (concurrency, count) in [(1, requests / 4), (64, requests)] {
-        let (d, g) = {
-            let (direct_url, gateway_url, key) =
-                (direct_url.clone(), gateway_url.clone(), key.clone());
+        let (d, g, l) = {
+            let (direct_url, gateway_url, key, litellm_url) = (
+                direct_url.clone(),
+                gateway_url.clone(),
+                key.clone(),
+                litellm_url.clone(),
+            );
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 // Warm-up: connections, caches, the plugin's first request.
-                load(
-                    &gateway_url,
-                    Some(&key),
-                    concurrency.min(8),
-                    concurrency.min(8),
-                )?;
+                let warm = concurrency.min(8);
+                load(&gateway_url, Some(&key), warm, warm)?;
                 let d = load(&direct_url, None, count, concurrency)?;
                 let g = load(&gateway_url, Some(&key), count, concurrency)?;
-                Ok((d, g))
+                let l = match &litellm_url {
+                    Some(url) => {
+                        load(url, Some(LITELLM_KEY), warm, warm)?;
+                        Some(load(url, Some(LITELLM_KEY), count, concurrency)?)
+                    }
+                    None => None,
+                };
+                Ok((d, g, l))
             })
             .await??
         };
@@ -222,6 +359,16 @@ pub async fn run(requests: usize, tokens: usize) -> anyhow::Result<Report> {
             gateway_rps: grps,
             added_first_p50_ms: gft.p50 - dft.p50,
             added_first_p99_ms: gft.p99 - dft.p99,
+            litellm: l.map(|(mut first, mut last, rps)| {
+                let first_ms = Tail::of(&mut first);
+                Anchor {
+                    first_ms,
+                    last_ms: Tail::of(&mut last),
+                    rps,
+                    added_first_p50_ms: first_ms.p50 - dft.p50,
+                    added_first_p99_ms: first_ms.p99 - dft.p99,
+                }
+            }),
         });
     }
     let _ = ms;
@@ -233,6 +380,7 @@ pub async fn run(requests: usize, tokens: usize) -> anyhow::Result<Report> {
             "release"
         },
         tokens,
+        litellm_missing,
         runs,
     })
 }

@@ -121,13 +121,18 @@ enum Bench {
     /// What the AI gateway adds to a streamed chat completion: the same requests to a fast
     /// local mock model server directly and through the whole network (gateway, orchestrator,
     /// agent, openai plugin), at concurrency 1 and 64: time to the first chunk and the last,
-    /// p50/p99, requests per second.
+    /// p50/p99, requests per second — and through LiteLLM's proxy against the same mock, side
+    /// by side, where it is installed (`bash testbed/ai/litellm-setup.sh`).
     Gateway {
         #[arg(long, default_value_t = 640)]
         requests: usize,
         /// Tokens in each answer.
         #[arg(long, default_value_t = 32)]
         tokens: usize,
+        /// LiteLLM's `litellm` command (default: the one testbed/ai/litellm-setup.sh installs,
+        /// if it is there; the comparison is left out without it).
+        #[arg(long)]
+        litellm: Option<std::path::PathBuf>,
     },
     Marketplace {
         #[arg(long, default_value_t = 1_000)]
@@ -156,9 +161,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.bench {
         Bench::SubmitLatency { jobs } => report::print(&submit_latency::run(jobs).await?, json),
         Bench::RoundTrip { requests } => report::print(&round_trip::run(requests).await?, json),
-        Bench::Gateway { requests, tokens } => {
-            report::print(&gateway::run(requests, tokens).await?, json)
-        }
+        Bench::Gateway {
+            requests,
+            tokens,
+            litellm,
+        } => report::print(&gateway::run(requests, tokens, litellm).await?, json),
         Bench::PluginCall { calls } => report::print(&plugin_call::plugin_call(calls)?, json),
         // Runs its own runtime inside the backend: off this one's worker threads.
         Bench::WasmInstantiate { iterations } => {
