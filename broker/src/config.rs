@@ -24,6 +24,16 @@ pub struct Settings {
     pub agent: AgentSettings,
     pub pricing: Pricing,
     pub gateway: GatewaySettings,
+    pub metrics: MetricsSettings,
+}
+
+/// `[metrics]`: Prometheus metrics of the daemon (`GET /metrics`, text exposition), on a
+/// listener of their own — never on the gateway's public port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address to serve `/metrics` on, e.g. `127.0.0.1:9464`; none: not served.
+    pub listen: Option<String>,
 }
 
 /// `[gateway]`: the OpenAI-compatible HTTP gateway (`rhizosd gateway`).

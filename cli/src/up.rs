@@ -39,6 +39,13 @@ pub struct UpArgs {
     /// Do not start the AI gateway.
     #[arg(long, conflicts_with = "gateway")]
     no_gateway: bool,
+    /// Where Prometheus metrics of the orchestrator, agent and gateway are served, at /metrics
+    /// (overrides [metrics] listen; default 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Serve no metrics.
+    #[arg(long, conflicts_with = "metrics")]
+    no_metrics: bool,
 }
 
 impl UpArgs {
@@ -170,6 +177,7 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     )
     .context("failed to start the agent")?;
     print_plugins(&agent);
+    let agent_metrics = agent.metrics_source();
     let agent_task = tokio::spawn(agent.run(stopped(stop.clone())));
     // Ready means ready: the agent has registered and can be given jobs.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -185,6 +193,7 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         args.node_id,
         plugin_dir.display()
     );
+    let mut metrics_sources = vec![orchestrator.metrics_source(), agent_metrics];
     let gateway_task = if args.no_gateway {
         None
     } else {
@@ -204,6 +213,7 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
             Bus::connect(&as_party(&Caller::gateway(local::GATEWAY))).await?,
             settings.gateway.clone(),
         );
+        metrics_sources.push(gateway.metrics_source());
         let models = orchestrator_models(&as_party(&Caller::operator(local::OPERATOR))).await;
         eprintln!(
             "✓ AI gateway http://{address}/v1 (OpenAI-compatible; models served now: {})",
@@ -215,6 +225,35 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         );
         Some(tokio::spawn(gateway.serve(listener, stopped(stop.clone()))))
     };
+    if !args.no_metrics {
+        let asked = args
+            .metrics
+            .clone()
+            .or_else(|| settings.metrics.listen.clone());
+        let address = asked.clone().unwrap_or_else(|| "127.0.0.1:9464".into());
+        match tokio::net::TcpListener::bind(&address).await {
+            Ok(listener) => {
+                eprintln!(
+                    "✓ metrics http://{}/metrics (Prometheus; docs/grafana-dashboard.json)",
+                    listener.local_addr()?
+                );
+                tokio::spawn(rhizos_core::metrics::serve(
+                    listener,
+                    metrics_sources,
+                    stopped(stop.clone()),
+                ));
+            }
+            // The address asked for must work; the default may be taken by another network.
+            Err(e) if asked.is_some() => {
+                return Err(anyhow::anyhow!(e).context(format!(
+                    "metrics cannot be served on {address} (in use? choose another with --metrics ADDR, or --no-metrics)"
+                )));
+            }
+            Err(e) => eprintln!(
+                "! metrics not served: {address} is not free ({e}); choose an address with --metrics ADDR"
+            ),
+        }
+    }
     eprintln!(
         "\nRhizOS is up: NATS {} namespace {}.\nIn another terminal:\n  \
          rhizos user add alice && rhizos account deposit alice 1\n  \

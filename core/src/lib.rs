@@ -6,6 +6,7 @@ pub mod agent;
 pub mod component;
 pub mod gateway;
 pub mod ledger;
+pub mod metrics;
 pub mod orchestrator;
 pub mod telemetry;
 

@@ -34,6 +34,10 @@ struct Cli {
     /// orchestrator's, or the node's from `rhizos node enroll`.
     #[arg(long, global = true)]
     credentials: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address at /metrics (overrides [metrics] listen), e.g.
+    /// 127.0.0.1:9464. Off by default; never on the gateway's public port.
+    #[arg(long, global = true)]
+    metrics: Option<String>,
     /// Log as JSON lines.
     #[arg(long, global = true)]
     log_json: bool,
@@ -83,6 +87,33 @@ async fn main() -> anyhow::Result<()> {
     if let Some(credentials) = cli.credentials {
         settings.nats.credentials = Some(credentials);
     }
+    if cli.metrics.is_some() {
+        settings.metrics.listen = cli.metrics;
+    }
+    let metrics_listener =
+        match &settings.metrics.listen {
+            Some(address) => Some(tokio::net::TcpListener::bind(address).await.with_context(
+                || {
+                    format!(
+                        "cannot serve metrics on {address} (in use? choose another with --metrics)"
+                    )
+                },
+            )?),
+            None => None,
+        };
+    // Serves the daemon's metrics, when asked for, until the daemon stops.
+    let serve_metrics = |source: rhizos_core::metrics::Source| {
+        if let Some(listener) = metrics_listener {
+            if let Ok(address) = listener.local_addr() {
+                tracing::info!(%address, "metrics at http://{address}/metrics");
+            }
+            tokio::spawn(rhizos_core::metrics::serve(
+                listener,
+                vec![source],
+                telemetry::shutdown_signal(),
+            ));
+        }
+    };
     let bus = Bus::connect(&settings.nats).await?;
     if !bus.client.server_info().auth_required {
         tracing::warn!(
@@ -98,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
             let orchestrator = Orchestrator::open(bus, settings.orchestrator)
                 .await
                 .context("failed to start the orchestrator")?;
+            serve_metrics(orchestrator.metrics_source());
             orchestrator.run(telemetry::shutdown_signal()).await
         }
         Role::Agent {
@@ -112,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let agent = Agent::new(bus, settings.agent, settings.pricing)
                 .context("failed to start the agent")?;
+            serve_metrics(agent.metrics_source());
             agent.run(telemetry::shutdown_signal()).await
         }
         Role::Gateway { listen } => {
@@ -127,9 +160,9 @@ async fn main() -> anyhow::Result<()> {
                     )
                 })?;
             println!("gateway listening on http://{}/v1", listener.local_addr()?);
-            Gateway::new(bus, settings.gateway)
-                .serve(listener, telemetry::shutdown_signal())
-                .await
+            let gateway = Gateway::new(bus, settings.gateway);
+            serve_metrics(gateway.metrics_source());
+            gateway.serve(listener, telemetry::shutdown_signal()).await
         }
     }
 }

@@ -18,11 +18,38 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// An exit kind as its wire name (`exited`, `timed_out`, …), for metrics labels.
+fn exit_kind_label(kind: ExitKind) -> &'static str {
+    match kind {
+        ExitKind::Exited => "exited",
+        ExitKind::TimedOut => "timed_out",
+        ExitKind::MemoryExceeded => "memory_exceeded",
+        ExitKind::Crashed => "crashed",
+        ExitKind::Rejected => "rejected",
+        ExitKind::FuelExhausted => "fuel_exhausted",
+        ExitKind::Cancelled => "cancelled",
+        ExitKind::NodeError => "node_error",
+    }
+}
+
 impl Agent {
     /// Runs one attempt to its end and reports it.
     pub(super) async fn execute(self, assign: AssignJob) {
         let key = (assign.job_id.clone(), assign.attempt);
+        let metrics = self.inner.metrics.clone();
+        let backend = assign.spec.workload.backend().to_owned();
+        metrics
+            .plugin_calls
+            .with_label_values(&[backend.as_str(), "start"])
+            .inc();
+        metrics.running.inc();
         let (mut outcome, offload, chunks) = self.run_plugin(&assign).await;
+        metrics.running.dec();
+        metrics
+            .executions
+            .with_label_values(&[backend.as_str(), exit_kind_label(outcome.kind)])
+            .inc();
+        metrics.chunks.inc_by(chunks.unwrap_or(0));
         if let Some(chunks) = chunks {
             self.end_stream(&assign, &outcome, chunks).await;
         }
@@ -407,6 +434,7 @@ impl Agent {
                     }
                 }
             }
+            self.inner.metrics.log_lines.inc_by(lines.len() as u64);
             let batch = LogBatch {
                 v: WIRE_VERSION,
                 job_id: job_id.clone(),

@@ -66,9 +66,15 @@ struct Inner {
     nvml: Option<nvml_wrapper::Nvml>,
     /// Set when the agent begins to shut down: executions it cancels then are handed back.
     shutting_down: std::sync::atomic::AtomicBool,
+    metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 impl Agent {
+    /// Its metrics for [`crate::metrics::serve`].
+    pub fn metrics_source(&self) -> crate::metrics::Source {
+        crate::metrics::Source::of(&self.inner.metrics.registry)
+    }
+
     /// Loads the plugins from `settings.plugin_dir` and detects the machine.
     pub fn new(bus: Bus, settings: AgentSettings, pricing: Pricing) -> anyhow::Result<Self> {
         let (hardware, nvml) = hardware::detect_with(settings.nvml_library.as_deref());
@@ -111,6 +117,7 @@ impl Agent {
                 hardware,
                 executions: Mutex::new(HashMap::new()),
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
+                metrics: Arc::new(crate::metrics::AgentMetrics::new()),
             }),
         })
     }

@@ -305,6 +305,9 @@ struct Relay {
     /// witness.
     counted_input: Option<u64>,
     service: Service,
+    /// For the metrics.
+    route: String,
+    model: String,
 }
 
 impl Gateway {
@@ -316,6 +319,23 @@ impl Gateway {
         digest: String,
         ai: AiRequest,
         route: &str,
+    ) -> Result<(String, mpsc::Receiver<Event>), ApiError> {
+        let admitted = Instant::now();
+        let (route_name, model_name) = (route.to_owned(), ai.model.clone());
+        let started = self.start_inner(key, digest, ai, route, admitted).await;
+        if let Err(e) = &started {
+            self.count_request(&route_name, &model_name, Some(e));
+        }
+        started
+    }
+
+    async fn start_inner(
+        &self,
+        key: &KeyView,
+        digest: String,
+        ai: AiRequest,
+        route: &str,
+        admitted: Instant,
     ) -> Result<(String, mpsc::Receiver<Event>), ApiError> {
         Self::allowed(key, route, Some(&ai.model))?;
         self.admit(key)?;
@@ -408,6 +428,7 @@ impl Gateway {
         spec.max_retries = 2;
         // The node's model server has its own concurrency; the node's max_concurrent bounds it.
         spec.cpu_cores = 0;
+        let submitting = Instant::now();
         let submitted = self
             .inner
             .client
@@ -420,6 +441,10 @@ impl Gateway {
                 api_key_sha256: Some(digest),
             })
             .await;
+        self.inner
+            .metrics
+            .submit_seconds
+            .observe(submitting.elapsed().as_secs_f64());
         if let Err(e) = &submitted {
             let message = e
                 .remote()
@@ -456,6 +481,8 @@ impl Gateway {
             counted_input: matches!(ai_service, Service::Speech | Service::Scrape)
                 .then_some(max_input),
             service: ai_service,
+            route: route.to_owned(),
+            model: ai.model.clone(),
         };
         let key = key.clone();
         tokio::spawn(relay.run(stream, sender, key));
@@ -466,6 +493,11 @@ impl Gateway {
         if let Event::Failed(e) = first {
             return Err(e);
         }
+        self.inner
+            .metrics
+            .first_chunk_seconds
+            .with_label_values(&[ai.model.as_str()])
+            .observe(admitted.elapsed().as_secs_f64());
         let (resend, rest) = mpsc::channel(256);
         tokio::spawn(async move {
             if resend.send(first).await.is_ok() {
@@ -530,6 +562,14 @@ impl Relay {
         match outcome {
             Ok((reason, prompt_tokens, completion_tokens)) => {
                 self.gw.used_tokens(&key, prompt_tokens + completion_tokens);
+                self.gw.count_request(&self.route, &self.model, None);
+                let tokens = &self.gw.inner.metrics.tokens;
+                tokens
+                    .with_label_values(&[self.model.as_str(), "input"])
+                    .inc_by(prompt_tokens);
+                tokens
+                    .with_label_values(&[self.model.as_str(), "output"])
+                    .inc_by(completion_tokens);
                 let _ = events
                     .send(Event::Finish {
                         reason,
@@ -540,6 +580,10 @@ impl Relay {
             }
             Err(e) => {
                 tracing::info!(job_id = %self.job_id, error = %e.message, delivered = self.delivered, "request ended without a complete answer");
+                if self.delivered > 0 {
+                    // Failed before its first event: `start` counts it.
+                    self.gw.count_request(&self.route, &self.model, Some(&e));
+                }
                 if !self.ended_by_node {
                     // The client holds what was delivered (it went away, or the answer took too
                     // long): the node is paid for that part, so it is witnessed before the

@@ -42,6 +42,7 @@ struct Inner {
     keys: Mutex<KeyCache>,
     models: tokio::sync::Mutex<Option<(Instant, Vec<ModelView>)>>,
     windows: Mutex<HashMap<String, Window>>,
+    metrics: Arc<crate::metrics::GatewayMetrics>,
 }
 
 /// One key's last minute: request times and the tokens its requests used.
@@ -67,7 +68,27 @@ impl Gateway {
                 keys: Mutex::new(HashMap::new()),
                 models: tokio::sync::Mutex::new(None),
                 windows: Mutex::new(HashMap::new()),
+                metrics: Arc::new(crate::metrics::GatewayMetrics::new()),
             }),
+        }
+    }
+
+    /// Its metrics for [`crate::metrics::serve`] (served on a listener of their own, not on
+    /// the public API's port).
+    pub fn metrics_source(&self) -> crate::metrics::Source {
+        crate::metrics::Source::of(&self.inner.metrics.registry)
+    }
+
+    /// Counts a request's end: its outcome by route and model, its error's code.
+    fn count_request(&self, route: &str, model: &str, error: Option<&ApiError>) {
+        let metrics = &self.inner.metrics;
+        let outcome = error.map_or("served", |e| e.code.unwrap_or(e.kind));
+        metrics
+            .requests
+            .with_label_values(&[route, model, outcome])
+            .inc();
+        if error.is_some() {
+            metrics.errors.with_label_values(&[model, outcome]).inc();
         }
     }
 

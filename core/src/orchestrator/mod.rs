@@ -78,6 +78,7 @@ struct Inner {
     reader: Arc<Mutex<Store>>,
     /// The blob stream results' large parts are stored in (checked before they are recorded).
     blobs: async_nats::jetstream::stream::Stream,
+    metrics: Arc<crate::metrics::OrchestratorMetrics>,
 }
 
 /// Most heartbeat reconciliations at once.
@@ -102,6 +103,43 @@ fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 impl Orchestrator {
+    /// Its metrics for [`crate::metrics::serve`]: counters and histograms as they happen; jobs
+    /// by state, nodes live and lost, the outbox's backlog, escrow held and fees read (off the
+    /// ledger thread) at each scrape.
+    pub fn metrics_source(&self) -> crate::metrics::Source {
+        let this = self.clone();
+        crate::metrics::Source {
+            registry: self.inner.metrics.registry.clone(),
+            refresh: Some(Arc::new(move || {
+                let this = this.clone();
+                Box::pin(async move {
+                    let metrics = &this.inner.metrics;
+                    let (live, lost) = {
+                        let registry = this.registry();
+                        let live = registry.live_count();
+                        (live, registry.len().saturating_sub(live))
+                    };
+                    metrics.nodes.with_label_values(&["live"]).set(live as i64);
+                    metrics.nodes.with_label_values(&["lost"]).set(lost as i64);
+                    match this.read(|store| store.network_stats()).await {
+                        Ok(stats) => {
+                            metrics.jobs.reset();
+                            for (state, count) in stats.jobs_by_state {
+                                metrics.jobs.with_label_values(&[state.as_str()]).set(count);
+                            }
+                            metrics.outbox_pending.set(stats.outbox_pending);
+                            metrics.escrow_held_micros.set(stats.escrow_held_micros);
+                            metrics.fees_micros.set(stats.fees_micros);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e.message, "metrics: the ledger could not be read")
+                        }
+                    }
+                })
+            })),
+        }
+    }
+
     /// Opens the ledger in `settings.data_dir` and prepares the event stream.
     pub async fn open(bus: Bus, settings: OrchestratorSettings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&settings.data_dir).with_context(|| {
@@ -155,12 +193,14 @@ impl Orchestrator {
             None => None,
         };
         let max_in_flight = settings.max_requests_in_flight;
+        let metrics = Arc::new(crate::metrics::OrchestratorMetrics::new());
         Ok(Self {
             inner: Arc::new(Inner {
                 bus,
                 settings,
                 instance: store.instance().to_owned(),
-                writer: spawn_writer(store)?,
+                writer: spawn_writer(store, metrics.clone())?,
+                metrics,
                 registry: Mutex::new(registry),
                 dispatch_wake: Notify::new(),
                 outbox_wake: Notify::new(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 impl Orchestrator {
     pub(in crate::orchestrator) fn handle_heartbeat(&self, payload: &[u8]) {
+        self.inner.metrics.heartbeats.inc();
         match wire::decode::<Heartbeat>(payload, self.inner.settings.max_request_bytes) {
             Ok(mut heartbeat) => {
                 // No node runs more than its registered concurrency (itself capped): a longer

@@ -20,7 +20,10 @@ const MAX_GROUP_COMMIT: usize = 512;
 /// [`MAX_GROUP_COMMIT`]), runs them in one transaction, commits once, then answers them all: under
 /// load many operations share one fsync (group commit), while each still commits or rolls back on
 /// its own through its savepoint, and nobody hears of a change before it is durable.
-pub(super) fn spawn_writer(mut store: Store) -> anyhow::Result<std::sync::mpsc::Sender<Op>> {
+pub(super) fn spawn_writer(
+    mut store: Store,
+    metrics: std::sync::Arc<crate::metrics::OrchestratorMetrics>,
+) -> anyhow::Result<std::sync::mpsc::Sender<Op>> {
     let (sender, receiver) = std::sync::mpsc::channel::<Op>();
     std::thread::Builder::new()
         .name("rhizos-ledger".into())
@@ -33,6 +36,8 @@ pub(super) fn spawn_writer(mut store: Store) -> anyhow::Result<std::sync::mpsc::
                         Err(_) => break,
                     }
                 }
+                metrics.group_size.observe(batch.len() as f64);
+                let started = std::time::Instant::now();
                 let (completions, commit) = store.group_commit(|store| {
                     batch
                         .into_iter()
@@ -45,6 +50,9 @@ pub(super) fn spawn_writer(mut store: Store) -> anyhow::Result<std::sync::mpsc::
                         })
                         .collect::<Vec<_>>()
                 });
+                metrics
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 if let Err(e) = &commit {
                     tracing::error!(error = %e, "ledger batch not committed");
                 }

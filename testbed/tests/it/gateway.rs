@@ -38,6 +38,14 @@ fn openai_config(
 async fn ai_network_of(
     configs: Vec<std::collections::BTreeMap<String, serde_json::Value>>,
 ) -> (Cluster, String) {
+    let (cluster, base, _) = ai_network_with_gateway(configs).await;
+    (cluster, base)
+}
+
+/// [`ai_network_of`], and the gateway itself.
+async fn ai_network_with_gateway(
+    configs: Vec<std::collections::BTreeMap<String, serde_json::Value>>,
+) -> (Cluster, String, Gateway) {
     let cluster = Cluster::start(ClusterOptions {
         agents: configs.len(),
         secure: true,
@@ -60,7 +68,8 @@ async fn ai_network_of(
         listen: listener.local_addr().unwrap().to_string(),
         ..Default::default()
     };
-    tokio::spawn(Gateway::new(gateway_bus, settings).serve(listener, std::future::pending()));
+    let gateway = Gateway::new(gateway_bus, settings);
+    tokio::spawn(gateway.clone().serve(listener, std::future::pending()));
     // The node offers the model once its plugin has seen the server answer.
     let client = cluster.client();
     let until = std::time::Instant::now() + Duration::from_secs(20);
@@ -78,7 +87,7 @@ async fn ai_network_of(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (cluster, base)
+    (cluster, base, gateway)
 }
 
 async fn key(alice: &Client, limit: Option<i64>, rpm: Option<u32>) -> String {
@@ -140,7 +149,7 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
             serde_json::json!({"name": "all-minilm-l6-v2", "upstream": "minilm",
             "service": "embeddings", "base_url": embedder.base_url(), "context_length": 512}),
         );
-    let (cluster, base) = ai_network_of(vec![config]).await;
+    let (cluster, base, gateway) = ai_network_with_gateway(vec![config]).await;
     cluster.funded_account("alice", USD).await.unwrap();
     let alice = cluster.client_as(&Caller::user("alice")).await.unwrap();
     let (good, quota, rate) = (
@@ -376,6 +385,89 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
 
     let report = cluster.client().ledger_verify().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
+
+    // Prometheus metrics of the three daemons, scraped over HTTP as Prometheus (or curl) would.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    tokio::spawn(rhizos_core::metrics::serve(
+        listener,
+        vec![
+            cluster.orchestrator.metrics_source(),
+            cluster.agents[0].metrics_source(),
+            gateway.metrics_source(),
+        ],
+        std::future::pending(),
+    ));
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{series} not in the metrics:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let jobs = cluster
+        .client()
+        .job_list(Some("alice"), None, None)
+        .await
+        .unwrap()
+        .jobs;
+    let succeeded = jobs
+        .iter()
+        .filter(|j| j.state == JobState::Succeeded)
+        .count();
+    assert_eq!(value("rhizos_jobs{state=\"succeeded\"}"), succeeded as f64);
+    assert!(value("rhizos_heartbeats_total") > 0.0);
+    assert!(value("rhizos_ledger_commit_seconds_count") > 0.0);
+    assert!(value("rhizos_job_submit_to_running_seconds_count") >= succeeded as f64);
+    assert!(
+        value("rhizos_orchestrator_requests_total{op=\"job.submit\",outcome=\"ok\"}")
+            >= succeeded as f64
+    );
+    // Alice's jobs are the only ones: the platform's fees are theirs.
+    let fees: i64 = jobs.iter().filter_map(|j| j.fee_micros).sum();
+    assert!(fees > 0);
+    assert_eq!(value("rhizos_fees_micros"), fees as f64);
+    assert_eq!(
+        value("rhizos_escrow_held_micros"),
+        0.0,
+        "everything settled"
+    );
+    assert_eq!(value("rhizos_nodes{status=\"live\"}"), 1.0);
+    assert!(
+        value("rhizos_agent_executions_total{backend=\"inference\",outcome=\"exited\"}")
+            >= succeeded as f64
+    );
+    // The SDK and the CLI's chats (three served, two within the rpm limit, one within tpm).
+    assert_eq!(
+        value(
+            "rhizos_gateway_requests_total{model=\"smollm2-135m\",outcome=\"served\",route=\"chat\"}"
+        ),
+        7.0
+    );
+    assert!(
+        value("rhizos_gateway_tokens_total{direction=\"output\",model=\"smollm2-135m\"}") > 0.0
+    );
+    assert_eq!(
+        value("rhizos_gateway_errors_total{code=\"rate_limit_exceeded\",model=\"smollm2-135m\"}"),
+        2.0
+    );
+    // The SDK retries what it may (max_retries 2 here): an empty wallet reached the gateway
+    // exactly once, because the gateway said `x-should-retry: false`.
+    assert_eq!(
+        value("rhizos_gateway_errors_total{code=\"insufficient_quota\",model=\"smollm2-135m\"}"),
+        1.0
+    );
+    assert!(value("rhizos_gateway_first_chunk_seconds_count{model=\"smollm2-135m\"}") >= 7.0);
 }
 
 /// A hand-rolled node serving `tiny` (it speaks the agent's side of the protocol itself).

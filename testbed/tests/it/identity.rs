@@ -551,6 +551,7 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
         .arg(&data_dir)
         .arg("--plugin-dir")
         .arg(&plugin_dir)
+        .args(["--metrics", "127.0.0.1:0"])
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -581,6 +582,30 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
         (output.status.success(), text)
     };
     assert!(up_log().contains("authentication on"), "{}", up_log());
+
+    // The daemons' metrics, where `up` says they are.
+    let log_now = up_log();
+    let metrics_url = log_now
+        .lines()
+        .find_map(|line| line.strip_prefix("✓ metrics "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no metrics line:\n{log_now}"))
+        .to_owned();
+    let metrics = ureq::get(&metrics_url)
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    for series in [
+        "rhizos_nodes{status=\"live\"} 1",
+        "# TYPE rhizos_heartbeats_total counter",
+        "# TYPE rhizos_ledger_commit_seconds histogram",
+        "# TYPE rhizos_agent_running gauge",
+        "# TYPE rhizos_gateway_submit_seconds histogram",
+    ] {
+        assert!(metrics.contains(series), "{series} not in:\n{metrics}");
+    }
 
     // An anonymous client is refused by the server.
     let mut anonymous = rhizos_broker::config::NatsSettings {

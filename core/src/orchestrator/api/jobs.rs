@@ -222,10 +222,12 @@ impl Orchestrator {
         let (log_job, log_node) = (job_id.clone(), node_id.clone());
         // Capacity comes free on a result or a hand-back (and a handed-back job waits again).
         let finished = !matches!(phase, ReportPhase::Running);
-        let effect = self
+        let arrived = std::time::Instant::now();
+        let settles = matches!(phase, ReportPhase::Finished { .. });
+        let (effect, since_submit_ms) = self
             .db(move |store| match &phase {
                 ReportPhase::Running => store
-                    .mark_running(&job_id, &node_id, attempt)
+                    .mark_running_timed(&job_id, &node_id, attempt)
                     .map_err(WireError::from),
                 ReportPhase::Finished { outcome } => {
                     let enrolled = store.enrolment(&node_id)?.and_then(|e| e.public_key);
@@ -238,6 +240,7 @@ impl Orchestrator {
                     }
                     store
                         .finish_signed(&job_id, &node_id, attempt, outcome, max_output, signed.as_ref())
+                        .map(|effect| (effect, None))
                         .map_err(WireError::from)
                 }
                 ReportPhase::HandedBack { reason } => {
@@ -245,10 +248,23 @@ impl Orchestrator {
                     let reason: String = reason.chars().take(256).collect();
                     store
                         .hand_back(&job_id, &node_id, attempt, &reason)
+                        .map(|effect| (effect, None))
                         .map_err(WireError::from)
                 }
             })
             .await?;
+        if matches!(effect, ReportEffect::Applied) {
+            let metrics = &self.inner.metrics;
+            match since_submit_ms {
+                Some(ms) => metrics
+                    .submit_to_running_seconds
+                    .observe(ms as f64 / 1000.0),
+                None if settles => metrics
+                    .settle_seconds
+                    .observe(arrived.elapsed().as_secs_f64()),
+                None => {}
+            }
+        }
         self.inner.outbox_wake.notify_one();
         if finished {
             self.inner.dispatch_wake.notify_one();

@@ -110,10 +110,24 @@ impl Orchestrator {
     where
         F: Future<Output = Result<R::Reply, WireError>>,
     {
+        let started = std::time::Instant::now();
         let result = match self.decode::<R>(payload) {
             Ok(request) => handler(request).await,
             Err(e) => Err(e),
         };
+        let metrics = &self.inner.metrics;
+        let op = R::OP.as_str();
+        metrics
+            .requests
+            .with_label_values(&[
+                op,
+                result.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok"),
+            ])
+            .inc();
+        metrics
+            .request_seconds
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
         encode_reply(result)
     }
 

@@ -511,6 +511,11 @@ impl Registry {
         self.nodes.values().filter(|n| !n.lost).count()
     }
 
+    /// Nodes registered, live or lost.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
     /// Records a heartbeat; `false` if the node is unknown.
     pub fn heartbeat(
         &mut self,

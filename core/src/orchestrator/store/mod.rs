@@ -30,6 +30,7 @@ mod nodes;
 mod outbox;
 mod rows;
 pub mod schema;
+mod stats;
 mod transitions;
 mod verify;
 
@@ -43,6 +44,7 @@ pub use jobs::ClosedJob;
 pub use nodes::REPUTATION_WINDOW;
 pub use outbox::{OutboxEvent, OutboxReader, OutboxRow};
 pub use rows::{JobCursor, JobRecord};
+pub use stats::NetworkStats;
 
 use crate::ledger::{self, AccountKind, LedgerError};
 use rhizos_broker::TokenError;

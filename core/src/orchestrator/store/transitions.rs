@@ -147,19 +147,31 @@ impl Store {
         node_id: &str,
         attempt: u32,
     ) -> Result<ReportEffect, StoreError> {
+        self.mark_running_timed(job_id, node_id, attempt)
+            .map(|(effect, _)| effect)
+    }
+
+    /// [`Store::mark_running`], with the time since the job was submitted when it applied.
+    pub fn mark_running_timed(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        attempt: u32,
+    ) -> Result<(ReportEffect, Option<u64>), StoreError> {
         let now = now_ms();
         let (tx, ctx) = self.begin()?;
         let state = match Self::check_attempt(&tx, job_id, node_id, attempt)? {
             Ok(state) => state,
-            Err(effect) => return Ok(effect),
+            Err(effect) => return Ok((effect, None)),
         };
         if state != JobState::Assigned {
-            return Ok(ReportEffect::Duplicate);
+            return Ok((ReportEffect::Duplicate, None));
         }
-        exec(
-            &tx,
-            "UPDATE jobs SET state = 'running', updated_ms = ?2, started_ms = ?2 WHERE id = ?1",
+        let created_ms: i64 = tx.query_row(
+            "UPDATE jobs SET state = 'running', updated_ms = ?2, started_ms = ?2 WHERE id = ?1
+             RETURNING created_ms",
             params![job_id, now as i64],
+            |r| r.get(0),
         )?;
         ctx.emit_job(
             &tx,
@@ -171,7 +183,10 @@ impl Store {
             now,
         )?;
         tx.commit()?;
-        Ok(ReportEffect::Applied)
+        Ok((
+            ReportEffect::Applied,
+            Some(now.saturating_sub(created_ms.max(0) as u64)),
+        ))
     }
 
     /// Records the end of the current attempt and settles or refunds its escrow, exactly once.
