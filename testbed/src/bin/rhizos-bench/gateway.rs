@@ -39,6 +39,9 @@ struct Run {
     added_first_p50_ms: f64,
     added_first_p99_ms: f64,
     litellm: Option<Anchor>,
+    /// Where a request's time goes, from the daemons' own metrics over this run's requests:
+    /// mean ms of each stage (they overlap: the submit's commit is inside the submit).
+    breakdown: Vec<(String, f64)>,
 }
 
 /// The same load through LiteLLM's proxy.
@@ -79,6 +82,14 @@ impl fmt::Display for Report {
                 "    added to the first chunk: p50 {:.2} ms, p99 {:.2} ms",
                 run.added_first_p50_ms, run.added_first_p99_ms
             )?;
+            if !run.breakdown.is_empty() {
+                let stages: Vec<String> = run
+                    .breakdown
+                    .iter()
+                    .map(|(stage, ms)| format!("{stage} {ms:.2}"))
+                    .collect();
+                writeln!(f, "    where it goes (mean ms): {}", stages.join("; "))?;
+            }
             if let Some(litellm) = &run.litellm {
                 writeln!(
                     f,
@@ -304,7 +315,7 @@ pub async fn run(
             ..Default::default()
         },
     );
-    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    tokio::spawn(gateway.clone().serve(listener, std::future::pending()));
     let until = Instant::now() + Duration::from_secs(20);
     while !cluster
         .client()
@@ -320,7 +331,13 @@ pub async fn run(
     let direct_url = format!("{}/v1/chat/completions", mock.base_url());
     let mut runs = Vec::new();
     let litellm_url = litellm.as_ref().map(|l| l.url.clone());
+    let sources = vec![
+        gateway.metrics_source(),
+        cluster.orchestrator.metrics_source(),
+        cluster.agents[0].metrics_source(),
+    ];
     for (concurrency, count) in [(1, requests / 4), (64, requests)] {
+        let metrics_before = rhizos_core::metrics::render(&sources).await;
         let (d, g, l) = {
             let (direct_url, gateway_url, key, litellm_url) = (
                 direct_url.clone(),
@@ -345,6 +362,43 @@ pub async fn run(
             })
             .await??
         };
+        let metrics_after = rhizos_core::metrics::render(&sources).await;
+        let mean_ms = |series: &str| {
+            // `name{labels}` → `name_sum{labels} value`.
+            let (name, labels) = series.split_at(series.find('{').unwrap_or(series.len()));
+            let value = |text: &str, suffix: &str| -> f64 {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}{suffix}{labels} ")))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0.0)
+            };
+            let sum = value(&metrics_after, "_sum") - value(&metrics_before, "_sum");
+            let count = value(&metrics_after, "_count") - value(&metrics_before, "_count");
+            if count > 0.0 {
+                sum / count * 1000.0
+            } else {
+                0.0
+            }
+        };
+        // The warm-up's and LiteLLM's requests are in the gateway's counts too: the gateway's
+        // and orchestrator's stages are means over the requests that went through RhizOS.
+        let breakdown = [
+            ("gateway submit round trip", "rhizos_gateway_submit_seconds"),
+            (
+                "orchestrator job.submit",
+                "rhizos_orchestrator_request_seconds{op=\"job.submit\"}",
+            ),
+            ("ledger group commit", "rhizos_ledger_commit_seconds"),
+            ("submit→running", "rhizos_job_submit_to_running_seconds"),
+            (
+                "admission→first chunk",
+                "rhizos_gateway_first_chunk_seconds{model=\"mock\"}",
+            ),
+            ("report→settled", "rhizos_job_settle_seconds"),
+        ]
+        .into_iter()
+        .map(|(stage, series)| (stage.to_owned(), mean_ms(series)))
+        .collect();
         let (mut df, mut dl, drps) = d;
         let (mut gf, mut gl, grps) = g;
         let (dft, gft) = (Tail::of(&mut df), Tail::of(&mut gf));
@@ -359,6 +413,7 @@ pub async fn run(
             gateway_rps: grps,
             added_first_p50_ms: gft.p50 - dft.p50,
             added_first_p99_ms: gft.p99 - dft.p99,
+            breakdown,
             litellm: l.map(|(mut first, mut last, rps)| {
                 let first_ms = Tail::of(&mut first);
                 Anchor {
