@@ -23,8 +23,11 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
-/// Registration fails only for an invalid or duplicate name; every name here is a constant
-/// registered once on a fresh registry, so it cannot (a test gathers every daemon's metrics).
+// Building and registering a metric fails only for an invalid or duplicate name. Every name
+// here is a constant, valid, registered once on a registry of its own, so the helpers below
+// cannot fail (the unit tests build every daemon's metrics): their `expect`s are allowed.
+
+#[allow(clippy::expect_used)]
 fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
     registry
         .register(Box::new(c.clone()))
@@ -32,6 +35,7 @@ fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Regis
     c
 }
 
+#[allow(clippy::expect_used)]
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     registered(
         registry,
@@ -39,6 +43,7 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     )
 }
 
+#[allow(clippy::expect_used)]
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     registered(
         registry,
@@ -46,6 +51,7 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
     )
 }
 
+#[allow(clippy::expect_used)]
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     registered(
         registry,
@@ -53,6 +59,7 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     )
 }
 
+#[allow(clippy::expect_used)]
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     registered(
         registry,
@@ -60,6 +67,7 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
     )
 }
 
+#[allow(clippy::expect_used)]
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
     registered(
         registry,
@@ -68,6 +76,7 @@ fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Hi
     )
 }
 
+#[allow(clippy::expect_used)]
 fn histogram_vec(
     registry: &Registry,
     name: &str,

@@ -117,7 +117,7 @@ impl Orchestrator {
                     let (live, lost) = {
                         let registry = this.registry();
                         let live = registry.live_count();
-                        (live, registry.len().saturating_sub(live))
+                        (live, registry.registered_count().saturating_sub(live))
                     };
                     metrics.nodes.with_label_values(&["live"]).set(live as i64);
                     metrics.nodes.with_label_values(&["lost"]).set(lost as i64);

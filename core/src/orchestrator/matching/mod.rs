@@ -512,7 +512,7 @@ impl Registry {
     }
 
     /// Nodes registered, live or lost.
-    pub fn len(&self) -> usize {
+    pub fn registered_count(&self) -> usize {
         self.nodes.len()
     }
 
