@@ -167,7 +167,9 @@ impl Store {
         if state != JobState::Assigned {
             return Ok((ReportEffect::Duplicate, None));
         }
-        let created_ms: i64 = tx.query_row(
+        // Through the statement cache: this runs on the ledger thread once per job.
+        let created_ms: i64 = query_row(
+            &tx,
             "UPDATE jobs SET state = 'running', updated_ms = ?2, started_ms = ?2 WHERE id = ?1
              RETURNING created_ms",
             params![job_id, now as i64],
