@@ -125,6 +125,7 @@ impl From<StoreError> for WireError {
                 ErrorCode::NotFound
             }
             StoreError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            StoreError::Forbidden(_) => ErrorCode::Forbidden,
             StoreError::InvalidState(_) => ErrorCode::InvalidState,
             StoreError::InsufficientFunds(_)
             | StoreError::Ledger(LedgerError::InsufficientFunds { .. }) => {

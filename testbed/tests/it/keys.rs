@@ -331,6 +331,26 @@ async fn a_keys_credit_limit_holds_under_fifty_concurrent_requests() {
         ),
         Some(ErrorCode::Forbidden)
     );
+    // So does an expired one: expiry is checked in the hold's transaction too.
+    let expiring = alice
+        .key_create(CreateKey {
+            account: "alice".into(),
+            expires_ms: Some(rhizos_core::now_ms() + 300),
+            ..CreateKey::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let expired = alice
+        .submit(&request(
+            "expired".into(),
+            "alice",
+            Some(&rhizos_broker::blobs::sha256_hex(expiring.key.as_bytes())),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(expired.remote().map(|e| e.code), Some(ErrorCode::Forbidden));
+    assert!(expired.to_string().contains("expired"), "{expired}");
     let report = cluster.client().ledger_verify().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
     // A spend written behind the store's back is found.

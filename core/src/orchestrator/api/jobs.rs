@@ -23,18 +23,22 @@ impl Orchestrator {
         // or — a gateway — to the account of the API key its client presented.
         party_account("account", &request.account)?;
         match (&caller.role, &request.api_key_sha256) {
-            (Role::Gateway, Some(digest)) => self.key_for_charge(digest, &request.account).await?,
+            (Role::Gateway, Some(digest)) => {
+                if !rhizos_broker::blobs::is_sha256_hex(digest) {
+                    return Err(WireError::new(
+                        ErrorCode::BadRequest,
+                        "api_key_sha256: the SHA-256 of the key, 64 lowercase hex digits",
+                    ));
+                }
+            }
             (Role::Gateway, None) => {
                 return Err(forbidden(format!(
                     "{caller} submits only with its client's API key (api_key_sha256)"
                 )));
             }
-            (_, key) => {
-                own_account(&caller, &request.account)?;
-                if let Some(digest) = key {
-                    self.key_for_charge(digest, &request.account).await?;
-                }
-            }
+            // A key's account, revocation and expiry are checked in the hold's own transaction
+            // (`Store::submit_with_key`): no read before it on the way to the first token.
+            (_, _) => own_account(&caller, &request.account)?,
         }
         // Inference is the gateway's (it witnesses what it delivers, which bounds the bill);
         // the gateway submits nothing else.

@@ -99,34 +99,6 @@ impl Orchestrator {
         Ok(key)
     }
 
-    /// The key (by digest) a job is to be charged to works and is `account`'s; its credit limit
-    /// is checked with the hold, in the ledger transaction.
-    pub(in crate::orchestrator) async fn key_for_charge(
-        &self,
-        digest: &str,
-        account: &str,
-    ) -> Result<(), WireError> {
-        let key = self
-            .key_authenticate(
-                Caller::orchestrator(),
-                AuthenticateKey {
-                    v: wire::WIRE_VERSION,
-                    key_sha256: digest.to_owned(),
-                },
-            )
-            .await?;
-        if key.account != account {
-            return Err(WireError::new(
-                ErrorCode::Forbidden,
-                format!(
-                    "API key {} is account {}'s: the job must be charged to it, not to {account}",
-                    key.key_id, key.account
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     pub(in crate::orchestrator) async fn key_revoke(
         &self,
         caller: Caller,

@@ -29,9 +29,9 @@ impl Store {
     }
 
     /// [`Store::submit`], charged to the API key whose SHA-256 is `key_sha256` (of `account`,
-    /// not revoked): the hold must fit the key's credit limit with what it has spent and what
-    /// its open jobs hold — checked in the hold's own transaction, so concurrent submits cannot
-    /// overspend the key.
+    /// neither revoked nor expired — checked here, in the hold's own transaction, not before
+    /// it): the hold must fit the key's credit limit with what it has spent and what its open
+    /// jobs hold, so concurrent submits cannot overspend the key.
     pub fn submit_with_key(
         &mut self,
         job_id: &str,
@@ -445,15 +445,41 @@ fn key_budget(
     account: &str,
     hold_micros: i64,
 ) -> Result<String, StoreError> {
-    let (key_id, limit, spent): (String, Option<i64>, i64) = tx
-        .query_row(
-            "SELECT key_id, credit_limit_micros, spent_micros FROM api_keys
-             WHERE key_sha256 = ?1 AND account_id = ?2 AND revoked_ms IS NULL",
-            params![key_sha256, account],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+    type KeyRow = (String, String, Option<i64>, i64, Option<i64>, Option<i64>);
+    let (key_id, key_account, limit, spent, revoked_ms, expires_ms): KeyRow = tx
+        .prepare_cached(
+            "SELECT key_id, account_id, credit_limit_micros, spent_micros, revoked_ms, expires_ms
+             FROM api_keys WHERE key_sha256 = ?1",
+        )?
+        .query_row(params![key_sha256], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
         .optional()?
-        .ok_or_else(|| StoreError::NotFound(format!("invalid API key for account {account}")))?;
+        .ok_or_else(|| StoreError::NotFound("invalid API key".to_owned()))?;
+    if key_account != account {
+        return Err(StoreError::Forbidden(format!(
+            "API key {key_id} is account {key_account}'s: the job must be charged to it, not to {account}"
+        )));
+    }
+    if let Some(when) = revoked_ms {
+        return Err(StoreError::Forbidden(format!(
+            "API key {key_id} was revoked (at {when} ms)"
+        )));
+    }
+    if let Some(when) = expires_ms
+        && when <= now_ms() as i64
+    {
+        return Err(StoreError::Forbidden(format!(
+            "API key {key_id} expired (at {when} ms)"
+        )));
+    }
     if let Some(limit) = limit {
         let held: i64 = query_row(
             tx,

@@ -68,6 +68,9 @@ pub enum StoreError {
     /// The payer's balance cannot cover the hold.
     #[error("{0}")]
     InsufficientFunds(String),
+    /// The caller may not do this (an API key of another account, revoked or expired).
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error("orchestrator storage error: {0}")]
