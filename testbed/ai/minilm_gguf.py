@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import sys
-import time
 import unicodedata
 import urllib.request
 
@@ -166,37 +165,28 @@ def reference(model_dir, text):
 
 
 def check(model_dir, gguf_path):
-    import xllamacpp as xlc
+    """Serves the converted model with testbed/ai/serve.py (llama.cpp in embedding mode) and
+    compares its embeddings with the numpy reference."""
+    import subprocess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    params = xlc.CommonParams()
-    params.model.path = gguf_path
-    params.port = port
-    params.embedding = True
-    params.pooling_type = xlc.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
-    params.n_batch = params.n_ubatch = 512
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
-    params.warmup = False
-    server = xlc.Server(params)
-    deadline = time.time() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except Exception:
-            if time.time() > deadline:
-                sys.exit("the embedding server did not start on the converted model")
-            time.sleep(0.1)
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/embeddings",
-        data=json.dumps({"input": SENTENCES, "model": "all-minilm-l6-v2"}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    served = [d["embedding"] for d in json.load(urllib.request.urlopen(request, timeout=30))["data"]]
-    del server
+    serve = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")
+    server = subprocess.Popen([sys.executable, serve, gguf_path, str(port), "all-minilm-l6-v2", "--embedding"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        if not server.stdout.readline().startswith("ready"):
+            sys.exit("the embedding server did not start on the converted model")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/embeddings",
+            data=json.dumps({"input": SENTENCES, "model": "all-minilm-l6-v2"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        served = [d["embedding"] for d in json.load(urllib.request.urlopen(request, timeout=30))["data"]]
+    finally:
+        server.terminate()
+        server.wait()
     for text, vector in zip(SENTENCES, served):
         a, b = np.array(vector), reference(model_dir, text)
         cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))

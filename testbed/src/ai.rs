@@ -30,28 +30,23 @@ pub fn python() -> anyhow::Result<PathBuf> {
 
 /// The chat model (`RHIZOS_CHAT_MODEL`, else the one `testbed/ai/setup.sh` fetches).
 pub fn chat_model() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("RHIZOS_CHAT_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            repo_root().join(".rhizos/tools/ai/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    anyhow::ensure!(
-        path.is_file(),
-        "{} is missing: `source testbed/ai/setup.sh` fetches it",
-        path.display()
-    );
-    Ok(path)
+    model_file("RHIZOS_CHAT_MODEL", "SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 /// The sentence-embedding model, all-MiniLM-L6-v2 as GGUF (`RHIZOS_EMBED_MODEL`, else the one
 /// `testbed/ai/setup.sh` converts).
 pub fn embed_model() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("RHIZOS_EMBED_MODEL")
+    model_file("RHIZOS_EMBED_MODEL", "all-MiniLM-L6-v2.F16.gguf")
+}
+
+/// A model file named by `variable`, else `file` where `testbed/ai/setup.sh` puts models.
+fn model_file(variable: &str, file: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os(variable)
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".rhizos/tools/ai/models/all-MiniLM-L6-v2.F16.gguf"));
+        .unwrap_or_else(|| repo_root().join(".rhizos/tools/ai/models").join(file));
     anyhow::ensure!(
         path.is_file(),
-        "{} is missing: `source testbed/ai/setup.sh` converts it",
+        "{} is missing: `source testbed/ai/setup.sh` installs it",
         path.display()
     );
     Ok(path)

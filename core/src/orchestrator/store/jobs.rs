@@ -437,8 +437,8 @@ pub struct ClosedJob {
     pub fee_bps: Option<u32>,
 }
 
-/// The id of the API key `key_sha256` (of `account`, not revoked) when a hold of `hold_micros`
-/// fits its credit limit: spent + held by its open jobs + this hold ≤ limit.
+/// The id of the API key `key_sha256` when it is `account`'s, neither revoked nor expired, and a
+/// hold of `hold_micros` fits its credit limit: spent + held by its open jobs + this hold ≤ limit.
 fn key_budget(
     tx: &rusqlite::Connection,
     key_sha256: &str,
