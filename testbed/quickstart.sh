@@ -111,8 +111,11 @@ echo "The same gateway serves any OpenAI client, e.g. Python:"
 echo "  OpenAI(base_url=\"http://$gateway/v1\", api_key=\"rhz_…\").chat.completions.create(model=\"smollm2-135m\", messages=[…])"
 echo
 "$rhizos" account balance demo-user
+echo
+echo "» rhizos top --json (one snapshot; \`rhizos top\` in a terminal shows it live: nodes, jobs, money, AI)"
+"$rhizos" top --json | python3 -c 'import json,sys; s=json.load(sys.stdin)["stats"]; print("nodes live %d, jobs %s, fees earned %.6f USD, AI requests %d" % (s["nodes_live"], s["jobs_by_state"], s["fees_micros"]/1e6, s["ai_requests"]))'
 if $keep; then
   echo
   echo "The network keeps running (pid $up_pid; stop it with: kill -INT $up_pid; the model server: kill $llama_pid)."
-  echo "Try: RHIZOS_NATS__NAMESPACE=$RHIZOS_NATS__NAMESPACE $rhizos events"
+  echo "Watch it live: RHIZOS_NATS__NAMESPACE=$RHIZOS_NATS__NAMESPACE $rhizos top (q quits); or: $rhizos events"
 fi

@@ -161,6 +161,19 @@ impl Client {
         self.bus.call(&VerifyLedger { v: WIRE_VERSION }).await
     }
 
+    /// `network.stats`: the whole network's figures (`None`, operator) or one account's.
+    pub async fn network_stats(
+        &self,
+        account: Option<&str>,
+    ) -> Result<wire::NetworkStatsView, RequestError> {
+        self.bus
+            .call(&wire::StatsRequest {
+                v: WIRE_VERSION,
+                account: account.map(str::to_owned),
+            })
+            .await
+    }
+
     /// `receipt.get`: the orchestrator-signed receipt of an ended job (verify it with
     /// [`SignedReceipt::verify`](crate::wire::SignedReceipt::verify)).
     pub async fn receipt_get(&self, job_id: &str) -> Result<wire::SignedReceipt, RequestError> {

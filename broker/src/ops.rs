@@ -54,6 +54,8 @@ pub enum CtlOp {
     /// The operator revokes a node: its registrations are refused from then on.
     NodeRemove,
     LedgerVerify,
+    /// Network (or one account's) figures in one reply: nodes, jobs by state, money, AI usage.
+    NetworkStats,
     /// Resolve a `chain://` module through the orchestrator's resolver chain.
     ModuleResolve,
     /// Every module the orchestrator's resolvers can enumerate.
@@ -70,7 +72,7 @@ pub enum CtlOp {
 
 impl CtlOp {
     /// Every operation, in the order of the README's subject table.
-    pub const ALL: [CtlOp; 28] = [
+    pub const ALL: [CtlOp; 29] = [
         Self::JobSubmit,
         Self::JobGet,
         Self::ModuleResolve,
@@ -93,6 +95,7 @@ impl CtlOp {
         Self::NodeEnroll,
         Self::NodeRemove,
         Self::LedgerVerify,
+        Self::NetworkStats,
         Self::ReceiptGet,
         Self::NodeRegister,
         Self::JobReport,
@@ -126,6 +129,7 @@ impl CtlOp {
             Self::NodeEnroll => "node.enroll",
             Self::NodeRemove => "node.remove",
             Self::LedgerVerify => "ledger.verify",
+            Self::NetworkStats => "network.stats",
             Self::ModuleResolve => "module.resolve",
             Self::ModuleList => "module.list",
             Self::ReceiptGet => "receipt.get",
@@ -165,7 +169,8 @@ impl CtlOp {
             | Self::ModuleList
             | Self::KeyCreate
             | Self::KeyList
-            | Self::KeyRevoke => &[User, Operator],
+            | Self::KeyRevoke
+            | Self::NetworkStats => &[User, Operator],
             Self::JobReport | Self::NodeRegister => &[Node],
             Self::AccountCreate
             | Self::AccountDeposit
@@ -250,6 +255,10 @@ requests! {
     wire::EnrollNode => NodeEnroll -> wire::Enrolment;
     wire::RemoveNode => NodeRemove -> wire::Enrolment;
     wire::VerifyLedger => LedgerVerify -> wire::LedgerReport;
+    wire::StatsRequest => NetworkStats -> wire::NetworkStatsView, claims |r| match &r.account {
+        Some(account) => Caller::user(account),
+        None => Caller::operator("operator"),
+    };
     wire::ResolveModule => ModuleResolve -> wire::ResolvedModule;
     wire::ListModules => ModuleList -> wire::ModuleList;
     wire::GetReceipt => ReceiptGet -> wire::SignedReceipt;
@@ -302,6 +311,7 @@ mod tests {
             <wire::EnrollNode as Request>::OP,
             <wire::RemoveNode as Request>::OP,
             <wire::VerifyLedger as Request>::OP,
+            <wire::StatsRequest as Request>::OP,
             <wire::ResolveModule as Request>::OP,
             <wire::ListModules as Request>::OP,
             <wire::GetReceipt as Request>::OP,

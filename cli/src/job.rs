@@ -4,6 +4,7 @@ use crate::{GlobalArgs, money};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use futures::StreamExt as _;
+use indicatif::{ProgressBar, ProgressStyle};
 use rhizos_broker::wire::{
     self, Event, EventBody, JobSpec, JobState, JobView, LogBatch, LogLine, LogStream, SubmitJob,
     WIRE_VERSION, Workload,
@@ -372,7 +373,23 @@ async fn save_outputs(
             .with_context(|| format!("cannot create {}", path.display()))?;
         let mut sink = std::io::BufWriter::new(file);
         match job.blobs.files.get(name) {
-            Some(blob) => fetch_blob(bus, job, name, blob, &mut sink).await?,
+            Some(blob) => {
+                // A large file comes in 256 KiB chunks from the blob stream: a byte bar.
+                let bar = if global.json {
+                    ProgressBar::hidden()
+                } else {
+                    ProgressBar::new(blob.size).with_style(
+                        ProgressStyle::with_template(
+                            "{msg} {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    )
+                };
+                bar.set_message(name.clone());
+                let mut counted = bar.wrap_write(&mut sink);
+                fetch_blob(bus, job, name, blob, &mut counted).await?;
+                bar.finish_and_clear();
+            }
             None => sink.write_all(&wire::b64_decode("output_files", &job.output_files[name])?)?,
         }
         sink.flush()
@@ -616,6 +633,20 @@ async fn watch(
     output_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let mut next_seq = 0u64;
+    // While the job waits for a node, a spinner says so (on a terminal; scripts and --json get
+    // the plain lines below). It goes as soon as anything else is printed.
+    let waiting = if global.json {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message("pending: waiting for a node with room");
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    };
+    let spinner = waiting.clone();
     // The node the job's events say it runs on: log lines are published under their node (only
     // that node may publish there), and lines from any other node are dropped.
     let job_node: std::cell::RefCell<Option<String>> = std::cell::RefCell::default();
@@ -623,6 +654,7 @@ async fn watch(
         if global.json || job_node.borrow().as_ref().is_some_and(|n| n != node) {
             return;
         }
+        spinner.finish_and_clear();
         if line.seq != next_seq {
             eprintln!("[{} log line(s) missed]", line.seq.saturating_sub(next_seq));
         }
@@ -638,6 +670,7 @@ async fn watch(
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {
+                waiting.finish_and_clear();
                 eprintln!("\nstopped watching; the job goes on: rhizos job get {job_id}");
                 return Ok(());
             }
@@ -663,7 +696,15 @@ async fn watch(
                     }
                     if !global.json && !state.is_terminal() {
                         let node = node_id.map(|n| format!(" on {n}")).unwrap_or_default();
-                        eprintln!("· {}{node}", state.as_str());
+                        if state == JobState::Running || waiting.is_hidden() {
+                            waiting.finish_and_clear();
+                            eprintln!("· {}{node}", state.as_str());
+                        } else {
+                            waiting.set_message(format!("{}{node}: starting", state.as_str()));
+                        }
+                    }
+                    if state.is_terminal() {
+                        waiting.finish_and_clear();
                     }
                     if state == JobState::Running || state.is_terminal() {
                         release_at = None;
@@ -677,6 +718,7 @@ async fn watch(
             _ = poll.tick() => {
                 // Safety net if an event was missed (e.g. JetStream briefly unavailable).
                 if finish(global, bus, job_id, output_dir).await? {
+                    waiting.finish_and_clear();
                     return Ok(());
                 }
             }

@@ -10,6 +10,7 @@ mod money;
 mod node;
 mod plugins;
 mod receipt;
+mod top;
 mod up;
 mod users;
 
@@ -148,6 +149,12 @@ enum Command {
     /// Fetch a job's signed receipt, or verify one offline.
     #[command(subcommand)]
     Receipt(receipt::ReceiptCommand),
+    /// Watch the network live in the terminal: nodes (load, prices, GPU use), jobs as they
+    /// change, money in escrow and fees, AI requests and tokens per second. Keys: 1-3 or Tab
+    /// switch pages, ↑↓ select, Enter opens a job (with its live logs) or a node (its plugins
+    /// and telemetry), s sorts nodes, / filters, q quits. A user sees their own account; the
+    /// operator everything. `--json` prints one snapshot instead.
+    Top(top::TopArgs),
 }
 
 #[derive(Subcommand)]
@@ -247,6 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugins(command) => plugins::run(&global, command).await,
         Command::Module(command) => module::run(&global, command).await,
         Command::Receipt(command) => receipt::run(&global, command).await,
+        Command::Top(args) => top::run(&global, args).await,
     }
 }
 

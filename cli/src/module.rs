@@ -96,8 +96,18 @@ fn pack(global: &GlobalArgs, source: &Path, out: &Path) -> anyhow::Result<()> {
         .and_then(serde_json::Value::as_array_mut)
         .with_context(|| format!("{}: no \"modules\" array", source.display()))?;
     let mut packed = Vec::new();
+    let bar = if global.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(entries.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template("packing {pos}/{len} {wide_bar} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        )
+    };
     for (position, entry) in entries.iter_mut().enumerate() {
         let name = entry_name(entry);
+        bar.set_message(name.clone());
+        bar.inc(1);
         let at = || format!("{} modules[{position}] ({name})", source.display());
         if let Some(file) = entry
             .pointer("/artifact/file")
@@ -124,6 +134,7 @@ fn pack(global: &GlobalArgs, source: &Path, out: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("{}: not a module manifest", at()))?;
         packed.push(manifest);
     }
+    bar.finish_and_clear();
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;

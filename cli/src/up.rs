@@ -258,6 +258,7 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         "\nRhizOS is up: NATS {} namespace {}.\nIn another terminal:\n  \
          rhizos user add alice && rhizos account deposit alice 1\n  \
          rhizos job submit --account alice --wasm <module.wasm> --max-cost 0.01 --wait\n  \
+         rhizos top      (the network live: nodes, jobs, money; q quits)\n  \
          rhizos events\nCtrl-C stops everything.",
         settings.nats.url, settings.nats.namespace
     );

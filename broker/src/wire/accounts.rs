@@ -100,3 +100,42 @@ pub fn format_usd(micros: i64) -> String {
     let abs = micros.unsigned_abs();
     format!("{sign}${}.{:06}", abs / 1_000_000, abs % 1_000_000)
 }
+
+/// `network.stats` request: the whole network's figures (operator), or one account's (that
+/// account's user, or the operator).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsRequest {
+    pub v: u32,
+    /// None: the whole network (operator only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+}
+
+/// What the network (or one account) looks like now, in one reply: what `rhizos top` and the
+/// dashboards poll once a second instead of asking every node. The totals only grow, so a
+/// client turns two replies into rates (jobs ended per second, tokens per second).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkStatsView {
+    pub ts_ms: u64,
+    /// The account these figures are scoped to (None: the whole network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    pub nodes_live: u64,
+    pub nodes_lost: u64,
+    /// Jobs by state (`pending`, `running`, …), every state with at least one job.
+    pub jobs_by_state: std::collections::BTreeMap<String, u64>,
+    /// Jobs that reached a final state, ever.
+    pub jobs_ended: u64,
+    /// Money held in escrow for open jobs.
+    pub escrow_held_micros: i64,
+    /// The platform's fees earned (network scope only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fees_micros: Option<i64>,
+    /// The account's balance (account scope only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance_micros: Option<i64>,
+    /// AI gateway requests (jobs charged to an API key), ever, and their billed units.
+    pub ai_requests: u64,
+    pub ai_input_units: u64,
+    pub ai_output_units: u64,
+}

@@ -79,6 +79,10 @@ struct Inner {
     /// The blob stream results' large parts are stored in (checked before they are recorded).
     blobs: async_nats::jetstream::stream::Stream,
     metrics: Arc<crate::metrics::OrchestratorMetrics>,
+    /// The network's figures for `network.stats`, read at most once a second however many
+    /// monitors ask (one at a time reads; the others wait for its answer).
+    network_stats:
+        tokio::sync::Mutex<Option<(std::time::Instant, rhizos_broker::wire::NetworkStatsView)>>,
 }
 
 /// Most heartbeat reconciliations at once.
@@ -219,6 +223,7 @@ impl Orchestrator {
                 reconciling: Arc::new(tokio::sync::Semaphore::new(MAX_RECONCILES_IN_FLIGHT)),
                 reader: Arc::new(Mutex::new(reader)),
                 blobs,
+                network_stats: tokio::sync::Mutex::new(None),
             }),
         })
     }

@@ -20,3 +20,4 @@ mod protocol;
 mod receipts;
 mod restart;
 mod tls;
+mod top;

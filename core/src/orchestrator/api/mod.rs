@@ -90,6 +90,7 @@ impl Orchestrator {
             CtlOp::NodeEnroll => self.serve(payload, |r| self.node_enroll(r)).await,
             CtlOp::NodeRemove => self.serve(payload, |r| self.node_remove(r)).await,
             CtlOp::LedgerVerify => self.serve(payload, |r| self.ledger_verify(r)).await,
+            CtlOp::NetworkStats => self.serve(payload, |r| self.network_stats(c, r)).await,
             CtlOp::ModuleResolve => self.serve(payload, |r| self.module_resolve(r)).await,
             CtlOp::ModuleList => self.serve(payload, |r| self.module_list(r)).await,
             CtlOp::ReceiptGet => self.serve(payload, |r| self.receipt_get(c, r)).await,

@@ -44,7 +44,7 @@ pub use jobs::ClosedJob;
 pub use nodes::REPUTATION_WINDOW;
 pub use outbox::{OutboxEvent, OutboxReader, OutboxRow};
 pub use rows::{JobCursor, JobRecord};
-pub use stats::NetworkStats;
+pub use stats::{AccountStats, AiTotals, NetworkStats};
 
 use crate::ledger::{self, AccountKind, LedgerError};
 use rhizos_broker::TokenError;
