@@ -6,6 +6,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$RHIZOS_ROOT"
 # The AI gateway tests' real parts: llama.cpp's server, a small model, the OpenAI SDK.
 source testbed/ai/setup.sh
+# The web dashboard's browser test: headless Chromium, chromedriver, Selenium.
+source testbed/web/setup.sh
 
 echo "» cargo fmt --check"
 cargo fmt --all -- --check

@@ -46,6 +46,15 @@ if ! command -v gcc >/dev/null 2>&1; then
     echo "warning: gcc not found (apt-get install gcc libc6-dev): the Docker and CUDA backend tests need it" >&2
   fi
 fi
+# `rhizos top`'s end-to-end test runs it in a real terminal: tmux.
+if ! command -v tmux >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "» installing tmux (apt-get)"
+    apt-get install -y -qq tmux >/dev/null
+  else
+    echo "warning: tmux not found (apt-get install tmux): the rhizos top terminal test needs it" >&2
+  fi
+fi
 if docker info --format '{{.ServerVersion}}' >/dev/null 2>&1; then
   echo "» docker engine $(docker info --format '{{.ServerVersion}}')"
 else

@@ -99,6 +99,20 @@ pub struct EventLimits {
 impl Bus {
     /// Connects to the server(s) in `settings`.
     pub async fn connect(settings: &NatsSettings) -> Result<Self, ConnectError> {
+        let credentials = match &settings.credentials {
+            Some(path) => Some(Credentials::load(path)?),
+            None => None,
+        };
+        Self::connect_with(settings, credentials).await
+    }
+
+    /// Connects to the server(s) in `settings` as the party of `credentials` (None: without
+    /// credentials), whatever `settings` names: the web dashboard connects each signed-in
+    /// user as themselves.
+    pub async fn connect_with(
+        settings: &NatsSettings,
+        credentials: Option<Credentials>,
+    ) -> Result<Self, ConnectError> {
         let subjects = Subjects::new(&settings.namespace)?;
         let request_timeout = Duration::from_millis(settings.request_timeout_ms);
         let mut options = async_nats::ConnectOptions::new()
@@ -108,9 +122,8 @@ impl Bus {
             options = options.name(name);
         }
         options = tls_options(options, settings)?;
-        let (identity, signer) = match &settings.credentials {
-            Some(path) => {
-                let creds = Credentials::load(path)?;
+        let (identity, signer) = match credentials {
+            Some(creds) => {
                 let caller = creds.caller();
                 // `load` checked the seed.
                 let key = nkeys::KeyPair::from_seed(&creds.seed)

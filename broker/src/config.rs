@@ -55,6 +55,8 @@ pub struct GatewaySettings {
     pub models_cache_ms: u64,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Serve the web dashboard at `/dashboard` (people sign in with their credentials file).
+    pub dashboard: bool,
 }
 
 impl Default for GatewaySettings {
@@ -67,6 +69,7 @@ impl Default for GatewaySettings {
             key_cache_ms: 5_000,
             models_cache_ms: 1_000,
             max_body_bytes: 4 * 1024 * 1024,
+            dashboard: true,
         }
     }
 }

@@ -232,21 +232,24 @@ impl Credentials {
             path: path.to_owned(),
             source,
         })?;
-        let invalid = |problem: String| CredentialsError::Invalid {
+        Self::parse(&text).map_err(|problem| CredentialsError::Invalid {
             path: path.to_owned(),
             problem,
-        };
-        let creds: Self = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        })
+    }
+
+    /// Checks credentials given as text (e.g. pasted into the web dashboard's sign-in): shape,
+    /// version, name and seed; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let creds: Self = serde_json::from_str(text).map_err(|e| e.to_string())?;
         if creds.v != CREDENTIALS_VERSION {
-            return Err(invalid(format!(
+            return Err(format!(
                 "version {} (this build reads {CREDENTIALS_VERSION})",
                 creds.v
-            )));
+            ));
         }
-        validate_token(creds.role.as_str(), &creds.name).map_err(|e| invalid(e.to_string()))?;
-        creds
-            .public_key()
-            .map_err(|e| invalid(format!("seed: {e}")))?;
+        validate_token(creds.role.as_str(), &creds.name).map_err(|e| e.to_string())?;
+        creds.public_key().map_err(|e| format!("seed: {e}"))?;
         Ok(creds)
     }
 

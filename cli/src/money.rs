@@ -2,33 +2,7 @@
 
 /// Parses `"1"`, `"0.05"`, `"$2.500000"` into micro-USD. At most 6 decimals.
 pub fn parse_usd(text: &str) -> Result<i64, String> {
-    let trimmed = text.trim().trim_start_matches('$');
-    let (whole, fraction) = trimmed.split_once('.').unwrap_or((trimmed, ""));
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(whole) || !(fraction.is_empty() || digits(fraction)) {
-        return Err(format!(
-            "{text:?} is not an amount in USD (examples: 5, 0.25, 0.000150)"
-        ));
-    }
-    if fraction.len() > 6 {
-        return Err(format!(
-            "{text:?} has more than 6 decimals; the smallest unit is 0.000001 USD"
-        ));
-    }
-    let whole: i64 = whole
-        .parse()
-        .map_err(|_| format!("{text:?} is too large"))?;
-    let fraction: i64 = if fraction.is_empty() {
-        0
-    } else {
-        format!("{fraction:0<6}")
-            .parse()
-            .map_err(|_| "bad decimals")?
-    };
-    whole
-        .checked_mul(1_000_000)
-        .and_then(|w| w.checked_add(fraction))
-        .ok_or_else(|| format!("{text:?} is too large"))
+    rhizos_broker::wire::parse_usd(text)
 }
 
 /// `1234567` → `$1.234567`.

@@ -209,10 +209,13 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
                 )
             })?;
         let address = listener.local_addr()?;
-        let gateway = rhizos_core::Gateway::new(
+        let mut gateway = rhizos_core::Gateway::new(
             Bus::connect(&as_party(&Caller::gateway(local::GATEWAY))).await?,
             settings.gateway.clone(),
         );
+        if settings.gateway.dashboard {
+            gateway = gateway.with_dashboard(as_party(&Caller::operator(local::OPERATOR)));
+        }
         metrics_sources.push(gateway.metrics_source());
         let models = orchestrator_models(&as_party(&Caller::operator(local::OPERATOR))).await;
         eprintln!(
@@ -223,6 +226,14 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
                 models.join(", ")
             }
         );
+        if settings.gateway.dashboard {
+            eprintln!(
+                "✓ dashboard http://{address}/dashboard (sign in with a credentials file, e.g. {})",
+                network
+                    .credentials_path(&Caller::operator(local::OPERATOR))
+                    .display()
+            );
+        }
         Some(tokio::spawn(gateway.serve(listener, stopped(stop.clone()))))
     };
     if !args.no_metrics {

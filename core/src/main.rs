@@ -160,7 +160,12 @@ async fn main() -> anyhow::Result<()> {
                     )
                 })?;
             println!("gateway listening on http://{}/v1", listener.local_addr()?);
-            let gateway = Gateway::new(bus, settings.gateway);
+            let dashboard = settings.gateway.dashboard;
+            let mut gateway = Gateway::new(bus, settings.gateway);
+            if dashboard {
+                println!("dashboard on http://{}/dashboard", listener.local_addr()?);
+                gateway = gateway.with_dashboard(settings.nats.clone());
+            }
             serve_metrics(gateway.metrics_source());
             gateway.serve(listener, telemetry::shutdown_signal()).await
         }

@@ -14,6 +14,7 @@
 //! read and cancel those jobs, and read their response streams; nothing else.
 
 mod chat;
+pub mod dashboard;
 mod error;
 
 use axum::Router;
@@ -33,6 +34,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct Gateway {
     inner: Arc<Inner>,
+    /// The web dashboard under `/dashboard`, when served ([`Gateway::with_dashboard`]).
+    dashboard: Option<Arc<dashboard::Dashboard>>,
 }
 
 struct Inner {
@@ -70,7 +73,19 @@ impl Gateway {
                 windows: Mutex::new(HashMap::new()),
                 metrics: Arc::new(crate::metrics::GatewayMetrics::new()),
             }),
+            dashboard: None,
         }
+    }
+
+    /// Also serves the web dashboard under `/dashboard`: people sign in with their credentials
+    /// file and the gateway connects to `nats` as them for the session.
+    pub fn with_dashboard(mut self, nats: rhizos_broker::config::NatsSettings) -> Self {
+        let mut nats = nats;
+        // Each session connects as the person signed in, never with the gateway's own file.
+        nats.credentials = None;
+        nats.client_name = Some("rhizos-dashboard".into());
+        self.dashboard = Some(Arc::new(dashboard::Dashboard::new(nats)));
+        self
     }
 
     /// Its metrics for [`crate::metrics::serve`] (served on a listener of their own, not on
@@ -103,12 +118,13 @@ impl Gateway {
             .route("/v1/scrape", post(chat::scrape))
             .route("/v1/generation", get(generation))
             .fallback(|| async {
-                ApiError::not_found("no such route: the gateway serves /v1/models, /v1/chat/completions, /v1/embeddings /v1/audio/speech, /v1/scrape and /v1/generation")
+                ApiError::not_found("no such route: the gateway serves /v1/models, /v1/chat/completions, /v1/embeddings, /v1/audio/speech, /v1/scrape, /v1/generation and the web dashboard at /dashboard")
             })
             .layer(axum::extract::DefaultBodyLimit::max(
                 self.inner.settings.max_body_bytes,
             ))
             .with_state(self.clone())
+            .merge(dashboard::router(self.clone()))
     }
 
     /// Serves on `listener` until `shutdown` resolves (requests in flight finish first).

@@ -447,15 +447,28 @@ async fn the_openai_sdk_is_served_by_a_node_and_every_request_is_settled_exactly
     // request, and its tokens are the units billed.
     let stats = cluster.client().network_stats(None).await.unwrap();
     let billed = |f: fn(&rhizos_broker::wire::Metered) -> u64| -> u64 {
-        jobs.iter().filter_map(|j| j.billed_usage.as_ref()).map(f).sum()
+        jobs.iter()
+            .filter_map(|j| j.billed_usage.as_ref())
+            .map(f)
+            .sum()
     };
     assert_eq!(stats.ai_requests, jobs.len() as u64, "{stats:?}");
     assert_eq!(stats.ai_input_units, billed(|m| m.input_units), "{stats:?}");
-    assert_eq!(stats.ai_output_units, billed(|m| m.output_units), "{stats:?}");
+    assert_eq!(
+        stats.ai_output_units,
+        billed(|m| m.output_units),
+        "{stats:?}"
+    );
     assert_eq!(stats.fees_micros, Some(fees));
-    assert_eq!(stats.jobs_by_state.get("succeeded").copied(), Some(succeeded as u64));
+    assert_eq!(
+        stats.jobs_by_state.get("succeeded").copied(),
+        Some(succeeded as u64)
+    );
     let own = alice.network_stats(Some("alice")).await.unwrap();
-    assert_eq!((own.ai_requests, own.fees_micros), (stats.ai_requests, None));
+    assert_eq!(
+        (own.ai_requests, own.fees_micros),
+        (stats.ai_requests, None)
+    );
     assert!(
         value("rhizos_agent_executions_total{backend=\"inference\",outcome=\"exited\"}")
             >= succeeded as f64

@@ -6,6 +6,7 @@ mod chaos;
 mod common;
 mod components;
 mod cuda;
+mod dashboard;
 mod docker;
 mod events;
 mod fairness;
