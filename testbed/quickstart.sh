@@ -118,4 +118,5 @@ if $keep; then
   echo
   echo "The network keeps running (pid $up_pid; stop it with: kill -INT $up_pid; the model server: kill $llama_pid)."
   echo "Watch it live: RHIZOS_NATS__NAMESPACE=$RHIZOS_NATS__NAMESPACE $rhizos top (q quits); or: $rhizos events"
+  echo "Or in a browser: http://$gateway/dashboard (sign in with a file in .rhizos/network/credentials/)"
 fi

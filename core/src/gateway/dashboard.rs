@@ -70,6 +70,17 @@ impl Dashboard {
         }
     }
 
+    /// Closes sessions idle for longer than an hour (their NATS connections with them).
+    pub fn sweep(&self) {
+        self.sessions().retain(|_, s| {
+            s.last_used
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .elapsed()
+                < IDLE
+        });
+    }
+
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -266,14 +277,8 @@ async fn sign_in(
         uuid::Uuid::new_v4().simple()
     );
     {
+        dashboard.sweep();
         let mut sessions = dashboard.sessions();
-        sessions.retain(|_, s| {
-            s.last_used
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .elapsed()
-                < IDLE
-        });
         if sessions.len() >= MAX_SESSIONS {
             return Err(PageError(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -139,6 +139,20 @@ impl Gateway {
             let _ = tcp.set_nodelay(true);
         });
         tracing::info!(addr = %self.inner.settings.listen, "gateway listening");
+        if let Some(dashboard) = &self.dashboard {
+            // Idle sessions close (and their NATS connections) even if nobody signs in again.
+            let dashboard = Arc::downgrade(dashboard);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    let Some(dashboard) = dashboard.upgrade() else {
+                        return;
+                    };
+                    dashboard.sweep();
+                }
+            });
+        }
         axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await?;

@@ -23,6 +23,7 @@ pub struct Report {
     /// Why LiteLLM is not in the runs, when it is not.
     litellm_missing: Option<String>,
     runs: Vec<Run>,
+    limits: crate::limits::Limits,
 }
 
 #[derive(Serialize)]
@@ -107,6 +108,15 @@ impl fmt::Display for Report {
         }
         if let Some(why) = &self.litellm_missing {
             writeln!(f, "  LiteLLM not compared: {why}")?;
+        }
+        write!(f, "{}", self.limits)?;
+        for run in &self.runs {
+            writeln!(
+                f,
+                "  ratio at concurrency {}: added to the first chunk p50 ÷ NATS round trip {:.1}×",
+                run.concurrency,
+                run.added_first_p50_ms / self.limits.nats_round_trip_ms
+            )?;
         }
         Ok(())
     }
@@ -297,6 +307,7 @@ pub async fn run(
         ..ClusterOptions::default()
     })
     .await?;
+    let limits = crate::limits::measure(&cluster.settings.nats).await?;
     cluster.funded_account("bench", 1_000_000_000).await?;
     let key = cluster
         .client()
@@ -437,5 +448,6 @@ pub async fn run(
         tokens,
         litellm_missing,
         runs,
+        limits,
     })
 }

@@ -19,6 +19,7 @@
 
 mod container_overhead;
 mod gateway;
+mod limits;
 mod log_flood;
 mod marketplace;
 mod module_resolve;

@@ -5,6 +5,7 @@
 //! loop at that many submits per second (latency at a given load; a low rate such as 100
 //! measures an unloaded orchestrator).
 
+use crate::limits::{self, Limits};
 use crate::report::{self, Tail};
 use futures::StreamExt as _;
 use rhizos_broker::subjects::EscrowEventKind;
@@ -34,6 +35,12 @@ pub struct Report {
     total_s: f64,
     jobs_settled_per_s: f64,
     submit_to_running_ms: Tail,
+    limits: Limits,
+    /// Jobs settled per second ÷ durable SQLite commits per second (target ≥ 3: group commit
+    /// settles several jobs per fsync).
+    settled_per_commit_rate: f64,
+    /// Submit → running p50 ÷ the NATS round trip p50 (target ≤ 6 unloaded).
+    running_per_nats_round_trip: f64,
 }
 
 impl fmt::Display for Report {
@@ -63,7 +70,13 @@ impl fmt::Display for Report {
             "  settled {} (rejected {}) in {:.2} s = {:.0} jobs/s",
             self.settled, self.rejected, self.total_s, self.jobs_settled_per_s
         )?;
-        writeln!(f, "  submit → running: {}", self.submit_to_running_ms)
+        writeln!(f, "  submit → running: {}", self.submit_to_running_ms)?;
+        write!(f, "{}", self.limits)?;
+        writeln!(
+            f,
+            "  ratios: jobs/s ÷ commits/s {:.2}× · submit → running p50 ÷ NATS round trip {:.1}×",
+            self.settled_per_commit_rate, self.running_per_nats_round_trip
+        )
     }
 }
 
@@ -91,6 +104,7 @@ pub async fn run(
     };
     let pricing = options.pricing;
     let cluster = Cluster::start(options).await?;
+    let limits = limits::measure(&cluster.settings_as(&Caller::orchestrator())?).await?;
     let setup = Instant::now();
     // One connection speaks for every simulated node: with authentication on it needs the
     // service role, and claims each node's identity per request (the nodes are enrolled).
@@ -166,6 +180,7 @@ pub async fn run(
     let total_s = started.elapsed().as_secs_f64();
     watcher.abort();
     let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    let running = Tail::of(&mut latencies);
     drop(fleet);
     cluster.shutdown().await?;
     Ok(Report {
@@ -182,7 +197,10 @@ pub async fn run(
         submit_phase_s,
         total_s,
         jobs_settled_per_s: settled as f64 / total_s,
-        submit_to_running_ms: Tail::of(&mut latencies),
+        settled_per_commit_rate: settled as f64 / total_s / limits.sqlite_commits_per_s,
+        running_per_nats_round_trip: running.p50 / limits.nats_round_trip_ms,
+        submit_to_running_ms: running,
+        limits,
     })
 }
 

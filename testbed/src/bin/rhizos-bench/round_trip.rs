@@ -14,6 +14,11 @@ pub struct Report {
     build: &'static str,
     read_ms: Option<Summary>,
     write_ms: Option<Summary>,
+    limits: crate::limits::Limits,
+    /// Median ÷ the bare NATS round trip (what the orchestrator adds), and the write's median
+    /// ÷ (round trip + one durable commit).
+    read_per_nats_round_trip: Option<f64>,
+    write_per_round_trip_and_commit: Option<f64>,
 }
 
 impl fmt::Display for Report {
@@ -29,7 +34,18 @@ impl fmt::Display for Report {
             "balance (no commit)",
             Maybe(&self.read_ms)
         )?;
-        writeln!(f, "  {:<22} {}", "deposit (commit)", Maybe(&self.write_ms))
+        writeln!(f, "  {:<22} {}", "deposit (commit)", Maybe(&self.write_ms))?;
+        write!(f, "{}", self.limits)?;
+        if let (Some(read), Some(write)) = (
+            self.read_per_nats_round_trip,
+            self.write_per_round_trip_and_commit,
+        ) {
+            writeln!(
+                f,
+                "  ratios: balance ÷ NATS round trip {read:.1}× · deposit ÷ (round trip + commit) {write:.1}×"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -40,6 +56,7 @@ pub async fn run(requests: usize) -> anyhow::Result<Report> {
         ..ClusterOptions::default()
     })
     .await?;
+    let limits = crate::limits::measure(&cluster.settings.nats).await?;
     cluster.funded_account("rt", 1).await?;
     let client = cluster.client();
     let (mut reads, mut writes) = (Vec::new(), Vec::new());
@@ -54,11 +71,16 @@ pub async fn run(requests: usize) -> anyhow::Result<Report> {
         writes.push(started.elapsed());
     }
     cluster.shutdown().await?;
+    let (read_ms, write_ms) = (Summary::of(&mut reads), Summary::of(&mut writes));
     Ok(Report {
         bench: "round-trip",
         requests,
         build: report::build(),
-        read_ms: Summary::of(&mut reads),
-        write_ms: Summary::of(&mut writes),
+        read_per_nats_round_trip: read_ms.map(|r| r.median / limits.nats_round_trip_ms),
+        write_per_round_trip_and_commit: write_ms
+            .map(|w| w.median / (limits.nats_round_trip_ms + limits.sqlite_commit_ms)),
+        read_ms,
+        write_ms,
+        limits,
     })
 }

@@ -1,6 +1,7 @@
 //! `submit-latency`: one real node, the demo job, one job at a time: submit → reply, → the
 //! `assigned` event, → `running`, → the end.
 
+use crate::limits::Limits;
 use crate::report::{self, Maybe, Summary};
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -20,6 +21,10 @@ pub struct Report {
     submit_to_assigned_ms: Option<Summary>,
     submit_to_running_ms: Option<Summary>,
     submit_to_finished_ms: Option<Summary>,
+    limits: Limits,
+    /// Submit → running median ÷ the NATS round trip (target: within 2× of the simulated
+    /// nodes' 6×, so ≤ 12×).
+    running_per_nats_round_trip: Option<f64>,
 }
 
 impl fmt::Display for Report {
@@ -37,6 +42,10 @@ impl fmt::Display for Report {
         ] {
             writeln!(f, "  {key:<24} {}", Maybe(value))?;
         }
+        write!(f, "{}", self.limits)?;
+        if let Some(ratio) = self.running_per_nats_round_trip {
+            writeln!(f, "  ratio: submit → running ÷ NATS round trip {ratio:.1}×")?;
+        }
         Ok(())
     }
 }
@@ -45,6 +54,7 @@ pub async fn run(jobs: usize) -> anyhow::Result<Report> {
     anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
     let module = std::fs::read(rhizos_testbed::guests::demo_wasm()?)?;
     let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let limits = crate::limits::measure(&cluster.settings.nats).await?;
     cluster.funded_account("bench", 1_000_000_000).await?;
     let client = cluster.client();
     let (mut accepted, mut assigned, mut running, mut finished) =
@@ -98,13 +108,16 @@ pub async fn run(jobs: usize) -> anyhow::Result<Report> {
         }
     }
     cluster.shutdown().await?;
+    let to_running = Summary::of(&mut running);
     Ok(Report {
         bench: "submit-latency",
+        running_per_nats_round_trip: to_running.map(|s| s.median / limits.nats_round_trip_ms),
+        limits,
         jobs,
         build: report::build(),
         submit_reply_ms: Summary::of(&mut accepted),
         submit_to_assigned_ms: Summary::of(&mut assigned),
-        submit_to_running_ms: Summary::of(&mut running),
+        submit_to_running_ms: to_running,
         submit_to_finished_ms: Summary::of(&mut finished),
     })
 }
