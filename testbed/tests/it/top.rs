@@ -17,9 +17,16 @@ const USD: i64 = 1_000_000;
 /// A tmux server of its own (a private socket), so the test never touches a user's sessions.
 struct Tmux {
     socket: String,
+    /// Where each session's stderr and exit status go (the shell around `rhizos top` writes
+    /// `exit N` there when it ends: the status whatever the tmux version reports).
+    dir: tempfile::TempDir,
 }
 
 impl Tmux {
+    fn exit_file(&self, session: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{session}.exit"))
+    }
+
     async fn tmux(&self, args: &[&str]) -> String {
         let output = Command::new("tmux")
             .arg("-L")
@@ -34,11 +41,12 @@ impl Tmux {
     /// Starts `rhizos top` in an 80×24 window as the party `credentials` names.
     async fn start(&self, session: &str, cluster: &Cluster, credentials: &std::path::Path) {
         let command = format!(
-            "env RHIZOS_NATS_URL='{}' RHIZOS_NAMESPACE='{}' RHIZOS_CREDENTIALS='{}' TERM=xterm-256color '{}' top --interval-ms 300",
+            "env RHIZOS_NATS_URL='{}' RHIZOS_NAMESPACE='{}' RHIZOS_CREDENTIALS='{}' TERM=xterm-256color '{}' top --interval-ms 300 2>'{err}'; echo \"exit $?\" >> '{err}'",
             cluster.settings.nats.url,
             cluster.bus.subjects.namespace(),
             credentials.display(),
-            rhizos_testbed::build_dir().join("rhizos").display()
+            rhizos_testbed::build_dir().join("rhizos").display(),
+            err = self.exit_file(session).display(),
         );
         self.tmux(&[
             "new-session",
@@ -148,6 +156,7 @@ async fn rhizos_top_shows_the_live_network_in_a_real_terminal_and_each_user_only
 
     let tmux = Tmux {
         socket: format!("rhizos-top-{}", &unique[..12]),
+        dir: tempfile::tempdir().unwrap(),
     };
     let operator = cluster
         .settings_as(&Caller::operator("operator"))
@@ -201,15 +210,23 @@ async fn rhizos_top_shows_the_live_network_in_a_real_terminal_and_each_user_only
 
     // q quits, with status 0, and the terminal is back on its normal screen.
     tmux.keys("op", &["Escape", "q"]).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while tmux.pane("op", "#{pane_dead}").await != "1" {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        let written = std::fs::read_to_string(tmux.exit_file("op")).unwrap_or_default();
+        if written.contains("exit ") {
+            break written;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "top did not quit on q"
+            "top did not quit on q:\n{written}\n{}",
+            tmux.screen("op").await
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(tmux.pane("op", "#{pane_dead_status}").await, "0");
+    };
+    assert!(
+        exit.ends_with("exit 0\n"),
+        "top exits with status 0: {exit}"
+    );
     assert_eq!(
         tmux.pane("op", "#{alternate_on}").await,
         "0",

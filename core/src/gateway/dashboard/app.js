@@ -325,8 +325,11 @@ function followJob(result, jobId) {
     if (event.type === "job") showState(event.state, event.node_id);
     if (event.type === "escrow" && event.kind !== "held") await settle();
   });
-  // If an event was missed, the job's own view still tells.
-  const poll = setInterval(async () => { if (!result.isConnected || (await settle())) clearInterval(poll); }, 3000);
+  // If an event was missed, the job's own view still tells; leaving the page stops following.
+  const poll = setInterval(async () => {
+    if (!result.isConnected) { stream.close(); clearInterval(poll); return; }
+    if (await settle()) clearInterval(poll);
+  }, 3000);
 }
 
 // ---- Modules -----------------------------------------------------------------------------
