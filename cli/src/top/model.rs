@@ -106,6 +106,22 @@ pub struct JobRow {
 }
 
 impl JobRow {
+    /// A job first heard of by an event: what the event says, the rest unknown yet.
+    fn heard(job_id: &str, account: String, state: JobState, attempt: u32, ts_ms: u64) -> Self {
+        Self {
+            job_id: job_id.to_owned(),
+            account,
+            backend: None,
+            state,
+            attempt,
+            node_id: None,
+            max_cost_micros: None,
+            cost_micros: None,
+            reason: None,
+            updated_ms: ts_ms,
+        }
+    }
+
     fn from_view(view: &JobView) -> Self {
         Self {
             job_id: view.job_id.clone(),
@@ -346,17 +362,8 @@ impl Model {
                     Scope::Account(account) => account.clone(),
                     Scope::Operator => subject_account.unwrap_or_default(),
                 };
-                let row = self.jobs.entry(job_id.clone()).or_insert_with(|| JobRow {
-                    job_id: job_id.clone(),
-                    account,
-                    backend: None,
-                    state,
-                    attempt,
-                    node_id: None,
-                    max_cost_micros: None,
-                    cost_micros: None,
-                    reason: None,
-                    updated_ms: event.ts_ms,
+                let row = self.jobs.entry(job_id.clone()).or_insert_with(|| {
+                    JobRow::heard(&job_id, account, state, attempt, event.ts_ms)
                 });
                 // Events can arrive out of order across subjects: a final state stays final.
                 if !row.state.is_terminal() || state.is_terminal() {
@@ -384,17 +391,8 @@ impl Model {
                 amount_micros,
                 ..
             } => {
-                let row = self.jobs.entry(job_id.clone()).or_insert_with(|| JobRow {
-                    job_id: job_id.clone(),
-                    account: account.clone(),
-                    backend: None,
-                    state: JobState::Pending,
-                    attempt: 0,
-                    node_id: None,
-                    max_cost_micros: None,
-                    cost_micros: None,
-                    reason: None,
-                    updated_ms: event.ts_ms,
+                let row = self.jobs.entry(job_id.clone()).or_insert_with(|| {
+                    JobRow::heard(&job_id, account.clone(), JobState::Pending, 0, event.ts_ms)
                 });
                 row.account = account;
                 match kind {

@@ -244,33 +244,48 @@ fn nodes(frame: &mut Frame, model: &Model, area: Rect, selectable: bool) {
         rows.len(),
         model.node_sort.name()
     );
-    let table = Table::new(
-        rows.iter().map(|row| node_row(model, row)),
-        [
-            Constraint::Min(10),
-            Constraint::Length(4),
-            Constraint::Length(5),
-            Constraint::Length(7),
-            Constraint::Length(4),
-            Constraint::Length(4),
-            Constraint::Length(7),
-            Constraint::Length(5),
-            Constraint::Length(4),
-            Constraint::Length(4),
-        ],
-    )
-    .header(
-        Row::new([
-            "NODE", "TIER", "LOAD", "CPU/h", "REP", "GPU", "VRAM", "TEMP", "STAT", "SEEN",
-        ])
-        .style(Style::new().bold()),
-    )
-    .block(Block::bordered().title(title))
-    .row_highlight_style(Style::new().reversed());
-    let mut state = TableState::default();
-    if selectable {
-        state.select(Some(model.selected()));
-    }
+    let widths = [
+        Constraint::Min(10),
+        Constraint::Length(4),
+        Constraint::Length(5),
+        Constraint::Length(7),
+        Constraint::Length(4),
+        Constraint::Length(4),
+        Constraint::Length(7),
+        Constraint::Length(5),
+        Constraint::Length(4),
+        Constraint::Length(4),
+    ];
+    let header = [
+        "NODE", "TIER", "LOAD", "CPU/h", "REP", "GPU", "VRAM", "TEMP", "STAT", "SEEN",
+    ];
+    let rows = rows.iter().map(|row| node_row(model, row));
+    render_table(
+        frame,
+        area,
+        rows,
+        widths,
+        header,
+        title,
+        selectable.then(|| model.selected()),
+    );
+}
+
+/// A bordered table with a bold header; the selected row (if any) shown reversed.
+fn render_table<'a, const N: usize>(
+    frame: &mut Frame,
+    area: Rect,
+    rows: impl IntoIterator<Item = Row<'a>>,
+    widths: [Constraint; N],
+    header: [&'a str; N],
+    title: String,
+    selected: Option<usize>,
+) {
+    let table = Table::new(rows, widths)
+        .header(Row::new(header).style(Style::new().bold()))
+        .block(Block::bordered().title(title))
+        .row_highlight_style(Style::new().reversed());
+    let mut state = TableState::default().with_selected(selected);
     frame.render_stateful_widget(table, area, &mut state);
 }
 
@@ -317,29 +332,26 @@ fn jobs(frame: &mut Frame, model: &Model, area: Rect, selectable: bool) {
         Scope::Operator => format!(" Jobs ({}) · newest first ", rows.len()),
         Scope::Account(account) => format!(" {account}'s jobs ({}) · newest first ", rows.len()),
     };
-    let table = Table::new(
-        rows.iter().map(|job| job_row(model, job)),
-        [
-            Constraint::Length(12),
-            Constraint::Length(9),
-            Constraint::Length(8),
-            Constraint::Length(8),
-            Constraint::Length(10),
-            Constraint::Length(4),
-            Constraint::Min(6),
-        ],
-    )
-    .header(
-        Row::new(["JOB", "STATE", "ACCOUNT", "NODE", "COST", "AGE", "REASON"])
-            .style(Style::new().bold()),
-    )
-    .block(Block::bordered().title(title))
-    .row_highlight_style(Style::new().reversed());
-    let mut state = TableState::default();
-    if selectable {
-        state.select(Some(model.selected()));
-    }
-    frame.render_stateful_widget(table, area, &mut state);
+    let widths = [
+        Constraint::Length(12),
+        Constraint::Length(9),
+        Constraint::Length(8),
+        Constraint::Length(8),
+        Constraint::Length(10),
+        Constraint::Length(4),
+        Constraint::Min(6),
+    ];
+    let header = ["JOB", "STATE", "ACCOUNT", "NODE", "COST", "AGE", "REASON"];
+    let rows = rows.iter().map(|job| job_row(model, job));
+    render_table(
+        frame,
+        area,
+        rows,
+        widths,
+        header,
+        title,
+        selectable.then(|| model.selected()),
+    );
 }
 
 fn field(name: &'static str, value: String) -> Line<'static> {
