@@ -27,40 +27,64 @@ pub struct SimFleet {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The registration of simulated node `index`: 16 cores, 64 GiB, 8 slots, WASM only, one
+/// price for all (so the whole fleet is one matching class), heartbeats every
+/// `heartbeat_interval_ms`.
+pub fn registration(index: usize, pricing: Pricing, heartbeat_interval_ms: u64) -> RegisterNode {
+    RegisterNode {
+        v: WIRE_VERSION,
+        node_id: node_id(index),
+        provider_account: provider_account(index),
+        backends: vec!["wasm".into()],
+        pricing,
+        cpu_cores: 16,
+        memory_mib: 65_536,
+        max_concurrent: 8,
+        heartbeat_interval_ms,
+        plugins: vec![],
+        running: vec![],
+        gpus: vec![],
+        disk_mib: 100_000,
+        hardware: None,
+        artifact_sources: vec![],
+        models: vec![],
+    }
+}
+
 impl SimFleet {
     /// Registers `count` nodes and serves their assignments until dropped. Every execution
-    /// "runs" for `claimed_elapsed_ms` (reported, not waited).
+    /// "runs" for `claimed_elapsed_ms` (reported, not waited). Heartbeats every 5 s.
     pub async fn start(
         bus: Bus,
         count: usize,
         pricing: Pricing,
         claimed_elapsed_ms: u64,
     ) -> anyhow::Result<Self> {
+        Self::start_with(
+            bus,
+            count,
+            pricing,
+            claimed_elapsed_ms,
+            Duration::from_secs(5),
+        )
+        .await
+    }
+
+    /// [`SimFleet::start`] with each node heartbeating every `heartbeat_interval`, the fleet's
+    /// heartbeats spread evenly over it (as independent machines' are), not in one burst.
+    pub async fn start_with(
+        bus: Bus,
+        count: usize,
+        pricing: Pricing,
+        claimed_elapsed_ms: u64,
+        heartbeat_interval: Duration,
+    ) -> anyhow::Result<Self> {
         let bus = Arc::new(bus);
+        let interval_ms = u64::try_from(heartbeat_interval.as_millis()).unwrap_or(u64::MAX);
         // Registration in parallel batches.
         let mut pending = futures::stream::iter((0..count).map(|index| {
             let bus = bus.clone();
-            async move {
-                let registration = RegisterNode {
-                    v: WIRE_VERSION,
-                    node_id: node_id(index),
-                    provider_account: provider_account(index),
-                    backends: vec!["wasm".into()],
-                    pricing,
-                    cpu_cores: 16,
-                    memory_mib: 65_536,
-                    max_concurrent: 8,
-                    heartbeat_interval_ms: 5_000,
-                    plugins: vec![],
-                    running: vec![],
-                    gpus: vec![],
-                    disk_mib: 100_000,
-                    hardware: None,
-                    artifact_sources: vec![],
-                    models: vec![],
-                };
-                bus.call(&registration).await
-            }
+            async move { bus.call(&registration(index, pricing, interval_ms)).await }
         }))
         .buffer_unordered(64);
         while let Some(result) = pending.next().await {
@@ -105,18 +129,23 @@ impl SimFleet {
                 });
             }
         });
-        let heartbeats = tokio::spawn(heartbeat_loop(bus.clone(), count));
+        let heartbeats = tokio::spawn(heartbeat_loop(bus.clone(), count, heartbeat_interval));
         Ok(Self {
             tasks: vec![server, heartbeats],
         })
     }
 }
 
-/// Every node's heartbeat every 5 s (nothing running, 8 free slots).
-async fn heartbeat_loop(bus: Arc<Bus>, count: usize) {
-    loop {
-        for index in 0..count {
-            let node_id = format!("sim-{index}");
+/// Every node's heartbeat once per `interval` (nothing running, 8 free slots), in 50 slices
+/// a fiftieth of the interval apart.
+async fn heartbeat_loop(bus: Arc<Bus>, count: usize, interval: Duration) {
+    const SLICES: usize = 50;
+    let mut tick = tokio::time::interval(interval / SLICES as u32);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for turn in (0..SLICES).cycle() {
+        tick.tick().await;
+        for index in turn * count / SLICES..(turn + 1) * count / SLICES {
+            let node_id = node_id(index);
             let Ok(subject) = bus.subjects.node_heartbeat(&node_id) else {
                 continue;
             };
@@ -130,7 +159,6 @@ async fn heartbeat_loop(bus: Arc<Bus>, count: usize) {
             };
             let _ = bus.client.publish(subject, wire::encode(&beat)).await;
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

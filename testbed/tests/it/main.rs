@@ -20,5 +20,6 @@ mod plugins;
 mod protocol;
 mod receipts;
 mod restart;
+mod scale;
 mod tls;
 mod top;

@@ -15,20 +15,31 @@
 //!  + reputation × (1 − reputation) + tier × tier / 4) / 100
 //! ```
 //!
-//! Scores equal to 1e-9 are ties, broken by rotation so no node is systematically favoured.
+//! Scores equal to 1e-9 are ties, taken in turn (round robin in node-id order from the last
+//! node picked) so no node is systematically favoured.
 //!
 //! Nodes whose registrations agree on everything the hard filters and the price look at
 //! (backends, cores, memory, disk, GPUs, prices) share a **class**: a pick checks a job against
 //! each class once and then only looks at what differs between the class's nodes (free capacity,
 //! load, reputation). A fleet of a thousand identical nodes costs one check per job, not a
 //! thousand (`rhizos-bench marketplace` measures it).
+//!
+//! **The pick does not walk the fleet.** Within a class, price and tier are the same for every
+//! node, so nodes differ in score only by the *rank* `(load × busy/slots + reputation ×
+//! (1 − reputation)) / 100`. Each class keeps its live nodes with a free slot ordered by rank
+//! (re-filed on every allocate, release, reputation change, loss and re-registration, O(log n)
+//! each); a pick checks each class once, takes the first nodes of each fitting class's order
+//! that have room (skipping ones cooling down after a refusal or avoided by a requeued job),
+//! and compares the classes' best. A pick at 50,000 nodes costs about what it costs at 50 as
+//! long as the fleet's variety (its number of classes) stays small; `rhizos-bench scale`
+//! measures it.
 
 use crate::ledger;
 use rhizos_broker::config::MatchingWeights;
 use rhizos_broker::wire::{
     ErrorCode, GpuInfo, JobSpec, ModelView, Pricing, RegisterNode, WireError, format_usd,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 /// Provider tier by the largest GPU's VRAM (the Cxmpute tiers): 0 below 1 GiB (or no GPU),
@@ -108,6 +119,9 @@ pub struct NodeEntry {
     /// over for that: a node that takes nothing is not offered the same job in a tight loop.
     refusals: u32,
     cool_until: Option<Instant>,
+    /// Where the node is filed in its class's order (class, rank bits): `None` while lost or
+    /// with every slot taken.
+    filed: Option<(usize, u64)>,
 }
 
 impl NodeEntry {
@@ -121,8 +135,48 @@ pub struct Registry {
     nodes: BTreeMap<String, NodeEntry>,
     /// Class keys to class indices (dense, `0..classes.len()`).
     classes: HashMap<ClassKey, usize>,
-    rotation: usize,
+    /// Per class, its live nodes with a free slot by rank (see the module docs), ties by id.
+    ranked: Vec<Ranked>,
+    /// The node picked last: ties are taken in turn from the next id on.
+    last_pick: String,
     weights: MatchingWeights,
+}
+
+/// One class's nodes by rank (`f64` bits of a non-negative rank order as the numbers do),
+/// each rank's nodes by id.
+type Ranked = BTreeMap<u64, BTreeSet<String>>;
+
+/// The part of a node's score its class does not decide: load and unreliability, weighted.
+fn rank(weights: MatchingWeights, node: &NodeEntry) -> f64 {
+    let load = f64::from(node.active()) / f64::from(node.registration.max_concurrent.max(1));
+    let unreliability = 1.0 - node.reputation.clamp(0.0, 1.0);
+    (f64::from(weights.load) * load + f64::from(weights.reputation) * unreliability) / 100.0
+}
+
+/// Files `node` in its class's order where it belongs now (or takes it out), if that moved.
+fn refile(ranked: &mut Vec<Ranked>, weights: MatchingWeights, node: &mut NodeEntry) {
+    let wanted = (!node.lost && node.allocated.jobs < node.registration.max_concurrent)
+        .then(|| (node.class, rank(weights, node).max(0.0).to_bits()));
+    if wanted == node.filed {
+        return;
+    }
+    let id = &node.registration.node_id;
+    if let Some((class, bits)) = node.filed.take()
+        && let Some(order) = ranked.get_mut(class)
+        && let Some(ids) = order.get_mut(&bits)
+    {
+        ids.remove(id.as_str());
+        if ids.is_empty() {
+            order.remove(&bits);
+        }
+    }
+    if let Some((class, bits)) = wanted {
+        if ranked.len() <= class {
+            ranked.resize_with(class + 1, Ranked::default);
+        }
+        ranked[class].entry(bits).or_default().insert(id.clone());
+    }
+    node.filed = wanted;
 }
 
 /// What the hard filters and the price estimate read from a registration: nodes with equal
@@ -165,20 +219,6 @@ impl ClassKey {
             models: registration.models.clone(),
         }
     }
-}
-
-/// A class's answer to one job, worked out at most once per pick.
-#[derive(Debug, Clone, Copy)]
-enum Verdict {
-    Unchecked,
-    Unfit,
-    /// Fits when idle: the estimate for the whole timeout, how many of each node's GPUs fit
-    /// the job, and the tier term of the score.
-    Fit {
-        estimate: i64,
-        fitting_gpus: u32,
-        tier: f64,
-    },
 }
 
 /// The node's offer of the model an inference job asks for (its service, name and, when the
@@ -420,24 +460,29 @@ impl Registry {
     }
 
     pub fn upsert(&mut self, registration: RegisterNode) {
-        let previous = self.nodes.get(&registration.node_id);
-        let allocated = previous.map(|n| n.allocated).unwrap_or_default();
-        let reputation = previous.map_or(1.0, |n| n.reputation);
         let class = self.class_of(&registration);
-        self.nodes.insert(
-            registration.node_id.clone(),
-            NodeEntry {
-                registration,
-                last_seen: Instant::now(),
-                lost: false,
-                allocated,
-                reputation,
-                gpu_telemetry: Vec::new(),
-                class,
-                refusals: 0,
-                cool_until: None,
-            },
-        );
+        let (allocated, reputation) = match self.nodes.get_mut(&registration.node_id) {
+            Some(previous) => {
+                previous.lost = true;
+                refile(&mut self.ranked, self.weights, previous);
+                (previous.allocated, previous.reputation)
+            }
+            None => (Allocation::default(), 1.0),
+        };
+        let mut entry = NodeEntry {
+            registration,
+            last_seen: Instant::now(),
+            lost: false,
+            allocated,
+            reputation,
+            gpu_telemetry: Vec::new(),
+            class,
+            refusals: 0,
+            cool_until: None,
+            filed: None,
+        };
+        refile(&mut self.ranked, self.weights, &mut entry);
+        self.nodes.insert(entry.registration.node_id.clone(), entry);
     }
 
     /// `node_id` refused an assignment (or did not acknowledge it): passed over for 100 ms,
@@ -472,12 +517,15 @@ impl Registry {
         }
         if self.classes.len() > 2 * self.nodes.len() + 16 {
             self.classes.clear();
+            self.ranked.clear();
             for node in self.nodes.values_mut() {
                 let next = self.classes.len();
                 node.class = *self
                     .classes
                     .entry(ClassKey::of(&node.registration))
                     .or_insert(next);
+                node.filed = None;
+                refile(&mut self.ranked, self.weights, node);
             }
             if let Some(&class) = self.classes.get(&key) {
                 return class;
@@ -525,8 +573,11 @@ impl Registry {
         match self.nodes.get_mut(node_id) {
             Some(node) => {
                 node.last_seen = Instant::now();
-                node.lost = false;
                 node.gpu_telemetry = gpus;
+                if node.lost {
+                    node.lost = false;
+                    refile(&mut self.ranked, self.weights, node);
+                }
                 true
             }
             None => false,
@@ -543,11 +594,15 @@ impl Registry {
                 node.allocated = *allocation;
             }
         }
+        for node in self.nodes.values_mut() {
+            refile(&mut self.ranked, self.weights, node);
+        }
     }
 
     pub fn set_reputations(&mut self, reputations: &HashMap<String, f64>) {
         for (node_id, node) in &mut self.nodes {
             node.reputation = reputations.get(node_id).copied().unwrap_or(1.0);
+            refile(&mut self.ranked, self.weights, node);
         }
     }
 
@@ -560,6 +615,7 @@ impl Registry {
             a.cpu_cores = a.cpu_cores.saturating_add(add.cpu_cores);
             a.memory_mib = a.memory_mib.saturating_add(add.memory_mib);
             a.gpus = a.gpus.saturating_add(add.gpus);
+            refile(&mut self.ranked, self.weights, node);
         }
     }
 
@@ -570,6 +626,7 @@ impl Registry {
             a.cpu_cores = a.cpu_cores.saturating_sub(spec.cpu_cores);
             a.memory_mib = a.memory_mib.saturating_sub(spec.memory_mib);
             a.gpus = a.gpus.saturating_sub(spec.gpus);
+            refile(&mut self.ranked, self.weights, node);
         }
     }
 
@@ -612,14 +669,44 @@ impl Registry {
         views.into_values().collect()
     }
 
-    /// Refuses a job that no live node could run even when idle, saying why for each node.
+    /// Refuses a job that no live node could run even when idle, saying why for each kind of
+    /// node (one node of each class named, with how many more are like it).
     pub fn feasibility(&self, spec: &JobSpec, max_cost_micros: i64) -> Result<(), WireError> {
-        let mut reasons = Vec::new();
+        // One check per class: its first live node, and how many live nodes it has.
+        let mut classes: Vec<Option<(&NodeEntry, usize)>> = vec![None; self.classes.len()];
         for node in self.nodes.values().filter(|n| !n.lost) {
-            match unfit_reason(spec, max_cost_micros, &node.registration) {
-                None => return Ok(()),
-                Some(reason) => reasons.push(reason),
+            match classes.get_mut(node.class) {
+                Some(Some((_, count))) => *count += 1,
+                slot => {
+                    if check(spec, max_cost_micros, &node.registration).is_ok() {
+                        return Ok(());
+                    }
+                    if let Some(slot) = slot {
+                        *slot = Some((node, 1));
+                    }
+                }
             }
+        }
+        let mut kinds: Vec<(&NodeEntry, usize)> = classes.into_iter().flatten().collect();
+        kinds.sort_by(|a, b| a.0.registration.node_id.cmp(&b.0.registration.node_id));
+        const LISTED: usize = 16;
+        let mut reasons: Vec<String> = kinds
+            .iter()
+            .take(LISTED)
+            .filter_map(|(node, count)| {
+                let reason = unfit_reason(spec, max_cost_micros, &node.registration)?;
+                Some(match count - 1 {
+                    0 => reason,
+                    1 => format!("{reason} (and 1 more node like it)"),
+                    more => format!("{reason} (and {more} more nodes like it)"),
+                })
+            })
+            .collect();
+        if kinds.len() > LISTED {
+            reasons.push(format!(
+                "and {} more kinds of node (`rhizos node list` shows them)",
+                kinds.len() - LISTED
+            ));
         }
         let detail = if reasons.is_empty() {
             "no node is registered".to_owned()
@@ -648,86 +735,104 @@ impl Registry {
         max_cost_micros: i64,
         avoid: &[String],
     ) -> Option<&NodeEntry> {
-        // The job against each class once, then each live node's free capacity.
-        let mut verdicts = vec![Verdict::Unchecked; self.classes.len()];
-        let mut candidates: Vec<(&NodeEntry, i64, f64)> = Vec::new();
         let now = Instant::now();
-        for node in self
-            .nodes
-            .values()
-            .filter(|n| !n.lost && n.cool_until.is_none_or(|until| until <= now))
-        {
-            let verdict = match verdicts.get(node.class).copied() {
-                Some(Verdict::Unchecked) | None => {
-                    let verdict = match check(spec, max_cost_micros, &node.registration) {
-                        Ok(estimate) => Verdict::Fit {
-                            estimate,
-                            fitting_gpus: fitting_gpus(spec, &node.registration),
-                            tier: f64::from(provider_tier(&node.registration.gpus)) / 4.0,
-                        },
-                        Err(_) => Verdict::Unfit,
-                    };
-                    if let Some(slot) = verdicts.get_mut(node.class) {
-                        *slot = verdict;
-                    }
-                    verdict
-                }
-                Some(known) => known,
+        let chosen = self.choose(spec, max_cost_micros, avoid, now).or_else(|| {
+            (!avoid.is_empty())
+                .then(|| self.choose(spec, max_cost_micros, &[], now))
+                .flatten()
+        })?;
+        let node = self.nodes.get(&chosen)?;
+        self.last_pick = chosen;
+        Some(node)
+    }
+
+    /// The node to pick (see the module docs): each fitting class's best usable node, the
+    /// best of those by score, ties in turn after [`Registry::last_pick`].
+    fn choose(
+        &self,
+        spec: &JobSpec,
+        max_cost_micros: i64,
+        avoid: &[String],
+        now: Instant,
+    ) -> Option<String> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        struct Best<'a> {
+            node: &'a NodeEntry,
+            estimate: i64,
+            tier: f64,
+            /// Whether `node` comes after the last pick in id order (else it is the first).
+            after: bool,
+        }
+        let mut bests: Vec<Best> = Vec::new();
+        let last = self.last_pick.as_str();
+        for order in &self.ranked {
+            // The class against the job once, through any of its nodes.
+            let Some(sample) = order
+                .values()
+                .next()
+                .and_then(|ids| ids.first())
+                .and_then(|id| self.nodes.get(id))
+            else {
+                continue;
             };
-            if let Verdict::Fit {
-                estimate,
-                fitting_gpus,
-                tier,
-            } = verdict
-                && has_room(spec, node, fitting_gpus)
-            {
-                candidates.push((node, estimate, tier));
+            let Ok(estimate) = check(spec, max_cost_micros, &sample.registration) else {
+                continue;
+            };
+            let fitting = fitting_gpus(spec, &sample.registration);
+            let usable = |id: &String| {
+                self.nodes.get(id).filter(|node| {
+                    node.cool_until.is_none_or(|until| until <= now)
+                        && !avoid.contains(id)
+                        && has_room(spec, node, fitting)
+                })
+            };
+            // The lowest rank with a usable node; of its nodes, the first after the last
+            // pick, else the first.
+            for ids in order.values() {
+                let after = ids
+                    .range::<str, _>((Excluded(last), Unbounded))
+                    .find_map(usable);
+                let node = after.or_else(|| {
+                    ids.range::<str, _>((Unbounded, Included(last)))
+                        .find_map(usable)
+                });
+                if let Some(node) = node {
+                    bests.push(Best {
+                        node,
+                        estimate,
+                        tier: f64::from(provider_tier(&sample.registration.gpus)) / 4.0,
+                        after: after.is_some(),
+                    });
+                    break;
+                }
             }
         }
-        if !avoid.is_empty()
-            && candidates
-                .iter()
-                .any(|(node, _, _)| !avoid.contains(&node.registration.node_id))
-        {
-            candidates.retain(|(node, _, _)| !avoid.contains(&node.registration.node_id));
-        }
-        let cheapest = candidates.iter().map(|(_, estimate, _)| *estimate).min()?;
+        let cheapest = bests.iter().map(|b| b.estimate).min()?;
         let w = self.weights;
-        let scores: Vec<f64> = candidates
-            .iter()
-            .map(|(node, estimate, tier)| {
-                let price = if cheapest <= 0 {
-                    1.0
-                } else {
-                    *estimate as f64 / cheapest as f64
-                };
-                let load =
-                    f64::from(node.active()) / f64::from(node.registration.max_concurrent.max(1));
-                let unreliability = 1.0 - node.reputation.clamp(0.0, 1.0);
-                // A model loaded already answers without a load delay: warm nodes first.
-                let cold = match model_offer(spec, &node.registration) {
-                    Some(offer) if !offer.warm => 1.0,
-                    _ => 0.0,
-                };
-                cold + (f64::from(w.price) * price
-                    + f64::from(w.load) * load
-                    + f64::from(w.reputation) * unreliability
-                    + f64::from(w.tier) * tier)
-                    / 100.0
-            })
-            .collect();
-        // The best score and how many nodes share it, then the rotation's turn among those.
+        let score = |b: &Best| {
+            let price = if cheapest <= 0 {
+                1.0
+            } else {
+                b.estimate as f64 / cheapest as f64
+            };
+            // A model loaded already answers without a load delay: warm nodes first.
+            let cold = match model_offer(spec, &b.node.registration) {
+                Some(offer) if !offer.warm => 1.0,
+                _ => 0.0,
+            };
+            cold + (f64::from(w.price) * price + f64::from(w.tier) * b.tier) / 100.0
+                + rank(w, b.node)
+        };
+        let scores: Vec<f64> = bests.iter().map(score).collect();
         let best = scores.iter().copied().fold(f64::INFINITY, f64::min);
-        let is_best = |score: &f64| (score - best).abs() < 1e-9;
-        let tied = scores.iter().filter(|s| is_best(s)).count();
-        self.rotation = self.rotation.wrapping_add(1);
-        let turn = self.rotation % tied.max(1);
-        candidates
+        // Among the tied, the first after the last pick in id order, else the first.
+        bests
             .iter()
             .zip(&scores)
-            .filter(|(_, score)| is_best(score))
-            .nth(turn)
-            .map(|((node, _, _), _)| *node)
+            .filter(|(_, s)| (*s - best).abs() < 1e-9)
+            .map(|(b, _)| (!b.after, b.node.registration.node_id.as_str()))
+            .min()
+            .map(|(_, id)| id.to_owned())
     }
 
     /// Nodes whose last heartbeat is older than `missed` intervals, marked lost (once).
@@ -751,6 +856,7 @@ impl Registry {
             );
             if now.duration_since(node.last_seen) > limit {
                 node.lost = true;
+                refile(&mut self.ranked, self.weights, node);
                 lost.push(node.registration.node_id.clone());
             }
         }

@@ -579,3 +579,220 @@ fn a_node_that_refuses_an_assignment_is_passed_over_for_a_while() {
     registry.upsert(node("picky", 1, 0, 4, 4096, 2, &[]));
     assert_eq!(picked(&mut registry).as_deref(), Some("picky"));
 }
+
+/// What a pick must choose from, by walking every node as matching did before classes kept
+/// their nodes in rank order: each live node that fits and has room now (passing over `avoid`
+/// while another can take the job) with its score.
+fn scores_by_walking(
+    registry: &Registry,
+    job: &JobSpec,
+    max_cost: i64,
+    avoid: &[String],
+) -> BTreeMap<String, f64> {
+    let now = Instant::now();
+    let mut candidates: Vec<(&NodeEntry, i64)> = registry
+        .nodes
+        .values()
+        .filter(|n| !n.lost && n.cool_until.is_none_or(|until| until <= now))
+        .filter_map(|n| {
+            let estimate = check(job, max_cost, &n.registration).ok()?;
+            has_room(job, n, fitting_gpus(job, &n.registration)).then_some((n, estimate))
+        })
+        .collect();
+    if candidates
+        .iter()
+        .any(|(n, _)| !avoid.contains(&n.registration.node_id))
+    {
+        candidates.retain(|(n, _)| !avoid.contains(&n.registration.node_id));
+    }
+    let Some(cheapest) = candidates.iter().map(|(_, e)| *e).min() else {
+        return BTreeMap::new();
+    };
+    let w = registry.weights;
+    candidates
+        .iter()
+        .map(|(n, estimate)| {
+            let price = *estimate as f64 / cheapest as f64;
+            let load = f64::from(n.active()) / f64::from(n.registration.max_concurrent.max(1));
+            let tier = f64::from(provider_tier(&n.registration.gpus)) / 4.0;
+            let score = (f64::from(w.price) * price
+                + f64::from(w.load) * load
+                + f64::from(w.reputation) * (1.0 - n.reputation.clamp(0.0, 1.0))
+                + f64::from(w.tier) * tier)
+                / 100.0;
+            (n.registration.node_id.clone(), score)
+        })
+        .collect()
+}
+
+/// One step of the fleet's life in [`the_ranked_pick_finds_what_walking_every_node_finds`].
+#[derive(Debug, Clone)]
+enum Step {
+    /// Pick for a job of (cores, GPUs, max cost), avoiding node `.3` if `Some`; allocate it.
+    Pick(u32, u32, i64, Option<usize>),
+    Release(usize),
+    Reputation(usize, u8),
+    Lose(usize),
+    Heartbeat(usize),
+    Refuse(usize),
+    /// Re-register node `.0` as the kind `.1` (of [`registration`]'s four).
+    Register(usize, usize),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => (1u32..4, 0u32..2, prop_oneof![Just(10_000i64), Just(100_000), Just(10_000_000)],
+              proptest::option::of(0usize..40))
+            .prop_map(|(c, g, m, a)| Step::Pick(c, g, m, a)),
+        3 => (0usize..40).prop_map(Step::Release),
+        1 => (0usize..40, 0u8..=10).prop_map(|(n, r)| Step::Reputation(n, r)),
+        1 => (0usize..40).prop_map(Step::Lose),
+        1 => (0usize..40).prop_map(Step::Heartbeat),
+        1 => (0usize..40).prop_map(Step::Refuse),
+        1 => (0usize..40, 0usize..4).prop_map(|(n, c)| Step::Register(n, c)),
+    ]
+}
+
+/// Four kinds of node: cheap small, dear small, GPU, and one priced like the first but with
+/// more disk (another class whose nodes tie with the first's).
+fn registration(id: usize, kind: usize) -> RegisterNode {
+    let id = format!("n{id:02}");
+    match kind {
+        0 => node(&id, 1, 0, 4, 4096, 3, &[]),
+        1 => node(&id, 3, 0, 8, 8192, 2, &[]),
+        2 => node(&id, 2, 10, 8, 16384, 2, &[(24_576, "cuda")]),
+        _ => RegisterNode {
+            disk_mib: 20_000,
+            ..node(&id, 1, 0, 4, 4096, 3, &[])
+        },
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// Whatever the fleet went through (jobs placed and ended, reputations, losses, refusals,
+    /// re-registrations), a pick from the classes' rank orders chooses a node that walking
+    /// every node scores best, and finds none only when no node can take the job.
+    #[test]
+    fn the_ranked_pick_finds_what_walking_every_node_finds(
+        steps in proptest::collection::vec(step(), 1..200),
+    ) {
+        let mut registry = Registry::new(MatchingWeights::default());
+        let mut held: Vec<(String, JobSpec)> = Vec::new();
+        for id in 0..40 {
+            registry.upsert(registration(id, id % 4));
+        }
+        let mut reputations = HashMap::new();
+        for step in steps {
+            match step {
+                Step::Pick(cores, gpus, max_cost, avoid) => {
+                    let job = spec(cores, 256, gpus, if gpus > 0 { 1024 } else { 0 }, &[]);
+                    let avoid: Vec<String> =
+                        avoid.map(|n| format!("n{n:02}")).into_iter().collect();
+                    let scores = scores_by_walking(&registry, &job, max_cost, &avoid);
+                    let best = scores.values().copied().min_by(f64::total_cmp);
+                    let picked = registry
+                        .pick_avoiding(&job, max_cost, &avoid)
+                        .map(|n| n.registration.node_id.clone());
+                    match (&picked, best) {
+                        (None, None) => {}
+                        (Some(id), Some(best)) => {
+                            let score = scores.get(id).copied();
+                            proptest::prop_assert!(
+                                score.is_some_and(|s| (s - best).abs() < 1e-9),
+                                "picked {id} scoring {score:?}, the best scores {best}: {scores:?}"
+                            );
+                            registry.allocate(id, &job);
+                            held.push((id.clone(), job));
+                        }
+                        _ => proptest::prop_assert!(
+                            false,
+                            "picked {picked:?}, walking every node finds {scores:?}"
+                        ),
+                    }
+                }
+                Step::Release(i) => {
+                    if !held.is_empty() {
+                        let (id, job) = held.swap_remove(i % held.len());
+                        registry.release(&id, &job);
+                    }
+                }
+                Step::Reputation(n, r) => {
+                    reputations.insert(format!("n{n:02}"), f64::from(r) / 10.0);
+                    registry.set_reputations(&reputations);
+                }
+                Step::Lose(n) => {
+                    if let Some(node) = registry.nodes.get_mut(&format!("n{n:02}")) {
+                        node.last_seen = Instant::now() - Duration::from_secs(60);
+                    }
+                    registry.take_newly_lost(3);
+                }
+                Step::Heartbeat(n) => {
+                    registry.heartbeat(&format!("n{n:02}"), Vec::new());
+                }
+                Step::Refuse(n) => registry.refused(&format!("n{n:02}")),
+                Step::Register(n, kind) => registry.upsert(registration(n, kind)),
+            }
+        }
+        // The orchestrator's refresh from the database keeps the orders true too.
+        let mut per_node: BTreeMap<String, Allocation> = BTreeMap::new();
+        for (id, job) in &held {
+            let a = per_node.entry(id.clone()).or_default();
+            a.jobs += 1;
+            a.cpu_cores += job.cpu_cores;
+            a.memory_mib += job.memory_mib;
+            a.gpus += job.gpus;
+        }
+        registry.set_allocations(&per_node.into_iter().collect::<Vec<_>>());
+        // Every node is filed exactly when live with a free slot, in its class, at its rank.
+        for node in registry.nodes.values() {
+            let id = &node.registration.node_id;
+            let places: Vec<(usize, u64)> = registry
+                .ranked
+                .iter()
+                .enumerate()
+                .flat_map(|(class, order)| {
+                    order
+                        .iter()
+                        .filter(|(_, ids)| ids.contains(id))
+                        .map(move |(bits, _)| (class, *bits))
+                })
+                .collect();
+            let expected: Vec<(usize, u64)> =
+                (!node.lost && node.allocated.jobs < node.registration.max_concurrent)
+                    .then(|| (node.class, rank(registry.weights, node).to_bits()))
+                    .into_iter()
+                    .collect();
+            proptest::prop_assert_eq!(places, expected, "{}", id);
+        }
+    }
+}
+
+#[test]
+fn ties_across_classes_are_taken_in_turn() {
+    // Two classes (disk differs) at one price: six nodes tie; each is picked once in six.
+    let mut registry = Registry::new(MatchingWeights::default());
+    for id in 0..6 {
+        registry.upsert(registration(id, if id % 2 == 0 { 0 } else { 3 }));
+    }
+    assert_eq!(registry.classes.len(), 2);
+    let job = spec(1, 128, 0, 0, &[]);
+    let picks: Vec<String> = (0..12)
+        .map(|_| {
+            registry
+                .pick(&job, 100_000)
+                .unwrap()
+                .registration
+                .node_id
+                .clone()
+        })
+        .collect();
+    assert_eq!(
+        picks,
+        [
+            "n00", "n01", "n02", "n03", "n04", "n05", "n00", "n01", "n02", "n03", "n04", "n05"
+        ]
+    );
+}

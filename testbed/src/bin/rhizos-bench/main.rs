@@ -13,10 +13,12 @@
 //! | `module-resolve` | `module_resolve.rs` | chain:// resolutions per second per resolver, cold and cached |
 //! | `container-overhead` | `container_overhead.rs` | a container job against a bare `docker run`: the ratio |
 //! | `log-flood` | `log_flood.rs` | a guest printing empty lines in a loop: lines/s, lines streamed, NATS messages per 10,000 lines, peak memory |
+//! | `scale` | `scale.rs` (+ `chart.rs`) | one `rhizosd` orchestrator against 1,000 → 10,000 → 50,000 simulated nodes: CPU, heartbeats absorbed, jobs/s, submit → running, memory, pick cost; JSON + PNG |
 //!
 //! Build with `cargo build --release --workspace` and run `target/release/rhizos-bench <name>`:
 //! figures from a debug build say so and are not comparable.
 
+mod chart;
 mod container_overhead;
 mod gateway;
 mod limits;
@@ -26,6 +28,7 @@ mod module_resolve;
 mod plugin_call;
 mod report;
 mod round_trip;
+mod scale;
 mod submit_latency;
 mod wasm_jobs;
 
@@ -99,12 +102,6 @@ enum Bench {
         #[arg(long, default_value_t = 2_000)]
         calls: usize,
     },
-    /// Jobs offered to many simulated nodes (they ack and report at once): jobs settled per
-    /// second through the orchestrator and its ledger (real nats-server, SQLite with
-    /// synchronous=FULL), and submit → running latency (to the `running` event a subscriber
-    /// sees). Closed loop by default (`--concurrency` submits in flight: throughput); with
-    /// `--rate` an open loop at that many submits per second (latency at a given load; a low
-    /// rate such as 100 measures an unloaded orchestrator).
     /// A guest printing empty lines as fast as it can on a real agent (wasm plugin): lines/s it
     /// emits, lines streamed within the agent's log budget and the NATS messages they took,
     /// and the process's peak memory during the flood.
@@ -135,6 +132,12 @@ enum Bench {
         #[arg(long)]
         litellm: Option<std::path::PathBuf>,
     },
+    /// Jobs offered to many simulated nodes (they ack and report at once): jobs settled per
+    /// second through the orchestrator and its ledger (real nats-server, SQLite with
+    /// synchronous=FULL), and submit → running latency (to the `running` event a subscriber
+    /// sees). Closed loop by default (`--concurrency` submits in flight: throughput); with
+    /// `--rate` an open loop at that many submits per second (latency at a given load; a low
+    /// rate such as 100 measures an unloaded orchestrator).
     Marketplace {
         #[arg(long, default_value_t = 1_000)]
         nodes: usize,
@@ -151,6 +154,34 @@ enum Bench {
         /// service connection).
         #[arg(long)]
         secure: bool,
+    },
+    /// One orchestrator (the real rhizosd, its own process) against growing fleets of
+    /// simulated nodes heartbeating, each on a fresh nats-server and ledger: registration
+    /// time, its CPU with heartbeats only and with jobs flowing, heartbeats absorbed per second,
+    /// jobs settled per second, submit → running p50/p99, its memory, and what one pick costs
+    /// in the registry at that size. Writes scale.json and scale.png to --out. The full run is
+    /// the default; CI runs a short one (`--nodes 200,1000 --jobs 300 --idle-s 1`).
+    Scale {
+        /// Fleet sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
+        nodes: Vec<usize>,
+        /// Jobs per fleet size (closed loop).
+        #[arg(long, default_value_t = 5_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Seconds of heartbeats only, to measure the idle cost.
+        #[arg(long, default_value_t = 10.0)]
+        idle_s: f64,
+        /// Each simulated node's heartbeat interval.
+        #[arg(long, default_value_t = 5_000)]
+        heartbeat_ms: u64,
+        /// Where scale.json and scale.png go.
+        #[arg(long, default_value = "target/scale")]
+        out: std::path::PathBuf,
+        /// The rhizosd binary (default: the one beside this one).
+        #[arg(long)]
+        rhizosd: Option<std::path::PathBuf>,
     },
 }
 
@@ -200,6 +231,27 @@ async fn main() -> anyhow::Result<()> {
             secure,
         } => report::print(
             &marketplace::run(nodes, jobs, concurrency, rate, secure).await?,
+            json,
+        ),
+        Bench::Scale {
+            nodes,
+            jobs,
+            concurrency,
+            idle_s,
+            heartbeat_ms,
+            out,
+            rhizosd,
+        } => report::print(
+            &scale::run(scale::Options {
+                nodes,
+                jobs,
+                concurrency,
+                idle_s,
+                heartbeat_ms,
+                out,
+                rhizosd,
+            })
+            .await?,
             json,
         ),
     }

@@ -134,16 +134,70 @@ pub async fn run(
     let registration_s = setup.elapsed().as_secs_f64();
     cluster.funded_account("load", 1_000_000_000_000).await?;
 
-    // Watch every job's events: running (latency) and settled (throughput).
-    let subjects = &cluster.bus.subjects;
+    let driven = drive(
+        &cluster.bus,
+        cluster.client_as(&Caller::user("load")).await?,
+        jobs,
+        concurrency,
+        rate,
+    )
+    .await?;
+    drop(fleet);
+    cluster.shutdown().await?;
+    Ok(Report {
+        bench: "marketplace",
+        build: report::build(),
+        nodes,
+        jobs,
+        concurrency,
+        rate,
+        secure,
+        registration_s,
+        rejected: driven.rejected,
+        settled: driven.settled,
+        submit_phase_s: driven.submit_phase_s,
+        total_s: driven.total_s,
+        jobs_settled_per_s: driven.jobs_per_s(),
+        settled_per_commit_rate: driven.jobs_per_s() / limits.sqlite_commits_per_s,
+        running_per_nats_round_trip: driven.running.p50 / limits.nats_round_trip_ms,
+        submit_to_running_ms: driven.running,
+        limits,
+    })
+}
+
+/// What [`drive`] saw.
+pub struct Driven {
+    pub rejected: usize,
+    pub settled: usize,
+    pub submit_phase_s: f64,
+    pub total_s: f64,
+    pub running: Tail,
+}
+
+impl Driven {
+    pub fn jobs_per_s(&self) -> f64 {
+        self.settled as f64 / self.total_s
+    }
+}
+
+/// Submits `jobs` minimal WASM jobs for the funded account `load` through `client` (closed
+/// loop with `concurrency` in flight, or open at `rate`), watching their events on `bus`:
+/// submit → running from each `running` event, throughput from the `settled` escrow events
+/// (waiting for all of them, at most 60 s after the last).
+pub async fn drive(
+    bus: &rhizos_broker::Bus,
+    client: Client,
+    jobs: usize,
+    concurrency: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<Driven> {
+    let subjects = &bus.subjects;
     let wildcard = |subject: String| subject.trim_end_matches('x').to_owned() + "*";
-    let running_events = cluster
-        .bus
+    let running_events = bus
         .client
         .subscribe(wildcard(subjects.job_event("load", "running", "x")?))
         .await?;
-    let mut settled_events = cluster
-        .bus
+    let mut settled_events = bus
         .client
         .subscribe(wildcard(subjects.escrow_event(
             "load",
@@ -151,7 +205,7 @@ pub async fn run(
             "x",
         )?))
         .await?;
-    cluster.bus.client.flush().await?;
+    bus.client.flush().await?;
     let submitted_at: SubmittedAt = Arc::default();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let watcher = tokio::spawn(watch_running(
@@ -160,7 +214,7 @@ pub async fn run(
         latencies.clone(),
     ));
     let submitter = Submitter {
-        client: cluster.client_as(&Caller::user("load")).await?,
+        client,
         module: rhizos_broker::wire::b64_encode(b"(module (func (export \"_start\")))"),
         submitted_at,
     };
@@ -180,27 +234,12 @@ pub async fn run(
     let total_s = started.elapsed().as_secs_f64();
     watcher.abort();
     let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
-    let running = Tail::of(&mut latencies);
-    drop(fleet);
-    cluster.shutdown().await?;
-    Ok(Report {
-        bench: "marketplace",
-        build: report::build(),
-        nodes,
-        jobs,
-        concurrency,
-        rate,
-        secure,
-        registration_s,
+    Ok(Driven {
         rejected,
         settled,
         submit_phase_s,
         total_s,
-        jobs_settled_per_s: settled as f64 / total_s,
-        settled_per_commit_rate: settled as f64 / total_s / limits.sqlite_commits_per_s,
-        running_per_nats_round_trip: running.p50 / limits.nats_round_trip_ms,
-        submit_to_running_ms: running,
-        limits,
+        running: Tail::of(&mut latencies),
     })
 }
 
