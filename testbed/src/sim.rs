@@ -93,6 +93,8 @@ impl SimFleet {
         let prefix = bus.subjects.job_assign("x")?;
         let wildcard = format!("{}*", prefix.trim_end_matches('x'));
         let mut assignments = bus.client.subscribe(wildcard).await?;
+        // Registered with the server before any job can be offered to the fleet.
+        bus.client.flush().await?;
         let server_bus = bus.clone();
         let server = tokio::spawn(async move {
             while let Some(message) = assignments.next().await {

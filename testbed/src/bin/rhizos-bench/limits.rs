@@ -42,6 +42,9 @@ pub async fn measure(nats: &rhizos_broker::config::NatsSettings) -> anyhow::Resu
     let requester = rhizos_broker::Bus::connect(nats).await?.client;
     let subject = format!("rhizos.bench.limits.{}", std::process::id());
     let mut requests = responder.subscribe(subject.clone()).await?;
+    // The server has the subscription once the responder's connection is flushed: a request
+    // sent before that finds no responders.
+    responder.flush().await?;
     let echo = tokio::spawn(async move {
         while let Some(message) = requests.next().await {
             if let Some(reply) = message.reply {
@@ -49,7 +52,6 @@ pub async fn measure(nats: &rhizos_broker::config::NatsSettings) -> anyhow::Resu
             }
         }
     });
-    requester.flush().await?;
     let mut round_trips = Vec::with_capacity(2_000);
     for i in 0..2_200 {
         let started = Instant::now();

@@ -166,7 +166,7 @@ enum Bench {
         #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
         nodes: Vec<usize>,
         /// Jobs per fleet size (closed loop).
-        #[arg(long, default_value_t = 5_000)]
+        #[arg(long, default_value_t = 20_000)]
         jobs: usize,
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
