@@ -93,7 +93,8 @@ impl SimFleet {
         let prefix = bus.subjects.job_assign("x")?;
         let wildcard = format!("{}*", prefix.trim_end_matches('x'));
         let mut assignments = bus.client.subscribe(wildcard).await?;
-        // Registered with the server before any job can be offered to the fleet.
+        // Sent before any job can be offered to the fleet (a flush empties the client's buffer;
+        // an assignment that still beats it is refused and offered again).
         bus.client.flush().await?;
         let server_bus = bus.clone();
         let server = tokio::spawn(async move {

@@ -42,9 +42,6 @@ pub async fn measure(nats: &rhizos_broker::config::NatsSettings) -> anyhow::Resu
     let requester = rhizos_broker::Bus::connect(nats).await?.client;
     let subject = format!("rhizos.bench.limits.{}", std::process::id());
     let mut requests = responder.subscribe(subject.clone()).await?;
-    // The server has the subscription once the responder's connection is flushed: a request
-    // sent before that finds no responders.
-    responder.flush().await?;
     let echo = tokio::spawn(async move {
         while let Some(message) = requests.next().await {
             if let Some(reply) = message.reply {
@@ -52,6 +49,25 @@ pub async fn measure(nats: &rhizos_broker::config::NatsSettings) -> anyhow::Resu
             }
         }
     });
+    // async-nats's flush only empties its own buffer, so the server may see the requester's
+    // first request before the responder's subscription (another connection): "no responders".
+    // Ask until the echo answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match requester
+            .request(subject.clone(), bytes::Bytes::from_static(b"ping"))
+            .await
+        {
+            Ok(_) => break,
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let mut round_trips = Vec::with_capacity(2_000);
     for i in 0..2_200 {
         let started = Instant::now();
