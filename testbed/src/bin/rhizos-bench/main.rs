@@ -160,29 +160,8 @@ enum Bench {
     /// time, its CPU with heartbeats only and with jobs flowing, heartbeats absorbed per second,
     /// jobs settled per second, submit → running p50/p99, its memory, and what one pick costs
     /// in the registry at that size. Writes scale.json and scale.png to --out. The full run is
-    /// the default; CI runs a short one (`--nodes 200,1000 --jobs 300 --idle-s 1`).
-    Scale {
-        /// Fleet sizes, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
-        nodes: Vec<usize>,
-        /// Jobs per fleet size (closed loop).
-        #[arg(long, default_value_t = 20_000)]
-        jobs: usize,
-        #[arg(long, default_value_t = 256)]
-        concurrency: usize,
-        /// Seconds of heartbeats only, to measure the idle cost.
-        #[arg(long, default_value_t = 10.0)]
-        idle_s: f64,
-        /// Each simulated node's heartbeat interval.
-        #[arg(long, default_value_t = 5_000)]
-        heartbeat_ms: u64,
-        /// Where scale.json and scale.png go.
-        #[arg(long, default_value = "target/scale")]
-        out: std::path::PathBuf,
-        /// The rhizosd binary (default: the one beside this one).
-        #[arg(long)]
-        rhizosd: Option<std::path::PathBuf>,
-    },
+    /// the default; the test suite runs a short one (`--nodes 100,400 --jobs 200 --concurrency 32 --idle-s 1.5 --heartbeat-ms 500`).
+    Scale(scale::Options),
 }
 
 #[tokio::main]
@@ -233,26 +212,6 @@ async fn main() -> anyhow::Result<()> {
             &marketplace::run(nodes, jobs, concurrency, rate, secure).await?,
             json,
         ),
-        Bench::Scale {
-            nodes,
-            jobs,
-            concurrency,
-            idle_s,
-            heartbeat_ms,
-            out,
-            rhizosd,
-        } => report::print(
-            &scale::run(scale::Options {
-                nodes,
-                jobs,
-                concurrency,
-                idle_s,
-                heartbeat_ms,
-                out,
-                rhizosd,
-            })
-            .await?,
-            json,
-        ),
+        Bench::Scale(options) => report::print(&scale::run(options).await?, json),
     }
 }

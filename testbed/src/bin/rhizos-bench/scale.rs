@@ -29,13 +29,28 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[derive(clap::Args)]
 pub struct Options {
+    /// Fleet sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
     pub nodes: Vec<usize>,
+    /// Jobs per fleet size (closed loop).
+    #[arg(long, default_value_t = 20_000)]
     pub jobs: usize,
+    /// Submits in flight at once.
+    #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// Seconds of heartbeats only, to measure the idle cost.
+    #[arg(long, default_value_t = 10.0)]
     pub idle_s: f64,
+    /// Each simulated node's heartbeat interval.
+    #[arg(long, default_value_t = 5_000)]
     pub heartbeat_ms: u64,
+    /// Where scale.json and scale.png go.
+    #[arg(long, default_value = "target/scale")]
     pub out: PathBuf,
+    /// The rhizosd binary (default: the one beside this one).
+    #[arg(long)]
     pub rhizosd: Option<PathBuf>,
 }
 
