@@ -103,6 +103,9 @@ pub struct OrchestratorMetrics {
     /// One group commit of the ledger thread: how long, how many operations.
     pub commit_seconds: Histogram,
     pub group_size: Histogram,
+    /// One ledger operation, from being queued to its commit being durable: what a request
+    /// waits for the ledger (queueing behind other batches included).
+    pub ledger_wait_seconds: Histogram,
     pub heartbeats: IntCounter,
     /// From submit to the node's `running` report.
     pub submit_to_running_seconds: Histogram,
@@ -144,6 +147,12 @@ impl OrchestratorMetrics {
                 "rhizos_ledger_group_size",
                 "Ledger operations committed together by one fsync.",
                 &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            ),
+            ledger_wait_seconds: histogram(
+                &r,
+                "rhizos_ledger_wait_seconds",
+                "One ledger operation from being queued to its commit being durable (queueing included).",
+                LATENCY_BUCKETS,
             ),
             heartbeats: counter(&r, "rhizos_heartbeats_total", "Node heartbeats received."),
             submit_to_running_seconds: histogram(

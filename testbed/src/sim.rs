@@ -9,8 +9,9 @@ use rhizos_broker::wire::{
     self, Ack, AssignJob, ExecutionOutcome, Heartbeat, JobReport, Pricing, RegisterNode, Reply,
     ReportPhase, WIRE_VERSION,
 };
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The id of simulated node `index`.
 pub fn node_id(index: usize) -> String {
@@ -25,6 +26,42 @@ pub fn provider_account(index: usize) -> String {
 /// A fleet of simulated nodes `sim-0` … `sim-<n-1>`.
 pub struct SimFleet {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// When the fleet saw each job's assignment and its `running` report's answer.
+    pub timeline: Timeline,
+}
+
+/// What the fleet saw of each job, by job id: for latency breakdowns (submit → assignment →
+/// running report → its answer).
+#[derive(Clone, Default)]
+pub struct Timeline(Arc<Mutex<HashMap<String, NodeSide>>>);
+
+/// When the fleet saw one job's attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeSide {
+    /// The assignment arrived.
+    pub assigned: Instant,
+    /// The `running` report went out.
+    pub running_sent: Option<Instant>,
+    /// The orchestrator answered the `running` report (it answers after its commit).
+    pub running_answered: Option<Instant>,
+}
+
+impl Timeline {
+    /// What the fleet saw of `job_id` (its last attempt).
+    pub fn get(&self, job_id: &str) -> Option<NodeSide> {
+        self.0.lock().ok()?.get(job_id).copied()
+    }
+
+    fn record(&self, job_id: &str, update: impl FnOnce(&mut NodeSide)) {
+        let now = Instant::now();
+        if let Ok(mut map) = self.0.lock() {
+            update(map.entry(job_id.to_owned()).or_insert(NodeSide {
+                assigned: now,
+                running_sent: None,
+                running_answered: None,
+            }));
+        }
+    }
 }
 
 /// The registration of simulated node `index`: 16 cores, 64 GiB, 8 slots, WASM only, one
@@ -97,13 +134,23 @@ impl SimFleet {
         // an assignment that still beats it is refused and offered again).
         bus.client.flush().await?;
         let server_bus = bus.clone();
+        let timeline = Timeline::default();
+        let seen = timeline.clone();
         let server = tokio::spawn(async move {
             while let Some(message) = assignments.next().await {
+                let arrived = Instant::now();
                 let node_id = rhizos_broker::Subjects::last_token(&message.subject).to_owned();
                 let Ok(assign) = wire::decode::<AssignJob>(&message.payload, 4 * 1024 * 1024)
                 else {
                     continue;
                 };
+                seen.record(&assign.job_id, |side| {
+                    *side = NodeSide {
+                        assigned: arrived,
+                        running_sent: None,
+                        running_answered: None,
+                    };
+                });
                 if let Some(reply) = message.reply {
                     let ack = wire::encode(&Reply::ok(Ack {
                         accepted: true,
@@ -111,7 +158,7 @@ impl SimFleet {
                     }));
                     let _ = server_bus.client.publish(reply, ack).await;
                 }
-                let bus = server_bus.clone();
+                let (bus, seen) = (server_bus.clone(), seen.clone());
                 tokio::spawn(async move {
                     let running = JobReport {
                         v: WIRE_VERSION,
@@ -121,7 +168,13 @@ impl SimFleet {
                         phase: ReportPhase::Running,
                         signature: None,
                     };
+                    seen.record(&running.job_id, |side| {
+                        side.running_sent = Some(Instant::now())
+                    });
                     let _ = bus.call(&running).await;
+                    seen.record(&running.job_id, |side| {
+                        side.running_answered = Some(Instant::now());
+                    });
                     let finished = JobReport {
                         phase: ReportPhase::Finished {
                             outcome: ExecutionOutcome::exited(0, claimed_elapsed_ms),
@@ -135,6 +188,7 @@ impl SimFleet {
         let heartbeats = tokio::spawn(heartbeat_loop(bus.clone(), count, heartbeat_interval));
         Ok(Self {
             tasks: vec![server, heartbeats],
+            timeline,
         })
     }
 }

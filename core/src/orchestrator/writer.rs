@@ -76,9 +76,13 @@ impl Orchestrator {
         f: impl FnOnce(&mut Store) -> Result<T, E> + Send + 'static,
     ) -> Result<T, WireError> {
         let (sender, receiver) = tokio::sync::oneshot::channel();
+        let (queued, metrics) = (std::time::Instant::now(), self.inner.metrics.clone());
         let op: Op = Box::new(move |store: &mut Store| {
             let result = f(store).map_err(Into::into);
             Box::new(move |commit: &Result<(), String>| {
+                metrics
+                    .ledger_wait_seconds
+                    .observe(queued.elapsed().as_secs_f64());
                 let _ = sender.send(match commit {
                     Ok(()) => result,
                     Err(e) => Err(WireError::new(ErrorCode::Internal, format!("ledger {e}"))),

@@ -61,17 +61,21 @@ impl Store {
             return Ok((existing, false));
         }
         let now = now_ms();
-        let (tx, ctx) = self.begin()?;
-        match query_row(
+        // Every refusal comes before the first write (a lean unit: see `Store::begin_lean`).
+        let (tx, ctx) = self.begin_lean()?;
+        let balance = match query_row(
             &tx,
-            "SELECT kind FROM accounts WHERE id = ?1",
+            "SELECT kind, balance_micros FROM accounts WHERE id = ?1",
             [account],
-            |r| r.get::<_, String>(0),
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
         )
         .optional()?
         {
-            Some(kind) if kind == "user" || kind == "provider" => {}
+            Some((kind, balance)) if kind == "user" || kind == "provider" => balance,
             _ => return Err(no_account(account)),
+        };
+        if balance < max_cost_micros {
+            return Err(insufficient(account, balance, max_cost_micros));
         }
         let key_id = match key_sha256 {
             Some(digest) => Some(key_budget(&tx, digest, account, max_cost_micros)?),
@@ -103,16 +107,20 @@ impl Store {
         ?;
         let escrow = escrow_account(job_id);
         ledger::ensure_account(&tx, &escrow, AccountKind::Escrow, now)?;
-        ledger::post(&tx, &format!("hold:{job_id}"), TxKind::Hold, Some(job_id), &[(account, -max_cost_micros), (&escrow, max_cost_micros)], now)
-            .map_err(|e| match e {
-                LedgerError::InsufficientFunds { balance_micros, .. } => StoreError::InsufficientFunds(format!(
-                        "account {account} has {} but the job's max cost is {}; deposit more or lower --max-cost",
-                        format_usd(balance_micros),
-                        format_usd(max_cost_micros)
-                    ),
-                ),
-                other => other.into(),
-            })?;
+        ledger::post(
+            &tx,
+            &format!("hold:{job_id}"),
+            TxKind::Hold,
+            Some(job_id),
+            &[(account, -max_cost_micros), (&escrow, max_cost_micros)],
+            now,
+        )
+        .map_err(|e| match e {
+            LedgerError::InsufficientFunds { balance_micros, .. } => {
+                insufficient(account, balance_micros, max_cost_micros)
+            }
+            other => other.into(),
+        })?;
         ctx.emit_job(&tx, job_id, JobState::Pending, 0, None, None, now)?;
         ctx.emit(
             &tx,
@@ -439,6 +447,15 @@ pub struct ClosedJob {
 
 /// The id of the API key `key_sha256` when it is `account`'s, neither revoked nor expired, and a
 /// hold of `hold_micros` fits its credit limit: spent + held by its open jobs + this hold ≤ limit.
+/// The payer cannot cover the hold.
+fn insufficient(account: &str, balance_micros: i64, max_cost_micros: i64) -> StoreError {
+    StoreError::InsufficientFunds(format!(
+        "account {account} has {} but the job's max cost is {}; deposit more or lower --max-cost",
+        format_usd(balance_micros),
+        format_usd(max_cost_micros)
+    ))
+}
+
 fn key_budget(
     tx: &rusqlite::Connection,
     key_sha256: &str,

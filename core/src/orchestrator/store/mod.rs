@@ -124,6 +124,18 @@ pub struct CancelEffect {
     pub stop: Option<(String, u32)>,
 }
 
+/// Turns on SQLite's query planner stability guarantee for `conn`: plans never depend on bound
+/// values, so a cached statement is not re-prepared each time its parameters change. Bundled
+/// SQLite has STAT4, under which a statement with a parameter in a range constraint (`id > ?1`)
+/// is re-parsed on every new binding: `perf` found 3.5 % of the ledger thread in
+/// `sqlite3Reprepare`, and most of the outbox publisher's reads in the parser, without it.
+pub(crate) fn stable_plans(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )
+}
+
 /// The orchestrator's database, owned by the ledger writer thread.
 pub struct Store {
     conn: Connection,
@@ -136,6 +148,63 @@ pub struct Store {
     /// dispatch passes must not parse it again each time). Filled at submit and on a miss,
     /// emptied when the job leaves pending; at most [`SPEC_CACHE_ENTRIES`].
     spec_cache: std::collections::HashMap<String, std::sync::Arc<JobSpec>>,
+    /// Set while a group commit runs its operations: lean units (see [`Store::begin_lean`])
+    /// need no savepoint of their own then.
+    grouped: bool,
+    /// A lean unit ended without committing after writing: the batch must be rolled back.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+/// One operation's unit of work: a savepoint, or — inside a group commit, for the operations
+/// that refuse only before their first write — the batch's own transaction (a *lean* unit).
+/// Both deref to the connection and commit or roll back as a whole: a lean unit that ends
+/// without [`Unit::commit`] after writing marks the batch broken, and the whole batch is rolled
+/// back ([`Store::group_commit`]).
+pub(crate) enum Unit<'a> {
+    Savepoint(Savepoint<'a>),
+    Lean(Lean<'a>),
+}
+
+/// A unit of work inside the batch's transaction, without a savepoint of its own.
+pub(crate) struct Lean<'a> {
+    conn: &'a Connection,
+    /// The connection's change count when the unit began.
+    changes: u64,
+    committed: bool,
+    broken: &'a std::sync::atomic::AtomicBool,
+}
+
+impl std::ops::Deref for Unit<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            Unit::Savepoint(savepoint) => savepoint,
+            Unit::Lean(lean) => lean.conn,
+        }
+    }
+}
+
+impl Unit<'_> {
+    /// Keeps what the unit wrote (a lean unit's writes commit with its batch).
+    pub(crate) fn commit(self) -> rusqlite::Result<()> {
+        match self {
+            Unit::Savepoint(savepoint) => savepoint.commit(),
+            Unit::Lean(mut lean) => {
+                lean.committed = true;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Lean<'_> {
+    fn drop(&mut self) {
+        // An error (or a panic) after a write: only rolling the whole batch back undoes it.
+        if !self.committed && self.conn.total_changes() != self.changes {
+            self.broken
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Most parsed specs kept (dispatch looks at the oldest 256 pending jobs at a time).
@@ -176,13 +245,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // Every statement the store runs stays prepared (there are about fifty).
         conn.set_prepared_statement_cache_capacity(256);
-        // The query planner stability guarantee: plans never depend on bound values, so a
-        // statement is not re-prepared when its parameters change (bundled SQLite has STAT4;
-        // `perf` found 3.5 % of the ledger thread in sqlite3Reprepare without it).
-        conn.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
-            true,
-        )?;
+        stable_plans(&conn)?;
         // Savepoint sub-journals (one per operation inside a group commit) stay in memory.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         // 64 MiB of page cache (negative: KiB): job rows carry their workload, so the working
@@ -229,6 +292,7 @@ impl Store {
         conn.pragma_update(None, "query_only", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.set_prepared_statement_cache_capacity(64);
+        stable_plans(&conn)?;
         let instance: String =
             conn.query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| {
                 r.get(0)
@@ -247,6 +311,8 @@ impl Store {
             instance,
             checkpointer: None,
             spec_cache: std::collections::HashMap::new(),
+            grouped: false,
+            broken: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -286,6 +352,27 @@ impl Store {
         Ok((tx, &self.ctx))
     }
 
+    /// [`Store::begin`] for an operation whose every refusal comes before its first write:
+    /// inside a group commit it runs in the batch's transaction without a savepoint of its own
+    /// (`perf`: a savepoint's statement journal — each page the operation touches copied and
+    /// freed again — was a quarter of the ledger thread's time under load). Should it still
+    /// end without committing after a write (an I/O error, a bug, a panic), the whole batch is
+    /// rolled back and every operation in it answered with an error. Outside a group commit
+    /// it is a savepoint.
+    fn begin_lean(&mut self) -> Result<(Unit<'_>, &Ctx), StoreError> {
+        if !self.grouped {
+            let savepoint = self.conn.savepoint()?;
+            return Ok((Unit::Savepoint(savepoint), &self.ctx));
+        }
+        let unit = Lean {
+            conn: &self.conn,
+            changes: self.conn.total_changes(),
+            committed: false,
+            broken: &self.broken,
+        };
+        Ok((Unit::Lean(unit), &self.ctx))
+    }
+
     /// Runs `ops` inside one SQLite transaction and commits once (one fsync for the batch). Each
     /// op still has its own savepoint, so a failed op undoes only itself. Returns the commit's
     /// outcome; callers must not act on any op's result before it.
@@ -296,10 +383,30 @@ impl Store {
         let grouped = self.conn.execute_batch("BEGIN IMMEDIATE").is_ok()
             || (self.conn.execute_batch("ROLLBACK").is_ok()
                 && self.conn.execute_batch("BEGIN IMMEDIATE").is_ok());
+        self.grouped = grouped;
+        self.broken
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let results = ops(self);
+        self.grouped = false;
         if !grouped {
             // No outer transaction: each op's savepoint committed it on its own.
             return (results, Ok(()));
+        }
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(
+                "a ledger operation failed after writing part of its change; its whole batch is rolled back"
+            );
+            let rolled_back = self.conn.execute_batch("ROLLBACK");
+            return (
+                results,
+                Err(format!(
+                    "batch rolled back (an operation in it failed half-way{}); retry",
+                    rolled_back
+                        .err()
+                        .map(|e| format!(", and the rollback: {e}"))
+                        .unwrap_or_default()
+                )),
+            );
         }
         match self.conn.execute_batch("COMMIT") {
             Ok(()) => (results, Ok(())),

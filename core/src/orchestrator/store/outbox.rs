@@ -124,6 +124,7 @@ impl OutboxReader {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        super::stable_plans(&conn)?;
         Ok(Self { conn })
     }
 

@@ -618,6 +618,38 @@ fn a_group_commit_keeps_each_operation_all_or_nothing() {
 }
 
 #[test]
+fn a_lean_unit_that_fails_after_writing_rolls_its_whole_batch_back() {
+    let (_dir, mut store) = store();
+    store.create_account("u").unwrap();
+    let (deposited, commit) = store.group_commit(|store| {
+        let deposited = store.deposit("u", 7, None).is_ok();
+        // A write, then the unit ends without committing (an error or panic half-way).
+        let (unit, _) = store.begin_lean().unwrap();
+        ledger::ensure_account(&unit, "half-made", ledger::AccountKind::User, 1).unwrap();
+        drop(unit);
+        deposited
+    });
+    assert!(deposited, "the other operation ran");
+    assert!(commit.unwrap_err().contains("rolled back"));
+    assert_eq!(balance(&store, "u"), 0, "nothing of the batch stayed");
+    assert_eq!(
+        ledger::balance(store.connection(), "half-made").unwrap(),
+        None
+    );
+    // A lean unit that refuses before writing leaves its batch alone, and the next batch
+    // commits as usual.
+    let ((), commit) = store.group_commit(|store| {
+        store.deposit("u", 3, None).unwrap();
+        let (unit, _) = store.begin_lean().unwrap();
+        let _ = ledger::balance(&unit, "u").unwrap();
+        drop(unit);
+    });
+    assert_eq!(commit, Ok(()));
+    assert_eq!(balance(&store, "u"), 3);
+    assert!(store.verify().unwrap().ok);
+}
+
+#[test]
 fn insufficient_funds_leave_no_trace() {
     let (_dir, mut store) = store();
     store.create_account("u").unwrap();
@@ -800,11 +832,21 @@ mod properties {
         #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
         #[test]
-        fn every_sequence_keeps_the_ledger_invariants(ops in proptest::collection::vec(op(), 10..80)) {
+        fn every_sequence_keeps_the_ledger_invariants(
+            ops in proptest::collection::vec(op(), 10..80),
+            batched in any::<bool>(),
+        ) {
             let (_dir, mut store) = setup();
             let mut jobs: Vec<String> = Vec::new();
             let mut deposited = INITIAL_DEPOSIT * USERS.len() as i64;
             for op in ops {
+                // Batched: each step runs as the ledger writer runs it, inside a group commit,
+                // where lean operations have no savepoint: none may refuse after writing.
+                if batched {
+                    store.conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                    store.grouped = true;
+                }
+                let step = format!("{op:?}");
                 match op {
                     Op::Deposit { user, amount } => {
                         store.deposit(USERS[user], amount, None).unwrap();
@@ -869,6 +911,14 @@ mod properties {
                             store.end_with_refund(id, JobState::TimedOut, "queue timeout").unwrap();
                         }
                     }
+                }
+                if batched {
+                    store.grouped = false;
+                    prop_assert!(
+                        !store.broken.load(std::sync::atomic::Ordering::Relaxed),
+                        "{step} failed after writing inside a group commit"
+                    );
+                    store.conn.execute_batch("COMMIT").unwrap();
                 }
                 let report = store.verify().unwrap();
                 prop_assert!(report.ok, "{:?}", report.problems);

@@ -30,7 +30,7 @@ impl Store {
     ) -> Result<Option<u32>, StoreError> {
         let now = now_ms();
         let pricing = serde_json::to_string(pricing)?;
-        let (tx, ctx) = self.begin()?;
+        let (tx, ctx) = self.begin_lean()?;
         let attempt: Option<u32> = query_row(
             &tx,
             "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, node_id = ?2, pricing = ?3, updated_ms = ?4,
@@ -159,7 +159,7 @@ impl Store {
         attempt: u32,
     ) -> Result<(ReportEffect, Option<u64>), StoreError> {
         let now = now_ms();
-        let (tx, ctx) = self.begin()?;
+        let (tx, ctx) = self.begin_lean()?;
         let state = match Self::check_attempt(&tx, job_id, node_id, attempt)? {
             Ok(state) => state,
             Err(effect) => return Ok((effect, None)),
@@ -214,7 +214,7 @@ impl Store {
         signed: Option<&SignedReport>,
     ) -> Result<ReportEffect, StoreError> {
         let now = now_ms();
-        let (tx, ctx) = self.begin()?;
+        let (tx, ctx) = self.begin_lean()?;
         let state = match Self::check_attempt(&tx, job_id, node_id, attempt)? {
             Ok(state) => state,
             Err(effect) => return Ok(effect),

@@ -35,6 +35,9 @@ pub struct Report {
     total_s: f64,
     jobs_settled_per_s: f64,
     submit_to_running_ms: Tail,
+    /// Where submit → running goes.
+    stages: Stages,
+    inside: Inside,
     limits: Limits,
     /// Jobs settled per second ÷ durable SQLite commits per second (target ≥ 3: group commit
     /// settles several jobs per fsync).
@@ -71,6 +74,16 @@ impl fmt::Display for Report {
             self.settled, self.rejected, self.total_s, self.jobs_settled_per_s
         )?;
         writeln!(f, "  submit → running: {}", self.submit_to_running_ms)?;
+        write!(f, "{}", self.stages)?;
+        writeln!(
+            f,
+            "    inside the orchestrator (means): submit handled {:.2} ms · report handled {:.2} ms · a ledger operation queued → durable {:.2} ms · group commit {:.2} ms, {:.1} operations each",
+            self.inside.submit_handled_ms,
+            self.inside.report_handled_ms,
+            self.inside.ledger_wait_ms,
+            self.inside.group_commit_ms,
+            self.inside.ops_per_commit
+        )?;
         write!(f, "{}", self.limits)?;
         writeln!(
             f,
@@ -80,7 +93,126 @@ impl fmt::Display for Report {
     }
 }
 
-type SubmittedAt = Arc<Mutex<HashMap<String, Instant>>>;
+/// What the submitting client saw of each job, by job id.
+type Seen = Arc<Mutex<HashMap<String, ClientSide>>>;
+
+/// When the client sent a job, heard the answer and saw its `running` event.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientSide {
+    submitted: Instant,
+    answered: Option<Instant>,
+    running_seen: Option<Instant>,
+}
+
+/// Where submit → running goes, stage by stage (p50/p99 of each job's own stage times): the
+/// client's stamps and the simulated nodes' ([`rhizos_testbed::sim::Timeline`]).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stages {
+    /// Submit sent → its answer heard (validation, a durable commit, the reply).
+    pub submit_answered_ms: Tail,
+    /// Submit sent → the assignment at the node (placed at submit, sent after the commit).
+    pub submit_to_assignment_ms: Tail,
+    /// Assignment at the node → its `running` report sent (the simulated node's own delay).
+    pub node_ms: Tail,
+    /// `running` report sent → its answer (a hop, a durable commit, a hop).
+    pub running_report_ms: Tail,
+    /// Answer to the `running` report → the `running` event at a subscriber (the outbox, its
+    /// JetStream publish, delivery).
+    pub report_answered_to_event_ms: Tail,
+}
+
+impl Stages {
+    fn of(seen: &HashMap<String, ClientSide>, timeline: &rhizos_testbed::sim::Timeline) -> Self {
+        let between = |a: Instant, b: Option<Instant>| b.and_then(|b| b.checked_duration_since(a));
+        let mut stages: [Vec<Duration>; 5] = Default::default();
+        for (job_id, client) in seen {
+            let node = timeline.get(job_id);
+            let durations = [
+                between(client.submitted, client.answered),
+                between(client.submitted, node.map(|n| n.assigned)),
+                node.and_then(|n| between(n.assigned, n.running_sent)),
+                node.and_then(|n| n.running_sent.and_then(|s| between(s, n.running_answered))),
+                node.and_then(|n| {
+                    n.running_answered
+                        .and_then(|a| between(a, client.running_seen))
+                }),
+            ];
+            for (stage, duration) in stages.iter_mut().zip(durations) {
+                stage.extend(duration);
+            }
+        }
+        let [answered, assignment, node, report, event] = stages.map(|mut s| Tail::of(&mut s));
+        Self {
+            submit_answered_ms: answered,
+            submit_to_assignment_ms: assignment,
+            node_ms: node,
+            running_report_ms: report,
+            report_answered_to_event_ms: event,
+        }
+    }
+}
+
+/// The orchestrator's own view of the run (means from its histograms: the time it spent
+/// between a request's arrival and its answer, and its ledger thread's group commits).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Inside {
+    /// `job.submit` handled, arrival → answer.
+    pub submit_handled_ms: f64,
+    /// `job.report` handled (running and finished reports alike).
+    pub report_handled_ms: f64,
+    /// One group commit: its operations and the durable commit.
+    pub group_commit_ms: f64,
+    /// One ledger operation, queued → its commit durable.
+    pub ledger_wait_ms: f64,
+    /// Ledger operations per group commit.
+    pub ops_per_commit: f64,
+}
+
+impl Inside {
+    /// From the text exposition of the orchestrator's metrics.
+    fn of(metrics: &str) -> Self {
+        // One series' value: `name{labels} value`.
+        let value = |series: &str| {
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let mean = |name: &str, labels: &str| {
+            value(&format!("{name}_sum{labels}")) / value(&format!("{name}_count{labels}"))
+        };
+        let request = "rhizos_orchestrator_request_seconds";
+        Self {
+            submit_handled_ms: mean(request, "{op=\"job.submit\"}") * 1000.0,
+            report_handled_ms: mean(request, "{op=\"job.report\"}") * 1000.0,
+            group_commit_ms: mean("rhizos_ledger_commit_seconds", "") * 1000.0,
+            ledger_wait_ms: mean("rhizos_ledger_wait_seconds", "") * 1000.0,
+            ops_per_commit: mean("rhizos_ledger_group_size", ""),
+        }
+    }
+}
+
+impl fmt::Display for Stages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (name, tail) in [
+            ("submit → answer", &self.submit_answered_ms),
+            (
+                "submit → assignment at the node",
+                &self.submit_to_assignment_ms,
+            ),
+            ("assignment → running report sent", &self.node_ms),
+            ("running report → its answer", &self.running_report_ms),
+            (
+                "answer → running event seen",
+                &self.report_answered_to_event_ms,
+            ),
+        ] {
+            writeln!(f, "    {name:<34} {tail}")?;
+        }
+        Ok(())
+    }
+}
 
 pub async fn run(
     nodes: usize,
@@ -142,6 +274,9 @@ pub async fn run(
         rate,
     )
     .await?;
+    let stages = Stages::of(&driven.seen, &fleet.timeline);
+    let inside =
+        Inside::of(&rhizos_core::metrics::render(&[cluster.orchestrator.metrics_source()]).await);
     drop(fleet);
     cluster.shutdown().await?;
     Ok(Report {
@@ -161,6 +296,8 @@ pub async fn run(
         settled_per_commit_rate: driven.jobs_per_s() / limits.sqlite_commits_per_s,
         running_per_nats_round_trip: driven.running.p50 / limits.nats_round_trip_ms,
         submit_to_running_ms: driven.running,
+        stages,
+        inside,
         limits,
     })
 }
@@ -172,6 +309,8 @@ pub struct Driven {
     pub submit_phase_s: f64,
     pub total_s: f64,
     pub running: Tail,
+    /// What the client saw of each job.
+    pub seen: HashMap<String, ClientSide>,
 }
 
 impl Driven {
@@ -206,17 +345,12 @@ pub async fn drive(
         )?))
         .await?;
     bus.client.flush().await?;
-    let submitted_at: SubmittedAt = Arc::default();
-    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
-    let watcher = tokio::spawn(watch_running(
-        running_events,
-        submitted_at.clone(),
-        latencies.clone(),
-    ));
+    let seen: Seen = Arc::default();
+    let watcher = tokio::spawn(watch_running(running_events, seen.clone()));
     let submitter = Submitter {
         client,
         module: rhizos_broker::wire::b64_encode(b"(module (func (export \"_start\")))"),
-        submitted_at,
+        seen: seen.clone(),
     };
     let started = Instant::now();
     let rejected = match rate {
@@ -233,30 +367,31 @@ pub async fn drive(
     }
     let total_s = started.elapsed().as_secs_f64();
     watcher.abort();
-    let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut latencies: Vec<Duration> = seen
+        .values()
+        .filter_map(|c| {
+            c.running_seen
+                .map(|r| r.saturating_duration_since(c.submitted))
+        })
+        .collect();
     Ok(Driven {
         rejected,
         settled,
         submit_phase_s,
         total_s,
         running: Tail::of(&mut latencies),
+        seen,
     })
 }
 
-/// Submit → running of each job, from the running events.
-async fn watch_running(
-    mut running_events: async_nats::Subscriber,
-    submitted_at: SubmittedAt,
-    latencies: Arc<Mutex<Vec<Duration>>>,
-) {
+/// Stamps when each job's running event is seen.
+async fn watch_running(mut running_events: async_nats::Subscriber, seen: Seen) {
     while let Some(message) = running_events.next().await {
-        let job_id = rhizos_broker::Subjects::last_token(&message.subject).to_owned();
-        let started = submitted_at
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&job_id).copied());
-        if let (Some(started), Ok(mut l)) = (started, latencies.lock()) {
-            l.push(started.elapsed());
+        let now = Instant::now();
+        let job_id = rhizos_broker::Subjects::last_token(&message.subject);
+        if let Some(client) = seen.lock().ok().as_mut().and_then(|m| m.get_mut(job_id)) {
+            client.running_seen.get_or_insert(now);
         }
     }
 }
@@ -265,7 +400,7 @@ struct Submitter {
     client: Client,
     /// The smallest WASM module (WAT), base64.
     module: String,
-    submitted_at: SubmittedAt,
+    seen: Seen,
 }
 
 impl Submitter {
@@ -273,7 +408,7 @@ impl Submitter {
         &self,
         index: usize,
     ) -> impl Future<Output = Result<SubmitJobReply, RequestError>> + use<> {
-        let (client, submitted_at) = (self.client.clone(), self.submitted_at.clone());
+        let (client, seen) = (self.client.clone(), self.seen.clone());
         let job_id = format!("load-{index}");
         let request = SubmitJob {
             v: WIRE_VERSION,
@@ -293,10 +428,22 @@ impl Submitter {
             api_key_sha256: None,
         };
         async move {
-            if let Ok(mut map) = submitted_at.lock() {
-                map.insert(job_id, Instant::now());
+            if let Ok(mut map) = seen.lock() {
+                map.insert(
+                    job_id.clone(),
+                    ClientSide {
+                        submitted: Instant::now(),
+                        answered: None,
+                        running_seen: None,
+                    },
+                );
             }
-            client.submit(&request).await
+            let answer = client.submit(&request).await;
+            let now = Instant::now();
+            if let Some(client) = seen.lock().ok().as_mut().and_then(|m| m.get_mut(&job_id)) {
+                client.answered = Some(now);
+            }
+            answer
         }
     }
 
