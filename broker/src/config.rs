@@ -175,6 +175,14 @@ pub struct OrchestratorSettings {
     /// Most requests served at once; past it a request is answered `too_busy` (retryable) at
     /// once, so a flood cannot queue without limit in front of the ledger thread.
     pub max_requests_in_flight: usize,
+    /// How long the active orchestrator's lease lasts unrenewed (it renews every third of it):
+    /// a standby on the same ledger takes over once it lapses, and the active stops serving
+    /// if it cannot renew for this long.
+    pub lease_ttl_ms: u64,
+    /// Take the lease when the orchestrator that held it is gone (released or lapsed) even
+    /// though it wrote another ledger: makes this orchestrator's ledger the network's. Off, such
+    /// an orchestrator waits as a standby (a ledger switch is an operator's decision).
+    pub lease_take_over_other_ledger: bool,
 }
 
 /// See [`OrchestratorSettings::failed_workload_charge`].
@@ -233,6 +241,8 @@ impl Default for OrchestratorSettings {
             failed_workload_charge: FailedWorkloadCharge::TimeUsed,
             timing_slack_ms: 2_000,
             max_requests_in_flight: 4_096,
+            lease_ttl_ms: 10_000,
+            lease_take_over_other_ledger: false,
         }
     }
 }

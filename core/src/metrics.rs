@@ -107,6 +107,8 @@ pub struct OrchestratorMetrics {
     /// waits for the ledger (queueing behind other batches included).
     pub ledger_wait_seconds: Histogram,
     pub heartbeats: IntCounter,
+    /// 1 while this orchestrator holds the lease and serves; 0 while a standby.
+    pub active: IntGauge,
     /// From submit to the node's `running` report.
     pub submit_to_running_seconds: Histogram,
     /// From a finished report's arrival to its settlement being durable.
@@ -155,6 +157,11 @@ impl OrchestratorMetrics {
                 LATENCY_BUCKETS,
             ),
             heartbeats: counter(&r, "rhizos_heartbeats_total", "Node heartbeats received."),
+            active: gauge(
+                &r,
+                "rhizos_orchestrator_active",
+                "1 while this orchestrator holds the lease and serves, 0 while a standby.",
+            ),
             submit_to_running_seconds: histogram(
                 &r,
                 "rhizos_job_submit_to_running_seconds",

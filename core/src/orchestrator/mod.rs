@@ -15,10 +15,12 @@
 //! * `outbox`: publishing committed events to JetStream;
 //! * `sweep`: heartbeats and reconciliation, lost nodes, queue and total timeouts;
 //! * [`matching`], [`modules`], [`store`]: the registry and choice of node, the resolver chain,
-//!   the SQLite state.
+//!   the SQLite state;
+//! * [`lease`]: which of several orchestrators on one bus is active.
 
 mod api;
 mod dispatch;
+pub mod lease;
 pub mod matching;
 pub mod modules;
 pub mod outbox;
@@ -83,6 +85,50 @@ struct Inner {
     /// monitors ask (one at a time reads; the others wait for its answer).
     network_stats:
         tokio::sync::Mutex<Option<(std::time::Instant, rhizos_broker::wire::NetworkStatsView)>>,
+    /// The data dir's lock, held while this orchestrator lives: no second process writes the
+    /// same ledger, and a lease naming this ledger on this host is known to be stale.
+    _data_lock: std::fs::File,
+}
+
+/// The data dir's lock file (`flock`, released by the kernel when the process dies).
+const DATA_LOCK_FILE: &str = "lock";
+
+/// Locks `dir` for this process, writing its pid into the lock file; refuses if another
+/// process holds it.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = dir.join(DATA_LOCK_FILE);
+    let mut file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)?;
+            file.rewind()?;
+            write!(file, "{}", std::process::id())?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            anyhow::bail!(
+                "another orchestrator (pid {}) is using the data dir {}: stop it, or give this one another data_dir",
+                if pid.trim().is_empty() {
+                    "unknown"
+                } else {
+                    pid.trim()
+                },
+                dir.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// Most heartbeat reconciliations at once.
@@ -159,6 +205,12 @@ impl Orchestrator {
             settings.max_requests_in_flight >= 1,
             "[orchestrator] max_requests_in_flight must be at least 1"
         );
+        anyhow::ensure!(
+            settings.lease_ttl_ms >= 300,
+            "[orchestrator] lease_ttl_ms must be at least 300, got {}",
+            settings.lease_ttl_ms
+        );
+        let data_lock = lock_data_dir(&settings.data_dir)?;
         let signing_key = signing_key(&settings.data_dir.join(SIGNING_KEY_FILE))?;
         let path = settings.data_dir.join("ledger.db");
         let mut store = Store::open(&path, settings.fee_bps)
@@ -224,12 +276,64 @@ impl Orchestrator {
                 reader: Arc::new(Mutex::new(reader)),
                 blobs,
                 network_stats: tokio::sync::Mutex::new(None),
+                _data_lock: data_lock,
             }),
         })
     }
 
-    /// Serves until `shutdown` resolves.
+    /// Serves until `shutdown` resolves — while it holds the orchestrator lease ([`lease`]):
+    /// until then it is a standby and serves nothing. A lease lost (taken by another, or not
+    /// renewable for its TTL: the bus unreachable) stops the serving at once, and it is a
+    /// standby again until it may take the lease back.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let bus = &self.inner.bus;
+        tokio::pin!(shutdown);
+        let ttl = Duration::from_millis(self.inner.settings.lease_ttl_ms);
+        let bucket = lease::bucket(&bus.jetstream, bus.subjects.namespace(), 1).await?;
+        let me = lease::Holder::me(&self.inner.instance, &self.inner.settings.data_dir, ttl);
+        let ledger = self.inner.instance.clone();
+        loop {
+            let acquire = lease::Lease::acquire(
+                bucket.clone(),
+                me.clone(),
+                self.inner.settings.lease_take_over_other_ledger,
+                |why| match why {
+                    lease::Waiting::Held(holder) => tracing::warn!(
+                        active = %holder,
+                        "standby: another orchestrator is active on this bus; this one serves nothing until it lets go or stops renewing its lease"
+                    ),
+                    lease::Waiting::OtherLedger(holder) => tracing::error!(
+                        previous = %holder,
+                        this_ledger = %ledger,
+                        "standby: the last active orchestrator is gone, but it wrote another ledger than this one; taking over would split the network's money between two ledgers, so this one stays a standby. Start that orchestrator again (or this one on its data dir), or set [orchestrator] lease_take_over_other_ledger = true to make this ledger the network's"
+                    ),
+                },
+            );
+            let lease = tokio::select! {
+                () = &mut shutdown => {
+                    tracing::info!("stopped while a standby");
+                    return Ok(());
+                }
+                lease = acquire => lease?,
+            };
+            match self.serve_while_held(lease, &mut shutdown).await? {
+                Some(lease) => {
+                    lease.release().await;
+                    tracing::info!("orchestrator stopped; lease released");
+                    return Ok(());
+                }
+                None => continue,
+            }
+        }
+    }
+
+    /// Serves while `lease` holds: until `shutdown` (the lease is handed back, to release) or
+    /// until the lease is lost (`None`).
+    async fn serve_while_held(
+        &self,
+        mut lease: lease::Lease,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> anyhow::Result<Option<lease::Lease>> {
         let bus = &self.inner.bus;
         let mut requests = bus
             .client
@@ -244,7 +348,12 @@ impl Orchestrator {
             .subscribe(bus.subjects.node_heartbeat_wildcard())
             .await
             .context("failed to subscribe to heartbeats")?;
-        tracing::info!(namespace = bus.subjects.namespace(), data_dir = %self.inner.settings.data_dir.display(), "orchestrator serving");
+        self.inner.metrics.active.set(1);
+        tracing::info!(namespace = bus.subjects.namespace(), data_dir = %self.inner.settings.data_dir.display(), lease = %lease.holder(), "orchestrator serving (active)");
+        let mut renew = tokio::time::interval(lease.renew_every());
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        let mut lost = false;
         let background = [
             tokio::spawn(self.clone().dispatch_loop()),
             tokio::spawn(self.clone().outbox_loop()),
@@ -252,10 +361,19 @@ impl Orchestrator {
         ];
         self.inner.outbox_wake.notify_one();
         self.inner.dispatch_wake.notify_one();
-        tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                () = &mut shutdown => break,
+                () = shutdown.as_mut() => break,
+                _ = renew.tick() => {
+                    if let Err(e) = lease.renew().await {
+                        match &e {
+                            lease::Lost::TakenBy(_) => tracing::error!(error = %e, "orchestrator lease lost: serving nothing more; a standby now"),
+                            lease::Lost::Unrenewed(..) => tracing::warn!(error = %e, "orchestrator lease lost: serving nothing more until it can be taken back"),
+                        }
+                        lost = true;
+                        break;
+                    }
+                }
                 Some(message) = requests.next() => {
                     match self.inner.in_flight.clone().try_acquire_owned() {
                         Ok(permit) => {
@@ -275,12 +393,15 @@ impl Orchestrator {
         for task in background {
             task.abort();
         }
-        // Publish what is already committed before going away.
+        // No more requests, heartbeats or reconciliations from here on.
+        drop((requests, heartbeats));
+        self.inner.metrics.active.set(0);
+        // Publish what is already committed (events of this ledger, with their own dedupe ids,
+        // whoever is active now).
         if let Err(e) = self.flush_outbox().await {
             tracing::warn!(error = %e, "events left unpublished are sent at the next start");
         }
-        tracing::info!("orchestrator stopped");
-        Ok(())
+        Ok((!lost).then_some(lease))
     }
 
     /// The public key receipts are signed with (nkey, `N…`).

@@ -1,5 +1,7 @@
 //! `kill -9` of the orchestrator: pending and running jobs go on after a restart, nothing is
-//! settled twice, and the event history has every event exactly once.
+//! settled twice, and the event history has every event exactly once. One orchestrator serves a
+//! bus at a time (the lease): a second waits as a standby, takes over only on the same ledger,
+//! and an orchestrator whose lease is taken stops serving at once.
 
 use crate::common::*;
 use futures::StreamExt as _;
@@ -33,6 +35,15 @@ impl Drop for Daemon {
 }
 
 fn start_orchestrator(settings: &Settings, data_dir: &std::path::Path) -> Daemon {
+    start_orchestrator_with(settings, data_dir, &[])
+}
+
+/// `rhizosd orchestrator` with extra environment (`RHIZOS_ORCHESTRATOR__…` settings).
+fn start_orchestrator_with(
+    settings: &Settings,
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Daemon {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -50,6 +61,7 @@ fn start_orchestrator(settings: &Settings, data_dir: &std::path::Path) -> Daemon
         .arg(data_dir)
         .env("RUST_LOG", "info")
         .env("RHIZOS_ORCHESTRATOR__OPEN_REGISTRATION", "true")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -258,4 +270,144 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     let _ = stop.send(true);
     agent_task.await.unwrap().unwrap();
     orchestrator.kill().unwrap();
+}
+
+/// Waits (at most 30 s) for the daemon to exit on its own.
+async fn exit_of(daemon: &mut Daemon) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the daemon is still running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn log_of(data_dir: &std::path::Path) -> String {
+    std::fs::read_to_string(data_dir.join("orchestrator.log")).unwrap_or_default()
+}
+
+/// Waits until `data_dir`'s log says `what`.
+async fn log_says(data_dir: &std::path::Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log_of(data_dir).contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {what:?}:\n{}",
+            data_dir.display(),
+            log_of(data_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_orchestrator_serves_a_bus_and_only_its_own_ledger_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(LaunchOptions {
+        port: None,
+        data_dir: Some(dir.path().join("nats")),
+        authorization: None,
+    })
+    .unwrap();
+    let mut settings = Settings::default();
+    settings.nats.url = nats.url();
+    settings.nats.namespace = format!("l{}", &uuid_like()[..12]);
+    let (main_dir, other_dir) = (dir.path().join("main"), dir.path().join("other"));
+    for d in [&main_dir, &other_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let long = [("RHIZOS_ORCHESTRATOR__LEASE_TTL_MS", "30000")];
+    let short = [("RHIZOS_ORCHESTRATOR__LEASE_TTL_MS", "1000")];
+    let bus = Bus::connect(&settings.nats).await.unwrap();
+    let balance = AccountRef {
+        v: WIRE_VERSION,
+        account: "kim".into(),
+    };
+
+    // The first is active and holds kim's money.
+    let mut active = start_orchestrator_with(&settings, &main_dir, &long);
+    let _: AccountView = request(
+        &bus,
+        &CreateAccount {
+            v: WIRE_VERSION,
+            account: "kim".into(),
+        },
+    )
+    .await;
+    let deposit = Deposit {
+        v: WIRE_VERSION,
+        account: "kim".into(),
+        amount_micros: 1_234_567,
+        idempotency_key: Some("lease-1".into()),
+    };
+    let _: AccountView = request(&bus, &deposit).await;
+
+    // A second, on another ledger, waits as a standby: every request is the first's (kim's
+    // balance is in its ledger only; a second server in the queue group would answer half of
+    // them "no account").
+    let _standby = start_orchestrator_with(&settings, &other_dir, &long);
+    log_says(&other_dir, "standby: another orchestrator is active").await;
+    for _ in 0..20 {
+        let view: AccountView = bus.call(&balance).await.unwrap();
+        assert_eq!(view.balance_micros, 1_234_567);
+    }
+
+    // A third on the first's data dir is refused at once.
+    let mut twin = start_orchestrator_with(&settings, &main_dir, &long);
+    assert!(!exit_of(&mut twin).await.success());
+    assert!(
+        log_of(&main_dir).contains("is using the data dir"),
+        "{}",
+        log_of(&main_dir)
+    );
+
+    // kill -9, and a restart on the same data dir takes over at once — long before the 30 s
+    // lease would lapse — with the money where it was.
+    active.kill().unwrap();
+    let restarted = Instant::now();
+    let mut active = start_orchestrator_with(&settings, &main_dir, &short);
+    let view: AccountView = request(&bus, &balance).await;
+    assert_eq!(view.balance_micros, 1_234_567);
+    assert!(
+        restarted.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        restarted.elapsed()
+    );
+
+    // Gone for good (its 1 s lease lapses): the standby on another ledger does not take over.
+    active.kill().unwrap();
+    log_says(&other_dir, "it wrote another ledger than this one").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    match bus.call(&balance).await {
+        Err(e) => assert!(e.remote().is_none(), "served by someone: {e}"),
+        Ok(view) => panic!("the standby served a request: {view:?}"),
+    }
+
+    // Back on its own ledger, then someone else writes the lease: it stops serving at once and
+    // waits as a standby (the unreadable holder never lapses).
+    let mut active = start_orchestrator_with(&settings, &main_dir, &short);
+    let view: AccountView = request(&bus, &balance).await;
+    assert_eq!(view.balance_micros, 1_234_567);
+    let kv = bus
+        .jetstream
+        .get_key_value(rhizos_core::orchestrator::lease::bucket_name(
+            &settings.nats.namespace,
+        ))
+        .await
+        .unwrap();
+    kv.put(rhizos_core::orchestrator::lease::KEY, "someone else".into())
+        .await
+        .unwrap();
+    log_says(&main_dir, "another orchestrator took the lease").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match bus.call(&balance).await {
+        Err(e) => assert!(e.remote().is_none(), "served by someone: {e}"),
+        Ok(view) => panic!("served after losing the lease: {view:?}"),
+    }
+    assert!(
+        active.0.try_wait().unwrap().is_none(),
+        "it should wait, not exit"
+    );
 }
