@@ -93,6 +93,7 @@ impl Bus {
             max_message_size: i32::try_from(CHUNK_BYTES + 4096).unwrap_or(i32::MAX),
             max_bytes: i64::try_from(self.blob_limits.max_bytes).unwrap_or(i64::MAX),
             max_age: Duration::from_secs(self.blob_limits.max_age_s),
+            num_replicas: self.replicas,
             allow_direct: true,
             duplicate_window: Duration::from_secs(120),
             ..Default::default()

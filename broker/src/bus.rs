@@ -39,6 +39,10 @@ pub enum ConnectError {
     TlsPair,
     #[error("[nats] credentials: {0}")]
     Credentials(#[from] CredentialsError),
+    #[error(
+        "[nats] url = {url}: {message} (one server, or several comma-separated: nats://host:4222,nats://other:4222)"
+    )]
+    Url { url: String, message: String },
 }
 
 /// A request that got no usable reply, or an error reply.
@@ -87,6 +91,8 @@ pub struct Bus {
     pub event_limits: EventLimits,
     /// The blob stream's retention (`[nats] blob_max_bytes`, `blob_max_age_s`).
     pub blob_limits: EventLimits,
+    /// Copies JetStream keeps of what RhizOS stores (`[nats] replicas`).
+    pub replicas: usize,
 }
 
 /// How much a stream keeps (the event stream's history, the blob stream's results).
@@ -136,8 +142,28 @@ impl Bus {
             }
             None => (None, None),
         };
+        // Several servers (a cluster): the client picks one and fails over to the others.
+        let servers = settings
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(|url| {
+                url.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| ConnectError::Url {
+                        url: url.to_owned(),
+                        message: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if servers.is_empty() {
+            return Err(ConnectError::Url {
+                url: settings.url.clone(),
+                message: "no server named".into(),
+            });
+        }
         let client = options
-            .connect(settings.url.as_str())
+            .connect(servers)
             .await
             .map_err(|source| ConnectError::Connect {
                 url: settings.url.clone(),
@@ -159,6 +185,7 @@ impl Bus {
                 max_bytes: settings.blob_max_bytes,
                 max_age_s: settings.blob_max_age_s,
             },
+            replicas: settings.replicas.max(1),
         })
     }
 
@@ -279,6 +306,7 @@ impl Bus {
             max_bytes: i64::try_from(self.event_limits.max_bytes).unwrap_or(i64::MAX),
             max_age: Duration::from_secs(self.event_limits.max_age_s),
             duplicate_window: Duration::from_secs(120),
+            num_replicas: self.replicas,
             ..Default::default()
         };
         self.ensure_stream(config).await

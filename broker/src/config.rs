@@ -106,6 +106,10 @@ pub struct NatsSettings {
     pub blob_max_bytes: u64,
     /// Longest the blob stream keeps a result's blobs, in seconds; 0: no age limit.
     pub blob_max_age_s: u64,
+    /// Copies JetStream keeps of the event stream, the blob stream and the orchestrator lease:
+    /// 1 on one server; 3 on a 3-server cluster, so losing one server loses nothing (set when
+    /// the streams are created; a change needs them recreated).
+    pub replicas: usize,
 }
 
 impl Default for NatsSettings {
@@ -123,6 +127,7 @@ impl Default for NatsSettings {
             event_max_age_s: 0,
             blob_max_bytes: 2 * 1024 * 1024 * 1024,
             blob_max_age_s: 7 * 24 * 3600,
+            replicas: 1,
         }
     }
 }

@@ -99,6 +99,14 @@ impl NatsServer {
     }
 
     fn launch(options: LaunchOptions, tls: Option<&ServerTls>) -> Result<Self, LaunchError> {
+        Self::launch_member(options, tls, None)
+    }
+
+    fn launch_member(
+        options: LaunchOptions,
+        tls: Option<&ServerTls>,
+        member: Option<&Member>,
+    ) -> Result<Self, LaunchError> {
         let binary = find_binary()?;
         let (data_dir, temp) = match options.data_dir {
             Some(dir) => (dir, None),
@@ -141,6 +149,23 @@ impl NatsServer {
             .arg(data_dir.join(PID_FILE));
         if let Some(authorization) = &options.authorization {
             command.arg("-c").arg(server_config(authorization)?);
+        }
+        if let Some(member) = member {
+            // A cluster member: its own name, a route listener, routes to the others.
+            command
+                .args(["--server_name", &member.server_name])
+                .args(["--cluster_name", &member.cluster_name])
+                .arg("--cluster")
+                .arg(format!("nats://127.0.0.1:{}", member.route_port))
+                .arg("--routes")
+                .arg(
+                    member
+                        .peers
+                        .iter()
+                        .map(|port| format!("nats-route://127.0.0.1:{port}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                );
         }
         if let Some(tls) = tls {
             command
@@ -233,6 +258,150 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// How one server of a [`NatsCluster`] joins the others.
+#[derive(Debug, Clone)]
+struct Member {
+    server_name: String,
+    cluster_name: String,
+    route_port: u16,
+    /// The other members' route ports.
+    peers: Vec<u16>,
+}
+
+/// Several `nats-server`s on this machine routed into one cluster with JetStream (each its own
+/// client port, route port and store): for trying what a multi-machine network does — a server
+/// lost, streams replicated — on one machine, and for tests. Every server is killed on drop.
+#[derive(Debug)]
+pub struct NatsCluster {
+    servers: Vec<Option<NatsServer>>,
+    members: Vec<Member>,
+    options: Vec<LaunchOptions>,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers (at least 3: JetStream's replicated streams need a quorum) named
+    /// `<name>-0` …, each keeping its store in `<data_dir>/<name>-<i>`, and waits until each
+    /// accepts clients. JetStream elects its leaders a few seconds later:
+    /// [`NatsCluster::wait_jetstream`] waits for that.
+    pub fn start(size: usize, name: &str, data_dir: &Path) -> Result<Self, LaunchError> {
+        if size < 3 {
+            return Err(LaunchError::Io {
+                what: format!("a cluster of {size}"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a JetStream cluster needs at least 3 servers",
+                ),
+            });
+        }
+        let free = || {
+            free_port().map_err(|source| LaunchError::Io {
+                what: "a free port".into(),
+                source,
+            })
+        };
+        let ports = (0..size)
+            .map(|_| Ok((free()?, free()?)))
+            .collect::<Result<Vec<(u16, u16)>, LaunchError>>()?;
+        let members: Vec<Member> = (0..size)
+            .map(|i| Member {
+                server_name: format!("{name}-{i}"),
+                cluster_name: name.to_owned(),
+                route_port: ports[i].1,
+                peers: (0..size).filter(|&j| j != i).map(|j| ports[j].1).collect(),
+            })
+            .collect();
+        let options: Vec<LaunchOptions> = (0..size)
+            .map(|i| LaunchOptions {
+                port: Some(ports[i].0),
+                data_dir: Some(data_dir.join(format!("{name}-{i}"))),
+                authorization: None,
+            })
+            .collect();
+        let mut cluster = Self {
+            servers: Vec::new(),
+            members,
+            options,
+        };
+        for i in 0..size {
+            let server = cluster.launch(i)?;
+            cluster.servers.push(Some(server));
+        }
+        Ok(cluster)
+    }
+
+    fn launch(&self, index: usize) -> Result<NatsServer, LaunchError> {
+        NatsServer::launch_member(
+            self.options[index].clone(),
+            None,
+            Some(&self.members[index]),
+        )
+    }
+
+    /// Every server's client URL, comma-separated (clients fail over between them).
+    pub fn url(&self) -> String {
+        self.options
+            .iter()
+            .filter_map(|o| o.port)
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// The server listening for clients on `port`, if one of this cluster's.
+    pub fn index_of_port(&self, port: u16) -> Option<usize> {
+        self.options.iter().position(|o| o.port == Some(port))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// `kill -9` of server `index` (its store stays for a restart).
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut server) = self.servers.get_mut(index).and_then(Option::take) {
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+        }
+    }
+
+    /// Starts server `index` again on its ports and store.
+    pub fn restart(&mut self, index: usize) -> Result<(), LaunchError> {
+        self.kill(index);
+        let server = self.launch(index)?;
+        self.servers[index] = Some(server);
+        Ok(())
+    }
+
+    /// Waits (at most `limit`) until JetStream answers through `client` — its meta leader is
+    /// elected — so streams can be created.
+    pub async fn wait_jetstream(
+        client: &async_nats::Client,
+        limit: Duration,
+    ) -> Result<(), LaunchError> {
+        let jetstream = async_nats::jetstream::new(client.clone());
+        let started = Instant::now();
+        loop {
+            match jetstream.query_account().await {
+                Ok(_) => return Ok(()),
+                Err(e) if started.elapsed() < limit => {
+                    tracing::debug!(error = %e, "JetStream not ready yet");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(LaunchError::NotReady {
+                        waited_ms: started.elapsed().as_millis(),
+                        log_tail: format!("JetStream did not answer: {e}"),
+                    });
+                }
+            }
+        }
     }
 }
 

@@ -289,7 +289,7 @@ impl Orchestrator {
         let bus = &self.inner.bus;
         tokio::pin!(shutdown);
         let ttl = Duration::from_millis(self.inner.settings.lease_ttl_ms);
-        let bucket = lease::bucket(&bus.jetstream, bus.subjects.namespace(), 1).await?;
+        let bucket = lease::bucket(&bus.jetstream, bus.subjects.namespace(), bus.replicas).await?;
         let me = lease::Holder::me(&self.inner.instance, &self.inner.settings.data_dir, ttl);
         let ledger = self.inner.instance.clone();
         loop {

@@ -45,6 +45,7 @@ pub(crate) async fn connect_as(
         signer: None,
         event_limits: cluster.bus.event_limits,
         blob_limits: cluster.bus.blob_limits,
+        replicas: cluster.bus.replicas,
     };
     (bus, errors)
 }

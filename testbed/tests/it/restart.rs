@@ -70,7 +70,7 @@ fn start_orchestrator_with(
 }
 
 /// Retries a request while the orchestrator is (re)starting.
-async fn request<R: rhizos_broker::Request>(bus: &Bus, body: &R) -> R::Reply {
+pub(crate) async fn request<R: rhizos_broker::Request>(bus: &Bus, body: &R) -> R::Reply {
     let subject = R::OP;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -84,7 +84,7 @@ async fn request<R: rhizos_broker::Request>(bus: &Bus, body: &R) -> R::Reply {
     }
 }
 
-async fn wait_for(bus: &Bus, job_id: &str, done: impl Fn(&JobView) -> bool) -> JobView {
+pub(crate) async fn wait_for(bus: &Bus, job_id: &str, done: impl Fn(&JobView) -> bool) -> JobView {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let job: JobView = request(

@@ -1,0 +1,150 @@
+//! A network on a 3-server NATS cluster with every stream and the lease replicated three
+//! times: the server the orchestrator is connected to is killed mid-run (`kill -9`), and the
+//! network carries on — every job settles once, the money adds up — and how long submits
+//! stalled is printed.
+
+use crate::common::*;
+use crate::restart::{request, wait_for};
+use rhizos_broker::server::NatsCluster;
+use rhizos_broker::wire::{
+    AccountRef, AccountView, CreateAccount, Deposit, JobState, LedgerReport, ListNodes, NodeList,
+    SubmitJobReply, VerifyLedger, WIRE_VERSION,
+};
+use rhizos_broker::{Bus, Settings};
+use rhizos_core::{Agent, Orchestrator};
+use rhizos_testbed::cluster::{uuid_like, wasm_spec};
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn losing_one_of_three_nats_servers_loses_no_job_and_no_money() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsCluster::start(3, "rhizos", dir.path()).unwrap();
+    let first = nats.url().split(',').next().unwrap().to_owned();
+    let probe = async_nats::connect(first).await.unwrap();
+    NatsCluster::wait_jetstream(&probe, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut settings = Settings::default();
+    settings.nats.url = nats.url();
+    settings.nats.namespace = format!("c{}", &uuid_like()[..12]);
+    settings.nats.replicas = 3;
+    settings.orchestrator.data_dir = dir.path().join("orchestrator");
+    settings.orchestrator.open_registration = true;
+    settings.orchestrator.lease_ttl_ms = 3_000;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    // The server the orchestrator's connection lands on is the one that dies.
+    let orchestrator_bus = Bus::connect(&settings.nats).await.unwrap();
+    let doomed = nats
+        .index_of_port(orchestrator_bus.client.server_info().port)
+        .unwrap();
+    let orchestrator = Orchestrator::open(orchestrator_bus, settings.orchestrator.clone())
+        .await
+        .unwrap();
+    let orchestrator_task = tokio::spawn(orchestrator.run(until_stopped(stopped.clone())));
+    let plugin_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
+        plugin_dir.join("librhizos_plugin_wasm.so"),
+    )
+    .unwrap();
+    let mut agent_settings = settings.agent.clone();
+    agent_settings.node_id = Some("steady".into());
+    agent_settings.plugin_dir = plugin_dir;
+    agent_settings.heartbeat_interval_ms = 1_000;
+    agent_settings.max_concurrent = 4;
+    let agent = Agent::new(
+        Bus::connect(&settings.nats).await.unwrap(),
+        agent_settings,
+        rhizos_testbed::ClusterOptions::default().pricing,
+    )
+    .unwrap();
+    let agent_task = tokio::spawn(agent.run(until_stopped(stopped.clone())));
+
+    let bus = Bus::connect(&settings.nats).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list: NodeList = request(
+            &bus,
+            &ListNodes {
+                v: WIRE_VERSION,
+                ..ListNodes::default()
+            },
+        )
+        .await;
+        if !list.nodes.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent never registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _: AccountView = request(
+        &bus,
+        &CreateAccount {
+            v: WIRE_VERSION,
+            account: "ada".into(),
+        },
+    )
+    .await;
+    let deposited = 50_000_000;
+    let _: AccountView = request(
+        &bus,
+        &Deposit {
+            v: WIRE_VERSION,
+            account: "ada".into(),
+            amount_micros: deposited,
+            idempotency_key: Some("cluster-1".into()),
+        },
+    )
+    .await;
+
+    // Jobs flow; a third of the way in, one server dies. Every submit is retried with its job
+    // id until answered (an idempotent retry), and the longest wait is the failover's cost.
+    let module = demo();
+    let jobs = 30;
+    let mut slowest = Duration::ZERO;
+    for index in 0..jobs {
+        if index == jobs / 3 {
+            nats.kill(doomed);
+        }
+        let submit = submit_request(
+            "ada",
+            &format!("c-{index}"),
+            wasm_spec(&module, &["count", "1"], 20_000),
+            500_000,
+        );
+        let started = Instant::now();
+        let _: SubmitJobReply = request(&bus, &submit).await;
+        slowest = slowest.max(started.elapsed());
+    }
+    let mut spent = 0;
+    for index in 0..jobs {
+        let job = wait_for(&bus, &format!("c-{index}"), |j| j.state.is_terminal()).await;
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        spent += job.cost_micros.unwrap();
+    }
+    eprintln!(
+        "cluster: one of 3 nats-servers killed mid-run; the slowest submit took {slowest:?} (the failover)"
+    );
+    let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
+    assert!(report.ok, "{:?}", report.problems);
+    let account: AccountView = request(
+        &bus,
+        &AccountRef {
+            v: WIRE_VERSION,
+            account: "ada".into(),
+        },
+    )
+    .await;
+    assert_eq!(account.balance_micros, deposited - spent);
+
+    // The server comes back and catches up; the network never needed it.
+    nats.restart(doomed).unwrap();
+    let _ = stop.send(true);
+    agent_task.await.unwrap().unwrap();
+    orchestrator_task.await.unwrap().unwrap();
+}
