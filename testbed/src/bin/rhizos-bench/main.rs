@@ -26,6 +26,7 @@ mod log_flood;
 mod marketplace;
 mod module_resolve;
 mod plugin_call;
+mod replication;
 mod report;
 mod round_trip;
 mod scale;
@@ -162,6 +163,16 @@ enum Bench {
     /// in the registry at that size. Writes scale.json and scale.png to --out. The full run is
     /// the default; the test suite runs a short one (`--nodes 100,400 --jobs 200 --concurrency 32 --idle-s 1.5 --heartbeat-ms 500`).
     Scale(scale::Options),
+    /// What replicating the ledger would cost (ADR 0009): on a 3-server NATS cluster on this
+    /// machine, records of --bytes (a group commit's changeset) appended one after the other
+    /// with an expected last sequence, acknowledged by one server (R1) and by a quorum of three
+    /// (R3), beside a durable SQLite commit and a NATS round trip.
+    Replication {
+        #[arg(long, default_value_t = 2_000)]
+        appends: usize,
+        #[arg(long, default_value_t = 4_096)]
+        bytes: usize,
+    },
 }
 
 #[tokio::main]
@@ -213,5 +224,8 @@ async fn main() -> anyhow::Result<()> {
             json,
         ),
         Bench::Scale(options) => report::print(&scale::run(options).await?, json),
+        Bench::Replication { appends, bytes } => {
+            report::print(&replication::run(appends, bytes).await?, json)
+        }
     }
 }
