@@ -66,8 +66,10 @@ pub async fn run(appends: usize, bytes: usize) -> anyhow::Result<Report> {
         .to_owned();
     let client = async_nats::connect(first).await?;
     rhizos_broker::server::NatsCluster::wait_jetstream(&client, Duration::from_secs(60)).await?;
-    let mut nats = rhizos_broker::config::NatsSettings::default();
-    nats.url = cluster.url();
+    let nats = rhizos_broker::config::NatsSettings {
+        url: cluster.url(),
+        ..Default::default()
+    };
     let limits = limits::measure(&nats).await?;
     let js = jetstream::new(client);
     let payload = bytes::Bytes::from(vec![b'x'; bytes]);
