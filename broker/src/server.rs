@@ -147,25 +147,19 @@ impl NatsServer {
             .arg(data_dir.join("jetstream"))
             .arg("-P")
             .arg(data_dir.join(PID_FILE));
-        if let Some(authorization) = &options.authorization {
-            command.arg("-c").arg(server_config(authorization)?);
-        }
-        if let Some(member) = member {
-            // A cluster member: its own name, a route listener, routes to the others.
-            command
-                .args(["--server_name", &member.server_name])
-                .args(["--cluster_name", &member.cluster_name])
-                .arg("--cluster")
-                .arg(format!("nats://127.0.0.1:{}", member.route_port))
-                .arg("--routes")
-                .arg(
-                    member
-                        .peers
-                        .iter()
-                        .map(|port| format!("nats-route://127.0.0.1:{port}"))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                );
+        match (member, &options.authorization) {
+            // A cluster member's name and routes go in its config file, not on the command
+            // line: a reload (new credentials) re-reads the file and refuses a JetStream
+            // cluster member without `server_name` there.
+            (Some(member), authorization) => {
+                command
+                    .arg("-c")
+                    .arg(member_config(&data_dir, member, authorization.as_deref())?);
+            }
+            (None, Some(authorization)) => {
+                command.arg("-c").arg(server_config(authorization)?);
+            }
+            (None, None) => {}
         }
         if let Some(tls) = tls {
             command
@@ -287,6 +281,20 @@ impl NatsCluster {
     /// accepts clients. JetStream elects its leaders a few seconds later:
     /// [`NatsCluster::wait_jetstream`] waits for that.
     pub fn start(size: usize, name: &str, data_dir: &Path) -> Result<Self, LaunchError> {
+        Self::start_with(size, name, data_dir, None, None)
+    }
+
+    /// [`NatsCluster::start`], the first server listening for clients on `first_port` (a
+    /// free one otherwise) and every server admitting only the parties of `authorization`
+    /// (see [`LaunchOptions::authorization`]; [`reload`] of the cluster's directory makes them
+    /// all re-read it).
+    pub fn start_with(
+        size: usize,
+        name: &str,
+        data_dir: &Path,
+        first_port: Option<u16>,
+        authorization: Option<PathBuf>,
+    ) -> Result<Self, LaunchError> {
         if size < 3 {
             return Err(LaunchError::Io {
                 what: format!("a cluster of {size}"),
@@ -303,7 +311,13 @@ impl NatsCluster {
             })
         };
         let ports = (0..size)
-            .map(|_| Ok((free()?, free()?)))
+            .map(|i| {
+                let client = match first_port {
+                    Some(port) if i == 0 => port,
+                    _ => free()?,
+                };
+                Ok((client, free()?))
+            })
             .collect::<Result<Vec<(u16, u16)>, LaunchError>>()?;
         let members: Vec<Member> = (0..size)
             .map(|i| Member {
@@ -317,7 +331,7 @@ impl NatsCluster {
             .map(|i| LaunchOptions {
                 port: Some(ports[i].0),
                 data_dir: Some(data_dir.join(format!("{name}-{i}"))),
-                authorization: None,
+                authorization: authorization.clone(),
             })
             .collect();
         let mut cluster = Self {
@@ -409,9 +423,40 @@ impl NatsCluster {
 pub const PID_FILE: &str = "nats-server.pid";
 
 /// Makes the server whose pid file is in `data_dir` re-read its configuration (for operator
-/// commands run from another process than the one that started it).
+/// commands run from another process than the one that started it) — or, for a
+/// [`NatsCluster`]'s directory, every server of it (each in a directory of its own below).
 pub fn reload(data_dir: &Path) -> Result<(), LaunchError> {
     let path = data_dir.join(PID_FILE);
+    if !path.is_file() {
+        let members: Vec<PathBuf> = std::fs::read_dir(data_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|entry| entry.path())
+                    .filter(|dir| dir.join(PID_FILE).is_file())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !members.is_empty() {
+            // A member that is down reads the file when it starts again: enough that the
+            // running ones re-read it.
+            let mut first_error = None;
+            let mut reloaded = 0;
+            for member in members {
+                match reload(&member) {
+                    Ok(()) => reloaded += 1,
+                    Err(e) => {
+                        tracing::warn!(member = %member.display(), error = %e, "a cluster member did not reload (down?)");
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            return match (reloaded, first_error) {
+                (0, Some(e)) => Err(e),
+                _ => Ok(()),
+            };
+        }
+    }
     let text = std::fs::read_to_string(&path).map_err(|source| LaunchError::Io {
         what: format!("{} (is the network up?)", path.display()),
         source,
@@ -474,6 +519,65 @@ include {name:?}
         ),
     )
     .map_err(io(config.display().to_string()))?;
+    Ok(config)
+}
+
+/// Writes the config of cluster member `member` — its name, its route listener and routes, and
+/// the authorization file if any (beside it then: nats-server includes are relative to the
+/// including file) — and returns its path.
+fn member_config(
+    data_dir: &Path,
+    member: &Member,
+    authorization: Option<&Path>,
+) -> Result<PathBuf, LaunchError> {
+    let (dir, include) = match authorization {
+        Some(file) => {
+            if !file.is_file() {
+                return Err(LaunchError::Io {
+                    what: file.display().to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no authorization file",
+                    ),
+                });
+            }
+            let name =
+                file.file_name()
+                    .and_then(|n| n.to_str())
+                    .ok_or_else(|| LaunchError::Io {
+                        what: file.display().to_string(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            "not a file name",
+                        ),
+                    })?;
+            (
+                file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                format!("include {name:?}\n"),
+            )
+        }
+        None => (data_dir.to_path_buf(), String::new()),
+    };
+    let routes = member
+        .peers
+        .iter()
+        .map(|port| format!("\"nats-route://127.0.0.1:{port}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = dir.join(format!("{}.conf", member.server_name));
+    std::fs::write(
+        &config,
+        format!(
+            "# Written by RhizOS: one server of the cluster {cluster}.\n{include}server_name: {name:?}\ncluster {{\n  name: {cluster:?}\n  listen: \"127.0.0.1:{port}\"\n  routes: [{routes}]\n}}\n",
+            cluster = member.cluster_name,
+            name = member.server_name,
+            port = member.route_port,
+        ),
+    )
+    .map_err(|source| LaunchError::Io {
+        what: config.display().to_string(),
+        source,
+    })?;
     Ok(config)
 }
 

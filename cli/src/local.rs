@@ -37,7 +37,9 @@ impl LocalNetwork {
     pub fn find(url: &str, namespace: &str) -> Option<Self> {
         let text = std::fs::read_to_string(Self::record_path(namespace)?).ok()?;
         let network: Self = serde_json::from_str(&text).ok()?;
-        (network.url == url && network.namespace == namespace).then_some(network)
+        // A cluster's record names every server: the one configured is enough to find it.
+        let serves = network.url == url || network.url.split(',').any(|u| u.trim() == url.trim());
+        (serves && network.namespace == namespace).then_some(network)
     }
 
     pub fn record(&self) -> anyhow::Result<()> {

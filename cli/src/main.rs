@@ -83,6 +83,8 @@ impl GlobalArgs {
                 local::LocalNetwork::find(&settings.nats.url, &settings.nats.namespace)
         {
             settings.nats.credentials = network.credentials_for(account);
+            // All of a local cluster's servers, so a command still connects when one is down.
+            settings.nats.url = network.url;
         }
         Ok(settings)
     }

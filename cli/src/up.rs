@@ -46,6 +46,12 @@ pub struct UpArgs {
     /// Serve no metrics.
     #[arg(long, conflicts_with = "metrics")]
     no_metrics: bool,
+    /// Start a NATS cluster of this many servers (at least 3) on this machine instead of one,
+    /// with the event and blob streams and the orchestrator lease kept on three of them: kill
+    /// one (its pid is in <data-dir>/nats/rhizos-<i>/nats-server.pid) and the network carries
+    /// on. The first server listens on the configured URL's port.
+    #[arg(long, value_name = "SERVERS", value_parser = clap::value_parser!(u8).range(3..=9))]
+    cluster: Option<u8>,
 }
 
 impl UpArgs {
@@ -103,6 +109,7 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         &mut settings,
         &data_dir,
         secure.then(|| network.auth().authorization_file()),
+        args.cluster,
     )?;
     let as_party = |caller: &Caller| {
         let mut nats = settings.nats.clone();
@@ -111,6 +118,16 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         }
         nats
     };
+    if args.cluster.is_some() {
+        // The meta leader is elected a moment after the servers start: streams wait for it.
+        let bus = Bus::connect(&as_party(&Caller::orchestrator())).await?;
+        rhizos_broker::server::NatsCluster::wait_jetstream(
+            &bus.client,
+            std::time::Duration::from_secs(60),
+        )
+        .await
+        .context("the NATS cluster's JetStream did not come up")?;
+    }
     if secure {
         let network = LocalNetwork {
             url: settings.nats.url.clone(),
@@ -344,12 +361,46 @@ async fn enroll_local_node(
 
 /// Starts nats-server on the configured port unless something answers there already; points
 /// `settings` at it.
+/// The NATS server(s) `up` started, stopped when dropped.
+#[allow(dead_code, reason = "held only so that dropping it stops the servers")]
+enum StartedNats {
+    One(NatsServer),
+    Cluster(rhizos_broker::server::NatsCluster),
+}
+
 fn start_nats(
     settings: &mut rhizos_broker::Settings,
     data_dir: &Path,
     authorization: Option<PathBuf>,
-) -> anyhow::Result<Option<NatsServer>> {
-    Ok(if is_reachable(&settings.nats.url) {
+    cluster: Option<u8>,
+) -> anyhow::Result<Option<StartedNats>> {
+    let reachable = is_reachable(&settings.nats.url);
+    if let Some(size) = cluster {
+        anyhow::ensure!(
+            !reachable,
+            "a NATS server already answers at {}: --cluster starts its own servers (stop that one, or run without --cluster to use it)",
+            settings.nats.url
+        );
+        let port = port_of(&settings.nats.url);
+        eprintln!("… starting a cluster of {size} nats-servers (the first on 127.0.0.1:{port})");
+        let cluster = rhizos_broker::server::NatsCluster::start_with(
+            usize::from(size),
+            "rhizos",
+            &data_dir.join("nats"),
+            Some(port),
+            authorization,
+        )
+        .context("failed to start the NATS cluster")?;
+        settings.nats.url = cluster.url();
+        settings.nats.replicas = 3;
+        eprintln!(
+            "✓ nats cluster {} (JetStream in {}/rhizos-*; streams and the lease kept on 3 servers)",
+            settings.nats.url,
+            data_dir.join("nats").display()
+        );
+        return Ok(Some(StartedNats::Cluster(cluster)));
+    }
+    Ok(if reachable {
         eprintln!("✓ using the NATS server at {}", settings.nats.url);
         None
     } else {
@@ -367,7 +418,7 @@ fn start_nats(
             server.url(),
             data_dir.join("nats").display()
         );
-        Some(server)
+        Some(StartedNats::One(server))
     })
 }
 

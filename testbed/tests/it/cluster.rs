@@ -148,3 +148,113 @@ async fn losing_one_of_three_nats_servers_loses_no_job_and_no_money() {
     agent_task.await.unwrap().unwrap();
     orchestrator_task.await.unwrap().unwrap();
 }
+
+/// `rhizos up --cluster 3` the way an operator tries it: three servers, authentication on, a
+/// user's job runs; one server killed with `kill -9`, a new user is still admitted (the others
+/// re-read the credentials) and runs a job too; Ctrl-C stops everything.
+#[tokio::test]
+async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = rhizos_broker::server::free_port().unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let namespace = format!("uc{}", &uuid_like()[..10]);
+    let data_dir = dir.path().join("network");
+    let home = dir.path().join("home");
+    let rhizos = rhizos_testbed::build_dir().join("rhizos");
+    let cli = |args: &[&str]| {
+        let mut command = std::process::Command::new(&rhizos);
+        command
+            .args(args)
+            .env("RHIZOS_NATS_URL", &url)
+            .env("RHIZOS_NAMESPACE", &namespace)
+            .env("XDG_CONFIG_HOME", &home)
+            .env("RHIZOS_PRICING__CPU_HOUR_CENTS", "3600");
+        command
+    };
+    let run = |command: &mut std::process::Command| {
+        let output = command.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    };
+    let plugin_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
+        plugin_dir.join("librhizos_plugin_wasm.so"),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let mut up = cli(&["up", "--cluster", "3", "--no-gateway", "--data-dir"])
+        .arg(&data_dir)
+        .arg("--plugin-dir")
+        .arg(&plugin_dir)
+        .args(["--metrics", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let up_log = || std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !up_log().contains("RhizOS is up") {
+        assert!(
+            up.try_wait().unwrap().is_none(),
+            "rhizos up exited:\n{}",
+            up_log()
+        );
+        assert!(Instant::now() < deadline, "not up:\n{}", up_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up_log().contains("✓ nats cluster"), "{}", up_log());
+    let module = rhizos_testbed::guests::demo_wasm().unwrap();
+    let job = |account: &str| {
+        let mut command = cli(&[
+            "job",
+            "submit",
+            "--account",
+            account,
+            "--max-cost",
+            "0.5",
+            "--timeout-secs",
+            "10",
+            "--wait",
+        ]);
+        command.arg("--wasm").arg(&module);
+        command
+    };
+    for (user, lost) in [("alice", false), ("bob", true)] {
+        if lost {
+            let pid = std::fs::read_to_string(
+                data_dir
+                    .join("nats/rhizos-1")
+                    .join(rhizos_broker::server::PID_FILE),
+            )
+            .unwrap();
+            let (ok, text) = run(std::process::Command::new("kill").args(["-9", pid.trim()]));
+            assert!(ok, "{text}");
+        }
+        let (ok, text) = run(&mut cli(&["user", "add", user]));
+        assert!(ok, "{text}");
+        let (ok, text) = run(&mut cli(&["account", "deposit", user, "1"]));
+        assert!(ok, "{text}");
+        let (ok, text) = run(&mut job(user));
+        assert!(
+            ok && text.contains("Hello from RhizOS") && text.contains("succeeded"),
+            "{user}: {text}\n{}",
+            up_log()
+        );
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &up.id().to_string()])
+        .status();
+    let stopped = up.wait().unwrap();
+    assert!(
+        stopped.success(),
+        "rhizos up did not stop cleanly:\n{}",
+        up_log()
+    );
+}
