@@ -4,14 +4,11 @@
 //! stalled is printed.
 
 use crate::common::*;
-use crate::restart::{request, wait_for};
+use crate::restart::{balance_of, funded_account, request, wait_for, wait_for_a_node, wasm_agent};
 use rhizos_broker::server::NatsCluster;
-use rhizos_broker::wire::{
-    AccountRef, AccountView, CreateAccount, Deposit, JobState, LedgerReport, ListNodes, NodeList,
-    SubmitJobReply, VerifyLedger, WIRE_VERSION,
-};
+use rhizos_broker::wire::{JobState, LedgerReport, SubmitJobReply, VerifyLedger, WIRE_VERSION};
 use rhizos_broker::{Bus, Settings};
-use rhizos_core::{Agent, Orchestrator};
+use rhizos_core::Orchestrator;
 use rhizos_testbed::cluster::{uuid_like, wasm_spec};
 use std::time::{Duration, Instant};
 
@@ -45,62 +42,13 @@ async fn losing_one_of_three_nats_servers_loses_no_job_and_no_money() {
         .await
         .unwrap();
     let orchestrator_task = tokio::spawn(orchestrator.run(until_stopped(stopped.clone())));
-    let plugin_dir = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugin_dir).unwrap();
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
-        plugin_dir.join("librhizos_plugin_wasm.so"),
-    )
-    .unwrap();
-    let mut agent_settings = settings.agent.clone();
-    agent_settings.node_id = Some("steady".into());
-    agent_settings.plugin_dir = plugin_dir;
-    agent_settings.heartbeat_interval_ms = 1_000;
-    agent_settings.max_concurrent = 4;
-    let agent = Agent::new(
-        Bus::connect(&settings.nats).await.unwrap(),
-        agent_settings,
-        rhizos_testbed::ClusterOptions::default().pricing,
-    )
-    .unwrap();
+    let agent = wasm_agent(&settings, dir.path(), "steady", 4).await;
     let agent_task = tokio::spawn(agent.run(until_stopped(stopped.clone())));
 
     let bus = Bus::connect(&settings.nats).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let list: NodeList = request(
-            &bus,
-            &ListNodes {
-                v: WIRE_VERSION,
-                ..ListNodes::default()
-            },
-        )
-        .await;
-        if !list.nodes.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the agent never registered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let _: AccountView = request(
-        &bus,
-        &CreateAccount {
-            v: WIRE_VERSION,
-            account: "ada".into(),
-        },
-    )
-    .await;
+    wait_for_a_node(&bus).await;
     let deposited = 50_000_000;
-    let _: AccountView = request(
-        &bus,
-        &Deposit {
-            v: WIRE_VERSION,
-            account: "ada".into(),
-            amount_micros: deposited,
-            idempotency_key: Some("cluster-1".into()),
-        },
-    )
-    .await;
+    funded_account(&bus, "ada", deposited, "cluster-1").await;
 
     // Jobs flow; a third of the way in, one server dies. Every submit is retried with its job
     // id until answered (an idempotent retry), and the longest wait is the failover's cost.
@@ -132,15 +80,7 @@ async fn losing_one_of_three_nats_servers_loses_no_job_and_no_money() {
     );
     let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
     assert!(report.ok, "{:?}", report.problems);
-    let account: AccountView = request(
-        &bus,
-        &AccountRef {
-            v: WIRE_VERSION,
-            account: "ada".into(),
-        },
-    )
-    .await;
-    assert_eq!(account.balance_micros, deposited - spent);
+    assert_eq!(balance_of(&bus, "ada").await, deposited - spent);
 
     // The server comes back and catches up; the network never needed it.
     nats.restart(doomed).unwrap();
@@ -160,33 +100,13 @@ async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
     let namespace = format!("uc{}", &uuid_like()[..10]);
     let data_dir = dir.path().join("network");
     let home = dir.path().join("home");
-    let rhizos = rhizos_testbed::build_dir().join("rhizos");
-    let cli = |args: &[&str]| {
-        let mut command = std::process::Command::new(&rhizos);
-        command
-            .args(args)
-            .env("RHIZOS_NATS_URL", &url)
-            .env("RHIZOS_NAMESPACE", &namespace)
-            .env("XDG_CONFIG_HOME", &home)
-            .env("RHIZOS_PRICING__CPU_HOUR_CENTS", "3600");
-        command
+    let rhizos = RhizosCli {
+        url: url.clone(),
+        namespace: namespace.clone(),
+        home,
     };
-    let run = |command: &mut std::process::Command| {
-        let output = command.output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        (output.status.success(), text)
-    };
-    let plugin_dir = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugin_dir).unwrap();
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
-        plugin_dir.join("librhizos_plugin_wasm.so"),
-    )
-    .unwrap();
+    let cli = |args: &[&str]| rhizos.command(args);
+    let plugin_dir = wasm_plugin_dir(dir.path());
     let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
     let mut up = cli(&["up", "--cluster", "3", "--no-gateway", "--data-dir"])
         .arg(&data_dir)

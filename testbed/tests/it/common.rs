@@ -134,3 +134,47 @@ pub fn http_resolver_dir() -> tempfile::TempDir {
     .unwrap();
     resolvers
 }
+
+/// `<dir>/plugins` holding the built WASM backend plugin: an agent's plugin dir.
+pub fn wasm_plugin_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    let plugin_dir = dir.join("plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
+        plugin_dir.join("librhizos_plugin_wasm.so"),
+    )
+    .unwrap();
+    plugin_dir
+}
+
+/// The real `rhizos` CLI against one network, the way a user runs it: its URL and namespace in
+/// the environment, its own config home (where `rhizos up` records the network).
+pub struct RhizosCli {
+    pub url: String,
+    pub namespace: String,
+    pub home: std::path::PathBuf,
+}
+
+impl RhizosCli {
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(rhizos_testbed::build_dir().join("rhizos"));
+        command
+            .args(args)
+            .env("RHIZOS_NATS_URL", &self.url)
+            .env("RHIZOS_NAMESPACE", &self.namespace)
+            .env("XDG_CONFIG_HOME", &self.home)
+            .env("RHIZOS_PRICING__CPU_HOUR_CENTS", "3600");
+        command
+    }
+}
+
+/// Runs `command` to its end: whether it succeeded, and its stdout and stderr together.
+pub fn run(command: &mut std::process::Command) -> (bool, String) {
+    let output = command.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}

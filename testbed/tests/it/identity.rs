@@ -529,24 +529,13 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
     let namespace = format!("up{}", &rhizos_testbed::cluster::uuid_like()[..10]);
     let data_dir = dir.path().join("network");
     let home = dir.path().join("home");
-    let rhizos = rhizos_testbed::build_dir().join("rhizos");
-    let cli = |args: &[&str]| {
-        let mut command = std::process::Command::new(&rhizos);
-        command
-            .args(args)
-            .env("RHIZOS_NATS_URL", &url)
-            .env("RHIZOS_NAMESPACE", &namespace)
-            .env("XDG_CONFIG_HOME", &home)
-            .env("RHIZOS_PRICING__CPU_HOUR_CENTS", "3600");
-        command
+    let rhizos = RhizosCli {
+        url: url.clone(),
+        namespace: namespace.clone(),
+        home,
     };
-    let plugin_dir = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugin_dir).unwrap();
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
-        plugin_dir.join("librhizos_plugin_wasm.so"),
-    )
-    .unwrap();
+    let cli = |args: &[&str]| rhizos.command(args);
+    let plugin_dir = wasm_plugin_dir(dir.path());
     let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
     let mut up = cli(&["up", "--data-dir"])
         .arg(&data_dir)
@@ -573,15 +562,6 @@ async fn rhizos_up_is_secure_by_default_and_its_cli_issues_and_revokes_credentia
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let run = |command: &mut std::process::Command| {
-        let output = command.output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        (output.status.success(), text)
-    };
     assert!(up_log().contains("authentication on"), "{}", up_log());
 
     // The daemons' metrics, where `up` says they are.

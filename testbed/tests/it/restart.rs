@@ -103,52 +103,48 @@ pub(crate) async fn wait_for(bus: &Bus, job_id: &str, done: impl Fn(&JobView) ->
     }
 }
 
-#[tokio::test]
-async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
-    let dir = tempfile::tempdir().unwrap();
+/// A fresh nats-server keeping its store in `<dir>/nats`, and settings naming it, in a random
+/// namespace starting with `prefix`.
+fn nats_in(dir: &std::path::Path, prefix: &str) -> (NatsServer, Settings) {
     let nats = NatsServer::start(LaunchOptions {
         port: None,
-        data_dir: Some(dir.path().join("nats")),
+        data_dir: Some(dir.join("nats")),
         authorization: None,
     })
     .unwrap();
     let mut settings = Settings::default();
     settings.nats.url = nats.url();
-    settings.nats.namespace = format!("r{}", &uuid_like()[..12]);
-    let orchestrator_dir = dir.path().join("orchestrator");
-    std::fs::create_dir_all(&orchestrator_dir).unwrap();
-    let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
+    settings.nats.namespace = format!("{prefix}{}", &uuid_like()[..12]);
+    (nats, settings)
+}
 
-    let plugin_dir = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugin_dir).unwrap();
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
-        plugin_dir.join("librhizos_plugin_wasm.so"),
-    )
-    .unwrap();
+/// A real agent `node_id` with the WASM backend (plugins in `<dir>/plugins`), heartbeating
+/// every second, running at most `slots` executions at once.
+pub(crate) async fn wasm_agent(
+    settings: &Settings,
+    dir: &std::path::Path,
+    node_id: &str,
+    slots: u32,
+) -> Agent {
     let mut agent_settings = settings.agent.clone();
-    agent_settings.node_id = Some("survivor".into());
-    agent_settings.plugin_dir = plugin_dir;
+    agent_settings.node_id = Some(node_id.into());
+    agent_settings.plugin_dir = wasm_plugin_dir(dir);
     agent_settings.heartbeat_interval_ms = 1_000;
-    agent_settings.max_concurrent = 1; // the second job has to wait, pending, through the crash
-    let pricing = rhizos_testbed::ClusterOptions::default().pricing;
-    let agent = Agent::new(
+    agent_settings.max_concurrent = slots;
+    Agent::new(
         Bus::connect(&settings.nats).await.unwrap(),
         agent_settings,
-        pricing,
+        rhizos_testbed::ClusterOptions::default().pricing,
     )
-    .unwrap();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let agent_task = tokio::spawn(agent.run(async move {
-        let mut stopped = stopped;
-        let _ = stopped.wait_for(|s| *s).await;
-    }));
+    .unwrap()
+}
 
-    let bus = Bus::connect(&settings.nats).await.unwrap();
+/// Waits (at most 30 s) until a node has registered.
+pub(crate) async fn wait_for_a_node(bus: &Bus) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let list: NodeList = request(
-            &bus,
+            bus,
             &ListNodes {
                 v: WIRE_VERSION,
                 ..ListNodes::default()
@@ -156,26 +152,67 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
         )
         .await;
         if !list.nodes.is_empty() {
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "the agent never registered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Creates `account` and deposits `micros` into it (once, under `key`).
+pub(crate) async fn funded_account(bus: &Bus, account: &str, micros: i64, key: &str) {
     let _: AccountView = request(
-        &bus,
+        bus,
         &CreateAccount {
             v: WIRE_VERSION,
-            account: "kim".into(),
+            account: account.into(),
         },
     )
     .await;
-    let deposit = Deposit {
-        v: WIRE_VERSION,
-        account: "kim".into(),
-        amount_micros: 2_000_000,
-        idempotency_key: Some("d1".into()),
-    };
-    let _: AccountView = request(&bus, &deposit).await;
+    let _: AccountView = request(
+        bus,
+        &Deposit {
+            v: WIRE_VERSION,
+            account: account.into(),
+            amount_micros: micros,
+            idempotency_key: Some(key.into()),
+        },
+    )
+    .await;
+}
+
+/// `account`'s balance.
+pub(crate) async fn balance_of(bus: &Bus, account: &str) -> i64 {
+    let view: AccountView = request(
+        bus,
+        &AccountRef {
+            v: WIRE_VERSION,
+            account: account.into(),
+        },
+    )
+    .await;
+    view.balance_micros
+}
+
+#[tokio::test]
+async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, settings) = nats_in(dir.path(), "r");
+    let orchestrator_dir = dir.path().join("orchestrator");
+    std::fs::create_dir_all(&orchestrator_dir).unwrap();
+    let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
+
+    // One slot: the second job has to wait, pending, through the crash.
+    let agent = wasm_agent(&settings, dir.path(), "survivor", 1).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent_task = tokio::spawn(agent.run(async move {
+        let mut stopped = stopped;
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+
+    let bus = Bus::connect(&settings.nats).await.unwrap();
+    wait_for_a_node(&bus).await;
+    funded_account(&bus, "kim", 2_000_000, "d1").await;
     let module = demo();
     for (job_id, args) in [
         ("first", ["count", "15", "100"]),
@@ -218,16 +255,8 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
     assert!(report.ok, "{:?}", report.problems);
     assert_eq!(report.jobs_checked, 2);
-    let account: AccountView = request(
-        &bus,
-        &AccountRef {
-            v: WIRE_VERSION,
-            account: "kim".into(),
-        },
-    )
-    .await;
     assert_eq!(
-        account.balance_micros,
+        balance_of(&bus, "kim").await,
         2_000_000 - first.cost_micros.unwrap() - second.cost_micros.unwrap()
     );
 
@@ -305,15 +334,7 @@ async fn log_says(data_dir: &std::path::Path, what: &str) {
 #[tokio::test]
 async fn one_orchestrator_serves_a_bus_and_only_its_own_ledger_takes_over() {
     let dir = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start(LaunchOptions {
-        port: None,
-        data_dir: Some(dir.path().join("nats")),
-        authorization: None,
-    })
-    .unwrap();
-    let mut settings = Settings::default();
-    settings.nats.url = nats.url();
-    settings.nats.namespace = format!("l{}", &uuid_like()[..12]);
+    let (_nats, settings) = nats_in(dir.path(), "l");
     let (main_dir, other_dir) = (dir.path().join("main"), dir.path().join("other"));
     for d in [&main_dir, &other_dir] {
         std::fs::create_dir_all(d).unwrap();
@@ -328,21 +349,7 @@ async fn one_orchestrator_serves_a_bus_and_only_its_own_ledger_takes_over() {
 
     // The first is active and holds kim's money.
     let mut active = start_orchestrator_with(&settings, &main_dir, &long);
-    let _: AccountView = request(
-        &bus,
-        &CreateAccount {
-            v: WIRE_VERSION,
-            account: "kim".into(),
-        },
-    )
-    .await;
-    let deposit = Deposit {
-        v: WIRE_VERSION,
-        account: "kim".into(),
-        amount_micros: 1_234_567,
-        idempotency_key: Some("lease-1".into()),
-    };
-    let _: AccountView = request(&bus, &deposit).await;
+    funded_account(&bus, "kim", 1_234_567, "lease-1").await;
 
     // A second, on another ledger, waits as a standby: every request is the first's (kim's
     // balance is in its ledger only; a second server in the queue group would answer half of
