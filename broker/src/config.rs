@@ -188,6 +188,12 @@ pub struct OrchestratorSettings {
     /// though it wrote another ledger: makes this orchestrator's ledger the network's. Off, such
     /// an orchestrator waits as a standby (a ledger switch is an operator's decision).
     pub lease_take_over_other_ledger: bool,
+    /// Keep the ledger in a replicated JetStream stream (ADR 0010): the active orchestrator
+    /// appends each committed batch's changes there (acknowledged by a quorum when `[nats]
+    /// replicas` is 3) before anyone hears of them, and every orchestrator's SQLite file is a
+    /// projection of that stream — a standby on another machine follows it and takes over
+    /// with every committed movement. Off, the SQLite file alone is the ledger.
+    pub replicated_ledger: bool,
 }
 
 /// See [`OrchestratorSettings::failed_workload_charge`].
@@ -248,6 +254,7 @@ impl Default for OrchestratorSettings {
             max_requests_in_flight: 4_096,
             lease_ttl_ms: 10_000,
             lease_take_over_other_ledger: false,
+            replicated_ledger: false,
         }
     }
 }

@@ -205,6 +205,33 @@ impl Subjects {
         format!("RHIZOS_EVT_{}", self.ns.to_ascii_uppercase())
     }
 
+    // --- ledger: the replicated ledger's log (ADR 0010), written by the active orchestrator ---
+
+    /// Name of the JetStream stream holding this namespace's replicated ledger.
+    pub fn ledger_stream(&self) -> String {
+        format!("RHIZOS_LEDGER_{}", self.ns.to_ascii_uppercase())
+    }
+
+    /// Every subject of the ledger stream: `rhizos.ledger.v1.<ns>.>`.
+    pub fn ledger_wildcard(&self) -> String {
+        format!("rhizos.ledger.v1.{}.>", self.ns)
+    }
+
+    /// Where each committed batch's changes are appended: `rhizos.ledger.v1.<ns>.changes`.
+    pub fn ledger_changes(&self) -> String {
+        format!("rhizos.ledger.v1.{}.changes", self.ns)
+    }
+
+    /// Where a snapshot of the whole ledger is announced: `rhizos.ledger.v1.<ns>.snapshot`.
+    pub fn ledger_snapshot(&self) -> String {
+        format!("rhizos.ledger.v1.{}.snapshot", self.ns)
+    }
+
+    /// The object store bucket holding the ledger's snapshots.
+    pub fn ledger_snapshots_bucket(&self) -> String {
+        format!("rhizos-ledger-{}", self.ns)
+    }
+
     // --- blob: out-of-band result bytes, in the blob stream ---
 
     /// Name of the JetStream stream holding this namespace's result blobs.

@@ -16,7 +16,9 @@
 //! * `sweep`: heartbeats and reconciliation, lost nodes, queue and total timeouts;
 //! * [`matching`], [`modules`], [`store`]: the registry and choice of node, the resolver chain,
 //!   the SQLite state;
-//! * [`lease`]: which of several orchestrators on one bus is active.
+//! * [`lease`]: which of several orchestrators on one bus is active;
+//! * [`replica`]: the replicated ledger (`replicated_ledger`): the stream each committed batch
+//!   is appended to, and a standby following it.
 
 mod api;
 mod dispatch;
@@ -24,6 +26,7 @@ pub mod lease;
 pub mod matching;
 pub mod modules;
 pub mod outbox;
+pub mod replica;
 pub mod store;
 mod sweep;
 pub mod validate;
@@ -85,6 +88,8 @@ struct Inner {
     /// monitors ask (one at a time reads; the others wait for its answer).
     network_stats:
         tokio::sync::Mutex<Option<(std::time::Instant, rhizos_broker::wire::NetworkStatsView)>>,
+    /// The replicated ledger's stream, with `replicated_ledger` (None: the file is the ledger).
+    log: Option<replica::LedgerLog>,
     /// The data dir's lock, held while this orchestrator lives: no second process writes the
     /// same ledger, and a lease naming this ledger on this host is known to be stale.
     _data_lock: std::fs::File,
@@ -213,8 +218,41 @@ impl Orchestrator {
         let data_lock = lock_data_dir(&settings.data_dir)?;
         let signing_key = signing_key(&settings.data_dir.join(SIGNING_KEY_FILE))?;
         let path = settings.data_dir.join("ledger.db");
+        let log = if settings.replicated_ledger {
+            Some(replica::LedgerLog::open(&bus).await?)
+        } else {
+            None
+        };
+        // A new member of a replicated ledger starts from its latest snapshot.
+        let mut restored = None;
+        if let Some(log) = &log
+            && !path.exists()
+            && let Some(snapshot) = log.latest_snapshot().await?
+        {
+            log.restore(&snapshot, &path).await?;
+            tracing::info!(ledger = %snapshot.ledger, position = snapshot.position, "ledger restored from the replicated ledger's latest snapshot");
+            restored = Some(snapshot);
+        }
         let mut store = Store::open(&path, settings.fee_bps)
             .with_context(|| format!("failed to open ledger at {}", path.display()))?;
+        if let Some(log) = &log {
+            if let Some(snapshot) = &restored {
+                store.set_applied(snapshot.position)?;
+            }
+            // Fail fast when this data dir is of another ledger than the stream.
+            if let Some(snapshot) = log.latest_snapshot().await?
+                && snapshot.ledger != store.instance()
+            {
+                return Err(replica::Mismatch(format!(
+                    "the replicated ledger stream holds ledger {}, but the data dir {} holds ledger {}: give this orchestrator an empty data dir to join the stream's ledger",
+                    snapshot.ledger,
+                    settings.data_dir.display(),
+                    store.instance()
+                ))
+                .into());
+            }
+            store.set_standby();
+        }
         store.set_charge_policy(store::ChargePolicy {
             failed_workload: settings.failed_workload_charge,
             slack_ms: settings.timing_slack_ms,
@@ -276,6 +314,7 @@ impl Orchestrator {
                 reader: Arc::new(Mutex::new(reader)),
                 blobs,
                 network_stats: tokio::sync::Mutex::new(None),
+                log,
                 _data_lock: data_lock,
             }),
         })
@@ -315,8 +354,21 @@ impl Orchestrator {
                     return Ok(());
                 }
                 lease = acquire => lease?,
+                fatal = self.follow_while_standby() => return Err(fatal),
             };
-            match self.serve_while_held(lease, &mut shutdown).await? {
+            let failed = match &self.inner.log {
+                Some(log) => match self.become_writer(log).await {
+                    Ok(failed) => Some(failed),
+                    Err(e) if e.is::<replica::Mismatch>() => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot catch up with the replicated ledger yet; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            match self.serve_while_held(lease, failed, &mut shutdown).await? {
                 Some(lease) => {
                     lease.release().await;
                     tracing::info!("orchestrator stopped; lease released");
@@ -332,6 +384,7 @@ impl Orchestrator {
     async fn serve_while_held(
         &self,
         mut lease: lease::Lease,
+        failed: Option<Arc<replica::Failed>>,
         shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> anyhow::Result<Option<lease::Lease>> {
         let bus = &self.inner.bus;
@@ -364,6 +417,11 @@ impl Orchestrator {
         loop {
             tokio::select! {
                 () = shutdown.as_mut() => break,
+                () = replica::stopped(failed.as_deref()) => {
+                    tracing::error!(why = failed.as_deref().and_then(replica::Failed::why).unwrap_or_default(), "stopped writing the replicated ledger: serving nothing more until caught up with it");
+                    lost = true;
+                    break;
+                }
                 _ = renew.tick() => {
                     if let Err(e) = lease.renew().await {
                         match &e {
@@ -400,6 +458,15 @@ impl Orchestrator {
         // whoever is active now).
         if let Err(e) = self.flush_outbox().await {
             tracing::warn!(error = %e, "events left unpublished are sent at the next start");
+        }
+        if self.inner.log.is_some() {
+            // A standby again: its file changes only by what the stream holds.
+            self.db(|store| {
+                store.set_standby();
+                Ok::<_, store::StoreError>(())
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         }
         Ok((!lost).then_some(lease))
     }

@@ -20,6 +20,7 @@
 //! Errors are [`StoreError`]; the orchestrator turns them into wire errors at its API edge.
 
 mod accounts;
+mod changes;
 pub mod ending;
 mod enrolments;
 mod escrow;
@@ -153,6 +154,24 @@ pub struct Store {
     grouped: bool,
     /// A lean unit ended without committing after writing: the batch must be rolled back.
     broken: std::sync::atomic::AtomicBool,
+    /// Where each committed batch's changes go first, while this store is the replicated
+    /// ledger's writer (see [`Journal`]); with the tables they are captured from.
+    journal: Option<(Box<dyn Journal>, Vec<std::ffi::CString>)>,
+    /// A standby of the replicated ledger: nothing but [`Store::apply_replicated`] may change
+    /// the file (a batch with any other change is rolled back).
+    standby: bool,
+    /// Rows changed by [`Store::apply_replicated`] in the current batch.
+    replicated_changes: u64,
+}
+
+/// The replicated ledger's log, as the store's writer sees it (ADR 0010): each batch's
+/// changeset is appended — and acknowledged by a quorum — before the batch commits here, so
+/// nothing a client was told of exists only on this machine.
+pub trait Journal: Send {
+    /// Appends one batch's changeset; returns the log position that now holds it. An error
+    /// means the batch is not in the log (or not known to be): it is rolled back here, and the
+    /// writer must stop writing until it has caught up with the log again.
+    fn append(&mut self, changeset: Vec<u8>) -> Result<u64, String>;
 }
 
 /// One operation's unit of work: a savepoint, or — inside a group commit, for the operations
@@ -313,6 +332,9 @@ impl Store {
             spec_cache: std::collections::HashMap::new(),
             grouped: false,
             broken: std::sync::atomic::AtomicBool::new(false),
+            journal: None,
+            standby: false,
+            replicated_changes: 0,
         }
     }
 
@@ -386,11 +408,39 @@ impl Store {
         self.grouped = grouped;
         self.broken
             .store(false, std::sync::atomic::Ordering::Relaxed);
+        // Ok(None): not replicating. Err: the changes cannot be captured, so the batch must
+        // not commit.
+        let capture = match &self.journal {
+            Some((_, tables)) => changes::Capture::start(&self.conn, tables).map(Some),
+            None => Ok(None),
+        };
+        let changes_before = self.conn.total_changes();
+        self.replicated_changes = 0;
         let results = ops(self);
         self.grouped = false;
+        let foreign =
+            self.standby && self.conn.total_changes() - changes_before > self.replicated_changes;
         if !grouped {
             // No outer transaction: each op's savepoint committed it on its own.
+            let replicated = capture
+                .map_err(|e| e.to_string())
+                .and_then(|capture| capture.map_or(Ok(()), |c| self.journal_batch(&c)));
+            if let Err(e) = replicated {
+                tracing::error!(error = %e, "operations committed outside a transaction could not be replicated: this projection is ahead of the replicated ledger");
+            }
+            if foreign {
+                tracing::error!(
+                    "a standby's operations committed outside a transaction changed the file: this projection may disagree with the replicated ledger"
+                );
+            }
             return (results, Ok(()));
+        }
+        if foreign {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return (
+                results,
+                Err("this orchestrator is a standby: it writes nothing but the replicated ledger's changes".into()),
+            );
         }
         if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
             tracing::error!(
@@ -408,6 +458,13 @@ impl Store {
                 )),
             );
         }
+        let replicated = capture
+            .map_err(|e| e.to_string())
+            .and_then(|capture| capture.map_or(Ok(()), |c| self.journal_batch(&c)));
+        if let Err(e) = replicated {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return (results, Err(format!("not replicated: {e}; retry")));
+        }
         match self.conn.execute_batch("COMMIT") {
             Ok(()) => (results, Ok(())),
             Err(e) => {
@@ -415,6 +472,107 @@ impl Store {
                 (results, Err(format!("commit failed: {e}")))
             }
         }
+    }
+
+    /// Appends the batch `capture` recorded to the journal (when it changed anything) and
+    /// notes the log position it now has.
+    fn journal_batch(&mut self, capture: &changes::Capture) -> Result<(), String> {
+        let changeset = capture.changeset().map_err(|e| e.to_string())?;
+        if changeset.is_empty() {
+            return Ok(());
+        }
+        let Some((journal, _)) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        let position = journal.append(changeset)?;
+        self.set_applied(position).map_err(|e| e.to_string())
+    }
+
+    /// Makes this store the replicated ledger's writer (`Some`): from the next batch on, every
+    /// batch's changes are appended to `journal` before they commit. `None`: a standby again.
+    /// Parsed specs are dropped (a standby's applied changes did not keep them current).
+    pub fn set_journal(&mut self, journal: Option<Box<dyn Journal>>) -> Result<(), StoreError> {
+        self.spec_cache.clear();
+        self.journal = match journal {
+            Some(journal) => Some((journal, changes::replicated_tables(&self.conn)?)),
+            None => None,
+        };
+        self.standby = self.journal.is_none();
+        Ok(())
+    }
+
+    /// Makes this store a standby of the replicated ledger: it changes nothing but what
+    /// [`Store::apply_replicated`] applies, until [`Store::set_journal`] makes it the writer.
+    pub fn set_standby(&mut self) {
+        self.journal = None;
+        self.standby = true;
+    }
+
+    /// How far this database has applied the replicated ledger's log (0: nothing yet).
+    pub fn applied(&self) -> Result<u64, StoreError> {
+        let applied: i64 =
+            self.conn
+                .query_row("SELECT value FROM replica WHERE key = 'applied'", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(u64::try_from(applied).unwrap_or(0))
+    }
+
+    /// Records that the log is applied up to `position` (records skipped included).
+    pub fn set_applied(&self, position: u64) -> Result<(), StoreError> {
+        let position = i64::try_from(position)
+            .map_err(|_| StoreError::Corrupt(format!("log position {position} out of range")))?;
+        self.conn.execute(
+            "UPDATE replica SET value = ?1 WHERE key = 'applied'",
+            [position],
+        )?;
+        Ok(())
+    }
+
+    /// Applies the changeset the log holds at `position` (a standby following the writer): all
+    /// of it or nothing, and only right after what was applied last (`after`), so a gap or a
+    /// repeat is refused rather than applied twice.
+    pub fn apply_replicated(
+        &mut self,
+        after: u64,
+        position: u64,
+        changeset: &[u8],
+    ) -> Result<(), StoreError> {
+        if self.journal.is_some() {
+            return Err(StoreError::InvalidState(
+                "the replicated ledger's writer applies no one else's changes".into(),
+            ));
+        }
+        // Whether it applies or not, what it wrote (and undid) is the log's, not foreign.
+        let before = self.conn.total_changes();
+        let result = self.apply_at(after, position, changeset);
+        self.replicated_changes += self.conn.total_changes() - before;
+        self.spec_cache.clear();
+        result
+    }
+
+    fn apply_at(&mut self, after: u64, position: u64, changeset: &[u8]) -> Result<(), StoreError> {
+        let tx = self.conn.savepoint()?;
+        let applied: i64 =
+            tx.query_row("SELECT value FROM replica WHERE key = 'applied'", [], |r| {
+                r.get(0)
+            })?;
+        if u64::try_from(applied).ok() != Some(after) {
+            return Err(StoreError::InvalidState(format!(
+                "log position {position} follows {after}, but this projection has applied up to {applied}"
+            )));
+        }
+        if !changeset.is_empty() {
+            changes::apply(&tx, changeset)?;
+        }
+        let position = i64::try_from(position)
+            .map_err(|_| StoreError::Corrupt(format!("log position {position} out of range")))?;
+        tx.execute(
+            "UPDATE replica SET value = ?1 WHERE key = 'applied'",
+            [position],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Moves WAL checkpoints (copying committed pages back into the database file, with its own

@@ -208,6 +208,15 @@ const MIGRATIONS: &[Migration] = &[
             )
         },
     },
+    Migration {
+        name: "0011 replica: how far this database has applied the replicated ledger stream",
+        apply: |conn| {
+            conn.execute_batch(
+                "CREATE TABLE replica (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 INSERT INTO replica (key, value) VALUES ('applied', 0);",
+            )
+        },
+    },
 ];
 
 /// The schema version this release writes.

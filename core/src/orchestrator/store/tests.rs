@@ -1339,3 +1339,166 @@ fn job_cursors_refuse_what_encode_did_not_write() {
         })
     );
 }
+
+/// A journal that keeps what it is given (the stream, in memory), or refuses.
+struct Kept {
+    log: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    refuse: bool,
+}
+
+impl Journal for Kept {
+    fn append(&mut self, changeset: Vec<u8>) -> Result<u64, String> {
+        if self.refuse {
+            return Err("wrong last sequence".into());
+        }
+        let mut log = self.log.lock().unwrap();
+        log.push(changeset);
+        Ok(log.len() as u64 + 1)
+    }
+}
+
+/// Every row of the tables the replicated ledger carries, as text: two databases that agree
+/// give the same dump.
+fn dump(conn: &Connection) -> Vec<String> {
+    let tables = changes::replicated_tables(conn).unwrap();
+    let mut rows = Vec::new();
+    for table in tables {
+        let table = table.to_str().unwrap().to_owned();
+        let mut statement = conn
+            .prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2"))
+            .unwrap();
+        let columns = statement.column_count();
+        let mut query = statement.query([]).unwrap();
+        while let Some(row) = query.next().unwrap() {
+            let values: Vec<String> = (0..columns)
+                .map(|i| format!("{:?}", row.get_ref(i).unwrap()))
+                .collect();
+            rows.push(format!("{table}: {}", values.join(" | ")));
+        }
+    }
+    rows
+}
+
+#[test]
+fn a_standby_applying_the_writers_changesets_holds_the_same_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer_path, standby_path) = (dir.path().join("w.db"), dir.path().join("s.db"));
+    let mut writer = Store::open(&writer_path, 500).unwrap();
+    // The genesis snapshot: the standby starts from a copy of the writer's file.
+    writer
+        .connection()
+        .execute("VACUUM INTO ?1", [standby_path.to_str().unwrap()])
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    writer
+        .set_journal(Some(Box::new(Kept {
+            log: log.clone(),
+            refuse: false,
+        })))
+        .unwrap();
+    let batch = |store: &mut Store, ops: &dyn Fn(&mut Store)| {
+        let ((), commit) = store.group_commit(|store| ops(store));
+        commit
+    };
+    batch(&mut writer, &|store| {
+        node(store);
+        store.create_account("u").unwrap();
+        store.deposit("u", 1_000_000, Some("d1")).unwrap();
+    })
+    .unwrap();
+    batch(&mut writer, &|store| {
+        store.submit("j1", "u", &spec(), 200_000).unwrap();
+        // A refused operation leaves nothing in the batch's changes.
+        assert!(store.submit("dear", "u", &spec(), 5_000_000).is_err());
+        store.submit("j2", "u", &spec(), 100_000).unwrap();
+    })
+    .unwrap();
+    batch(&mut writer, &|store| {
+        store.assign("j1", "n1", &PRICING, None).unwrap();
+        store.mark_running("j1", "n1", 1).unwrap();
+        store.cancel("j2").unwrap();
+    })
+    .unwrap();
+    batch(&mut writer, &|store| {
+        store
+            .finish("j1", "n1", 1, &exited(0, 1_234), 1024)
+            .unwrap();
+    })
+    .unwrap();
+    // A batch that changes nothing appends nothing.
+    batch(&mut writer, &|store| {
+        store.deposit("u", 1_000_000, Some("d1")).unwrap();
+    })
+    .unwrap();
+    assert_eq!(log.lock().unwrap().len(), 4);
+    assert_eq!(
+        writer.applied().unwrap(),
+        5,
+        "the writer notes each append's position"
+    );
+
+    let mut standby = Store::open(&standby_path, 500).unwrap();
+    standby.set_standby();
+    // Restored from the snapshot record at position 1.
+    standby.set_applied(1).unwrap();
+    let records = log.lock().unwrap().clone();
+    // Out of order: refused, nothing applied.
+    assert!(standby.apply_replicated(1, 3, &records[1]).is_err());
+    for (index, changeset) in records.iter().enumerate() {
+        let position = index as u64 + 2;
+        let ((), commit) = standby.group_commit(|store| {
+            store
+                .apply_replicated(position - 1, position, changeset)
+                .unwrap();
+        });
+        commit.unwrap();
+    }
+    // Applied twice: refused by position, not applied twice.
+    assert!(standby.apply_replicated(4, 5, &records[3]).is_err());
+    assert_eq!(standby.applied().unwrap(), 5);
+    assert_eq!(dump(standby.connection()), dump(writer.connection()));
+    assert_eq!(balance(&standby, "u"), 1_000_000 - 12_340);
+    assert!(standby.verify().unwrap().ok);
+
+    // A standby writes nothing of its own: the batch is rolled back.
+    let (_, commit) = standby.group_commit(|store| store.deposit("u", 5, None));
+    assert!(commit.unwrap_err().contains("standby"));
+    assert_eq!(balance(&standby, "u"), 1_000_000 - 12_340);
+
+    // A changeset the standby's rows disagree with is refused whole, naming the table.
+    standby
+        .connection()
+        .execute(
+            "UPDATE accounts SET balance_micros = balance_micros + 1 WHERE id = 'u'",
+            [],
+        )
+        .unwrap();
+    let ((), commit) = writer.group_commit(|store| {
+        store.deposit("u", 10, None).unwrap();
+    });
+    commit.unwrap();
+    let last = log.lock().unwrap().last().unwrap().clone();
+    let error = standby
+        .apply_replicated(5, 6, &last)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("table accounts"), "{error}");
+    assert_eq!(standby.applied().unwrap(), 5);
+}
+
+#[test]
+fn a_batch_the_journal_refuses_is_not_committed() {
+    let (_dir, mut store) = store();
+    store.create_account("u").unwrap();
+    store
+        .set_journal(Some(Box::new(Kept {
+            log: Default::default(),
+            refuse: true,
+        })))
+        .unwrap();
+    let (deposited, commit) = store.group_commit(|store| store.deposit("u", 7, None).is_ok());
+    assert!(deposited, "the operation ran");
+    assert!(commit.unwrap_err().contains("not replicated"));
+    assert_eq!(balance(&store, "u"), 0, "nothing of the batch stayed");
+    assert_eq!(store.applied().unwrap(), 0);
+}

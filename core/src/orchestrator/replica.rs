@@ -1,0 +1,663 @@
+//! The replicated ledger (ADR 0010): with `[orchestrator] replicated_ledger`, the ledger's
+//! source of truth is the JetStream stream `RHIZOS_LEDGER_<NS>` (R3 on a 3-server cluster),
+//! and each orchestrator's SQLite file is a projection of it.
+//!
+//! * The stream starts with a **snapshot** record: the whole database as the first active
+//!   orchestrator had it, stored in the object store bucket `rhizos-ledger-<ns>`.
+//! * The active orchestrator's ledger thread captures each batch's changes (a SQLite session
+//!   changeset) and appends them — in parts when larger than a message may be — with an
+//!   **expected last sequence**, before the batch commits locally and before anyone is
+//!   answered ([`NatsJournal`]). A second writer's append fails on the sequence: it cannot fork
+//!   the ledger, whatever its lease says.
+//! * A standby applies the records in order as they come ([`Orchestrator::follow`]); once it
+//!   holds the lease it catches up to the stream's last record before serving. A batch whose
+//!   parts stop before the last one was never committed by anyone (its writer answered nobody
+//!   before every part was stored) and is skipped.
+//! * A fresh data dir starts from the latest snapshot; a restart from its own file, replaying
+//!   only what it has not applied.
+
+use super::Orchestrator;
+use anyhow::Context as _;
+use async_nats::jetstream::{self, object_store, stream};
+use futures::StreamExt as _;
+use rhizos_broker::Bus;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+const LEDGER_HEADER: &str = "Rhizos-Ledger";
+const SCHEMA_HEADER: &str = "Rhizos-Schema";
+const PART_HEADER: &str = "Rhizos-Part";
+const OBJECT_HEADER: &str = "Rhizos-Object";
+
+/// Longest wait for a quorum to acknowledge one appended part. Past it the writer stops
+/// writing and catches up (the part may or may not be stored; the stream decides).
+const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Applied records sent to the ledger thread and not yet answered, at most.
+const APPLY_WINDOW: usize = 64;
+
+/// The ledger stream and its snapshot bucket.
+#[derive(Clone)]
+pub struct LedgerLog {
+    jetstream: jetstream::Context,
+    stream_name: String,
+    snapshots: object_store::ObjectStore,
+    changes_subject: String,
+    snapshot_subject: String,
+    /// Largest payload of one record (the server's `max_payload`, less room for headers).
+    part_bytes: usize,
+}
+
+/// A snapshot record: the whole ledger as it was after `covers`, stored as `object`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The record's own position in the stream.
+    pub position: u64,
+    pub ledger: String,
+    pub schema: u32,
+    pub object: String,
+}
+
+/// One record of the stream.
+#[derive(Debug)]
+enum Record {
+    Changes {
+        ledger: String,
+        schema: u32,
+        part: u32,
+        parts: u32,
+        bytes: bytes::Bytes,
+    },
+    Snapshot(Snapshot),
+}
+
+fn header(headers: Option<&async_nats::HeaderMap>, name: &str) -> Option<String> {
+    headers
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_owned())
+}
+
+fn parse(
+    position: u64,
+    subject: &str,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: bytes::Bytes,
+    snapshot_subject: &str,
+) -> anyhow::Result<Record> {
+    let ledger = header(headers, LEDGER_HEADER)
+        .with_context(|| format!("ledger record {position} has no {LEDGER_HEADER} header"))?;
+    let schema = header(headers, SCHEMA_HEADER)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("ledger record {position} has no {SCHEMA_HEADER} header"))?;
+    if subject == snapshot_subject {
+        let object = header(headers, OBJECT_HEADER)
+            .with_context(|| format!("snapshot record {position} names no object"))?;
+        return Ok(Record::Snapshot(Snapshot {
+            position,
+            ledger,
+            schema,
+            object,
+        }));
+    }
+    let (part, parts) = header(headers, PART_HEADER)
+        .and_then(|p| {
+            let (part, parts) = p.split_once('/')?;
+            Some((part.parse().ok()?, parts.parse().ok()?))
+        })
+        .filter(|&(part, parts): &(u32, u32)| part >= 1 && part <= parts)
+        .with_context(|| format!("ledger record {position} has no valid {PART_HEADER} header"))?;
+    Ok(Record::Changes {
+        ledger,
+        schema,
+        part,
+        parts,
+        bytes: payload,
+    })
+}
+
+impl LedgerLog {
+    /// Opens (creating if needed) the namespace's ledger stream and snapshot bucket, kept on
+    /// `[nats] replicas` servers.
+    pub async fn open(bus: &Bus) -> anyhow::Result<Self> {
+        let subjects = &bus.subjects;
+        let config = stream::Config {
+            name: subjects.ledger_stream(),
+            description: Some(format!("RhizOS replicated ledger of {subjects}")),
+            subjects: vec![subjects.ledger_wildcard()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            // Nothing is ever dropped to make room: a full stream refuses appends (and the
+            // orchestrator stops writing) rather than losing the ledger's history.
+            discard: stream::DiscardPolicy::New,
+            num_replicas: bus.replicas,
+            deny_delete: true,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let name = config.name.clone();
+        bus.jetstream
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the ledger stream {name}: {e}"))?;
+        let bucket = subjects.ledger_snapshots_bucket();
+        let snapshots = match bus.jetstream.get_object_store(&bucket).await {
+            Ok(store) => store,
+            Err(_) => bus
+                .jetstream
+                .create_object_store(object_store::Config {
+                    bucket: bucket.clone(),
+                    description: Some("snapshots of the RhizOS replicated ledger".into()),
+                    num_replicas: bus.replicas,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot create the snapshot bucket {bucket}: {e}"))?,
+        };
+        let max_payload = bus.client.server_info().max_payload;
+        Ok(Self {
+            jetstream: bus.jetstream.clone(),
+            stream_name: name,
+            snapshots,
+            changes_subject: subjects.ledger_changes(),
+            snapshot_subject: subjects.ledger_snapshot(),
+            part_bytes: max_payload.saturating_sub(16 * 1024).max(64 * 1024),
+        })
+    }
+
+    /// The position of the stream's last record (0: empty).
+    pub async fn last(&self) -> anyhow::Result<u64> {
+        let stream = self
+            .jetstream
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the ledger stream: {e}"))?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
+    /// The latest snapshot record, if any.
+    pub async fn latest_snapshot(&self) -> anyhow::Result<Option<Snapshot>> {
+        let stream = self
+            .jetstream
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the ledger stream: {e}"))?;
+        let message = match stream
+            .get_last_raw_message_by_subject(&self.snapshot_subject)
+            .await
+        {
+            Ok(message) => message,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None);
+            }
+            Err(e) => anyhow::bail!("cannot read the ledger's latest snapshot: {e}"),
+        };
+        match parse(
+            message.sequence,
+            &message.subject,
+            Some(&message.headers),
+            message.payload,
+            &self.snapshot_subject,
+        )? {
+            Record::Snapshot(snapshot) => Ok(Some(snapshot)),
+            Record::Changes { .. } => anyhow::bail!("the ledger's snapshot record is damaged"),
+        }
+    }
+
+    /// Writes the snapshot's database to `to` (a new file: the caller opens it next).
+    pub async fn restore(&self, snapshot: &Snapshot, to: &Path) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt as _;
+        let mut object = self
+            .snapshots
+            .get(&snapshot.object)
+            .await
+            .with_context(|| format!("cannot read the snapshot {}", snapshot.object))?;
+        let mut bytes = Vec::new();
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .with_context(|| format!("cannot read the snapshot {}", snapshot.object))?;
+        let partial = to.with_extension("restoring");
+        tokio::fs::write(&partial, &bytes)
+            .await
+            .with_context(|| format!("cannot write {}", partial.display()))?;
+        tokio::fs::File::open(&partial).await?.sync_all().await?;
+        tokio::fs::rename(&partial, to)
+            .await
+            .with_context(|| format!("cannot move the snapshot to {}", to.display()))?;
+        Ok(())
+    }
+
+    /// Stores a copy of the database at `db` (taken in one read transaction, so it is what the
+    /// ledger held after `after`) and appends its snapshot record — only if the stream's last
+    /// record is still `after`. Returns the record's position.
+    pub async fn snapshot(&self, db: &Path, ledger: &str, after: u64) -> anyhow::Result<u64> {
+        let copy = db.with_extension(format!("snapshot-{after}"));
+        let _ = std::fs::remove_file(&copy);
+        {
+            let (db, copy) = (db.to_owned(), copy.clone());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let conn = rusqlite::Connection::open_with_flags(
+                    &db,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )?;
+                conn.execute("VACUUM INTO ?1", [copy.to_string_lossy()])?;
+                Ok(())
+            })
+            .await?
+            .context("cannot copy the ledger for a snapshot")?;
+        }
+        let object = format!("{ledger}-{after}");
+        let mut file = tokio::fs::File::open(&copy).await?;
+        self.snapshots
+            .put(object.as_str(), &mut file)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot store the snapshot {object}: {e}"))?;
+        let _ = tokio::fs::remove_file(&copy).await;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(LEDGER_HEADER, ledger);
+        headers.insert(
+            SCHEMA_HEADER,
+            super::store::schema::SCHEMA_VERSION.to_string().as_str(),
+        );
+        headers.insert(OBJECT_HEADER, object.as_str());
+        let ack = self
+            .jetstream
+            .send_publish(
+                self.snapshot_subject.clone(),
+                jetstream::message::PublishMessage::build()
+                    .headers(headers)
+                    .expected_last_sequence(after),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot append the snapshot record: {e}"))?
+            .await
+            .map_err(|e| anyhow::anyhow!("the snapshot record was not stored: {e}"))?;
+        Ok(ack.sequence)
+    }
+
+    /// The records from position `from` on, in order, as they come.
+    async fn records(
+        &self,
+        from: u64,
+    ) -> anyhow::Result<impl futures::Stream<Item = anyhow::Result<(u64, Record)>> + use<>> {
+        use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+        let stream = self
+            .jetstream
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the ledger stream: {e}"))?;
+        let messages = stream
+            .create_consumer(OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot follow the ledger stream: {e}"))?
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot follow the ledger stream: {e}"))?;
+        let snapshot_subject = self.snapshot_subject.clone();
+        Ok(messages.map(move |message| {
+            let message =
+                message.map_err(|e| anyhow::anyhow!("following the ledger stream: {e}"))?;
+            let position = message
+                .info()
+                .map_err(|e| anyhow::anyhow!("a ledger record without its position: {e}"))?
+                .stream_sequence;
+            let message = message.message;
+            let record = parse(
+                position,
+                message.subject.as_str(),
+                message.headers.as_ref(),
+                message.payload,
+                &snapshot_subject,
+            )?;
+            Ok((position, record))
+        }))
+    }
+
+    /// The journal the ledger thread appends to, expecting the stream's last record to be
+    /// `after`.
+    pub fn journal(&self, ledger: &str, after: u64, failed: Arc<Failed>) -> NatsJournal {
+        NatsJournal {
+            log: self.clone(),
+            ledger: ledger.to_owned(),
+            last: after,
+            failed,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+/// The writer stopped: an append was refused or not answered. The orchestrator stops serving
+/// when it is set, and catches up with the stream before it writes again.
+#[derive(Default)]
+pub struct Failed {
+    why: std::sync::Mutex<Option<String>>,
+    pub(super) notify: tokio::sync::Notify,
+}
+
+impl Failed {
+    fn set(&self, why: String) {
+        let mut slot = self
+            .why
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(why);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Why the writer stopped, if it did.
+    pub fn why(&self) -> Option<String> {
+        self.why
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Appends batches to the ledger stream from the ledger thread (blocking it until a quorum
+/// acknowledged every part).
+pub struct NatsJournal {
+    log: LedgerLog,
+    ledger: String,
+    /// The stream's last record as this writer knows it.
+    last: u64,
+    failed: Arc<Failed>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl NatsJournal {
+    async fn publish(&self, changeset: Vec<u8>) -> Result<u64, String> {
+        let changeset = bytes::Bytes::from(changeset);
+        let parts = changeset.len().div_ceil(self.log.part_bytes).max(1);
+        let mut last = self.last;
+        for part in 0..parts {
+            let start = part * self.log.part_bytes;
+            let end = (start + self.log.part_bytes).min(changeset.len());
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(LEDGER_HEADER, self.ledger.as_str());
+            headers.insert(
+                SCHEMA_HEADER,
+                super::store::schema::SCHEMA_VERSION.to_string().as_str(),
+            );
+            headers.insert(PART_HEADER, format!("{}/{parts}", part + 1).as_str());
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(changeset.slice(start..end))
+                .headers(headers)
+                .expected_last_sequence(last);
+            let appended = tokio::time::timeout(APPEND_TIMEOUT, async {
+                self.log
+                    .jetstream
+                    .send_publish(self.log.changes_subject.clone(), publish)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|_| {
+                format!("no quorum acknowledged the append within {APPEND_TIMEOUT:?}")
+            })??;
+            last = appended.sequence;
+        }
+        Ok(last)
+    }
+}
+
+impl super::store::Journal for NatsJournal {
+    fn append(&mut self, changeset: Vec<u8>) -> Result<u64, String> {
+        if let Some(why) = self.failed.why() {
+            return Err(format!(
+                "this orchestrator stopped writing the ledger ({why})"
+            ));
+        }
+        match self.runtime.block_on(self.publish(changeset)) {
+            Ok(last) => {
+                self.last = last;
+                Ok(last)
+            }
+            Err(e) => {
+                let why = format!("the replicated ledger refused or did not answer an append: {e}");
+                self.failed.set(why.clone());
+                Err(why)
+            }
+        }
+    }
+}
+
+/// This data dir's ledger is not the stream's (or the stream was written by another schema):
+/// no catching up can fix it, the operator must.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Mismatch(pub String);
+
+/// Resolves once the writer stopped (never without a writer).
+pub(super) async fn stopped(failed: Option<&Failed>) {
+    match failed {
+        Some(failed) if failed.why().is_some() => {}
+        Some(failed) => failed.notify.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A batch whose parts are still arriving.
+struct Assembly {
+    parts: u32,
+    got: u32,
+    bytes: Vec<u8>,
+}
+
+impl Orchestrator {
+    /// Applies the stream's records to this orchestrator's file as they come (a standby), or
+    /// — with `until` — up to that position and no further, then skips a last batch whose
+    /// parts stopped short (its writer is gone: it answered nobody). Returns the position
+    /// applied up to. A record of another ledger, or of another schema version, is an error.
+    pub(super) async fn follow(&self, log: &LedgerLog, until: Option<u64>) -> anyhow::Result<u64> {
+        let ledger = self.inner.instance.clone();
+        let mut applied = self
+            .db(|store| store.applied())
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        if until.is_some_and(|until| applied >= until) {
+            return Ok(applied);
+        }
+        let mut records = std::pin::pin!(log.records(applied + 1).await?);
+        let mut assembly: Option<Assembly> = None;
+        let mut pending = futures::stream::FuturesOrdered::new();
+        // The position of the last record seen (applied or waiting in `assembly`).
+        let mut seen = applied;
+        while until.is_none_or(|until| seen < until) {
+            let (position, record) = tokio::select! {
+                biased;
+                Some(done) = pending.next(), if !pending.is_empty() => {
+                    done?;
+                    continue;
+                }
+                record = records.next() => match record {
+                    Some(record) => record?,
+                    None => anyhow::bail!("the ledger stream ended"),
+                },
+            };
+            seen = position;
+            let changes = match record {
+                Record::Snapshot(snapshot) => {
+                    if snapshot.ledger != ledger {
+                        return Err(Mismatch(format!(
+                            "the replicated ledger stream holds ledger {}, this data dir ledger {ledger}: give this orchestrator an empty data dir to join it",
+                            snapshot.ledger
+                        ))
+                        .into());
+                    }
+                    assembly = None;
+                    Vec::new()
+                }
+                Record::Changes {
+                    ledger: of,
+                    schema,
+                    part,
+                    parts,
+                    bytes,
+                } => {
+                    if of != ledger {
+                        return Err(Mismatch(format!(
+                            "ledger record {position} is of ledger {of}, this data dir holds ledger {ledger}: give this orchestrator an empty data dir to join it"
+                        ))
+                        .into());
+                    }
+                    if schema != super::store::schema::SCHEMA_VERSION {
+                        return Err(Mismatch(format!(
+                            "ledger record {position} was written with schema version {schema}, this rhizosd has {}: run the same rhizosd release on every orchestrator",
+                            super::store::schema::SCHEMA_VERSION
+                        ))
+                        .into());
+                    }
+                    if part == 1 {
+                        if assembly.is_some() {
+                            tracing::warn!(
+                                position,
+                                "a ledger batch whose parts stopped short was skipped (its writer stopped before storing it all, and answered nobody)"
+                            );
+                        }
+                        assembly = Some(Assembly {
+                            parts,
+                            got: 0,
+                            bytes: Vec::new(),
+                        });
+                    }
+                    match assembly.as_mut() {
+                        Some(batch) if batch.got + 1 == part && batch.parts == parts => {
+                            batch.got = part;
+                            batch.bytes.extend_from_slice(&bytes);
+                        }
+                        _ => {
+                            tracing::warn!(
+                                position,
+                                part,
+                                parts,
+                                "a ledger record out of its batch's order was skipped"
+                            );
+                            assembly = None;
+                            continue;
+                        }
+                    }
+                    if part < parts {
+                        continue;
+                    }
+                    assembly.take().map(|batch| batch.bytes).unwrap_or_default()
+                }
+            };
+            let after = applied;
+            applied = position;
+            pending.push_back(async move {
+                self.db(move |store| store.apply_replicated(after, position, &changes))
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot apply ledger record {position}: {}", e.message)
+                    })
+            });
+            while pending.len() >= APPLY_WINDOW {
+                if let Some(done) = pending.next().await {
+                    done?;
+                }
+            }
+        }
+        while let Some(done) = pending.next().await {
+            done?;
+        }
+        if applied < seen {
+            // Parts of a batch nobody completed: skipped, and the position moves past them.
+            let (after, position) = (applied, seen);
+            self.db(move |store| store.apply_replicated(after, position, &[]))
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            applied = seen;
+        }
+        Ok(applied)
+    }
+}
+
+impl Orchestrator {
+    /// A standby's follow of the stream, for as long as it is a standby: errors other than a
+    /// [`Mismatch`] are retried after a second; a mismatch is returned.
+    pub(super) async fn follow_while_standby(&self) -> anyhow::Error {
+        let Some(log) = &self.inner.log else {
+            return std::future::pending().await;
+        };
+        loop {
+            match self.follow(log, None).await {
+                Err(e) if e.is::<Mismatch>() => return e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "following the replicated ledger failed; following again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Before serving with a replicated ledger: catches up with the stream (or, when it is
+    /// empty, starts it with a snapshot of this file), then makes the ledger thread its writer
+    /// and reloads what the orchestrator keeps in memory from the file.
+    pub(super) async fn become_writer(&self, log: &LedgerLog) -> anyhow::Result<Arc<Failed>> {
+        let started = std::time::Instant::now();
+        let last = log.last().await?;
+        let applied = if last == 0 {
+            let path = self.inner.settings.data_dir.join("ledger.db");
+            let position = log.snapshot(&path, &self.inner.instance, 0).await?;
+            self.db(move |store| store.apply_replicated(store.applied()?, position, &[]))
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            tracing::info!(
+                position,
+                "the replicated ledger starts with a snapshot of this ledger"
+            );
+            position
+        } else {
+            let applied = self
+                .db(|store| store.applied())
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            if applied > last {
+                return Err(Mismatch(format!(
+                    "this data dir has applied the replicated ledger up to record {applied}, but its stream ends at {last}: the stream lost records (deleted or recreated); restore it, or start every orchestrator but the most advanced with an empty data dir"
+                ))
+                .into());
+            }
+            self.follow(log, Some(last)).await?
+        };
+        let failed = Arc::new(Failed::default());
+        let journal = log.journal(&self.inner.instance, applied, failed.clone());
+        self.db(move |store| store.set_journal(Some(Box::new(journal))))
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let nodes = self
+            .read(|store| store.nodes())
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        {
+            let mut registry = super::matching::Registry::new(self.inner.settings.matching);
+            for (registration, _) in nodes {
+                registry.upsert(registration);
+            }
+            *self.registry() = registry;
+        }
+        {
+            let mut outbox = self.inner.outbox.lock().await;
+            outbox.published = 0;
+            outbox.deleted = 0;
+        }
+        tracing::info!(
+            position = applied,
+            caught_up_in_ms = started.elapsed().as_millis() as u64,
+            "writing the replicated ledger"
+        );
+        Ok(failed)
+    }
+}
