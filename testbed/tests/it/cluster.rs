@@ -4,7 +4,10 @@
 //! stalled is printed.
 
 use crate::common::*;
-use crate::restart::{balance_of, funded_account, request, wait_for, wait_for_a_node, wasm_agent};
+use crate::restart::{
+    balance_of, funded_account, request, start_orchestrator_with, wait_for, wait_for_a_node,
+    wasm_agent,
+};
 use rhizos_broker::server::NatsCluster;
 use rhizos_broker::wire::{JobState, LedgerReport, SubmitJobReply, VerifyLedger, WIRE_VERSION};
 use rhizos_broker::{Bus, Settings};
@@ -177,4 +180,162 @@ async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
         "rhizos up did not stop cleanly:\n{}",
         up_log()
     );
+}
+
+/// Every row of the replicated tables of the ledger at `path` (read-only), and the position
+/// it has applied.
+fn ledger_rows(path: &std::path::Path) -> (i64, Vec<String>) {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch("BEGIN").unwrap();
+    let applied: i64 = conn
+        .query_row("SELECT value FROM replica WHERE key = 'applied'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name != 'replica' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut rows = Vec::new();
+    for table in tables {
+        let mut statement = conn
+            .prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2"))
+            .unwrap();
+        let columns = statement.column_count();
+        let mut query = statement.query([]).unwrap();
+        while let Some(row) = query.next().unwrap() {
+            let values: Vec<String> = (0..columns)
+                .map(|i| format!("{:?}", row.get_ref(i).unwrap()))
+                .collect();
+            rows.push(format!("{table}: {}", values.join(" | ")));
+        }
+    }
+    (applied, rows)
+}
+
+/// Two orchestrators, each on its own data dir, share one replicated ledger on a 3-server
+/// cluster. The active is `kill -9`ed mid-run: the standby takes over with every committed
+/// movement, jobs keep settling exactly, and the killed one, started again, follows as a
+/// standby until both files hold the same ledger row for row.
+#[tokio::test]
+async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(3, "rhizos", dir.path()).unwrap();
+    let first = nats.url().split(',').next().unwrap().to_owned();
+    let probe = async_nats::connect(first).await.unwrap();
+    NatsCluster::wait_jetstream(&probe, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut settings = Settings::default();
+    settings.nats.url = nats.url();
+    settings.nats.namespace = format!("r{}", &uuid_like()[..12]);
+    settings.nats.replicas = 3;
+    let env = [
+        ("RHIZOS_NATS__REPLICAS", "3"),
+        ("RHIZOS_ORCHESTRATOR__REPLICATED_LEDGER", "true"),
+        ("RHIZOS_ORCHESTRATOR__LEASE_TTL_MS", "2000"),
+    ];
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    for d in [&a_dir, &b_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let log = |d: &std::path::Path| {
+        std::fs::read_to_string(d.join("orchestrator.log")).unwrap_or_default()
+    };
+    let mut a = start_orchestrator_with(&settings, &a_dir, &env);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = wasm_agent(&settings, dir.path(), "steady", 4).await;
+    let agent_task = tokio::spawn(agent.run(async move {
+        let mut stopped = stopped;
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    let bus = Bus::connect(&settings.nats).await.unwrap();
+    wait_for_a_node(&bus).await;
+    let deposited = 50_000_000;
+    funded_account(&bus, "ada", deposited, "replicated-1").await;
+    // The second orchestrator, on its own (empty) data dir: it joins from the snapshot.
+    let mut b = start_orchestrator_with(&settings, &b_dir, &env);
+
+    let module = demo();
+    let submit = |index: usize| {
+        submit_request(
+            "ada",
+            &format!("r-{index}"),
+            wasm_spec(&module, &["count", "1"], 20_000),
+            500_000,
+        )
+    };
+    let jobs = 30;
+    let mut slowest = Duration::ZERO;
+    for index in 0..jobs {
+        if index == jobs / 3 {
+            a.kill().unwrap();
+        }
+        let started = Instant::now();
+        let _: SubmitJobReply = request(&bus, &submit(index)).await;
+        slowest = slowest.max(started.elapsed());
+    }
+    let mut spent = 0;
+    for index in 0..jobs {
+        let job = wait_for(&bus, &format!("r-{index}"), |j| j.state.is_terminal()).await;
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}\n{}", log(&b_dir));
+        spent += job.cost_micros.unwrap();
+    }
+    eprintln!(
+        "replicated ledger: the active orchestrator killed mid-run; the slowest submit took {slowest:?} (the failover)"
+    );
+    let b_log = log(&b_dir);
+    assert!(
+        b_log.contains("restored from the replicated ledger's latest snapshot"),
+        "the second orchestrator joined from the snapshot:\n{b_log}"
+    );
+    let took_over = b_log
+        .lines()
+        .find(|line| line.contains("writing the replicated ledger"))
+        .unwrap_or_else(|| panic!("the standby took over:\n{b_log}"));
+    eprintln!("replicated ledger: {took_over}");
+    let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
+    assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(
+        balance_of(&bus, "ada").await,
+        deposited - spent,
+        "the deposit made before the failover is there, and every job paid once"
+    );
+
+    // The killed one comes back on its file: a standby that catches up and follows.
+    let mut a = start_orchestrator_with(&settings, &a_dir, &env);
+    for index in jobs..jobs + 5 {
+        let _: SubmitJobReply = request(&bus, &submit(index)).await;
+        let job = wait_for(&bus, &format!("r-{index}"), |j| j.state.is_terminal()).await;
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    }
+    let _ = stop.send(true);
+    agent_task.await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (a_ledger, b_ledger) = (
+            ledger_rows(&a_dir.join("ledger.db")),
+            ledger_rows(&b_dir.join("ledger.db")),
+        );
+        if a_ledger == b_ledger {
+            assert!(a_ledger.0 > 1, "records were applied");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby's projection never matched the active's: applied {} vs {}\n{}",
+            a_ledger.0,
+            b_ledger.0,
+            log(&a_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(a.interrupt(), "{}", log(&a_dir));
+    assert!(b.interrupt(), "{}", log(&b_dir));
 }

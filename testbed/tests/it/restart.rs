@@ -17,11 +17,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `rhizosd` child; killed when dropped, so a failing test leaves no daemon behind.
-struct Daemon(Child);
+pub(crate) struct Daemon(Child);
 
 impl Daemon {
+    /// SIGINT (a clean stop) and reap; true when it exited successfully.
+    pub(crate) fn interrupt(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        self.0.wait().is_ok_and(|status| status.success())
+    }
+
     /// `kill -9` and reap.
-    fn kill(&mut self) -> std::io::Result<()> {
+    pub(crate) fn kill(&mut self) -> std::io::Result<()> {
         self.0.kill()?;
         self.0.wait().map(|_| ())
     }
@@ -39,7 +47,7 @@ fn start_orchestrator(settings: &Settings, data_dir: &std::path::Path) -> Daemon
 }
 
 /// `rhizosd orchestrator` with extra environment (`RHIZOS_ORCHESTRATOR__…` settings).
-fn start_orchestrator_with(
+pub(crate) fn start_orchestrator_with(
     settings: &Settings,
     data_dir: &std::path::Path,
     env: &[(&str, &str)],
