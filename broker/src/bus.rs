@@ -82,6 +82,9 @@ pub struct Bus {
     pub jetstream: jetstream::Context,
     pub subjects: Subjects,
     pub request_timeout: Duration,
+    /// How long an orchestrator request is resent while nothing serves it (`[nats]
+    /// failover_wait_ms`).
+    pub failover_wait: Duration,
     /// Who this connection authenticated as (from `[nats] credentials`); None without
     /// credentials, when each request claims the party it speaks for ([`Request::claim`]).
     pub identity: Option<Caller>,
@@ -175,6 +178,7 @@ impl Bus {
             jetstream,
             subjects,
             request_timeout,
+            failover_wait: Duration::from_millis(settings.failover_wait_ms),
             identity,
             signer,
             event_limits: EventLimits {
@@ -214,7 +218,20 @@ impl Bus {
             });
         }
         let subject = self.subject_for(request)?;
-        self.request(subject, request).await
+        // Nobody received it: during a failover (the active orchestrator gone, a standby about
+        // to take over) it is sent again until someone answers or the wait is over.
+        let deadline = std::time::Instant::now() + self.failover_wait;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.request(subject.clone(), request).await {
+                Err(RequestError::NoResponders { .. }) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(op = %R::OP, "no orchestrator serves this now; sending it again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Sends `request` to the agent of `node_id`, on its operation's subject.

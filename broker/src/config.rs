@@ -110,6 +110,10 @@ pub struct NatsSettings {
     /// 1 on one server; 3 on a 3-server cluster, so losing one server loses nothing (set when
     /// the streams are created; a change needs them recreated).
     pub replicas: usize,
+    /// How long a request to the orchestrator keeps being resent while nothing serves it (no
+    /// responders: the active orchestrator is gone and a standby has not taken over yet). A
+    /// request nobody received is always safe to send again. 0: fail at once.
+    pub failover_wait_ms: u64,
 }
 
 impl Default for NatsSettings {
@@ -128,6 +132,7 @@ impl Default for NatsSettings {
             blob_max_bytes: 2 * 1024 * 1024 * 1024,
             blob_max_age_s: 7 * 24 * 3600,
             replicas: 1,
+            failover_wait_ms: 15_000,
         }
     }
 }

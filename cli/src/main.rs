@@ -59,7 +59,15 @@ pub struct GlobalArgs {
     json: bool,
 }
 
+/// The request timeout of commands on a local cluster (`rhizos up --cluster`).
+const CLUSTER_REQUEST_TIMEOUT_MS: u64 = 20_000;
+
 impl GlobalArgs {
+    /// The config file named on the command line or by RHIZOS_CONFIG, if any.
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+
     pub fn settings(&self) -> anyhow::Result<Settings> {
         let mut settings = Settings::load(self.config.as_deref())?;
         if let Some(url) = &self.nats_url {
@@ -84,6 +92,14 @@ impl GlobalArgs {
         {
             settings.nats.credentials = network.credentials_for(account);
             // All of a local cluster's servers, so a command still connects when one is down.
+            if network.url.contains(',')
+                && settings.nats.request_timeout_ms
+                    == rhizos_broker::config::NatsSettings::default().request_timeout_ms
+            {
+                // A request can wait out a failover there: the replicated ledger's stream
+                // electing a new leader after a server is lost (up to ~10 s).
+                settings.nats.request_timeout_ms = CLUSTER_REQUEST_TIMEOUT_MS;
+            }
             settings.nats.url = network.url;
         }
         Ok(settings)

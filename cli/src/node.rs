@@ -41,6 +41,9 @@ pub enum NodeCommand {
 pub enum LedgerCommand {
     /// Check every invariant; exits 4 if one is broken.
     Verify,
+    /// Which orchestrator is active (the lease holder: pid, host, data dir, lease age) and,
+    /// with a replicated ledger, its stream: records, copies, leader, and any replica behind.
+    Status,
 }
 
 pub async fn run_node(global: &GlobalArgs, command: NodeCommand) -> anyhow::Result<()> {
@@ -248,6 +251,7 @@ fn print_node(node: &NodeView) {
 pub async fn run_ledger(global: &GlobalArgs, command: LedgerCommand) -> anyhow::Result<()> {
     let client = global.client().await?;
     match command {
+        LedgerCommand::Status => ledger_status(global).await?,
         LedgerCommand::Verify => {
             let report = client.ledger_verify().await?;
             if global.json {
@@ -384,6 +388,108 @@ pub async fn replay_events(
             }
         }
     }
+}
+
+/// `rhizos ledger status`: read straight from JetStream (the lease bucket and the ledger
+/// stream), so it answers while no orchestrator serves — during a failover, say.
+async fn ledger_status(global: &GlobalArgs) -> anyhow::Result<()> {
+    use rhizos_core::orchestrator::lease;
+    let bus = global.bus().await?;
+    let ns = bus.subjects.namespace().to_owned();
+    let active = match bus.jetstream.get_key_value(lease::bucket_name(&ns)).await {
+        Ok(kv) => match kv.entry(lease::KEY).await {
+            Ok(Some(entry)) => {
+                let written = std::time::SystemTime::from(entry.created);
+                let age_ms = written
+                    .elapsed()
+                    .map(|age| age.as_millis() as u64)
+                    .unwrap_or(0);
+                let holder: Option<lease::Holder> = serde_json::from_slice(&entry.value).ok();
+                Some(serde_json::json!({
+                    "holder": holder,
+                    "renewed_ms_ago": age_ms,
+                    "revision": entry.revision,
+                }))
+            }
+            Ok(None) => None,
+            Err(e) => anyhow::bail!(
+                "cannot read the orchestrator lease: {e} (operator credentials are needed)"
+            ),
+        },
+        Err(_) => None,
+    };
+    let replicated = match bus.jetstream.get_stream(bus.subjects.ledger_stream()).await {
+        Ok(mut stream) => {
+            let info = stream.info().await?;
+            let cluster = info.cluster.clone();
+            Some(serde_json::json!({
+                "stream": info.config.name,
+                "records": info.state.last_sequence,
+                "copies": info.config.num_replicas,
+                "leader": cluster.as_ref().and_then(|c| c.leader.clone()),
+                "replicas": cluster.map(|c| c.replicas.into_iter().map(|r| serde_json::json!({
+                    "server": r.name, "current": r.current, "lag": r.lag,
+                })).collect::<Vec<_>>()).unwrap_or_default(),
+            }))
+        }
+        Err(_) => None,
+    };
+    let status = serde_json::json!({ "active": active, "replicated_ledger": replicated });
+    if global.json {
+        println!("{status}");
+        return Ok(());
+    }
+    match &status["active"] {
+        serde_json::Value::Null => {
+            println!("no orchestrator has taken the lease in namespace {ns}")
+        }
+        active => {
+            let holder = &active["holder"];
+            let state = if holder["released"].as_bool() == Some(true) {
+                "released (stopped cleanly)"
+            } else if active["renewed_ms_ago"].as_u64() > holder["ttl_ms"].as_u64() {
+                "LAPSED (not renewed within its TTL: a standby takes over)"
+            } else {
+                "active"
+            };
+            println!(
+                "orchestrator: {state} — pid {} on {} ({}), ledger {}, lease renewed {} ms ago (TTL {} ms)",
+                holder["pid"],
+                holder["host"].as_str().unwrap_or("?"),
+                holder["data_dir"].as_str().unwrap_or("?"),
+                holder["ledger"].as_str().unwrap_or("?"),
+                active["renewed_ms_ago"],
+                holder["ttl_ms"]
+            );
+        }
+    }
+    match &status["replicated_ledger"] {
+        serde_json::Value::Null => {
+            println!("ledger: not replicated (the active orchestrator's SQLite file is the ledger)")
+        }
+        ledger => {
+            println!(
+                "replicated ledger: stream {}, {} records, {} copies, leader {}",
+                ledger["stream"].as_str().unwrap_or("?"),
+                ledger["records"],
+                ledger["copies"],
+                ledger["leader"].as_str().unwrap_or("none (no quorum?)")
+            );
+            for replica in ledger["replicas"].as_array().into_iter().flatten() {
+                println!(
+                    "  replica {}: {}, {} records behind",
+                    replica["server"].as_str().unwrap_or("?"),
+                    if replica["current"].as_bool() == Some(true) {
+                        "current"
+                    } else {
+                        "NOT current"
+                    },
+                    replica["lag"]
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

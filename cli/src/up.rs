@@ -47,9 +47,12 @@ pub struct UpArgs {
     #[arg(long, conflicts_with = "metrics")]
     no_metrics: bool,
     /// Start a NATS cluster of this many servers (at least 3) on this machine instead of one,
-    /// with the event and blob streams and the orchestrator lease kept on three of them: kill
-    /// one (its pid is in <data-dir>/nats/rhizos-<i>/nats-server.pid) and the network carries
-    /// on. The first server listens on the configured URL's port.
+    /// with the streams, the lease and the replicated ledger kept on three of them, and two
+    /// orchestrator processes (<data-dir>/orchestrators/1 and 2) sharing that ledger: one
+    /// active, one following it. Kill a server (its pid is in
+    /// <data-dir>/nats/rhizos-<i>/nats-server.pid) or the active orchestrator (its pid is in
+    /// its data dir's lock file) and the network carries on. The first server listens on the
+    /// configured URL's port.
     #[arg(long, value_name = "SERVERS", value_parser = clap::value_parser!(u8).range(3..=9))]
     cluster: Option<u8>,
 }
@@ -160,18 +163,36 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         let _ = receiver.wait_for(|stop| *stop).await;
     };
 
-    let orchestrator = Orchestrator::open(
-        Bus::connect(&as_party(&Caller::orchestrator())).await?,
-        settings.orchestrator.clone(),
-    )
-    .await
-    .context("failed to start the orchestrator")?;
-    let orchestrator_task = tokio::spawn(orchestrator.clone().run(stopped(stop.clone())));
-    eprintln!(
-        "✓ orchestrator (ledger {}; receipts signed by {})",
-        data_dir.join("ledger.db").display(),
-        orchestrator.public_key()
-    );
+    let orchestrators = if args.cluster.is_some() {
+        // Failover on this machine should be seen, not waited for: a short lease.
+        if settings.orchestrator.lease_ttl_ms
+            == rhizos_broker::config::OrchestratorSettings::default().lease_ttl_ms
+        {
+            settings.orchestrator.lease_ttl_ms = 3_000;
+        }
+        let processes = OrchestratorProcesses::start(
+            global.config_path(),
+            &settings,
+            &data_dir,
+            secure.then(|| network.credentials_path(&Caller::orchestrator())),
+        )?;
+        processes.announce(&settings);
+        Orchestrators::Processes(tokio::spawn(processes.supervise(stopped(stop.clone()))))
+    } else {
+        let orchestrator = Orchestrator::open(
+            Bus::connect(&as_party(&Caller::orchestrator())).await?,
+            settings.orchestrator.clone(),
+        )
+        .await
+        .context("failed to start the orchestrator")?;
+        let task = tokio::spawn(orchestrator.clone().run(stopped(stop.clone())));
+        eprintln!(
+            "✓ orchestrator (ledger {}; receipts signed by {})",
+            data_dir.join("ledger.db").display(),
+            orchestrator.public_key()
+        );
+        Orchestrators::InProcess { orchestrator, task }
+    };
 
     if secure {
         let node_key = rhizos_broker::Credentials::load(
@@ -198,7 +219,25 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
     let agent_task = tokio::spawn(agent.run(stopped(stop.clone())));
     // Ready means ready: the agent has registered and can be given jobs.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while orchestrator.live_nodes() == 0 {
+    let operator = match &orchestrators {
+        Orchestrators::Processes(_) => Some(rhizos_broker::Client::new(
+            Bus::connect(&as_party(&Caller::operator(local::OPERATOR))).await?,
+        )),
+        Orchestrators::InProcess { .. } => None,
+    };
+    loop {
+        let registered = match (&orchestrators, &operator) {
+            (Orchestrators::InProcess { orchestrator, .. }, _) => orchestrator.live_nodes() > 0,
+            (_, Some(operator)) => operator.node_list().await.is_ok_and(|list| {
+                list.nodes
+                    .iter()
+                    .any(|node| node.node_id == args.node_id && node.status == "live")
+            }),
+            (_, None) => false,
+        };
+        if registered {
+            break;
+        }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "the agent did not register within 30 s"
@@ -210,7 +249,10 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         args.node_id,
         plugin_dir.display()
     );
-    let mut metrics_sources = vec![orchestrator.metrics_source(), agent_metrics];
+    let mut metrics_sources = vec![agent_metrics];
+    if let Orchestrators::InProcess { orchestrator, .. } = &orchestrators {
+        metrics_sources.push(orchestrator.metrics_source());
+    }
     let gateway_task = if args.no_gateway {
         None
     } else {
@@ -298,9 +340,11 @@ pub async fn run(global: &GlobalArgs, args: UpArgs) -> anyhow::Result<()> {
         task.await.context("gateway task failed")??;
     }
     agent_task.await.context("agent task failed")??;
-    orchestrator_task
-        .await
-        .context("orchestrator task failed")??;
+    match orchestrators {
+        Orchestrators::InProcess { task, .. } | Orchestrators::Processes(task) => {
+            task.await.context("orchestrator task failed")??;
+        }
+    }
     eprintln!("stopped");
     Ok(())
 }
@@ -488,4 +532,239 @@ fn link_built_plugins(dir: &Path) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(dir.to_path_buf())
+}
+
+/// The orchestrator(s) `up` runs.
+enum Orchestrators {
+    /// One, in this process (the default).
+    InProcess {
+        orchestrator: Orchestrator,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    },
+    /// `--cluster`: [`OrchestratorProcesses`], supervised by this task.
+    Processes(tokio::task::JoinHandle<anyhow::Result<()>>),
+}
+
+/// How many orchestrators `up --cluster` runs.
+const CLUSTER_ORCHESTRATORS: usize = 2;
+
+/// `--cluster`: `rhizosd orchestrator` processes, each on its own data dir
+/// (`<data-dir>/orchestrators/<i>`), sharing the replicated ledger: one active, the others
+/// standbys following it. They are processes so that one can be killed like a machine lost;
+/// one that exits is started again (as a standby until it may take over), like a service
+/// manager would.
+struct OrchestratorProcesses {
+    rhizosd: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
+    dirs: Vec<PathBuf>,
+    logs: Vec<PathBuf>,
+    children: Vec<std::process::Child>,
+    /// When an exited orchestrator is to be started again.
+    restart_at: Vec<Option<std::time::Instant>>,
+    /// The lease TTL and a second: how long an exited orchestrator stays down.
+    restart_delay: std::time::Duration,
+}
+
+impl OrchestratorProcesses {
+    fn start(
+        config: Option<&Path>,
+        settings: &rhizos_broker::Settings,
+        data_dir: &Path,
+        credentials: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot locate the rhizos executable")?;
+        let rhizosd = exe.with_file_name("rhizosd");
+        anyhow::ensure!(
+            rhizosd.exists(),
+            "--cluster runs the orchestrators as rhizosd processes, but {} does not exist: build it beside rhizos (cargo build --workspace)",
+            rhizosd.display()
+        );
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(config) = config {
+            args.extend(["--config".into(), config.into()]);
+        }
+        args.extend([
+            "--nats-url".into(),
+            settings.nats.url.clone().into(),
+            "--namespace".into(),
+            settings.nats.namespace.clone().into(),
+        ]);
+        if let Some(credentials) = credentials {
+            args.extend(["--credentials".into(), credentials.into()]);
+        }
+        let orchestrator = &settings.orchestrator;
+        let env = [
+            ("RHIZOS_NATS__REPLICAS", settings.nats.replicas.to_string()),
+            ("RHIZOS_ORCHESTRATOR__REPLICATED_LEDGER", "true".to_owned()),
+            (
+                "RHIZOS_ORCHESTRATOR__LEASE_TTL_MS",
+                orchestrator.lease_ttl_ms.to_string(),
+            ),
+            (
+                "RHIZOS_ORCHESTRATOR__OPEN_REGISTRATION",
+                orchestrator.open_registration.to_string(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_owned(), v))
+        .to_vec();
+        let dirs: Vec<PathBuf> = (1..=CLUSTER_ORCHESTRATORS)
+            .map(|i| data_dir.join("orchestrators").join(i.to_string()))
+            .collect();
+        // One receipt key for all of them: a receipt verifies whichever was active.
+        rhizos_core::orchestrator::ensure_signing_key(&dirs[0])?;
+        let key = dirs[0].join(rhizos_core::orchestrator::SIGNING_KEY_FILE);
+        for dir in &dirs[1..] {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("failed to create {}", dir.display()))?;
+            let copy = dir.join(rhizos_core::orchestrator::SIGNING_KEY_FILE);
+            if !copy.exists() {
+                std::fs::copy(&key, &copy).with_context(|| {
+                    format!("cannot copy the receipt key to {}", copy.display())
+                })?;
+            }
+            rhizos_core::orchestrator::ensure_signing_key(dir)?;
+        }
+        let logs = (1..=CLUSTER_ORCHESTRATORS)
+            .map(|i| data_dir.join(format!("orchestrator-{i}.log")))
+            .collect();
+        let mut processes = Self {
+            rhizosd,
+            args,
+            env,
+            dirs,
+            logs,
+            children: Vec::new(),
+            restart_at: vec![None; CLUSTER_ORCHESTRATORS],
+            restart_delay: std::time::Duration::from_millis(
+                settings.orchestrator.lease_ttl_ms + 1_000,
+            ),
+        };
+        for index in 0..CLUSTER_ORCHESTRATORS {
+            let child = processes.spawn(index)?;
+            processes.children.push(child);
+        }
+        Ok(processes)
+    }
+
+    fn spawn(&self, index: usize) -> anyhow::Result<std::process::Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.logs[index])
+            .with_context(|| format!("cannot open {}", self.logs[index].display()))?;
+        std::process::Command::new(&self.rhizosd)
+            .args(&self.args)
+            .arg("orchestrator")
+            .arg("--data-dir")
+            .arg(&self.dirs[index])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.rhizosd.display()))
+    }
+
+    fn announce(&self, settings: &rhizos_broker::Settings) {
+        let list: Vec<String> = self
+            .children
+            .iter()
+            .zip(&self.dirs)
+            .map(|(child, dir)| format!("pid {} on {}", child.id(), dir.display()))
+            .collect();
+        eprintln!(
+            "✓ {} orchestrators sharing the replicated ledger (stream {}, {} copies): {}\n  one is active, the others follow its ledger; kill -9 the active one (its pid is in its data dir's lock file) and another takes over within {} ms; one that exits is started again as a standby (logs: {})",
+            self.children.len(),
+            rhizos_broker::Subjects::new(&settings.nats.namespace)
+                .map(|s| s.ledger_stream())
+                .unwrap_or_default(),
+            settings.nats.replicas,
+            list.join(", "),
+            settings.orchestrator.lease_ttl_ms,
+            self.logs
+                .first()
+                .and_then(|log| log.parent())
+                .map(|dir| dir.join("orchestrator-<i>.log").display().to_string())
+                .unwrap_or_default(),
+        );
+    }
+
+    /// Restarts an orchestrator that exits, until `stop`; then stops them all (SIGINT, and
+    /// `kill -9` past 15 s).
+    async fn supervise(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            }
+            for index in 0..self.children.len() {
+                if let Some(due) = self.restart_at[index] {
+                    if std::time::Instant::now() >= due {
+                        self.restart_at[index] = None;
+                        self.children[index] = self.spawn(index)?;
+                        eprintln!(
+                            "✓ orchestrator {} started again (pid {}): a standby following the ledger",
+                            index + 1,
+                            self.children[index].id()
+                        );
+                    }
+                    continue;
+                }
+                if let Some(status) = self.children[index].try_wait()? {
+                    // Started again only once its lease has lapsed, so that a standby takes
+                    // over (the way a machine lost is survived), rather than the restarted
+                    // process retaking its own lease at once.
+                    let delay = self.restart_delay;
+                    eprintln!(
+                        "! orchestrator {} exited ({status}); a standby takes over, and it is started again in {} s (log: {})",
+                        index + 1,
+                        delay.as_secs(),
+                        self.logs[index].display()
+                    );
+                    tracing::warn!(orchestrator = index + 1, %status, "orchestrator exited; restarting it");
+                    self.restart_at[index] = Some(std::time::Instant::now() + delay);
+                }
+            }
+        }
+        for (child, _) in self
+            .children
+            .iter()
+            .zip(&self.restart_at)
+            .filter(|(_, restart)| restart.is_none())
+        {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        for (index, child) in self.children.iter_mut().enumerate() {
+            if self.restart_at[index].is_some() {
+                continue;
+            }
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    if !status.success() {
+                        eprintln!("! orchestrator {} stopped with {status}", index + 1);
+                    }
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    eprintln!(
+                        "! orchestrator {} did not stop within 15 s: killed",
+                        index + 1
+                    );
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
 }

@@ -223,36 +223,13 @@ impl Orchestrator {
         } else {
             None
         };
-        // A new member of a replicated ledger starts from its latest snapshot.
-        let mut restored = None;
-        if let Some(log) = &log
-            && !path.exists()
-            && let Some(snapshot) = log.latest_snapshot().await?
-        {
-            log.restore(&snapshot, &path).await?;
-            tracing::info!(ledger = %snapshot.ledger, position = snapshot.position, "ledger restored from the replicated ledger's latest snapshot");
-            restored = Some(snapshot);
-        }
-        let mut store = Store::open(&path, settings.fee_bps)
-            .with_context(|| format!("failed to open ledger at {}", path.display()))?;
-        if let Some(log) = &log {
-            if let Some(snapshot) = &restored {
-                store.set_applied(snapshot.position)?;
+        let mut store = match &log {
+            Some(log) => {
+                replica::open_projection(log, &path, &settings.data_dir, settings.fee_bps).await?
             }
-            // Fail fast when this data dir is of another ledger than the stream.
-            if let Some(snapshot) = log.latest_snapshot().await?
-                && snapshot.ledger != store.instance()
-            {
-                return Err(replica::Mismatch(format!(
-                    "the replicated ledger stream holds ledger {}, but the data dir {} holds ledger {}: give this orchestrator an empty data dir to join the stream's ledger",
-                    snapshot.ledger,
-                    settings.data_dir.display(),
-                    store.instance()
-                ))
-                .into());
-            }
-            store.set_standby();
-        }
+            None => Store::open(&path, settings.fee_bps)
+                .with_context(|| format!("failed to open ledger at {}", path.display()))?,
+        };
         store.set_charge_policy(store::ChargePolicy {
             failed_workload: settings.failed_workload_charge,
             slack_ms: settings.timing_slack_ms,
@@ -361,7 +338,9 @@ impl Orchestrator {
                     Ok(failed) => Some(failed),
                     Err(e) if e.is::<replica::Mismatch>() => return Err(e),
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot catch up with the replicated ledger yet; trying again");
+                        // Let go at once: another standby may be able to take over now.
+                        tracing::warn!(error = %e, "cannot catch up with the replicated ledger yet; lease released, trying again");
+                        lease.release().await;
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
@@ -491,6 +470,16 @@ impl Orchestrator {
 
 /// The orchestrator's signing key, in its data dir.
 pub const SIGNING_KEY_FILE: &str = "orchestrator.nk";
+
+/// The receipt-signing key of an orchestrator on `data_dir`, made there if it has none yet;
+/// returns its public key. Orchestrators sharing a replicated ledger share this key (copy the
+/// file, mode 0600), so every receipt verifies against the one key whichever was active.
+pub fn ensure_signing_key(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("failed to create data dir {}", data_dir.display()))?;
+    private_dir(data_dir)?;
+    Ok(signing_key(&data_dir.join(SIGNING_KEY_FILE))?.public_key())
+}
 
 /// Loads the receipt-signing key from `path` (an nkey seed), or makes one and writes it there
 /// readable by this user only.

@@ -17,6 +17,7 @@
 //!   only what it has not applied.
 
 use super::Orchestrator;
+use super::store::Store;
 use anyhow::Context as _;
 use async_nats::jetstream::{self, object_store, stream};
 use futures::StreamExt as _;
@@ -30,9 +31,11 @@ const SCHEMA_HEADER: &str = "Rhizos-Schema";
 const PART_HEADER: &str = "Rhizos-Part";
 const OBJECT_HEADER: &str = "Rhizos-Object";
 
-/// Longest wait for a quorum to acknowledge one appended part. Past it the writer stops
-/// writing and catches up (the part may or may not be stored; the stream decides).
-const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a quorum to acknowledge one appended part: longer than the stream's
+/// replicas take to elect a new leader when the old one's server is lost (a few seconds, up to
+/// about ten), so losing a server stalls the writer rather than stopping it. Past it the writer
+/// stops writing and catches up (the part may or may not be stored; the stream decides).
+const APPEND_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Applied records sent to the ledger thread and not yet answered, at most.
 const APPLY_WINDOW: usize = 64;
@@ -47,6 +50,29 @@ pub struct LedgerLog {
     snapshot_subject: String,
     /// Largest payload of one record (the server's `max_payload`, less room for headers).
     part_bytes: usize,
+}
+
+/// Waits (at most 30 s) until the stream `name` has a leader: on a cluster, a stream just
+/// created answers "no responders" until its replicas elected one.
+async fn wait_for_leader(jetstream: &jetstream::Context, name: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let leader = match jetstream.get_stream(name).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => info.cluster.as_ref().is_none_or(|c| c.leader.is_some()),
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        if leader {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the stream {name} has no leader after 30 s: are a majority of its NATS servers up?"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A snapshot record: the whole ledger as it was after `covers`, stored as `object`.
@@ -155,6 +181,10 @@ impl LedgerLog {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot create the snapshot bucket {bucket}: {e}"))?,
         };
+        // A new replicated stream takes appends once its replicas elected a leader.
+        for stream in [name.clone(), format!("OBJ_{bucket}")] {
+            wait_for_leader(&bus.jetstream, &stream).await?;
+        }
         let max_payload = bus.client.server_info().max_payload;
         Ok(Self {
             jetstream: bus.jetstream.clone(),
@@ -263,18 +293,62 @@ impl LedgerLog {
         );
         headers.insert(OBJECT_HEADER, object.as_str());
         let ack = self
-            .jetstream
-            .send_publish(
-                self.snapshot_subject.clone(),
-                jetstream::message::PublishMessage::build()
-                    .headers(headers)
-                    .expected_last_sequence(after),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot append the snapshot record: {e}"))?
+            .append(&self.snapshot_subject, headers, bytes::Bytes::new(), after)
             .await
             .map_err(|e| anyhow::anyhow!("the snapshot record was not stored: {e}"))?;
+        if ack.duplicate {
+            anyhow::bail!("the snapshot record was not stored: another orchestrator's came first");
+        }
         Ok(ack.sequence)
+    }
+
+    /// Appends one record to `subject` if the stream's last record is `after`, sending it again
+    /// while the stream cannot take it (a leader being elected: no responders, a timeout) —
+    /// the expected last sequence makes a resend of what was in fact stored fail rather than
+    /// store it twice — until [`APPEND_TIMEOUT`]. A genesis snapshot (`after` 0) also carries
+    /// a message id, so that of two orchestrators starting the stream at once one is told it
+    /// came second.
+    async fn append(
+        &self,
+        subject: &str,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+        after: u64,
+    ) -> Result<jetstream::publish::PublishAck, String> {
+        let attempts = async {
+            loop {
+                let mut publish = jetstream::message::PublishMessage::build()
+                    .payload(payload.clone())
+                    .headers(headers.clone())
+                    .expected_last_sequence(after);
+                if after == 0 {
+                    publish = publish.message_id("genesis");
+                }
+                let attempt = async {
+                    self.jetstream
+                        .send_publish(subject.to_owned(), publish)
+                        .await?
+                        .await
+                };
+                match attempt.await {
+                    Ok(ack) => return Ok(ack),
+                    Err(e)
+                        if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
+                    {
+                        return Err(format!(
+                            "{e}: another orchestrator appended after record {after}"
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the ledger stream did not take an append; sending it again");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(APPEND_TIMEOUT, attempts)
+            .await
+            .map_err(|_| format!("no quorum acknowledged the append within {APPEND_TIMEOUT:?}"))?
     }
 
     /// The records from position `from` on, in order, as they come.
@@ -388,23 +462,15 @@ impl NatsJournal {
                 super::store::schema::SCHEMA_VERSION.to_string().as_str(),
             );
             headers.insert(PART_HEADER, format!("{}/{parts}", part + 1).as_str());
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(changeset.slice(start..end))
-                .headers(headers)
-                .expected_last_sequence(last);
-            let appended = tokio::time::timeout(APPEND_TIMEOUT, async {
-                self.log
-                    .jetstream
-                    .send_publish(self.log.changes_subject.clone(), publish)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|_| {
-                format!("no quorum acknowledged the append within {APPEND_TIMEOUT:?}")
-            })??;
+            let appended = self
+                .log
+                .append(
+                    &self.log.changes_subject,
+                    headers,
+                    changeset.slice(start..end),
+                    last,
+                )
+                .await?;
             last = appended.sequence;
         }
         Ok(last)
@@ -583,6 +649,87 @@ impl Orchestrator {
     }
 }
 
+/// Opens this orchestrator's projection of the replicated ledger at `path`, as a standby:
+/// * a data dir with a ledger file keeps it (it must be of the stream's ledger);
+/// * an empty one joins the stream's ledger from its latest snapshot;
+/// * an empty one while the stream is empty makes a new ledger and starts the stream with its
+///   snapshot — unless another orchestrator started it first: then it joins that one.
+pub(super) async fn open_projection(
+    log: &LedgerLog,
+    path: &Path,
+    data_dir: &Path,
+    fee_bps: u32,
+) -> anyhow::Result<Store> {
+    let open = || {
+        Store::open(path, fee_bps)
+            .with_context(|| format!("failed to open ledger at {}", path.display()))
+    };
+    let restore = async |snapshot: &Snapshot| -> anyhow::Result<Store> {
+        log.restore(snapshot, path).await?;
+        let store = open()?;
+        store.set_applied(snapshot.position)?;
+        tracing::info!(ledger = %snapshot.ledger, position = snapshot.position, "ledger restored from the replicated ledger's latest snapshot");
+        Ok(store)
+    };
+    let mut store = if path.exists() {
+        let store = open()?;
+        // A ledger kept before replication was turned on: it starts the stream, unless
+        // another already did (then the check below tells the operator).
+        if log.last().await? == 0
+            && let Ok(position) = log.snapshot(path, store.instance(), 0).await
+        {
+            store.set_applied(position)?;
+            tracing::info!(
+                ledger = store.instance(),
+                position,
+                "the replicated ledger starts with a snapshot of this data dir's ledger"
+            );
+        }
+        store
+    } else if let Some(snapshot) = log.latest_snapshot().await? {
+        restore(&snapshot).await?
+    } else {
+        let store = open()?;
+        match log.snapshot(path, store.instance(), 0).await {
+            Ok(position) => {
+                store.set_applied(position)?;
+                tracing::info!(
+                    ledger = store.instance(),
+                    position,
+                    "a new replicated ledger, started with a snapshot of this one"
+                );
+                store
+            }
+            Err(e) => {
+                // Another orchestrator started the stream a moment before: join its ledger.
+                // Either way this new file is not the stream's ledger: it goes.
+                drop(store);
+                for suffix in ["", "-wal", "-shm"] {
+                    let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+                    let _ = std::fs::remove_file(file);
+                }
+                let Some(snapshot) = log.latest_snapshot().await? else {
+                    return Err(e.context("cannot start the replicated ledger"));
+                };
+                restore(&snapshot).await?
+            }
+        }
+    };
+    if let Some(snapshot) = log.latest_snapshot().await?
+        && snapshot.ledger != store.instance()
+    {
+        return Err(Mismatch(format!(
+            "the replicated ledger stream holds ledger {}, but the data dir {} holds ledger {}: give this orchestrator an empty data dir to join the stream's ledger",
+            snapshot.ledger,
+            data_dir.display(),
+            store.instance()
+        ))
+        .into());
+    }
+    store.set_standby();
+    Ok(store)
+}
+
 impl Orchestrator {
     /// A standby's follow of the stream, for as long as it is a standby: errors other than a
     /// [`Mismatch`] are retried after a second; a mismatch is returned.
@@ -609,6 +756,7 @@ impl Orchestrator {
         let started = std::time::Instant::now();
         let last = log.last().await?;
         let applied = if last == 0 {
+            // The stream is new (or was deleted: this file is then its best copy).
             let path = self.inner.settings.data_dir.join("ledger.db");
             let position = log.snapshot(&path, &self.inner.instance, 0).await?;
             self.db(move |store| store.apply_replicated(store.applied()?, position, &[]))

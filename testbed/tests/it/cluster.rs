@@ -92,9 +92,11 @@ async fn losing_one_of_three_nats_servers_loses_no_job_and_no_money() {
     orchestrator_task.await.unwrap().unwrap();
 }
 
-/// `rhizos up --cluster 3` the way an operator tries it: three servers, authentication on, a
-/// user's job runs; one server killed with `kill -9`, a new user is still admitted (the others
-/// re-read the credentials) and runs a job too; Ctrl-C stops everything.
+/// `rhizos up --cluster 3` the way an operator tries it: three servers and two orchestrators,
+/// authentication on, a user's job runs; one server killed with `kill -9`, a new user is still
+/// admitted (the others re-read the credentials) and runs a job too; then the active
+/// orchestrator is killed with `kill -9`: the standby takes over, a third user is admitted and
+/// runs a job, and the killed one is started again; Ctrl-C stops everything.
 #[tokio::test]
 async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,16 +151,45 @@ async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
         command.arg("--wasm").arg(&module);
         command
     };
-    for (user, lost) in [("alice", false), ("bob", true)] {
-        if lost {
-            let pid = std::fs::read_to_string(
-                data_dir
-                    .join("nats/rhizos-1")
-                    .join(rhizos_broker::server::PID_FILE),
-            )
-            .unwrap();
-            let (ok, text) = run(std::process::Command::new("kill").args(["-9", pid.trim()]));
-            assert!(ok, "{text}");
+    let orchestrator_log = |i: usize| {
+        std::fs::read_to_string(data_dir.join(format!("orchestrator-{i}.log"))).unwrap_or_default()
+    };
+    let mut killed_orchestrator = None;
+    for (user, lost) in [
+        ("alice", None),
+        ("bob", Some("a nats-server")),
+        ("carol", Some("the active orchestrator")),
+    ] {
+        match lost {
+            Some("a nats-server") => {
+                let pid = std::fs::read_to_string(
+                    data_dir
+                        .join("nats/rhizos-1")
+                        .join(rhizos_broker::server::PID_FILE),
+                )
+                .unwrap();
+                let (ok, text) = run(std::process::Command::new("kill").args(["-9", pid.trim()]));
+                assert!(ok, "{text}");
+            }
+            Some(_) => {
+                // The operator's view: who holds the lease, and the replicated ledger.
+                let (ok, text) = run(&mut cli(&["--json", "ledger", "status"]));
+                assert!(ok, "{text}");
+                let status: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+                let holder = &status["active"]["holder"];
+                let active = holder["data_dir"].as_str().unwrap().chars().last().unwrap();
+                let active = active.to_digit(10).unwrap() as usize;
+                assert!(
+                    status["replicated_ledger"]["records"].as_u64().unwrap() > 1,
+                    "{status}"
+                );
+                assert_eq!(status["replicated_ledger"]["copies"], 3, "{status}");
+                let pid = holder["pid"].to_string();
+                let (ok, text) = run(std::process::Command::new("kill").args(["-9", &pid]));
+                assert!(ok, "{text}");
+                killed_orchestrator = Some(active);
+            }
+            None => {}
         }
         let (ok, text) = run(&mut cli(&["user", "add", user]));
         assert!(ok, "{text}");
@@ -170,6 +201,30 @@ async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
             "{user}: {text}\n{}",
             up_log()
         );
+    }
+    let killed = killed_orchestrator.unwrap();
+    let other = 3 - killed;
+    let (ok, text) = run(&mut cli(&["ledger", "status"]));
+    assert!(
+        ok && text.contains("orchestrator: active")
+            && text.contains(&format!("orchestrators/{other}")),
+        "the standby is the active one now: {text}"
+    );
+    assert!(
+        orchestrator_log(other).contains("writing the replicated ledger"),
+        "the standby took over:\n{}\n--- the killed one:\n{}\n--- up:\n{}",
+        orchestrator_log(other),
+        orchestrator_log(killed),
+        up_log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !up_log().contains(&format!("orchestrator {killed} started again")) {
+        assert!(
+            Instant::now() < deadline,
+            "the killed orchestrator was not restarted:\n{}",
+            up_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = std::process::Command::new("kill")
         .args(["-INT", &up.id().to_string()])

@@ -41,6 +41,7 @@ pub(crate) async fn connect_as(
         client,
         subjects: cluster.bus.subjects.clone(),
         request_timeout: Duration::from_millis(1_500),
+        failover_wait: Duration::ZERO,
         identity: Some(caller.clone()),
         signer: None,
         event_limits: cluster.bus.event_limits,
