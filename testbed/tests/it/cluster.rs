@@ -237,43 +237,6 @@ async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
     );
 }
 
-/// Every row of the replicated tables of the ledger at `path` (read-only), and the position
-/// it has applied.
-fn ledger_rows(path: &std::path::Path) -> (i64, Vec<String>) {
-    let conn =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute_batch("BEGIN").unwrap();
-    let applied: i64 = conn
-        .query_row("SELECT value FROM replica WHERE key = 'applied'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let tables: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name != 'replica' ORDER BY name")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let mut rows = Vec::new();
-    for table in tables {
-        let mut statement = conn
-            .prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2"))
-            .unwrap();
-        let columns = statement.column_count();
-        let mut query = statement.query([]).unwrap();
-        while let Some(row) = query.next().unwrap() {
-            let values: Vec<String> = (0..columns)
-                .map(|i| format!("{:?}", row.get_ref(i).unwrap()))
-                .collect();
-            rows.push(format!("{table}: {}", values.join(" | ")));
-        }
-    }
-    (applied, rows)
-}
-
 /// Two orchestrators, each on its own data dir, share one replicated ledger on a 3-server
 /// cluster. The active is `kill -9`ed mid-run: the standby takes over with every committed
 /// movement, jobs keep settling exactly, and the killed one, started again, follows as a
@@ -375,8 +338,8 @@ async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (a_ledger, b_ledger) = (
-            ledger_rows(&a_dir.join("ledger.db")),
-            ledger_rows(&b_dir.join("ledger.db")),
+            rhizos_testbed::ledger_rows(&a_dir.join("ledger.db")).unwrap(),
+            rhizos_testbed::ledger_rows(&b_dir.join("ledger.db")).unwrap(),
         );
         if a_ledger == b_ledger {
             assert!(a_ledger.0 > 1, "records were applied");

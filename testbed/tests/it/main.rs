@@ -22,5 +22,6 @@ mod protocol;
 mod receipts;
 mod restart;
 mod scale;
+mod scenarios;
 mod tls;
 mod top;

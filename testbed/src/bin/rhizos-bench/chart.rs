@@ -156,6 +156,85 @@ pub fn scale(path: &Path, points: &[Point]) -> anyhow::Result<()> {
     image_png(path, width, height, &pixels)
 }
 
+/// A timeline: each request's wait (ms, log scale) at the moment it was sent (s), with each
+/// fault's span shaded from its kill to its restart and labelled with its victim.
+pub fn timeline(
+    path: &Path,
+    title: &str,
+    points: &[(f64, f64)],
+    faults: &[(f64, f64, String)],
+) -> anyhow::Result<()> {
+    font()?;
+    let (width, height) = (1400u32, 700u32);
+    let mut pixels = vec![0u8; (width * height * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let end = points
+            .iter()
+            .map(|p| p.0)
+            .chain(faults.iter().map(|f| f.1))
+            .fold(1.0f64, f64::max)
+            * 1.05;
+        let top = points.iter().map(|p| p.1).fold(1.0f64, f64::max) * 2.0;
+        let bottom = points
+            .iter()
+            .map(|p| p.1)
+            .filter(|y| *y > 0.0)
+            .fold(top, f64::min)
+            .max(0.01)
+            / 2.0;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(72)
+            .build_cartesian_2d(0.0..end, (bottom..top).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds since the first request")
+            .y_desc("wait until answered (ms)")
+            .light_line_style(RGBColor(240, 240, 240))
+            .label_style(("sans-serif", 14))
+            .draw()?;
+        let shade = RGBColor(255, 200, 200);
+        for (index, (from, to, victim)) in faults.iter().enumerate() {
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(*from, bottom), (*to, top)],
+                shade.mix(0.5).filled(),
+            )))?;
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(*from, bottom), (*from, top)],
+                RED.stroke_width(2),
+            )))?;
+            // Labels staggered so that faults close together stay readable.
+            let y = top / 1.6f64.powi(index as i32 % 4 + 1);
+            chart.draw_series(std::iter::once(Text::new(
+                format!("kill -9 {victim}"),
+                (*from, y),
+                ("sans-serif", 14).into_font().color(&RED),
+            )))?;
+        }
+        chart
+            .draw_series(
+                points
+                    .iter()
+                    .map(|&(x, y)| Circle::new((x, y.max(bottom)), 3, BLUE.filled())),
+            )?
+            .label("a request (resent until answered)")
+            .legend(|(x, y)| Circle::new((x + 8, y), 3, BLUE.filled()));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .label_font(("sans-serif", 14))
+            .draw()?;
+        root.present()?;
+    }
+    image_png(path, width, height, &pixels)
+}
+
 /// Writes an RGB buffer as a PNG.
 fn image_png(path: &Path, width: u32, height: u32, rgb: &[u8]) -> anyhow::Result<()> {
     let file = std::io::BufWriter::new(std::fs::File::create(path)?);
