@@ -50,6 +50,8 @@ pub struct ClusterOptions {
     /// enrolled), each with its role's permissions; [`Cluster::user`] adds users. Off: no
     /// authentication, and nodes register without enrolment.
     pub secure: bool,
+    /// `[orchestrator] replicated_ledger` (on this one server: the stream kept once).
+    pub replicated_ledger: bool,
     /// `[agent] max_log_lines` for every agent (default: the agent's).
     pub max_log_lines: Option<u64>,
     /// `[agent] max_stored_log_bytes` for every agent (default: the agent's).
@@ -91,6 +93,7 @@ impl Default for ClusterOptions {
             resolver_config: std::collections::BTreeMap::new(),
             resolver_order: Vec::new(),
             secure: false,
+            replicated_ledger: false,
             failed_workload_charge: Default::default(),
             max_log_lines: None,
             max_stored_log_bytes: None,
@@ -152,6 +155,7 @@ impl Cluster {
         settings.orchestrator.open_registration = auth.is_none();
         settings.orchestrator.data_dir = data_dir.path().join("orchestrator");
         settings.orchestrator.fee_bps = options.fee_bps;
+        settings.orchestrator.replicated_ledger = options.replicated_ledger;
         settings.orchestrator.missed_heartbeats = options.missed_heartbeats;
         settings.orchestrator.failed_workload_charge = options.failed_workload_charge;
         if let Some(limit) = options.max_requests_in_flight {

@@ -156,6 +156,11 @@ enum Bench {
         /// service connection).
         #[arg(long)]
         secure: bool,
+        /// The replicated ledger on (each group commit's changeset appended to the ledger
+        /// stream before it commits; one server here, so the append is acknowledged by one):
+        /// what capture and append add to the hot path.
+        #[arg(long)]
+        replicated: bool,
     },
     /// One orchestrator (the real rhizosd, its own process) against growing fleets of
     /// simulated nodes heartbeating, each on a fresh nats-server and ledger: registration
@@ -232,8 +237,9 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             rate,
             secure,
+            replicated,
         } => report::print(
-            &marketplace::run(nodes, jobs, concurrency, rate, secure).await?,
+            &marketplace::run(nodes, jobs, concurrency, rate, secure, replicated).await?,
             json,
         ),
         Bench::Scale(options) => report::print(&scale::run(options).await?, json),

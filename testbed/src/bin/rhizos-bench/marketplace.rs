@@ -28,6 +28,8 @@ pub struct Report {
     rate: Option<f64>,
     /// Authentication and permissions on.
     secure: bool,
+    /// The replicated ledger on.
+    replicated: bool,
     registration_s: f64,
     rejected: usize,
     settled: usize,
@@ -57,11 +59,16 @@ impl fmt::Display for Report {
         };
         writeln!(
             f,
-            "{} jobs over {} simulated nodes ({} build, {load}, authentication {}):",
+            "{} jobs over {} simulated nodes ({} build, {load}, authentication {}{}):",
             self.jobs,
             self.nodes,
             self.build,
-            if self.secure { "on" } else { "off" }
+            if self.secure { "on" } else { "off" },
+            if self.replicated {
+                ", replicated ledger"
+            } else {
+                ""
+            }
         )?;
         writeln!(
             f,
@@ -220,6 +227,7 @@ pub async fn run(
     concurrency: usize,
     rate: Option<f64>,
     secure: bool,
+    replicated: bool,
 ) -> anyhow::Result<Report> {
     anyhow::ensure!(
         jobs > 0 && nodes > 0 && concurrency > 0,
@@ -232,6 +240,7 @@ pub async fn run(
     let options = ClusterOptions {
         agents: 0,
         secure,
+        replicated_ledger: replicated,
         ..ClusterOptions::default()
     };
     let pricing = options.pricing;
@@ -287,6 +296,7 @@ pub async fn run(
         concurrency,
         rate,
         secure,
+        replicated,
         registration_s,
         rejected: driven.rejected,
         settled: driven.settled,
