@@ -65,6 +65,9 @@ pub struct LaunchOptions {
     /// nkeys it lists may connect, each with its permissions. [`NatsServer::reload`] re-reads
     /// it. None: no authentication (anyone who reaches the port is anyone).
     pub authorization: Option<PathBuf>,
+    /// Address the client port listens on; `None`: 127.0.0.1 (this machine only). A test host
+    /// in a network namespace reaches the server through `0.0.0.0` or its veth's address.
+    pub listen: Option<std::net::IpAddr>,
 }
 
 /// TLS for the client port of a launched server.
@@ -82,6 +85,8 @@ pub struct ServerTls {
 #[derive(Debug)]
 pub struct NatsServer {
     child: Child,
+    /// Where clients reach it (127.0.0.1, or the address it was asked to listen on).
+    host: std::net::IpAddr,
     port: u16,
     data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
@@ -143,7 +148,13 @@ impl NatsServer {
         })?;
         let mut command = Command::new(&binary);
         command
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .args(["-js", "-a"])
+            .arg(
+                options
+                    .listen
+                    .map_or_else(|| "127.0.0.1".to_owned(), |ip| ip.to_string()),
+            )
+            .args(["-p", &port.to_string(), "-sd"])
             .arg(data_dir.join("jetstream"))
             .arg("-P")
             .arg(data_dir.join(PID_FILE));
@@ -181,8 +192,13 @@ impl NatsServer {
                 binary: binary.clone(),
                 source,
             })?;
+        let host = match options.listen {
+            Some(ip) if !ip.is_unspecified() => ip,
+            _ => std::net::IpAddr::from([127, 0, 0, 1]),
+        };
         let mut server = Self {
             child,
+            host,
             port,
             data_dir,
             _temp: temp,
@@ -198,7 +214,7 @@ impl NatsServer {
             if let Ok(Some(_status)) = self.child.try_wait() {
                 break;
             }
-            if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+            if let Ok(stream) = TcpStream::connect((self.host, self.port)) {
                 // A server that is up greets every client with an INFO line.
                 stream
                     .set_read_timeout(Some(Duration::from_millis(500)))
@@ -229,7 +245,7 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -332,6 +348,7 @@ impl NatsCluster {
                 port: Some(ports[i].0),
                 data_dir: Some(data_dir.join(format!("{name}-{i}"))),
                 authorization: authorization.clone(),
+                listen: None,
             })
             .collect();
         let mut cluster = Self {

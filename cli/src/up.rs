@@ -454,6 +454,7 @@ fn start_nats(
             port: Some(port),
             data_dir: Some(data_dir.join("nats")),
             authorization,
+            listen: None,
         })
         .context("failed to start nats-server")?;
         settings.nats.url = server.url();

@@ -150,6 +150,7 @@ impl Cluster {
             port: None,
             data_dir: Some(data_dir.path().join("nats")),
             authorization: auth.as_ref().map(AuthDir::authorization_file),
+            listen: None,
         })?;
         settings.nats.url = nats.url();
         settings.orchestrator.open_registration = auth.is_none();

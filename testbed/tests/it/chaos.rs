@@ -274,6 +274,7 @@ async fn a_bus_outage_does_not_requeue_the_network() {
         port: Some(port),
         data_dir: Some(data_dir),
         authorization: None,
+        listen: None,
     })
     .unwrap();
     // Every client reconnects on its own schedule: until the orchestrator has resubscribed,

@@ -118,6 +118,7 @@ fn nats_in(dir: &std::path::Path, prefix: &str) -> (NatsServer, Settings) {
         port: None,
         data_dir: Some(dir.join("nats")),
         authorization: None,
+        listen: None,
     })
     .unwrap();
     let mut settings = Settings::default();

@@ -1,5 +1,5 @@
-//! The chaos and cluster scenarios in their short form: `rhizos-bench chaos` and
-//! `rhizos-bench cluster` (the real binary; nats-servers, orchestrators and agents as real
+//! The chaos, cluster and partition scenarios in their short form: `rhizos-bench chaos`,
+//! `rhizos-bench cluster` and `rhizos-bench partition` (the real binary; nats-servers, orchestrators and agents as real
 //! processes, killed with `kill -9`), checked for what they must show whatever the machine's
 //! speed: faults really happened, zero violations (every job ended, none settled twice, the
 //! ledger verified, the money exact, both orchestrators' ledgers equal), and the JSON and the
@@ -30,7 +30,12 @@ fn scenario(args: &[&str], out: &std::path::Path, name: &str) -> serde_json::Val
         png.starts_with(b"\x89PNG") && png.len() > 10_000,
         "a chart is drawn"
     );
-    assert_eq!(printed["violations"], 0, "{printed}");
+    // A count (chaos, cluster: per seed in `seeds`) or the list itself (partition).
+    let violations = &printed["violations"];
+    let count = violations
+        .as_u64()
+        .or_else(|| violations.as_array().map(|list| list.len() as u64));
+    assert_eq!(count, Some(0), "{printed}");
     printed
 }
 
@@ -85,4 +90,18 @@ fn the_cluster_scenario_loses_a_nats_server_and_carries_on() {
     assert_eq!(seed["succeeded"], 30, "{seed}");
     assert_eq!(seed["faults"][0]["killed"], "nats-server 1", "{seed}");
     assert!(seed["longest_wait_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn a_node_cut_off_from_the_bus_is_requeued_once_and_never_paid_twice() {
+    let out = tempfile::tempdir().unwrap();
+    let report = scenario(&["partition", "--jobs", "8"], out.path(), "partition");
+    let cut = report["running_when_cut"].as_array().unwrap().len();
+    assert!(cut >= 1, "a job was running on the cut node: {report}");
+    assert_eq!(report["requeued_once"], cut, "{report}");
+    assert!(
+        report["late_reports_refused"].as_u64().unwrap() >= cut as u64,
+        "{report}"
+    );
+    assert_eq!(report["succeeded"], 8, "{report}");
 }

@@ -286,6 +286,7 @@ fn finish(
                 "{name}: seed {} — each submit's wait, faults marked",
                 shown.seed
             ),
+            "a submit's wait until answered, resends included (ms)",
             &shown
                 .samples
                 .iter()
@@ -294,7 +295,7 @@ fn finish(
             &shown
                 .faults
                 .iter()
-                .map(|f| (f.at_s, f.at_s + f.down_s, f.victim.to_string()))
+                .map(|f| (f.at_s, f.at_s + f.down_s, format!("kill -9 {}", f.victim)))
                 .collect::<Vec<_>>(),
         )?;
     }
@@ -314,14 +315,14 @@ fn finish(
 }
 
 /// One process of the network, started again after a fault.
-struct Process {
-    name: String,
+pub(crate) struct Process {
+    pub(crate) name: String,
     command: Box<dyn Fn() -> anyhow::Result<Child> + Send + Sync>,
     child: Option<Child>,
 }
 
 impl Process {
-    fn start(
+    pub(crate) fn start(
         name: String,
         command: Box<dyn Fn() -> anyhow::Result<Child> + Send + Sync>,
     ) -> anyhow::Result<Self> {
@@ -348,7 +349,7 @@ impl Process {
     }
 
     /// SIGINT and wait (up to 15 s, then `kill -9`); true when it exited cleanly.
-    async fn stop(&mut self) -> bool {
+    pub(crate) async fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
             return true;
         };
@@ -383,17 +384,29 @@ struct Network {
     dirs: Vec<PathBuf>,
 }
 
-fn rhizosd(
+/// `rhizosd ARGS` against `settings`' bus, logging to `log`; inside the network namespace
+/// `netns` when given (`ip netns exec`).
+pub(crate) fn rhizosd(
     settings: &Settings,
     log: &Path,
     args: &[&std::ffi::OsStr],
     env: &[(&str, String)],
+    netns: Option<&str>,
 ) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
-    Command::new(rhizos_testbed::build_dir().join("rhizosd"))
+    let binary = rhizos_testbed::build_dir().join("rhizosd");
+    let mut command = match netns {
+        Some(netns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", netns]).arg(&binary);
+            command
+        }
+        None => Command::new(&binary),
+    };
+    command
         .args([
             "--nats-url",
             &settings.nats.url,
@@ -412,7 +425,10 @@ fn rhizosd(
 
 /// Sends `request` until it is answered: resent with the same body (its job id or
 /// idempotency key) after a timeout or while nothing serves it.
-async fn call<R: rhizos_broker::Request>(bus: &Bus, request: &R) -> Result<R::Reply, RequestError> {
+pub(crate) async fn call<R: rhizos_broker::Request>(
+    bus: &Bus,
+    request: &R,
+) -> Result<R::Reply, RequestError> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         match bus.call(request).await {
@@ -491,6 +507,7 @@ async fn run_seed(
                         data.as_os_str(),
                     ],
                     &env,
+                    None,
                 )
             }),
         )?);
@@ -520,6 +537,7 @@ async fn run_seed(
                         ("RHIZOS_AGENT__HEARTBEAT_INTERVAL_MS", "1000".to_owned()),
                         ("RHIZOS_AGENT__MAX_CONCURRENT", "4".to_owned()),
                     ],
+                    None,
                 )
             }),
         )?);
@@ -854,7 +872,7 @@ async fn settlements(bus: &Bus) -> anyhow::Result<HashMap<String, usize>> {
 
 /// The sum of every account's balance but the outside world's (users, providers, the
 /// platform's fees, escrows).
-fn account_sum(path: &Path) -> anyhow::Result<i64> {
+pub(crate) fn account_sum(path: &Path) -> anyhow::Result<i64> {
     let conn =
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     Ok(conn.query_row(

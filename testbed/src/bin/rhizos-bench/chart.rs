@@ -156,11 +156,12 @@ pub fn scale(path: &Path, points: &[Point]) -> anyhow::Result<()> {
     image_png(path, width, height, &pixels)
 }
 
-/// A timeline: each request's wait (ms, log scale) at the moment it was sent (s), with each
-/// fault's span shaded from its kill to its restart and labelled with its victim.
+/// A timeline: a figure per event (ms, log scale, `y_label`) at its moment (s), with each
+/// fault's span shaded from its start to its end and labelled.
 pub fn timeline(
     path: &Path,
     title: &str,
+    y_label: &str,
     points: &[(f64, f64)],
     faults: &[(f64, f64, String)],
 ) -> anyhow::Result<()> {
@@ -193,7 +194,7 @@ pub fn timeline(
         chart
             .configure_mesh()
             .x_desc("seconds since the first request")
-            .y_desc("wait until answered (ms)")
+            .y_desc(y_label)
             .light_line_style(RGBColor(240, 240, 240))
             .label_style(("sans-serif", 14))
             .draw()?;
@@ -210,7 +211,7 @@ pub fn timeline(
             // Labels staggered so that faults close together stay readable.
             let y = top / 1.6f64.powi(index as i32 % 4 + 1);
             chart.draw_series(std::iter::once(Text::new(
-                format!("kill -9 {victim}"),
+                victim.clone(),
                 (*from, y),
                 ("sans-serif", 14).into_font().color(&RED),
             )))?;
@@ -221,7 +222,7 @@ pub fn timeline(
                     .iter()
                     .map(|&(x, y)| Circle::new((x, y.max(bottom)), 3, BLUE.filled())),
             )?
-            .label("a request (resent until answered)")
+            .label(y_label)
             .legend(|(x, y)| Circle::new((x + 8, y), 3, BLUE.filled()));
         chart
             .configure_series_labels()

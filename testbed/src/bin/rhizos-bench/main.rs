@@ -26,6 +26,7 @@ mod limits;
 mod log_flood;
 mod marketplace;
 mod module_resolve;
+mod partition;
 mod plugin_call;
 mod replication;
 mod report;
@@ -185,6 +186,12 @@ enum Bench {
     /// through and started again at two thirds; the failover's cost is the longest wait.
     /// Writes cluster.json and cluster.png to --out.
     Cluster(chaos::ClusterOptions),
+    /// The partition scenario: an agent in a network namespace of its own cut off from the bus
+    /// (its link down: packets dropped) while it runs jobs, then reconnected. Its jobs are
+    /// requeued once to the other agent; its late reports are refused; each provider paid
+    /// exactly for what it ran last. Needs root and iproute2. Writes partition.json and
+    /// partition.png to --out.
+    Partition(partition::Options),
     Replication {
         #[arg(long, default_value_t = 2_000)]
         appends: usize,
@@ -245,6 +252,16 @@ async fn main() -> anyhow::Result<()> {
         Bench::Scale(options) => report::print(&scale::run(options).await?, json),
         Bench::Chaos(options) => exit_on_violation(chaos::run(options).await?, json),
         Bench::Cluster(options) => exit_on_violation(chaos::run_cluster(options).await?, json),
+        Bench::Partition(options) => {
+            let report = partition::run(options).await?;
+            let violations = report.violations();
+            report::print(&report, json)?;
+            if violations > 0 {
+                eprintln!("{violations} violations: see the report");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Bench::Replication { appends, bytes } => {
             report::print(&replication::run(appends, bytes).await?, json)
         }

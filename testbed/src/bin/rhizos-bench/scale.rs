@@ -321,6 +321,7 @@ async fn measure(
         port: None,
         data_dir: Some(dir.path().join("nats")),
         authorization: None,
+        listen: None,
     })?;
     let mut settings = rhizos_broker::config::NatsSettings {
         url: nats.url(),
