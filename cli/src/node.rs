@@ -396,8 +396,37 @@ async fn ledger_status(global: &GlobalArgs) -> anyhow::Result<()> {
     use rhizos_core::orchestrator::lease;
     let bus = global.bus().await?;
     let ns = bus.subjects.namespace().to_owned();
-    let active = match bus.jetstream.get_key_value(lease::bucket_name(&ns)).await {
-        Ok(kv) => match kv.entry(lease::KEY).await {
+    // Asked again a few times: mid-failover the bucket's servers may be electing a leader.
+    let mut active = None;
+    let mut last_error = None;
+    for _ in 0..10 {
+        use async_nats::jetstream::{ErrorCode, context::GetStreamErrorKind};
+        let bucket = lease::bucket_name(&ns);
+        match bus.jetstream.get_stream(format!("KV_{bucket}")).await {
+            Ok(_) => {}
+            // No bucket: no orchestrator ever served this namespace.
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                last_error = None;
+                break;
+            }
+            Err(e) => {
+                last_error = Some(e.to_string());
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+        }
+        let kv = match bus.jetstream.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(e) => {
+                last_error = Some(e.to_string());
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        match kv.entry(lease::KEY).await {
             Ok(Some(entry)) => {
                 let written = std::time::SystemTime::from(entry.created);
                 let age_ms = written
@@ -405,19 +434,29 @@ async fn ledger_status(global: &GlobalArgs) -> anyhow::Result<()> {
                     .map(|age| age.as_millis() as u64)
                     .unwrap_or(0);
                 let holder: Option<lease::Holder> = serde_json::from_slice(&entry.value).ok();
-                Some(serde_json::json!({
+                active = Some(serde_json::json!({
                     "holder": holder,
                     "renewed_ms_ago": age_ms,
                     "revision": entry.revision,
-                }))
+                }));
+                last_error = None;
+                break;
             }
-            Ok(None) => None,
-            Err(e) => anyhow::bail!(
-                "cannot read the orchestrator lease: {e} (operator credentials are needed)"
-            ),
-        },
-        Err(_) => None,
-    };
+            Ok(None) => {
+                last_error = None;
+                break;
+            }
+            Err(e) => {
+                last_error = Some(e.to_string());
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+    if let Some(e) = last_error {
+        anyhow::bail!(
+            "cannot read the orchestrator lease: {e} (operator credentials are needed; mid-failover, try again)"
+        );
+    }
     let replicated = match bus.jetstream.get_stream(bus.subjects.ledger_stream()).await {
         Ok(mut stream) => {
             let info = stream.info().await?;

@@ -37,6 +37,10 @@ const OBJECT_HEADER: &str = "Rhizos-Object";
 /// stops writing and catches up (the part may or may not be stored; the stream decides).
 const APPEND_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long a follower waits for the next record before it checks that the stream has nothing
+/// newer (an ordered consumer on a server that died can go quiet rather than fail).
+const STALL_CHECK: Duration = Duration::from_secs(2);
+
 /// Applied records sent to the ledger thread and not yet answered, at most.
 const APPLY_WINDOW: usize = 64;
 
@@ -546,9 +550,19 @@ impl Orchestrator {
                     done?;
                     continue;
                 }
-                record = records.next() => match record {
-                    Some(record) => record?,
-                    None => anyhow::bail!("the ledger stream ended"),
+                record = tokio::time::timeout(STALL_CHECK, records.next()) => match record {
+                    Ok(Some(record)) => record?,
+                    Ok(None) => anyhow::bail!("the ledger stream ended"),
+                    // Quiet: fine if the stream has nothing newer; if it has, this consumer is
+                    // stuck (its server lost, say) and the follow starts again from `applied`.
+                    Err(_) => {
+                        let last = log.last().await?;
+                        anyhow::ensure!(
+                            last <= seen,
+                            "the ledger stream is at record {last} but nothing past {seen} arrived within {STALL_CHECK:?}: following it again"
+                        );
+                        continue;
+                    }
                 },
             };
             seen = position;
@@ -742,7 +756,7 @@ impl Orchestrator {
                 Err(e) if e.is::<Mismatch>() => return e,
                 Err(e) => {
                     tracing::warn!(error = %e, "following the replicated ledger failed; following again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Ok(_) => {}
             }

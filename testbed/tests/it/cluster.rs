@@ -173,9 +173,21 @@ async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
             }
             Some(_) => {
                 // The operator's view: who holds the lease, and the replicated ledger.
-                let (ok, text) = run(&mut cli(&["--json", "ledger", "status"]));
-                assert!(ok, "{text}");
-                let status: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+                // The lease is being re-elected after the server lost: asked until it answers.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let status: serde_json::Value = loop {
+                    let (ok, text) = run(&mut cli(&["--json", "ledger", "status"]));
+                    let status = serde_json::from_str::<serde_json::Value>(text.trim()).ok();
+                    match status {
+                        Some(status) if ok && status["active"]["holder"].is_object() => {
+                            break status;
+                        }
+                        _ => {
+                            assert!(Instant::now() < deadline, "ledger status: {text}");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                };
                 let holder = &status["active"]["holder"];
                 let active = holder["data_dir"].as_str().unwrap().chars().last().unwrap();
                 let active = active.to_digit(10).unwrap() as usize;
