@@ -544,6 +544,28 @@ async fn run_seed(
     }
     let network = Arc::new(Mutex::new(network));
     let bus = Bus::connect(&settings.nats).await?;
+    // Every agent registered before the first job (else it is refused: no capacity).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let live = call(
+            &bus,
+            &rhizos_broker::wire::ListNodes {
+                v: WIRE_VERSION,
+                ..Default::default()
+            },
+        )
+        .await
+        .map(|list| list.nodes.iter().filter(|n| n.status == "live").count())
+        .unwrap_or(0);
+        if live >= agents {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{live} of {agents} agents registered within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Funded once; a retried deposit with the same key changes nothing.
     let deposited: i64 = 100_000_000;
     match call(
