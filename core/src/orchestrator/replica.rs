@@ -37,6 +37,9 @@ const OBJECT_HEADER: &str = "Rhizos-Object";
 /// stops writing and catches up (the part may or may not be stored; the stream decides).
 const APPEND_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long an orchestrator starting waits for JetStream to open the ledger's stream.
+const OPEN_PATIENCE: Duration = Duration::from_secs(60);
+
 /// How long a follower waits for the next record before it checks that the stream has nothing
 /// newer (an ordered consumer on a server that died can go quiet rather than fail).
 const STALL_CHECK: Duration = Duration::from_secs(2);
@@ -166,24 +169,41 @@ impl LedgerLog {
             ..Default::default()
         };
         let name = config.name.clone();
-        bus.jetstream
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open the ledger stream {name}: {e}"))?;
         let bucket = subjects.ledger_snapshots_bucket();
-        let snapshots = match bus.jetstream.get_object_store(&bucket).await {
-            Ok(store) => store,
-            Err(_) => bus
-                .jetstream
-                .create_object_store(object_store::Config {
-                    bucket: bucket.clone(),
-                    description: Some("snapshots of the RhizOS replicated ledger".into()),
-                    num_replicas: bus.replicas,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot create the snapshot bucket {bucket}: {e}"))?,
+        // Asked again while JetStream cannot answer (a server of the cluster lost, its
+        // leaders being elected): an orchestrator starting then waits rather than exits.
+        let deadline = std::time::Instant::now() + OPEN_PATIENCE;
+        let snapshots = loop {
+            let opened = async {
+                bus.jetstream
+                    .get_or_create_stream(config.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot open the ledger stream {name}: {e}"))?;
+                match bus.jetstream.get_object_store(&bucket).await {
+                    Ok(store) => Ok(store),
+                    Err(_) => bus
+                        .jetstream
+                        .create_object_store(object_store::Config {
+                            bucket: bucket.clone(),
+                            description: Some("snapshots of the RhizOS replicated ledger".into()),
+                            num_replicas: bus.replicas,
+                            storage: stream::StorageType::File,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!("cannot create the snapshot bucket {bucket}: {e}")
+                        }),
+                }
+            };
+            match opened.await {
+                Ok(store) => break store,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "the replicated ledger's stream cannot be opened yet; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
         };
         // A new replicated stream takes appends once its replicas elected a leader.
         for stream in [name.clone(), format!("OBJ_{bucket}")] {

@@ -808,6 +808,27 @@ async fn run_seed(
         )),
         Err(e) => violations.push(format!("cannot read the ledger file: {e}")),
     }
+    // A daemon that exited on its own (not killed by a fault) is a violation: a service
+    // manager would hide it, this scenario does not.
+    {
+        let mut network = network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let network = &mut *network;
+        for process in network
+            .orchestrators
+            .iter_mut()
+            .chain(network.agents.iter_mut())
+        {
+            if let Some(status) = process
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                violations.push(format!("{} exited on its own ({status})", process.name));
+            }
+        }
+    }
     let mut network = Arc::try_unwrap(network)
         .map_err(|_| anyhow::anyhow!("the network is still shared"))?
         .into_inner()
