@@ -244,8 +244,11 @@ impl Orchestrator {
         for (registration, _) in store.nodes().map_err(|e| anyhow::anyhow!("{e}"))? {
             registry.upsert(registration);
         }
-        bus.ensure_event_stream().await?;
-        let blobs = bus.ensure_blob_stream().await?;
+        let blobs = patiently("the event and blob streams", || async {
+            bus.ensure_event_stream().await?;
+            Ok(bus.ensure_blob_stream().await?)
+        })
+        .await?;
         let modules = match &settings.resolver_dir {
             Some(dir) => Some(
                 modules::ModuleResolver::open(
@@ -305,7 +308,10 @@ impl Orchestrator {
         let bus = &self.inner.bus;
         tokio::pin!(shutdown);
         let ttl = Duration::from_millis(self.inner.settings.lease_ttl_ms);
-        let bucket = lease::bucket(&bus.jetstream, bus.subjects.namespace(), bus.replicas).await?;
+        let bucket = patiently("the lease bucket", || {
+            lease::bucket(&bus.jetstream, bus.subjects.namespace(), bus.replicas)
+        })
+        .await?;
         let me = lease::Holder::me(&self.inner.instance, &self.inner.settings.data_dir, ttl);
         let ledger = self.inner.instance.clone();
         loop {
@@ -465,6 +471,26 @@ impl Orchestrator {
             .registry
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Runs `open` again while it fails, for at most a minute: JetStream may be unable to answer
+/// for a while (a server of the cluster lost, its leaders being elected), and an orchestrator
+/// starting then should wait, not exit.
+async fn patiently<T, F: std::future::Future<Output = anyhow::Result<T>>>(
+    what: &str,
+    mut open: impl FnMut() -> F,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match open().await {
+            Ok(value) => return Ok(value),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "cannot open {what} yet; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
