@@ -225,7 +225,11 @@ impl Orchestrator {
         };
         let mut store = match &log {
             Some(log) => {
-                replica::open_projection(log, &path, &settings.data_dir, settings.fee_bps).await?
+                patiently(
+                    "this orchestrator's projection of the replicated ledger",
+                    || replica::open_projection(log, &path, &settings.data_dir, settings.fee_bps),
+                )
+                .await?
             }
             None => Store::open(&path, settings.fee_bps)
                 .with_context(|| format!("failed to open ledger at {}", path.display()))?,
@@ -485,6 +489,8 @@ async fn patiently<T, F: std::future::Future<Output = anyhow::Result<T>>>(
     loop {
         match open().await {
             Ok(value) => return Ok(value),
+            // Nothing to wait for: the operator must act.
+            Err(e) if e.is::<replica::Mismatch>() => return Err(e),
             Err(e) if std::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "cannot open {what} yet; trying again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
