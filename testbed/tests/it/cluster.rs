@@ -15,10 +15,10 @@ use rhizos_core::Orchestrator;
 use rhizos_testbed::cluster::{uuid_like, wasm_spec};
 use std::time::{Duration, Instant};
 
-#[tokio::test]
-async fn losing_one_of_three_nats_servers_loses_no_job_and_no_money() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut nats = NatsCluster::start(3, "rhizos", dir.path()).unwrap();
+/// A 3-server cluster in `dir` with JetStream ready, and settings naming all three, keeping
+/// everything on three, in a random namespace starting with `prefix`.
+async fn cluster_of_three(dir: &std::path::Path, prefix: &str) -> (NatsCluster, Settings) {
+    let nats = NatsCluster::start(3, "rhizos", dir).unwrap();
     let first = nats.url().split(',').next().unwrap().to_owned();
     let probe = async_nats::connect(first).await.unwrap();
     NatsCluster::wait_jetstream(&probe, Duration::from_secs(60))
@@ -26,8 +26,15 @@ async fn losing_one_of_three_nats_servers_loses_no_job_and_no_money() {
         .unwrap();
     let mut settings = Settings::default();
     settings.nats.url = nats.url();
-    settings.nats.namespace = format!("c{}", &uuid_like()[..12]);
+    settings.nats.namespace = format!("{prefix}{}", &uuid_like()[..12]);
     settings.nats.replicas = 3;
+    (nats, settings)
+}
+
+#[tokio::test]
+async fn losing_one_of_three_nats_servers_loses_no_job_and_no_money() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nats, mut settings) = cluster_of_three(dir.path(), "c").await;
     settings.orchestrator.data_dir = dir.path().join("orchestrator");
     settings.orchestrator.open_registration = true;
     settings.orchestrator.lease_ttl_ms = 3_000;
@@ -256,16 +263,7 @@ async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
 #[tokio::test]
 async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
     let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(3, "rhizos", dir.path()).unwrap();
-    let first = nats.url().split(',').next().unwrap().to_owned();
-    let probe = async_nats::connect(first).await.unwrap();
-    NatsCluster::wait_jetstream(&probe, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let mut settings = Settings::default();
-    settings.nats.url = nats.url();
-    settings.nats.namespace = format!("r{}", &uuid_like()[..12]);
-    settings.nats.replicas = 3;
+    let (_nats, settings) = cluster_of_three(dir.path(), "r").await;
     let env = [
         ("RHIZOS_NATS__REPLICAS", "3"),
         ("RHIZOS_ORCHESTRATOR__REPLICATED_LEDGER", "true"),

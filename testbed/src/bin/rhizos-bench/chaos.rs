@@ -423,6 +423,87 @@ pub(crate) fn rhizosd(
         .map_err(|e| anyhow::anyhow!("cannot start rhizosd (cargo build --workspace): {e}"))
 }
 
+/// A plugin dir in `dir` holding the WASM backend.
+pub(crate) fn wasm_plugin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    let plugin_dir = dir.join("plugins");
+    std::fs::create_dir_all(&plugin_dir)?;
+    std::fs::copy(
+        rhizos_testbed::plugin_file("rhizos_plugin_wasm")?,
+        plugin_dir.join("librhizos_plugin_wasm.so"),
+    )?;
+    Ok(plugin_dir)
+}
+
+/// `rhizosd agent` `node` (its log `<dir>/<node>.log`, heartbeats every second, 4 slots, and
+/// `extra` settings), inside the network namespace `netns` when given.
+pub(crate) fn agent_process(
+    settings: &Settings,
+    dir: &Path,
+    plugin_dir: &Path,
+    node: &str,
+    extra: Vec<(&'static str, String)>,
+    netns: Option<String>,
+) -> anyhow::Result<Process> {
+    let (settings, log, plugins, name) = (
+        settings.clone(),
+        dir.join(format!("{node}.log")),
+        plugin_dir.to_owned(),
+        node.to_owned(),
+    );
+    let mut env = vec![
+        ("RHIZOS_AGENT__HEARTBEAT_INTERVAL_MS", "1000".to_owned()),
+        ("RHIZOS_AGENT__MAX_CONCURRENT", "4".to_owned()),
+    ];
+    env.extend(extra);
+    Process::start(
+        node.to_owned(),
+        Box::new(move || {
+            rhizosd(
+                &settings,
+                &log,
+                &[
+                    "agent".as_ref(),
+                    "--plugin-dir".as_ref(),
+                    plugins.as_os_str(),
+                    "--node-id".as_ref(),
+                    name.as_ref(),
+                ],
+                &env,
+                netns.as_deref(),
+            )
+        }),
+    )
+}
+
+/// Waits (at most `limit`) until `count` nodes are live.
+pub(crate) async fn wait_for_live_nodes(
+    bus: &Bus,
+    count: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let live = call(
+            bus,
+            &rhizos_broker::wire::ListNodes {
+                v: WIRE_VERSION,
+                ..Default::default()
+            },
+        )
+        .await
+        .map(|list| list.nodes.iter().filter(|n| n.status == "live").count())
+        .unwrap_or(0);
+        if live >= count {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{live} of {count} nodes registered within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Sends `request` until it is answered: resent with the same body (its job id or
 /// idempotency key) after a timeout or while nothing serves it.
 pub(crate) async fn call<R: rhizos_broker::Request>(
@@ -465,12 +546,7 @@ async fn run_seed(
     } else {
         None
     };
-    let plugin_dir = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugin_dir)?;
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_wasm")?,
-        plugin_dir.join("librhizos_plugin_wasm.so"),
-    )?;
+    let plugin_dir = wasm_plugin_dir(dir.path())?;
     let orchestrator_env = vec![
         ("RHIZOS_NATS__REPLICAS", "3".to_owned()),
         ("RHIZOS_ORCHESTRATOR__REPLICATED_LEDGER", "true".to_owned()),
@@ -514,58 +590,20 @@ async fn run_seed(
         network.dirs.push(data_dir);
     }
     for index in 0..agents {
-        let (settings, log, plugins) = (
-            settings.clone(),
-            dir.path().join(format!("agent-{}.log", index + 1)),
-            plugin_dir.clone(),
-        );
         let node = format!("agent-{}", index + 1);
-        network.agents.push(Process::start(
-            node.clone(),
-            Box::new(move || {
-                rhizosd(
-                    &settings,
-                    &log,
-                    &[
-                        "agent".as_ref(),
-                        "--plugin-dir".as_ref(),
-                        plugins.as_os_str(),
-                        "--node-id".as_ref(),
-                        node.as_ref(),
-                    ],
-                    &[
-                        ("RHIZOS_AGENT__HEARTBEAT_INTERVAL_MS", "1000".to_owned()),
-                        ("RHIZOS_AGENT__MAX_CONCURRENT", "4".to_owned()),
-                    ],
-                    None,
-                )
-            }),
+        network.agents.push(agent_process(
+            &settings,
+            dir.path(),
+            &plugin_dir,
+            &node,
+            Vec::new(),
+            None,
         )?);
     }
     let network = Arc::new(Mutex::new(network));
     let bus = Bus::connect(&settings.nats).await?;
     // Every agent registered before the first job (else it is refused: no capacity).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let live = call(
-            &bus,
-            &rhizos_broker::wire::ListNodes {
-                v: WIRE_VERSION,
-                ..Default::default()
-            },
-        )
-        .await
-        .map(|list| list.nodes.iter().filter(|n| n.status == "live").count())
-        .unwrap_or(0);
-        if live >= agents {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{live} of {agents} agents registered within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_live_nodes(&bus, agents, Duration::from_secs(60)).await?;
     // Funded once; a retried deposit with the same key changes nothing.
     let deposited: i64 = 100_000_000;
     match call(

@@ -250,17 +250,18 @@ async fn main() -> anyhow::Result<()> {
             json,
         ),
         Bench::Scale(options) => report::print(&scale::run(options).await?, json),
-        Bench::Chaos(options) => exit_on_violation(chaos::run(options).await?, json),
-        Bench::Cluster(options) => exit_on_violation(chaos::run_cluster(options).await?, json),
+        Bench::Chaos(options) => {
+            let report = chaos::run(options).await?;
+            exit_on_violation(&report, report.violations(), json)
+        }
+        Bench::Cluster(options) => {
+            let report = chaos::run_cluster(options).await?;
+            exit_on_violation(&report, report.violations(), json)
+        }
         Bench::Partition(options) => {
             let report = partition::run(options).await?;
             let violations = report.violations();
-            report::print(&report, json)?;
-            if violations > 0 {
-                eprintln!("{violations} violations: see the report");
-                std::process::exit(1);
-            }
-            Ok(())
+            exit_on_violation(&report, violations, json)
         }
         Bench::Replication { appends, bytes } => {
             report::print(&replication::run(appends, bytes).await?, json)
@@ -269,9 +270,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Prints a scenario's report; exits 1 when it found a violation.
-fn exit_on_violation(report: chaos::Report, json: bool) -> anyhow::Result<()> {
-    let violations = report.violations();
-    report::print(&report, json)?;
+fn exit_on_violation<R: serde::Serialize + std::fmt::Display>(
+    report: &R,
+    violations: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    report::print(report, json)?;
     if violations > 0 {
         eprintln!("{violations} violations: see the report");
         std::process::exit(1);

@@ -13,7 +13,9 @@
 //! the cut node's late reports were refused; `ledger verify`; Σ accounts = Σ deposits. Needs
 //! root and iproute2 (`ip netns`). Writes partition.json and partition.png.
 
-use crate::chaos::{Process, account_sum, call, rhizosd};
+use crate::chaos::{
+    Process, account_sum, agent_process, call, rhizosd, wait_for_live_nodes, wasm_plugin_dir,
+};
 use crate::limits::{self, Limits};
 use crate::report;
 use rhizos_broker::wire::{
@@ -236,12 +238,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     settings.nats.url = format!("nats://{}:{}", namespace.host_ip, nats.port());
     settings.nats.namespace = format!("part{}", &rhizos_testbed::cluster::uuid_like()[..8]);
     let limits = limits::measure(&settings.nats).await?;
-    let plugin_dir = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugin_dir)?;
-    std::fs::copy(
-        rhizos_testbed::plugin_file("rhizos_plugin_wasm")?,
-        plugin_dir.join("librhizos_plugin_wasm.so"),
-    )?;
+    let plugin_dir = wasm_plugin_dir(dir.path())?;
     let orchestrator_log = dir.path().join("orchestrator.log");
     let orchestrator = {
         let (settings, log, data) = (
@@ -266,34 +263,9 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             }),
         )?
     };
-    let agent = |node: &'static str, netns: Option<String>| {
-        let (settings, log, plugins) = (
-            settings.clone(),
-            dir.path().join(format!("{node}.log")),
-            plugin_dir.clone(),
-        );
-        Process::start(
-            node.into(),
-            Box::new(move || {
-                rhizosd(
-                    &settings,
-                    &log,
-                    &[
-                        "agent".as_ref(),
-                        "--plugin-dir".as_ref(),
-                        plugins.as_os_str(),
-                        "--node-id".as_ref(),
-                        node.as_ref(),
-                    ],
-                    &[
-                        ("RHIZOS_AGENT__HEARTBEAT_INTERVAL_MS", "1000".to_owned()),
-                        ("RHIZOS_AGENT__MAX_CONCURRENT", "4".to_owned()),
-                        ("RHIZOS_AGENT__PROVIDER_ACCOUNT", format!("prov-{node}")),
-                    ],
-                    netns.as_deref(),
-                )
-            }),
-        )
+    let agent = |node: &str, netns: Option<String>| {
+        let provider = vec![("RHIZOS_AGENT__PROVIDER_ACCOUNT", format!("prov-{node}"))];
+        agent_process(&settings, dir.path(), &plugin_dir, node, provider, netns)
     };
     let mut processes = vec![
         orchestrator,
@@ -302,27 +274,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     ];
     let bus = Bus::connect(&settings.nats).await?;
     // Both nodes registered before the jobs go.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let live = call(
-            &bus,
-            &rhizos_broker::wire::ListNodes {
-                v: WIRE_VERSION,
-                ..Default::default()
-            },
-        )
-        .await
-        .map(|list| list.nodes.iter().filter(|n| n.status == "live").count())
-        .unwrap_or(0);
-        if live == 2 {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the two agents did not register within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_live_nodes(&bus, 2, Duration::from_secs(30)).await?;
     let deposited: i64 = 100_000_000;
     call(
         &bus,
