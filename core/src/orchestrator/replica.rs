@@ -220,14 +220,33 @@ impl LedgerLog {
         })
     }
 
-    /// The position of the stream's last record (0: empty).
+    /// The position of the stream's last record (0: empty), as its leader knows it. While the
+    /// stream has no leader, a replica answers with its own copy's state — one that may be
+    /// behind, even empty after a restart — so such an answer is not taken: it is asked again
+    /// (for up to 30 s) until the leader answers.
     pub async fn last(&self) -> anyhow::Result<u64> {
-        let stream = self
-            .jetstream
-            .get_stream(&self.stream_name)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot read the ledger stream: {e}"))?;
-        Ok(stream.cached_info().state.last_sequence)
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let stream = self
+                .jetstream
+                .get_stream(&self.stream_name)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read the ledger stream: {e}"))?;
+            let info = stream.cached_info();
+            let from_leader = info
+                .cluster
+                .as_ref()
+                .is_none_or(|c| c.leader.as_deref().is_some_and(|l| !l.is_empty()));
+            if from_leader {
+                return Ok(info.state.last_sequence);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the ledger stream {} has had no leader for 30 s, so where it ends is unknown: are a majority of its NATS servers up?",
+                self.stream_name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The latest snapshot record, if any.
@@ -302,7 +321,10 @@ impl LedgerLog {
             .await?
             .context("cannot copy the ledger for a snapshot")?;
         }
-        let object = format!("{ledger}-{after}");
+        // A name of its own: a snapshot object is never replaced, so a snapshot taken by an
+        // orchestrator whose record is then refused (another appended first) cannot change
+        // what the stream's records name.
+        let object = format!("{ledger}-{after}-{}", uuid::Uuid::new_v4().simple());
         let mut file = tokio::fs::File::open(&copy).await?;
         self.snapshots
             .put(object.as_str(), &mut file)
@@ -316,14 +338,29 @@ impl LedgerLog {
             super::store::schema::SCHEMA_VERSION.to_string().as_str(),
         );
         headers.insert(OBJECT_HEADER, object.as_str());
-        let ack = self
+        let refused = match self
             .append(&self.snapshot_subject, headers, bytes::Bytes::new(), after)
             .await
-            .map_err(|e| anyhow::anyhow!("the snapshot record was not stored: {e}"))?;
-        if ack.duplicate {
-            anyhow::bail!("the snapshot record was not stored: another orchestrator's came first");
+        {
+            Ok(ack) if !ack.duplicate => return Ok(ack.sequence),
+            Ok(_) => "another orchestrator's came first".to_owned(),
+            Err(e) => e,
+        };
+        // A refusal may answer a resend of a record that was in fact stored (its first
+        // acknowledgement lost to a leader election): then the latest snapshot is this one.
+        // Otherwise the object is nobody's (deleted when that is known for sure).
+        match self.latest_snapshot().await {
+            Ok(Some(latest)) if latest.object == object => return Ok(latest.position),
+            Ok(_) => {
+                if let Err(e) = self.snapshots.delete(object.as_str()).await {
+                    tracing::debug!(object, error = %e, "an unused snapshot object was not deleted");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(object, error = %e, "whose snapshot the stream holds is not known yet: its object is kept");
+            }
         }
-        Ok(ack.sequence)
+        anyhow::bail!("the snapshot record was not stored: {refused}")
     }
 
     /// Appends one record to `subject` if the stream's last record is `after`, sending it again
@@ -709,7 +746,10 @@ pub(super) async fn open_projection(
         let store = open()?;
         // A ledger kept before replication was turned on: it starts the stream, unless
         // another already did (then the check below tells the operator).
-        if log.last().await? == 0
+        // (Only a file that never applied a record: one that did is a projection of this
+        // stream, whatever an empty stream says.)
+        if store.applied()? == 0
+            && log.last().await? == 0
             && let Ok(position) = log.snapshot(path, store.instance(), 0).await
         {
             store.set_applied(position)?;

@@ -367,3 +367,81 @@ async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
     assert!(a.interrupt(), "{}", log(&a_dir));
     assert!(b.interrupt(), "{}", log(&b_dir));
 }
+
+/// The snapshot a new member of the replicated ledger restores is the one its record names, as
+/// it was taken: two fresh ledgers starting the stream at once, one wins and the other is told;
+/// and an orchestrator that later believes the stream empty (a replica answering for a
+/// leaderless stream with its own stale state) and offers its whole file as the first snapshot
+/// is refused without changing what the first record names — before, it replaced that object
+/// with its file (jobs and money in it), and a member joining later started from it and
+/// refused the next record (the chaos run's seed 39).
+#[tokio::test]
+async fn a_late_first_snapshot_never_replaces_the_one_new_members_restore() {
+    use rhizos_core::orchestrator::replica::LedgerLog;
+    use rhizos_core::orchestrator::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = rhizos_broker::server::NatsServer::start(rhizos_broker::server::LaunchOptions {
+        data_dir: Some(dir.path().join("nats")),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut settings = Settings::default();
+    settings.nats.url = nats.url();
+    settings.nats.namespace = format!("g{}", &uuid_like()[..12]);
+    let bus = Bus::connect(&settings.nats).await.unwrap();
+    let log = LedgerLog::open(&bus).await.unwrap();
+    assert_eq!(log.last().await.unwrap(), 0);
+
+    // Two new ledgers start the stream at once: exactly one becomes its first record.
+    let (a_path, b_path) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let (a, b) = (
+        Store::open(&a_path, 500).unwrap(),
+        Store::open(&b_path, 500).unwrap(),
+    );
+    let (a_id, b_id) = (a.instance().to_owned(), b.instance().to_owned());
+    drop((a, b));
+    let (a_start, b_start) = tokio::join!(
+        log.snapshot(&a_path, &a_id, 0),
+        log.snapshot(&b_path, &b_id, 0)
+    );
+    assert!(
+        a_start.is_ok() != b_start.is_ok(),
+        "one start wins: {a_start:?} {b_start:?}"
+    );
+    let (winner_path, winner) = if a_start.is_ok() {
+        (&a_path, a_id)
+    } else {
+        (&b_path, b_id)
+    };
+    let first = log.latest_snapshot().await.unwrap().unwrap();
+    assert_eq!(
+        (first.position, first.ledger.as_str()),
+        (1, winner.as_str())
+    );
+
+    // The winner's file moves on (money deposited: what a projection holds later) and is
+    // offered again as the stream's first snapshot.
+    {
+        let mut store = Store::open(winner_path, 500).unwrap();
+        store.create_account("ada").unwrap();
+        store.deposit("ada", 7_000_000, None).unwrap();
+    }
+    let late = log.snapshot(winner_path, &winner, 0).await;
+    assert!(
+        late.is_err(),
+        "a first snapshot of a non-empty stream is refused: {late:?}"
+    );
+    assert_eq!(log.last().await.unwrap(), 1, "nothing was appended");
+    let latest = log.latest_snapshot().await.unwrap().unwrap();
+    assert_eq!(latest, first, "the stream still names the first snapshot");
+
+    // A new member restores exactly the ledger the first record was taken of: no account yet.
+    let joined = dir.path().join("joined.db");
+    log.restore(&latest, &joined).await.unwrap();
+    let store = Store::open(&joined, 500).unwrap();
+    assert_eq!(store.instance(), winner);
+    assert!(
+        store.account("ada").is_err(),
+        "the restored snapshot is the one taken at the start, not the late file"
+    );
+}
