@@ -199,6 +199,12 @@ pub struct OrchestratorSettings {
     /// projection of that stream — a standby on another machine follows it and takes over
     /// with every committed movement. Off, the SQLite file alone is the ledger.
     pub replicated_ledger: bool,
+    /// With `replicated_ledger`: the active orchestrator stores a snapshot of the ledger once
+    /// this many records were appended since the last one, and trims the stream to what the
+    /// two latest snapshots need — a member joining restores the latest snapshot and replays
+    /// only what follows it, and the stream stays bounded. 0: never (the stream keeps every
+    /// record; a new member replays them all).
+    pub ledger_snapshot_every: u64,
 }
 
 /// See [`OrchestratorSettings::failed_workload_charge`].
@@ -260,6 +266,7 @@ impl Default for OrchestratorSettings {
             lease_ttl_ms: 10_000,
             lease_take_over_other_ledger: false,
             replicated_ledger: false,
+            ledger_snapshot_every: 10_000,
         }
     }
 }

@@ -30,6 +30,7 @@ const LEDGER_HEADER: &str = "Rhizos-Ledger";
 const SCHEMA_HEADER: &str = "Rhizos-Schema";
 const PART_HEADER: &str = "Rhizos-Part";
 const OBJECT_HEADER: &str = "Rhizos-Object";
+const COVERS_HEADER: &str = "Rhizos-Covers";
 
 /// Longest wait for a quorum to acknowledge one appended part: longer than the stream's
 /// replicas take to elect a new leader when the old one's server is lost (a few seconds, up to
@@ -43,6 +44,9 @@ const OPEN_PATIENCE: Duration = Duration::from_secs(60);
 /// How long a follower waits for the next record before it checks that the stream has nothing
 /// newer (an ordered consumer on a server that died can go quiet rather than fail).
 const STALL_CHECK: Duration = Duration::from_secs(2);
+
+/// How often the active orchestrator checks whether a snapshot of the ledger is due.
+const SNAPSHOT_CHECK: Duration = Duration::from_secs(5);
 
 /// Applied records sent to the ledger thread and not yet answered, at most.
 const APPLY_WINDOW: usize = 64;
@@ -82,11 +86,14 @@ async fn wait_for_leader(jetstream: &jetstream::Context, name: &str) -> anyhow::
     }
 }
 
-/// A snapshot record: the whole ledger as it was after `covers`, stored as `object`.
+/// A snapshot record: the whole ledger as it was after record `covers`, stored as `object`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// The record's own position in the stream.
     pub position: u64,
+    /// The last record the snapshot holds: a member restoring it replays from the next one.
+    /// The stream's first snapshot holds the ledger as it started: it covers itself.
+    pub covers: u64,
     pub ledger: String,
     pub schema: u32,
     pub object: String,
@@ -126,8 +133,19 @@ fn parse(
     if subject == snapshot_subject {
         let object = header(headers, OBJECT_HEADER)
             .with_context(|| format!("snapshot record {position} names no object"))?;
+        let covers = match header(headers, COVERS_HEADER) {
+            None => position,
+            Some(covers) => covers
+                .parse()
+                .ok()
+                .filter(|&covers| covers < position)
+                .with_context(|| {
+                    format!("snapshot record {position} has an invalid {COVERS_HEADER} header")
+                })?,
+        };
         return Ok(Record::Snapshot(Snapshot {
             position,
+            covers,
             ledger,
             schema,
             object,
@@ -220,11 +238,17 @@ impl LedgerLog {
         })
     }
 
-    /// The position of the stream's last record (0: empty), as its leader knows it. While the
-    /// stream has no leader, a replica answers with its own copy's state — one that may be
-    /// behind, even empty after a restart — so such an answer is not taken: it is asked again
-    /// (for up to 30 s) until the leader answers.
+    /// The position of the stream's last record (0: empty), as its leader knows it.
     pub async fn last(&self) -> anyhow::Result<u64> {
+        Ok(self.state().await?.1)
+    }
+
+    /// The positions of the stream's first and last records (first is last + 1 when it is
+    /// empty), as its leader knows them. While the stream has no leader, a replica answers
+    /// with its own copy's state — one that may be behind, even empty after a restart — so
+    /// such an answer is not taken: it is asked again (for up to 30 s) until the leader
+    /// answers.
+    pub async fn state(&self) -> anyhow::Result<(u64, u64)> {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let stream = self
@@ -238,7 +262,7 @@ impl LedgerLog {
                 .as_ref()
                 .is_none_or(|c| c.leader.as_deref().is_some_and(|l| !l.is_empty()));
             if from_leader {
-                return Ok(info.state.last_sequence);
+                return Ok((info.state.first_sequence, info.state.last_sequence));
             }
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
@@ -302,35 +326,54 @@ impl LedgerLog {
         Ok(())
     }
 
-    /// Stores a copy of the database at `db` (taken in one read transaction, so it is what the
-    /// ledger held after `after`) and appends its snapshot record — only if the stream's last
-    /// record is still `after`. Returns the record's position.
-    pub async fn snapshot(&self, db: &Path, ledger: &str, after: u64) -> anyhow::Result<u64> {
-        let copy = db.with_extension(format!("snapshot-{after}"));
-        let _ = std::fs::remove_file(&copy);
-        {
+    /// Copies the database at `db` in one read transaction and stores the copy as an object
+    /// of its own name (a snapshot object is never replaced, so a snapshot whose record is
+    /// then refused cannot change what the stream's records name). Returns the object's name
+    /// and the last record the copy had applied.
+    pub async fn store_copy(&self, db: &Path, ledger: &str) -> anyhow::Result<(String, u64)> {
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let copy = db.with_extension(format!("snapshot-{nonce}"));
+        let covers = {
             let (db, copy) = (db.to_owned(), copy.clone());
-            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
                 let conn = rusqlite::Connection::open_with_flags(
                     &db,
                     rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
                 )?;
                 conn.execute("VACUUM INTO ?1", [copy.to_string_lossy()])?;
-                Ok(())
+                let copied = rusqlite::Connection::open_with_flags(
+                    &copy,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )?;
+                let applied: i64 = copied.query_row(
+                    "SELECT value FROM replica WHERE key = 'applied'",
+                    [],
+                    |row| row.get(0),
+                )?;
+                Ok(u64::try_from(applied).unwrap_or(0))
             })
             .await?
-            .context("cannot copy the ledger for a snapshot")?;
+            .context("cannot copy the ledger for a snapshot")?
+        };
+        let object = format!("{ledger}-{covers}-{nonce}");
+        let stored = async {
+            let mut file = tokio::fs::File::open(&copy).await?;
+            self.snapshots
+                .put(object.as_str(), &mut file)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot store the snapshot {object}: {e}"))
         }
-        // A name of its own: a snapshot object is never replaced, so a snapshot taken by an
-        // orchestrator whose record is then refused (another appended first) cannot change
-        // what the stream's records name.
-        let object = format!("{ledger}-{after}-{}", uuid::Uuid::new_v4().simple());
-        let mut file = tokio::fs::File::open(&copy).await?;
-        self.snapshots
-            .put(object.as_str(), &mut file)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot store the snapshot {object}: {e}"))?;
+        .await;
         let _ = tokio::fs::remove_file(&copy).await;
+        stored?;
+        Ok((object, covers))
+    }
+
+    /// Starts the stream with a snapshot of the database at `db` (a ledger that has applied
+    /// no record) — only if the stream's last record is still `after` (0). Returns the
+    /// record's position.
+    pub async fn snapshot(&self, db: &Path, ledger: &str, after: u64) -> anyhow::Result<u64> {
+        let (object, _) = self.store_copy(db, ledger).await?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(LEDGER_HEADER, ledger);
         headers.insert(
@@ -455,6 +498,41 @@ impl LedgerLog {
         }))
     }
 
+    /// Drops the records before `keep_from` (what no snapshot kept needs any more) and the
+    /// snapshot objects other than `keep`.
+    pub async fn trim(&self, keep_from: u64, keep: &[&str]) -> anyhow::Result<u64> {
+        let stream = self
+            .jetstream
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the ledger stream: {e}"))?;
+        let purged = stream
+            .purge()
+            .sequence(keep_from)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot trim the ledger stream: {e}"))?
+            .purged;
+        let mut objects = self
+            .snapshots
+            .list()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot list the ledger's snapshots: {e}"))?;
+        let mut unused = Vec::new();
+        while let Some(object) = objects.next().await {
+            match object {
+                Ok(object) if !keep.contains(&object.name.as_str()) => unused.push(object.name),
+                Ok(_) => {}
+                Err(e) => anyhow::bail!("cannot list the ledger's snapshots: {e}"),
+            }
+        }
+        for object in unused {
+            if let Err(e) = self.snapshots.delete(object.as_str()).await {
+                tracing::warn!(object, error = %e, "an old ledger snapshot was not deleted");
+            }
+        }
+        Ok(purged)
+    }
+
     /// The journal the ledger thread appends to, expecting the stream's last record to be
     /// `after`.
     pub fn journal(&self, ledger: &str, after: u64, failed: Arc<Failed>) -> NatsJournal {
@@ -536,16 +614,19 @@ impl NatsJournal {
         }
         Ok(last)
     }
-}
 
-impl super::store::Journal for NatsJournal {
-    fn append(&mut self, changeset: Vec<u8>) -> Result<u64, String> {
+    /// Runs one append to the stream on the ledger thread (blocking it until answered); a
+    /// refused or unanswered one stops the writer.
+    fn appending(
+        &mut self,
+        append: impl AsyncFnOnce(&Self) -> Result<u64, String>,
+    ) -> Result<u64, String> {
         if let Some(why) = self.failed.why() {
             return Err(format!(
                 "this orchestrator stopped writing the ledger ({why})"
             ));
         }
-        match self.runtime.block_on(self.publish(changeset)) {
+        match self.runtime.block_on(append(self)) {
             Ok(last) => {
                 self.last = last;
                 Ok(last)
@@ -556,6 +637,34 @@ impl super::store::Journal for NatsJournal {
                 Err(why)
             }
         }
+    }
+}
+
+impl super::store::Journal for NatsJournal {
+    fn append(&mut self, changeset: Vec<u8>) -> Result<u64, String> {
+        self.appending(async |this| this.publish(changeset).await)
+    }
+
+    fn append_snapshot(&mut self, object: &str, covers: u64) -> Result<u64, String> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(LEDGER_HEADER, self.ledger.as_str());
+        headers.insert(
+            SCHEMA_HEADER,
+            super::store::schema::SCHEMA_VERSION.to_string().as_str(),
+        );
+        headers.insert(OBJECT_HEADER, object);
+        headers.insert(COVERS_HEADER, covers.to_string().as_str());
+        self.appending(async |this| {
+            this.log
+                .append(
+                    &this.log.snapshot_subject,
+                    headers,
+                    bytes::Bytes::new(),
+                    this.last,
+                )
+                .await
+                .map(|ack| ack.sequence)
+        })
     }
 }
 
@@ -594,6 +703,13 @@ impl Orchestrator {
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         if until.is_some_and(|until| applied >= until) {
             return Ok(applied);
+        }
+        let (first, _) = log.state().await?;
+        if first > applied + 1 {
+            return Err(Mismatch(format!(
+                "this projection applied the replicated ledger up to record {applied}, but the stream now starts at record {first} (trimmed after a snapshot): start this orchestrator again — it restores the latest snapshot and follows from there"
+            ))
+            .into());
         }
         let mut records = std::pin::pin!(log.records(applied + 1).await?);
         let mut assembly: Option<Assembly> = None;
@@ -738,18 +854,40 @@ pub(super) async fn open_projection(
     let restore = async |snapshot: &Snapshot| -> anyhow::Result<Store> {
         log.restore(snapshot, path).await?;
         let store = open()?;
-        store.set_applied(snapshot.position)?;
-        tracing::info!(ledger = %snapshot.ledger, position = snapshot.position, "ledger restored from the replicated ledger's latest snapshot");
+        store.set_applied(snapshot.covers)?;
+        tracing::info!(ledger = %snapshot.ledger, position = snapshot.position, covers = snapshot.covers, "ledger restored from the replicated ledger's latest snapshot");
         Ok(store)
     };
-    let mut store = if path.exists() {
+    let store = if path.exists() {
         let store = open()?;
+        let applied = store.applied()?;
+        let (first, last) = log.state().await?;
+        // A projection stopped for longer than the stream keeps records (it was trimmed past
+        // what this file applied): set aside, and the ledger restored from the latest snapshot.
+        if applied > 0
+            && first > applied + 1
+            && last > applied
+            && let Some(snapshot) = log.latest_snapshot().await?
+            && snapshot.ledger == store.instance()
+        {
+            drop(store);
+            let aside = path.with_extension(format!("db.behind-{applied}"));
+            std::fs::rename(path, &aside)
+                .with_context(|| format!("cannot move {} aside", path.display()))?;
+            for suffix in ["-wal", "-shm"] {
+                let from = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+                let to = std::path::PathBuf::from(format!("{}{suffix}", aside.display()));
+                let _ = std::fs::rename(from, to);
+            }
+            tracing::warn!(applied, stream_starts_at = first, kept = %aside.display(), "this ledger file is older than what the replicated ledger keeps: restoring the latest snapshot (the old file is kept aside)");
+            return finish(restore(&snapshot).await?, log, data_dir).await;
+        }
         // A ledger kept before replication was turned on: it starts the stream, unless
         // another already did (then the check below tells the operator).
         // (Only a file that never applied a record: one that did is a projection of this
         // stream, whatever an empty stream says.)
-        if store.applied()? == 0
-            && log.last().await? == 0
+        if applied == 0
+            && last == 0
             && let Ok(position) = log.snapshot(path, store.instance(), 0).await
         {
             store.set_applied(position)?;
@@ -789,6 +927,11 @@ pub(super) async fn open_projection(
             }
         }
     };
+    finish(store, log, data_dir).await
+}
+
+/// A projection just opened: checked to be of the stream's ledger, and made a standby.
+async fn finish(mut store: Store, log: &LedgerLog, data_dir: &Path) -> anyhow::Result<Store> {
     if let Some(snapshot) = log.latest_snapshot().await?
         && snapshot.ledger != store.instance()
     {
@@ -881,5 +1024,70 @@ impl Orchestrator {
             "writing the replicated ledger"
         );
         Ok(failed)
+    }
+}
+
+impl Orchestrator {
+    /// While active: stores a snapshot whenever `[orchestrator] ledger_snapshot_every` records
+    /// were appended since the latest one, and trims the stream ([`Self::snapshot_if_due`]).
+    pub(super) async fn snapshot_loop(self) {
+        let every = self.inner.settings.ledger_snapshot_every;
+        let Some(log) = self.inner.log.clone().filter(|_| every > 0) else {
+            return;
+        };
+        let mut check = tokio::time::interval(SNAPSHOT_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            check.tick().await;
+            if let Err(e) = self.snapshot_if_due(&log, every).await {
+                tracing::warn!(error = %e, "the ledger snapshot was not stored; trying again later");
+            }
+        }
+    }
+
+    /// When `every` records or more were applied since the latest snapshot covers: copies the
+    /// ledger (a read transaction: the writer goes on), stores the copy, has the ledger thread
+    /// append its record (so it keeps the stream's order), then drops the records and objects
+    /// that only the snapshot before the latest needed — a member behind it restores the
+    /// latest. Returns the new snapshot's position and the record it covers.
+    pub(super) async fn snapshot_if_due(
+        &self,
+        log: &LedgerLog,
+        every: u64,
+    ) -> anyhow::Result<Option<(u64, u64)>> {
+        let applied = self
+            .read(|store| store.applied())
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let previous = log.latest_snapshot().await?;
+        let covered = previous.as_ref().map_or(0, |snapshot| snapshot.covers);
+        if applied < covered.saturating_add(every) {
+            return Ok(None);
+        }
+        let started = std::time::Instant::now();
+        let path = self.inner.settings.data_dir.join("ledger.db");
+        let (object, covers) = log.store_copy(&path, &self.inner.instance).await?;
+        let position = {
+            let object = object.clone();
+            // An object whose record is not stored is deleted by the next trim.
+            self.db(move |store| store.record_snapshot(&object, covers))
+                .await
+                .map_err(|e| anyhow::anyhow!("the snapshot record was not stored: {}", e.message))?
+        };
+        let keep_from = previous.as_ref().map_or(1, |snapshot| snapshot.covers + 1);
+        let keep: Vec<&str> = previous
+            .iter()
+            .map(|snapshot| snapshot.object.as_str())
+            .chain([object.as_str()])
+            .collect();
+        let purged = log.trim(keep_from, &keep).await?;
+        tracing::info!(
+            position,
+            covers,
+            purged,
+            took_ms = started.elapsed().as_millis() as u64,
+            "ledger snapshot stored; the replicated ledger now keeps what the two latest snapshots need"
+        );
+        Ok(Some((position, covers)))
     }
 }

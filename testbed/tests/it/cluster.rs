@@ -445,3 +445,187 @@ async fn a_late_first_snapshot_never_replaces_the_one_new_members_restore() {
         "the restored snapshot is the one taken at the start, not the late file"
     );
 }
+
+/// With `ledger_snapshot_every`, the active orchestrator stores snapshots as the ledger grows
+/// and trims the stream to what the two latest need: a new member restores the latest and
+/// replays only what follows it; a member stopped while the stream was trimmed past its file
+/// restores the latest snapshot when started again (its old file set aside); every file ends
+/// equal to the writer's, row for row, and the money is exact.
+#[tokio::test]
+async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest() {
+    use rhizos_core::orchestrator::replica::LedgerLog;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = rhizos_broker::server::NatsServer::start(rhizos_broker::server::LaunchOptions {
+        data_dir: Some(dir.path().join("nats")),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut settings = Settings::default();
+    settings.nats.url = nats.url();
+    settings.nats.namespace = format!("s{}", &uuid_like()[..12]);
+    let env = [
+        ("RHIZOS_ORCHESTRATOR__REPLICATED_LEDGER", "true"),
+        ("RHIZOS_ORCHESTRATOR__LEDGER_SNAPSHOT_EVERY", "20"),
+        ("RHIZOS_ORCHESTRATOR__LEASE_TTL_MS", "2000"),
+    ];
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    for d in [&a_dir, &b_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let log = |d: &std::path::Path| {
+        std::fs::read_to_string(d.join("orchestrator.log")).unwrap_or_default()
+    };
+    let mut a = start_orchestrator_with(&settings, &a_dir, &env);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = wasm_agent(&settings, dir.path(), "steady", 4).await;
+    let agent_task = tokio::spawn(agent.run(async move {
+        let mut stopped = stopped;
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    let bus = Bus::connect(&settings.nats).await.unwrap();
+    wait_for_a_node(&bus).await;
+    let ledger = LedgerLog::open(&bus).await.unwrap();
+    let deposited = 50_000_000;
+    funded_account(&bus, "ada", deposited, "snapshots-1").await;
+
+    let module = demo();
+    let mut spent = 0;
+    let mut next = 0;
+    let mut run_jobs = async |count: usize| {
+        let first = next;
+        next += count;
+        for index in first..next {
+            let submit = submit_request(
+                "ada",
+                &format!("s-{index}"),
+                wasm_spec(&module, &["count", "1"], 20_000),
+                500_000,
+            );
+            let _: SubmitJobReply = request(&bus, &submit).await;
+        }
+        let mut cost = 0;
+        for index in first..next {
+            let job = wait_for(&bus, &format!("s-{index}"), |j| j.state.is_terminal()).await;
+            assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+            cost += job.cost_micros.unwrap();
+        }
+        cost
+    };
+    // Whether a snapshot covers `past` and the stream was trimmed past it.
+    let trimmed_past = async |past: u64| {
+        let (first, _) = ledger.state().await.unwrap();
+        let latest = ledger.latest_snapshot().await.unwrap().unwrap();
+        (first > past && latest.covers >= past).then_some(latest)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Snapshots are taken (checked every 5 s) as jobs flow, and the stream trimmed.
+    let latest = loop {
+        spent += run_jobs(5).await;
+        if let Some(latest) = trimmed_past(1).await {
+            break latest;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot trimmed the stream\n{}",
+            log(&a_dir)
+        );
+    };
+    assert!(
+        latest.covers > 1 && latest.position > latest.covers,
+        "{latest:?}"
+    );
+    assert!(
+        log(&a_dir).contains("ledger snapshot stored"),
+        "{}",
+        log(&a_dir)
+    );
+
+    // A new member restores the latest snapshot, not the first, and follows.
+    let mut b = start_orchestrator_with(&settings, &b_dir, &env);
+    spent += run_jobs(5).await;
+    let equal = async |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (a_ledger, b_ledger) = (
+                rhizos_testbed::ledger_rows(&a_dir.join("ledger.db")).unwrap(),
+                rhizos_testbed::ledger_rows(&b_dir.join("ledger.db")).unwrap(),
+            );
+            if a_ledger == b_ledger {
+                return a_ledger.0;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the files never matched: applied {} vs {}\n{}",
+                a_ledger.0,
+                b_ledger.0,
+                log(&b_dir)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let b_applied = equal("a new member").await;
+    let joined = log(&b_dir);
+    let restored = joined
+        .lines()
+        .find(|line| line.contains("restored from the replicated ledger's latest snapshot"))
+        .unwrap_or_else(|| panic!("the new member restored a snapshot:\n{joined}"));
+    // (The log is coloured: the escapes go before reading a field.)
+    let mut plain = String::new();
+    let mut escape = false;
+    for c in restored.chars() {
+        match (escape, c) {
+            (false, '\x1b') => escape = true,
+            (true, 'm') => escape = false,
+            (false, c) => plain.push(c),
+            (true, _) => {}
+        }
+    }
+    let covers: u64 = plain
+        .split("covers=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{restored}"));
+    assert!(
+        covers > 1,
+        "it restored a later snapshot than the first: {restored}"
+    );
+
+    // Stopped while the stream is trimmed past its file: started again, it restores.
+    assert!(b.interrupt(), "{}", log(&b_dir));
+    while trimmed_past(u64::try_from(b_applied).unwrap() + 1)
+        .await
+        .is_none()
+    {
+        spent += run_jobs(5).await;
+        assert!(
+            Instant::now() < deadline,
+            "the stream was not trimmed past the stopped member's file\n{}",
+            log(&a_dir)
+        );
+    }
+    let mut b = start_orchestrator_with(&settings, &b_dir, &env);
+    spent += run_jobs(3).await;
+    equal("a member behind the trimmed stream").await;
+    assert!(
+        log(&b_dir).contains("older than what the replicated ledger keeps"),
+        "{}",
+        log(&b_dir)
+    );
+    assert!(
+        std::fs::read_dir(&b_dir).unwrap().any(|entry| entry
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("ledger.db.behind-{b_applied}"))),
+        "the old file was set aside"
+    );
+
+    let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
+    assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(balance_of(&bus, "ada").await, deposited - spent);
+    let _ = stop.send(true);
+    agent_task.await.unwrap().unwrap();
+    assert!(b.interrupt(), "{}", log(&b_dir));
+    assert!(a.interrupt(), "{}", log(&a_dir));
+}

@@ -172,6 +172,9 @@ pub trait Journal: Send {
     /// means the batch is not in the log (or not known to be): it is rolled back here, and the
     /// writer must stop writing until it has caught up with the log again.
     fn append(&mut self, changeset: Vec<u8>) -> Result<u64, String>;
+    /// Appends a snapshot record: the ledger as it was after position `covers`, stored as
+    /// `object`; returns its position. An error stops the writer as for [`Journal::append`].
+    fn append_snapshot(&mut self, object: &str, covers: u64) -> Result<u64, String>;
 }
 
 /// One operation's unit of work: a savepoint, or — inside a group commit, for the operations
@@ -506,6 +509,28 @@ impl Store {
     pub fn set_standby(&mut self) {
         self.journal = None;
         self.standby = true;
+    }
+
+    /// The writer records in the log that a snapshot of the ledger as it was after `covers`
+    /// (at most what this file has applied) is stored as `object`; returns the record's
+    /// position, now applied.
+    pub fn record_snapshot(&mut self, object: &str, covers: u64) -> Result<u64, StoreError> {
+        let applied = self.applied()?;
+        if covers > applied {
+            return Err(StoreError::InvalidState(format!(
+                "a snapshot covering record {covers} is ahead of this ledger (applied up to {applied})"
+            )));
+        }
+        let Some((journal, _)) = self.journal.as_mut() else {
+            return Err(StoreError::InvalidState(
+                "only the replicated ledger's writer records snapshots".into(),
+            ));
+        };
+        let position = journal
+            .append_snapshot(object, covers)
+            .map_err(StoreError::InvalidState)?;
+        self.set_applied(position)?;
+        Ok(position)
     }
 
     /// How far this database has applied the replicated ledger's log (0: nothing yet).
