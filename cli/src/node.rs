@@ -461,9 +461,19 @@ async fn ledger_status(global: &GlobalArgs) -> anyhow::Result<()> {
         Ok(mut stream) => {
             let info = stream.info().await?;
             let cluster = info.cluster.clone();
+            let snapshot = match rhizos_core::orchestrator::replica::LedgerLog::existing(&bus).await
+            {
+                Ok(Some(log)) => log.latest_snapshot().await.ok().flatten(),
+                _ => None,
+            };
             Some(serde_json::json!({
                 "stream": info.config.name,
                 "records": info.state.last_sequence,
+                "first_kept": info.state.first_sequence,
+                "bytes": info.state.bytes,
+                "latest_snapshot": snapshot.map(|s| serde_json::json!({
+                    "position": s.position, "covers": s.covers, "object": s.object,
+                })),
                 "copies": info.config.num_replicas,
                 "leader": cluster.as_ref().and_then(|c| c.leader.clone()),
                 "replicas": cluster.map(|c| c.replicas.into_iter().map(|r| serde_json::json!({
@@ -508,12 +518,21 @@ async fn ledger_status(global: &GlobalArgs) -> anyhow::Result<()> {
         }
         ledger => {
             println!(
-                "replicated ledger: stream {}, {} records, {} copies, leader {}",
+                "replicated ledger: stream {}, {} records (kept from {}, {} bytes), {} copies, leader {}",
                 ledger["stream"].as_str().unwrap_or("?"),
                 ledger["records"],
+                ledger["first_kept"],
+                ledger["bytes"],
                 ledger["copies"],
                 ledger["leader"].as_str().unwrap_or("none (no quorum?)")
             );
+            match &ledger["latest_snapshot"] {
+                serde_json::Value::Null => println!("  latest snapshot: none readable"),
+                snapshot => println!(
+                    "  latest snapshot: record {}, holding the ledger up to record {}",
+                    snapshot["position"], snapshot["covers"]
+                ),
+            }
             for replica in ledger["replicas"].as_array().into_iter().flatten() {
                 println!(
                     "  replica {}: {}, {} records behind",

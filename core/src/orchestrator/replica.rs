@@ -227,15 +227,41 @@ impl LedgerLog {
         for stream in [name.clone(), format!("OBJ_{bucket}")] {
             wait_for_leader(&bus.jetstream, &stream).await?;
         }
+        Ok(Self::with(bus, snapshots))
+    }
+
+    /// The namespace's ledger stream and snapshot bucket if they exist (nothing is created):
+    /// for tools reading the replicated ledger (`rhizos ledger status`).
+    pub async fn existing(bus: &Bus) -> anyhow::Result<Option<Self>> {
+        use jetstream::context::GetStreamErrorKind;
+        match bus.jetstream.get_stream(bus.subjects.ledger_stream()).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => anyhow::bail!("cannot read the ledger stream: {e}"),
+        }
+        let snapshots = bus
+            .jetstream
+            .get_object_store(bus.subjects.ledger_snapshots_bucket())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the ledger's snapshot bucket: {e}"))?;
+        Ok(Some(Self::with(bus, snapshots)))
+    }
+
+    fn with(bus: &Bus, snapshots: object_store::ObjectStore) -> Self {
         let max_payload = bus.client.server_info().max_payload;
-        Ok(Self {
+        Self {
             jetstream: bus.jetstream.clone(),
-            stream_name: name,
+            stream_name: bus.subjects.ledger_stream(),
             snapshots,
-            changes_subject: subjects.ledger_changes(),
-            snapshot_subject: subjects.ledger_snapshot(),
+            changes_subject: bus.subjects.ledger_changes(),
+            snapshot_subject: bus.subjects.ledger_snapshot(),
             part_bytes: max_payload.saturating_sub(16 * 1024).max(64 * 1024),
-        })
+        }
     }
 
     /// The position of the stream's last record (0: empty), as its leader knows it.
@@ -706,10 +732,10 @@ impl Orchestrator {
         }
         let (first, _) = log.state().await?;
         if first > applied + 1 {
-            return Err(Mismatch(format!(
-                "this projection applied the replicated ledger up to record {applied}, but the stream now starts at record {first} (trimmed after a snapshot): start this orchestrator again — it restores the latest snapshot and follows from there"
-            ))
-            .into());
+            applied = self.reset_to_latest_snapshot(log, applied, first).await?;
+            if until.is_some_and(|until| applied >= until) {
+                return Ok(applied);
+            }
         }
         let mut records = std::pin::pin!(log.records(applied + 1).await?);
         let mut assembly: Option<Assembly> = None;
@@ -1028,6 +1054,53 @@ impl Orchestrator {
 }
 
 impl Orchestrator {
+    /// A standby whose file the stream was trimmed past (it stopped following for longer than
+    /// two snapshots' worth of writes) cannot replay what it missed: its ledger's rows are
+    /// replaced by the latest snapshot's, in one transaction on the ledger thread. Returns the
+    /// position now applied.
+    async fn reset_to_latest_snapshot(
+        &self,
+        log: &LedgerLog,
+        applied: u64,
+        first: u64,
+    ) -> anyhow::Result<u64> {
+        let snapshot = log.latest_snapshot().await?.with_context(|| {
+            format!("the ledger stream starts at record {first} but holds no snapshot")
+        })?;
+        if snapshot.ledger != self.inner.instance {
+            return Err(Mismatch(format!(
+                "the replicated ledger stream holds ledger {}, this data dir ledger {}: give this orchestrator an empty data dir to join it",
+                snapshot.ledger, self.inner.instance
+            ))
+            .into());
+        }
+        anyhow::ensure!(
+            snapshot.covers + 1 >= first,
+            "the ledger stream starts at record {first}, after what its latest snapshot holds (up to {})",
+            snapshot.covers
+        );
+        let incoming = self.inner.settings.data_dir.join("ledger.db.incoming");
+        log.restore(&snapshot, &incoming).await?;
+        let (path, covers) = (incoming.clone(), snapshot.covers);
+        let reset = self
+            .db(move |store| store.reset_from_snapshot(&path, covers))
+            .await;
+        let _ = tokio::fs::remove_file(&incoming).await;
+        reset.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reset the ledger from the latest snapshot: {}",
+                e.message
+            )
+        })?;
+        tracing::warn!(
+            applied,
+            stream_starts_at = first,
+            covers,
+            "the replicated ledger was trimmed past this file while it was not following: its rows were replaced by the latest snapshot's"
+        );
+        Ok(covers)
+    }
+
     /// While active: stores a snapshot whenever `[orchestrator] ledger_snapshot_every` records
     /// were appended since the latest one, and trims the stream ([`Self::snapshot_if_due`]).
     pub(super) async fn snapshot_loop(self) {

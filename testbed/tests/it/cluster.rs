@@ -203,6 +203,10 @@ async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
                     "{status}"
                 );
                 assert_eq!(status["replicated_ledger"]["copies"], 3, "{status}");
+                assert_eq!(
+                    status["replicated_ledger"]["latest_snapshot"]["position"], 1,
+                    "the stream starts with its first snapshot: {status}"
+                );
                 let pid = holder["pid"].to_string();
                 let (ok, text) = run(std::process::Command::new("kill").args(["-9", &pid]));
                 assert!(ok, "{text}");
@@ -449,7 +453,8 @@ async fn a_late_first_snapshot_never_replaces_the_one_new_members_restore() {
 /// With `ledger_snapshot_every`, the active orchestrator stores snapshots as the ledger grows
 /// and trims the stream to what the two latest need: a new member restores the latest and
 /// replays only what follows it; a member stopped while the stream was trimmed past its file
-/// restores the latest snapshot when started again (its old file set aside); every file ends
+/// restores the latest snapshot when started again (its old file set aside), and one frozen
+/// while running past the trim takes the latest snapshot's rows when it thaws; every file ends
 /// equal to the writer's, row for row, and the money is exact.
 #[tokio::test]
 async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest() {
@@ -517,7 +522,7 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
         let latest = ledger.latest_snapshot().await.unwrap().unwrap();
         (first > past && latest.covers >= past).then_some(latest)
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
     // Snapshots are taken (checked every 5 s) as jobs flow, and the stream trimmed.
     let latest = loop {
         spent += run_jobs(5).await;
@@ -619,6 +624,32 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
             .to_string_lossy()
             .starts_with(&format!("ledger.db.behind-{b_applied}"))),
         "the old file was set aside"
+    );
+
+    // Frozen while running (SIGSTOP: its follow stalls, as on a machine that hangs) until
+    // the stream is trimmed past it, then thawed: its rows are replaced by the latest
+    // snapshot's and it follows on, without a restart.
+    let b_applied = equal("a member restored on start").await;
+    b.signal("STOP");
+    // Past what its consumer may already hold in its socket (a pull of up to 200 records).
+    while trimmed_past(u64::try_from(b_applied).unwrap() + 210)
+        .await
+        .is_none()
+    {
+        spent += run_jobs(5).await;
+        assert!(
+            Instant::now() < deadline,
+            "the stream was not trimmed past the frozen member's file\n{}",
+            log(&a_dir)
+        );
+    }
+    b.signal("CONT");
+    spent += run_jobs(3).await;
+    equal("a running member the stream was trimmed past").await;
+    assert!(
+        log(&b_dir).contains("rows were replaced by the latest snapshot"),
+        "{}",
+        log(&b_dir)
     );
 
     let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;

@@ -28,6 +28,14 @@ impl Daemon {
         self.0.wait().is_ok_and(|status| status.success())
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) without waiting for anything.
+    pub(crate) fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.0.id().to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal}");
+    }
+
     /// `kill -9` and reap.
     pub(crate) fn kill(&mut self) -> std::io::Result<()> {
         self.0.kill()?;

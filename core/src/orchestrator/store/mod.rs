@@ -576,6 +576,55 @@ impl Store {
         result
     }
 
+    /// Replaces every replicated table's rows with those of the snapshot database at
+    /// `snapshot` (a standby the stream was trimmed past: it cannot replay what it missed),
+    /// all at once, and notes the log applied up to `covers`. The file and its connections
+    /// stay; only what they hold changes.
+    pub fn reset_from_snapshot(&mut self, snapshot: &Path, covers: u64) -> Result<(), StoreError> {
+        if self.journal.is_some() {
+            return Err(StoreError::InvalidState(
+                "the replicated ledger's writer is not reset from a snapshot".into(),
+            ));
+        }
+        let source =
+            Connection::open_with_flags(snapshot, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let tables = changes::replicated_tables(&self.conn)?;
+        let before = self.conn.total_changes();
+        let result = (|| -> Result<(), StoreError> {
+            let tx = self.conn.savepoint()?;
+            // Rows go in table by table: references are checked once all are in.
+            tx.pragma_update(None, "defer_foreign_keys", "ON")?;
+            for table in &tables {
+                let table = table.to_string_lossy();
+                tx.execute(&format!("DELETE FROM \"{table}\""), [])?;
+                let mut read = source.prepare(&format!("SELECT * FROM \"{table}\""))?;
+                let columns = read.column_count();
+                let mut write = tx.prepare(&format!(
+                    "INSERT INTO \"{table}\" VALUES ({})",
+                    vec!["?"; columns].join(", ")
+                ))?;
+                let mut rows = read.query([])?;
+                while let Some(row) = rows.next()? {
+                    let values = (0..columns)
+                        .map(|i| row.get::<_, rusqlite::types::Value>(i))
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    write.execute(rusqlite::params_from_iter(values))?;
+                }
+            }
+            let covers = i64::try_from(covers)
+                .map_err(|_| StoreError::Corrupt(format!("log position {covers} out of range")))?;
+            tx.execute(
+                "UPDATE replica SET value = ?1 WHERE key = 'applied'",
+                [covers],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })();
+        self.replicated_changes += self.conn.total_changes() - before;
+        self.spec_cache.clear();
+        result
+    }
+
     fn apply_at(&mut self, after: u64, position: u64, changeset: &[u8]) -> Result<(), StoreError> {
         let tx = self.conn.savepoint()?;
         let applied: i64 =

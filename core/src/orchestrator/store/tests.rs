@@ -1507,3 +1507,84 @@ fn a_batch_the_journal_refuses_is_not_committed() {
     assert_eq!(balance(&store, "u"), 0, "nothing of the batch stayed");
     assert_eq!(store.applied().unwrap(), 0);
 }
+
+/// A standby the stream was trimmed past takes the latest snapshot's rows in one go (a group
+/// commit, as on the ledger thread), is then equal to the writer row for row, and applies
+/// the records after the snapshot in order.
+#[test]
+fn a_standby_reset_from_a_snapshot_holds_the_writers_ledger_and_follows_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer_path, standby_path) = (dir.path().join("w.db"), dir.path().join("s.db"));
+    let mut writer = Store::open(&writer_path, 500).unwrap();
+    writer
+        .connection()
+        .execute("VACUUM INTO ?1", [standby_path.to_str().unwrap()])
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    writer
+        .set_journal(Some(Box::new(Kept {
+            log: log.clone(),
+            refuse: false,
+        })))
+        .unwrap();
+    let batch = |store: &mut Store, ops: &dyn Fn(&mut Store)| {
+        let ((), commit) = store.group_commit(|store| ops(store));
+        commit.unwrap();
+    };
+    batch(&mut writer, &|store| {
+        node(store);
+        store.create_account("u").unwrap();
+        store.deposit("u", 1_000_000, Some("d1")).unwrap();
+    });
+    batch(&mut writer, &|store| {
+        store.submit("j1", "u", &spec(), 200_000).unwrap();
+        store.assign("j1", "n1", &PRICING, None).unwrap();
+    });
+    // The snapshot: the writer's file as it is now (applied up to 3), and its record.
+    let snapshot = dir.path().join("snapshot.db");
+    writer
+        .connection()
+        .execute("VACUUM INTO ?1", [snapshot.to_str().unwrap()])
+        .unwrap();
+    let covers = writer.applied().unwrap();
+    let ((), commit) = writer.group_commit(|store| {
+        store.record_snapshot("snapshot-object", covers).unwrap();
+    });
+    commit.unwrap();
+    batch(&mut writer, &|store| {
+        store.mark_running("j1", "n1", 1).unwrap();
+        store
+            .finish("j1", "n1", 1, &exited(0, 1_234), 1024)
+            .unwrap();
+    });
+
+    // The standby never followed (it holds the genesis copy): reset, it holds exactly the
+    // snapshot's rows and follows on from what the snapshot covers.
+    let mut standby = Store::open(&standby_path, 500).unwrap();
+    standby.set_standby();
+    standby.set_applied(1).unwrap();
+    let ((), commit) = standby.group_commit(|store| {
+        store.reset_from_snapshot(&snapshot, covers).unwrap();
+    });
+    commit.unwrap();
+    assert_eq!(standby.applied().unwrap(), covers);
+    let records = log.lock().unwrap().clone();
+    for (index, changeset) in records.iter().enumerate() {
+        let position = index as u64 + 2;
+        if position <= covers {
+            continue;
+        }
+        let ((), commit) = standby.group_commit(|store| {
+            store
+                .apply_replicated(position - 1, position, changeset)
+                .unwrap();
+        });
+        commit.unwrap();
+    }
+    assert_eq!(standby.applied().unwrap(), writer.applied().unwrap());
+    assert_eq!(dump(standby.connection()), dump(writer.connection()));
+    assert_eq!(balance(&standby, "u"), 1_000_000 - 12_340);
+    assert!(standby.verify().unwrap().ok);
+    // The writer itself is never reset.
+    assert!(writer.reset_from_snapshot(&snapshot, covers).is_err());
+}

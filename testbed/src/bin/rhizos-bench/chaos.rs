@@ -58,6 +58,10 @@ pub struct Options {
     /// failover when it is short).
     #[arg(long, default_value_t = 2_000)]
     pub lease_ms: u64,
+    /// `[orchestrator] ledger_snapshot_every`: small, so that snapshots are taken and the
+    /// stream trimmed while processes die (0: never).
+    #[arg(long, default_value_t = 40)]
+    pub snapshot_every: u64,
     /// Where chaos.json and chaos.png go.
     #[arg(long, default_value = "target/chaos")]
     pub out: PathBuf,
@@ -261,6 +265,7 @@ pub async fn run_cluster(options: ClusterOptions) -> anyhow::Result<Report> {
         faults: 1,
         agents: 2,
         lease_ms: options.lease_ms,
+        snapshot_every: 0,
         out: options.out.clone(),
     };
     let (report, limits) = run_seed(0, &chaos, faults, true).await?;
@@ -555,6 +560,10 @@ async fn run_seed(
             options.lease_ms.to_string(),
         ),
         ("RHIZOS_ORCHESTRATOR__OPEN_REGISTRATION", "true".to_owned()),
+        (
+            "RHIZOS_ORCHESTRATOR__LEDGER_SNAPSHOT_EVERY",
+            options.snapshot_every.to_string(),
+        ),
     ];
     let mut network = Network {
         nats,
