@@ -279,6 +279,8 @@ struct Member {
     route_port: u16,
     /// The other members' route ports.
     peers: Vec<u16>,
+    /// JetStream fsyncs every write before acknowledging it (`sync_interval: always`).
+    sync_always: bool,
 }
 
 /// Several `nats-server`s on this machine routed into one cluster with JetStream (each its own
@@ -311,6 +313,24 @@ impl NatsCluster {
         first_port: Option<u16>,
         authorization: Option<PathBuf>,
     ) -> Result<Self, LaunchError> {
+        Self::start_members(size, name, data_dir, first_port, authorization, false)
+    }
+
+    /// [`NatsCluster::start`] with every server fsyncing each JetStream write before it
+    /// acknowledges it (`jetstream { sync_interval: always }`): what an append costs when a
+    /// quorum losing power at once must lose nothing acknowledged.
+    pub fn start_synced(size: usize, name: &str, data_dir: &Path) -> Result<Self, LaunchError> {
+        Self::start_members(size, name, data_dir, None, None, true)
+    }
+
+    fn start_members(
+        size: usize,
+        name: &str,
+        data_dir: &Path,
+        first_port: Option<u16>,
+        authorization: Option<PathBuf>,
+        sync_always: bool,
+    ) -> Result<Self, LaunchError> {
         if size < 3 {
             return Err(LaunchError::Io {
                 what: format!("a cluster of {size}"),
@@ -341,6 +361,7 @@ impl NatsCluster {
                 cluster_name: name.to_owned(),
                 route_port: ports[i].1,
                 peers: (0..size).filter(|&j| j != i).map(|j| ports[j].1).collect(),
+                sync_always,
             })
             .collect();
         let options: Vec<LaunchOptions> = (0..size)
@@ -585,10 +606,15 @@ fn member_config(
     std::fs::write(
         &config,
         format!(
-            "# Written by RhizOS: one server of the cluster {cluster}.\n{include}server_name: {name:?}\ncluster {{\n  name: {cluster:?}\n  listen: \"127.0.0.1:{port}\"\n  routes: [{routes}]\n}}\n",
+            "# Written by RhizOS: one server of the cluster {cluster}.\n{include}server_name: {name:?}\ncluster {{\n  name: {cluster:?}\n  listen: \"127.0.0.1:{port}\"\n  routes: [{routes}]\n}}\n{sync}",
             cluster = member.cluster_name,
             name = member.server_name,
             port = member.route_port,
+            sync = if member.sync_always {
+                "jetstream {\n  sync_interval: always\n}\n"
+            } else {
+                ""
+            },
         ),
     )
     .map_err(|source| LaunchError::Io {

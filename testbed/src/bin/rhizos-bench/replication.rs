@@ -21,6 +21,9 @@ pub struct Report {
     r1_ms: Tail,
     /// One append acknowledged by a quorum of three servers.
     r3_ms: Tail,
+    /// The same on servers that fsync each write before acknowledging it
+    /// (`sync_interval: always`).
+    r3_synced_ms: Tail,
     limits: Limits,
     /// R3 append p50 ÷ one durable SQLite commit p50: what replicating each group commit adds,
     /// in commits.
@@ -38,6 +41,7 @@ impl fmt::Display for Report {
         )?;
         writeln!(f, "  R1 (one server acknowledges):    {}", self.r1_ms)?;
         writeln!(f, "  R3 (a quorum of three):          {}", self.r3_ms)?;
+        writeln!(f, "  R3, sync_interval: always:       {}", self.r3_synced_ms)?;
         write!(f, "{}", self.limits)?;
         writeln!(
             f,
@@ -76,6 +80,20 @@ pub async fn run(appends: usize, bytes: usize) -> anyhow::Result<Report> {
     let mut r1 = appends_to(&js, "BENCH_R1", 1, appends, &payload).await?;
     let mut r3 = appends_to(&js, "BENCH_R3", 3, appends, &payload).await?;
     let (r1_ms, r3_ms) = (Tail::of(&mut r1), Tail::of(&mut r3));
+    drop(cluster);
+    // The same quorum appends on servers that fsync each write before acknowledging it.
+    let synced = rhizos_broker::server::NatsCluster::start_synced(3, "synced", dir.path())?;
+    let first = synced
+        .url()
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let client = async_nats::connect(first).await?;
+    rhizos_broker::server::NatsCluster::wait_jetstream(&client, Duration::from_secs(60)).await?;
+    let js = jetstream::new(client);
+    let mut r3_synced = appends_to(&js, "BENCH_R3_SYNCED", 3, appends, &payload).await?;
+    let r3_synced_ms = Tail::of(&mut r3_synced);
     Ok(Report {
         bench: "replication",
         build: report::build(),
@@ -85,6 +103,7 @@ pub async fn run(appends: usize, bytes: usize) -> anyhow::Result<Report> {
         r3_per_nats_round_trip: r3_ms.p50 / limits.nats_round_trip_ms,
         r1_ms,
         r3_ms,
+        r3_synced_ms,
         limits,
     })
 }
