@@ -219,18 +219,26 @@ impl Bus {
         }
         let subject = self.subject_for(request)?;
         // Nobody received it: during a failover (the active orchestrator gone, a standby about
-        // to take over) it is sent again until someone answers or the wait is over.
+        // to take over) it is sent again until someone answers or the wait is over. So is a
+        // request the orchestrator answered `unavailable` (it could not write the ledger: it
+        // is handing over), when sending it again cannot do it twice.
         let deadline = std::time::Instant::now() + self.failover_wait;
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.request(subject.clone(), request).await {
-                Err(RequestError::NoResponders { .. }) if std::time::Instant::now() < deadline => {
-                    tracing::debug!(op = %R::OP, "no orchestrator serves this now; sending it again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
+            let result = self.request(subject.clone(), request).await;
+            let again = match &result {
+                Err(RequestError::NoResponders { .. }) => true,
+                Err(RequestError::Remote(e)) => {
+                    e.code == crate::wire::ErrorCode::Unavailable && request.resendable()
                 }
-                result => return result,
+                _ => false,
+            };
+            if !again || std::time::Instant::now() >= deadline {
+                return result;
             }
+            tracing::debug!(op = %R::OP, "no orchestrator can serve this now; sending it again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
         }
     }
 

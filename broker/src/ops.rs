@@ -210,16 +210,30 @@ pub trait Request: Serialize + DeserializeOwned + Send + Sync {
     fn claim(&self) -> Caller {
         Caller::operator("operator")
     }
+
+    /// Whether sending this request again cannot do twice what it does once — a read, or a
+    /// write that carries its own id or idempotency key. [`crate::Bus::call`] resends such a
+    /// request when the orchestrator answers [`crate::wire::ErrorCode::Unavailable`] (a
+    /// failover), as it resends any request nobody received.
+    fn resendable(&self) -> bool {
+        false
+    }
 }
 
 macro_rules! requests {
-    ($($request:ty => $op:ident -> $reply:ty $(, claims |$r:ident| $claim:expr)?;)*) => {
+    ($($request:ty => $op:ident -> $reply:ty
+        $(, claims |$r:ident| $claim:expr)?
+        $(, resendable |$s:ident| $resendable:expr)?;)*) => {
         $(impl Request for $request {
             const OP: CtlOp = CtlOp::$op;
             type Reply = $reply;
             $(fn claim(&self) -> Caller {
                 let $r = self;
                 $claim
+            })?
+            $(fn resendable(&self) -> bool {
+                let $s = self;
+                $resendable
             })?
         })*
     };
@@ -231,37 +245,43 @@ requests! {
     wire::SubmitJob => JobSubmit -> wire::SubmitJobReply, claims |r| match r.spec.workload {
         wire::Workload::Inference { .. } => Caller::gateway("gateway"),
         _ => Caller::user(&r.account),
-    };
-    wire::JobRef => JobGet -> wire::JobView;
+    }, resendable |r| r.job_id.is_some();
+    wire::JobRef => JobGet -> wire::JobView, resendable |_r| true;
     wire::ListJobs => JobList -> wire::JobList,
-        claims |r| r.account.as_deref().map_or_else(|| Caller::operator("operator"), Caller::user);
+        claims |r| r.account.as_deref().map_or_else(|| Caller::operator("operator"), Caller::user),
+        resendable |_r| true;
     wire::CancelJob => JobCancel -> wire::JobView;
     wire::JobReport => JobReport -> wire::Ack, claims |r| Caller::node(&r.node_id);
     wire::CreateAccount => AccountCreate -> wire::AccountView;
-    wire::Deposit => AccountDeposit -> wire::AccountView;
-    wire::Withdraw => AccountWithdraw -> wire::AccountView;
-    wire::AccountRef => AccountBalance -> wire::AccountView, claims |r| Caller::user(&r.account);
+    wire::Deposit => AccountDeposit -> wire::AccountView,
+        resendable |r| r.idempotency_key.is_some();
+    wire::Withdraw => AccountWithdraw -> wire::AccountView, resendable |_r| true;
+    wire::AccountRef => AccountBalance -> wire::AccountView, claims |r| Caller::user(&r.account),
+        resendable |_r| true;
     wire::StatementRequest => AccountStatement -> wire::Statement,
-        claims |r| Caller::user(&r.account);
+        claims |r| Caller::user(&r.account), resendable |_r| true;
     wire::CreateKey => KeyCreate -> wire::CreatedKey, claims |r| Caller::user(&r.account);
-    wire::ListKeys => KeyList -> wire::KeyList, claims |r| Caller::user(&r.account);
+    wire::ListKeys => KeyList -> wire::KeyList, claims |r| Caller::user(&r.account),
+        resendable |_r| true;
     wire::RevokeKey => KeyRevoke -> wire::KeyView;
-    wire::AuthenticateKey => KeyAuthenticate -> wire::KeyView;
+    wire::AuthenticateKey => KeyAuthenticate -> wire::KeyView, resendable |_r| true;
     wire::WitnessUsage => JobWitness -> wire::Ack;
-    wire::ListModels => ModelList -> wire::ModelList;
-    wire::RegisterNode => NodeRegister -> wire::Ack, claims |r| Caller::node(&r.node_id);
-    wire::ListNodes => NodeList -> wire::NodeList;
-    wire::NodeRef => NodeInfo -> wire::NodeView;
+    wire::ListModels => ModelList -> wire::ModelList, resendable |_r| true;
+    // A registration replaces the node's previous one: sending it twice is sending it once.
+    wire::RegisterNode => NodeRegister -> wire::Ack, claims |r| Caller::node(&r.node_id),
+        resendable |_r| true;
+    wire::ListNodes => NodeList -> wire::NodeList, resendable |_r| true;
+    wire::NodeRef => NodeInfo -> wire::NodeView, resendable |_r| true;
     wire::EnrollNode => NodeEnroll -> wire::Enrolment;
     wire::RemoveNode => NodeRemove -> wire::Enrolment;
-    wire::VerifyLedger => LedgerVerify -> wire::LedgerReport;
+    wire::VerifyLedger => LedgerVerify -> wire::LedgerReport, resendable |_r| true;
     wire::StatsRequest => NetworkStats -> wire::NetworkStatsView, claims |r| match &r.account {
         Some(account) => Caller::user(account),
         None => Caller::operator("operator"),
-    };
-    wire::ResolveModule => ModuleResolve -> wire::ResolvedModule;
-    wire::ListModules => ModuleList -> wire::ModuleList;
-    wire::GetReceipt => ReceiptGet -> wire::SignedReceipt;
+    }, resendable |_r| true;
+    wire::ResolveModule => ModuleResolve -> wire::ResolvedModule, resendable |_r| true;
+    wire::ListModules => ModuleList -> wire::ModuleList, resendable |_r| true;
+    wire::GetReceipt => ReceiptGet -> wire::SignedReceipt, resendable |_r| true;
     wire::AssignJob => JobAssign -> wire::Ack;
     wire::StopJob => JobStop -> wire::Ack;
     wire::ListPlugins => NodePlugins -> wire::PluginList;

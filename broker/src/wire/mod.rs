@@ -13,6 +13,7 @@
 //! * [`nodes`]: registrations, node views, prices, hardware;
 //! * [`agent`]: orchestrator ↔ agent: assign, stop, report, heartbeat, log lines, plugins;
 //! * [`events`]: what the event stream carries;
+//! * [`flows`]: flows — graphs of jobs with one budget — and their check;
 //! * [`validation`]: the form of fields handed to nodes and engines as given.
 //!
 //! Which request goes to which subject and gets which reply is in [`crate::ops`].
@@ -21,6 +22,7 @@ pub mod accounts;
 pub mod agent;
 pub mod ai;
 pub mod events;
+pub mod flows;
 pub mod jobs;
 pub mod keys;
 pub mod modules;
@@ -32,6 +34,7 @@ pub use accounts::*;
 pub use agent::*;
 pub use ai::*;
 pub use events::*;
+pub use flows::*;
 pub use jobs::*;
 pub use keys::*;
 pub use modules::*;
@@ -75,6 +78,10 @@ pub enum ErrorCode {
     Internal,
     /// The receiver has as many requests in flight as it takes: retry after a moment.
     TooBusy,
+    /// The orchestrator cannot write the ledger now — it is handing over to another (a
+    /// failover) or catching up with the replicated ledger — and did nothing: send the same
+    /// request again (with its id or idempotency key) in a moment.
+    Unavailable,
     /// A code from a newer peer.
     #[serde(other)]
     Unknown,
@@ -95,6 +102,7 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::Internal => "internal",
             Self::TooBusy => "too_busy",
+            Self::Unavailable => "unavailable",
             Self::Unknown => "unknown",
         }
     }
@@ -102,7 +110,7 @@ impl ErrorCode {
     /// Whether the same request may succeed when sent again (idempotent requests are retried
     /// on these; every other code is final).
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::Internal | Self::TooBusy)
+        matches!(self, Self::Internal | Self::TooBusy | Self::Unavailable)
     }
 }
 

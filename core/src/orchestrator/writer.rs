@@ -3,13 +3,13 @@
 //! operation only once the commit that holds it is durable.
 
 use super::Orchestrator;
-use super::store::{Store, StoreError};
+use super::store::{CommitError, Store, StoreError};
 use crate::ledger::LedgerError;
 use anyhow::Context as _;
 use rhizos_broker::wire::{ErrorCode, WireError};
 
 /// Delivers an operation's result once its batch's commit outcome is known.
-pub(super) type Completion = Box<dyn FnOnce(&Result<(), String>) + Send>;
+pub(super) type Completion = Box<dyn FnOnce(&Result<(), CommitError>) + Send>;
 /// An operation for the ledger writer.
 pub(super) type Op = Box<dyn FnOnce(&mut Store) -> Completion + Send>;
 
@@ -43,7 +43,7 @@ pub(super) fn spawn_writer(
                         .into_iter()
                         .map(|op| {
                             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(store))).unwrap_or_else(|_| {
-                                Box::new(|_: &Result<(), String>| {
+                                Box::new(|_: &Result<(), CommitError>| {
                                     tracing::error!("a ledger operation panicked; its savepoint was rolled back");
                                 }) as Completion
                             })
@@ -79,13 +79,20 @@ impl Orchestrator {
         let (queued, metrics) = (std::time::Instant::now(), self.inner.metrics.clone());
         let op: Op = Box::new(move |store: &mut Store| {
             let result = f(store).map_err(Into::into);
-            Box::new(move |commit: &Result<(), String>| {
+            Box::new(move |commit: &Result<(), CommitError>| {
                 metrics
                     .ledger_wait_seconds
                     .observe(queued.elapsed().as_secs_f64());
                 let _ = sender.send(match commit {
                     Ok(()) => result,
-                    Err(e) => Err(WireError::new(ErrorCode::Internal, format!("ledger {e}"))),
+                    // Handing over or catching up: the same request may go again.
+                    Err(CommitError::NotWriting(e)) => Err(WireError::new(
+                        ErrorCode::Unavailable,
+                        format!("ledger {e}"),
+                    )),
+                    Err(CommitError::Failed(e)) => {
+                        Err(WireError::new(ErrorCode::Internal, format!("ledger {e}")))
+                    }
                 });
             }) as Completion
         });

@@ -345,3 +345,68 @@ async fn a_flood_past_the_request_limit_is_answered_too_busy_and_serving_goes_on
         1_000
     );
 }
+
+/// An orchestrator that cannot write the ledger (it is handing over) answers `unavailable`.
+/// A client sends a request again until served when that cannot do twice what it does once —
+/// a submit with its job id — and returns a submit without one at once (sent again, it could
+/// make two jobs).
+#[tokio::test]
+async fn unavailable_is_sent_again_only_when_that_cannot_do_it_twice() {
+    use futures::StreamExt as _;
+    use rhizos_broker::wire::{Reply, WireError, encode};
+    let nats = rhizos_broker::server::NatsServer::start(Default::default()).unwrap();
+    let mut settings = rhizos_broker::Settings::default();
+    settings.nats.url = nats.url();
+    let bus = rhizos_broker::Bus::connect(&settings.nats).await.unwrap();
+    let with_id = submit_request("ada", "once-1", wasm_spec(&demo(), &[], 1_000), 1_000);
+    let mut without_id = with_id.clone();
+    without_id.job_id = None;
+    // A stand-in orchestrator: `unavailable` to the first two of each run of requests.
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut requests = bus
+        .client
+        .subscribe(bus.subject_for(&with_id).unwrap())
+        .await
+        .unwrap();
+    let (client, counter) = (bus.client.clone(), asked.clone());
+    tokio::spawn(async move {
+        while let Some(message) = requests.next().await {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let reply = if n < 2 {
+                encode(&Reply::<SubmitJobReply>::err(WireError::new(
+                    ErrorCode::Unavailable,
+                    "ledger not replicated: handing over; retry",
+                )))
+            } else {
+                encode(&Reply::ok(SubmitJobReply {
+                    job_id: "once-1".into(),
+                    state: JobState::Pending,
+                    node_id: None,
+                    attempt: None,
+                }))
+            };
+            client.publish(message.reply.unwrap(), reply).await.unwrap();
+        }
+    });
+    let served = bus.call(&with_id).await.unwrap();
+    assert_eq!(served.job_id, "once-1");
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "sent until served"
+    );
+
+    asked.store(0, std::sync::atomic::Ordering::SeqCst);
+    let refused = bus.call(&without_id).await.unwrap_err();
+    assert_eq!(
+        refused.remote().map(|e| e.code),
+        Some(ErrorCode::Unavailable),
+        "{refused}"
+    );
+    assert!(ErrorCode::Unavailable.is_retryable());
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a submit without its id is not sent twice"
+    );
+}

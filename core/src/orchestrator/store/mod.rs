@@ -177,6 +177,19 @@ pub trait Journal: Send {
     fn append_snapshot(&mut self, object: &str, covers: u64) -> Result<u64, String>;
 }
 
+/// Why a group commit did not commit (nothing of its batch did).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// This orchestrator cannot write the replicated ledger now: it is a standby, or its
+    /// append was refused or unanswered (it stops serving and catches up). The same request
+    /// may be sent again — to whoever serves next.
+    #[error("{0}")]
+    NotWriting(String),
+    /// The batch failed here (an operation half-done, the commit itself).
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// One operation's unit of work: a savepoint, or — inside a group commit, for the operations
 /// that refuse only before their first write — the batch's own transaction (a *lean* unit).
 /// Both deref to the connection and commit or roll back as a whole: a lean unit that ends
@@ -404,7 +417,7 @@ impl Store {
     pub fn group_commit<R>(
         &mut self,
         ops: impl FnOnce(&mut Store) -> R,
-    ) -> (R, Result<(), String>) {
+    ) -> (R, Result<(), CommitError>) {
         let grouped = self.conn.execute_batch("BEGIN IMMEDIATE").is_ok()
             || (self.conn.execute_batch("ROLLBACK").is_ok()
                 && self.conn.execute_batch("BEGIN IMMEDIATE").is_ok());
@@ -442,7 +455,9 @@ impl Store {
             let _ = self.conn.execute_batch("ROLLBACK");
             return (
                 results,
-                Err("this orchestrator is a standby: it writes nothing but the replicated ledger's changes".into()),
+                Err(CommitError::NotWriting(
+                    "this orchestrator is a standby: it writes nothing but the replicated ledger's changes".into(),
+                )),
             );
         }
         if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
@@ -452,13 +467,13 @@ impl Store {
             let rolled_back = self.conn.execute_batch("ROLLBACK");
             return (
                 results,
-                Err(format!(
+                Err(CommitError::Failed(format!(
                     "batch rolled back (an operation in it failed half-way{}); retry",
                     rolled_back
                         .err()
                         .map(|e| format!(", and the rollback: {e}"))
                         .unwrap_or_default()
-                )),
+                ))),
             );
         }
         let replicated = capture
@@ -466,13 +481,21 @@ impl Store {
             .and_then(|capture| capture.map_or(Ok(()), |c| self.journal_batch(&c)));
         if let Err(e) = replicated {
             let _ = self.conn.execute_batch("ROLLBACK");
-            return (results, Err(format!("not replicated: {e}; retry")));
+            return (
+                results,
+                Err(CommitError::NotWriting(format!(
+                    "not replicated: {e}; retry"
+                ))),
+            );
         }
         match self.conn.execute_batch("COMMIT") {
             Ok(()) => (results, Ok(())),
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
-                (results, Err(format!("commit failed: {e}")))
+                (
+                    results,
+                    Err(CommitError::Failed(format!("commit failed: {e}"))),
+                )
             }
         }
     }

@@ -41,7 +41,11 @@ impl fmt::Display for Report {
         )?;
         writeln!(f, "  R1 (one server acknowledges):    {}", self.r1_ms)?;
         writeln!(f, "  R3 (a quorum of three):          {}", self.r3_ms)?;
-        writeln!(f, "  R3, sync_interval: always:       {}", self.r3_synced_ms)?;
+        writeln!(
+            f,
+            "  R3, sync_interval: always:       {}",
+            self.r3_synced_ms
+        )?;
         write!(f, "{}", self.limits)?;
         writeln!(
             f,
