@@ -461,11 +461,18 @@ async fn ledger_status(global: &GlobalArgs) -> anyhow::Result<()> {
         Ok(mut stream) => {
             let info = stream.info().await?;
             let cluster = info.cluster.clone();
-            let snapshot = match rhizos_core::orchestrator::replica::LedgerLog::existing(&bus).await
-            {
-                Ok(Some(log)) => log.latest_snapshot().await.ok().flatten(),
-                _ => None,
-            };
+            // Asked again a few times too: mid-failover its leader may be being elected.
+            let mut snapshot = None;
+            for _ in 0..5 {
+                if let Ok(Some(log)) =
+                    rhizos_core::orchestrator::replica::LedgerLog::existing(&bus).await
+                    && let Ok(latest) = log.latest_snapshot().await
+                {
+                    snapshot = latest;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
             Some(serde_json::json!({
                 "stream": info.config.name,
                 "records": info.state.last_sequence,

@@ -186,7 +186,11 @@ async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
                     let (ok, text) = run(&mut cli(&["--json", "ledger", "status"]));
                     let status = serde_json::from_str::<serde_json::Value>(text.trim()).ok();
                     match status {
-                        Some(status) if ok && status["active"]["holder"].is_object() => {
+                        Some(status)
+                            if ok
+                                && status["active"]["holder"].is_object()
+                                && status["replicated_ledger"]["latest_snapshot"].is_object() =>
+                        {
                             break status;
                         }
                         _ => {
