@@ -337,6 +337,19 @@ impl Client {
             .await
     }
 
+    /// What each step of `flow` would cost on the nodes online now.
+    pub async fn flow_estimate(
+        &self,
+        flow: crate::wire::FlowSpec,
+    ) -> Result<crate::wire::FlowEstimate, RequestError> {
+        self.bus
+            .call(&crate::wire::EstimateFlow {
+                v: WIRE_VERSION,
+                flow,
+            })
+            .await
+    }
+
     pub async fn module_list(&self) -> Result<ModuleList, RequestError> {
         self.bus.call(&ListModules { v: WIRE_VERSION }).await
     }

@@ -60,6 +60,8 @@ pub enum CtlOp {
     ModuleResolve,
     /// Every module the orchestrator's resolvers can enumerate.
     ModuleList,
+    /// What each step of a flow would cost on the nodes online now.
+    FlowEstimate,
     /// The signed receipt of an ended job.
     ReceiptGet,
     /// Orchestrator → agent: run this job attempt.
@@ -72,11 +74,12 @@ pub enum CtlOp {
 
 impl CtlOp {
     /// Every operation, in the order of the README's subject table.
-    pub const ALL: [CtlOp; 29] = [
+    pub const ALL: [CtlOp; 30] = [
         Self::JobSubmit,
         Self::JobGet,
         Self::ModuleResolve,
         Self::ModuleList,
+        Self::FlowEstimate,
         Self::JobList,
         Self::JobCancel,
         Self::AccountCreate,
@@ -132,6 +135,7 @@ impl CtlOp {
             Self::NetworkStats => "network.stats",
             Self::ModuleResolve => "module.resolve",
             Self::ModuleList => "module.list",
+            Self::FlowEstimate => "flow.estimate",
             Self::ReceiptGet => "receipt.get",
             Self::JobAssign => "job.assign",
             Self::JobStop => "job.stop",
@@ -167,6 +171,7 @@ impl CtlOp {
             | Self::NodeInfo
             | Self::ModuleResolve
             | Self::ModuleList
+            | Self::FlowEstimate
             | Self::KeyCreate
             | Self::KeyList
             | Self::KeyRevoke
@@ -281,6 +286,7 @@ requests! {
     }, resendable |_r| true;
     wire::ResolveModule => ModuleResolve -> wire::ResolvedModule, resendable |_r| true;
     wire::ListModules => ModuleList -> wire::ModuleList, resendable |_r| true;
+    wire::EstimateFlow => FlowEstimate -> wire::FlowEstimate, resendable |_r| true;
     wire::GetReceipt => ReceiptGet -> wire::SignedReceipt, resendable |_r| true;
     wire::AssignJob => JobAssign -> wire::Ack;
     wire::StopJob => JobStop -> wire::Ack;
@@ -334,6 +340,7 @@ mod tests {
             <wire::StatsRequest as Request>::OP,
             <wire::ResolveModule as Request>::OP,
             <wire::ListModules as Request>::OP,
+            <wire::EstimateFlow as Request>::OP,
             <wire::GetReceipt as Request>::OP,
             <wire::AssignJob as Request>::OP,
             <wire::StopJob as Request>::OP,

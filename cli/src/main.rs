@@ -2,6 +2,7 @@
 //! README), so everything it does can be done by any NATS client.
 
 mod ai;
+mod flow;
 mod job;
 mod keys;
 mod local;
@@ -164,6 +165,11 @@ enum Command {
     /// Resolve chain:// registry modules through the orchestrator's resolver chain.
     #[command(subcommand)]
     Module(module::ModuleCommand),
+    /// Flows: graphs of jobs whose outputs feed other jobs' inputs, with one budget. `check`
+    /// reads a flow file (TOML or JSON) and shows its stages offline; `estimate` prices each
+    /// step on the nodes online now. (Running flows is being built: issue 19.)
+    #[command(subcommand)]
+    Flow(flow::FlowCommand),
     /// Fetch a job's signed receipt, or verify one offline.
     #[command(subcommand)]
     Receipt(receipt::ReceiptCommand),
@@ -271,6 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger(command) => node::run_ledger(&global, command).await,
         Command::Plugins(command) => plugins::run(&global, command).await,
         Command::Module(command) => module::run(&global, command).await,
+        Command::Flow(command) => flow::run(&global, command).await,
         Command::Receipt(command) => receipt::run(&global, command).await,
         Command::Top(args) => top::run(&global, args).await,
     }

@@ -433,6 +433,52 @@ impl FlowSpec {
     }
 }
 
+/// `flow.estimate` request: what each step of `flow` would cost on the nodes online now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EstimateFlow {
+    pub v: u32,
+    pub flow: FlowSpec,
+}
+
+/// `flow.estimate` reply. A run's estimate is the most it can cost on a node: its whole
+/// timeout at that node's prices (the hold a job makes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEstimate {
+    pub flow: String,
+    /// Steps by stage: a stage's steps can run at the same time.
+    pub stages: Vec<Vec<String>>,
+    pub steps: Vec<StepEstimate>,
+    /// Σ of each step's one run on the cheapest node that can run it.
+    pub cheapest_micros: i64,
+    /// Σ of each step's every run (`1 + retries`) on the dearest node that can run it: the
+    /// most the flow can cost.
+    pub worst_case_micros: i64,
+    pub max_cost_micros: i64,
+    /// `max_cost_micros` covers the worst case, and every step has a node now.
+    pub fits: bool,
+}
+
+/// One step's estimate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepEstimate {
+    pub step: String,
+    /// The backend it runs on (a module's, once resolved).
+    pub backend: String,
+    /// The module it was resolved from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// Live nodes that can run it within its cost cap.
+    pub nodes: usize,
+    /// One run on the cheapest / the dearest of those nodes (0 when none).
+    pub cheapest_micros: i64,
+    pub dearest_micros: i64,
+    /// Runs at most: `1 + retries`.
+    pub runs: u32,
+    /// Why no node can run it now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
 fn check_condition(condition: &Condition) -> Result<(), String> {
     match (condition.exit_code, &condition.json) {
         (Some(_), None) => {

@@ -764,6 +764,14 @@ impl Orchestrator {
                     }
                 },
             };
+            // Every record, one after the other: a jump means records this follower never saw
+            // (trimmed after a snapshot while it was stalled, say) — their changes must not be
+            // skipped silently. Following again starts from what was applied (and, when the
+            // stream no longer has it, from the latest snapshot).
+            anyhow::ensure!(
+                position == seen + 1,
+                "the ledger stream went from record {seen} to {position}: following it again"
+            );
             seen = position;
             let changes = match record {
                 Record::Snapshot(snapshot) => {

@@ -87,7 +87,12 @@ pub fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireErro
             request.max_cost_micros
         )));
     }
-    let spec = &request.spec;
+    validate_spec(&request.spec)
+}
+
+/// Checks every field of a job spec (a submit's, a flow step's) whose module, if any, was
+/// resolved.
+pub fn validate_spec(spec: &JobSpec) -> Result<(), WireError> {
     validate_resources(spec)?;
     validate_process(spec)?;
     if let Some(url) = &spec.artifact_url {

@@ -11,6 +11,7 @@ mod dashboard;
 mod docker;
 mod events;
 mod fairness;
+mod flows;
 mod gateway;
 mod identity;
 mod jobs;

@@ -8,6 +8,7 @@
 
 mod accounts;
 mod ai;
+mod flows;
 mod jobs;
 mod keys;
 mod modules;
@@ -93,6 +94,7 @@ impl Orchestrator {
             CtlOp::NetworkStats => self.serve(payload, |r| self.network_stats(c, r)).await,
             CtlOp::ModuleResolve => self.serve(payload, |r| self.module_resolve(r)).await,
             CtlOp::ModuleList => self.serve(payload, |r| self.module_list(r)).await,
+            CtlOp::FlowEstimate => self.serve(payload, |r| self.flow_estimate(r)).await,
             CtlOp::ReceiptGet => self.serve(payload, |r| self.receipt_get(c, r)).await,
             // Served by each node's agent on its own subject; never subscribed to here.
             CtlOp::JobAssign | CtlOp::JobStop | CtlOp::NodePlugins => {

@@ -722,6 +722,25 @@ impl Registry {
         ))
     }
 
+    /// How many live nodes could run `spec` within `max_cost_micros` (load aside), and the
+    /// cheapest and dearest of their estimates (the whole timeout at each node's prices).
+    pub fn estimate_range(
+        &self,
+        spec: &JobSpec,
+        max_cost_micros: i64,
+    ) -> Option<(usize, i64, i64)> {
+        let mut found: Option<(usize, i64, i64)> = None;
+        for node in self.nodes.values().filter(|n| !n.lost) {
+            if let Ok(estimate) = check(spec, max_cost_micros, &node.registration) {
+                found = Some(match found {
+                    None => (1, estimate, estimate),
+                    Some((nodes, low, high)) => (nodes + 1, low.min(estimate), high.max(estimate)),
+                });
+            }
+        }
+        found
+    }
+
     /// The best node with room for the job now, if any.
     pub fn pick(&mut self, spec: &JobSpec, max_cost_micros: i64) -> Option<&NodeEntry> {
         self.pick_avoiding(spec, max_cost_micros, &[])
