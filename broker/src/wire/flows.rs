@@ -732,6 +732,25 @@ mod tests {
         );
     }
 
+    /// The README's worked example is a valid flow with the stages it says.
+    #[test]
+    fn the_readme_flow_example_checks() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("## Flows").expect("README has a Flows section")..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let end = start + section[start..].find("```").unwrap();
+        let flow: FlowSpec = toml::from_str(&section[start..end]).unwrap();
+        let plan = flow.plan().unwrap();
+        assert_eq!(
+            plan.stages,
+            vec![
+                vec!["transcode".to_owned()],
+                vec!["thumbnail".to_owned(), "captions".to_owned()]
+            ]
+        );
+        assert!(section.contains("stage 2: thumbnail,\ncaptions"));
+    }
+
     #[test]
     fn a_flow_file_reads_from_json_and_toml_alike() {
         let toml_text = r#"
