@@ -77,6 +77,12 @@ enum Role {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init("info", cli.log_json);
+    // Listening from here on: Ctrl-C or SIGTERM while starting stops the daemon cleanly.
+    let shutdown = telemetry::Shutdown::listen().context("cannot listen for Ctrl-C and SIGTERM")?;
+    let stopped = |shutdown: &telemetry::Shutdown| {
+        let shutdown = shutdown.clone();
+        async move { shutdown.signalled().await }
+    };
     let mut settings = Settings::load(cli.config.as_deref())?;
     if let Some(url) = cli.nats_url {
         settings.nats.url = url;
@@ -110,11 +116,14 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(rhizos_core::metrics::serve(
                 listener,
                 vec![source],
-                telemetry::shutdown_signal(),
+                stopped(&shutdown),
             ));
         }
     };
-    let bus = Bus::connect(&settings.nats).await?;
+    let bus = tokio::select! {
+        bus = Bus::connect(&settings.nats) => bus?,
+        () = shutdown.signalled() => return Ok(()),
+    };
     if !bus.client.server_info().auth_required {
         tracing::warn!(
             url = %settings.nats.url,
@@ -126,11 +135,14 @@ async fn main() -> anyhow::Result<()> {
             if let Some(dir) = data_dir {
                 settings.orchestrator.data_dir = dir;
             }
-            let orchestrator = Orchestrator::open(bus, settings.orchestrator)
-                .await
-                .context("failed to start the orchestrator")?;
+            let orchestrator = tokio::select! {
+                opened = Orchestrator::open(bus, settings.orchestrator) => {
+                    opened.context("failed to start the orchestrator")?
+                }
+                () = shutdown.signalled() => return Ok(()),
+            };
             serve_metrics(orchestrator.metrics_source());
-            orchestrator.run(telemetry::shutdown_signal()).await
+            orchestrator.run(stopped(&shutdown)).await
         }
         Role::Agent {
             plugin_dir,
@@ -145,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
             let agent = Agent::new(bus, settings.agent, settings.pricing)
                 .context("failed to start the agent")?;
             serve_metrics(agent.metrics_source());
-            agent.run(telemetry::shutdown_signal()).await
+            agent.run(stopped(&shutdown)).await
         }
         Role::Gateway { listen } => {
             if let Some(listen) = listen {
@@ -167,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
                 gateway = gateway.with_dashboard(settings.nats.clone());
             }
             serve_metrics(gateway.metrics_source());
-            gateway.serve(listener, telemetry::shutdown_signal()).await
+            gateway.serve(listener, stopped(&shutdown)).await
         }
     }
 }

@@ -435,3 +435,49 @@ async fn one_orchestrator_serves_a_bus_and_only_its_own_ledger_takes_over() {
         "it should wait, not exit"
     );
 }
+
+/// Ctrl-C while a daemon is still starting (connected, loading its plugins) stops it cleanly:
+/// it listens for signals from its first moment. Before, the signal came before anyone
+/// listened: the process died of it, or ran on as if it had never come.
+#[tokio::test]
+async fn ctrl_c_while_a_daemon_starts_stops_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, settings) = nats_in(dir.path(), "sig");
+    let plugins = wasm_plugin_dir(dir.path());
+    let mut agent = Command::new(rhizos_testbed::build_dir().join("rhizosd"))
+        .args([
+            "--nats-url",
+            &settings.nats.url,
+            "--namespace",
+            &settings.nats.namespace,
+            "agent",
+            "--node-id",
+            "early",
+            "--plugin-dir",
+        ])
+        .arg(&plugins)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rhizosd is built (cargo build --workspace)");
+    // Connected by now, its plugins still loading.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = Command::new("kill")
+        .args(["-INT", &agent.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = agent.kill();
+            panic!("the agent ran on after Ctrl-C during its start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("shutting down"), "{log}");
+}
