@@ -963,8 +963,11 @@ async fn an_artifact_by_reference_is_fetched_once_checked_and_run_only_where_all
             reason.contains("could not be fetched from its source"),
             "{reason}"
         );
+        // The source's address is named (its random port may hold "403"); nothing else may
+        // carry the status.
+        let rest = reason.replace(&server.base_url, "");
         for leak in ["403", "500", "404", "HTTP", "Forbidden", "Not Found"] {
-            assert!(!reason.contains(leak), "{id}: {reason}");
+            assert!(!rest.contains(leak), "{id}: {reason}");
         }
         reasons.push(reason.replace(id.trim_start_matches("mod-"), "X"));
     }
