@@ -346,6 +346,21 @@ impl LedgerLog {
             .await
             .with_context(|| format!("cannot write {}", partial.display()))?;
         tokio::fs::File::open(&partial).await?.sync_all().await?;
+        // A write-ahead log or its index left beside `to` (a process killed while it removed
+        // or set aside an earlier file) belongs to another database: opened with the restored
+        // file, SQLite would replay that database's pages over it.
+        for suffix in ["-wal", "-shm"] {
+            let stale = std::path::PathBuf::from(format!("{}{suffix}", to.display()));
+            match tokio::fs::remove_file(&stale).await {
+                Ok(()) => {
+                    tracing::warn!(file = %stale.display(), "removed a write-ahead log file left by another ledger file before restoring")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot remove {}", stale.display()));
+                }
+            }
+        }
         tokio::fs::rename(&partial, to)
             .await
             .with_context(|| format!("cannot move the snapshot to {}", to.display()))?;
@@ -671,6 +686,14 @@ impl super::store::Journal for NatsJournal {
         self.appending(async |this| this.publish(changeset).await)
     }
 
+    fn stop(&mut self, why: String) {
+        tracing::error!(
+            why,
+            "the replicated ledger's writer stops: this file is behind the stream; catching up"
+        );
+        self.failed.set(why);
+    }
+
     fn append_snapshot(&mut self, object: &str, covers: u64) -> Result<u64, String> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(LEDGER_HEADER, self.ledger.as_str());
@@ -896,6 +919,13 @@ pub(super) async fn open_projection(
         let store = open()?;
         let applied = store.applied()?;
         let (first, last) = log.state().await?;
+        tracing::info!(
+            ledger = store.instance(),
+            applied,
+            stream_first = first,
+            stream_last = last,
+            "this data dir's ledger file opened"
+        );
         // A projection stopped for longer than the stream keeps records (it was trimmed past
         // what this file applied): set aside, and the ledger restored from the latest snapshot.
         if applied > 0

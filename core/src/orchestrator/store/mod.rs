@@ -175,6 +175,10 @@ pub trait Journal: Send {
     /// Appends a snapshot record: the ledger as it was after position `covers`, stored as
     /// `object`; returns its position. An error stops the writer as for [`Journal::append`].
     fn append_snapshot(&mut self, object: &str, covers: u64) -> Result<u64, String>;
+    /// A batch this journal took did not commit here after all (its commit failed): this
+    /// file is now behind the log, so the writer must stop writing and catch up with the log
+    /// (where it applies the batch it could not commit).
+    fn stop(&mut self, why: String);
 }
 
 /// Why a group commit did not commit (nothing of its batch did).
@@ -420,7 +424,11 @@ impl Store {
     ) -> (R, Result<(), CommitError>) {
         let grouped = self.conn.execute_batch("BEGIN IMMEDIATE").is_ok()
             || (self.conn.execute_batch("ROLLBACK").is_ok()
-                && self.conn.execute_batch("BEGIN IMMEDIATE").is_ok());
+                && self.conn.execute_batch("BEGIN IMMEDIATE").is_ok())
+            // The replicated ledger's writer never commits operation by operation (each would
+            // be in the file before the log has it): a deferred transaction, whose writes wait
+            // for the lock — or fail, and the batch with them.
+            || (self.journal.is_some() && self.conn.execute_batch("BEGIN").is_ok());
         self.grouped = grouped;
         self.broken
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -492,6 +500,11 @@ impl Store {
             Ok(()) => (results, Ok(())),
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
+                if let Some((journal, _)) = self.journal.as_mut() {
+                    journal.stop(format!(
+                        "a batch the replicated ledger took did not commit here: {e}"
+                    ));
+                }
                 (
                     results,
                     Err(CommitError::Failed(format!("commit failed: {e}"))),

@@ -1360,6 +1360,10 @@ impl Journal for Kept {
     fn append_snapshot(&mut self, _object: &str, _covers: u64) -> Result<u64, String> {
         self.append(Vec::new())
     }
+
+    fn stop(&mut self, _why: String) {
+        self.refuse = true;
+    }
 }
 
 /// Every row of the tables the replicated ledger carries, as text: two databases that agree
@@ -1504,6 +1508,46 @@ fn a_batch_the_journal_refuses_is_not_committed() {
         .unwrap();
     let (deposited, commit) = store.group_commit(|store| store.deposit("u", 7, None).is_ok());
     assert!(deposited, "the operation ran");
+    assert!(matches!(commit, Err(CommitError::NotWriting(e)) if e.contains("not replicated")));
+    assert_eq!(balance(&store, "u"), 0, "nothing of the batch stayed");
+    assert_eq!(store.applied().unwrap(), 0);
+}
+
+/// Another connection holding the write lock when a batch starts: the replicated ledger's
+/// writer does not fall back to committing operation by operation (each would be in the file
+/// before the log has it). The busy handler fails the batch's attempt at the lock and has the
+/// other connection let go of it, so the operation can write after the transaction could not
+/// start: with the journal refusing, nothing of it may stay.
+#[test]
+fn a_writer_that_cannot_start_its_transaction_commits_nothing_the_log_lacks() {
+    static HOLDER: std::sync::Mutex<Option<Connection>> = std::sync::Mutex::new(None);
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    fn busy(_: i32) -> bool {
+        CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(holder) = HOLDER.lock().unwrap().take() {
+            holder.execute_batch("ROLLBACK").unwrap();
+        }
+        false
+    }
+    let (dir, mut store) = store();
+    store.create_account("u").unwrap();
+    let holder = Connection::open(dir.path().join("ledger.db")).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    *HOLDER.lock().unwrap() = Some(holder);
+    store.conn.busy_handler(Some(busy)).unwrap();
+    store
+        .set_journal(Some(Box::new(Kept {
+            log: Default::default(),
+            refuse: true,
+        })))
+        .unwrap();
+    let (deposited, commit) = store.group_commit(|store| store.deposit("u", 7, None).is_ok());
+    assert_eq!(
+        CALLS.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the lock was contended"
+    );
+    assert!(deposited, "the operation wrote once the lock was free");
     assert!(matches!(commit, Err(CommitError::NotWriting(e)) if e.contains("not replicated")));
     assert_eq!(balance(&store, "u"), 0, "nothing of the batch stayed");
     assert_eq!(store.applied().unwrap(), 0);
