@@ -350,6 +350,59 @@ impl Client {
             .await
     }
 
+    /// Starts `flow` paid from `account`: its `max_cost_micros` held in one escrow. With
+    /// `flow_id`, sending it again starts it once.
+    pub async fn flow_run(
+        &self,
+        flow_id: Option<&str>,
+        account: &str,
+        flow: crate::wire::FlowSpec,
+    ) -> Result<crate::wire::FlowView, RequestError> {
+        self.bus
+            .call(&crate::wire::RunFlow {
+                v: WIRE_VERSION,
+                flow_id: flow_id.map(str::to_owned),
+                account: account.to_owned(),
+                flow,
+            })
+            .await
+    }
+
+    pub async fn flow_get(&self, flow_id: &str) -> Result<crate::wire::FlowView, RequestError> {
+        self.bus
+            .call(&crate::wire::FlowRef {
+                v: WIRE_VERSION,
+                flow_id: flow_id.to_owned(),
+            })
+            .await
+    }
+
+    /// The caller's flows, newest first (an operator: `account`'s, or all with `None`).
+    pub async fn flow_list(
+        &self,
+        account: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<crate::wire::FlowList, RequestError> {
+        self.bus
+            .call(&crate::wire::ListFlows {
+                v: WIRE_VERSION,
+                account: account.map(str::to_owned),
+                limit,
+            })
+            .await
+    }
+
+    /// Stops a flow: its running steps are cancelled, the rest never start, and what its
+    /// escrow has left goes back once they have stopped.
+    pub async fn flow_cancel(&self, flow_id: &str) -> Result<crate::wire::FlowView, RequestError> {
+        self.bus
+            .call(&crate::wire::CancelFlow {
+                v: WIRE_VERSION,
+                flow_id: flow_id.to_owned(),
+            })
+            .await
+    }
+
     pub async fn module_list(&self) -> Result<ModuleList, RequestError> {
         self.bus.call(&ListModules { v: WIRE_VERSION }).await
     }

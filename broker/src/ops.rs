@@ -62,6 +62,11 @@ pub enum CtlOp {
     ModuleList,
     /// What each step of a flow would cost on the nodes online now.
     FlowEstimate,
+    /// Start a flow: its budget held in one escrow, its steps run as their inputs are ready.
+    FlowRun,
+    FlowGet,
+    FlowList,
+    FlowCancel,
     /// The signed receipt of an ended job.
     ReceiptGet,
     /// Orchestrator → agent: run this job attempt.
@@ -74,12 +79,16 @@ pub enum CtlOp {
 
 impl CtlOp {
     /// Every operation, in the order of the README's subject table.
-    pub const ALL: [CtlOp; 30] = [
+    pub const ALL: [CtlOp; 34] = [
         Self::JobSubmit,
         Self::JobGet,
         Self::ModuleResolve,
         Self::ModuleList,
         Self::FlowEstimate,
+        Self::FlowRun,
+        Self::FlowGet,
+        Self::FlowList,
+        Self::FlowCancel,
         Self::JobList,
         Self::JobCancel,
         Self::AccountCreate,
@@ -136,6 +145,10 @@ impl CtlOp {
             Self::ModuleResolve => "module.resolve",
             Self::ModuleList => "module.list",
             Self::FlowEstimate => "flow.estimate",
+            Self::FlowRun => "flow.run",
+            Self::FlowGet => "flow.get",
+            Self::FlowList => "flow.list",
+            Self::FlowCancel => "flow.cancel",
             Self::ReceiptGet => "receipt.get",
             Self::JobAssign => "job.assign",
             Self::JobStop => "job.stop",
@@ -172,6 +185,10 @@ impl CtlOp {
             | Self::ModuleResolve
             | Self::ModuleList
             | Self::FlowEstimate
+            | Self::FlowRun
+            | Self::FlowGet
+            | Self::FlowList
+            | Self::FlowCancel
             | Self::KeyCreate
             | Self::KeyList
             | Self::KeyRevoke
@@ -287,6 +304,13 @@ requests! {
     wire::ResolveModule => ModuleResolve -> wire::ResolvedModule, resendable |_r| true;
     wire::ListModules => ModuleList -> wire::ModuleList, resendable |_r| true;
     wire::EstimateFlow => FlowEstimate -> wire::FlowEstimate, resendable |_r| true;
+    wire::RunFlow => FlowRun -> wire::FlowView, claims |r| Caller::user(&r.account),
+        resendable |r| r.flow_id.is_some();
+    wire::FlowRef => FlowGet -> wire::FlowView, resendable |_r| true;
+    wire::ListFlows => FlowList -> wire::FlowList,
+        claims |r| r.account.as_deref().map_or_else(|| Caller::operator("operator"), Caller::user),
+        resendable |_r| true;
+    wire::CancelFlow => FlowCancel -> wire::FlowView, resendable |_r| true;
     wire::GetReceipt => ReceiptGet -> wire::SignedReceipt, resendable |_r| true;
     wire::AssignJob => JobAssign -> wire::Ack;
     wire::StopJob => JobStop -> wire::Ack;
@@ -341,6 +365,10 @@ mod tests {
             <wire::ResolveModule as Request>::OP,
             <wire::ListModules as Request>::OP,
             <wire::EstimateFlow as Request>::OP,
+            <wire::RunFlow as Request>::OP,
+            <wire::FlowRef as Request>::OP,
+            <wire::ListFlows as Request>::OP,
+            <wire::CancelFlow as Request>::OP,
             <wire::GetReceipt as Request>::OP,
             <wire::AssignJob as Request>::OP,
             <wire::StopJob as Request>::OP,

@@ -170,6 +170,19 @@ impl Subjects {
         validate_token("job id", job_id)?;
         Ok(self.evt(&format!("u.{account}.escrow.{}.{job_id}", kind.as_str())))
     }
+    /// `rhizos.evt.v1.<ns>.u.<account>.flow.<state>.<flow_id>`: a flow or one of its steps
+    /// changed state.
+    pub fn flow_event(
+        &self,
+        account: &str,
+        state: &str,
+        flow_id: &str,
+    ) -> Result<String, TokenError> {
+        validate_token("account", account)?;
+        validate_token("flow state", state)?;
+        validate_token("flow id", flow_id)?;
+        Ok(self.evt(&format!("u.{account}.flow.{state}.{flow_id}")))
+    }
     /// Every event of the namespace: `rhizos.evt.v1.<ns>.>`.
     pub fn events_wildcard(&self) -> String {
         self.evt(">")

@@ -1,11 +1,12 @@
-//! `rhizos flow check FLOW` and `rhizos flow estimate FLOW`: a flow file (TOML or JSON, the
-//! format of `rhizos_broker::wire::FlowSpec`) checked offline — every error names the step and
-//! the field, a cycle is refused naming its steps — and priced on the nodes online now.
+//! `rhizos flow check|estimate|run|get|list|cancel`: a flow file (TOML or JSON, the format of
+//! `rhizos_broker::wire::FlowSpec`) checked offline — every error names the step and the field,
+//! a cycle is refused naming its steps — priced on the nodes online now, run with its budget
+//! held in one escrow, watched, listed and cancelled.
 
 use crate::GlobalArgs;
 use anyhow::Context as _;
 use clap::Subcommand;
-use rhizos_broker::wire::{FlowSpec, format_usd};
+use rhizos_broker::wire::{FlowSpec, FlowView, format_usd};
 use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
@@ -18,13 +19,205 @@ pub enum FlowCommand {
     /// cheapest total and the worst case (every retry on the dearest nodes) against its
     /// max_cost_micros. Modules are resolved as a run would.
     Estimate { flow: PathBuf },
+    /// Run FLOW paid from ACCOUNT: its max_cost_micros is held in one escrow, steps run as
+    /// their inputs are ready (independent ones at the same time, on whichever nodes match),
+    /// each step's cost is settled from the escrow and what is left goes back when the flow
+    /// ends. Prints the flow id; with --wait, each step's progress until the flow ends.
+    Run {
+        flow: PathBuf,
+        /// The paying account (yours).
+        #[arg(long)]
+        account: String,
+        /// Choose the flow's id ([a-z0-9_-], at most 40): running the same file again with
+        /// it starts the flow once.
+        #[arg(long)]
+        id: Option<String>,
+        /// Follow the flow until it ends; exits non-zero unless it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// A flow and each of its steps: state, runs, job, exit code, cost, why.
+    Get {
+        flow_id: String,
+        /// Follow it until it ends (as `run --wait`).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Your flows, newest first (the operator: ACCOUNT's, or everyone's).
+    List {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Stop a flow: running steps are cancelled, the rest never start, and its escrow's rest
+    /// is refunded once they have stopped.
+    Cancel { flow_id: String },
 }
 
 pub async fn run(global: &GlobalArgs, command: FlowCommand) -> anyhow::Result<()> {
     match command {
         FlowCommand::Check { flow } => check(global, &flow),
         FlowCommand::Estimate { flow } => estimate(global, &flow).await,
+        FlowCommand::Run {
+            flow,
+            account,
+            id,
+            wait,
+        } => {
+            let spec = read(&flow)?;
+            spec.plan()
+                .with_context(|| format!("{} is not a valid flow", flow.display()))?;
+            let client = global.client_for(&account).await?;
+            let view = client.flow_run(id.as_deref(), &account, spec).await?;
+            if wait {
+                follow(global, &client, view).await
+            } else {
+                show(global, &view)
+            }
+        }
+        FlowCommand::Get { flow_id, wait } => {
+            let client = global.client().await?;
+            let view = client.flow_get(&flow_id).await?;
+            if wait {
+                follow(global, &client, view).await
+            } else {
+                show(global, &view)
+            }
+        }
+        FlowCommand::List { account, limit } => {
+            let client = match &account {
+                Some(account) => global.client_for(account).await?,
+                None => global.client().await?,
+            };
+            let list = client.flow_list(account.as_deref(), Some(limit)).await?;
+            if global.json {
+                println!("{}", serde_json::to_string(&list)?);
+                return Ok(());
+            }
+            if list.flows.is_empty() {
+                println!("no flows");
+            }
+            for flow in &list.flows {
+                let done = flow.steps.iter().filter(|s| s.state.is_terminal()).count();
+                println!(
+                    "{:<28} {:<20} {:<10} {}/{} steps  {}",
+                    flow.flow_id,
+                    flow.name,
+                    flow.state.as_str(),
+                    done,
+                    flow.steps.len(),
+                    money(flow)
+                );
+            }
+            Ok(())
+        }
+        FlowCommand::Cancel { flow_id } => {
+            let view = global.client().await?.flow_cancel(&flow_id).await?;
+            show(global, &view)
+        }
     }
+}
+
+fn money(flow: &FlowView) -> String {
+    match (flow.cost_micros, flow.refund_micros) {
+        (Some(cost), Some(refund)) => format!(
+            "cost {} · refunded {} of {}",
+            format_usd(cost),
+            format_usd(refund),
+            format_usd(flow.max_cost_micros)
+        ),
+        _ => format!(
+            "{} of {} left in escrow",
+            format_usd(flow.escrow_micros),
+            format_usd(flow.max_cost_micros)
+        ),
+    }
+}
+
+fn show(global: &GlobalArgs, flow: &FlowView) -> anyhow::Result<()> {
+    if global.json {
+        println!("{}", serde_json::to_string(flow)?);
+        return Ok(());
+    }
+    println!(
+        "flow {} ({}): {}{} — {}",
+        flow.flow_id,
+        flow.name,
+        flow.state.as_str(),
+        flow.reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default(),
+        money(flow)
+    );
+    for step in &flow.steps {
+        println!(
+            "  {:<16} {:<9} runs {}{}{} cost {}{}",
+            step.step,
+            step.state.as_str(),
+            step.runs,
+            step.job_id
+                .as_deref()
+                .map(|j| format!("  job {j}"))
+                .unwrap_or_default(),
+            step.exit_code
+                .map(|c| format!("  exit {c}"))
+                .unwrap_or_default(),
+            format_usd(step.cost_micros),
+            step.reason
+                .as_deref()
+                .map(|r| format!("  — {r}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Prints each step's changes until the flow ends (a line per change; `--json`: the flow
+/// as JSON at the end); fails unless it succeeded.
+async fn follow(
+    global: &GlobalArgs,
+    client: &rhizos_broker::Client,
+    mut flow: FlowView,
+) -> anyhow::Result<()> {
+    let mut seen: Vec<(String, &'static str, u32)> = Vec::new();
+    loop {
+        if !global.json {
+            for step in &flow.steps {
+                let now = (step.step.clone(), step.state.as_str(), step.runs);
+                if !seen.contains(&now) {
+                    eprintln!(
+                        "  {:<16} {}{}",
+                        step.step,
+                        step.state.as_str(),
+                        step.reason
+                            .as_deref()
+                            .map(|r| format!(" — {r}"))
+                            .unwrap_or_default()
+                    );
+                    seen.push(now);
+                }
+            }
+        }
+        if flow.state.is_terminal() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        flow = client.flow_get(&flow.flow_id).await?;
+    }
+    show(global, &flow)?;
+    anyhow::ensure!(
+        flow.state == rhizos_broker::wire::FlowState::Succeeded,
+        "flow {} ended {}{}",
+        flow.flow_id,
+        flow.state.as_str(),
+        flow.reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    );
+    Ok(())
 }
 
 /// Reads a flow file: TOML when it ends in `.toml`, JSON otherwise.

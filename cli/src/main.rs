@@ -479,6 +479,29 @@ pub fn describe_event(subject: &str, payload: &[u8]) -> String {
         }
         Ok(Event {
             body:
+                EventBody::Flow {
+                    flow_id,
+                    step,
+                    state,
+                    job_id,
+                    reason,
+                },
+            ..
+        }) => {
+            let mut line = match step {
+                Some(step) => format!("flow {flow_id} step {step} {state}"),
+                None => format!("flow {flow_id} {state}"),
+            };
+            if let Some(job_id) = job_id {
+                line.push_str(&format!(" (job {job_id})"));
+            }
+            if let Some(reason) = reason {
+                line.push_str(&format!(": {reason}"));
+            }
+            line
+        }
+        Ok(Event {
+            body:
                 EventBody::Escrow {
                     job_id,
                     kind,

@@ -35,6 +35,18 @@ pub enum EventBody {
         fee_micros: Option<i64>,
         refund_micros: Option<i64>,
     },
+    /// A flow changed state, or one of its steps did (`step` names it; `state` is then the
+    /// step's).
+    Flow {
+        flow_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<String>,
+        state: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -479,6 +479,205 @@ pub struct StepEstimate {
     pub problem: Option<String>,
 }
 
+/// `flow.run` request: start `flow`, paid from `account` (the caller's own).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunFlow {
+    pub v: u32,
+    /// Client-chosen id (`[a-z0-9_-]{1,40}`), so a retry starts the flow once; the
+    /// orchestrator picks one if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_id: Option<String>,
+    pub account: String,
+    pub flow: FlowSpec,
+}
+
+/// `flow.get` / `flow.cancel` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowRef {
+    pub v: u32,
+    pub flow_id: String,
+}
+
+/// `flow.cancel` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelFlow {
+    pub v: u32,
+    pub flow_id: String,
+}
+
+/// `flow.list` request: the caller's flows (an operator: `account`'s, or everyone's), newest
+/// first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListFlows {
+    pub v: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// At most this many (default 50, at most 500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// `flow.list` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowList {
+    pub flows: Vec<FlowView>,
+}
+
+/// Where a flow is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowState {
+    /// Steps run as their inputs become ready.
+    Running,
+    /// Cancelled or past its timeout: its running steps are being stopped; it ends
+    /// `cancelled` or `timed_out` once they have.
+    Stopping,
+    /// Every step succeeded or was skipped by a condition.
+    Succeeded,
+    /// A step failed (its dependants were skipped; the other branches ran on).
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl FlowState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed_out",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Running,
+            Self::Stopping,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Cancelled,
+            Self::TimedOut,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
+    /// The flow has ended and its escrow is closed.
+    pub const fn is_terminal(self) -> bool {
+        !matches!(self, Self::Running | Self::Stopping)
+    }
+}
+
+/// Where a step is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    /// Its inputs are not ready yet (or the flow's budget is held by other running steps).
+    Waiting,
+    /// Its job is submitted and not ended.
+    Running,
+    /// Its run failed and it waits its backoff before the next.
+    Retrying,
+    /// It exited with one of its `ok_exit_codes`.
+    Succeeded,
+    /// Its last run failed; its dependants are skipped.
+    Failed,
+    /// Not run: an upstream step failed or was skipped, or a condition on an edge into it was
+    /// false.
+    Skipped,
+    /// Stopped or never started because the flow was cancelled or timed out.
+    Cancelled,
+}
+
+impl StepState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Waiting,
+            Self::Running,
+            Self::Retrying,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Skipped,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
+    pub const fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Skipped | Self::Cancelled
+        )
+    }
+}
+
+/// A flow as `flow.run`, `flow.get`, `flow.list` and `flow.cancel` answer it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowView {
+    pub flow_id: String,
+    pub name: String,
+    pub account: String,
+    pub state: FlowState,
+    /// Why it failed, was cancelled or timed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Held in the flow's escrow when it started.
+    pub max_cost_micros: i64,
+    /// Left in the flow's escrow now (what the steps have not spent or hold).
+    pub escrow_micros: i64,
+    /// Once ended: what its steps cost in all, and what went back to the account
+    /// (`cost_micros + refund_micros = max_cost_micros`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_micros: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_micros: Option<i64>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// In the flow file's order.
+    pub steps: Vec<StepView>,
+    /// The flow's edges as given (`from` → `to`), for drawing its graph.
+    pub edges: Vec<FlowEdge>,
+}
+
+/// One step of a [`FlowView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepView {
+    pub step: String,
+    pub state: StepState,
+    /// Runs started so far (a retry is a run).
+    pub runs: u32,
+    /// The job of its latest run: `<flow_id>-<step index>-<run>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What its ended runs cost.
+    pub cost_micros: i64,
+    /// A retrying step's next run, not before (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
+}
+
 fn check_condition(condition: &Condition) -> Result<(), String> {
     match (condition.exit_code, &condition.json) {
         (Some(_), None) => {

@@ -404,6 +404,8 @@ impl Model {
                 }
                 self.prune_jobs();
             }
+            // A flow's steps show as their jobs (whose events come too).
+            EventBody::Flow { .. } => {}
         }
         None
     }

@@ -68,6 +68,23 @@ pub fn encode(
                 },
             )
         }
+        DomainEvent::Flow {
+            flow_id,
+            account,
+            step,
+            state,
+            job_id,
+            reason,
+        } => (
+            subjects.flow_event(&account, &state, &flow_id)?,
+            EventBody::Flow {
+                flow_id,
+                step,
+                state,
+                job_id,
+                reason,
+            },
+        ),
     };
     let event = Event {
         v: WIRE_VERSION,

@@ -44,6 +44,7 @@ async fn a_job_leaves_its_whole_history_in_the_event_stream() {
                 amount_micros,
                 ..
             } => format!("escrow {kind:?} {amount_micros}"),
+            EventBody::Flow { state, .. } => format!("flow {state}"),
         });
         if let EventBody::Escrow {
             kind: EscrowKind::Settled,

@@ -147,3 +147,305 @@ async fn a_flow_is_checked_and_priced_on_the_nodes_online_now() {
     assert!(!ok, "{text}");
     assert!(text.contains("probe → left → probe"), "{text}");
 }
+
+fn upper(name: &str, from: &str, to: &str) -> FlowStep {
+    FlowStep {
+        name: name.into(),
+        spec: wasm_spec(&demo(), &["upper", from, to], 20_000),
+        max_cost_micros: Some(1_000_000),
+        retries: 0,
+        backoff_ms: 1_000,
+        ok_exit_codes: vec![0],
+    }
+}
+
+fn b64(text: &str) -> String {
+    rhizos_broker::wire::b64_encode(text.as_bytes())
+}
+
+/// Waits (up to 60 s) until the flow has ended.
+async fn flow_end(client: &rhizos_broker::Client, flow_id: &str) -> rhizos_broker::wire::FlowView {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let flow = client.flow_get(flow_id).await.unwrap();
+        if flow.state.is_terminal() {
+            return flow;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flow {flow_id} did not end: {flow:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Every step job's cost, and that the flow's money adds up to the micro: each step settled
+/// from the flow's escrow, the rest refunded, the account charged exactly the steps' costs.
+async fn assert_flow_money(
+    cluster: &rhizos_testbed::Cluster,
+    flow: &rhizos_broker::wire::FlowView,
+    before: i64,
+) {
+    let mut spent = 0;
+    for step in &flow.steps {
+        let mut step_cost = 0;
+        for run in 1..=step.runs {
+            let index = flow.steps.iter().position(|s| s.step == step.step).unwrap();
+            let job = cluster
+                .job(&format!("{}-{index}-{run}", flow.flow_id))
+                .await
+                .unwrap();
+            assert_eq!(job.account, flow.account, "{job:?}");
+            let cost = job.cost_micros.expect("a step's job is settled");
+            step_cost += cost;
+        }
+        assert_eq!(step.cost_micros, step_cost, "{step:?}");
+        spent += step_cost;
+    }
+    assert_eq!(flow.cost_micros, Some(spent), "{flow:#?}");
+    assert_eq!(
+        flow.cost_micros.unwrap() + flow.refund_micros.unwrap(),
+        flow.max_cost_micros
+    );
+    assert_eq!(flow.escrow_micros, 0);
+    let after = cluster.balance(&flow.account).await.unwrap();
+    assert_eq!(after.balance_micros, before - spent);
+    assert_eq!(after.held_micros, 0);
+    assert_ledger_consistent(cluster).await;
+}
+
+/// A three-step fan-out of real WASM jobs: `prep` feeds its output file to `left` and `right`
+/// (which run as soon as it is done, at the same time), `right` under a condition on a JSON
+/// value `prep` wrote (true), `never` under an exit-code condition (false: skipped). One
+/// escrow for the flow; each step settled from it; the rest refunded — to the micro. Then a
+/// flow whose first step fails after its retry: its dependant is skipped, the independent
+/// step still runs, the flow fails saying why and refunds what is left.
+#[tokio::test]
+async fn a_fan_out_flow_runs_on_the_network_and_settles_from_one_escrow() {
+    use rhizos_broker::wire::{CompareOp, Condition, FlowState, StepState};
+    // Secure: each party is who its credentials say (a user sees only its own flows).
+    let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
+        secure: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = cluster.client();
+    let before = cluster
+        .funded_account("fay", 20_000_000)
+        .await
+        .unwrap()
+        .balance_micros;
+
+    let mut prep = upper("prep", "in.txt", "up.txt");
+    prep.spec
+        .input_files
+        .insert("in.txt".into(), b64("hello\nflows\n"));
+    let mut never = upper("never", "x.txt", "y.txt");
+    never.spec.args = vec!["hello".into()];
+    let flow = FlowSpec {
+        name: "fan-out".into(),
+        max_cost_micros: 5_000_000,
+        timeout_ms: Some(60_000),
+        steps: vec![
+            prep,
+            upper("left", "a.txt", "left.txt"),
+            upper("right", "b.txt", "right.txt"),
+            never,
+        ],
+        edges: vec![
+            edge("prep:/output/up.txt", "left:/input/a.txt"),
+            FlowEdge {
+                when: Some(Condition {
+                    exit_code: None,
+                    json: Some("/output/up.txt.lines".into()),
+                    pointer: Some(String::new()),
+                    op: CompareOp::Ge,
+                    value: Some(serde_json::json!(2)),
+                }),
+                ..edge("prep:/output/up.txt", "right:/input/b.txt")
+            },
+            FlowEdge {
+                when: Some(Condition {
+                    exit_code: Some(3),
+                    json: None,
+                    pointer: None,
+                    op: CompareOp::Eq,
+                    value: None,
+                }),
+                ..edge("prep", "never")
+            },
+        ],
+    };
+    let started = client
+        .flow_run(Some("fan-1"), "fay", flow.clone())
+        .await
+        .unwrap();
+    assert_eq!(started.flow_id, "fan-1");
+    assert_eq!(started.max_cost_micros, 5_000_000);
+    // Sending the same start again (a client's retry) starts nothing more.
+    let again = client
+        .flow_run(Some("fan-1"), "fay", flow.clone())
+        .await
+        .unwrap();
+    assert_eq!(again.flow_id, "fan-1");
+    let done = flow_end(&client, "fan-1").await;
+    assert_eq!(done.state, FlowState::Succeeded, "{done:#?}");
+    let states: Vec<_> = done
+        .steps
+        .iter()
+        .map(|s| (s.step.as_str(), s.state, s.runs))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("prep", StepState::Succeeded, 1),
+            ("left", StepState::Succeeded, 1),
+            ("right", StepState::Succeeded, 1),
+            ("never", StepState::Skipped, 0),
+        ]
+    );
+    assert!(
+        done.steps[3]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("condition on the edge from \"prep\" is false")),
+        "{done:#?}"
+    );
+    // The file went from prep to both branches, through their own jobs.
+    for (index, file, text) in [
+        (1, "left.txt", "HELLO\nFLOWS\n"),
+        (2, "right.txt", "HELLO\nFLOWS\n"),
+    ] {
+        let job = cluster.job(&format!("fan-1-{index}-1")).await.unwrap();
+        assert_eq!(
+            job.output_files.get(file).map(String::as_str),
+            Some(b64(text).as_str()),
+            "{job:?}"
+        );
+    }
+    // left and right ran at the same time: both started before either ended.
+    let (left, right) = (
+        cluster.job("fan-1-1-1").await.unwrap(),
+        cluster.job("fan-1-2-1").await.unwrap(),
+    );
+    let prep_job = cluster.job("fan-1-0-1").await.unwrap();
+    assert!(left.created_ms >= prep_job.updated_ms && right.created_ms >= prep_job.updated_ms);
+    assert_flow_money(&cluster, &done, before).await;
+    let before = cluster.balance("fay").await.unwrap().balance_micros;
+
+    // A failing step: retried once after its backoff, then failed; its dependant skipped;
+    // the independent step still runs; the flow fails and refunds the rest.
+    let mut broken = upper("broken", "in.txt", "out.txt");
+    broken.spec.args = vec!["exit".into(), "3".into()];
+    broken.retries = 1;
+    broken.backoff_ms = 200;
+    let failing = FlowSpec {
+        name: "failing".into(),
+        max_cost_micros: 4_000_000,
+        timeout_ms: None,
+        steps: vec![broken, upper("after", "a.txt", "b.txt"), {
+            let mut alone = upper("alone", "in.txt", "out.txt");
+            alone.spec.input_files.insert("in.txt".into(), b64("x"));
+            alone
+        }],
+        edges: vec![edge("broken:/output/out.txt", "after:/input/a.txt")],
+    };
+    client
+        .flow_run(Some("fail-1"), "fay", failing)
+        .await
+        .unwrap();
+    let failed = flow_end(&client, "fail-1").await;
+    assert_eq!(failed.state, FlowState::Failed, "{failed:#?}");
+    let states: Vec<_> = failed
+        .steps
+        .iter()
+        .map(|s| (s.step.as_str(), s.state, s.runs))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("broken", StepState::Failed, 2),
+            ("after", StepState::Skipped, 0),
+            ("alone", StepState::Succeeded, 1),
+        ]
+    );
+    assert_eq!(failed.steps[0].exit_code, Some(3));
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("step \"broken\" failed")),
+        "{failed:#?}"
+    );
+    assert!(
+        failed.steps[1].reason.as_deref() == Some("step \"broken\" failed"),
+        "{failed:#?}"
+    );
+    assert_flow_money(&cluster, &failed, before).await;
+
+    // Another account sees none of it; the list shows the account's flows, newest first.
+    let listed = client.flow_list(Some("fay"), None).await.unwrap();
+    let ids: Vec<_> = listed.flows.iter().map(|f| f.flow_id.as_str()).collect();
+    assert_eq!(ids, ["fail-1", "fan-1"]);
+    cluster.funded_account("gus", 1_000_000).await.unwrap();
+    let gus = cluster
+        .client_as(&rhizos_broker::Caller::user("gus"))
+        .await
+        .unwrap();
+    let hidden = gus.flow_get("fan-1").await.unwrap_err();
+    assert_eq!(hidden.remote().unwrap().code, ErrorCode::NotFound);
+    assert!(gus.flow_list(None, None).await.unwrap().flows.is_empty());
+    let refused = gus.flow_cancel("fan-1").await.unwrap_err();
+    assert_eq!(refused.remote().unwrap().code, ErrorCode::NotFound);
+    // gus's own flow, cancelled while its step runs: the step's job is stopped, the flow
+    // ends cancelled, and everything not spent comes back.
+    let mut slow = upper("slow", "in.txt", "out.txt");
+    slow.spec.args = vec!["sleep".into(), "20000".into()];
+    slow.spec.timeout_ms = 60_000;
+    let gus_before = cluster.balance("gus").await.unwrap().balance_micros;
+    gus.flow_run(
+        Some("gus-1"),
+        "gus",
+        FlowSpec {
+            name: "slow".into(),
+            max_cost_micros: 1_000_000,
+            timeout_ms: None,
+            steps: vec![slow],
+            edges: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cluster
+        .job("gus-1-0-1")
+        .await
+        .is_ok_and(|j| j.state == rhizos_broker::wire::JobState::Running)
+    {
+        assert!(std::time::Instant::now() < deadline, "the step never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let stopping = gus.flow_cancel("gus-1").await.unwrap();
+    assert!(
+        matches!(stopping.state, FlowState::Stopping | FlowState::Cancelled),
+        "{stopping:#?}"
+    );
+    let cancelled = flow_end(&gus, "gus-1").await;
+    assert_eq!(cancelled.state, FlowState::Cancelled, "{cancelled:#?}");
+    assert_eq!(
+        cancelled.steps[0].state,
+        StepState::Cancelled,
+        "{cancelled:#?}"
+    );
+    assert_flow_money(&cluster, &cancelled, gus_before).await;
+    // A cycle is refused before anything is held.
+    let mut cycle = flow.clone();
+    cycle.edges.push(edge("left", "prep"));
+    let refused = client
+        .flow_run(Some("loop-1"), "fay", cycle)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.remote().unwrap().code, ErrorCode::BadRequest);
+    assert_eq!(cluster.balance("fay").await.unwrap().held_micros, 0);
+}

@@ -296,6 +296,7 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
             history.push(match event.body {
                 EventBody::Job { state, .. } => state.as_str().to_owned(),
                 EventBody::Escrow { kind, .. } => format!("{kind:?}").to_lowercase(),
+                EventBody::Flow { state, .. } => format!("flow {state}"),
             });
         }
         assert_eq!(

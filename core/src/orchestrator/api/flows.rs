@@ -1,12 +1,205 @@
 //! `flow.*` requests: flows checked, their modules resolved and their steps priced on the nodes
-//! online now (issue 19: running flows comes next).
+//! online now (`flow.estimate`); started with their budget held in one escrow (`flow.run`),
+//! looked at, listed and cancelled. What moves a flow on is `Store::advance_flow`, run by
+//! [`Orchestrator::flows_loop`] and after each request that changes one.
 
 use super::super::{Orchestrator, modules, validate};
+use super::own_account;
+use rhizos_broker::subjects::validate_token;
 use rhizos_broker::wire::{
-    ErrorCode, EstimateFlow, FlowEstimate, StepEstimate, WireError, Workload,
+    CancelFlow, ErrorCode, EstimateFlow, FlowEstimate, FlowList, FlowRef, FlowSpec, FlowView,
+    ListFlows, RunFlow, StepEstimate, WireError, Workload,
 };
+use rhizos_broker::{Caller, Role};
+use std::time::Duration;
+
+/// Longest flow id a client may choose (a step's job id is `<flow id>-<step>-<run>`, at most
+/// 64 characters).
+const MAX_FLOW_ID: usize = 40;
+
+/// How often open flows are looked at (a step starts at most this long after its inputs
+/// are ready).
+const FLOW_TICK: Duration = Duration::from_millis(200);
 
 impl Orchestrator {
+    /// `flow` with every step's module resolved and the spec materialized, each step checked
+    /// as a submit would be (errors name the step and field).
+    async fn resolve_flow(&self, flow: &FlowSpec) -> Result<FlowSpec, WireError> {
+        let mut resolved = flow.clone();
+        for (index, step) in resolved.steps.iter_mut().enumerate() {
+            let in_step = |e: WireError| {
+                WireError::new(
+                    e.code,
+                    format!("step {:?}, steps[{index}].spec: {}", step.name, e.message),
+                )
+            };
+            if let Workload::Module { uri } = &step.spec.workload {
+                let module = self.resolve_module(uri).await.map_err(in_step)?;
+                step.spec = modules::materialize(&module.manifest, &step.spec).map_err(in_step)?;
+            }
+            validate::validate_spec(&step.spec).map_err(in_step)?;
+        }
+        Ok(resolved)
+    }
+
+    pub(in crate::orchestrator) async fn flow_run(
+        &self,
+        caller: Caller,
+        request: RunFlow,
+    ) -> Result<FlowView, WireError> {
+        own_account(&caller, &request.account)?;
+        let flow_id = match request.flow_id.clone() {
+            Some(id) => id,
+            None => format!("flow-{}", &uuid::Uuid::now_v7().simple().to_string()[..20]),
+        };
+        if validate_token("flow id", &flow_id).is_err() || flow_id.len() > MAX_FLOW_ID {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("flow_id: {flow_id:?} is not a flow id ([a-z0-9_-], 1 to {MAX_FLOW_ID})"),
+            ));
+        }
+        request
+            .flow
+            .plan()
+            .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let flow = self.resolve_flow(&request.flow).await?;
+        // Refuse at once a step no known node could ever run.
+        for (index, step) in flow.steps.iter().enumerate() {
+            let cap = step.max_cost_micros.unwrap_or(flow.max_cost_micros);
+            self.registry().feasibility(&step.spec, cap).map_err(|e| {
+                WireError::new(
+                    e.code,
+                    format!("step {:?}, steps[{index}]: {}", step.name, e.message),
+                )
+            })?;
+        }
+        let (id, account) = (flow_id.clone(), request.account.clone());
+        let (view, created) = self
+            .db(move |store| store.start_flow(&id, &account, &flow))
+            .await?;
+        if created {
+            tracing::info!(flow_id = %view.flow_id, account = %view.account, steps = view.steps.len(), max_cost_micros = view.max_cost_micros, "flow started");
+        }
+        self.advance_flow(&flow_id).await;
+        self.db(move |store| store.flow(&flow_id)).await
+    }
+
+    pub(in crate::orchestrator) async fn flow_get(
+        &self,
+        caller: Caller,
+        request: FlowRef,
+    ) -> Result<FlowView, WireError> {
+        let flow = self.own_flow(&caller, request.flow_id).await?;
+        Ok(flow)
+    }
+
+    pub(in crate::orchestrator) async fn flow_list(
+        &self,
+        caller: Caller,
+        mut request: ListFlows,
+    ) -> Result<FlowList, WireError> {
+        if let Some(account) = &request.account {
+            own_account(&caller, account)?;
+        }
+        if caller.role == Role::User {
+            request.account = Some(caller.name);
+        }
+        let limit = request.limit.unwrap_or(50).clamp(1, 500);
+        let flows = self
+            .read(move |store| store.list_flows(request.account.as_deref(), limit))
+            .await?;
+        Ok(FlowList { flows })
+    }
+
+    pub(in crate::orchestrator) async fn flow_cancel(
+        &self,
+        caller: Caller,
+        request: CancelFlow,
+    ) -> Result<FlowView, WireError> {
+        let flow = self.own_flow(&caller, request.flow_id).await?;
+        let id = flow.flow_id.clone();
+        self.db(move |store| store.cancel_flow(&id)).await?;
+        self.advance_flow(&flow.flow_id).await;
+        let id = flow.flow_id;
+        self.db(move |store| store.flow(&id)).await
+    }
+
+    /// The flow `flow_id` if `caller` may see it (a user its own: another's is not found).
+    async fn own_flow(&self, caller: &Caller, flow_id: String) -> Result<FlowView, WireError> {
+        if validate_token("flow id", &flow_id).is_err() {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("flow_id: {flow_id:?} is not a flow id"),
+            ));
+        }
+        let not_found = || {
+            WireError::new(
+                ErrorCode::NotFound,
+                format!("no flow {flow_id} in account {}", caller.name),
+            )
+        };
+        let id = flow_id.clone();
+        let flow = self.db(move |store| store.flow(&id)).await.map_err(|e| {
+            if e.code == ErrorCode::NotFound {
+                not_found()
+            } else {
+                e
+            }
+        })?;
+        if super::acts_for(caller, &flow.account) {
+            Ok(flow)
+        } else {
+            Err(not_found())
+        }
+    }
+
+    /// Moves one flow on (`Store::advance_flow`) and does what that asks: stop cancelled steps'
+    /// executions on their nodes, dispatch submitted steps, publish events.
+    pub(in crate::orchestrator) async fn advance_flow(&self, flow_id: &str) -> Option<u64> {
+        let id = flow_id.to_owned();
+        let advance = match self
+            .db(move |store| store.advance_flow(&id, crate::now_ms()))
+            .await
+        {
+            Ok(advance) => advance,
+            Err(e) => {
+                tracing::warn!(flow_id, error = %e.message, "the flow could not move on; trying again");
+                return None;
+            }
+        };
+        self.inner.outbox_wake.notify_one();
+        if !advance.submitted.is_empty() {
+            tracing::info!(flow_id, jobs = ?advance.submitted, "flow steps submitted");
+            self.inner.dispatch_wake.notify_one();
+        }
+        for (node, job_id, attempt) in &advance.stops {
+            self.send_stop(node, job_id, *attempt).await;
+        }
+        if let Some(state) = advance.ended {
+            tracing::info!(flow_id, state = state.as_str(), "flow ended");
+        }
+        advance.wake_at_ms
+    }
+
+    /// While active: every open flow is moved on every [`FLOW_TICK`] (a step's job that ended,
+    /// a backoff or the flow's deadline that passed). Flows are in the database, so after a
+    /// restart or a failover the new active goes on with them.
+    pub(in crate::orchestrator) async fn flows_loop(self) {
+        loop {
+            tokio::time::sleep(FLOW_TICK).await;
+            let open = match self.read(|store| store.open_flows()).await {
+                Ok(open) => open,
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "cannot list open flows");
+                    continue;
+                }
+            };
+            for flow_id in open {
+                self.advance_flow(&flow_id).await;
+            }
+        }
+    }
+
     pub(in crate::orchestrator) async fn flow_estimate(
         &self,
         request: EstimateFlow,

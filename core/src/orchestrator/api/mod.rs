@@ -95,6 +95,10 @@ impl Orchestrator {
             CtlOp::ModuleResolve => self.serve(payload, |r| self.module_resolve(r)).await,
             CtlOp::ModuleList => self.serve(payload, |r| self.module_list(r)).await,
             CtlOp::FlowEstimate => self.serve(payload, |r| self.flow_estimate(r)).await,
+            CtlOp::FlowRun => self.serve(payload, |r| self.flow_run(c, r)).await,
+            CtlOp::FlowGet => self.serve(payload, |r| self.flow_get(c, r)).await,
+            CtlOp::FlowList => self.serve(payload, |r| self.flow_list(c, r)).await,
+            CtlOp::FlowCancel => self.serve(payload, |r| self.flow_cancel(c, r)).await,
             CtlOp::ReceiptGet => self.serve(payload, |r| self.receipt_get(c, r)).await,
             // Served by each node's agent on its own subject; never subscribed to here.
             CtlOp::JobAssign | CtlOp::JobStop | CtlOp::NodePlugins => {

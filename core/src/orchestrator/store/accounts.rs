@@ -80,8 +80,12 @@ impl Store {
         let balance = ledger::balance(&self.conn, account)?.ok_or_else(|| no_account(account))?;
         let held_micros: i64 = query_row(
             &self.conn,
-            "SELECT COALESCE(SUM(max_cost_micros), 0) FROM jobs WHERE account_id = ?1
-                 AND state IN ('pending', 'assigned', 'running')",
+            // Open jobs' holds (a flow's steps' too) and what open flows' escrows have left.
+            "SELECT (SELECT COALESCE(SUM(max_cost_micros), 0) FROM jobs WHERE account_id = ?1
+                         AND state IN ('pending', 'assigned', 'running'))
+                  + (SELECT COALESCE(SUM(a.balance_micros), 0) FROM flows f
+                         JOIN accounts a ON a.id = 'flow:' || f.id
+                         WHERE f.account_id = ?1 AND f.state IN ('running', 'stopping'))",
             [account],
             |r| r.get(0),
         )?;

@@ -15,7 +15,7 @@ impl Ctx {
     ) -> Result<(String, i64), StoreError> {
         query_row(
             tx,
-            "SELECT account_id, max_cost_micros FROM jobs WHERE id = ?1",
+            "SELECT COALESCE(payer_account, account_id), max_cost_micros FROM jobs WHERE id = ?1",
             [job_id],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -32,14 +32,15 @@ impl Ctx {
         // The job's payer and hold, and the provider account recorded when it was assigned (a
         // later registration cannot redirect it; rows assigned before that was recorded: the
         // node's registration).
-        let (account, hold, provider, key_id): (String, i64, String, Option<String>) = query_row(
+        // The payer: the job's account, or the flow whose escrow held for it.
+        let (account, hold, provider, key_id, payer): (String, i64, String, Option<String>, String) = query_row(
             tx,
             "SELECT j.account_id, j.max_cost_micros,
                     COALESCE(j.provider_account, json_extract(n.registration, '$.provider_account')),
-                    j.key_id
+                    j.key_id, COALESCE(j.payer_account, j.account_id)
              FROM jobs j LEFT JOIN nodes n ON n.id = j.node_id WHERE j.id = ?1",
             [job_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )?;
         ledger::ensure_account(tx, &provider, AccountKind::Provider, now)?;
         let split = ledger::split(measured_micros, hold, self.fee_bps);
@@ -53,7 +54,7 @@ impl Ctx {
                 (&escrow, -hold),
                 (&provider, split.provider_micros),
                 (ledger::PLATFORM_FEES, split.fee_micros),
-                (&account, split.refund_micros),
+                (&payer, split.refund_micros),
             ],
             now,
         )?;
@@ -99,14 +100,14 @@ impl Ctx {
     }
 
     pub(super) fn refund(&self, tx: &Connection, job_id: &str, now: u64) -> Result<(), StoreError> {
-        let (account, hold) = Self::job_account_and_hold(tx, job_id)?;
+        let (payer, hold) = Self::job_account_and_hold(tx, job_id)?;
         let escrow = escrow_account(job_id);
         let applied = ledger::post(
             tx,
             &format!("close:{job_id}"),
             TxKind::Refund,
             Some(job_id),
-            &[(&escrow, -hold), (&account, hold)],
+            &[(&escrow, -hold), (&payer, hold)],
             now,
         )?;
         if applied == Applied::Duplicate {
@@ -116,6 +117,12 @@ impl Ctx {
             tx,
             "UPDATE jobs SET cost_micros = 0, provider_micros = 0, fee_micros = 0, refund_micros = ?2 WHERE id = ?1",
             params![job_id, hold],
+        )?;
+        let account: String = query_row(
+            tx,
+            "SELECT account_id FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| r.get(0),
         )?;
         self.emit(
             tx,

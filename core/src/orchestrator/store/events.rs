@@ -48,6 +48,18 @@ pub enum DomainEvent {
         fee_micros: Option<i64>,
         refund_micros: Option<i64>,
     },
+    /// A flow changed state, or one of its steps did (`step`; `state` is then the step's).
+    Flow {
+        flow_id: String,
+        account: String,
+        #[serde(default)]
+        step: Option<String>,
+        state: String,
+        #[serde(default)]
+        job_id: Option<String>,
+        #[serde(default)]
+        reason: Option<String>,
+    },
 }
 
 /// A domain event and when it was recorded (wall clock, ms).

@@ -81,58 +81,17 @@ impl Store {
             Some(digest) => Some(key_budget(&tx, digest, account, max_cost_micros)?),
             None => None,
         };
-        exec(&tx,
-            "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms,
-                               cpu_cores, memory_mib, gpus, queue_timeout_ms, timeout_ms, key_id,
-                               max_input_units, max_output_units)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-            params![
+        accept(
+            &tx,
+            ctx,
+            Accept {
                 job_id,
                 account,
-                spec.workload.backend(),
-                spec_json,
+                payer: None,
+                spec,
+                spec_json: &spec_json,
                 max_cost_micros,
-                now as i64,
-                spec.total_timeout_ms.map(|t| now.saturating_add(t) as i64),
-                spec.cpu_cores,
-                spec.memory_mib as i64,
-                spec.gpus,
-                spec.queue_timeout_ms.map(|t| t as i64),
-                i64::try_from(spec.timeout_ms).unwrap_or(i64::MAX),
-                key_id,
-                metered_limits(spec).map(|(i, _)| i as i64),
-                metered_limits(spec).map(|(_, o)| o as i64),
-            ],
-        )
-        ?;
-        let escrow = escrow_account(job_id);
-        ledger::ensure_account(&tx, &escrow, AccountKind::Escrow, now)?;
-        ledger::post(
-            &tx,
-            &format!("hold:{job_id}"),
-            TxKind::Hold,
-            Some(job_id),
-            &[(account, -max_cost_micros), (&escrow, max_cost_micros)],
-            now,
-        )
-        .map_err(|e| match e {
-            LedgerError::InsufficientFunds { balance_micros, .. } => {
-                insufficient(account, balance_micros, max_cost_micros)
-            }
-            other => other.into(),
-        })?;
-        ctx.emit_job(&tx, job_id, JobState::Pending, 0, None, None, now)?;
-        ctx.emit(
-            &tx,
-            DomainEvent::Escrow {
-                job_id: job_id.to_owned(),
-                movement: Movement::Held,
-                account: account.to_owned(),
-                amount_micros: max_cost_micros,
-                provider_account: None,
-                provider_micros: None,
-                fee_micros: None,
-                refund_micros: None,
+                key_id: key_id.as_deref(),
             },
             now,
         )?;
@@ -529,4 +488,93 @@ pub(super) fn metered_limits(spec: &JobSpec) -> Option<(u64, u64)> {
         } => Some((*max_input_units, *max_output_units)),
         _ => None,
     }
+}
+
+/// A job to accept: its owner `account`, and who pays its hold (`payer`: a flow's escrow;
+/// `None`: the owner).
+pub(super) struct Accept<'a> {
+    pub job_id: &'a str,
+    pub account: &'a str,
+    pub payer: Option<&'a str>,
+    pub spec: &'a JobSpec,
+    pub spec_json: &'a str,
+    pub max_cost_micros: i64,
+    pub key_id: Option<&'a str>,
+}
+
+/// Records a job pending and holds its `max_cost` from its payer in its escrow account, with
+/// its events, in `tx`.
+pub(super) fn accept(
+    tx: &rusqlite::Connection,
+    ctx: &super::Ctx,
+    job: Accept<'_>,
+    now: u64,
+) -> Result<(), StoreError> {
+    let Accept {
+        job_id,
+        account,
+        payer,
+        spec,
+        spec_json,
+        max_cost_micros,
+        key_id,
+    } = job;
+    let paying = payer.unwrap_or(account);
+    exec(tx,
+        "INSERT INTO jobs (id, account_id, backend, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms,
+                           cpu_cores, memory_mib, gpus, queue_timeout_ms, timeout_ms, key_id,
+                           max_input_units, max_output_units, payer_account)
+         VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        params![
+            job_id,
+            account,
+            spec.workload.backend(),
+            spec_json,
+            max_cost_micros,
+            now as i64,
+            spec.total_timeout_ms.map(|t| now.saturating_add(t) as i64),
+            spec.cpu_cores,
+            spec.memory_mib as i64,
+            spec.gpus,
+            spec.queue_timeout_ms.map(|t| t as i64),
+            i64::try_from(spec.timeout_ms).unwrap_or(i64::MAX),
+            key_id,
+            metered_limits(spec).map(|(i, _)| i as i64),
+            metered_limits(spec).map(|(_, o)| o as i64),
+            payer,
+        ],
+    )
+    ?;
+    let escrow = escrow_account(job_id);
+    ledger::ensure_account(tx, &escrow, AccountKind::Escrow, now)?;
+    ledger::post(
+        tx,
+        &format!("hold:{job_id}"),
+        TxKind::Hold,
+        Some(job_id),
+        &[(paying, -max_cost_micros), (&escrow, max_cost_micros)],
+        now,
+    )
+    .map_err(|e| match e {
+        LedgerError::InsufficientFunds { balance_micros, .. } => {
+            insufficient(paying, balance_micros, max_cost_micros)
+        }
+        other => other.into(),
+    })?;
+    ctx.emit_job(tx, job_id, JobState::Pending, 0, None, None, now)?;
+    ctx.emit(
+        tx,
+        DomainEvent::Escrow {
+            job_id: job_id.to_owned(),
+            movement: Movement::Held,
+            account: account.to_owned(),
+            amount_micros: max_cost_micros,
+            provider_account: None,
+            provider_micros: None,
+            fee_micros: None,
+            refund_micros: None,
+        },
+        now,
+    )?;
+    Ok(())
 }

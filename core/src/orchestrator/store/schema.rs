@@ -217,6 +217,45 @@ const MIGRATIONS: &[Migration] = &[
             )
         },
     },
+    Migration {
+        name: "0012 flows: graphs of jobs paid from one escrow (flow:<id>), and each job's payer",
+        apply: |conn| {
+            conn.execute_batch(
+                "CREATE TABLE flows (
+                     id TEXT PRIMARY KEY,
+                     account_id TEXT NOT NULL,
+                     name TEXT NOT NULL,
+                     spec TEXT NOT NULL,
+                     state TEXT NOT NULL,
+                     outcome TEXT,
+                     reason TEXT,
+                     max_cost_micros INTEGER NOT NULL,
+                     cost_micros INTEGER,
+                     refund_micros INTEGER,
+                     created_ms INTEGER NOT NULL,
+                     updated_ms INTEGER NOT NULL,
+                     deadline_ms INTEGER
+                 );
+                 CREATE INDEX flows_by_account ON flows(account_id, created_ms);
+                 CREATE INDEX flows_open ON flows(state) WHERE state IN ('running', 'stopping');
+                 CREATE TABLE flow_steps (
+                     flow_id TEXT NOT NULL REFERENCES flows(id),
+                     idx INTEGER NOT NULL,
+                     step TEXT NOT NULL,
+                     state TEXT NOT NULL,
+                     runs INTEGER NOT NULL DEFAULT 0,
+                     job_id TEXT,
+                     exit_code INTEGER,
+                     reason TEXT,
+                     cost_micros INTEGER NOT NULL DEFAULT 0,
+                     not_before_ms INTEGER,
+                     updated_ms INTEGER NOT NULL,
+                     PRIMARY KEY (flow_id, idx)
+                 );
+                 ALTER TABLE jobs ADD COLUMN payer_account TEXT;",
+            )
+        },
+    },
 ];
 
 /// The schema version this release writes.

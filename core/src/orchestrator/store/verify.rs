@@ -89,6 +89,7 @@ impl Store {
         }
         self.verify_charges(&mut problems)?;
         self.verify_key_spend(&mut problems)?;
+        self.verify_flows(&mut problems)?;
         Ok(LedgerReport {
             ok: problems.is_empty(),
             accounts: base.accounts,
@@ -97,6 +98,54 @@ impl Store {
             jobs_checked,
             problems,
         })
+    }
+
+    /// Per flow: held once; an ended flow's escrow is empty and closed once, and what its step
+    /// jobs cost plus its refund is its hold; an open flow's escrow plus what its open step jobs
+    /// hold plus what its ended ones cost is its hold.
+    fn verify_flows(&self, problems: &mut Vec<String>) -> Result<(), StoreError> {
+        let mut statement = self.conn.prepare(
+            "SELECT f.id, f.state, f.max_cost_micros, f.cost_micros, f.refund_micros,
+                    COALESCE(a.balance_micros, 0),
+                    (SELECT COUNT(*) FROM ledger_tx t WHERE t.idem_key = 'flow-hold:' || f.id),
+                    (SELECT COUNT(*) FROM ledger_tx t WHERE t.idem_key = 'flow-close:' || f.id),
+                    (SELECT COALESCE(SUM(j.cost_micros), 0) FROM jobs j
+                         WHERE j.payer_account = 'flow:' || f.id AND j.cost_micros IS NOT NULL),
+                    (SELECT COALESCE(SUM(j.max_cost_micros), 0) FROM jobs j
+                         WHERE j.payer_account = 'flow:' || f.id AND j.cost_micros IS NULL)
+             FROM flows f LEFT JOIN accounts a ON a.id = 'flow:' || f.id",
+        )?;
+        let mut rows = statement.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: String = r.get(0)?;
+            let state: String = r.get(1)?;
+            let hold: i64 = r.get(2)?;
+            let (cost, refund): (Option<i64>, Option<i64>) = (r.get(3)?, r.get(4)?);
+            let (escrow, holds, closes, spent, open): (i64, i64, i64, i64, i64) =
+                (r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?);
+            if holds != 1 {
+                problems.push(format!("flow {id}: {holds} holds instead of 1"));
+            }
+            let ended = rhizos_broker::wire::FlowState::parse(&state)
+                .is_some_and(rhizos_broker::wire::FlowState::is_terminal);
+            if ended {
+                if escrow != 0 || closes != 1 || open != 0 {
+                    problems.push(format!(
+                        "flow {id} ended ({state}) but its escrow holds {escrow}, was closed {closes} times, and its open steps hold {open}"
+                    ));
+                }
+                if cost != Some(spent) || refund.map(|r| r + spent) != Some(hold) {
+                    problems.push(format!(
+                        "flow {id}: cost {cost:?} + refund {refund:?} is not its hold {hold} (its steps cost {spent})"
+                    ));
+                }
+            } else if closes != 0 || escrow + open + spent != hold {
+                problems.push(format!(
+                    "flow {id} is {state}: escrow {escrow} + open steps {open} + spent {spent} is not its hold {hold} (closed {closes} times)"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Every API key has spent exactly what the jobs charged to it cost.
@@ -133,7 +182,7 @@ impl Store {
     fn verify_charges(&self, problems: &mut Vec<String>) -> Result<(), StoreError> {
         let slack = self.ctx.charging.slack_ms;
         let mut statement = self.conn.prepare(
-            "SELECT j.id, t.id, t.kind, j.account_id, j.max_cost_micros, j.cost_micros, j.provider_micros,
+            "SELECT j.id, t.id, t.kind, COALESCE(j.payer_account, j.account_id), j.max_cost_micros, j.cost_micros, j.provider_micros,
                     j.fee_micros, j.refund_micros, j.provider_account, j.fee_bps, j.elapsed_ms,
                     j.billed_elapsed_ms, j.fuel_consumed, j.billed_fuel, j.fuel_limit, j.timeout_ms,
                     j.assigned_ms, j.updated_ms, j.cpu_cores, j.memory_mib, j.gpus, j.pricing,

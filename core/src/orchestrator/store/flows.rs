@@ -1,0 +1,841 @@
+//! Flows (tables `flows`, `flow_steps`): a graph of jobs paid from one escrow.
+//!
+//! Starting a flow holds its `max_cost` in the flow's own escrow account (`flow:<id>`, posting
+//! `flow-hold:<id>`). Each step's run is an ordinary job of the flow's account whose hold comes
+//! from that escrow (`jobs.payer_account`), so it settles exactly like any job — provider, fee —
+//! and its unspent hold goes back to the flow's escrow, not to the account. When every step has
+//! ended the flow closes its escrow once (`flow-close:<id>`): what is left goes back to the
+//! account, and cost + refund = the hold.
+//!
+//! [`Store::advance_flow`] is the whole state machine, one transaction per call: ended runs
+//! are read off their jobs (succeeded, retried after a backoff, failed), steps whose inputs are
+//! ready are submitted (conditions checked, upstream files passed in), dependants of a failed
+//! or skipped step are skipped, a stopping flow cancels its running jobs, and a flow with
+//! nothing left to run ends. Everything it needs is in the database, so an orchestrator that
+//! restarts (or takes over) goes on where the last one stopped.
+
+use super::events::DomainEvent;
+use super::jobs::{Accept, accept};
+use super::{Store, StoreError};
+use crate::ledger::{self, AccountKind, TxKind, exec, query_row};
+use rhizos_broker::wire::{FlowSpec, FlowState, FlowView, JobState, StepState, StepView};
+use rusqlite::{OptionalExtension, params};
+
+/// The escrow account a flow's budget is held in.
+pub fn flow_account(flow_id: &str) -> String {
+    format!("flow:{flow_id}")
+}
+
+/// What the orchestrator does after a flow advanced (the database already says it).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FlowAdvance {
+    /// Step jobs submitted: to dispatch.
+    pub submitted: Vec<String>,
+    /// Step jobs cancelled while a node runs them: (node, job, attempt) to stop there.
+    pub stops: Vec<(String, String, u32)>,
+    /// The latest time to look at the flow again (a retry's backoff, the flow's deadline).
+    pub wake_at_ms: Option<u64>,
+    /// The flow ended in this call, in this state.
+    pub ended: Option<FlowState>,
+}
+
+/// A step as stored.
+#[derive(Debug, Clone)]
+struct StepRow {
+    state: StepState,
+    runs: u32,
+    job_id: Option<String>,
+    exit_code: Option<i32>,
+    reason: Option<String>,
+    cost_micros: i64,
+    not_before_ms: Option<u64>,
+    changed: bool,
+}
+
+/// A flow as stored.
+struct FlowRow {
+    account: String,
+    name: String,
+    spec: FlowSpec,
+    state: FlowState,
+    outcome: Option<FlowState>,
+    reason: Option<String>,
+    max_cost_micros: i64,
+    cost_micros: Option<i64>,
+    refund_micros: Option<i64>,
+    created_ms: u64,
+    updated_ms: u64,
+    deadline_ms: Option<u64>,
+}
+
+/// A flow event to record: (step, state, job, reason); no step: the flow's own.
+type FlowEventRow = (Option<String>, String, Option<String>, Option<String>);
+
+fn bad_row(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what} {value:?} in the flows tables"))
+}
+
+impl Store {
+    /// Starts flow `flow_id` of `account` (its modules already resolved): the rows, its
+    /// steps waiting, and `max_cost` held from the account in the flow's escrow, in one
+    /// transaction. Starting the same flow again (same id, account and spec: a retry) returns
+    /// it as it is (`false`); the same id with anything else is refused.
+    pub fn start_flow(
+        &mut self,
+        flow_id: &str,
+        account: &str,
+        spec: &FlowSpec,
+    ) -> Result<(FlowView, bool), StoreError> {
+        let spec_json = serde_json::to_string(spec)?;
+        let existing: Option<(String, String)> = query_row(
+            &self.conn,
+            "SELECT account_id, spec FROM flows WHERE id = ?1",
+            [flow_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+        if let Some((owner, stored)) = existing {
+            if owner != account || stored != spec_json {
+                return Err(StoreError::AlreadyExists(format!(
+                    "flow id {flow_id} is taken (a retry must resend the same flow): choose another id"
+                )));
+            }
+            return Ok((self.flow(flow_id)?, false));
+        }
+        let now = crate::now_ms();
+        let (tx, ctx) = self.begin()?;
+        let kind: Option<String> = query_row(
+            &tx,
+            "SELECT kind FROM accounts WHERE id = ?1",
+            [account],
+            |r| r.get(0),
+        )
+        .optional()?;
+        if !matches!(kind.as_deref(), Some("user" | "provider")) {
+            return Err(super::accounts::no_account(account));
+        }
+        exec(
+            &tx,
+            "INSERT INTO flows (id, account_id, name, spec, state, max_cost_micros, created_ms, updated_ms, deadline_ms)
+             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?6, ?7)",
+            params![
+                flow_id,
+                account,
+                spec.name,
+                spec_json,
+                spec.max_cost_micros,
+                now as i64,
+                spec.timeout_ms.map(|t| now.saturating_add(t) as i64),
+            ],
+        )?;
+        for (index, step) in spec.steps.iter().enumerate() {
+            exec(
+                &tx,
+                "INSERT INTO flow_steps (flow_id, idx, step, state, updated_ms) VALUES (?1, ?2, ?3, 'waiting', ?4)",
+                params![flow_id, index as i64, step.name, now as i64],
+            )?;
+        }
+        let escrow = flow_account(flow_id);
+        ledger::ensure_account(&tx, &escrow, AccountKind::Escrow, now)?;
+        ledger::post(
+            &tx,
+            &format!("flow-hold:{flow_id}"),
+            TxKind::Hold,
+            None,
+            &[(account, -spec.max_cost_micros), (&escrow, spec.max_cost_micros)],
+            now,
+        )
+        .map_err(|e| match e {
+            ledger::LedgerError::InsufficientFunds { balance_micros, .. } => {
+                StoreError::InsufficientFunds(format!(
+                    "account {account} has {} but the flow's max_cost_micros is {}: deposit more, or lower the flow's budget",
+                    rhizos_broker::wire::format_usd(balance_micros),
+                    rhizos_broker::wire::format_usd(spec.max_cost_micros)
+                ))
+            }
+            other => other.into(),
+        })?;
+        ctx.emit(
+            &tx,
+            DomainEvent::Flow {
+                flow_id: flow_id.to_owned(),
+                account: account.to_owned(),
+                step: None,
+                state: FlowState::Running.as_str().to_owned(),
+                job_id: None,
+                reason: None,
+            },
+            now,
+        )?;
+        tx.commit()?;
+        Ok((self.flow(flow_id)?, true))
+    }
+
+    /// A flow as it is now.
+    pub fn flow(&self, flow_id: &str) -> Result<FlowView, StoreError> {
+        let row = self.flow_row(flow_id)?;
+        let steps = self.step_rows(flow_id)?;
+        let escrow = ledger::balance(&self.conn, &flow_account(flow_id))?.unwrap_or(0);
+        Ok(view(flow_id, row, &steps, escrow))
+    }
+
+    /// Flows of `account` (all with `None`), newest first.
+    pub fn list_flows(
+        &self,
+        account: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<FlowView>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT id FROM flows WHERE (?1 IS NULL OR account_id = ?1)
+             ORDER BY created_ms DESC, id DESC LIMIT ?2",
+        )?;
+        let ids = statement
+            .query_map(params![account, limit], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        ids.iter().map(|id| self.flow(id)).collect()
+    }
+
+    /// Flows not ended yet (running or stopping).
+    pub fn open_flows(&self) -> Result<Vec<String>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT id FROM flows WHERE state IN ('running', 'stopping')")?;
+        let ids = statement
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
+    }
+
+    /// Asks a running flow to stop: it becomes `stopping` (nothing new starts; the next
+    /// [`Store::advance_flow`] cancels its running steps) and ends `cancelled`. A flow that
+    /// ended already is refused; one stopping already is left as it is.
+    pub fn cancel_flow(&mut self, flow_id: &str) -> Result<FlowView, StoreError> {
+        let row = self.flow_row(flow_id)?;
+        match row.state {
+            FlowState::Running => {
+                let now = crate::now_ms();
+                let (tx, ctx) = self.begin()?;
+                exec(
+                    &tx,
+                    "UPDATE flows SET state = 'stopping', outcome = 'cancelled', reason = ?2, updated_ms = ?3 WHERE id = ?1",
+                    params![flow_id, "cancelled by its account", now as i64],
+                )?;
+                ctx.emit(
+                    &tx,
+                    DomainEvent::Flow {
+                        flow_id: flow_id.to_owned(),
+                        account: row.account.clone(),
+                        step: None,
+                        state: FlowState::Stopping.as_str().to_owned(),
+                        job_id: None,
+                        reason: Some("cancelled by its account".into()),
+                    },
+                    now,
+                )?;
+                tx.commit()?;
+            }
+            FlowState::Stopping => {}
+            ended => {
+                return Err(StoreError::InvalidState(format!(
+                    "flow {flow_id} already ended ({})",
+                    ended.as_str()
+                )));
+            }
+        }
+        self.flow(flow_id)
+    }
+
+    /// Moves flow `flow_id` on as far as it can now (see the module's documentation), all of
+    /// it or nothing.
+    pub fn advance_flow(&mut self, flow_id: &str, now: u64) -> Result<FlowAdvance, StoreError> {
+        self.conn.execute_batch("SAVEPOINT flow_advance")?;
+        match self.advance(flow_id, now) {
+            Ok(advance) => {
+                self.conn.execute_batch("RELEASE flow_advance")?;
+                Ok(advance)
+            }
+            Err(e) => {
+                let _ = self
+                    .conn
+                    .execute_batch("ROLLBACK TO flow_advance; RELEASE flow_advance");
+                Err(e)
+            }
+        }
+    }
+
+    fn advance(&mut self, flow_id: &str, now: u64) -> Result<FlowAdvance, StoreError> {
+        let mut advance = FlowAdvance::default();
+        let mut flow = self.flow_row(flow_id)?;
+        if flow.state.is_terminal() {
+            return Ok(advance);
+        }
+        let mut steps = self.step_rows(flow_id)?;
+        let plan = flow
+            .spec
+            .plan()
+            .map_err(|e| StoreError::Corrupt(format!("flow {flow_id}'s stored spec: {e}")))?;
+        let mut events: Vec<FlowEventRow> = Vec::new();
+        let mut flow_changed = false;
+
+        if flow.state == FlowState::Running
+            && let Some(deadline) = flow.deadline_ms
+        {
+            if now >= deadline {
+                flow.state = FlowState::Stopping;
+                flow.outcome = Some(FlowState::TimedOut);
+                flow.reason = Some(format!(
+                    "the flow's timeout_ms ({} ms) passed",
+                    flow.spec.timeout_ms.unwrap_or_default()
+                ));
+                flow_changed = true;
+                events.push((None, "stopping".into(), None, flow.reason.clone()));
+            } else {
+                advance.wake_at_ms = Some(deadline);
+            }
+        }
+
+        // Runs that ended.
+        for (index, step) in steps.iter_mut().enumerate() {
+            if step.state != StepState::Running {
+                continue;
+            }
+            let Some(job_id) = step.job_id.clone() else {
+                continue;
+            };
+            let job = self.get_job(&job_id)?;
+            if !job.state.is_terminal() {
+                continue;
+            }
+            let spec = &flow.spec.steps[index];
+            step.cost_micros = step
+                .cost_micros
+                .saturating_add(job.cost_micros.unwrap_or(0));
+            step.exit_code = job.exit_code;
+            step.changed = true;
+            let ok = matches!(job.state, JobState::Succeeded | JobState::Failed)
+                && job
+                    .exit_code
+                    .is_some_and(|code| spec.ok_exit_codes.contains(&code));
+            if ok {
+                step.state = StepState::Succeeded;
+                step.reason = None;
+            } else {
+                let why = match (&job.reason, job.exit_code) {
+                    (Some(reason), _) => reason.clone(),
+                    (None, Some(code)) => format!("exited with code {code}"),
+                    (None, None) => format!("its job ended {}", job.state.as_str()),
+                };
+                if job.state == JobState::Cancelled && flow.state == FlowState::Stopping {
+                    step.state = StepState::Cancelled;
+                    step.reason = flow.reason.clone();
+                } else if flow.state == FlowState::Running && step.runs <= spec.retries {
+                    let backoff = spec
+                        .backoff_ms
+                        .saturating_mul(1u64 << (step.runs.saturating_sub(1)).min(20));
+                    step.state = StepState::Retrying;
+                    step.not_before_ms = Some(now.saturating_add(backoff));
+                    step.reason = Some(format!(
+                        "run {} failed ({why}); run {} in {backoff} ms",
+                        step.runs,
+                        step.runs + 1
+                    ));
+                } else {
+                    step.state = StepState::Failed;
+                    step.reason = Some(why);
+                }
+            }
+            events.push((
+                Some(spec.name.clone()),
+                step.state.as_str().to_owned(),
+                Some(job_id),
+                step.reason.clone(),
+            ));
+        }
+
+        if flow.state == FlowState::Stopping {
+            let why = flow.reason.clone();
+            for (index, step) in steps.iter_mut().enumerate() {
+                match step.state {
+                    StepState::Waiting | StepState::Retrying => {
+                        step.state = StepState::Cancelled;
+                        step.reason = why.clone();
+                        step.not_before_ms = None;
+                        step.changed = true;
+                        events.push((
+                            Some(flow.spec.steps[index].name.clone()),
+                            "cancelled".into(),
+                            None,
+                            why.clone(),
+                        ));
+                    }
+                    StepState::Running => {
+                        let Some(job_id) = &step.job_id else { continue };
+                        let requested: bool = query_row(
+                            &self.conn,
+                            "SELECT COALESCE(cancel_requested, 0) FROM jobs WHERE id = ?1",
+                            [job_id],
+                            |r| r.get(0),
+                        )?;
+                        if !requested {
+                            let effect = self.cancel(job_id)?;
+                            if let Some((node, attempt)) = effect.stop {
+                                advance.stops.push((node, job_id.clone(), attempt));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            self.start_ready_steps(
+                flow_id,
+                &flow,
+                &plan,
+                &mut steps,
+                now,
+                &mut events,
+                &mut advance,
+            )?;
+        }
+
+        if steps.iter().all(|s| s.state.is_terminal()) {
+            let (state, reason) = match flow.state {
+                FlowState::Stopping => (
+                    flow.outcome.unwrap_or(FlowState::Cancelled),
+                    flow.reason.clone(),
+                ),
+                _ => match steps.iter().position(|s| s.state == StepState::Failed) {
+                    Some(index) => (
+                        FlowState::Failed,
+                        Some(format!(
+                            "step {:?} failed: {}",
+                            flow.spec.steps[index].name,
+                            steps[index].reason.clone().unwrap_or_default()
+                        )),
+                    ),
+                    None => (FlowState::Succeeded, None),
+                },
+            };
+            let escrow = flow_account(flow_id);
+            let left = ledger::balance(&self.conn, &escrow)?.unwrap_or(0);
+            ledger::post(
+                &self.conn,
+                &format!("flow-close:{flow_id}"),
+                TxKind::Refund,
+                None,
+                &[(&escrow, -left), (&flow.account, left)],
+                now,
+            )?;
+            flow.state = state;
+            flow.reason = reason;
+            flow.cost_micros = Some(flow.max_cost_micros - left);
+            flow.refund_micros = Some(left);
+            flow_changed = true;
+            advance.ended = Some(state);
+            advance.wake_at_ms = None;
+            events.push((None, state.as_str().to_owned(), None, flow.reason.clone()));
+        }
+
+        for (index, step) in steps.iter().enumerate().filter(|(_, s)| s.changed) {
+            exec(
+                &self.conn,
+                "UPDATE flow_steps SET state = ?3, runs = ?4, job_id = ?5, exit_code = ?6, reason = ?7,
+                        cost_micros = ?8, not_before_ms = ?9, updated_ms = ?10
+                 WHERE flow_id = ?1 AND idx = ?2",
+                params![
+                    flow_id,
+                    index as i64,
+                    step.state.as_str(),
+                    step.runs,
+                    step.job_id,
+                    step.exit_code,
+                    step.reason,
+                    step.cost_micros,
+                    step.not_before_ms.map(|t| t as i64),
+                    now as i64
+                ],
+            )?;
+        }
+        if flow_changed || steps.iter().any(|s| s.changed) {
+            exec(
+                &self.conn,
+                "UPDATE flows SET state = ?2, outcome = ?3, reason = ?4, cost_micros = ?5, refund_micros = ?6, updated_ms = ?7
+                 WHERE id = ?1",
+                params![
+                    flow_id,
+                    flow.state.as_str(),
+                    flow.outcome.map(FlowState::as_str),
+                    flow.reason,
+                    flow.cost_micros,
+                    flow.refund_micros,
+                    now as i64
+                ],
+            )?;
+        }
+        for (step, state, job_id, reason) in events {
+            self.ctx.emit(
+                &self.conn,
+                DomainEvent::Flow {
+                    flow_id: flow_id.to_owned(),
+                    account: flow.account.clone(),
+                    step,
+                    state,
+                    job_id,
+                    reason,
+                },
+                now,
+            )?;
+        }
+        Ok(advance)
+    }
+
+    /// Skips what can no longer run and submits what is ready: a waiting step whose every
+    /// upstream step succeeded and whose every edge's condition holds, and a retrying step
+    /// past its backoff — each while the flow's escrow can hold its cap (or all that is left,
+    /// once no other step runs to give some back).
+    #[allow(clippy::too_many_arguments)]
+    fn start_ready_steps(
+        &mut self,
+        flow_id: &str,
+        flow: &FlowRow,
+        plan: &rhizos_broker::wire::FlowPlan,
+        steps: &mut [StepRow],
+        now: u64,
+        events: &mut Vec<FlowEventRow>,
+        advance: &mut FlowAdvance,
+    ) -> Result<(), StoreError> {
+        let name = |i: usize| flow.spec.steps[i].name.clone();
+        let index_of = |step: &str| flow.spec.steps.iter().position(|s| s.name == step);
+        let mut ready = Vec::new();
+        for &target in &plan.order {
+            if steps[target].state != StepState::Waiting {
+                continue;
+            }
+            let mut skip: Option<String> = None;
+            let mut all_done = true;
+            for (e, (from, to)) in plan.edges.iter().enumerate() {
+                if index_of(&to.step) != Some(target) {
+                    continue;
+                }
+                let Some(source) = index_of(&from.step) else {
+                    continue;
+                };
+                match steps[source].state {
+                    StepState::Failed | StepState::Cancelled => {
+                        skip = Some(format!("step {:?} failed", from.step));
+                    }
+                    StepState::Skipped => {
+                        skip = Some(format!("step {:?} was skipped", from.step));
+                    }
+                    StepState::Succeeded => {
+                        if let Some(condition) = &flow.spec.edges[e].when {
+                            let document = match &condition.json {
+                                Some(file) => self.output_json(
+                                    steps[source].job_id.as_deref(),
+                                    file.trim_start_matches("/output/"),
+                                )?,
+                                None => None,
+                            };
+                            let code = steps[source].exit_code.unwrap_or(-1);
+                            if !condition.holds(code, document.as_ref()) {
+                                skip = Some(format!(
+                                    "the condition on the edge from {:?} is false",
+                                    from.step
+                                ));
+                            }
+                        }
+                    }
+                    _ => all_done = false,
+                }
+                if skip.is_some() {
+                    break;
+                }
+            }
+            if let Some(reason) = skip {
+                steps[target].state = StepState::Skipped;
+                steps[target].reason = Some(reason.clone());
+                steps[target].changed = true;
+                events.push((Some(name(target)), "skipped".into(), None, Some(reason)));
+            } else if all_done {
+                ready.push(target);
+            }
+        }
+        for (index, step) in steps.iter().enumerate() {
+            if step.state == StepState::Retrying {
+                match step.not_before_ms {
+                    Some(at) if at > now => {
+                        advance.wake_at_ms = Some(advance.wake_at_ms.map_or(at, |w| w.min(at)));
+                    }
+                    _ => ready.push(index),
+                }
+            }
+        }
+        let escrow = flow_account(flow_id);
+        for index in ready {
+            let spec = &flow.spec.steps[index];
+            let cap = spec.max_cost_micros.unwrap_or(flow.max_cost_micros);
+            let left = ledger::balance(&self.conn, &escrow)?.unwrap_or(0);
+            let others_running = steps.iter().any(|s| s.state == StepState::Running);
+            if left < cap && others_running {
+                // What the running steps do not spend comes back: wait for it.
+                continue;
+            }
+            let fail = |steps: &mut [StepRow], why: String, events: &mut Vec<_>| {
+                steps[index].state = StepState::Failed;
+                steps[index].reason = Some(why.clone());
+                steps[index].not_before_ms = None;
+                steps[index].changed = true;
+                events.push((Some(name(index)), "failed".to_owned(), None, Some(why)));
+            };
+            if left <= 0 {
+                fail(
+                    steps,
+                    format!(
+                        "the flow's budget is spent (max_cost_micros {})",
+                        flow.max_cost_micros
+                    ),
+                    events,
+                );
+                continue;
+            }
+            let mut job_spec = spec.spec.clone();
+            let mut missing = None;
+            for (from, to) in &plan.edges {
+                if index_of(&to.step) != Some(index) {
+                    continue;
+                }
+                let (Some(out), Some(input)) = (&from.file, &to.file) else {
+                    continue;
+                };
+                let source = index_of(&from.step).unwrap_or_default();
+                match self.output_b64(steps[source].job_id.as_deref(), out)? {
+                    Ok(b64) => {
+                        job_spec.input_files.insert(input.clone(), b64);
+                    }
+                    Err(why) => {
+                        missing = Some(format!("step {:?} {why}", from.step));
+                        break;
+                    }
+                }
+            }
+            if let Some(why) = missing {
+                fail(steps, why, events);
+                continue;
+            }
+            let hold = cap.min(left);
+            let run = steps[index].runs + 1;
+            let job_id = format!("{flow_id}-{index}-{run}");
+            let spec_json = serde_json::to_string(&job_spec)?;
+            accept(
+                &self.conn,
+                &self.ctx,
+                Accept {
+                    job_id: &job_id,
+                    account: &flow.account,
+                    payer: Some(&escrow),
+                    spec: &job_spec,
+                    spec_json: &spec_json,
+                    max_cost_micros: hold,
+                    key_id: None,
+                },
+                now,
+            )?;
+            let step = &mut steps[index];
+            step.runs = run;
+            step.job_id = Some(job_id.clone());
+            step.state = StepState::Running;
+            step.not_before_ms = None;
+            step.exit_code = None;
+            step.changed = true;
+            events.push((
+                Some(name(index)),
+                "running".into(),
+                Some(job_id.clone()),
+                None,
+            ));
+            advance.submitted.push(job_id);
+        }
+        Ok(())
+    }
+
+    /// The output file `file` of job `job_id`, base64, as the next step's input; or why it
+    /// cannot be.
+    fn output_b64(
+        &self,
+        job_id: Option<&str>,
+        file: &str,
+    ) -> Result<Result<String, String>, StoreError> {
+        let Some(job_id) = job_id else {
+            return Ok(Err("never ran".into()));
+        };
+        let job = self.get_job(job_id)?;
+        if let Some(b64) = job.output_files.get(file) {
+            return Ok(Ok(b64.clone()));
+        }
+        if let Some(blob) = job.blobs.files.get(file) {
+            return Ok(Err(format!(
+                "left /output/{file} of {} bytes, stored out of band: files passed between steps travel inline, within the agent's max_output_bytes",
+                blob.size
+            )));
+        }
+        Ok(Err(format!("left no /output/{file}")))
+    }
+
+    /// The output file `file` of job `job_id` read as JSON (`None`: absent, or not JSON).
+    fn output_json(
+        &self,
+        job_id: Option<&str>,
+        file: &str,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        Ok(match self.output_b64(job_id, file)? {
+            Ok(b64) => rhizos_broker::wire::b64_decode("output", &b64)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok()),
+            Err(_) => None,
+        })
+    }
+
+    fn flow_row(&self, flow_id: &str) -> Result<FlowRow, StoreError> {
+        type Raw = (
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            i64,
+            i64,
+            Option<i64>,
+        );
+        let raw: Option<Raw> = query_row(
+            &self.conn,
+            "SELECT account_id, name, spec, state, outcome, reason, max_cost_micros, cost_micros,
+                    refund_micros, created_ms, updated_ms, deadline_ms
+             FROM flows WHERE id = ?1",
+            [flow_id],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                    r.get(9)?,
+                    r.get(10)?,
+                    r.get(11)?,
+                ))
+            },
+        )
+        .optional()?;
+        let Some((
+            account,
+            name,
+            spec,
+            state,
+            outcome,
+            reason,
+            max,
+            cost,
+            refund,
+            created,
+            updated,
+            deadline,
+        )) = raw
+        else {
+            return Err(StoreError::NotFound(format!("flow {flow_id}")));
+        };
+        Ok(FlowRow {
+            account,
+            name,
+            spec: serde_json::from_str(&spec)?,
+            state: FlowState::parse(&state).ok_or_else(|| bad_row("flow state", &state))?,
+            outcome: match outcome {
+                Some(o) => Some(FlowState::parse(&o).ok_or_else(|| bad_row("flow outcome", &o))?),
+                None => None,
+            },
+            reason,
+            max_cost_micros: max,
+            cost_micros: cost,
+            refund_micros: refund,
+            created_ms: created.max(0) as u64,
+            updated_ms: updated.max(0) as u64,
+            deadline_ms: deadline.map(|d| d.max(0) as u64),
+        })
+    }
+
+    fn step_rows(&self, flow_id: &str) -> Result<Vec<StepRow>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT state, runs, job_id, exit_code, reason, cost_micros, not_before_ms
+             FROM flow_steps WHERE flow_id = ?1 ORDER BY idx",
+        )?;
+        let rows = statement
+            .query_map([flow_id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<i32>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(
+                |(state, runs, job_id, exit_code, reason, cost, not_before)| {
+                    Ok(StepRow {
+                        state: StepState::parse(&state)
+                            .ok_or_else(|| bad_row("step state", &state))?,
+                        runs,
+                        job_id,
+                        exit_code,
+                        reason,
+                        cost_micros: cost,
+                        not_before_ms: not_before.map(|t| t.max(0) as u64),
+                        changed: false,
+                    })
+                },
+            )
+            .collect()
+    }
+}
+
+fn view(flow_id: &str, row: FlowRow, steps: &[StepRow], escrow: i64) -> FlowView {
+    FlowView {
+        flow_id: flow_id.to_owned(),
+        name: row.name,
+        account: row.account,
+        state: row.state,
+        reason: row.reason,
+        max_cost_micros: row.max_cost_micros,
+        escrow_micros: escrow,
+        cost_micros: row.cost_micros,
+        refund_micros: row.refund_micros,
+        created_ms: row.created_ms,
+        updated_ms: row.updated_ms,
+        deadline_ms: row.deadline_ms,
+        steps: steps
+            .iter()
+            .zip(&row.spec.steps)
+            .map(|(step, spec)| StepView {
+                step: spec.name.clone(),
+                state: step.state,
+                runs: step.runs,
+                job_id: step.job_id.clone(),
+                exit_code: step.exit_code,
+                reason: step.reason.clone(),
+                cost_micros: step.cost_micros,
+                not_before_ms: step.not_before_ms,
+            })
+            .collect(),
+        edges: row.spec.edges,
+    }
+}
