@@ -211,6 +211,91 @@ pub(crate) async fn balance_of(bus: &Bus, account: &str) -> i64 {
     view.balance_micros
 }
 
+/// A flow goes on across a `kill -9` of the orchestrator: its first step runs through the
+/// crash, and the restarted orchestrator (the flow's state is in its ledger) reads that step's
+/// end, starts the next, and ends the flow with its money exact.
+#[tokio::test]
+async fn kill_9_of_the_orchestrator_mid_flow_resumes_the_flow() {
+    use rhizos_broker::wire::{FlowEdge, FlowSpec, FlowState, FlowStep, StepState};
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, settings) = nats_in(dir.path(), "f");
+    let orchestrator_dir = dir.path().join("orchestrator");
+    std::fs::create_dir_all(&orchestrator_dir).unwrap();
+    let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
+    let agent = wasm_agent(&settings, dir.path(), "flowing", 2).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent_task = tokio::spawn(agent.run(async move {
+        let mut stopped = stopped;
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    let bus = Bus::connect(&settings.nats).await.unwrap();
+    wait_for_a_node(&bus).await;
+    funded_account(&bus, "flo", 2_000_000, "d1").await;
+    let module = demo();
+    let step = |name: &str, args: &[&str]| FlowStep {
+        name: name.into(),
+        spec: wasm_spec(&module, args, 20_000),
+        max_cost_micros: None,
+        retries: 0,
+        backoff_ms: 1_000,
+        ok_exit_codes: vec![0],
+    };
+    let flow = FlowSpec {
+        name: "through-a-crash".into(),
+        max_cost_micros: 900_000,
+        timeout_ms: None,
+        steps: vec![
+            step("long", &["count", "15", "100"]),
+            step("after", &["count", "2"]),
+        ],
+        edges: vec![FlowEdge {
+            from: "long".into(),
+            to: "after".into(),
+            when: None,
+        }],
+    };
+    let client = rhizos_broker::Client::new(bus.clone());
+    client.flow_run(Some("crash-1"), "flo", flow).await.unwrap();
+    wait_for(&bus, "crash-1-0-1", |j| j.state == JobState::Running).await;
+
+    orchestrator.kill().unwrap();
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let flow = loop {
+        if let Ok(flow) = client.flow_get("crash-1").await
+            && flow.state.is_terminal()
+        {
+            break flow;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flow did not end after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(flow.state, FlowState::Succeeded, "{flow:#?}");
+    let steps: Vec<_> = flow.steps.iter().map(|s| (s.state, s.runs)).collect();
+    assert_eq!(
+        steps,
+        [(StepState::Succeeded, 1), (StepState::Succeeded, 1)]
+    );
+    let long = wait_for(&bus, "crash-1-0-1", |j| j.cost_micros.is_some()).await;
+    assert_eq!(long.stdout.as_deref().map(|s| s.lines().count()), Some(15));
+    let after = wait_for(&bus, "crash-1-1-1", |j| j.cost_micros.is_some()).await;
+    let spent = long.cost_micros.unwrap() + after.cost_micros.unwrap();
+    assert_eq!(flow.cost_micros, Some(spent));
+    assert_eq!(flow.refund_micros, Some(900_000 - spent));
+    assert_eq!(balance_of(&bus, "flo").await, 2_000_000 - spent);
+    let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
+    assert!(report.ok, "{:?}", report.problems);
+
+    stop.send(true).unwrap();
+    agent_task.await.unwrap().unwrap();
+    assert!(orchestrator.interrupt(), "the orchestrator stops cleanly");
+}
+
 #[tokio::test]
 async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     let dir = tempfile::tempdir().unwrap();
