@@ -950,6 +950,20 @@ mod tests {
         assert!(section.contains("stage 2: thumbnail,\ncaptions"));
     }
 
+    /// The quick start's flow file is a valid flow: one step, then two at once.
+    #[test]
+    fn the_quickstart_flow_checks() {
+        let flow: FlowSpec =
+            toml::from_str(include_str!("../../../testbed/flows/quickstart.toml")).unwrap();
+        assert_eq!(
+            flow.plan().unwrap().stages,
+            vec![
+                vec!["shout".to_owned()],
+                vec!["left".to_owned(), "right".to_owned()]
+            ]
+        );
+    }
+
     #[test]
     fn a_flow_file_reads_from_json_and_toml_alike() {
         let toml_text = r#"

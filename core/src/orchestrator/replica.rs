@@ -512,6 +512,10 @@ impl LedgerLog {
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from.max(1),
                 },
+                // Pulls of at most this many records (a new one when half are left: at most
+                // 1.5× outstanding), so a slow standby holds a bounded read-ahead — the
+                // client's default is 500.
+                max_batch: FOLLOW_BATCH,
                 ..Default::default()
             })
             .await
@@ -731,6 +735,9 @@ pub(super) async fn stopped(failed: Option<&Failed>) {
         None => std::future::pending().await,
     }
 }
+
+/// Most records one pull of a follower's consumer asks for.
+pub const FOLLOW_BATCH: i64 = 200;
 
 /// A batch whose parts are still arriving.
 struct Assembly {

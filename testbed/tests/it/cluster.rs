@@ -639,8 +639,11 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
     // snapshot's and it follows on, without a restart.
     let b_applied = equal("a member restored on start").await;
     b.signal("STOP");
-    // Past what its consumer may already hold in its socket (a pull of up to 200 records).
-    while trimmed_past(u64::try_from(b_applied).unwrap() + 210)
+    // Past what its consumer may already hold in its socket (pulls of 200 records, the next
+    // asked for when half are left: up to 300 outstanding).
+    let read_ahead =
+        3 * u64::try_from(rhizos_core::orchestrator::replica::FOLLOW_BATCH).unwrap() / 2;
+    while trimmed_past(u64::try_from(b_applied).unwrap() + read_ahead + 10)
         .await
         .is_none()
     {
