@@ -4,7 +4,7 @@
 //! | role | may publish | may subscribe |
 //! |---|---|---|
 //! | user `a` | `ctl.v1.<ns>.u.a.*.*`, `node.plugins.*`, direct get of `blob.v1.<ns>.u.a.>` | its inbox, `evt.v1.<ns>.u.a.>`, `out.v1.<ns>.u.a.>` |
-//! | node `n` | `ctl.v1.<ns>.n.n.*.*`, its heartbeat, `out.v1.<ns>.u.*.job.log.*.n`, `blob.v1.<ns>.u.*.n.n.>`, replies | its inbox, `job.assign.n`, `job.stop.n`, `node.plugins.n` |
+//! | node `n` | `ctl.v1.<ns>.n.n.*.*`, its heartbeat, `out.v1.<ns>.u.*.job.log.*.n`, `blob.v1.<ns>.u.*.n.n.>` (and its direct get), replies | its inbox, `job.assign.n`, `job.stop.n`, `node.plugins.n` |
 //! | operator `o` | `ctl.v1.<ns>.o.o.*.*`, `node.plugins.*`, `$JS.API.>` | everything |
 //! | gateway `g` | `ctl.v1.<ns>.g.g.*.*` | its inbox |
 //! | orchestrator | everything | everything |
@@ -71,6 +71,12 @@ pub fn permissions(subjects: &Subjects, caller: &Caller) -> Permissions {
                     format!("rhizos.out.v1.{ns}.ai.*.{name}"),
                     // Storing result blobs, only under its own node token.
                     format!("rhizos.blob.v1.{ns}.u.*.n.{name}.>"),
+                    // Reading a job's input blobs, only under its own node token (the
+                    // orchestrator files a flow step's input there before assigning it).
+                    format!(
+                        "$JS.API.DIRECT.GET.{}.rhizos.blob.v1.{ns}.u.*.n.{name}.>",
+                        subjects.blob_stream()
+                    ),
                 ],
                 subscribe,
                 allow_responses: true,

@@ -284,7 +284,7 @@ async fn output_one(
     what: &str,
     out: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let open = |path: &std::path::Path| -> anyhow::Result<Box<dyn std::io::Write>> {
+    let open = |path: &std::path::Path| -> anyhow::Result<Box<dyn std::io::Write + Send>> {
         Ok(Box::new(std::io::BufWriter::new(
             std::fs::File::create(path)
                 .with_context(|| format!("cannot create {}", path.display()))?,
@@ -311,9 +311,9 @@ async fn output_one(
             job.job_id
         );
     }
-    let mut sink: Box<dyn std::io::Write> = match (out, what) {
+    let mut sink: Box<dyn std::io::Write + Send> = match (out, what) {
         (Some(path), _) => open(path)?,
-        (None, "stdout" | "stderr") => Box::new(std::io::stdout().lock()),
+        (None, "stdout" | "stderr") => Box::new(std::io::stdout()),
         (None, file) => {
             anyhow::ensure!(
                 wire::valid_file_path(file),
@@ -340,7 +340,7 @@ async fn fetch_blob(
     job: &JobView,
     what: &str,
     blob: &wire::BlobRef,
-    sink: &mut dyn std::io::Write,
+    sink: &mut (dyn std::io::Write + Send),
 ) -> anyhow::Result<()> {
     let node = job
         .node_id
@@ -504,6 +504,7 @@ fn build_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
         disk_mib: 0,
         fuel_limit: args.fuel_limit,
         input_files,
+        input_blobs: Default::default(),
         artifact_sha256: None,
         artifact_url: None,
         module: None,

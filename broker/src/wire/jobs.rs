@@ -74,6 +74,16 @@ impl Workload {
     }
 }
 
+/// An input file in the blob stream: the blob, and the node that stored it (where the
+/// orchestrator copies it from when another node runs the job).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputBlob {
+    pub sha256: String,
+    pub size: u64,
+    pub from_node: String,
+}
+
 /// A job as submitted: the workload and how to run it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -87,6 +97,12 @@ pub struct JobSpec {
     /// Input files (relative path → base64 content), readable by the workload under `/input`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub input_files: BTreeMap<String, String>,
+    /// Input files stored in the blob stream (relative path → blob): a flow's upstream step's
+    /// output, out of band. The node reads each under its own node token, where the
+    /// orchestrator files it before the assignment, and checks its digest. Set by flows only
+    /// (a submit naming one is refused).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input_blobs: BTreeMap<String, InputBlob>,
     /// Execution deadline; the backend stops the workload after it.
     pub timeout_ms: u64,
     /// Memory limit of the workload.
@@ -146,6 +162,7 @@ impl JobSpec {
             env: BTreeMap::new(),
             stdin_b64: None,
             input_files: BTreeMap::new(),
+            input_blobs: BTreeMap::new(),
             timeout_ms,
             memory_mib,
             cpu_cores: default_cpu_cores(),

@@ -336,8 +336,36 @@ impl Agent {
             }
             None => None,
         };
+        // A flow step's inputs out of band: under this node's own token, digest checked.
+        let mut inputs = Vec::with_capacity(assign.spec.input_blobs.len());
+        for (name, input) in &assign.spec.input_blobs {
+            if !wire::valid_file_path(name) || input.size > rhizos_broker::blobs::MAX_COPY_BYTES {
+                return Err(format!(
+                    "input blob {name:?}: not a plain relative path, or more than {} bytes",
+                    rhizos_broker::blobs::MAX_COPY_BYTES
+                ));
+            }
+            let blob = wire::BlobRef {
+                sha256: input.sha256.clone(),
+                size: input.size,
+            };
+            let mut bytes = Vec::with_capacity(usize::try_from(input.size).unwrap_or(0));
+            self.inner
+                .bus
+                .get_blob(
+                    &assign.account,
+                    &self.inner.node_id,
+                    &format!("input {name}"),
+                    &blob,
+                    &mut bytes,
+                )
+                .await
+                .map_err(|e| format!("cannot read the job's input {name}: {e}"))?;
+            inputs.push((name.clone(), bytes));
+        }
         let gpus = GpuLease::take(&self.inner, assign.spec.gpus)?;
-        let request = exec_request(assign, &gpus.devices, fetched).map_err(|e| e.message)?;
+        let request =
+            exec_request(assign, &gpus.devices, fetched, inputs).map_err(|e| e.message)?;
         Ok((request, gpus))
     }
 
@@ -651,6 +679,7 @@ fn exec_request(
     assign: &AssignJob,
     gpu_devices: &[String],
     fetched: Option<Vec<u8>>,
+    blobs: Vec<(String, Vec<u8>)>,
 ) -> Result<ExecRequest, WireError> {
     let workload = match fetched {
         // By reference (`artifact_url`): `ArtifactStore::get` checked the digest.
@@ -671,6 +700,9 @@ fn exec_request(
         }
         let content = wire::b64_decode("input_files", content)?;
         input_files.push(Tuple2(RString::from(name.as_str()), RVec::from(content)));
+    }
+    for (name, content) in blobs {
+        input_files.push(Tuple2(RString::from(name), RVec::from(content)));
     }
     Ok(ExecRequest {
         input_files,

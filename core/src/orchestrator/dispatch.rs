@@ -109,6 +109,36 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Files each of the job's input blobs (a flow step's upstream output) under the node
+    /// that will run it, when another node stored it: a node reads blobs only under its own
+    /// node token. A copy that fails is logged; the node then fails to read the input and
+    /// hands the attempt back.
+    async fn hand_over_inputs(&self, job_id: &str, account: &str, spec: &JobSpec, node_id: &str) {
+        let bus = &self.inner.bus;
+        for (path, input) in &spec.input_blobs {
+            if input.from_node == node_id {
+                continue;
+            }
+            let blob = rhizos_broker::wire::BlobRef {
+                sha256: input.sha256.clone(),
+                size: input.size,
+            };
+            let what = format!("job {job_id}'s input {path}");
+            let started = std::time::Instant::now();
+            match bus
+                .copy_blob(account, &input.from_node, node_id, &what, &blob)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(job_id, path, from = %input.from_node, to = node_id, bytes = input.size, ms = started.elapsed().as_millis() as u64, "input blob handed over")
+                }
+                Err(e) => {
+                    tracing::warn!(job_id, path, error = %e, "an input blob could not be handed over; the node will not find it")
+                }
+            }
+        }
+    }
+
     pub(in crate::orchestrator) async fn send_assignment(
         &self,
         job_id: String,
@@ -117,6 +147,8 @@ impl Orchestrator {
         spec: JobSpec,
         node_id: String,
     ) {
+        self.hand_over_inputs(&job_id, &account, &spec, &node_id)
+            .await;
         let assign = AssignJob {
             v: WIRE_VERSION,
             job_id: job_id.clone(),

@@ -93,6 +93,12 @@ pub fn validate_submit(request: &SubmitJob, job_id: &str) -> Result<(), WireErro
 /// Checks every field of a job spec (a submit's, a flow step's) whose module, if any, was
 /// resolved.
 pub fn validate_spec(spec: &JobSpec) -> Result<(), WireError> {
+    if !spec.input_blobs.is_empty() {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            "input_blobs: set by flows only (a step's output passed to the next); send your own files as input_files",
+        ));
+    }
     validate_resources(spec)?;
     validate_process(spec)?;
     if let Some(url) = &spec.artifact_url {

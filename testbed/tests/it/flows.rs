@@ -159,6 +159,12 @@ fn upper(name: &str, from: &str, to: &str) -> FlowStep {
     }
 }
 
+fn slow_upper(name: &str, from: &str, to: &str) -> FlowStep {
+    let mut step = upper(name, from, to);
+    step.spec.args.push("1000".into());
+    step
+}
+
 fn b64(text: &str) -> String {
     rhizos_broker::wire::b64_encode(text.as_bytes())
 }
@@ -448,4 +454,94 @@ async fn a_fan_out_flow_runs_on_the_network_and_settles_from_one_escrow() {
         .unwrap_err();
     assert_eq!(refused.remote().unwrap().code, ErrorCode::BadRequest);
     assert_eq!(cluster.balance("fay").await.unwrap().held_micros, 0);
+}
+
+/// A file too large to travel in a report goes from step to step out of band: the upstream
+/// node stores it in the blob stream, the orchestrator files it under each node that runs a
+/// downstream step (nodes read blobs only under their own token), and that node reads it
+/// there with its digest checked. Three nodes of one slot each, so the two downstream steps
+/// run at once and at least one on another node than the upstream one.
+#[tokio::test]
+async fn a_large_file_goes_between_steps_on_different_nodes_out_of_band() {
+    use rhizos_broker::wire::{FlowState, StepState};
+    let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
+        agents: 3,
+        max_concurrent: 1,
+        secure: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = cluster.client();
+    let before = cluster
+        .funded_account("bea", 10_000_000)
+        .await
+        .unwrap()
+        .balance_micros;
+    let mut fill = upper("fill", "-", "-");
+    fill.spec.args = vec!["fill".into(), "1".into()];
+    let flow = FlowSpec {
+        name: "big-file".into(),
+        max_cost_micros: 3_000_000,
+        timeout_ms: Some(120_000),
+        steps: vec![
+            fill,
+            // Each a second long, so that the two overlap (on two nodes of one slot each).
+            slow_upper("one", "in.bin", "one.bin"),
+            slow_upper("two", "in.bin", "two.bin"),
+        ],
+        edges: vec![
+            edge("fill:/output/fill.bin", "one:/input/in.bin"),
+            edge("fill:/output/fill.bin", "two:/input/in.bin"),
+        ],
+    };
+    client.flow_run(Some("big-1"), "bea", flow).await.unwrap();
+    let done = flow_end(&client, "big-1").await;
+    assert_eq!(done.state, FlowState::Succeeded, "{done:#?}");
+    assert!(done.steps.iter().all(|s| s.state == StepState::Succeeded));
+    let upstream = cluster.job("big-1-0-1").await.unwrap();
+    let stored = upstream
+        .blobs
+        .files
+        .get("fill.bin")
+        .expect("stored out of band");
+    assert_eq!(stored.size, 1 << 20);
+    let upper = rhizos_broker::blobs::sha256_hex(&vec![b'X'; 1 << 20]);
+    let mut nodes = Vec::new();
+    for (index, file) in [(1, "one.bin"), (2, "two.bin")] {
+        let job = cluster.job(&format!("big-1-{index}-1")).await.unwrap();
+        let blob = job
+            .blobs
+            .files
+            .get(file)
+            .unwrap_or_else(|| panic!("{job:?}"));
+        assert_eq!((blob.sha256.as_str(), blob.size), (upper.as_str(), 1 << 20));
+        nodes.push(job.node_id.clone());
+    }
+    assert!(
+        nodes.iter().any(|n| n != &upstream.node_id),
+        "a downstream step ran on another node than {:?}: {nodes:?}",
+        upstream.node_id
+    );
+    assert_flow_money(&cluster, &done, before).await;
+
+    // A user cannot hand a job someone's blob by naming it: input_blobs are the flows' own.
+    let mut spec = wasm_spec(&demo(), &["upper", "in.bin", "o"], 10_000);
+    spec.input_blobs.insert(
+        "in.bin".into(),
+        rhizos_broker::wire::InputBlob {
+            sha256: stored.sha256.clone(),
+            size: stored.size,
+            from_node: upstream.node_id.clone().unwrap(),
+        },
+    );
+    let bea = cluster
+        .client_as(&rhizos_broker::Caller::user("bea"))
+        .await
+        .unwrap();
+    let refused = bea
+        .submit(&submit_request("bea", "forged", spec, 500_000))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("input_blobs"), "{refused}");
 }

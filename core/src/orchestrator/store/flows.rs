@@ -18,7 +18,9 @@ use super::events::DomainEvent;
 use super::jobs::{Accept, accept};
 use super::{Store, StoreError};
 use crate::ledger::{self, AccountKind, TxKind, exec, query_row};
-use rhizos_broker::wire::{FlowSpec, FlowState, FlowView, JobState, StepState, StepView};
+use rhizos_broker::wire::{
+    FlowSpec, FlowState, FlowView, InputBlob, JobState, StepState, StepView,
+};
 use rusqlite::{OptionalExtension, params};
 
 /// The escrow account a flow's budget is held in.
@@ -66,6 +68,14 @@ struct FlowRow {
     created_ms: u64,
     updated_ms: u64,
     deadline_ms: Option<u64>,
+}
+
+/// An upstream step's output file, as the next step takes it.
+enum Output {
+    /// Base64, as the report carried it.
+    Inline(String),
+    /// Out of band, in the blob stream.
+    Blob(InputBlob),
 }
 
 /// A flow event to record: (step, state, job, reason); no step: the flow's own.
@@ -608,9 +618,12 @@ impl Store {
                     continue;
                 };
                 let source = index_of(&from.step).unwrap_or_default();
-                match self.output_b64(steps[source].job_id.as_deref(), out)? {
-                    Ok(b64) => {
+                match self.output(steps[source].job_id.as_deref(), out)? {
+                    Ok(Output::Inline(b64)) => {
                         job_spec.input_files.insert(input.clone(), b64);
+                    }
+                    Ok(Output::Blob(blob)) => {
+                        job_spec.input_blobs.insert(input.clone(), blob);
                     }
                     Err(why) => {
                         missing = Some(format!("step {:?} {why}", from.step));
@@ -658,25 +671,26 @@ impl Store {
         Ok(())
     }
 
-    /// The output file `file` of job `job_id`, base64, as the next step's input; or why it
-    /// cannot be.
-    fn output_b64(
+    /// The output file `file` of job `job_id` as the next step's input — inline as its
+    /// report carried it, or its blob and the node that stored it; or why there is none.
+    fn output(
         &self,
         job_id: Option<&str>,
         file: &str,
-    ) -> Result<Result<String, String>, StoreError> {
+    ) -> Result<Result<Output, String>, StoreError> {
         let Some(job_id) = job_id else {
             return Ok(Err("never ran".into()));
         };
         let job = self.get_job(job_id)?;
         if let Some(b64) = job.output_files.get(file) {
-            return Ok(Ok(b64.clone()));
+            return Ok(Ok(Output::Inline(b64.clone())));
         }
-        if let Some(blob) = job.blobs.files.get(file) {
-            return Ok(Err(format!(
-                "left /output/{file} of {} bytes, stored out of band: files passed between steps travel inline, within the agent's max_output_bytes",
-                blob.size
-            )));
+        if let (Some(blob), Some(node)) = (job.blobs.files.get(file), &job.node_id) {
+            return Ok(Ok(Output::Blob(InputBlob {
+                sha256: blob.sha256.clone(),
+                size: blob.size,
+                from_node: node.clone(),
+            })));
         }
         Ok(Err(format!("left no /output/{file}")))
     }
@@ -687,11 +701,12 @@ impl Store {
         job_id: Option<&str>,
         file: &str,
     ) -> Result<Option<serde_json::Value>, StoreError> {
-        Ok(match self.output_b64(job_id, file)? {
-            Ok(b64) => rhizos_broker::wire::b64_decode("output", &b64)
+        // (A condition reads only what the report carried: a blob is not read here.)
+        Ok(match self.output(job_id, file)? {
+            Ok(Output::Inline(b64)) => rhizos_broker::wire::b64_decode("output", &b64)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok()),
-            Err(_) => None,
+            _ => None,
         })
     }
 

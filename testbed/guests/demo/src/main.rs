@@ -13,7 +13,7 @@
 //! rhizos-demo alloc MIB             allocates and touches MIB MiB
 //! rhizos-demo env NAME              prints the variable NAME
 //! rhizos-demo cat                   copies stdin to stdout
-//! rhizos-demo upper IN OUT          /input/IN upper-cased into /output/OUT (+ OUT.lines: its count)
+//! rhizos-demo upper IN OUT [MS]     /input/IN upper-cased into /output/OUT (+ OUT.lines: its count), then MS ms more
 //! rhizos-demo write-input NAME      tries to write /input/NAME (read-only: reports the error)
 //! ```
 use std::io::{Read, Write};
@@ -96,6 +96,8 @@ fn main() {
             }
             std::fs::write(&out, text.to_uppercase()).expect("/output is writable");
             std::fs::write(format!("{out}.lines"), text.lines().count().to_string()).expect("/output is writable");
+            // Optionally take this long more (steps that must overlap in time).
+            std::thread::sleep(Duration::from_millis(number(3, 0)));
             println!("wrote {out}");
         }
         "write-input" => match std::fs::write(format!("/input/{}", arg(1).unwrap_or("x")), "no") {
