@@ -10,6 +10,7 @@ saves a screenshot of each page in OUT_DIR. Prints one JSON object of what it sa
 non-zero, saying why, when something is not as it should be.
 """
 
+import base64
 import json
 import os
 import sys
@@ -112,6 +113,37 @@ try:
     seen["states"] = text("#job-states")
     seen["cost"] = text("#job-cost").split()[0]
     shot("deploy")
+
+    # Run a flow from the Flows page: one step feeding two at once (one under a condition that
+    # holds), the demo module inline; watch its graph until every step has succeeded.
+    module_b64 = base64.b64encode(open(wasm, "rb").read()).decode()
+    def step(name, args, files=None, cap=200000):
+        spec = {"workload": {"backend": "wasm", "module_b64": module_b64}, "args": args,
+                "timeout_ms": 10000, "memory_mib": 64}
+        if files:
+            spec["input_files"] = files
+        return {"name": name, "max_cost_micros": cap, "spec": spec}
+    flow = {
+        "name": "browser-flow", "max_cost_micros": 600000,
+        "steps": [step("prep", ["upper", "in.txt", "up.txt"], {"in.txt": base64.b64encode(b"hello\nflows\n").decode()}),
+                  step("left", ["upper", "a.txt", "left.txt"]),
+                  step("right", ["upper", "b.txt", "right.txt"])],
+        "edges": [{"from": "prep:/output/up.txt", "to": "left:/input/a.txt"},
+                  {"from": "prep:/output/up.txt", "to": "right:/input/b.txt",
+                   "when": {"json": "/output/up.txt.lines", "pointer": "", "op": "ge", "value": 2}}],
+    }
+    driver.get(base + "/dashboard#/flows")
+    until_text("main h1", "Flows")
+    area = wait.until(EC.presence_of_element_located((By.ID, "flow-text")))
+    driver.execute_script("arguments[0].value = arguments[1];", area, json.dumps(flow))
+    driver.find_element(By.ID, "flow-run").click()
+    seen["flow_id"] = until_text("#flow-id", "flow-")
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "main").get_attribute("data-flow-state") == "succeeded")
+    seen["flow_graph"] = sorted(g.get_attribute("data-step") + ":" + g.get_attribute("data-state")
+                                for g in driver.find_elements(By.CSS_SELECTOR, "#flow-graph g.flow-node"))
+    seen["flow_edges"] = len(driver.find_elements(By.CSS_SELECTOR, "#flow-graph path.flow-edge"))
+    seen["flow_money"] = text("#flow-money")
+    shot("flow")
 
     driver.get(base + "/dashboard#/modules")
     until_text("main h1", "Modules")

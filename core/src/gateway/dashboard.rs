@@ -150,6 +150,9 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/dashboard/api/jobs", get(jobs).post(submit))
         .route("/dashboard/api/jobs/{id}", get(job))
         .route("/dashboard/api/jobs/{id}/cancel", post(cancel))
+        .route("/dashboard/api/flows", get(flows).post(run_flow))
+        .route("/dashboard/api/flows/{id}", get(flow))
+        .route("/dashboard/api/flows/{id}/cancel", post(cancel_flow))
         .route("/dashboard/api/modules", get(modules))
         .route("/dashboard/api/account", get(account))
         .route("/dashboard/api/keys", get(keys).post(create_key))
@@ -478,6 +481,71 @@ async fn submit(
         api_key_sha256: None,
     };
     Ok(Json(session.client.submit(&request).await?))
+}
+
+async fn flows(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+) -> PageResult<Json<wire::FlowList>> {
+    let session = session(&gateway, &headers)?;
+    Ok(Json(
+        session.client.flow_list(session.account(), Some(100)).await?,
+    ))
+}
+
+async fn flow(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> PageResult<Json<wire::FlowView>> {
+    let session = session(&gateway, &headers)?;
+    Ok(Json(session.client.flow_get(&id).await?))
+}
+
+async fn cancel_flow(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> PageResult<Json<wire::FlowView>> {
+    changing(&headers)?;
+    let session = session(&gateway, &headers)?;
+    Ok(Json(session.client.flow_cancel(&id).await?))
+}
+
+/// The Flows page's form: a flow file's text (JSON or TOML, as `rhizos flow run` reads it).
+#[derive(Deserialize)]
+struct FlowForm {
+    flow: String,
+    /// Operators name the paying account.
+    account: Option<String>,
+}
+
+async fn run_flow(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+    Json(form): Json<FlowForm>,
+) -> PageResult<Json<wire::FlowView>> {
+    changing(&headers)?;
+    let session = session(&gateway, &headers)?;
+    let account = match (session.account(), form.account) {
+        (Some(own), _) => own.to_owned(),
+        (None, Some(named)) if !named.is_empty() => named,
+        _ => return Err(bad("name the account the flow is paid from")),
+    };
+    let text = form.flow.trim();
+    let spec: wire::FlowSpec = if text.starts_with('{') {
+        serde_json::from_str(text).map_err(|e| bad(format!("the flow is not valid JSON: {e}")))?
+    } else {
+        toml::from_str(text).map_err(|e| bad(format!("the flow is not valid TOML: {e}")))?
+    };
+    spec.plan().map_err(|e| bad(e.to_string()))?;
+    let flow_id = format!("flow-{}", &uuid::Uuid::now_v7().simple().to_string()[..20]);
+    Ok(Json(
+        session
+            .client
+            .flow_run(Some(&flow_id), &account, spec)
+            .await?,
+    ))
 }
 
 async fn modules(

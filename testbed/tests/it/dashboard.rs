@@ -1,6 +1,7 @@
 //! The web dashboard in a real browser (headless Chromium over WebDriver,
 //! `testbed/web/dashboard_check.py`) against a real, secure network: a user signs in with their
-//! credentials file, deploys a job and sees its log lines and its money settle, opens every page,
+//! credentials file, deploys a job and sees its log lines and its money settle, runs a flow and
+//! watches its graph until every step succeeded, opens every page,
 //! creates an API key and verifies the job's receipt in the page; the operator sees the fees.
 //! The screenshots land in `target/dashboard-screenshots/` (look at them).
 
@@ -101,6 +102,25 @@ async fn the_dashboard_deploys_a_job_and_shows_it_settle_in_a_real_browser() {
     );
     assert!(
         seen["node_page"].as_str().unwrap().contains("wasm"),
+        "{seen}"
+    );
+    // The flow run from the Flows page: its graph showed every step succeeded, and the money
+    // it showed is what the ledger holds.
+    let flow_id = seen["flow_id"].as_str().unwrap();
+    let flow = cluster.client().flow_get(flow_id).await.unwrap();
+    assert_eq!(flow.account, "alice");
+    assert_eq!(flow.state, rhizos_broker::wire::FlowState::Succeeded, "{flow:#?}");
+    assert_eq!(
+        seen["flow_graph"],
+        serde_json::json!(["left:succeeded", "prep:succeeded", "right:succeeded"]),
+        "{seen}"
+    );
+    assert_eq!(seen["flow_edges"], 2, "{seen}");
+    assert!(
+        seen["flow_money"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format_usd(flow.cost_micros.unwrap())),
         "{seen}"
     );
     // The key made in the page works, and is alice's.

@@ -115,7 +115,7 @@ function throttled(fn) {
   return () => { if (!timer) timer = setTimeout(() => { timer = null; fn(); }, 700); };
 }
 
-const pages = { dashboard, deploy, modules, nodes, account, receipts };
+const pages = { dashboard, deploy, flows, modules, nodes, account, receipts };
 
 async function route() {
   if (!me) return;
@@ -330,6 +330,170 @@ function followJob(result, jobId) {
     if (!result.isConnected) { stream.close(); clearInterval(poll); return; }
     if (await settle()) clearInterval(poll);
   }, 3000);
+}
+
+// ---- Flows -------------------------------------------------------------------------------
+
+const FLOW_EXAMPLE = `# One step feeding two at once (README, Flows). TOML or JSON.
+name = "hello-flow"
+max_cost_micros = 300000
+
+[[steps]]
+name = "shout"
+max_cost_micros = 100000
+spec = { workload = { backend = "module", uri = "chain://mod-hello@1.0.0" }, args = ["upper", "in.txt", "shout.txt"], input_files = { "in.txt" = "aGVsbG8KZmxvd3MK" }, timeout_ms = 5000, memory_mib = 64 }
+
+[[steps]]
+name = "left"
+max_cost_micros = 100000
+spec = { workload = { backend = "module", uri = "chain://mod-hello@1.0.0" }, args = ["upper", "text.txt", "left.txt"], timeout_ms = 5000, memory_mib = 64 }
+
+[[steps]]
+name = "right"
+max_cost_micros = 100000
+spec = { workload = { backend = "module", uri = "chain://mod-hello@1.0.0" }, args = ["upper", "text.txt", "right.txt"], timeout_ms = 5000, memory_mib = 64 }
+
+[[edges]]
+from = "shout:/output/shout.txt"
+to = "left:/input/text.txt"
+
+[[edges]]
+from = "shout:/output/shout.txt"
+to = "right:/input/text.txt"
+when = { json = "/output/shout.txt.lines", pointer = "", op = "ge", value = 2 }
+`;
+
+const FLOW_OPEN = ["running", "stopping"];
+const STEP_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
+
+async function flows(main, flowId) {
+  if (flowId) return flowPage(main, flowId);
+  const list = await api("/flows");
+  const form = h("form", { class: "stack" },
+    h("label", {}, "Flow (TOML or JSON, as rhizos flow run reads it)",
+      h("textarea", { id: "flow-text", rows: "16", class: "mono", spellcheck: "false" }, FLOW_EXAMPLE)),
+    me.role === "operator" ? h("label", {}, "Account", h("input", { id: "flow-account", placeholder: "alice" })) : null,
+    h("div", {}, h("button", { type: "submit", id: "flow-run" }, "Run flow")),
+    h("p", { class: "error", id: "flow-error" }));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    $("flow-error").textContent = "";
+    const body = { flow: $("flow-text").value };
+    if ($("flow-account")) body.account = $("flow-account").value.trim();
+    $("flow-run").disabled = true;
+    try {
+      const flow = await api("/flows", { method: "POST", body });
+      location.hash = "#/flows/" + encodeURIComponent(flow.flow_id);
+    } catch (err) {
+      $("flow-error").textContent = err.message;
+    } finally {
+      $("flow-run").disabled = false;
+    }
+  });
+  const rows = list.flows.map((f) => h("tr", { class: "click", onclick: () => { location.hash = "#/flows/" + encodeURIComponent(f.flow_id); } },
+    h("td", { class: "mono" }, f.flow_id), h("td", {}, f.name), h("td", {}, pill(f.state)),
+    h("td", {}, f.steps.filter((x) => STEP_ENDED.includes(x.state)).length + " / " + f.steps.length),
+    h("td", {}, f.cost_micros === undefined || f.cost_micros === null ? usd(f.escrow_micros) + " held" : usd(f.cost_micros)),
+    h("td", {}, ago(f.updated_ms))));
+  show(main, h("h1", {}, "Flows"),
+    h("p", { class: "muted" }, "Graphs of jobs with one budget: steps run as their inputs are ready, each settled from the flow's escrow, the rest refunded at the end."),
+    h("div", { class: "card section" }, table(["Flow", "Name", "State", "Steps ended", "Cost", "Updated"], rows, "no flows yet")),
+    h("div", { class: "card" }, h("h2", {}, "Run a flow"), form));
+  listeners.add(throttled(() => { if (main.isConnected && location.hash === "#/flows") route(); }));
+}
+
+/** One flow, live: its graph with each step's state, its money, its steps. */
+async function flowPage(main, flowId) {
+  const head = h("div", { id: "flow-head" });
+  const graph = h("div", { id: "flow-graph", class: "flow-graph" });
+  const steps = h("div", { id: "flow-steps" });
+  show(main, h("h1", {}, "Flow ", h("span", { class: "mono", id: "flow-id" }, flowId)),
+    h("div", { class: "card section" }, head), h("div", { class: "card section" }, graph), h("div", { class: "card" }, steps));
+  const refresh = async () => {
+    const flow = await api("/flows/" + encodeURIComponent(flowId));
+    const ended = flow.cost_micros !== undefined && flow.cost_micros !== null;
+    show(head, h("div", { class: "kv" },
+      h("div", { class: "k" }, "Flow"), h("div", {}, flow.name + " · account " + flow.account),
+      h("div", { class: "k" }, "State"), h("div", { id: "flow-state" }, pill(flow.state), flow.reason ? "  " + flow.reason : ""),
+      h("div", { class: "k" }, "Held"), h("div", {}, usd(flow.max_cost_micros)),
+      h("div", { class: "k" }, ended ? "Cost" : "Left in escrow"),
+      h("div", { id: "flow-money" }, ended ? usd(flow.cost_micros) + "  (refunded " + usd(flow.refund_micros) + ")" : usd(flow.escrow_micros))),
+      FLOW_OPEN.includes(flow.state) ? h("div", { class: "section" }, h("button", { id: "flow-cancel", onclick: async () => { await api("/flows/" + encodeURIComponent(flowId) + "/cancel", { method: "POST" }); refresh(); } }, "Cancel flow")) : null);
+    show(graph, flowGraph(flow));
+    show(steps, table(["Step", "State", "Runs", "Job", "Exit", "Cost", "Why"], flow.steps.map((x) => h("tr", {},
+      h("td", {}, x.step), h("td", {}, pill(x.state)), h("td", {}, x.runs),
+      h("td", { class: "mono" }, x.job_id || "–"), h("td", {}, x.exit_code === undefined || x.exit_code === null ? "–" : x.exit_code),
+      h("td", {}, usd(x.cost_micros)), h("td", {}, x.reason || "")))));
+    main.dataset.flowState = flow.state;
+    return flow;
+  };
+  await refresh();
+  const again = throttled(() => refresh().catch(() => {}));
+  listeners.add((event) => { if (event.type === "flow" && event.flow_id === flowId) again(); });
+  // Events may be missed (a reconnect): the flow's own view still tells, until it ends.
+  const poll = setInterval(async () => {
+    if (!graph.isConnected) { clearInterval(poll); return; }
+    const flow = await refresh().catch(() => null);
+    if (flow && !FLOW_OPEN.includes(flow.state)) clearInterval(poll);
+  }, 2000);
+}
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+/** svg("rect", {…}, children…): an SVG element (text children as text, never markup). */
+function svg(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, String(v));
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+/** The flow as a graph: a column per stage (a step right of everything it waits for). */
+function flowGraph(flow) {
+  const stepOf = (end) => end.split(":")[0];
+  const after = new Map(flow.steps.map((x) => [x.step, []]));
+  for (const e of flow.edges) if (after.has(stepOf(e.to))) after.get(stepOf(e.to)).push(stepOf(e.from));
+  const stage = new Map();
+  const depth = (name, path) => {
+    if (stage.has(name)) return stage.get(name);
+    if (path.has(name)) return 0;
+    path.add(name);
+    const d = Math.max(0, ...(after.get(name) || []).map((p) => depth(p, path) + 1));
+    stage.set(name, d);
+    return d;
+  };
+  flow.steps.forEach((x) => depth(x.step, new Set()));
+  const columns = [];
+  for (const x of flow.steps) (columns[stage.get(x.step)] = columns[stage.get(x.step)] || []).push(x.step);
+  const W = 190, H = 56, GX = 70, GY = 22;
+  const at = new Map();
+  columns.forEach((column, cx) => column.forEach((name, cy) => at.set(name, { x: 10 + cx * (W + GX), y: 10 + cy * (H + GY) })));
+  const width = 20 + columns.length * (W + GX) - GX;
+  const height = 20 + Math.max(1, ...columns.map((c) => c.length)) * (H + GY) - GY;
+  const root = svg("svg", { viewBox: "0 0 " + width + " " + height, width, height, role: "img", "aria-label": "the flow's steps and edges" },
+    svg("defs", {}, svg("marker", { id: "flow-arrowhead", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto" },
+      svg("path", { d: "M 0 0 L 10 5 L 0 10 z", class: "flow-arrow" }))));
+  for (const e of flow.edges) {
+    const a = at.get(stepOf(e.from)), b = at.get(stepOf(e.to));
+    if (!a || !b) continue;
+    const [x1, y1, x2, y2] = [a.x + W, a.y + H / 2, b.x, b.y + H / 2];
+    const mx = (x1 + x2) / 2;
+    root.append(svg("path", { d: `M ${x1} ${y1} C ${mx} ${y1}, ${mx} ${y2}, ${x2} ${y2}`, class: "flow-edge" + (e.when ? " conditional" : ""), "marker-end": "url(#flow-arrowhead)" },
+      svg("title", {}, e.from + " → " + e.to + (e.when ? "  when " + JSON.stringify(e.when) : ""))));
+  }
+  for (const x of flow.steps) {
+    const p = at.get(x.step);
+    const sub = x.state + (x.runs > 1 ? " · run " + x.runs : "") + (x.cost_micros ? " · " + usd(x.cost_micros) : "");
+    root.append(svg("g", { class: "flow-node " + x.state, "data-step": x.step, "data-state": x.state, transform: `translate(${p.x} ${p.y})` },
+      svg("title", {}, x.step + ": " + x.state + (x.reason ? " — " + x.reason : "")),
+      svg("rect", { width: W, height: H, rx: 8 }),
+      svg("text", { x: 12, y: 22, class: "flow-name" }, x.step),
+      svg("text", { x: 12, y: 42, class: "flow-sub" }, sub)));
+  }
+  return root;
 }
 
 // ---- Modules -----------------------------------------------------------------------------
