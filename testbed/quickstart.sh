@@ -97,6 +97,9 @@ echo "» rhizos receipt get $module_job --out .rhizos/receipt.json && rhizos rec
 "$rhizos" receipt get "$module_job" --out .rhizos/receipt.json
 "$rhizos" receipt verify .rhizos/receipt.json
 echo
+echo "» rhizos flow run testbed/flows/quickstart.toml --account demo-user --wait (three steps of chain://mod-hello, one escrow)"
+"$rhizos" flow run testbed/flows/quickstart.toml --account demo-user --wait
+echo
 echo "» rhizos models"
 "$rhizos" models
 echo

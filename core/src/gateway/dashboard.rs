@@ -489,7 +489,10 @@ async fn flows(
 ) -> PageResult<Json<wire::FlowList>> {
     let session = session(&gateway, &headers)?;
     Ok(Json(
-        session.client.flow_list(session.account(), Some(100)).await?,
+        session
+            .client
+            .flow_list(session.account(), Some(100))
+            .await?,
     ))
 }
 

@@ -109,7 +109,11 @@ async fn the_dashboard_deploys_a_job_and_shows_it_settle_in_a_real_browser() {
     let flow_id = seen["flow_id"].as_str().unwrap();
     let flow = cluster.client().flow_get(flow_id).await.unwrap();
     assert_eq!(flow.account, "alice");
-    assert_eq!(flow.state, rhizos_broker::wire::FlowState::Succeeded, "{flow:#?}");
+    assert_eq!(
+        flow.state,
+        rhizos_broker::wire::FlowState::Succeeded,
+        "{flow:#?}"
+    );
     assert_eq!(
         seen["flow_graph"],
         serde_json::json!(["left:succeeded", "prep:succeeded", "right:succeeded"]),

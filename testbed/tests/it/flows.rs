@@ -545,3 +545,75 @@ async fn a_large_file_goes_between_steps_on_different_nodes_out_of_band() {
         .unwrap_err();
     assert!(refused.to_string().contains("input_blobs"), "{refused}");
 }
+
+/// A flow mixing backends: a WASM step's output file goes into a container (the probe image,
+/// a real Docker engine) and into another WASM step at the same time; both settle from the
+/// flow's escrow.
+#[tokio::test]
+async fn a_flow_runs_wasm_and_docker_steps_from_one_escrow() {
+    use rhizos_broker::wire::{FlowState, StepState};
+    assert!(
+        rhizos_testbed::images::docker_available(),
+        "this test needs a Docker engine: `docker info` does not answer"
+    );
+    let image = rhizos_testbed::images::probe_image().expect("probe image builds");
+    let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
+        plugin_files: vec![
+            rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
+            rhizos_testbed::plugin_file("rhizos_plugin_docker").unwrap(),
+        ],
+        plugin_config: [("docker".to_owned(), serde_json::json!({"pull": "never"}))].into(),
+        node_prefix: format!("flowbox{}", &rhizos_testbed::cluster::uuid_like()[..8]),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = cluster.client();
+    let before = cluster
+        .funded_account("dot", 10_000_000)
+        .await
+        .unwrap()
+        .balance_micros;
+    let mut prep = upper("prep", "in.txt", "up.txt");
+    prep.spec
+        .input_files
+        .insert("in.txt".into(), b64("hello\nflows\n"));
+    let boxed = FlowStep {
+        name: "box".into(),
+        spec: rhizos_testbed::cluster::docker_spec(
+            &image,
+            &["cat:/input/text.txt", "write:/output/boxed.txt=boxed"],
+            30_000,
+        ),
+        max_cost_micros: Some(2_000_000),
+        retries: 0,
+        backoff_ms: 1_000,
+        ok_exit_codes: vec![0],
+    };
+    let flow = FlowSpec {
+        name: "mixed".into(),
+        max_cost_micros: 5_000_000,
+        timeout_ms: Some(120_000),
+        steps: vec![prep, boxed, upper("left", "a.txt", "left.txt")],
+        edges: vec![
+            edge("prep:/output/up.txt", "box:/input/text.txt"),
+            edge("prep:/output/up.txt", "left:/input/a.txt"),
+        ],
+    };
+    client.flow_run(Some("mix-1"), "dot", flow).await.unwrap();
+    let done = flow_end(&client, "mix-1").await;
+    assert_eq!(done.state, FlowState::Succeeded, "{done:#?}");
+    assert!(done.steps.iter().all(|s| s.state == StepState::Succeeded));
+    let container = cluster.job("mix-1-1-1").await.unwrap();
+    assert_eq!(container.backend, "docker");
+    assert_eq!(
+        container.stdout.as_deref(),
+        Some("HELLO\nFLOWS\n"),
+        "the container read the WASM step's file: {container:?}"
+    );
+    assert_eq!(
+        container.output_files.get("boxed.txt").map(String::as_str),
+        Some(b64("boxed").as_str())
+    );
+    assert_flow_money(&cluster, &done, before).await;
+}
