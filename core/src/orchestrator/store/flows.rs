@@ -23,6 +23,14 @@ use rhizos_broker::wire::{
 };
 use rusqlite::{OptionalExtension, params};
 
+/// Most flows one account may have open (running or stopping) at once: each is looked at
+/// every tick of the orchestrator's flow loop.
+pub const MAX_OPEN_FLOWS: i64 = 100;
+
+/// Most base64 bytes of input files one step's job may carry in its assignment (its own and
+/// those passed inline from upstream steps): the assignment is one NATS message.
+pub const MAX_INLINE_INPUT_B64: usize = 768 * 1024;
+
 /// The escrow account a flow's budget is held in.
 pub fn flow_account(flow_id: &str) -> String {
     format!("flow:{flow_id}")
@@ -123,6 +131,17 @@ impl Store {
         .optional()?;
         if !matches!(kind.as_deref(), Some("user" | "provider")) {
             return Err(super::accounts::no_account(account));
+        }
+        let open: i64 = query_row(
+            &tx,
+            "SELECT COUNT(*) FROM flows WHERE account_id = ?1 AND state IN ('running', 'stopping')",
+            [account],
+            |r| r.get(0),
+        )?;
+        if open >= MAX_OPEN_FLOWS {
+            return Err(StoreError::InvalidState(format!(
+                "account {account} has {open} flows running, the most at once: wait for one to end, or cancel one"
+            )));
         }
         exec(
             &tx,
@@ -630,6 +649,12 @@ impl Store {
                         break;
                     }
                 }
+            }
+            let inline: usize = job_spec.input_files.values().map(String::len).sum();
+            if missing.is_none() && inline > MAX_INLINE_INPUT_B64 {
+                missing = Some(format!(
+                    "its inline input files come to {inline} base64 bytes, more than the {MAX_INLINE_INPUT_B64} an assignment carries"
+                ));
             }
             if let Some(why) = missing {
                 fail(steps, why, events);

@@ -1633,3 +1633,64 @@ fn a_standby_reset_from_a_snapshot_holds_the_writers_ledger_and_follows_on() {
     // The writer itself is never reset.
     assert!(writer.reset_from_snapshot(&snapshot, covers).is_err());
 }
+
+/// A flow holds its budget at start, refunds it whole when cancelled before a step ran, and
+/// an account has at most `MAX_OPEN_FLOWS` open at once.
+#[test]
+fn flows_hold_their_budget_and_an_account_opens_only_so_many() {
+    use rhizos_broker::wire::{FlowSpec, FlowState, FlowStep};
+    let (_dir, mut store) = store();
+    store.create_account("u").unwrap();
+    store.deposit("u", 10_000_000, None).unwrap();
+    let flow = FlowSpec {
+        name: "f".into(),
+        max_cost_micros: 1_000,
+        timeout_ms: None,
+        steps: vec![FlowStep {
+            name: "s".into(),
+            spec: spec(),
+            max_cost_micros: None,
+            retries: 0,
+            backoff_ms: 1_000,
+            ok_exit_codes: vec![0],
+        }],
+        edges: vec![],
+    };
+    for i in 0..flows::MAX_OPEN_FLOWS {
+        let (view, created) = store.start_flow(&format!("f{i}"), "u", &flow).unwrap();
+        assert!(created);
+        assert_eq!(
+            (view.state, view.escrow_micros),
+            (FlowState::Running, 1_000)
+        );
+    }
+    assert_eq!(
+        balance(&store, "u"),
+        10_000_000 - 1_000 * flows::MAX_OPEN_FLOWS
+    );
+    // The same start again is the same flow; one more is refused, saying why.
+    assert!(!store.start_flow("f0", "u", &flow).unwrap().1);
+    let refused = store
+        .start_flow("more", "u", &flow)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("flows running, the most at once"),
+        "{refused}"
+    );
+    // Cancelled before anything ran: stopping, then ended with the whole hold back.
+    assert_eq!(store.cancel_flow("f0").unwrap().state, FlowState::Stopping);
+    let ended = store.advance_flow("f0", crate::now_ms()).unwrap();
+    assert_eq!(ended.ended, Some(FlowState::Cancelled));
+    let view = store.flow("f0").unwrap();
+    assert_eq!(
+        (view.cost_micros, view.refund_micros, view.escrow_micros),
+        (Some(0), Some(1_000), 0)
+    );
+    assert!(store.start_flow("more", "u", &flow).unwrap().1);
+    assert_eq!(
+        balance(&store, "u"),
+        10_000_000 - 1_000 * flows::MAX_OPEN_FLOWS
+    );
+    assert!(store.verify().unwrap().ok);
+}
