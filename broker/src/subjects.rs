@@ -183,6 +183,12 @@ impl Subjects {
         validate_token("flow id", flow_id)?;
         Ok(self.evt(&format!("u.{account}.flow.{state}.{flow_id}")))
     }
+    /// Every event of one flow: `rhizos.evt.v1.<ns>.u.<account>.flow.*.<flow_id>`.
+    pub fn flow_events_of(&self, account: &str, flow_id: &str) -> Result<String, TokenError> {
+        validate_token("account", account)?;
+        validate_token("flow id", flow_id)?;
+        Ok(self.evt(&format!("u.{account}.flow.*.{flow_id}")))
+    }
     /// Every event of the namespace: `rhizos.evt.v1.<ns>.>`.
     pub fn events_wildcard(&self) -> String {
         self.evt(">")

@@ -340,6 +340,53 @@ async fn a_fan_out_flow_runs_on_the_network_and_settles_from_one_escrow() {
     assert_flow_money(&cluster, &done, before).await;
     let before = cluster.balance("fay").await.unwrap().balance_micros;
 
+    // Every change is an event on the account's flow subject, in order: the flow starts,
+    // each step's states, the flow ends.
+    {
+        use futures::StreamExt as _;
+        let stream = cluster.bus.ensure_event_stream().await.unwrap();
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: cluster.bus.subjects.flow_events_of("fay", "fan-1").unwrap(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut history = Vec::new();
+        while let Ok(Some(Ok(message))) =
+            tokio::time::timeout(std::time::Duration::from_millis(1_500), messages.next()).await
+        {
+            let event: rhizos_broker::wire::Event =
+                serde_json::from_slice(&message.payload).unwrap();
+            if let rhizos_broker::wire::EventBody::Flow { step, state, .. } = event.body {
+                history.push(format!("{}:{state}", step.as_deref().unwrap_or("flow")));
+            }
+        }
+        assert_eq!(
+            history.first().map(String::as_str),
+            Some("flow:running"),
+            "{history:?}"
+        );
+        assert_eq!(
+            history.last().map(String::as_str),
+            Some("flow:succeeded"),
+            "{history:?}"
+        );
+        for step in ["prep", "left", "right"] {
+            let of: Vec<_> = history
+                .iter()
+                .filter(|h| h.starts_with(&format!("{step}:")))
+                .collect();
+            assert_eq!(
+                of,
+                [&format!("{step}:running"), &format!("{step}:succeeded")],
+                "{history:?}"
+            );
+        }
+        assert!(history.contains(&"never:skipped".to_owned()), "{history:?}");
+    }
+
     // A failing step: retried once after its backoff, then failed; its dependant skipped;
     // the independent step still runs; the flow fails and refunds the rest.
     let mut broken = upper("broken", "in.txt", "out.txt");
