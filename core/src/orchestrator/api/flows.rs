@@ -181,13 +181,15 @@ impl Orchestrator {
         advance.wake_at_ms
     }
 
-    /// While active: every open flow is moved on every [`FLOW_TICK`] (a step's job that ended,
-    /// a backoff or the flow's deadline that passed). Flows are in the database, so after a
-    /// restart or a failover the new active goes on with them.
+    /// While active: every [`FLOW_TICK`], the open flows with something to do (a step's job
+    /// that ended, a backoff or the flow's deadline that passed: `Store::flows_due`) are moved
+    /// on. Flows are in the database, so after a restart or a failover the new active goes on
+    /// with them.
     pub(in crate::orchestrator) async fn flows_loop(self) {
         loop {
             tokio::time::sleep(FLOW_TICK).await;
-            let open = match self.read(|store| store.open_flows()).await {
+            let now = crate::now_ms();
+            let open = match self.read(move |store| store.flows_due(now)).await {
                 Ok(open) => open,
                 Err(e) => {
                     tracing::warn!(error = %e.message, "cannot list open flows");

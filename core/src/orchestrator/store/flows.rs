@@ -224,13 +224,23 @@ impl Store {
         ids.iter().map(|id| self.flow(id)).collect()
     }
 
-    /// Flows not ended yet (running or stopping).
-    pub fn open_flows(&self) -> Result<Vec<String>, StoreError> {
-        let mut statement = self
-            .conn
-            .prepare_cached("SELECT id FROM flows WHERE state IN ('running', 'stopping')")?;
+    /// Open flows with something to do at `now`: a running step whose job has ended, a retry
+    /// whose backoff is over, a deadline passed, or stopping. The others are left alone (a
+    /// waiting step can only become ready when another step's run ends), so the flow loop's
+    /// tick costs one indexed read, not a pass over every open flow.
+    pub fn flows_due(&self, now: u64) -> Result<Vec<String>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT f.id FROM flows f WHERE f.state IN ('running', 'stopping') AND (
+                 f.state = 'stopping'
+                 OR (f.deadline_ms IS NOT NULL AND f.deadline_ms <= ?1)
+                 OR EXISTS (SELECT 1 FROM flow_steps s JOIN jobs j ON j.id = s.job_id
+                            WHERE s.flow_id = f.id AND s.state = 'running'
+                              AND j.state IN ('succeeded', 'failed', 'cancelled', 'timed_out'))
+                 OR EXISTS (SELECT 1 FROM flow_steps s
+                            WHERE s.flow_id = f.id AND s.state = 'retrying' AND s.not_before_ms <= ?1))",
+        )?;
         let ids = statement
-            .query_map([], |r| r.get::<_, String>(0))?
+            .query_map([now as i64], |r| r.get::<_, String>(0))?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ids)
     }

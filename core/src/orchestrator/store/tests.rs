@@ -1678,8 +1678,11 @@ fn flows_hold_their_budget_and_an_account_opens_only_so_many() {
         refused.contains("flows running, the most at once"),
         "{refused}"
     );
-    // Cancelled before anything ran: stopping, then ended with the whole hold back.
+    // Nothing to do for a flow whose step has not run yet (its job never submitted here).
+    assert!(store.flows_due(crate::now_ms()).unwrap().is_empty());
+    // Cancelled before anything ran: stopping (due), then ended with the whole hold back.
     assert_eq!(store.cancel_flow("f0").unwrap().state, FlowState::Stopping);
+    assert_eq!(store.flows_due(crate::now_ms()).unwrap(), ["f0"]);
     let ended = store.advance_flow("f0", crate::now_ms()).unwrap();
     assert_eq!(ended.ended, Some(FlowState::Cancelled));
     let view = store.flow("f0").unwrap();
@@ -1692,5 +1695,20 @@ fn flows_hold_their_budget_and_an_account_opens_only_so_many() {
         balance(&store, "u"),
         10_000_000 - 1_000 * flows::MAX_OPEN_FLOWS
     );
+    // Past its timeout a flow is due, stops, and ends timed out with its hold back.
+    store.cancel_flow("more").unwrap();
+    store.advance_flow("more", crate::now_ms()).unwrap();
+    let timed = FlowSpec {
+        timeout_ms: Some(50),
+        ..flow.clone()
+    };
+    store.start_flow("timed", "u", &timed).unwrap();
+    let later = crate::now_ms() + 100;
+    assert_eq!(store.flows_due(later).unwrap(), ["timed"]);
+    let ended = store.advance_flow("timed", later).unwrap();
+    assert_eq!(ended.ended, Some(FlowState::TimedOut));
+    let view = store.flow("timed").unwrap();
+    assert_eq!(view.refund_micros, Some(1_000));
+    assert!(view.reason.unwrap().contains("timeout_ms (50 ms) passed"));
     assert!(store.verify().unwrap().ok);
 }
