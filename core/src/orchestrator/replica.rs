@@ -888,14 +888,11 @@ impl Orchestrator {
         while let Some(done) = pending.next().await {
             done?;
         }
-        if applied < seen {
-            // Parts of a batch nobody completed: skipped, and the position moves past them.
-            let (after, position) = (applied, seen);
-            self.db(move |store| store.apply_replicated(after, position, &[]))
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            applied = seen;
-        }
+        // Parts of a batch not complete yet at `until` are not applied — nor skipped: their
+        // writer may still be appending the rest (it lost its lease but not its append). The
+        // new writer's first append, expecting the stream's end, fences them off for good;
+        // should that append find the stream moved on, following again from here sees the
+        // whole batch (see `become_writer`).
         Ok(applied)
     }
 }
@@ -1068,8 +1065,15 @@ impl Orchestrator {
             }
             self.follow(log, Some(last)).await?
         };
+        // The journal expects the stream's end, not what this file applied: a batch whose
+        // parts stop short at the end (its writer lost the lease mid-append) is then either
+        // fenced off by this writer's first append, or — if its writer completed it first —
+        // that append is refused and this orchestrator follows again and applies it.
+        // (Chaos seed 28: skipping such parts as abandoned, while the old writer completed
+        // and committed the batch, made the two files disagree.)
+        let expected = last.max(applied);
         let failed = Arc::new(Failed::default());
-        let journal = log.journal(&self.inner.instance, applied, failed.clone());
+        let journal = log.journal(&self.inner.instance, expected, failed.clone());
         self.db(move |store| store.set_journal(Some(Box::new(journal))))
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
