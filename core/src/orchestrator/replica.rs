@@ -11,8 +11,9 @@
 //!   the ledger, whatever its lease says.
 //! * A standby applies the records in order as they come ([`Orchestrator::follow`]); once it
 //!   holds the lease it catches up to the stream's last record before serving. A batch whose
-//!   parts stop before the last one was never committed by anyone (its writer answered nobody
-//!   before every part was stored) and is skipped.
+//!   parts stop short, followed by another batch, was never committed by anyone (its writer
+//!   answered nobody before every part was stored) and is skipped; one at the stream's end is
+//!   fenced off by the new writer's first append, or completed by its writer first.
 //! * A fresh data dir starts from the latest snapshot; a restart from its own file, replaying
 //!   only what it has not applied.
 
@@ -748,9 +749,8 @@ struct Assembly {
 
 impl Orchestrator {
     /// Applies the stream's records to this orchestrator's file as they come (a standby), or
-    /// — with `until` — up to that position and no further, then skips a last batch whose
-    /// parts stopped short (its writer is gone: it answered nobody). Returns the position
-    /// applied up to. A record of another ledger, or of another schema version, is an error.
+    /// — with `until` — up to that position and no further (a last batch whose parts stop
+    /// short stays unapplied: see `become_writer`). Returns the position applied up to. A record of another ledger, or of another schema version, is an error.
     pub(super) async fn follow(&self, log: &LedgerLog, until: Option<u64>) -> anyhow::Result<u64> {
         let ledger = self.inner.instance.clone();
         let mut applied = self
