@@ -431,6 +431,20 @@ impl NatsCluster {
         Ok(())
     }
 
+    /// A client of the cluster's first server, once JetStream answers through it (at most
+    /// 60 s): for tools and tests that create streams right after starting the cluster.
+    pub async fn ready_client(&self) -> Result<async_nats::Client, LaunchError> {
+        let first = self.url().split(',').next().unwrap_or_default().to_owned();
+        let client = async_nats::connect(&first)
+            .await
+            .map_err(|e| LaunchError::NotReady {
+                waited_ms: 0,
+                log_tail: format!("cannot connect to {first}: {e}"),
+            })?;
+        Self::wait_jetstream(&client, Duration::from_secs(60)).await?;
+        Ok(client)
+    }
+
     /// Waits (at most `limit`) until JetStream answers through `client` — its meta leader is
     /// elected — so streams can be created.
     pub async fn wait_jetstream(

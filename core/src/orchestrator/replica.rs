@@ -27,11 +27,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-const LEDGER_HEADER: &str = "Rhizos-Ledger";
-const SCHEMA_HEADER: &str = "Rhizos-Schema";
-const PART_HEADER: &str = "Rhizos-Part";
-const OBJECT_HEADER: &str = "Rhizos-Object";
-const COVERS_HEADER: &str = "Rhizos-Covers";
+// The records' headers (their wire format, ADR 0010): every record names its ledger and schema
+// version; a changes record its part (`1/3`); a snapshot record its object and what it covers.
+pub const LEDGER_HEADER: &str = "Rhizos-Ledger";
+pub const SCHEMA_HEADER: &str = "Rhizos-Schema";
+pub const PART_HEADER: &str = "Rhizos-Part";
+pub const OBJECT_HEADER: &str = "Rhizos-Object";
+pub const COVERS_HEADER: &str = "Rhizos-Covers";
 
 /// Longest wait for a quorum to acknowledge one appended part: longer than the stream's
 /// replicas take to elect a new leader when the old one's server is lost (a few seconds, up to

@@ -5,11 +5,13 @@
 
 use crate::common::*;
 use crate::restart::{
-    balance_of, funded_account, request, start_orchestrator_with, wait_for, wait_for_a_node,
-    wasm_agent,
+    balance_of, funded_account, log_of, request, start_orchestrator_with, wait_for,
+    wait_for_a_node, wasm_agent,
 };
 use rhizos_broker::server::NatsCluster;
-use rhizos_broker::wire::{JobState, LedgerReport, SubmitJobReply, VerifyLedger, WIRE_VERSION};
+use rhizos_broker::wire::{
+    AccountView, Deposit, JobState, LedgerReport, SubmitJobReply, VerifyLedger, WIRE_VERSION,
+};
 use rhizos_broker::{Bus, Settings};
 use rhizos_core::Orchestrator;
 use rhizos_testbed::cluster::{uuid_like, wasm_spec};
@@ -19,16 +21,21 @@ use std::time::{Duration, Instant};
 /// everything on three, in a random namespace starting with `prefix`.
 async fn cluster_of_three(dir: &std::path::Path, prefix: &str) -> (NatsCluster, Settings) {
     let nats = NatsCluster::start(3, "rhizos", dir).unwrap();
-    let first = nats.url().split(',').next().unwrap().to_owned();
-    let probe = async_nats::connect(first).await.unwrap();
-    NatsCluster::wait_jetstream(&probe, Duration::from_secs(60))
-        .await
-        .unwrap();
+    nats.ready_client().await.unwrap();
     let mut settings = Settings::default();
     settings.nats.url = nats.url();
     settings.nats.namespace = format!("{prefix}{}", &uuid_like()[..12]);
     settings.nats.replicas = 3;
     (nats, settings)
+}
+
+/// Data dirs `<dir>/a` and `<dir>/b` for two orchestrators, made.
+fn two_data_dirs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    for d in [&a, &b] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    (a, b)
 }
 
 #[tokio::test]
@@ -277,13 +284,7 @@ async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
         ("RHIZOS_ORCHESTRATOR__REPLICATED_LEDGER", "true"),
         ("RHIZOS_ORCHESTRATOR__LEASE_TTL_MS", "2000"),
     ];
-    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    for d in [&a_dir, &b_dir] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let log = |d: &std::path::Path| {
-        std::fs::read_to_string(d.join("orchestrator.log")).unwrap_or_default()
-    };
+    let (a_dir, b_dir) = two_data_dirs(dir.path());
     let mut a = start_orchestrator_with(&settings, &a_dir, &env);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let agent = wasm_agent(&settings, dir.path(), "steady", 4).await;
@@ -320,13 +321,18 @@ async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
     let mut spent = 0;
     for index in 0..jobs {
         let job = wait_for(&bus, &format!("r-{index}"), |j| j.state.is_terminal()).await;
-        assert_eq!(job.state, JobState::Succeeded, "{job:?}\n{}", log(&b_dir));
+        assert_eq!(
+            job.state,
+            JobState::Succeeded,
+            "{job:?}\n{}",
+            log_of(&b_dir)
+        );
         spent += job.cost_micros.unwrap();
     }
     eprintln!(
         "replicated ledger: the active orchestrator killed mid-run; the slowest submit took {slowest:?} (the failover)"
     );
-    let b_log = log(&b_dir);
+    let b_log = log_of(&b_dir);
     assert!(
         b_log.contains("restored from the replicated ledger's latest snapshot"),
         "the second orchestrator joined from the snapshot:\n{b_log}"
@@ -368,12 +374,12 @@ async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
             "the standby's projection never matched the active's: applied {} vs {}\n{}",
             a_ledger.0,
             b_ledger.0,
-            log(&a_dir)
+            log_of(&a_dir)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(a.interrupt(), "{}", log(&a_dir));
-    assert!(b.interrupt(), "{}", log(&b_dir));
+    assert!(a.interrupt(), "{}", log_of(&a_dir));
+    assert!(b.interrupt(), "{}", log_of(&b_dir));
 }
 
 /// The snapshot a new member of the replicated ledger restores is the one its record names, as
@@ -477,13 +483,7 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
         ("RHIZOS_ORCHESTRATOR__LEDGER_SNAPSHOT_EVERY", "20"),
         ("RHIZOS_ORCHESTRATOR__LEASE_TTL_MS", "2000"),
     ];
-    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
-    for d in [&a_dir, &b_dir] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let log = |d: &std::path::Path| {
-        std::fs::read_to_string(d.join("orchestrator.log")).unwrap_or_default()
-    };
+    let (a_dir, b_dir) = two_data_dirs(dir.path());
     let mut a = start_orchestrator_with(&settings, &a_dir, &env);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let agent = wasm_agent(&settings, dir.path(), "steady", 4).await;
@@ -536,7 +536,7 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
         assert!(
             Instant::now() < deadline,
             "no snapshot trimmed the stream\n{}",
-            log(&a_dir)
+            log_of(&a_dir)
         );
     };
     assert!(
@@ -544,9 +544,9 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
         "{latest:?}"
     );
     assert!(
-        log(&a_dir).contains("ledger snapshot stored"),
+        log_of(&a_dir).contains("ledger snapshot stored"),
         "{}",
-        log(&a_dir)
+        log_of(&a_dir)
     );
 
     // A new member restores the latest snapshot, not the first, and follows.
@@ -567,13 +567,13 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
                 "{what}: the files never matched: applied {} vs {}\n{}",
                 a_ledger.0,
                 b_ledger.0,
-                log(&b_dir)
+                log_of(&b_dir)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
     let b_applied = equal("a new member").await;
-    let joined = log(&b_dir);
+    let joined = log_of(&b_dir);
     let restored = joined
         .lines()
         .find(|line| line.contains("restored from the replicated ledger's latest snapshot"))
@@ -601,7 +601,7 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
     );
 
     // Stopped while the stream is trimmed past its file: started again, it restores.
-    assert!(b.interrupt(), "{}", log(&b_dir));
+    assert!(b.interrupt(), "{}", log_of(&b_dir));
     while trimmed_past(u64::try_from(b_applied).unwrap() + 1)
         .await
         .is_none()
@@ -610,16 +610,16 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
         assert!(
             Instant::now() < deadline,
             "the stream was not trimmed past the stopped member's file\n{}",
-            log(&a_dir)
+            log_of(&a_dir)
         );
     }
     let mut b = start_orchestrator_with(&settings, &b_dir, &env);
     spent += run_jobs(3).await;
     equal("a member behind the trimmed stream").await;
     assert!(
-        log(&b_dir).contains("older than what the replicated ledger keeps"),
+        log_of(&b_dir).contains("older than what the replicated ledger keeps"),
         "{}",
-        log(&b_dir)
+        log_of(&b_dir)
     );
     // (Named by where it stopped: at least where it was last seen equal — the writer's sweeps
     // may have written more before it was stopped.)
@@ -651,16 +651,16 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
         assert!(
             Instant::now() < deadline,
             "the stream was not trimmed past the frozen member's file\n{}",
-            log(&a_dir)
+            log_of(&a_dir)
         );
     }
     b.signal("CONT");
     spent += run_jobs(3).await;
     equal("a running member the stream was trimmed past").await;
     assert!(
-        log(&b_dir).contains("rows were replaced by the latest snapshot"),
+        log_of(&b_dir).contains("rows were replaced by the latest snapshot"),
         "{}",
-        log(&b_dir)
+        log_of(&b_dir)
     );
 
     let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
@@ -668,6 +668,245 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
     assert_eq!(balance_of(&bus, "ada").await, deposited - spent);
     let _ = stop.send(true);
     agent_task.await.unwrap().unwrap();
-    assert!(b.interrupt(), "{}", log(&b_dir));
-    assert!(a.interrupt(), "{}", log(&a_dir));
+    assert!(b.interrupt(), "{}", log_of(&b_dir));
+    assert!(a.interrupt(), "{}", log_of(&a_dir));
+}
+
+/// The old writer of chaos seed 28: it appends its batch in two parts as a real writer does
+/// (each with the expected last sequence), but holds between them — as when it lost its lease
+/// mid-append — until the test lets it go on.
+struct HeldBetweenParts {
+    jetstream: async_nats::jetstream::Context,
+    subject: String,
+    ledger: String,
+    last: u64,
+    runtime: tokio::runtime::Handle,
+    first_part_stored: std::sync::mpsc::Sender<u64>,
+    go_on: std::sync::mpsc::Receiver<()>,
+}
+
+impl rhizos_core::orchestrator::store::Journal for HeldBetweenParts {
+    fn append(&mut self, changeset: Vec<u8>) -> Result<u64, String> {
+        use rhizos_core::orchestrator::replica::{LEDGER_HEADER, PART_HEADER, SCHEMA_HEADER};
+        let half = changeset.len() / 2;
+        for (part, bytes) in [&changeset[..half], &changeset[half..]]
+            .into_iter()
+            .enumerate()
+        {
+            if part == 1 {
+                self.first_part_stored.send(self.last).unwrap();
+                self.go_on.recv().unwrap();
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(LEDGER_HEADER, self.ledger.as_str());
+            let schema = rhizos_core::orchestrator::store::schema::SCHEMA_VERSION.to_string();
+            headers.insert(SCHEMA_HEADER, schema.as_str());
+            headers.insert(PART_HEADER, format!("{}/2", part + 1).as_str());
+            let publish = async_nats::jetstream::message::PublishMessage::build()
+                .headers(headers)
+                .payload(bytes::Bytes::copy_from_slice(bytes))
+                .expected_last_sequence(self.last);
+            let ack = self.runtime.block_on(async {
+                self.jetstream
+                    .send_publish(self.subject.clone(), publish)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())
+            })?;
+            self.last = ack.sequence;
+        }
+        Ok(self.last)
+    }
+
+    fn append_snapshot(&mut self, _object: &str, _covers: u64) -> Result<u64, String> {
+        Err("this writer takes no snapshot".into())
+    }
+
+    fn stop(&mut self, _why: String) {}
+}
+
+/// How a batch cut short at the stream's end by a writer that lost its lease mid-append ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum CutShort {
+    /// Its writer appends the rest (and commits) before the new writer appends anything.
+    CompletedFirst,
+    /// The new writer appends first.
+    FencedOff,
+}
+
+/// Chaos seed 28, made deterministic: a writer loses its lease while its batch is in the
+/// stream in part only; a new orchestrator takes over and becomes the writer with those parts
+/// at the stream's end. Either the old writer completes its batch first — the new writer's
+/// first append is then refused, it follows again and applies the whole batch, and its
+/// request is served after — or the new writer appends first, fencing the parts off: the old
+/// writer's next part is refused and it commits nothing. Either way every file (the old
+/// writer's, started again as a standby) ends equal to the new writer's, row for row, and the
+/// money is exact. (Before the fix the new writer skipped the parts as abandoned, applied
+/// nothing of the batch its predecessor then committed, and the files disagreed.)
+#[tokio::test]
+async fn a_batch_cut_short_by_a_lost_lease_is_applied_whole_or_fenced_off_never_half() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = rhizos_broker::server::NatsServer::start(rhizos_broker::server::LaunchOptions {
+        data_dir: Some(dir.path().join("nats")),
+        ..Default::default()
+    })
+    .unwrap();
+    for case in [CutShort::CompletedFirst, CutShort::FencedOff] {
+        cut_short(&nats, &dir.path().join(format!("{case:?}")), case).await;
+    }
+}
+
+async fn cut_short(
+    nats: &rhizos_broker::server::NatsServer,
+    dir: &std::path::Path,
+    case: CutShort,
+) {
+    use rhizos_core::orchestrator::replica::LedgerLog;
+    use rhizos_core::orchestrator::store::{CommitError, Store};
+    let mut settings = Settings::default();
+    settings.nats.url = nats.url();
+    settings.nats.namespace = format!("c{}", &uuid_like()[..12]);
+    let env = [
+        ("RHIZOS_ORCHESTRATOR__REPLICATED_LEDGER", "true"),
+        ("RHIZOS_ORCHESTRATOR__LEASE_TTL_MS", "2000"),
+    ];
+    let (a_dir, b_dir) = two_data_dirs(dir);
+    let bus = Bus::connect(&settings.nats).await.unwrap();
+    let deposited = 10_000_000;
+    let mut a = start_orchestrator_with(&settings, &a_dir, &env);
+    funded_account(&bus, "ada", deposited, "cut-1").await;
+    assert!(a.interrupt(), "{}", log_of(&a_dir));
+    let ledger = LedgerLog::open(&bus).await.unwrap();
+    let last = ledger.last().await.unwrap();
+
+    // The old writer, on A's file: a deposit whose batch it appends in two parts, holding
+    // after the first.
+    let (first_part_stored, stored) = std::sync::mpsc::channel();
+    let (go_on, held) = std::sync::mpsc::channel();
+    let writer = {
+        let (jetstream, subject) = (bus.jetstream.clone(), bus.subjects.ledger_changes());
+        let (path, runtime) = (a_dir.join("ledger.db"), tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || {
+            let mut store = Store::open(&path, 500).unwrap();
+            assert_eq!(
+                store.applied().unwrap(),
+                last,
+                "A's file is the stream's ledger"
+            );
+            let journal = HeldBetweenParts {
+                jetstream,
+                subject,
+                ledger: store.instance().to_owned(),
+                last,
+                runtime,
+                first_part_stored,
+                go_on: held,
+            };
+            store.set_journal(Some(Box::new(journal))).unwrap();
+            let (deposit, commit) =
+                store.group_commit(|store| store.deposit("ada", 1_000_000, Some("late")));
+            deposit.unwrap();
+            commit
+        })
+    };
+    let stored = tokio::task::spawn_blocking(move || stored.recv().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stored, last + 1, "part 1 of 2 is the stream's last record");
+
+    // A new orchestrator joins and takes over with that part at the stream's end.
+    let mut b = start_orchestrator_with(&settings, &b_dir, &env);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !log_of(&b_dir).contains("writing the replicated ledger") {
+        assert!(
+            Instant::now() < deadline,
+            "B never took over\n{}",
+            log_of(&b_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b_deposit = Deposit {
+        v: WIRE_VERSION,
+        account: "ada".into(),
+        amount_micros: 2_000_000,
+        idempotency_key: Some("after".into()),
+    };
+    let late_in = match case {
+        CutShort::CompletedFirst => {
+            go_on.send(()).unwrap();
+            let commit = writer.await.unwrap();
+            assert_eq!(
+                commit,
+                Ok(()),
+                "the old writer's batch is in the stream whole"
+            );
+            assert_eq!(ledger.last().await.unwrap(), last + 2);
+            // B's first append expects the stream's end as it found it: refused, B follows
+            // again, applies the whole batch, and serves the deposit (sent again by the bus).
+            let _: AccountView = request(&bus, &b_deposit).await;
+            true
+        }
+        CutShort::FencedOff => {
+            let _: AccountView = request(&bus, &b_deposit).await;
+            assert_eq!(
+                ledger.last().await.unwrap(),
+                last + 2,
+                "B appended after part 1"
+            );
+            go_on.send(()).unwrap();
+            let commit = writer.await.unwrap();
+            assert!(
+                matches!(commit, Err(CommitError::NotWriting(ref e)) if e.contains("not replicated")),
+                "the old writer's part 2 is refused and it commits nothing: {commit:?}"
+            );
+            false
+        }
+    };
+    let late = if late_in { 1_000_000 } else { 0 };
+    assert_eq!(
+        balance_of(&bus, "ada").await,
+        deposited + late + 2_000_000,
+        "{case:?}: the late deposit is in the ledger exactly when its writer committed it"
+    );
+    let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
+    assert!(report.ok, "{:?}", report.problems);
+
+    // The old writer's file, started again as a standby, follows B's ledger to the same rows.
+    let mut a = start_orchestrator_with(&settings, &a_dir, &env);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (a_rows, b_rows) = (
+            rhizos_testbed::ledger_rows(&a_dir.join("ledger.db")).unwrap(),
+            rhizos_testbed::ledger_rows(&b_dir.join("ledger.db")).unwrap(),
+        );
+        if a_rows == b_rows {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{case:?}: the files never matched (applied {} vs {})\nA:\n{}\nB:\n{}",
+            a_rows.0,
+            b_rows.0,
+            log_of(&a_dir),
+            log_of(&b_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if case == CutShort::CompletedFirst {
+        assert!(
+            log_of(&b_dir).contains("stopped writing the replicated ledger"),
+            "B's first append was refused and it caught up: {}",
+            log_of(&b_dir)
+        );
+    }
+    eprintln!(
+        "{case:?}: part 1 of 2 at record {}; B took over with it at the stream's end; both files equal at record {}",
+        last + 1,
+        rhizos_testbed::ledger_rows(&b_dir.join("ledger.db"))
+            .unwrap()
+            .0
+    );
+    assert!(a.interrupt(), "{}", log_of(&a_dir));
+    assert!(b.interrupt(), "{}", log_of(&b_dir));
 }

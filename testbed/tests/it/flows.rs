@@ -170,6 +170,23 @@ fn b64(text: &str) -> String {
 }
 
 /// Waits (up to 60 s) until the flow has ended.
+/// A test network started with `options`, with `account` funded with `micros`: the network,
+/// its operator's client, and the account's balance before any flow.
+async fn funded_cluster(
+    options: rhizos_testbed::ClusterOptions,
+    account: &str,
+    micros: i64,
+) -> (rhizos_testbed::Cluster, rhizos_broker::Client, i64) {
+    let cluster = rhizos_testbed::Cluster::start(options).await.unwrap();
+    let client = cluster.client();
+    let before = cluster
+        .funded_account(account, micros)
+        .await
+        .unwrap()
+        .balance_micros;
+    (cluster, client, before)
+}
+
 async fn flow_end(client: &rhizos_broker::Client, flow_id: &str) -> rhizos_broker::wire::FlowView {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
@@ -230,18 +247,15 @@ async fn assert_flow_money(
 async fn a_fan_out_flow_runs_on_the_network_and_settles_from_one_escrow() {
     use rhizos_broker::wire::{CompareOp, Condition, FlowState, StepState};
     // Secure: each party is who its credentials say (a user sees only its own flows).
-    let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
-        secure: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let client = cluster.client();
-    let before = cluster
-        .funded_account("fay", 20_000_000)
-        .await
-        .unwrap()
-        .balance_micros;
+    let (cluster, client, before) = funded_cluster(
+        rhizos_testbed::ClusterOptions {
+            secure: true,
+            ..Default::default()
+        },
+        "fay",
+        20_000_000,
+    )
+    .await;
 
     let mut prep = upper("prep", "in.txt", "up.txt");
     prep.spec
@@ -511,20 +525,17 @@ async fn a_fan_out_flow_runs_on_the_network_and_settles_from_one_escrow() {
 #[tokio::test]
 async fn a_large_file_goes_between_steps_on_different_nodes_out_of_band() {
     use rhizos_broker::wire::{FlowState, StepState};
-    let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
-        agents: 3,
-        max_concurrent: 1,
-        secure: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let client = cluster.client();
-    let before = cluster
-        .funded_account("bea", 10_000_000)
-        .await
-        .unwrap()
-        .balance_micros;
+    let (cluster, client, before) = funded_cluster(
+        rhizos_testbed::ClusterOptions {
+            agents: 3,
+            max_concurrent: 1,
+            secure: true,
+            ..Default::default()
+        },
+        "bea",
+        10_000_000,
+    )
+    .await;
     let mut fill = upper("fill", "-", "-");
     fill.spec.args = vec!["fill".into(), "1".into()];
     let flow = FlowSpec {
@@ -604,23 +615,20 @@ async fn a_flow_runs_wasm_and_docker_steps_from_one_escrow() {
         "this test needs a Docker engine: `docker info` does not answer"
     );
     let image = rhizos_testbed::images::probe_image().expect("probe image builds");
-    let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
-        plugin_files: vec![
-            rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
-            rhizos_testbed::plugin_file("rhizos_plugin_docker").unwrap(),
-        ],
-        plugin_config: [("docker".to_owned(), serde_json::json!({"pull": "never"}))].into(),
-        node_prefix: format!("flowbox{}", &rhizos_testbed::cluster::uuid_like()[..8]),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let client = cluster.client();
-    let before = cluster
-        .funded_account("dot", 10_000_000)
-        .await
-        .unwrap()
-        .balance_micros;
+    let (cluster, client, before) = funded_cluster(
+        rhizos_testbed::ClusterOptions {
+            plugin_files: vec![
+                rhizos_testbed::plugin_file("rhizos_plugin_wasm").unwrap(),
+                rhizos_testbed::plugin_file("rhizos_plugin_docker").unwrap(),
+            ],
+            plugin_config: [("docker".to_owned(), serde_json::json!({"pull": "never"}))].into(),
+            node_prefix: format!("flowbox{}", &rhizos_testbed::cluster::uuid_like()[..8]),
+            ..Default::default()
+        },
+        "dot",
+        10_000_000,
+    )
+    .await;
     let mut prep = upper("prep", "in.txt", "up.txt");
     prep.spec
         .input_files

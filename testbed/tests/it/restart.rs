@@ -211,26 +211,69 @@ pub(crate) async fn balance_of(bus: &Bus, account: &str) -> i64 {
     view.balance_micros
 }
 
+/// One `rhizosd orchestrator` process (on `<dir>/orchestrator`) on a fresh nats-server, in a
+/// namespace starting with `prefix`, and one real WASM agent `node_id` running at most `slots`
+/// executions, registered; `account` funded with `micros`.
+struct OneOrchestrator {
+    dir: tempfile::TempDir,
+    _nats: NatsServer,
+    settings: Settings,
+    bus: Bus,
+    orchestrator: Daemon,
+    stop_agent: tokio::sync::watch::Sender<bool>,
+    agent: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl OneOrchestrator {
+    async fn start(prefix: &str, node_id: &str, slots: u32, account: &str, micros: i64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (nats, settings) = nats_in(dir.path(), prefix);
+        std::fs::create_dir_all(dir.path().join("orchestrator")).unwrap();
+        let orchestrator = start_orchestrator(&settings, &dir.path().join("orchestrator"));
+        let agent = wasm_agent(&settings, dir.path(), node_id, slots).await;
+        let (stop_agent, stopped) = tokio::sync::watch::channel(false);
+        let agent = tokio::spawn(agent.run(async move {
+            let mut stopped = stopped;
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        let bus = Bus::connect(&settings.nats).await.unwrap();
+        wait_for_a_node(&bus).await;
+        funded_account(&bus, account, micros, "d1").await;
+        Self {
+            dir,
+            _nats: nats,
+            settings,
+            bus,
+            orchestrator,
+            stop_agent,
+            agent,
+        }
+    }
+
+    /// `kill -9` of the orchestrator, and a new one on its data dir two seconds later.
+    async fn kill_9_and_restart_the_orchestrator(&mut self) {
+        self.orchestrator.kill().unwrap();
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        self.orchestrator =
+            start_orchestrator(&self.settings, &self.dir.path().join("orchestrator"));
+    }
+
+    /// Stops the agent (cleanly) and returns the orchestrator.
+    async fn stop_agent(self) -> Daemon {
+        let _ = self.stop_agent.send(true);
+        self.agent.await.unwrap().unwrap();
+        self.orchestrator
+    }
+}
+
 /// A flow goes on across a `kill -9` of the orchestrator: its first step runs through the
 /// crash, and the restarted orchestrator (the flow's state is in its ledger) reads that step's
 /// end, starts the next, and ends the flow with its money exact.
 #[tokio::test]
 async fn kill_9_of_the_orchestrator_mid_flow_resumes_the_flow() {
     use rhizos_broker::wire::{FlowEdge, FlowSpec, FlowState, FlowStep, StepState};
-    let dir = tempfile::tempdir().unwrap();
-    let (_nats, settings) = nats_in(dir.path(), "f");
-    let orchestrator_dir = dir.path().join("orchestrator");
-    std::fs::create_dir_all(&orchestrator_dir).unwrap();
-    let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
-    let agent = wasm_agent(&settings, dir.path(), "flowing", 2).await;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let agent_task = tokio::spawn(agent.run(async move {
-        let mut stopped = stopped;
-        let _ = stopped.wait_for(|s| *s).await;
-    }));
-    let bus = Bus::connect(&settings.nats).await.unwrap();
-    wait_for_a_node(&bus).await;
-    funded_account(&bus, "flo", 2_000_000, "d1").await;
+    let mut network = OneOrchestrator::start("f", "flowing", 2, "flo", 2_000_000).await;
+    let bus = network.bus.clone();
     let module = demo();
     let step = |name: &str, args: &[&str]| FlowStep {
         name: name.into(),
@@ -258,9 +301,7 @@ async fn kill_9_of_the_orchestrator_mid_flow_resumes_the_flow() {
     client.flow_run(Some("crash-1"), "flo", flow).await.unwrap();
     wait_for(&bus, "crash-1-0-1", |j| j.state == JobState::Running).await;
 
-    orchestrator.kill().unwrap();
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
-    let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
+    network.kill_9_and_restart_the_orchestrator().await;
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let flow = loop {
@@ -291,30 +332,15 @@ async fn kill_9_of_the_orchestrator_mid_flow_resumes_the_flow() {
     let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
     assert!(report.ok, "{:?}", report.problems);
 
-    stop.send(true).unwrap();
-    agent_task.await.unwrap().unwrap();
+    let mut orchestrator = network.stop_agent().await;
     assert!(orchestrator.interrupt(), "the orchestrator stops cleanly");
 }
 
 #[tokio::test]
 async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_nats, settings) = nats_in(dir.path(), "r");
-    let orchestrator_dir = dir.path().join("orchestrator");
-    std::fs::create_dir_all(&orchestrator_dir).unwrap();
-    let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
-
     // One slot: the second job has to wait, pending, through the crash.
-    let agent = wasm_agent(&settings, dir.path(), "survivor", 1).await;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let agent_task = tokio::spawn(agent.run(async move {
-        let mut stopped = stopped;
-        let _ = stopped.wait_for(|s| *s).await;
-    }));
-
-    let bus = Bus::connect(&settings.nats).await.unwrap();
-    wait_for_a_node(&bus).await;
-    funded_account(&bus, "kim", 2_000_000, "d1").await;
+    let mut network = OneOrchestrator::start("r", "survivor", 1, "kim", 2_000_000).await;
+    let bus = network.bus.clone();
     let module = demo();
     for (job_id, args) in [
         ("first", ["count", "15", "100"]),
@@ -330,9 +356,7 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     );
 
     // kill -9 while one job runs and one waits; restart after the running one has finished.
-    orchestrator.kill().unwrap();
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
-    let mut orchestrator = start_orchestrator(&settings, &orchestrator_dir);
+    network.kill_9_and_restart_the_orchestrator().await;
 
     let first = wait_for(&bus, "first", |j| {
         j.state.is_terminal() && j.cost_micros.is_some()
@@ -399,9 +423,7 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
         );
     }
 
-    let _ = stop.send(true);
-    agent_task.await.unwrap().unwrap();
-    orchestrator.kill().unwrap();
+    network.stop_agent().await.kill().unwrap();
 }
 
 /// Waits (at most 30 s) for the daemon to exit on its own.
@@ -416,7 +438,8 @@ async fn exit_of(daemon: &mut Daemon) -> std::process::ExitStatus {
     }
 }
 
-fn log_of(data_dir: &std::path::Path) -> String {
+/// What the orchestrator on `data_dir` logged so far.
+pub(crate) fn log_of(data_dir: &std::path::Path) -> String {
     std::fs::read_to_string(data_dir.join("orchestrator.log")).unwrap_or_default()
 }
 

@@ -78,6 +78,46 @@ struct FlowRow {
     deadline_ms: Option<u64>,
 }
 
+impl FlowRow {
+    /// A `flows` row (its columns read by name); a state or spec that does not parse is a
+    /// corrupt ledger.
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Self, StoreError>> {
+        let ms = |v: i64| v.max(0) as u64;
+        let (spec, state, outcome): (String, String, Option<String>) =
+            (r.get("spec")?, r.get("state")?, r.get("outcome")?);
+        let (account, name, reason) = (r.get("account_id")?, r.get("name")?, r.get("reason")?);
+        let (max_cost_micros, cost_micros, refund_micros) = (
+            r.get("max_cost_micros")?,
+            r.get("cost_micros")?,
+            r.get("refund_micros")?,
+        );
+        let (created_ms, updated_ms, deadline_ms): (i64, i64, Option<i64>) = (
+            r.get("created_ms")?,
+            r.get("updated_ms")?,
+            r.get("deadline_ms")?,
+        );
+        let parse =
+            |what: &str, value: &str| FlowState::parse(value).ok_or_else(|| bad_row(what, value));
+        let flow = || -> Result<Self, StoreError> {
+            Ok(FlowRow {
+                account,
+                name,
+                spec: serde_json::from_str(&spec)?,
+                state: parse("flow state", &state)?,
+                outcome: outcome.map(|o| parse("flow outcome", &o)).transpose()?,
+                reason,
+                max_cost_micros,
+                cost_micros,
+                refund_micros,
+                created_ms: ms(created_ms),
+                updated_ms: ms(updated_ms),
+                deadline_ms: deadline_ms.map(ms),
+            })
+        };
+        Ok(flow())
+    }
+}
+
 /// An upstream step's output file, as the next step takes it.
 enum Output {
     /// Base64, as the report carried it.
@@ -746,78 +786,16 @@ impl Store {
     }
 
     fn flow_row(&self, flow_id: &str) -> Result<FlowRow, StoreError> {
-        type Raw = (
-            String,
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            i64,
-            Option<i64>,
-            Option<i64>,
-            i64,
-            i64,
-            Option<i64>,
-        );
-        let raw: Option<Raw> = query_row(
+        query_row(
             &self.conn,
             "SELECT account_id, name, spec, state, outcome, reason, max_cost_micros, cost_micros,
                     refund_micros, created_ms, updated_ms, deadline_ms
              FROM flows WHERE id = ?1",
             [flow_id],
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                    r.get(8)?,
-                    r.get(9)?,
-                    r.get(10)?,
-                    r.get(11)?,
-                ))
-            },
+            FlowRow::from_row,
         )
-        .optional()?;
-        let Some((
-            account,
-            name,
-            spec,
-            state,
-            outcome,
-            reason,
-            max,
-            cost,
-            refund,
-            created,
-            updated,
-            deadline,
-        )) = raw
-        else {
-            return Err(StoreError::NotFound(format!("flow {flow_id}")));
-        };
-        Ok(FlowRow {
-            account,
-            name,
-            spec: serde_json::from_str(&spec)?,
-            state: FlowState::parse(&state).ok_or_else(|| bad_row("flow state", &state))?,
-            outcome: match outcome {
-                Some(o) => Some(FlowState::parse(&o).ok_or_else(|| bad_row("flow outcome", &o))?),
-                None => None,
-            },
-            reason,
-            max_cost_micros: max,
-            cost_micros: cost,
-            refund_micros: refund,
-            created_ms: created.max(0) as u64,
-            updated_ms: updated.max(0) as u64,
-            deadline_ms: deadline.map(|d| d.max(0) as u64),
-        })
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("flow {flow_id}")))?
     }
 
     fn step_rows(&self, flow_id: &str) -> Result<Vec<StepRow>, StoreError> {

@@ -1500,6 +1500,12 @@ fn a_standby_applying_the_writers_changesets_holds_the_same_ledger() {
 fn a_batch_the_journal_refuses_is_not_committed() {
     let (_dir, mut store) = store();
     store.create_account("u").unwrap();
+    assert!(deposit_the_journal_refuses(&mut store), "the operation ran");
+}
+
+/// Deposits into account `u` (empty) in a batch whose append the journal refuses: the batch
+/// is not committed and nothing of it stays. Returns whether the deposit itself ran.
+fn deposit_the_journal_refuses(store: &mut Store) -> bool {
     store
         .set_journal(Some(Box::new(Kept {
             log: Default::default(),
@@ -1507,10 +1513,10 @@ fn a_batch_the_journal_refuses_is_not_committed() {
         })))
         .unwrap();
     let (deposited, commit) = store.group_commit(|store| store.deposit("u", 7, None).is_ok());
-    assert!(deposited, "the operation ran");
     assert!(matches!(commit, Err(CommitError::NotWriting(e)) if e.contains("not replicated")));
-    assert_eq!(balance(&store, "u"), 0, "nothing of the batch stayed");
+    assert_eq!(balance(store, "u"), 0, "nothing of the batch stayed");
     assert_eq!(store.applied().unwrap(), 0);
+    deposited
 }
 
 /// Another connection holding the write lock when a batch starts: the replicated ledger's
@@ -1535,22 +1541,13 @@ fn a_writer_that_cannot_start_its_transaction_commits_nothing_the_log_lacks() {
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
     *HOLDER.lock().unwrap() = Some(holder);
     store.conn.busy_handler(Some(busy)).unwrap();
-    store
-        .set_journal(Some(Box::new(Kept {
-            log: Default::default(),
-            refuse: true,
-        })))
-        .unwrap();
-    let (deposited, commit) = store.group_commit(|store| store.deposit("u", 7, None).is_ok());
+    let deposited = deposit_the_journal_refuses(&mut store);
     assert_eq!(
         CALLS.load(std::sync::atomic::Ordering::SeqCst),
         1,
         "the lock was contended"
     );
     assert!(deposited, "the operation wrote once the lock was free");
-    assert!(matches!(commit, Err(CommitError::NotWriting(e)) if e.contains("not replicated")));
-    assert_eq!(balance(&store, "u"), 0, "nothing of the batch stayed");
-    assert_eq!(store.applied().unwrap(), 0);
 }
 
 /// A standby the stream was trimmed past takes the latest snapshot's rows in one go (a group

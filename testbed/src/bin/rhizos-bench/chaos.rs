@@ -539,9 +539,7 @@ async fn run_seed(
     let (jobs, rate, agents) = (options.jobs, options.rate, options.agents);
     let dir = tempfile::tempdir()?;
     let nats = rhizos_broker::server::NatsCluster::start(3, "chaos", dir.path())?;
-    let first = nats.url().split(',').next().unwrap_or_default().to_owned();
-    let probe = async_nats::connect(first).await?;
-    rhizos_broker::server::NatsCluster::wait_jetstream(&probe, Duration::from_secs(60)).await?;
+    nats.ready_client().await?;
     let mut settings = Settings::default();
     settings.nats.url = nats.url();
     settings.nats.namespace = format!("chaos{seed}x{}", &rhizos_testbed::cluster::uuid_like()[..8]);

@@ -66,14 +66,7 @@ pub async fn run(appends: usize, bytes: usize) -> anyhow::Result<Report> {
     );
     let dir = tempfile::tempdir()?;
     let cluster = rhizos_broker::server::NatsCluster::start(3, "bench", dir.path())?;
-    let first = cluster
-        .url()
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let client = async_nats::connect(first).await?;
-    rhizos_broker::server::NatsCluster::wait_jetstream(&client, Duration::from_secs(60)).await?;
+    let client = cluster.ready_client().await?;
     let nats = rhizos_broker::config::NatsSettings {
         url: cluster.url(),
         ..Default::default()
@@ -87,14 +80,7 @@ pub async fn run(appends: usize, bytes: usize) -> anyhow::Result<Report> {
     drop(cluster);
     // The same quorum appends on servers that fsync each write before acknowledging it.
     let synced = rhizos_broker::server::NatsCluster::start_synced(3, "synced", dir.path())?;
-    let first = synced
-        .url()
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let client = async_nats::connect(first).await?;
-    rhizos_broker::server::NatsCluster::wait_jetstream(&client, Duration::from_secs(60)).await?;
+    let client = synced.ready_client().await?;
     let js = jetstream::new(client);
     let mut r3_synced = appends_to(&js, "BENCH_R3_SYNCED", 3, appends, &payload).await?;
     let r3_synced_ms = Tail::of(&mut r3_synced);
