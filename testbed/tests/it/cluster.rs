@@ -5,8 +5,9 @@
 
 use crate::common::*;
 use crate::restart::{
-    balance_of, funded_account, log_of, request, start_orchestrator_with, wait_for,
-    wait_for_a_node, wasm_agent,
+    balance_of, funded_account, log_of, request, start_a_flow_through_a_crash,
+    start_orchestrator_with, the_flow_through_a_crash_ends_exact, wait_for, wait_for_a_node,
+    wasm_agent,
 };
 use rhizos_broker::server::NatsCluster;
 use rhizos_broker::wire::{
@@ -274,7 +275,8 @@ async fn rhizos_up_cluster_3_rides_through_a_server_lost() {
 /// Two orchestrators, each on its own data dir, share one replicated ledger on a 3-server
 /// cluster. The active is `kill -9`ed mid-run: the standby takes over with every committed
 /// movement, jobs keep settling exactly, and the killed one, started again, follows as a
-/// standby until both files hold the same ledger row for row.
+/// standby until both files hold the same ledger row for row. Then a flow is started and the
+/// new active killed mid-step: the first one takes over and ends the flow, money exact.
 #[tokio::test]
 async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
     let dir = tempfile::tempdir().unwrap();
@@ -352,32 +354,63 @@ async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
 
     // The killed one comes back on its file: a standby that catches up and follows.
     let mut a = start_orchestrator_with(&settings, &a_dir, &env);
+    let mut last_jobs = 0;
     for index in jobs..jobs + 5 {
         let _: SubmitJobReply = request(&bus, &submit(index)).await;
         let job = wait_for(&bus, &format!("r-{index}"), |j| j.state.is_terminal()).await;
         assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        last_jobs += wait_for(&bus, &format!("r-{index}"), |j| j.cost_micros.is_some())
+            .await
+            .cost_micros
+            .unwrap();
     }
+    let files_equal = async |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (a_ledger, b_ledger) = (
+                rhizos_testbed::ledger_rows(&a_dir.join("ledger.db")).unwrap(),
+                rhizos_testbed::ledger_rows(&b_dir.join("ledger.db")).unwrap(),
+            );
+            if a_ledger == b_ledger {
+                assert!(a_ledger.0 > 1, "records were applied");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the standby's projection never matched the active's: applied {} vs {}\n{}",
+                a_ledger.0,
+                b_ledger.0,
+                log_of(&a_dir)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    files_equal("the killed one started again").await;
+
+    // A flow goes on through a failover too (its escrow and steps are in the replicated
+    // ledger): the active (now B) is killed while the flow's first step runs; A takes over,
+    // reads that step's end, starts the next and ends the flow, its money exact.
+    funded_account(&bus, "flo", 2_000_000, "replicated-flow").await;
+    let client = start_a_flow_through_a_crash(&bus, "flo", "over-1").await;
+    b.kill().unwrap();
+    the_flow_through_a_crash_ends_exact(&bus, &client, "flo", 2_000_000, "over-1").await;
+    assert_eq!(
+        log_of(&a_dir)
+            .matches("writing the replicated ledger")
+            .count(),
+        2,
+        "A was the writer first and took over again for the flow:\n{}",
+        log_of(&a_dir)
+    );
+    assert_eq!(
+        balance_of(&bus, "ada").await,
+        deposited - spent - last_jobs,
+        "the other account untouched"
+    );
+    let mut b = start_orchestrator_with(&settings, &b_dir, &env);
+    files_equal("after the flow's failover").await;
     let _ = stop.send(true);
     agent_task.await.unwrap().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (a_ledger, b_ledger) = (
-            rhizos_testbed::ledger_rows(&a_dir.join("ledger.db")).unwrap(),
-            rhizos_testbed::ledger_rows(&b_dir.join("ledger.db")).unwrap(),
-        );
-        if a_ledger == b_ledger {
-            assert!(a_ledger.0 > 1, "records were applied");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the standby's projection never matched the active's: applied {} vs {}\n{}",
-            a_ledger.0,
-            b_ledger.0,
-            log_of(&a_dir)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     assert!(a.interrupt(), "{}", log_of(&a_dir));
     assert!(b.interrupt(), "{}", log_of(&b_dir));
 }

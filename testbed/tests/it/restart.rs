@@ -271,9 +271,23 @@ impl OneOrchestrator {
 /// end, starts the next, and ends the flow with its money exact.
 #[tokio::test]
 async fn kill_9_of_the_orchestrator_mid_flow_resumes_the_flow() {
-    use rhizos_broker::wire::{FlowEdge, FlowSpec, FlowState, FlowStep, StepState};
     let mut network = OneOrchestrator::start("f", "flowing", 2, "flo", 2_000_000).await;
     let bus = network.bus.clone();
+    let client = start_a_flow_through_a_crash(&bus, "flo", "crash-1").await;
+    network.kill_9_and_restart_the_orchestrator().await;
+    the_flow_through_a_crash_ends_exact(&bus, &client, "flo", 2_000_000, "crash-1").await;
+    let mut orchestrator = network.stop_agent().await;
+    assert!(orchestrator.interrupt(), "the orchestrator stops cleanly");
+}
+
+/// Starts flow `flow_id` of `account` (funded): a 1.5 s WASM step, then a short one after it,
+/// within $0.90; returns once the first step runs, with a client asking as the operator.
+pub(crate) async fn start_a_flow_through_a_crash(
+    bus: &Bus,
+    account: &str,
+    flow_id: &str,
+) -> rhizos_broker::Client {
+    use rhizos_broker::wire::{FlowEdge, FlowSpec, FlowStep};
     let module = demo();
     let step = |name: &str, args: &[&str]| FlowStep {
         name: name.into(),
@@ -298,21 +312,35 @@ async fn kill_9_of_the_orchestrator_mid_flow_resumes_the_flow() {
         }],
     };
     let client = rhizos_broker::Client::new(bus.clone());
-    client.flow_run(Some("crash-1"), "flo", flow).await.unwrap();
-    wait_for(&bus, "crash-1-0-1", |j| j.state == JobState::Running).await;
+    client.flow_run(Some(flow_id), account, flow).await.unwrap();
+    wait_for(bus, &format!("{flow_id}-0-1"), |j| {
+        j.state == JobState::Running
+    })
+    .await;
+    client
+}
 
-    network.kill_9_and_restart_the_orchestrator().await;
-
+/// The flow of [`start_a_flow_through_a_crash`] ends (at most 60 s) with both steps run once
+/// (the first's output whole), its cost their jobs' costs, the rest of its hold refunded, the
+/// account charged exactly that, and the ledger verified.
+pub(crate) async fn the_flow_through_a_crash_ends_exact(
+    bus: &Bus,
+    client: &rhizos_broker::Client,
+    account: &str,
+    deposited: i64,
+    flow_id: &str,
+) {
+    use rhizos_broker::wire::{FlowState, StepState};
     let deadline = Instant::now() + Duration::from_secs(60);
     let flow = loop {
-        if let Ok(flow) = client.flow_get("crash-1").await
+        if let Ok(flow) = client.flow_get(flow_id).await
             && flow.state.is_terminal()
         {
             break flow;
         }
         assert!(
             Instant::now() < deadline,
-            "the flow did not end after the restart"
+            "the flow did not end after the crash"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -322,18 +350,15 @@ async fn kill_9_of_the_orchestrator_mid_flow_resumes_the_flow() {
         steps,
         [(StepState::Succeeded, 1), (StepState::Succeeded, 1)]
     );
-    let long = wait_for(&bus, "crash-1-0-1", |j| j.cost_micros.is_some()).await;
+    let long = wait_for(bus, &format!("{flow_id}-0-1"), |j| j.cost_micros.is_some()).await;
     assert_eq!(long.stdout.as_deref().map(|s| s.lines().count()), Some(15));
-    let after = wait_for(&bus, "crash-1-1-1", |j| j.cost_micros.is_some()).await;
+    let after = wait_for(bus, &format!("{flow_id}-1-1"), |j| j.cost_micros.is_some()).await;
     let spent = long.cost_micros.unwrap() + after.cost_micros.unwrap();
     assert_eq!(flow.cost_micros, Some(spent));
     assert_eq!(flow.refund_micros, Some(900_000 - spent));
-    assert_eq!(balance_of(&bus, "flo").await, 2_000_000 - spent);
-    let report: LedgerReport = request(&bus, &VerifyLedger { v: WIRE_VERSION }).await;
+    assert_eq!(balance_of(bus, account).await, deposited - spent);
+    let report: LedgerReport = request(bus, &VerifyLedger { v: WIRE_VERSION }).await;
     assert!(report.ok, "{:?}", report.problems);
-
-    let mut orchestrator = network.stop_agent().await;
-    assert!(orchestrator.interrupt(), "the orchestrator stops cleanly");
 }
 
 #[tokio::test]
