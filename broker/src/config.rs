@@ -205,6 +205,13 @@ pub struct OrchestratorSettings {
     /// only what follows it, and the stream stays bounded. 0: never (the stream keeps every
     /// record; a new member replays them all).
     pub ledger_snapshot_every: u64,
+    /// How long an ended job keeps its payloads — spec (inline modules, inputs, env), stdout
+    /// and stderr, output files and blob references, the node's signed report — in seconds
+    /// after it closed; then the active orchestrator drops them and keeps what the books and
+    /// receipts need: money, state, times, billed usage, and the spec's and result's digests
+    /// (its receipt then names no node report). Jobs of a flow still running are kept. 0:
+    /// forever (the ledger file grows with every job).
+    pub job_payload_max_age_s: u64,
 }
 
 /// See [`OrchestratorSettings::failed_workload_charge`].
@@ -267,6 +274,7 @@ impl Default for OrchestratorSettings {
             lease_take_over_other_ledger: false,
             replicated_ledger: false,
             ledger_snapshot_every: 10_000,
+            job_payload_max_age_s: 30 * 24 * 3600,
         }
     }
 }

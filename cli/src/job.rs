@@ -226,6 +226,12 @@ pub async fn run(global: &GlobalArgs, command: JobCommand) -> anyhow::Result<()>
                 "job {job_id} is {}: its output is there once it ends (rhizos job submit --wait, or rhizos job get)",
                 job.state.as_str()
             );
+            if let Some(pruned) = job.pruned_ms {
+                anyhow::bail!(
+                    "job {job_id}'s output was dropped {} after it ended (the orchestrator keeps an ended job's payloads for [orchestrator] job_payload_max_age_s); its money and receipt digests remain: rhizos job get {job_id}, rhizos receipt get {job_id}",
+                    ago(pruned)
+                );
+            }
             match (what, dir) {
                 (_, Some(dir)) => save_outputs(global, client.bus(), &job, &dir).await,
                 (Some(what), None) => output_one(client.bus(), &job, &what, out.as_deref()).await,
@@ -748,6 +754,17 @@ async fn finish(
     Ok(true)
 }
 
+/// How long ago `ms` (since the Unix epoch) was, in words ("3 days ago").
+fn ago(ms: u64) -> String {
+    let s = rhizos_core::now_ms().saturating_sub(ms) / 1_000;
+    match s {
+        0..60 => format!("{s} s ago"),
+        60..3_600 => format!("{} min ago", s / 60),
+        3_600..86_400 => format!("{} h ago", s / 3_600),
+        _ => format!("{} days ago", s / 86_400),
+    }
+}
+
 fn print_job(json: bool, job: &JobView) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(job)?);
@@ -769,6 +786,13 @@ fn print_job(json: bool, job: &JobView) -> anyhow::Result<()> {
     }
     if let Some(fuel) = job.fuel_consumed {
         writeln!(out, "  fuel:      {fuel} units")?;
+    }
+    if let Some(pruned) = job.pruned_ms {
+        writeln!(
+            out,
+            "  output:    dropped {} (kept for [orchestrator] job_payload_max_age_s after the job ended)",
+            ago(pruned)
+        )?;
     }
     for (name, content) in &job.output_files {
         writeln!(

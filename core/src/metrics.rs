@@ -107,6 +107,8 @@ pub struct OrchestratorMetrics {
     /// waits for the ledger (queueing behind other batches included).
     pub ledger_wait_seconds: Histogram,
     pub heartbeats: IntCounter,
+    /// Ended jobs whose payloads were dropped (`job_payload_max_age_s`).
+    pub jobs_pruned: IntCounter,
     /// 1 while this orchestrator holds the lease and serves; 0 while a standby.
     pub active: IntGauge,
     /// From submit to the node's `running` report.
@@ -157,6 +159,11 @@ impl OrchestratorMetrics {
                 LATENCY_BUCKETS,
             ),
             heartbeats: counter(&r, "rhizos_heartbeats_total", "Node heartbeats received."),
+            jobs_pruned: counter(
+                &r,
+                "rhizos_jobs_pruned_total",
+                "Ended jobs whose payloads were dropped after job_payload_max_age_s.",
+            ),
             active: gauge(
                 &r,
                 "rhizos_orchestrator_active",

@@ -60,6 +60,8 @@ pub struct ClusterOptions {
     pub failed_workload_charge: rhizos_broker::config::FailedWorkloadCharge,
     /// `[orchestrator] max_requests_in_flight` (default: the orchestrator's).
     pub max_requests_in_flight: Option<usize>,
+    /// `[orchestrator] job_payload_max_age_s` (default: the orchestrator's).
+    pub job_payload_max_age_s: Option<u64>,
     /// `[orchestrator] resolver_timeout_ms` (default: the orchestrator's).
     pub resolver_timeout_ms: Option<u64>,
 }
@@ -98,6 +100,7 @@ impl Default for ClusterOptions {
             max_log_lines: None,
             max_stored_log_bytes: None,
             max_requests_in_flight: None,
+            job_payload_max_age_s: None,
             resolver_timeout_ms: None,
         }
     }
@@ -159,6 +162,9 @@ impl Cluster {
         settings.orchestrator.replicated_ledger = options.replicated_ledger;
         settings.orchestrator.missed_heartbeats = options.missed_heartbeats;
         settings.orchestrator.failed_workload_charge = options.failed_workload_charge;
+        if let Some(age) = options.job_payload_max_age_s {
+            settings.orchestrator.job_payload_max_age_s = age;
+        }
         if let Some(limit) = options.max_requests_in_flight {
             settings.orchestrator.max_requests_in_flight = limit;
         }

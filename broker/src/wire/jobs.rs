@@ -342,6 +342,11 @@ pub struct JobView {
     pub reported_usage: Option<super::Metered>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub billed_usage: Option<super::Metered>,
+    /// When the job's payloads (spec, stdout/stderr, output files, blob references) were
+    /// dropped under the orchestrator's `job_payload_max_age_s`: its money, state and times
+    /// stay, and its receipt keeps the digests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -402,6 +402,7 @@ impl Orchestrator {
             tokio::spawn(self.clone().sweep_loop()),
             tokio::spawn(self.clone().snapshot_loop()),
             tokio::spawn(self.clone().flows_loop()),
+            tokio::spawn(self.clone().retention_loop()),
         ];
         self.inner.outbox_wake.notify_one();
         self.inner.dispatch_wake.notify_one();

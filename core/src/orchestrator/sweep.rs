@@ -211,3 +211,63 @@ impl Orchestrator {
         Ok(())
     }
 }
+
+/// Most jobs one retention batch prunes, and most payload bytes it drops (what the replicated
+/// ledger's record of the batch carries).
+const PRUNE_JOBS: u32 = 200;
+const PRUNE_BYTES: u64 = 4 * 1024 * 1024;
+
+impl Orchestrator {
+    /// While active: every minute (sooner under a short retention), drops the payloads of jobs closed longer ago than
+    /// `[orchestrator] job_payload_max_age_s` (see `store::retention`), in small batches with
+    /// a pause between them so a backlog (retention just turned on) does not crowd out the
+    /// ledger thread.
+    pub(in crate::orchestrator) async fn retention_loop(self) {
+        let max_age_ms = self
+            .inner
+            .settings
+            .job_payload_max_age_s
+            .saturating_mul(1_000);
+        if max_age_ms == 0 {
+            return std::future::pending().await;
+        }
+        // With nothing to prune it looks again every minute — or sooner under a shorter
+        // retention, so no payload outlives it by much.
+        let idle = Duration::from_millis(max_age_ms / 2)
+            .clamp(Duration::from_millis(200), Duration::from_secs(60));
+        let mut pause = Duration::from_secs(1);
+        // Jobs pruned since the last time there was nothing to prune (logged once caught up).
+        let mut run = 0;
+        loop {
+            tokio::time::sleep(pause).await;
+            let now = crate::now_ms();
+            let before = now.saturating_sub(max_age_ms);
+            match self
+                .db(move |store| store.prune_job_payloads(before, PRUNE_JOBS, PRUNE_BYTES, now))
+                .await
+            {
+                Ok(0) => {
+                    if run > 0 {
+                        tracing::info!(
+                            pruned = run,
+                            max_age_s = self.inner.settings.job_payload_max_age_s,
+                            "ended jobs' payloads dropped (their money, state and receipt digests kept)"
+                        );
+                    }
+                    run = 0;
+                    pause = idle;
+                }
+                Ok(pruned) => {
+                    self.inner.metrics.jobs_pruned.inc_by(pruned as u64);
+                    tracing::debug!(pruned, "a batch of ended jobs' payloads dropped");
+                    run += pruned;
+                    pause = Duration::from_millis(200);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "pruning ended jobs' payloads failed; trying again");
+                    pause = idle;
+                }
+            }
+        }
+    }
+}

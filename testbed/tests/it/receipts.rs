@@ -225,3 +225,144 @@ async fn a_registration_while_a_job_runs_cannot_redirect_its_earnings() {
     assert_eq!(body.provider_account.as_deref(), Some("provider-0"));
     assert_ledger_consistent(&cluster).await;
 }
+
+/// Past `[orchestrator] job_payload_max_age_s` an ended job's payloads — spec, outputs, the
+/// node's report — are dropped by the active orchestrator; its money and state stay, and its
+/// receipt still vouches for the same spec and result by their digests (it no longer carries
+/// the node's report). A retry of the submit still finds the job; the CLI says why there is no
+/// output any more; the ledger still verifies.
+#[tokio::test]
+async fn an_ended_jobs_payloads_are_dropped_after_the_retention_and_its_receipt_keeps_their_digests()
+ {
+    // Secure: nodes sign their reports (what the receipt carries until the prune).
+    let cluster = rhizos_testbed::Cluster::start(rhizos_testbed::ClusterOptions {
+        job_payload_max_age_s: Some(1),
+        secure: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    cluster.funded_account("pia", 2 * USD).await.unwrap();
+    let client = cluster.client();
+    let pia = cluster
+        .client_as(&rhizos_broker::Caller::user("pia"))
+        .await
+        .unwrap();
+    let mut spec = wasm_spec(&demo(), &["upper", "in.txt", "out.txt"], 30_000);
+    spec.input_files.insert(
+        "in.txt".into(),
+        rhizos_broker::wire::b64_encode(b"kept for a while\n"),
+    );
+    let request = submit_request("pia", "retained-1", spec.clone(), USD);
+    pia.submit(&request).await.unwrap();
+    let ended = cluster
+        .wait_for_end("retained-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(ended.state, JobState::Succeeded, "{ended:?}");
+    assert!(ended.output_files.contains_key("out.txt"), "{ended:?}");
+    let key = cluster.orchestrator.public_key();
+    let before = client.receipt_get("retained-1").await.unwrap();
+    let before = before.verify(Some(&key)).unwrap();
+    assert!(before.node_report.is_some(), "the node signed its report");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let pruned = loop {
+        let job = cluster.job("retained-1").await.unwrap();
+        if job.pruned_ms.is_some() {
+            break job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job's payloads were never dropped: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(pruned.pruned_ms.unwrap() >= ended.updated_ms + 1_000);
+    assert!(
+        pruned.output_files.is_empty()
+            && pruned.stdout.is_none()
+            && pruned.stderr.is_none()
+            && pruned.blobs.is_empty(),
+        "{pruned:?}"
+    );
+    // The money, state and times are the job's as it ended.
+    let money = |j: &rhizos_broker::wire::JobView| {
+        (
+            j.state,
+            j.exit_code,
+            j.cost_micros,
+            j.provider_micros,
+            j.fee_micros,
+            j.refund_micros,
+            j.elapsed_ms,
+            j.created_ms,
+            j.updated_ms,
+        )
+    };
+    assert_eq!(money(&pruned), money(&ended));
+    let after = client.receipt_get("retained-1").await.unwrap();
+    let after = after.verify(Some(&key)).unwrap();
+    assert_eq!(
+        (&after.spec_sha256, &after.result_sha256),
+        (&before.spec_sha256, &before.result_sha256),
+        "the receipt vouches for the same spec and result"
+    );
+    assert_eq!(
+        (
+            after.cost_micros,
+            after.fee_micros,
+            after.provider_micros,
+            after.refund_micros,
+            after.ledger_tx_id,
+            &after.provider_account
+        ),
+        (
+            before.cost_micros,
+            before.fee_micros,
+            before.provider_micros,
+            before.refund_micros,
+            before.ledger_tx_id,
+            &before.provider_account
+        )
+    );
+    assert!(after.node_report.is_none() && after.node_signature_b64.is_none());
+
+    // A retry of the submit still finds the job; its id with another spec is refused.
+    let again = pia.submit(&request).await.unwrap();
+    assert_eq!(
+        (again.job_id.as_str(), again.state),
+        ("retained-1", JobState::Succeeded)
+    );
+    let mut other = spec.clone();
+    other.args.push("extra".into());
+    let refused = pia
+        .submit(&submit_request("pia", "retained-1", other, USD))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("taken"), "{refused}");
+
+    // The CLI says why there is no output, and what is left.
+    let rhizos = RhizosCli {
+        url: cluster.settings.nats.url.clone(),
+        namespace: cluster.settings.nats.namespace.clone(),
+        home: cluster.data_dir.path().join("cli-home"),
+    };
+    let operator = rhizos_testbed::cluster::credentials_path(
+        cluster.auth.as_ref().unwrap(),
+        &rhizos_broker::Caller::operator("operator"),
+    );
+    let (ok, text) = tokio::task::spawn_blocking(move || {
+        run(rhizos
+            .command(&["job", "output", "retained-1", "out.txt", "--credentials"])
+            .arg(operator))
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("was dropped") && text.contains("job_payload_max_age_s"),
+        "{text}"
+    );
+    assert_ledger_consistent(&cluster).await;
+}

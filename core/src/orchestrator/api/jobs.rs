@@ -422,6 +422,7 @@ fn job_view(job: JobRecord) -> wire::JobView {
         key_id: _,
         reported_usage,
         billed_usage,
+        pruned_ms,
     } = job;
     wire::JobView {
         job_id,
@@ -447,5 +448,6 @@ fn job_view(job: JobRecord) -> wire::JobView {
         updated_ms,
         reported_usage,
         billed_usage,
+        pruned_ms,
     }
 }

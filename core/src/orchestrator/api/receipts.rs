@@ -9,7 +9,6 @@ use rhizos_broker::wire::{
     ErrorCode, GetReceipt, RECEIPT_VERSION, ReceiptBody, SignedReceipt, WireError,
 };
 use rhizos_broker::{Caller, validate_token};
-use serde::Serialize;
 
 impl Orchestrator {
     pub(in crate::orchestrator) async fn receipt_get(
@@ -28,31 +27,8 @@ impl Orchestrator {
     }
 }
 
-/// The result a receipt vouches for, in a fixed encoding: exit code, stdout, stderr, output files
-/// (path → base64, sorted by path), then the out-of-band blobs (their digests), as JSON in this
-/// field order.
-#[derive(Serialize)]
-struct ResultDigestInput<'a> {
-    exit_code: Option<i32>,
-    stdout: &'a str,
-    stderr: &'a str,
-    output_files: &'a std::collections::BTreeMap<String, String>,
-    /// The out-of-band parts by digest (absent when none, so older receipts hash the same).
-    #[serde(skip_serializing_if = "rhizos_broker::wire::OutputBlobs::is_empty")]
-    blobs: &'a rhizos_broker::wire::OutputBlobs,
-}
-
 fn receipt_body(closed: ClosedJob, fee_bps: u32) -> ReceiptBody {
     let job = &closed.record;
-    let result = ResultDigestInput {
-        exit_code: job.exit_code,
-        stdout: job.stdout.as_deref().unwrap_or_default(),
-        stderr: job.stderr.as_deref().unwrap_or_default(),
-        output_files: &job.output_files,
-        blobs: &job.blobs,
-    };
-    // Serialising this plain struct cannot fail (string keys, no custom Serialize).
-    let result_json = serde_json::to_vec(&result).unwrap_or_default();
     ReceiptBody {
         receipt_v: RECEIPT_VERSION,
         job_id: job.job_id.clone(),
@@ -74,7 +50,7 @@ fn receipt_body(closed: ClosedJob, fee_bps: u32) -> ReceiptBody {
             .map(|r| r.signature.signature_b64.clone()),
         provider_account: closed.provider_account.clone(),
         spec_sha256: closed.spec_sha256.clone(),
-        result_sha256: crate::sha256_hex(&result_json),
+        result_sha256: closed.result_sha256.clone(),
         submitted_ms: job.created_ms,
         started_ms: closed.started_ms,
         ended_ms: job.updated_ms,

@@ -47,13 +47,18 @@ impl Store {
                     "job id {job_id} is taken"
                 )));
             }
-            let stored_spec: String = query_row(
+            let (stored_spec, pruned_digest): (String, Option<String>) = query_row(
                 &self.conn,
-                "SELECT spec FROM jobs WHERE id = ?1",
+                "SELECT spec, spec_sha256 FROM jobs WHERE id = ?1",
                 [job_id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            if stored_spec != spec_json || existing.max_cost_micros != max_cost_micros {
+            // A pruned job's spec is known by its digest only.
+            let same_spec = match pruned_digest {
+                Some(digest) => digest == crate::sha256_hex(spec_json.as_bytes()),
+                None => stored_spec == spec_json,
+            };
+            if !same_spec || existing.max_cost_micros != max_cost_micros {
                 return Err(StoreError::AlreadyExists(format!(
                     "job id {job_id} is taken by another job of {account} (a retry must resend the same spec and max cost): choose another id"
                 )));
@@ -355,7 +360,8 @@ impl Store {
             // their node's registered provider.
             "SELECT j.spec,
                     COALESCE(j.provider_account, json_extract(n.registration, '$.provider_account')),
-                    j.started_ms, t.id, j.node_report, e.public_key, j.billed_elapsed_ms, j.fee_bps
+                    j.started_ms, t.id, j.node_report, e.public_key, j.billed_elapsed_ms, j.fee_bps,
+                    j.spec_sha256, j.result_sha256
              FROM jobs j JOIN ledger_tx t ON t.idem_key = 'close:' || j.id
              LEFT JOIN nodes n ON n.id = j.node_id
              LEFT JOIN enrolments e ON e.node_id = j.node_id WHERE j.id = ?1",
@@ -363,8 +369,14 @@ impl Store {
             |r| {
                 let spec: String = r.get(0)?;
                 let charged = record.cost_micros.unwrap_or(0) > 0;
+                // A pruned job keeps the digests its payloads had.
+                let (spec_sha256, result_sha256): (Option<String>, Option<String>) =
+                    (r.get(8)?, r.get(9)?);
                 Ok(ClosedJob {
-                    spec_sha256: crate::sha256_hex(spec.as_bytes()),
+                    spec_sha256: spec_sha256
+                        .unwrap_or_else(|| crate::sha256_hex(spec.as_bytes())),
+                    result_sha256: result_sha256
+                        .unwrap_or_else(|| super::retention::result_sha256(&record)),
                     provider_account: r.get::<_, Option<String>>(1)?.filter(|_| charged),
                     started_ms: r.get::<_, Option<i64>>(2)?.map(|ms| ms as u64),
                     ledger_tx_id: r.get(3)?,
@@ -388,6 +400,9 @@ pub struct ClosedJob {
     pub record: JobRecord,
     /// SHA-256 of the spec as stored.
     pub spec_sha256: String,
+    /// SHA-256 of the result as the receipt encodes it (exit code, stdout, stderr, output
+    /// files, blob digests).
+    pub result_sha256: String,
     /// The account paid (recorded at assignment), when the job was charged.
     pub provider_account: Option<String>,
     pub started_ms: Option<u64>,

@@ -30,6 +30,7 @@ mod jobs;
 pub mod keys;
 mod nodes;
 mod outbox;
+mod retention;
 mod rows;
 pub mod schema;
 mod stats;

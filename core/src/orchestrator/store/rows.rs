@@ -38,6 +38,8 @@ pub struct JobRecord {
     /// A metered job's units: as its node reported them, and as billed.
     pub reported_usage: Option<rhizos_broker::wire::Metered>,
     pub billed_usage: Option<rhizos_broker::wire::Metered>,
+    /// When the job's payloads were dropped (`job_payload_max_age_s`).
+    pub pruned_ms: Option<u64>,
 }
 
 /// Where a page of `job.list` continues: after the job created at `created_ms` with this id
@@ -68,7 +70,7 @@ impl JobCursor {
 
 pub(super) const JOB_COLUMNS: &str = "id, account_id, backend, state, attempt, node_id, max_cost_micros, cost_micros, provider_micros,
     fee_micros, refund_micros, exit_code, stdout, stderr, reason, elapsed_ms, created_ms, updated_ms, fuel_consumed, output_files, output_blobs,
-    key_id, reported_input_units, reported_output_units, billed_input_units, billed_output_units";
+    key_id, reported_input_units, reported_output_units, billed_input_units, billed_output_units, pruned_ms";
 
 pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
     let state: String = r.get(3)?;
@@ -103,6 +105,7 @@ pub(super) fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord>
         key_id: r.get(21)?,
         reported_usage: metered(r.get(22)?, r.get(23)?),
         billed_usage: metered(r.get(24)?, r.get(25)?),
+        pruned_ms: r.get::<_, Option<i64>>(26)?.map(|v| v.max(0) as u64),
     })
 }
 

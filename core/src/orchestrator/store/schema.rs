@@ -4,7 +4,9 @@
 //!
 //! Tables (the ledger's own `accounts`, `ledger_tx` and `postings` are in [`crate::ledger`]):
 //! * `jobs` — key `id`: a job, its spec, state, current attempt, node and agreed pricing, its
-//!   outcome and its money split once closed (see `jobs` and `escrow`);
+//!   outcome and its money split once closed (see `jobs` and `escrow`); past
+//!   `job_payload_max_age_s` its payloads are dropped (`pruned_ms`, with the digests its
+//!   receipt keeps: see `retention`);
 //! * `nodes` — key `id`: the last registration of each node (JSON);
 //! * `attempts` — key `(job_id, attempt)`: how each attempt ended on its node;
 //! * `node_stats` — key `node_id`: running totals over `attempts` (reputation);
@@ -253,6 +255,18 @@ const MIGRATIONS: &[Migration] = &[
                      PRIMARY KEY (flow_id, idx)
                  );
                  ALTER TABLE jobs ADD COLUMN payer_account TEXT;",
+            )
+        },
+    },
+    Migration {
+        name: "0013 ended jobs' payloads are dropped after [orchestrator] job_payload_max_age_s: when, and the digests their receipts keep",
+        apply: |conn| {
+            conn.execute_batch(
+                "ALTER TABLE jobs ADD COLUMN pruned_ms INTEGER;
+                 ALTER TABLE jobs ADD COLUMN spec_sha256 TEXT;
+                 ALTER TABLE jobs ADD COLUMN result_sha256 TEXT;
+                 CREATE INDEX jobs_prunable ON jobs(updated_ms)
+                     WHERE pruned_ms IS NULL AND cost_micros IS NOT NULL;",
             )
         },
     },

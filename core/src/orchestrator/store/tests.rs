@@ -1709,3 +1709,120 @@ fn flows_hold_their_budget_and_an_account_opens_only_so_many() {
     assert!(view.reason.unwrap().contains("timeout_ms (50 ms) passed"));
     assert!(store.verify().unwrap().ok);
 }
+
+/// Retention: a closed job's payloads go once it is old enough — oldest first, in batches
+/// bounded by jobs and bytes — while its money, state and the digests its receipt states stay;
+/// a pending job and the jobs of a flow still running are left alone; a retry of a pruned
+/// job's submit still finds it; the ledger verifies.
+#[test]
+fn pruning_drops_closed_jobs_payloads_and_keeps_their_money_and_digests() {
+    use rhizos_broker::wire::{FlowEdge, FlowSpec, FlowState, FlowStep};
+    let (_dir, mut store) = store();
+    node(&mut store);
+    store.create_account("u").unwrap();
+    store.deposit("u", 10_000_000, Some("d1")).unwrap();
+    let run = |store: &mut Store, id: &str| {
+        store.assign(id, "n1", &PRICING, None).unwrap().unwrap();
+        store.mark_running(id, "n1", 1).unwrap();
+        let mut outcome = exited(0, 1_000);
+        outcome
+            .output_files
+            .insert("out.txt".into(), rhizos_broker::wire::b64_encode(b"result"));
+        store.finish(id, "n1", 1, &outcome, 1024).unwrap();
+    };
+    for id in ["j1", "j2", "j3"] {
+        store.submit(id, "u", &spec(), 200_000).unwrap();
+    }
+    run(&mut store, "j1");
+    run(&mut store, "j2");
+    // A flow of two steps: its first step's job ends, the flow runs on.
+    let step = |name: &str| FlowStep {
+        name: name.into(),
+        spec: spec(),
+        max_cost_micros: None,
+        retries: 0,
+        backoff_ms: 1_000,
+        ok_exit_codes: vec![0],
+    };
+    let flow = FlowSpec {
+        name: "f".into(),
+        max_cost_micros: 1_000_000,
+        timeout_ms: None,
+        steps: vec![step("first"), step("second")],
+        edges: vec![FlowEdge {
+            from: "first".into(),
+            to: "second".into(),
+            when: None,
+        }],
+    };
+    store.start_flow("fl", "u", &flow).unwrap();
+    store.advance_flow("fl", crate::now_ms()).unwrap();
+    run(&mut store, "fl-0-1");
+
+    let before = store.closed_job("j1").unwrap();
+    assert!(before.node_report.is_none() && before.record.stdout.is_some());
+    let now = crate::now_ms() + 1_000;
+    assert_eq!(
+        store.prune_job_payloads(0, 100, u64::MAX, now).unwrap(),
+        0,
+        "none closed that long ago"
+    );
+    // A byte budget under one job's payload still takes one job a batch.
+    assert_eq!(store.prune_job_payloads(now, 100, 1, now).unwrap(), 1);
+    assert_eq!(
+        store.prune_job_payloads(now, 100, u64::MAX, now).unwrap(),
+        1
+    );
+    assert_eq!(
+        store.prune_job_payloads(now, 100, u64::MAX, now).unwrap(),
+        0,
+        "the pending job and the running flow's job are left"
+    );
+    let job = store.get_job("j1").unwrap();
+    assert_eq!(job.pruned_ms, Some(now));
+    assert!(job.stdout.is_none() && job.output_files.is_empty());
+    let after = store.closed_job("j1").unwrap();
+    assert_eq!(
+        (&after.spec_sha256, &after.result_sha256),
+        (&before.spec_sha256, &before.result_sha256)
+    );
+    let money = |c: &ClosedJob| {
+        (
+            c.record.state,
+            c.record.cost_micros,
+            c.record.provider_micros,
+            c.record.fee_micros,
+            c.record.refund_micros,
+            c.ledger_tx_id,
+            c.provider_account.clone(),
+        )
+    };
+    assert_eq!(money(&after), money(&before));
+    assert!(store.get_job("fl-0-1").unwrap().pruned_ms.is_none());
+    assert!(store.get_job("j3").unwrap().pruned_ms.is_none());
+    // A retry of the submit finds the pruned job (by its spec's digest); another spec under
+    // its id is refused.
+    assert!(!store.submit("j1", "u", &spec(), 200_000).unwrap().1);
+    let mut other = spec();
+    other.timeout_ms += 1;
+    assert!(matches!(
+        store.submit("j1", "u", &other, 200_000),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    // Once the flow ended, its jobs go too.
+    store.advance_flow("fl", crate::now_ms()).unwrap();
+    run(&mut store, "fl-1-1");
+    let ended = store.advance_flow("fl", crate::now_ms()).unwrap();
+    assert_eq!(ended.ended, Some(FlowState::Succeeded));
+    let later = crate::now_ms() + 1_000;
+    assert_eq!(
+        store
+            .prune_job_payloads(later, 100, u64::MAX, later)
+            .unwrap(),
+        2
+    );
+    // The pending job still runs from its spec.
+    run(&mut store, "j3");
+    assert_eq!(store.get_job("j3").unwrap().state, JobState::Succeeded);
+    assert!(store.verify().unwrap().ok);
+}
