@@ -162,6 +162,11 @@ enum Bench {
         /// what capture and append add to the hot path.
         #[arg(long)]
         replicated: bool,
+        /// `[orchestrator] job_payload_max_age_s` (default: the orchestrator's, 30 days): with
+        /// 1, ended jobs' payloads are dropped while the load runs — what pruning costs the
+        /// hot path, and what it saves in the ledger file (`ledger_bytes`).
+        #[arg(long)]
+        payload_max_age_s: Option<u64>,
     },
     /// One orchestrator (the real rhizosd, its own process) against growing fleets of
     /// simulated nodes heartbeating, each on a fresh nats-server and ledger: registration
@@ -245,8 +250,18 @@ async fn main() -> anyhow::Result<()> {
             rate,
             secure,
             replicated,
+            payload_max_age_s,
         } => report::print(
-            &marketplace::run(nodes, jobs, concurrency, rate, secure, replicated).await?,
+            &marketplace::run(
+                nodes,
+                jobs,
+                concurrency,
+                rate,
+                secure,
+                replicated,
+                payload_max_age_s,
+            )
+            .await?,
             json,
         ),
         Bench::Scale(options) => report::print(&scale::run(options).await?, json),

@@ -30,6 +30,8 @@ pub struct Report {
     secure: bool,
     /// The replicated ledger on.
     replicated: bool,
+    /// `[orchestrator] job_payload_max_age_s`, when set.
+    payload_max_age_s: Option<u64>,
     registration_s: f64,
     rejected: usize,
     settled: usize,
@@ -40,6 +42,10 @@ pub struct Report {
     /// Where submit → running goes.
     stages: Stages,
     inside: Inside,
+    /// Ended jobs whose payloads were dropped during the run.
+    jobs_pruned: u64,
+    /// The ledger file and its write-ahead log at the end.
+    ledger_bytes: u64,
     limits: Limits,
     /// Jobs settled per second ÷ durable SQLite commits per second (target ≥ 3: group commit
     /// settles several jobs per fsync).
@@ -90,6 +96,15 @@ impl fmt::Display for Report {
             self.inside.ledger_wait_ms,
             self.inside.group_commit_ms,
             self.inside.ops_per_commit
+        )?;
+        writeln!(
+            f,
+            "  ledger file {:.1} MiB at the end; {} ended jobs' payloads dropped{}",
+            self.ledger_bytes as f64 / (1024.0 * 1024.0),
+            self.jobs_pruned,
+            self.payload_max_age_s
+                .map(|age| format!(" (job_payload_max_age_s = {age})"))
+                .unwrap_or_default()
         )?;
         write!(f, "{}", self.limits)?;
         writeln!(
@@ -228,6 +243,7 @@ pub async fn run(
     rate: Option<f64>,
     secure: bool,
     replicated: bool,
+    payload_max_age_s: Option<u64>,
 ) -> anyhow::Result<Report> {
     anyhow::ensure!(
         jobs > 0 && nodes > 0 && concurrency > 0,
@@ -241,6 +257,7 @@ pub async fn run(
         agents: 0,
         secure,
         replicated_ledger: replicated,
+        job_payload_max_age_s: payload_max_age_s,
         ..ClusterOptions::default()
     };
     let pricing = options.pricing;
@@ -284,8 +301,19 @@ pub async fn run(
     )
     .await?;
     let stages = Stages::of(&driven.seen, &fleet.timeline);
-    let inside =
-        Inside::of(&rhizos_core::metrics::render(&[cluster.orchestrator.metrics_source()]).await);
+    let metrics = rhizos_core::metrics::render(&[cluster.orchestrator.metrics_source()]).await;
+    let inside = Inside::of(&metrics);
+    let jobs_pruned = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("rhizos_jobs_pruned_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64;
+    let ledger = cluster.ledger_path();
+    let ledger_bytes = [ledger.clone(), ledger.with_extension("db-wal")]
+        .iter()
+        .filter_map(|path| std::fs::metadata(path).ok())
+        .map(|meta| meta.len())
+        .sum();
     drop(fleet);
     cluster.shutdown().await?;
     Ok(Report {
@@ -297,6 +325,7 @@ pub async fn run(
         rate,
         secure,
         replicated,
+        payload_max_age_s,
         registration_s,
         rejected: driven.rejected,
         settled: driven.settled,
@@ -308,6 +337,8 @@ pub async fn run(
         submit_to_running_ms: driven.running,
         stages,
         inside,
+        jobs_pruned,
+        ledger_bytes,
         limits,
     })
 }
