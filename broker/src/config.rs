@@ -212,6 +212,11 @@ pub struct OrchestratorSettings {
     /// (its receipt then names no node report). Jobs of a flow still running are kept. 0:
     /// forever (the ledger file grows with every job).
     pub job_payload_max_age_s: u64,
+    /// How long a lost node (no heartbeat) stays registered, in seconds: past it the active
+    /// orchestrator forgets its registration (its attempts, reputation and enrolment stay), so
+    /// nodes that come and go under new ids do not pile up. Heartbeats from a forgotten node
+    /// make the orchestrator ask its agent to register again (`node.reregister`). 0: never.
+    pub lost_node_max_age_s: u64,
 }
 
 /// See [`OrchestratorSettings::failed_workload_charge`].
@@ -275,6 +280,7 @@ impl Default for OrchestratorSettings {
             replicated_ledger: false,
             ledger_snapshot_every: 10_000,
             job_payload_max_age_s: 30 * 24 * 3600,
+            lost_node_max_age_s: 24 * 3600,
         }
     }
 }

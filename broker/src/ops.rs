@@ -75,11 +75,13 @@ pub enum CtlOp {
     JobStop,
     /// Anyone → agent: the plugins the node has loaded and refused, live.
     NodePlugins,
+    /// Orchestrator → agent: register again (the orchestrator holds no registration of it).
+    NodeReregister,
 }
 
 impl CtlOp {
     /// Every operation, in the order of the README's subject table.
-    pub const ALL: [CtlOp; 34] = [
+    pub const ALL: [CtlOp; 35] = [
         Self::JobSubmit,
         Self::JobGet,
         Self::ModuleResolve,
@@ -114,6 +116,7 @@ impl CtlOp {
         Self::JobAssign,
         Self::JobStop,
         Self::NodePlugins,
+        Self::NodeReregister,
     ];
 
     /// The `<noun>.<verb>` subject tokens.
@@ -153,6 +156,7 @@ impl CtlOp {
             Self::JobAssign => "job.assign",
             Self::JobStop => "job.stop",
             Self::NodePlugins => "node.plugins",
+            Self::NodeReregister => "node.reregister",
         }
     }
 
@@ -163,7 +167,9 @@ impl CtlOp {
 
     pub const fn server(self) -> Server {
         match self {
-            Self::JobAssign | Self::JobStop | Self::NodePlugins => Server::Agent,
+            Self::JobAssign | Self::JobStop | Self::NodePlugins | Self::NodeReregister => {
+                Server::Agent
+            }
             _ => Server::Orchestrator,
         }
     }
@@ -200,7 +206,7 @@ impl CtlOp {
             | Self::NodeEnroll
             | Self::NodeRemove
             | Self::LedgerVerify => &[Operator],
-            Self::JobAssign | Self::JobStop => &[Orchestrator],
+            Self::JobAssign | Self::JobStop | Self::NodeReregister => &[Orchestrator],
             Self::KeyAuthenticate | Self::JobWitness => &[Gateway, Operator],
             Self::ModelList => &[User, Gateway, Operator],
             Self::NodePlugins => &[User, Operator, Orchestrator],
@@ -315,6 +321,7 @@ requests! {
     wire::AssignJob => JobAssign -> wire::Ack;
     wire::StopJob => JobStop -> wire::Ack;
     wire::ListPlugins => NodePlugins -> wire::PluginList;
+    wire::RegisterAgain => NodeReregister -> wire::Ack;
 }
 
 #[cfg(test)]
@@ -373,6 +380,7 @@ mod tests {
             <wire::AssignJob as Request>::OP,
             <wire::StopJob as Request>::OP,
             <wire::ListPlugins as Request>::OP,
+            <wire::RegisterAgain as Request>::OP,
         ];
         for op in CtlOp::ALL {
             assert_eq!(

@@ -136,6 +136,9 @@ impl Subjects {
     pub fn node_plugins(&self, node_id: &str) -> Result<String, TokenError> {
         self.node_op(CtlOp::NodePlugins, node_id)
     }
+    pub fn node_reregister(&self, node_id: &str) -> Result<String, TokenError> {
+        self.node_op(CtlOp::NodeReregister, node_id)
+    }
 
     // --- evt: captured by the JetStream stream ---
 

@@ -109,6 +109,8 @@ pub struct OrchestratorMetrics {
     pub heartbeats: IntCounter,
     /// Ended jobs whose payloads were dropped (`job_payload_max_age_s`).
     pub jobs_pruned: IntCounter,
+    /// Lost nodes whose registration was forgotten (`lost_node_max_age_s`).
+    pub nodes_forgotten: IntCounter,
     /// 1 while this orchestrator holds the lease and serves; 0 while a standby.
     pub active: IntGauge,
     /// From submit to the node's `running` report.
@@ -163,6 +165,11 @@ impl OrchestratorMetrics {
                 &r,
                 "rhizos_jobs_pruned_total",
                 "Ended jobs whose payloads were dropped after job_payload_max_age_s.",
+            ),
+            nodes_forgotten: counter(
+                &r,
+                "rhizos_nodes_forgotten_total",
+                "Lost nodes whose registration was forgotten after lost_node_max_age_s.",
             ),
             active: gauge(
                 &r,

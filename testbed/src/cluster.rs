@@ -62,6 +62,8 @@ pub struct ClusterOptions {
     pub max_requests_in_flight: Option<usize>,
     /// `[orchestrator] job_payload_max_age_s` (default: the orchestrator's).
     pub job_payload_max_age_s: Option<u64>,
+    /// `[orchestrator] lost_node_max_age_s` (default: the orchestrator's).
+    pub lost_node_max_age_s: Option<u64>,
     /// `[orchestrator] resolver_timeout_ms` (default: the orchestrator's).
     pub resolver_timeout_ms: Option<u64>,
 }
@@ -101,6 +103,7 @@ impl Default for ClusterOptions {
             max_stored_log_bytes: None,
             max_requests_in_flight: None,
             job_payload_max_age_s: None,
+            lost_node_max_age_s: None,
             resolver_timeout_ms: None,
         }
     }
@@ -164,6 +167,9 @@ impl Cluster {
         settings.orchestrator.failed_workload_charge = options.failed_workload_charge;
         if let Some(age) = options.job_payload_max_age_s {
             settings.orchestrator.job_payload_max_age_s = age;
+        }
+        if let Some(age) = options.lost_node_max_age_s {
+            settings.orchestrator.lost_node_max_age_s = age;
         }
         if let Some(limit) = options.max_requests_in_flight {
             settings.orchestrator.max_requests_in_flight = limit;

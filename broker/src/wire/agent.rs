@@ -13,6 +13,16 @@ pub struct ListPlugins {
     pub v: u32,
 }
 
+/// Request on `node.reregister.<node>`, from the orchestrator to that node's agent: the node's
+/// heartbeats arrive but the orchestrator holds no registration of it (forgotten after
+/// `[orchestrator] lost_node_max_age_s` lost, or a ledger restored from before it
+/// registered) — register again. Answered `{accepted}` at once; the registration follows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterAgain {
+    pub v: u32,
+}
+
 /// A node's plugins as its agent sees them now.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PluginList {

@@ -66,6 +66,9 @@ struct Inner {
     nvml: Option<nvml_wrapper::Nvml>,
     /// Set when the agent begins to shut down: executions it cancels then are handed back.
     shutting_down: std::sync::atomic::AtomicBool,
+    /// A registration asked for by the orchestrator (`node.reregister`) is under way: more
+    /// asks meanwhile are answered without starting another.
+    reregistering: std::sync::atomic::AtomicBool,
     metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
@@ -117,6 +120,7 @@ impl Agent {
                 hardware,
                 executions: Mutex::new(HashMap::new()),
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
+                reregistering: std::sync::atomic::AtomicBool::new(false),
                 metrics: Arc::new(crate::metrics::AgentMetrics::new()),
             }),
         })
@@ -392,6 +396,10 @@ impl Agent {
             .client
             .subscribe(bus.subjects.node_plugins(&node_id)?)
             .await?;
+        let mut reregisters = bus
+            .client
+            .subscribe(bus.subjects.node_reregister(&node_id)?)
+            .await?;
         tokio::pin!(shutdown);
         tokio::select! {
             () = &mut shutdown => return Ok(()),
@@ -425,6 +433,26 @@ impl Agent {
                     let reply = match wire::decode::<wire::ListPlugins>(&message.payload, 64 * 1024) {
                         Ok(_) => wire::encode(&Reply::ok(self.plugin_list())),
                         Err(e) => wire::encode(&Reply::<wire::PluginList>::err(e)),
+                    };
+                    if let Some(reply_to) = message.reply {
+                        let _ = bus.client.publish(reply_to, reply).await;
+                    }
+                }
+                Some(message) = reregisters.next() => {
+                    let reply = match wire::decode::<wire::RegisterAgain>(&message.payload, 64 * 1024) {
+                        Ok(_) => {
+                            use std::sync::atomic::Ordering::AcqRel;
+                            if !self.inner.reregistering.swap(true, AcqRel) {
+                                tracing::warn!(%node_id, "the orchestrator holds no registration of this node (it forgot it, or its ledger is older): registering again");
+                                let this = self.clone();
+                                tasks.spawn(async move {
+                                    this.register().await;
+                                    this.inner.reregistering.store(false, std::sync::atomic::Ordering::Release);
+                                });
+                            }
+                            wire::encode(&Reply::ok(Ack { accepted: true, note: None }))
+                        }
+                        Err(e) => wire::encode(&Reply::<Ack>::err(e)),
                     };
                     if let Some(reply_to) = message.reply {
                         let _ = bus.client.publish(reply_to, reply).await;

@@ -73,6 +73,9 @@ struct Inner {
     signing_key: nkeys::KeyPair,
     /// The bus connection was down at the last sweep (node-loss detection paused).
     bus_down: std::sync::atomic::AtomicBool,
+    /// Nodes heard from without a registration, and when each was last asked to register
+    /// again (`node.reregister`): at most one ask per node every 30 s, at most 10,000 nodes.
+    reregister_asked: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Requests being served; past `max_requests_in_flight` new ones get `too_busy` at once
     /// (no task per request without limit, and so no unbounded queue to the ledger thread).
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -293,6 +296,7 @@ impl Orchestrator {
                 modules,
                 signing_key,
                 bus_down: std::sync::atomic::AtomicBool::new(false),
+                reregister_asked: Mutex::new(std::collections::HashMap::new()),
                 in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
                 reconciling: Arc::new(tokio::sync::Semaphore::new(MAX_RECONCILES_IN_FLIGHT)),
                 reader: Arc::new(Mutex::new(reader)),

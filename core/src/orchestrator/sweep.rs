@@ -27,6 +27,7 @@ impl Orchestrator {
                 let gpus = std::mem::take(&mut heartbeat.gpus);
                 if !self.registry().heartbeat(&heartbeat.node_id, gpus) {
                     tracing::debug!(node_id = %heartbeat.node_id, "heartbeat from an unregistered node");
+                    self.ask_to_register_again(heartbeat.node_id);
                     return;
                 }
                 let Ok(permit) = self.inner.reconciling.clone().try_acquire_owned() else {
@@ -166,6 +167,7 @@ impl Orchestrator {
             self.registry()
                 .take_newly_lost(self.inner.settings.missed_heartbeats)
         };
+        self.forget_long_lost_nodes().await?;
         for node_id in lost {
             tracing::warn!(%node_id, "node lost: no heartbeat");
             let node = node_id.clone();
@@ -269,5 +271,90 @@ impl Orchestrator {
                 }
             }
         }
+    }
+}
+
+/// How often one node heard from without a registration is asked to register again, and how
+/// many such nodes are remembered at once (heartbeats name their node themselves: a flood of
+/// made-up ids must not grow this without bound).
+const REREGISTER_EVERY: Duration = Duration::from_secs(30);
+const REREGISTER_REMEMBERED: usize = 10_000;
+
+/// Most lost nodes forgotten in one sweep.
+const FORGET_PER_SWEEP: usize = 1_000;
+
+impl Orchestrator {
+    /// Heartbeats arrive from `node_id`, but no registration of it is held (it was forgotten
+    /// after `lost_node_max_age_s`, or the ledger is older than its registration): its agent
+    /// is asked to register again — once per node every 30 s.
+    fn ask_to_register_again(&self, node_id: String) {
+        if rhizos_broker::validate_token("node id", &node_id).is_err() {
+            return;
+        }
+        {
+            let mut asked = self
+                .inner
+                .reregister_asked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = std::time::Instant::now();
+            if asked
+                .get(&node_id)
+                .is_some_and(|at| now.duration_since(*at) < REREGISTER_EVERY)
+            {
+                return;
+            }
+            if asked.len() >= REREGISTER_REMEMBERED {
+                asked.retain(|_, at| now.duration_since(*at) < REREGISTER_EVERY);
+                if asked.len() >= REREGISTER_REMEMBERED {
+                    return;
+                }
+            }
+            asked.insert(node_id.clone(), now);
+        }
+        let bus = self.inner.bus.clone();
+        tokio::spawn(async move {
+            let ask = wire::RegisterAgain {
+                v: wire::WIRE_VERSION,
+            };
+            match bus.call_node(&node_id, &ask).await {
+                Ok(_) => {
+                    tracing::info!(%node_id, "heartbeats from a node with no registration here: its agent was asked to register again")
+                }
+                Err(e) => {
+                    tracing::debug!(%node_id, error = %e, "a node with no registration did not take the ask to register again")
+                }
+            }
+        });
+    }
+
+    /// Forgets nodes lost for longer than `lost_node_max_age_s` (their registration; their
+    /// attempts, reputation and enrolment stay).
+    async fn forget_long_lost_nodes(&self) -> Result<(), WireError> {
+        let max_age_s = self.inner.settings.lost_node_max_age_s;
+        if max_age_s == 0 {
+            return Ok(());
+        }
+        let candidates = self
+            .registry()
+            .lost_longer_than(Duration::from_secs(max_age_s), FORGET_PER_SWEEP);
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let registered_before = store::now_ms().saturating_sub(max_age_s.saturating_mul(1_000));
+        let forgotten = self
+            .db(move |store| store.forget_nodes(&candidates, registered_before))
+            .await?;
+        let count = self.registry().forget(&forgotten);
+        self.inner.metrics.nodes_forgotten.inc_by(count as u64);
+        if count > 0 {
+            tracing::info!(
+                count,
+                first = forgotten.first().map(String::as_str).unwrap_or_default(),
+                max_age_s,
+                "lost nodes forgotten (their attempts, reputation and enrolment kept; one heard from again is asked to register)"
+            );
+        }
+        Ok(())
     }
 }

@@ -312,3 +312,139 @@ async fn a_registration_racing_an_assignment_does_not_requeue_it() {
     assert_ledger_consistent(&cluster).await;
     cluster.shutdown().await.unwrap();
 }
+
+/// Whether the orchestrator's ledger file holds a registration of `node_id`.
+fn registered_in_the_ledger(cluster: &Cluster, node_id: &str) -> bool {
+    let conn = rusqlite::Connection::open_with_flags(
+        cluster.ledger_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row("SELECT COUNT(*) FROM nodes WHERE id = ?1", [node_id], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap()
+        == 1
+}
+
+/// Nodes that come and go do not pile up: a node lost for longer than `lost_node_max_age_s`
+/// is forgotten (gone from the node list and the ledger's registrations; a live node stays).
+/// Heartbeats from a forgotten node make the orchestrator ask its agent to register again —
+/// once, however many heartbeats come — and once registered it is listed live again. A real
+/// agent asked so registers again.
+#[tokio::test]
+async fn a_long_lost_node_is_forgotten_and_asked_to_register_when_heard_from_again() {
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 1,
+        lost_node_max_age_s: Some(1),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let (bus, client) = (cluster.bus.clone(), cluster.client());
+    let mut asks = bus
+        .client
+        .subscribe(bus.subjects.node_reregister("drifter").unwrap())
+        .await
+        .unwrap();
+    let drifter = hand_rolled_registration("drifter", "drifter-provider");
+    bus.call(&drifter).await.unwrap();
+    assert!(registered_in_the_ledger(&cluster, "drifter"));
+
+    // It never heartbeats: lost after three missed 300 ms beats, forgotten a second later.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let nodes = client.node_list().await.unwrap().nodes;
+        if !nodes.iter().any(|n| n.node_id == "drifter") {
+            assert!(
+                nodes
+                    .iter()
+                    .any(|n| n.node_id == "node-0" && n.status == "live"),
+                "the live node stays: {nodes:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never forgotten: {nodes:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!registered_in_the_ledger(&cluster, "drifter"));
+    assert!(client.node_info("drifter").await.is_err());
+
+    // Heard from again: asked to register, once for a burst of heartbeats.
+    let heartbeat = Heartbeat {
+        v: WIRE_VERSION,
+        node_id: "drifter".into(),
+        running: vec![],
+        free_slots: 4,
+        ts_ms: rhizos_core::now_ms(),
+        gpus: vec![],
+    };
+    for _ in 0..5 {
+        bus.client
+            .publish(
+                bus.subjects.node_heartbeat("drifter").unwrap(),
+                wire::encode(&heartbeat),
+            )
+            .await
+            .unwrap();
+    }
+    let ask = tokio::time::timeout(Duration::from_secs(5), asks.next())
+        .await
+        .expect("the orchestrator asked the node to register again")
+        .unwrap();
+    let _: wire::RegisterAgain = serde_json::from_slice(&ask.payload).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1_500), asks.next())
+            .await
+            .is_err(),
+        "one ask for a burst of heartbeats"
+    );
+    bus.client
+        .publish(
+            ask.reply.unwrap(),
+            wire::encode(&Reply::ok(Ack {
+                accepted: true,
+                note: None,
+            })),
+        )
+        .await
+        .unwrap();
+    bus.call(&drifter).await.unwrap();
+    let view = client.node_info("drifter").await.unwrap();
+    assert_eq!(view.status, "live");
+    assert!(registered_in_the_ledger(&cluster, "drifter"));
+
+    // A real agent asked to register again does.
+    let registered_ms = |cluster: &Cluster| -> i64 {
+        let conn = rusqlite::Connection::open_with_flags(
+            cluster.ledger_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.query_row(
+            "SELECT registered_ms FROM nodes WHERE id = 'node-0'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let before = registered_ms(&cluster);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let ack = bus
+        .call_node("node-0", &wire::RegisterAgain { v: WIRE_VERSION })
+        .await
+        .unwrap();
+    assert!(ack.accepted);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while registered_ms(&cluster) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(client.node_info("node-0").await.unwrap().status, "live");
+    cluster.shutdown().await.unwrap();
+}

@@ -101,7 +101,7 @@ impl Orchestrator {
             CtlOp::FlowCancel => self.serve(payload, |r| self.flow_cancel(c, r)).await,
             CtlOp::ReceiptGet => self.serve(payload, |r| self.receipt_get(c, r)).await,
             // Served by each node's agent on its own subject; never subscribed to here.
-            CtlOp::JobAssign | CtlOp::JobStop | CtlOp::NodePlugins => {
+            CtlOp::JobAssign | CtlOp::JobStop | CtlOp::NodePlugins | CtlOp::NodeReregister => {
                 unsupported(&format!("{op} (it is served by each node's agent)"))
             }
         }

@@ -864,6 +864,34 @@ impl Registry {
         }
     }
 
+    /// At most `most` nodes lost and last heard from longer than `max_age` ago.
+    pub fn lost_longer_than(&self, max_age: Duration, most: usize) -> Vec<String> {
+        let now = Instant::now();
+        self.nodes
+            .values()
+            .filter(|n| n.lost && now.duration_since(n.last_seen) > max_age)
+            .map(|n| n.registration.node_id.clone())
+            .take(most)
+            .collect()
+    }
+
+    /// Forgets those of `node_ids` that are still lost (one that registered again since
+    /// stays). Returns how many were forgotten.
+    pub fn forget(&mut self, node_ids: &[String]) -> usize {
+        let mut forgotten = 0;
+        for node_id in node_ids {
+            if let Some(node) = self.nodes.get_mut(node_id)
+                && node.lost
+            {
+                // A lost node is in no class's order already; made sure before it goes.
+                refile(&mut self.ranked, self.weights, node);
+                self.nodes.remove(node_id);
+                forgotten += 1;
+            }
+        }
+        forgotten
+    }
+
     pub fn take_newly_lost(&mut self, missed: u32) -> Vec<String> {
         let now = Instant::now();
         let mut lost = Vec::new();

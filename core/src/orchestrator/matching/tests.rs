@@ -796,3 +796,51 @@ fn ties_across_classes_are_taken_in_turn() {
         ]
     );
 }
+
+/// Only lost nodes are forgotten, only once lost long enough, and not one that registered
+/// again in the meantime; a forgotten node is never picked and no longer counted.
+#[test]
+fn lost_nodes_are_forgotten_unless_they_registered_again() {
+    let mut registry = Registry::new(MatchingWeights::default());
+    let quick = |id: &str| {
+        let mut registration = node(id, 1, 0, 8, 8192, 4, &[]);
+        registration.heartbeat_interval_ms = 1;
+        registration
+    };
+    for id in ["gone", "back", "live"] {
+        registry.upsert(quick(id));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    assert!(registry.heartbeat("live", Vec::new()));
+    let mut lost = registry.take_newly_lost(3);
+    lost.sort();
+    assert_eq!(lost, ["back", "gone"]);
+    assert!(
+        registry
+            .lost_longer_than(std::time::Duration::from_secs(60), 10)
+            .is_empty(),
+        "not lost long enough"
+    );
+    let mut old = registry.lost_longer_than(std::time::Duration::ZERO, 10);
+    old.sort();
+    assert_eq!(old, ["back", "gone"]);
+    assert_eq!(
+        registry
+            .lost_longer_than(std::time::Duration::ZERO, 1)
+            .len(),
+        1,
+        "at most as many as asked"
+    );
+    registry.upsert(quick("back"));
+    assert_eq!(
+        registry.forget(&old),
+        1,
+        "the one that registered again stays"
+    );
+    assert!(registry.get("gone").is_none() && registry.get("back").is_some());
+    assert_eq!(registry.registered_count(), 2);
+    for _ in 0..10 {
+        let picked = registry.pick(&spec(1, 128, 0, 0, &[]), 100_000).unwrap();
+        assert_ne!(picked.registration.node_id, "gone");
+    }
+}

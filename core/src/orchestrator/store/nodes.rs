@@ -33,6 +33,34 @@ impl Store {
         tx.commit().map_err(StoreError::from)
     }
 
+    /// Forgets the registrations of `node_ids` that registered before `registered_before_ms`
+    /// and run no job (a node that registered again since, or was given work, is kept): their
+    /// attempts, stats and enrolment stay. Returns the ids forgotten.
+    pub fn forget_nodes(
+        &mut self,
+        node_ids: &[String],
+        registered_before_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let tx = self.tx()?;
+        let mut forgotten = Vec::new();
+        for node_id in node_ids {
+            let deleted = tx.execute(
+                "DELETE FROM nodes WHERE id = ?1 AND registered_ms < ?2
+                   AND NOT EXISTS (SELECT 1 FROM jobs
+                                   WHERE node_id = ?1 AND state IN ('assigned', 'running'))",
+                params![
+                    node_id,
+                    i64::try_from(registered_before_ms).unwrap_or(i64::MAX)
+                ],
+            )?;
+            if deleted == 1 {
+                forgotten.push(node_id.clone());
+            }
+        }
+        tx.commit()?;
+        Ok(forgotten)
+    }
+
     pub fn nodes(&self) -> Result<Vec<(RegisterNode, u64)>, StoreError> {
         let mut statement = self
             .conn
