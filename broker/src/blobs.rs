@@ -101,6 +101,30 @@ impl Bus {
         self.ensure_stream(config).await
     }
 
+    /// Publishes chunk `index` of blob `sha256` of `account` under node `node_id`; returns
+    /// the acknowledgement to wait for.
+    async fn publish_chunk(
+        &self,
+        account: &str,
+        node_id: &str,
+        sha256: &str,
+        index: u64,
+        chunk: Bytes,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, BlobError> {
+        let subject = self.subjects.blob_chunk(account, node_id, sha256, index)?;
+        let mut headers = async_nats::HeaderMap::new();
+        // Per node: the same bytes filed under another node (a flow's hand-over) are
+        // another message, not a repeat of the first.
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{node_id}.{sha256}.{index}").as_str(),
+        );
+        self.jetstream
+            .publish_with_headers(subject, headers, chunk)
+            .await
+            .map_err(|e| BlobError::Unavailable(e.to_string()))
+    }
+
     /// Stores `content` as a blob of `account` under this node's id `node_id`; returns its
     /// reference once every chunk is acknowledged by JetStream (durable).
     pub async fn put_blob(
@@ -110,39 +134,78 @@ impl Bus {
         content: &[u8],
     ) -> Result<BlobRef, BlobError> {
         let sha256 = sha256_hex(content);
-        let mut pending = VecDeque::new();
+        let mut acks = Acks::default();
         for (index, chunk) in content.chunks(CHUNK_BYTES).enumerate() {
-            let subject = self
-                .subjects
-                .blob_chunk(account, node_id, &sha256, index as u64)?;
-            let mut headers = async_nats::HeaderMap::new();
-            // Per node: the same bytes filed under another node (a flow's hand-over) are
-            // another message, not a repeat of the first.
-            headers.insert(
-                "Nats-Msg-Id",
-                format!("{node_id}.{sha256}.{index}").as_str(),
-            );
             let ack = self
-                .jetstream
-                .publish_with_headers(subject, headers, Bytes::copy_from_slice(chunk))
-                .await
-                .map_err(|e| BlobError::Unavailable(e.to_string()))?;
-            pending.push_back(ack);
-            if pending.len() >= IN_FLIGHT
-                && let Some(ack) = pending.pop_front()
-            {
-                ack.await
-                    .map_err(|e| BlobError::Unavailable(e.to_string()))?;
-            }
+                .publish_chunk(
+                    account,
+                    node_id,
+                    &sha256,
+                    index as u64,
+                    Bytes::copy_from_slice(chunk),
+                )
+                .await?;
+            acks.push(ack).await?;
         }
-        for ack in pending {
-            ack.await
-                .map_err(|e| BlobError::Unavailable(e.to_string()))?;
-        }
+        acks.finish().await?;
         Ok(BlobRef {
             sha256,
             size: content.len() as u64,
         })
+    }
+
+    /// Chunk `index` of the blob `blob` that `node_id` stored for `account`, its length
+    /// checked (`what` names it in errors).
+    async fn fetch_chunk(
+        &self,
+        account: &str,
+        node_id: &str,
+        what: &str,
+        blob: &BlobRef,
+        index: u64,
+    ) -> Result<Bytes, BlobError> {
+        let stream = self.subjects.blob_stream();
+        let subject = self
+            .subjects
+            .blob_chunk(account, node_id, &blob.sha256, index)?;
+        let message = self
+            .client
+            .request(
+                format!("$JS.API.DIRECT.GET.{stream}.{subject}"),
+                Bytes::new(),
+            )
+            .await
+            .map_err(|e| BlobError::Unavailable(e.to_string()))?;
+        if let Some(status) = message.status {
+            if status == async_nats::StatusCode::NOT_FOUND {
+                return Err(BlobError::Missing {
+                    what: what.to_owned(),
+                    sha256: blob.sha256.clone(),
+                    index,
+                });
+            }
+            return Err(BlobError::Unavailable(format!(
+                "direct get answered {status}: {}",
+                message.description.as_deref().unwrap_or_default()
+            )));
+        }
+        let chunks = chunk_count(blob.size);
+        let expected = if index + 1 == chunks {
+            blob.size - index * CHUNK_BYTES as u64
+        } else {
+            CHUNK_BYTES as u64
+        };
+        if message.payload.len() as u64 != expected {
+            return Err(corrupt(
+                what,
+                blob,
+                format!(
+                    "chunk {index} has {} bytes, {expected} expected",
+                    message.payload.len()
+                ),
+            ));
+        }
+        Ok(message.payload)
     }
 
     /// Reads the blob `blob` that `node_id` stored for `account` into `out`, checking every
@@ -156,72 +219,74 @@ impl Bus {
         blob: &BlobRef,
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<(), BlobError> {
-        let stream = self.subjects.blob_stream();
-        let chunks = chunk_count(blob.size);
         let mut hasher = Sha256::new();
-        let corrupt = |problem: String| BlobError::Corrupt {
-            what: what.to_owned(),
-            sha256: blob.sha256.clone(),
-            problem,
-        };
-        for index in 0..chunks {
-            let subject = self
-                .subjects
-                .blob_chunk(account, node_id, &blob.sha256, index)?;
-            let message = self
-                .client
-                .request(
-                    format!("$JS.API.DIRECT.GET.{stream}.{subject}"),
-                    Bytes::new(),
-                )
-                .await
-                .map_err(|e| BlobError::Unavailable(e.to_string()))?;
-            if let Some(status) = message.status {
-                if status == async_nats::StatusCode::NOT_FOUND {
-                    return Err(BlobError::Missing {
-                        what: what.to_owned(),
-                        sha256: blob.sha256.clone(),
-                        index,
-                    });
-                }
-                return Err(BlobError::Unavailable(format!(
-                    "direct get answered {status}: {}",
-                    message.description.as_deref().unwrap_or_default()
-                )));
-            }
-            let expected = if index + 1 == chunks {
-                blob.size - index * CHUNK_BYTES as u64
-            } else {
-                CHUNK_BYTES as u64
-            };
-            if message.payload.len() as u64 != expected {
-                return Err(corrupt(format!(
-                    "chunk {index} has {} bytes, {expected} expected",
-                    message.payload.len()
-                )));
-            }
-            hasher.update(&message.payload);
-            out.write_all(&message.payload)
-                .map_err(|source| BlobError::Write {
-                    what: what.to_owned(),
-                    source,
-                })?;
+        for index in 0..chunk_count(blob.size) {
+            let payload = self
+                .fetch_chunk(account, node_id, what, blob, index)
+                .await?;
+            hasher.update(&payload);
+            out.write_all(&payload).map_err(|source| BlobError::Write {
+                what: what.to_owned(),
+                source,
+            })?;
         }
         let digest = format!("{:x}", hasher.finalize());
         if digest != blob.sha256 {
-            return Err(corrupt(format!("the bytes hash to {digest}")));
+            return Err(corrupt(what, blob, format!("the bytes hash to {digest}")));
         }
         Ok(())
     }
 }
 
-/// Most bytes of one blob [`Bus::copy_blob`] moves (it holds them in memory).
+/// Chunk publishes awaiting their acknowledgements, at most [`IN_FLIGHT`] at once.
+#[derive(Default)]
+struct Acks(VecDeque<async_nats::jetstream::context::PublishAckFuture>);
+
+impl Acks {
+    /// Adds `ack`, first waiting for the oldest when [`IN_FLIGHT`] are pending.
+    async fn push(
+        &mut self,
+        ack: async_nats::jetstream::context::PublishAckFuture,
+    ) -> Result<(), BlobError> {
+        self.0.push_back(ack);
+        if self.0.len() >= IN_FLIGHT
+            && let Some(ack) = self.0.pop_front()
+        {
+            ack.await
+                .map_err(|e| BlobError::Unavailable(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every pending acknowledgement.
+    async fn finish(self) -> Result<(), BlobError> {
+        for ack in self.0 {
+            ack.await
+                .map_err(|e| BlobError::Unavailable(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+fn corrupt(what: &str, blob: &BlobRef, problem: String) -> BlobError {
+    BlobError::Corrupt {
+        what: what.to_owned(),
+        sha256: blob.sha256.clone(),
+        problem,
+    }
+}
+
+/// Most bytes of one input blob a job takes: its node reads it into memory to hand it to the
+/// backend. (The orchestrator's hand-over between nodes streams it chunk by chunk.)
 pub const MAX_COPY_BYTES: u64 = 512 << 20;
 
 impl Bus {
     /// Files `blob`, stored by `from_node` for `account`, under `to_node` too (the
     /// orchestrator, before a node that did not store it runs a job that reads it: a node
-    /// reads blobs only under its own node token). The digest is checked on the way.
+    /// reads blobs only under its own node token), chunk by chunk — at most [`IN_FLIGHT`]
+    /// chunks held at once, whatever the blob's size. Every chunk's length and the whole
+    /// digest are checked on the way; copied chunks whose whole does not match the digest are
+    /// purged again, so nothing is filed under a digest it does not have.
     pub async fn copy_blob(
         &self,
         account: &str,
@@ -232,15 +297,42 @@ impl Bus {
     ) -> Result<(), BlobError> {
         if blob.size > MAX_COPY_BYTES {
             return Err(BlobError::Unavailable(format!(
-                "{what} is {} bytes: more than the {MAX_COPY_BYTES} bytes a blob is handed between nodes",
+                "{what} is {} bytes: more than the {MAX_COPY_BYTES} bytes a job takes as an input",
                 blob.size
             )));
         }
-        let mut bytes = Vec::with_capacity(usize::try_from(blob.size).unwrap_or(0));
-        self.get_blob(account, from_node, what, blob, &mut bytes)
-            .await?;
-        let stored = self.put_blob(account, to_node, &bytes).await?;
-        debug_assert_eq!(&stored, blob);
+        let mut hasher = Sha256::new();
+        let mut acks = Acks::default();
+        for index in 0..chunk_count(blob.size) {
+            let payload = self
+                .fetch_chunk(account, from_node, what, blob, index)
+                .await?;
+            hasher.update(&payload);
+            let ack = self
+                .publish_chunk(account, to_node, &blob.sha256, index, payload)
+                .await?;
+            acks.push(ack).await?;
+        }
+        acks.finish().await?;
+        let digest = format!("{:x}", hasher.finalize());
+        if digest != blob.sha256 {
+            let prefix = self.subjects.blob_chunks(account, to_node, &blob.sha256)?;
+            let purged = async {
+                self.jetstream
+                    .get_stream(self.subjects.blob_stream())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .purge()
+                    .filter(format!("{prefix}.*"))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            if let Err(e) = purged {
+                tracing::warn!(error = %e, "a mismatching copy could not be purged; its reader refuses it by digest");
+            }
+            return Err(corrupt(what, blob, format!("the bytes hash to {digest}")));
+        }
         Ok(())
     }
 }

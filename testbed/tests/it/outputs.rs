@@ -190,3 +190,57 @@ async fn a_blob_a_node_names_but_never_stored_is_not_recorded() {
     assert_eq!(bytes, vec![7u8; 300_000]);
     heartbeats.abort();
 }
+
+/// The orchestrator's hand-over of a blob to the node that runs a flow's next step streams it
+/// chunk by chunk (whatever its size, a few chunks in memory) with every check: a good blob
+/// arrives whole under the other node; bytes a lying node stored under a digest they do not
+/// have are refused, and nothing of them stays filed under the other node.
+#[tokio::test]
+async fn a_blob_handed_to_another_node_is_copied_whole_or_not_at_all() {
+    use rhizos_broker::blobs::{BlobError, CHUNK_BYTES, sha256_hex};
+    let cluster = cluster().await;
+    let bus = cluster.bus.clone();
+    let content: Vec<u8> = (0..2 * CHUNK_BYTES + 1_000)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let stored = bus.put_blob("uma", "from-node", &content).await.unwrap();
+    bus.copy_blob("uma", "from-node", "to-node", "big.bin", &stored)
+        .await
+        .unwrap();
+    let mut copied = Vec::new();
+    bus.get_blob("uma", "to-node", "big.bin", &stored, &mut copied)
+        .await
+        .unwrap();
+    assert!(copied == content, "the copy is the blob, byte for byte");
+
+    let forged = BlobRef {
+        sha256: sha256_hex(b"something else"),
+        size: content.len() as u64,
+    };
+    for (index, chunk) in content.chunks(CHUNK_BYTES).enumerate() {
+        let subject = bus
+            .subjects
+            .blob_chunk("uma", "liar", &forged.sha256, index as u64)
+            .unwrap();
+        bus.jetstream
+            .publish(subject, bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let refused = bus
+        .copy_blob("uma", "liar", "to-node", "forged.bin", &forged)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, BlobError::Corrupt { .. }), "{refused}");
+    let mut nothing = Vec::new();
+    let missing = bus
+        .get_blob("uma", "to-node", "forged.bin", &forged, &mut nothing)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(missing, BlobError::Missing { index: 0, .. }),
+        "the copied chunks were purged: {missing}"
+    );
+}
