@@ -169,7 +169,6 @@ fn b64(text: &str) -> String {
     rhizos_broker::wire::b64_encode(text.as_bytes())
 }
 
-/// Waits (up to 60 s) until the flow has ended.
 /// A test network started with `options`, with `account` funded with `micros`: the network,
 /// its operator's client, and the account's balance before any flow.
 async fn funded_cluster(
@@ -187,6 +186,7 @@ async fn funded_cluster(
     (cluster, client, before)
 }
 
+/// Waits (up to 60 s) until the flow has ended.
 async fn flow_end(client: &rhizos_broker::Client, flow_id: &str) -> rhizos_broker::wire::FlowView {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
@@ -671,4 +671,106 @@ async fn a_flow_runs_wasm_and_docker_steps_from_one_escrow() {
         Some(b64("boxed").as_str())
     );
     assert_flow_money(&cluster, &done, before).await;
+}
+
+/// A condition reads a JSON output that travelled out of band (past the 64 KiB a report
+/// carries inline): the orchestrator fetches it from the blob stream, digest checked, before
+/// the flow moves on — the branch whose condition holds runs, the other is skipped — and a
+/// condition on a file that is not JSON is false, saying why. The money adds up.
+#[tokio::test]
+async fn a_condition_reads_a_json_output_stored_out_of_band() {
+    use rhizos_broker::wire::{CompareOp, Condition, FlowState, StepState};
+    let (cluster, client, before) =
+        funded_cluster(rhizos_testbed::ClusterOptions::default(), "jo", 10_000_000).await;
+    let mut make = upper("make", "in.json", "out.json");
+    let document = format!("{{\"N\": 5, \"PAD\": \"{}\"}}", "A".repeat(70_000));
+    make.spec
+        .input_files
+        .insert("in.json".into(), b64(&document));
+    let mut text = upper("text", "in.txt", "out.txt");
+    text.spec
+        .input_files
+        .insert("in.txt".into(), b64(&"b".repeat(70_000)));
+    let when = |file: &str, op: CompareOp| Condition {
+        exit_code: None,
+        json: Some(file.into()),
+        pointer: Some("/N".into()),
+        op,
+        value: Some(serde_json::json!(3)),
+    };
+    let flow = FlowSpec {
+        name: "blob-condition".into(),
+        max_cost_micros: 4_000_000,
+        timeout_ms: None,
+        steps: vec![
+            make,
+            upper("big", "in.json", "seen.json"),
+            upper("small", "in.json", "seen.json"),
+            text,
+            upper("garbled", "in.txt", "seen.txt"),
+        ],
+        edges: vec![
+            FlowEdge {
+                when: Some(when("/output/out.json", CompareOp::Gt)),
+                ..edge("make:/output/out.json", "big:/input/in.json")
+            },
+            FlowEdge {
+                when: Some(when("/output/out.json", CompareOp::Lt)),
+                ..edge("make:/output/out.json", "small:/input/in.json")
+            },
+            // 70 KB of text, out of band too, but not JSON.
+            FlowEdge {
+                when: Some(when("/output/out.txt", CompareOp::Gt)),
+                ..edge("text:/output/out.txt", "garbled:/input/in.txt")
+            },
+        ],
+    };
+    client.flow_run(Some("bc-1"), "jo", flow).await.unwrap();
+    let flow = flow_end(&client, "bc-1").await;
+    assert_eq!(flow.state, FlowState::Succeeded, "{flow:#?}");
+    let states: Vec<_> = flow
+        .steps
+        .iter()
+        .map(|s| (s.step.as_str(), s.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("make", StepState::Succeeded),
+            ("big", StepState::Succeeded),
+            ("small", StepState::Skipped),
+            ("text", StepState::Succeeded),
+            ("garbled", StepState::Skipped),
+        ]
+    );
+    let made = cluster.job("bc-1-0-1").await.unwrap();
+    assert!(
+        made.blobs.files.contains_key("out.json") && !made.output_files.contains_key("out.json"),
+        "the document went out of band: {made:?}"
+    );
+    // The branch that ran read the whole document (through the blob hand-over).
+    let big = cluster.job("bc-1-1-1").await.unwrap();
+    let seen = big
+        .blobs
+        .files
+        .get("seen.json")
+        .expect("the big branch's output is out of band too");
+    assert_eq!(seen.size, document.len() as u64);
+    assert!(
+        flow.steps[2]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("condition") && r.contains("false")),
+        "{:?}",
+        flow.steps[2]
+    );
+    assert!(
+        flow.steps[4]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("/output/out.txt is not JSON")),
+        "{:?}",
+        flow.steps[4]
+    );
+    assert_flow_money(&cluster, &flow, before).await;
 }

@@ -21,6 +21,10 @@ const MAX_FLOW_ID: usize = 40;
 /// are ready).
 const FLOW_TICK: Duration = Duration::from_millis(200);
 
+/// Largest output stored out of band that a flow's condition reads (the orchestrator holds it
+/// in memory to evaluate the JSON pointer).
+pub const MAX_CONDITION_BYTES: u64 = 1 << 20;
+
 impl Orchestrator {
     /// `flow` with every step's module resolved and the spec materialized, each step checked
     /// as a submit would be (errors name the step and field).
@@ -156,9 +160,10 @@ impl Orchestrator {
     /// Moves one flow on (`Store::advance_flow`) and does what that asks: stop cancelled steps'
     /// executions on their nodes, dispatch submitted steps, publish events.
     pub(in crate::orchestrator) async fn advance_flow(&self, flow_id: &str) -> Option<u64> {
+        let documents = self.condition_documents(flow_id).await;
         let id = flow_id.to_owned();
         let advance = match self
-            .db(move |store| store.advance_flow(&id, crate::now_ms()))
+            .db(move |store| store.advance_flow_reading(&id, crate::now_ms(), &documents))
             .await
         {
             Ok(advance) => advance,
@@ -179,6 +184,57 @@ impl Orchestrator {
             tracing::info!(flow_id, state = state.as_str(), "flow ended");
         }
         advance.wake_at_ms
+    }
+
+    /// The JSON documents the flow's conditions must read from outputs stored out of band
+    /// (`Store::condition_blobs`), fetched from the blob stream (digest checked), at most
+    /// [`MAX_CONDITION_BYTES`] each; a file too large, unreadable or not JSON is noted why.
+    async fn condition_documents(
+        &self,
+        flow_id: &str,
+    ) -> crate::orchestrator::store::flows::ConditionDocuments {
+        let id = flow_id.to_owned();
+        let blobs = match self.read(move |store| store.condition_blobs(&id)).await {
+            Ok(blobs) => blobs,
+            Err(e) => {
+                tracing::warn!(flow_id, error = %e.message, "cannot list the outputs the flow's conditions read");
+                return Default::default();
+            }
+        };
+        let mut documents = crate::orchestrator::store::flows::ConditionDocuments::new();
+        for wanted in blobs {
+            let path = format!("/output/{}", wanted.file);
+            let document = if wanted.blob.size > MAX_CONDITION_BYTES {
+                Err(format!(
+                    "{path} is {} bytes; a condition reads at most {MAX_CONDITION_BYTES}",
+                    wanted.blob.size
+                ))
+            } else {
+                let blob = rhizos_broker::wire::BlobRef {
+                    sha256: wanted.blob.sha256.clone(),
+                    size: wanted.blob.size,
+                };
+                let mut bytes = Vec::new();
+                match self
+                    .inner
+                    .bus
+                    .get_blob(
+                        &wanted.account,
+                        &wanted.blob.from_node,
+                        &path,
+                        &blob,
+                        &mut bytes,
+                    )
+                    .await
+                {
+                    Ok(()) => serde_json::from_slice(&bytes)
+                        .map_err(|e| format!("{path} is not JSON: {e}")),
+                    Err(e) => Err(format!("{path} could not be read: {e}")),
+                }
+            };
+            documents.insert((wanted.job_id, wanted.file), document);
+        }
+        documents
     }
 
     /// While active: every [`FLOW_TICK`], the open flows with something to do (a step's job

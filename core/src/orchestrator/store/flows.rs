@@ -118,6 +118,23 @@ impl FlowRow {
     }
 }
 
+/// An output stored out of band that a flow's condition reads (see
+/// [`Store::condition_blobs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConditionBlob {
+    /// The flow's account (the blob's).
+    pub account: String,
+    pub job_id: String,
+    /// The file's path under `/output/`.
+    pub file: String,
+    pub blob: InputBlob,
+}
+
+/// What the orchestrator read for a flow's conditions: per (job id, file), the JSON document,
+/// or why there is none.
+pub type ConditionDocuments =
+    std::collections::HashMap<(String, String), Result<serde_json::Value, String>>;
+
 /// An upstream step's output file, as the next step takes it.
 enum Output {
     /// Base64, as the report carried it.
@@ -325,10 +342,22 @@ impl Store {
     }
 
     /// Moves flow `flow_id` on as far as it can now (see the module's documentation), all of
-    /// it or nothing.
+    /// it or nothing. A condition on an output stored out of band reads nothing here: see
+    /// [`Store::advance_flow_reading`].
     pub fn advance_flow(&mut self, flow_id: &str, now: u64) -> Result<FlowAdvance, StoreError> {
+        self.advance_flow_reading(flow_id, now, &ConditionDocuments::new())
+    }
+
+    /// [`Store::advance_flow`] with the documents of [`Store::condition_blobs`] read by the
+    /// orchestrator: a condition on an output stored out of band is evaluated on its document.
+    pub fn advance_flow_reading(
+        &mut self,
+        flow_id: &str,
+        now: u64,
+        documents: &ConditionDocuments,
+    ) -> Result<FlowAdvance, StoreError> {
         self.conn.execute_batch("SAVEPOINT flow_advance")?;
-        match self.advance(flow_id, now) {
+        match self.advance(flow_id, now, documents) {
             Ok(advance) => {
                 self.conn.execute_batch("RELEASE flow_advance")?;
                 Ok(advance)
@@ -342,7 +371,12 @@ impl Store {
         }
     }
 
-    fn advance(&mut self, flow_id: &str, now: u64) -> Result<FlowAdvance, StoreError> {
+    fn advance(
+        &mut self,
+        flow_id: &str,
+        now: u64,
+        documents: &ConditionDocuments,
+    ) -> Result<FlowAdvance, StoreError> {
         let mut advance = FlowAdvance::default();
         let mut flow = self.flow_row(flow_id)?;
         if flow.state.is_terminal() {
@@ -472,8 +506,8 @@ impl Store {
                 &plan,
                 &mut steps,
                 now,
-                &mut events,
-                &mut advance,
+                (&mut events, &mut advance),
+                documents,
             )?;
         }
 
@@ -580,8 +614,8 @@ impl Store {
         plan: &rhizos_broker::wire::FlowPlan,
         steps: &mut [StepRow],
         now: u64,
-        events: &mut Vec<FlowEventRow>,
-        advance: &mut FlowAdvance,
+        (events, advance): (&mut Vec<FlowEventRow>, &mut FlowAdvance),
+        documents: &ConditionDocuments,
     ) -> Result<(), StoreError> {
         let name = |i: usize| flow.spec.steps[i].name.clone();
         let index_of = |step: &str| flow.spec.steps.iter().position(|s| s.name == step);
@@ -608,18 +642,20 @@ impl Store {
                     }
                     StepState::Succeeded => {
                         if let Some(condition) = &flow.spec.edges[e].when {
-                            let document = match &condition.json {
+                            let (document, unread) = match &condition.json {
                                 Some(file) => self.output_json(
                                     steps[source].job_id.as_deref(),
                                     file.trim_start_matches("/output/"),
+                                    documents,
                                 )?,
-                                None => None,
+                                None => (None, None),
                             };
                             let code = steps[source].exit_code.unwrap_or(-1);
                             if !condition.holds(code, document.as_ref()) {
                                 skip = Some(format!(
-                                    "the condition on the edge from {:?} is false",
-                                    from.step
+                                    "the condition on the edge from {:?} is false{}",
+                                    from.step,
+                                    unread.map(|why| format!(" ({why})")).unwrap_or_default()
                                 ));
                             }
                         }
@@ -770,19 +806,78 @@ impl Store {
         Ok(Err(format!("left no /output/{file}")))
     }
 
-    /// The output file `file` of job `job_id` read as JSON (`None`: absent, or not JSON).
+    /// The output file `file` of job `job_id` read as JSON — inline as the report carried it,
+    /// or out of band as the orchestrator read it into `documents` — or `None` (absent, not
+    /// JSON, or not read) with why when it is not plain absence.
     fn output_json(
         &self,
         job_id: Option<&str>,
         file: &str,
-    ) -> Result<Option<serde_json::Value>, StoreError> {
-        // (A condition reads only what the report carried: a blob is not read here.)
+        documents: &ConditionDocuments,
+    ) -> Result<(Option<serde_json::Value>, Option<String>), StoreError> {
         Ok(match self.output(job_id, file)? {
-            Ok(Output::Inline(b64)) => rhizos_broker::wire::b64_decode("output", &b64)
-                .ok()
-                .and_then(|bytes| serde_json::from_slice(&bytes).ok()),
-            _ => None,
+            Ok(Output::Inline(b64)) => (
+                rhizos_broker::wire::b64_decode("output", &b64)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice(&bytes).ok()),
+                None,
+            ),
+            Ok(Output::Blob(_)) => {
+                let key = (job_id.unwrap_or_default().to_owned(), file.to_owned());
+                match documents.get(&key) {
+                    Some(Ok(document)) => (Some(document.clone()), None),
+                    Some(Err(why)) => (None, Some(why.clone())),
+                    None => (None, Some(format!("/output/{file} was not read"))),
+                }
+            }
+            Err(_) => (None, None),
         })
+    }
+
+    /// The outputs stored out of band that conditions of flow `flow_id` must read before it
+    /// moves on: for each edge with a JSON condition whose target still waits, the source
+    /// step's latest run's file, when it is a blob. (The ledger thread reads no blobs: the
+    /// orchestrator fetches these and passes them to [`Store::advance_flow_reading`].)
+    pub fn condition_blobs(&self, flow_id: &str) -> Result<Vec<ConditionBlob>, StoreError> {
+        let flow = self.flow_row(flow_id)?;
+        if flow.state.is_terminal() {
+            return Ok(Vec::new());
+        }
+        let steps = self.step_rows(flow_id)?;
+        let plan = flow
+            .spec
+            .plan()
+            .map_err(|e| StoreError::Corrupt(format!("flow {flow_id}'s stored spec: {e}")))?;
+        let index_of = |step: &str| flow.spec.steps.iter().position(|s| s.name == step);
+        let mut blobs = Vec::new();
+        for (e, (from, to)) in plan.edges.iter().enumerate() {
+            let Some(file) = flow.spec.edges[e]
+                .when
+                .as_ref()
+                .and_then(|c| c.json.as_ref())
+            else {
+                continue;
+            };
+            let (Some(source), Some(target)) = (index_of(&from.step), index_of(&to.step)) else {
+                continue;
+            };
+            if steps[target].state != StepState::Waiting {
+                continue;
+            }
+            let Some(job_id) = steps[source].job_id.clone() else {
+                continue;
+            };
+            let file = file.trim_start_matches("/output/").to_owned();
+            if let Ok(Output::Blob(blob)) = self.output(Some(&job_id), &file)? {
+                blobs.push(ConditionBlob {
+                    account: flow.account.clone(),
+                    job_id,
+                    file,
+                    blob,
+                });
+            }
+        }
+        Ok(blobs)
     }
 
     fn flow_row(&self, flow_id: &str) -> Result<FlowRow, StoreError> {
