@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = wire::decode::<Heartbeat>(data, MAX);
     let _ = wire::decode::<AssignJob>(data, MAX);
     let _ = wire::decode::<StopJob>(data, MAX);
+    let _ = wire::decode::<RegisterAgain>(data, MAX);
     let _ = wire::decode::<LogBatch>(data, MAX);
     let _ = wire::decode::<Reply<Ack>>(data, MAX);
     if let Ok(registration) = wire::decode::<RegisterNode>(data, MAX) {
