@@ -732,13 +732,28 @@ async fn drive(shared: &Shared, job: &Job, sink: &EventSinkBox, cancel: &Notify)
             );
         }
     };
-    let oom_killed = docker
-        .inspect_container(&job.name, None)
-        .await
-        .ok()
-        .and_then(|c| c.state)
-        .and_then(|s| s.oom_killed)
-        .unwrap_or(false);
+    let inspect_oom = async || {
+        docker
+            .inspect_container(&job.name, None)
+            .await
+            .ok()
+            .and_then(|c| c.state)
+            .and_then(|s| s.oom_killed)
+            .unwrap_or(false)
+    };
+    let mut oom_killed = inspect_oom().await;
+    // Killed by SIGKILL, and not by us: on cgroup v2 the engine learns of an OOM kill from an
+    // event that can come after the exit (moby's OOMKilled flag, seen flaky by Nomad's driver
+    // too), so it is asked again for up to a second before the exit is taken as a plain 137.
+    if exit_code == 137 && matches!(end, End::Exited) && !oom_killed {
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            oom_killed = inspect_oom().await;
+            if oom_killed {
+                break;
+            }
+        }
+    }
     let mut outcome = match end {
         End::TimedOut => ExecOutcome::abnormal(
             ExitKind::TimedOut,

@@ -469,7 +469,7 @@ pub(crate) fn log_of(data_dir: &std::path::Path) -> String {
 }
 
 /// Waits until `data_dir`'s log says `what`.
-async fn log_says(data_dir: &std::path::Path, what: &str) {
+pub(crate) async fn log_says(data_dir: &std::path::Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !log_of(data_dir).contains(what) {
         assert!(

@@ -46,6 +46,8 @@ pub struct Report {
     jobs_pruned: u64,
     /// The ledger file and its write-ahead log at the end.
     ledger_bytes: u64,
+    /// Of which the write-ahead log.
+    ledger_wal_bytes: u64,
     limits: Limits,
     /// Jobs settled per second ÷ durable SQLite commits per second (target ≥ 3: group commit
     /// settles several jobs per fsync).
@@ -99,8 +101,9 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  ledger file {:.1} MiB at the end; {} ended jobs' payloads dropped{}",
+            "  ledger file {:.1} MiB at the end ({:.1} MiB of it the write-ahead log); {} ended jobs' payloads dropped{}",
             self.ledger_bytes as f64 / (1024.0 * 1024.0),
+            self.ledger_wal_bytes as f64 / (1024.0 * 1024.0),
             self.jobs_pruned,
             self.payload_max_age_s
                 .map(|age| format!(" (job_payload_max_age_s = {age})"))
@@ -309,11 +312,9 @@ pub async fn run(
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0) as u64;
     let ledger = cluster.ledger_path();
-    let ledger_bytes = [ledger.clone(), ledger.with_extension("db-wal")]
-        .iter()
-        .filter_map(|path| std::fs::metadata(path).ok())
-        .map(|meta| meta.len())
-        .sum();
+    let size = |path: std::path::PathBuf| std::fs::metadata(path).map_or(0, |m| m.len());
+    let ledger_wal_bytes = size(ledger.with_extension("db-wal"));
+    let ledger_bytes = size(ledger) + ledger_wal_bytes;
     drop(fleet);
     cluster.shutdown().await?;
     Ok(Report {
@@ -339,6 +340,7 @@ pub async fn run(
         inside,
         jobs_pruned,
         ledger_bytes,
+        ledger_wal_bytes,
         limits,
     })
 }
