@@ -379,7 +379,7 @@ pub async fn drive(
         .client
         .subscribe(wildcard(subjects.job_event("load", "running", "x")?))
         .await?;
-    let mut settled_events = bus
+    let settled_events = bus
         .client
         .subscribe(wildcard(subjects.escrow_event(
             "load",
@@ -390,6 +390,18 @@ pub async fn drive(
     bus.client.flush().await?;
     let seen: Seen = Arc::default();
     let watcher = tokio::spawn(watch_running(running_events, seen.clone()));
+    // Settle events are counted as they come, while submits are still going out: left in the
+    // subscription until the submit phase ends, past 65,536 of them the client dropped the rest
+    // (a 100,000-job run saw 66,028).
+    let (settled_count, mut settled_rx) = tokio::sync::watch::channel(0usize);
+    let counter = tokio::spawn(async move {
+        let mut settled_events = settled_events;
+        let mut count = 0usize;
+        while settled_events.next().await.is_some() {
+            count += 1;
+            settled_count.send_replace(count);
+        }
+    });
     let submitter = Submitter {
         client,
         module: rhizos_broker::wire::b64_encode(b"(module (func (export \"_start\")))"),
@@ -401,15 +413,20 @@ pub async fn drive(
         Some(rate) => submitter.open_loop(jobs, concurrency, rate, started).await,
     };
     let submit_phase_s = started.elapsed().as_secs_f64();
-    let mut settled = 0usize;
-    while settled < jobs - rejected {
-        match tokio::time::timeout(Duration::from_secs(60), settled_events.next()).await {
-            Ok(Some(_)) => settled += 1,
-            _ => break,
+    // Until every accepted job settled, or none more did for 60 s.
+    let target = jobs - rejected;
+    while *settled_rx.borrow_and_update() < target {
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(60), settled_rx.changed()).await,
+            Ok(Ok(()))
+        ) {
+            break;
         }
     }
+    let settled = *settled_rx.borrow();
     let total_s = started.elapsed().as_secs_f64();
     watcher.abort();
+    counter.abort();
     let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
     let mut latencies: Vec<Duration> = seen
         .values()
