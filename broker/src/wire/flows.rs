@@ -65,6 +65,21 @@ pub struct FlowStep {
     pub ok_exit_codes: Vec<i32>,
 }
 
+impl FlowStep {
+    /// Step `name` running `spec`, with the defaults a flow file gets: the flow's budget as its
+    /// cap, no retry (1 s backoff should one be set), success on exit code 0.
+    pub fn new(name: impl Into<String>, spec: JobSpec) -> Self {
+        Self {
+            name: name.into(),
+            spec,
+            max_cost_micros: None,
+            retries: 0,
+            backoff_ms: default_backoff_ms(),
+            ok_exit_codes: default_ok_exit_codes(),
+        }
+    }
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }

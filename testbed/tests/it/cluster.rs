@@ -39,6 +39,31 @@ fn two_data_dirs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathB
     (a, b)
 }
 
+/// Waits (at most 30 s) until the ledger files of the orchestrators on data dirs `a` and `b`
+/// hold the same rows; returns the position both applied. `what` names the moment in the
+/// failure, which shows both orchestrators' logs.
+async fn files_equal(a: &std::path::Path, b: &std::path::Path, what: &str) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (a_rows, b_rows) = (
+            rhizos_testbed::ledger_rows(&a.join("ledger.db")).unwrap(),
+            rhizos_testbed::ledger_rows(&b.join("ledger.db")).unwrap(),
+        );
+        if a_rows == b_rows {
+            return a_rows.0;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the files never matched (applied {} vs {})\nA:\n{}\nB:\n{}",
+            a_rows.0,
+            b_rows.0,
+            log_of(a),
+            log_of(b)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn losing_one_of_three_nats_servers_loses_no_job_and_no_money() {
     let dir = tempfile::tempdir().unwrap();
@@ -364,28 +389,8 @@ async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
             .cost_micros
             .unwrap();
     }
-    let files_equal = async |what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (a_ledger, b_ledger) = (
-                rhizos_testbed::ledger_rows(&a_dir.join("ledger.db")).unwrap(),
-                rhizos_testbed::ledger_rows(&b_dir.join("ledger.db")).unwrap(),
-            );
-            if a_ledger == b_ledger {
-                assert!(a_ledger.0 > 1, "records were applied");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: the standby's projection never matched the active's: applied {} vs {}\n{}",
-                a_ledger.0,
-                b_ledger.0,
-                log_of(&a_dir)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    files_equal("the killed one started again").await;
+    let applied = files_equal(&a_dir, &b_dir, "the killed one started again").await;
+    assert!(applied > 1, "records were applied");
 
     // A flow goes on through a failover too (its escrow and steps are in the replicated
     // ledger): the active (now B) is killed while the flow's first step runs; A takes over,
@@ -408,7 +413,8 @@ async fn killing_the_active_orchestrator_loses_no_committed_job_or_money() {
         "the other account untouched"
     );
     let mut b = start_orchestrator_with(&settings, &b_dir, &env);
-    files_equal("after the flow's failover").await;
+    let applied = files_equal(&a_dir, &b_dir, "after the flow's failover").await;
+    assert!(applied > 1, "records were applied");
     let _ = stop.send(true);
     agent_task.await.unwrap().unwrap();
     assert!(a.interrupt(), "{}", log_of(&a_dir));
@@ -582,27 +588,7 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
     // A new member restores the latest snapshot, not the first, and follows.
     let mut b = start_orchestrator_with(&settings, &b_dir, &env);
     spent += run_jobs(5).await;
-    let equal = async |what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (a_ledger, b_ledger) = (
-                rhizos_testbed::ledger_rows(&a_dir.join("ledger.db")).unwrap(),
-                rhizos_testbed::ledger_rows(&b_dir.join("ledger.db")).unwrap(),
-            );
-            if a_ledger == b_ledger {
-                return a_ledger.0;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: the files never matched: applied {} vs {}\n{}",
-                a_ledger.0,
-                b_ledger.0,
-                log_of(&b_dir)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    let b_applied = equal("a new member").await;
+    let b_applied = files_equal(&a_dir, &b_dir, "a new member").await;
     let joined = log_of(&b_dir);
     let restored = joined
         .lines()
@@ -645,7 +631,7 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
     }
     let mut b = start_orchestrator_with(&settings, &b_dir, &env);
     spent += run_jobs(3).await;
-    equal("a member behind the trimmed stream").await;
+    files_equal(&a_dir, &b_dir, "a member behind the trimmed stream").await;
     assert!(
         log_of(&b_dir).contains("older than what the replicated ledger keeps"),
         "{}",
@@ -667,7 +653,7 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
     // Frozen while running (SIGSTOP: its follow stalls, as on a machine that hangs) until
     // the stream is trimmed past it, then thawed: its rows are replaced by the latest
     // snapshot's and it follows on, without a restart.
-    let b_applied = equal("a member restored on start").await;
+    let b_applied = files_equal(&a_dir, &b_dir, "a member restored on start").await;
     b.signal("STOP");
     // Past what its consumer may already hold in its socket (pulls of 200 records, the next
     // asked for when half are left: up to 300 outstanding).
@@ -686,7 +672,12 @@ async fn snapshots_bound_the_replicated_ledger_and_members_join_from_the_latest(
     }
     b.signal("CONT");
     spent += run_jobs(3).await;
-    equal("a running member the stream was trimmed past").await;
+    files_equal(
+        &a_dir,
+        &b_dir,
+        "a running member the stream was trimmed past",
+    )
+    .await;
     assert!(
         log_of(&b_dir).contains("rows were replaced by the latest snapshot"),
         "{}",
@@ -904,25 +895,7 @@ async fn cut_short(
 
     // The old writer's file, started again as a standby, follows B's ledger to the same rows.
     let mut a = start_orchestrator_with(&settings, &a_dir, &env);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (a_rows, b_rows) = (
-            rhizos_testbed::ledger_rows(&a_dir.join("ledger.db")).unwrap(),
-            rhizos_testbed::ledger_rows(&b_dir.join("ledger.db")).unwrap(),
-        );
-        if a_rows == b_rows {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{case:?}: the files never matched (applied {} vs {})\nA:\n{}\nB:\n{}",
-            a_rows.0,
-            b_rows.0,
-            log_of(&a_dir),
-            log_of(&b_dir)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    files_equal(&a_dir, &b_dir, &format!("{case:?}")).await;
     if case == CutShort::CompletedFirst {
         assert!(
             log_of(&b_dir).contains("stopped writing the replicated ledger"),

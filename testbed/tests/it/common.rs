@@ -178,3 +178,27 @@ pub fn run(command: &mut std::process::Command) -> (bool, String) {
     );
     (output.status.success(), text)
 }
+
+/// The events the namespace's event stream holds on `subjects` (an ordered consumer from the
+/// start), read until none more comes for `quiet`.
+pub async fn stored_events(
+    bus: &rhizos_broker::Bus,
+    subjects: Vec<String>,
+    quiet: std::time::Duration,
+) -> Vec<rhizos_broker::wire::Event> {
+    use futures::StreamExt as _;
+    let stream = bus.ensure_event_stream().await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subjects: subjects,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut events = Vec::new();
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, messages.next()).await {
+        events.push(serde_json::from_slice(&message.payload).unwrap());
+    }
+    events
+}

@@ -7,14 +7,7 @@ use rhizos_broker::wire::{ErrorCode, FlowEdge, FlowSpec, FlowStep};
 use rhizos_testbed::cluster::wasm_spec;
 
 fn step(name: &str, timeout_ms: u64) -> FlowStep {
-    FlowStep {
-        name: name.into(),
-        spec: wasm_spec(&demo(), &["count", "1"], timeout_ms),
-        max_cost_micros: None,
-        retries: 0,
-        backoff_ms: 1_000,
-        ok_exit_codes: vec![0],
-    }
+    FlowStep::new(name, wasm_spec(&demo(), &["count", "1"], timeout_ms))
 }
 
 fn edge(from: &str, to: &str) -> FlowEdge {
@@ -150,12 +143,8 @@ async fn a_flow_is_checked_and_priced_on_the_nodes_online_now() {
 
 fn upper(name: &str, from: &str, to: &str) -> FlowStep {
     FlowStep {
-        name: name.into(),
-        spec: wasm_spec(&demo(), &["upper", from, to], 20_000),
         max_cost_micros: Some(1_000_000),
-        retries: 0,
-        backoff_ms: 1_000,
-        ok_exit_codes: vec![0],
+        ..FlowStep::new(name, wasm_spec(&demo(), &["upper", from, to], 20_000))
     }
 }
 
@@ -357,22 +346,14 @@ async fn a_fan_out_flow_runs_on_the_network_and_settles_from_one_escrow() {
     // Every change is an event on the account's flow subject, in order: the flow starts,
     // each step's states, the flow ends.
     {
-        use futures::StreamExt as _;
-        let stream = cluster.bus.ensure_event_stream().await.unwrap();
-        let consumer = stream
-            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-                filter_subject: cluster.bus.subjects.flow_events_of("fay", "fan-1").unwrap(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut messages = consumer.messages().await.unwrap();
+        let events = stored_events(
+            &cluster.bus,
+            vec![cluster.bus.subjects.flow_events_of("fay", "fan-1").unwrap()],
+            std::time::Duration::from_millis(1_500),
+        )
+        .await;
         let mut history = Vec::new();
-        while let Ok(Some(Ok(message))) =
-            tokio::time::timeout(std::time::Duration::from_millis(1_500), messages.next()).await
-        {
-            let event: rhizos_broker::wire::Event =
-                serde_json::from_slice(&message.payload).unwrap();
+        for event in events {
             if let rhizos_broker::wire::EventBody::Flow { step, state, .. } = event.body {
                 history.push(format!("{}:{state}", step.as_deref().unwrap_or("flow")));
             }
@@ -634,16 +615,15 @@ async fn a_flow_runs_wasm_and_docker_steps_from_one_escrow() {
         .input_files
         .insert("in.txt".into(), b64("hello\nflows\n"));
     let boxed = FlowStep {
-        name: "box".into(),
-        spec: rhizos_testbed::cluster::docker_spec(
-            &image,
-            &["cat:/input/text.txt", "write:/output/boxed.txt=boxed"],
-            30_000,
-        ),
         max_cost_micros: Some(2_000_000),
-        retries: 0,
-        backoff_ms: 1_000,
-        ok_exit_codes: vec![0],
+        ..FlowStep::new(
+            "box",
+            rhizos_testbed::cluster::docker_spec(
+                &image,
+                &["cat:/input/text.txt", "write:/output/boxed.txt=boxed"],
+                30_000,
+            ),
+        )
     };
     let flow = FlowSpec {
         name: "mixed".into(),

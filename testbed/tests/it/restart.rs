@@ -4,10 +4,9 @@
 //! and an orchestrator whose lease is taken stops serving at once.
 
 use crate::common::*;
-use futures::StreamExt as _;
 use rhizos_broker::server::{LaunchOptions, NatsServer};
 use rhizos_broker::wire::{
-    AccountRef, AccountView, CreateAccount, Deposit, Event, EventBody, JobRef, JobState, JobView,
+    AccountRef, AccountView, CreateAccount, Deposit, EventBody, JobRef, JobState, JobView,
     LedgerReport, ListNodes, NodeList, VerifyLedger, WIRE_VERSION,
 };
 use rhizos_broker::{Bus, Settings};
@@ -289,14 +288,7 @@ pub(crate) async fn start_a_flow_through_a_crash(
 ) -> rhizos_broker::Client {
     use rhizos_broker::wire::{FlowEdge, FlowSpec, FlowStep};
     let module = demo();
-    let step = |name: &str, args: &[&str]| FlowStep {
-        name: name.into(),
-        spec: wasm_spec(&module, args, 20_000),
-        max_cost_micros: None,
-        retries: 0,
-        backoff_ms: 1_000,
-        ok_exit_codes: vec![0],
-    };
+    let step = |name: &str, args: &[&str]| FlowStep::new(name, wasm_spec(&module, args, 20_000));
     let flow = FlowSpec {
         name: "through-a-crash".into(),
         max_cost_micros: 900_000,
@@ -412,21 +404,15 @@ async fn kill_9_of_the_orchestrator_loses_no_job_no_money_and_no_event() {
     );
 
     // Every event once, in order, across the crash.
-    let stream = bus.ensure_event_stream().await.unwrap();
     for job in [&first, &second] {
-        let consumer = stream
-            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-                filter_subjects: bus.subjects.job_events_of(None, &job.job_id).unwrap(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut messages = consumer.messages().await.unwrap();
+        let events = stored_events(
+            &bus,
+            bus.subjects.job_events_of(None, &job.job_id).unwrap(),
+            Duration::from_millis(1_000),
+        )
+        .await;
         let mut history = Vec::new();
-        while let Ok(Some(Ok(message))) =
-            tokio::time::timeout(Duration::from_millis(1_000), messages.next()).await
-        {
-            let event: Event = serde_json::from_slice(&message.payload).unwrap();
+        for event in events {
             history.push(match event.body {
                 EventBody::Job { state, .. } => state.as_str().to_owned(),
                 EventBody::Escrow { kind, .. } => format!("{kind:?}").to_lowercase(),

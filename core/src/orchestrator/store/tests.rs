@@ -1643,14 +1643,7 @@ fn flows_hold_their_budget_and_an_account_opens_only_so_many() {
         name: "f".into(),
         max_cost_micros: 1_000,
         timeout_ms: None,
-        steps: vec![FlowStep {
-            name: "s".into(),
-            spec: spec(),
-            max_cost_micros: None,
-            retries: 0,
-            backoff_ms: 1_000,
-            ok_exit_codes: vec![0],
-        }],
+        steps: vec![FlowStep::new("s", spec())],
         edges: vec![],
     };
     for i in 0..flows::MAX_OPEN_FLOWS {
@@ -1736,14 +1729,7 @@ fn pruning_drops_closed_jobs_payloads_and_keeps_their_money_and_digests() {
     run(&mut store, "j1");
     run(&mut store, "j2");
     // A flow of two steps: its first step's job ends, the flow runs on.
-    let step = |name: &str| FlowStep {
-        name: name.into(),
-        spec: spec(),
-        max_cost_micros: None,
-        retries: 0,
-        backoff_ms: 1_000,
-        ok_exit_codes: vec![0],
-    };
+    let step = |name: &str| FlowStep::new(name, spec());
     let flow = FlowSpec {
         name: "f".into(),
         max_cost_micros: 1_000_000,
